@@ -1,0 +1,15 @@
+"""Shared test setup: quiet TensorFlow logs and a fixtures path."""
+
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def fixtures_dir() -> pathlib.Path:
+    return FIXTURES

@@ -1,0 +1,210 @@
+"""Frozen configuration dataclasses. Components are built from these and never read files."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; expected one of {sorted(allowed)}")
+
+
+def _check_positive(cfg, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text transformer. Defaults: OpenAI ViT-L/14 as SD 1.x uses it."""
+
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        _check_positive(
+            self, "vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
+            "num_hidden_layers", "num_attention_heads",
+        )
+        _check_choice("hidden_act", self.hidden_act, {"quick_gelu", "gelu"})
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """CLIP BPE tokenizer settings. SD 1.x pads with EOS (49407), SD 2.x (OpenCLIP) with 0."""
+
+    max_length: int = 77
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 49407
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The LDM spatial-transformer UNet. Defaults: SD 1.5.
+
+    Exactly one of ``num_heads`` (SD 1.x: fixed head count) and ``head_dim``
+    (SD 2.x: fixed head width, 64) is set.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    num_heads: int | None = 8
+    head_dim: int | None = None
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_projection: bool = False
+    norm_groups: int = 32
+    resnet_eps: float = 1e-5
+    transformer_norm_eps: float = 1e-6
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        _check_positive(
+            self, "in_channels", "out_channels", "model_channels", "num_res_blocks",
+            "transformer_depth", "context_dim", "norm_groups",
+        )
+        if len(self.attention_levels) != len(self.channel_mult):
+            raise ValueError(
+                f"attention_levels has {len(self.attention_levels)} entries but channel_mult has "
+                f"{len(self.channel_mult)}; give one per level"
+            )
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError(
+                f"set exactly one of num_heads and head_dim, got num_heads={self.num_heads!r}, "
+                f"head_dim={self.head_dim!r}"
+            )
+
+    def heads_at(self, channels: int) -> int:
+        """Attention heads for a block of ``channels`` width."""
+        if self.num_heads is not None:
+            return self.num_heads
+        if channels % self.head_dim:
+            raise ValueError(f"channels={channels} is not divisible by head_dim={self.head_dim}")
+        return channels // self.head_dim
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL (f=8 for four levels). Defaults: the SD 1.x/2.x VAE."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    scaling_factor: float = 0.18215
+
+    def __post_init__(self):
+        _check_positive(
+            self, "in_channels", "out_channels", "latent_channels", "base_channels",
+            "num_res_blocks", "norm_groups",
+        )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent along each side: 2 ** (levels - 1)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Training noise schedule and sampler defaults, named as in diffusers' scheduler_config.json."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    clip_sample: bool = False
+
+    def __post_init__(self):
+        _check_choice("beta_schedule", self.beta_schedule, {"linear", "scaled_linear", "squaredcos_cap_v2"})
+        _check_choice("prediction_type", self.prediction_type, {"epsilon", "v_prediction", "sample"})
+        _check_choice("timestep_spacing", self.timestep_spacing, {"leading", "trailing", "linspace"})
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole Stable Diffusion model: its four components and default image size."""
+
+    name: str
+    text_encoder: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    default_size: int = 512
+
+    def __post_init__(self):
+        if self.unet.context_dim != self.text_encoder.hidden_size:
+            raise ValueError(
+                f"unet.context_dim={self.unet.context_dim} must equal the text encoder's "
+                f"hidden_size={self.text_encoder.hidden_size}"
+            )
+        if self.unet.in_channels not in (self.vae.latent_channels, 2 * self.vae.latent_channels + 1):
+            raise ValueError(
+                f"unet.in_channels={self.unet.in_channels} must be the VAE's latent_channels "
+                f"({self.vae.latent_channels}) or, for inpainting, {2 * self.vae.latent_channels + 1}"
+            )
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.unet.in_channels == 2 * self.vae.latent_channels + 1
+
+    def replace(self, **changes) -> PipelineConfig:
+        """A copy with some fields changed (dataclasses.replace)."""
+        return dataclasses.replace(self, **changes)
+
+
+def to_dict(cfg) -> dict:
+    """A config as plain JSON-ready data (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config dataclass from ``to_dict`` output; unknown keys raise ValueError."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; allowed: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {
+            "text_encoder": CLIPTextConfig,
+            "tokenizer": TokenizerConfig,
+            "unet": UNetConfig,
+            "vae": VAEConfig,
+            "scheduler": SchedulerConfig,
+        }.get(name) if cls is PipelineConfig else None
+        if sub is not None and isinstance(value, dict):
+            value = from_dict(sub, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,218 @@
+"""Torch-faithful building blocks shared by the text encoder, UNet and VAE.
+
+Every parametric layer here stores its variables under the PyTorch parameter
+names (``weight``, ``bias``), in Keras layout, and declares that layout in
+``LAYOUT`` so that one function (``tf_diffusion.weights.state_dict``) can
+translate a checkpoint tensor into a variable. Layers are built in
+``__init__`` from explicit sizes, as in PyTorch, so a model is complete
+(every variable exists) as soon as it is constructed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+# How a torch tensor maps onto each variable kind:
+#   "plain":  same shape (biases, norms, embeddings)
+#   "linear": torch (out, in)        -> keras (in, out)
+#   "conv":   torch (out, in, kh, kw) -> keras (kh, kw, in, out)
+PLAIN, LINEAR, CONV = "plain", "linear", "conv"
+
+
+def _uniform(bound: float) -> keras.initializers.Initializer:
+    # torch's default init for Linear/Conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+class Linear(keras.layers.Layer):
+    """nn.Linear: y = x @ W + b, with W stored as (in, out)."""
+
+    LAYOUT = {"weight": LINEAR, "bias": PLAIN}
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = self.add_weight(
+            shape=(in_features, out_features), initializer=_uniform(bound), name="weight"
+        )
+        self.bias = (
+            self.add_weight(shape=(out_features,), initializer=_uniform(bound), name="bias")
+            if bias
+            else None
+        )
+        self.built = True
+
+    def call(self, x):
+        y = ops.matmul(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+class Conv2d(keras.layers.Layer):
+    """nn.Conv2d on NHWC tensors with explicit zero padding (top, bottom, left, right)."""
+
+    LAYOUT = {"weight": CONV, "bias": PLAIN}
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | tuple[int, int, int, int] = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.stride = stride
+        # Explicit padding: Keras "same" pads asymmetrically for stride 2, torch does not.
+        self.padding = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
+        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.weight = self.add_weight(
+            shape=(kernel_size, kernel_size, in_channels, out_channels),
+            initializer=_uniform(bound),
+            name="weight",
+        )
+        self.bias = self.add_weight(shape=(out_channels,), initializer=_uniform(bound), name="bias")
+        self.built = True
+
+    def call(self, x):  # (B, H, W, C_in) -> (B, H', W', C_out)
+        top, bottom, left, right = self.padding
+        if any(self.padding):
+            x = ops.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        if self.weight.shape[0] == 1 and self.stride == 1:
+            # A 1x1 convolution is a matmul over channels; this avoids a conv kernel launch.
+            return ops.matmul(x, ops.reshape(self.weight, self.weight.shape[2:])) + self.bias
+        y = ops.conv(x, self.weight, strides=self.stride, padding="valid")
+        return y + self.bias
+
+
+class GroupNorm(keras.layers.Layer):
+    """nn.GroupNorm over the last (channel) axis, computed in float32."""
+
+    LAYOUT = {"weight": PLAIN, "bias": PLAIN}
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float, **kwargs):
+        # Norms stay float32 under mixed precision.
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if num_channels % num_groups:
+            raise ValueError(
+                f"GroupNorm needs num_channels divisible by num_groups, got {num_channels} "
+                f"channels and {num_groups} groups"
+            )
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
+        self.weight = self.add_weight(shape=(num_channels,), initializer="ones", name="weight")
+        self.bias = self.add_weight(shape=(num_channels,), initializer="zeros", name="bias")
+        self.built = True
+
+    def call(self, x):  # (B, ..., C)
+        shape = ops.shape(x)
+        g = self.num_groups
+        grouped = ops.reshape(x, (shape[0], -1, g, self.num_channels // g))  # (B, N, G, C/G)
+        mean = ops.mean(grouped, axis=(1, 3), keepdims=True)
+        var = ops.mean(ops.square(grouped - mean), axis=(1, 3), keepdims=True)
+        grouped = (grouped - mean) * ops.rsqrt(var + self.eps)
+        return ops.reshape(grouped, shape) * self.weight + self.bias
+
+
+class LayerNorm(keras.layers.Layer):
+    """nn.LayerNorm over the last axis, computed in float32."""
+
+    LAYOUT = {"weight": PLAIN, "bias": PLAIN}
+
+    def __init__(self, dim: int, eps: float, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.dim, self.eps = dim, eps
+        self.weight = self.add_weight(shape=(dim,), initializer="ones", name="weight")
+        self.bias = self.add_weight(shape=(dim,), initializer="zeros", name="bias")
+        self.built = True
+
+    def call(self, x):
+        mean = ops.mean(x, axis=-1, keepdims=True)
+        var = ops.mean(ops.square(x - mean), axis=-1, keepdims=True)
+        return (x - mean) * ops.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class Embedding(keras.layers.Layer):
+    """nn.Embedding: a (num, dim) table indexed by integer ids."""
+
+    LAYOUT = {"weight": PLAIN}
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = self.add_weight(
+            shape=(num_embeddings, embedding_dim),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+            name="weight",
+        )
+        self.built = True
+
+    def call(self, ids):
+        return ops.take(self.weight, ids, axis=0)
+
+
+class GEGLU(keras.layers.Layer):
+    """GEGLU feed-forward input: proj to 2*dim_out, value * gelu(gate) with exact erf gelu."""
+
+    def __init__(self, dim_in: int, dim_out: int, **kwargs):
+        super().__init__(**kwargs)
+        self.proj = Linear(dim_in, dim_out * 2)
+
+    def call(self, x):
+        value, gate = ops.split(self.proj(x), 2, axis=-1)
+        return value * ops.gelu(gate, approximate=False)
+
+
+class SiLU(keras.layers.Layer):
+    """Parameter-free placeholder for nn.SiLU, keeping Sequential indices aligned."""
+
+    def call(self, x):
+        return ops.silu(x)
+
+
+class Identity(keras.layers.Layer):
+    """Parameter-free placeholder for nn.Dropout / nn.Identity at inference."""
+
+    def call(self, x):
+        return x
+
+
+def run_sequential(layers, x):
+    """Apply a list of layers in order, as nn.Sequential does."""
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def attention(q, k, v, num_heads: int, mask=None):
+    """Scaled dot-product attention on (B, T, C) projections, softmax in float32.
+
+    Args:
+        q: (B, Tq, C) queries; k, v: (B, Tk, C).
+        num_heads: heads to split C into; head_dim = C // num_heads.
+        mask: optional additive mask broadcastable to (B, heads, Tq, Tk).
+
+    Returns:
+        (B, Tq, C) attention output in q's dtype.
+    """
+    b, tq, c = ops.shape(q)[0], ops.shape(q)[1], q.shape[-1]
+    tk = ops.shape(k)[1]
+    d = c // num_heads
+
+    def heads(x, t):  # (B, T, C) -> (B, h, T, d)
+        return ops.transpose(ops.reshape(x, (b, t, num_heads, d)), (0, 2, 1, 3))
+
+    q, k, v = heads(q, tq), heads(k, tk), heads(v, tk)
+    scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * (1.0 / math.sqrt(d))
+    scores = ops.cast(scores, "float32")
+    if mask is not None:
+        scores = scores + mask
+    weights = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
+    out = ops.matmul(weights, v)  # (B, h, Tq, d)
+    return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, tq, c))

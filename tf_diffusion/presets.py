@@ -1,0 +1,60 @@
+"""Configurations of the released Stable Diffusion models (data only)."""
+
+from __future__ import annotations
+
+from tf_diffusion.config import (
+    CLIPTextConfig,
+    PipelineConfig,
+    SchedulerConfig,
+    TokenizerConfig,
+    UNetConfig,
+)
+
+# OpenCLIP ViT-H/14 as SD 2.x uses it: 24 layers minus the last (SD 2 reads the
+# penultimate layer), in the transformers CLIPTextModel layout diffusers uses.
+_OPENCLIP_VIT_H = CLIPTextConfig(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    hidden_act="gelu",
+)
+# SD 2.x: 64-wide heads, linear projections in and out of the transformers, 1024-wide context.
+_SD2_UNET = UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True)
+# OpenCLIP pads with token 0 ("!"), not with EOS.
+_SD2_TOKENIZER = TokenizerConfig(pad_token_id=0)
+
+PRESETS: dict[str, PipelineConfig] = {
+    "sd-v1-5": PipelineConfig(name="sd-v1-5"),
+    "sd-v1-5-inpainting": PipelineConfig(name="sd-v1-5-inpainting", unet=UNetConfig(in_channels=9)),
+    "sd-v2-1-base": PipelineConfig(
+        name="sd-v2-1-base", text_encoder=_OPENCLIP_VIT_H, tokenizer=_SD2_TOKENIZER, unet=_SD2_UNET
+    ),
+    "sd-v2-1": PipelineConfig(
+        name="sd-v2-1",
+        text_encoder=_OPENCLIP_VIT_H,
+        tokenizer=_SD2_TOKENIZER,
+        unet=_SD2_UNET,
+        scheduler=SchedulerConfig(prediction_type="v_prediction"),
+        default_size=768,
+    ),
+    "sd-v2-inpainting": PipelineConfig(
+        name="sd-v2-inpainting",
+        text_encoder=_OPENCLIP_VIT_H,
+        tokenizer=_SD2_TOKENIZER,
+        unet=UNetConfig(
+            in_channels=9, num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> PipelineConfig:
+    """The PipelineConfig of a named preset.
+
+    Raises:
+        ValueError: if ``name`` is not a preset, listing the ones that exist.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
+    return PRESETS[name]

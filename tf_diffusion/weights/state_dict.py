@@ -1,0 +1,171 @@
+"""The one generic walker between Keras models and PyTorch-layout state dicts.
+
+A model's attribute paths equal the original checkpoint keys
+(``input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight``), so loading is
+a walk over attributes plus one layout transform per variable kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import keras
+import numpy as np
+
+from tf_diffusion.layers import CONV, LINEAR, PLAIN
+
+
+class StateDictError(ValueError):
+    """A state dict does not fit a model; lists every missing, unexpected and mis-shaped key."""
+
+    def __init__(self, missing=(), unexpected=(), mismatched=(), model_name="model"):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        lines = [f"state dict does not fit {model_name}:"]
+
+        def block(title, items):
+            if items:
+                shown = items[:20]
+                lines.append(f"  {len(items)} {title}:")
+                lines.extend(f"    {item}" for item in shown)
+                if len(items) > len(shown):
+                    lines.append(f"    ... and {len(items) - len(shown)} more")
+
+        block("missing keys", self.missing)
+        block("unexpected keys", self.unexpected)
+        block(
+            "keys with the wrong shape",
+            [f"{k}: checkpoint {tuple(got)}, model expects {tuple(want)}" for k, got, want in self.mismatched],
+        )
+        super().__init__("\n".join(lines))
+
+
+def _children(obj):
+    """(name, value) pairs of a layer's public attributes that can hold weights."""
+    for name, value in vars(obj).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, (keras.layers.Layer, keras.Variable, list, tuple)):
+            yield name, value
+
+
+def named_parameters(model: keras.layers.Layer, prefix: str = "") -> dict[str, tuple[keras.layers.Layer, str]]:
+    """Map every checkpoint key of ``model`` to the (layer, attribute) that holds it.
+
+    Lists are walked with their indices, as nn.Sequential / nn.ModuleList are.
+    """
+    found: dict[str, tuple[keras.layers.Layer, str]] = {}
+
+    def walk(obj, path):
+        if isinstance(obj, (list, tuple)):
+            for i, item in enumerate(obj):
+                # Indices follow nn.Sequential / nn.ModuleList; non-layer items hold no weights.
+                if isinstance(item, (keras.layers.Layer, list, tuple)):
+                    walk(item, f"{path}{i}.")
+            return
+        layout = getattr(type(obj), "LAYOUT", {})
+        for name, value in _children(obj):
+            if isinstance(value, keras.Variable):
+                if name in layout:
+                    found[f"{path}{name}"] = (obj, name)
+            else:
+                walk(value, f"{path}{name}.")
+
+    walk(model, prefix)
+    return found
+
+
+def torch_shape(layer: keras.layers.Layer, attr: str) -> tuple[int, ...]:
+    """The shape the variable has in a PyTorch checkpoint."""
+    shape = tuple(getattr(layer, attr).shape)
+    kind = type(layer).LAYOUT[attr]
+    if kind == LINEAR:
+        return shape[::-1]
+    if kind == CONV:
+        kh, kw, cin, cout = shape
+        return (cout, cin, kh, kw)
+    return shape
+
+
+def to_keras_layout(kind: str, array: np.ndarray) -> np.ndarray:
+    """Reorder a torch-layout tensor into our variable layout (the one layout transform)."""
+    if kind == LINEAR:
+        return array.T
+    if kind == CONV:
+        return np.transpose(array, (2, 3, 1, 0))
+    if kind == PLAIN:
+        return array
+    raise ValueError(f"unknown layout kind {kind!r}; expected one of plain, linear, conv")
+
+
+def to_torch_layout(kind: str, array: np.ndarray) -> np.ndarray:
+    """Inverse of ``to_keras_layout``."""
+    if kind == LINEAR:
+        return array.T
+    if kind == CONV:
+        return np.transpose(array, (3, 2, 0, 1))
+    if kind == PLAIN:
+        return array
+    raise ValueError(f"unknown layout kind {kind!r}; expected one of plain, linear, conv")
+
+
+def state_dict(model: keras.layers.Layer) -> dict[str, np.ndarray]:
+    """Every weight of ``model`` as a torch-layout numpy array, keyed like the checkpoint."""
+    return {
+        key: to_torch_layout(type(layer).LAYOUT[attr], keras.ops.convert_to_numpy(getattr(layer, attr)))
+        for key, (layer, attr) in named_parameters(model).items()
+    }
+
+
+def manifest(model: keras.layers.Layer) -> dict[str, tuple[int, ...]]:
+    """Checkpoint keys and their torch shapes, without reading any values."""
+    return {key: torch_shape(layer, attr) for key, (layer, attr) in named_parameters(model).items()}
+
+
+def load_state_dict(
+    model: keras.layers.Layer,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    strict: bool = True,
+) -> None:
+    """Assign torch-layout arrays to ``model`` by checkpoint key.
+
+    Every key and shape is checked before anything is assigned, so a failed
+    load leaves the model as it was. Keys the model lists in
+    ``IGNORED_CHECKPOINT_KEYS`` (buffers such as ``position_ids``) are skipped.
+
+    Args:
+        model: a tf_diffusion component (CLIPTextEncoder, UNetModel, AutoencoderKL).
+        tensors: checkpoint key -> array in the reference (PyTorch) layout.
+            Values may be anything ``np.asarray`` accepts, read lazily.
+        strict: when False, missing and unexpected keys are allowed (shapes
+            are still checked).
+
+    Raises:
+        StateDictError: listing every missing, unexpected and mis-shaped key.
+    """
+    params = named_parameters(model)
+    ignored = set(getattr(model, "IGNORED_CHECKPOINT_KEYS", ()))
+    keys = [k for k in tensors if k not in ignored]
+    missing = [k for k in params if k not in tensors]
+    unexpected = [k for k in keys if k not in params]
+    mismatched = []
+    for key in keys:
+        if key in params:
+            want = torch_shape(*params[key])
+            got = tuple(tensors[key].shape)
+            if got != want:
+                mismatched.append((key, got, want))
+    if mismatched or (strict and (missing or unexpected)):
+        raise StateDictError(missing, unexpected, mismatched, model_name=type(model).__name__)
+    for key in keys:
+        if key not in params:
+            continue
+        layer, attr = params[key]
+        variable = getattr(layer, attr)
+        value = to_keras_layout(type(layer).LAYOUT[attr], np.asarray(tensors[key]))
+        variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+
+
+def count_parameters(model: keras.layers.Layer) -> int:
+    """Number of scalar weights, counted from shapes."""
+    return int(sum(np.prod(torch_shape(*p)) for p in named_parameters(model).values()))
