@@ -34,7 +34,10 @@ class StateDictError(ValueError):
         block("unexpected keys", self.unexpected)
         block(
             "keys with the wrong shape",
-            [f"{k}: checkpoint {tuple(got)}, model expects {tuple(want)}" for k, got, want in self.mismatched],
+            [
+                f"{k}: checkpoint {tuple(got)}, model expects {tuple(want)}"
+                for k, got, want in self.mismatched
+            ],
         )
         super().__init__("\n".join(lines))
 
@@ -48,7 +51,9 @@ def _children(obj):
             yield name, value
 
 
-def named_parameters(model: keras.layers.Layer, prefix: str = "") -> dict[str, tuple[keras.layers.Layer, str]]:
+def named_parameters(
+    model: keras.layers.Layer, prefix: str = ""
+) -> dict[str, tuple[keras.layers.Layer, str]]:
     """Map every checkpoint key of ``model`` to the (layer, attribute) that holds it.
 
     Lists are walked with their indices, as nn.Sequential / nn.ModuleList are.

@@ -1,0 +1,87 @@
+"""A tensor stored in a checkpoint file, read only when it is converted to numpy.
+
+Shared by the safetensors and torch checkpoint readers, so a loader sees one
+type: ``.shape`` and ``.dtype`` come from the file's header without reading
+data; ``np.asarray(t)`` / ``t.numpy()`` read the bytes and return a fresh,
+writable, C-contiguous array in native byte order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+
+# ml_dtypes (a dependency of Keras and TensorFlow) gives numpy a bfloat16 that
+# casts to float32 exactly; numpy has none of its own.
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+class LazyTensor:
+    """A tensor whose bytes stay in the file until asked for.
+
+    Attributes:
+        shape: tuple of ints, as stored.
+        dtype: numpy dtype (``ml_dtypes.bfloat16`` for bfloat16).
+        source: where it lives, for messages (``file:key``).
+    """
+
+    # Slots and a refusing __setstate__ keep a pickle's BUILD opcode from
+    # rewriting a tensor made while unpickling an untrusted checkpoint.
+    __slots__ = ("shape", "dtype", "source", "_read")
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: np.dtype, read: Callable[[], np.ndarray], source: str = ""
+    ):
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        self.source = source
+        self._read = read
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def numpy(self) -> np.ndarray:
+        """Read the tensor: a new array with this shape and dtype."""
+        array = self._read()
+        if array.shape != self.shape or array.dtype != self.dtype:
+            # The readers build arrays from the same header; this guards their bookkeeping.
+            raise ValueError(
+                f"{self.source}: read an array of shape {array.shape} and dtype {array.dtype}, "
+                f"expected {self.shape} {self.dtype}"
+            )
+        return array
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        # The array is always new, so copy=False ("do not copy") is honoured too.
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        where = f", source={self.source!r}" if self.source else ""
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype}{where})"
+
+    def __setstate__(self, state):
+        raise TypeError("LazyTensor cannot be rebuilt from pickled state")
+
+    # Immutable: copies may share the object.
+    def __copy__(self) -> LazyTensor:
+        return self
+
+    def __deepcopy__(self, memo) -> LazyTensor:
+        return self

@@ -1,0 +1,333 @@
+"""Read and write the safetensors format with numpy alone.
+
+Layout (https://github.com/huggingface/safetensors): an 8-byte little-endian
+header length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets"},
+"__metadata__": {str: str}}``, then the raw little-endian tensor bytes, with
+offsets relative to the end of the header. The tensors tile the data region
+exactly (no gaps, no overlaps), as the reference library requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from tf_diffusion.weights.lazy import BFLOAT16, LazyTensor
+
+# Little-endian on disk whatever the host; bfloat16 and 1-byte types have no byte order in numpy.
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": BFLOAT16,
+    "C64": np.dtype("<c8"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+# Known to the format but with no numpy type we load.
+UNSUPPORTED_DTYPES = (
+    "F8_E4M3",
+    "F8_E4M3FNUZ",
+    "F8_E5M2",
+    "F8_E5M2FNUZ",
+    "F8_E8M0",
+    "F6_E2M3",
+    "F6_E3M2",
+    "F4",
+)
+# The reference writer orders tensors by this rank (largest first), then by name,
+# which keeps every tensor aligned to its item size; we write the same order.
+_RANK = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
+# The reference reader refuses larger headers.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _code_of(dtype: np.dtype) -> str | None:
+    """The safetensors code of a numpy dtype, in either byte order; None if it has none."""
+    little = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+    for code, known in DTYPES.items():
+        if little == known:
+            return code
+    return None
+
+
+class SafetensorsFile(Mapping):
+    """A safetensors file opened for lazy reading; a read-only mapping name -> LazyTensor.
+
+    The file is memory-mapped; a tensor's bytes are copied out only when it is
+    converted with ``np.asarray``. Use as a context manager, or call ``close``;
+    tensors cannot be read after closing.
+
+    Attributes:
+        path: the file's path.
+        metadata: the ``__metadata__`` dict (str -> str); empty when the file has none.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._mmap = None
+        self._closed = False
+        # FileNotFoundError / IsADirectoryError name the path themselves.
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ValueError(
+                    f"{self.path}: not a safetensors file: {size} bytes, shorter than the 8-byte header length"
+                )
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len > size - 8:
+                raise ValueError(
+                    f"{self.path}: header length {header_len} runs past the end of the file ({size} bytes); "
+                    "truncated or not a safetensors file"
+                )
+            if header_len > MAX_HEADER_BYTES:
+                raise ValueError(f"{self.path}: header length {header_len} exceeds {MAX_HEADER_BYTES} bytes")
+            raw = f.read(header_len)
+            self.metadata, entries = _parse_header(raw, self.path)
+            self._data_start = 8 + header_len
+            data_len = size - self._data_start
+            _check_layout(entries, data_len, self.path)
+            if data_len:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._tensors = {
+            name: LazyTensor(shape, dtype, self._reader(name, shape, dtype, begin), f"{self.path}:{name}")
+            for name, (dtype, shape, begin, _) in entries.items()
+        }
+
+    def _reader(self, name, shape, dtype, begin):
+        def read() -> np.ndarray:
+            if self._closed:
+                raise ValueError(f"{self.path}: file is closed; cannot read tensor {name!r}")
+            count = int(np.prod(shape, dtype=np.int64))
+            if count == 0:
+                return np.zeros(shape, dtype.newbyteorder("="))
+            flat = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._data_start + begin)
+            # astype to the native order copies, so the array does not pin the mapping.
+            return flat.reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+
+        return read
+
+    def __getitem__(self, name: str) -> LazyTensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def close(self) -> None:
+        """Unmap the file; later reads raise ValueError."""
+        self._closed = True
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({self.path!r}, {len(self)} tensors)"
+
+
+def _parse_header(raw: bytes, path: str):
+    """Decode and check the JSON header -> (metadata, {name: (dtype, shape, begin, end)})."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: header is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError(f"{path}: __metadata__ must be an object of string keys and string values")
+    entries = {}
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise ValueError(
+                f"{where}: entry must be an object with dtype, shape and data_offsets, got {info!r}"
+            )
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if code in UNSUPPORTED_DTYPES:
+            raise ValueError(
+                f"{where}: dtype {code} is not supported (no numpy type); supported: {', '.join(DTYPES)}"
+            )
+        if code not in DTYPES:
+            raise ValueError(f"{where}: unknown dtype {code!r}; supported: {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+        if (
+            not (
+                isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(type(o) is int and o >= 0 for o in offsets)
+            )
+            or offsets[0] > offsets[1]
+        ):
+            raise ValueError(
+                f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}"
+            )
+        dtype = DTYPES[code]
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise ValueError(
+                f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
+                f"but shape {shape} of {code} needs {nbytes}"
+            )
+        entries[name] = (dtype, tuple(shape), offsets[0], offsets[1])
+    return metadata, entries
+
+
+def _check_layout(entries, data_len: int, path: str) -> None:
+    """The tensors must tile [0, data_len) exactly: no overlap, no gap, nothing missing."""
+    end, last = 0, None
+    for name, (_, _, begin, stop) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin < end:
+            raise ValueError(f"{path}: tensor {name!r} (bytes {begin}..{stop}) overlaps tensor {last!r}")
+        if begin > end:
+            raise ValueError(
+                f"{path}: {begin - end} unused bytes before tensor {name!r} at data offset {end}"
+            )
+        end, last = stop, name
+    if end > data_len:
+        raise ValueError(
+            f"{path}: truncated: the header needs {end} bytes of tensor data, the file has {data_len}"
+        )
+    if end < data_len:
+        raise ValueError(
+            f"{path}: {data_len - end} bytes after the last tensor that no header entry describes"
+        )
+
+
+def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
+    """Open a safetensors file for lazy reading.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        A read-only mapping from tensor name to ``LazyTensor`` (``.shape`` and
+        ``.dtype`` need no data; ``np.asarray`` reads it), with ``.metadata``.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file is not valid safetensors (short, truncated, bad
+            header, overlapping or inconsistent offsets, unknown dtype); the
+            message names the file and the problem.
+
+    Example:
+        >>> with open_safetensors("model.safetensors") as f:
+        ...     w = np.asarray(f["model.diffusion_model.out.2.weight"])
+    """
+    return SafetensorsFile(path)
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read every tensor of a safetensors file into memory (see ``open_safetensors``)."""
+    with open_safetensors(path) as f:
+        return {name: np.asarray(t) for name, t in f.items()}
+
+
+def save_safetensors(
+    tensors: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write tensors as a safetensors file, atomically.
+
+    The file is written to a temporary file in the same folder and moved into
+    place with ``os.replace``, so a failure leaves no partial file behind.
+    Tensors are laid out as the reference writer does (by dtype size, then name).
+
+    Args:
+        tensors: name -> array (anything ``np.asarray`` accepts; bfloat16 as
+            ``ml_dtypes.bfloat16``).
+        path: destination file.
+        metadata: optional str -> str pairs stored as ``__metadata__``.
+        overwrite: replace an existing file; otherwise an existing path is an error.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        ValueError: a name is not a non-empty string or is ``__metadata__``, a
+            dtype cannot be stored, or metadata is not str -> str.
+    """
+    path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
+    arrays = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ValueError(
+                f"tensor name {name!r} is not allowed: names are non-empty strings other than __metadata__"
+            )
+        array = np.asarray(value)
+        code = _code_of(array.dtype)
+        if code is None:
+            raise ValueError(
+                f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store here; "
+                f"allowed: {', '.join(str(d) for d in DTYPES.values())}"
+            )
+        # asarray, not ascontiguousarray, which would turn 0-d arrays into 1-d.
+        arrays[name] = (code, np.asarray(array, dtype=DTYPES[code], order="C"))
+    if metadata is not None and not (
+        isinstance(metadata, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise ValueError(f"metadata must map strings to strings, got {metadata!r}")
+
+    order = sorted(arrays, key=lambda n: (-_RANK.index(arrays[n][0]), n))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        code, array = arrays[name]
+        header[name] = {
+            "dtype": code,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # pad with spaces so the data starts 8-byte aligned, as the reference does
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name in order:
+                f.write(arrays[name][1].reshape(-1).view(np.uint8))
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if not overwrite and os.path.exists(path):
+            raise FileExistsError(f"{path}: appeared while writing; pass overwrite=True to replace it")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
