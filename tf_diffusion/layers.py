@@ -10,6 +10,7 @@ translate a checkpoint tensor into a variable. Layers are built in
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
@@ -40,9 +41,7 @@ class Linear(keras.layers.Layer):
             shape=(in_features, out_features), initializer=_uniform(bound), name="weight"
         )
         self.bias = (
-            self.add_weight(shape=(out_features,), initializer=_uniform(bound), name="bias")
-            if bias
-            else None
+            self.add_weight(shape=(out_features,), initializer=_uniform(bound), name="bias") if bias else None
         )
         self.built = True
 
@@ -216,3 +215,22 @@ def attention(q, k, v, num_heads: int, mask=None):
     weights = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
     out = ops.matmul(weights, v)  # (B, h, Tq, d)
     return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, tq, c))
+
+
+@contextlib.contextmanager
+def dtype_policy_scope(dtype):
+    """Build layers under ``dtype`` (a Keras dtype policy or its name); None keeps the global one.
+
+    Keras does not pass a model's ``dtype`` on to the layers it creates, so a
+    component given ``dtype="mixed_bfloat16"`` builds its sublayers in this scope.
+    Norm layers pin float32 themselves and are unaffected.
+    """
+    if dtype is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
