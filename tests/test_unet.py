@@ -1,0 +1,209 @@
+"""UNetModel: parity with diffusers' UNet2DConditionModel, full-size layout, input checks, mixed precision.
+
+Fixtures come from tools/make_fixtures_unet.py (tiny diffusers UNets with fixed seeds; full-size
+key manifests built on torch's meta device and renamed by our rename, which the tool checks
+against diffusers' own converter).
+"""
+
+import functools
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from tf_diffusion.config import UNetConfig
+from tf_diffusion.layers import GroupNorm, LayerNorm
+from tf_diffusion.unet import UNetModel
+from tf_diffusion.weights.diffusers_unet import (
+    convert_diffusers_unet_state_dict,
+    diffusers_key_to_original,
+    diffusers_prefix_map,
+    unet_config_from_diffusers,
+)
+from tf_diffusion.weights.state_dict import (
+    StateDictError,
+    count_parameters,
+    load_state_dict,
+    manifest,
+    named_parameters,
+)
+
+TINY = ["sd1", "sd2", "inpaint"]
+FLOAT32_TOL = 1e-4
+
+SD15 = UNetConfig()
+SD21 = UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True)
+FULL = {
+    "sd-v1-5": (SD15, 859_520_964),
+    "sd-v2-1": (SD21, 865_910_724),
+    "sd-v1-5-inpainting": (UNetConfig(in_channels=9), 859_520_964 + 5 * 320 * 9),
+}
+
+
+@functools.cache
+def read_tiny(fixtures_dir, name):
+    """A fixture's UNetConfig, its weights under original keys, and its inputs/outputs."""
+    folder = fixtures_dir / "unet"
+    config = unet_config_from_diffusers(json.loads((folder / f"{name}_config.json").read_text()))
+    with np.load(folder / f"{name}_weights.npz") as weights:
+        tensors = convert_diffusers_unet_state_dict(dict(weights), config)
+    with np.load(folder / f"{name}_io.npz") as io:
+        return config, tensors, dict(io)
+
+
+@functools.cache
+def tiny_model(fixtures_dir, name):
+    config, tensors, io = read_tiny(fixtures_dir, name)
+    model = UNetModel(config)
+    load_state_dict(model, tensors)
+    return model, io
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_matches_diffusers(name, fixtures_dir):
+    model, io = tiny_model(fixtures_dir, name)
+    out_int = np.asarray(model(io["latents"], io["timesteps_int"], io["context"]))
+    out_float = np.asarray(model(io["latents"], float(io["timestep_float"]), io["context"]))
+    err_int = np.abs(out_int - io["out_int"]).max()
+    err_float = np.abs(out_float - io["out_float"]).max()
+    print(f"{name}: max abs error int timesteps {err_int:.2e}, float timestep {err_float:.2e}")
+    assert out_int.shape == io["out_int"].shape
+    assert err_int <= FLOAT32_TOL
+    assert err_float <= FLOAT32_TOL
+
+
+def test_tiny_configs_translate_as_intended(fixtures_dir):
+    """The legacy `attention_head_dim` becomes heads (sd1) or a head width (sd2)."""
+    configs = {
+        name: unet_config_from_diffusers(
+            json.loads((fixtures_dir / "unet" / f"{name}_config.json").read_text())
+        )
+        for name in TINY
+    }
+    assert (configs["sd1"].num_heads, configs["sd1"].head_dim, configs["sd1"].num_res_blocks) == (2, None, 2)
+    assert (configs["sd2"].num_heads, configs["sd2"].head_dim, configs["sd2"].transformer_depth) == (
+        None,
+        8,
+        2,
+    )
+    assert configs["sd2"].use_linear_projection and not configs["sd1"].use_linear_projection
+    assert configs["inpaint"].in_channels == 9
+    assert configs["sd1"].attention_levels == (True, True, False)
+    assert configs["sd1"].channel_mult == (1, 2, 2) and configs["sd1"].model_channels == 8
+
+
+def abstract(config):
+    """A full-size model with shapes only: variables are never allocated."""
+    with keras.StatelessScope(initialize_variables=False):
+        return UNetModel(config)
+
+
+@pytest.mark.parametrize("preset", sorted(FULL))
+def test_full_size_layout(preset, fixtures_dir):
+    config, count = FULL[preset]
+    reference = json.loads((fixtures_dir / "unet" / f"manifest_{preset}.json").read_text())
+    assert unet_config_from_diffusers(reference["diffusers_config"]) == config
+    model = abstract(config)
+    assert count_parameters(model) == count == reference["num_parameters"]
+    ours = {k: list(v) for k, v in manifest(model).items()}
+    assert sorted(set(reference["parameters"]) ^ set(ours)) == []
+    assert ours == reference["parameters"]
+
+
+def test_rename_examples():
+    table = diffusers_prefix_map(SD15)
+    cases = {
+        "conv_in.weight": "input_blocks.0.0.weight",
+        "time_embedding.linear_2.bias": "time_embed.2.bias",
+        "down_blocks.1.resnets.0.conv_shortcut.weight": "input_blocks.4.0.skip_connection.weight",
+        "down_blocks.2.attentions.1.transformer_blocks.0.ff.net.0.proj.weight": (
+            "input_blocks.8.1.transformer_blocks.0.ff.net.0.proj.weight"
+        ),
+        "down_blocks.2.downsamplers.0.conv.weight": "input_blocks.9.0.op.weight",
+        "mid_block.resnets.1.time_emb_proj.bias": "middle_block.2.emb_layers.1.bias",
+        "up_blocks.0.upsamplers.0.conv.bias": "output_blocks.2.1.conv.bias",
+        "up_blocks.1.upsamplers.0.conv.bias": "output_blocks.5.2.conv.bias",
+        "up_blocks.3.attentions.2.proj_out.weight": "output_blocks.11.1.proj_out.weight",
+        "conv_norm_out.weight": "out.0.weight",
+    }
+    assert {k: diffusers_key_to_original(k, table) for k in cases} == cases
+    assert (
+        diffusers_key_to_original("up_blocks.0.attentions.0.norm.weight", table) is None
+    )  # no attention there
+    with pytest.raises(StateDictError, match="class_embedding"):
+        convert_diffusers_unet_state_dict({"class_embedding.linear_1.weight": np.zeros(1)}, SD15)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"class_embed_type": "timestep"}, "class_embed_type"),
+        ({"addition_embed_type": "text_time"}, "addition_embed_type"),
+        ({"time_embedding_type": "fourier"}, "time_embedding_type"),
+        ({"layers_per_block": [2, 2, 1, 2]}, "layers_per_block"),
+        ({"attention_head_dim": [5, 8, 20, 20]}, "attention_head_dim"),
+        ({"up_block_types": ["UpBlock2D"] * 4}, "up_block_types"),
+        ({"down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4}, "down_block_types"),
+        ({"block_out_channels": [320, 480, 1280, 1280]}, "block_out_channels"),
+        ({"some_new_field": 1}, "some_new_field"),
+    ],
+)
+def test_unsupported_diffusers_configs(change, message, fixtures_dir):
+    data = json.loads((fixtures_dir / "unet" / "manifest_sd-v2-1.json").read_text())["diffusers_config"]
+    with pytest.raises(ValueError, match=message):
+        unet_config_from_diffusers({**data, **change})
+
+
+def test_bad_inputs(fixtures_dir):
+    model, io = tiny_model(fixtures_dir, "sd1")
+    latents, context, t = io["latents"], io["context"], io["timesteps_int"]
+    with pytest.raises(ValueError, match=r"latents must be NHWC .*\(2, 16, 16\)"):
+        model(latents[..., 0], t, context)
+    with pytest.raises(
+        ValueError, match=r"latents must be NHWC \(batch, height, width, 4\), got shape \(2, 16, 16, 3\)"
+    ):
+        model(latents[..., :3], t, context)
+    with pytest.raises(ValueError, match=r"height must be divisible by 4 .*got 14"):
+        model(latents[:, :14], t, context)
+    with pytest.raises(ValueError, match=r"width must be divisible by 4 .*got 18"):
+        model(np.pad(latents, [(0, 0), (0, 0), (0, 2), (0, 0)]), t, context)
+    with pytest.raises(
+        ValueError, match=r"context must have shape \(batch, tokens, 16\), got shape \(2, 77, 8\)"
+    ):
+        model(latents, t, context[..., :8])
+    with pytest.raises(ValueError, match="context must have shape"):
+        model(latents, t, context[0])
+    with pytest.raises(ValueError, match=r"timesteps must be a scalar or shape \(2,\), got shape \(2, 1\)"):
+        model(latents, t[:, None], context)
+    with pytest.raises(ValueError, match=r"timesteps must be a scalar or shape \(2,\), got shape \(3,\)"):
+        model(latents, np.array([1, 2, 3]), context)
+
+
+# Measured on the tiny SD2-style model (|out| max 1.14): bfloat16 1.8e-2, float16 2.6e-3.
+@pytest.mark.parametrize("policy, bound", [("mixed_bfloat16", 0.1), ("mixed_float16", 0.02)])
+def test_mixed_precision(policy, bound, fixtures_dir):
+    config, weights, io = read_tiny(fixtures_dir, "sd2")
+    previous = keras.config.dtype_policy()
+    try:
+        keras.config.set_dtype_policy(policy)
+        model = UNetModel(config)
+        load_state_dict(model, weights)
+        out = model(io["latents"], io["timesteps_int"], io["context"])
+        # Float timesteps must reach the sinusoid unrounded: in bfloat16 421.37 would become 422.
+        t_float = np.full((2,), io["timestep_float"], np.float32)
+        out_float = model(io["latents"], t_float, io["context"])
+        out_422 = model(io["latents"], np.full((2,), 422.0, np.float32), io["context"])
+    finally:
+        keras.config.set_dtype_policy(previous)
+    norms = [
+        layer for layer, _ in named_parameters(model).values() if isinstance(layer, (GroupNorm, LayerNorm))
+    ]
+    assert norms and all(layer.compute_dtype == "float32" for layer in norms)
+    assert keras.backend.standardize_dtype(out.dtype) == policy.split("_")[1]
+    err = np.abs(np.asarray(keras.ops.cast(out, "float32")) - io["out_int"]).max()
+    err_float = np.abs(np.asarray(keras.ops.cast(out_float, "float32")) - io["out_float"]).max()
+    print(f"{policy}: max abs error vs diffusers float32 {err:.3e}, float timestep {err_float:.3e}")
+    assert err <= bound
+    assert err_float <= bound
+    assert np.abs(np.asarray(keras.ops.cast(out_float - out_422, "float32"))).max() > 1e-3

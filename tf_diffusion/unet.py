@@ -1,0 +1,313 @@
+"""The LDM spatial-transformer UNet (SD 1.x, SD 2.x, 9-channel inpainting) on NHWC tensors.
+
+Reference: CompVis ``ldm/modules/diffusionmodules/openaimodel.py`` (UNetModel, ResBlock,
+Downsample, Upsample) and ``ldm/modules/attention.py`` (SpatialTransformer,
+BasicTransformerBlock, CrossAttention, FeedForward). Attribute paths equal the keys under
+``model.diffusion_model.`` in an original checkpoint; lists stand in for nn.Sequential and
+TimestepEmbedSequential, with parameter-free placeholders keeping their indices aligned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from tf_diffusion.config import UNetConfig
+from tf_diffusion.layers import (
+    GEGLU,
+    Conv2d,
+    GroupNorm,
+    Identity,
+    LayerNorm,
+    Linear,
+    SiLU,
+    attention,
+    dtype_policy_scope,
+    run_sequential,
+)
+
+
+def timestep_embedding(timesteps, dim: int):
+    """Sinusoidal embedding, cos half first: (B,) -> (B, dim) float32 (ldm timestep_embedding)."""
+    half = dim // 2
+    # Same float32 operation order as the reference, so the frequencies round identically.
+    freqs = ops.exp(-math.log(10000.0) * ops.arange(half, dtype="float32") / half)
+    args = ops.cast(timesteps, "float32")[:, None] * freqs[None, :]  # (B, half)
+    return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
+
+
+class ResBlock(keras.layers.Layer):
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, cfg: UNetConfig, **kwargs):
+        super().__init__(**kwargs)
+        groups, eps = cfg.norm_groups, cfg.resnet_eps
+        self.in_layers = [
+            GroupNorm(groups, in_channels, eps),
+            SiLU(),
+            Conv2d(in_channels, out_channels, 3, padding=1),
+        ]
+        self.emb_layers = [SiLU(), Linear(emb_dim, out_channels)]
+        # out_layers.2 is nn.Dropout in the reference: a placeholder keeps the conv at index 3.
+        self.out_layers = [
+            GroupNorm(groups, out_channels, eps),
+            SiLU(),
+            Identity(),
+            Conv2d(out_channels, out_channels, 3, padding=1),
+        ]
+        # The reference uses nn.Identity (no weights) when the width is unchanged.
+        self.skip_connection = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def call(self, x, emb):  # x: (B, H, W, C_in), emb: (B, E) -> (B, H, W, C_out)
+        h = run_sequential(self.in_layers, x)
+        h = h + run_sequential(self.emb_layers, emb)[:, None, None, :]
+        h = run_sequential(self.out_layers, h)
+        return h + (x if self.skip_connection is None else self.skip_connection(x))
+
+
+class CrossAttention(keras.layers.Layer):
+    """Multi-head attention; self-attention when no context is given."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = heads
+        self.to_q = Linear(query_dim, query_dim, bias=False)
+        self.to_k = Linear(context_dim, query_dim, bias=False)
+        self.to_v = Linear(context_dim, query_dim, bias=False)
+        # to_out.1 is nn.Dropout in the reference.
+        self.to_out = [Linear(query_dim, query_dim), Identity()]
+
+    def key_value(self, context):
+        """(B, T, D_ctx) -> the (k, v) projections, each (B, T, C); reusable across steps."""
+        return self.to_k(context), self.to_v(context)
+
+    def call(self, x, context=None, kv=None):  # x: (B, N, C) -> (B, N, C)
+        k, v = kv if kv is not None else self.key_value(x if context is None else context)
+        return run_sequential(self.to_out, attention(self.to_q(x), k, v, self.heads))
+
+
+class FeedForward(keras.layers.Layer):
+    """GEGLU feed-forward with 4x inner width."""
+
+    def __init__(self, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        # net.1 is nn.Dropout in the reference.
+        self.net = [GEGLU(dim, 4 * dim), Identity(), Linear(4 * dim, dim)]
+
+    def call(self, x):
+        return run_sequential(self.net, x)
+
+
+class BasicTransformerBlock(keras.layers.Layer):
+    """Pre-norm self-attention, cross-attention on the context, feed-forward; each residual."""
+
+    def __init__(self, dim: int, heads: int, cfg: UNetConfig, **kwargs):
+        super().__init__(**kwargs)
+        eps = cfg.layer_norm_eps
+        self.norm1, self.attn1 = LayerNorm(dim, eps), CrossAttention(dim, dim, heads)
+        self.norm2, self.attn2 = LayerNorm(dim, eps), CrossAttention(dim, cfg.context_dim, heads)
+        self.norm3, self.ff = LayerNorm(dim, eps), FeedForward(dim)
+
+    def call(self, x, context):  # x: (B, N, C), context: (B, T, D_ctx)
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(keras.layers.Layer):
+    """GroupNorm, projection in, transformer blocks over the H*W tokens, projection out, residual."""
+
+    def __init__(self, channels: int, cfg: UNetConfig, **kwargs):
+        super().__init__(**kwargs)
+        heads = cfg.heads_at(channels)
+        if channels % heads:
+            raise ValueError(f"SpatialTransformer width {channels} is not divisible by {heads} heads")
+        self.norm = GroupNorm(cfg.norm_groups, channels, cfg.transformer_norm_eps)
+        # SD 1.x projects with 1x1 convs, SD 2.x with Linear; on NHWC both are a matmul over
+        # channels, so only the checkpoint layout differs.
+        if cfg.use_linear_projection:
+            self.proj_in, self.proj_out = Linear(channels, channels), Linear(channels, channels)
+        else:
+            self.proj_in, self.proj_out = Conv2d(channels, channels, 1), Conv2d(channels, channels, 1)
+        self.transformer_blocks = [
+            BasicTransformerBlock(channels, heads, cfg) for _ in range(cfg.transformer_depth)
+        ]
+
+    def call(self, x, context):  # x: (B, H, W, C) -> (B, H, W, C)
+        b, h, w, c = ops.shape(x)
+        y = ops.reshape(self.proj_in(self.norm(x)), (b, h * w, c))  # NHWC flattens with no transpose
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        return x + self.proj_out(ops.reshape(y, (b, h, w, c)))
+
+
+class Downsample(keras.layers.Layer):
+    """3x3 stride-2 conv, zero padding 1 on every side (torch padding=1)."""
+
+    def __init__(self, channels: int, **kwargs):
+        super().__init__(**kwargs)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def call(self, x):  # (B, H, W, C) -> (B, H/2, W/2, C)
+        return self.op(x)
+
+
+class Upsample(keras.layers.Layer):
+    """Nearest-neighbour 2x, then a 3x3 conv."""
+
+    def __init__(self, channels: int, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def call(self, x):  # (B, H, W, C) -> (B, 2H, 2W, C)
+        return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
+
+
+def _shape(x) -> tuple:
+    """Static shape of a tensor, array, list or scalar (None for unknown sizes)."""
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
+def _run_block(block, x, emb, context):
+    """One TimestepEmbedSequential: each layer gets the inputs its type takes."""
+    for layer in block:
+        if isinstance(layer, ResBlock):
+            x = layer(x, emb)
+        elif isinstance(layer, SpatialTransformer):
+            x = layer(x, context)
+        else:
+            x = layer(x)
+    return x
+
+
+class UNetModel(keras.Model):
+    """The Stable Diffusion noise-prediction UNet, built from a ``UNetConfig``.
+
+    Attribute paths are the original checkpoint keys without ``model.diffusion_model.``
+    (``input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight``), so
+    ``tf_diffusion.weights.state_dict.load_state_dict`` loads an original checkpoint directly.
+
+    Args:
+        config: the architecture; the default is SD 1.5.
+        **kwargs: passed to ``keras.Model`` (e.g. ``name``).
+
+    Example:
+        >>> unet = UNetModel(UNetConfig())
+        >>> eps = unet(latents, 999, context)  # (B, 64, 64, 4), scalar, (B, 77, 768)
+    """
+
+    def __init__(self, config: UNetConfig | None = None, **kwargs):
+        super().__init__(**kwargs)
+        cfg = self.config = config if config is not None else UNetConfig()
+        mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+        # The timestep must reach the sinusoid unrounded: Keras would cast float inputs to a
+        # mixed policy's compute dtype (bfloat16 turns 999 into 1000); sublayers cast their own.
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
+
+        with dtype_policy_scope(kwargs.get("dtype")):
+            # time_embed.1 is nn.SiLU in the reference.
+            self.time_embed = [Linear(mc, emb_dim), SiLU(), Linear(emb_dim, emb_dim)]
+
+            last = len(cfg.channel_mult) - 1
+            self.input_blocks = [[Conv2d(cfg.in_channels, mc, 3, padding=1)]]
+            skip_channels = [mc]  # width of every input block's output, consumed in reverse
+            ch = mc
+            for level, mult in enumerate(cfg.channel_mult):
+                for _ in range(cfg.num_res_blocks):
+                    block = [ResBlock(ch, mult * mc, emb_dim, cfg)]
+                    ch = mult * mc
+                    if cfg.attention_levels[level]:
+                        block.append(SpatialTransformer(ch, cfg))
+                    self.input_blocks.append(block)
+                    skip_channels.append(ch)
+                if level != last:
+                    self.input_blocks.append([Downsample(ch)])
+                    skip_channels.append(ch)
+
+            self.middle_block = [
+                ResBlock(ch, ch, emb_dim, cfg),
+                SpatialTransformer(ch, cfg),
+                ResBlock(ch, ch, emb_dim, cfg),
+            ]
+
+            self.output_blocks = []
+            for level in reversed(range(len(cfg.channel_mult))):
+                out_ch = cfg.channel_mult[level] * mc
+                for i in range(cfg.num_res_blocks + 1):
+                    block = [ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, cfg)]
+                    ch = out_ch
+                    if cfg.attention_levels[level]:
+                        block.append(SpatialTransformer(ch, cfg))
+                    if level and i == cfg.num_res_blocks:
+                        block.append(Upsample(ch))  # index 1 or 2: after the transformer if any
+                    self.output_blocks.append(block)
+
+            # out.1 is nn.SiLU in the reference.
+            self.out = [
+                GroupNorm(cfg.norm_groups, ch, cfg.resnet_eps),
+                SiLU(),
+                Conv2d(ch, cfg.out_channels, 3, padding=1),
+            ]
+            self.built = True
+
+    def __call__(self, latents, timesteps, context, **kwargs):
+        # Checked here, before Keras wraps errors from call() with a dump of every argument.
+        self._check_inputs(latents, timesteps, context)
+        return super().__call__(latents, timesteps, context, **kwargs)
+
+    def _check_inputs(self, latents, timesteps, context) -> None:
+        cfg = self.config
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        shape = _shape(latents)
+        if len(shape) != 4 or shape[-1] != cfg.in_channels:
+            raise ValueError(
+                f"latents must be NHWC (batch, height, width, {cfg.in_channels}), got shape {shape}"
+            )
+        for name, size in (("height", shape[1]), ("width", shape[2])):
+            if size is not None and size % factor:
+                raise ValueError(
+                    f"latent {name} must be divisible by {factor} (2 ** (levels - 1)), got {size}"
+                )
+        t_shape = _shape(timesteps)
+        if len(t_shape) > 1 or (
+            t_shape and None not in (t_shape[0], shape[0]) and t_shape[0] not in (1, shape[0])
+        ):
+            raise ValueError(f"timesteps must be a scalar or shape ({shape[0]},), got shape {t_shape}")
+        ctx = _shape(context)
+        if len(ctx) != 3 or ctx[-1] != cfg.context_dim:
+            raise ValueError(f"context must have shape (batch, tokens, {cfg.context_dim}), got shape {ctx}")
+
+    def call(self, latents, timesteps, context):
+        """Predict the noise (or v) for ``latents`` at ``timesteps`` given text ``context``.
+
+        Args:
+            latents: (B, H, W, in_channels) NHWC; H and W divisible by 2 ** (levels - 1).
+            timesteps: a scalar or (B,) tensor, integer or float.
+            context: (B, T, context_dim) text-encoder hidden states.
+
+        Returns:
+            (B, H, W, out_channels) in the dtype policy's compute dtype.
+
+        Raises:
+            ValueError: on a wrong rank, channel count, context width or latent size.
+        """
+        latents = ops.convert_to_tensor(latents)
+        timesteps = ops.convert_to_tensor(timesteps)
+        context = ops.convert_to_tensor(context)
+
+        batch = ops.shape(latents)[0]
+        t = ops.broadcast_to(ops.cast(timesteps, "float32"), (batch,))
+        emb = run_sequential(self.time_embed, timestep_embedding(t, self.config.model_channels))  # (B, E)
+
+        h, skips = latents, []
+        for block in self.input_blocks:
+            h = _run_block(block, h, emb, context)
+            skips.append(h)
+        h = _run_block(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = _run_block(block, ops.concatenate([h, skips.pop()], axis=-1), emb, context)
+        return run_sequential(self.out, h)
