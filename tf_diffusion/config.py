@@ -33,8 +33,13 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         _check_positive(
-            self, "vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
-            "num_hidden_layers", "num_attention_heads",
+            self,
+            "vocab_size",
+            "max_position_embeddings",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
         )
         _check_choice("hidden_act", self.hidden_act, {"quick_gelu", "gelu"})
         if self.hidden_size % self.num_attention_heads:
@@ -80,8 +85,14 @@ class UNetConfig:
 
     def __post_init__(self):
         _check_positive(
-            self, "in_channels", "out_channels", "model_channels", "num_res_blocks",
-            "transformer_depth", "context_dim", "norm_groups",
+            self,
+            "in_channels",
+            "out_channels",
+            "model_channels",
+            "num_res_blocks",
+            "transformer_depth",
+            "context_dim",
+            "norm_groups",
         )
         if len(self.attention_levels) != len(self.channel_mult):
             raise ValueError(
@@ -119,8 +130,13 @@ class VAEConfig:
 
     def __post_init__(self):
         _check_positive(
-            self, "in_channels", "out_channels", "latent_channels", "base_channels",
-            "num_res_blocks", "norm_groups",
+            self,
+            "in_channels",
+            "out_channels",
+            "latent_channels",
+            "base_channels",
+            "num_res_blocks",
+            "norm_groups",
         )
 
     @property
@@ -131,22 +147,60 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Training noise schedule and sampler defaults, named as in diffusers' scheduler_config.json."""
+    """Training noise schedule and sampler options, named as in diffusers' scheduler_config.json.
+
+    Defaults are SD 1.5's scheduler_config.json. A field left None takes the default of the
+    diffusers scheduler class that the sampler reproduces (SD 1.5's file has no
+    ``timestep_spacing``, so DDIM/PNDM/DDPM space "leading" and Euler/DPM/UniPC "linspace",
+    as diffusers does). Each sampler reads only the options its diffusers class takes.
+    """
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
+    timestep_spacing: str | None = None
     steps_offset: int = 1
     set_alpha_to_one: bool = False
     clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    rescale_betas_zero_snr: bool = False
+    skip_prk_steps: bool = True
+    variance_type: str | None = None
+    interpolation_type: str = "linear"
+    use_karras_sigmas: bool = False
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    final_sigmas_type: str = "zero"
+    algorithm_type: str = "dpmsolver++"
+    solver_order: int = 2
+    solver_type: str | None = None
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    lambda_min_clipped: float = float("-inf")
+    disable_corrector: tuple[int, ...] = ()
 
     def __post_init__(self):
+        _check_positive(self, "num_train_timesteps", "solver_order")
         _check_choice("beta_schedule", self.beta_schedule, {"linear", "scaled_linear", "squaredcos_cap_v2"})
         _check_choice("prediction_type", self.prediction_type, {"epsilon", "v_prediction", "sample"})
-        _check_choice("timestep_spacing", self.timestep_spacing, {"leading", "trailing", "linspace"})
+        # None means "the default of the diffusers class the sampler reproduces".
+        optional = {
+            "timestep_spacing": {"leading", "trailing", "linspace"},
+            "variance_type": {"fixed_small", "fixed_small_log", "fixed_large"},
+            "solver_type": {"midpoint", "heun", "logrho", "bh1", "bh2"},
+        }
+        for name, allowed in optional.items():
+            if getattr(self, name) is not None:
+                _check_choice(name, getattr(self, name), allowed)
+        _check_choice("interpolation_type", self.interpolation_type, {"linear", "log_linear"})
+        _check_choice("final_sigmas_type", self.final_sigmas_type, {"zero", "sigma_min"})
+        _check_choice("algorithm_type", self.algorithm_type, {"dpmsolver++", "sde-dpmsolver++"})
+        if self.solver_order > 3:
+            raise ValueError(f"solver_order={self.solver_order} is not allowed; expected 1, 2 or 3")
+        if not isinstance(self.steps_offset, int) or self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be a non-negative integer, got {self.steps_offset!r}")
 
 
 @dataclass(frozen=True)
@@ -195,13 +249,17 @@ def from_dict(cls, data: dict):
         raise ValueError(f"unknown {cls.__name__} fields {unknown}; allowed: {sorted(known)}")
     kwargs = {}
     for name, value in data.items():
-        sub = {
-            "text_encoder": CLIPTextConfig,
-            "tokenizer": TokenizerConfig,
-            "unet": UNetConfig,
-            "vae": VAEConfig,
-            "scheduler": SchedulerConfig,
-        }.get(name) if cls is PipelineConfig else None
+        sub = (
+            {
+                "text_encoder": CLIPTextConfig,
+                "tokenizer": TokenizerConfig,
+                "unet": UNetConfig,
+                "vae": VAEConfig,
+                "scheduler": SchedulerConfig,
+            }.get(name)
+            if cls is PipelineConfig
+            else None
+        )
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value)
         elif isinstance(value, list):

@@ -1,0 +1,42 @@
+"""Deterministic random weights for tiny test models, shared by the fixture tools and the tests.
+
+Weights are drawn with NumPy from a seed, in sorted key order, so a tool that
+loads them into a PyTorch reference model and a test that loads them into ours
+get identical values without storing them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Random float32 tensors for every key, scaled so activations stay O(1).
+
+    Norm scales are drawn around 1 and biases around 0 (not left at 1 / 0) so a
+    test fails if an affine parameter is ignored. Weight matrices and kernels
+    get a 1/sqrt(fan_in) scale.
+
+    Args:
+        shapes: checkpoint key -> torch-layout shape.
+        seed: the NumPy seed.
+
+    Returns:
+        key -> float32 array of that shape.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key in sorted(shapes):
+        shape = tuple(shapes[key])
+        draw = rng.standard_normal(shape).astype(np.float32)
+        name = key.rsplit(".", 1)[-1]
+        if len(shape) >= 2:
+            fan_in = int(np.prod(shape[1:]))
+            if key.endswith(("token_embedding.weight", "position_embedding.weight")):
+                fan_in = 1  # embedding tables are looked up, not multiplied: keep O(1) entries
+            out[key] = draw / np.float32(np.sqrt(fan_in))
+        elif name == "weight":
+            out[key] = np.float32(1.0) + np.float32(0.1) * draw  # a norm's scale
+        else:
+            out[key] = np.float32(0.1) * draw
+    return out
