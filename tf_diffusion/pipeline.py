@@ -51,7 +51,9 @@ class StableDiffusion:
         >>> sd = StableDiffusion.from_preset("sd-v1-5")  # random weights, full size
     """
 
-    def __init__(self, config: PipelineConfig, *, dtype: str | None = None, tokenizer: CLIPTokenizer | None = None):
+    def __init__(
+        self, config: PipelineConfig, *, dtype: str | None = None, tokenizer: CLIPTokenizer | None = None
+    ):
         """Build every component of ``config`` with freshly initialised weights.
 
         Args:
@@ -66,7 +68,7 @@ class StableDiffusion:
         self.tokenizer = tokenizer if tokenizer is not None else CLIPTokenizer(config=config.tokenizer)
         self.text_encoder = CLIPTextEncoder(config.text_encoder, dtype=dtype)
         self.unet = UNetModel(config.unet, dtype=dtype)
-        self.vae = AutoencoderKL(config.vae, dtype=dtype)
+        self.vae = AutoencoderKL(config.vae, dtype=_vae_dtype(dtype))
         self._compiled: dict = {}
 
     @classmethod
@@ -132,6 +134,7 @@ class StableDiffusion:
         progress: bool = True,
         output_type: str = "uint8",
         jit_compile: bool | None = None,
+        fused: bool | None = None,
     ) -> np.ndarray:
         """Generate images: text-to-image, image-to-image (``image``) or inpainting (``image`` + ``mask``).
 
@@ -170,6 +173,9 @@ class StableDiffusion:
                 "latent" (the final scaled latents, NHWC).
             jit_compile: compile the denoising loop with XLA; default on when an
                 accelerator is present, graph mode on CPU (faster there).
+            fused: run the whole loop as one compiled function (``ops.fori_loop``) rather
+                than one compiled step per Python iteration; default: fused under XLA
+                without a callback. The two give the same result.
 
         Returns:
             The images (or latents) as a NumPy array.
@@ -218,8 +224,10 @@ class StableDiffusion:
         h, w, c = height // factor, width // factor, cfg.vae.latent_channels
         n = len(prompts) * num_images
 
-        sampler = scheduler if hasattr(scheduler, "plan") else get_sampler(
-            scheduler if scheduler is not None else DEFAULT_SAMPLER, cfg.scheduler
+        sampler = (
+            scheduler
+            if hasattr(scheduler, "plan")
+            else get_sampler(scheduler if scheduler is not None else DEFAULT_SAMPLER, cfg.scheduler)
         )
         plan = sampler.plan(num_steps, strength=strength if init is not None else 1.0)
 
@@ -237,7 +245,9 @@ class StableDiffusion:
         else:
             noise = np.asarray(latents, dtype=np.float32)
             if noise.shape != (n, h, w, c):
-                raise ValueError(f"latents have shape {noise.shape}; expected {(n, h, w, c)} (N, h, w, C) NHWC")
+                raise ValueError(
+                    f"latents have shape {noise.shape}; expected {(n, h, w, c)} (N, h, w, C) NHWC"
+                )
         image_noise = source.normal((init.shape[0], h, w, c)) if init is not None else None
         masked_noise = source.normal((init.shape[0], h, w, c)) if mask_px is not None else None
         step_noise = source.normal((plan.num_evals, n, h, w, c)) if sampler.needs_noise else None
@@ -275,6 +285,7 @@ class StableDiffusion:
             callback=callback,
             progress=progress,
             jit_compile=jit_compile,
+            fused=fused,
         )
         if output_type == "latent":
             return x
@@ -324,7 +335,20 @@ class StableDiffusion:
         return int(height), int(width)
 
     def _denoise(
-        self, sampler, plan, x, context, guidance, extra, blend, step_noise, *, callback, progress, jit_compile
+        self,
+        sampler,
+        plan,
+        x,
+        context,
+        guidance,
+        extra,
+        blend,
+        step_noise,
+        *,
+        callback,
+        progress,
+        jit_compile,
+        fused,
     ) -> np.ndarray:
         """Run every model evaluation of ``plan`` with one compiled step function.
 
@@ -334,19 +358,45 @@ class StableDiffusion:
         """
         if jit_compile is None:
             jit_compile = _has_accelerator()
-        key = ("step", sampler.name, sampler.config, getattr(sampler, "eta", None), guidance is not None, extra is not None, blend is not None)
-        compiled = self._get_compiled(key + (jit_compile,), lambda: _compile(self._make_step(sampler), jit_compile))
+        key = (
+            sampler.name,
+            sampler.config,
+            getattr(sampler, "eta", None),
+            guidance is not None,
+            extra is not None,
+            blend is not None,
+        )
+
         tables = {k: ops.convert_to_tensor(v) for k, v in plan.tables.items()}
         timesteps = ops.convert_to_tensor(plan.timesteps)
         args = dict(
             context=ops.convert_to_tensor(context),
             guidance=None if guidance is None else ops.convert_to_tensor(np.float32(guidance)),
             extra=None if extra is None else ops.convert_to_tensor(extra),
-            blend=None if blend is None else tuple(ops.convert_to_tensor(np.asarray(b, np.float32)) for b in blend),
+            blend=None
+            if blend is None
+            else tuple(ops.convert_to_tensor(np.asarray(b, np.float32)) for b in blend),
         )
         x = ops.convert_to_tensor(x, "float32")
         state = sampler.init_state(x)
+        if fused is None:
+            fused = bool(jit_compile) and callback is None
+        if fused:
+            if callback is not None:
+                raise ValueError("callback needs the step-by-step loop; pass fused=False (or no callback)")
+            loop = self._get_compiled(
+                key + (jit_compile, "fused"), lambda: _compile(self._make_loop(sampler), jit_compile)
+            )
+            noise_all = None if step_noise is None else ops.convert_to_tensor(step_noise)
+            bar = _progress(1, progress)
+            x, _ = loop(x, state, noise_all, tables, timesteps, **args)
+            bar.update(1)
+            bar.close()
+            return ops.convert_to_numpy(x)
         bar = _progress(plan.num_evals, progress)
+        compiled = self._get_compiled(
+            key + (jit_compile, "step"), lambda: _compile(self._make_step(sampler), jit_compile)
+        )
         for i in range(plan.num_evals):
             noise_i = None if step_noise is None else ops.convert_to_tensor(step_noise[i])
             index = ops.convert_to_tensor(i, "int32")
@@ -356,6 +406,20 @@ class StableDiffusion:
             bar.update(1)
         bar.close()
         return ops.convert_to_numpy(x)
+
+    def _make_loop(self, sampler) -> Callable:
+        """The whole denoising loop as one function (``ops.fori_loop``), for one XLA program."""
+        step = self._make_step(sampler)
+
+        def loop(x, state, step_noise, tables, timesteps, context, guidance, extra, blend):
+            def body(i, carry):
+                x, state = carry
+                noise_i = None if step_noise is None else ops.take(step_noise, i, axis=0)
+                return step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend)
+
+            return ops.fori_loop(0, ops.shape(timesteps)[0], body, (x, state))
+
+        return loop
 
     def _make_step(self, sampler) -> Callable:
         """The function for one model evaluation: UNet (guided), sampler step, optional inpaint blend."""
@@ -456,6 +520,13 @@ def _progress(total: int, enabled: bool):
     except ImportError:
         return _TextBar(total)
     return tqdm(total=total, desc="denoising", leave=False)
+
+
+def _vae_dtype(dtype):
+    """The VAE's policy: float16 overflows in the SD decoder, so it is upcast to float32 (diffusers' force_upcast)."""
+    name = dtype if dtype is not None else keras.config.dtype_policy().name
+    name = getattr(name, "name", name)
+    return "float32" if "float16" in str(name) and "bfloat16" not in str(name) else dtype
 
 
 def _has_accelerator() -> bool:

@@ -1,0 +1,187 @@
+"""generate(): reproducibility, loop modes, input conversion and input errors, on a micro model.
+
+Numerical parity with diffusers lives in test_pipeline_parity.py; these tests check the
+driver's contract.
+"""
+
+import numpy as np
+import pytest
+
+from tf_diffusion.config import CLIPTextConfig, PipelineConfig, UNetConfig, VAEConfig
+from tf_diffusion.noise import NoiseSource
+
+MICRO = PipelineConfig(
+    name="micro",
+    text_encoder=CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    ),
+    unet=UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        attention_levels=(True, False),
+        num_heads=4,
+        context_dim=32,
+        num_res_blocks=1,
+    ),
+    vae=VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1),
+    default_size=32,
+)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    from tf_diffusion.pipeline import StableDiffusion
+
+    return StableDiffusion(MICRO)
+
+
+def run(sd, prompt="a red circle", **kwargs):
+    kwargs.setdefault("num_steps", 3)
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("scheduler", "ddim")
+    if "latents" not in kwargs:
+        kwargs.setdefault("seed", 0)
+    return sd.generate(prompt, **kwargs)
+
+
+def test_uint8_output_and_batch_layout(sd):
+    images = run(sd, ["a", "b"], num_images=2)
+    assert images.dtype == np.uint8 and images.shape == (4, 32, 32, 3)
+    pil = sd.to_pil(images)
+    assert len(pil) == 4 and pil[0].size == (32, 32)
+
+
+def test_same_seed_same_image_other_seed_differs(sd):
+    a = run(sd, seed=7, output_type="float")
+    b = run(sd, seed=7, output_type="float")
+    c = run(sd, seed=8, output_type="float")
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_latents_replace_seeded_noise(sd):
+    # The VAE of MICRO halves each side: 32 px -> 16 latents, taken from its config.
+    noise = NoiseSource(5).normal((1, 16, 16, 4))
+    from_latents = run(sd, latents=noise, output_type="float")
+    from_seed = run(sd, seed=5, output_type="float")
+    np.testing.assert_allclose(from_latents, from_seed, atol=1e-6)
+    assert run(sd, seed=5, output_type="latent").shape == (1, 16, 16, 4)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m_karras", "heun"])
+def test_fused_loop_equals_stepwise(sd, scheduler):
+    stepwise = run(sd, scheduler=scheduler, fused=False, output_type="latent")
+    fused = run(sd, scheduler=scheduler, fused=True, output_type="latent")
+    # Same math; traces for other batch sizes may pick other float32 kernels (~3e-5 apart).
+    np.testing.assert_allclose(fused, stepwise, atol=1e-4)
+
+
+def test_callback_sees_every_step(sd):
+    seen = []
+    run(sd, num_steps=4, callback=lambda i, t, x: seen.append((i, t, x.shape)))
+    assert [s[0] for s in seen] == [0, 1, 2, 3]
+    assert seen[0][1] > seen[-1][1] and seen[0][2] == (1, 16, 16, 4)
+
+
+def test_guidance_one_ignores_the_negative_prompt(sd):
+    a = run(sd, guidance_scale=1.0, negative_prompt="blue", output_type="float")
+    b = run(sd, guidance_scale=1.0, negative_prompt="green", output_type="float")
+    np.testing.assert_array_equal(a, b)
+    c = run(sd, guidance_scale=7.5, negative_prompt="blue", output_type="float")
+    d = run(sd, guidance_scale=7.5, negative_prompt="green", output_type="float")
+    assert np.abs(c - d).max() > 1e-4
+
+
+def test_empty_long_and_weighted_prompts(sd):
+    assert run(sd, "").shape == (1, 32, 32, 3)
+    long = " ".join(["cat"] * 120)
+    assert run(sd, long).shape == (1, 32, 32, 3)
+    plain = run(sd, "a red circle", output_type="float")
+    weighted = run(sd, "a (red:1.6) circle", output_type="float")
+    assert np.abs(plain - weighted).max() > 1e-4
+
+
+def test_plain_prompt_encoding_is_plain_clip(sd):
+    ids = sd.tokenizer(["a red circle"])
+    direct = np.asarray(sd.text_encoder(ids))
+    np.testing.assert_array_equal(sd.encode_prompts(["a red circle"]), direct)
+
+
+def test_img2img_converts_rgba_gray_and_16_bit(sd):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((32, 32, 1), 255, np.uint8)], axis=-1)
+    base = run(sd, image=rgb, strength=0.7, output_type="float")
+    np.testing.assert_allclose(run(sd, image=rgba, strength=0.7, output_type="float"), base, atol=1e-6)
+    rgb16 = rgb.astype(np.uint16) * 257  # the same picture in 16 bits
+    np.testing.assert_allclose(run(sd, image=rgb16, strength=0.7, output_type="float"), base, atol=1e-5)
+    gray = rgb[..., 0]
+    assert run(sd, image=gray, strength=0.7).shape == (1, 32, 32, 3)
+
+
+def test_inpainting_keeps_the_unmasked_region_closer(sd):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 16:] = 255
+    out = run(sd, image=image, mask=mask, output_type="float")
+    assert out.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(height=34), "height=34"),
+        (dict(width=30), "width=30"),
+        (dict(num_steps=0), "num_steps"),
+        (dict(image=np.zeros((32, 32, 3), np.uint8), strength=1.5), "strength"),
+        (dict(image=np.zeros((32, 32, 3), np.uint8), mask=np.zeros((16, 16), np.uint8)), "mask size"),
+        (dict(latents=np.zeros((1, 16, 16, 4), np.float32)), "seed or latents|not both"),
+        (dict(negative_prompt=["x", "y"]), "negative_prompt"),
+        (dict(scheduler="nope"), "unknown sampler"),
+        (dict(output_type="png"), "output_type"),
+        (dict(num_images=0), "num_images"),
+        (dict(image=np.zeros((32, 32, 3), np.uint8), height=64), "differs from the image"),
+    ],
+)
+def test_bad_input_raises_value_error(sd, kwargs, match):
+    kwargs = dict(kwargs)
+    seed = 0 if "latents" in kwargs else kwargs.pop("seed", 0)
+    with pytest.raises(ValueError, match=match):
+        sd.generate("a", seed=seed, num_steps=kwargs.pop("num_steps", 2), progress=False, **kwargs)
+
+
+def test_prompt_must_be_text(sd):
+    with pytest.raises(ValueError, match="prompt"):
+        sd.generate(42, seed=0, num_steps=2, progress=False)
+
+
+def test_mixed_bfloat16_generates_close_to_float32(sd):
+    import keras
+
+    from tf_diffusion.pipeline import StableDiffusion
+    from tf_diffusion.weights import load_state_dict, state_dict
+
+    mixed = StableDiffusion(MICRO, dtype="mixed_bfloat16")
+    for ours, theirs in ((mixed.text_encoder, sd.text_encoder), (mixed.unet, sd.unet), (mixed.vae, sd.vae)):
+        load_state_dict(ours, state_dict(theirs))
+    assert mixed.unet.input_blocks[1][0].in_layers[2].compute_dtype == "bfloat16"
+    assert mixed.unet.input_blocks[1][0].in_layers[0].compute_dtype == "float32"  # GroupNorm
+    full = run(sd, output_type="float")
+    low = run(mixed, output_type="float")
+    assert np.isfinite(low).all()
+    assert np.abs(low - full).max() < 0.25
+    del keras
+
+
+def test_float16_vae_decode_never_overflows():
+    from tf_diffusion.pipeline import StableDiffusion
+
+    half = StableDiffusion(MICRO, dtype="mixed_float16")
+    assert half.unet.input_blocks[1][0].in_layers[2].compute_dtype == "float16"
+    # As diffusers' force_upcast: the VAE stays float32 when the rest is float16.
+    assert half.vae.decoder.conv_in.compute_dtype == "float32"
+    # Latents far outside the usual range push float16 activations past 65504.
+    latents = np.full((1, 16, 16, 4), 3000.0, np.float32)
+    decoded = half.decode(latents)
+    assert np.isfinite(decoded).all()
