@@ -7,11 +7,11 @@ Models are built without allocating their variables, so this stays cheap.
 
 import json
 
-import keras
 import pytest
 
 from tf_diffusion import PRESETS
 from tf_diffusion.weights import count_parameters, manifest
+from tf_diffusion.weights.state_dict import build_abstract
 
 # Parameter counts of the reference models (diffusers / original checkpoints).
 REFERENCE_COUNTS = {
@@ -24,23 +24,24 @@ REFERENCE_COUNTS = {
 REAL_PRESETS = sorted(REFERENCE_COUNTS)
 
 
-def build_abstract(config):
+def abstract_models(config):
     """The three networks of a preset with shapes only (variables never allocated)."""
     from tf_diffusion.clip import CLIPTextEncoder
     from tf_diffusion.unet import UNetModel
     from tf_diffusion.vae import AutoencoderKL
 
-    with keras.StatelessScope(initialize_variables=False):
-        return {
+    return build_abstract(
+        lambda: {
             "unet": UNetModel(config.unet),
             "text_encoder": CLIPTextEncoder(config.text_encoder),
             "vae": AutoencoderKL(config.vae),
         }
+    )
 
 
 @pytest.mark.parametrize("name", REAL_PRESETS)
 def test_full_size_parameter_counts(name):
-    models = build_abstract(PRESETS[name])
+    models = abstract_models(PRESETS[name])
     counts = {part: count_parameters(model) for part, model in models.items()}
     assert counts == REFERENCE_COUNTS[name]
 
@@ -48,7 +49,7 @@ def test_full_size_parameter_counts(name):
 @pytest.mark.parametrize("name", REAL_PRESETS)
 def test_full_size_keys_and_shapes_match_reference(name, fixtures_dir):
     reference = json.loads((fixtures_dir / "manifests" / f"{name}.json").read_text())
-    models = build_abstract(PRESETS[name])
+    models = abstract_models(PRESETS[name])
     for part, model in models.items():
         ours = {k: list(v) for k, v in manifest(model).items()}
         want = reference[part]

@@ -23,6 +23,7 @@ from tf_diffusion.weights.diffusers_unet import (
 )
 from tf_diffusion.weights.state_dict import (
     StateDictError,
+    build_abstract,
     count_parameters,
     load_state_dict,
     manifest,
@@ -95,8 +96,7 @@ def test_tiny_configs_translate_as_intended(fixtures_dir):
 
 def abstract(config):
     """A full-size model with shapes only: variables are never allocated."""
-    with keras.StatelessScope(initialize_variables=False):
-        return UNetModel(config)
+    return build_abstract(lambda: UNetModel(config))
 
 
 @pytest.mark.parametrize("preset", sorted(FULL))

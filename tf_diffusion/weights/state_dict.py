@@ -174,3 +174,22 @@ def load_state_dict(
 def count_parameters(model: keras.layers.Layer) -> int:
     """Number of scalar weights, counted from shapes."""
     return int(sum(np.prod(torch_shape(*p)) for p in named_parameters(model).values()))
+
+
+def build_abstract(build):
+    """Call ``build()`` so that the Keras models it creates get shapes but no allocated weights.
+
+    Variables made inside ``keras.StatelessScope(initialize_variables=False)`` stay
+    uninitialised, but Keras also lists them globally and the next ordinary
+    StatelessScope would allocate all of them (gigabytes for full-size models).
+    This removes them from that list, so the models are only good for shapes
+    (``manifest``, ``count_parameters``), never for computing.
+    """
+    from keras.src.backend.common import global_state
+
+    key = "uninitialized_variables"
+    before = list(global_state.get_global_attribute(key, [], set_to_default=True))
+    with keras.StatelessScope(initialize_variables=False):
+        result = build()
+    global_state.set_global_attribute(key, before)
+    return result
