@@ -153,9 +153,8 @@ class StableDiffusion:
             num_steps: sampler steps (>= 1). With ``image``, ``int(num_steps * strength)``
                 of them run, as in diffusers.
             guidance_scale: classifier-free guidance; <= 1 skips the unconditional half.
-            height, width: output size in pixels, multiples of the model's latent
-                granularity (64 for SD: the VAE's 8 times the UNet's 8). Default: the
-                image's size, else the model's default size.
+            height, width: output size in pixels, multiples of the VAE's downsampling
+                factor (8 for SD). Default: the image's size, else the model's default size.
             num_images: images per prompt.
             seed: a non-negative integer for reproducible noise; None draws one.
             latents: initial noise (N, h, w, C) NHWC, used instead of drawn noise and
@@ -312,7 +311,7 @@ class StableDiffusion:
 
     def _check_size(self, height, width, init) -> tuple[int, int]:
         cfg = self.config
-        multiple = cfg.vae.downsample_factor * 2 ** (len(cfg.unet.channel_mult) - 1)
+        multiple = cfg.vae.downsample_factor
         if init is not None:
             ih, iw = init.shape[1:3]
             height = ih if height is None else height
@@ -329,8 +328,8 @@ class StableDiffusion:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
             if value % multiple:
                 raise ValueError(
-                    f"{name}={value} is not a multiple of {multiple} (this model's VAE factor "
-                    f"{cfg.vae.downsample_factor} times its UNet's {multiple // cfg.vae.downsample_factor})"
+                    f"{name}={value} is not a multiple of {multiple}, the VAE's downsampling factor; "
+                    f"allowed: positive multiples of {multiple}"
                 )
         return int(height), int(width)
 

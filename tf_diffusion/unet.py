@@ -162,8 +162,17 @@ class Upsample(keras.layers.Layer):
         super().__init__(**kwargs)
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
-    def call(self, x):  # (B, H, W, C) -> (B, 2H, 2W, C)
-        return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
+    def call(self, x, size=None):  # (B, H, W, C) -> (B, 2H, 2W, C), or (B, *size, C)
+        h, w = x.shape[1], x.shape[2]
+        if size is None or (h is not None and w is not None and tuple(size) == (2 * h, 2 * w)):
+            return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
+        # Sizes that were odd on the way down: nearest to the skip's size, as diffusers'
+        # interpolate(size=...) picks source index floor(dst * in / out).
+        for axis, out in ((1, size[0]), (2, size[1])):
+            src = ops.shape(x)[axis]
+            index = (ops.arange(out, dtype="int32") * src) // out
+            x = ops.take(x, index, axis=axis)
+        return self.conv(x)
 
 
 def _shape(x) -> tuple:
@@ -171,13 +180,15 @@ def _shape(x) -> tuple:
     return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
-def _run_block(block, x, emb, context):
+def _run_block(block, x, emb, context, upsample_size=None):
     """One TimestepEmbedSequential: each layer gets the inputs its type takes."""
     for layer in block:
         if isinstance(layer, ResBlock):
             x = layer(x, emb)
         elif isinstance(layer, SpatialTransformer):
             x = layer(x, context)
+        elif isinstance(layer, Upsample):
+            x = layer(x, size=upsample_size)
         else:
             x = layer(x)
     return x
@@ -261,17 +272,14 @@ class UNetModel(keras.Model):
 
     def _check_inputs(self, latents, timesteps, context) -> None:
         cfg = self.config
-        factor = 2 ** (len(cfg.channel_mult) - 1)
         shape = _shape(latents)
         if len(shape) != 4 or shape[-1] != cfg.in_channels:
             raise ValueError(
                 f"latents must be NHWC (batch, height, width, {cfg.in_channels}), got shape {shape}"
             )
         for name, size in (("height", shape[1]), ("width", shape[2])):
-            if size is not None and size % factor:
-                raise ValueError(
-                    f"latent {name} must be divisible by {factor} (2 ** (levels - 1)), got {size}"
-                )
+            if size is not None and size < 1:
+                raise ValueError(f"latent {name} must be at least 1, got {size}")
         t_shape = _shape(timesteps)
         if len(t_shape) > 1 or (
             t_shape and None not in (t_shape[0], shape[0]) and t_shape[0] not in (1, shape[0])
@@ -285,7 +293,8 @@ class UNetModel(keras.Model):
         """Predict the noise (or v) for ``latents`` at ``timesteps`` given text ``context``.
 
         Args:
-            latents: (B, H, W, in_channels) NHWC; H and W divisible by 2 ** (levels - 1).
+            latents: (B, H, W, in_channels) NHWC; any H and W (sizes that are not multiples of
+                2 ** (levels - 1) are upsampled back to the skip sizes, as diffusers does).
             timesteps: a scalar or (B,) tensor, integer or float.
             context: (B, T, context_dim) text-encoder hidden states.
 
@@ -309,5 +318,8 @@ class UNetModel(keras.Model):
             skips.append(h)
         h = _run_block(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = _run_block(block, ops.concatenate([h, skips.pop()], axis=-1), emb, context)
+            h = ops.concatenate([h, skips.pop()], axis=-1)
+            # An upsample must land on the next skip's size (odd sizes round up on the way down).
+            size = tuple(ops.shape(skips[-1])[1:3]) if skips else None
+            h = _run_block(block, h, emb, context, upsample_size=size)
         return run_sequential(self.out, h)

@@ -149,7 +149,22 @@ def make_tiny(name: str, kwargs: dict, seed: int) -> None:
             out = model(torch.from_numpy(latents).permute(0, 3, 1, 2), t, torch.from_numpy(context)).sample
         return out.permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC
 
+    # Latent sizes that are not multiples of 2 ** (levels - 1): diffusers upsamples to the skip sizes.
+    latents_odd = rng.standard_normal((2, 10, 14, config["in_channels"])).astype(np.float32)
+    with torch.no_grad():
+        out_odd = (
+            model(
+                torch.from_numpy(latents_odd).permute(0, 3, 1, 2),
+                torch.from_numpy(timesteps_int),
+                torch.from_numpy(context),
+            )
+            .sample.permute(0, 2, 3, 1)
+            .numpy()
+        )
+
     io = dict(
+        latents_odd=latents_odd,
+        out_odd=out_odd,
         latents=latents,
         context=context,
         timesteps_int=timesteps_int,
