@@ -214,6 +214,10 @@ class PipelineConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     default_size: int = 512
+    # generate()'s defaults for this model; diffusers' SD pipelines use PNDM, 50 steps, guidance 7.5.
+    default_steps: int = 50
+    default_guidance: float = 7.5
+    default_sampler: str = "pndm"
 
     def __post_init__(self):
         if self.unet.context_dim != self.text_encoder.hidden_size:

@@ -18,8 +18,6 @@ from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.unet import UNetModel
 from tf_diffusion.vae import AutoencoderKL
 
-# diffusers' Stable Diffusion pipelines default to PNDM with 50 steps and guidance 7.5.
-DEFAULT_SAMPLER = "pndm"
 OUTPUT_TYPES = ("uint8", "float", "latent")
 
 
@@ -84,6 +82,26 @@ class StableDiffusion:
         """
         return cls(get_preset(name), dtype=dtype)
 
+    @classmethod
+    def from_pretrained(cls, source, **kwargs) -> StableDiffusion:
+        """Load any supported checkpoint: a file, a folder or a hub id.
+
+        See ``tf_diffusion.weights.loading.from_pretrained`` for the arguments
+        (dtype, config, tokenizer, prediction_type, use_ema, variant, revision).
+        """
+        from tf_diffusion.weights.loading import from_pretrained
+
+        return from_pretrained(cls, source, **kwargs)
+
+    def save_pretrained(self, destination, **kwargs):
+        """Write the model ("tf_diffusion" folder by default; "diffusers" or "single-file").
+
+        See ``tf_diffusion.weights.loading.save_pretrained`` for the arguments.
+        """
+        from tf_diffusion.weights.loading import save_pretrained
+
+        return save_pretrained(self, destination, **kwargs)
+
     def __repr__(self) -> str:
         return f"StableDiffusion(config={self.config.name!r})"
 
@@ -119,8 +137,8 @@ class StableDiffusion:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         *,
-        num_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images: int = 1,
@@ -150,9 +168,10 @@ class StableDiffusion:
             prompt: a prompt or a list of prompts (A1111 weights such as ``(word:1.3)``
                 and prompts over 75 tokens are supported). An empty prompt is valid.
             negative_prompt: one for all prompts, or a list with one per prompt.
-            num_steps: sampler steps (>= 1). With ``image``, ``int(num_steps * strength)``
-                of them run, as in diffusers.
-            guidance_scale: classifier-free guidance; <= 1 skips the unconditional half.
+            num_steps: sampler steps (>= 1); default ``config.default_steps`` (50 for SD, as
+                diffusers). With ``image``, ``int(num_steps * strength)`` of them run, as in diffusers.
+            guidance_scale: classifier-free guidance; <= 1 skips the unconditional half. Default
+                ``config.default_guidance`` (7.5 for SD).
             height, width: output size in pixels, multiples of the VAE's downsampling
                 factor (8 for SD). Default: the image's size, else the model's default size.
             num_images: images per prompt.
@@ -160,7 +179,7 @@ class StableDiffusion:
             latents: initial noise (N, h, w, C) NHWC, used instead of drawn noise and
                 scaled by the sampler's initial sigma as diffusers scales it.
             scheduler: a sampler name ("ddim", "euler", "dpmpp_2m_karras", ...) or a
-                sampler object; default PNDM, as diffusers.
+                sampler object; default ``config.default_sampler`` (PNDM for SD, as diffusers).
             image: init image for img2img / inpainting: PIL, or uint8 / uint16 / float
                 [0, 1] array (H, W), (H, W, C) or (N, H, W, C); RGBA and grayscale are converted.
             strength: how much of the schedule to run from the noised image, in [0, 1];
@@ -188,7 +207,8 @@ class StableDiffusion:
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = _negatives(negative_prompt, len(prompts))
         num_images = _positive_int(num_images, "num_images")
-        num_steps = _positive_int(num_steps, "num_steps")
+        num_steps = _positive_int(cfg.default_steps if num_steps is None else num_steps, "num_steps")
+        guidance_scale = cfg.default_guidance if guidance_scale is None else guidance_scale
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not allowed; expected one of {OUTPUT_TYPES}")
         guidance_scale = float(guidance_scale)
@@ -226,7 +246,7 @@ class StableDiffusion:
         sampler = (
             scheduler
             if hasattr(scheduler, "plan")
-            else get_sampler(scheduler if scheduler is not None else DEFAULT_SAMPLER, cfg.scheduler)
+            else get_sampler(scheduler if scheduler is not None else cfg.default_sampler, cfg.scheduler)
         )
         plan = sampler.plan(num_steps, strength=strength if init is not None else 1.0)
 
