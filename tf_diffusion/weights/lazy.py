@@ -85,3 +85,17 @@ class LazyTensor:
 
     def __deepcopy__(self, memo) -> LazyTensor:
         return self
+
+
+def derived(value, fn: Callable[[np.ndarray], np.ndarray], shape, dtype, source: str = "") -> LazyTensor:
+    """A lazy tensor computed by ``fn`` from ``value`` (itself lazy or an array) when it is read.
+
+    Used for the renames that also reshape, slice, join or cast (OpenCLIP's fused
+    q/k/v, diffusers' linear attention weights), so conversions stay lazy and a
+    writer can stream them one at a time.
+    """
+
+    def read() -> np.ndarray:
+        return np.ascontiguousarray(fn(np.asarray(value))).astype(np.dtype(dtype), copy=False)
+
+    return LazyTensor(shape, dtype, read, source or getattr(value, "source", ""))

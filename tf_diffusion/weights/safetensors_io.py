@@ -116,9 +116,19 @@ class SafetensorsFile(Mapping):
                 return np.zeros(shape, dtype.newbyteorder("="))
             flat = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._data_start + begin)
             # astype to the native order copies, so the array does not pin the mapping.
-            return flat.reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+            array = flat.reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+            del flat
+            self._release(self._data_start + begin, count * dtype.itemsize)
+            return array
 
         return read
+
+    def _release(self, start: int, length: int) -> None:
+        # The bytes were copied out: drop their pages from this process's resident memory (they
+        # stay in the page cache), so reading a whole checkpoint costs one tensor, not the file.
+        if hasattr(mmap, "MADV_DONTNEED"):
+            first = start // mmap.PAGESIZE * mmap.PAGESIZE
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, start + length - first)
 
     def __getitem__(self, name: str) -> LazyTensor:
         return self._tensors[name]
@@ -262,7 +272,7 @@ def save_safetensors(
 
     Args:
         tensors: name -> array (anything ``np.asarray`` accepts; bfloat16 as
-            ``ml_dtypes.bfloat16``).
+            ``ml_dtypes.bfloat16``). ``LazyTensor`` values are read one at a time while writing.
         path: destination file.
         metadata: optional str -> str pairs stored as ``__metadata__``.
         overwrite: replace an existing file; otherwise an existing path is an error.
@@ -281,7 +291,8 @@ def save_safetensors(
             raise ValueError(
                 f"tensor name {name!r} is not allowed: names are non-empty strings other than __metadata__"
             )
-        array = np.asarray(value)
+        # A LazyTensor is read only when its bytes are written, so large files stream tensor by tensor.
+        array = value if isinstance(value, LazyTensor) else np.asarray(value)
         code = _code_of(array.dtype)
         if code is None:
             raise ValueError(
@@ -289,7 +300,9 @@ def save_safetensors(
                 f"allowed: {', '.join(str(d) for d in DTYPES.values())}"
             )
         # asarray, not ascontiguousarray, which would turn 0-d arrays into 1-d.
-        arrays[name] = (code, np.asarray(array, dtype=DTYPES[code], order="C"))
+        if not isinstance(array, LazyTensor):
+            array = np.asarray(array, dtype=DTYPES[code], order="C")
+        arrays[name] = (code, array)
     if metadata is not None and not (
         isinstance(metadata, Mapping)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
@@ -317,7 +330,8 @@ def save_safetensors(
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for name in order:
-                f.write(arrays[name][1].reshape(-1).view(np.uint8))
+                code, array = arrays[name]
+                f.write(np.asarray(array, dtype=DTYPES[code], order="C").reshape(-1).view(np.uint8))
             f.flush()
             os.fsync(f.fileno())
         # mkstemp makes the file private (0600); give it the mode a plain open() would.

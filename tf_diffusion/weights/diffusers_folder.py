@@ -1,0 +1,496 @@
+"""diffusers pipeline folders (``model_index.json`` + one subfolder per component), read and written.
+
+Reading turns each component's ``config.json`` into our config, renames the UNet and VAE keys to
+the original ones (``diffusers_unet`` / ``diffusers_vae``) and keeps tensors lazy. Writing is the
+reverse: original keys -> diffusers keys, our configs -> ``config.json`` files that diffusers and
+transformers load, the scheduler settings as ``scheduler_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from tf_diffusion.config import CLIPTextConfig, PipelineConfig, SchedulerConfig, UNetConfig, VAEConfig
+from tf_diffusion.schedulers import config_from_diffusers as scheduler_config_from_diffusers
+from tf_diffusion.tokenizer import CLIPTokenizer
+from tf_diffusion.weights.ckpt import load_ckpt
+from tf_diffusion.weights.diffusers_configs import clip_config_from_transformers, vae_config_from_diffusers
+from tf_diffusion.weights.diffusers_unet import (
+    _RESNET_RENAMES,
+    convert_diffusers_unet_state_dict,
+    diffusers_prefix_map,
+    unet_config_from_diffusers,
+)
+from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae, diffusers_vae_key_map
+from tf_diffusion.weights.lazy import derived
+from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
+
+MODEL_INDEX = "model_index.json"
+# Pipelines whose components are the SD 1.x / 2.x tokenizer, CLIP text encoder, UNet and VAE.
+PIPELINE_CLASSES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInpaintPipelineLegacy",
+)
+# Weight file stems: diffusers models, then transformers models.
+_STEMS = {
+    "unet": ("diffusion_pytorch_model",),
+    "vae": ("diffusion_pytorch_model",),
+    "text_encoder": ("model", "pytorch_model"),
+}
+_SAFETENSORS_STEM = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+_DIFFUSERS_VERSION = "0.30.0"
+# diffusers always writes these keys in its SD scheduler configs; their defaults differ between classes.
+_SCHEDULER_CORE = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "prediction_type",
+    "steps_offset",
+    "set_alpha_to_one",
+    "clip_sample",
+    "skip_prk_steps",
+    "timestep_spacing",
+)
+
+
+@dataclass
+class DiffusersFolder:
+    """A diffusers folder read lazily.
+
+    Attributes:
+        config: the pipeline's configuration from its config.json files.
+        tokenizer: from ``tokenizer/``.
+        components: "text_encoder" / "unet" / "vae" -> {our key: lazy tensor}.
+        files: component -> the weight files read (relative to the folder).
+        scheduler: the raw ``scheduler_config.json`` (kept so conversions write it back).
+        ignored: keys skipped on purpose (position-id buffers).
+        ignored_components: model_index.json entries that are not loaded (safety checker ...).
+        handles: open files; close them when done.
+    """
+
+    config: PipelineConfig
+    tokenizer: CLIPTokenizer
+    components: dict[str, dict]
+    files: dict[str, list[str]]
+    scheduler: dict
+    ignored: list[str] = field(default_factory=list)
+    ignored_components: list[str] = field(default_factory=list)
+    handles: list = field(default_factory=list)
+
+
+def read_json(path: pathlib.Path) -> dict:
+    """A JSON object from ``path``, with errors that name the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def weight_file_candidates(component: str, variant: str | None) -> list[str]:
+    """Weight files of a component folder in the order diffusers prefers them (safetensors first)."""
+    names = []
+    for ext in ("safetensors", "bin"):
+        for stem in _STEMS[component]:
+            if ext == "safetensors" and stem == "pytorch_model":
+                continue
+            if ext == "bin" and stem == "model":
+                continue
+            single = f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
+            names.append(single)
+            if variant:
+                names += [f"{stem}.{ext}.index.{variant}.json", f"{stem}.{variant}.{ext}.index.json"]
+            else:
+                names.append(f"{stem}.{ext}.index.json")
+    return names
+
+
+def select_weight_files(available: Iterable[str], component: str, variant: str | None) -> str:
+    """The weight file (or shard index) of ``component`` among ``available`` relative paths.
+
+    Raises:
+        ValueError: if none is there, naming the variants that are.
+    """
+    available = set(available)
+    for name in weight_file_candidates(component, variant):
+        if f"{component}/{name}" in available:
+            return f"{component}/{name}"
+    present = sorted(p for p in available if p.startswith(component + "/"))
+    found_variants = sorted(
+        {
+            p.split("/")[-1].split(".")[1]
+            for p in present
+            if p.endswith((".safetensors", ".bin")) and p.split("/")[-1].count(".") == 2
+        }
+    )
+    hint = ""
+    if found_variants and variant not in found_variants:
+        hint = f"; variants present: {found_variants}, pass variant=" + repr(found_variants[0])
+    wanted = f"variant {variant!r}" if variant else "no variant"
+    raise ValueError(
+        f"no {component} weights with {wanted} (looked for {weight_file_candidates(component, variant)[:2]}){hint}"
+    )
+
+
+def _open_weights(folder: pathlib.Path, relative: str, handles: list) -> tuple[dict, list[str]]:
+    """All tensors of a weight file or a sharded index, lazily; returns them and the files read."""
+    path = folder / relative
+    if relative.endswith(".json"):
+        index = read_json(path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path}: a shard index needs a weight_map object")
+        tensors, files = {}, []
+        for shard in sorted(set(weight_map.values())):
+            part, _ = _open_weights(folder, str(pathlib.PurePosixPath(relative).parent / shard), handles)
+            tensors.update(part)
+            files.append(str(pathlib.PurePosixPath(relative).parent / shard))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ValueError(f"{path}: the shards lack {len(missing)} listed tensors, e.g. {missing[0]!r}")
+        return tensors, files
+    if relative.endswith(".safetensors"):
+        handle = open_safetensors(path)
+        handles.append(handle)
+        return dict(handle), [relative]
+    state = load_ckpt(path)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return dict(state), [relative]
+
+
+def read_diffusers_config(path: str | os.PathLike) -> tuple[PipelineConfig, CLIPTokenizer, dict, dict]:
+    """The configs of a diffusers folder without its weights.
+
+    Returns:
+        (pipeline config, tokenizer, raw scheduler_config.json, raw model_index.json).
+
+    Raises:
+        ValueError: for a pipeline class other than SD 1.x/2.x ones, a missing component, or
+            configs we cannot represent.
+    """
+    folder = pathlib.Path(path)
+    index = read_json(folder / MODEL_INDEX)
+    pipeline = index.get("_class_name")
+    if pipeline not in PIPELINE_CLASSES:
+        raise ValueError(
+            f"{folder / MODEL_INDEX}: _class_name={pipeline!r} is not supported; expected one of {PIPELINE_CLASSES}"
+        )
+    for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
+        if name not in index or not (folder / name).is_dir():
+            raise ValueError(f"{folder}: the diffusers folder has no {name}/ component")
+    unet_json = read_json(folder / "unet" / "config.json")
+    unet_cfg = unet_config_from_diffusers(unet_json)
+    vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
+    text_cfg = clip_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
+    scheduler_json = read_json(folder / "scheduler" / "scheduler_config.json")
+    tokenizer = CLIPTokenizer.from_pretrained_folder(folder / "tokenizer")
+    sample_size = unet_json.get("sample_size")
+    default_size = sample_size * vae_cfg.downsample_factor if isinstance(sample_size, int) else 512
+    config = PipelineConfig(
+        name=folder.resolve().name,
+        text_encoder=text_cfg,
+        tokenizer=tokenizer.config,
+        unet=unet_cfg,
+        vae=vae_cfg,
+        scheduler=scheduler_config_from_diffusers(scheduler_json),
+        default_size=default_size,
+    )
+    return config, tokenizer, scheduler_json, index
+
+
+def read_diffusers_folder(path: str | os.PathLike, *, variant: str | None = None) -> DiffusersFolder:
+    """Read a diffusers Stable Diffusion folder lazily.
+
+    Args:
+        path: the folder with ``model_index.json``.
+        variant: weight variant such as "fp16" (``diffusion_pytorch_model.fp16.safetensors``).
+
+    Raises:
+        ValueError: for a pipeline class other than SD 1.x/2.x ones, missing components or
+            files, configs we cannot represent, or keys that do not fit the configs.
+    """
+    folder = pathlib.Path(path)
+    config, tokenizer, scheduler_json, index = read_diffusers_config(folder)
+    ignored_components = sorted(
+        k
+        for k, v in index.items()
+        if not k.startswith("_")
+        and k not in (*_STEMS, "tokenizer", "scheduler")
+        and isinstance(v, list)
+        and v
+        and v[0] is not None
+    )
+    available = [
+        p.relative_to(folder).as_posix() for c in _STEMS for p in (folder / c).iterdir() if p.is_file()
+    ]
+    handles: list = []
+    components, files, ignored = {}, {}, []
+    try:
+        for component in ("text_encoder", "unet", "vae"):
+            chosen = select_weight_files(available, component, variant)
+            tensors, files[component] = _open_weights(folder, chosen, handles)
+            if component == "text_encoder":
+                tensors, skipped = text_encoder_from_transformers(tensors)
+                ignored += [f"text_encoder/{k}" for k in skipped]
+            elif component == "unet":
+                tensors = convert_diffusers_unet_state_dict(tensors, config.unet)
+            else:
+                tensors = convert_diffusers_vae(tensors, config.vae)
+            components[component] = tensors
+    except BaseException:
+        for handle in handles:
+            handle.close()
+        raise
+    return DiffusersFolder(
+        config, tokenizer, components, files, scheduler_json, ignored, ignored_components, handles
+    )
+
+
+def text_encoder_from_transformers(tensors: Mapping) -> tuple[dict, list[str]]:
+    """transformers CLIPTextModel keys -> ours (``text_model.`` prefixed); drops position-id buffers.
+
+    transformers >= 5.6 saves CLIPTextModel without the ``text_model.`` level; older
+    versions and the hub's SD repositories keep it.
+    """
+    out, skipped = {}, []
+    for key, value in tensors.items():
+        ours = key if key.startswith("text_model.") else "text_model." + key
+        if ours == "text_model.embeddings.position_ids":
+            skipped.append(key)
+            continue
+        out[ours] = value
+    return out, skipped
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def unet_to_diffusers(tensors: Mapping, config: UNetConfig) -> dict:
+    """Original UNet keys -> diffusers UNet2DConditionModel keys (values untouched).
+
+    Raises:
+        ValueError: for a key this architecture does not have.
+    """
+    reverse = {original: new for new, original in diffusers_prefix_map(config).items()}
+    resnet = {original: new for new, original in _RESNET_RENAMES.items()}
+    out = {}
+    for key, value in tensors.items():
+        prefix = _longest_prefix(key, reverse)
+        if prefix is None:
+            raise ValueError(f"UNet key {key!r} has no diffusers name in this architecture")
+        new_prefix, rest = reverse[prefix], key[len(prefix) :]
+        if ".resnets." in new_prefix:
+            head = next((h for h in resnet if rest.startswith(h + ".")), None)
+            if head is None:
+                raise ValueError(f"UNet key {key!r} is not a ResBlock parameter")
+            rest = resnet[head] + rest[len(head) :]
+        out[new_prefix + rest] = value
+    return out
+
+
+def _longest_prefix(key: str, table: Mapping[str, str]) -> str | None:
+    cut = len(key)
+    while True:
+        cut = key.rfind(".", 0, cut)
+        if cut < 0:
+            return None
+        if key[: cut + 1] in table:
+            return key[: cut + 1]
+
+
+def vae_to_diffusers(tensors: Mapping, config: VAEConfig) -> dict:
+    """Original VAE keys -> diffusers AutoencoderKL keys; the mid attention's 1x1 convs become Linear weights."""
+    reverse = {}
+    for new, original in diffusers_vae_key_map(config).items():
+        # Skip the legacy attention names (query/key/value/proj_attn); diffusers writes to_q ...
+        if any(f".attentions.0.{legacy}." in new for legacy in ("query", "key", "value", "proj_attn")):
+            continue
+        reverse[original] = new
+    out = {}
+    for key, value in tensors.items():
+        if key not in reverse:
+            raise ValueError(f"VAE key {key!r} has no diffusers name for this config")
+        new = reverse[key]
+        if ".mid_block.attentions.0." in new and new.endswith("weight") and len(value.shape) == 4:
+            value = derived(value, lambda a: a[:, :, 0, 0], value.shape[:2], value.dtype)
+        out[new] = value
+    return out
+
+
+def unet_config_to_diffusers(config: UNetConfig, sample_size: int) -> dict:
+    """A UNetConfig as diffusers' UNet2DConditionModel config.json.
+
+    Raises:
+        ValueError: for settings diffusers hard-codes differently (attention norm epsilons).
+    """
+    defaults = UNetConfig()
+    if (config.transformer_norm_eps, config.layer_norm_eps) != (
+        defaults.transformer_norm_eps,
+        defaults.layer_norm_eps,
+    ):
+        raise ValueError(
+            "diffusers cannot express UNet transformer_norm_eps / layer_norm_eps other than 1e-6 / 1e-5"
+        )
+    channels = [config.model_channels * m for m in config.channel_mult]
+    if config.num_heads is not None:
+        heads = config.num_heads
+    else:
+        heads = [max(1, c // config.head_dim) for c in channels]
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels)]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "attention_head_dim": heads,
+        "block_out_channels": channels,
+        "center_input_sample": False,
+        "cross_attention_dim": config.context_dim,
+        "down_block_types": down,
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": config.in_channels,
+        "layers_per_block": config.num_res_blocks,
+        "mid_block_scale_factor": 1,
+        "norm_eps": config.resnet_eps,
+        "norm_num_groups": config.norm_groups,
+        "out_channels": config.out_channels,
+        "sample_size": sample_size,
+        "transformer_layers_per_block": config.transformer_depth,
+        "up_block_types": up,
+        "use_linear_projection": config.use_linear_projection,
+    }
+
+
+def vae_config_to_diffusers(config: VAEConfig, sample_size: int) -> dict:
+    """A VAEConfig as diffusers' AutoencoderKL config.json."""
+    if config.norm_eps != 1e-6:
+        raise ValueError(f"diffusers' AutoencoderKL hard-codes norm eps 1e-6, not {config.norm_eps}")
+    levels = len(config.channel_mult)
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "block_out_channels": [config.base_channels * m for m in config.channel_mult],
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "in_channels": config.in_channels,
+        "latent_channels": config.latent_channels,
+        "layers_per_block": config.num_res_blocks,
+        "norm_num_groups": config.norm_groups,
+        "out_channels": config.out_channels,
+        "sample_size": sample_size,
+        "scaling_factor": config.scaling_factor,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+    }
+
+
+def text_config_to_transformers(config: CLIPTextConfig, tokenizer: CLIPTokenizer) -> dict:
+    """A CLIPTextConfig as transformers' CLIPTextModel config.json."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "attention_dropout": 0.0,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "hidden_act": config.hidden_act,
+        "hidden_size": config.hidden_size,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": config.intermediate_size,
+        "layer_norm_eps": config.layer_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "projection_dim": config.hidden_size,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def scheduler_config_to_diffusers(config: SchedulerConfig, original: Mapping | None = None) -> dict:
+    """Scheduler settings as ``scheduler_config.json``.
+
+    Keys of ``original`` we do not model are kept; every key we model is written from
+    ``config`` (the core ones always, the others when they differ from our defaults).
+    """
+    import dataclasses
+
+    data = dict(original or {})
+    data.setdefault("_class_name", "PNDMScheduler")
+    data["_diffusers_version"] = data.get("_diffusers_version", _DIFFUSERS_VERSION)
+    defaults = SchedulerConfig()
+    for f in dataclasses.fields(SchedulerConfig):
+        value = getattr(config, f.name)
+        if f.name in _SCHEDULER_CORE or f.name in data or value != getattr(defaults, f.name):
+            if value is None and f.name not in data:
+                continue
+            if f.name == "lambda_min_clipped" and value == float("-inf"):
+                value = None  # diffusers' own spelling of "no clipping"; JSON has no -inf
+            data[f.name] = list(value) if isinstance(value, tuple) else value
+    return data
+
+
+def write_diffusers_folder(
+    folder: pathlib.Path,
+    components: Mapping[str, Mapping],
+    config: PipelineConfig,
+    tokenizer: CLIPTokenizer,
+    scheduler: Mapping | None = None,
+) -> None:
+    """Write a diffusers StableDiffusionPipeline folder into the (new, empty) ``folder``."""
+    factor = config.vae.downsample_factor
+    unet_tensors = unet_to_diffusers(components["unet"], config.unet)
+    vae_tensors = vae_to_diffusers(components["vae"], config.vae)
+    pipeline = "StableDiffusionInpaintPipeline" if config.is_inpainting else "StableDiffusionPipeline"
+    index = {
+        "_class_name": pipeline,
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", (scheduler or {}).get("_class_name", "PNDMScheduler")],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    configs = {
+        "unet": unet_config_to_diffusers(config.unet, config.default_size // factor),
+        "vae": vae_config_to_diffusers(config.vae, config.default_size),
+        "text_encoder": text_config_to_transformers(config.text_encoder, tokenizer),
+    }
+    tensors = {"unet": unet_tensors, "vae": vae_tensors, "text_encoder": dict(components["text_encoder"])}
+    for name in ("text_encoder", "unet", "vae"):
+        (folder / name).mkdir()
+        _write_json(folder / name / "config.json", configs[name])
+        save_safetensors(
+            tensors[name], folder / name / f"{_SAFETENSORS_STEM[name]}.safetensors", {"format": "pt"}
+        )
+    (folder / "scheduler").mkdir()
+    _write_json(
+        folder / "scheduler" / "scheduler_config.json",
+        scheduler_config_to_diffusers(config.scheduler, scheduler),
+    )
+    tokenizer.save(folder / "tokenizer")
+    _write_json(folder / MODEL_INDEX, index)
+
+
+def _write_json(path: pathlib.Path, data: Mapping) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,491 @@
+"""Original single-file Stable Diffusion checkpoints (CompVis / Stability layout) <-> our components.
+
+An original checkpoint holds the whole LatentDiffusion module under fixed prefixes:
+``model.diffusion_model.`` (UNet), ``first_stage_model.`` (VAE), and either
+``cond_stage_model.transformer.`` (SD 1.x: a transformers CLIPTextModel, whose keys may
+lack the ``text_model.`` level in older files) or ``cond_stage_model.model.`` (SD 2.x:
+OpenCLIP ViT-H, whose fused attention projections are split into q/k/v here, and whose
+last layer, which SD 2.x never runs, is dropped). Full training files also carry
+``model_ema.*``: the EMA copy of the UNet with the dots taken out of every key
+(``model_ema.diffusion_modelinput_blocks00weight``), plus schedule buffers that
+inference recomputes. Our UNet / VAE / CLIP keys are the original ones, so apart
+from OpenCLIP this is prefix bookkeeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tf_diffusion.config import CLIPTextConfig, PipelineConfig, TokenizerConfig, UNetConfig, VAEConfig
+from tf_diffusion.presets import PRESETS
+from tf_diffusion.weights.lazy import derived
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+EMA_PREFIX = "model_ema."
+COMPONENTS = ("text_encoder", "unet", "vae")
+
+# Entries of LatentDiffusion checkpoints that are not weights of the three networks: the DDPM
+# schedule (recomputed by our samplers), EMA bookkeeping and position-id buffers.
+BUFFERS = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+        "model_ema.decay",
+        "model_ema.num_updates",
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+        "cond_stage_model.transformer.embeddings.position_ids",
+        "cond_stage_model.model.attn_mask",
+    }
+)
+# OpenCLIP tensors SD 2.x does not use; kept aside so a single file can be written back whole.
+_OPENCLIP_UNUSED = ("text_projection", "logit_scale")
+# OpenCLIP resblock names -> transformers CLIPEncoderLayer names (after the fused in_proj split).
+_OPENCLIP_LAYER = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
+_RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
+
+
+@dataclass
+class SingleFileParts:
+    """A single-file checkpoint split into our three components (values stay lazy).
+
+    Attributes:
+        components: component name -> {our key: tensor}; a component the file lacks is absent.
+        text_encoder_kind: "clip" (SD 1.x, OpenAI CLIP), "openclip" (SD 2.x) or None.
+        ema: "single" (one UNet weight set, no ``model_ema.*``; pruned files usually hold the EMA
+            weights there), "available" (both sets; the non-EMA weights were taken), "used" (both
+            sets; the EMA weights were taken) or "none" (no UNet).
+        extras: original-layout tensors with no place in our model that a single-file writer
+            passes back (OpenCLIP's last layer, text projection and logit scale).
+        ignored: buffer keys skipped on purpose (schedule, EMA bookkeeping, position ids).
+        unexpected: keys that belong to none of the above.
+        openclip_layers: resblocks in the file (SD 2.x: 24, of which 23 are used).
+    """
+
+    components: dict[str, dict] = field(default_factory=dict)
+    text_encoder_kind: str | None = None
+    ema: str = "none"
+    extras: dict = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    openclip_layers: int = 0
+
+
+def unwrap_checkpoint(obj) -> tuple[Mapping, dict]:
+    """The tensor mapping of a loaded .ckpt (``{"state_dict": ...}`` or flat) and its other top-level entries."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        return obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
+    if isinstance(obj, Mapping):
+        return obj, {}
+    raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+
+
+def ema_key(unet_key: str) -> str:
+    """The ``model_ema.*`` key of a UNet key: "model_ema." + the dotted path with its dots removed."""
+    return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+def split_single_file(tensors: Mapping, *, use_ema: bool | None = None) -> SingleFileParts:
+    """Sort an original checkpoint's keys into our components.
+
+    Args:
+        tensors: key -> tensor of the whole checkpoint (the ``state_dict`` of a .ckpt).
+        use_ema: take the UNet from ``model_ema.*`` (as diffusers' ``extract_ema``). None or
+            False take ``model.diffusion_model.*``.
+
+    Returns:
+        The parts; nothing is read from the file.
+
+    Raises:
+        ValueError: ``use_ema=True`` for a file without EMA weights, EMA weights that do not
+            cover the UNet, or a key that looks like ours but cannot be placed.
+    """
+    parts = SingleFileParts()
+    unet, vae, clip, openclip, ema = {}, {}, {}, {}, {}
+    for key, value in tensors.items():
+        if key in BUFFERS:
+            parts.ignored.append(key)
+        elif key.startswith(UNET_PREFIX):
+            unet[key[len(UNET_PREFIX) :]] = value
+        elif key.startswith(VAE_PREFIX):
+            vae[key[len(VAE_PREFIX) :]] = value
+        elif key.startswith(CLIP_PREFIX):
+            clip[key[len(CLIP_PREFIX) :]] = value
+        elif key.startswith(OPENCLIP_PREFIX):
+            openclip[key[len(OPENCLIP_PREFIX) :]] = value
+        elif key.startswith(EMA_PREFIX):
+            ema[key] = value
+        else:
+            parts.unexpected.append(key)
+
+    if ema:
+        parts.ema = "available"
+        if use_ema:
+            unet = _ema_unet(unet, ema)
+            parts.ema = "used"
+    elif use_ema:
+        raise ValueError(
+            "use_ema=True but the checkpoint has no model_ema.* weights (pruned files usually hold "
+            "only the EMA weights already, under model.diffusion_model.); drop use_ema"
+        )
+    else:
+        parts.ema = "single" if unet else "none"
+
+    if clip and openclip:
+        raise ValueError(
+            "the checkpoint holds both an OpenAI CLIP (cond_stage_model.transformer.) and an OpenCLIP "
+            "(cond_stage_model.model.) text encoder; expected one"
+        )
+    if clip:
+        parts.text_encoder_kind = "clip"
+        # Older SD 1.x files store CLIPTextTransformer directly, without the `text_model.` level.
+        parts.components["text_encoder"] = {
+            (k if k.startswith("text_model.") else "text_model." + k): v for k, v in clip.items()
+        }
+    elif openclip:
+        parts.text_encoder_kind = "openclip"
+        parts.components["text_encoder"], parts.extras, parts.openclip_layers = _from_openclip(openclip)
+    if unet:
+        parts.components["unet"] = unet
+    if vae:
+        parts.components["vae"] = vae
+    return parts
+
+
+def _ema_unet(unet: dict, ema: dict) -> dict:
+    """The UNet's EMA weights, found by flattening each UNet key as LDM's LitEma does."""
+    flat: dict[str, str] = {}
+    for key in unet:
+        flat_key = ema_key(key)
+        if flat_key in flat:
+            raise ValueError(
+                f"UNet keys {flat[flat_key]!r} and {key!r} flatten to the same EMA key {flat_key!r}"
+            )
+        flat[flat_key] = key
+    missing = [k for k in unet if ema_key(k) not in ema]
+    if missing:
+        raise ValueError(
+            f"use_ema=True but model_ema.* lacks {len(missing)} of the {len(unet)} UNet weights, "
+            f"e.g. {ema_key(missing[0])!r} for {missing[0]!r}"
+        )
+    return {key: ema[ema_key(key)] for key in unet}
+
+
+def _from_openclip(tensors: Mapping) -> tuple[dict, dict, int]:
+    """OpenCLIP text tower keys (without prefix) -> transformers CLIPTextModel keys, extras, layer count."""
+    layers: dict[int, dict[str, object]] = {}
+    out: dict[str, object] = {}
+    extras: dict[str, object] = {}
+    for key, value in tensors.items():
+        match = _RESBLOCK.match(key)
+        if match:
+            layers.setdefault(int(match.group(1)), {})[match.group(2)] = value
+        elif key == "token_embedding.weight":
+            out["text_model.embeddings.token_embedding.weight"] = value
+        elif key == "positional_embedding":
+            out["text_model.embeddings.position_embedding.weight"] = value
+        elif key in ("ln_final.weight", "ln_final.bias"):
+            out["text_model.final_layer_norm." + key.rsplit(".", 1)[1]] = value
+        elif key in _OPENCLIP_UNUSED:
+            extras[OPENCLIP_PREFIX + key] = value
+        else:
+            raise ValueError(f"unknown OpenCLIP key {OPENCLIP_PREFIX + key!r}")
+    count = len(layers)
+    if sorted(layers) != list(range(count)):
+        raise ValueError(f"OpenCLIP resblocks are not numbered 0..{count - 1}: found {sorted(layers)}")
+    if count < 2:
+        raise ValueError(f"an OpenCLIP text encoder needs at least 2 resblocks, found {count}")
+    # SD 2.x conditions on the penultimate layer, so the last resblock is never run.
+    last = count - 1
+    for name, value in layers[last].items():
+        extras[f"{OPENCLIP_PREFIX}transformer.resblocks.{last}.{name}"] = value
+    for index in range(last):
+        prefix = f"text_model.encoder.layers.{index}."
+        for name, value in layers[index].items():
+            source = f"{OPENCLIP_PREFIX}transformer.resblocks.{index}.{name}"
+            if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                param = "weight" if name.endswith("weight") else "bias"
+                rows = value.shape[0]
+                if rows % 3:
+                    raise ValueError(
+                        f"{source} has {rows} rows; a fused q/k/v projection needs a multiple of 3"
+                    )
+                width = rows // 3
+                for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                    out[f"{prefix}self_attn.{proj}.{param}"] = derived(
+                        value,
+                        lambda a, i=i, width=width: np.array(a[i * width : (i + 1) * width]),
+                        (width, *value.shape[1:]),
+                        value.dtype,
+                        source,
+                    )
+                continue
+            module, _, param = name.rpartition(".")
+            if module not in _OPENCLIP_LAYER:
+                raise ValueError(f"unknown OpenCLIP key {source!r}")
+            out[f"{prefix}{_OPENCLIP_LAYER[module]}.{param}"] = value
+    return out, extras, count
+
+
+# --------------------------------------------------------------------------- family and config
+
+
+def detect_family(parts: SingleFileParts) -> str:
+    """ "sd1", "sd2", "sd1-inpainting" or "sd2-inpainting", from the text encoder and UNet input width."""
+    unet = parts.components.get("unet", {})
+    conv_in = unet.get("input_blocks.0.0.weight")
+    inpainting = conv_in is not None and conv_in.shape[1] == 9
+    if parts.text_encoder_kind == "openclip":
+        sd2 = True
+    elif parts.text_encoder_kind == "clip":
+        sd2 = False
+    else:
+        # No text encoder: the cross-attention context width tells (768 for SD 1.x, 1024 for SD 2.x).
+        widths = {v.shape[-1] for k, v in unet.items() if k.endswith("attn2.to_k.weight")}
+        sd2 = widths == {1024}
+    return ("sd2" if sd2 else "sd1") + ("-inpainting" if inpainting else "")
+
+
+def infer_text_config(tensors: Mapping, kind: str) -> CLIPTextConfig:
+    """CLIPTextConfig from shapes; heads are 64 wide in both OpenAI CLIP and OpenCLIP."""
+    token = tensors["text_model.embeddings.token_embedding.weight"].shape
+    positions = tensors["text_model.embeddings.position_embedding.weight"].shape
+    layers = _count(tensors, r"text_model\.encoder\.layers\.(\d+)\.")
+    hidden = token[1]
+    return CLIPTextConfig(
+        vocab_size=token[0],
+        max_position_embeddings=positions[0],
+        hidden_size=hidden,
+        intermediate_size=tensors["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        hidden_act="gelu" if kind == "openclip" else "quick_gelu",
+    )
+
+
+def infer_unet_config(tensors: Mapping) -> UNetConfig:
+    """UNetConfig from the block structure and shapes.
+
+    Head and norm-group counts cannot be read from weights: SD 2.x-style UNets (linear
+    projections or a 1024-wide context) get 64-wide heads, others SD 1.x's 8 heads; norms get
+    SD's 32 groups where the widths allow.
+    """
+    conv_in = tensors["input_blocks.0.0.weight"].shape  # (C, in, 3, 3)
+    model_channels = conv_in[0]
+    blocks = _count(tensors, r"input_blocks\.(\d+)\.")
+    # Levels: each has num_res_blocks ResBlocks, all but the last a downsample (input_blocks.N.0.op).
+    downsamples = sorted(
+        int(m.group(1)) for k in tensors if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k))
+    )
+    levels = len(downsamples) + 1
+    num_res_blocks = downsamples[0] - 1 if downsamples else blocks - 1
+    if blocks != 1 + levels * num_res_blocks + (levels - 1):
+        raise ValueError(f"cannot read the UNet's level structure from {blocks} input blocks")
+    mult, attention = [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)
+        width = tensors[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0]
+        mult.append(width // model_channels)
+        attention.append(f"input_blocks.{first}.1.norm.weight" in tensors)
+    to_k = [v.shape for k, v in tensors.items() if k.endswith("attn2.to_k.weight")]
+    context_dim = to_k[0][1] if to_k else 768
+    linear = tensors.get("middle_block.1.proj_in.weight")
+    use_linear = linear is not None and len(linear.shape) == 2
+    depth = _count(tensors, r"middle_block\.1\.transformer_blocks\.(\d+)\.") or 1
+    sd2_style = use_linear or context_dim == 1024
+    return UNetConfig(
+        in_channels=conv_in[1],
+        out_channels=tensors["out.2.weight"].shape[0],
+        model_channels=model_channels,
+        channel_mult=tuple(mult),
+        num_res_blocks=num_res_blocks,
+        attention_levels=tuple(attention),
+        # Narrower test models cannot have SD's head sizes; they get the nearest that divides.
+        num_heads=None if sd2_style else (8 if model_channels % 8 == 0 else 1),
+        head_dim=math.gcd(model_channels, 64) if sd2_style else None,
+        transformer_depth=depth,
+        context_dim=context_dim,
+        use_linear_projection=use_linear,
+        norm_groups=_groups(model_channels),
+    )
+
+
+def infer_vae_config(tensors: Mapping) -> VAEConfig:
+    """VAEConfig from the block structure and shapes (32 norm groups where they divide, SD's scaling factor)."""
+    conv_in = tensors["encoder.conv_in.weight"].shape  # (base, in, 3, 3)
+    base = conv_in[0]
+    levels = _count(tensors, r"encoder\.down\.(\d+)\.")
+    blocks = _count(tensors, r"encoder\.down\.0\.block\.(\d+)\.")
+    mult = tuple(tensors[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in range(levels))
+    return VAEConfig(
+        in_channels=conv_in[1],
+        out_channels=tensors["decoder.conv_out.weight"].shape[0],
+        latent_channels=tensors["post_quant_conv.weight"].shape[0],
+        base_channels=base,
+        channel_mult=mult,
+        num_res_blocks=blocks,
+        norm_groups=_groups(base),
+    )
+
+
+def _groups(channels: int) -> int:
+    # GroupNorm group counts are not stored; SD uses 32, which narrower test models cannot divide.
+    return math.gcd(channels, 32)
+
+
+def _count(tensors: Iterable[str], pattern: str) -> int:
+    regex = re.compile(pattern)
+    found = {int(m.group(1)) for k in tensors if (m := regex.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(parts: SingleFileParts, family: str, prediction_type: str) -> PipelineConfig:
+    """The PipelineConfig of a single file: a release preset when the shapes are one, else inferred.
+
+    Raises:
+        ValueError: if a component is missing (its architecture cannot be known).
+    """
+    missing = [c for c in COMPONENTS if c not in parts.components]
+    if missing:
+        raise ValueError(
+            f"the checkpoint has no {', '.join(missing)} weights, so its architecture is unknown"
+        )
+    sd2 = family.startswith("sd2")
+    text = infer_text_config(parts.components["text_encoder"], parts.text_encoder_kind)
+    unet = infer_unet_config(parts.components["unet"])
+    vae = infer_vae_config(parts.components["vae"])
+    same = [p for p in PRESETS.values() if (p.text_encoder, p.unet, p.vae) == (text, unet, vae)]
+    for preset in same:
+        if preset.scheduler.prediction_type == prediction_type:
+            return preset
+    for preset in same:
+        # A released architecture trained for another prediction type (e.g. an SD 1.5 v-model).
+        return preset.replace(
+            name=f"{preset.name} ({prediction_type})",
+            scheduler=dataclasses.replace(preset.scheduler, prediction_type=prediction_type),
+        )
+    base = PRESETS["sd-v2-1-base" if sd2 else "sd-v1-5"]
+    return PipelineConfig(
+        name=f"{family} (inferred)",
+        text_encoder=text,
+        tokenizer=TokenizerConfig(pad_token_id=0) if sd2 else TokenizerConfig(),
+        unet=unet,
+        vae=vae,
+        scheduler=dataclasses.replace(base.scheduler, prediction_type=prediction_type),
+        default_size=768 if family == "sd2" and prediction_type == "v_prediction" else 512,
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def to_single_file(
+    components: Mapping[str, Mapping], config: PipelineConfig, extras: Mapping | None = None
+) -> dict:
+    """Our components -> one original-layout state dict (values stay lazy).
+
+    The text encoder is written as OpenAI CLIP (``cond_stage_model.transformer.``) when it uses
+    quick_gelu and as OpenCLIP (``cond_stage_model.model.``) when it uses gelu, as SD 2.x does.
+    OpenCLIP's last layer, text projection and logit scale, which our model does not hold, come
+    from ``extras`` when the weights were read from a single file; otherwise they are written as
+    placeholders SD 2.x never reads (a zero last layer, an identity projection, OpenCLIP's
+    initial logit scale), so that the file has the layout other tools expect.
+
+    Args:
+        components: "text_encoder" / "unet" / "vae" -> {our key: tensor}.
+        config: the pipeline the weights belong to.
+        extras: original-layout tensors to pass through (``SingleFileParts.extras``).
+
+    Returns:
+        original key -> tensor.
+    """
+    out: dict[str, object] = {}
+    for key, value in components["unet"].items():
+        out[UNET_PREFIX + key] = value
+    for key, value in components["vae"].items():
+        out[VAE_PREFIX + key] = value
+    text = components["text_encoder"]
+    if config.text_encoder.hidden_act == "gelu":
+        out.update(_to_openclip(text, config.text_encoder, extras or {}))
+    else:
+        for key, value in text.items():
+            out[CLIP_PREFIX + key] = value
+    return out
+
+
+def _to_openclip(text: Mapping, cfg: CLIPTextConfig, extras: Mapping) -> dict:
+    out: dict[str, object] = {
+        OPENCLIP_PREFIX + "token_embedding.weight": text["text_model.embeddings.token_embedding.weight"],
+        OPENCLIP_PREFIX + "positional_embedding": text["text_model.embeddings.position_embedding.weight"],
+        OPENCLIP_PREFIX + "ln_final.weight": text["text_model.final_layer_norm.weight"],
+        OPENCLIP_PREFIX + "ln_final.bias": text["text_model.final_layer_norm.bias"],
+    }
+    reverse = {v: k for k, v in _OPENCLIP_LAYER.items()}
+    dtype = text["text_model.final_layer_norm.weight"].dtype
+    for index in range(cfg.num_hidden_layers):
+        prefix = f"text_model.encoder.layers.{index}."
+        target = f"{OPENCLIP_PREFIX}transformer.resblocks.{index}."
+        for param in ("weight", "bias"):
+            parts = [text[f"{prefix}self_attn.{p}.{param}"] for p in ("q_proj", "k_proj", "v_proj")]
+            shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+            out[f"{target}attn.in_proj_{param}"] = derived(
+                parts[0],
+                lambda _, parts=parts: np.concatenate([np.asarray(p) for p in parts]),
+                shape,
+                parts[0].dtype,
+            )
+        for ours, theirs in reverse.items():
+            for param in ("weight", "bias"):
+                out[f"{target}{theirs}.{param}"] = text[f"{prefix}{ours}.{param}"]
+    # The unused tail of the OpenCLIP tower.
+    last = f"{OPENCLIP_PREFIX}transformer.resblocks.{cfg.num_hidden_layers}."
+    d, inner = cfg.hidden_size, cfg.intermediate_size
+    placeholders = {
+        "attn.in_proj_weight": np.zeros((3 * d, d)),
+        "attn.in_proj_bias": np.zeros((3 * d,)),
+        "attn.out_proj.weight": np.zeros((d, d)),
+        "attn.out_proj.bias": np.zeros((d,)),
+        "ln_1.weight": np.ones((d,)),
+        "ln_1.bias": np.zeros((d,)),
+        "ln_2.weight": np.ones((d,)),
+        "ln_2.bias": np.zeros((d,)),
+        "mlp.c_fc.weight": np.zeros((inner, d)),
+        "mlp.c_fc.bias": np.zeros((inner,)),
+        "mlp.c_proj.weight": np.zeros((d, inner)),
+        "mlp.c_proj.bias": np.zeros((d,)),
+    }
+    for name, value in placeholders.items():
+        key = last + name
+        out[key] = extras.get(key, value.astype(dtype))
+    for name, value in (
+        ("text_projection", np.eye(d)),
+        ("logit_scale", np.array(np.log(1 / 0.07))),
+    ):
+        key = OPENCLIP_PREFIX + name
+        out[key] = extras.get(key, value.astype(dtype))
+    return out
