@@ -311,3 +311,28 @@ def test_bad_folder_files(tmp_path, fixtures_dir):
     (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nthree symbols here\n")
     with pytest.raises(ValueError, match="line 3"):
         CLIPTokenizer.from_pretrained_folder(tmp_path)
+
+
+def test_loads_a_transformers5_tokenizer_json_folder(tmp_path):
+    # transformers 5 saves only tokenizer.json (the `tokenizers` BPE model) and tokenizer_config.json.
+    import json as _json
+
+    from tf_diffusion.tokenizer import CLIPTokenizer as Ours
+
+    reference = Ours(pad_token_id=0)
+    reference.save(tmp_path / "plain")
+    vocab = _json.loads((tmp_path / "plain" / "vocab.json").read_text(encoding="utf-8"))
+    merges = [
+        line for line in (tmp_path / "plain" / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if line
+    ]
+    folder = tmp_path / "v5"
+    folder.mkdir()
+    model = {"type": "BPE", "vocab": vocab, "merges": [m.split(" ") for m in merges]}
+    (folder / "tokenizer.json").write_text(_json.dumps({"model": model, "added_tokens": []}), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        _json.dumps({"pad_token": "!", "model_max_length": 77}), encoding="utf-8"
+    )
+    loaded = Ours.from_pretrained_folder(folder)
+    assert loaded.config.pad_token_id == 0
+    texts = ["a photo of an astronaut", "caf\u00e9 \u6771\u4eac, 42 cats"]
+    assert (loaded(texts) == reference(texts)).all()

@@ -120,6 +120,27 @@ def _read_json(path: pathlib.Path) -> dict:
     return data
 
 
+def _read_tokenizer_json(path: pathlib.Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab and merges of a Hugging Face ``tokenizer.json`` holding a BPE model."""
+    data = _read_json(path)
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise ValueError(f"{path}: expected a BPE model in tokenizer.json, got {type(model).__name__}")
+    vocab, raw = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(raw, list):
+        raise ValueError(f"{path}: tokenizer.json lacks model.vocab or model.merges")
+    merges = []
+    for entry in raw:
+        pair = entry.split(" ") if isinstance(entry, str) else entry
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"{path}: bad merge entry {entry!r}; expected 'a b' or [a, b]")
+        merges.append((str(pair[0]), str(pair[1])))
+    for entry in data.get("added_tokens") or []:
+        if isinstance(entry, dict) and "content" in entry and "id" in entry:
+            vocab.setdefault(entry["content"], int(entry["id"]))
+    return {str(k): int(v) for k, v in vocab.items()}, merges
+
+
 def _token_content(value) -> str | None:
     """A special token as transformers stores it: a string or {"content": ...}."""
     if value is None or isinstance(value, str):
@@ -441,12 +462,24 @@ class CLIPTokenizer:
             ValueError: if the folder lacks the files or they name tokens the vocabulary lacks.
         """
         folder = pathlib.Path(path)
-        if not (folder / "vocab.json").is_file() and (folder / "tokenizer" / "vocab.json").is_file():
+
+        def has_files(f: pathlib.Path) -> bool:
+            return ((f / "vocab.json").is_file() and (f / "merges.txt").is_file()) or (
+                f / "tokenizer.json"
+            ).is_file()
+
+        if not has_files(folder) and has_files(folder / "tokenizer"):
             folder = folder / "tokenizer"
-        if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
-            raise ValueError(f"{str(folder)!r} is not a tokenizer folder: it needs vocab.json and merges.txt")
-        vocab = _read_json(folder / "vocab.json")
-        merges = _read_merges(folder / "merges.txt")
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = _read_json(folder / "vocab.json")
+            merges = _read_merges(folder / "merges.txt")
+        elif (folder / "tokenizer.json").is_file():
+            # transformers 5 saves only the `tokenizers` file, which holds the same BPE model.
+            vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
+        else:
+            raise ValueError(
+                f"{str(folder)!r} is not a tokenizer folder: it needs vocab.json and merges.txt (or tokenizer.json)"
+            )
 
         settings: dict = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
