@@ -1,0 +1,559 @@
+"""Deployment: a TF Serving SavedModel from prompt string to image, and TFLite models of the components.
+
+SavedModel layout (what TF Serving's model server watches)::
+
+    DIR/<version>/saved_model.pb, variables/, assets.extra/tf_diffusion.json
+
+Signatures (B is the request batch; H x W the image size and h x w x C the latent size fixed at export):
+
+- ``serving_default``: prompt (B,) string, negative_prompt (B,) string, seed (B,) int64,
+  guidance_scale (B,) float32 -> images (B, H, W, 3) uint8, png_bytes (B,) string.
+- ``generate_from_noise``: as serving_default with noise (B, h, w, C) float32 instead of seed
+  (and step_noise (B, E, h, w, C) for samplers that add noise while stepping) -> images, png_bytes, latents.
+- ``encode_text``: prompt (B,) -> ids (B, 77) int32, hidden (B, 77, D) float32.
+- ``denoise``: noise, context, negative_context, guidance_scale (+ step_noise) -> latents (B, h, w, C),
+  the compiled denoising loop (``ops.fori_loop``; XLA when exported with ``jit_compile=True``).
+- ``decode``: latents (B, h, w, C) -> images, png_bytes.
+- ``encode_image``: images (B, H, W, 3) uint8, noise (B, h, w, C) -> latents (posterior sample) and
+  mean, both multiplied by the VAE scaling factor (the img2img starting point).
+
+Noise: ``generate()`` draws with NumPy (``NoiseSource``); inside the graph ``serving_default`` draws
+row ``b`` with ``tf.random.stateless_normal(seed=[seed[b], 0])`` (step noise with ``[seed[b], 1]``),
+so a seed gives the same image on every call and in any batch, but not the image ``generate(seed=...)``
+gives. ``generate_from_noise`` with the arrays ``NoiseSource(seed)`` draws reproduces ``generate()``.
+
+Prompts are tokenized in the graph (``tf_diffusion.graph_tokenizer``) as plain CLIP text truncated to
+75 tokens, like diffusers; the A1111 attention syntax and 75-token chunking of ``generate()`` are not
+applied, so a prompt using them encodes differently from ``generate()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+
+from tf_diffusion.pipeline import StableDiffusion
+
+EXPORT_DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
+TFLITE_COMPONENTS = ("text_encoder", "unet", "decoder")
+TFLITE_QUANTIZATIONS = (None, "float16", "dynamic_range")
+METADATA_FILE = "tf_diffusion.json"
+# The largest flatbuffer TFLite can address with 32-bit offsets.
+FLATBUFFER_LIMIT = 2**31
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+    """What ``export_saved_model`` wrote.
+
+    Attributes:
+        path: the version folder, ``DIR/<version>``.
+        version: the version number.
+        metadata: the content of ``assets.extra/tf_diffusion.json``.
+    """
+
+    path: pathlib.Path
+    version: int
+    metadata: dict
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def _check_backend() -> None:
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            f"export needs the TensorFlow Keras backend, but KERAS_BACKEND is {keras.backend.backend()!r}; "
+            "run with KERAS_BACKEND=tensorflow"
+        )
+
+
+def with_dtype(sd: StableDiffusion, dtype: str | None) -> StableDiffusion:
+    """``sd`` itself, or a copy of its weights in another Keras dtype policy.
+
+    Args:
+        sd: the model.
+        dtype: None (keep), or one of ``EXPORT_DTYPES``.
+
+    Raises:
+        ValueError: for an unknown dtype.
+    """
+    if dtype is None:
+        return sd
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed; expected one of {EXPORT_DTYPES}")
+    current = sd.unet.dtype_policy.name
+    if current == dtype:
+        return sd
+    from tf_diffusion.weights import load_state_dict, state_dict
+
+    copy = StableDiffusion(sd.config, dtype=dtype, tokenizer=sd.tokenizer)
+    for target, source in ((copy.text_encoder, sd.text_encoder), (copy.unet, sd.unet), (copy.vae, sd.vae)):
+        load_state_dict(target, state_dict(source))
+    return copy
+
+
+def _variables_module(*models):
+    """A ``tf.Module`` tracking the models' ``tf.Variable`` objects, for saving and TFLite conversion.
+
+    The raw variables, not Keras 3's wrappers: saving a wrapper exports a second copy of its variable
+    (Keras' ``_export_to_saved_model_graph``) that is the one restored, while the traced functions read
+    the first; TF1-style loaders (TF Serving, ``saved_model_cli run``) and the TFLite converter then read
+    uninitialised memory.
+    """
+    tf = _tf()
+    module = tf.Module(name="tf_diffusion")
+    module.model_variables = [v.value for model in models for v in model.variables]
+    return module
+
+
+def build_serving_module(
+    sd: StableDiffusion,
+    *,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    jit_compile: bool = False,
+):
+    """The ``tf.Module`` that ``export_saved_model`` saves, usable directly in Python.
+
+    Args:
+        sd: the model (TensorFlow backend).
+        sampler: a sampler name (see ``tf_diffusion.schedulers.SAMPLERS``), fixed in the graph; default the
+            model's ``config.default_sampler``.
+        num_steps: sampler steps, fixed in the graph; default ``config.default_steps``.
+        height, width: image size in pixels, multiples of the VAE factor; default: the model's size.
+        jit_compile: compile the denoising loop with XLA. TF Serving runs XLA on GPU/TPU; on CPU its model
+            server needs ``--xla_cpu_compilation_enabled=true``.
+
+    Returns:
+        ``(module, signatures)``: the module and a dict signature name -> concrete function.
+
+    Raises:
+        ValueError: for an invalid option or an inpainting model.
+    """
+    _check_backend()
+    tf = _tf()
+    from tf_diffusion.graph_tokenizer import GraphTokenizer
+    from tf_diffusion.schedulers import get_sampler
+
+    cfg = sd.config
+    sampler = cfg.default_sampler if sampler is None else sampler
+    num_steps = cfg.default_steps if num_steps is None else num_steps
+    if cfg.is_inpainting:
+        raise ValueError(f"{cfg.name} is an inpainting model; export supports text-to-image models only")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
+    height, width = sd._check_size(height, width, None)
+    sampler_obj = get_sampler(sampler, cfg.scheduler)
+    plan = sampler_obj.plan(int(num_steps))
+    factor, channels = cfg.vae.downsample_factor, cfg.vae.latent_channels
+    h, w = height // factor, width // factor
+    length, hidden = cfg.tokenizer.max_length, cfg.text_encoder.hidden_size
+    evals = plan.num_evals
+    needs_noise = sampler_obj.needs_noise
+    scaling = float(cfg.vae.scaling_factor)
+
+    module = _variables_module(sd.text_encoder, sd.unet, sd.vae)
+    module.tokenizer = GraphTokenizer(sd.tokenizer)
+    loop = tf.function(sd._make_loop(sampler_obj), jit_compile=bool(jit_compile), autograph=False)
+
+    strings = tf.TensorSpec([None], tf.string)
+    latent_spec = tf.TensorSpec([None, h, w, channels], tf.float32)
+    context_spec = tf.TensorSpec([None, length, hidden], tf.float32)
+    guidance_spec = tf.TensorSpec([None], tf.float32)
+    step_spec = [tf.TensorSpec([None, evals, h, w, channels], tf.float32)] if needs_noise else []
+
+    def function(fn, *specs):
+        return tf.function(fn, input_signature=list(specs), autograph=False)
+
+    # The parts, each traced once; the signatures below call them.
+    def encode_text(prompt):
+        ids = module.tokenizer(prompt)  # (B, 77)
+        return ids, tf.cast(sd.text_encoder(ids), tf.float32)  # (B, 77, D)
+
+    def denoise(noise, context, negative_context, guidance_scale, *step_noise):
+        x = noise * np.float32(plan.init_noise_sigma)
+        both = tf.concat([negative_context, context], axis=0)  # [uncond..., cond...] as generate()
+        # generate() uses the conditional prediction alone when guidance <= 1; uncond + 1 * (cond - uncond).
+        guidance = tf.where(guidance_scale > 1.0, guidance_scale, 1.0)[:, None, None, None]
+        tables = {k: tf.constant(v) for k, v in plan.tables.items()}
+        state = sampler_obj.init_state(x)
+        steps = tf.transpose(step_noise[0], [1, 0, 2, 3, 4]) if step_noise else None  # (E, B, h, w, C)
+        x, _ = loop(x, state, steps, tables, tf.constant(plan.timesteps), both, guidance, None, None)
+        return x
+
+    def decode(latents):
+        pixels = tf.cast(sd.vae.decode(latents / scaling), tf.float32)
+        images = tf.cast(tf.round(tf.clip_by_value((pixels + 1.0) * 0.5, 0.0, 1.0) * 255.0), tf.uint8)
+        return images, tf.map_fn(tf.io.encode_png, images, fn_output_signature=tf.string)
+
+    encode_text = function(encode_text, strings)
+    denoise = function(denoise, latent_spec, context_spec, context_spec, guidance_spec, *step_spec)
+    decode = function(decode, latent_spec)
+
+    def seeded_noise(seed, shape, stream):
+        seeds = tf.stack([seed, tf.fill(tf.shape(seed), tf.constant(stream, tf.int64))], axis=1)
+        return tf.map_fn(
+            lambda s: tf.random.stateless_normal(shape, seed=s), seeds, fn_output_signature=tf.float32
+        )
+
+    def generate(prompt, negative_prompt, guidance_scale, noise, *step_noise):
+        # One text batch [negatives..., prompts...], as generate() encodes it.
+        _, hidden_states = encode_text(tf.concat([negative_prompt, prompt], axis=0))
+        negative, context = tf.split(hidden_states, 2, axis=0)
+        latents = denoise(noise, context, negative, guidance_scale, *step_noise)
+        images, png = decode(latents)
+        return {"images": images, "png_bytes": png, "latents": latents}
+
+    def serving_default(prompt, negative_prompt, seed, guidance_scale):
+        noise = seeded_noise(seed, [h, w, channels], 0)
+        steps = [seeded_noise(seed, [evals, h, w, channels], 1)] if needs_noise else []
+        out = generate(prompt, negative_prompt, guidance_scale, noise, *steps)
+        return {"images": out["images"], "png_bytes": out["png_bytes"]}
+
+    # Signature inputs are named after the Python arguments, so each variant is spelled out.
+    if needs_noise:
+
+        def from_noise(prompt, negative_prompt, guidance_scale, noise, step_noise):
+            return generate(prompt, negative_prompt, guidance_scale, noise, step_noise)
+
+        def denoise_sig(noise, context, negative_context, guidance_scale, step_noise):
+            return {"latents": denoise(noise, context, negative_context, guidance_scale, step_noise)}
+
+    else:
+
+        def from_noise(prompt, negative_prompt, guidance_scale, noise):
+            return generate(prompt, negative_prompt, guidance_scale, noise)
+
+        def denoise_sig(noise, context, negative_context, guidance_scale):
+            return {"latents": denoise(noise, context, negative_context, guidance_scale)}
+
+    def text_sig(prompt):
+        ids, hidden_states = encode_text(prompt)
+        return {"ids": ids, "hidden": hidden_states}
+
+    def decode_sig(latents):
+        images, png = decode(latents)
+        return {"images": images, "png_bytes": png}
+
+    def encode_image_sig(images, noise):
+        pixels = tf.cast(images, tf.float32) / 255.0 * 2.0 - 1.0
+        dist = sd.vae.encode(pixels)
+        return {"latents": dist.sample(noise=noise) * scaling, "mean": dist.mean * scaling}
+
+    functions = {
+        "serving_default": function(
+            serving_default, strings, strings, tf.TensorSpec([None], tf.int64), guidance_spec
+        ),
+        "generate_from_noise": function(from_noise, strings, strings, guidance_spec, latent_spec, *step_spec),
+        "encode_text": function(text_sig, strings),
+        "denoise": function(denoise_sig, latent_spec, context_spec, context_spec, guidance_spec, *step_spec),
+        "decode": function(decode_sig, latent_spec),
+        "encode_image": function(
+            encode_image_sig, tf.TensorSpec([None, height, width, 3], tf.uint8), latent_spec
+        ),
+    }
+    # Only the signatures are saved (not restorable tf.function attributes): saving stays quick and small.
+    signatures = {name: fn.get_concrete_function() for name, fn in functions.items()}
+    module.metadata = {
+        "model": cfg.name,
+        "sampler": sampler,
+        "num_steps": int(num_steps),
+        "num_evals": evals,
+        "sampler_adds_noise": needs_noise,
+        "height": height,
+        "width": width,
+        "latent_shape": [h, w, channels],
+        "context_shape": [length, hidden],
+        "dtype": sd.unet.dtype_policy.name,
+        "jit_compile": bool(jit_compile),
+        "vae_scaling_factor": scaling,
+        "noise": "row b: tf.random.stateless_normal(seed=[seed[b], 0]); step noise: seed=[seed[b], 1]",
+        "tokenizer": "in-graph CLIP BPE (tf_diffusion.graph_tokenizer), plain text truncated to 75 tokens",
+    }
+    return module, signatures
+
+
+def export_saved_model(
+    sd: StableDiffusion,
+    directory: str | os.PathLike,
+    *,
+    version: int | None = None,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    dtype: str | None = None,
+    jit_compile: bool = False,
+    overwrite: bool = False,
+) -> ExportInfo:
+    """Write a TF Serving SavedModel: ``directory/<version>/`` with the signatures in the module doc.
+
+    The export is written to a temporary folder inside ``directory`` and renamed into place, so a model
+    server watching ``directory`` never sees a half-written version.
+
+    Args:
+        sd: the model (TensorFlow backend).
+        directory: the model's base folder (TF Serving's ``--model_base_path``).
+        version: the version folder's number; default one above the highest existing version (1 at first).
+        sampler: sampler name, fixed at export; default the model's ``config.default_sampler``.
+        num_steps: sampler steps, fixed at export; default ``config.default_steps``.
+        height, width: image size in pixels; default the model's size.
+        dtype: "float32", "mixed_float16" or "mixed_bfloat16"; None keeps the model's policy. The VAE stays
+            float32 under float16, as in ``generate()``.
+        jit_compile: compile the denoising loop with XLA (GPU/TPU servers; CPU needs
+            ``--xla_cpu_compilation_enabled=true`` on the model server).
+        overwrite: allow a non-empty ``directory``; an existing ``directory/<version>`` is then replaced.
+
+    Returns:
+        An ``ExportInfo`` with the version folder and the metadata written.
+
+    Raises:
+        FileExistsError: if ``directory`` is not empty and ``overwrite`` is False.
+        ValueError: for invalid options.
+    """
+    _check_backend()
+    tf = _tf()
+    base = pathlib.Path(directory)
+    if base.exists() and not base.is_dir():
+        raise ValueError(f"{str(base)!r} is a file; give a folder for the SavedModel versions")
+    existing = [p for p in base.iterdir() if not p.name.startswith(".tmp-")] if base.exists() else []
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{str(base)!r} is not empty; pass overwrite=True (--overwrite) to add or replace a version"
+        )
+    numbers = [int(p.name) for p in existing if p.is_dir() and p.name.isdigit()]
+    if version is None:
+        version = max(numbers, default=0) + 1
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 0:
+        raise ValueError(f"version={version!r} must be a non-negative integer")
+    version = int(version)
+
+    model = with_dtype(sd, dtype)
+    module, signatures = build_serving_module(
+        model, sampler=sampler, num_steps=num_steps, height=height, width=width, jit_compile=jit_compile
+    )
+    import tf_diffusion
+
+    metadata = dict(module.metadata, version=version, tensorflow=tf.__version__)
+    metadata["tf_diffusion"] = tf_diffusion.__version__
+    metadata["signatures"] = {
+        name: {
+            "inputs": {
+                p.name: _spec_json(spec)
+                for p, spec in zip(
+                    fn.function_type.parameters.values(), fn.structured_input_signature[0], strict=True
+                )
+            },
+            "outputs": {k: _spec_json(v) for k, v in fn.structured_outputs.items()},
+        }
+        for name, fn in signatures.items()
+    }
+
+    base.mkdir(parents=True, exist_ok=True)
+    final = base / str(version)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base))
+    try:
+        tf.saved_model.save(module, str(staging), signatures=signatures)
+        extra = staging / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        if final.exists():
+            # Swap in two renames; the old version disappears only once the new one is in place.
+            retired = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-old-{version}-", dir=base))
+            os.rename(final, retired / "old")
+            os.rename(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportInfo(path=final, version=version, metadata=metadata)
+
+
+def _spec_json(spec) -> dict:
+    return {"dtype": spec.dtype.name, "shape": [None if d is None else int(d) for d in spec.shape]}
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``tf_diffusion.json`` of an exported version folder (``DIR/<version>``)."""
+    file = pathlib.Path(path) / "assets.extra" / METADATA_FILE
+    if not file.is_file():
+        raise ValueError(f"{str(path)!r} is not a tf_diffusion SavedModel version folder (no {file.name})")
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- TFLite
+
+
+def tflite_function(
+    sd: StableDiffusion,
+    component: str,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    batch: int = 1,
+):
+    """A concrete function of one component with fixed input shapes, as the TFLite converter needs.
+
+    Args:
+        sd: the model.
+        component: "text_encoder" (ids (batch, 77) int32 -> hidden), "unet" (latents (batch, h, w, C),
+            timestep (batch,) float32, context (batch, 77, D) -> prediction) or "decoder" (unscaled latents
+            (batch, h, w, C) -> images (batch, H, W, 3) in [-1, 1]).
+        height, width: image size in pixels; default the model's size.
+        batch: the fixed batch size.
+
+    Returns:
+        The concrete function.
+    """
+    _check_backend()
+    tf = _tf()
+    if component not in TFLITE_COMPONENTS:
+        raise ValueError(f"component={component!r} is not allowed; expected one of {TFLITE_COMPONENTS}")
+    cfg = sd.config
+    height, width = sd._check_size(height, width, None)
+    factor, channels = cfg.vae.downsample_factor, cfg.vae.latent_channels
+    latent = tf.TensorSpec([batch, height // factor, width // factor, channels], tf.float32)
+    if component == "text_encoder":
+        spec = [tf.TensorSpec([batch, cfg.tokenizer.max_length], tf.int32)]
+
+        def fn(ids):
+            return {"hidden": tf.cast(sd.text_encoder(ids), tf.float32)}
+
+    elif component == "unet":
+        context = tf.TensorSpec([batch, cfg.tokenizer.max_length, cfg.text_encoder.hidden_size], tf.float32)
+        spec = [latent, tf.TensorSpec([batch], tf.float32), context]
+
+        def fn(latents, timestep, context):
+            return {"prediction": tf.cast(sd.unet(latents, timestep, context), tf.float32)}
+
+    else:
+        spec = [latent]
+
+        def fn(latents):
+            return {"images": tf.cast(sd.vae.decode(latents), tf.float32)}
+
+    return tf.function(fn, input_signature=spec, autograph=False).get_concrete_function()
+
+
+def convert_tflite(
+    sd: StableDiffusion,
+    component: str,
+    *,
+    quantization: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch: int = 1,
+    allow_large: bool = True,
+) -> bytes:
+    """Convert one component to a TFLite flatbuffer (builtin ops only).
+
+    Args:
+        sd: the model.
+        component: "text_encoder", "unet" or "decoder" (see ``tflite_function`` for the inputs).
+        quantization: None (float32), "float16" (weights stored as float16) or "dynamic_range" (int8
+            weights, float activations).
+        height, width: image size in pixels; default the model's size.
+        batch: the fixed batch size.
+        allow_large: models over 2 GiB (a full-size float32 SD UNet holds 3.20 GiB) are written with their
+            weights after the flatbuffer (TFLite's buffer-offset format, which ``tf.lite.Interpreter``
+            reads). False raises ValueError instead; float16 or dynamic-range quantization stay under the
+            limit. Conversion needs about 7 times the float32 weights in RAM (measured), ~21 GB for that UNet.
+
+    Returns:
+        The ``.tflite`` bytes.
+
+    Raises:
+        ValueError: for an invalid option, or a float32 model over 2 GiB with ``allow_large=False``.
+    """
+    tf = _tf()
+    if quantization not in TFLITE_QUANTIZATIONS:
+        raise ValueError(
+            f"quantization={quantization!r} is not allowed; expected one of {TFLITE_QUANTIZATIONS}"
+        )
+    fn = tflite_function(sd, component, height=height, width=width, batch=batch)
+    model = getattr(sd, {"text_encoder": "text_encoder", "unet": "unet", "decoder": "vae"}[component])
+    weights = model.decoder.weights if component == "decoder" else model.weights
+    weight_bytes = sum(int(np.prod(v.shape)) * 4 for v in weights)
+    per_weight = {None: 1.0, "float16": 0.5, "dynamic_range": 0.25}[quantization]
+    large = weight_bytes * per_weight >= FLATBUFFER_LIMIT - (64 << 20)
+    if large and not allow_large:
+        raise ValueError(
+            f"the {component} holds {weight_bytes / 2**30:.2f} GiB of float32 weights, over TFLite's 2 GiB "
+            f"flatbuffer limit; use quantization='float16' or 'dynamic_range', or allow_large=True"
+        )
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], _variables_module(model))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantization is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if large:
+        # Constant buffers after the flatbuffer, addressed by 64-bit offsets (no 2 GiB limit). TF 2.21's
+        # converter switches to this by itself past 2 GiB (measured, same bytes); the flag makes it explicit.
+        converter._experimental_use_buffer_offset = True
+    return converter.convert()
+
+
+def run_tflite(model: bytes | str | os.PathLike, inputs: dict, num_threads: int | None = None) -> dict:
+    """Run a TFLite model in ``tf.lite.Interpreter``.
+
+    Args:
+        model: the ``.tflite`` bytes or path.
+        inputs: input name (as in ``tflite_function``: ids; latents, timestep, context; latents) -> array.
+        num_threads: interpreter threads; None lets TFLite choose.
+
+    Returns:
+        Output name -> array.
+    """
+    tf = _tf()
+    if isinstance(model, (bytes, bytearray)):
+        interpreter = tf.lite.Interpreter(model_content=bytes(model), num_threads=num_threads)
+    else:
+        interpreter = tf.lite.Interpreter(model_path=str(model), num_threads=num_threads)
+    return interpreter.get_signature_runner()(**inputs)
+
+
+def export_tflite(
+    sd: StableDiffusion,
+    directory: str | os.PathLike,
+    *,
+    components: Sequence[str] = TFLITE_COMPONENTS,
+    quantization: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, pathlib.Path]:
+    """Write ``<component>.tflite`` files into ``directory`` (each written to a temporary name, then renamed).
+
+    Raises:
+        FileExistsError: if a target file exists and ``overwrite`` is False.
+    """
+    base = pathlib.Path(directory)
+    targets = {c: base / f"{c}.tflite" for c in components}
+    clash = [str(p) for p in targets.values() if p.exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{clash} exist; pass overwrite=True (--overwrite) to replace them")
+    base.mkdir(parents=True, exist_ok=True)
+    for component, target in targets.items():
+        data = convert_tflite(sd, component, quantization=quantization, height=height, width=width)
+        staging = target.with_name(f".tmp-{target.name}")
+        staging.write_bytes(data)
+        os.replace(staging, target)
+    return targets

@@ -1,0 +1,101 @@
+"""``tf-diffusion export``: a TF Serving SavedModel (prompt string in, PNG out) or TFLite components.
+
+    tf-diffusion export MODEL DIR                          # DIR/1/ for tensorflow_model_server
+    tf-diffusion export MODEL DIR --sampler dpmpp_2m_karras --steps 25 --height 512 --width 512 --xla
+    tf-diffusion export MODEL DIR --format tflite --quantization float16
+
+MODEL is a preset with shipped weights (tiny-shapes), a checkpoint file or folder, or a hub id. DIR must
+be empty or absent unless ``--overwrite`` is given; versions are written to a temporary folder and renamed
+into place, so a model server watching DIR never loads a half-written export.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+FORMATS = ("saved_model", "tflite")
+QUANTIZATIONS = ("none", "float16", "dynamic_range")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``export`` on the tf-diffusion command's subparsers."""
+    from tf_diffusion.export import EXPORT_DTYPES, TFLITE_COMPONENTS
+
+    p = subparsers.add_parser(
+        "export", help="write a TF Serving SavedModel (prompt -> image) or TFLite models of the components"
+    )
+    p.add_argument("model", help="preset with shipped weights, checkpoint file or folder, or hub id")
+    p.add_argument(
+        "directory", help="output folder: SavedModel versions DIR/<version>/, or the .tflite files"
+    )
+    p.add_argument("--format", choices=FORMATS, default="saved_model", help="default: %(default)s")
+    p.add_argument("--version", type=int, default=None, help="SavedModel version (default: highest + 1)")
+    p.add_argument("--sampler", default=None, help="sampler fixed in the graph (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps fixed in the graph")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument(
+        "--dtype", choices=EXPORT_DTYPES, default=None, help="compute precision (default: float32)"
+    )
+    p.add_argument(
+        "--xla", action="store_true", help="XLA-compile the denoising loop (GPU/TPU model servers)"
+    )
+    p.add_argument(
+        "--components",
+        nargs="+",
+        choices=TFLITE_COMPONENTS,
+        default=list(TFLITE_COMPONENTS),
+        help="tflite: which components to convert (default: all)",
+    )
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="tflite weight format")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty DIR; replace what clashes")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; returns the exit status."""
+    from tf_diffusion import export
+    from tf_diffusion.generate_cli import resolve_model
+    from tf_diffusion.pipeline import StableDiffusion
+
+    if args.format == "tflite" and (
+        args.xla or args.sampler or args.steps or args.version is not None or args.dtype
+    ):
+        raise ValueError(
+            "--xla, --sampler, --steps, --version and --dtype apply to --format saved_model only "
+            "(TFLite takes --quantization)"
+        )
+    sd = StableDiffusion.from_pretrained(resolve_model(args.model))
+    if args.format == "tflite":
+        quantization = None if args.quantization == "none" else args.quantization
+        paths = export.export_tflite(
+            sd,
+            args.directory,
+            components=args.components,
+            quantization=quantization,
+            height=args.height,
+            width=args.width,
+            overwrite=args.overwrite,
+        )
+        for component, path in paths.items():
+            print(f"wrote {path} ({component}, {path.stat().st_size / 2**20:.1f} MiB)")
+        return 0
+    info = export.export_saved_model(
+        sd,
+        args.directory,
+        version=args.version,
+        sampler=args.sampler,
+        num_steps=args.steps,
+        height=args.height,
+        width=args.width,
+        dtype=args.dtype,
+        jit_compile=args.xla,
+        overwrite=args.overwrite,
+    )
+    meta = info.metadata
+    print(
+        f"wrote {info.path} (SavedModel version {info.version}: {meta['sampler']}, {meta['num_steps']} steps, "
+        f"{meta['width']}x{meta['height']}, {meta['dtype']}{', XLA' if meta['jit_compile'] else ''})"
+    )
+    return 0
