@@ -102,10 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_options(convert)
     convert.set_defaults(func=_cmd_convert)
 
-    from tf_diffusion import export_cli, generate_cli
+    from tf_diffusion import export_cli, generate_cli, train_cli
 
     generate_cli.add_parser(sub)
     export_cli.add_parser(sub)
+    train_cli.add_parser(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from tf_diffusion.config import (
     SchedulerConfig,
     TokenizerConfig,
     UNetConfig,
+    VAEConfig,
 )
 
 # OpenCLIP ViT-H/14 as SD 2.x uses it: 24 layers minus the last (SD 2 reads the
@@ -23,6 +24,35 @@ _OPENCLIP_VIT_H = CLIPTextConfig(
 _SD2_UNET = UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True)
 # OpenCLIP pads with token 0 ("!"), not with EOS.
 _SD2_TOKENIZER = TokenizerConfig(pad_token_id=0)
+
+# The embedded offline model (weights/tiny-shapes, trained by examples/train_shapes.py): 64x64
+# drawn shapes. A factor-4 VAE (16x16x4 latents), a 3-layer 128-wide CLIP text encoder with the
+# full CLIP vocabulary (the tokenizer is CLIP's), and a UNet of three levels sized so one guided
+# 64x64 image takes well under 2 s on two CPU cores. scaling_factor is 1 / std of the trained
+# VAE's latents over the training data, as for SD's 0.18215.
+_TINY_SHAPES = PipelineConfig(
+    name="tiny-shapes",
+    text_encoder=CLIPTextConfig(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4
+    ),
+    unet=UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_levels=(False, True, True),
+        num_heads=4,
+        context_dim=128,
+        norm_groups=32,
+    ),
+    vae=VAEConfig(
+        base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=16, scaling_factor=0.2824
+    ),
+    default_size=64,
+    # The settings its model card measures quality and speed at.
+    default_steps=20,
+    default_guidance=5.0,
+    default_sampler="dpmpp_2m",
+)
 
 PRESETS: dict[str, PipelineConfig] = {
     "sd-v1-5": PipelineConfig(name="sd-v1-5"),
@@ -46,6 +76,7 @@ PRESETS: dict[str, PipelineConfig] = {
             in_channels=9, num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True
         ),
     ),
+    "tiny-shapes": _TINY_SHAPES,
 }
 
 

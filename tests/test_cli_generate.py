@@ -1,0 +1,171 @@
+"""``tf-diffusion generate`` and the examples, on the embedded tiny-shapes model, offline."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tf_diffusion import cli
+from tf_diffusion.generate_cli import a1111_parameters, grid, shipped_weights_dir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAST = ["--steps", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shipped_model():
+    path = shipped_weights_dir() / "tiny-shapes"
+    assert (path / "config.json").is_file(), f"the embedded model is missing: {path}"
+    return path
+
+
+def parameters_of(path: pathlib.Path) -> str:
+    with Image.open(path) as image:
+        return image.text["parameters"]
+
+
+def test_generate_writes_png_with_a1111_parameters(tmp_path, capsys):
+    out = tmp_path / "red.png"
+    assert cli.main(["generate", "a red circle", "-o", str(out), "--seed", "7", *FAST]) == 0
+    with Image.open(out) as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+    text = parameters_of(out)
+    assert text.splitlines()[0] == "a red circle"
+    assert "Steps: 3" in text and "Seed: 7" in text and "Size: 64x64" in text and "Model: tiny-shapes" in text
+    assert str(out) in capsys.readouterr().out
+
+
+def test_same_seed_same_file_contents(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    cli.main(["generate", "a blue star", "-o", str(a), "--seed", "3", *FAST])
+    cli.main(["generate", "a blue star", "-o", str(b), "--seed", "3", *FAST])
+    np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_never_overwrites_without_flag(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    out.write_bytes(b"keep me")
+    assert cli.main(["generate", "a red circle", "-o", str(out), *FAST]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "already exists" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert out.read_bytes() == b"keep me"
+    assert cli.main(["generate", "a red circle", "-o", str(out), "--overwrite", *FAST]) == 0
+    assert out.read_bytes() != b"keep me"
+
+
+def test_num_images_files_and_grid(tmp_path):
+    out = tmp_path / "many.png"
+    assert (
+        cli.main(["generate", "a green square", "-o", str(out), "--num-images", "3", "--seed", "1", *FAST])
+        == 0
+    )
+    for i in (1, 2, 3):
+        assert f"Batch pos: {i - 1}" in parameters_of(tmp_path / f"many-{i}.png")
+    with Image.open(tmp_path / "many-grid.png") as g:
+        assert g.size == (128, 128)
+
+
+def test_img2img_and_inpainting(tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.full((64, 64, 4), 200, np.uint8), "RGBA").save(init)  # RGBA is converted
+    mask = tmp_path / "mask.png"
+    m = np.zeros((64, 64), np.uint8)
+    m[16:48, 16:48] = 255
+    Image.fromarray(m).save(mask)
+    out = tmp_path / "i2i.png"
+    assert (
+        cli.main(
+            ["generate", "a red circle", "-o", str(out), "--image", str(init), "--strength", "0.6", *FAST]
+        )
+        == 0
+    )
+    assert "Denoising strength: 0.6" in parameters_of(out)
+    out = tmp_path / "inpaint.png"
+    args = ["generate", "a red circle", "-o", str(out), "--image", str(init), "--mask", str(mask), *FAST]
+    assert cli.main(args) == 0
+    kept = np.asarray(Image.open(out))[:8, :8].astype(int)
+    assert np.abs(kept - 200).max() < 40  # the unmasked corner stays close to the init image
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mask", "m.png"], "--mask needs --image"),
+        (["--height", "62"], "multiple of 4"),
+        (["--steps", "0"], "num_steps"),
+        (["--scheduler", "nope"], "unknown sampler"),
+        (["--model", "sd-v1-5"], "no shipped weights"),
+        (["--image", "missing.png"], "does not exist"),
+    ],
+)
+def test_errors_are_one_line(tmp_path, capsys, args, message):
+    status = cli.main(["generate", "a red circle", "-o", str(tmp_path / "e.png"), "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert status != 0 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_python_dash_m_runs_offline(tmp_path):
+    out = tmp_path / "m.png"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(
+        [sys.executable, "-m", "tf_diffusion", "generate", "a yellow heart", "-o", str(out), *FAST],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("text2image.py", ["a red circle"]),
+        ("img2img.py", ["{init}", "a blue star"]),
+        ("inpainting.py", ["{init}", "{mask}", "a green triangle"]),
+    ],
+)
+def test_examples_run_on_the_tiny_model(tmp_path, script, args):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(init)
+    m = np.zeros((64, 64), np.uint8)
+    m[20:44, 20:44] = 255
+    Image.fromarray(m).save(mask)
+    out = tmp_path / "out.png"
+    argv = [a.format(init=init, mask=mask) for a in args] + ["-o", str(out)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Image.open(out) as image:
+        assert image.size == (64, 64)
+
+
+def test_a1111_format_and_grid():
+    text = a1111_parameters(
+        "a cat",
+        "blurry",
+        steps=20,
+        sampler="dpmpp_2m_karras",
+        guidance=7.0,
+        seed=1,
+        width=64,
+        height=64,
+        model="m",
+    )
+    assert (
+        text
+        == "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 64x64, Model: m"
+    )
+    tiles = grid(np.ones((3, 2, 2, 3), np.uint8))
+    assert tiles.shape == (4, 4, 3) and tiles[2:, 2:].sum() == 0

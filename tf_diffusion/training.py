@@ -1,0 +1,788 @@
+"""Training and fine-tuning: the VAE, and the text encoder + UNet with the noise-prediction loss.
+
+Training is TensorFlow-specific (``tf.function``, ``tf.data``, ``tf.distribute``); inference code stays
+backend-neutral. Two trainers share one loop:
+
+- ``VAETrainer``: reconstruction (L1, L2 or both) of images through a posterior sample, plus a small
+  KL term, as the LDM autoencoder is trained (without its adversarial and perceptual terms).
+- ``DiffusionTrainer``: noise images' latents with the pipeline's training schedule and regress the
+  UNet's output onto epsilon, v or x0 (``SchedulerConfig.prediction_type``), with caption dropout for
+  classifier-free guidance. Train the UNet only, or the UNet and text encoder; the VAE stays frozen.
+
+Both keep an exponential moving average of the trained weights in separate variables (export those),
+write checkpoints that resume exactly (weights, EMA, optimizer state and step in one safetensors file,
+replaced atomically; random draws are stateless functions of (seed, step, replica), so the step is the
+whole RNG state), show a progress bar, and run their step under any ``tf.distribute`` strategy.
+
+Example:
+    >>> sd = StableDiffusion.from_preset("tiny-shapes")
+    >>> trainer = DiffusionTrainer(sd, train="unet+text_encoder", config=TrainingConfig(learning_rate=2e-4))
+    >>> data = dataset_from_arrays(images, captions, sd.tokenizer, batch_size=32)
+    >>> trainer.fit(data, steps=10_000, checkpoint_dir="ckpt")
+    >>> trainer.export_ema()  # {"unet": {key: array}, "text_encoder": {...}} in checkpoint layout
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_diffusion.config import from_dict, to_dict
+from tf_diffusion.schedulers.schedule import alphas_cumprod
+from tf_diffusion.weights.safetensors_io import load_safetensors, save_safetensors
+from tf_diffusion.weights.state_dict import named_parameters, state_dict
+
+# What each ``train`` option trains; everything else is frozen.
+TRAIN_TARGETS: dict[str, tuple[str, ...]] = {
+    "unet": ("unet",),
+    "unet+text_encoder": ("unet", "text_encoder"),
+    "vae": ("vae",),
+    "vae_decoder": ("vae",),
+}
+# Key prefixes a target trains within its components (every key when absent). Fine-tuning only the
+# decoder keeps the latent space, so a UNet trained on it stays valid (as SD's ft-MSE VAE decoders).
+TRAIN_PREFIXES: dict[str, tuple[str, ...]] = {"vae_decoder": ("decoder.", "post_quant_conv.")}
+RECONSTRUCTION_LOSSES = ("l1", "l2", "l1+l2")
+CHECKPOINT_FORMAT = "tf_diffusion.training/1"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation settings shared by both trainers.
+
+    Attributes:
+        learning_rate: AdamW peak learning rate, reached after ``warmup_steps`` and then held.
+        warmup_steps: linear warm-up from 0.
+        weight_decay: AdamW decoupled weight decay; biases, norms and 1-D weights are excluded.
+        adam_beta1, adam_beta2, adam_epsilon: AdamW moments.
+        grad_clip_norm: clip the global gradient norm (after the cross-replica sum); None disables.
+        ema_decay: decay of the weight EMA; None keeps no EMA.
+        ema_warmup: use min(ema_decay, (1 + n) / (10 + n)) after n updates, so early averages are
+            not dominated by the random initialisation.
+        caption_dropout: probability of replacing a caption by "" (classifier-free guidance).
+        kl_weight: VAE only: weight of the KL term, relative to a per-pixel reconstruction loss
+            (the KL is summed over latent elements and divided by the number of pixel values).
+        reconstruction_loss: VAE only: "l1", "l2" or "l1+l2".
+        seed: seed of every random draw (noise, timesteps, caption dropout, posterior samples).
+        jit_compile: compile the forward and backward pass with XLA.
+    """
+
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    grad_clip_norm: float | None = 1.0
+    ema_decay: float | None = 0.999
+    ema_warmup: bool = True
+    caption_dropout: float = 0.1
+    kl_weight: float = 1e-6
+    reconstruction_loss: str = "l1"
+    seed: int = 0
+    jit_compile: bool = False
+
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay!r} must be in [0, 1) or None")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1]")
+        if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(
+                f"reconstruction_loss={self.reconstruction_loss!r} is not allowed; "
+                f"expected one of {RECONSTRUCTION_LOSSES}"
+            )
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm={self.grad_clip_norm!r} must be > 0 or None")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be a non-negative integer")
+
+
+def ema_decay_at(updates: int, decay: float, warmup: bool = True) -> float:
+    """The EMA decay used for update number ``updates`` (1-based): min(decay, (1+n)/(10+n)) with warm-up."""
+    return min(decay, (1.0 + updates) / (10.0 + updates)) if warmup else decay
+
+
+def drop_captions(token_ids, empty_ids, rate: float, seed):
+    """Replace each row of ``token_ids`` by ``empty_ids`` with probability ``rate`` (stateless).
+
+    Args:
+        token_ids: (B, L) int token ids.
+        empty_ids: (L,) the ids of the empty prompt "".
+        rate: drop probability in [0, 1].
+        seed: a (2,) int seed for ``tf.random.stateless_uniform``.
+
+    Returns:
+        (B, L) token ids.
+    """
+    token_ids = tf.convert_to_tensor(token_ids)
+    draw = tf.random.stateless_uniform(tf.shape(token_ids)[:1], seed=seed)  # (B,)
+    empty = tf.cast(tf.convert_to_tensor(empty_ids), token_ids.dtype)[None, :]  # (1, L)
+    return tf.where((draw < rate)[:, None], empty, token_ids)
+
+
+class _WarmupConstant(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then constant."""
+
+    def __init__(self, peak: float, warmup: int):
+        self.peak, self.warmup = float(peak), int(warmup)
+
+    def __call__(self, step):
+        if self.warmup == 0:
+            return tf.constant(self.peak, tf.float32)
+        frac = tf.minimum(1.0, (tf.cast(step, tf.float32) + 1.0) / float(self.warmup))
+        return self.peak * frac
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup": self.warmup}
+
+
+class _Progress:
+    """tqdm when installed, else a line printed every few seconds."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        self.enabled, self.total, self.n = enabled, total, initial
+        self._bar, self._last = None, 0.0
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return
+        self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def update(self, logs: dict):
+        self.n += 1
+        if not self.enabled:
+            return
+        text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=False)
+            self._bar.update(1)
+        elif time.monotonic() - self._last > 10 or self.n == self.total:
+            self._last = time.monotonic()
+            print(f"step {self.n}/{self.total} {text}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+
+
+class _TrainerBase:
+    """The loop, optimizer, EMA and checkpoints shared by both trainers."""
+
+    kind = ""
+
+    def __init__(self, components: dict, train: str, config: TrainingConfig, strategy):
+        self.config = config
+        self.train = train
+        self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
+        self.components = components  # name -> keras model
+        self.trained = {name: components[name] for name in TRAIN_TARGETS[train]}
+        # (component, key, variable) for every trained weight, in a fixed order.
+        prefixes = TRAIN_PREFIXES.get(train, ("",))
+        self._params = [
+            (name, key, getattr(layer, attr))
+            for name, model in self.trained.items()
+            for key, (layer, attr) in named_parameters(model).items()
+            if key.startswith(prefixes)
+        ]
+        self.trainable_variables = [v for _, _, v in self._params]
+        with self.strategy.scope():
+            self.optimizer = keras.optimizers.AdamW(
+                learning_rate=_WarmupConstant(config.learning_rate, config.warmup_steps),
+                weight_decay=config.weight_decay,
+                beta_1=config.adam_beta1,
+                beta_2=config.adam_beta2,
+                epsilon=config.adam_epsilon,
+            )
+            # Decay only matrices and kernels, as is usual for transformers and UNets.
+            self.optimizer.exclude_from_weight_decay(
+                var_list=[v for v in self.trainable_variables if len(v.shape) <= 1]
+            )
+            self.optimizer.build(self.trainable_variables)
+            self.ema_variables = (
+                [
+                    tf.Variable(v.value, trainable=False, name=f"ema_{i}")
+                    for i, v in enumerate(self.trainable_variables)
+                ]
+                if config.ema_decay is not None
+                else []
+            )
+        self._step_fn = None
+        self._loss_fn = None
+
+    # ------------------------------------------------------------ hooks
+
+    def _replica_loss(self, batch, seed):
+        """(loss scalar for this replica's examples, logs dict); subclasses define it."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- step
+
+    @property
+    def step(self) -> int:
+        """Optimizer updates done so far (the checkpointed step)."""
+        return int(self.optimizer.iterations.numpy())
+
+    def _seed(self):
+        """A (2,) int64 stateless seed from (config seed, step, replica id)."""
+        ctx = tf.distribute.get_replica_context()
+        base = tf.stack(
+            [tf.constant(self.config.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)]
+        )
+        return tf.random.experimental.stateless_fold_in(base, ctx.replica_id_in_sync_group)
+
+    def _replica_step(self, *batch):
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync
+        seed = self._seed()
+
+        def loss_and_grads(*batch):
+            with tf.GradientTape() as tape:
+                loss, logs = self._replica_loss(batch, seed)
+            grads = tape.gradient(loss, self.trainable_variables)
+            return loss, logs, grads
+
+        if self.config.jit_compile:
+            loss_and_grads = tf.function(loss_and_grads, jit_compile=True)
+        loss, logs, grads = loss_and_grads(*batch)
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        # Each replica's loss is the mean over its own examples: the mean over the global batch is
+        # the cross-replica sum divided by the replica count.
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        grads = [g / replicas for g in grads]
+        if self.config.grad_clip_norm is not None:
+            grads, norm = tf.clip_by_global_norm(grads, self.config.grad_clip_norm)
+            logs = dict(logs, grad_norm=norm)
+        # Keras sums gradients across replicas again; hand it each replica's share of the mean.
+        self.optimizer.apply_gradients(
+            zip([g / replicas for g in grads], self.trainable_variables, strict=True)
+        )
+        return dict(logs, loss=loss)
+
+    def _update_ema(self):
+        if not self.ema_variables:
+            return
+        n = tf.cast(self.optimizer.iterations, tf.float32)  # updates done, >= 1 here
+        decay = tf.constant(self.config.ema_decay, tf.float32)
+        if self.config.ema_warmup:
+            decay = tf.minimum(decay, (1.0 + n) / (10.0 + n))
+        for ema, v in zip(self.ema_variables, self.trainable_variables, strict=True):
+            ema.assign(ema * decay + tf.cast(v.value, ema.dtype) * (1.0 - decay))
+
+    def _build_step(self):
+        strategy = self.strategy
+
+        def step(batch):
+            per_replica = strategy.run(self._replica_step, args=tuple(batch))
+            logs = {
+                k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in per_replica.items()
+            }
+            self._update_ema()
+            return logs
+
+        return tf.function(step)
+
+    def train_step(self, batch) -> dict[str, float]:
+        """Run one optimisation step on a (global) batch; returns the logged values as floats.
+
+        Args:
+            batch: the tuple the data pipeline yields (a per-replica value under a multi-device
+                strategy, as ``strategy.experimental_distribute_dataset`` gives).
+        """
+        if self._step_fn is None:
+            self._step_fn = self._build_step()
+        logs = self._step_fn(tuple(batch))
+        return {k: float(v.numpy()) for k, v in logs.items()}
+
+    def compute_loss(self, batch, seeds: Sequence[int] = (0,)) -> float:
+        """The loss on ``batch`` without updating anything, averaged over fixed random draws.
+
+        For monitoring (e.g. a held-out batch) with the current strategy's default device.
+
+        Args:
+            batch: a (images, token_ids) or (images,) tuple of tensors or arrays.
+            seeds: each seed fixes one draw of noise, timesteps and caption dropout.
+        """
+        if self._loss_fn is None:
+            self._loss_fn = tf.function(lambda batch, seed: self._replica_loss(batch, seed)[0])
+        batch = tuple(tf.convert_to_tensor(b) for b in batch)
+        losses = [
+            float(self._loss_fn(batch, tf.constant([self.config.seed, s], tf.int64)).numpy()) for s in seeds
+        ]
+        return float(np.mean(losses))
+
+    # --------------------------------------------------------------- fit
+
+    def fit(
+        self,
+        data,
+        steps: int,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_s: float = 300.0,
+        keep_checkpoints: int = 2,
+        time_limit_s: float | None = None,
+        callbacks: Sequence[Callable] = (),
+        progress: bool = True,
+        log_file: str | os.PathLike | None = None,
+    ) -> list[dict]:
+        """Train until ``steps`` optimizer updates are done (counting resumed ones).
+
+        With ``checkpoint_dir``, the newest checkpoint there is restored first and a new one is
+        written every ``checkpoint_every_s`` seconds and at the end.
+
+        Args:
+            data: a ``tf.data.Dataset`` (or iterable) of global batches, or a callable
+                ``data(start_step)`` returning one that starts at that step (so a resumed run
+                continues the data stream instead of repeating it).
+            steps: total number of updates to reach.
+            checkpoint_dir: where checkpoints live; None writes none.
+            checkpoint_every_s: seconds between checkpoints.
+            keep_checkpoints: how many of the newest checkpoints to keep.
+            time_limit_s: stop (and checkpoint) after this many seconds even if ``steps`` is not reached.
+            callbacks: called as ``callback(trainer, step, logs)`` after every step.
+            progress: show a progress bar.
+            log_file: append one JSON line of logs per 10 steps to this file.
+
+        Returns:
+            The logs of the steps run, one dict per step.
+        """
+        if checkpoint_dir is not None:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            latest = latest_checkpoint(checkpoint_dir)
+            if latest is not None:
+                self.load_checkpoint(latest)
+        start = self.step
+        dataset = data(start) if callable(data) else data
+        if isinstance(dataset, tf.data.Dataset) and self.strategy.num_replicas_in_sync > 1:
+            dataset = self.strategy.experimental_distribute_dataset(dataset)
+        history: list[dict] = []
+        bar = _Progress(steps, start, progress, self.kind)
+        t0 = last_ckpt = time.monotonic()
+        log = open(log_file, "a") if log_file is not None else None  # noqa: SIM115 - closed below
+        try:
+            iterator = iter(dataset)
+            while self.step < steps:
+                logs = self.train_step(next(iterator))
+                step = self.step
+                history.append(logs)
+                bar.update({k: v for k, v in logs.items() if k in ("loss", "rec", "kl")})
+                if log is not None and step % 10 == 0:
+                    log.write(json.dumps({"step": step, "time": time.time(), **logs}) + "\n")
+                    log.flush()
+                for callback in callbacks:
+                    callback(self, step, logs)
+                now = time.monotonic()
+                if checkpoint_dir is not None and now - last_ckpt >= checkpoint_every_s:
+                    self.save_checkpoint(checkpoint_dir, keep=keep_checkpoints)
+                    last_ckpt = now
+                if time_limit_s is not None and now - t0 >= time_limit_s:
+                    break
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        if checkpoint_dir is not None and history:
+            self.save_checkpoint(checkpoint_dir, keep=keep_checkpoints)
+        return history
+
+    # ------------------------------------------------------------- EMA
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Context in which the trained models hold their EMA weights (e.g. to sample or export)."""
+        if not self.ema_variables:
+            yield
+            return
+        saved = [v.numpy() for v in self.trainable_variables]
+        for v, ema in zip(self.trainable_variables, self.ema_variables, strict=True):
+            v.assign(ema.numpy())
+        try:
+            yield
+        finally:
+            for v, value in zip(self.trainable_variables, saved, strict=True):
+                v.assign(value)
+
+    def export_ema(self, dtype: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """The EMA weights (the raw weights when no EMA is kept) of each trained component.
+
+        Args:
+            dtype: cast floating arrays to this numpy dtype ("float16" for release files); None keeps float32.
+
+        Returns:
+            component name -> {checkpoint key: torch-layout array} of the trained keys (only the
+            decoder's for "vae_decoder"), ready for ``save_safetensors``.
+        """
+        prefixes = TRAIN_PREFIXES.get(self.train, ("",))
+        with self.ema_weights():
+            out = {
+                name: {k: v for k, v in state_dict(model).items() if k.startswith(prefixes)}
+                for name, model in self.trained.items()
+            }
+        if dtype is not None:
+            out = {n: {k: v.astype(dtype) for k, v in sd.items()} for n, sd in out.items()}
+        return out
+
+    # ------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, folder: str | os.PathLike, keep: int = 2) -> str:
+        """Write ``ckpt-<step>.safetensors`` into ``folder`` atomically and keep the ``keep`` newest.
+
+        The file holds the trained weights (``model/<component>/<key>``), their EMA
+        (``ema/<component>/<key>``, Keras layout), the optimizer variables (``optimizer/<index>``)
+        and, as metadata, the step, the trainer kind and the TrainingConfig.
+
+        Returns:
+            The path written.
+        """
+        tensors = {}
+        for (name, key, v), ema in zip(
+            self._params, self.ema_variables or [None] * len(self._params), strict=True
+        ):
+            tensors[f"model/{name}/{key}"] = np.asarray(v.numpy())
+            if ema is not None:
+                tensors[f"ema/{name}/{key}"] = ema.numpy()
+        for i, v in enumerate(self.optimizer.variables):
+            tensors[f"optimizer/{i:05d}"] = np.asarray(keras.ops.convert_to_numpy(v))
+        metadata = {
+            "format": CHECKPOINT_FORMAT,
+            "kind": self.kind,
+            "train": self.train,
+            "step": str(self.step),
+            "training_config": json.dumps(to_dict(self.config)),
+        }
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(os.fspath(folder), f"ckpt-{self.step:08d}.safetensors")
+        save_safetensors(tensors, path, metadata=metadata, overwrite=True)
+        for old in _checkpoints(folder)[:-keep] if keep > 0 else []:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(old)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore weights, EMA, optimizer state and step from a ``save_checkpoint`` file.
+
+        Raises:
+            ValueError: if the file is not a checkpoint of this trainer kind, or a tensor is missing
+                or has the wrong shape.
+        """
+        from tf_diffusion.weights.safetensors_io import open_safetensors
+
+        with open_safetensors(path) as f:
+            meta = dict(f.metadata or {})
+        if (
+            meta.get("format") != CHECKPOINT_FORMAT
+            or meta.get("kind") != self.kind
+            or meta.get("train") != self.train
+        ):
+            raise ValueError(
+                f"{path}: not a {self.kind} checkpoint training {self.train!r} "
+                f"(format={meta.get('format')!r}, kind={meta.get('kind')!r}, train={meta.get('train')!r})"
+            )
+        tensors = load_safetensors(path)
+        pairs = []
+        for i, (name, key, v) in enumerate(self._params):
+            pairs.append((f"model/{name}/{key}", v))
+            if self.ema_variables:
+                pairs.append((f"ema/{name}/{key}", self.ema_variables[i]))
+        pairs += [(f"optimizer/{i:05d}", v) for i, v in enumerate(self.optimizer.variables)]
+        problems = [
+            f"{k}: missing"
+            if k not in tensors
+            else f"{k}: shape {tensors[k].shape}, expected {tuple(v.shape)}"
+            for k, v in pairs
+            if k not in tensors or tuple(tensors[k].shape) != tuple(v.shape)
+        ]
+        if problems:
+            raise ValueError(
+                f"{path}: checkpoint does not fit this trainer:\n  " + "\n  ".join(problems[:20])
+            )
+        for k, v in pairs:
+            v.assign(tensors[k])
+
+
+def _checkpoints(folder) -> list[str]:
+    """Checkpoint paths in ``folder``, oldest first."""
+    paths = glob.glob(os.path.join(os.fspath(folder), "ckpt-*.safetensors"))
+    return sorted(p for p in paths if re.fullmatch(r"ckpt-\d+\.safetensors", os.path.basename(p)))
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest ``ckpt-<step>.safetensors`` in ``folder``, or None."""
+    found = _checkpoints(folder) if os.path.isdir(folder) else []
+    return found[-1] if found else None
+
+
+class VAETrainer(_TrainerBase):
+    """Train an AutoencoderKL on images in [-1, 1]: reconstruction of a posterior sample plus KL.
+
+    Args:
+        vae: the AutoencoderKL to train (built inside ``strategy.scope()`` for a multi-device strategy).
+        config: optimisation settings (``reconstruction_loss`` and ``kl_weight`` apply here).
+        strategy: a ``tf.distribute`` strategy; default: the current one.
+        train: "vae" (everything) or "vae_decoder" (decoder and post_quant_conv only: the encoder,
+            and so the latent space a UNet was trained on, stays fixed; the KL term is then constant).
+
+    The data yields ``(images,)`` or ``(images, token_ids)`` batches; token ids are ignored.
+    """
+
+    kind = "vae"
+
+    def __init__(self, vae, config: TrainingConfig | None = None, strategy=None, train: str = "vae"):
+        if train not in ("vae", "vae_decoder"):
+            raise ValueError(f"train={train!r} is not allowed; expected 'vae' or 'vae_decoder'")
+        super().__init__({"vae": vae}, train, config or TrainingConfig(), strategy)
+        self.vae = vae
+
+    def _replica_loss(self, batch, seed):
+        images = tf.cast(batch[0], tf.float32)  # (B, H, W, 3) in [-1, 1]
+        posterior = self.vae.encode(images)
+        noise = tf.random.stateless_normal(tf.shape(posterior.mean), seed=seed)
+        z = posterior.sample(noise=noise)
+        if self.train == "vae_decoder":
+            z = tf.stop_gradient(z)
+        recon = tf.cast(self.vae.decode(z), tf.float32)
+        diff = recon - images
+        kind = self.config.reconstruction_loss
+        rec = tf.constant(0.0)
+        if "l1" in kind:
+            rec += tf.reduce_mean(tf.abs(diff))
+        if "l2" in kind:
+            rec += tf.reduce_mean(tf.square(diff))
+        # KL(N(mu, var) || N(0, 1)) summed over latent elements, per image, in per-pixel-value units.
+        kl = 0.5 * tf.reduce_sum(
+            tf.square(posterior.mean) + posterior.var - 1.0 - posterior.logvar, axis=[1, 2, 3]
+        )
+        pixels = tf.cast(tf.reduce_prod(tf.shape(images)[1:]), tf.float32)
+        kl = tf.reduce_mean(kl) / pixels
+        loss = rec + self.config.kl_weight * kl
+        return loss, {"rec": rec, "kl": kl}
+
+
+class DiffusionTrainer(_TrainerBase):
+    """Train the UNet (and optionally the text encoder) of a StableDiffusion with the diffusion loss.
+
+    Per example: latents = VAE posterior sample * scaling_factor; t ~ U{0, T-1}; noise ~ N(0, I);
+    x_t = sqrt(abar_t) latents + sqrt(1 - abar_t) noise with the pipeline's training schedule;
+    loss = mean((unet(x_t, t, text(caption)) - target)^2), target = noise ("epsilon"),
+    sqrt(abar_t) noise - sqrt(1 - abar_t) latents ("v_prediction") or latents ("sample").
+    Captions are replaced by "" with probability ``config.caption_dropout``.
+
+    Args:
+        pipeline: a ``StableDiffusion`` (its components built inside ``strategy.scope()`` for a
+            multi-device strategy). The VAE is always frozen.
+        train: "unet" or "unet+text_encoder".
+        config: optimisation settings.
+        strategy: a ``tf.distribute`` strategy; default: the current one.
+
+    The data yields ``(images, token_ids)``: (B, H, W, 3) float in [-1, 1] and (B, 77) int32 ids
+    from ``pipeline.tokenizer``.
+    """
+
+    kind = "diffusion"
+
+    def __init__(self, pipeline, train: str = "unet", config: TrainingConfig | None = None, strategy=None):
+        if train not in ("unet", "unet+text_encoder"):
+            raise ValueError(f"train={train!r} is not allowed; expected 'unet' or 'unet+text_encoder'")
+        self.pipeline = pipeline
+        components = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder, "vae": pipeline.vae}
+        super().__init__(components, train, config or TrainingConfig(), strategy)
+        cfg = pipeline.config
+        # The schedule the samplers use (diffusers' float32 table), its square roots taken in float64.
+        abar = alphas_cumprod(cfg.scheduler, rescale=True).astype(np.float64)
+        self._sqrt_abar = tf.constant(np.sqrt(abar), tf.float32)  # (T,)
+        self._sqrt_one_minus = tf.constant(np.sqrt(1.0 - abar), tf.float32)  # (T,)
+        self._empty_ids = tf.constant(np.asarray(pipeline.tokenizer([""]))[0], tf.int32)  # (L,)
+
+    def _replica_loss(self, batch, seed):
+        images, token_ids = batch[0], batch[1]
+        cfg = self.pipeline.config
+        seeds = tf.random.experimental.stateless_split(seed, 4)
+        token_ids = drop_captions(
+            tf.cast(token_ids, tf.int32), self._empty_ids, self.config.caption_dropout, seeds[0]
+        )
+
+        posterior = self.pipeline.vae.encode(tf.cast(images, tf.float32))
+        z = posterior.sample(noise=tf.random.stateless_normal(tf.shape(posterior.mean), seed=seeds[1]))
+        z = tf.stop_gradient(z * cfg.vae.scaling_factor)  # (B, h, w, C)
+        b = tf.shape(z)[0]
+        t = tf.random.stateless_uniform(
+            (b,), seed=seeds[2], minval=0, maxval=cfg.scheduler.num_train_timesteps, dtype=tf.int32
+        )
+        noise = tf.random.stateless_normal(tf.shape(z), seed=seeds[3])
+        a = tf.gather(self._sqrt_abar, t)[:, None, None, None]
+        s = tf.gather(self._sqrt_one_minus, t)[:, None, None, None]
+        x_t = a * z + s * noise
+        prediction = cfg.scheduler.prediction_type
+        if prediction == "epsilon":
+            target = noise
+        elif prediction == "v_prediction":
+            target = a * noise - s * z
+        else:
+            target = z
+
+        context = self.pipeline.text_encoder(token_ids)  # (B, L, D)
+        if "text_encoder" not in self.trained:
+            context = tf.stop_gradient(context)
+        out = tf.cast(self.pipeline.unet(x_t, t, context), tf.float32)
+        loss = tf.reduce_mean(tf.square(out - target))
+        return loss, {}
+
+
+# ----------------------------------------------------------------- data
+
+
+def dataset_from_arrays(
+    images,
+    captions: Sequence[str],
+    tokenizer,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    repeat: bool = True,
+) -> tf.data.Dataset:
+    """A ``tf.data`` pipeline of (images float32 [-1, 1], token ids int32) batches from in-memory data.
+
+    Args:
+        images: (N, H, W, 3) uint8 array (all one size; resize beforehand, see ``load_image_folder``).
+        captions: N strings.
+        tokenizer: callable list[str] -> (N, L) ids, e.g. ``StableDiffusion.tokenizer``.
+        batch_size: global batch size; the last partial batch is dropped.
+        shuffle, seed: shuffle every epoch with this seed.
+        repeat: loop forever.
+
+    Raises:
+        ValueError: for mismatched lengths, a non-uint8 or non-NHWC array, or a batch larger than the data.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be a uint8 array (N, H, W, 3), got {images.dtype} {images.shape}")
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions; give one caption per image")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(images):
+        raise ValueError(
+            f"batch_size={batch_size!r} must be an int in [1, {len(images)}] (the number of images)"
+        )
+    ids = np.asarray(tokenizer(list(captions)), dtype=np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((images, ids))
+    if shuffle:
+        ds = ds.shuffle(min(len(images), 10_000), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 127.5 - 1.0, y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def dataset_from_generator(
+    make_batch: Callable[[int], tuple[np.ndarray, Sequence[str]]],
+    tokenizer,
+    batch_size: int,
+    image_size: int,
+    start: int = 0,
+) -> tf.data.Dataset:
+    """An endless ``tf.data`` pipeline from ``make_batch(k) -> (uint8 images (B, H, W, 3), captions)``.
+
+    Batch ``k`` for k = start, start + 1, ... is drawn on the fly in a background thread, so a
+    resumed run passes ``start=step`` to continue the stream.
+    """
+
+    def batches():
+        k = start
+        while True:
+            images, captions = make_batch(k)
+            k += 1
+            ids = np.asarray(tokenizer(list(captions)), dtype=np.int32)
+            yield images, ids
+
+    length = int(np.asarray(tokenizer([""])).shape[-1])
+    signature = (
+        tf.TensorSpec((batch_size, image_size, image_size, 3), tf.uint8),
+        tf.TensorSpec((batch_size, length), tf.int32),
+    )
+    ds = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 127.5 - 1.0, y))
+    return ds.prefetch(4)
+
+
+def load_image_folder(folder: str | os.PathLike, size: int) -> tuple[np.ndarray, list[str]]:
+    """Images and captions from a folder of ``name.png|jpg|jpeg|webp`` + ``name.txt`` pairs.
+
+    Each image is centre-cropped to a square and resized to ``size`` x ``size`` (Lanczos); this
+    is the one place training data is resized, and it says so here.
+
+    Returns:
+        (uint8 images (N, size, size, 3), captions).
+
+    Raises:
+        ValueError: when an image has no caption file or the folder holds no images.
+    """
+    from PIL import Image
+
+    paths = sorted(
+        p
+        for p in glob.glob(os.path.join(os.fspath(folder), "*"))
+        if p.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
+    )
+    if not paths:
+        raise ValueError(f"{folder}: no .png/.jpg/.jpeg/.webp images found")
+    images, captions = [], []
+    for path in paths:
+        caption_path = os.path.splitext(path)[0] + ".txt"
+        if not os.path.exists(caption_path):
+            raise ValueError(f"{path}: no caption file {caption_path}")
+        with open(caption_path, encoding="utf-8") as f:
+            captions.append(f.read().strip())
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+            images.append(np.asarray(im, dtype=np.uint8))
+    return np.stack(images), captions
+
+
+def training_config_from_checkpoint(path: str | os.PathLike) -> TrainingConfig:
+    """The TrainingConfig stored in a checkpoint's metadata."""
+    from tf_diffusion.weights.safetensors_io import open_safetensors
+
+    with open_safetensors(path) as f:
+        meta = dict(f.metadata or {})
+    if "training_config" not in meta:
+        raise ValueError(
+            f"{path}: no training_config in the metadata; not a tf_diffusion training checkpoint"
+        )
+    return from_dict(TrainingConfig, json.loads(meta["training_config"]))
+
+
+__all__ = [
+    "TRAIN_TARGETS",
+    "DiffusionTrainer",
+    "TrainingConfig",
+    "VAETrainer",
+    "dataset_from_arrays",
+    "dataset_from_generator",
+    "drop_captions",
+    "ema_decay_at",
+    "latest_checkpoint",
+    "load_image_folder",
+    "training_config_from_checkpoint",
+]
