@@ -458,7 +458,7 @@ def _version(part: str, layers: list[_Layer]) -> str:
         else:
             proj = (
                 transformer.group["proj1/vars/0"]
-                if "proj1/vars" in transformer.group
+                if "proj1/vars/0" in transformer.group
                 else transformer.group["proj1/conv2d/vars/0"]
             )
         return "sd2" if len(proj.shape) == 2 else "sd1"
