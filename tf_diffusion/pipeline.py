@@ -13,7 +13,7 @@ from tf_diffusion.clip import CLIPTextEncoder
 from tf_diffusion.config import PipelineConfig
 from tf_diffusion.noise import NoiseSource
 from tf_diffusion.presets import get_preset
-from tf_diffusion.prompts import PromptChunks, tokenize_weighted
+from tf_diffusion.prompts import tokenize_weighted
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.unet import UNetModel
 from tf_diffusion.vae import AutoencoderKL
@@ -128,7 +128,7 @@ class StableDiffusion:
         hidden = ops.convert_to_numpy(ops.cast(encode(ids), "float32"))  # (B*K, 77, D)
         hidden = hidden.reshape(len(prompts), count * ids.shape[1], hidden.shape[-1])
         weights = np.stack([c.weights.reshape(-1) for c in chunked])  # (B, K*77)
-        return _apply_weights(hidden, weights, chunked)
+        return _apply_weights(hidden, weights)
 
     # ------------------------------------------------------------- generate
 
@@ -599,7 +599,7 @@ def _repeat_to(array: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([array] * (n // k))
 
 
-def _apply_weights(hidden: np.ndarray, weights: np.ndarray, chunked: list[PromptChunks]) -> np.ndarray:
+def _apply_weights(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Scale hidden states by token weights, then restore each prompt's mean (A1111)."""
     out = hidden.copy()
     for b in range(hidden.shape[0]):
