@@ -60,3 +60,42 @@ def test_same_seed_same_image_under_jax(tmp_path):
     for name in ("step", "fused"):
         jax_images = np.load(tmp_path / f"{name}.npy")
         assert np.abs(jax_images - ours).max() < 1e-4, name
+
+
+FUSED_SCRIPT = """
+import jax
+import numpy as np
+import keras
+from tf_diffusion import layers
+assert keras.backend.backend() == "jax"
+jax.default_backend = lambda: "gpu"  # take the GPU branch on CPU; "xla" runs there, "cudnn" would not
+rng = np.random.default_rng(0)
+worst = 0.0
+for (b, tq, tk, c, heads) in ((2, 64, 64, 64, 4), (2, 64, 77, 64, 8), (1, 16, 16, 32, 1)):
+    q, k, v = (rng.standard_normal((b, t, c)).astype(np.float32) for t in (tq, tk, tk))
+    layers.FUSED_ATTENTION = "off"
+    want = np.asarray(layers.attention(q, k, v, heads), dtype=np.float32)
+    layers.FUSED_ATTENTION = "xla"
+    q16, k16, v16 = (jax.numpy.asarray(a, dtype="bfloat16") for a in (q, k, v))
+    assert layers._fused_attention(q16, k16, v16, heads, None) is not None
+    assert layers._fused_attention(q, k, v, heads, None) is None  # float32 keeps the explicit form
+    got = np.asarray(layers.attention(q16, k16, v16, heads), dtype=np.float32)
+    worst = max(worst, float(np.abs(got - want).max()))
+layers.FUSED_ATTENTION = "bogus"
+try:
+    layers.attention(q16, k16, v16, heads)
+except ValueError as error:
+    assert "FUSED_ATTENTION" in str(error)
+else:
+    raise AssertionError("bogus mode accepted")
+print(worst)
+"""
+
+
+def test_fused_jax_attention_matches_explicit_form():
+    """The GPU path (jax.nn.dot_product_attention, (B, T, heads, d) layout) equals our explicit form."""
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    worst = float(done.stdout.strip().splitlines()[-1])
+    assert worst < 0.05, worst  # bfloat16 inputs against the float32 explicit form

@@ -203,6 +203,9 @@ def attention(q, k, v, num_heads: int, mask=None):
     b, tq, c = ops.shape(q)[0], ops.shape(q)[1], q.shape[-1]
     tk = ops.shape(k)[1]
     d = c // num_heads
+    fused = _fused_attention(q, k, v, num_heads, mask)
+    if fused is not None:
+        return fused
 
     def heads(x, t):  # (B, T, C) -> (B, h, T, d)
         return ops.transpose(ops.reshape(x, (b, t, num_heads, d)), (0, 2, 1, 3))
@@ -246,6 +249,39 @@ def _query_chunk(tq, tk, num_heads: int) -> int | None:
     if budget is None or tq is None or tk is None or num_heads * tq * tk <= budget:
         return None  # small, or sizes only known at run time: one block
     return max(1, budget // (num_heads * tk))
+
+
+# Fused attention kernel for JAX on a GPU: "auto" uses jax.nn.dot_product_attention with cuDNN's
+# flash attention where it applies (float16/bfloat16, no mask, head_dim a multiple of 8 up to 128),
+# "xla" uses jax.nn.dot_product_attention's XLA form there, "off" always the explicit form above.
+# Other backends and devices always use the explicit form. benchmarks/gpu/bench_gpu.py measures each.
+FUSED_ATTENTION = "auto"
+_FUSED_CHOICES = ("auto", "xla", "off")
+
+
+def _fused_attention(q, k, v, num_heads: int, mask):
+    """(B, Tq, C) output from a fused JAX kernel, or None where the explicit form must run."""
+    if FUSED_ATTENTION not in _FUSED_CHOICES:
+        raise ValueError(f"layers.FUSED_ATTENTION={FUSED_ATTENTION!r} must be one of {_FUSED_CHOICES}")
+    if FUSED_ATTENTION == "off" or mask is not None or keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return None
+    dtype = keras.backend.standardize_dtype(q.dtype)
+    d = q.shape[-1] // num_heads
+    if dtype not in ("float16", "bfloat16") or k.dtype != q.dtype or v.dtype != q.dtype:
+        return None
+    tq, tk = q.shape[1], k.shape[1]
+    if tq is None or tk is None:
+        return None
+    q4 = ops.reshape(q, (-1, tq, num_heads, d))  # (B, T, heads, d): no transposes needed
+    k4 = ops.reshape(k, (-1, tk, num_heads, d))
+    v4 = ops.reshape(v, (-1, tk, num_heads, d))
+    cudnn = FUSED_ATTENTION == "auto" and d % 8 == 0 and d <= 128
+    out = jax.nn.dot_product_attention(q4, k4, v4, implementation="cudnn" if cudnn else "xla")
+    return ops.reshape(out, (-1, tq, num_heads * d))
 
 
 @contextlib.contextmanager

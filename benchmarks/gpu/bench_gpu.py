@@ -8,7 +8,9 @@ the same random SD 1.5 weights: ours are initialised by Keras, then copied into 
     steps_per_s      guided steps per second over a run of ``--steps`` steps after warm-up
                      (ours: one jitted step function called per step; diffusers: eager, SDPA)
     fused_steps_per_s  ours only: the whole loop as one XLA program (``ops.fori_loop``)
-    ours_one_attention_block  ours again with ``layers.ATTENTION_BLOCK_ELEMENTS = None``
+    ours_attention_MODE  ours with ``layers.FUSED_ATTENTION = MODE`` ("auto": cuDNN flash attention
+                     through jax.nn.dot_product_attention, "xla": its XLA form, "off": our explicit
+                     form, row-blocked as on CPU); attention_parity compares one UNet call of each
     generate_s       ours only: ``StableDiffusion.generate`` end to end (text, ``--steps`` DPM-Solver++
                      steps fused into one XLA program, VAE decode), after a warm-up call
 
@@ -47,7 +49,7 @@ def _inputs(config, size: int):
     return x, ctx
 
 
-def bench_ours(unet, config, size: int, steps: int, reps: int) -> dict:
+def bench_ours(unet, config, size: int, steps: int, reps: int, with_fused: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
     from keras import ops
@@ -56,41 +58,50 @@ def bench_ours(unet, config, size: int, steps: int, reps: int) -> dict:
     x0, ctx = jnp.asarray(x0), jnp.asarray(ctx)
     timesteps = jnp.linspace(999, 0, steps).astype(jnp.int32)
 
-    def guided(x, t):
-        out = ops.cast(unet(ops.concatenate([x, x], axis=0), ops.broadcast_to(t, (2,)), ctx), "float32")
+    # The weights go in as arguments (stateless_call), not as constants folded into the program.
+    params = ([v.value for v in unet.trainable_variables], [v.value for v in unet.non_trainable_variables])
+
+    def guided(params, x, t):
+        out, _ = unet.stateless_call(
+            params[0], params[1], ops.concatenate([x, x], axis=0), ops.broadcast_to(t, (2,)), ctx
+        )
+        out = ops.cast(out, "float32")
         eps = out[:1] + GUIDANCE * (out[1:] - out[:1])
         return x - 0.01 * eps  # a stand-in for the sampler update (negligible work)
 
     step = jax.jit(guided)
 
-    def loop_body(i, x):
-        return guided(x, timesteps[i])
+    def fused_loop(params, x):
+        return ops.fori_loop(0, steps, lambda i, x: guided(params, x, timesteps[i]), x)
 
-    fused = jax.jit(lambda x: ops.fori_loop(0, steps, loop_body, x))
+    fused = jax.jit(fused_loop)
 
     start = time.perf_counter()
-    step(x0, timesteps[0]).block_until_ready()
+    step(params, x0, timesteps[0]).block_until_ready()
     compile_step = time.perf_counter() - start
-    start = time.perf_counter()
-    fused(x0).block_until_ready()
-    compile_fused = time.perf_counter() - start
+    compile_fused = None
+    if with_fused:
+        start = time.perf_counter()
+        fused(params, x0).block_until_ready()
+        compile_fused = time.perf_counter() - start
 
     loop_times, fused_times = [], []
     for _ in range(reps):
         start = time.perf_counter()
         x = x0
         for i in range(steps):
-            x = step(x, timesteps[i])
+            x = step(params, x, timesteps[i])
         x.block_until_ready()
         loop_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        fused(x0).block_until_ready()
-        fused_times.append(time.perf_counter() - start)
+        if with_fused:
+            start = time.perf_counter()
+            fused(params, x0).block_until_ready()
+            fused_times.append(time.perf_counter() - start)
     return {
         "steps_per_s": round(steps / statistics.median(loop_times), 3),
-        "fused_steps_per_s": round(steps / statistics.median(fused_times), 3),
+        "fused_steps_per_s": round(steps / statistics.median(fused_times), 3) if fused_times else None,
         "first_call_s": round(compile_step, 2),
-        "fused_first_call_s": round(compile_fused, 2),
+        "fused_first_call_s": round(compile_fused, 2) if compile_fused is not None else None,
         "loop_times_s": [round(t, 3) for t in loop_times],
         "fused_times_s": [round(t, 3) for t in fused_times],
         "finite": bool(jnp.isfinite(x).all()),
@@ -108,7 +119,7 @@ def bench_diffusers(tensors: dict, config, size: int, steps: int, reps: int) -> 
     named = unet_to_diffusers(tensors, config)
     with torch.no_grad():
         for key, param in model.state_dict().items():
-            param.copy_(torch.from_numpy(np.ascontiguousarray(named[key])))
+            param.copy_(torch.from_numpy(np.ascontiguousarray(named[key], dtype=np.float32)))
     # CPU (float32) only for a smoke test of this script; timings are meant for a GPU.
     device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
     model = model.to(device, dtype).eval()
@@ -164,6 +175,51 @@ def bench_generate(preset: str, dtype: str, size: int, steps: int) -> dict:
     return {"generate_s": round(time.perf_counter() - start, 3), "first_generate_s": round(first, 2)}
 
 
+def _write(result: dict, out) -> None:
+    text = json.dumps(result, indent=1)
+    print(text, flush=True)
+    if out:  # rewritten after every part, so a crash later still leaves what was measured
+        pathlib.Path(out).write_text(text + "\n")
+
+
+def _attempt(result: dict, key: str, out, fn):
+    """result[key] = fn(), or the error as text; never raises (one failing part keeps the others)."""
+    start = time.perf_counter()
+    try:
+        result[key] = fn()
+    except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+        result[key] = {"error": f"{type(error).__name__}: {str(error)[:600]}"}
+    result.setdefault("part_seconds", {})[key] = round(time.perf_counter() - start, 1)
+    _write(result, out)
+    return result[key]
+
+
+def _parity(unet, config, size: int) -> dict:
+    """Max abs difference of one UNet call between the attention forms, on the same inputs."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tf_diffusion import layers
+
+    x0, ctx = _inputs(config, size)
+    x = jnp.asarray(np.concatenate([x0, x0]))
+    t = jnp.asarray([500, 500], dtype=jnp.int32)
+    outputs = {}
+    saved = layers.FUSED_ATTENTION
+    for mode in ("off", "xla", "auto"):
+        layers.FUSED_ATTENTION = mode
+        outputs[mode] = np.asarray(unet(x, t, jnp.asarray(ctx)), dtype=np.float32)
+    layers.FUSED_ATTENTION = saved
+    scale = float(np.abs(outputs["off"]).max())
+    return {
+        "output_abs_max": round(scale, 4),
+        **{
+            f"{mode}_vs_off": float(np.abs(outputs[mode] - outputs["off"]).max())
+            for mode in ("xla", "auto")
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512)
@@ -173,7 +229,11 @@ def main() -> None:
         "--dtype", default="float16", help="our Keras policy (float16, bfloat16, mixed_float16)"
     )
     parser.add_argument("--skip-generate", action="store_true")
-    parser.add_argument("--skip-unblocked", action="store_true", help="skip the run with unblocked attention")
+    parser.add_argument(
+        "--attention",
+        default="auto,off",
+        help="comma-separated layers.FUSED_ATTENTION modes to time; only the first also as one fused program",
+    )
     parser.add_argument("--preset", default="sd-v1-5", help="tiny-shapes for a quick check of the script")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -210,30 +270,39 @@ def main() -> None:
     keras.utils.set_random_seed(0)
     unet = UNetModel(config, dtype=args.dtype)
     tensors = state_dict(unet)  # the same random weights for diffusers
-    result["ours"] = bench_ours(unet, config, args.size, args.steps, args.reps)
-    print(json.dumps(result["ours"]), flush=True)
-    if not args.skip_unblocked:
-        # The row-blocked attention is a CPU lever; XLA on a GPU may prefer one block.
-        saved, layers.ATTENTION_BLOCK_ELEMENTS = layers.ATTENTION_BLOCK_ELEMENTS, None
-        result["ours_one_attention_block"] = bench_ours(unet, config, args.size, args.steps, args.reps)
-        layers.ATTENTION_BLOCK_ELEMENTS = saved
-        print(json.dumps(result["ours_one_attention_block"]), flush=True)
-    del unet
-    result["diffusers"] = bench_diffusers(tensors, config, args.size, args.steps, args.reps)
-    print(json.dumps(result["diffusers"]), flush=True)
+    _attempt(result, "attention_parity", args.out, lambda: _parity(unet, config, args.size))
+    modes = [m for m in args.attention.split(",") if m]
+
+    def ours(mode: str, with_fused: bool):
+        layers.FUSED_ATTENTION = mode
+        return bench_ours(unet, config, args.size, args.steps, args.reps, with_fused)
+
+    # diffusers right after our first mode, so the comparison exists even if time runs out later.
+    _attempt(result, f"ours_attention_{modes[0]}", args.out, lambda: ours(modes[0], True))
+    _attempt(result, "diffusers", args.out, lambda: bench_diffusers(tensors, config, args.size, args.steps, args.reps))
     del tensors
+    for mode in modes[1:]:
+        _attempt(result, f"ours_attention_{mode}", args.out, lambda: ours(mode, False))
+    layers.FUSED_ATTENTION = "auto"
+    del unet
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    result["ours_vs_diffusers"] = round(result["ours"]["steps_per_s"] / result["diffusers"]["steps_per_s"], 3)
-    result["ours_fused_vs_diffusers"] = round(
-        result["ours"]["fused_steps_per_s"] / result["diffusers"]["steps_per_s"], 3
-    )
+    reference = result["diffusers"].get("steps_per_s")
+    timed = {k: v for k, v in result.items() if k.startswith("ours_attention_") and "steps_per_s" in v}
+    if reference and timed:
+        result["ratios_vs_diffusers"] = {
+            k: {
+                "stepwise": round(v["steps_per_s"] / reference, 3),
+                "fused": round(v["fused_steps_per_s"] / reference, 3) if v["fused_steps_per_s"] else None,
+            }
+            for k, v in timed.items()
+        }
+        best = max(timed, key=lambda k: timed[k]["steps_per_s"])
+        result["best_stepwise"] = best
+        layers.FUSED_ATTENTION = best.removeprefix("ours_attention_")
     if not args.skip_generate:
-        result["generate"] = bench_generate(args.preset, args.dtype, args.size, args.steps)
-    text = json.dumps(result, indent=1)
-    print(text, flush=True)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
+        _attempt(result, "generate", args.out, lambda: bench_generate(args.preset, args.dtype, args.size, args.steps))
+    _write(result, args.out)
 
 
 if __name__ == "__main__":
