@@ -240,6 +240,13 @@ def train_unet(args, config) -> None:
 
     sd = StableDiffusion(config)
     load_state_dict(sd.vae, load_safetensors(os.path.join(args.ckpt_dir, "vae_final.safetensors")))
+    if args.init_from:
+        # Start from another model's text encoder and UNet (e.g. the shipped folder); a resumed
+        # checkpoint below still takes precedence.
+        for name in ("text_encoder", "unet"):
+            weights = load_safetensors(os.path.join(args.init_from, f"{name}.safetensors"))
+            load_state_dict(getattr(sd, name), {k: v.astype(np.float32) for k, v in weights.items()})
+        log(f"text encoder and UNet initialised from {args.init_from}")
     trainer = DiffusionTrainer(
         sd,
         train="unet+text_encoder",
@@ -511,6 +518,9 @@ def main(argv=None) -> int:
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=3e-4)
     p.add_argument("--unet-minutes", type=float, default=60)
+    p.add_argument(
+        "--init-from", default=None, help="a tf_diffusion folder whose text encoder and UNet start the unet stage"
+    )
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--checkpoint-every-s", type=float, default=240)
     p.add_argument("--sample-every-s", type=float, default=900)
