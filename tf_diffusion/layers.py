@@ -80,11 +80,16 @@ class Conv2d(keras.layers.Layer):
 
     def call(self, x):  # (B, H, W, C_in) -> (B, H', W', C_out)
         top, bottom, left, right = self.padding
+        k = self.weight.shape[0]
+        if self.stride == 1 and k % 2 == 1 and self.padding == ((k - 1) // 2,) * 4:
+            # Stride 1 with symmetric (k-1)/2 padding is exactly Keras "same": the conv kernel pads
+            # itself, without a padded copy of the activation.
+            if k == 1:
+                # A 1x1 convolution is a matmul over channels; this avoids a conv kernel launch.
+                return ops.matmul(x, ops.reshape(self.weight, self.weight.shape[2:])) + self.bias
+            return ops.conv(x, self.weight, strides=1, padding="same") + self.bias
         if any(self.padding):
             x = ops.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-        if self.weight.shape[0] == 1 and self.stride == 1:
-            # A 1x1 convolution is a matmul over channels; this avoids a conv kernel launch.
-            return ops.matmul(x, ops.reshape(self.weight, self.weight.shape[2:])) + self.bias
         y = ops.conv(x, self.weight, strides=self.stride, padding="valid")
         return y + self.bias
 
@@ -217,7 +222,10 @@ def attention(q, k, v, num_heads: int, mask=None):
         scores = ops.matmul(q_rows, k_t) * (1.0 / math.sqrt(d))
         scores = ops.cast(scores, "float32")
         if mask_rows is not None:
-            scores = scores + mask_rows
+            # Broadcast explicitly: TensorFlow's oneDNN rewrite fuses matmul * scale + mask into one
+            # kernel, and with a (1, 1, Tq, Tk) mask that kernel ran 250x slower on this CPU in
+            # float32 (CLIP's causal mask: 1.5 s per prompt, benchmarks/README.md).
+            scores = scores + ops.broadcast_to(mask_rows, ops.shape(scores))
         return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), v.dtype), v)
 
     chunk = _query_chunk(q.shape[2], k.shape[2], num_heads)
