@@ -256,6 +256,7 @@ def train_unet(args, config) -> None:
             weight_decay=1e-2,
             ema_decay=args.ema_decay,
             caption_dropout=0.1,
+            high_noise_fraction=args.high_noise_fraction,
             seed=args.seed,
         ),
     )
@@ -421,6 +422,13 @@ def _log_summary(path: str) -> dict:
     return out
 
 
+def _schedule_line(cfg) -> str:
+    line = f"- Schedule: {cfg.beta_schedule} betas ({cfg.beta_start} to {cfg.beta_end}, {cfg.num_train_timesteps} steps)"
+    if cfg.rescale_betas_zero_snr:
+        line += " rescaled to zero terminal SNR"
+    return f"{line}, {cfg.prediction_type} prediction, {cfg.timestep_spacing or 'default'} timestep spacing."
+
+
 def write_model_card(args, sd, result: dict) -> None:
     """weights/tiny-shapes/MODEL_CARD.md from the logs, the VAE stats and the final evaluation."""
     from tf_diffusion.weights.state_dict import count_parameters
@@ -459,7 +467,7 @@ def write_model_card(args, sd, result: dict) -> None:
         f"- Text encoder: CLIP, 3 layers, width 128, 4 heads, full CLIP vocabulary ({params['text_encoder']:,} parameters).",
         f"- UNet: model_channels 64, channel_mult (1, 2, 2), 1 res block per level, attention at the two lower levels, 4 heads ({params['unet']:,} parameters).",
         f"- VAE: factor 4 (64x64x3 <-> 16x16x4), base 32 channels, channel_mult (1, 2, 2) ({params['vae']:,} parameters); scaling_factor {sd.config.vae.scaling_factor} (1 / latent std).",
-        "- Schedule: SD's scaled_linear betas (0.00085 to 0.012, 1000 steps), epsilon prediction.",
+        _schedule_line(sd.config.scheduler),
         f"- Weights: float16, {size_mb:.1f} MB in total; EMA weights of the last checkpoint.",
         "",
         "## Data",
@@ -522,6 +530,12 @@ def main(argv=None) -> int:
         "--init-from", default=None, help="a tf_diffusion folder whose text encoder and UNet start the unet stage"
     )
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument(
+        "--high-noise-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of each UNet batch whose timestep comes from the noisier half (layout steps)",
+    )
     p.add_argument("--checkpoint-every-s", type=float, default=240)
     p.add_argument("--sample-every-s", type=float, default=900)
     p.add_argument("--eval-prompts", type=int, default=32)

@@ -16,6 +16,7 @@ from tf_diffusion.training import (  # noqa: E402
     TrainingConfig,
     VAETrainer,
     dataset_from_arrays,
+    draw_timesteps,
     drop_captions,
     ema_decay_at,
     latest_checkpoint,
@@ -182,7 +183,22 @@ def test_caption_dropout_rate():
     assert (drop_captions(ids[:100], empty, 1.0, seed=[0, 0]).numpy() == np.arange(77)).all()
 
 
+def test_high_noise_fraction_moves_that_share_of_timesteps_to_the_noisier_half():
+    seed = tf.constant([3, 4], tf.int64)
+    uniform = draw_timesteps(seed, 10_000, 1000).numpy()
+    assert uniform.min() >= 0 and uniform.max() <= 999
+    assert 0.48 < (uniform >= 500).mean() < 0.52
+    biased = draw_timesteps(seed, 10_000, 1000, high_noise_fraction=0.5).numpy()
+    np.testing.assert_array_equal(biased[5000:], uniform[5000:])  # the rest keep the uniform draw
+    assert biased[:5000].min() >= 500 and biased[:5000].max() <= 999
+    # Uniform over [500, 999]: every value reachable, mean near 749.5.
+    assert len(np.unique(biased[:5000])) == 500 and abs(biased[:5000].mean() - 749.5) < 8
+    assert 0.74 < (biased >= 500).mean() < 0.76
+
+
 def test_config_errors():
+    with pytest.raises(ValueError, match="high_noise_fraction=-0.1"):
+        TrainingConfig(high_noise_fraction=-0.1)
     with pytest.raises(ValueError, match="caption_dropout=1.5"):
         TrainingConfig(caption_dropout=1.5)
     with pytest.raises(ValueError, match="reconstruction_loss='ssim'"):

@@ -44,6 +44,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the EMA")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument(
+        "--high-noise-fraction",
+        type=float,
+        default=0.0,
+        help="share of each batch whose timestep is drawn from the noisier half (default 0: uniform)",
+    )
     p.add_argument("--kl-weight", type=float, default=1e-6, help="VAE training only")
     p.add_argument(
         "--reconstruction-loss", choices=("l1", "l2", "l1+l2"), default="l1", help="VAE training only"
@@ -89,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         ema_decay=args.ema_decay or None,
         caption_dropout=args.caption_dropout,
+        high_noise_fraction=args.high_noise_fraction,
         kl_weight=args.kl_weight,
         reconstruction_loss=args.reconstruction_loss,
         seed=args.seed,

@@ -71,6 +71,9 @@ class TrainingConfig:
         ema_warmup: use min(ema_decay, (1 + n) / (10 + n)) after n updates, so early averages are
             not dominated by the random initialisation.
         caption_dropout: probability of replacing a caption by "" (classifier-free guidance).
+        high_noise_fraction: diffusion only: this fraction of each batch draws its timestep from the
+            noisier half [T/2, T) instead of [0, T), weighting the steps where layout is decided
+            (0 is the usual uniform draw).
         kl_weight: VAE only: weight of the KL term, relative to a per-pixel reconstruction loss
             (the KL is summed over latent elements and divided by the number of pixel values).
         reconstruction_loss: VAE only: "l1", "l2" or "l1+l2".
@@ -88,6 +91,7 @@ class TrainingConfig:
     ema_decay: float | None = 0.999
     ema_warmup: bool = True
     caption_dropout: float = 0.1
+    high_noise_fraction: float = 0.0
     kl_weight: float = 1e-6
     reconstruction_loss: str = "l1"
     seed: int = 0
@@ -102,6 +106,8 @@ class TrainingConfig:
             raise ValueError(f"ema_decay={self.ema_decay!r} must be in [0, 1) or None")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1]")
+        if not 0.0 <= self.high_noise_fraction <= 1.0:
+            raise ValueError(f"high_noise_fraction={self.high_noise_fraction!r} must be in [0, 1]")
         if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(
                 f"reconstruction_loss={self.reconstruction_loss!r} is not allowed; "
@@ -134,6 +140,23 @@ def drop_captions(token_ids, empty_ids, rate: float, seed):
     draw = tf.random.stateless_uniform(tf.shape(token_ids)[:1], seed=seed)  # (B,)
     empty = tf.cast(tf.convert_to_tensor(empty_ids), token_ids.dtype)[None, :]  # (1, L)
     return tf.where((draw < rate)[:, None], empty, token_ids)
+
+
+def draw_timesteps(seed, batch, num_timesteps: int, high_noise_fraction: float = 0.0):
+    """(batch,) int32 training timesteps, uniform on [0, T), with a share moved to [T/2, T).
+
+    Args:
+        seed: a (2,) int seed for ``tf.random.stateless_uniform``.
+        batch: number of timesteps.
+        num_timesteps: T.
+        high_noise_fraction: the first round(fraction * batch) entries map t -> T/2 + t // 2, a
+            uniform draw on the noisier half; 0 leaves the uniform draw untouched.
+    """
+    t = tf.random.stateless_uniform((batch,), seed=seed, minval=0, maxval=num_timesteps, dtype=tf.int32)
+    if high_noise_fraction <= 0:
+        return t
+    count = tf.cast(tf.round(high_noise_fraction * tf.cast(batch, tf.float32)), tf.int32)
+    return tf.where(tf.range(batch) < count, num_timesteps // 2 + t // 2, t)
 
 
 class _WarmupConstant(keras.optimizers.schedules.LearningRateSchedule):
@@ -623,9 +646,7 @@ class DiffusionTrainer(_TrainerBase):
         z = posterior.sample(noise=tf.random.stateless_normal(tf.shape(posterior.mean), seed=seeds[1]))
         z = tf.stop_gradient(z * cfg.vae.scaling_factor)  # (B, h, w, C)
         b = tf.shape(z)[0]
-        t = tf.random.stateless_uniform(
-            (b,), seed=seeds[2], minval=0, maxval=cfg.scheduler.num_train_timesteps, dtype=tf.int32
-        )
+        t = draw_timesteps(seeds[2], b, cfg.scheduler.num_train_timesteps, self.config.high_noise_fraction)
         noise = tf.random.stateless_normal(tf.shape(z), seed=seeds[3])
         a = tf.gather(self._sqrt_abar, t)[:, None, None, None]
         s = tf.gather(self._sqrt_one_minus, t)[:, None, None, None]
