@@ -362,6 +362,7 @@ def run_case(component: str, framework: str, size: int, dtype: str, reps: int, f
     start = time.perf_counter()
     warm, run = setup(component, size, dtype, folder, args)
     load_s = time.perf_counter() - start
+    peak_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
     out = (warm or run)()
     first_s = time.perf_counter() - start
@@ -387,6 +388,8 @@ def run_case(component: str, framework: str, size: int, dtype: str, reps: int, f
         # Other processes on the machine distort timings; the 1-minute load average shows them.
         "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        # The peak before the first call: building and loading alone.
+        "peak_rss_after_load_gb": round(peak_after_load, 3),
         "output_finite": bool(np.isfinite(out).all()),
         "output_shape": list(out.shape),
     }

@@ -1,8 +1,9 @@
 """The embedded tiny-shapes model follows prompts: scored by the independent pixel checker.
 
-The model card measures 200 held-out prompts; this checks a smaller sample at default
-settings against thresholds well above chance (10 colours, 6 shapes), so a broken text
-path, sampler or VAE fails it. The full goals (95% / 90% / 80%) are not reached yet.
+The model card measures 200 held-out prompts (colour 94.0%, shape 80.5%, background 98.4%); this
+checks 24 of them at default settings against thresholds far above chance (colour 10%, shape 17%,
+background 20%) and below what was measured here (colour 0.875, shape 0.917), so a broken text path,
+sampler, schedule or VAE fails it. Position is not learned yet and is not asserted.
 """
 
 import numpy as np
@@ -20,5 +21,11 @@ def test_heldout_prompts_score_above_chance():
     targets = shapes.heldout_prompts(PROMPTS, seed=123)
     images = np.concatenate([sd.generate(t.prompt, seed=i, progress=False) for i, t in enumerate(targets)])
     score = shapes_checker.score(images, targets)
-    print("tiny-shapes held-out accuracy:", {k: score[k] for k in ("color", "shape", "position", "size")})
-    assert score["color"] >= 0.3  # chance is 0.1
+    print(
+        "tiny-shapes held-out accuracy:",
+        {k: score[k] for k in ("color", "shape", "position", "size", "background")},
+    )
+    assert score["color"] >= 0.7
+    assert score["shape"] >= 0.6
+    if score["counts"].get("background", 0) >= 3:
+        assert score["background"] >= 0.6

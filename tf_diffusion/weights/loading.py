@@ -731,7 +731,23 @@ def from_pretrained(
             load_state_dict(getattr(model, name), weights.components[name])
     model.load_report = weights.report
     logger.info("loaded %s\n%s", source, weights.report)
+    _return_freed_memory()
     return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that loading freed (conversion buffers, file reads) back to the OS.
+
+    glibc keeps freed blocks for reuse, so without this a process stays at its loading peak and
+    the first generate() adds its activations on top of it (benchmarks/README.md, memory).
+    A no-op where glibc's malloc_trim is unavailable.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def model_weights(model) -> dict[str, dict[str, LazyTensor]]:
