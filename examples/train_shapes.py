@@ -236,16 +236,17 @@ def train_unet(args, config) -> None:
     from tf_diffusion.pipeline import StableDiffusion
     from tf_diffusion.training import DiffusionTrainer, TrainingConfig, dataset_from_generator
     from tf_diffusion.weights.safetensors_io import load_safetensors
-    from tf_diffusion.weights.state_dict import load_state_dict
+    from tf_diffusion.weights.state_dict import load_state_dict, state_dict
 
     sd = StableDiffusion(config)
     load_state_dict(sd.vae, load_safetensors(os.path.join(args.ckpt_dir, "vae_final.safetensors")))
     if args.init_from:
         # Start from another model's text encoder and UNet (e.g. the shipped folder); a resumed
         # checkpoint below still takes precedence.
+        init = load_folder(args.init_from)
         for name in ("text_encoder", "unet"):
-            weights = load_safetensors(os.path.join(args.init_from, f"{name}.safetensors"))
-            load_state_dict(getattr(sd, name), {k: v.astype(np.float32) for k, v in weights.items()})
+            load_state_dict(getattr(sd, name), state_dict(getattr(init, name)))
+        del init
         log(f"text encoder and UNet initialised from {args.init_from}")
     trainer = DiffusionTrainer(
         sd,
@@ -527,7 +528,9 @@ def main(argv=None) -> int:
     p.add_argument("--unet-lr", type=float, default=3e-4)
     p.add_argument("--unet-minutes", type=float, default=60)
     p.add_argument(
-        "--init-from", default=None, help="a tf_diffusion folder whose text encoder and UNet start the unet stage"
+        "--init-from",
+        default=None,
+        help="a tf_diffusion folder whose text encoder and UNet start the unet stage",
     )
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument(

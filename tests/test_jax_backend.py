@@ -55,7 +55,9 @@ def test_same_seed_same_image_under_jax(tmp_path):
         out_fused=str(tmp_path / "fused.npy"),
     )
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("step", "fused"):
         jax_images = np.load(tmp_path / f"{name}.npy")
@@ -95,7 +97,9 @@ print(worst)
 def test_fused_jax_attention_matches_explicit_form():
     """The GPU path (jax.nn.dot_product_attention, (B, T, heads, d) layout) equals our explicit form."""
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", FUSED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     worst = float(done.stdout.strip().splitlines()[-1])
     assert worst < 0.05, worst  # bfloat16 inputs against the float32 explicit form

@@ -213,10 +213,7 @@ def _parity(unet, config, size: int) -> dict:
     scale = float(np.abs(outputs["off"]).max())
     return {
         "output_abs_max": round(scale, 4),
-        **{
-            f"{mode}_vs_off": float(np.abs(outputs[mode] - outputs["off"]).max())
-            for mode in ("xla", "auto")
-        },
+        **{f"{mode}_vs_off": float(np.abs(outputs[mode] - outputs["off"]).max()) for mode in ("xla", "auto")},
     }
 
 
@@ -279,12 +276,17 @@ def main() -> None:
 
     # diffusers right after our first mode, so the comparison exists even if time runs out later.
     _attempt(result, f"ours_attention_{modes[0]}", args.out, lambda: ours(modes[0], True))
-    _attempt(result, "diffusers", args.out, lambda: bench_diffusers(tensors, config, args.size, args.steps, args.reps))
-    del tensors
+    _attempt(
+        result,
+        "diffusers",
+        args.out,
+        lambda: bench_diffusers(tensors, config, args.size, args.steps, args.reps),
+    )
+    tensors = None
     for mode in modes[1:]:
-        _attempt(result, f"ours_attention_{mode}", args.out, lambda: ours(mode, False))
+        _attempt(result, f"ours_attention_{mode}", args.out, lambda mode=mode: ours(mode, False))
     layers.FUSED_ATTENTION = "auto"
-    del unet
+    unet = None  # free its memory before generate() builds the whole pipeline
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     reference = result["diffusers"].get("steps_per_s")
@@ -301,7 +303,12 @@ def main() -> None:
         result["best_stepwise"] = best
         layers.FUSED_ATTENTION = best.removeprefix("ours_attention_")
     if not args.skip_generate:
-        _attempt(result, "generate", args.out, lambda: bench_generate(args.preset, args.dtype, args.size, args.steps))
+        _attempt(
+            result,
+            "generate",
+            args.out,
+            lambda: bench_generate(args.preset, args.dtype, args.size, args.steps),
+        )
     _write(result, args.out)
 
 
