@@ -33,11 +33,11 @@ def log(*args):
     print(time.strftime("%H:%M:%S"), *args, flush=True)
 
 
-def shapes_batches(seed: int, batch_size: int):
+def shapes_batches(seed: int, batch_size: int, mention: dict[str, float] | None = None):
     """make_batch(k) -> (images, captions) of batch k of the training split."""
     from tf_diffusion import shapes
 
-    data = shapes.ShapesDataset(seed, "train")
+    data = shapes.ShapesDataset(seed, "train", mention=mention)
 
     def make_batch(k: int):
         images, captions, _ = data.batch(k * batch_size, batch_size)
@@ -258,10 +258,12 @@ def train_unet(args, config) -> None:
             ema_decay=args.ema_decay,
             caption_dropout=0.1,
             high_noise_fraction=args.high_noise_fraction,
+            high_noise_start=args.high_noise_start,
             seed=args.seed,
         ),
     )
-    make_batch = shapes_batches(args.seed + 2, args.unet_batch)
+    mention = None if args.position_mention is None else {"position": args.position_mention}
+    make_batch = shapes_batches(args.seed + 2, args.unet_batch, mention)
 
     def data(start):
         return dataset_from_generator(make_batch, sd.tokenizer, args.unet_batch, 64, start=start)
@@ -538,6 +540,18 @@ def main(argv=None) -> int:
         type=float,
         default=0.0,
         help="fraction of each UNet batch whose timestep comes from the noisier half (layout steps)",
+    )
+    p.add_argument(
+        "--high-noise-start",
+        type=float,
+        default=0.5,
+        help="where that noisier range starts, as a fraction of the timesteps (default 0.5)",
+    )
+    p.add_argument(
+        "--position-mention",
+        type=float,
+        default=None,
+        help="UNet stage: probability that a caption names the position (default: the dataset's 0.5)",
     )
     p.add_argument("--checkpoint-every-s", type=float, default=240)
     p.add_argument("--sample-every-s", type=float, default=900)

@@ -185,6 +185,26 @@ def test_two_shapes_report_the_larger_and_count_components():
     )
 
 
+def test_mention_overrides_change_captions_not_images():
+    plain = shapes.ShapesDataset(5, "train")
+    often = shapes.ShapesDataset(5, "train", mention={"position": 0.9})
+    never = shapes.ShapesDataset(5, "train", mention={"position": 0.0, "size": 1.0})
+    items = [(plain[i], often[i], never[i]) for i in range(400)]
+    for (a, x), (b, y), (c, z) in items:
+        np.testing.assert_array_equal(a, b)  # the draw does not depend on the probabilities
+        np.testing.assert_array_equal(a, c)
+        assert (x.shape, x.color, x.position, x.size) == (y.shape, y.color, y.position, y.size)
+    rate = np.mean(
+        [[("position" in y.mentions), ("position" in z.mentions)] for _, (_, y), (_, z) in items], 0
+    )
+    assert 0.85 < rate[0] < 0.95 and rate[1] == 0.0
+    assert all("size" in z.mentions for _, _, (_, z) in items)
+    with pytest.raises(ValueError, match="mention attribute='shape' is not allowed"):
+        shapes.ShapesDataset(0, mention={"shape": 0.5})
+    with pytest.raises(ValueError, match=r"position=1.5 must be a number in \[0, 1\]"):
+        shapes.sample(0, mention={"position": 1.5})
+
+
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="split"):
         shapes.ShapesDataset(0, split="val")

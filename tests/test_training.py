@@ -194,11 +194,18 @@ def test_high_noise_fraction_moves_that_share_of_timesteps_to_the_noisier_half()
     # Uniform over [500, 999]: every value reachable, mean near 749.5.
     assert len(np.unique(biased[:5000])) == 500 and abs(biased[:5000].mean() - 749.5) < 8
     assert 0.74 < (biased >= 500).mean() < 0.76
+    # A later start: the moved share is uniform over [850, 999], the rest untouched.
+    late = draw_timesteps(seed, 10_000, 1000, high_noise_fraction=0.5, high_noise_start=0.85).numpy()
+    np.testing.assert_array_equal(late[5000:], uniform[5000:])
+    assert late[:5000].min() >= 850 and late[:5000].max() <= 999
+    assert len(np.unique(late[:5000])) == 150 and abs(late[:5000].mean() - 924.5) < 3
 
 
 def test_config_errors():
     with pytest.raises(ValueError, match="high_noise_fraction=-0.1"):
         TrainingConfig(high_noise_fraction=-0.1)
+    with pytest.raises(ValueError, match="high_noise_start=1.0"):
+        TrainingConfig(high_noise_start=1.0)
     with pytest.raises(ValueError, match="caption_dropout=1.5"):
         TrainingConfig(caption_dropout=1.5)
     with pytest.raises(ValueError, match="reconstruction_loss='ssim'"):

@@ -409,8 +409,26 @@ def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
     raise ValueError(f"rng={rng!r} must be a numpy Generator or a non-negative int seed")
 
 
+def mention_probabilities(overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """``MENTION_PROBABILITY`` with some entries replaced, checked: keys size, position, background.
+
+    Raises:
+        ValueError: for an unknown attribute or a probability outside [0, 1].
+    """
+    merged = dict(MENTION_PROBABILITY)
+    for key, value in (overrides or {}).items():
+        _check_choice("mention attribute", key, MENTION_PROBABILITY)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"mention probability for {key}={value!r} must be a number in [0, 1]")
+        merged[key] = float(value)
+    return merged
+
+
 def sample(
-    rng: np.random.Generator | int, split: str = "train", image_size: int = 64
+    rng: np.random.Generator | int,
+    split: str = "train",
+    image_size: int = 64,
+    mention: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, ShapeSample]:
     """Draw one random image and its attributes.
 
@@ -418,15 +436,18 @@ def sample(
         rng: a numpy Generator (advanced in place) or a non-negative int seed.
         split: "train" (never a held-out combination) or "heldout" (always one).
         image_size: image side in pixels (>= 16).
+        mention: overrides of ``MENTION_PROBABILITY``, e.g. ``{"position": 0.8}`` to name the
+            position in more captions; the image draw is the same whatever the probabilities.
 
     Returns:
         (image uint8 (image_size, image_size, 3), ShapeSample).
 
     Raises:
-        ValueError: for an unknown split, a bad seed or image size.
+        ValueError: for an unknown split, a bad seed, image size or mention probability.
     """
     _check_choice("split", split, SPLITS)
     _check_image_size(image_size)
+    probability = mention_probabilities(mention)
     rng = _as_rng(rng)
     n = int(image_size)
     shape, color, position, name_position = _attributes(rng, split)
@@ -439,7 +460,7 @@ def sample(
     mentions = tuple(
         k
         for k in ("size", "position", "background")
-        if rng.random() < MENTION_PROBABILITY[k] or (k == "position" and name_position)
+        if rng.random() < probability[k] or (k == "position" and name_position)
     )
     caption = make_caption(
         shape,
@@ -474,6 +495,7 @@ class ShapesDataset:
         split: "train" or "heldout".
         image_size: image side in pixels.
         length: number of items for ``len()`` and iteration; None iterates forever.
+        mention: overrides of ``MENTION_PROBABILITY`` (see ``sample``).
 
     Example:
         >>> ds = ShapesDataset(seed=0, split="heldout", length=2)
@@ -481,8 +503,16 @@ class ShapesDataset:
         [True, True]
     """
 
-    def __init__(self, seed: int, split: str = "train", image_size: int = 64, length: int | None = None):
+    def __init__(
+        self,
+        seed: int,
+        split: str = "train",
+        image_size: int = 64,
+        length: int | None = None,
+        mention: dict[str, float] | None = None,
+    ):
         _as_rng(seed)
+        self.mention = mention_probabilities(mention)
         _check_choice("split", split, SPLITS)
         _check_image_size(image_size)
         if length is not None and (not isinstance(length, (int, np.integer)) or length < 0):
@@ -500,7 +530,7 @@ class ShapesDataset:
         if self.length is not None and index >= self.length:
             raise IndexError(f"index {index} out of range for length {self.length}")
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index)])
-        return sample(rng, self.split, self.image_size)
+        return sample(rng, self.split, self.image_size, self.mention)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ShapeSample]]:
         index = 0

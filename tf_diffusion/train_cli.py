@@ -50,6 +50,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=0.0,
         help="share of each batch whose timestep is drawn from the noisier half (default 0: uniform)",
     )
+    p.add_argument(
+        "--high-noise-start",
+        type=float,
+        default=0.5,
+        help="where that noisier range starts, as a fraction of the timesteps (default 0.5)",
+    )
     p.add_argument("--kl-weight", type=float, default=1e-6, help="VAE training only")
     p.add_argument(
         "--reconstruction-loss", choices=("l1", "l2", "l1+l2"), default="l1", help="VAE training only"
@@ -96,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay or None,
         caption_dropout=args.caption_dropout,
         high_noise_fraction=args.high_noise_fraction,
+        high_noise_start=args.high_noise_start,
         kl_weight=args.kl_weight,
         reconstruction_loss=args.reconstruction_loss,
         seed=args.seed,

@@ -72,8 +72,9 @@ class TrainingConfig:
             not dominated by the random initialisation.
         caption_dropout: probability of replacing a caption by "" (classifier-free guidance).
         high_noise_fraction: diffusion only: this fraction of each batch draws its timestep from the
-            noisier half [T/2, T) instead of [0, T), weighting the steps where layout is decided
-            (0 is the usual uniform draw).
+            noisier range [high_noise_start * T, T) instead of [0, T), weighting the steps where
+            layout is decided (0 is the usual uniform draw).
+        high_noise_start: where that noisier range begins, as a fraction of T in [0, 1).
         kl_weight: VAE only: weight of the KL term, relative to a per-pixel reconstruction loss
             (the KL is summed over latent elements and divided by the number of pixel values).
         reconstruction_loss: VAE only: "l1", "l2" or "l1+l2".
@@ -92,6 +93,7 @@ class TrainingConfig:
     ema_warmup: bool = True
     caption_dropout: float = 0.1
     high_noise_fraction: float = 0.0
+    high_noise_start: float = 0.5
     kl_weight: float = 1e-6
     reconstruction_loss: str = "l1"
     seed: int = 0
@@ -108,6 +110,8 @@ class TrainingConfig:
             raise ValueError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1]")
         if not 0.0 <= self.high_noise_fraction <= 1.0:
             raise ValueError(f"high_noise_fraction={self.high_noise_fraction!r} must be in [0, 1]")
+        if not 0.0 <= self.high_noise_start < 1.0:
+            raise ValueError(f"high_noise_start={self.high_noise_start!r} must be in [0, 1)")
         if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(
                 f"reconstruction_loss={self.reconstruction_loss!r} is not allowed; "
@@ -142,21 +146,26 @@ def drop_captions(token_ids, empty_ids, rate: float, seed):
     return tf.where((draw < rate)[:, None], empty, token_ids)
 
 
-def draw_timesteps(seed, batch, num_timesteps: int, high_noise_fraction: float = 0.0):
-    """(batch,) int32 training timesteps, uniform on [0, T), with a share moved to [T/2, T).
+def draw_timesteps(
+    seed, batch, num_timesteps: int, high_noise_fraction: float = 0.0, high_noise_start: float = 0.5
+):
+    """(batch,) int32 training timesteps, uniform on [0, T), with a share moved to [start * T, T).
 
     Args:
         seed: a (2,) int seed for ``tf.random.stateless_uniform``.
         batch: number of timesteps.
         num_timesteps: T.
-        high_noise_fraction: the first round(fraction * batch) entries map t -> T/2 + t // 2, a
-            uniform draw on the noisier half; 0 leaves the uniform draw untouched.
+        high_noise_fraction: the first round(fraction * batch) entries map t -> lo + t * (T - lo) // T
+            with lo = round(high_noise_start * T), a uniform draw on [lo, T); 0 leaves the uniform
+            draw untouched.
+        high_noise_start: start of the noisier range as a fraction of T (0.5: the noisier half).
     """
     t = tf.random.stateless_uniform((batch,), seed=seed, minval=0, maxval=num_timesteps, dtype=tf.int32)
     if high_noise_fraction <= 0:
         return t
+    lo = int(round(high_noise_start * num_timesteps))
     count = tf.cast(tf.round(high_noise_fraction * tf.cast(batch, tf.float32)), tf.int32)
-    return tf.where(tf.range(batch) < count, num_timesteps // 2 + t // 2, t)
+    return tf.where(tf.range(batch) < count, lo + t * (num_timesteps - lo) // num_timesteps, t)
 
 
 class _WarmupConstant(keras.optimizers.schedules.LearningRateSchedule):
@@ -646,7 +655,13 @@ class DiffusionTrainer(_TrainerBase):
         z = posterior.sample(noise=tf.random.stateless_normal(tf.shape(posterior.mean), seed=seeds[1]))
         z = tf.stop_gradient(z * cfg.vae.scaling_factor)  # (B, h, w, C)
         b = tf.shape(z)[0]
-        t = draw_timesteps(seeds[2], b, cfg.scheduler.num_train_timesteps, self.config.high_noise_fraction)
+        t = draw_timesteps(
+            seeds[2],
+            b,
+            cfg.scheduler.num_train_timesteps,
+            self.config.high_noise_fraction,
+            self.config.high_noise_start,
+        )
         noise = tf.random.stateless_normal(tf.shape(z), seed=seeds[3])
         a = tf.gather(self._sqrt_abar, t)[:, None, None, None]
         s = tf.gather(self._sqrt_one_minus, t)[:, None, None, None]
