@@ -194,6 +194,7 @@ def test_mention_overrides_change_captions_not_images():
         np.testing.assert_array_equal(a, b)  # the draw does not depend on the probabilities
         np.testing.assert_array_equal(a, c)
         assert (x.shape, x.color, x.position, x.size) == (y.shape, y.color, y.position, y.size)
+        assert (x.shape, x.color, x.position, x.size) == (z.shape, z.color, z.position, z.size)
     rate = np.mean(
         [[("position" in y.mentions), ("position" in z.mentions)] for _, (_, y), (_, z) in items], 0
     )
