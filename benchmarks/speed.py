@@ -60,10 +60,12 @@ FILES = {
 }
 PROMPT = "a photograph of an astronaut riding a horse"
 # "ours-1block" is ours with the attention computed in one block (layers.ATTENTION_BLOCK_ELEMENTS = None),
-# the form before row-blocked attention; run it with --frameworks to measure that change.
+# the form before row-blocked attention; "ours-xla" is ours compiled with XLA
+# (``tf.function(jit_compile=True)``, as keras-cv compiles). Run them with --frameworks.
+OPTIONAL = ("ours-1block", "ours-xla")
 FRAMEWORKS = {
-    "unet": ("ours", "keras-cv", "diffusers", "ours-1block"),
-    "vae": ("ours", "keras-cv", "diffusers"),
+    "unet": ("ours", "keras-cv", "diffusers", "ours-1block", "ours-xla"),
+    "vae": ("ours", "keras-cv", "diffusers", "ours-xla"),
 }
 FRAMEWORKS["text"] = ("ours", "keras-cv", "transformers")
 FRAMEWORKS["e2e"] = ("ours", "keras-cv")
@@ -179,7 +181,7 @@ def _ours(component, size, dtype, folder, args):
         model = UNetModel(config.unet, dtype=policy)
         load_state_dict(model, comps["unet"])
         x, t, ctx = (tf.constant(a) for a in _inputs("unet", size))
-        fn = tf.function(lambda x, t, ctx: model(x, t, ctx))
+        fn = tf.function(lambda x, t, ctx: model(x, t, ctx), jit_compile=getattr(args, "jit", False))
         return None, lambda: keras.ops.convert_to_numpy(fn(x, t, ctx))
     if component == "vae":
         from tf_diffusion.vae import AutoencoderKL
@@ -187,7 +189,7 @@ def _ours(component, size, dtype, folder, args):
         model = AutoencoderKL(config.vae, dtype=policy)
         load_state_dict(model, comps["vae"])
         z = tf.constant(_inputs("vae", size))
-        fn = tf.function(model.decode)
+        fn = tf.function(model.decode, jit_compile=getattr(args, "jit", False))
         return None, lambda: keras.ops.convert_to_numpy(fn(z))
     from tf_diffusion.clip import CLIPTextEncoder
 
@@ -353,7 +355,8 @@ def run_case(component: str, framework: str, size: int, dtype: str, reps: int, f
     import numpy as np
 
     setup = {"ours": _ours, "keras-cv": _keras_cv, "diffusers": _torch, "transformers": _torch}
-    setup["ours-1block"] = _ours
+    setup["ours-1block"] = setup["ours-xla"] = _ours
+    args.jit = framework == "ours-xla"
     if framework == "ours-1block":
         from tf_diffusion import layers
 
@@ -484,7 +487,7 @@ def main_all(args) -> None:
         for size in sizes:
             for dtype in args.dtypes:
                 for framework in FRAMEWORKS[component]:
-                    wanted = args.frameworks or [f for f in FRAMEWORKS[component] if f != "ours-1block"]
+                    wanted = args.frameworks or [f for f in FRAMEWORKS[component] if f not in OPTIONAL]
                     if framework not in wanted:
                         continue
                     if (component, framework, size, dtype) in done:
@@ -575,7 +578,9 @@ def main(argv=None) -> None:
     p.add_argument("--weights", type=pathlib.Path, default=DEFAULT_WEIGHTS)
     c = sub.add_parser("case", help="time one case in this process and print JSON")
     c.add_argument("component", choices=sorted(FRAMEWORKS))
-    c.add_argument("framework", choices=["ours", "ours-1block", "keras-cv", "diffusers", "transformers"])
+    c.add_argument(
+        "framework", choices=["ours", "ours-1block", "ours-xla", "keras-cv", "diffusers", "transformers"]
+    )
     c.add_argument("--size", type=int, default=512)
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     c.add_argument("--reps", type=int, default=3)
