@@ -237,7 +237,8 @@ def test_fresh_process_equals_eager_generate(sd, exported):
 def test_saved_model_cli_equals_fresh_load(exported):
     cli, fresh = exported["cli"], exported["fresh"]
     np.testing.assert_allclose(cli["latents"], fresh["latents"], atol=1e-6)
-    np.testing.assert_array_equal(cli["images"], fresh["images"])
+    # Two processes: float reductions may round one pixel across a uint8 boundary (seen once in CI).
+    assert np.abs(cli["images"].astype(int) - fresh["images"]).max() <= 1
 
 
 def test_signatures_chain_and_match_components(sd, exported):
