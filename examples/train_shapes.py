@@ -539,7 +539,7 @@ def main(argv=None) -> int:
         "--high-noise-fraction",
         type=float,
         default=0.0,
-        help="fraction of each UNet batch whose timestep comes from the noisier half (layout steps)",
+        help="fraction of each UNet batch whose timestep comes from the noisier range (layout steps)",
     )
     p.add_argument(
         "--high-noise-start",

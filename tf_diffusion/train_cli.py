@@ -48,7 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--high-noise-fraction",
         type=float,
         default=0.0,
-        help="share of each batch whose timestep is drawn from the noisier half (default 0: uniform)",
+        help="share of each batch whose timestep is drawn from the noisier range (default 0: uniform)",
     )
     p.add_argument(
         "--high-noise-start",
