@@ -8,7 +8,10 @@ Stages (each resumes from its checkpoints under ``--ckpt-dir``):
 2. ``unet``: the UNet and text encoder with the frozen VAE: epsilon loss, caption dropout, EMA.
    Every ``--sample-every-s`` seconds it samples held-out prompts with the EMA weights, writes
    ``samples-<step>.png`` and scores them with ``tf_diffusion.shapes_checker``.
-3. ``export``: the EMA weights as float16 into ``--out`` in the tf_diffusion folder format.
+3. ``export``: the EMA weights as float16 into ``--out`` in the tf_diffusion folder format (an
+   existing model there is replaced only with ``--overwrite``), then ``eval``: held-out prompts
+   scored by the checker, ``final_eval.json`` and a generated ``MODEL_CARD.md`` (into ``--out``
+   unless one is there already and ``--overwrite`` is not given; then into ``--ckpt-dir``).
 
 Example:
     nohup python examples/train_shapes.py --stage all --ckpt-dir /work/train_ckpt \\
@@ -27,6 +30,20 @@ import time
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _mention_arg(text: str) -> tuple[str, float]:
+    """``ATTR=P`` -> (attr, p), checked against ``shapes.MENTION_PROBABILITY``."""
+    from tf_diffusion import shapes
+
+    key, sep, value = text.partition("=")
+    try:
+        merged = shapes.mention_probabilities({key.strip(): float(value)}) if sep else None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if merged is None:
+        raise argparse.ArgumentTypeError(f"--mention {text!r} must look like ATTR=P, e.g. color=0.85")
+    return key.strip(), merged[key.strip()]
 
 
 def log(*args):
@@ -262,7 +279,9 @@ def train_unet(args, config) -> None:
             seed=args.seed,
         ),
     )
-    mention = None if args.position_mention is None else {"position": args.position_mention}
+    mention = dict(args.mention or [])
+    if args.position_mention is not None:
+        mention["position"] = args.position_mention
     make_batch = shapes_batches(args.seed + 2, args.unet_batch, mention)
 
     def data(start):
@@ -323,7 +342,7 @@ def export(args, config) -> None:
     vae = load_safetensors(os.path.join(args.ckpt_dir, "vae_final.safetensors"))
     components["vae"] = {k: v.astype(np.float16) for k, v in vae.items()}
     os.makedirs(args.out, exist_ok=True)
-    for name in ("config.json", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"):
+    for name in WEIGHT_FILES:
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
     import pathlib
@@ -333,6 +352,21 @@ def export(args, config) -> None:
     with open(os.path.join(args.ckpt_dir, "export.json"), "w") as f:
         json.dump(info, f)
     log(f"exported {ckpt} (step {trainer.step}) to {args.out}")
+
+
+WEIGHT_FILES = ("config.json", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors")
+
+
+def check_out_folder(args) -> None:
+    """Refuse, before any training, to replace an exported model in ``--out`` without ``--overwrite``."""
+    if args.stage not in ("export", "all") or args.overwrite:
+        return
+    present = [n for n in WEIGHT_FILES if os.path.exists(os.path.join(args.out, n))]
+    if present:
+        raise SystemExit(
+            f"--out {args.out} already holds {', '.join(present)}; pass --overwrite to replace them "
+            "or choose another --out"
+        )
 
 
 def load_folder(path: str):
@@ -508,9 +542,12 @@ def write_model_card(args, sd, result: dict) -> None:
         "The checker reads one shape per image; samples are scored as generated, not cherry-picked.",
         "",
     ]
-    with open(os.path.join(args.out, "MODEL_CARD.md"), "w") as f:
+    path = os.path.join(args.out, "MODEL_CARD.md")
+    if os.path.exists(path) and not args.overwrite:
+        path = os.path.join(args.ckpt_dir, "MODEL_CARD.md")  # never replace a (hand-edited) card
+    with open(path, "w") as f:
         f.write("\n".join(lines))
-    log(f"wrote {args.out}/MODEL_CARD.md")
+    log(f"wrote {path}")
 
 
 def main(argv=None) -> int:
@@ -518,6 +555,11 @@ def main(argv=None) -> int:
     p.add_argument("--stage", choices=("vae", "vae_decoder", "unet", "export", "eval", "all"), default="all")
     p.add_argument("--ckpt-dir", default="/work/train_ckpt")
     p.add_argument("--out", default="weights/tiny-shapes")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the weights and model card already in --out (otherwise export refuses)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--vae-batch", type=int, default=16)
@@ -553,6 +595,14 @@ def main(argv=None) -> int:
         default=None,
         help="UNet stage: probability that a caption names the position (default: the dataset's 0.5)",
     )
+    p.add_argument(
+        "--mention",
+        type=_mention_arg,
+        action="append",
+        metavar="ATTR=P",
+        help="UNet stage: probability that a caption names ATTR (color, shape, size, position or "
+        "background), e.g. --mention color=0.85 --mention shape=0.85; repeatable",
+    )
     p.add_argument("--checkpoint-every-s", type=float, default=240)
     p.add_argument("--sample-every-s", type=float, default=900)
     p.add_argument("--eval-prompts", type=int, default=32)
@@ -564,6 +614,7 @@ def main(argv=None) -> int:
 
     from tf_diffusion.presets import get_preset
 
+    check_out_folder(args)
     config = get_preset("tiny-shapes")
     os.makedirs(args.ckpt_dir, exist_ok=True)
     if args.stage in ("vae", "all"):

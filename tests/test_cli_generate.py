@@ -1,5 +1,6 @@
 """``tf-diffusion generate`` and the examples, on the embedded tiny-shapes model, offline."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -11,6 +12,7 @@ from PIL import Image
 
 from tf_diffusion import cli
 from tf_diffusion.generate_cli import a1111_parameters, grid, shipped_weights_dir
+from tf_diffusion.pipeline import StableDiffusion
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["--steps", "3", "--no-progress"]
@@ -152,6 +154,40 @@ def test_examples_run_on_the_tiny_model(tmp_path, script, args):
     assert done.returncode == 0, done.stderr[-2000:]
     with Image.open(out) as image:
         assert image.size == (64, 64)
+
+
+def test_training_example_runs_every_stage(tmp_path):
+    """examples/train_shapes.py end to end at toy length: VAE, UNet + text encoder, export, eval."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "model"
+    argv = [
+        sys.executable,
+        str(ROOT / "examples" / "train_shapes.py"),
+        "--stage", "all",
+        "--ckpt-dir", str(ckpt),
+        "--out", str(out),
+        "--vae-steps", "2",
+        "--vae-batch", "4",
+        "--unet-steps", "2",
+        "--unet-batch", "4",
+        "--mention", "color=0.8",
+        "--final-eval-prompts", "2",
+        "--eval-steps", "2",
+    ]  # fmt: skip
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (ckpt / "unet" / "ckpt-00000002.safetensors").is_file()
+    evaluation = json.loads((ckpt / "final_eval.json").read_text())
+    assert evaluation["prompts"] == 2 and evaluation["score"]["counts"]["shape"] == 2
+    assert "## Measured quality" in (out / "MODEL_CARD.md").read_text()
+    sd = StableDiffusion.from_pretrained(str(out))
+    image = sd.generate("a red circle", num_steps=2, seed=0, progress=False)
+    assert np.asarray(image).shape[-3:] == (64, 64, 3)
+    # A second export into the same folder refuses without --overwrite, before training anything.
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode != 0 and "pass --overwrite" in again.stderr
+    bad = subprocess.run(argv[:2] + ["--mention", "colour=0.5"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "mention attribute='colour' is not allowed" in bad.stderr
 
 
 def test_a1111_format_and_grid():

@@ -200,10 +200,46 @@ def test_mention_overrides_change_captions_not_images():
     )
     assert 0.85 < rate[0] < 0.95 and rate[1] == 0.0
     assert all("size" in z.mentions for _, _, (_, z) in items)
-    with pytest.raises(ValueError, match="mention attribute='shape' is not allowed"):
-        shapes.ShapesDataset(0, mention={"shape": 0.5})
+    with pytest.raises(ValueError, match="mention attribute='outline' is not allowed"):
+        shapes.ShapesDataset(0, mention={"outline": 0.5})
     with pytest.raises(ValueError, match=r"position=1.5 must be a number in \[0, 1\]"):
         shapes.sample(0, mention={"position": 1.5})
+
+
+def test_captions_can_leave_out_colour_or_shape():
+    plain = shapes.ShapesDataset(8, "train")
+    partial = shapes.ShapesDataset(8, "train", mention={"color": 0.7, "shape": 0.7})
+    named = []
+    for i in range(400):
+        (a, x), (b, y) = plain[i], partial[i]
+        np.testing.assert_array_equal(a, b)  # same image and attributes, only the caption differs
+        assert (x.shape, x.color, x.position, x.size, x.background) == (
+            y.shape,
+            y.color,
+            y.position,
+            y.size,
+            y.background,
+        )
+        assert set(x.mentions) - {"color", "shape"} == set(y.mentions) - {"color", "shape"}
+        words = set(re.findall(r"[a-z]+", y.caption.replace(f"{y.background} background", "")))
+        assert (y.color in words) == ("color" in y.mentions), y.caption
+        assert (y.shape in words) == ("shape" in y.mentions), y.caption
+        assert ("shape" in words) == ("shape" not in y.mentions), y.caption
+        target = y.target
+        assert target.color == (y.color if "color" in y.mentions else None)
+        assert target.shape == (y.shape if "shape" in y.mentions else None)
+        named.append(["color" in y.mentions, "shape" in y.mentions])
+    np.testing.assert_allclose(np.mean(named, 0), [0.7, 0.7], atol=0.07)
+    assert shapes.make_caption(None, "purple", "small") == "a small purple shape"
+    assert shapes.make_caption("circle", None, position="top", template=1) == "circle, at the top"
+    assert shapes.make_caption(None, None) == "a shape"
+    # A held-out prompt still names both, or it would not ask for the unseen pair.
+    held = shapes.ShapesDataset(8, "heldout", mention={"color": 0.0, "shape": 0.0})
+    assert all({"color", "shape"} <= set(held[i][1].mentions) for i in range(50))
+    # Scoring skips what a target leaves out.
+    image, attrs = partial[0]
+    loose = shapes.Target("a shape", None, None)
+    assert checker.score([image], [loose])["counts"]["shape"] == 0
 
 
 def test_bad_input_raises():

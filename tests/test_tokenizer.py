@@ -323,12 +323,16 @@ def test_loads_a_transformers5_tokenizer_json_folder(tmp_path):
     reference.save(tmp_path / "plain")
     vocab = _json.loads((tmp_path / "plain" / "vocab.json").read_text(encoding="utf-8"))
     merges = [
-        line for line in (tmp_path / "plain" / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if line
+        line
+        for line in (tmp_path / "plain" / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+        if line
     ]
     folder = tmp_path / "v5"
     folder.mkdir()
     model = {"type": "BPE", "vocab": vocab, "merges": [m.split(" ") for m in merges]}
-    (folder / "tokenizer.json").write_text(_json.dumps({"model": model, "added_tokens": []}), encoding="utf-8")
+    (folder / "tokenizer.json").write_text(
+        _json.dumps({"model": model, "added_tokens": []}), encoding="utf-8"
+    )
     (folder / "tokenizer_config.json").write_text(
         _json.dumps({"pad_token": "!", "model_max_length": 77}), encoding="utf-8"
     )

@@ -93,8 +93,10 @@ TEMPLATES = (
     "{a_desc}{bg}{pos}",
     "an image of {a_desc}{pos_c}{bg_c}",
 )
-# How often a caption names each optional attribute (colour and shape are always named).
-MENTION_PROBABILITY = {"size": 0.5, "position": 0.5, "background": 0.35}
+# How often a caption names each attribute. Colour and shape are always named by default; training
+# with some captions that leave one of them out ("a small circle", "a purple shape") shows the model
+# each word away from the other, which helps it draw (shape, colour) pairs it never saw.
+MENTION_PROBABILITY = {"color": 1.0, "shape": 1.0, "size": 0.5, "position": 0.5, "background": 0.35}
 
 # About 10% of the 60 (shape, colour) pairs: one per shape, each colour at most once, so every shape
 # and every colour still appears in training.
@@ -131,11 +133,11 @@ def allowed_backgrounds(color: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What a prompt asks for: shape and colour always, the other attributes only when it names them."""
+    """What a prompt asks for: each attribute when the prompt names it, else None."""
 
     prompt: str
-    shape: str
-    color: str
+    shape: str | None
+    color: str | None
     size: str | None = None
     position: str | None = None
     background: str | None = None
@@ -148,8 +150,9 @@ class ShapeSample:
     Attributes:
         shape, color, size, position, background: the drawn attributes (keys of the vocab dicts).
         caption: the caption text.
-        mentions: which optional attributes the caption names, a subset of ("size", "position",
-            "background").
+        mentions: which attributes the caption names, a subset of ("color", "shape", "size",
+            "position", "background"); colour and shape are named unless the ``mention``
+            probabilities say otherwise.
         bbox: the shape's bounding box in pixels (x0, y0, x1, y1), floats, x1/y1 exclusive.
         center: the bounding-box center (x, y) in pixels.
         heldout: True when the sample has a held-out (shape, colour) or (shape, position) pair.
@@ -171,8 +174,8 @@ class ShapeSample:
         """The caption's demands: attributes it does not name are None."""
         return Target(
             prompt=self.caption,
-            shape=self.shape,
-            color=self.color,
+            shape=self.shape if "shape" in self.mentions else None,
+            color=self.color if "color" in self.mentions else None,
             size=self.size if "size" in self.mentions else None,
             position=self.position if "position" in self.mentions else None,
             background=self.background if "background" in self.mentions else None,
@@ -322,8 +325,8 @@ def _article(word: str) -> str:
 
 
 def make_caption(
-    shape: str,
-    color: str,
+    shape: str | None,
+    color: str | None,
     size: str | None = None,
     position: str | None = None,
     background: str | None = None,
@@ -333,7 +336,8 @@ def make_caption(
     """A caption from ``TEMPLATES[template]``; attributes given as None are left out.
 
     Args:
-        shape, color: always named.
+        shape: the shape; None says "shape" instead ("a purple shape").
+        color: the colour; None leaves it out ("a small circle").
         size, position, background: named when not None.
         template: index into ``TEMPLATES``.
         phrase: index into ``POSITION_PHRASES[position]`` (wraps around).
@@ -341,9 +345,13 @@ def make_caption(
     Example:
         >>> make_caption("circle", "red", "small", "top left", "white")
         'a small red circle in the top left on a white background'
+        >>> make_caption(None, "red", position="top")
+        'a red shape at the top'
     """
-    _check_choice("shape", shape, SHAPES)
-    _check_choice("color", color, COLORS)
+    if shape is not None:
+        _check_choice("shape", shape, SHAPES)
+    if color is not None:
+        _check_choice("color", color, COLORS)
     if size is not None:
         _check_choice("size", size, SIZES)
     if position is not None:
@@ -352,7 +360,7 @@ def make_caption(
         _check_choice("background", background, BACKGROUNDS)
     if not 0 <= template < len(TEMPLATES):
         raise ValueError(f"template={template!r} must be in [0, {len(TEMPLATES)})")
-    desc = f"{size} {color} {shape}" if size else f"{color} {shape}"
+    desc = " ".join(word for word in (size, color, shape or "shape") if word)
     pos = POSITION_PHRASES[position][phrase % len(POSITION_PHRASES[position])] if position else ""
     bg = f"on {_article(background)} {background} background" if background else ""
     return TEMPLATES[template].format(
@@ -410,7 +418,8 @@ def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
 
 
 def mention_probabilities(overrides: dict[str, float] | None = None) -> dict[str, float]:
-    """``MENTION_PROBABILITY`` with some entries replaced, checked: keys size, position, background.
+    """``MENTION_PROBABILITY`` with some entries replaced, checked: keys color, shape, size, position,
+    background.
 
     Raises:
         ValueError: for an unknown attribute or a probability outside [0, 1].
@@ -437,7 +446,9 @@ def sample(
         split: "train" (never a held-out combination) or "heldout" (always one).
         image_size: image side in pixels (>= 16).
         mention: overrides of ``MENTION_PROBABILITY``, e.g. ``{"position": 0.8}`` to name the
-            position in more captions; the image draw is the same whatever the probabilities.
+            position in more captions, or ``{"color": 0.85}`` to leave the colour out of 15%; the
+            image draw is the same whatever the probabilities. The "heldout" split always names
+            colour and shape.
 
     Returns:
         (image uint8 (image_size, image_size, 3), ShapeSample).
@@ -457,19 +468,29 @@ def sample(
     w, h = shape_extent(shape)
     extent = (side * w, side * h)
     cx, cy = _placement(rng, position, extent, n)
-    mentions = tuple(
+    optional = tuple(
         k
         for k in ("size", "position", "background")
         if rng.random() < probability[k] or (k == "position" and name_position)
     )
+    template, phrase = int(rng.integers(len(TEMPLATES))), int(rng.integers(2))
+    # Colour and shape draw only when their probability is below 1, so the default stream (and
+    # every seeded dataset made before they could be left out) is unchanged. A held-out prompt
+    # names both, or it would not ask for the unseen combination.
+    core = tuple(
+        k
+        for k in ("color", "shape")
+        if probability[k] >= 1.0 or split == "heldout" or rng.random() < probability[k]
+    )
+    mentions = core + optional
     caption = make_caption(
-        shape,
-        color,
+        shape if "shape" in mentions else None,
+        color if "color" in mentions else None,
         size if "size" in mentions else None,
         position if "position" in mentions else None,
         background if "background" in mentions else None,
-        template=int(rng.integers(len(TEMPLATES))),
-        phrase=int(rng.integers(2)),
+        template=template,
+        phrase=phrase,
     )
     image = draw(shape, color, background, (cx, cy), side, n)
     attrs = ShapeSample(
