@@ -124,13 +124,21 @@ def test_img2img_converts_rgba_gray_and_16_bit(sd):
     assert run(sd, image=gray, strength=0.7).shape == (1, 32, 32, 3)
 
 
-def test_inpainting_keeps_the_unmasked_region_closer(sd):
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m"])
+def test_inpainting_keeps_the_unmasked_latents(sd, scheduler):
+    """The unmasked latents end exactly at the image's own (diffusers' blend); the masked ones follow the prompt."""
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     mask = np.zeros((32, 32), np.uint8)
-    mask[:, 16:] = 255
-    out = run(sd, image=image, mask=mask, output_type="float")
-    assert out.shape == (1, 32, 32, 3)
+    mask[:, 16:] = 255  # repaint the right half: latent columns 8 and up (VAE factor 2)
+    common = dict(image=image, mask=mask, output_type="latent", scheduler=scheduler, seed=3)
+    a = run(sd, "a red circle", **common)
+    b = run(sd, "a blue star on the left", **common)
+    assert a.shape == (1, 16, 16, 4)
+    np.testing.assert_allclose(a[:, :, :8], b[:, :, :8], atol=1e-5)  # the image's posterior sample
+    assert np.abs(a[:, :, 8:] - b[:, :, 8:]).mean() > 1e-3  # repainted from each prompt
+    pixels = run(sd, "a red circle", image=image, mask=mask, output_type="float", scheduler=scheduler, seed=3)
+    assert pixels.shape == (1, 32, 32, 3)
 
 
 @pytest.mark.parametrize(
