@@ -206,3 +206,20 @@ def test_xla_fused_loop_matches_graph_mode(sd):
     graph = run(sd, scheduler="dpmpp_2m_karras", fused=False, jit_compile=False, output_type="latent")
     # XLA fuses and reorders float32 arithmetic; measured ~2e-4 on latents of scale ~1.
     np.testing.assert_allclose(xla, graph, atol=1e-3)
+
+
+def test_default_compilation_on_cpu():
+    """float32 on a CPU runs under XLA (faster there), fused unless a progress bar shows the steps;
+    a bfloat16 model on a CPU stays in graph mode (XLA was slower there)."""
+    from tf_diffusion.pipeline import StableDiffusion
+
+    sd = StableDiffusion(MICRO)
+    run(sd, scheduler="euler")
+    run(sd, scheduler="ddim", progress=True)
+    modes = {(key[0], key[-2], key[-1]) for key in sd._compiled if key[-1] in ("fused", "step")}
+    assert modes == {("euler", True, "fused"), ("ddim", True, "step")}
+
+    half = StableDiffusion(MICRO, dtype="bfloat16")
+    run(half, scheduler="euler")
+    modes = {(key[0], key[-2], key[-1]) for key in half._compiled if key[-1] in ("fused", "step")}
+    assert modes == {("euler", False, "step")}
