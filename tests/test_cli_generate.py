@@ -59,6 +59,34 @@ def test_never_overwrites_without_flag(tmp_path, capsys):
     assert out.read_bytes() != b"keep me"
 
 
+def test_output_gets_the_usual_file_mode(tmp_path):
+    """Written through a private temporary file, the PNG still gets 0666 minus the umask, as open() gives."""
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "mode.png"
+        assert cli.main(["generate", "a red circle", "-o", str(out), *FAST]) == 0
+        assert out.stat().st_mode & 0o777 == 0o644
+        assert [p.name for p in tmp_path.iterdir()] == ["mode.png"]  # no temporary file left
+    finally:
+        os.umask(umask)
+
+
+def test_publish_never_replaces_a_file_that_appeared(tmp_path):
+    from tf_diffusion.fileio import publish
+
+    tmp, target = tmp_path / ".t.tmp", tmp_path / "t.png"
+    tmp.write_bytes(b"new")
+    target.write_bytes(b"old")  # appeared after the caller's first check
+    with pytest.raises(FileExistsError, match="appeared while writing; pass --overwrite"):
+        publish(tmp, target, False, "pass --overwrite to replace it")
+    assert target.read_bytes() == b"old" and tmp.exists()
+    publish(tmp, target, True)
+    assert target.read_bytes() == b"new" and not tmp.exists()
+    tmp.write_bytes(b"fresh")
+    publish(tmp, tmp_path / "u.png", False)
+    assert (tmp_path / "u.png").read_bytes() == b"fresh" and not tmp.exists()
+
+
 def test_num_images_files_and_grid(tmp_path):
     out = tmp_path / "many.png"
     assert (

@@ -18,6 +18,8 @@ import tempfile
 
 import numpy as np
 
+from tf_diffusion.fileio import publish
+
 DEFAULT_MODEL = "tiny-shapes"
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -107,7 +109,7 @@ def save_png(image: np.ndarray, path: pathlib.Path, parameters: str | None, over
     try:
         with os.fdopen(fd, "wb") as handle:
             Image.fromarray(image).save(handle, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        publish(tmp, path, overwrite, "pass --overwrite to replace it")
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from tf_diffusion.fileio import publish
 from tf_diffusion.weights.lazy import BFLOAT16, LazyTensor
 
 # Little-endian on disk whatever the host; bfloat16 and 1-byte types have no byte order in numpy.
@@ -334,13 +335,7 @@ def save_safetensors(
                 f.write(np.asarray(array, dtype=DTYPES[code], order="C").reshape(-1).view(np.uint8))
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if not overwrite and os.path.exists(path):
-            raise FileExistsError(f"{path}: appeared while writing; pass overwrite=True to replace it")
-        os.replace(tmp, path)
+        publish(tmp, path, overwrite)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
