@@ -171,7 +171,8 @@ def test_writer_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):
     def fail(src, dst):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(safetensors_io.os, "replace", fail)
+    monkeypatch.setattr(safetensors_io.os, "replace", fail)  # the move with overwrite=True
+    monkeypatch.setattr(safetensors_io.os, "link", fail)  # the no-clobber move
     with pytest.raises(OSError, match="disk on fire"):
         save_safetensors({"a": np.ones(2, np.float32)}, path, overwrite=True)
     with pytest.raises(OSError, match="disk on fire"):
