@@ -320,8 +320,11 @@ class StableDiffusion:
 
         The VAE runs in float32 when the rest of the model is float16, so the
         decode never overflows to NaN or black images (diffusers upcasts likewise).
+        It is compiled as the denoising loop is by default: XLA on accelerators, under
+        JAX and in float32 on a CPU, graph mode otherwise.
         """
-        fn = self._get_compiled("decode", lambda: _compile(self.vae.decode, jit_compile=False))
+        jit = _default_jit_compile(self.vae, _has_accelerator())
+        fn = self._get_compiled(("decode", jit), lambda: _compile(self.vae.decode, jit_compile=jit))
         return ops.convert_to_numpy(ops.cast(fn(ops.convert_to_tensor(latents, "float32")), "float32"))
 
     @staticmethod
