@@ -128,10 +128,10 @@ class ShardedStableDiffusion:
     ) -> np.ndarray:
         """Replaces ``StableDiffusion._denoise``: the fused loop on every replica's slice of the batch."""
         del callback, progress, fused
-        from tf_diffusion.pipeline import _has_accelerator
+        from tf_diffusion.pipeline import has_accelerator
 
         if jit_compile is None:
-            jit_compile = _has_accelerator()
+            jit_compile = has_accelerator()
         x = np.asarray(x, np.float32)
         n = x.shape[0]
         context = np.asarray(context, np.float32)

@@ -183,7 +183,7 @@ def _open_image(path: str, what: str):
 def run(args: argparse.Namespace) -> int:
     """Generate and save; returns the exit status."""
     from tf_diffusion.noise import NoiseSource
-    from tf_diffusion.pipeline import StableDiffusion
+    from tf_diffusion.pipeline import StableDiffusion, has_accelerator
 
     output = pathlib.Path(args.output)
     paths, grid_path = output_paths(output, args.num_images if args.num_images > 0 else 1)
@@ -218,6 +218,9 @@ def run(args: argparse.Namespace) -> int:
         strength=args.strength,
         mask=mask,
         progress=not args.no_progress,
+        # One call per process: on a CPU, XLA's extra compile time (seconds) outweighs what it saves
+        # on one image, so the command stays in graph mode there; accelerators keep the XLA default.
+        jit_compile=None if has_accelerator() else False,
     )
     height, width = images.shape[1:3]
     strength = None

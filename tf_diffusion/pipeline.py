@@ -189,7 +189,7 @@ class StableDiffusion:
             progress: show a progress bar over the steps.
             output_type: "uint8" (N, H, W, 3) in [0, 255], "float" in [0, 1], or
                 "latent" (the final scaled latents, NHWC).
-            jit_compile: compile the denoising loop with XLA; default on with an accelerator,
+            jit_compile: compile the denoising loop and the decode with XLA; default on with an accelerator,
                 under JAX, and for a float32 model on a CPU; graph mode for a bfloat16 / float16
                 model on a CPU (faster there).
             fused: run the whole loop as one compiled function (``ops.fori_loop``) rather
@@ -310,20 +310,20 @@ class StableDiffusion:
         )
         if output_type == "latent":
             return x
-        decoded = self.decode(x / sf)
+        decoded = self.decode(x / sf, jit_compile=jit_compile)
         if output_type == "float":
             return np.clip(decoded * 0.5 + 0.5, 0.0, 1.0)
         return image_utils.to_uint8(decoded)
 
-    def decode(self, latents) -> np.ndarray:
+    def decode(self, latents, jit_compile: bool | None = None) -> np.ndarray:
         """Unscaled latents (N, h, w, C) -> images (N, H, W, 3) in [-1, 1] as float32.
 
         The VAE runs in float32 when the rest of the model is float16, so the
         decode never overflows to NaN or black images (diffusers upcasts likewise).
-        It is compiled as the denoising loop is by default: XLA on accelerators, under
-        JAX and in float32 on a CPU, graph mode otherwise.
+        ``jit_compile`` as in ``generate``: by default XLA on accelerators, under JAX and
+        in float32 on a CPU, graph mode otherwise.
         """
-        jit = _default_jit_compile(self.vae, _has_accelerator())
+        jit = _default_jit_compile(self.vae, has_accelerator()) if jit_compile is None else bool(jit_compile)
         fn = self._get_compiled(("decode", jit), lambda: _compile(self.vae.decode, jit_compile=jit))
         return ops.convert_to_numpy(ops.cast(fn(ops.convert_to_tensor(latents, "float32")), "float32"))
 
@@ -380,7 +380,7 @@ class StableDiffusion:
         every step count and prompt; the compiled function is cached per sampler
         and feature set.
         """
-        accelerator = _has_accelerator()
+        accelerator = has_accelerator()
         if jit_compile is None:
             jit_compile = _default_jit_compile(self.unet, accelerator)
         key = (
@@ -569,7 +569,8 @@ def _default_jit_compile(unet, accelerator: bool) -> bool:
     return keras.backend.standardize_dtype(unet.compute_dtype) == "float32"
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
+    """Whether the active Keras backend sees a GPU or TPU."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
