@@ -99,8 +99,12 @@ class ShardedStableDiffusion:
 
     # ------------------------------------------------------------------ parts
 
-    def decode(self, latents) -> np.ndarray:
-        """``StableDiffusion.decode`` (unscaled latents -> images in [-1, 1]), data-parallel."""
+    def decode(self, latents, jit_compile: bool | None = None) -> np.ndarray:
+        """``StableDiffusion.decode`` (unscaled latents -> images in [-1, 1]), data-parallel.
+
+        Always compiled without XLA here (``jit_compile`` is accepted for the same signature).
+        """
+        del jit_compile
         latents = np.asarray(latents, np.float32)
         vae = self.sd.vae
 
