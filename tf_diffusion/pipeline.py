@@ -556,7 +556,7 @@ def _vae_dtype(dtype):
     return "float32" if "float16" in str(name) and "bfloat16" not in str(name) else dtype
 
 
-def _default_jit_compile(unet, accelerator: bool) -> bool:
+def _default_jit_compile(model, accelerator: bool) -> bool:
     """XLA where it is the faster choice: on accelerators, under JAX, and for float32 on a CPU.
 
     On this project's CPU (benchmarks/README.md) XLA ran the float32 SD 1.5 UNet step at 256 in
@@ -566,7 +566,7 @@ def _default_jit_compile(unet, accelerator: bool) -> bool:
     """
     if accelerator or keras.backend.backend() == "jax":
         return True
-    return keras.backend.standardize_dtype(unet.compute_dtype) == "float32"
+    return keras.backend.standardize_dtype(model.compute_dtype) == "float32"
 
 
 def has_accelerator() -> bool:
