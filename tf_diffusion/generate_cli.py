@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sysconfig
 import tempfile
 
 import numpy as np
@@ -41,9 +42,25 @@ A1111_SAMPLERS = {
 
 
 def shipped_weights_dir() -> pathlib.Path:
-    """Where the embedded models live: ``$TF_DIFFUSION_WEIGHTS`` or the repository's ``weights/``."""
+    """Where the embedded models live.
+
+    In order: ``$TF_DIFFUSION_WEIGHTS``; the repository's ``weights/`` (a source checkout or an editable
+    install); ``share/tf_diffusion/weights`` under the installation's data directory, where a wheel puts
+    them (setup.cfg's ``data_files``; a ``--user`` install puts them under the user base). When none
+    exists, the repository path, so that errors name where the weights were expected.
+    """
     env = os.environ.get("TF_DIFFUSION_WEIGHTS")
-    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[1] / "weights"
+    if env:
+        return pathlib.Path(env)
+    repo = pathlib.Path(__file__).resolve().parents[1] / "weights"
+    candidates = [repo]
+    for scheme in (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user")):
+        data = pathlib.Path(sysconfig.get_path("data", scheme))
+        candidates.append(data / "share" / "tf_diffusion" / "weights")
+    for path in candidates:
+        if path.is_dir():
+            return path
+    return repo
 
 
 def resolve_model(name: str) -> str:
