@@ -26,10 +26,13 @@ SETUP = {
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        scope = strategy.scope  # mirrored variables, as the docs ask
         """,
     "jax": """
         import jax, keras
+        import contextlib
         strategy = keras.distribution.DataParallel(devices=jax.devices())
+        scope = contextlib.nullcontext
         """,
 }
 
@@ -41,7 +44,8 @@ SCRIPT = """
     from tf_diffusion.pipeline import StableDiffusion
     from tf_diffusion.distributed import ShardedStableDiffusion
 
-    sd = StableDiffusion(MICRO)
+    with scope():
+        sd = StableDiffusion(MICRO)
     sharded = ShardedStableDiffusion(sd, strategy)
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
@@ -55,10 +59,11 @@ SCRIPT = """
         cases = {{"txt2img_euler_a": dict(scheduler="euler_a")}}
     out, devices = {{}}, {{}}
     for name, extra in cases.items():
-        kw = dict(num_steps=3, seed=4, progress=False, output_type="float", **extra)
-        out[name + "_sharded"] = sharded.generate({prompts!r}, **kw)
-        devices[name] = list(sharded.last_devices)
-        out[name + "_single"] = sd.generate({prompts!r}, fused=True, jit_compile={jit}, **kw)
+        for jit in {jits!r}:
+            kw = dict(num_steps=3, seed=4, progress=False, output_type="float", jit_compile=jit, **extra)
+            out[f"{{name}}_{{jit}}_sharded"] = sharded.generate({prompts!r}, **kw)
+            devices[f"{{name}}_{{jit}}"] = list(sharded.last_devices)
+            out[f"{{name}}_{{jit}}_single"] = sd.generate({prompts!r}, fused=True, **kw)
     np.savez(sys.argv[1], **out)
     print(json.dumps({{"replicas": sharded.num_replicas, "devices": devices}}))
     """
@@ -68,9 +73,10 @@ def _run(backend: str, tmp_path, inpaint: bool) -> tuple[dict, dict]:
     import json
 
     tests = os.path.dirname(os.path.abspath(__file__))
-    # The single-device reference runs the same fused loop: graph mode on TensorFlow, jit on JAX.
-    jit = backend == "jax"
-    body = textwrap.dedent(SCRIPT).format(tests=tests, prompts=PROMPTS, inpaint=inpaint, jit=jit)
+    # Both runs compile alike: the default (None: XLA for float32, also on a CPU, as for one device) and,
+    # on TensorFlow, graph mode too. JAX always compiles.
+    jits = [None, False] if backend == "tensorflow" else [None]
+    body = textwrap.dedent(SCRIPT).format(tests=tests, prompts=PROMPTS, inpaint=inpaint, jits=jits)
     script = textwrap.dedent(SETUP[backend]) + body
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND=backend)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), env.get("PYTHONPATH", "")])
@@ -98,17 +104,20 @@ def test_mirrored_strategy_on_two_cpus_equals_one_device(tmp_path):
     assert info["replicas"] == 2
     for name, devices in info["devices"].items():
         assert [d.rsplit("/", 1)[-1] for d in devices] == ["device:CPU:0", "device:CPU:1"], (name, devices)
-    sharded, single = out["inpaint_euler_a_sharded"], out["inpaint_euler_a_single"]
-    assert sharded.shape == (3, 32, 32, 3)
-    np.testing.assert_allclose(sharded, single, atol=1e-5)
+    for jit in ("None", "False"):
+        sharded, single = out[f"inpaint_euler_a_{jit}_sharded"], out[f"inpaint_euler_a_{jit}_single"]
+        assert sharded.shape == (3, 32, 32, 3)
+        np.testing.assert_allclose(sharded, single, atol=1e-5, err_msg=f"jit_compile={jit}")
 
 
 def test_keras_distribution_on_two_jax_devices_equals_one_device(tmp_path):
     pytest.importorskip("jax")
     out, info = _run("jax", tmp_path, inpaint=False)
     assert info["replicas"] == 2
-    assert len(info["devices"]["txt2img_euler_a"]) == 2
-    np.testing.assert_allclose(out["txt2img_euler_a_sharded"], out["txt2img_euler_a_single"], atol=1e-5)
+    assert len(info["devices"]["txt2img_euler_a_None"]) == 2
+    np.testing.assert_allclose(
+        out["txt2img_euler_a_None_sharded"], out["txt2img_euler_a_None_single"], atol=1e-5
+    )
 
 
 def test_bad_arguments():

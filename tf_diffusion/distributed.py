@@ -102,9 +102,13 @@ class ShardedStableDiffusion:
     def decode(self, latents, jit_compile: bool | None = None) -> np.ndarray:
         """``StableDiffusion.decode`` (unscaled latents -> images in [-1, 1]), data-parallel.
 
-        Always compiled without XLA here (``jit_compile`` is accepted for the same signature).
+        ``jit_compile=None`` chooses as ``StableDiffusion.decode`` does (XLA on accelerators and for
+        float32 on a CPU, graph mode for reduced precision on a CPU).
         """
-        del jit_compile
+        from tf_diffusion.pipeline import _default_jit_compile, has_accelerator
+
+        if jit_compile is None:
+            jit_compile = _default_jit_compile(self.sd.vae, has_accelerator())
         latents = np.asarray(latents, np.float32)
         vae = self.sd.vae
 
@@ -112,7 +116,8 @@ class ShardedStableDiffusion:
             del replicated
             return keras.ops.cast(vae.decode(inputs["latents"]), "float32")
 
-        return self._run(("decode",), decode, {"latents": latents}, {}, {}, jit_compile=False)
+        key = ("decode", bool(jit_compile))
+        return self._run(key, decode, {"latents": latents}, {}, {}, jit_compile=bool(jit_compile))
 
     def _denoise(
         self,
@@ -132,10 +137,10 @@ class ShardedStableDiffusion:
     ) -> np.ndarray:
         """Replaces ``StableDiffusion._denoise``: the fused loop on every replica's slice of the batch."""
         del callback, progress, fused
-        from tf_diffusion.pipeline import has_accelerator
+        from tf_diffusion.pipeline import _default_jit_compile, has_accelerator
 
-        if jit_compile is None:
-            jit_compile = has_accelerator()
+        if jit_compile is None:  # the same choice as StableDiffusion.generate
+            jit_compile = _default_jit_compile(self.sd.unet, has_accelerator())
         x = np.asarray(x, np.float32)
         n = x.shape[0]
         context = np.asarray(context, np.float32)
@@ -226,7 +231,14 @@ class ShardedStableDiffusion:
             tpu_types = (tf.distribute.TPUStrategy, getattr(tf.distribute.experimental, "TPUStrategy", ()))
             on_tpu = isinstance(strategy, tuple(t for t in tpu_types if isinstance(t, type)))
             # TPUStrategy compiles each replica's function with XLA already; elsewhere XLA is opt-in.
-            replica_fn = fn if on_tpu or not jit_compile else tf.function(fn, jit_compile=True)
+            if on_tpu or not jit_compile:
+                replica_fn = fn
+            else:
+                # A fresh XLA function per replica, traced in that replica's context: MirroredStrategy
+                # traces one shared tf.function once for all replicas, as one XLA program that then
+                # cannot read the mirrored variables held on the other devices.
+                def replica_fn(inputs, shared):
+                    return tf.function(fn, jit_compile=True)(inputs, shared)
 
             @tf.function(autograph=False, reduce_retracing=True)
             def distributed(inputs, shared):
