@@ -32,6 +32,17 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _share(text: str) -> float:
+    """A fraction in [0, 1] for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number in [0, 1]")
+    return value
+
+
 def _mention_arg(text: str) -> tuple[str, float]:
     """``ATTR=P`` -> (attr, p), checked against ``shapes.MENTION_PROBABILITY``."""
     from tf_diffusion import shapes
@@ -58,6 +69,32 @@ def shapes_batches(seed: int, batch_size: int, mention: dict[str, float] | None 
 
     def make_batch(k: int):
         images, captions, _ = data.batch(k * batch_size, batch_size)
+        return images, captions
+
+    return make_batch
+
+
+def small_heavy_batches(seed: int, batch_size: int, small_share: float):
+    """make_batch(k) like ``shapes_batches``, with ``small_share`` of each batch drawn from small shapes.
+
+    For the VAE decoder: small shapes (about 14 pixels across at 64x64, 3.5 latent cells) lose their
+    corners and points first. Slot j of batch k takes the first small shape among training items
+    8 * (k * batch_size + j) ... + 7 (so every batch is deterministic and independent of the others),
+    or the first of them if none is small (about 4% of slots).
+    """
+    from tf_diffusion import shapes
+
+    data = shapes.ShapesDataset(seed, "train")
+    small = int(round(small_share * batch_size))
+
+    def make_batch(k: int):
+        images, captions, _ = data.batch(k * batch_size, batch_size)
+        images = images.copy()
+        for j in range(small):
+            base = 8 * (k * batch_size + j)
+            candidates = [data[base + i] for i in range(8)]
+            image, attrs = next((c for c in candidates if c[1].size == "small"), candidates[0])
+            images[j], captions[j] = image, attrs.caption
         return images, captions
 
     return make_batch
@@ -177,7 +214,10 @@ def train_vae_decoder(args, config) -> dict:
         ),
         train="vae_decoder",
     )
-    make_batch = shapes_batches(args.seed + 3, args.vae_batch)
+    if args.vae_small_share:
+        make_batch = small_heavy_batches(args.seed + 3, args.vae_batch, args.vae_small_share)
+    else:
+        make_batch = shapes_batches(args.seed + 3, args.vae_batch)
     tokenizer = _tokenizer(config)
     trainer.fit(
         lambda start: dataset_from_generator(make_batch, tokenizer, args.vae_batch, 64, start=start),
@@ -567,6 +607,12 @@ def main(argv=None) -> int:
     p.add_argument("--vae-minutes", type=float, default=20)
     p.add_argument("--kl-weight", type=float, default=1e-5)
     p.add_argument("--vae-loss", choices=("l1", "l2", "l1+l2"), default="l1+l2")
+    p.add_argument(
+        "--vae-small-share",
+        type=_share,
+        default=0.0,
+        help="vae_decoder stage: fraction of each batch drawn from small shapes (default 0: as drawn)",
+    )
     p.add_argument("--unet-steps", type=int, default=100_000)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=3e-4)

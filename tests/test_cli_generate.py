@@ -13,6 +13,7 @@ from PIL import Image
 from tf_diffusion import cli
 from tf_diffusion.generate_cli import a1111_parameters, grid, shipped_weights_dir
 from tf_diffusion.pipeline import StableDiffusion
+from tf_diffusion.weights.safetensors_io import load_safetensors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["--steps", "3", "--no-progress"]
@@ -211,11 +212,26 @@ def test_training_example_runs_every_stage(tmp_path):
     sd = StableDiffusion.from_pretrained(str(out))
     image = sd.generate("a red circle", num_steps=2, seed=0, progress=False)
     assert np.asarray(image).shape[-3:] == (64, 64, 3)
+    # The decoder-only fine-tune with small shapes over-represented: the encoder (so the UNet's latent
+    # space) stays as it was, the decoder moves.
+    decoder = [
+        *argv[:2], "--stage", "vae_decoder", "--ckpt-dir", str(ckpt),
+        "--vae-steps", "2", "--vae-batch", "4", "--vae-small-share", "0.5",
+    ]  # fmt: skip
+    done = subprocess.run(decoder, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = load_safetensors(str(ckpt / "vae_stage1.safetensors"))
+    tuned = load_safetensors(str(ckpt / "vae_final.safetensors"))
+    assert first.keys() == tuned.keys()
+    moved = {k for k in first if not np.array_equal(first[k], tuned[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved), sorted(moved)[:5]
     # A second export into the same folder refuses without --overwrite, before training anything.
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode != 0 and "pass --overwrite" in again.stderr
     bad = subprocess.run(argv[:2] + ["--mention", "colour=0.5"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "mention attribute='colour' is not allowed" in bad.stderr
+    bad = subprocess.run(argv[:2] + ["--vae-small-share", "1.5"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "'1.5' must be a number in [0, 1]" in bad.stderr
 
 
 def test_a1111_format_and_grid():
