@@ -92,8 +92,14 @@ def small_heavy_batches(seed: int, batch_size: int, small_share: float):
         images = images.copy()
         for j in range(small):
             base = 8 * (k * batch_size + j)
-            candidates = [data[base + i] for i in range(8)]
-            image, attrs = next((c for c in candidates if c[1].size == "small"), candidates[0])
+            first = None
+            for i in range(8):
+                image, attrs = data[base + i]
+                first = first or (image, attrs)
+                if attrs.size == "small":
+                    break
+            else:
+                image, attrs = first
             images[j], captions[j] = image, attrs.caption
         return images, captions
 
