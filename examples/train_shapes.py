@@ -660,7 +660,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--final-eval-prompts", type=int, default=200)
     args = p.parse_args(argv)
 

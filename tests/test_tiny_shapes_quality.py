@@ -1,9 +1,10 @@
 """The embedded tiny-shapes model follows prompts: scored by the independent pixel checker.
 
-The model card measures 200 held-out prompts (colour 95.0%, shape 89.0%, position 100%, background
-98.4%); this checks 24 others at default settings (16 of them name a position) against thresholds far
-above chance (colour 10%, shape 17%, position 11%, background 20%) and below what was measured here
-(colour 0.875, shape 0.917, position 1.0), so a broken text path, sampler, schedule or VAE fails it.
+The model card measures 200 held-out prompts (colour 97.5%, shape 95.5%, position 100%, background
+100%); this checks 24 others at default settings (16 of them name a position) against thresholds far
+above chance (colour 10%, shape 17%, position 11%, background 20%) and a few prompts below what was
+measured here (colour 1.0, shape 0.917, position 1.0), so a broken text path, sampler, schedule or VAE
+fails it.
 """
 
 import numpy as np
@@ -25,8 +26,8 @@ def test_heldout_prompts_score_above_chance():
         "tiny-shapes held-out accuracy:",
         {k: score[k] for k in ("color", "shape", "position", "size", "background")},
     )
-    assert score["color"] >= 0.8
-    assert score["shape"] >= 0.7
-    assert score["counts"]["position"] >= 10 and score["position"] >= 0.7
+    assert score["color"] >= 0.85
+    assert score["shape"] >= 0.75
+    assert score["counts"]["position"] >= 10 and score["position"] >= 0.8
     if score["counts"].get("background", 0) >= 3:
         assert score["background"] >= 0.6

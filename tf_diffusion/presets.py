@@ -57,7 +57,7 @@ _TINY_SHAPES = PipelineConfig(
     default_size=64,
     # The settings its model card measures quality and speed at.
     default_steps=20,
-    default_guidance=5.0,
+    default_guidance=4.0,
     default_sampler="dpmpp_2m",
 )
 
