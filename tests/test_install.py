@@ -110,3 +110,24 @@ def test_installed_wheel_generates_offline(wheel, tmp_path):
     with Image.open(out) as image:
         assert image.size == (64, 64)
         assert "Model: tiny-shapes" in image.info["parameters"]
+
+
+def test_shipped_model_lookup(tmp_path, monkeypatch):
+    from tf_diffusion.generate_cli import resolve_model, shipped_weights_dir, shipped_weights_dirs
+
+    monkeypatch.delenv("TF_DIFFUSION_WEIGHTS", raising=False)
+    dirs = shipped_weights_dirs()
+    assert dirs[0] == ROOT / "weights" and len(dirs) == 3
+    assert all(d.parts[-3:] == ("share", "tf_diffusion", "weights") for d in dirs[1:])
+    assert shipped_weights_dir() == ROOT / "weights"
+    assert resolve_model("tiny-shapes") == str(MODEL)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("TF_DIFFUSION_WEIGHTS", str(empty))
+    assert shipped_weights_dirs() == [empty]
+    with pytest.raises(ValueError, match=r"preset 'tiny-shapes' has no shipped weights \(looked in .*empty"):
+        resolve_model("tiny-shapes")
+    assert resolve_model("someone/some-model") == "someone/some-model"  # not a preset: a hub id or path
+    (empty / "tiny-shapes").mkdir()
+    assert resolve_model("tiny-shapes") == str(empty / "tiny-shapes")

@@ -41,38 +41,43 @@ A1111_SAMPLERS = {
 }
 
 
-def shipped_weights_dir() -> pathlib.Path:
-    """Where the embedded models live.
+def shipped_weights_dirs() -> list[pathlib.Path]:
+    """Where embedded models may live, in the order they are searched.
 
-    In order: ``$TF_DIFFUSION_WEIGHTS``; the repository's ``weights/`` (a source checkout or an editable
-    install); ``share/tf_diffusion/weights`` under the installation's data directory, where a wheel puts
-    them (setup.cfg's ``data_files``; a ``--user`` install puts them under the user base). When none
-    exists, the repository path, so that errors name where the weights were expected.
+    ``$TF_DIFFUSION_WEIGHTS`` alone when set; otherwise the repository's ``weights/`` (a source checkout
+    or an editable install), then ``share/tf_diffusion/weights`` under the installation's data directory,
+    where a wheel puts them (setup.cfg's ``data_files``), then the same under the user base (``--user``).
     """
     env = os.environ.get("TF_DIFFUSION_WEIGHTS")
     if env:
-        return pathlib.Path(env)
-    repo = pathlib.Path(__file__).resolve().parents[1] / "weights"
-    candidates = [repo]
+        return [pathlib.Path(env)]
+    dirs = [pathlib.Path(__file__).resolve().parents[1] / "weights"]
     for scheme in (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user")):
-        data = pathlib.Path(sysconfig.get_path("data", scheme))
-        candidates.append(data / "share" / "tf_diffusion" / "weights")
-    for path in candidates:
-        if path.is_dir():
-            return path
-    return repo
+        dirs.append(pathlib.Path(sysconfig.get_path("data", scheme)) / "share" / "tf_diffusion" / "weights")
+    return dirs
+
+
+def shipped_weights_dir() -> pathlib.Path:
+    """The folder that holds the default embedded model (the first of ``shipped_weights_dirs`` with it).
+
+    When none has it, the first candidate, so that errors name where the weights were expected.
+    """
+    dirs = shipped_weights_dirs()
+    return next((d for d in dirs if (d / DEFAULT_MODEL / "config.json").is_file()), dirs[0])
 
 
 def resolve_model(name: str) -> str:
-    """A model argument as a path or hub id: shipped preset names map to their folder under weights/."""
-    shipped = shipped_weights_dir() / name
-    if shipped.is_dir():
-        return str(shipped)
+    """A model argument as a path or hub id: shipped preset names map to their folder of shipped weights."""
+    dirs = shipped_weights_dirs()
+    for base in dirs:
+        if (base / name).is_dir():
+            return str(base / name)
     from tf_diffusion.presets import PRESETS
 
     if name in PRESETS:
+        looked = ", ".join(str(d / name) for d in dirs)
         raise ValueError(
-            f"preset {name!r} has no shipped weights (looked in {shipped}); pass a checkpoint file, a folder "
+            f"preset {name!r} has no shipped weights (looked in {looked}); pass a checkpoint file, a folder "
             f"or a hub id with --model"
         )
     return name
