@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tf_diffusion import cli
-from tf_diffusion.generate_cli import a1111_parameters, grid, shipped_weights_dir
+from tf_diffusion.generate_cli import DEFAULT_MODEL, a1111_parameters, grid, resolve_model
 from tf_diffusion.pipeline import StableDiffusion
 from tf_diffusion.weights.safetensors_io import load_safetensors
 
@@ -21,7 +21,7 @@ FAST = ["--steps", "3", "--no-progress"]
 
 @pytest.fixture(scope="module", autouse=True)
 def shipped_model():
-    path = shipped_weights_dir() / "tiny-shapes"
+    path = pathlib.Path(resolve_model(DEFAULT_MODEL))
     assert (path / "config.json").is_file(), f"the embedded model is missing: {path}"
     return path
 

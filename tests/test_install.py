@@ -2,7 +2,7 @@
 
 The README's first command uses an editable install, which finds ``weights/`` in the checkout. A wheel has
 no checkout beside it: setup.cfg's ``data_files`` put the model under the installation's ``share/`` folder,
-where ``shipped_weights_dir`` looks next. This builds the wheel from a copy of the project, checks that it
+where ``resolve_model`` looks next. This builds the wheel from a copy of the project, checks that it
 holds every shipped file byte for byte, installs it into a fresh virtual environment (reusing this
 environment's TensorFlow through ``--system-site-packages``, with no index) and runs the CLI there from an
 unrelated directory.
@@ -79,7 +79,7 @@ def test_installed_wheel_generates_offline(wheel, tmp_path):
             str(python),
             "-c",
             "import tf_diffusion, tf_diffusion.generate_cli as g; print(tf_diffusion.__file__); "
-            "print(g.shipped_weights_dir())",
+            "print(g.resolve_model('tiny-shapes'))",
         ],
         cwd=work,
     ).stdout.split("\n")
@@ -113,13 +113,12 @@ def test_installed_wheel_generates_offline(wheel, tmp_path):
 
 
 def test_shipped_model_lookup(tmp_path, monkeypatch):
-    from tf_diffusion.generate_cli import resolve_model, shipped_weights_dir, shipped_weights_dirs
+    from tf_diffusion.generate_cli import resolve_model, shipped_weights_dirs
 
     monkeypatch.delenv("TF_DIFFUSION_WEIGHTS", raising=False)
     dirs = shipped_weights_dirs()
     assert dirs[0] == ROOT / "weights" and len(dirs) == 3
     assert all(d.parts[-3:] == ("share", "tf_diffusion", "weights") for d in dirs[1:])
-    assert shipped_weights_dir() == ROOT / "weights"
     assert resolve_model("tiny-shapes") == str(MODEL)
 
     empty = tmp_path / "empty"

@@ -10,7 +10,7 @@ fails it.
 import numpy as np
 
 from tf_diffusion import shapes, shapes_checker
-from tf_diffusion.generate_cli import shipped_weights_dir
+from tf_diffusion.generate_cli import DEFAULT_MODEL, resolve_model
 
 PROMPTS = 24
 
@@ -18,7 +18,7 @@ PROMPTS = 24
 def test_heldout_prompts_score_above_chance():
     from tf_diffusion.pipeline import StableDiffusion
 
-    sd = StableDiffusion.from_pretrained(shipped_weights_dir() / "tiny-shapes")
+    sd = StableDiffusion.from_pretrained(resolve_model(DEFAULT_MODEL))
     targets = shapes.heldout_prompts(PROMPTS, seed=123)
     images = np.concatenate([sd.generate(t.prompt, seed=i, progress=False) for i, t in enumerate(targets)])
     score = shapes_checker.score(images, targets)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-from tf_diffusion.pipeline import StableDiffusion
+from tf_diffusion.pipeline import StableDiffusion, _default_jit_compile, has_accelerator
 
 
 class ShardedStableDiffusion:
@@ -105,8 +105,6 @@ class ShardedStableDiffusion:
         ``jit_compile=None`` chooses as ``StableDiffusion.decode`` does (XLA on accelerators and for
         float32 on a CPU, graph mode for reduced precision on a CPU).
         """
-        from tf_diffusion.pipeline import _default_jit_compile, has_accelerator
-
         if jit_compile is None:
             jit_compile = _default_jit_compile(self.sd.vae, has_accelerator())
         latents = np.asarray(latents, np.float32)
@@ -137,8 +135,6 @@ class ShardedStableDiffusion:
     ) -> np.ndarray:
         """Replaces ``StableDiffusion._denoise``: the fused loop on every replica's slice of the batch."""
         del callback, progress, fused
-        from tf_diffusion.pipeline import _default_jit_compile, has_accelerator
-
         if jit_compile is None:  # the same choice as StableDiffusion.generate
             jit_compile = _default_jit_compile(self.sd.unet, has_accelerator())
         x = np.asarray(x, np.float32)
@@ -230,7 +226,7 @@ class ShardedStableDiffusion:
         if key not in self._compiled:
             tpu_types = (tf.distribute.TPUStrategy, getattr(tf.distribute.experimental, "TPUStrategy", ()))
             on_tpu = isinstance(strategy, tuple(t for t in tpu_types if isinstance(t, type)))
-            # TPUStrategy compiles each replica's function with XLA already; elsewhere XLA is opt-in.
+            # TPUStrategy compiles each replica's function with XLA already; elsewhere only when asked.
             if on_tpu or not jit_compile:
                 replica_fn = fn
             else:

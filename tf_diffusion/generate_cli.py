@@ -57,15 +57,6 @@ def shipped_weights_dirs() -> list[pathlib.Path]:
     return dirs
 
 
-def shipped_weights_dir() -> pathlib.Path:
-    """The folder that holds the default embedded model (the first of ``shipped_weights_dirs`` with it).
-
-    When none has it, the first candidate, so that errors name where the weights were expected.
-    """
-    dirs = shipped_weights_dirs()
-    return next((d for d in dirs if (d / DEFAULT_MODEL / "config.json").is_file()), dirs[0])
-
-
 def resolve_model(name: str) -> str:
     """A model argument as a path or hub id: shipped preset names map to their folder of shipped weights."""
     dirs = shipped_weights_dirs()
