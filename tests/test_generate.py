@@ -211,13 +211,20 @@ def test_xla_fused_loop_matches_graph_mode(sd):
 def test_default_compilation_on_cpu():
     """float32 on a CPU runs under XLA (faster there), fused unless a progress bar shows the steps;
     a bfloat16 model on a CPU stays in graph mode (XLA was slower there)."""
-    from tf_diffusion.pipeline import StableDiffusion
+    from tf_diffusion.pipeline import ISLANDS, StableDiffusion
 
     sd = StableDiffusion(MICRO)
     run(sd, scheduler="euler")
     run(sd, scheduler="ddim", progress=True)
     modes = {(key[0], key[-2], key[-1]) for key in sd._compiled if key[-1] in ("fused", "step")}
     assert modes == {("euler", True, "fused"), ("ddim", True, "step")}
+
+    # Above 32x32 latents (this micro model: images above 64x64), graph mode with XLA islands.
+    big = run(sd, scheduler="euler", height=72, width=72, output_type="latent")
+    modes = {(key[0], key[-2], key[-1]) for key in sd._compiled if key[-1] in ("fused", "step")}
+    assert ("euler", ISLANDS, "fused") in modes
+    graph = run(sd, scheduler="euler", height=72, width=72, output_type="latent", jit_compile=False)
+    np.testing.assert_allclose(big, graph, atol=1e-3)  # XLA rounding, as in the test above
 
     half = StableDiffusion(MICRO, dtype="bfloat16")
     run(half, scheduler="euler")

@@ -214,3 +214,54 @@ def test_odd_latent_sizes_match_diffusers(fixtures_dir, name):
     out = np.asarray(model(io["latents_odd"], io["timesteps_int"], io["context"]))
     assert out.shape == io["out_odd"].shape
     assert np.abs(out - io["out_odd"]).max() <= FLOAT32_TOL
+
+
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """Let every eligible 3x3 convolution of a tiny model take the Winograd path, and count them."""
+    from tf_diffusion import layers
+
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
+    calls = []
+    original = layers.winograd_conv3x3
+
+    def spy(x, weight, m):
+        calls.append((tuple(x.shape[1:3]), m))
+        return original(x, weight, m)
+
+    monkeypatch.setattr(layers, "winograd_conv3x3", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, winograd_everywhere):
+    # Graph mode with each block an XLA island (the float32 CPU default for large latents), the
+    # islands' 3x3 convolutions by Winograd F(2x2, 3x3): still diffusers' numbers.
+    from tf_diffusion import layers
+    from tf_diffusion.pipeline import ISLANDS, _compile
+
+    model, io = tiny_model(fixtures_dir, name)
+    before = len(layers._island_functions)
+    fn = _compile(lambda x, t, c: model(x, t, c), ISLANDS)
+    out = np.asarray(fn(io["latents"], io["timesteps_int"], io["context"]))
+    assert np.abs(out - io["out_int"]).max() <= FLOAT32_TOL
+    # Islands were built for this model's blocks and its convolutions went through Winograd.
+    assert len(layers._island_functions) > before
+    assert any(isinstance(owner, type(model.input_blocks[1][0])) for owner in layers._island_functions)
+    assert {m for _, m in winograd_everywhere} == {layers.WINOGRAD_TILE}
+    # Odd sizes (Winograd needs even ones; the island Upsample takes the skip's size).
+    out_odd = np.asarray(fn(io["latents_odd"], io["timesteps_int"], io["context"]))
+    assert np.abs(out_odd - io["out_odd"]).max() <= FLOAT32_TOL
+
+
+def test_islands_and_winograd_stay_off_outside_their_contexts(fixtures_dir, winograd_everywhere):
+    # Eager calls, plain graph mode and training never see them.
+    from tf_diffusion import layers
+    from tf_diffusion.pipeline import _compile
+
+    model, io = tiny_model(fixtures_dir, "sd1")
+    model(io["latents"], io["timesteps_int"], io["context"])
+    _compile(lambda x, t, c: model(x, t, c), False)(io["latents"], io["timesteps_int"], io["context"])
+    assert winograd_everywhere == []
+    assert not layers._islands_on and not layers._winograd_on

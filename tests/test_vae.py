@@ -199,3 +199,21 @@ def test_dtype_argument_applies_to_sublayers(fixtures_dir, policy):
     assert keras.backend.standardize_dtype(decoded.dtype) == policy.split("_")[1]
     bound = {"mixed_bfloat16": 0.3, "mixed_float16": 0.05}[policy]
     assert max_error(decoded, io["decoded"]) < bound
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_xla_decode_with_winograd_matches_reference(fixtures_dir, name, monkeypatch):
+    # StableDiffusion.decode's float32 CPU default: XLA, 3x3 convolutions by Winograd F(2x2, 3x3)
+    # (thresholds lowered so that this tiny VAE's convolutions qualify).
+    from tf_diffusion import layers
+    from tf_diffusion.pipeline import _compile
+
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
+    calls = []
+    original = layers.winograd_conv3x3
+    monkeypatch.setattr(layers, "winograd_conv3x3", lambda x, w, m: calls.append(m) or original(x, w, m))
+    model, io = loaded_model(fixtures_dir, name)
+    decoded = _compile(model.decode, True)(keras.ops.convert_to_tensor(io["mean"]))
+    assert calls  # the path under test ran
+    assert max_error(decoded, io["decoded"]) <= TOL

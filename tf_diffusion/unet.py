@@ -26,6 +26,7 @@ from tf_diffusion.layers import (
     SiLU,
     attention,
     dtype_policy_scope,
+    island,
     run_sequential,
 )
 
@@ -62,6 +63,9 @@ class ResBlock(keras.layers.Layer):
         self.skip_connection = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def call(self, x, emb):  # x: (B, H, W, C_in), emb: (B, E) -> (B, H, W, C_out)
+        return island(self, "call", self._forward)(x, emb)
+
+    def _forward(self, x, emb):
         h = run_sequential(self.in_layers, x)
         h = h + run_sequential(self.emb_layers, emb)[:, None, None, :]
         h = run_sequential(self.out_layers, h)
@@ -79,6 +83,9 @@ class CrossAttention(keras.layers.Layer):
         self.to_v = Linear(context_dim, query_dim, bias=False)
         # to_out.1 is nn.Dropout in the reference.
         self.to_out = [Linear(query_dim, query_dim), Identity()]
+        # Complete at construction (its sublayers are); BasicTransformerBlock calls the
+        # self-attention's projections directly and never this layer.
+        self.built = True
 
     def key_value(self, context):
         """(B, T, D_ctx) -> the (k, v) projections, each (B, T, C); reusable across steps."""
@@ -112,7 +119,18 @@ class BasicTransformerBlock(keras.layers.Layer):
         self.norm3, self.ff = LayerNorm(dim, eps), FeedForward(dim)
 
     def call(self, x, context):  # x: (B, N, C), context: (B, T, D_ctx)
-        x = x + self.attn1(self.norm1(x))
+        # Split around the self-attention core so that, inside ``xla_islands``, the work before
+        # and after it is compiled with XLA and the scores run in graph mode (layers.py).
+        q, k, v = island(self, "pre", self._self_attention_inputs)(x)
+        o = attention(q, k, v, self.attn1.heads)
+        return island(self, "post", self._rest)(x, o, context)
+
+    def _self_attention_inputs(self, x):
+        h = self.norm1(x)
+        return self.attn1.to_q(h), self.attn1.to_k(h), self.attn1.to_v(h)
+
+    def _rest(self, x, o, context):
+        x = x + run_sequential(self.attn1.to_out, o)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -137,11 +155,17 @@ class SpatialTransformer(keras.layers.Layer):
         ]
 
     def call(self, x, context):  # x: (B, H, W, C) -> (B, H, W, C)
-        b, h, w, c = ops.shape(x)
-        y = ops.reshape(self.proj_in(self.norm(x)), (b, h * w, c))  # NHWC flattens with no transpose
+        y = island(self, "in", self._project_in)(x)
         for block in self.transformer_blocks:
             y = block(y, context)
-        return x + self.proj_out(ops.reshape(y, (b, h, w, c)))
+        return island(self, "out", self._project_out)(x, y)
+
+    def _project_in(self, x):  # (B, H, W, C) -> (B, H*W, C)
+        b, h, w, c = ops.shape(x)
+        return ops.reshape(self.proj_in(self.norm(x)), (b, h * w, c))  # NHWC flattens with no transpose
+
+    def _project_out(self, x, y):  # x: (B, H, W, C), y: (B, H*W, C) -> (B, H, W, C)
+        return x + self.proj_out(ops.reshape(y, ops.shape(x)))
 
 
 class Downsample(keras.layers.Layer):
@@ -152,7 +176,7 @@ class Downsample(keras.layers.Layer):
         self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def call(self, x):  # (B, H, W, C) -> (B, H/2, W/2, C)
-        return self.op(x)
+        return island(self, "call", self.op)(x)
 
 
 class Upsample(keras.layers.Layer):
@@ -163,6 +187,9 @@ class Upsample(keras.layers.Layer):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def call(self, x, size=None):  # (B, H, W, C) -> (B, 2H, 2W, C), or (B, *size, C)
+        return island(self, "call", self._forward)(x, size)
+
+    def _forward(self, x, size):
         h, w = x.shape[1], x.shape[2]
         if size is None or (h is not None and w is not None and tuple(size) == (2 * h, 2 * w)):
             return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
