@@ -9,7 +9,8 @@ but the three frameworks compute the same network on the same numbers.
 
 What is timed (inputs are fixed random arrays):
     unet    one guided step: the UNet at batch 2 (unconditional + conditional halves)
-            ours: a ``tf.function`` (graph mode, as ``generate()`` runs on CPU);
+            ours: compiled as ``generate()`` compiles it by default on a CPU (float32: XLA
+            islands above 32x32 latents, else one XLA program; bfloat16: graph mode);
             keras-cv: ``DiffusionModel.predict_on_batch`` compiled as ``StableDiffusion`` compiles
             it (``jit_compile=True``); diffusers: ``UNet2DConditionModel`` in ``inference_mode``
             with its default SDPA attention.
@@ -60,12 +61,13 @@ FILES = {
 }
 PROMPT = "a photograph of an astronaut riding a horse"
 # "ours-1block" is ours with the attention computed in one block (layers.ATTENTION_BLOCK_ELEMENTS = None),
-# the form before row-blocked attention; "ours-xla" is ours compiled with XLA
-# (``tf.function(jit_compile=True)``, as keras-cv compiles). Run them with --frameworks.
-OPTIONAL = ("ours-1block", "ours-xla")
+# the form before row-blocked attention; "ours-xla" is ours compiled as one XLA program
+# (``tf.function(jit_compile=True)``, as keras-cv compiles), "ours-graph" in plain graph mode.
+# Run them with --frameworks.
+OPTIONAL = ("ours-1block", "ours-xla", "ours-graph")
 FRAMEWORKS = {
-    "unet": ("ours", "keras-cv", "diffusers", "ours-1block", "ours-xla"),
-    "vae": ("ours", "keras-cv", "diffusers", "ours-xla"),
+    "unet": ("ours", "keras-cv", "diffusers", "ours-1block", "ours-xla", "ours-graph"),
+    "vae": ("ours", "keras-cv", "diffusers", "ours-xla", "ours-graph"),
 }
 FRAMEWORKS["text"] = ("ours", "keras-cv", "transformers")
 FRAMEWORKS["e2e"] = ("ours", "keras-cv")
@@ -156,10 +158,25 @@ def _policy(framework: str, dtype: str) -> str:
     return "mixed_bfloat16" if framework == "keras-cv" else "bfloat16"
 
 
+def _ours_mode(args, model, latent_shape):
+    """How ours compiles: as StableDiffusion.generate / decode choose by default (frameworks
+    "ours", "ours-1block"), or forced to one XLA program ("ours-xla") or graph mode ("ours-graph")."""
+    from tf_diffusion.pipeline import ISLANDS, _default_jit_compile, _prefer_islands, has_accelerator
+
+    forced = {"ours-xla": True, "ours-graph": False}.get(args.framework)
+    if forced is not None:
+        return forced
+    mode = _default_jit_compile(model, has_accelerator())
+    if mode and latent_shape is not None and _prefer_islands(has_accelerator(), latent_shape):
+        return ISLANDS
+    return mode
+
+
 def _ours(component, size, dtype, folder, args):
     import keras
     import tensorflow as tf
 
+    from tf_diffusion.pipeline import _compile
     from tf_diffusion.presets import PRESETS
     from tf_diffusion.weights.state_dict import load_state_dict
 
@@ -181,7 +198,7 @@ def _ours(component, size, dtype, folder, args):
         model = UNetModel(config.unet, dtype=policy)
         load_state_dict(model, comps["unet"])
         x, t, ctx = (tf.constant(a) for a in _inputs("unet", size))
-        fn = tf.function(lambda x, t, ctx: model(x, t, ctx), jit_compile=getattr(args, "jit", False))
+        fn = _compile(lambda x, t, ctx: model(x, t, ctx), _ours_mode(args, model, x.shape))
         return None, lambda: keras.ops.convert_to_numpy(fn(x, t, ctx))
     if component == "vae":
         from tf_diffusion.vae import AutoencoderKL
@@ -189,7 +206,7 @@ def _ours(component, size, dtype, folder, args):
         model = AutoencoderKL(config.vae, dtype=policy)
         load_state_dict(model, comps["vae"])
         z = tf.constant(_inputs("vae", size))
-        fn = tf.function(model.decode, jit_compile=getattr(args, "jit", False))
+        fn = _compile(model.decode, _ours_mode(args, model, None))
         return None, lambda: keras.ops.convert_to_numpy(fn(z))
     from tf_diffusion.clip import CLIPTextEncoder
 
@@ -355,8 +372,8 @@ def run_case(component: str, framework: str, size: int, dtype: str, reps: int, f
     import numpy as np
 
     setup = {"ours": _ours, "keras-cv": _keras_cv, "diffusers": _torch, "transformers": _torch}
-    setup["ours-1block"] = setup["ours-xla"] = _ours
-    args.jit = framework == "ours-xla"
+    setup["ours-1block"] = setup["ours-xla"] = setup["ours-graph"] = _ours
+    args.framework = framework
     if framework == "ours-1block":
         from tf_diffusion import layers
 
@@ -579,7 +596,8 @@ def main(argv=None) -> None:
     c = sub.add_parser("case", help="time one case in this process and print JSON")
     c.add_argument("component", choices=sorted(FRAMEWORKS))
     c.add_argument(
-        "framework", choices=["ours", "ours-1block", "ours-xla", "keras-cv", "diffusers", "transformers"]
+        "framework",
+        choices=["ours", "ours-1block", "ours-xla", "ours-graph", "keras-cv", "diffusers", "transformers"],
     )
     c.add_argument("--size", type=int, default=512)
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

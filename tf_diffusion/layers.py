@@ -422,7 +422,7 @@ def winograd_convolutions(enabled: bool = True):
 def _combine(coefs, terms):
     """sum(c * t) over the nonzero coefficients, without multiplying by +-1."""
     out = None
-    for c, t in zip(coefs, terms):
+    for c, t in zip(coefs, terms, strict=True):
         if c == 0:
             continue
         term = t if c == 1 else (-t if c == -1 else t * c)
