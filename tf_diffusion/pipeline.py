@@ -208,7 +208,12 @@ class StableDiffusion:
                 "latent" (the final scaled latents, NHWC).
             jit_compile: compile the denoising loop and the decode with XLA; default on with an accelerator,
                 under JAX, and for a float32 model on a CPU; graph mode for a bfloat16 / float16
-                model on a CPU (faster there).
+                model on a CPU (faster there). For float32 on TensorFlow's CPU with latents above
+                32x32 (SD images above 256x256) the default loop runs in graph mode with each UNet
+                block compiled as its own XLA island, the self-attention scores in between
+                (``layers.xla_islands``); there, and under XLA on a CPU, 3x3 convolutions use
+                Winograd F(2x2, 3x3) (``layers.WINOGRAD_TILE``). ``True`` forces one XLA program,
+                ``False`` plain graph mode.
             fused: run the whole loop as one compiled function (``ops.fori_loop``) rather
                 than one compiled step per Python iteration; default: fused under XLA
                 without a callback, and on a CPU only without a progress bar (so the bar moves
