@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 
 import keras
 from keras import ops
@@ -323,7 +322,6 @@ def dtype_policy_scope(dtype):
 # and softmax are oneDNN's best work). Islands get both: the model is traced in graph mode and
 # each block's dense work is its own XLA cluster, with the attention scores in between.
 _islands_on = False
-_island_functions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -351,7 +349,11 @@ def island(owner, name: str, fn):
         return fn
     import tensorflow as tf
 
-    per_owner = _island_functions.setdefault(owner, {})
+    # Kept on the owner (outside Keras' attribute tracking), so the functions go with the model.
+    per_owner = owner.__dict__.get("_xla_islands")
+    if per_owner is None:
+        per_owner = {}
+        object.__setattr__(owner, "_xla_islands", per_owner)
     if name not in per_owner:
 
         def compiled(*args):
