@@ -161,15 +161,14 @@ def _policy(framework: str, dtype: str) -> str:
 def _ours_mode(args, model, latent_shape):
     """How ours compiles: as StableDiffusion.generate / decode choose by default (frameworks
     "ours", "ours-1block"), or forced to one XLA program ("ours-xla") or graph mode ("ours-graph")."""
-    from tf_diffusion.pipeline import ISLANDS, _default_jit_compile, _prefer_islands, has_accelerator
+    from tf_diffusion.pipeline import _default_jit_compile, _default_loop_compile, has_accelerator
 
     forced = {"ours-xla": True, "ours-graph": False}.get(args.framework)
     if forced is not None:
         return forced
-    mode = _default_jit_compile(model, has_accelerator())
-    if mode and latent_shape is not None and _prefer_islands(has_accelerator(), latent_shape):
-        return ISLANDS
-    return mode
+    if latent_shape is None:  # the decode
+        return _default_jit_compile(model, has_accelerator())
+    return _default_loop_compile(model, has_accelerator(), latent_shape)
 
 
 def _ours(component, size, dtype, folder, args):

@@ -20,9 +20,7 @@ BOUND = {2: 2e-6, 4: 3e-5}
 @pytest.mark.parametrize("shape", [(2, 8, 12, 5, 7), (1, 32, 32, 64, 24), (1, 4, 4, 3, 2)])
 @pytest.mark.parametrize("xla", [False, True])
 def test_winograd_conv3x3_matches_direct_convolution(m, shape, xla):
-    b, h, w, cin, cout = shape
-    if h % m or w % m:
-        pytest.skip("the tile must divide the image")
+    b, h, w, cin, cout = shape  # every size a multiple of both tiles
     rng = np.random.default_rng(sum(shape) + m)
     x = rng.standard_normal((b, h, w, cin)).astype(np.float32)
     weight = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)

@@ -254,7 +254,7 @@ def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, winograd_
 
 
 def test_islands_and_winograd_stay_off_outside_their_contexts(fixtures_dir, winograd_everywhere):
-    # Eager calls, plain graph mode and training never see them.
+    # Eager calls and plain graph mode (as in training) never see them.
     from tf_diffusion import layers
     from tf_diffusion.pipeline import _compile
 

@@ -87,7 +87,7 @@ class Conv2d(keras.layers.Layer):
             if k == 1:
                 # A 1x1 convolution is a matmul over channels; this avoids a conv kernel launch.
                 return ops.matmul(x, ops.reshape(self.weight, self.weight.shape[2:])) + self.bias
-            m = winograd_tile(x, self.weight, self.stride, self.padding)
+            m = winograd_tile(x, self.weight)
             if m:
                 return winograd_conv3x3(x, self.weight, m) + self.bias
             return ops.conv(x, self.weight, strides=1, padding="same") + self.bias
@@ -432,10 +432,10 @@ def _combine(coefs, terms):
     return out
 
 
-def winograd_tile(x, weight, stride: int, padding: tuple) -> int:
-    """The Winograd output tile to use for this convolution (0: direct convolution)."""
+def winograd_tile(x, weight) -> int:
+    """The Winograd output tile for a stride-1 'same' convolution of ``x`` (0: direct convolution)."""
     m = WINOGRAD_TILE
-    if not (_winograd_on and m) or weight.shape[0] != 3 or stride != 1 or padding != (1, 1, 1, 1):
+    if not (_winograd_on and m) or weight.shape[0] != 3:
         return 0
     h, w, cin = x.shape[1], x.shape[2], x.shape[3]
     if h is None or w is None or h % m or w % m or h * w < WINOGRAD_MIN_PIXELS:

@@ -404,9 +404,7 @@ class StableDiffusion:
         """
         accelerator = has_accelerator()
         if jit_compile is None:
-            jit_compile = _default_jit_compile(self.unet, accelerator)
-            if jit_compile and _prefer_islands(accelerator, x.shape):
-                jit_compile = ISLANDS
+            jit_compile = _default_loop_compile(self.unet, accelerator, x.shape)
         key = (
             sampler.name,
             sampler.config,
@@ -599,12 +597,14 @@ def _default_jit_compile(model, accelerator: bool) -> bool:
 ISLAND_MIN_LATENT_PIXELS = 32 * 32
 
 
-def _prefer_islands(accelerator: bool, latent_shape) -> bool:
-    """Whether a default-compiled float32 loop on TensorFlow's CPU should use XLA islands."""
-    if accelerator or keras.backend.backend() != "tensorflow":
-        return False
+def _default_loop_compile(unet, accelerator: bool, latent_shape) -> bool | str:
+    """How ``generate`` compiles the UNet loop by default: ``_default_jit_compile``, except that a
+    float32 loop on TensorFlow's CPU above ``ISLAND_MIN_LATENT_PIXELS`` uses XLA islands."""
+    jit = _default_jit_compile(unet, accelerator)
+    if not jit or accelerator or keras.backend.backend() != "tensorflow":
+        return jit
     h, w = latent_shape[1], latent_shape[2]
-    return h is not None and w is not None and h * w > ISLAND_MIN_LATENT_PIXELS
+    return ISLANDS if h is not None and w is not None and h * w > ISLAND_MIN_LATENT_PIXELS else jit
 
 
 def has_accelerator() -> bool:
