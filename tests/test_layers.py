@@ -40,10 +40,13 @@ def test_conv2d_takes_winograd_only_where_it_applies(monkeypatch):
     original = layers.winograd_conv3x3
     monkeypatch.setattr(layers, "winograd_conv3x3", lambda x, w, m: calls.append(m) or original(x, w, m))
     rng = np.random.default_rng(0)
-    conv = layers.Conv2d(64, 8, 3, padding=1)
-    strided = layers.Conv2d(64, 8, 3, stride=2, padding=1)
-    x = tf.constant(rng.standard_normal((1, 32, 32, 64)).astype(np.float32))
-    small = tf.constant(rng.standard_normal((1, 16, 16, 64)).astype(np.float32))
+    c = layers.WINOGRAD_MIN_CHANNELS
+    conv = layers.Conv2d(c, 8, 3, padding=1)
+    strided = layers.Conv2d(c, 8, 3, stride=2, padding=1)
+    side = 2 * int(np.ceil(np.sqrt(c * layers.WINOGRAD_MIN_TILES_PER_CHANNEL)))  # c tiles of 2x2
+    x = tf.constant(rng.standard_normal((1, side, side, c)).astype(np.float32))
+    fewer_tiles = x[:, : side - 2]  # one row of tiles short of c tiles
+    narrow = layers.Conv2d(c // 2, 8, 3, padding=1)
 
     def run(layer, x):
         with layers.winograd_convolutions():
@@ -54,7 +57,88 @@ def test_conv2d_takes_winograd_only_where_it_applies(monkeypatch):
     assert calls == [layers.WINOGRAD_TILE]
     assert np.abs(got - want).max() / np.abs(want).max() <= BOUND[layers.WINOGRAD_TILE]
     run(strided, x)  # stride 2
-    run(conv, small)  # under WINOGRAD_MIN_PIXELS
-    run(layers.Conv2d(8, 8, 3, padding=1), x[..., :8])  # under WINOGRAD_MIN_CHANNELS
+    run(conv, fewer_tiles)  # fewer output tiles than input channels
+    run(narrow, x[..., : c // 2])  # under WINOGRAD_MIN_CHANNELS
     np.asarray(conv(x))  # outside the context
     assert calls == [layers.WINOGRAD_TILE]
+    run(conv, tf.concat([fewer_tiles, fewer_tiles], 0))  # the batch's tiles count: enough again
+    assert calls == [layers.WINOGRAD_TILE] * 2
+
+
+def nearest_then_conv(x, weight, bias):
+    """float64 reference: nearest-neighbour 2x upsampling, then a 3x3 'same' convolution."""
+    up = np.repeat(np.repeat(np.asarray(x, np.float64), 2, axis=1), 2, axis=2)
+    return reference_conv(up, np.asarray(weight)) + np.asarray(bias, np.float64)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6, 4), (1, 8, 8, 32, 16), (1, 1, 1, 3, 2)])
+@pytest.mark.parametrize("xla", [False, True])
+def test_subpixel_conv3x3_matches_upsampling_then_convolving(shape, xla):
+    b, h, w, cin, cout = shape  # odd sizes too: the phases need no tiling
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal((b, h, w, cin)).astype(np.float32)
+    weight = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+    fn = tf.function(layers.subpixel_conv3x3, jit_compile=True) if xla else layers.subpixel_conv3x3
+    got = np.asarray(fn(tf.constant(x), tf.constant(weight)))
+    want = nearest_then_conv(x, weight, 0.0)
+    assert got.shape == want.shape == (b, 2 * h, 2 * w, cout)
+    # The summed taps round once more than a direct float32 convolution (about 4e-7 here).
+    assert np.abs(got - want).max() / np.abs(want).max() <= 2e-6
+
+
+def test_upsample_conv3x3_takes_the_subpixel_form_only_inside_the_context(monkeypatch):
+    calls = []
+    original = layers.subpixel_conv3x3
+    monkeypatch.setattr(layers, "subpixel_conv3x3", lambda x, w: calls.append(x.shape) or original(x, w))
+    rng = np.random.default_rng(1)
+    conv = layers.Conv2d(6, 5, 3, padding=1)
+    x = tf.constant(rng.standard_normal((2, 6, 4, 6)).astype(np.float32))
+    want = nearest_then_conv(x, conv.weight, conv.bias)
+    plain = np.asarray(layers.upsample_conv3x3(x, conv))
+    assert calls == []
+    with layers.winograd_convolutions():
+        fast = np.asarray(layers.upsample_conv3x3(x, conv))
+        np.asarray(layers.upsample_conv3x3(tf.cast(x, "bfloat16"), conv))  # float32 only
+    assert calls == [x.shape]
+    for got in (plain, fast):
+        assert np.abs(got - want).max() / np.abs(want).max() <= 2e-6
+
+
+def reference_attention(q, k, v):
+    """float64 softmax(q k^T) v over (N, T, d) arrays (q already scaled)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = q @ k.transpose(0, 2, 1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("budget", [None, 7 * 5, 3 * 13 * 5, 2**20])
+def test_head_attention_blocks_match_one_softmax(budget, monkeypatch):
+    # Budgets that cut rows (7 of 13, a remainder of 6), groups of heads (3 of 4, a remainder of
+    # 1) and nothing at all; None stands for dynamic sizes (one block).
+    rng = np.random.default_rng(2)
+    n, tq, tk, d = 4, 13, 5, 3
+    q, k, v = (rng.standard_normal((n, t, d)).astype(np.float32) * 2 for t in (tq, tk, tk))
+    want = reference_attention(q, k, v)
+    if budget is None:
+        spec = tf.TensorSpec((None, None, d), tf.float32)
+        kt_spec = tf.TensorSpec((None, d, None), tf.float32)
+        fn = tf.function(layers.head_attention, input_signature=[spec, kt_spec, spec])
+    else:
+        monkeypatch.setattr(layers, "HEAD_ATTENTION_BLOCK_ELEMENTS", budget)
+        fn = tf.function(layers.head_attention)
+    got = np.asarray(fn(q, np.ascontiguousarray(k.transpose(0, 2, 1)), v))
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-5
+    if budget == 7 * 5:  # blocks of 7 rows of one head each
+        ops = fn.get_concrete_function(q, k.transpose(0, 2, 1), v).graph.get_operations()
+        assert sum(op.type == "Softmax" for op in ops) == n * 2
+
+
+def test_split_and_merge_heads_invert_each_other():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 12)).astype(np.float32)
+    heads = np.asarray(layers.split_heads(tf.constant(x), 3))
+    assert heads.shape == (6, 5, 4)
+    np.testing.assert_array_equal(heads[1 * 3 + 2], x[1, :, 8:12])  # batch 1, head 2
+    np.testing.assert_array_equal(np.asarray(layers.merge_heads(tf.constant(heads), 3)), x)

@@ -218,26 +218,36 @@ def test_odd_latent_sizes_match_diffusers(fixtures_dir, name):
 
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
-    """Let every eligible 3x3 convolution of a tiny model take the Winograd path, and count them."""
+    """Let every eligible 3x3 convolution of a tiny model take the Winograd path, and count the
+    calls of each islands-only path: Winograd, the sub-pixel upsampling, the per-head attention."""
     from tf_diffusion import layers
 
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 1)
-    calls = []
-    original = layers.winograd_conv3x3
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES_PER_CHANNEL", 0)
+    calls = {"winograd_conv3x3": [], "subpixel_conv3x3": [], "head_attention": []}
 
-    def spy(x, weight, m):
-        calls.append((tuple(x.shape[1:3]), m))
-        return original(x, weight, m)
+    def spy(name, record):
+        original = getattr(layers, name)
 
-    monkeypatch.setattr(layers, "winograd_conv3x3", spy)
+        def wrapped(*args):
+            calls[name].append(record(*args))
+            return original(*args)
+
+        monkeypatch.setattr(layers, name, wrapped)
+        if name == "head_attention":  # the UNet imported it by name
+            monkeypatch.setattr("tf_diffusion.unet.head_attention", wrapped)
+
+    spy("winograd_conv3x3", lambda x, weight, m: m)
+    spy("subpixel_conv3x3", lambda x, weight: tuple(x.shape[1:3]))
+    spy("head_attention", lambda q, k_t, v: tuple(q.shape))
     return calls
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, winograd_everywhere):
     # Graph mode with each block an XLA island (the float32 CPU default for large latents), the
-    # islands' 3x3 convolutions by Winograd F(2x2, 3x3): still diffusers' numbers.
+    # islands' 3x3 convolutions by Winograd F(2x2, 3x3), their 2x upsamplings by sub-pixel
+    # convolutions and the self-attention core per head: still diffusers' numbers.
     from tf_diffusion import layers
     from tf_diffusion.pipeline import ISLANDS, _compile
 
@@ -245,9 +255,10 @@ def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, winograd_
     fn = _compile(lambda x, t, c: model(x, t, c), ISLANDS)
     out = np.asarray(fn(io["latents"], io["timesteps_int"], io["context"]))
     assert np.abs(out - io["out_int"]).max() <= FLOAT32_TOL
-    # Islands were built for this model's blocks and its convolutions went through Winograd.
+    # Islands were built for this model's blocks and each islands-only path ran.
     assert set(model.input_blocks[1][0].__dict__.get("_xla_islands", {})) == {"call"}
-    assert {m for _, m in winograd_everywhere} == {layers.WINOGRAD_TILE}
+    assert set(winograd_everywhere["winograd_conv3x3"]) == {layers.WINOGRAD_TILE}
+    assert winograd_everywhere["subpixel_conv3x3"] and winograd_everywhere["head_attention"]
     # Odd sizes (Winograd needs even ones; the island Upsample takes the skip's size).
     out_odd = np.asarray(fn(io["latents_odd"], io["timesteps_int"], io["context"]))
     assert np.abs(out_odd - io["out_odd"]).max() <= FLOAT32_TOL
@@ -261,5 +272,5 @@ def test_islands_and_winograd_stay_off_outside_their_contexts(fixtures_dir, wino
     model, io = tiny_model(fixtures_dir, "sd1")
     model(io["latents"], io["timesteps_int"], io["context"])
     _compile(lambda x, t, c: model(x, t, c), False)(io["latents"], io["timesteps_int"], io["context"])
-    assert winograd_everywhere == []
+    assert not any(winograd_everywhere.values())
     assert not layers._islands_on and not layers._winograd_on

@@ -97,6 +97,55 @@ class Conv2d(keras.layers.Layer):
         return y + self.bias
 
 
+def upsample_conv3x3(x, conv: Conv2d):
+    """``conv`` (3x3, stride 1, padding 1) of ``x`` upsampled 2x by nearest neighbour.
+
+    Inside ``winograd_convolutions`` (XLA on a CPU), in float32 and at static sizes, computed
+    without the upsampled copy (``subpixel_conv3x3``).
+    """
+    h, w = x.shape[1], x.shape[2]
+    if (
+        _winograd_on
+        and h is not None
+        and w is not None
+        and keras.backend.standardize_dtype(x.dtype) == "float32"
+    ):
+        return subpixel_conv3x3(x, conv.weight) + conv.bias
+    return conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
+
+
+def subpixel_conv3x3(x, weight):
+    """3x3 'same' convolution (no bias) of ``x`` upsampled 2x by nearest neighbour, as four 2x2
+    convolutions of ``x``.
+
+    Each output phase (even/odd row, even/odd column) of a 3x3 convolution over a nearest-upsampled
+    image sees 2x2 distinct source pixels, so it is a 2x2 convolution of ``x`` whose taps are the
+    3x3 taps landing on the same source pixel, summed (Shi et al.'s sub-pixel convolution, read
+    backwards): 16 multiply-adds per source pixel in place of 36, and the only new rounding is in
+    the summed taps. The SD 1.5 UNet's 16x16 -> 32x32 upsampling at 1280 channels took 94 ms
+    against 186 under XLA (benchmarks/README.md, "Quiet run 5").
+
+    x: (B, H, W, C_in) with static H, W; weight: (3, 3, C_in, C_out). Returns (B, 2H, 2W, C_out).
+    """
+    h, w = x.shape[1], x.shape[2]
+
+    def taps(k, axis):  # 3 taps along ``axis`` -> per phase, 2 taps: (k0, k1 + k2), (k0 + k1, k2)
+        t = [ops.take(k, i, axis=axis) for i in range(3)]
+        return [ops.stack([t[0], t[1] + t[2]], axis=axis), ops.stack([t[0] + t[1], t[2]], axis=axis)]
+
+    xp = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+    # Phase 0 reads source offsets (-1, 0), phase 1 reads (0, +1): windows of xp from a or b.
+    phases = [
+        [
+            ops.conv(xp[:, a : a + h + 1, b : b + w + 1], kernel, strides=1, padding="valid")
+            for b, kernel in enumerate(taps(rows, 1))
+        ]
+        for a, rows in enumerate(taps(weight, 0))
+    ]
+    y = ops.stack([ops.stack(row, axis=3) for row in phases], axis=2)  # (B, H, 2, W, 2, C_out)
+    return ops.reshape(y, (-1, 2 * h, 2 * w, weight.shape[3]))
+
+
 class GroupNorm(keras.layers.Layer):
     """nn.GroupNorm over the last (channel) axis, computed in float32."""
 
@@ -262,6 +311,54 @@ def _query_chunk(tq, tk, num_heads: int) -> int | None:
     return max(1, budget // (num_heads * tk))
 
 
+# Score elements per block of ``head_attention`` (heads x rows x keys): 2**20 float32 scores are
+# 4 MB, inside this CPU's 32 MB L3 cache with the block's matmul operands.
+HEAD_ATTENTION_BLOCK_ELEMENTS = 2**20
+
+
+def split_heads(x, num_heads: int):
+    """(B, T, C) -> (B * num_heads, T, C // num_heads), batch-major."""
+    b, t, c = ops.shape(x)[0], ops.shape(x)[1], x.shape[-1]
+    x = ops.reshape(x, (b, t, num_heads, c // num_heads))
+    return ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (b * num_heads, t, c // num_heads))
+
+
+def merge_heads(x, num_heads: int):
+    """(B * num_heads, T, d) -> (B, T, num_heads * d); undoes ``split_heads``."""
+    t, d = ops.shape(x)[1], x.shape[-1]
+    x = ops.reshape(x, (-1, num_heads, t, d))
+    return ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (-1, t, num_heads * d))
+
+
+def head_attention(q, k_t, v):
+    """Softmax attention, one cache-sized block of heads and query rows at a time.
+
+    Args:
+        q: (N, Tq, d) queries of N = batch x heads, already scaled by 1 / sqrt(d).
+        k_t: (N, d, Tk) keys, transposed; v: (N, Tk, d) values.
+
+    Returns:
+        (N, Tq, d). The XLA islands' self-attention core (TensorFlow graph mode on a CPU, float32):
+        ``attention``'s (B, heads, rows, Tk) blocks of the SD 1.5 UNet at 512 are 64 MB and leave
+        the cache between the score matmul, the softmax and the value matmul; blocks of
+        ``HEAD_ATTENTION_BLOCK_ELEMENTS`` stay in it (benchmarks/README.md, "Quiet run 5").
+    """
+    n, tq, tk = q.shape[0], q.shape[1], k_t.shape[2]
+    if tq is None or tk is None:
+        return ops.matmul(ops.softmax(ops.matmul(q, k_t), axis=-1), v)
+    rows = max(1, min(tq, HEAD_ATTENTION_BLOCK_ELEMENTS // tk))
+    group = n if n is None else max(1, min(n, HEAD_ATTENTION_BLOCK_ELEMENTS // (rows * tk)))
+    blocks = []
+    for h in range(0, n or 1, group or 1):
+        hs = slice(None) if n is None else slice(h, h + group)
+        parts = [
+            ops.matmul(ops.softmax(ops.matmul(q[hs, i : i + rows], k_t[hs]), axis=-1), v[hs])
+            for i in range(0, tq, rows)
+        ]
+        blocks.append(parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1))
+    return blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=0)
+
+
 # Fused attention kernel for JAX on a GPU: "auto" uses jax.nn.dot_product_attention with cuDNN's
 # flash attention where it applies (float16/bfloat16, no mask, head_dim a multiple of 8 up to 128),
 # "xla" uses jax.nn.dot_product_attention's XLA form there, "off" always the explicit form above.
@@ -338,6 +435,11 @@ def xla_islands(enabled: bool = True):
         _islands_on = previous
 
 
+def islands_active() -> bool:
+    """Whether ``island`` compiles blocks now (inside ``xla_islands``, on TensorFlow)."""
+    return _islands_on and keras.backend.backend() == "tensorflow"
+
+
 def island(owner, name: str, fn):
     """``fn`` as its own XLA-compiled function (one per ``owner`` and ``name``) inside
     ``xla_islands``, else ``fn`` itself.
@@ -345,7 +447,7 @@ def island(owner, name: str, fn):
     ``fn`` must take every tensor it uses as an argument (it is traced once per input signature
     and reused); closing over ``owner``'s layers is fine.
     """
-    if not _islands_on or keras.backend.backend() != "tensorflow":
+    if not islands_active():
         return fn
     import tensorflow as tf
 
@@ -367,17 +469,23 @@ def island(owner, name: str, fn):
 # ------------------------------------------------------- Winograd 3x3 convolution
 #
 # Traced inside ``winograd_convolutions`` (XLA on a CPU: islands, and the pipeline's XLA loop and
-# decode there), a float32 3x3 stride-1 convolution at 32x32 and above with 64 or more input
-# channels runs as Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for
-# Convolutional Neural Networks", 2015): 16 matmuls over 4x4 input tiles in place of 36
-# multiply-adds per 2x2 output tile. XLA's direct convolution already runs near this CPU's
-# float32 peak (410-460 GFLOP/s of 484), so only fewer multiplications make it faster: the SD 1.5
-# VAE decode at 512 took 5.0 s against 6.6 s. Rounding stays at a direct convolution's level
-# (about 1e-6 of the output's scale; tests/test_layers.py). WINOGRAD_TILE = 4 uses F(4x4, 3x3)
-# (fewer multiplications again, about 1.5e-5 rounding); 0 turns Winograd off.
+# decode there), a float32 3x3 stride-1 convolution runs as Winograd's minimal filtering
+# F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015): 16
+# matmuls over 4x4 input tiles in place of 36 multiply-adds per 2x2 output tile. XLA's direct
+# convolution already runs near this CPU's float32 peak (410-460 GFLOP/s of 484), so only fewer
+# multiplications make it faster, and only where they outweigh the tile transforms' memory
+# traffic. Measured one convolution at a time under XLA (benchmarks/README.md, "Quiet run 5"):
+# Winograd won with 256 or more input channels when the output tiles (batch x tiles per image)
+# were at least the input channel count (64x64x320 batch 2: 35 ms against 39; 128x128x512: 150
+# against 203), and lost below it (32x32x640 batch 2, the weight transform dominating: 43 against
+# 39; 16x16x1280: 120 against 38) and with 128 channels (512x512x128: 285 against 232). Rounding
+# stays at a direct convolution's level (about 1e-6 of the output's scale; tests/test_layers.py).
+# WINOGRAD_TILE = 4 uses F(4x4, 3x3) (fewer multiplications again, about 1.5e-5 rounding); 0 turns
+# Winograd off.
 WINOGRAD_TILE = 2
-WINOGRAD_MIN_PIXELS = 32 * 32
-WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_CHANNELS = 256
+# Output tiles per input channel below which the direct convolution runs.
+WINOGRAD_MIN_TILES_PER_CHANNEL = 1.0
 _WINOGRAD = {
     # m: (B^T input transform, G filter transform, A^T output transform)
     2: (
@@ -437,10 +545,12 @@ def winograd_tile(x, weight) -> int:
     m = WINOGRAD_TILE
     if not (_winograd_on and m) or weight.shape[0] != 3:
         return 0
-    h, w, cin = x.shape[1], x.shape[2], x.shape[3]
-    if h is None or w is None or h % m or w % m or h * w < WINOGRAD_MIN_PIXELS:
+    b, h, w, cin = x.shape
+    if h is None or w is None or h % m or w % m or cin < WINOGRAD_MIN_CHANNELS:
         return 0
-    if cin < WINOGRAD_MIN_CHANNELS or keras.backend.standardize_dtype(x.dtype) != "float32":
+    if (b or 1) * (h // m) * (w // m) < WINOGRAD_MIN_TILES_PER_CHANNEL * cin:
+        return 0
+    if keras.backend.standardize_dtype(x.dtype) != "float32":
         return 0
     return m
 

@@ -26,8 +26,13 @@ from tf_diffusion.layers import (
     SiLU,
     attention,
     dtype_policy_scope,
+    head_attention,
     island,
+    islands_active,
+    merge_heads,
     run_sequential,
+    split_heads,
+    upsample_conv3x3,
 )
 
 
@@ -119,15 +124,28 @@ class BasicTransformerBlock(keras.layers.Layer):
         self.norm3, self.ff = LayerNorm(dim, eps), FeedForward(dim)
 
     def call(self, x, context):  # x: (B, N, C), context: (B, T, D_ctx)
-        # Split around the self-attention core so that, inside ``xla_islands``, the work before
-        # and after it is compiled with XLA and the scores run in graph mode (layers.py).
-        q, k, v = island(self, "pre", self._self_attention_inputs)(x)
-        o = attention(q, k, v, self.attn1.heads)
-        return island(self, "post", self._rest)(x, o, context)
+        if islands_active():
+            # Inside ``xla_islands`` the work before and after the self-attention core is
+            # compiled with XLA and the core runs in graph mode, head by head (layers.py).
+            q, k_t, v = island(self, "pre", self._self_attention_heads)(x)
+            o = head_attention(q, k_t, v)
+            return island(self, "post", self._rest_heads)(x, o, context)
+        q, k, v = self._self_attention_inputs(x)
+        return self._rest(x, attention(q, k, v, self.attn1.heads), context)
 
     def _self_attention_inputs(self, x):
         h = self.norm1(x)
         return self.attn1.to_q(h), self.attn1.to_k(h), self.attn1.to_v(h)
+
+    def _self_attention_heads(self, x):
+        """Scaled queries (B*h, N, d), transposed keys (B*h, d, N) and values (B*h, N, d)."""
+        q, k, v = self._self_attention_inputs(x)
+        heads = self.attn1.heads
+        q, k, v = (split_heads(z, heads) for z in (q, k, v))
+        return q * (1.0 / math.sqrt(q.shape[-1])), ops.transpose(k, (0, 2, 1)), v
+
+    def _rest_heads(self, x, o, context):
+        return self._rest(x, merge_heads(o, self.attn1.heads), context)
 
     def _rest(self, x, o, context):
         x = x + run_sequential(self.attn1.to_out, o)
@@ -192,7 +210,7 @@ class Upsample(keras.layers.Layer):
     def _forward(self, x, size):
         h, w = x.shape[1], x.shape[2]
         if size is None or (h is not None and w is not None and tuple(size) == (2 * h, 2 * w)):
-            return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
+            return upsample_conv3x3(x, self.conv)
         # Sizes that were odd on the way down: nearest to the skip's size, as diffusers'
         # interpolate(size=...) picks source index floor(dst * in / out).
         for axis, out in ((1, size[0]), (2, size[1])):

@@ -17,7 +17,7 @@ import keras
 from keras import ops
 
 from tf_diffusion.config import VAEConfig
-from tf_diffusion.layers import Conv2d, GroupNorm, attention, dtype_policy_scope
+from tf_diffusion.layers import Conv2d, GroupNorm, attention, dtype_policy_scope, upsample_conv3x3
 
 
 class ResnetBlock(keras.layers.Layer):
@@ -86,8 +86,7 @@ class Upsample(keras.layers.Layer):
         self.built = True
 
     def call(self, x):  # (B, H, W, C) -> (B, 2H, 2W, C)
-        x = ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        return upsample_conv3x3(x, self.conv)
 
 
 class MidBlock(keras.layers.Layer):
