@@ -43,9 +43,10 @@ def test_conv2d_takes_winograd_only_where_it_applies(monkeypatch):
     c = layers.WINOGRAD_MIN_CHANNELS
     conv = layers.Conv2d(c, 8, 3, padding=1)
     strided = layers.Conv2d(c, 8, 3, stride=2, padding=1)
-    side = 2 * int(np.ceil(np.sqrt(c * layers.WINOGRAD_MIN_TILES_PER_CHANNEL)))  # c tiles of 2x2
+    m = layers.WINOGRAD_TILE
+    side = m * int(np.ceil(np.sqrt(layers.WINOGRAD_MIN_TILES)))  # at least WINOGRAD_MIN_TILES tiles
     x = tf.constant(rng.standard_normal((1, side, side, c)).astype(np.float32))
-    fewer_tiles = x[:, : side - 2]  # one row of tiles short of c tiles
+    fewer_tiles = x[:, : side // 2]  # half of them
     narrow = layers.Conv2d(c // 2, 8, 3, padding=1)
 
     def run(layer, x):
@@ -57,7 +58,7 @@ def test_conv2d_takes_winograd_only_where_it_applies(monkeypatch):
     assert calls == [layers.WINOGRAD_TILE]
     assert np.abs(got - want).max() / np.abs(want).max() <= BOUND[layers.WINOGRAD_TILE]
     run(strided, x)  # stride 2
-    run(conv, fewer_tiles)  # fewer output tiles than input channels
+    run(conv, fewer_tiles)  # under WINOGRAD_MIN_TILES
     run(narrow, x[..., : c // 2])  # under WINOGRAD_MIN_CHANNELS
     np.asarray(conv(x))  # outside the context
     assert calls == [layers.WINOGRAD_TILE]

@@ -223,7 +223,7 @@ def winograd_everywhere(monkeypatch):
     from tf_diffusion import layers
 
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES_PER_CHANNEL", 0)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES", 0)
     calls = {"winograd_conv3x3": [], "subpixel_conv3x3": [], "head_attention": []}
 
     def spy(name, record):

@@ -210,7 +210,7 @@ def test_xla_decode_with_winograd_matches_reference(fixtures_dir, name, monkeypa
     from tf_diffusion.pipeline import _compile
 
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES_PER_CHANNEL", 0)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES", 0)
     calls = []
     original = layers.winograd_conv3x3
     monkeypatch.setattr(layers, "winograd_conv3x3", lambda x, w, m: calls.append(m) or original(x, w, m))

@@ -14,6 +14,7 @@ import contextlib
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 # How a torch tensor maps onto each variable kind:
@@ -484,8 +485,8 @@ def island(owner, name: str, fn):
 # Winograd off.
 WINOGRAD_TILE = 2
 WINOGRAD_MIN_CHANNELS = 256
-# Output tiles per input channel below which the direct convolution runs.
-WINOGRAD_MIN_TILES_PER_CHANNEL = 1.0
+# Output tiles (batch x tiles per image) below which the direct convolution runs.
+WINOGRAD_MIN_TILES = 256
 _WINOGRAD = {
     # m: (B^T input transform, G filter transform, A^T output transform)
     2: (
@@ -548,7 +549,7 @@ def winograd_tile(x, weight) -> int:
     b, h, w, cin = x.shape
     if h is None or w is None or h % m or w % m or cin < WINOGRAD_MIN_CHANNELS:
         return 0
-    if (b or 1) * (h // m) * (w // m) < WINOGRAD_MIN_TILES_PER_CHANNEL * cin:
+    if (b or 1) * (h // m) * (w // m) < WINOGRAD_MIN_TILES:
         return 0
     if keras.backend.standardize_dtype(x.dtype) != "float32":
         return 0
@@ -566,9 +567,10 @@ def winograd_conv3x3(x, weight, m: int):
     b, h, w, cin = ops.shape(x)[0], x.shape[1], x.shape[2], x.shape[3]
     cout = weight.shape[3]
     th, tw = h // m, w // m
-    # Filter transform U = G w G^T: (n, n, C_in, C_out).
-    gm = ops.convert_to_tensor(g, weight.dtype)
-    u = ops.einsum("ak,klio,bl->abio", gm, weight, gm)
+    # Filter transform U = G w G^T for every (C_in, C_out) pair at once: one (n*n, 9) x (9, C_in*C_out)
+    # matmul with G (x) G (3-4x faster under XLA than the equivalent einsum at 640-1280 channels).
+    gg = ops.convert_to_tensor(np.kron(np.asarray(g), np.asarray(g)), weight.dtype)
+    u = ops.matmul(gg, ops.reshape(weight, (9, cin * cout)))  # (n*n, C_in*C_out)
     # Input tiles d[i][j]: (B, th, tw, C_in), element (i, j) of every n x n tile (stride m).
     xp = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
     d = [[xp[:, i : i + h : m, j : j + w : m, :] for j in range(n)] for i in range(n)]
