@@ -345,19 +345,29 @@ def head_attention(q, k_t, v):
         ``HEAD_ATTENTION_BLOCK_ELEMENTS`` stay in it (benchmarks/README.md, "Quiet run 5").
     """
     n, tq, tk = q.shape[0], q.shape[1], k_t.shape[2]
-    if tq is None or tk is None:
+    if n is None or tq is None or tk is None:
         return ops.matmul(ops.softmax(ops.matmul(q, k_t), axis=-1), v)
     rows = max(1, min(tq, HEAD_ATTENTION_BLOCK_ELEMENTS // tk))
-    group = n if n is None else max(1, min(n, HEAD_ATTENTION_BLOCK_ELEMENTS // (rows * tk)))
-    blocks = []
-    for h in range(0, n or 1, group or 1):
-        hs = slice(None) if n is None else slice(h, h + group)
+    group = max(1, min(n, HEAD_ATTENTION_BLOCK_ELEMENTS // (rows * tk)))
+    # One split per operand rather than a slice per block keeps the graph small (it is traced
+    # once per layer and block).
+    qs, ks, vs = (_blocks(z, group, 0) for z in (q, k_t, v))
+    out = []
+    for q_heads, k_heads, v_heads in zip(qs, ks, vs, strict=True):
         parts = [
-            ops.matmul(ops.softmax(ops.matmul(q[hs, i : i + rows], k_t[hs]), axis=-1), v[hs])
-            for i in range(0, tq, rows)
+            ops.matmul(ops.softmax(ops.matmul(q_rows, k_heads), axis=-1), v_heads)
+            for q_rows in _blocks(q_heads, rows, 1)
         ]
-        blocks.append(parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1))
-    return blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=0)
+        out.append(parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1))
+    return out[0] if len(out) == 1 else ops.concatenate(out, axis=0)
+
+
+def _blocks(x, size: int, axis: int) -> list:
+    """``x`` cut along ``axis`` (static length) into blocks of ``size``, the last one shorter."""
+    length = x.shape[axis]
+    if length <= size:
+        return [x]
+    return ops.split(x, list(range(size, length, size)), axis=axis)
 
 
 # Fused attention kernel for JAX on a GPU: "auto" uses jax.nn.dot_product_attention with cuDNN's
