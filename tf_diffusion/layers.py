@@ -123,8 +123,8 @@ def subpixel_conv3x3(x, weight):
     image sees 2x2 distinct source pixels, so it is a 2x2 convolution of ``x`` whose taps are the
     3x3 taps landing on the same source pixel, summed (Shi et al.'s sub-pixel convolution, read
     backwards): 16 multiply-adds per source pixel in place of 36, and the only new rounding is in
-    the summed taps. The SD 1.5 UNet's 16x16 -> 32x32 upsampling at 1280 channels took 94 ms
-    against 186 under XLA (benchmarks/README.md, "Quiet run 5").
+    the summed taps. The SD 1.5 UNet's 16x16 -> 32x32 upsampling at 1280 channels took 75 ms
+    against 149 under XLA (benchmarks/results/cpu_blocks.json).
 
     x: (B, H, W, C_in) with static H, W; weight: (3, 3, C_in, C_out). Returns (B, 2H, 2W, C_out).
     """
@@ -485,11 +485,11 @@ def island(owner, name: str, fn):
 # matmuls over 4x4 input tiles in place of 36 multiply-adds per 2x2 output tile. XLA's direct
 # convolution already runs near this CPU's float32 peak (410-460 GFLOP/s of 484), so only fewer
 # multiplications make it faster, and only where they outweigh the tile transforms' memory
-# traffic. Measured one convolution at a time under XLA (benchmarks/README.md, "Quiet run 5"):
-# Winograd won with 256 or more input channels when the output tiles (batch x tiles per image)
-# were at least the input channel count (64x64x320 batch 2: 35 ms against 39; 128x128x512: 150
-# against 203), and lost below it (32x32x640 batch 2, the weight transform dominating: 43 against
-# 39; 16x16x1280: 120 against 38) and with 128 channels (512x512x128: 285 against 232). Rounding
+# traffic. Measured one convolution at a time under XLA (benchmarks/results/cpu_blocks.json): with
+# 256 or more input channels and 256 or more output tiles (batch x tiles per image) Winograd took
+# 0.67 to 0.79 of the direct time (64x64x320 batch 2: 25 ms against 35; 128x128x512: 132 against
+# 197); with fewer tiles the transformed filters dominate (16x16x1280 batch 2, 128 tiles: 53
+# against 38), and with 128 channels the tile transforms do (512x512x128: 234 against 217). Rounding
 # stays at a direct convolution's level (about 1e-6 of the output's scale; tests/test_layers.py).
 # WINOGRAD_TILE = 4 uses F(4x4, 3x3) (fewer multiplications again, about 1.5e-5 rounding); 0 turns
 # Winograd off.
