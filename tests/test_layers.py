@@ -100,6 +100,8 @@ def test_upsample_conv3x3_takes_the_subpixel_form_only_inside_the_context(monkey
     with layers.winograd_convolutions():
         fast = np.asarray(layers.upsample_conv3x3(x, conv))
         np.asarray(layers.upsample_conv3x3(tf.cast(x, "bfloat16"), conv))  # float32 only
+        mixed = layers.Conv2d(6, 5, 3, padding=1, dtype="mixed_bfloat16")
+        np.asarray(layers.upsample_conv3x3(x, mixed))  # ... in the layer's compute dtype too
     assert calls == [x.shape]
     for got in (plain, fast):
         assert np.abs(got - want).max() / np.abs(want).max() <= 2e-6

@@ -101,16 +101,12 @@ class Conv2d(keras.layers.Layer):
 def upsample_conv3x3(x, conv: Conv2d):
     """``conv`` (3x3, stride 1, padding 1) of ``x`` upsampled 2x by nearest neighbour.
 
-    Inside ``winograd_convolutions`` (XLA on a CPU), in float32 and at static sizes, computed
-    without the upsampled copy (``subpixel_conv3x3``).
+    Inside ``winograd_convolutions`` (XLA on a CPU), in float32 (``x`` and ``conv``'s compute dtype)
+    and at static sizes, computed without the upsampled copy (``subpixel_conv3x3``).
     """
     h, w = x.shape[1], x.shape[2]
-    if (
-        _winograd_on
-        and h is not None
-        and w is not None
-        and keras.backend.standardize_dtype(x.dtype) == "float32"
-    ):
+    float32 = all(keras.backend.standardize_dtype(t) == "float32" for t in (x.dtype, conv.compute_dtype))
+    if _winograd_on and h is not None and w is not None and float32:
         return subpixel_conv3x3(x, conv.weight) + conv.bias
     return conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
 
