@@ -59,11 +59,17 @@ def median_ms(fn, *args, reps: int = 7) -> float:
     return round(statistics.median(times) * 1e3, 2)
 
 
+def conv_inputs(rng, b: int, side: int, c: int):
+    """Random (b, side, side, c) activations and a (3, 3, c, c) kernel of unit output scale."""
+    x = tf.constant(rng.standard_normal((b, side, side, c), dtype=np.float32))
+    w = tf.constant(rng.standard_normal((3, 3, c, c), dtype=np.float32) / math.sqrt(9 * c))
+    return x, w
+
+
 def conv_cases(rng) -> list[dict]:
     out = []
     for b, side, c in CONV_SHAPES:
-        x = tf.constant(rng.standard_normal((b, side, side, c), dtype=np.float32))
-        w = tf.constant(rng.standard_normal((3, 3, c, c), dtype=np.float32) / math.sqrt(9 * c))
+        x, w = conv_inputs(rng, b, side, c)
 
         def direct(x, w):
             return tf.nn.conv2d(x, w, 1, "SAME")
@@ -84,8 +90,7 @@ def conv_cases(rng) -> list[dict]:
 def upsample_cases(rng) -> list[dict]:
     out = []
     for b, side, c in UPSAMPLE_SHAPES:
-        x = tf.constant(rng.standard_normal((b, side, side, c), dtype=np.float32))
-        w = tf.constant(rng.standard_normal((3, 3, c, c), dtype=np.float32) / math.sqrt(9 * c))
+        x, w = conv_inputs(rng, b, side, c)
 
         def nearest_then_conv(x, w):
             return tf.nn.conv2d(tf.repeat(tf.repeat(x, 2, 1), 2, 2), w, 1, "SAME")

@@ -527,7 +527,8 @@ _winograd_on = False
 
 @contextlib.contextmanager
 def winograd_convolutions(enabled: bool = True):
-    """While tracing: eligible 3x3 convolutions use Winograd (meant for XLA on a CPU)."""
+    """While tracing: eligible 3x3 convolutions use Winograd and 2x upsamplings feeding a 3x3
+    convolution the sub-pixel form (``upsample_conv3x3``); meant for XLA on a CPU."""
     global _winograd_on
     previous, _winograd_on = _winograd_on, bool(enabled)
     try:
