@@ -39,31 +39,57 @@ def test_conv2d_takes_winograd_only_where_it_applies(monkeypatch):
     calls = []
     original = layers.winograd_conv3x3
     monkeypatch.setattr(layers, "winograd_conv3x3", lambda x, w, m: calls.append(m) or original(x, w, m))
+    # F(4) from 16 input channels and 4 tiles of 4x4, else F(2) from 8 channels and 16 tiles of 2x2.
+    monkeypatch.setattr(layers, "WINOGRAD_RULES", ((4, 16, 4), (2, 8, 16)))
     rng = np.random.default_rng(0)
-    c = layers.WINOGRAD_MIN_CHANNELS
-    conv = layers.Conv2d(c, 8, 3, padding=1)
-    strided = layers.Conv2d(c, 8, 3, stride=2, padding=1)
-    m = layers.WINOGRAD_TILE
-    side = m * int(np.ceil(np.sqrt(layers.WINOGRAD_MIN_TILES)))  # at least WINOGRAD_MIN_TILES tiles
-    x = tf.constant(rng.standard_normal((1, side, side, c)).astype(np.float32))
-    fewer_tiles = x[:, : side // 2]  # half of them
-    narrow = layers.Conv2d(c // 2, 8, 3, padding=1)
 
-    def run(layer, x):
+    def run(x, cin, stride=1):
+        conv = layers.Conv2d(cin, 8, 3, stride=stride, padding=1)
+        x = tf.constant(x[..., :cin])
         with layers.winograd_convolutions():
-            return np.asarray(layer(x))
+            got = np.asarray(conv(x))
+        if stride == 1:
+            want = reference_conv(np.asarray(x), np.asarray(conv.weight)) + np.asarray(conv.bias)
+            assert np.abs(got - want).max() / np.abs(want).max() <= BOUND[calls[-1] if calls else 2]
+        return calls.pop() if calls else 0
 
-    want = reference_conv(np.asarray(x), np.asarray(conv.weight)) + np.asarray(conv.bias)
-    got = run(conv, x)
-    assert calls == [layers.WINOGRAD_TILE]
-    assert np.abs(got - want).max() / np.abs(want).max() <= BOUND[layers.WINOGRAD_TILE]
-    run(strided, x)  # stride 2
-    run(conv, fewer_tiles)  # under WINOGRAD_MIN_TILES
-    run(narrow, x[..., : c // 2])  # under WINOGRAD_MIN_CHANNELS
-    np.asarray(conv(x))  # outside the context
-    assert calls == [layers.WINOGRAD_TILE]
-    run(conv, tf.concat([fewer_tiles, fewer_tiles], 0))  # the batch's tiles count: enough again
-    assert calls == [layers.WINOGRAD_TILE] * 2
+    x = rng.standard_normal((1, 8, 8, 16)).astype(np.float32)
+    assert run(x, 16) == 4  # 4 tiles of 4x4
+    assert run(x, 12) == 2  # too few channels for F(4), enough for F(2) (16 tiles of 2x2)
+    assert run(np.concatenate([x[:, :6, :6]] * 2), 16) == 2  # 6 is no multiple of 4 (18 tiles of 2x2)
+    assert run(x[:, :4, :4], 16) == 0  # 1 tile of 4x4, 4 of 2x2
+    assert run(np.concatenate([x[:, :4, :4]] * 4), 16) == 4  # the batch's tiles count
+    assert run(x, 4) == 0  # too few channels for either
+    assert run(x[:, :7, :7], 16) == 0  # odd
+    assert run(x, 16, stride=2) == 0
+    with layers.winograd_convolutions():  # float32 only
+        assert layers.winograd_tile(tf.cast(x, "bfloat16"), tf.zeros((3, 3, 16, 8), "bfloat16")) == 0
+    np.asarray(layers.Conv2d(16, 8, 3, padding=1)(tf.constant(x)))  # outside the context
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "shape, tile",
+    [  # (batch, side, input channels): the SD 1.5 UNet at 512 (batch 2) and its VAE decoder
+        ((2, 64, 320), 4),
+        ((2, 64, 960), 4),
+        ((2, 32, 640), 4),
+        ((2, 32, 320), 2),  # the UNet at 256
+        ((2, 16, 1280), 4),
+        ((2, 16, 640), 4),
+        ((2, 8, 1280), 0),
+        ((1, 64, 512), 4),
+        ((1, 512, 128), 0),
+    ],
+)
+def test_default_winograd_rules_follow_the_single_convolution_timings(shape, tile):
+    # benchmarks/results/cpu_blocks.json: the fastest of direct, F(2) and F(4) at each shape (at
+    # 16x16x640 all three are within 6%).
+    b, side, cin = shape
+    x = tf.zeros((b, side, side, cin))
+    with layers.winograd_convolutions():
+        assert layers.winograd_tile(x, tf.zeros((3, 3, cin, 8))) == tile
+    assert layers.winograd_tile(x, tf.zeros((3, 3, cin, 8))) == 0  # outside the context
 
 
 def nearest_then_conv(x, weight, bias):

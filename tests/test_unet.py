@@ -222,8 +222,7 @@ def winograd_everywhere(monkeypatch):
     calls of each islands-only path: Winograd, the sub-pixel upsampling, the per-head attention."""
     from tf_diffusion import layers
 
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_TILES", 0)
+    monkeypatch.setattr(layers, "WINOGRAD_RULES", ((4, 1, 0), (2, 1, 0)))  # F(4) where the sizes allow
     calls = {"winograd_conv3x3": [], "subpixel_conv3x3": [], "head_attention": []}
 
     def spy(name, record):
@@ -246,9 +245,8 @@ def winograd_everywhere(monkeypatch):
 @pytest.mark.parametrize("name", TINY)
 def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, winograd_everywhere):
     # Graph mode with each block an XLA island (the float32 CPU default for large latents), the
-    # islands' 3x3 convolutions by Winograd F(2x2, 3x3), their 2x upsamplings by sub-pixel
+    # islands' 3x3 convolutions by Winograd F(4x4, 3x3) or F(2x2, 3x3), their 2x upsamplings by sub-pixel
     # convolutions and the self-attention core per head: still diffusers' numbers.
-    from tf_diffusion import layers
     from tf_diffusion.pipeline import ISLANDS, _compile
 
     model, io = tiny_model(fixtures_dir, name)
@@ -257,7 +255,7 @@ def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, winograd_
     assert np.abs(out - io["out_int"]).max() <= FLOAT32_TOL
     # Islands were built for this model's blocks and each islands-only path ran.
     assert set(model.input_blocks[1][0].__dict__.get("_xla_islands", {})) == {"call"}
-    assert set(winograd_everywhere["winograd_conv3x3"]) == {layers.WINOGRAD_TILE}
+    assert set(winograd_everywhere["winograd_conv3x3"]) == {4}  # 16x16 latents: every level a multiple of 4
     assert winograd_everywhere["subpixel_conv3x3"] and winograd_everywhere["head_attention"]
     # Odd sizes (Winograd needs even ones; the island Upsample takes the skip's size).
     out_odd = np.asarray(fn(io["latents_odd"], io["timesteps_int"], io["context"]))

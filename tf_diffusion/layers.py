@@ -476,23 +476,24 @@ def island(owner, name: str, fn):
 # ------------------------------------------------------- Winograd 3x3 convolution
 #
 # Traced inside ``winograd_convolutions`` (XLA on a CPU: islands, and the pipeline's XLA loop and
-# decode there), a float32 3x3 stride-1 convolution runs as Winograd's minimal filtering
-# F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015): 16
-# matmuls over 4x4 input tiles in place of 36 multiply-adds per 2x2 output tile. XLA's direct
-# convolution already runs near this CPU's float32 peak (410-460 GFLOP/s of 484), so only fewer
-# multiplications make it faster, and only where they outweigh the tile transforms' memory
-# traffic. Measured one convolution at a time under XLA (benchmarks/results/cpu_blocks.json): with
-# 256 or more input channels and 256 or more output tiles (batch x tiles per image) Winograd took
-# 0.67 to 0.79 of the direct time (64x64x320 batch 2: 25 ms against 35; 128x128x512: 132 against
-# 197); with fewer tiles the transformed filters dominate (16x16x1280 batch 2, 128 tiles: 53
-# against 38), and with 128 channels the tile transforms do (512x512x128: 234 against 217). Rounding
-# stays at a direct convolution's level (about 1e-6 of the output's scale; tests/test_layers.py).
-# WINOGRAD_TILE = 4 uses F(4x4, 3x3) (fewer multiplications again, about 1.5e-5 rounding); 0 turns
-# Winograd off.
-WINOGRAD_TILE = 2
-WINOGRAD_MIN_CHANNELS = 256
-# Output tiles (batch x tiles per image) below which the direct convolution runs.
-WINOGRAD_MIN_TILES = 256
+# decode there), a float32 3x3 stride-1 convolution runs as Winograd's minimal filtering F(m x m,
+# 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015): (m+2)^2 matmuls
+# over overlapping (m+2)x(m+2) input tiles in place of 9 m^2 multiply-adds per m x m output tile
+# (F(2x2): 16 for 36; F(4x4): 36 for 144). XLA's direct convolution already runs near this CPU's
+# float32 peak (410-460 GFLOP/s of 484), so only fewer multiplications make it faster, and only
+# where they outweigh the transforms' memory traffic: the filter transform's (m+2)^2 x C_in x C_out
+# floats, which dominate with few tiles, and the input and output tiles'.
+#
+# WINOGRAD_RULES: each eligible convolution takes the first (m, least input channels, least output
+# tiles of m x m, batch included) rule it meets; none met: the direct convolution. From single
+# convolutions under XLA (benchmarks/results/cpu_blocks.json, batch 2 = one guided UNet call):
+# F(4) 17 ms against F(2) 25 and direct 35 at 64x64x320; 22 / 27 / 35 at 32x32x640; 28 against
+# direct 38 at 16x16x1280 (F(2) 53: its 128 tiles cannot pay for its transformed filters); but F(2)
+# is best at 32x32x320 (6.5 against 8.2 and 9.1), and direct at 8x8x1280 (13 against 17 and 23)
+# and with 128 channels (512x512x128, the VAE's last level). Rounding (relative to the output's
+# scale; tests/test_layers.py): direct 4e-7, F(2) 1e-6, F(4) 1.5e-5 (its transforms' larger
+# coefficients). An empty tuple turns Winograd off; ((2, 256, 256),) was the rule before F(4).
+WINOGRAD_RULES = ((4, 512, 32), (4, 256, 256), (2, 256, 256))
 _WINOGRAD = {
     # m: (B^T input transform, G filter transform, A^T output transform)
     2: (
@@ -537,30 +538,18 @@ def winograd_convolutions(enabled: bool = True):
         _winograd_on = previous
 
 
-def _combine(coefs, terms):
-    """sum(c * t) over the nonzero coefficients, without multiplying by +-1."""
-    out = None
-    for c, t in zip(coefs, terms, strict=True):
-        if c == 0:
-            continue
-        term = t if c == 1 else (-t if c == -1 else t * c)
-        out = term if out is None else out + term
-    return out
-
-
 def winograd_tile(x, weight) -> int:
-    """The Winograd output tile for a stride-1 'same' convolution of ``x`` (0: direct convolution)."""
-    m = WINOGRAD_TILE
-    if not (_winograd_on and m) or weight.shape[0] != 3:
+    """The Winograd output tile for a stride-1 'same' convolution of ``x`` (0: direct convolution):
+    the first of ``WINOGRAD_RULES`` that ``x`` meets, in float32 inside ``winograd_convolutions``."""
+    if not _winograd_on or weight.shape[0] != 3:
         return 0
     b, h, w, cin = x.shape
-    if h is None or w is None or h % m or w % m or cin < WINOGRAD_MIN_CHANNELS:
+    if h is None or w is None or keras.backend.standardize_dtype(x.dtype) != "float32":
         return 0
-    if (b or 1) * (h // m) * (w // m) < WINOGRAD_MIN_TILES:
-        return 0
-    if keras.backend.standardize_dtype(x.dtype) != "float32":
-        return 0
-    return m
+    for m, min_channels, min_tiles in WINOGRAD_RULES:
+        if h % m == 0 and w % m == 0 and cin >= min_channels and (b or 1) * (h // m) * (w // m) >= min_tiles:
+            return m
+    return 0
 
 
 def winograd_conv3x3(x, weight, m: int):
@@ -568,25 +557,40 @@ def winograd_conv3x3(x, weight, m: int):
 
     x: (B, H, W, C_in) with H and W multiples of m; weight: (3, 3, C_in, C_out).
     Returns (B, H, W, C_out).
+
+    Each transform is one matmul with a Kronecker product of the 1-D transform with itself, over
+    the (m+2)^2 positions of every tile: a few large ops instead of one op per tile element, so
+    XLA compiles a convolution in a fifth of the time (0.2 s against 1.3 for F(4)) and runs it
+    as fast.
     """
-    bt, g, at = _WINOGRAD[m]
+    bt, g, at = (np.asarray(t, np.float64) for t in _WINOGRAD[m])
     n = m + 2  # input tile side
     b, h, w, cin = ops.shape(x)[0], x.shape[1], x.shape[2], x.shape[3]
     cout = weight.shape[3]
     th, tw = h // m, w // m
-    # Filter transform U = G w G^T for every (C_in, C_out) pair at once: one (n*n, 9) x (9, C_in*C_out)
-    # matmul with G (x) G (3-4x faster under XLA than the equivalent einsum at 640-1280 channels).
-    gg = ops.convert_to_tensor(np.kron(np.asarray(g), np.asarray(g)), weight.dtype)
-    u = ops.matmul(gg, ops.reshape(weight, (9, cin * cout)))  # (n*n, C_in*C_out)
-    # Input tiles d[i][j]: (B, th, tw, C_in), element (i, j) of every n x n tile (stride m).
-    xp = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
-    d = [[xp[:, i : i + h : m, j : j + w : m, :] for j in range(n)] for i in range(n)]
-    rows = [[_combine(bt[a], [d[i][j] for i in range(n)]) for j in range(n)] for a in range(n)]
-    v = [_combine(bt[c], rows[a]) for a in range(n) for c in range(n)]  # V = B^T d B
-    v = ops.reshape(ops.stack(v, axis=0), (n * n, -1, cin))  # (n*n, B*th*tw, C_in)
-    mm = ops.matmul(v, ops.reshape(u, (n * n, cin, cout)))  # (n*n, B*th*tw, C_out)
-    mm = ops.reshape(mm, (n, n, b, th, tw, cout))
-    cols = [[_combine(at[p], [mm[a, c] for a in range(n)]) for c in range(n)] for p in range(m)]
-    y = [[_combine(at[q], cols[p]) for q in range(m)] for p in range(m)]  # Y = A^T M A
-    y = ops.stack([ops.stack(row, axis=3) for row in y], axis=2)  # (B, th, m, tw, m, C_out)
+    # Filter transform U = G w G^T: (n*n, 9) x (9, C_in*C_out).
+    u = ops.matmul(ops.convert_to_tensor(np.kron(g, g), weight.dtype), ops.reshape(weight, (9, cin * cout)))
+    # Input tiles of side n at stride m: pad 1 before and m-1 after (the extra zeros only feed
+    # discarded tile elements), then cut each spatial axis into (tiles, n).
+    xp = ops.pad(x, [[0, 0], [1, m - 1], [1, m - 1], [0, 0]])
+    d = _overlapping_tiles(_overlapping_tiles(xp, 1, th, m, n), 3, tw, m, n)  # (B, th, n, tw, n, C_in)
+    d = ops.reshape(ops.transpose(d, (2, 4, 0, 1, 3, 5)), (n * n, -1))
+    v = ops.matmul(ops.convert_to_tensor(np.kron(bt, bt), x.dtype), d)  # V = B^T d B
+    mm = ops.matmul(ops.reshape(v, (n * n, -1, cin)), ops.reshape(u, (n * n, cin, cout)))
+    y = ops.matmul(ops.convert_to_tensor(np.kron(at, at), x.dtype), ops.reshape(mm, (n * n, -1)))  # A^T M A
+    y = ops.transpose(ops.reshape(y, (m, m, b, th, tw, cout)), (2, 3, 0, 4, 1, 5))  # (B, th, m, tw, m, C_out)
     return ops.reshape(y, (b, h, w, cout))
+
+
+def _overlapping_tiles(z, axis: int, tiles: int, m: int, n: int):
+    """``z`` of length m * (tiles + 1) along ``axis`` -> tiles of n > m elements at stride m:
+    that axis becomes (tiles, n); element j of tile t is z[m * t + j]."""
+    shape = [-1] + list(z.shape[1:axis]) + [tiles, m] + list(z.shape[axis + 1 :])
+    cut = [slice(None)] * len(z.shape)
+    cut[axis] = slice(0, m * tiles)
+    head = ops.reshape(z[tuple(cut)], shape)  # elements 0..m-1 of every tile
+    cut[axis] = slice(m, m * tiles + m)
+    tail = ops.reshape(z[tuple(cut)], shape)  # elements m..2m-1: the next tile's head
+    keep = [slice(None)] * len(shape)
+    keep[axis + 1] = slice(0, n - m)
+    return ops.concatenate([head, tail[tuple(keep)]], axis=axis + 1)

@@ -212,7 +212,7 @@ class StableDiffusion:
                 32x32 (SD images above 256x256) the default loop runs in graph mode with each UNet
                 block compiled as its own XLA island, the self-attention scores in between
                 (``layers.xla_islands``); there, and under XLA on a CPU, 3x3 convolutions use
-                Winograd F(2x2, 3x3) where it pays (``layers.winograd_tile``) and 2x upsamplings
+                Winograd F(4x4, 3x3) or F(2x2, 3x3) where it pays (``layers.WINOGRAD_RULES``) and 2x upsamplings
                 their sub-pixel form (``layers.subpixel_conv3x3``). ``True`` forces one XLA program,
                 ``False`` plain graph mode.
             fused: run the whole loop as one compiled function (``ops.fori_loop``) rather
