@@ -487,13 +487,14 @@ def island(owner, name: str, fn):
 # WINOGRAD_RULES: each eligible convolution takes the first (m, least input channels, least output
 # tiles of m x m, batch included) rule it meets; none met: the direct convolution. From single
 # convolutions under XLA (benchmarks/results/cpu_blocks.json, batch 2 = one guided UNet call):
-# F(4) 17 ms against F(2) 25 and direct 35 at 64x64x320; 22 / 27 / 35 at 32x32x640; 28 against
-# direct 38 at 16x16x1280 (F(2) 53: its 128 tiles cannot pay for its transformed filters); but F(2)
-# is best at 32x32x320 (6.5 against 8.2 and 9.1), and direct at 8x8x1280 (13 against 17 and 23)
-# and with 128 channels (512x512x128, the VAE's last level). Rounding (relative to the output's
-# scale; tests/test_layers.py): direct 4e-7, F(2) 1e-6, F(4) 1.5e-5 (its transforms' larger
-# coefficients). An empty tuple turns Winograd off; ((2, 256, 256),) was the rule before F(4).
-WINOGRAD_RULES = ((4, 512, 32), (4, 256, 256), (2, 256, 256))
+# F(4) 18 ms against F(2) 29 and direct 36 at 64x64x320; 20 / 28 / 34 at 32x32x640; 5.6 / 7.5 / 8.9
+# at 32x32x320; 27 against direct 36 at 16x16x1280 (F(2) 55: its 128 tiles cannot pay for its
+# transformed filters); but at 16x16x640 all three are within 20% (F(4) slowest), and at 8x8x1280
+# and with 128 channels (512x512x128, the VAE's last level) the direct one is at least as fast.
+# Rounding (relative to the output's scale; tests/test_layers.py): direct 4e-7, F(2) 1e-6, F(4)
+# 1.5e-5 (its transforms' larger coefficients). An empty tuple turns Winograd off;
+# ((2, 256, 256),) was the rule before F(4).
+WINOGRAD_RULES = ((4, 1024, 32), (4, 256, 128), (2, 256, 256))
 _WINOGRAD = {
     # m: (B^T input transform, G filter transform, A^T output transform)
     2: (
