@@ -536,11 +536,11 @@ def main_all(args) -> None:
                     if f in wanted and (component, f, size, dtype) not in done
                 ]
                 runs = {f: [] for f in frameworks}
+                reps = args.e2e_reps if component == "e2e" else args.reps
                 # Rounds interleave the frameworks (ours, keras-cv, diffusers, ours, ...), so a slow
                 # spell of the machine falls on each of them rather than on one.
                 for _ in range(args.rounds):
                     for framework in frameworks:
-                        reps = args.e2e_reps if component == "e2e" else args.reps
                         print(f"{component} {framework} {size} {dtype} ...", end=" ", flush=True)
                         result = subprocess_case(
                             component, framework, size, dtype, reps, args.weights, args.kcv_jit, args.timeout

@@ -489,8 +489,10 @@ def island(owner, name: str, fn):
 # convolutions under XLA (benchmarks/results/cpu_blocks.json, batch 2 = one guided UNet call):
 # F(4) 18 ms against F(2) 29 and direct 36 at 64x64x320; 20 / 28 / 34 at 32x32x640; 5.6 / 7.5 / 8.9
 # at 32x32x320; 27 against direct 36 at 16x16x1280 (F(2) 55: its 128 tiles cannot pay for its
-# transformed filters); but at 16x16x640 all three are within 20% (F(4) slowest), and at 8x8x1280
-# and with 128 channels (512x512x128, the VAE's last level) the direct one is at least as fast.
+# transformed filters); at 16x16x640 all three are within 20% (F(4) slowest) and at 8x8x1280 direct
+# and F(2) within 4%, so both stay direct. With 128 channels (512x512x128, the VAE's last level)
+# F(4) alone took 174 ms against 215, but it stays direct: untried in the decode, whose peak memory
+# its tiles would raise, and the decoder's 128 -> 3 output convolution would make a 3-wide matmul.
 # Rounding (relative to the output's scale; tests/test_layers.py): direct 4e-7, F(2) 1e-6, F(4)
 # 1.5e-5 (its transforms' larger coefficients). An empty tuple turns Winograd off;
 # ((2, 256, 256),) was the rule before F(4).
@@ -561,8 +563,9 @@ def winograd_conv3x3(x, weight, m: int):
 
     Each transform is one matmul with a Kronecker product of the 1-D transform with itself, over
     the (m+2)^2 positions of every tile: a few large ops instead of one op per tile element, so
-    XLA compiles a convolution in a fifth of the time (0.2 s against 1.3 for F(4)) and runs it
-    as fast.
+    XLA compiles an F(4) convolution in a fifth of the time (0.2 s against 1.3) and runs it as
+    fast; F(2) runs up to 17% slower than in that older form, but the rules give it only the
+    sizes F(4) cannot take.
     """
     bt, g, at = (np.asarray(t, np.float64) for t in _WINOGRAD[m])
     n = m + 2  # input tile side
