@@ -564,8 +564,8 @@ def winograd_conv3x3(x, weight, m: int):
     Each transform is one matmul with a Kronecker product of the 1-D transform with itself, over
     the (m+2)^2 positions of every tile: a few large ops instead of one op per tile element, so
     XLA compiles an F(4) convolution in a fifth of the time (0.2 s against 1.3) and runs it as
-    fast; F(2) runs up to 17% slower than in that older form, but the rules give it only the
-    sizes F(4) cannot take.
+    fast; F(2) runs up to 17% slower than in that older form, but ``WINOGRAD_RULES`` give it
+    only what the F(4) rules leave.
     """
     bt, g, at = (np.asarray(t, np.float64) for t in _WINOGRAD[m])
     n = m + 2  # input tile side
