@@ -173,3 +173,23 @@ def test_split_and_merge_heads_invert_each_other():
     assert heads.shape == (6, 5, 4)
     np.testing.assert_array_equal(heads[1 * 3 + 2], x[1, :, 8:12])  # batch 1, head 2
     np.testing.assert_array_equal(np.asarray(layers.merge_heads(tf.constant(heads), 3)), x)
+
+
+@pytest.mark.parametrize("xla", [False, True])
+@pytest.mark.parametrize("shape", [(2, 6, 10, 64), (1, 5, 96)])
+def test_group_norm_matches_the_float64_definition(shape, xla):
+    # nn.GroupNorm: each group's mean and biased variance over its positions and channels, then a
+    # per-channel affine. An offset of 50 over a spread of 3 makes a one-pass E[x^2] - E[x]^2 fail.
+    rng = np.random.default_rng(0)
+    groups, channels = 8, shape[-1]
+    x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32)
+    norm = layers.GroupNorm(groups, channels, 1e-5)
+    norm.weight.assign(rng.standard_normal(channels).astype(np.float32))
+    norm.bias.assign(rng.standard_normal(channels).astype(np.float32))
+    fn = tf.function(norm, jit_compile=True) if xla else norm
+    out = np.asarray(fn(tf.constant(x)))
+    grouped = x.astype(np.float64).reshape(shape[0], -1, groups, channels // groups)
+    mean, var = grouped.mean(axis=(1, 3), keepdims=True), grouped.var(axis=(1, 3), keepdims=True)
+    normed = ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(shape)
+    expected = normed * norm.weight.numpy() + norm.bias.numpy()
+    assert np.abs(out - expected).max() <= 2e-5

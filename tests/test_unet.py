@@ -218,12 +218,23 @@ def test_odd_latent_sizes_match_diffusers(fixtures_dir, name):
 
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
-    """Let every eligible 3x3 convolution of a tiny model take the Winograd path, and count the
-    calls of each islands-only path: Winograd, the sub-pixel upsampling, the per-head attention."""
+    """Let every eligible 3x3 convolution of a tiny model take the Winograd path and the post-attention
+    work run in token blocks, and count the calls of each islands-only path: Winograd, the sub-pixel
+    upsampling, the per-head attention, the token blocks."""
     from tf_diffusion import layers
 
     monkeypatch.setattr(layers, "WINOGRAD_RULES", ((4, 1, 0), (2, 1, 0)))  # F(4) where the sizes allow
-    calls = {"winograd_conv3x3": [], "subpixel_conv3x3": [], "head_attention": []}
+    # Post-attention work in token blocks of 100: 16x16 latents (256 tokens) give 100, 100, 56.
+    monkeypatch.setattr("tf_diffusion.unet.POST_ATTENTION_TOKENS", 100)
+    calls = {"winograd_conv3x3": [], "subpixel_conv3x3": [], "head_attention": [], "post_blocks": []}
+    original_blocks = layers._blocks
+
+    def blocks(x, size, axis):
+        parts = original_blocks(x, size, axis)
+        calls["post_blocks"].append([p.shape[axis] for p in parts])
+        return parts
+
+    monkeypatch.setattr("tf_diffusion.unet._blocks", blocks)
 
     def spy(name, record):
         original = getattr(layers, name)
@@ -257,6 +268,7 @@ def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, winograd_
     assert set(model.input_blocks[1][0].__dict__.get("_xla_islands", {})) == {"call"}
     assert set(winograd_everywhere["winograd_conv3x3"]) == {4}  # 16x16 latents: every level a multiple of 4
     assert winograd_everywhere["subpixel_conv3x3"] and winograd_everywhere["head_attention"]
+    assert [100, 100, 56] in winograd_everywhere["post_blocks"]
     # Odd sizes (Winograd needs even ones; the island Upsample takes the skip's size).
     out_odd = np.asarray(fn(io["latents_odd"], io["timesteps_int"], io["context"]))
     assert np.abs(out_odd - io["out_odd"]).max() <= FLOAT32_TOL
