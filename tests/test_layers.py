@@ -94,6 +94,40 @@ def test_default_winograd_rules_follow_the_single_convolution_timings(shape, til
     assert layers.winograd_tile(x, tf.zeros((3, 3, cin, 8))) == 0  # outside the context
 
 
+@pytest.mark.parametrize("m", [0, 2, 4])
+def test_conv3x3_as_operand_filter_and_result_matches_direct_convolution(m):
+    # The three parts a ResBlock runs around a graph-mode matmul: im2col (m = 0) or Winograd tiles.
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((2, 8, 12, 6)).astype(np.float32)
+    weight = (rng.standard_normal((3, 3, 6, 5)) / np.sqrt(54)).astype(np.float32)
+    a = layers.conv3x3_operand(tf.constant(x), m)
+    got = np.asarray(
+        layers.conv3x3_result(tf.matmul(a, layers.conv3x3_filter(tf.constant(weight), m)), m, (8, 12))
+    )
+    want = reference_conv(x, weight)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() / np.abs(want).max() <= BOUND.get(m, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, tile",
+    [
+        ((2, 64, 320), None),  # F(4), 512 tiles: no gain in graph mode
+        ((2, 32, 640), 4),  # F(4), 128 tiles
+        ((2, 32, 320), 4),
+        ((2, 16, 1280), None),  # F(4), 32 tiles: the filter transform dominates
+        ((2, 16, 640), None),  # direct, 512 positions
+        ((2, 8, 1280), 0),  # direct, 128 positions: im2col
+        ((2, 8, 2560), 0),
+    ],
+)
+def test_default_graph_matmul_rules_at_the_sd_unet_shapes(shape, tile):
+    b, side, cin = shape
+    assert layers.graph_matmul_tile((b, side, side, cin), tf.zeros((3, 3, cin, 8)), "float32") == tile
+    assert layers.graph_matmul_tile((b, side, side, cin), tf.zeros((3, 3, cin, 8)), "bfloat16") in (None, 0)
+    assert layers.graph_matmul_tile((None, side, side, cin), tf.zeros((3, 3, cin, 8)), "float32") is None
+
+
 def nearest_then_conv(x, weight, bias):
     """float64 reference: nearest-neighbour 2x upsampling, then a 3x3 'same' convolution."""
     up = np.repeat(np.repeat(np.asarray(x, np.float64), 2, axis=1), 2, axis=2)

@@ -216,6 +216,12 @@ def test_odd_latent_sizes_match_diffusers(fixtures_dir, name):
     assert np.abs(out - io["out_odd"]).max() <= FLOAT32_TOL
 
 
+def island_names(model) -> set:
+    """The names of the XLA islands built for every layer of ``model``."""
+    layers = model._flatten_layers(include_self=True, recursive=True)
+    return {name for layer in layers for name in layer.__dict__.get("_xla_islands") or {}}
+
+
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
     """Let every eligible 3x3 convolution of a tiny model take the Winograd path and the post-attention
@@ -235,6 +241,17 @@ def winograd_everywhere(monkeypatch):
         return parts
 
     monkeypatch.setattr("tf_diffusion.unet._blocks", blocks)
+    # ResBlocks with at most 16 F(4) tiles (16x16 latents, batch 2: the 8x8 and 4x4 levels) or with
+    # direct convolutions run their two convolutions as graph-mode matmuls between islands.
+    monkeypatch.setattr(layers, "GRAPH_MATMUL_RULES", ((4, 1, 16), (0, 1, 10**9)))
+    calls["graph_matmul"] = []
+    original_filter = layers.conv3x3_filter
+
+    def conv3x3_filter(weight, m):
+        calls["graph_matmul"].append(m)
+        return original_filter(weight, m)
+
+    monkeypatch.setattr("tf_diffusion.unet.conv3x3_filter", conv3x3_filter)
 
     def spy(name, record):
         original = getattr(layers, name)
@@ -256,8 +273,9 @@ def winograd_everywhere(monkeypatch):
 @pytest.mark.parametrize("name", TINY)
 def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, winograd_everywhere):
     # Graph mode with each block an XLA island (the float32 CPU default for large latents), the
-    # islands' 3x3 convolutions by Winograd F(4x4, 3x3) or F(2x2, 3x3), their 2x upsamplings by sub-pixel
-    # convolutions and the self-attention core per head: still diffusers' numbers.
+    # islands' 3x3 convolutions by Winograd F(4x4, 3x3) or F(2x2, 3x3) (some as graph-mode matmuls
+    # between islands), their 2x upsamplings by sub-pixel convolutions and the self-attention core
+    # per head: still diffusers' numbers.
     from tf_diffusion.pipeline import ISLANDS, _compile
 
     model, io = tiny_model(fixtures_dir, name)
@@ -265,13 +283,36 @@ def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, winograd_
     out = np.asarray(fn(io["latents"], io["timesteps_int"], io["context"]))
     assert np.abs(out - io["out_int"]).max() <= FLOAT32_TOL
     # Islands were built for this model's blocks and each islands-only path ran.
-    assert set(model.input_blocks[1][0].__dict__.get("_xla_islands", {})) == {"call"}
+    assert set(model.input_blocks[1][0].__dict__.get("_xla_islands", {})) == {"call"}  # 32 tiles
+    assert any(key.startswith("mid_4_") for key in island_names(model))  # 8 or 2 tiles
     assert set(winograd_everywhere["winograd_conv3x3"]) == {4}  # 16x16 latents: every level a multiple of 4
     assert winograd_everywhere["subpixel_conv3x3"] and winograd_everywhere["head_attention"]
     assert [100, 100, 56] in winograd_everywhere["post_blocks"]
+    assert set(winograd_everywhere["graph_matmul"]) == {4}
     # Odd sizes (Winograd needs even ones; the island Upsample takes the skip's size).
     out_odd = np.asarray(fn(io["latents_odd"], io["timesteps_int"], io["context"]))
     assert np.abs(out_odd - io["out_odd"]).max() <= FLOAT32_TOL
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_xla_islands_with_im2col_graph_matmuls_match_diffusers(
+    name, fixtures_dir, winograd_everywhere, monkeypatch
+):
+    # Direct convolutions only: each ResBlock's two become im2col patches (XLA), a matmul in graph
+    # mode and a reshape, even and odd latent sizes.
+    from tf_diffusion import layers
+    from tf_diffusion.pipeline import ISLANDS, _compile
+
+    monkeypatch.setattr(layers, "WINOGRAD_RULES", ())
+    model, io = tiny_model(fixtures_dir, name)
+    fn = _compile(lambda x, t, c: model(x, t, c), ISLANDS)
+    out = np.asarray(fn(io["latents"], io["timesteps_int"], io["context"]))
+    assert np.abs(out - io["out_int"]).max() <= FLOAT32_TOL
+    out_odd = np.asarray(fn(io["latents_odd"], io["timesteps_int"], io["context"]))
+    assert np.abs(out_odd - io["out_odd"]).max() <= FLOAT32_TOL
+    assert set(winograd_everywhere["graph_matmul"]) == {0}
+    assert not winograd_everywhere["winograd_conv3x3"]
+    assert any(key.startswith("mid_0_") for key in island_names(model))
 
 
 def test_islands_and_winograd_stay_off_outside_their_contexts(fixtures_dir, winograd_everywhere):

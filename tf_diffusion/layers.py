@@ -553,8 +553,12 @@ def winograd_tile(x, weight) -> int:
     the first of ``WINOGRAD_RULES`` that ``x`` meets, in float32 inside ``winograd_convolutions``."""
     if not _winograd_on or weight.shape[0] != 3:
         return 0
-    b, h, w, cin = x.shape
-    if h is None or w is None or keras.backend.standardize_dtype(x.dtype) != "float32":
+    return _winograd_rule(x.shape, x.dtype)
+
+
+def _winograd_rule(shape, dtype) -> int:
+    b, h, w, cin = shape
+    if h is None or w is None or keras.backend.standardize_dtype(dtype) != "float32":
         return 0
     for m, min_channels, min_tiles in WINOGRAD_RULES:
         if h % m == 0 and w % m == 0 and cin >= min_channels and (b or 1) * (h // m) * (w // m) >= min_tiles:
@@ -574,23 +578,81 @@ def winograd_conv3x3(x, weight, m: int):
     fast; F(2) runs up to 17% slower than in that older form, but ``WINOGRAD_RULES`` give it
     only what the F(4) rules leave.
     """
-    bt, g, at = (np.asarray(t, np.float64) for t in _WINOGRAD[m])
+    products = ops.matmul(conv3x3_operand(x, m), conv3x3_filter(weight, m))
+    return conv3x3_result(products, m, x.shape[1:3])
+
+
+# A 3x3 convolution as one (batched) matmul between two elementwise parts: ``conv3x3_operand``
+# (Winograd's transformed input tiles for m = 2 or 4, im2col patches for m = 0), a matmul with
+# ``conv3x3_filter``, then ``conv3x3_result`` (Winograd's output transform, or a reshape). Inside
+# ``xla_islands`` a ResBlock runs its two convolutions' matmuls in graph mode, on oneDNN, between
+# XLA islands, where ``GRAPH_MATMUL_RULES`` say that pays: oneDNN's batched matmul took 10.7 ms
+# against XLA's 14.8 at (36, 128, 640) x (36, 640, 640), F(4) at 32x32x640 with batch 2, and the
+# ResBlock 34 ms against 40; at 8x8x1280 (direct, 128 positions) 19 against 25; no gain at 64x64,
+# and a loss at 16x16, where the filter transform dominates (benchmarks/README.md, "Quiet run 7").
+# Each rule: (m, least, most output tiles of m x m over the batch; for m = 0, output positions).
+GRAPH_MATMUL_RULES = ((4, 64, 256), (0, 1, 128))
+
+
+def graph_matmul_tile(shape, weight, dtype):
+    """m for a 3x3 stride-1 'same' convolution of an input of ``shape`` by ``weight`` whose
+    matmul may run in graph mode between islands (``GRAPH_MATMUL_RULES``), else None."""
+    b, h, w = shape[:3]
+    if b is None or h is None or w is None or weight.shape[:2] != (3, 3):
+        return None
+    m = _winograd_rule(shape, dtype)
+    for rule_m, least, most in GRAPH_MATMUL_RULES:
+        tiles = b * (h // m) * (w // m) if m else b * h * w
+        if rule_m == m and least <= tiles <= most:
+            return m
+    return None
+
+
+def conv3x3_operand(x, m: int):
+    """(B, H, W, C_in) -> the left matmul operand of a 3x3 'same' convolution: Winograd's
+    transformed tiles ((m+2)^2, tiles, C_in) for m = 2 or 4, im2col patches (B*H*W, 9*C_in) for 0."""
+    h, w, cin = x.shape[1], x.shape[2], x.shape[3]
+    if m == 0:
+        xp = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+        patches = [xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)]
+        return ops.reshape(ops.concatenate(patches, axis=-1), (-1, 9 * cin))
+    bt = np.asarray(_WINOGRAD[m][0], np.float64)
     n = m + 2  # input tile side
-    b, h, w, cin = ops.shape(x)[0], x.shape[1], x.shape[2], x.shape[3]
-    cout = weight.shape[3]
-    th, tw = h // m, w // m
-    # Filter transform U = G w G^T: (n*n, 9) x (9, C_in*C_out).
-    u = ops.matmul(ops.convert_to_tensor(np.kron(g, g), weight.dtype), ops.reshape(weight, (9, cin * cout)))
     # Input tiles of side n at stride m: pad 1 before and m-1 after (the extra zeros only feed
     # discarded tile elements), then cut each spatial axis into (tiles, n).
     xp = ops.pad(x, [[0, 0], [1, m - 1], [1, m - 1], [0, 0]])
-    d = _overlapping_tiles(_overlapping_tiles(xp, 1, th, m, n), 3, tw, m, n)  # (B, th, n, tw, n, C_in)
+    d = _overlapping_tiles(
+        _overlapping_tiles(xp, 1, h // m, m, n), 3, w // m, m, n
+    )  # (B, th, n, tw, n, C_in)
     d = ops.reshape(ops.transpose(d, (2, 4, 0, 1, 3, 5)), (n * n, -1))
     v = ops.matmul(ops.convert_to_tensor(np.kron(bt, bt), x.dtype), d)  # V = B^T d B
-    mm = ops.matmul(ops.reshape(v, (n * n, -1, cin)), ops.reshape(u, (n * n, cin, cout)))
-    y = ops.matmul(ops.convert_to_tensor(np.kron(at, at), x.dtype), ops.reshape(mm, (n * n, -1)))  # A^T M A
-    y = ops.transpose(ops.reshape(y, (m, m, b, th, tw, cout)), (2, 3, 0, 4, 1, 5))  # (B, th, m, tw, m, C_out)
-    return ops.reshape(y, (b, h, w, cout))
+    return ops.reshape(v, (n * n, -1, cin))
+
+
+def conv3x3_filter(weight, m: int):
+    """(3, 3, C_in, C_out) -> the right operand: G w G^T ((m+2)^2, C_in, C_out), or (9*C_in, C_out)."""
+    cin, cout = weight.shape[2], weight.shape[3]
+    if m == 0:
+        return ops.reshape(weight, (9 * cin, cout))
+    g = np.asarray(_WINOGRAD[m][1], np.float64)
+    u = ops.matmul(ops.convert_to_tensor(np.kron(g, g), weight.dtype), ops.reshape(weight, (9, cin * cout)))
+    return ops.reshape(u, ((m + 2) ** 2, cin, cout))
+
+
+def conv3x3_result(products, m: int, size):
+    """The matmul's ``products`` -> (B, H, W, C_out) for output ``size`` (H, W): Winograd's
+    A^T M A, or a reshape of the im2col product."""
+    h, w = size
+    cout = products.shape[-1]
+    if m == 0:
+        return ops.reshape(products, (-1, h, w, cout))
+    at = np.asarray(_WINOGRAD[m][2], np.float64)
+    n = m + 2
+    y = ops.matmul(ops.convert_to_tensor(np.kron(at, at), products.dtype), ops.reshape(products, (n * n, -1)))
+    y = ops.transpose(
+        ops.reshape(y, (m, m, -1, h // m, w // m, cout)), (2, 3, 0, 4, 1, 5)
+    )  # (B, th, m, tw, m, C_out)
+    return ops.reshape(y, (-1, h, w, cout))
 
 
 def _overlapping_tiles(z, axis: int, tiles: int, m: int, n: int):

@@ -26,7 +26,11 @@ from tf_diffusion.layers import (
     SiLU,
     _blocks,
     attention,
+    conv3x3_filter,
+    conv3x3_operand,
+    conv3x3_result,
     dtype_policy_scope,
+    graph_matmul_tile,
     head_attention,
     island,
     islands_active,
@@ -69,7 +73,38 @@ class ResBlock(keras.layers.Layer):
         self.skip_connection = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def call(self, x, emb):  # x: (B, H, W, C_in), emb: (B, E) -> (B, H, W, C_out)
-        return island(self, "call", self._forward)(x, emb)
+        m = self._graph_matmul_tile(x)
+        if m is None:
+            return island(self, "call", self._forward)(x, emb)
+        # Inside ``xla_islands``, where ``GRAPH_MATMUL_RULES`` hold for both convolutions: three
+        # islands, the convolutions' matmuls between them in graph mode (oneDNN).
+        conv1, conv2 = self.in_layers[2], self.out_layers[3]
+        size = tuple(x.shape[1:3])
+        key = f"{m}_{size[0]}x{size[1]}"  # the islands close over m and the size
+        a = island(self, "in_" + key, lambda x: conv3x3_operand(run_sequential(self.in_layers[:2], x), m))(x)
+        h = ops.matmul(a, conv3x3_filter(conv1.weight, m))
+        a = island(self, "mid_" + key, lambda h, emb: self._middle(h, emb, m, size))(h, emb)
+        h = ops.matmul(a, conv3x3_filter(conv2.weight, m))
+        return island(self, "out_" + key, lambda h, x: self._output(h, x, m, size))(h, x)
+
+    def _graph_matmul_tile(self, x):
+        if not islands_active():
+            return None
+        conv1, conv2 = self.in_layers[2], self.out_layers[3]
+        m = graph_matmul_tile(x.shape, conv1.weight, conv1.compute_dtype)
+        out_shape = tuple(x.shape[:3]) + (conv2.weight.shape[2],)
+        if m is None or graph_matmul_tile(out_shape, conv2.weight, conv2.compute_dtype) != m:
+            return None
+        return m
+
+    def _middle(self, h, emb, m, size):
+        h = conv3x3_result(h, m, size) + self.in_layers[2].bias
+        h = h + run_sequential(self.emb_layers, emb)[:, None, None, :]
+        return conv3x3_operand(run_sequential(self.out_layers[:3], h), m)
+
+    def _output(self, h, x, m, size):
+        h = conv3x3_result(h, m, size) + self.out_layers[3].bias
+        return h + (x if self.skip_connection is None else self.skip_connection(x))
 
     def _forward(self, x, emb):
         h = run_sequential(self.in_layers, x)
