@@ -230,3 +230,26 @@ def test_default_compilation_on_cpu():
     run(half, scheduler="euler")
     modes = {(key[0], key[-2], key[-1]) for key in half._compiled if key[-1] in ("fused", "step")}
     assert modes == {("euler", False, "step")}
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_islands_with_prepared_filters_match_graph_mode(monkeypatch, progress):
+    # generate() transforms the filters once per call and passes them to the compiled loop (fused)
+    # or step (progress bar); forced onto this micro model's 36x36 level.
+    from tf_diffusion import layers
+    from tf_diffusion.pipeline import StableDiffusion
+
+    monkeypatch.setattr(layers, "WINOGRAD_RULES", ((4, 1, 0),))
+    monkeypatch.setattr(layers, "PREPARED_FILTER_RULES", ((4, 1, 10**9),))
+    sd = StableDiffusion(MICRO)
+    prepared = []
+    original = sd.unet.prepare_filters
+    monkeypatch.setattr(
+        sd.unet, "prepare_filters", lambda shape: prepared.append(original(shape)) or prepared[-1]
+    )
+    kwargs = dict(scheduler="dpmpp_2m_karras", height=72, width=72, output_type="latent")
+    islands = run(sd, progress=progress, **kwargs)
+    assert prepared and prepared[-1]
+    assert any(name.startswith("mid_4_36x36") for name in sd.unet.input_blocks[1][0].__dict__["_xla_islands"])
+    graph = run(sd, jit_compile=False, **kwargs)
+    np.testing.assert_allclose(islands, graph, atol=1e-3)

@@ -14,7 +14,7 @@ import pytest
 
 from tf_diffusion.config import UNetConfig
 from tf_diffusion.layers import GroupNorm, LayerNorm
-from tf_diffusion.unet import UNetModel
+from tf_diffusion.unet import ResBlock, UNetModel
 from tf_diffusion.weights.diffusers_unet import (
     convert_diffusers_unet_state_dict,
     diffusers_key_to_original,
@@ -313,6 +313,54 @@ def test_xla_islands_with_im2col_graph_matmuls_match_diffusers(
     assert set(winograd_everywhere["graph_matmul"]) == {0}
     assert not winograd_everywhere["winograd_conv3x3"]
     assert any(key.startswith("mid_0_") for key in island_names(model))
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "inpaint"])
+def test_resblock_input_sizes_follow_a_call(name, fixtures_dir, monkeypatch):
+    # The sizes prepare_filters plans with are the ones each ResBlock sees, odd sizes included.
+    model, io = tiny_model(fixtures_dir, name)
+    seen = []
+    original = ResBlock.call
+
+    def call(self, x, emb):
+        seen.append((self, tuple(x.shape[1:3])))
+        return original(self, x, emb)
+
+    monkeypatch.setattr(ResBlock, "call", call)
+    for latents in (io["latents"], io["latents_odd"]):
+        model.call(latents, io["timesteps_int"], io["context"])  # builds, if a first call does more
+        seen.clear()
+        model.call(latents, io["timesteps_int"], io["context"])
+        planned = model.resblock_input_sizes(*latents.shape[1:3])
+        assert [(id(block), size) for block, size in planned] == [(id(block), size) for block, size in seen]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_xla_islands_with_prepared_filters_match_diffusers(
+    name, fixtures_dir, winograd_everywhere, monkeypatch
+):
+    # Filters transformed once (UNetModel.prepare_filters) and passed in as the traced function's
+    # arguments: every ResBlock at a multiple-of-4 size takes them, and none is transformed again.
+    from tf_diffusion import layers
+    from tf_diffusion.pipeline import ISLANDS, _compile
+
+    monkeypatch.setattr(layers, "PREPARED_FILTER_RULES", ((4, 1, 10**9),))
+    model, io = tiny_model(fixtures_dir, name)
+    filters = model.prepare_filters(io["latents"].shape)
+    prepared = len(winograd_everywhere["graph_matmul"])
+    assert filters and prepared == len(filters)
+
+    def call(x, t, c, filters):
+        with layers.prepared_filters(filters):
+            return model(x, t, c)
+
+    fn = _compile(call, ISLANDS)
+    out = np.asarray(fn(io["latents"], io["timesteps_int"], io["context"], filters))
+    assert np.abs(out - io["out_int"]).max() <= FLOAT32_TOL
+    assert len(winograd_everywhere["graph_matmul"]) == prepared  # no filter transformed in the call
+    assert {"in_4_16x16", "mid_4_16x16", "out_4_16x16"} <= set(
+        model.input_blocks[1][0].__dict__["_xla_islands"]
+    )
 
 
 def test_islands_and_winograd_stay_off_outside_their_contexts(fixtures_dir, winograd_everywhere):

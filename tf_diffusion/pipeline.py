@@ -426,6 +426,12 @@ class StableDiffusion:
             else tuple(ops.convert_to_tensor(np.asarray(b, np.float32)) for b in blend),
         )
         x = ops.convert_to_tensor(x, "float32")
+        if jit_compile == ISLANDS and keras.backend.backend() == "tensorflow":
+            # Transformed filters for this call's size, computed once rather than every step.
+            unet_batch = x.shape[0] * (2 if guidance is not None else 1)
+            args["filters"] = self.unet.prepare_filters((unet_batch,) + tuple(x.shape[1:]))
+        else:
+            args["filters"] = None
         state = sampler.init_state(x)
         if fused is None:
             # One program for the loop under XLA, except on a CPU with a progress bar: there a
@@ -461,11 +467,11 @@ class StableDiffusion:
         """The whole denoising loop as one function (``ops.fori_loop``), for one XLA program."""
         step = self._make_step(sampler)
 
-        def loop(x, state, step_noise, tables, timesteps, context, guidance, extra, blend):
+        def loop(x, state, step_noise, tables, timesteps, context, guidance, extra, blend, filters=None):
             def body(i, carry):
                 x, state = carry
                 noise_i = None if step_noise is None else ops.take(step_noise, i, axis=0)
-                return step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend)
+                return step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend, filters)
 
             return ops.fori_loop(0, ops.shape(timesteps)[0], body, (x, state))
 
@@ -475,7 +481,7 @@ class StableDiffusion:
         """The function for one model evaluation: UNet (guided), sampler step, optional inpaint blend."""
         unet = self.unet
 
-        def step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend):
+        def step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend, filters=None):
             plan = _TablePlan(tables)
             model_in = sampler.scale_model_input(x, i, plan)
             if extra is not None:
@@ -485,7 +491,8 @@ class StableDiffusion:
                 model_in = ops.concatenate([model_in, model_in], axis=0)  # [uncond, cond] halves
             t = ops.take(timesteps, i)
             t_batch = ops.broadcast_to(t, (ops.shape(model_in)[0],))
-            out = ops.cast(unet(model_in, t_batch, context), "float32")
+            with layers.prepared_filters(filters):
+                out = ops.cast(unet(model_in, t_batch, context), "float32")
             if guidance is not None:
                 uncond, cond = out[:n], out[n:]
                 out = uncond + guidance * (cond - uncond)

@@ -30,14 +30,18 @@ from tf_diffusion.layers import (
     conv3x3_operand,
     conv3x3_result,
     dtype_policy_scope,
+    filter_key,
     graph_matmul_tile,
     head_attention,
     island,
     islands_active,
     merge_heads,
+    prepared_filter,
+    prepared_filter_tile,
     run_sequential,
     split_heads,
     upsample_conv3x3,
+    winograd_tile_of_filter,
 )
 
 
@@ -73,18 +77,25 @@ class ResBlock(keras.layers.Layer):
         self.skip_connection = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def call(self, x, emb):  # x: (B, H, W, C_in), emb: (B, E) -> (B, H, W, C_out)
-        m = self._graph_matmul_tile(x)
+        conv1, conv2 = self.in_layers[2], self.out_layers[3]
+        filters = prepared_filter(conv1), prepared_filter(conv2)
+        if islands_active() and filters[0] is not None and filters[1] is not None:
+            m = winograd_tile_of_filter(filters[0])
+        else:
+            m, filters = self._graph_matmul_tile(x), None
         if m is None:
             return island(self, "call", self._forward)(x, emb)
-        # Inside ``xla_islands``, where ``GRAPH_MATMUL_RULES`` hold for both convolutions: three
-        # islands, the convolutions' matmuls between them in graph mode (oneDNN).
-        conv1, conv2 = self.in_layers[2], self.out_layers[3]
+        # Inside ``xla_islands``, where ``GRAPH_MATMUL_RULES`` hold for both convolutions or their
+        # filters were prepared: three islands, the convolutions' matmuls between them in graph
+        # mode (oneDNN).
+        if filters is None:
+            filters = conv3x3_filter(conv1.weight, m), conv3x3_filter(conv2.weight, m)
         size = tuple(x.shape[1:3])
         key = f"{m}_{size[0]}x{size[1]}"  # the islands close over m and the size
         a = island(self, "in_" + key, lambda x: conv3x3_operand(run_sequential(self.in_layers[:2], x), m))(x)
-        h = ops.matmul(a, conv3x3_filter(conv1.weight, m))
+        h = ops.matmul(a, filters[0])
         a = island(self, "mid_" + key, lambda h, emb: self._middle(h, emb, m, size))(h, emb)
-        h = ops.matmul(a, conv3x3_filter(conv2.weight, m))
+        h = ops.matmul(a, filters[1])
         return island(self, "out_" + key, lambda h, x: self._output(h, x, m, size))(h, x)
 
     def _graph_matmul_tile(self, x):
@@ -388,6 +399,43 @@ class UNetModel(keras.Model):
         ctx = _shape(context)
         if len(ctx) != 3 or ctx[-1] != cfg.context_dim:
             raise ValueError(f"context must have shape (batch, tokens, {cfg.context_dim}), got shape {ctx}")
+
+    def resblock_input_sizes(self, height: int, width: int) -> list:
+        """(ResBlock, (h, w)) for every ResBlock of a call on height x width latents, in call order."""
+        sizes, skips = [], []
+        h, w = height, width
+        for block in self.input_blocks:
+            for layer in block:
+                if isinstance(layer, ResBlock):
+                    sizes.append((layer, (h, w)))
+                elif isinstance(layer, Downsample):
+                    h, w = (h + 1) // 2, (w + 1) // 2  # 3x3, stride 2, padding 1
+            skips.append((h, w))
+        sizes += [(layer, (h, w)) for layer in self.middle_block if isinstance(layer, ResBlock)]
+        for block in self.output_blocks:
+            skips.pop()
+            for layer in block:
+                if isinstance(layer, ResBlock):
+                    sizes.append((layer, (h, w)))
+                elif isinstance(layer, Upsample):
+                    h, w = skips[-1] if skips else (2 * h, 2 * w)
+        return sizes
+
+    def prepare_filters(self, latent_shape) -> dict:
+        """Winograd-transformed 3x3 filters for a call on ``latent_shape`` (B, H, W, C) latents
+        inside ``xla_islands``, for ``layers.prepared_filters``: computed once, they save each call
+        their transforms (float32 on TensorFlow's CPU; ``layers.PREPARED_FILTER_RULES``)."""
+        b, height, width = latent_shape[:3]
+        filters = {}
+        for block, (h, w) in self.resblock_input_sizes(height, width):
+            conv1, conv2 = block.in_layers[2], block.out_layers[3]
+            m = prepared_filter_tile((b, h, w, conv1.weight.shape[2]), conv1.weight, conv1.compute_dtype)
+            if m is not None and m == prepared_filter_tile(
+                (b, h, w, conv2.weight.shape[2]), conv2.weight, conv2.compute_dtype
+            ):
+                for conv in (conv1, conv2):
+                    filters[filter_key(conv)] = conv3x3_filter(conv.weight, m)
+        return filters
 
     def call(self, latents, timesteps, context):
         """Predict the noise (or v) for ``latents`` at ``timesteps`` given text ``context``.
