@@ -10,7 +10,8 @@ but the three frameworks compute the same network on the same numbers.
 What is timed (inputs are fixed random arrays):
     unet    one guided step: the UNet at batch 2 (unconditional + conditional halves)
             ours: compiled as ``generate()`` compiles it by default on a CPU (float32: XLA
-            islands above 32x32 latents, else one XLA program; bfloat16: graph mode);
+            islands above 32x32 latents, else one XLA program; bfloat16: graph mode), with
+            the filters ``generate()`` prepares once per call prepared before the first call;
             keras-cv: ``DiffusionModel.predict_on_batch`` compiled as ``StableDiffusion`` compiles
             it (``jit_compile=True``); diffusers: ``UNet2DConditionModel`` in ``inference_mode``
             with its default SDPA attention.
