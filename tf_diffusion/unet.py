@@ -79,9 +79,8 @@ class ResBlock(keras.layers.Layer):
     def call(self, x, emb):  # x: (B, H, W, C_in), emb: (B, E) -> (B, H, W, C_out)
         conv1, conv2 = self.in_layers[2], self.out_layers[3]
         filters = prepared_filter(conv1), prepared_filter(conv2)
-        if islands_active() and filters[0] is not None and filters[1] is not None:
-            m = winograd_tile_of_filter(filters[0])
-        else:
+        m = self._prepared_tile(x, filters)
+        if m is None:
             m, filters = self._graph_matmul_tile(x), None
         if m is None:
             return island(self, "call", self._forward)(x, emb)
@@ -97,6 +96,15 @@ class ResBlock(keras.layers.Layer):
         a = island(self, "mid_" + key, lambda h, emb: self._middle(h, emb, m, size))(h, emb)
         h = ops.matmul(a, filters[1])
         return island(self, "out_" + key, lambda h, x: self._output(h, x, m, size))(h, x)
+
+    def _prepared_tile(self, x, filters):
+        """m of the prepared ``filters`` (UNetModel.prepare_filters) if they were prepared for
+        ``x``'s size, else None."""
+        if not islands_active() or filters[0] is None or filters[1] is None:
+            return None
+        m = winograd_tile_of_filter(filters[0])
+        conv1 = self.in_layers[2]
+        return m if prepared_filter_tile(x.shape, conv1.weight, conv1.compute_dtype) == m else None
 
     def _graph_matmul_tile(self, x):
         if not islands_active():
