@@ -233,14 +233,14 @@ def winograd_everywhere(monkeypatch):
     # Post-attention work in token blocks of 100: 16x16 latents (256 tokens) give 100, 100, 56.
     monkeypatch.setattr("tf_diffusion.unet.POST_ATTENTION_TOKENS", 100)
     calls = {"winograd_conv3x3": [], "subpixel_conv3x3": [], "head_attention": [], "post_blocks": []}
-    original_blocks = layers._blocks
+    original_blocks = layers.split_blocks
 
     def blocks(x, size, axis):
         parts = original_blocks(x, size, axis)
         calls["post_blocks"].append([p.shape[axis] for p in parts])
         return parts
 
-    monkeypatch.setattr("tf_diffusion.unet._blocks", blocks)
+    monkeypatch.setattr("tf_diffusion.unet.split_blocks", blocks)
     # ResBlocks with at most 16 F(4) tiles (16x16 latents, batch 2: the 8x8 and 4x4 levels) or with
     # direct convolutions run their two convolutions as graph-mode matmuls between islands.
     monkeypatch.setattr(layers, "GRAPH_MATMUL_RULES", ((4, 1, 16), (0, 1, 10**9)))

@@ -354,18 +354,18 @@ def head_attention(q, k_t, v):
     group = max(1, min(n, HEAD_ATTENTION_BLOCK_ELEMENTS // (rows * tk)))
     # One split per operand rather than a slice per block keeps the graph small (it is traced
     # once per layer and block).
-    qs, ks, vs = (_blocks(z, group, 0) for z in (q, k_t, v))
+    qs, ks, vs = (split_blocks(z, group, 0) for z in (q, k_t, v))
     out = []
     for q_heads, k_heads, v_heads in zip(qs, ks, vs, strict=True):
         parts = [
             ops.matmul(ops.softmax(ops.matmul(q_rows, k_heads), axis=-1), v_heads)
-            for q_rows in _blocks(q_heads, rows, 1)
+            for q_rows in split_blocks(q_heads, rows, 1)
         ]
         out.append(parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1))
     return out[0] if len(out) == 1 else ops.concatenate(out, axis=0)
 
 
-def _blocks(x, size: int, axis: int) -> list:
+def split_blocks(x, size: int, axis: int) -> list:
     """``x`` cut along ``axis`` (static length) into blocks of ``size``, the last one shorter."""
     length = x.shape[axis]
     if length <= size:
@@ -615,8 +615,8 @@ def _matmul_rule(shape, weight, dtype, rules):
 # Filters computed once per generate() call instead of in every call, where the filter transform
 # outweighs the rest: F(4) with at most 64 tiles over the batch (the SD 1.5 UNet's 16x16 level at
 # 512, batch 2: 17 ms against 27 for a 1280-channel convolution, 34 against 54 with 2560 inputs).
-# They cost memory while they are held: 36/9 of those convolutions' weights (2.7 GB in float32 for
-# the SD 1.5 UNet at 512). Each rule as in ``GRAPH_MATMUL_RULES``; () turns this off.
+# They cost memory while they are held: 36/9 of those convolutions' weights (2.48 GB in float32 for
+# the SD 1.5 UNet at 512, benchmarks/README.md, "Quiet run 7"). Each rule as in ``GRAPH_MATMUL_RULES``; () turns this off.
 PREPARED_FILTER_RULES = ((4, 1, 64),)
 _prepared = None
 

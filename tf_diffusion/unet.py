@@ -24,7 +24,6 @@ from tf_diffusion.layers import (
     LayerNorm,
     Linear,
     SiLU,
-    _blocks,
     attention,
     conv3x3_filter,
     conv3x3_operand,
@@ -39,6 +38,7 @@ from tf_diffusion.layers import (
     prepared_filter,
     prepared_filter_tile,
     run_sequential,
+    split_blocks,
     split_heads,
     upsample_conv3x3,
     winograd_tile_of_filter,
@@ -216,7 +216,9 @@ class BasicTransformerBlock(keras.layers.Layer):
         parts = [
             self._rest(x_part, merge_heads(o_part, heads), context, kv)
             for x_part, o_part in zip(
-                _blocks(x, POST_ATTENTION_TOKENS, 1), _blocks(o, POST_ATTENTION_TOKENS, 1), strict=True
+                split_blocks(x, POST_ATTENTION_TOKENS, 1),
+                split_blocks(o, POST_ATTENTION_TOKENS, 1),
+                strict=True,
             )
         ]
         return ops.concatenate(parts, axis=1)
