@@ -303,3 +303,27 @@ def test_islands_with_prepared_filters_match_graph_mode(monkeypatch, progress):
     assert any(name.startswith("mid_4_36x36") for name in sd.unet.input_blocks[1][0].__dict__["_xla_islands"])
     graph = run(sd, jit_compile=False, **kwargs)
     np.testing.assert_allclose(islands, graph, atol=1e-3)
+
+
+def test_mask_blur_keeps_the_unmasked_pixels(sd):
+    """With mask_blur (A1111's paste-back) the area far from the mask is the init image exactly; without
+    it (diffusers' behaviour) the decode changes it."""
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:22, 10:22] = 255
+    kwargs = dict(image=image, mask=mask, scheduler="euler", seed=2)
+    pasted = run(sd, mask_blur=2, **kwargs)
+    plain = run(sd, **kwargs)
+    far = np.ones((32, 32), bool)
+    far[4:28, 4:28] = False  # more than 3 blur radii from the mask's edge
+    assert np.abs(pasted[0][far].astype(int) - image[far]).max() <= 1
+    assert np.abs(plain[0][far].astype(int) - image[far]).mean() > 5
+    inside = np.zeros((32, 32), bool)
+    inside[15:17, 15:17] = True  # where the blurred mask is still 255
+    np.testing.assert_array_equal(pasted[0][inside], plain[0][inside])
+    assert pasted.info.mask_blur == 2.0
+    with pytest.raises(ValueError, match="mask_blur"):
+        run(sd, mask_blur=2)
+    with pytest.raises(ValueError, match="mask_blur"):
+        run(sd, mask_blur=-1, **kwargs)

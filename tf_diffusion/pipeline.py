@@ -178,6 +178,7 @@ class StableDiffusion:
         image=None,
         strength: float | None = None,
         mask=None,
+        mask_blur: float | None = None,
         callback: Callable | None = None,
         progress: bool = True,
         output_type: str = "uint8",
@@ -216,6 +217,10 @@ class StableDiffusion:
             strength: how much of the schedule to run from the noised image, in [0, 1];
                 default 0.8 for img2img and 1.0 for inpainting, as diffusers.
             mask: inpainting mask, white (>= 0.5) = repaint; the same size as ``image``.
+            mask_blur: inpainting only: paste the init image's pixels back outside the mask after
+                decoding, blending across a Gaussian blur of this radius in pixels (0: a hard edge), as the
+                AUTOMATIC1111 web UI does (its default is 4; the CLI's too). None (the default) returns
+                the decoded image as diffusers does, where the kept area changes a little with the decode.
             callback: called as ``callback(step, timestep, latents)`` after every step.
             progress: show a progress bar over the steps.
             output_type: "uint8" (N, H, W, 3) in [0, 255], "float" in [0, 1], or
@@ -247,6 +252,14 @@ class StableDiffusion:
         guidance_scale = float(cfg.default_guidance if guidance_scale is None else guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not allowed; expected one of {OUTPUT_TYPES}")
+        if mask_blur is not None:
+            if mask is None:
+                raise ValueError("mask_blur applies to inpainting only; pass mask=... (or leave mask_blur None)")
+            if isinstance(mask_blur, bool) or not isinstance(mask_blur, (int, float, np.integer, np.floating)) \
+                    or not 0 <= mask_blur <= 64:
+                raise ValueError(f"mask_blur={mask_blur!r} must be a number of pixels in [0, 64], or None")
+            if output_type == "latent":
+                raise ValueError("mask_blur pastes pixels back, so it needs output_type 'uint8' or 'float'")
         if seed is not None and latents is not None:
             raise ValueError("pass either seed or latents, not both: latents replace the seeded noise")
         init, mask_px = self._task_images(image, mask)
@@ -320,6 +333,7 @@ class StableDiffusion:
             num_evals=plan.num_evals,
             guidance_scale=guidance_scale,
             strength=None if init is None else strength,
+            mask_blur=None if mask_blur is None else float(mask_blur),
             height=height,
             width=width,
             output_type=output_type,
@@ -327,6 +341,8 @@ class StableDiffusion:
         if output_type == "latent":
             return GeneratedImages.wrap(x, info)
         decoded = self.decode(x / np.float32(cfg.vae.scaling_factor), jit_compile=jit_compile, executor=executor)
+        if mask_blur is not None:
+            decoded = image_utils.paste_back(decoded, init * 2.0 - 1.0, mask_px, float(mask_blur))
         if output_type == "float":
             return GeneratedImages.wrap(np.clip(decoded * 0.5 + 0.5, 0.0, 1.0), info)
         return GeneratedImages.wrap(image_utils.to_uint8(decoded), info)
@@ -473,7 +489,8 @@ class GenerationInfo:
         seeded_latents: False when ``latents=`` replaced the seeded initial latents.
         sampler: the sampler's name; sampler_options: its call options (DDIM's eta).
         num_steps: the steps asked for; num_evals: model evaluations run (img2img runs fewer).
-        guidance_scale, strength (None for text-to-image), height, width, output_type.
+        guidance_scale, strength (None for text-to-image), mask_blur (None: no paste-back), height,
+        width, output_type.
     """
 
     model: str
@@ -488,6 +505,7 @@ class GenerationInfo:
     num_evals: int
     guidance_scale: float
     strength: float | None
+    mask_blur: float | None
     height: int
     width: int
     output_type: str
