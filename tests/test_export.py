@@ -269,8 +269,13 @@ def test_served_seed_gives_the_image_generate_gives(sd, exported):
     fresh = exported["fresh"]
     for row, seed in enumerate((5, 6)):
         ours = sd.generate(
-            PROMPTS[row], NEGATIVES[row], seed=seed, guidance_scale=GUIDANCE[row], scheduler="ddim",
-            num_steps=3, progress=False,
+            PROMPTS[row],
+            NEGATIVES[row],
+            seed=seed,
+            guidance_scale=GUIDANCE[row],
+            scheduler="ddim",
+            num_steps=3,
+            progress=False,
         )
         assert ours.info.seeds == (seed,)
         assert np.abs(fresh["seeded_pair"][row].astype(int) - ours[0].astype(int)).max() <= 2

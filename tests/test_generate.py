@@ -7,8 +7,8 @@ driver's contract.
 import numpy as np
 import pytest
 
-from tf_diffusion.config import CLIPTextConfig, PipelineConfig, UNetConfig, VAEConfig
 from tf_diffusion import noise as noise_lib
+from tf_diffusion.config import CLIPTextConfig, PipelineConfig, UNetConfig, VAEConfig
 
 MICRO = PipelineConfig(
     name="micro",
@@ -258,8 +258,9 @@ def test_one_trace_per_shape(sd, mode):
 
 def test_each_image_is_reproduced_alone_from_its_seed(sd):
     """Image b of a batch with seed s is the image of seed s + b generated alone (as A1111 numbers them)."""
-    batch = run(sd, ["a red circle", "a blue star"], num_images=2, seed=40, output_type="float",
-                scheduler="euler_a")
+    batch = run(
+        sd, ["a red circle", "a blue star"], num_images=2, seed=40, output_type="float", scheduler="euler_a"
+    )
     assert batch.info.seeds == (40, 41, 42, 43)
     assert batch.info.prompts == ("a red circle", "a red circle", "a blue star", "a blue star")
     for b, (prompt, seed) in enumerate(zip(batch.info.prompts, batch.info.seeds, strict=True)):
@@ -272,7 +273,13 @@ def test_generate_reports_what_it_did(sd):
     out = run(sd, "a red circle", image=image, strength=0.5, num_steps=4, scheduler="ddim", seed=3)
     assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (1, 32, 32, 3)
     info = out.info
-    assert (info.mode, info.seeds, info.sampler, info.num_steps, info.num_evals) == ("img2img", (3,), "ddim", 4, 2)
+    assert (info.mode, info.seeds, info.sampler, info.num_steps, info.num_evals) == (
+        "img2img",
+        (3,),
+        "ddim",
+        4,
+        2,
+    )
     assert (info.strength, info.height, info.width, info.model) == (0.5, 32, 32, "micro")
     assert info.sampler_options == {"eta": 0.0}
     drawn = run(sd, "a red circle", seed=None)

@@ -97,10 +97,19 @@ class ShardedExecutor:
         def denoise(parts, steps, shared):
             parts = dict(parts)
             x = parts.pop("x")
-            out, _ = program.loop(x, program.sampler.init_state(x), {"rows": parts, "per_step": steps, "shared": shared})
+            out, _ = program.loop(
+                x, program.sampler.init_state(x), {"rows": parts, "per_step": steps, "shared": shared}
+            )
             return out
 
-        key = ("denoise", program.key, _structure(rows), _structure(per_step), _structure(inputs["shared"]), bool(jit_compile))
+        key = (
+            "denoise",
+            program.key,
+            _structure(rows),
+            _structure(per_step),
+            _structure(inputs["shared"]),
+            bool(jit_compile),
+        )
         return self._run(key, denoise, rows, per_step, inputs["shared"], jit_compile=bool(jit_compile))
 
     def decode(self, vae, latents, jit_compile=None) -> np.ndarray:
@@ -115,55 +124,6 @@ class ShardedExecutor:
         latents = np.asarray(latents, np.float32)
         key = ("decode", id(vae), bool(jit_compile))
         return self._run(key, decode, {"latents": latents}, {}, {}, jit_compile=bool(jit_compile))
-
-
-class ShardedStableDiffusion:
-    """A ``StableDiffusion`` whose ``generate()`` runs the denoising loop and the VAE decode data-parallel.
-
-    ``sd.generate(..., executor=ShardedExecutor(strategy))`` with the executor kept, so its compiled
-    functions are reused.
-
-    Args:
-        sd: the model. On TensorFlow, build or load it inside ``strategy.scope()`` (mirrored variables;
-            required for ``TPUStrategy``, whose replicas cannot read host variables); with
-            ``MirroredStrategy`` a model built outside works too, its variables read from their device.
-        strategy: as ``ShardedExecutor``.
-
-    Raises:
-        ValueError: for a strategy of the wrong kind for the Keras backend.
-    """
-
-    def __init__(self, sd: StableDiffusion, strategy=None):
-        if not isinstance(sd, StableDiffusion):
-            raise ValueError(f"sd must be a StableDiffusion, got {type(sd).__name__}")
-        self.sd = sd
-        self.executor = ShardedExecutor(strategy)
-        self.strategy = self.executor.strategy
-        self.num_replicas = self.executor.num_replicas
-
-    def __repr__(self) -> str:
-        return f"ShardedStableDiffusion({self.sd!r}, replicas={self.num_replicas})"
-
-    @property
-    def last_devices(self) -> tuple[str, ...]:
-        """The devices the last denoise / decode was placed on."""
-        return self.executor.last_devices
-
-    def generate(self, prompt: str | Sequence[str], negative_prompt=None, **kwargs):
-        """``StableDiffusion.generate`` with the same arguments, data-parallel over the replicas.
-
-        ``callback`` is not supported (the loop runs fused on the devices), nor ``fused=False``.
-
-        Raises:
-            ValueError: as ``generate``, and for ``callback`` or ``fused=False``.
-        """
-        if "executor" in kwargs:
-            raise ValueError("ShardedStableDiffusion.generate runs on its own executor; do not pass executor=")
-        return self.sd.generate(prompt, negative_prompt, executor=self.executor, **kwargs)
-
-    def decode(self, latents, jit_compile: bool | None = None) -> np.ndarray:
-        """``StableDiffusion.decode`` (unscaled latents -> images in [-1, 1]), data-parallel."""
-        return self.executor.decode(self.sd.vae, latents, jit_compile)
 
     # ------------------------------------------------------------- machinery
 
@@ -201,6 +161,7 @@ class ShardedStableDiffusion:
         if key not in self._compiled:
             tpu_types = (tf.distribute.TPUStrategy, getattr(tf.distribute.experimental, "TPUStrategy", ()))
             on_tpu = isinstance(strategy, tuple(t for t in tpu_types if isinstance(t, type)))
+
             # TPUStrategy compiles each replica's function with XLA already; elsewhere only when asked.
             def call(inputs, shared):
                 return fn(inputs["rows"], inputs["columns"], shared)
@@ -246,6 +207,57 @@ class ShardedStableDiffusion:
         result = self._compiled[key](parts, steps, jax.tree_util.tree_map(jax.numpy.asarray, replicated))
         self.last_devices = tuple(sorted(str(d) for d in result.sharding.device_set))
         return np.asarray(result)
+
+
+class ShardedStableDiffusion:
+    """A ``StableDiffusion`` whose ``generate()`` runs the denoising loop and the VAE decode data-parallel.
+
+    ``sd.generate(..., executor=ShardedExecutor(strategy))`` with the executor kept, so its compiled
+    functions are reused.
+
+    Args:
+        sd: the model. On TensorFlow, build or load it inside ``strategy.scope()`` (mirrored variables;
+            required for ``TPUStrategy``, whose replicas cannot read host variables); with
+            ``MirroredStrategy`` a model built outside works too, its variables read from their device.
+        strategy: as ``ShardedExecutor``.
+
+    Raises:
+        ValueError: for a strategy of the wrong kind for the Keras backend.
+    """
+
+    def __init__(self, sd: StableDiffusion, strategy=None):
+        if not isinstance(sd, StableDiffusion):
+            raise ValueError(f"sd must be a StableDiffusion, got {type(sd).__name__}")
+        self.sd = sd
+        self.executor = ShardedExecutor(strategy)
+        self.strategy = self.executor.strategy
+        self.num_replicas = self.executor.num_replicas
+
+    def __repr__(self) -> str:
+        return f"ShardedStableDiffusion({self.sd!r}, replicas={self.num_replicas})"
+
+    @property
+    def last_devices(self) -> tuple[str, ...]:
+        """The devices the last denoise / decode was placed on."""
+        return self.executor.last_devices
+
+    def generate(self, prompt: str | Sequence[str], negative_prompt=None, **kwargs):
+        """``StableDiffusion.generate`` with the same arguments, data-parallel over the replicas.
+
+        ``callback`` is not supported (the loop runs fused on the devices), nor ``fused=False``.
+
+        Raises:
+            ValueError: as ``generate``, and for ``callback`` or ``fused=False``.
+        """
+        if "executor" in kwargs:
+            raise ValueError(
+                "ShardedStableDiffusion.generate runs on its own executor; do not pass executor="
+            )
+        return self.sd.generate(prompt, negative_prompt, executor=self.executor, **kwargs)
+
+    def decode(self, latents, jit_compile: bool | None = None) -> np.ndarray:
+        """``StableDiffusion.decode`` (unscaled latents -> images in [-1, 1]), data-parallel."""
+        return self.executor.decode(self.sd.vae, latents, jit_compile)
 
 
 def _pad(array: np.ndarray, total: int, axis: int) -> np.ndarray:

@@ -194,7 +194,9 @@ def build_serving_module(
         guidance = tf.where(guidance_scale > 1.0, guidance_scale, 1.0)[:, None, None, None]
         inputs = {
             "rows": {"cond": Conditioning(context).tree(), "uncond": Conditioning(negative_context).tree()},
-            "per_step": {"noise": tf.transpose(step_noise[0], [1, 0, 2, 3, 4])} if step_noise else {},  # (E, B, ...)
+            "per_step": {"noise": tf.transpose(step_noise[0], [1, 0, 2, 3, 4])}
+            if step_noise
+            else {},  # (E, B, ...)
             "shared": {
                 "tables": {k: tf.constant(v) for k, v in plan.tables.items()},
                 "timesteps": tf.constant(plan.timesteps),

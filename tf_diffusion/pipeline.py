@@ -155,7 +155,9 @@ class StableDiffusion:
         empty = tokenize_weighted(self.tokenizer, "")
         chunked = [c.padded_to(count, empty) for c in chunked]
         ids = np.concatenate([c.ids for c in chunked])  # (B*K, 77)
-        hidden = (self.executor if executor is None else executor).encode_text(self.text_encoder, ids)  # (B*K, 77, D)
+        hidden = (self.executor if executor is None else executor).encode_text(
+            self.text_encoder, ids
+        )  # (B*K, 77, D)
         hidden = hidden.reshape(len(prompts), count * ids.shape[1], hidden.shape[-1])
         weights = np.stack([c.weights.reshape(-1) for c in chunked])  # (B, K*77)
         return _apply_weights(hidden, weights)
@@ -254,9 +256,14 @@ class StableDiffusion:
             raise ValueError(f"output_type={output_type!r} is not allowed; expected one of {OUTPUT_TYPES}")
         if mask_blur is not None:
             if mask is None:
-                raise ValueError("mask_blur applies to inpainting only; pass mask=... (or leave mask_blur None)")
-            if isinstance(mask_blur, bool) or not isinstance(mask_blur, (int, float, np.integer, np.floating)) \
-                    or not 0 <= mask_blur <= 64:
+                raise ValueError(
+                    "mask_blur applies to inpainting only; pass mask=... (or leave mask_blur None)"
+                )
+            if (
+                isinstance(mask_blur, bool)
+                or not isinstance(mask_blur, (int, float, np.integer, np.floating))
+                or not 0 <= mask_blur <= 64
+            ):
                 raise ValueError(f"mask_blur={mask_blur!r} must be a number of pixels in [0, 64], or None")
             if output_type == "latent":
                 raise ValueError("mask_blur pastes pixels back, so it needs output_type 'uint8' or 'float'")
@@ -293,7 +300,9 @@ class StableDiffusion:
         else:
             noise = np.asarray(latents, dtype=np.float32)
             if noise.shape != (n, *shape):
-                raise ValueError(f"latents have shape {noise.shape}; expected {(n, *shape)} (N, h, w, C) NHWC")
+                raise ValueError(
+                    f"latents have shape {noise.shape}; expected {(n, *shape)} (N, h, w, C) NHWC"
+                )
         task = self._prepare_task(sampler, plan, noise, seeds, init, mask_px, strength)
         if "concat" in task.extras:
             cond = Conditioning(cond.context, task.extras)
@@ -340,7 +349,9 @@ class StableDiffusion:
         )
         if output_type == "latent":
             return GeneratedImages.wrap(x, info)
-        decoded = self.decode(x / np.float32(cfg.vae.scaling_factor), jit_compile=jit_compile, executor=executor)
+        decoded = self.decode(
+            x / np.float32(cfg.vae.scaling_factor), jit_compile=jit_compile, executor=executor
+        )
         if mask_blur is not None:
             decoded = image_utils.paste_back(decoded, init * 2.0 - 1.0, mask_px, float(mask_blur))
         if output_type == "float":
@@ -445,7 +456,9 @@ class StableDiffusion:
                 masked = (init * 2.0 - 1.0) * (mask_px < 0.5)
                 posterior = noise_lib.batch_normal(seeds, noise_lib.MASKED_POSTERIOR, shape)
                 masked_latents = self._encode_image(masked, posterior) * sf
-                task.extras["concat"] = np.concatenate([mask_latent, masked_latents], axis=-1)  # (N, h, w, 1 + C)
+                task.extras["concat"] = np.concatenate(
+                    [mask_latent, masked_latents], axis=-1
+                )  # (N, h, w, 1 + C)
             else:
                 blend = MaskBlend()
                 task.hooks = (blend,)
@@ -546,6 +559,7 @@ def _next_noise_scales(sampler, plan) -> np.ndarray:
 
 
 # ----------------------------------------------------------------- helpers
+
 
 def _vae_dtype(dtype):
     """The VAE's policy: float16 overflows in the SD decoder, so it is upcast to float32 (diffusers' force_upcast)."""

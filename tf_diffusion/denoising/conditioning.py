@@ -43,7 +43,9 @@ class Conditioning:
         bundles = list(bundles)
         names = set(bundles[0].extras)
         if any(set(b.extras) != names for b in bundles):
-            raise ValueError(f"cannot batch conditionings with different leaves: {[sorted(b.extras) for b in bundles]}")
+            raise ValueError(
+                f"cannot batch conditionings with different leaves: {[sorted(b.extras) for b in bundles]}"
+            )
         return Conditioning(
             ops.concatenate([b.context for b in bundles], axis=0),
             {k: ops.concatenate([b.extras[k] for b in bundles], axis=0) for k in sorted(names)},

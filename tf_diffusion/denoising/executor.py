@@ -97,14 +97,16 @@ class LocalExecutor:
         timesteps = np.asarray(inputs["shared"]["timesteps"])
         if fused:
             loop = self.compiled(
-                (program.key, jit_compile, "fused"), lambda: _compile(self._counted(program.loop), jit_compile)
+                (program.key, jit_compile, "fused"),
+                lambda: _compile(self._counted(program.loop), jit_compile),
             )
             bar = _progress(1, progress)
             x, _ = loop(x, state, tensors, execution)
             bar.update(1)
             bar.close()
             return ops.convert_to_numpy(x)
-        step = self.compiled((program.key, jit_compile, "step"), lambda: _compile(self._counted(program.step), jit_compile)
+        step = self.compiled(
+            (program.key, jit_compile, "step"), lambda: _compile(self._counted(program.step), jit_compile)
         )
         bar = _progress(len(timesteps), progress)
         for i in range(len(timesteps)):

@@ -76,7 +76,12 @@ class DenoiseProgram:
     @property
     def key(self) -> tuple:
         """A hashable identity of the traced program: equal keys trace the same function."""
-        return (sampler_key(self.sampler), self.denoiser.key, self.guidance.name, tuple(h.name for h in self.hooks))
+        return (
+            sampler_key(self.sampler),
+            self.denoiser.key,
+            self.guidance.name,
+            tuple(h.name for h in self.hooks),
+        )
 
     def step(self, i, x, state, inputs: dict, execution=None):
         """Evaluation ``i``: denoiser (guided), sampler step, hooks. Returns ``(x, state)``."""
@@ -86,7 +91,11 @@ class DenoiseProgram:
         cond = Conditioning.from_tree(rows["cond"])
         uncond = Conditioning.from_tree(rows["uncond"]) if "uncond" in rows else None
         batched = self.guidance.batch(cond, uncond)
-        model_in = ops.concatenate([model_in] * self.guidance.copies, axis=0) if self.guidance.copies > 1 else model_in
+        model_in = (
+            ops.concatenate([model_in] * self.guidance.copies, axis=0)
+            if self.guidance.copies > 1
+            else model_in
+        )
         t = ops.take(shared["timesteps"], i)
         scope = self.scope(execution) if self.scope is not None else contextlib.nullcontext()
         with scope:
