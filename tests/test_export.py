@@ -2,12 +2,13 @@
 
 What is proven here:
 - the export written by ``tf-diffusion export`` (export_cli) loads in a fresh process with
-  ``tf.saved_model.load`` and runs with ``saved_model_cli run``; given the NumPy noise ``NoiseSource`` draws,
+  ``tf.saved_model.load`` and runs with ``saved_model_cli run``; given the same noise arrays,
   ``generate_from_noise`` gives the latents of eager ``generate(latents=...)`` within 1e-4 (float32 kernel
   order; measured ~4e-5) and the same uint8 images within one level; ``saved_model_cli`` gives the
   fresh-process result;
-- ``serving_default`` draws row b's noise with ``tf.random.stateless_normal(seed=[seed_b, 0])``: equal to
-  ``generate_from_noise`` fed that noise, and independent of the other rows of the request;
+- ``serving_default`` draws row b's noise from seed_b with the project's generator in graph ops: equal to
+  ``generate_from_noise`` fed the host's draw for that seed, independent of the other rows of the request,
+  and the image ``generate(seed=seed_b)`` gives within 2/255;
 - the encode_text / denoise / decode / encode_image signatures chain to the same images and match the
   eager components;
 - the in-graph tokenizer gives OpenAI CLIP's ids on the whole tokenizer corpus (70 strings) except the
@@ -74,7 +75,7 @@ FRESH_PROCESS = textwrap.dedent(
     single = sig["serving_default"](prompt=s(data["prompts"][1:]), negative_prompt=s(data["negatives"][1:]),
                                     seed=tf.constant([6], tf.int64), guidance_scale=tf.constant(data["guidance"][1:]))
     out["seeded_single"] = single["images"].numpy()
-    drawn = tf.stack([tf.random.stateless_normal(noise.shape[1:], seed=[k, 0]) for k in (5, 6)])
+    drawn = np.load(work + "/drawn.npy")  # the host's draw for seeds 5 and 6
     out["seeded_by_hand"] = sig["generate_from_noise"](
         prompt=s(data["prompts"]), negative_prompt=s(data["negatives"]),
         guidance_scale=tf.constant(data["guidance"], tf.float32), noise=drawn)["images"].numpy()
@@ -123,7 +124,7 @@ def exported(sd, tmp_path_factory):
     from conftest import FIXTURES
 
     from tf_diffusion import export_cli
-    from tf_diffusion.noise import NoiseSource
+    from tf_diffusion import noise as noise_lib
 
     work = tmp_path_factory.mktemp("export")
     sd.save_pretrained(work / "model")
@@ -135,8 +136,9 @@ def exported(sd, tmp_path_factory):
     assert args.func(args) == 0
     version = work / "served" / "1"
 
-    noise = NoiseSource(3).normal((2, 16, 16, 4))
+    noise = np.random.default_rng(3).standard_normal((2, 16, 16, 4), dtype=np.float32)
     np.save(work / "noise.npy", noise)
+    np.save(work / "drawn.npy", noise_lib.batch_normal([5, 6], noise_lib.LATENTS, (16, 16, 4)))
     image = np.random.default_rng(0).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
     np.save(work / "image.npy", image)
     corpus = [c["text"] for c in _reference_cases(FIXTURES)]
@@ -262,6 +264,23 @@ def test_seeded_noise_is_stateless_and_per_row(exported):
     assert np.abs(fresh["seeded_pair"][0].astype(int) - fresh["seeded_pair"][1]).max() > 10
 
 
+def test_served_seed_gives_the_image_generate_gives(sd, exported):
+    """One seed, one image: serving_default(seed=s) equals generate(seed=s) within 2/255, row by row."""
+    fresh = exported["fresh"]
+    for row, seed in enumerate((5, 6)):
+        ours = sd.generate(
+            PROMPTS[row],
+            NEGATIVES[row],
+            seed=seed,
+            guidance_scale=GUIDANCE[row],
+            scheduler="ddim",
+            num_steps=3,
+            progress=False,
+        )
+        assert ours.info.seeds == (seed,)
+        assert np.abs(fresh["seeded_pair"][row].astype(int) - ours[0].astype(int)).max() <= 2
+
+
 def test_exported_tokenizer_gives_clip_ids(exported, fixtures_dir):
     rows = exported["fresh"]["corpus_ids"]
     cases = _reference_cases(fixtures_dir)
@@ -345,14 +364,13 @@ def test_graph_tokenizer_in_a_tf_function(graph_tokenizers):
 def test_ancestral_sampler_under_xla_matches_generate(sd):
     import tensorflow as tf
 
+    from tf_diffusion import noise as noise_lib
     from tf_diffusion.export import build_serving_module
-    from tf_diffusion.noise import NoiseSource
 
     module, signatures = build_serving_module(sd, sampler="euler_a", num_steps=3, jit_compile=True)
     assert module.metadata["sampler_adds_noise"]
-    source = NoiseSource(11)  # generate()'s order: initial noise, then one draw per evaluation
-    noise = source.normal((1, 16, 16, 4))
-    steps = source.normal((3, 1, 16, 16, 4))
+    noise = noise_lib.batch_normal([11], noise_lib.LATENTS, (16, 16, 4))  # what generate(seed=11) draws
+    steps = np.swapaxes(noise_lib.batch_normal([11], noise_lib.STEPS, (3, 16, 16, 4)), 0, 1)  # (E, 1, ...)
     out = signatures["generate_from_noise"](
         prompt=tf.constant(["a red circle"]),
         negative_prompt=tf.constant([""]),
@@ -380,9 +398,8 @@ def test_bfloat16_export_stays_close_to_float32(sd):
     import tensorflow as tf
 
     from tf_diffusion.export import build_serving_module, with_dtype
-    from tf_diffusion.noise import NoiseSource
 
-    noise = NoiseSource(2).normal((1, 16, 16, 4))
+    noise = np.random.default_rng(2).standard_normal((1, 16, 16, 4), dtype=np.float32)
     module, signatures = build_serving_module(with_dtype(sd, "mixed_bfloat16"), sampler="ddim", num_steps=3)
     assert module.metadata["dtype"] == "mixed_bfloat16"
     out = signatures["generate_from_noise"](

@@ -7,8 +7,8 @@ driver's contract.
 import numpy as np
 import pytest
 
+from tf_diffusion import noise as noise_lib
 from tf_diffusion.config import CLIPTextConfig, PipelineConfig, UNetConfig, VAEConfig
-from tf_diffusion.noise import NoiseSource
 
 MICRO = PipelineConfig(
     name="micro",
@@ -66,7 +66,7 @@ def test_same_seed_same_image_other_seed_differs(sd):
 
 def test_latents_replace_seeded_noise(sd):
     # The VAE of MICRO halves each side: 32 px -> 16 latents, taken from its config.
-    noise = NoiseSource(5).normal((1, 16, 16, 4))
+    noise = noise_lib.batch_normal([5], noise_lib.LATENTS, (16, 16, 4))
     from_latents = run(sd, latents=noise, output_type="float")
     from_seed = run(sd, seed=5, output_type="float")
     np.testing.assert_allclose(from_latents, from_seed, atol=1e-6)
@@ -209,27 +209,84 @@ def test_xla_fused_loop_matches_graph_mode(sd):
 
 
 def test_default_compilation_on_cpu():
-    """float32 on a CPU runs under XLA (faster there), fused unless a progress bar shows the steps;
-    a bfloat16 model on a CPU stays in graph mode (XLA was slower there)."""
+    """float32 on a CPU runs under XLA (faster there), step by step whatever the progress bar, so
+    switching the bar compiles nothing new; a bfloat16 model on a CPU stays in graph mode."""
     from tf_diffusion.pipeline import ISLANDS, StableDiffusion
 
     sd = StableDiffusion(MICRO)
     run(sd, scheduler="euler")
-    run(sd, scheduler="ddim", progress=True)
-    modes = {(key[0], key[-2], key[-1]) for key in sd._compiled if key[-1] in ("fused", "step")}
-    assert modes == {("euler", True, "fused"), ("ddim", True, "step")}
+    assert sd.executor.last_run == {"jit_compile": True, "fused": False}
+    traces = sd.executor.traces
+    run(sd, scheduler="euler", progress=True)
+    assert sd.executor.last_run == {"jit_compile": True, "fused": False}
+    assert sd.executor.traces == traces  # same shapes, bar on: the same compiled step
 
     # Above 32x32 latents (this micro model: images above 64x64), graph mode with XLA islands.
     big = run(sd, scheduler="euler", height=72, width=72, output_type="latent")
-    modes = {(key[0], key[-2], key[-1]) for key in sd._compiled if key[-1] in ("fused", "step")}
-    assert ("euler", ISLANDS, "fused") in modes
+    assert sd.executor.last_run["jit_compile"] == ISLANDS
     graph = run(sd, scheduler="euler", height=72, width=72, output_type="latent", jit_compile=False)
     np.testing.assert_allclose(big, graph, atol=1e-3)  # XLA rounding, as in the test above
 
     half = StableDiffusion(MICRO, dtype="bfloat16")
     run(half, scheduler="euler")
-    modes = {(key[0], key[-2], key[-1]) for key in half._compiled if key[-1] in ("fused", "step")}
-    assert modes == {("euler", False, "step")}
+    assert half.executor.last_run == {"jit_compile": False, "fused": False}
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+def test_one_trace_per_shape(sd, mode):
+    """The first call of each task traces its step once (not once per step); the next call with other
+    prompts, seeds and guidance none; another step count at most once more (then for any count)."""
+    from tf_diffusion.pipeline import StableDiffusion
+
+    fresh = StableDiffusion(MICRO)
+    rng = np.random.default_rng(0)
+    kwargs = {}
+    if mode != "txt2img":
+        kwargs["image"] = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    if mode == "inpaint":
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 8:24] = 255
+        kwargs["mask"] = mask
+    run(fresh, scheduler="euler_a", num_steps=4, progress=True, **kwargs)
+    assert fresh.executor.traces == 1
+    run(fresh, "another prompt", scheduler="euler_a", num_steps=4, guidance_scale=3.0, seed=9, **kwargs)
+    assert fresh.executor.traces == 1
+    run(fresh, scheduler="euler_a", num_steps=6, **kwargs)
+    run(fresh, scheduler="euler_a", num_steps=5, **kwargs)
+    assert fresh.executor.traces <= 2
+
+
+def test_each_image_is_reproduced_alone_from_its_seed(sd):
+    """Image b of a batch with seed s is the image of seed s + b generated alone (as A1111 numbers them)."""
+    batch = run(
+        sd, ["a red circle", "a blue star"], num_images=2, seed=40, output_type="float", scheduler="euler_a"
+    )
+    assert batch.info.seeds == (40, 41, 42, 43)
+    assert batch.info.prompts == ("a red circle", "a red circle", "a blue star", "a blue star")
+    for b, (prompt, seed) in enumerate(zip(batch.info.prompts, batch.info.seeds, strict=True)):
+        alone = run(sd, prompt, seed=seed, output_type="float", scheduler="euler_a")
+        np.testing.assert_allclose(alone[0], batch[b], atol=2e-5)
+
+
+def test_generate_reports_what_it_did(sd):
+    image = np.zeros((32, 32, 3), np.uint8)
+    out = run(sd, "a red circle", image=image, strength=0.5, num_steps=4, scheduler="ddim", seed=3)
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (1, 32, 32, 3)
+    info = out.info
+    assert (info.mode, info.seeds, info.sampler, info.num_steps, info.num_evals) == (
+        "img2img",
+        (3,),
+        "ddim",
+        4,
+        2,
+    )
+    assert (info.strength, info.height, info.width, info.model) == (0.5, 32, 32, "micro")
+    assert info.sampler_options == {"eta": 0.0}
+    drawn = run(sd, "a red circle", seed=None)
+    assert len(drawn.info.seeds) == 1 and 0 <= drawn.info.seeds[0] < 2**32
+    again = run(sd, "a red circle", seed=drawn.info.seeds[0])
+    np.testing.assert_array_equal(again, drawn)
+    assert type(np.asarray(out)) is np.ndarray
 
 
 @pytest.mark.parametrize("progress", [False, True])
@@ -253,3 +310,27 @@ def test_islands_with_prepared_filters_match_graph_mode(monkeypatch, progress):
     assert any(name.startswith("mid_4_36x36") for name in sd.unet.input_blocks[1][0].__dict__["_xla_islands"])
     graph = run(sd, jit_compile=False, **kwargs)
     np.testing.assert_allclose(islands, graph, atol=1e-3)
+
+
+def test_mask_blur_keeps_the_unmasked_pixels(sd):
+    """With mask_blur (A1111's paste-back) the area far from the mask is the init image exactly; without
+    it (diffusers' behaviour) the decode changes it."""
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:22, 10:22] = 255
+    kwargs = dict(image=image, mask=mask, scheduler="euler", seed=2)
+    pasted = run(sd, mask_blur=2, **kwargs)
+    plain = run(sd, **kwargs)
+    far = np.ones((32, 32), bool)
+    far[4:28, 4:28] = False  # more than 3 blur radii from the mask's edge
+    assert np.abs(pasted[0][far].astype(int) - image[far]).max() <= 1
+    assert np.abs(plain[0][far].astype(int) - image[far]).mean() > 5
+    inside = np.zeros((32, 32), bool)
+    inside[15:17, 15:17] = True  # where the blurred mask is still 255
+    np.testing.assert_array_equal(pasted[0][inside], plain[0][inside])
+    assert pasted.info.mask_blur == 2.0
+    with pytest.raises(ValueError, match="mask_blur"):
+        run(sd, mask_blur=2)
+    with pytest.raises(ValueError, match="mask_blur"):
+        run(sd, mask_blur=-1, **kwargs)

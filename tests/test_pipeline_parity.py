@@ -3,7 +3,7 @@
 tools/make_fixtures_pipeline.py ran diffusers' StableDiffusionPipeline,
 StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline (4- and
 9-channel UNets) with weights from ``random_state_dict`` and every random draw
-taken from tf_diffusion's ``NoiseSource`` in its documented order; it stored the
+taken from tf_diffusion.noise for the same seeds (image b: seed + b); it stored the
 float images diffusers returned. Here the same weights and seeds go through
 ``StableDiffusion.generate`` and the float images must agree within 1e-3.
 """

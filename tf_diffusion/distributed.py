@@ -1,8 +1,9 @@
 """generate() with the batch spread over devices: tf.distribute on TensorFlow, keras.distribution on JAX.
 
-Everything random is drawn on the host by ``NoiseSource`` before the batch is split, and every image's
-computation is independent of the others in its batch, so the images equal single-device ``generate()``
-output up to float32 kernel differences (the tests measure them on two logical CPU devices).
+Everything random is drawn on the host from each image's seed (``tf_diffusion.noise``) before the batch
+is split, and every image's computation is independent of the others in its batch, so the images equal
+single-device ``generate()`` output up to float32 kernel differences (the tests measure them on two
+logical CPU devices).
 
 Example (TensorFlow, all local GPUs)::
 
@@ -18,28 +19,25 @@ On a TPU use ``tf.distribute.TPUStrategy(resolver)`` the same way; on JAX pass a
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
 
+from tf_diffusion.denoising import LocalExecutor
 from tf_diffusion.pipeline import StableDiffusion, _default_jit_compile, has_accelerator
 
 
-class ShardedStableDiffusion:
-    """A ``StableDiffusion`` whose ``generate()`` runs the denoising loop and the VAE decode data-parallel.
+class ShardedExecutor:
+    """An executor (see ``tf_diffusion.denoising``) that runs the loop and the decode data-parallel.
 
-    The host part of ``generate()`` (argument checks, tokenization and text encoding, NumPy noise, the
-    sampler plan, img2img encoding) runs unchanged; the batch of N latents is then padded to a multiple of
-    the replica count R (repeating the last row), cut into R equal slices, and each replica runs the same
-    fused denoising loop (``ops.fori_loop``) and decode on its slice.
+    The host part of ``generate()`` (argument checks, tokenization and text encoding, the seeded noise,
+    the sampler plan, img2img encoding) runs unchanged; the batch of N latents and every per-image
+    loop input is then padded to a multiple of the replica count R (repeating the last row), cut into R
+    equal slices, and each replica runs the same fused denoising loop (``ops.fori_loop``) and decode.
 
     Args:
-        sd: the model. On TensorFlow, build or load it inside ``strategy.scope()`` (mirrored variables;
-            required for ``TPUStrategy``, whose replicas cannot read host variables); with
-            ``MirroredStrategy`` a model built outside works too, its variables read from their device.
         strategy: TensorFlow: a ``tf.distribute.Strategy`` (``MirroredStrategy`` on GPUs, ``TPUStrategy``
             on TPUs); default the current strategy. JAX: a ``keras.distribution.DataParallel``; default
             ``DataParallel()`` over every JAX device.
@@ -48,10 +46,7 @@ class ShardedStableDiffusion:
         ValueError: for a strategy of the wrong kind for the Keras backend.
     """
 
-    def __init__(self, sd: StableDiffusion, strategy=None):
-        if not isinstance(sd, StableDiffusion):
-            raise ValueError(f"sd must be a StableDiffusion, got {type(sd).__name__}")
-        self.sd = sd
+    def __init__(self, strategy=None):
         self.backend = keras.backend.backend()
         if self.backend == "tensorflow":
             import tensorflow as tf
@@ -75,135 +70,75 @@ class ShardedStableDiffusion:
         # The devices the last denoise / decode was placed on (a check that it really was spread).
         self.last_devices: tuple[str, ...] = ()
         self._compiled: dict = {}
+        self._host = LocalExecutor()  # the text encoder runs on the host, as in generate()
 
     def __repr__(self) -> str:
-        return f"ShardedStableDiffusion({self.sd!r}, replicas={self.num_replicas})"
+        return f"ShardedExecutor(replicas={self.num_replicas})"
 
-    def generate(self, prompt: str | Sequence[str], negative_prompt=None, **kwargs) -> np.ndarray:
-        """``StableDiffusion.generate`` with the same arguments, data-parallel over the replicas.
+    def encode_text(self, text_encoder, ids) -> np.ndarray:
+        return self._host.encode_text(text_encoder, ids)
 
-        ``callback`` is not supported (the loop runs fused on the devices), nor ``fused=False``.
+    def run(self, program, x, inputs: dict, *, callback=None, progress=True, jit_compile=None, fused=None):
+        """The fused loop of ``program`` on every replica's slice of the batch; returns (N, h, w, C).
 
         Raises:
-            ValueError: as ``generate``, and for ``callback`` or ``fused=False``.
+            ValueError: for a callback or ``fused=False`` (the loop always runs fused on the devices).
         """
-        if kwargs.get("callback") is not None:
+        del progress
+        if callback is not None:
             raise ValueError("callback is not supported when generating on several devices; leave it None")
-        if kwargs.get("fused", True) is False:
+        if fused is False:
             raise ValueError("fused=False is not supported on several devices; the loop always runs fused")
-        kwargs["fused"] = None
-        view = copy.copy(self.sd)  # shares the models and compiled functions; only two methods differ
-        view._denoise = self._denoise
-        view.decode = self.decode
-        return StableDiffusion.generate(view, prompt, negative_prompt, **kwargs)
+        if jit_compile is None:  # the same choice as the local executor's whole-loop default
+            jit_compile = _default_jit_compile(program.denoiser.unet, has_accelerator())
+        rows = {"x": np.asarray(x, np.float32), **inputs["rows"]}
+        per_step = inputs.get("per_step", {})
 
-    # ------------------------------------------------------------------ parts
-
-    def decode(self, latents, jit_compile: bool | None = None) -> np.ndarray:
-        """``StableDiffusion.decode`` (unscaled latents -> images in [-1, 1]), data-parallel.
-
-        ``jit_compile=None`` chooses as ``StableDiffusion.decode`` does (XLA on accelerators and for
-        float32 on a CPU, graph mode for reduced precision on a CPU).
-        """
-        if jit_compile is None:
-            jit_compile = _default_jit_compile(self.sd.vae, has_accelerator())
-        latents = np.asarray(latents, np.float32)
-        vae = self.sd.vae
-
-        def decode(inputs, replicated):
-            del replicated
-            return keras.ops.cast(vae.decode(inputs["latents"]), "float32")
-
-        key = ("decode", bool(jit_compile))
-        return self._run(key, decode, {"latents": latents}, {}, {}, jit_compile=bool(jit_compile))
-
-    def _denoise(
-        self,
-        sampler,
-        plan,
-        x,
-        context,
-        guidance,
-        extra,
-        blend,
-        step_noise,
-        *,
-        callback,
-        progress,
-        jit_compile,
-        fused,
-    ) -> np.ndarray:
-        """Replaces ``StableDiffusion._denoise``: the fused loop on every replica's slice of the batch."""
-        del callback, progress, fused
-        if jit_compile is None:  # the same choice as StableDiffusion.generate
-            jit_compile = _default_jit_compile(self.sd.unet, has_accelerator())
-        x = np.asarray(x, np.float32)
-        n = x.shape[0]
-        context = np.asarray(context, np.float32)
-        # The context holds [uncond..., cond...] when guided; each replica gets its rows of both halves.
-        halves = {"uncond": context[:n], "cond": context[n:]} if guidance is not None else {"cond": context}
-        rows = {"x": x, **halves}
-        if extra is not None:
-            rows["extra"] = np.asarray(extra, np.float32)
-        if blend is not None:
-            rows.update(mask=blend[0], image_latents=blend[1], noise=blend[2])
-        columns = {} if step_noise is None else {"step_noise": np.asarray(step_noise, np.float32)}
-        replicated = {
-            "tables": {k: np.asarray(v) for k, v in plan.tables.items()},
-            "timesteps": np.asarray(plan.timesteps),
-        }
-        if guidance is not None:
-            replicated["guidance"] = np.float32(guidance)
-        if blend is not None:
-            replicated["scales"] = np.asarray(blend[3], np.float32)
-        loop = self.sd._make_loop(sampler)
-
-        def denoise(inputs, shared):
-            x = inputs["x"]
-            if "uncond" in inputs:
-                context = keras.ops.concatenate([inputs["uncond"], inputs["cond"]], axis=0)
-            else:
-                context = inputs["cond"]
-            blend = None
-            if "mask" in inputs:
-                blend = (inputs["mask"], inputs["image_latents"], inputs["noise"], shared["scales"])
-            out, _ = loop(
-                x,
-                sampler.init_state(x),
-                inputs.get("step_noise"),
-                shared["tables"],
-                shared["timesteps"],
-                context,
-                shared.get("guidance"),
-                inputs.get("extra"),
-                blend,
+        def denoise(parts, steps, shared):
+            parts = dict(parts)
+            x = parts.pop("x")
+            out, _ = program.loop(
+                x, program.sampler.init_state(x), {"rows": parts, "per_step": steps, "shared": shared}
             )
             return out
 
         key = (
             "denoise",
-            sampler.name,
-            sampler.config,
-            getattr(sampler, "eta", None),
-            tuple(sorted(rows)),
-            tuple(sorted(columns)),
-            tuple(sorted(replicated)),
+            program.key,
+            _structure(rows),
+            _structure(per_step),
+            _structure(inputs["shared"]),
             bool(jit_compile),
         )
-        return self._run(key, denoise, rows, columns, replicated, jit_compile=bool(jit_compile))
+        return self._run(key, denoise, rows, per_step, inputs["shared"], jit_compile=bool(jit_compile))
+
+    def decode(self, vae, latents, jit_compile=None) -> np.ndarray:
+        """Unscaled latents -> images in [-1, 1], data-parallel (defaults as the local executor's)."""
+        if jit_compile is None:
+            jit_compile = _default_jit_compile(vae, has_accelerator())
+
+        def decode(parts, steps, shared):
+            del steps, shared
+            return keras.ops.cast(vae.decode(parts["latents"]), "float32")
+
+        latents = np.asarray(latents, np.float32)
+        key = ("decode", id(vae), bool(jit_compile))
+        return self._run(key, decode, {"latents": latents}, {}, {}, jit_compile=bool(jit_compile))
 
     # ------------------------------------------------------------- machinery
 
     def _run(self, key, fn: Callable, rows: dict, columns: dict, replicated: dict, *, jit_compile: bool):
-        """Run ``fn(inputs, replicated)`` on every replica's slice; returns the (N, ...) result on the host.
+        """Run ``fn(rows, columns, replicated)`` on every replica's slice; returns the (N, ...) result.
 
-        ``rows`` are split along axis 0, ``columns`` (step noise, (E, N, ...)) along axis 1.
+        ``rows`` (nested dicts of arrays) are split along axis 0, ``columns`` (step noise, (E, N, ...))
+        along axis 1; ``replicated`` goes to every replica whole.
         """
-        n = next(iter(rows.values())).shape[0]
+        n = np.asarray(rows["x"] if "x" in rows else rows["latents"]).shape[0]
         per = math.ceil(n / self.num_replicas)
         total = per * self.num_replicas
-        rows = {k: _pad(v, total, axis=0) for k, v in rows.items()}
-        columns = {k: _pad(v, total, axis=1) for k, v in columns.items()}
+        rows = keras.tree.map_structure(lambda v: _pad(np.asarray(v), total, axis=0), rows)
+        columns = keras.tree.map_structure(lambda v: _pad(np.asarray(v), total, axis=1), columns)
+        replicated = keras.tree.map_structure(np.asarray, replicated)
         if self.backend == "tensorflow":
             out = self._run_tf(key, fn, rows, columns, replicated, per, jit_compile)
         else:
@@ -217,24 +152,28 @@ class ShardedStableDiffusion:
 
         def value_fn(ctx):
             r = ctx.replica_id_in_sync_group
-            part = {k: v[r * per : (r + 1) * per] for k, v in rows.items()}
-            part.update({k: v[:, r * per : (r + 1) * per] for k, v in columns.items()})
-            return {k: tf.constant(v) for k, v in part.items()}
+            part = tf.nest.map_structure(lambda v: tf.constant(v[r * per : (r + 1) * per]), rows)
+            steps = tf.nest.map_structure(lambda v: tf.constant(v[:, r * per : (r + 1) * per]), columns)
+            return {"rows": part, "columns": steps}
 
         inputs = strategy.experimental_distribute_values_from_function(value_fn)
         shared = tf.nest.map_structure(tf.constant, replicated)
         if key not in self._compiled:
             tpu_types = (tf.distribute.TPUStrategy, getattr(tf.distribute.experimental, "TPUStrategy", ()))
             on_tpu = isinstance(strategy, tuple(t for t in tpu_types if isinstance(t, type)))
+
             # TPUStrategy compiles each replica's function with XLA already; elsewhere only when asked.
+            def call(inputs, shared):
+                return fn(inputs["rows"], inputs["columns"], shared)
+
             if on_tpu or not jit_compile:
-                replica_fn = fn
+                replica_fn = call
             else:
                 # A fresh XLA function per replica, traced in that replica's context: MirroredStrategy
                 # traces one shared tf.function once for all replicas, as one XLA program that then
                 # cannot read the mirrored variables held on the other devices.
                 def replica_fn(inputs, shared):
-                    return tf.function(fn, jit_compile=True)(inputs, shared)
+                    return tf.function(call, jit_compile=True)(inputs, shared)
 
             @tf.function(autograph=False, reduce_retracing=True)
             def distributed(inputs, shared):
@@ -260,14 +199,65 @@ class ShardedStableDiffusion:
             layout = keras.distribution.TensorLayout(axes, distribution.device_mesh)
             return keras.distribution.distribute_tensor(value, layout)
 
-        inputs = {k: place(v, 0) for k, v in rows.items()}
-        inputs.update({k: place(v, 1) for k, v in columns.items()})
+        parts = jax.tree_util.tree_map(lambda v: place(v, 0), rows)
+        steps = jax.tree_util.tree_map(lambda v: place(v, 1), columns)
         if key not in self._compiled:
             # jax.jit partitions the program over the devices the inputs are sharded across (SPMD).
             self._compiled[key] = jax.jit(fn)
-        result = self._compiled[key](inputs, jax.tree_util.tree_map(jax.numpy.asarray, replicated))
+        result = self._compiled[key](parts, steps, jax.tree_util.tree_map(jax.numpy.asarray, replicated))
         self.last_devices = tuple(sorted(str(d) for d in result.sharding.device_set))
         return np.asarray(result)
+
+
+class ShardedStableDiffusion:
+    """A ``StableDiffusion`` whose ``generate()`` runs the denoising loop and the VAE decode data-parallel.
+
+    ``sd.generate(..., executor=ShardedExecutor(strategy))`` with the executor kept, so its compiled
+    functions are reused.
+
+    Args:
+        sd: the model. On TensorFlow, build or load it inside ``strategy.scope()`` (mirrored variables;
+            required for ``TPUStrategy``, whose replicas cannot read host variables); with
+            ``MirroredStrategy`` a model built outside works too, its variables read from their device.
+        strategy: as ``ShardedExecutor``.
+
+    Raises:
+        ValueError: for a strategy of the wrong kind for the Keras backend.
+    """
+
+    def __init__(self, sd: StableDiffusion, strategy=None):
+        if not isinstance(sd, StableDiffusion):
+            raise ValueError(f"sd must be a StableDiffusion, got {type(sd).__name__}")
+        self.sd = sd
+        self.executor = ShardedExecutor(strategy)
+        self.strategy = self.executor.strategy
+        self.num_replicas = self.executor.num_replicas
+
+    def __repr__(self) -> str:
+        return f"ShardedStableDiffusion({self.sd!r}, replicas={self.num_replicas})"
+
+    @property
+    def last_devices(self) -> tuple[str, ...]:
+        """The devices the last denoise / decode was placed on."""
+        return self.executor.last_devices
+
+    def generate(self, prompt: str | Sequence[str], negative_prompt=None, **kwargs):
+        """``StableDiffusion.generate`` with the same arguments, data-parallel over the replicas.
+
+        ``callback`` is not supported (the loop runs fused on the devices), nor ``fused=False``.
+
+        Raises:
+            ValueError: as ``generate``, and for ``callback`` or ``fused=False``.
+        """
+        if "executor" in kwargs:
+            raise ValueError(
+                "ShardedStableDiffusion.generate runs on its own executor; do not pass executor="
+            )
+        return self.sd.generate(prompt, negative_prompt, executor=self.executor, **kwargs)
+
+    def decode(self, latents, jit_compile: bool | None = None) -> np.ndarray:
+        """``StableDiffusion.decode`` (unscaled latents -> images in [-1, 1]), data-parallel."""
+        return self.executor.decode(self.sd.vae, latents, jit_compile)
 
 
 def _pad(array: np.ndarray, total: int, axis: int) -> np.ndarray:
@@ -277,6 +267,13 @@ def _pad(array: np.ndarray, total: int, axis: int) -> np.ndarray:
         return array
     last = np.take(array, [-1], axis=axis)
     return np.concatenate([array, np.repeat(last, missing, axis=axis)], axis=axis)
+
+
+def _structure(tree) -> tuple:
+    """The nested key paths of a dict tree (what a traced function's input structure depends on)."""
+    if not isinstance(tree, dict):
+        return ()
+    return tuple((k, _structure(v)) for k, v in sorted(tree.items()))
 
 
 def generate(sd: StableDiffusion, prompt, negative_prompt=None, *, strategy=None, **kwargs) -> np.ndarray:

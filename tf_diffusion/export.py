@@ -17,10 +17,10 @@ Signatures (B is the request batch; H x W the image size and h x w x C the laten
 - ``encode_image``: images (B, H, W, 3) uint8, noise (B, h, w, C) -> latents (posterior sample) and
   mean, both multiplied by the VAE scaling factor (the img2img starting point).
 
-Noise: ``generate()`` draws with NumPy (``NoiseSource``); inside the graph ``serving_default`` draws
-row ``b`` with ``tf.random.stateless_normal(seed=[seed[b], 0])`` (step noise with ``[seed[b], 1]``),
-so a seed gives the same image on every call and in any batch, but not the image ``generate(seed=...)``
-gives. ``generate_from_noise`` with the arrays ``NoiseSource(seed)`` draws reproduces ``generate()``.
+Noise: ``serving_default`` draws row ``b``'s noise from ``seed[b]`` with the project's counter-based
+generator as TensorFlow ops (``tf_diffusion.noise.tf_batch_normal``), the same numbers ``generate()``
+draws on the host, so a seed gives the image ``generate(seed=...)`` gives, on every call and in any
+batch. ``generate_from_noise`` takes noise drawn any other way.
 
 Prompts are tokenized in the graph (``tf_diffusion.graph_tokenizer``) as plain CLIP text truncated to
 75 tokens, like diffusers; the A1111 attention syntax and 75-token chunking of ``generate()`` are not
@@ -147,6 +147,8 @@ def build_serving_module(
     """
     _check_backend()
     tf = _tf()
+    from tf_diffusion import noise as noise_lib
+    from tf_diffusion.denoising import ClassifierFreeGuidance, Conditioning
     from tf_diffusion.graph_tokenizer import GraphTokenizer
     from tf_diffusion.schedulers import get_sampler
 
@@ -157,7 +159,7 @@ def build_serving_module(
         raise ValueError(f"{cfg.name} is an inpainting model; export supports text-to-image models only")
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
-    height, width = sd._check_size(height, width, None)
+    height, width = sd.check_size(height, width)
     sampler_obj = get_sampler(sampler, cfg.scheduler)
     plan = sampler_obj.plan(int(num_steps))
     factor, channels = cfg.vae.downsample_factor, cfg.vae.latent_channels
@@ -169,7 +171,8 @@ def build_serving_module(
 
     module = _variables_module(sd.text_encoder, sd.unet, sd.vae)
     module.tokenizer = GraphTokenizer(sd.tokenizer)
-    loop = tf.function(sd._make_loop(sampler_obj), jit_compile=bool(jit_compile), autograph=False)
+    program = sd.denoise_program(sampler_obj, ClassifierFreeGuidance())
+    loop = tf.function(program.loop, jit_compile=bool(jit_compile), autograph=False)
 
     strings = tf.TensorSpec([None], tf.string)
     latent_spec = tf.TensorSpec([None, h, w, channels], tf.float32)
@@ -187,13 +190,20 @@ def build_serving_module(
 
     def denoise(noise, context, negative_context, guidance_scale, *step_noise):
         x = noise * np.float32(plan.init_noise_sigma)
-        both = tf.concat([negative_context, context], axis=0)  # [uncond..., cond...] as generate()
         # generate() uses the conditional prediction alone when guidance <= 1; uncond + 1 * (cond - uncond).
         guidance = tf.where(guidance_scale > 1.0, guidance_scale, 1.0)[:, None, None, None]
-        tables = {k: tf.constant(v) for k, v in plan.tables.items()}
-        state = sampler_obj.init_state(x)
-        steps = tf.transpose(step_noise[0], [1, 0, 2, 3, 4]) if step_noise else None  # (E, B, h, w, C)
-        x, _ = loop(x, state, steps, tables, tf.constant(plan.timesteps), both, guidance, None, None)
+        inputs = {
+            "rows": {"cond": Conditioning(context).tree(), "uncond": Conditioning(negative_context).tree()},
+            "per_step": {"noise": tf.transpose(step_noise[0], [1, 0, 2, 3, 4])}
+            if step_noise
+            else {},  # (E, B, ...)
+            "shared": {
+                "tables": {k: tf.constant(v) for k, v in plan.tables.items()},
+                "timesteps": tf.constant(plan.timesteps),
+                "guidance_scale": guidance,
+            },
+        }
+        x, _ = loop(x, sampler_obj.init_state(x), inputs)
         return x
 
     def decode(latents):
@@ -206,10 +216,7 @@ def build_serving_module(
     decode = function(decode, latent_spec)
 
     def seeded_noise(seed, shape, stream):
-        seeds = tf.stack([seed, tf.fill(tf.shape(seed), tf.constant(stream, tf.int64))], axis=1)
-        return tf.map_fn(
-            lambda s: tf.random.stateless_normal(shape, seed=s), seeds, fn_output_signature=tf.float32
-        )
+        return noise_lib.tf_batch_normal(seed, stream, shape)  # (B, *shape), as generate() draws
 
     def generate(prompt, negative_prompt, guidance_scale, noise, *step_noise):
         # One text batch [negatives..., prompts...], as generate() encodes it.
@@ -220,8 +227,8 @@ def build_serving_module(
         return {"images": images, "png_bytes": png, "latents": latents}
 
     def serving_default(prompt, negative_prompt, seed, guidance_scale):
-        noise = seeded_noise(seed, [h, w, channels], 0)
-        steps = [seeded_noise(seed, [evals, h, w, channels], 1)] if needs_noise else []
+        noise = seeded_noise(seed, [h, w, channels], noise_lib.LATENTS)
+        steps = [seeded_noise(seed, [evals, h, w, channels], noise_lib.STEPS)] if needs_noise else []
         out = generate(prompt, negative_prompt, guidance_scale, noise, *steps)
         return {"images": out["images"], "png_bytes": out["png_bytes"]}
 
@@ -282,7 +289,7 @@ def build_serving_module(
         "dtype": sd.unet.dtype_policy.name,
         "jit_compile": bool(jit_compile),
         "vae_scaling_factor": scaling,
-        "noise": "row b: tf.random.stateless_normal(seed=[seed[b], 0]); step noise: seed=[seed[b], 1]",
+        "noise": "row b from seed[b]: tf_diffusion.noise streams 0 (latents) and 3 (steps), as generate()",
         "tokenizer": "in-graph CLIP BPE (tf_diffusion.graph_tokenizer), plain text truncated to 75 tokens",
     }
     return module, signatures
@@ -427,7 +434,7 @@ def tflite_function(
     if component not in TFLITE_COMPONENTS:
         raise ValueError(f"component={component!r} is not allowed; expected one of {TFLITE_COMPONENTS}")
     cfg = sd.config
-    height, width = sd._check_size(height, width, None)
+    height, width = sd.check_size(height, width)
     factor, channels = cfg.vae.downsample_factor, cfg.vae.latent_channels
     latent = tf.TensorSpec([batch, height // factor, width // factor, channels], tf.float32)
     if component == "text_encoder":

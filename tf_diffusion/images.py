@@ -85,3 +85,30 @@ def to_pil(images) -> list:
     if array.ndim == 3:
         array = array[None]
     return [Image.fromarray(a) for a in array]
+
+
+def paste_back(decoded: np.ndarray, original: np.ndarray, mask: np.ndarray, blur: float) -> np.ndarray:
+    """Inpainting's finish as the AUTOMATIC1111 web UI does it: the original pixels outside the mask.
+
+    Args:
+        decoded: (N, H, W, 3) generated images in [-1, 1].
+        original: (k, H, W, 3) init images in [-1, 1], k dividing N.
+        mask: (k, H, W, 1) binary mask, 1 = repainted.
+        blur: Gaussian blur radius in pixels for the blend's edge (0: a hard edge).
+
+    Returns:
+        (N, H, W, 3): ``soft * decoded + (1 - soft) * original`` with ``soft`` the blurred mask.
+    """
+    from PIL import Image, ImageFilter
+
+    soft = []
+    for m in np.asarray(mask, np.float32)[..., 0]:
+        image = Image.fromarray(np.round(m * 255.0).astype(np.uint8), mode="L")
+        if blur > 0:
+            image = image.filter(ImageFilter.GaussianBlur(blur))
+        soft.append(np.asarray(image, np.float32)[..., None] / 255.0)
+    soft = np.stack(soft)
+    n, k = decoded.shape[0], soft.shape[0]
+    reps = n // k
+    soft, original = np.concatenate([soft] * reps), np.concatenate([np.asarray(original, np.float32)] * reps)
+    return (soft * decoded + (1.0 - soft) * original).astype(np.float32)

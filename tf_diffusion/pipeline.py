@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import keras
@@ -10,9 +11,19 @@ from keras import ops
 
 from tf_diffusion import images as image_utils
 from tf_diffusion import layers
+from tf_diffusion import noise as noise_lib
 from tf_diffusion.clip import CLIPTextEncoder
 from tf_diffusion.config import PipelineConfig
-from tf_diffusion.noise import NoiseSource
+from tf_diffusion.denoising import (
+    Conditioning,
+    DenoiseProgram,
+    LocalExecutor,
+    MaskBlend,
+    UNetDenoiser,
+    guidance_for,
+    sampler_key,
+)
+from tf_diffusion.noise import image_seeds
 from tf_diffusion.presets import get_preset
 from tf_diffusion.prompts import tokenize_weighted
 from tf_diffusion.tokenizer import CLIPTokenizer
@@ -84,7 +95,10 @@ class StableDiffusion:
         self.text_encoder = CLIPTextEncoder(config.text_encoder, dtype=dtype)
         self.unet = UNetModel(config.unet, dtype=dtype)
         self.vae = AutoencoderKL(config.vae, dtype=_vae_dtype(dtype))
-        self._compiled: dict = {}
+        self.denoiser = UNetDenoiser(self.unet)
+        # How loops, decodes and text encodes run (and their compiled functions); see generate(executor=).
+        self.executor = LocalExecutor()
+        self._programs: dict = {}
 
     @classmethod
     def from_preset(cls, name: str, *, dtype: str | None = None) -> StableDiffusion:
@@ -124,7 +138,7 @@ class StableDiffusion:
 
     # ------------------------------------------------------------------ text
 
-    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+    def encode_prompts(self, prompts: Sequence[str], executor=None) -> np.ndarray:
         """Encode prompts with A1111 weights and 75-token chunking (see ``tf_diffusion.prompts``).
 
         All prompts of one call get the same number of chunks (shorter ones are
@@ -141,8 +155,9 @@ class StableDiffusion:
         empty = tokenize_weighted(self.tokenizer, "")
         chunked = [c.padded_to(count, empty) for c in chunked]
         ids = np.concatenate([c.ids for c in chunked])  # (B*K, 77)
-        encode = self._get_compiled("text", lambda: _compile(self.text_encoder, jit_compile=False))
-        hidden = ops.convert_to_numpy(ops.cast(encode(ids), "float32"))  # (B*K, 77, D)
+        hidden = (self.executor if executor is None else executor).encode_text(
+            self.text_encoder, ids
+        )  # (B*K, 77, D)
         hidden = hidden.reshape(len(prompts), count * ids.shape[1], hidden.shape[-1])
         weights = np.stack([c.weights.reshape(-1) for c in chunked])  # (B, K*77)
         return _apply_weights(hidden, weights)
@@ -165,21 +180,21 @@ class StableDiffusion:
         image=None,
         strength: float | None = None,
         mask=None,
+        mask_blur: float | None = None,
         callback: Callable | None = None,
         progress: bool = True,
         output_type: str = "uint8",
         jit_compile: bool | None = None,
         fused: bool | None = None,
-    ) -> np.ndarray:
+        executor=None,
+    ) -> GeneratedImages:
         """Generate images: text-to-image, image-to-image (``image``) or inpainting (``image`` + ``mask``).
 
-        Random draws all come from ``np.random.default_rng(seed)`` (NHWC, float32), in
-        this order: the initial latents (N, h, w, C); the VAE posterior sample of the
-        given images (when ``image`` is given); that of the masked images (when
-        ``mask`` is given); then, for samplers that add noise while stepping, one
-        (N, h, w, C) draw per model evaluation, stacked. The same seed therefore
-        gives the same image on every run and every backend, and the same arrays
-        can be handed to diffusers.
+        Noise (``tf_diffusion.noise``): image ``b`` of the batch gets the seed ``seed + b`` (images are
+        ordered prompt by prompt, ``num_images`` each), and every random draw for that image (initial
+        latents, VAE posterior samples, per-step noise) is a function of its seed alone. So an image is
+        reproduced alone from its seed, in any batch, on TensorFlow or JAX, sharded, or through the
+        exported SavedModel; ``info.seeds`` of the result lists them.
 
         Args:
             prompt: a prompt or a list of prompts (A1111 weights such as ``(word:1.3)``
@@ -192,9 +207,11 @@ class StableDiffusion:
             height, width: output size in pixels, multiples of the VAE's downsampling
                 factor (8 for SD). Default: the image's size, else the model's default size.
             num_images: images per prompt.
-            seed: a non-negative integer for reproducible noise; None draws one.
-            latents: initial noise (N, h, w, C) NHWC, used instead of drawn noise and
-                scaled by the sampler's initial sigma as diffusers scales it.
+            seed: the first image's seed, an integer in [0, 2**63 - 1]; None draws one (reported in
+                ``info.seeds``).
+            latents: initial noise (N, h, w, C) NHWC, used instead of the seeded initial latents and
+                scaled by the sampler's initial sigma as diffusers scales it (other draws still come
+                from fresh seeds); the way to hand diffusers' own noise in.
             scheduler: a sampler name ("ddim", "euler", "dpmpp_2m_karras", ...) or a
                 sampler object; default ``config.default_sampler`` (PNDM for SD, as diffusers).
             image: init image for img2img / inpainting: PIL, or uint8 / uint16 / float
@@ -202,26 +219,26 @@ class StableDiffusion:
             strength: how much of the schedule to run from the noised image, in [0, 1];
                 default 0.8 for img2img and 1.0 for inpainting, as diffusers.
             mask: inpainting mask, white (>= 0.5) = repaint; the same size as ``image``.
+            mask_blur: inpainting only: paste the init image's pixels back outside the mask after
+                decoding, blending across a Gaussian blur of this radius in pixels (0: a hard edge), as the
+                AUTOMATIC1111 web UI does (its default is 4; the CLI's too). None (the default) returns
+                the decoded image as diffusers does, where the kept area changes a little with the decode.
             callback: called as ``callback(step, timestep, latents)`` after every step.
             progress: show a progress bar over the steps.
             output_type: "uint8" (N, H, W, 3) in [0, 255], "float" in [0, 1], or
                 "latent" (the final scaled latents, NHWC).
             jit_compile: compile the denoising loop and the decode with XLA; default on with an accelerator,
                 under JAX, and for a float32 model on a CPU; graph mode for a bfloat16 / float16
-                model on a CPU (faster there). For float32 on TensorFlow's CPU with latents above
-                32x32 (SD images above 256x256) the default loop runs in graph mode with each UNet
-                block compiled as its own XLA island, the self-attention scores in between
-                (``layers.xla_islands``); there, and under XLA on a CPU, 3x3 convolutions use
-                Winograd F(4x4, 3x3) or F(2x2, 3x3) where it pays (``layers.WINOGRAD_RULES``) and 2x upsamplings
-                their sub-pixel form (``layers.subpixel_conv3x3``). ``True`` forces one XLA program,
-                ``False`` plain graph mode.
-            fused: run the whole loop as one compiled function (``ops.fori_loop``) rather
-                than one compiled step per Python iteration; default: fused under XLA
-                without a callback, and on a CPU only without a progress bar (so the bar moves
-                per step). The two give the same result.
+                model on a CPU (faster there). ``True`` forces one XLA program, ``False`` plain graph mode.
+            fused: run the whole loop as one compiled function (``ops.fori_loop``) rather than one
+                compiled step per Python iteration; default: fused under XLA on an accelerator without
+                a callback. The two give the same result.
+            executor: what runs the loop, the decode and the text encoder; default this model's
+                ``LocalExecutor`` (``tf_diffusion.distributed.ShardedExecutor`` spreads the batch).
 
         Returns:
-            The images (or latents) as a NumPy array.
+            ``GeneratedImages``: the images (or latents) as a NumPy array, with ``.info`` telling what
+            was done (seeds, sampler, steps, strength, size, model).
 
         Raises:
             ValueError: for any invalid argument, naming the value and what is allowed.
@@ -229,44 +246,40 @@ class StableDiffusion:
         from tf_diffusion.schedulers import get_sampler
 
         cfg = self.config
+        executor = self.executor if executor is None else executor
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = _negatives(negative_prompt, len(prompts))
         num_images = _positive_int(num_images, "num_images")
         num_steps = _positive_int(cfg.default_steps if num_steps is None else num_steps, "num_steps")
-        guidance_scale = cfg.default_guidance if guidance_scale is None else guidance_scale
+        guidance_scale = float(cfg.default_guidance if guidance_scale is None else guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not allowed; expected one of {OUTPUT_TYPES}")
-        guidance_scale = float(guidance_scale)
-        guided = guidance_scale > 1.0
+        if mask_blur is not None:
+            if mask is None:
+                raise ValueError(
+                    "mask_blur applies to inpainting only; pass mask=... (or leave mask_blur None)"
+                )
+            if (
+                isinstance(mask_blur, bool)
+                or not isinstance(mask_blur, (int, float, np.integer, np.floating))
+                or not 0 <= mask_blur <= 64
+            ):
+                raise ValueError(f"mask_blur={mask_blur!r} must be a number of pixels in [0, 64], or None")
+            if output_type == "latent":
+                raise ValueError("mask_blur pastes pixels back, so it needs output_type 'uint8' or 'float'")
         if seed is not None and latents is not None:
             raise ValueError("pass either seed or latents, not both: latents replace the seeded noise")
-
-        init = None if image is None else image_utils.to_rgb(image, "image")
-        mask_px = None
-        if mask is not None:
-            if init is None:
-                raise ValueError("mask needs an image to inpaint; pass image=... as well")
-            mask_px = image_utils.to_mask(mask, "mask")
-            if mask_px.shape[1:3] != init.shape[1:3]:
-                raise ValueError(
-                    f"mask size {mask_px.shape[2]}x{mask_px.shape[1]} (WxH) differs from the image size "
-                    f"{init.shape[2]}x{init.shape[1]}; they must match"
-                )
-            # diffusers binarises the mask: >= 0.5 repaints.
-            mask_px = (mask_px >= 0.5).astype(np.float32)
-        if cfg.is_inpainting and mask_px is None:
-            raise ValueError(f"{cfg.name} is an inpainting model (9-channel UNet); pass image and mask")
-
+        init, mask_px = self._task_images(image, mask)
         if strength is None:
             strength = 1.0 if mask_px is not None else 0.8
         strength = float(strength)
         if init is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} is outside the allowed range [0, 1]")
-
-        height, width = self._check_size(height, width, init)
+        height, width = self.check_size(height, width, init)
         factor = cfg.vae.downsample_factor
-        h, w, c = height // factor, width // factor, cfg.vae.latent_channels
+        shape = (height // factor, width // factor, cfg.vae.latent_channels)  # (h, w, C) per image
         n = len(prompts) * num_images
+        seeds = image_seeds(seed, n)
 
         sampler = (
             scheduler
@@ -274,71 +287,91 @@ class StableDiffusion:
             else get_sampler(scheduler if scheduler is not None else cfg.default_sampler, cfg.scheduler)
         )
         plan = sampler.plan(num_steps, strength=strength if init is not None else 1.0)
+        guidance = guidance_for(guidance_scale)
 
-        # Text: conditional (and unconditional) contexts, repeated per image.
-        texts = negatives + prompts if guided else prompts
-        context = self.encode_prompts(texts)
-        per_prompt = context.shape[0] // (2 if guided else 1)
-        context = np.repeat(context.reshape((-1, per_prompt) + context.shape[1:]), num_images, axis=1)
-        context = context.reshape((-1,) + context.shape[2:])  # [uncond..., cond...], each [p0, p0, p1, ...]
+        # Text: one bundle per image, prompt by prompt.
+        texts = negatives + prompts if guidance.copies == 2 else prompts
+        hidden = np.repeat(self.encode_prompts(texts, executor=executor), num_images, axis=0)
+        cond = Conditioning(hidden[-n:])
+        uncond = Conditioning(hidden[:n]) if guidance.copies == 2 else None
 
-        # Noise, in the documented order.
-        source = NoiseSource(seed if latents is None else None)
         if latents is None:
-            noise = source.normal((n, h, w, c))
+            noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)
         else:
             noise = np.asarray(latents, dtype=np.float32)
-            if noise.shape != (n, h, w, c):
+            if noise.shape != (n, *shape):
                 raise ValueError(
-                    f"latents have shape {noise.shape}; expected {(n, h, w, c)} (N, h, w, C) NHWC"
+                    f"latents have shape {noise.shape}; expected {(n, *shape)} (N, h, w, C) NHWC"
                 )
-        image_noise = source.normal((init.shape[0], h, w, c)) if init is not None else None
-        masked_noise = source.normal((init.shape[0], h, w, c)) if mask_px is not None else None
-        step_noise = source.normal((plan.num_evals, n, h, w, c)) if sampler.needs_noise else None
+        task = self._prepare_task(sampler, plan, noise, seeds, init, mask_px, strength)
+        if "concat" in task.extras:
+            cond = Conditioning(cond.context, task.extras)
+            uncond = None if uncond is None else Conditioning(uncond.context, task.extras)
 
-        sf = np.float32(cfg.vae.scaling_factor)
-        image_latents = masked_latents = mask_latent = None
-        if init is not None:
-            image_latents = self._encode_image(init * 2.0 - 1.0, image_noise, n) * sf
-        if mask_px is not None:
-            masked = (init * 2.0 - 1.0) * (mask_px < 0.5)
-            masked_latents = self._encode_image(masked, masked_noise, n) * sf
-            mask_latent = _repeat_to(mask_px[:, ::factor, ::factor, :], n)  # nearest, as torch interpolate
-
-        if init is None or (mask_px is not None and strength >= 1.0):
-            x = noise * np.float32(plan.init_noise_sigma)
-        else:
-            x = ops.convert_to_numpy(sampler.add_noise(image_latents, noise, plan))
-
-        extra = None
-        if cfg.is_inpainting:
-            extra = np.concatenate([mask_latent, masked_latents], axis=-1)  # (N, h, w, 1 + C)
-        blend = None
-        if mask_px is not None and not cfg.is_inpainting:
-            blend = (mask_latent, image_latents, noise, _next_noise_scales(sampler, plan))
-
-        x = self._denoise(
-            sampler,
-            plan,
-            x,
-            context,
-            guidance_scale if guided else None,
-            extra,
-            blend,
-            step_noise,
+        rows = {"cond": cond.tree(), **task.rows}
+        if uncond is not None:
+            rows["uncond"] = uncond.tree()
+        shared = {"tables": dict(plan.tables), "timesteps": plan.timesteps, **task.shared}
+        if guidance.copies == 2:
+            shared["guidance_scale"] = np.float32(guidance_scale)
+        per_step = {}
+        if sampler.needs_noise:
+            steps = noise_lib.batch_normal(seeds, noise_lib.STEPS, (plan.num_evals, *shape))  # (N, E, ...)
+            per_step["noise"] = np.ascontiguousarray(np.swapaxes(steps, 0, 1))  # (E, N, h, w, C)
+        program = self.denoise_program(sampler, guidance, hooks=task.hooks)
+        x = executor.run(
+            program,
+            task.x,
+            {"rows": rows, "per_step": per_step, "shared": shared},
             callback=callback,
             progress=progress,
             jit_compile=jit_compile,
             fused=fused,
         )
-        if output_type == "latent":
-            return x
-        decoded = self.decode(x / sf, jit_compile=jit_compile)
-        if output_type == "float":
-            return np.clip(decoded * 0.5 + 0.5, 0.0, 1.0)
-        return image_utils.to_uint8(decoded)
 
-    def decode(self, latents, jit_compile: bool | None = None) -> np.ndarray:
+        info = GenerationInfo(
+            model=cfg.name,
+            mode="txt2img" if init is None else ("inpaint" if mask_px is not None else "img2img"),
+            prompts=tuple(p for p in prompts for _ in range(num_images)),
+            negative_prompts=tuple(p for p in negatives for _ in range(num_images)),
+            seeds=tuple(seeds),
+            seeded_latents=latents is None,
+            sampler=sampler.name,
+            sampler_options=dict(sampler.options()),
+            num_steps=num_steps,
+            num_evals=plan.num_evals,
+            guidance_scale=guidance_scale,
+            strength=None if init is None else strength,
+            mask_blur=None if mask_blur is None else float(mask_blur),
+            height=height,
+            width=width,
+            output_type=output_type,
+        )
+        if output_type == "latent":
+            return GeneratedImages.wrap(x, info)
+        decoded = self.decode(
+            x / np.float32(cfg.vae.scaling_factor), jit_compile=jit_compile, executor=executor
+        )
+        if mask_blur is not None:
+            decoded = image_utils.paste_back(decoded, init * 2.0 - 1.0, mask_px, float(mask_blur))
+        if output_type == "float":
+            return GeneratedImages.wrap(np.clip(decoded * 0.5 + 0.5, 0.0, 1.0), info)
+        return GeneratedImages.wrap(image_utils.to_uint8(decoded), info)
+
+    def denoise_program(self, sampler, guidance, hooks: tuple = ()) -> DenoiseProgram:
+        """The sampling computation of this model: ``sampler`` over the UNet denoiser with ``guidance``.
+
+        Executors run it (``LocalExecutor``, ``ShardedExecutor``); the SavedModel export traces its loop.
+        """
+        key = ("program", sampler_key(sampler), guidance.name, tuple(h.name for h in hooks))
+        cached = self._programs.get(key)
+        if cached is None:
+            cached = self._programs[key] = DenoiseProgram(
+                sampler, self.denoiser, guidance, tuple(hooks), scope=layers.prepared_filters
+            )
+        return cached
+
+    def decode(self, latents, jit_compile: bool | None = None, executor=None) -> np.ndarray:
         """Unscaled latents (N, h, w, C) -> images (N, H, W, 3) in [-1, 1] as float32.
 
         The VAE runs in float32 when the rest of the model is float16, so the
@@ -346,18 +379,20 @@ class StableDiffusion:
         ``jit_compile`` as in ``generate``: by default XLA on accelerators, under JAX and
         in float32 on a CPU, graph mode otherwise.
         """
-        jit = _default_jit_compile(self.vae, has_accelerator()) if jit_compile is None else bool(jit_compile)
-        fn = self._get_compiled(("decode", jit), lambda: _compile(self.vae.decode, jit_compile=jit))
-        return ops.convert_to_numpy(ops.cast(fn(ops.convert_to_tensor(latents, "float32")), "float32"))
+        return (self.executor if executor is None else executor).decode(self.vae, latents, jit_compile)
 
     @staticmethod
     def to_pil(images) -> list:
         """uint8 images (N, H, W, 3) from ``generate`` as PIL images."""
         return image_utils.to_pil(images)
 
-    # -------------------------------------------------------------- helpers
+    def check_size(self, height, width, init=None) -> tuple[int, int]:
+        """The output size in pixels: the given one, the init image's, or the model's default.
 
-    def _check_size(self, height, width, init) -> tuple[int, int]:
+        Raises:
+            ValueError: for sizes that are not positive multiples of the VAE factor, or that differ
+                from the init image's (no silent resizing).
+        """
         cfg = self.config
         multiple = cfg.vae.downsample_factor
         if init is not None:
@@ -381,150 +416,134 @@ class StableDiffusion:
                 )
         return int(height), int(width)
 
-    def _denoise(
-        self,
-        sampler,
-        plan,
-        x,
-        context,
-        guidance,
-        extra,
-        blend,
-        step_noise,
-        *,
-        callback,
-        progress,
-        jit_compile,
-        fused,
-    ) -> np.ndarray:
-        """Run every model evaluation of ``plan`` with one compiled step function.
+    # -------------------------------------------------------------- tasks
 
-        The step's inputs (plan tables included) are tensors, so one trace serves
-        every step count and prompt; the compiled function is cached per sampler
-        and feature set.
-        """
-        accelerator = has_accelerator()
-        if jit_compile is None:
-            jit_compile = _default_loop_compile(self.unet, accelerator, x.shape)
-        key = (
-            sampler.name,
-            sampler.config,
-            getattr(sampler, "eta", None),
-            guidance is not None,
-            extra is not None,
-            blend is not None,
-        )
+    def _task_images(self, image, mask):
+        """The init image (k, H, W, 3) in [0, 1] and the binarised mask (k, H, W, 1), each or None."""
+        cfg = self.config
+        init = None if image is None else image_utils.to_rgb(image, "image")
+        mask_px = None
+        if mask is not None:
+            if init is None:
+                raise ValueError("mask needs an image to inpaint; pass image=... as well")
+            mask_px = image_utils.to_mask(mask, "mask")
+            if mask_px.shape[1:3] != init.shape[1:3]:
+                raise ValueError(
+                    f"mask size {mask_px.shape[2]}x{mask_px.shape[1]} (WxH) differs from the image size "
+                    f"{init.shape[2]}x{init.shape[1]}; they must match"
+                )
+            mask_px = (mask_px >= 0.5).astype(np.float32)  # diffusers binarises the mask: >= 0.5 repaints
+        if cfg.is_inpainting and mask_px is None:
+            raise ValueError(f"{cfg.name} is an inpainting model (9-channel UNet); pass image and mask")
+        return init, mask_px
 
-        tables = {k: ops.convert_to_tensor(v) for k, v in plan.tables.items()}
-        timesteps = ops.convert_to_tensor(plan.timesteps)
-        args = dict(
-            context=ops.convert_to_tensor(context),
-            guidance=None if guidance is None else ops.convert_to_tensor(np.float32(guidance)),
-            extra=None if extra is None else ops.convert_to_tensor(extra),
-            blend=None
-            if blend is None
-            else tuple(ops.convert_to_tensor(np.asarray(b, np.float32)) for b in blend),
-        )
-        x = ops.convert_to_tensor(x, "float32")
-        if jit_compile == ISLANDS and keras.backend.backend() == "tensorflow":
-            # Transformed filters for this call's size, computed once rather than every step.
-            unet_batch = x.shape[0] * (2 if guidance is not None else 1)
-            args["filters"] = self.unet.prepare_filters((unet_batch,) + tuple(x.shape[1:]))
+    def _prepare_task(self, sampler, plan, noise, seeds, init, mask_px, strength) -> _Task:
+        """Starting latents and task inputs for text-to-image, image-to-image and both inpainting modes."""
+        cfg = self.config
+        n, sf = noise.shape[0], np.float32(cfg.vae.scaling_factor)
+        shape = noise.shape[1:]
+        if init is None:
+            return _Task(x=noise * np.float32(plan.init_noise_sigma))
+        task = _Task(x=None)
+        image_latents = None
+        if not (cfg.is_inpainting and strength >= 1.0):  # the 9-channel UNet at full strength never reads it
+            posterior = noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, shape)
+            image_latents = self._encode_image(init * 2.0 - 1.0, posterior) * sf
+        if mask_px is not None:
+            factor = cfg.vae.downsample_factor
+            mask_latent = _repeat_to(mask_px[:, ::factor, ::factor, :], n)  # nearest, as torch interpolate
+            if cfg.is_inpainting:
+                masked = (init * 2.0 - 1.0) * (mask_px < 0.5)
+                posterior = noise_lib.batch_normal(seeds, noise_lib.MASKED_POSTERIOR, shape)
+                masked_latents = self._encode_image(masked, posterior) * sf
+                task.extras["concat"] = np.concatenate(
+                    [mask_latent, masked_latents], axis=-1
+                )  # (N, h, w, 1 + C)
+            else:
+                blend = MaskBlend()
+                task.hooks = (blend,)
+                task.rows[blend.name] = {"mask": mask_latent, "image_latents": image_latents, "noise": noise}
+                task.shared[blend.name] = {"scales": _next_noise_scales(sampler, plan)}
+        if mask_px is not None and strength >= 1.0:
+            task.x = noise * np.float32(plan.init_noise_sigma)
         else:
-            args["filters"] = None
-        state = sampler.init_state(x)
-        if fused is None:
-            # One program for the loop under XLA, except on a CPU with a progress bar: there a
-            # step takes seconds at full size, so the bar advances per step.
-            fused = bool(jit_compile) and callback is None and (accelerator or not progress)
-        if fused:
-            if callback is not None:
-                raise ValueError("callback needs the step-by-step loop; pass fused=False (or no callback)")
-            loop = self._get_compiled(
-                key + (jit_compile, "fused"), lambda: _compile(self._make_loop(sampler), jit_compile)
-            )
-            noise_all = None if step_noise is None else ops.convert_to_tensor(step_noise)
-            bar = _progress(1, progress)
-            x, _ = loop(x, state, noise_all, tables, timesteps, **args)
-            bar.update(1)
-            bar.close()
-            return ops.convert_to_numpy(x)
-        bar = _progress(plan.num_evals, progress)
-        compiled = self._get_compiled(
-            key + (jit_compile, "step"), lambda: _compile(self._make_step(sampler), jit_compile)
-        )
-        for i in range(plan.num_evals):
-            noise_i = None if step_noise is None else ops.convert_to_tensor(step_noise[i])
-            index = ops.convert_to_tensor(i, "int32")
-            x, state = compiled(index, x, state, noise_i, tables, timesteps, **args)
-            if callback is not None:
-                callback(i, float(plan.timesteps[i]), ops.convert_to_numpy(x))
-            bar.update(1)
-        bar.close()
-        return ops.convert_to_numpy(x)
+            task.x = ops.convert_to_numpy(sampler.add_noise(image_latents, noise, plan))
+        return task
 
-    def _make_loop(self, sampler) -> Callable:
-        """The whole denoising loop as one function (``ops.fori_loop``), for one XLA program."""
-        step = self._make_step(sampler)
-
-        def loop(x, state, step_noise, tables, timesteps, context, guidance, extra, blend, filters=None):
-            def body(i, carry):
-                x, state = carry
-                noise_i = None if step_noise is None else ops.take(step_noise, i, axis=0)
-                return step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend, filters)
-
-            return ops.fori_loop(0, ops.shape(timesteps)[0], body, (x, state))
-
-        return loop
-
-    def _make_step(self, sampler) -> Callable:
-        """The function for one model evaluation: UNet (guided), sampler step, optional inpaint blend."""
-        unet = self.unet
-
-        def step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend, filters=None):
-            plan = _TablePlan(tables)
-            model_in = sampler.scale_model_input(x, i, plan)
-            if extra is not None:
-                model_in = ops.concatenate([model_in, extra], axis=-1)
-            n = ops.shape(x)[0]
-            if guidance is not None:
-                model_in = ops.concatenate([model_in, model_in], axis=0)  # [uncond, cond] halves
-            t = ops.take(timesteps, i)
-            t_batch = ops.broadcast_to(t, (ops.shape(model_in)[0],))
-            with layers.prepared_filters(filters):
-                out = ops.cast(unet(model_in, t_batch, context), "float32")
-            if guidance is not None:
-                uncond, cond = out[:n], out[n:]
-                out = uncond + guidance * (cond - uncond)
-            x, state = sampler.step(out, i, x, state, plan, noise=noise_i)
-            if blend is not None:
-                # 4-channel inpainting: the known region, noised to the next evaluation's level (clean after
-                # the last one), replaces the unmasked latents, as diffusers' inpaint pipeline does.
-                mask_latent, image_latents, noise, scales = blend
-                a, b = scales[i, 0], scales[i, 1]
-                proper = image_latents * a + noise * b
-                x = (1.0 - mask_latent) * proper + mask_latent * x
-            return x, state
-
-        return step
-
-    def _encode_image(self, pixels: np.ndarray, noise: np.ndarray, n: int) -> np.ndarray:
-        """Sample the VAE posterior of (k, H, W, 3) images with given noise and repeat it to n."""
+    def _encode_image(self, pixels: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Posterior samples of (k, H, W, 3) images for N images (k divides N), one noise row each."""
         dist = self.vae.encode(ops.convert_to_tensor(pixels, "float32"))
-        sample = ops.convert_to_numpy(ops.cast(dist.sample(noise=noise), "float32"))
-        return _repeat_to(sample, n)
-
-    def _get_compiled(self, key, make: Callable):
-        if key not in self._compiled:
-            self._compiled[key] = make()
-        return self._compiled[key]
+        n = noise.shape[0]
+        mean = _repeat_to(ops.convert_to_numpy(dist.mean), n)
+        std = _repeat_to(ops.convert_to_numpy(dist.std), n)
+        return (mean + std * noise).astype(np.float32)
 
 
-class _TablePlan:
-    """A plan view whose tables are tensors (arguments of the compiled step)."""
+@dataclasses.dataclass
+class _Task:
+    """What one task adds to the loop: starting latents, denoiser extras, step hooks and their inputs."""
 
-    def __init__(self, tables):
-        self.tables = tables
+    x: np.ndarray | None
+    extras: dict = dataclasses.field(default_factory=dict)
+    hooks: tuple = ()
+    rows: dict = dataclasses.field(default_factory=dict)
+    shared: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationInfo:
+    """What ``generate()`` did, per call; per-image fields have one entry per image.
+
+    Attributes:
+        model: the model's name (``config.name``).
+        mode: "txt2img", "img2img" or "inpaint".
+        prompts, negative_prompts: per image.
+        seeds: per image (``seed + b``); with ``latents=`` given, the seeds of the other draws.
+        seeded_latents: False when ``latents=`` replaced the seeded initial latents.
+        sampler: the sampler's name; sampler_options: its call options (DDIM's eta).
+        num_steps: the steps asked for; num_evals: model evaluations run (img2img runs fewer).
+        guidance_scale, strength (None for text-to-image), mask_blur (None: no paste-back), height,
+        width, output_type.
+    """
+
+    model: str
+    mode: str
+    prompts: tuple
+    negative_prompts: tuple
+    seeds: tuple
+    seeded_latents: bool
+    sampler: str
+    sampler_options: dict
+    num_steps: int
+    num_evals: int
+    guidance_scale: float
+    strength: float | None
+    mask_blur: float | None
+    height: int
+    width: int
+    output_type: str
+
+
+class GeneratedImages(np.ndarray):
+    """A NumPy array of images (or latents) that also carries ``.info`` (a ``GenerationInfo``).
+
+    It is an ordinary ``np.ndarray`` everywhere else: indexing, arithmetic and ``np.asarray`` work as
+    before; ``np.asarray(result)`` gives the plain array.
+    """
+
+    info: GenerationInfo | None = None
+
+    @classmethod
+    def wrap(cls, array, info: GenerationInfo) -> GeneratedImages:
+        out = np.asarray(array).view(cls)
+        out.info = info
+        return out
+
+    def __array_finalize__(self, obj):
+        self.info = getattr(obj, "info", None)
+
+    def __reduce__(self):
+        return np.asarray(self).__reduce__()  # pickles as a plain array
 
 
 def _next_noise_scales(sampler, plan) -> np.ndarray:
@@ -540,43 +559,6 @@ def _next_noise_scales(sampler, plan) -> np.ndarray:
 
 
 # ----------------------------------------------------------------- helpers
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-class _TextBar:
-    """A minimal progress bar on stderr when tqdm is not installed."""
-
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
-
-    def update(self, n):
-        import sys
-
-        self.done += n
-        sys.stderr.write(f"\rdenoising {self.done}/{self.total}")
-        sys.stderr.flush()
-
-    def close(self):
-        import sys
-
-        sys.stderr.write("\n")
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _TextBar(total)
-    return tqdm(total=total, desc="denoising", leave=False)
 
 
 def _vae_dtype(dtype):

@@ -4,8 +4,10 @@ For txt2img, img2img and inpainting (4- and 9-channel UNets), four samplers and
 both prediction types, this runs diffusers' pipelines with weights drawn by
 ``tf_diffusion.testing.random_state_dict`` (so the test rebuilds the same
 weights without storing them) and with every random draw replaced by the arrays
-tf_diffusion's ``NoiseSource`` gives for the same seed, in tf_diffusion's draw
-order (see ``StableDiffusion.generate``). It writes the float images diffusers
+tf_diffusion's noise gives for the same seed (``tf_diffusion.noise``: image b has
+seed + b and a stream per use; see ``StableDiffusion.generate``). The init image
+and mask are handed over once per output image, so diffusers samples each image's
+VAE posterior with that image's own noise, as tf_diffusion does. It writes the float images diffusers
 returns (output_type="np", values in [0, 1]) to tests/fixtures/pipeline/.
 
 Usage (dev only): pip install -e ".[reference]" && python tools/make_fixtures_pipeline.py
@@ -34,7 +36,7 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tf_diffusion.noise import NoiseSource
+from tf_diffusion import noise as noise_lib
 from tf_diffusion.testing import random_state_dict
 from tf_diffusion.tokenizer import CLIPTokenizer as OurTokenizer
 
@@ -197,15 +199,13 @@ def run_case(components, mode, sampler, prediction_type, seed, guidance, strengt
     pipe = pipeline_cls(unet=unet9 if mode == "inpaint9" else unet, **shared, **kwargs)
     pipe.set_progress_bar_config(disable=True)
 
-    # tf_diffusion's draw order: initial latents; image posterior sample (when an image is
-    # given); masked-image posterior sample (when a mask is given); per-step noise (stochastic samplers).
+    # tf_diffusion's noise: image b has seed + b, and one stream per use of randomness.
     batch = len(PROMPTS)
-    latent = (batch, SIZE // 2, SIZE // 2, 4)
-    source = NoiseSource(seed)
-    latents_noise = source.normal(latent)
-    # One image is given, so its posterior is sampled once and repeated over the batch.
-    image_noise = source.normal((1,) + latent[1:]) if mode != "txt2img" else None
-    masked_noise = source.normal((1,) + latent[1:]) if mode.startswith("inpaint") else None
+    latent = (SIZE // 2, SIZE // 2, 4)
+    seeds = noise_lib.image_seeds(seed, batch)
+    latents_noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, latent)
+    image_noise = noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, latent)
+    masked_noise = noise_lib.batch_normal(seeds, noise_lib.MASKED_POSTERIOR, latent)
 
     call = dict(
         prompt=PROMPTS,
@@ -216,16 +216,18 @@ def run_case(components, mode, sampler, prediction_type, seed, guidance, strengt
     )
     call.update(height=SIZE, width=SIZE)
     if mode != "txt2img":
-        call.update(image=Image.fromarray(test_image(seed + 1)), strength=strength)
+        call.update(image=[Image.fromarray(test_image(seed + 1))] * batch, strength=strength)
     if mode.startswith("inpaint"):
-        call.update(mask_image=Image.fromarray(test_mask()))
+        call.update(mask_image=[Image.fromarray(test_mask())] * batch)
 
     scheduler_probe = cls.from_config(scheduler.config)
     scheduler_probe.set_timesteps(STEPS)
     evaluations = len(scheduler_probe.timesteps)
     if mode != "txt2img":
         evaluations = min(int(STEPS * strength), STEPS) * scheduler_probe.order
-    step_noise = source.normal((evaluations,) + latent) if sampler in STOCHASTIC else None
+    step_noise = None
+    if sampler in STOCHASTIC:
+        step_noise = np.swapaxes(noise_lib.batch_normal(seeds, noise_lib.STEPS, (evaluations, *latent)), 0, 1)
 
     with NoiseQueues() as queues:
         queues.queues["pipeline"].append(latents_noise)

@@ -134,6 +134,10 @@ class Sampler:
     def spacing(self) -> str:
         return self.config.timestep_spacing or self.default_spacing
 
+    def options(self) -> dict:
+        """Call options beyond the config that change the computation (DDIM's ``eta``); {} by default."""
+        return {}
+
     def plan(self, num_steps: int, strength: float = 1.0) -> SamplerPlan:
         """Timesteps and float32 tables for ``num_steps`` inference steps.
 

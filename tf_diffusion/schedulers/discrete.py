@@ -31,6 +31,9 @@ class DDIM(Sampler):
         self.eta = float(eta)
         self.needs_noise = self.eta > 0
 
+    def options(self) -> dict:
+        return {"eta": self.eta}
+
     def _schedule(self, n, begin):
         cfg = self.config
         ac = schedule.alphas_cumprod(cfg, rescale=True).astype(np.float64)

@@ -1,0 +1,39 @@
+"""Denoisers: ``(x, t, cond) -> prediction``, a backbone and the adapters that act on it.
+
+The sampler scales its input before the call and interprets the prediction (epsilon, v or x0)
+after it; a denoiser only evaluates the network. Adapters that change what the backbone sees
+(ControlNet residuals, IP-Adapter image tokens) wrap a denoiser and keep this signature.
+"""
+
+from __future__ import annotations
+
+from keras import ops
+
+from tf_diffusion.denoising.conditioning import Conditioning
+
+
+class UNetDenoiser:
+    """The SD 1.x / 2.x UNet as a denoiser.
+
+    Reads ``cond.context`` and, when present, ``cond.extras["concat"]`` (extra input channels
+    appended to the latents, as the 9-channel inpainting UNet expects).
+    """
+
+    known_extras = ("concat",)
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    @property
+    def key(self):
+        """What distinguishes this denoiser's traced program from another's."""
+        return ("unet", id(self.unet))
+
+    def __call__(self, x, t, cond: Conditioning):
+        unknown = set(cond.extras) - set(self.known_extras)
+        if unknown:
+            raise ValueError(f"the UNet denoiser does not read conditioning {sorted(unknown)}")
+        if "concat" in cond.extras:
+            x = ops.concatenate([x, ops.cast(cond.extras["concat"], x.dtype)], axis=-1)
+        t = ops.broadcast_to(t, (ops.shape(x)[0],))
+        return ops.cast(self.unet(x, t, cond.context), "float32")

@@ -1,0 +1,116 @@
+"""One model evaluation and the whole sampling loop, as pure functions of tensors.
+
+A ``DenoiseProgram`` says *what* is computed: a sampler, a denoiser, a guidance rule and the step
+hooks (the 4-channel inpainting blend). An executor (``tf_diffusion.denoising.executor``, the sharded
+one in ``tf_diffusion.distributed``, the SavedModel export) decides *how*: step by step or fused,
+compiled how, on which devices. Both sides meet in the loop inputs, a dict of three groups that an
+executor can place without knowing what they hold:
+
+- ``rows``: one row per image (axis 0): ``cond`` and ``uncond`` (``Conditioning.tree()``), and each
+  hook's per-image tensors under the hook's name;
+- ``per_step``: one entry per model evaluation, then one per image ((E, N, ...)): ``noise`` for
+  samplers that add noise while stepping;
+- ``shared``: the same for every image: the sampler's ``tables``, ``timesteps``, ``guidance_scale``
+  and each hook's shared tensors under its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+from keras import ops
+
+from tf_diffusion.denoising.conditioning import Conditioning
+
+
+class _TablePlan:
+    """A plan view whose tables are tensors (what the samplers' ``step`` reads inside a trace)."""
+
+    def __init__(self, tables):
+        self.tables = tables
+
+
+class MaskBlend:
+    """4-channel inpainting: after each evaluation, the known region replaces the unmasked latents.
+
+    The known region is the init image's latents noised to the next evaluation's level (clean after the
+    last one), as diffusers' inpaint pipeline does. Rows: ``mask`` (N, h, w, 1), ``image_latents`` and
+    ``noise`` (N, h, w, C); shared: ``scales`` (E, 2), the add-noise coefficients after evaluation i.
+    """
+
+    name = "mask_blend"
+
+    def __call__(self, x, i, rows, shared):
+        a, b = shared["scales"][i, 0], shared["scales"][i, 1]
+        known = rows["image_latents"] * a + rows["noise"] * b
+        return (1.0 - rows["mask"]) * known + rows["mask"] * x
+
+
+def sampler_key(sampler) -> tuple:
+    """What distinguishes one sampler's traced step from another's (its class, name, config and options)."""
+    return (type(sampler).__name__, sampler.name, sampler.config, tuple(sorted(sampler.options().items())))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DenoiseProgram:
+    """The sampling computation, independent of how it is executed.
+
+    Attributes:
+        sampler: a ``tf_diffusion.schedulers`` sampler.
+        denoiser: a callable ``(x, t, cond) -> prediction`` (``UNetDenoiser``).
+        guidance: a guidance rule (``ClassifierFreeGuidance``, ``NoGuidance``).
+        hooks: step hooks applied after each sampler step, in order.
+        scope: optional ``scope(execution_state)`` context manager entered around the denoiser call
+            while tracing, through which an executor hands prepared per-call state (transformed
+            filters, say) to the layers; None enters nothing.
+    """
+
+    sampler: Any
+    denoiser: Any
+    guidance: Any
+    hooks: tuple = ()
+    scope: Any = None
+
+    @property
+    def key(self) -> tuple:
+        """A hashable identity of the traced program: equal keys trace the same function."""
+        return (
+            sampler_key(self.sampler),
+            self.denoiser.key,
+            self.guidance.name,
+            tuple(h.name for h in self.hooks),
+        )
+
+    def step(self, i, x, state, inputs: dict, execution=None):
+        """Evaluation ``i``: denoiser (guided), sampler step, hooks. Returns ``(x, state)``."""
+        rows, per_step, shared = inputs["rows"], inputs.get("per_step", {}), inputs["shared"]
+        plan = _TablePlan(shared["tables"])
+        model_in = self.sampler.scale_model_input(x, i, plan)
+        cond = Conditioning.from_tree(rows["cond"])
+        uncond = Conditioning.from_tree(rows["uncond"]) if "uncond" in rows else None
+        batched = self.guidance.batch(cond, uncond)
+        model_in = (
+            ops.concatenate([model_in] * self.guidance.copies, axis=0)
+            if self.guidance.copies > 1
+            else model_in
+        )
+        t = ops.take(shared["timesteps"], i)
+        scope = self.scope(execution) if self.scope is not None else contextlib.nullcontext()
+        with scope:
+            prediction = self.denoiser(model_in, t, batched)
+        prediction = self.guidance.combine(prediction, shared.get("guidance_scale", 1.0))
+        noise = ops.take(per_step["noise"], i, axis=0) if "noise" in per_step else None
+        x, state = self.sampler.step(prediction, i, x, state, plan, noise=noise)
+        for hook in self.hooks:
+            x = hook(x, i, rows.get(hook.name, {}), shared.get(hook.name, {}))
+        return x, state
+
+    def loop(self, x, state, inputs: dict, execution=None):
+        """Every evaluation as one ``ops.fori_loop`` (one program under XLA). Returns ``(x, state)``."""
+
+        def body(i, carry):
+            return self.step(i, carry[0], carry[1], inputs, execution)
+
+        return ops.fori_loop(0, ops.shape(inputs["shared"]["timesteps"])[0], body, (x, state))
