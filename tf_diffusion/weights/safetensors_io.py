@@ -287,27 +287,32 @@ def _parse_header(raw: bytes, path: str):
             )
         dtype = DTYPES[code]
         span = offsets[1] - offsets[0]
-        nbytes = _byte_count(shape, dtype.itemsize)
+        extent = _extent(shape, dtype.itemsize)
+        if extent > _MAX_EXTENT:
+            raise ValueError(
+                f"{where}: shape {_brief(shape)} of {code} is larger than any array can be "
+                f"({'more than 2**64' if extent > _U64 else extent} bytes)"
+            )
+        nbytes = 0 if 0 in shape else extent
         if span != nbytes:
-            shown = f"{nbytes}" if nbytes <= _U64 else "more than 2**64"
             raise ValueError(
                 f"{where}: data_offsets {offsets} span {span} bytes, "
-                f"but shape {_brief(shape)} of {code} needs {shown}"
+                f"but shape {_brief(shape)} of {code} needs {nbytes}"
             )
         entries[name] = (dtype, tuple(shape), offsets[0], offsets[1])
     return metadata, entries
 
 
 _U64 = 1 << 64
+# numpy refuses arrays whose non-zero dimensions multiply past this many bytes, even empty ones.
+_MAX_EXTENT = 2**63 - 1
 
 
-def _byte_count(shape: list[int], itemsize: int) -> int:
-    """Bytes of a tensor of ``shape``; stops past 2**64 (no file is that big), so no huge ints."""
-    if 0 in shape:
-        return 0
+def _extent(shape: list[int], itemsize: int) -> int:
+    """Bytes of ``shape`` with its zero dimensions left out; stops past 2**64, so no huge ints."""
     total = itemsize
     for d in shape:
-        total *= d
+        total *= d or 1
         if total > _U64:
             return total
     return total
