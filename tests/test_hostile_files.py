@@ -249,7 +249,9 @@ _ATOMS = (
     | st.text(max_size=8)
 )
 _JSON = st.recursive(
-    _ATOMS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=4), max_leaves=30
+    _ATOMS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=30,
 )
 _ENTRY = st.fixed_dictionaries(
     {

@@ -1,8 +1,11 @@
 """File handling shared by every reader and writer.
 
 Reading: ``CheckpointError``, the one error a malformed or hostile file gives, and ``reading``, the
-guard that turns whatever else a reader raises into it, naming the file. Writing: ``publish`` puts a
-finished temporary file in place with the mode a plain ``open()`` gives, and no clobbering.
+guard that turns whatever else a reader raises into it, naming the file; ``open_regular`` refuses
+pipes and devices. Writing: every writer works in a hidden temporary sibling of its destination
+(``temp_prefix``), fsyncs it (``sync_tree``) and renames it into place; ``publish`` does that for a
+file with the mode a plain ``open()`` gives, and no clobbering; ``clean_stale`` removes what a
+killed writer left behind.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 
@@ -142,3 +146,108 @@ def publish(
         os.replace(tmp, path)
         return
     os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- temporary siblings
+
+_TEMP_TAG = ".tmp-"
+_ASIDE_TAG = ".old-"
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """The name prefix of a writer's temporary sibling of ``path``: hidden, with this process's id.
+
+    The id lets ``clean_stale`` tell a killed run's leftovers from a live writer's work in progress.
+    """
+    return f".{os.path.basename(os.fspath(path))}{_TEMP_TAG}{os.getpid()}-"
+
+
+def aside_path(path: str | os.PathLike) -> str:
+    """Where an old destination waits while its replacement is renamed in (see ``clean_stale``)."""
+    path = os.fspath(path)
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{_ASIDE_TAG}{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _owner(name: str, stem: str, tag: str) -> int | None:
+    """The process id in a temporary or aside name of ``stem``, or None if it is not one."""
+    start = f".{stem}{tag}"
+    if not name.startswith(start):
+        return None
+    digits = name[len(start) :].split("-", 1)[0].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def clean_stale(path: str | os.PathLike) -> list[str]:
+    """Remove what a killed writer of ``path`` left next to it; returns what was removed or restored.
+
+    Temporary siblings (``temp_prefix``) of dead processes are deleted. An old destination set
+    aside by a dead process (``aside_path``) is put back if ``path`` is missing (the replacement
+    never landed, so nothing is lost), else deleted. Work of live processes is left alone.
+    Symlinks among the leftovers are unlinked, never followed.
+    """
+    path = os.fspath(path)
+    folder, stem = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    done = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return done
+    for name in sorted(names):
+        full = os.path.join(folder, name)
+        temp_pid, aside_pid = _owner(name, stem, _TEMP_TAG), _owner(name, stem, _ASIDE_TAG)
+        pid = temp_pid if temp_pid is not None else aside_pid
+        if pid is None or _alive(pid):
+            continue
+        if aside_pid is not None and not os.path.lexists(path):
+            os.rename(full, path)
+            done.append(f"restored {path} from {full}")
+            continue
+        _remove(full)
+        done.append(f"removed {full}")
+    return done
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+def sync_tree(path: str | os.PathLike) -> None:
+    """fsync every file and folder under ``path`` (itself included), so a rename publishes complete data."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                _fsync(os.path.join(root, name), os.O_RDONLY)
+            _fsync(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    else:
+        _fsync(path, os.O_RDONLY)
+
+
+def sync_folder(path: str | os.PathLike) -> None:
+    """fsync a folder, making a rename inside it durable (a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        _fsync(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from tf_diffusion.fileio import open_regular, publish
+from tf_diffusion.fileio import clean_stale, open_regular, publish, sync_folder, temp_prefix
 from tf_diffusion.weights.lazy import BFLOAT16, LazyTensor
 
 # Little-endian on disk whatever the host; bfloat16 and 1-byte types have no byte order in numpy.
@@ -205,7 +205,9 @@ def _object(pairs: list) -> dict:
 
 def _integer(text: str) -> int:
     if len(text.lstrip("-")) > _MAX_DIGITS:
-        raise _HeaderError(f"a {len(text)}-digit number; offsets and shapes have at most {_MAX_DIGITS} digits")
+        raise _HeaderError(
+            f"a {len(text)}-digit number; offsets and shapes have at most {_MAX_DIGITS} digits"
+        )
     return int(text)
 
 
@@ -233,7 +235,9 @@ def _parse_header(raw: bytes, path: str):
         raise ValueError(f"{path}: header is not valid UTF-8 JSON: {e}") from None
     depth = _depth(raw)
     if depth > MAX_DEPTH:
-        raise ValueError(f"{path}: header nests {depth} levels deep; a safetensors header has at most {MAX_DEPTH}")
+        raise ValueError(
+            f"{path}: header nests {depth} levels deep; a safetensors header has at most {MAX_DEPTH}"
+        )
     try:
         header = json.loads(
             text,
@@ -382,8 +386,10 @@ def save_safetensors(
 ) -> None:
     """Write tensors as a safetensors file, atomically.
 
-    The file is written to a temporary file in the same folder and moved into
-    place with ``os.replace``, so a failure leaves no partial file behind.
+    The file is written to a hidden temporary file in the same folder, fsynced and
+    moved into place, so a failure or a kill leaves no partial file at ``path``;
+    the next write of ``path`` removes a killed writer's temporary file. An existing
+    ``path`` (a symlink included, which is never followed) is replaced only with ``overwrite``.
     Tensors are laid out as the reference writer does (by dtype size, then name).
 
     Args:
@@ -399,7 +405,7 @@ def save_safetensors(
             dtype cannot be stored, or metadata is not str -> str.
     """
     path = os.fspath(path)
-    if not overwrite and os.path.exists(path):
+    if not overwrite and os.path.lexists(path):
         raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
     arrays = {}
     for name, value in tensors.items():
@@ -440,7 +446,8 @@ def save_safetensors(
     raw += b" " * (-len(raw) % 8)  # pad with spaces so the data starts 8-byte aligned, as the reference does
 
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
@@ -451,6 +458,7 @@ def save_safetensors(
             f.flush()
             os.fsync(f.fileno())
         publish(tmp, path, overwrite)
+        sync_folder(folder)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
