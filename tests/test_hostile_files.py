@@ -227,6 +227,203 @@ def test_regression_files():
         assert_refused(path)
 
 
+# --------------------------------------------------------------------------- state dicts
+
+
+def torch_zip(path, obj):
+    """A zip in torch.save's layout around an arbitrary pickle (no torch needed)."""
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps(obj, protocol=2))
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/version", "3\n")
+    return path
+
+
+W = "model.diffusion_model.out.2.weight"
+BAD_STATE_DICTS = {
+    "int keys": {"state_dict": {1: 2, 3: 4}},
+    "tuple and None keys": {"state_dict": {(1, 2): 3, None: 4}},
+    "float key": {"state_dict": {1.5: "x", W: "nope"}},
+    "str weight": {"state_dict": {W: "nope"}},
+    "list weight": {"state_dict": {W: [1.0, 2.0]}},
+    "dict weight": {"state_dict": {"first_stage_model.decoder.conv_in.weight": {"data": 1}}},
+    "None weight": {"state_dict": {"cond_stage_model.transformer.text_model.x": None}},
+    "int weight in a flat file": {"global_step": 5, W: 7},
+    "flat, int keys": {7: 8, "global_step": 5},
+    "state_dict a list": {"state_dict": [1, 2]},
+    "a list": [1, 2, 3],
+    "a string": "state_dict",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_STATE_DICTS))
+def test_state_dicts_that_are_not_tensors_are_one_error(tmp_path, capsys, name):
+    from tf_diffusion.cli import main
+    from tf_diffusion.weights.loading import load_pipeline_weights
+
+    path = torch_zip(tmp_path / "odd.ckpt", BAD_STATE_DICTS[name])
+    with pytest.raises(ValueError) as err:
+        load_pipeline_weights(path, strict=False)
+    assert str(path) in str(err.value), str(err.value)
+    assert type(err.value).__name__ in ("ValueError", "CheckpointError"), repr(err.value)
+    assert main(["info", str(path)]) == 1
+    out, errors = capsys.readouterr()
+    assert out == "" and errors.count("\n") == 1 and str(path) in errors, errors
+
+
+def test_bad_keys_are_named():
+    from tf_diffusion.weights.single_file import split_single_file, unwrap_checkpoint
+
+    with pytest.raises(
+        ValueError, match=r"f.ckpt: not a state dict of tensors: 2 keys that are not strings \(1, \(2, 3\)\)"
+    ):
+        unwrap_checkpoint({"state_dict": {1: np.zeros(1), (2, 3): 0}}, "f.ckpt")
+    with pytest.raises(ValueError, match=rf"1 weights that are not tensors \('{W}' \(str\)\)"):
+        split_single_file({W: "x"})
+    keys = {i: 0 for i in range(40)}
+    with pytest.raises(ValueError, match=r"40 keys that are not strings \(0, 1, 2, 3, 4, \.\.\.\)"):
+        split_single_file(keys)
+
+
+def test_metadata_values_are_kept_aside():
+    from tf_diffusion.weights.single_file import split_single_file, unwrap_checkpoint
+
+    weight = np.zeros((4, 3), np.float32)
+    flat = {W: weight, "global_step": 875000, "epoch": 3, "model_ema.decay": 0.999}
+    tensors, top = unwrap_checkpoint(flat, "f.ckpt")
+    assert list(tensors) == [W] and top == {"global_step": 875000, "epoch": 3, "model_ema.decay": 0.999}
+    tensors, top = unwrap_checkpoint({"state_dict": flat, "global_step": 1}, "f.ckpt")
+    assert list(tensors) == [W] and top["global_step"] == 1 and top["epoch"] == 3
+    parts = split_single_file(flat)
+    assert parts.components["unet"] == {"out.2.weight": weight}
+    assert sorted(parts.ignored) == ["epoch", "global_step", "model_ema.decay"]
+
+
+def test_load_state_dict_refuses_non_tensors_before_assigning():
+    from tf_diffusion.layers import Linear
+    from tf_diffusion.weights.state_dict import StateDictError, load_state_dict, state_dict
+
+    model = Linear(3, 2)
+    before = state_dict(model)
+    good = {k: np.ones(v.shape, np.float32) for k, v in before.items()}
+    for bad in ({**good, 5: np.ones(1)}, {**good, "weight": "x"}, {**good, "bias": None}):
+        with pytest.raises(StateDictError, match=r"entries that are not \(string key, tensor\) pairs"):
+            load_state_dict(model, bad)
+        after = state_dict(model)
+        assert all(np.array_equal(after[k], before[k]) for k in before)
+    load_state_dict(model, good)
+    assert all(np.all(v == 1) for v in state_dict(model).values())
+
+
+def test_parameter_counts_never_go_negative():
+    from tf_diffusion.weights.lazy import LazyTensor
+    from tf_diffusion.weights.loading import LoadedWeights, LoadReport, _describe
+
+    huge = LazyTensor((2**40, 2**40), np.float32, lambda: None)
+    over = LazyTensor((2**62, 4), np.float32, lambda: None)
+    report = LoadReport(source="x", path="x", format="test")
+    _describe(LoadedWeights(None, None, {"unet": {"a": huge, "b": over}}, report))
+    assert report.parameters["unet"] == 2**80 + 2**64
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KeyError("model"),
+        IndexError("list index out of range"),
+        TypeError("unhashable type: 'list'"),
+        AttributeError("'int' object has no attribute 'shape'"),
+        RecursionError("maximum recursion depth exceeded"),
+        MemoryError(),
+        OverflowError("cannot fit 'int' into an index-sized integer"),
+        OSError(22, "Invalid argument"),
+        NotImplementedError("compression method 99"),
+        RuntimeError("File is encrypted"),
+        EOFError(),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+@pytest.mark.parametrize("reader", ["open_safetensors", "load_ckpt"])
+def test_stray_exceptions_become_one_error_naming_the_file(fixtures_dir, monkeypatch, error, reader):
+    from tf_diffusion.fileio import CheckpointError
+    from tf_diffusion.weights import loading
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(loading, reader, fail)
+    name = "sd1.safetensors" if reader == "open_safetensors" else "sd1-full.ckpt"
+    path = fixtures_dir / "checkpoints" / name
+    with pytest.raises(CheckpointError) as err:
+        loading.load_pipeline_weights(path)
+    assert str(err.value).startswith(f"{path}: cannot read the checkpoint: {type(error).__name__}")
+    assert err.value.__cause__ is error and err.value.path == str(path)
+
+
+def test_value_errors_keep_their_type_and_gain_the_path(fixtures_dir, monkeypatch):
+    from tf_diffusion.weights import loading
+    from tf_diffusion.weights.ckpt import UnsafeCheckpointError
+
+    def fail(*args, **kwargs):
+        raise UnsafeCheckpointError("refusing posix.system")
+
+    monkeypatch.setattr(loading, "load_ckpt", fail)
+    path = fixtures_dir / "checkpoints" / "sd1-full.ckpt"
+    with pytest.raises(UnsafeCheckpointError, match=f"^{path}: refusing posix.system$"):
+        loading.load_pipeline_weights(path)
+
+
+def test_interrupts_are_not_translated(fixtures_dir, monkeypatch):
+    from tf_diffusion.weights import loading
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loading, "open_safetensors", fail)
+    with pytest.raises(KeyboardInterrupt):
+        loading.load_pipeline_weights(fixtures_dir / "checkpoints" / "sd1.safetensors")
+
+
+def test_a_read_failing_while_loading_returns_no_model(fixtures_dir, monkeypatch):
+    import zlib
+
+    from tf_diffusion.fileio import CheckpointError
+    from tf_diffusion.pipeline import StableDiffusion
+    from tf_diffusion.weights import loading
+
+    real = loading.open_safetensors
+    built = []
+
+    def opened(path):
+        handle = real(path)
+        tensor = handle["model.diffusion_model.out.2.weight"]
+
+        def broken():
+            raise zlib.error("Error -3 while decompressing data: invalid distance too far back")
+
+        handle._tensors["model.diffusion_model.out.2.weight"] = type(tensor)(
+            tensor.shape, tensor.dtype, broken
+        )
+        return handle
+
+    class Recorded(StableDiffusion):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(loading, "open_safetensors", opened)
+    path = fixtures_dir / "checkpoints" / "sd1.safetensors"
+    with pytest.raises(CheckpointError, match=f"^{path}: cannot read the checkpoint: error: Error -3"):
+        loading.from_pretrained(Recorded, path, config=str(fixtures_dir / "checkpoints" / "sd1-diffusers"))
+    assert len(built) == 1  # built, then dropped: nothing half-loaded reaches the caller
+
+
 # --------------------------------------------------------------------------- fuzzing
 
 hypothesis = pytest.importorskip("hypothesis")

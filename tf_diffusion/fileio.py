@@ -73,11 +73,11 @@ def reading(path: str | os.PathLike, action: str = "cannot read the checkpoint")
         if _names(e, path):
             raise
         raise CheckpointError(path, f"{action}: {type(e).__name__}: {_short(e)}") from e
-    except RecursionError as e:
-        raise CheckpointError(path, f"{action}: nested too deeply ({_short(e)})") from e
     except MemoryError as e:
-        raise CheckpointError(path, f"{action}: ran out of memory ({_short(e)})") from e
-    except Exception as e:
+        raise CheckpointError(
+            path, f"{action}: MemoryError: the file asks for more memory than there is"
+        ) from e
+    except Exception as e:  # RecursionError, KeyError, zlib.error, ...: a reader met what it did not expect
         raise CheckpointError(path, f"{action}: {type(e).__name__}: {_short(e)}") from e
 
 

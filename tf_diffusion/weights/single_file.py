@@ -174,6 +174,10 @@ def unwrap_checkpoint(obj, source: str = "the checkpoint") -> tuple[dict, dict]:
     Raises:
         ValueError: the file holds no mapping, or a state dict with non-string keys or non-tensor weights.
     """
+    if isinstance(obj, Mapping) and "state_dict" in obj and not isinstance(obj["state_dict"], Mapping):
+        raise ValueError(
+            f"{source}: the checkpoint's state_dict is a {type(obj['state_dict']).__name__}, not a mapping"
+        )
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         top = {k: v for k, v in obj.items() if k != "state_dict"}
         tensors, extra = check_state_dict(obj["state_dict"], source)
