@@ -424,6 +424,186 @@ def test_a_read_failing_while_loading_returns_no_model(fixtures_dir, monkeypatch
     assert len(built) == 1  # built, then dropped: nothing half-loaded reaches the caller
 
 
+# --------------------------------------------------------------------------- writes
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_clean_stale_removes_only_dead_writers_litter(tmp_path):
+    from tf_diffusion.fileio import clean_stale
+
+    dead, live = dead_pid(), os.getpid()
+    dest = tmp_path / "out"
+    (tmp_path / f".out.tmp-{dead}-abc.tmp").mkdir()
+    (tmp_path / f".out.tmp-{dead}-abc.tmp" / "unet.safetensors").write_bytes(b"half")
+    (tmp_path / f".out.tmp-{dead}-x.tmp").write_bytes(b"half a file")
+    (tmp_path / f".out.tmp-{live}-mine.tmp").mkdir()  # a live writer's work: left alone
+    (tmp_path / ".other.tmp-1-x.tmp").mkdir()  # another destination's: left alone
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    (tmp_path / f".out.tmp-{dead}-link.tmp").symlink_to(outside)  # unlinked, never followed
+    done = clean_stale(dest)
+    assert len(done) == 3 and all(line.startswith("removed") for line in done), done
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.tmp-1-x.tmp",
+        f".out.tmp-{live}-mine.tmp",
+        "outside",
+    ]
+    assert (outside / "keep").read_text() == "keep"
+
+
+def test_clean_stale_puts_an_old_destination_back(tmp_path):
+    from tf_diffusion.fileio import clean_stale
+
+    dead = dead_pid()
+    aside = tmp_path / f".out.old-{dead}"
+    aside.mkdir()
+    (aside / "config.json").write_text("old")
+    # Killed between the two renames of an overwrite: the old result comes back, nothing is lost.
+    assert clean_stale(tmp_path / "out") == [f"restored {tmp_path / 'out'} from {aside}"]
+    assert (tmp_path / "out" / "config.json").read_text() == "old" and not aside.exists()
+    # Killed after the new result landed: the old one is removed.
+    aside.mkdir()
+    assert clean_stale(tmp_path / "out") == [f"removed {aside}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_save_safetensors_never_follows_a_symlink(tmp_path):
+    from tf_diffusion.weights.safetensors_io import load_safetensors, save_safetensors
+
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"precious")
+    link = tmp_path / "w.safetensors"
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_safetensors({"a": np.zeros(2, np.float32)}, link)
+    dangling = tmp_path / "d.safetensors"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_safetensors({"a": np.zeros(2, np.float32)}, dangling)
+    assert not (tmp_path / "nowhere").exists()
+    save_safetensors({"a": np.ones(2, np.float32)}, link, overwrite=True)
+    assert not link.is_symlink() and target.read_bytes() == b"precious"
+    np.testing.assert_array_equal(load_safetensors(link)["a"], np.ones(2))
+
+
+def test_save_safetensors_cleans_a_killed_writers_file(tmp_path):
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+
+    (tmp_path / f".w.safetensors.tmp-{dead_pid()}-abc.tmp").write_bytes(b"half")
+    save_safetensors({"a": np.zeros(2, np.float32)}, tmp_path / "w.safetensors")
+    assert os.listdir(tmp_path) == ["w.safetensors"]
+
+
+@pytest.mark.parametrize("to", ["tf_diffusion", "single-file"])
+def test_convert_never_follows_a_symlink(fixtures_dir, tmp_path, capsys, to):
+    from tf_diffusion.cli import main
+
+    source = fixtures_dir / "checkpoints" / "sd1-diffusers"
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "precious").write_text("mine")
+    for name in ("link", "dangling"):
+        link = tmp_path / (name + (".safetensors" if to == "single-file" else ""))
+        link.symlink_to(target if name == "link" else tmp_path / "nowhere")
+        assert main(["convert", str(source), str(link), "--to", to]) == 1
+        assert "already exists" in capsys.readouterr().err
+        assert main(["convert", str(source), str(link), "--to", to, "--overwrite"]) == 0, capsys.readouterr()
+        assert not link.is_symlink() and link.exists()
+    assert [p.name for p in target.iterdir()] == ["precious"] and not (tmp_path / "nowhere").exists()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert not [n for n in names if n.startswith(".")], names
+
+
+def _complete(path: pathlib.Path, source: pathlib.Path, reference: dict) -> bool:
+    from tf_diffusion.weights.loading import load_pipeline_weights
+
+    # The source's folder gives the (tiny) tokenizer a single file cannot hold.
+    with load_pipeline_weights(path, config=str(source)) as weights:
+        got = {n: {k: np.asarray(v) for k, v in weights.components[n].items()} for n in weights.components}
+    assert got.keys() == reference.keys()
+    for name in got:
+        assert got[name].keys() == reference[name].keys()
+        for key in got[name]:
+            np.testing.assert_array_equal(got[name][key], reference[name][key])
+    return True
+
+
+KILL_DELAYS = [0.0, 0.002, 0.01, 0.03, 0.1, 0.3] if os.environ.get("TF_DIFFUSION_SLOW_TESTS") else [0.0, 0.01]
+
+
+def test_a_killed_convert_leaves_nothing_or_everything(fixtures_dir, tmp_path, capsys):
+    """SIGKILL `python -m tf_diffusion convert` at several moments after it starts writing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tf_diffusion.cli import main
+    from tf_diffusion.weights.loading import load_pipeline_weights
+
+    source = fixtures_dir / "checkpoints" / "sd1-diffusers"
+    with load_pipeline_weights(source) as weights:
+        reference = {
+            n: {k: np.asarray(v) for k, v in weights.components[n].items()} for n in weights.components
+        }
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1]), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # One process per delay, started together (each spends seconds importing TensorFlow first).
+    runs = []
+    for i, delay in enumerate(KILL_DELAYS):
+        to = ["tf_diffusion", "single-file", "diffusers"][i % 3]
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        dest = folder / ("out.safetensors" if to == "single-file" else "out")
+        command = [sys.executable, "-m", "tf_diffusion", "convert", str(source), str(dest), "--to", to]
+        runs.append(
+            (
+                delay,
+                to,
+                folder,
+                dest,
+                subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            )
+        )
+    killed = 0
+    pending = list(runs)
+    deadline = time.monotonic() + 600
+    while pending and time.monotonic() < deadline:
+        for run in list(pending):
+            delay, to, folder, dest, process = run
+            started = any(p.name.startswith(f".{dest.name}.tmp-") for p in folder.iterdir())
+            if process.poll() is not None:
+                pending.remove(run)
+            elif started:
+                time.sleep(delay)
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                killed += process.returncode == -signal.SIGKILL
+                pending.remove(run)
+        time.sleep(0.0005)
+    assert not pending, "convert never started writing"
+    assert killed >= 1, "every run finished before it could be killed"
+    for delay, to, folder, dest, _ in runs:
+        # Either no destination at all, or a complete one.
+        print(
+            f"killed {delay:.3f} s after writing began ({to}): destination {'complete' if dest.exists() else 'absent'}"
+        )
+        if dest.exists():
+            assert _complete(dest, source, reference), (delay, to)
+        # The next run succeeds and leaves exactly the destination, no litter.
+        args = ["convert", str(source), str(dest), "--to", to] + (["--overwrite"] if dest.exists() else [])
+        assert main(args) == 0, capsys.readouterr().err
+        assert [p.name for p in folder.iterdir()] == [dest.name], (delay, to, list(folder.iterdir()))
+        assert _complete(dest, source, reference)
+
+
 # --------------------------------------------------------------------------- fuzzing
 
 hypothesis = pytest.importorskip("hypothesis")
