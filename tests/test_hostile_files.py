@@ -424,6 +424,91 @@ def test_a_read_failing_while_loading_returns_no_model(fixtures_dir, monkeypatch
     assert len(built) == 1  # built, then dropped: nothing half-loaded reaches the caller
 
 
+# --------------------------------------------------------------------------- folders and h5
+
+
+@pytest.fixture(scope="module")
+def our_folder(tmp_path_factory, fixtures_dir_module):
+    from tf_diffusion.weights.loading import load_pipeline_weights, save
+
+    out = tmp_path_factory.mktemp("ours") / "model"
+    with load_pipeline_weights(fixtures_dir_module / "checkpoints" / "sd1-diffusers") as weights:
+        save(weights, out, format="tf_diffusion")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixtures_dir_module():
+    return pathlib.Path(__file__).parent / "fixtures"
+
+
+HOSTILE_JSON = {
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+    "deep object": b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+    "a list": b"[1, 2]",
+    "a number": b"7",
+    "not UTF-8": b'{"\xff": 1}',
+    "5000 digits": b'{"format_version": ' + b"9" * 5000 + b"}",
+    "truncated": b'{"_format": "tf_diffusion", "config": {',
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_JSON) + ["fifo", "folder", "too big"])
+@pytest.mark.parametrize("layout", ["tf_diffusion", "diffusers"])
+def test_hostile_json_in_folders(fixtures_dir, our_folder, tmp_path, name, layout):
+    import shutil
+
+    from tf_diffusion.weights.loading import load_pipeline_weights
+
+    if layout == "tf_diffusion":
+        folder = tmp_path / "model"
+        shutil.copytree(our_folder, folder)
+        target = folder / "config.json"
+        # Keep the folder recognisable as ours where the hostile part can sit elsewhere.
+    else:
+        folder = tmp_path / "model"
+        shutil.copytree(fixtures_dir / "checkpoints" / "sd1-diffusers", folder)
+        target = folder / "unet" / "config.json"
+    target.unlink()
+    if name == "fifo":
+        os.mkfifo(target)
+    elif name == "folder":
+        target.mkdir()
+    elif name == "too big":
+        with open(target, "wb") as f:
+            f.write(b'{"_format": "tf_diffusion"}')
+            f.truncate(65 * 1024 * 1024)  # sparse
+    else:
+        target.write_bytes(HOSTILE_JSON[name])
+    with pytest.raises(ValueError) as err:
+        with load_pipeline_weights(folder):
+            pass
+    assert str(folder) in str(err.value), str(err.value)
+    assert len(str(err.value)) < 700
+
+
+def test_keras_cv_h5_garbage(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from tf_diffusion.weights.loading import load_pipeline_weights
+
+    cases = {"random.h5": os.urandom(4096), "empty.h5": b"", "text.h5": b"not an hdf5 file\n" * 100}
+    valid = tmp_path / "valid.h5"
+    with h5py.File(valid, "w") as f:
+        f.create_dataset("layers/dense/vars/0", data=np.zeros((4, 4), np.float32))
+        f.create_dataset("weird", data=np.array([b"text"]))
+    data = valid.read_bytes()
+    cases["truncated.h5"] = data[: len(data) // 2]
+    cases["unrelated.h5"] = data
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError) as err:
+            with load_pipeline_weights(path):
+                pass
+        assert str(path) in str(err.value) or name in str(err.value), (name, str(err.value))
+
+
 # --------------------------------------------------------------------------- writes
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import stat
@@ -104,6 +105,41 @@ def open_regular(path: str | os.PathLike):
     except BaseException:
         os.close(fd)
         raise
+
+
+# Config, scheduler and tokenizer JSON files are kilobytes to a few megabytes (vocab.json: 1 MB).
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+def read_json_object(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> dict:
+    """A JSON object from a small file, with every failure a ValueError naming the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a regular file, larger than ``limit`` bytes, not UTF-8, not JSON, nested
+            too deeply for the parser, or not an object.
+    """
+    path = os.fspath(path)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise CheckpointError(path, f"{size} bytes; a JSON file here has at most {limit}")
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise CheckpointError(path, f"more than {limit} bytes; a JSON file here has at most {limit}")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(path, f"not valid UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(path, "not valid JSON here: nested too deeply") from None
+    except ValueError as e:  # a number with more digits than Python converts
+        raise CheckpointError(path, f"not valid JSON here: {_short(e)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, f"expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
