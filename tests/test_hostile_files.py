@@ -2,7 +2,8 @@
 
 Safetensors headers are checked against the format's own reader (the ``safetensors`` package, a
 dev tool here: the comparison is skipped without it): what it refuses, we refuse. The header
-parser is fuzzed with Hypothesis (about 20 s; ``TF_DIFFUSION_FUZZ=long`` runs far longer); an
+parser is fuzzed with Hypothesis (about 20 s; ``TF_DIFFUSION_FUZZ=long`` or a number of examples
+per fuzzer runs longer); an
 input that escapes with anything but our ValueError becomes a file in
 ``tests/fixtures/hostile_safetensors/``, which ``test_regression_files`` replays.
 """
@@ -19,7 +20,9 @@ import pytest
 from tf_diffusion.weights.safetensors_io import MAX_HEADER_BYTES, open_safetensors
 
 REGRESSIONS = pathlib.Path(__file__).parent / "fixtures" / "hostile_safetensors"
-LONG = os.environ.get("TF_DIFFUSION_FUZZ") == "long"
+# TF_DIFFUSION_FUZZ=long: 20,000 examples per fuzzer; a number: that many.
+_FUZZ = os.environ.get("TF_DIFFUSION_FUZZ", "")
+FUZZ_EXAMPLES = 20_000 if _FUZZ == "long" else int(_FUZZ) if _FUZZ.isdigit() else 250
 
 F32 = '{"dtype":"F32","shape":[2],"data_offsets":[0,8]}'
 
@@ -696,7 +699,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 FUZZ = settings(
-    max_examples=20_000 if LONG else 400,
+    max_examples=FUZZ_EXAMPLES,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
