@@ -427,6 +427,27 @@ def test_a_read_failing_while_loading_returns_no_model(fixtures_dir, monkeypatch
     assert len(built) == 1  # built, then dropped: nothing half-loaded reaches the caller
 
 
+def test_a_read_failing_while_converting_leaves_nothing(fixtures_dir, tmp_path):
+    import zlib
+
+    from tf_diffusion.fileio import CheckpointError
+    from tf_diffusion.weights.loading import load_pipeline_weights, save
+
+    source = fixtures_dir / "checkpoints" / "sd1.safetensors"
+    out = tmp_path / "out"
+    with load_pipeline_weights(source, config=str(fixtures_dir / "checkpoints" / "sd1-diffusers")) as weights:
+        unet = weights.components["unet"]
+        key = sorted(unet)[len(unet) // 2]
+
+        def broken():
+            raise zlib.error("Error -3 while decompressing data")
+
+        unet[key] = type(unet[key])(unet[key].shape, unet[key].dtype, broken)
+        with pytest.raises(CheckpointError, match=f"^{source}: cannot convert it to {out}: error: Error -3"):
+            save(weights, out, format="tf_diffusion")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- folders and h5
 
 

@@ -877,8 +877,13 @@ def save(
         )
     temporary = pathlib.Path(tempfile.mkdtemp(prefix=temp_prefix(destination), suffix=".tmp", dir=parent))
     try:
-        # Reading the source happens here, tensor by tensor, as the output is written.
-        with reading(weights.report.path, f"cannot convert it to {destination}"):
+        # Reading the source happens here, tensor by tensor, as the output is written (a model in
+        # memory, from save_pretrained, has no file to blame).
+        if weights.report.format == "in memory":
+            guard = contextlib.nullcontext()
+        else:
+            guard = reading(weights.report.path, f"cannot convert it to {destination}")
+        with guard:
             if format == "single-file":
                 import json
 
