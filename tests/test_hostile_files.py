@@ -382,6 +382,21 @@ def test_value_errors_keep_their_type_and_gain_the_path(fixtures_dir, monkeypatc
         loading.load_pipeline_weights(path)
 
 
+def test_unicode_errors_are_wrapped_not_mangled(fixtures_dir, monkeypatch):
+    from tf_diffusion.fileio import CheckpointError
+    from tf_diffusion.weights import loading
+
+    def fail(*args, **kwargs):
+        b"\xff".decode("utf-8")
+
+    monkeypatch.setattr(loading, "open_safetensors", fail)
+    path = fixtures_dir / "checkpoints" / "sd1.safetensors"
+    with pytest.raises(
+        CheckpointError, match=f"^{path}: cannot read the checkpoint: UnicodeDecodeError: 'utf-8' codec"
+    ):
+        loading.load_pipeline_weights(path)
+
+
 def test_interrupts_are_not_translated(fixtures_dir, monkeypatch):
     from tf_diffusion.weights import loading
 

@@ -50,7 +50,7 @@ def reading(path: str | os.PathLike, action: str = "cannot read the checkpoint")
 
     ``ValueError`` (``CheckpointError``, ``StateDictError``, ...) and ``OSError`` whose message already
     names the file pass unchanged; a ``ValueError`` that does not gets the path in front of its message
-    (same type, same traceback). Anything else (``OSError`` without the path, ``MemoryError``,
+    (same type, same traceback), or is wrapped if its message is not its one argument. Anything else (``OSError`` without the path, ``MemoryError``,
     ``RecursionError``, ``KeyError``, ``zlib.error``, ...) becomes ``CheckpointError`` chained to the
     original. Interrupts, exits and ``ImportError`` (a missing optional package) pass unchanged.
 
@@ -67,9 +67,13 @@ def reading(path: str | os.PathLike, action: str = "cannot read the checkpoint")
     except _PASS_THROUGH:
         raise
     except ValueError as e:
-        if not _names(e, path) and e.args and isinstance(e.args[0], str):
-            e.args = (f"{path}: {e.args[0]}", *e.args[1:])
-        raise
+        if _names(e, path):
+            raise
+        if len(e.args) == 1 and isinstance(e.args[0], str) and str(e) == e.args[0]:
+            e.args = (f"{path}: {e.args[0]}",)
+            raise
+        # A ValueError whose message is not its one argument (UnicodeDecodeError, ...): wrap it.
+        raise CheckpointError(path, f"{action}: {type(e).__name__}: {_short(e)}") from e
     except OSError as e:
         if _names(e, path):
             raise
