@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tf_diffusion.config import CLIPTextConfig, PipelineConfig, SchedulerConfig, UNetConfig, VAEConfig
+from tf_diffusion.fileio import read_json_object
 from tf_diffusion.schedulers import config_from_diffusers as scheduler_config_from_diffusers
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.weights.ckpt import load_ckpt
@@ -90,16 +91,13 @@ class DiffusersFolder:
 
 
 def read_json(path: pathlib.Path) -> dict:
-    """A JSON object from ``path``, with errors that name the file."""
+    """A JSON object from ``path``, with errors that name the file (``fileio.read_json_object``)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path)
     except FileNotFoundError:
         raise ValueError(f"{path}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    except OSError as e:  # a folder or an unreadable file where a JSON file belongs
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def weight_file_candidates(component: str, variant: str | None) -> list[str]:

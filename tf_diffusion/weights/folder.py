@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tf_diffusion.config import PipelineConfig, from_dict, to_dict
+from tf_diffusion.fileio import read_json_object
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
 
@@ -46,8 +47,8 @@ def is_tf_diffusion_folder(path: str | os.PathLike) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("_format") == FORMAT
-    except (ValueError, AttributeError):
+        return read_json_object(config).get("_format") == FORMAT
+    except (OSError, ValueError):
         return False
 
 
@@ -59,15 +60,19 @@ def read_folder(path: str | os.PathLike) -> TFDiffusionFolder:
     """
     folder = pathlib.Path(path)
     try:
-        data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        data = read_json_object(folder / CONFIG_FILE)
+    except OSError as e:
         raise ValueError(f"{folder / CONFIG_FILE}: cannot read: {e}") from None
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{folder}: format_version {version!r} is not supported; this version reads {FORMAT_VERSION}"
         )
-    config = from_dict(PipelineConfig, data.get("config") or {})
+    if not isinstance(data.get("config"), dict):
+        raise ValueError(
+            f"{folder / CONFIG_FILE}: 'config' must be an object, got {type(data.get('config')).__name__}"
+        )
+    config = from_dict(PipelineConfig, data["config"])
     tokenizer = CLIPTokenizer.from_pretrained_folder(folder / "tokenizer")
     if tokenizer.config != config.tokenizer:
         raise ValueError(

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import pathlib
 import re
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tf_diffusion.config import PipelineConfig, from_dict
+from tf_diffusion.fileio import aside_path, clean_stale, publish, reading, sync_folder, sync_tree, temp_prefix
 from tf_diffusion.presets import PRESETS
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.weights import hub
@@ -277,7 +279,9 @@ def load_pipeline_weights(
     Raises:
         FileNotFoundError: ``source`` is neither an existing path nor a hub id.
         ValueError: unreadable or unsafe files, unsupported formats, mismatching keys or shapes
-            (``StateDictError``), or a config of another model family.
+            (``StateDictError``), or a config of another model family; the message names the
+            file. Any other exception a malformed file causes (``MemoryError``, ``KeyError``, an
+            ``OSError`` without the path, ...) is raised as ``fileio.CheckpointError``, a ValueError.
     """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(
@@ -285,6 +289,19 @@ def load_pipeline_weights(
         )
     if use_ema not in (None, True, False):
         raise ValueError(f"use_ema must be True, False or None, got {use_ema!r}")
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"expected a path or hub id, got {type(source).__name__}")
+    # One rule for every reader: whatever a malformed file makes it raise reaches the caller as a
+    # ValueError naming the file (CheckpointError for anything that was not one already).
+    with reading(source):
+        return _load_pipeline_weights(
+            source, config, tokenizer, prediction_type, use_ema, variant, revision, strict
+        )
+
+
+def _load_pipeline_weights(
+    source, config, tokenizer, prediction_type, use_ema, variant, revision, strict
+) -> LoadedWeights:
     path = resolve_source(source, revision=revision, variant=variant)
     fmt = detect_format(path)
     report = LoadReport(source=str(source), path=str(path), format=fmt)
@@ -409,7 +426,7 @@ def _read_single_file(path, report, override, prediction_type, use_ema, strict) 
         handles.append(handle)
         tensors, metadata = handle, handle.metadata
     else:
-        tensors, top = unwrap_checkpoint(load_ckpt(path))
+        tensors, top = unwrap_checkpoint(load_ckpt(path), str(path))
     report.files = [str(path)]
     try:
         parts = split_single_file(tensors, use_ema=use_ema)
@@ -545,7 +562,8 @@ def _describe(weights: LoadedWeights) -> None:
         report.dtypes[name] = ", ".join(
             f"{d} ({n})" if len(counts) > 1 else d for d, n in counts.most_common()
         )
-        report.parameters[name] = int(sum(int(np.prod(t.shape, dtype=np.int64)) for t in tensors.values()))
+        # Exact Python ints: a hostile shape cannot wrap around to a negative count.
+        report.parameters[name] = sum(math.prod(int(d) for d in t.shape) for t in tensors.values())
 
 
 def _apply_overrides(weights: LoadedWeights, override, tokenizer, prediction_type, fmt, strict) -> None:
@@ -727,8 +745,10 @@ def from_pretrained(
         revision=revision,
     ) as weights:
         model = cls(weights.config, dtype=dtype, tokenizer=weights.tokenizer)
-        for name in COMPONENTS:
-            load_state_dict(getattr(model, name), weights.components[name])
+        # Tensors are read from the file here; a read that fails drops the half-loaded model.
+        with reading(weights.report.path):
+            for name in COMPONENTS:
+                load_state_dict(getattr(model, name), weights.components[name])
     model.load_report = weights.report
     logger.info("loaded %s\n%s", source, weights.report)
     _return_freed_memory()
@@ -843,38 +863,50 @@ def save(
             f"{destination}: single-file output is written as safetensors; use a .safetensors name "
             f"(writing pickled .ckpt files is not supported)"
         )
-    if (destination.exists() or destination.is_symlink()) and not overwrite:
-        raise FileExistsError(
-            f"{destination}: already exists; pass overwrite=True (--overwrite) to replace it"
-        )
     missing = [c for c in COMPONENTS if c not in weights.components]
     if missing or weights.config is None:
         raise ValueError(f"cannot write {format}: the weights lack {', '.join(missing) or 'a config'}")
     components = {name: _cast(weights.components[name], dtype) for name in COMPONENTS}
     parent = destination.parent
     parent.mkdir(parents=True, exist_ok=True)
-    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=parent))
+    for line in clean_stale(destination):
+        logger.warning("a killed earlier write of %s left litter: %s", destination, line)
+    if (destination.exists() or destination.is_symlink()) and not overwrite:
+        raise FileExistsError(
+            f"{destination}: already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix=temp_prefix(destination), suffix=".tmp", dir=parent))
     try:
-        if format == "single-file":
-            import json
-
-            from tf_diffusion.config import to_dict
-
-            written = temporary / destination.name
-            tensors = to_single_file(components, weights.config, _cast(weights.extras, dtype))
-            metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(to_dict(weights.config))}
-            save_safetensors(tensors, written, metadata)
-        elif format == "diffusers":
-            written = temporary / "out"
-            written.mkdir()
-            write_diffusers_folder(
-                written, components, weights.config, weights.tokenizer, weights.scheduler_json
-            )
+        # Reading the source happens here, tensor by tensor, as the output is written (a model in
+        # memory, from save_pretrained, has no file to blame).
+        if weights.report.format == "in memory":
+            guard = contextlib.nullcontext()
         else:
-            written = temporary / "out"
-            written.mkdir()
-            write_folder(written, components, weights.config, weights.tokenizer)
+            guard = reading(weights.report.path, f"cannot convert it to {destination}")
+        with guard:
+            if format == "single-file":
+                import json
+
+                from tf_diffusion.config import to_dict
+
+                written = temporary / destination.name
+                tensors = to_single_file(components, weights.config, _cast(weights.extras, dtype))
+                metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(to_dict(weights.config))}
+                save_safetensors(tensors, written, metadata)
+            elif format == "diffusers":
+                written = temporary / "out"
+                written.mkdir()
+                write_diffusers_folder(
+                    written, components, weights.config, weights.tokenizer, weights.scheduler_json
+                )
+            else:
+                written = temporary / "out"
+                written.mkdir()
+                write_folder(written, components, weights.config, weights.tokenizer)
+        # Everything is on disk before the rename makes it visible: a crash shows all or nothing.
+        sync_tree(written)
         _move_into_place(written, destination, overwrite)
+        sync_folder(parent)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return destination
@@ -895,16 +927,29 @@ def _cast(tensors: Mapping, dtype: str | None) -> dict:
 
 
 def _move_into_place(written: pathlib.Path, destination: pathlib.Path, overwrite: bool) -> None:
-    """Rename the finished output onto ``destination``; an old destination goes only after that."""
+    """Rename the finished output onto ``destination``; an old destination goes only after that.
+
+    A symlink at ``destination`` is replaced (with ``overwrite``), never followed. Without
+    ``overwrite`` nothing that appeared at ``destination`` meanwhile is replaced: a file is linked
+    into place (which fails if the name exists), a folder renamed onto a name that must not exist.
+    """
+    if not overwrite:
+        if written.is_file():
+            publish(written, destination, overwrite=False, hint="pass overwrite=True to replace it")
+            return
+        if destination.exists() or destination.is_symlink():
+            raise FileExistsError(f"{destination}: appeared while writing; pass overwrite=True to replace it")
+        os.rename(written, destination)
+        return
     if not (destination.exists() or destination.is_symlink()):
         os.rename(written, destination)
         return
-    if not overwrite:
-        raise FileExistsError(f"{destination}: appeared while writing; pass overwrite=True to replace it")
-    if written.is_file() and destination.is_file():
+    if written.is_file() and (destination.is_symlink() or destination.is_file()):
         os.replace(written, destination)
         return
-    aside = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+    # rename() cannot replace a folder that is not empty: set the old one aside first. A kill
+    # between the two renames leaves it there; the next write of destination puts it back.
+    aside = pathlib.Path(aside_path(destination))
     os.rename(destination, aside)
     try:
         os.rename(written, destination)

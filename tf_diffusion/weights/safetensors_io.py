@@ -13,12 +13,13 @@ import contextlib
 import json
 import mmap
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from tf_diffusion.fileio import publish
+from tf_diffusion.fileio import clean_stale, open_regular, publish, sync_folder, temp_prefix
 from tf_diffusion.weights.lazy import BFLOAT16, LazyTensor
 
 # Little-endian on disk whatever the host; bfloat16 and 1-byte types have no byte order in numpy.
@@ -82,7 +83,7 @@ class SafetensorsFile(Mapping):
         self._mmap = None
         self._closed = False
         # FileNotFoundError / IsADirectoryError name the path themselves.
-        with open(self.path, "rb") as f:
+        with open_regular(self.path) as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise ValueError(
@@ -97,12 +98,20 @@ class SafetensorsFile(Mapping):
             if header_len > MAX_HEADER_BYTES:
                 raise ValueError(f"{self.path}: header length {header_len} exceeds {MAX_HEADER_BYTES} bytes")
             raw = f.read(header_len)
+            if len(raw) != header_len:
+                raise ValueError(f"{self.path}: the file shrank while its header was read")
             self.metadata, entries = _parse_header(raw, self.path)
             self._data_start = 8 + header_len
             data_len = size - self._data_start
             _check_layout(entries, data_len, self.path)
             if data_len:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                try:
+                    self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"{self.path}: cannot map the file for reading: {e}") from None
+                if len(self._mmap) != size:
+                    self.close()
+                    raise ValueError(f"{self.path}: the file changed size while it was opened")
         self._tensors = {
             name: LazyTensor(shape, dtype, self._reader(name, shape, dtype, begin), f"{self.path}:{name}")
             for name, (dtype, shape, begin, _) in entries.items()
@@ -157,35 +166,118 @@ class SafetensorsFile(Mapping):
         return f"SafetensorsFile({self.path!r}, {len(self)} tensors)"
 
 
+# A valid header nests three levels ({name: {"shape": [...]}}); anything deeper is refused before
+# json parses it, so a hostile header cannot drive the parser's recursion.
+MAX_DEPTH = 3
+# Offsets and shape entries are u64 in the format: at most 20 digits. Longer numbers are refused
+# before Python converts them (a 5,000-digit int is slow and hits the int-conversion limit).
+_MAX_DIGITS = 20
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_OPEN = b"[{"
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+class _HeaderError(Exception):
+    """Raised inside json's hooks; turned into a ValueError naming the file."""
+
+
+def _check_text(text: str, what: str) -> str:
+    # json decodes \ud800 escapes into lone surrogates, which are not Unicode text; the format's
+    # reader refuses them, and they could not be written back as UTF-8.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _HeaderError(f"{what} {text!r} is not valid Unicode (a lone surrogate escape)") from None
+    return text
+
+
+def _object(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        _check_text(key, "name")
+        if key in out:
+            raise _HeaderError(f"name {key!r} appears twice in one object")
+        if isinstance(value, str):
+            _check_text(value, f"the value of {key!r}")
+        out[key] = value
+    return out
+
+
+def _integer(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_DIGITS:
+        raise _HeaderError(
+            f"a {len(text)}-digit number; offsets and shapes have at most {_MAX_DIGITS} digits"
+        )
+    return int(text)
+
+
+def _not_allowed(text: str):
+    raise _HeaderError(f"number {text[:40]!r} is not allowed: offsets and shapes are non-negative integers")
+
+
+def _depth(raw: bytes) -> int:
+    """How deep the JSON nests, counted outside strings, in bounded memory for any size."""
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    deepest, level, chunk = 0, 0, 1 << 20
+    for start in range(0, len(brackets), chunk):
+        part = np.frombuffer(brackets, np.uint8, count=min(chunk, len(brackets) - start), offset=start)
+        step = np.where((part == _OPEN[0]) | (part == _OPEN[1]), 1, -1).astype(np.int32)
+        levels = np.cumsum(step, dtype=np.int64) + level
+        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
+
+
 def _parse_header(raw: bytes, path: str):
     """Decode and check the JSON header -> (metadata, {name: (dtype, shape, begin, end)})."""
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise ValueError(f"{path}: header is not valid UTF-8 JSON: {e}") from None
+    depth = _depth(raw)
+    if depth > MAX_DEPTH:
+        raise ValueError(
+            f"{path}: header nests {depth} levels deep; a safetensors header has at most {MAX_DEPTH}"
+        )
+    try:
+        header = json.loads(
+            text,
+            object_pairs_hook=_object,
+            parse_int=_integer,
+            parse_float=_not_allowed,
+            parse_constant=_not_allowed,
+        )
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: header is not valid UTF-8 JSON: {e}") from None
+    except _HeaderError as e:
+        raise ValueError(f"{path}: bad header: {e}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise ValueError(f"{path}: __metadata__ must be an object of string keys and string values")
+    # null is what the reference writer's Option<map> reads as "no metadata"; [], 0 or false are not maps.
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(
+            f"{path}: __metadata__ must be an object of string keys and string values, got {_brief(metadata)}"
+        )
     entries = {}
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise ValueError(
-                f"{where}: entry must be an object with dtype, shape and data_offsets, got {info!r}"
+                f"{where}: entry must be an object with dtype, shape and data_offsets, got {_brief(info)}"
             )
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(code, str):
+            raise ValueError(f"{where}: dtype must be a string such as 'F32', got {_brief(code)}")
         if code in UNSUPPORTED_DTYPES:
             raise ValueError(
                 f"{where}: dtype {code} is not supported (no numpy type); supported: {', '.join(DTYPES)}"
             )
         if code not in DTYPES:
-            raise ValueError(f"{where}: unknown dtype {code!r}; supported: {', '.join(DTYPES)}")
+            raise ValueError(f"{where}: unknown dtype {code[:40]!r}; supported: {', '.join(DTYPES)}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ValueError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+            raise ValueError(f"{where}: shape must be a list of non-negative ints, got {_brief(shape)}")
         if (
             not (
                 isinstance(offsets, list)
@@ -195,17 +287,44 @@ def _parse_header(raw: bytes, path: str):
             or offsets[0] > offsets[1]
         ):
             raise ValueError(
-                f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}"
+                f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {_brief(offsets)}"
             )
         dtype = DTYPES[code]
-        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        if offsets[1] - offsets[0] != nbytes:
+        span = offsets[1] - offsets[0]
+        extent = _extent(shape, dtype.itemsize)
+        if extent > _MAX_EXTENT:
             raise ValueError(
-                f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
-                f"but shape {shape} of {code} needs {nbytes}"
+                f"{where}: shape {_brief(shape)} of {code} is larger than any array can be "
+                f"({'more than 2**64' if extent > _U64 else extent} bytes)"
+            )
+        nbytes = 0 if 0 in shape else extent
+        if span != nbytes:
+            raise ValueError(
+                f"{where}: data_offsets {offsets} span {span} bytes, "
+                f"but shape {_brief(shape)} of {code} needs {nbytes}"
             )
         entries[name] = (dtype, tuple(shape), offsets[0], offsets[1])
     return metadata, entries
+
+
+_U64 = 1 << 64
+# numpy refuses arrays whose non-zero dimensions multiply past this many bytes, even empty ones.
+_MAX_EXTENT = 2**63 - 1
+
+
+def _extent(shape: list[int], itemsize: int) -> int:
+    """Bytes of ``shape`` with its zero dimensions left out; stops past 2**64, so no huge ints."""
+    total = itemsize
+    for d in shape:
+        total *= d or 1
+        if total > _U64:
+            return total
+    return total
+
+
+def _brief(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_layout(entries, data_len: int, path: str) -> None:
@@ -267,8 +386,10 @@ def save_safetensors(
 ) -> None:
     """Write tensors as a safetensors file, atomically.
 
-    The file is written to a temporary file in the same folder and moved into
-    place with ``os.replace``, so a failure leaves no partial file behind.
+    The file is written to a hidden temporary file in the same folder, fsynced and
+    moved into place, so a failure or a kill leaves no partial file at ``path``;
+    the next write of ``path`` removes a killed writer's temporary file. An existing
+    ``path`` (a symlink included, which is never followed) is replaced only with ``overwrite``.
     Tensors are laid out as the reference writer does (by dtype size, then name).
 
     Args:
@@ -284,7 +405,7 @@ def save_safetensors(
             dtype cannot be stored, or metadata is not str -> str.
     """
     path = os.fspath(path)
-    if not overwrite and os.path.exists(path):
+    if not overwrite and os.path.lexists(path):
         raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
     arrays = {}
     for name, value in tensors.items():
@@ -325,7 +446,8 @@ def save_safetensors(
     raw += b" " * (-len(raw) % 8)  # pad with spaces so the data starts 8-byte aligned, as the reference does
 
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
@@ -336,6 +458,7 @@ def save_safetensors(
             f.flush()
             os.fsync(f.fileno())
         publish(tmp, path, overwrite)
+        sync_folder(folder)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

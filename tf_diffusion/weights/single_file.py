@@ -24,7 +24,7 @@ import numpy as np
 
 from tf_diffusion.config import CLIPTextConfig, PipelineConfig, TokenizerConfig, UNetConfig, VAEConfig
 from tf_diffusion.presets import PRESETS
-from tf_diffusion.weights.lazy import derived
+from tf_diffusion.weights.lazy import BFLOAT16, derived
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -96,13 +96,95 @@ class SingleFileParts:
     openclip_layers: int = 0
 
 
-def unwrap_checkpoint(obj) -> tuple[Mapping, dict]:
-    """The tensor mapping of a loaded .ckpt (``{"state_dict": ...}`` or flat) and its other top-level entries."""
+# Prefixes under which a single file stores weights: a value there must be a tensor.
+_WEIGHT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", EMA_PREFIX)
+
+
+def _is_tensor(value) -> bool:
+    """A LazyTensor, numpy array or anything array-like with an int shape and a numeric dtype."""
+    try:
+        shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+    except Exception:  # no shape or dtype, or ones numpy cannot read: not a tensor
+        return False
+    numeric = dtype.kind in "biufc" or dtype == BFLOAT16
+    return numeric and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_state_dict(tensors: Mapping, source: str = "the checkpoint") -> tuple[dict, dict]:
+    """Split a loaded state dict into its tensors and its other entries, refusing what cannot be weights.
+
+    Keys must be strings. A value that is not a tensor is kept as metadata (``global_step``,
+    ``epoch``, Lightning's bookkeeping) unless its key is a weight's (a single file's weight
+    prefixes, or a schedule buffer), where it is an error.
+
+    Args:
+        tensors: the mapping as loaded.
+        source: the file, for messages.
+
+    Returns:
+        ``(tensors, metadata)``: key -> tensor, and key -> any other value.
+
+    Raises:
+        ValueError: non-string keys or non-tensor weights, naming ``source`` and a few of them.
+    """
+    if not isinstance(tensors, Mapping):
+        raise ValueError(f"{source}: the state dict is a {type(tensors).__name__}, not a mapping")
+    weights, metadata, bad_keys, bad_values = {}, {}, [], []
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            bad_keys.append(key)
+        elif _is_tensor(value):
+            weights[key] = value
+        elif key.startswith(_WEIGHT_PREFIXES) and key not in BUFFERS:
+            bad_values.append(f"{key[:80]!r} ({type(value).__name__})")
+        else:
+            metadata[key] = value
+    problems = []
+    if bad_keys:
+        shown = ", ".join(_short(k) for k in bad_keys[:5])
+        problems.append(
+            f"{len(bad_keys)} keys that are not strings ({shown}{', ...' if len(bad_keys) > 5 else ''})"
+        )
+    if bad_values:
+        shown = ", ".join(bad_values[:5])
+        problems.append(
+            f"{len(bad_values)} weights that are not tensors ({shown}{', ...' if len(bad_values) > 5 else ''})"
+        )
+    if problems:
+        raise ValueError(f"{source}: not a state dict of tensors: {'; '.join(problems)}")
+    return weights, metadata
+
+
+def unwrap_checkpoint(obj, source: str = "the checkpoint") -> tuple[dict, dict]:
+    """The tensors of a loaded .ckpt (``{"state_dict": ...}`` or flat) and its other entries.
+
+    Args:
+        obj: what ``load_ckpt`` returned.
+        source: the file, for messages.
+
+    Returns:
+        ``(tensors, top)``: key -> tensor, and the other top-level entries (``global_step``, ...),
+        with non-tensor entries of a flat file among them (see ``check_state_dict``).
+
+    Raises:
+        ValueError: the file holds no mapping, or a state dict with non-string keys or non-tensor weights.
+    """
+    if isinstance(obj, Mapping) and "state_dict" in obj and not isinstance(obj["state_dict"], Mapping):
+        raise ValueError(
+            f"{source}: the checkpoint's state_dict is a {type(obj['state_dict']).__name__}, not a mapping"
+        )
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        return obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
+        top = {k: v for k, v in obj.items() if k != "state_dict"}
+        tensors, extra = check_state_dict(obj["state_dict"], source)
+        return tensors, {**extra, **top}
     if isinstance(obj, Mapping):
-        return obj, {}
-    raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+        return check_state_dict(obj, source)
+    raise ValueError(f"{source}: checkpoint holds a {type(obj).__name__}, not a state dict")
 
 
 def ema_key(unet_key: str) -> str:
@@ -123,9 +205,12 @@ def split_single_file(tensors: Mapping, *, use_ema: bool | None = None) -> Singl
 
     Raises:
         ValueError: ``use_ema=True`` for a file without EMA weights, EMA weights that do not
-            cover the UNet, or a key that looks like ours but cannot be placed.
+            cover the UNet, a key that looks like ours but cannot be placed, or non-string keys
+            or non-tensor weights (non-tensor values under other keys are listed as ignored).
     """
     parts = SingleFileParts()
+    tensors, metadata = check_state_dict(tensors)
+    parts.ignored.extend(metadata)
     unet, vae, clip, openclip, ema = {}, {}, {}, {}, {}
     for key, value in tensors.items():
         if key in BUFFERS:

@@ -7,6 +7,7 @@ a walk over attributes plus one layout transform per variable kind.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import keras
@@ -18,8 +19,9 @@ from tf_diffusion.layers import CONV, LINEAR, PLAIN
 class StateDictError(ValueError):
     """A state dict does not fit a model; lists every missing, unexpected and mis-shaped key."""
 
-    def __init__(self, missing=(), unexpected=(), mismatched=(), model_name="model"):
+    def __init__(self, missing=(), unexpected=(), mismatched=(), model_name="model", invalid=()):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        self.invalid = list(invalid)
         lines = [f"state dict does not fit {model_name}:"]
 
         def block(title, items):
@@ -30,6 +32,7 @@ class StateDictError(ValueError):
                 if len(items) > len(shown):
                     lines.append(f"    ... and {len(items) - len(shown)} more")
 
+        block("entries that are not (string key, tensor) pairs", self.invalid)
         block("missing keys", self.missing)
         block("unexpected keys", self.unexpected)
         block(
@@ -146,10 +149,18 @@ def load_state_dict(
             are still checked).
 
     Raises:
-        StateDictError: listing every missing, unexpected and mis-shaped key.
+        StateDictError: listing every missing, unexpected and mis-shaped key, and every entry
+            whose key is not a string or whose value is not a tensor (has no int shape).
     """
+    if not isinstance(tensors, Mapping):
+        raise ValueError(
+            f"tensors must be a mapping of checkpoint key -> array, got {type(tensors).__name__}"
+        )
     params = named_parameters(model)
     ignored = set(getattr(model, "IGNORED_CHECKPOINT_KEYS", ()))
+    invalid = [_describe_invalid(k, v) for k, v in tensors.items() if not _is_entry(k, v)]
+    if invalid:
+        raise StateDictError(invalid=invalid, model_name=type(model).__name__)
     keys = [k for k in tensors if k not in ignored]
     missing = [k for k in params if k not in tensors]
     unexpected = [k for k in keys if k not in params]
@@ -171,9 +182,27 @@ def load_state_dict(
         variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
 
 
+def _is_entry(key, value) -> bool:
+    """A string key and a value with a shape of non-negative ints (array, LazyTensor, tf tensor)."""
+    if not isinstance(key, str):
+        return False
+    try:
+        shape = tuple(value.shape)
+    except Exception:  # no shape, or one that is not a sequence: not a tensor
+        return False
+    return all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
+
+
+def _describe_invalid(key, value) -> str:
+    shown = repr(key) if len(repr(key)) <= 80 else repr(key)[:77] + "..."
+    if not isinstance(key, str):
+        return f"{shown}: key of type {type(key).__name__}, not a string"
+    return f"{shown}: a {type(value).__name__}, not a tensor"
+
+
 def count_parameters(model: keras.layers.Layer) -> int:
-    """Number of scalar weights, counted from shapes."""
-    return int(sum(np.prod(torch_shape(*p)) for p in named_parameters(model).values()))
+    """Number of scalar weights, counted from shapes (exact Python ints: no overflow)."""
+    return sum(math.prod(torch_shape(*p)) for p in named_parameters(model).values())
 
 
 def build_abstract(build):
