@@ -52,11 +52,16 @@ def check_image_size(width: int, height: int, what: str, max_pixels: int | None 
     """
     limit = max_image_pixels(max_pixels)
     if width * height > limit:
-        side = int(limit**0.5)
-        shown = f"{side}x{side}" if side * side == limit else f"{limit:,} pixels"
+        side = int(round(limit**0.5))
+        allowed = f"{limit / 1e6:.1f} MP" if limit >= 100_000 else f"{limit:,} pixels"
+        if side * side == limit and limit >= 100_000:
+            allowed += f" ({side}x{side})"
+        declared = f"{width}x{height} pixels"
+        if width * height >= 100_000:
+            declared += f" ({width * height / 1e6:.1f} MP)"
         raise ValueError(
-            f"{what}: {width}x{height} pixels ({width * height / 1e6:.1f} MP) is more than the image limit of "
-            f"{limit / 1e6:.1f} MP ({shown}); raise it with max_pixels=... or ${MAX_PIXELS_ENV}"
+            f"{what}: {declared} is more than the image limit of {allowed}; "
+            f"raise it with max_pixels=... or ${MAX_PIXELS_ENV}"
         )
 
 
@@ -92,8 +97,11 @@ def open_image(path: str | os.PathLike, what: str | None = None, max_pixels: int
                 image.load()
                 return image.copy()
     except Image.DecompressionBombError as e:
+        size = _declared_size(path)
+        if size is not None:
+            check_image_size(*size, name, limit)  # our limit, in our words, when it is the lower one
         raise ValueError(
-            f"{name}: Pillow refuses it as a possible decompression bomb ({e}); this limit is "
+            f"{name}: Pillow refuses it as a possible decompression bomb ({e}); that limit is "
             f"PIL.Image.MAX_IMAGE_PIXELS"
         ) from None
     except Image.UnidentifiedImageError:
@@ -103,6 +111,30 @@ def open_image(path: str | os.PathLike, what: str | None = None, max_pixels: int
             raise
         text = str(e) or type(e).__name__
         raise ValueError(f"{name}: cannot read the image: {text}") from None
+
+
+def _declared_size(path) -> tuple[int, int] | None:
+    """The size an image file's header declares, read by Pillow's format plugins without its bomb check.
+
+    ``Image.open`` raises before it returns the image when the size exceeds twice its own limit; the
+    plugins registered in ``Image.OPEN`` read the header alone (what ``Image.open`` does first).
+    """
+    from PIL import Image
+
+    Image.init()
+    with open(path, "rb") as handle:
+        prefix = handle.read(16)
+        for format_id in Image.ID:
+            factory, accept = Image.OPEN[format_id]
+            try:
+                handle.seek(0)
+                if accept and not accept(prefix):
+                    continue
+                image = factory(handle, os.fspath(path))
+                return image.size
+            except Exception:  # noqa: BLE001 - not this format (as Image.open tries the next one)
+                continue
+    return None
 
 
 def _as_array(image, what: str = "image") -> np.ndarray:
