@@ -211,7 +211,9 @@ def test_open_image_checks_size_names_files_and_reads_the_limit(bombs, tmp_path,
         with pytest.raises(ValueError, match="more than the image limit"):
             images.to_rgb(lazy)
     monkeypatch.setenv(images.MAX_PIXELS_ENV, "1000")
-    with pytest.raises(ValueError, match=r"small.png: 64x64 pixels is more than the image limit of 1,000 pixels"):
+    with pytest.raises(
+        ValueError, match=r"small.png: 64x64 pixels is more than the image limit of 1,000 pixels"
+    ):
         images.open_image(bombs["small"])
     assert images.open_image(bombs["small"], max_pixels=4096).size == (64, 64)
     monkeypatch.setenv(images.MAX_PIXELS_ENV, "lots")
