@@ -20,7 +20,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tf_diffusion import StableDiffusion
-    from tf_diffusion.generate_cli import resolve_model
+    from tf_diffusion.models import resolve_model
 
     start = time.perf_counter()
     sd = StableDiffusion.from_pretrained(resolve_model("tiny-shapes"))

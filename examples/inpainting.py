@@ -7,8 +7,7 @@ import argparse
 
 from PIL import Image
 
-from tf_diffusion import StableDiffusion
-from tf_diffusion.generate_cli import resolve_model
+from tf_diffusion import StableDiffusion, resolve_model
 
 
 def main() -> None:

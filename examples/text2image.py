@@ -5,8 +5,7 @@ python examples/text2image.py "a red circle in the top left" -o red_circle.png
 
 import argparse
 
-from tf_diffusion import StableDiffusion
-from tf_diffusion.generate_cli import resolve_model
+from tf_diffusion import StableDiffusion, resolve_model
 
 
 def main() -> None:

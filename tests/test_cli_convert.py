@@ -190,7 +190,7 @@ def test_interrupted_conversion_leaves_nothing(capsys, root, tmp_path, monkeypat
 
 def test_single_file_destination_must_be_safetensors(capsys, root, tmp_path):
     code, _, err = run(capsys, "convert", root / "sd1-diffusers", tmp_path / "x.ckpt", "--to", "single-file")
-    assert code == 1 and ".safetensors" in err
+    assert code == 2 and ".safetensors" in err and len(err.splitlines()) == 1  # a bad option: usage error
 
 
 def test_save_pretrained_round_trip(root, tmp_path):

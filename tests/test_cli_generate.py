@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tf_diffusion import cli
-from tf_diffusion.generate_cli import DEFAULT_MODEL, a1111_parameters, grid, resolve_model
+from tf_diffusion import cli, resolve_model
+from tf_diffusion.cli.generate import a1111_parameters, grid
+from tf_diffusion.models import DEFAULT_MODEL
 from tf_diffusion.pipeline import StableDiffusion
 from tf_diffusion.weights.safetensors_io import load_safetensors
 
@@ -129,17 +131,18 @@ def test_img2img_and_inpainting(tmp_path):
     "args, message",
     [
         (["--mask", "m.png"], "--mask needs --image"),
-        (["--height", "62"], "multiple of 4"),
-        (["--steps", "0"], "num_steps"),
+        (["--height", "62"], "--height 62: not a multiple of 4"),
+        (["--steps", "0"], "--steps 0: must be an integer >= 1"),
         (["--scheduler", "nope"], "unknown sampler"),
         (["--model", "sd-v1-5"], "no shipped weights"),
-        (["--image", "missing.png"], "does not exist"),
+        (["--image", "missing.png"], "--image missing.png: no such file"),
     ],
 )
 def test_errors_are_one_line(tmp_path, capsys, args, message):
     status = cli.main(["generate", "a red circle", "-o", str(tmp_path / "e.png"), "--no-progress", *args])
     err = capsys.readouterr().err.strip()
     assert status != 0 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not re.search(r"\b[a-z_]+=", err)  # command-line names only (no num_steps=0)
 
 
 def test_python_dash_m_runs_offline(tmp_path):
@@ -186,11 +189,11 @@ def test_examples_run_on_the_tiny_model(tmp_path, script, args):
 
 
 def test_training_example_runs_every_stage(tmp_path):
-    """examples/train_shapes.py end to end at toy length: VAE, UNet + text encoder, export, eval."""
+    """examples/tiny_shapes/train.py end to end at toy length: VAE, UNet + text encoder, export, eval."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "model"
     argv = [
         sys.executable,
-        str(ROOT / "examples" / "train_shapes.py"),
+        str(ROOT / "examples" / "tiny_shapes" / "train.py"),
         "--stage", "all",
         "--ckpt-dir", str(ckpt),
         "--out", str(out),

@@ -1,7 +1,7 @@
 """TF Serving SavedModel export and the in-graph tokenizer, on the micro model of test_generate.py.
 
 What is proven here:
-- the export written by ``tf-diffusion export`` (export_cli) loads in a fresh process with
+- the export written by ``tf-diffusion export`` (tf_diffusion.cli.export) loads in a fresh process with
   ``tf.saved_model.load`` and runs with ``saved_model_cli run``; given the same noise arrays,
   ``generate_from_noise`` gives the latents of eager ``generate(latents=...)`` within 1e-4 (float32 kernel
   order; measured ~4e-5) and the same uint8 images within one level; ``saved_model_cli`` gives the
@@ -123,8 +123,8 @@ def exported(sd, tmp_path_factory):
     """Export with the CLI module, then run the fresh-process load and saved_model_cli side by side."""
     from conftest import FIXTURES
 
-    from tf_diffusion import export_cli
     from tf_diffusion import noise as noise_lib
+    from tf_diffusion.cli import export as export_cli
 
     work = tmp_path_factory.mktemp("export")
     sd.save_pretrained(work / "model")
@@ -480,7 +480,7 @@ def test_failed_export_leaves_nothing(tiny_export, sd, tmp_path, monkeypatch):
 
 
 def test_cli_rejects_saved_model_options_for_tflite(tmp_path):
-    from tf_diffusion import export_cli
+    from tf_diffusion.cli import export as export_cli
 
     parser = argparse.ArgumentParser()
     export_cli.add_parser(parser.add_subparsers())

@@ -78,7 +78,7 @@ def test_installed_wheel_generates_offline(wheel, tmp_path):
         [
             str(python),
             "-c",
-            "import tf_diffusion, tf_diffusion.generate_cli as g; print(tf_diffusion.__file__); "
+            "import tf_diffusion, tf_diffusion.models as g; print(tf_diffusion.__file__); "
             "print(g.resolve_model('tiny-shapes'))",
         ],
         cwd=work,
@@ -113,7 +113,7 @@ def test_installed_wheel_generates_offline(wheel, tmp_path):
 
 
 def test_shipped_model_lookup(tmp_path, monkeypatch):
-    from tf_diffusion.generate_cli import resolve_model, shipped_weights_dirs
+    from tf_diffusion.models import resolve_model, shipped_weights_dirs
 
     monkeypatch.delenv("TF_DIFFUSION_WEIGHTS", raising=False)
     dirs = shipped_weights_dirs()

@@ -81,7 +81,7 @@ def test_quantization_shrinks_the_unet(convert):
 def test_cli_writes_files_and_refuses_to_overwrite(case, tmp_path, capsys):
     import argparse
 
-    from tf_diffusion import export_cli
+    from tf_diffusion.cli import export as export_cli
 
     sd, _, _ = case
     sd.save_pretrained(tmp_path / "model")

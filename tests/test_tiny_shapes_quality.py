@@ -7,10 +7,16 @@ measured here (colour 1.0, shape 0.917, position 1.0), so a broken text path, sa
 fails it.
 """
 
+import pathlib
+import sys
+
 import numpy as np
 
-from tf_diffusion import shapes, shapes_checker
-from tf_diffusion.generate_cli import DEFAULT_MODEL, resolve_model
+from tf_diffusion.models import DEFAULT_MODEL, resolve_model
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from tiny_shapes import checker as shapes_checker  # noqa: E402
+from tiny_shapes import dataset as shapes  # noqa: E402
 
 PROMPTS = 24
 

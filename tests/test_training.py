@@ -266,7 +266,7 @@ def test_mirrored_strategy_on_two_logical_cpus():
 def test_train_subcommand_parses():
     import argparse
 
-    from tf_diffusion import train_cli
+    from tf_diffusion.cli import train as train_cli
 
     parser = argparse.ArgumentParser(prog="tf-diffusion")
     train_cli.add_parser(parser.add_subparsers(dest="command"))

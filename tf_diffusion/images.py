@@ -1,17 +1,151 @@
-"""Conversions between user images (PIL, uint8/uint16/float arrays) and model tensors."""
+"""Reading user images safely, and conversions between them (PIL, uint8/uint16/float arrays) and model tensors.
+
+Image files are size-checked from their header before any pixel is decoded: a small file can declare
+an enormous picture (a "decompression bomb"). The limit is ``DEFAULT_MAX_PIXELS`` (4096 x 4096), raised
+or lowered with ``$TF_DIFFUSION_MAX_IMAGE_PIXELS`` or the ``max_pixels`` argument.
+"""
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import numpy as np
 
+DEFAULT_MAX_PIXELS = 4096 * 4096
+MAX_PIXELS_ENV = "TF_DIFFUSION_MAX_IMAGE_PIXELS"
 
-def _as_array(image) -> np.ndarray:
+
+def max_image_pixels(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: ``max_pixels`` if given, else ``$TF_DIFFUSION_MAX_IMAGE_PIXELS``, else the default.
+
+    Raises:
+        ValueError: the limit is not a positive integer.
+    """
+    if max_pixels is None:
+        text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not text:
+            return DEFAULT_MAX_PIXELS
+        try:
+            max_pixels = int(text)
+        except ValueError:
+            raise ValueError(f"${MAX_PIXELS_ENV}={text!r} must be a positive integer (pixels)") from None
+        what = f"${MAX_PIXELS_ENV}={text!r}"
+    else:
+        what = f"max_pixels={max_pixels!r}"
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels <= 0:
+        raise ValueError(f"{what} must be a positive integer (pixels)")
+    return int(max_pixels)
+
+
+def check_image_size(width: int, height: int, what: str, max_pixels: int | None = None) -> None:
+    """Refuse a picture of more than the allowed number of pixels, before it is decoded.
+
+    Args:
+        width: pixels across, as the header declares.
+        height: pixels down.
+        what: how to name the image in the error (its path, or "image").
+        max_pixels: the limit; None reads it as ``max_image_pixels`` does.
+
+    Raises:
+        ValueError: the picture has more pixels than allowed.
+    """
+    limit = max_image_pixels(max_pixels)
+    if width * height > limit:
+        side = int(round(limit**0.5))
+        allowed = f"{limit / 1e6:.1f} MP" if limit >= 100_000 else f"{limit:,} pixels"
+        if side * side == limit and limit >= 100_000:
+            allowed += f" ({side}x{side})"
+        declared = f"{width}x{height} pixels"
+        if width * height >= 100_000:
+            declared += f" ({width * height / 1e6:.1f} MP)"
+        raise ValueError(
+            f"{what}: {declared} is more than the image limit of {allowed}; "
+            f"raise it with max_pixels=... or ${MAX_PIXELS_ENV}"
+        )
+
+
+def open_image(path: str | os.PathLike, what: str | None = None, max_pixels: int | None = None):
+    """Read an image file completely after checking its declared size, with errors that name the file.
+
+    Args:
+        path: the image file (PNG, JPEG, WebP, ... anything Pillow reads).
+        what: how to name it in errors (default: the path).
+        max_pixels: the pixel limit; None reads it as ``max_image_pixels`` does.
+
+    Returns:
+        A loaded ``PIL.Image.Image`` that no longer refers to the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an image, a truncated or corrupt one, or more pixels than allowed.
+    """
+    from PIL import Image
+
+    name = what or os.fspath(path)
+    if not os.path.isfile(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{name}: no such file")
+        raise ValueError(f"{name}: not a file")
+    limit = max_image_pixels(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            # Our own limit decides; Pillow's warning below its hard limit would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                check_image_size(*image.size, name, limit)
+                image.load()
+                return image.copy()
+    except Image.DecompressionBombError as e:
+        size = _declared_size(path)
+        if size is not None:
+            check_image_size(*size, name, limit)  # our limit, in our words, when it is the lower one
+        raise ValueError(
+            f"{name}: Pillow refuses it as a possible decompression bomb ({e}); that limit is "
+            f"PIL.Image.MAX_IMAGE_PIXELS"
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"{name}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, EOFError, ValueError, MemoryError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(f"{name}:"):
+            raise
+        text = str(e) or type(e).__name__
+        raise ValueError(f"{name}: cannot read the image: {text}") from None
+
+
+def _declared_size(path) -> tuple[int, int] | None:
+    """The size an image file's header declares, read by Pillow's format plugins without its bomb check.
+
+    ``Image.open`` raises before it returns the image when the size exceeds twice its own limit; the
+    plugins registered in ``Image.OPEN`` read the header alone (what ``Image.open`` does first).
+    """
+    from PIL import Image
+
+    Image.init()
+    with open(path, "rb") as handle:
+        prefix = handle.read(16)
+        for format_id in Image.ID:
+            factory, accept = Image.OPEN[format_id]
+            try:
+                handle.seek(0)
+                if accept and not accept(prefix):
+                    continue
+                image = factory(handle, os.fspath(path))
+                return image.size
+            except Exception:  # noqa: BLE001 - not this format (as Image.open tries the next one)
+                continue
+    return None
+
+
+def _as_array(image, what: str = "image") -> np.ndarray:
     """A PIL image or array-like as a numpy array, without changing its values."""
     try:
         from PIL import Image
     except ImportError:  # pillow is a dependency; keep arrays usable without it
         Image = None
     if Image is not None and isinstance(image, Image.Image):
+        # A lazily opened file has its size but not its pixels yet: refuse a bomb before decoding it.
+        check_image_size(*image.size, getattr(image, "filename", "") or what)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             return np.asarray(image).astype(np.uint16 if image.mode.startswith("I;16") else np.int32)
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
@@ -43,7 +177,7 @@ def to_rgb(image, what: str = "image") -> np.ndarray:
     Grayscale is repeated to three channels; alpha is composited onto white, as a
     viewer shows it. 16-bit images are scaled by 65535.
     """
-    array = _unit_range(_as_array(image), what)
+    array = _unit_range(_as_array(image, what), what)
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim == 3:

@@ -25,7 +25,7 @@ _SD2_UNET = UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear
 # OpenCLIP pads with token 0 ("!"), not with EOS.
 _SD2_TOKENIZER = TokenizerConfig(pad_token_id=0)
 
-# The embedded offline model (weights/tiny-shapes, trained by examples/train_shapes.py): 64x64
+# The embedded offline model (weights/tiny-shapes, trained by examples/tiny_shapes/train.py): 64x64
 # drawn shapes. A factor-4 VAE (16x16x4 latents), a 3-layer 128-wide CLIP text encoder with the
 # full CLIP vocabulary (the tokenizer is CLIP's), and a UNet of three levels sized so one guided
 # 64x64 image takes well under 2 s on two CPU cores. scaling_factor is 1 / std of the trained

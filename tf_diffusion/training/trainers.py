@@ -1,4 +1,4 @@
-"""Training and fine-tuning: the VAE, and the text encoder + UNet with the noise-prediction loss.
+"""The trainers: the VAE, and the text encoder + UNet with the noise-prediction loss.
 
 Training is TensorFlow-specific (``tf.function``, ``tf.data``, ``tf.distribute``); inference code stays
 backend-neutral. Two trainers share one loop:
@@ -32,7 +32,6 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -40,92 +39,14 @@ import tensorflow as tf
 
 from tf_diffusion.config import from_dict, to_dict
 from tf_diffusion.schedulers.schedule import alphas_cumprod
+from tf_diffusion.training.config import (
+    CHECKPOINT_FORMAT,
+    TRAIN_PREFIXES,
+    TRAIN_TARGETS,
+    TrainingConfig,
+)
 from tf_diffusion.weights.safetensors_io import load_safetensors, save_safetensors
 from tf_diffusion.weights.state_dict import named_parameters, state_dict
-
-# What each ``train`` option trains; everything else is frozen.
-TRAIN_TARGETS: dict[str, tuple[str, ...]] = {
-    "unet": ("unet",),
-    "unet+text_encoder": ("unet", "text_encoder"),
-    "vae": ("vae",),
-    "vae_decoder": ("vae",),
-}
-# Key prefixes a target trains within its components (every key when absent). Fine-tuning only the
-# decoder keeps the latent space, so a UNet trained on it stays valid (as SD's ft-MSE VAE decoders).
-TRAIN_PREFIXES: dict[str, tuple[str, ...]] = {"vae_decoder": ("decoder.", "post_quant_conv.")}
-RECONSTRUCTION_LOSSES = ("l1", "l2", "l1+l2")
-CHECKPOINT_FORMAT = "tf_diffusion.training/1"
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Optimisation settings shared by both trainers.
-
-    Attributes:
-        learning_rate: AdamW peak learning rate, reached after ``warmup_steps`` and then held.
-        warmup_steps: linear warm-up from 0.
-        weight_decay: AdamW decoupled weight decay; biases, norms and 1-D weights are excluded.
-        adam_beta1, adam_beta2, adam_epsilon: AdamW moments.
-        grad_clip_norm: clip the global gradient norm (after the cross-replica sum); None disables.
-        ema_decay: decay of the weight EMA; None keeps no EMA.
-        ema_warmup: use min(ema_decay, (1 + n) / (10 + n)) after n updates, so early averages are
-            not dominated by the random initialisation.
-        caption_dropout: probability of replacing a caption by "" (classifier-free guidance).
-        high_noise_fraction: diffusion only: this fraction of each batch draws its timestep from the
-            noisier range [high_noise_start * T, T) instead of [0, T), weighting the steps where
-            layout is decided (0 is the usual uniform draw).
-        high_noise_start: where that noisier range begins, as a fraction of T in [0, 1).
-        kl_weight: VAE only: weight of the KL term, relative to a per-pixel reconstruction loss
-            (the KL is summed over latent elements and divided by the number of pixel values).
-        reconstruction_loss: VAE only: "l1", "l2" or "l1+l2".
-        seed: seed of every random draw (noise, timesteps, caption dropout, posterior samples).
-        jit_compile: compile the forward and backward pass with XLA.
-    """
-
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 1e-2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    grad_clip_norm: float | None = 1.0
-    ema_decay: float | None = 0.999
-    ema_warmup: bool = True
-    caption_dropout: float = 0.1
-    high_noise_fraction: float = 0.0
-    high_noise_start: float = 0.5
-    kl_weight: float = 1e-6
-    reconstruction_loss: str = "l1"
-    seed: int = 0
-    jit_compile: bool = False
-
-    def __post_init__(self):
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
-        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay!r} must be in [0, 1) or None")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1]")
-        if not 0.0 <= self.high_noise_fraction <= 1.0:
-            raise ValueError(f"high_noise_fraction={self.high_noise_fraction!r} must be in [0, 1]")
-        if not 0.0 <= self.high_noise_start < 1.0:
-            raise ValueError(f"high_noise_start={self.high_noise_start!r} must be in [0, 1)")
-        if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
-            raise ValueError(
-                f"reconstruction_loss={self.reconstruction_loss!r} is not allowed; "
-                f"expected one of {RECONSTRUCTION_LOSSES}"
-            )
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise ValueError(f"grad_clip_norm={self.grad_clip_norm!r} must be > 0 or None")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r} must be a non-negative integer")
-
-
-def ema_decay_at(updates: int, decay: float, warmup: bool = True) -> float:
-    """The EMA decay used for update number ``updates`` (1-based): min(decay, (1+n)/(10+n)) with warm-up."""
-    return min(decay, (1.0 + updates) / (10.0 + updates)) if warmup else decay
 
 
 def drop_captions(token_ids, empty_ids, rate: float, seed):
@@ -682,120 +603,6 @@ class DiffusionTrainer(_TrainerBase):
         return loss, {}
 
 
-# ----------------------------------------------------------------- data
-
-
-def dataset_from_arrays(
-    images,
-    captions: Sequence[str],
-    tokenizer,
-    batch_size: int,
-    *,
-    shuffle: bool = True,
-    seed: int = 0,
-    repeat: bool = True,
-) -> tf.data.Dataset:
-    """A ``tf.data`` pipeline of (images float32 [-1, 1], token ids int32) batches from in-memory data.
-
-    Args:
-        images: (N, H, W, 3) uint8 array (all one size; resize beforehand, see ``load_image_folder``).
-        captions: N strings.
-        tokenizer: callable list[str] -> (N, L) ids, e.g. ``StableDiffusion.tokenizer``.
-        batch_size: global batch size; the last partial batch is dropped.
-        shuffle, seed: shuffle every epoch with this seed.
-        repeat: loop forever.
-
-    Raises:
-        ValueError: for mismatched lengths, a non-uint8 or non-NHWC array, or a batch larger than the data.
-    """
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be a uint8 array (N, H, W, 3), got {images.dtype} {images.shape}")
-    if len(captions) != len(images):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions; give one caption per image")
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(images):
-        raise ValueError(
-            f"batch_size={batch_size!r} must be an int in [1, {len(images)}] (the number of images)"
-        )
-    ids = np.asarray(tokenizer(list(captions)), dtype=np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((images, ids))
-    if shuffle:
-        ds = ds.shuffle(min(len(images), 10_000), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 127.5 - 1.0, y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def dataset_from_generator(
-    make_batch: Callable[[int], tuple[np.ndarray, Sequence[str]]],
-    tokenizer,
-    batch_size: int,
-    image_size: int,
-    start: int = 0,
-) -> tf.data.Dataset:
-    """An endless ``tf.data`` pipeline from ``make_batch(k) -> (uint8 images (B, H, W, 3), captions)``.
-
-    Batch ``k`` for k = start, start + 1, ... is drawn on the fly in a background thread, so a
-    resumed run passes ``start=step`` to continue the stream.
-    """
-
-    def batches():
-        k = start
-        while True:
-            images, captions = make_batch(k)
-            k += 1
-            ids = np.asarray(tokenizer(list(captions)), dtype=np.int32)
-            yield images, ids
-
-    length = int(np.asarray(tokenizer([""])).shape[-1])
-    signature = (
-        tf.TensorSpec((batch_size, image_size, image_size, 3), tf.uint8),
-        tf.TensorSpec((batch_size, length), tf.int32),
-    )
-    ds = tf.data.Dataset.from_generator(batches, output_signature=signature)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 127.5 - 1.0, y))
-    return ds.prefetch(4)
-
-
-def load_image_folder(folder: str | os.PathLike, size: int) -> tuple[np.ndarray, list[str]]:
-    """Images and captions from a folder of ``name.png|jpg|jpeg|webp`` + ``name.txt`` pairs.
-
-    Each image is centre-cropped to a square and resized to ``size`` x ``size`` (Lanczos); this
-    is the one place training data is resized, and it says so here.
-
-    Returns:
-        (uint8 images (N, size, size, 3), captions).
-
-    Raises:
-        ValueError: when an image has no caption file or the folder holds no images.
-    """
-    from PIL import Image
-
-    paths = sorted(
-        p
-        for p in glob.glob(os.path.join(os.fspath(folder), "*"))
-        if p.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
-    )
-    if not paths:
-        raise ValueError(f"{folder}: no .png/.jpg/.jpeg/.webp images found")
-    images, captions = [], []
-    for path in paths:
-        caption_path = os.path.splitext(path)[0] + ".txt"
-        if not os.path.exists(caption_path):
-            raise ValueError(f"{path}: no caption file {caption_path}")
-        with open(caption_path, encoding="utf-8") as f:
-            captions.append(f.read().strip())
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            side = min(im.size)
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
-            images.append(np.asarray(im, dtype=np.uint8))
-    return np.stack(images), captions
-
-
 def training_config_from_checkpoint(path: str | os.PathLike) -> TrainingConfig:
     """The TrainingConfig stored in a checkpoint's metadata."""
     from tf_diffusion.weights.safetensors_io import open_safetensors
@@ -807,18 +614,3 @@ def training_config_from_checkpoint(path: str | os.PathLike) -> TrainingConfig:
             f"{path}: no training_config in the metadata; not a tf_diffusion training checkpoint"
         )
     return from_dict(TrainingConfig, json.loads(meta["training_config"]))
-
-
-__all__ = [
-    "TRAIN_TARGETS",
-    "DiffusionTrainer",
-    "TrainingConfig",
-    "VAETrainer",
-    "dataset_from_arrays",
-    "dataset_from_generator",
-    "drop_captions",
-    "ema_decay_at",
-    "latest_checkpoint",
-    "load_image_folder",
-    "training_config_from_checkpoint",
-]

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-from tf_diffusion import shapes
+from . import dataset as shapes
 
 GRID = 12  # silhouette resolution for the shape templates
 MIN_CONTRAST = 40.0  # RGB distance from the background below which nothing counts as drawn
@@ -218,7 +218,7 @@ def check(image) -> dict:
         image: uint8 array (H, W, 3).
 
     Returns:
-        dict with color, shape, size, position, background (names from ``tf_diffusion.shapes``; all but
+        dict with color, shape, size, position, background (names from ``tiny_shapes.dataset``; all but
         background are None when no shape stands out), plus the measurements: bbox, center, area,
         soft_area, components (blobs at least 10% of the largest; 1 for a clean image), foreground_rgb,
         background_rgb, shape_distance (silhouette distance to the chosen template).

@@ -14,14 +14,24 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import sysconfig
 import tempfile
 
 import numpy as np
 
+from tf_diffusion.cli._common import (
+    UsageError,
+    check_model,
+    check_sampler,
+    check_size,
+    finite_float,
+    import_tensorflow,
+    model_factor,
+    positive_int,
+)
 from tf_diffusion.fileio import publish
+from tf_diffusion.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
+from tf_diffusion.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "tiny-shapes"
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 # Our sampler names -> the names AUTOMATIC1111 writes in its parameters text.
@@ -40,38 +50,20 @@ A1111_SAMPLERS = {
     "unipc": "UniPC",
 }
 
-
-def shipped_weights_dirs() -> list[pathlib.Path]:
-    """Where embedded models may live, in the order they are searched.
-
-    ``$TF_DIFFUSION_WEIGHTS`` alone when set; otherwise the repository's ``weights/`` (a source checkout
-    or an editable install), then ``share/tf_diffusion/weights`` under the installation's data directory,
-    where a wheel puts them (setup.cfg's ``data_files``), then the same under the user base (``--user``).
-    """
-    env = os.environ.get("TF_DIFFUSION_WEIGHTS")
-    if env:
-        return [pathlib.Path(env)]
-    dirs = [pathlib.Path(__file__).resolve().parents[1] / "weights"]
-    for scheme in (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user")):
-        dirs.append(pathlib.Path(sysconfig.get_path("data", scheme)) / "share" / "tf_diffusion" / "weights")
-    return dirs
-
-
-def resolve_model(name: str) -> str:
-    """A model argument as a path or hub id: shipped preset names map to their folder of shipped weights."""
-    dirs = shipped_weights_dirs()
-    for base in dirs:
-        if (base / name).is_dir():
-            return str(base / name)
-    from tf_diffusion.presets import PRESETS
-
-    if name in PRESETS:
-        looked = ", ".join(str(d / name) for d in dirs)
-        raise ValueError(
-            f"preset {name!r} has no shipped weights (looked in {looked}); pass a checkpoint file, a folder "
-            f"or a hub id with --model"
-        )
-    return name
+# generate() argument names -> our options, for messages from the library.
+OPTION_NAMES = {
+    "num_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "height": "--height",
+    "width": "--width",
+    "num_images": "--num-images",
+    "seed": "--seed",
+    "scheduler": "--scheduler",
+    "image": "--image",
+    "mask": "--mask",
+    "strength": "--strength",
+    "max_pixels": "--max-image-pixels",
+}
 
 
 def a1111_parameters(
@@ -176,46 +168,91 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="init image for img2img / inpainting")
     p.add_argument("--strength", type=float, default=None, help="img2img strength in [0, 1]")
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint); needs --image")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help=f"refuse larger --image / --mask files (default: ${MAX_PIXELS_ENV} or {DEFAULT_MAX_PIXELS:,} = 4096x4096)",
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, option_names=OPTION_NAMES)
     return p
 
 
-def _open_image(path: str, what: str):
-    from PIL import Image
+def check_arguments(args: argparse.Namespace) -> tuple[str, list[pathlib.Path], pathlib.Path | None]:
+    """Every check that needs no model: options, the model argument, output files, then image headers.
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    with Image.open(path) as image:
-        image.load()
-        return image.copy()
+    Returns:
+        (model source, image paths, grid path or None).
 
-
-def run(args: argparse.Namespace) -> int:
-    """Generate and save; returns the exit status."""
-    from tf_diffusion.noise import NoiseSource
-    from tf_diffusion.pipeline import StableDiffusion, has_accelerator
-
-    output = pathlib.Path(args.output)
-    paths, grid_path = output_paths(output, args.num_images if args.num_images > 0 else 1)
+    Raises:
+        UsageError: a bad option value or combination.
+        FileNotFoundError, FileExistsError: a missing input or an existing output (without --overwrite).
+    """
+    positive_int(args.steps, "--steps")
+    positive_int(args.num_images, "--num-images")
+    positive_int(args.max_image_pixels, "--max-image-pixels")
+    finite_float(args.guidance, "--guidance")
+    finite_float(args.strength, "--strength", 0.0, 1.0)
+    positive_int(args.seed, "--seed", minimum=0)
+    if args.mask is not None and args.image is None:
+        raise UsageError("--mask needs --image (the picture to inpaint)")
+    if args.strength is not None and args.image is None:
+        raise UsageError("--strength applies to --image (img2img / inpainting) only")
+    check_sampler(args.scheduler)
+    check_size(args.height, args.width, None)
+    try:
+        paths, grid_path = output_paths(pathlib.Path(args.output), args.num_images)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if not args.overwrite:
         for path in paths + ([grid_path] if grid_path else []):
             if path.exists():
                 raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-    if args.mask is not None and args.image is None:
-        raise ValueError("--mask needs --image (the picture to inpaint)")
+    source = check_model(args.model, "--model")
+    factor, _ = model_factor(source)
+    check_size(args.height, args.width, factor)
+    for option, path in (("--image", args.image), ("--mask", args.image and args.mask)):
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"{option} {path}: no such file")
+    return source, paths, grid_path
 
-    source = resolve_model(args.model)
+
+def read_image(path: str, option: str, max_pixels: int | None):
+    """An input image, refused from its header when it has too many pixels (before decoding it)."""
+    from tf_diffusion.images import open_image
+
+    try:
+        return open_image(path, f"{option} {path}", max_pixels)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise UsageError(str(e).replace("max_pixels=...", "--max-image-pixels")) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate and save; returns the exit status."""
+    source, paths, grid_path = check_arguments(args)
+    image = read_image(args.image, "--image", args.max_image_pixels) if args.image else None
+    mask = read_image(args.mask, "--mask", args.max_image_pixels) if args.mask else None
+    if image is not None and mask is not None and image.size != mask.size:
+        raise UsageError(
+            f"--mask {args.mask} is {mask.size[0]}x{mask.size[1]} but --image {args.image} is "
+            f"{image.size[0]}x{image.size[1]}; they must match"
+        )
+
+    import_tensorflow()
+    from tf_diffusion.noise import NoiseSource
+    from tf_diffusion.pipeline import StableDiffusion, has_accelerator
+
     dtype = None if args.precision == "float32" else args.precision
     sd = StableDiffusion.from_pretrained(source, dtype=dtype)
     steps = args.steps if args.steps is not None else sd.config.default_steps
     guidance = args.guidance if args.guidance is not None else sd.config.default_guidance
     scheduler = args.scheduler or sd.config.default_sampler
     seed = args.seed if args.seed is not None else NoiseSource().seed
-    image = _open_image(args.image, "--image") if args.image else None
-    mask = _open_image(args.mask, "--mask") if args.mask else None
 
     images = sd.generate(
         args.prompt,

@@ -12,19 +12,44 @@ into place, so a model server watching DIR never loads a half-written export.
 from __future__ import annotations
 
 import argparse
+import os
+
+from tf_diffusion.cli._common import (
+    UsageError,
+    check_model,
+    check_sampler,
+    check_size,
+    import_tensorflow,
+    model_factor,
+    positive_int,
+)
 
 FORMATS = ("saved_model", "tflite")
 QUANTIZATIONS = ("none", "float16", "dynamic_range")
+# tf_diffusion.export's EXPORT_DTYPES and TFLITE_COMPONENTS, known here without importing TensorFlow
+# (tests/test_cli_fast.py keeps them equal).
+EXPORT_DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
+TFLITE_COMPONENTS = ("text_encoder", "unet", "decoder")
+# export_saved_model / export_tflite argument names -> our options, for messages from the library.
+OPTION_NAMES = {
+    "num_steps": "--steps",
+    "sampler": "--sampler",
+    "height": "--height",
+    "width": "--width",
+    "version": "--version",
+    "dtype": "--dtype",
+    "quantization": "--quantization",
+    "components": "--components",
+    "jit_compile": "--xla",
+}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``export`` on the tf-diffusion command's subparsers."""
-    from tf_diffusion.export import EXPORT_DTYPES, TFLITE_COMPONENTS
-
     p = subparsers.add_parser(
         "export", help="write a TF Serving SavedModel (prompt -> image) or TFLite models of the components"
     )
-    p.add_argument("model", help="preset with shipped weights, checkpoint file or folder, or hub id")
+    p.add_argument("model", help="shipped model name, checkpoint file or folder, or hub id")
     p.add_argument(
         "directory", help="output folder: SavedModel versions DIR/<version>/, or the .tflite files"
     )
@@ -49,24 +74,51 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="tflite weight format")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty DIR; replace what clashes")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, option_names=OPTION_NAMES)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Export; returns the exit status."""
-    from tf_diffusion import export
-    from tf_diffusion.generate_cli import resolve_model
-    from tf_diffusion.pipeline import StableDiffusion
-
     if args.format == "tflite" and (
         args.xla or args.sampler or args.steps or args.version is not None or args.dtype
     ):
-        raise ValueError(
+        raise UsageError(
             "--xla, --sampler, --steps, --version and --dtype apply to --format saved_model only "
             "(TFLite takes --quantization)"
         )
-    sd = StableDiffusion.from_pretrained(resolve_model(args.model))
+    if args.format == "saved_model" and args.quantization != "none":
+        raise UsageError("--quantization applies to --format tflite only")
+    positive_int(args.steps, "--steps")
+    positive_int(args.version, "--version", minimum=0)
+    check_sampler(args.sampler, "--sampler")
+    check_size(args.height, args.width, None)
+    source = check_model(args.model, "")
+    check_size(args.height, args.width, model_factor(source)[0])
+    if os.path.exists(args.directory) and not os.path.isdir(args.directory):
+        raise UsageError(f"DIR {args.directory}: exists and is not a folder")
+    if not args.overwrite and os.path.isdir(args.directory):
+        # The same refusals export_saved_model / export_tflite make, before the model is built.
+        if args.format == "tflite":
+            clash = [
+                f"{c}.tflite"
+                for c in args.components
+                if os.path.exists(os.path.join(args.directory, f"{c}.tflite"))
+            ]
+            if clash:
+                raise FileExistsError(
+                    f"{args.directory}: {', '.join(clash)} exist; pass --overwrite to replace them"
+                )
+        elif any(not name.startswith(".tmp-") for name in os.listdir(args.directory)):
+            raise FileExistsError(
+                f"{args.directory}: not empty; pass --overwrite to add or replace a version"
+            )
+
+    import_tensorflow()
+    from tf_diffusion import export
+    from tf_diffusion.pipeline import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(source)
     if args.format == "tflite":
         quantization = None if args.quantization == "none" else args.quantization
         paths = export.export_tflite(

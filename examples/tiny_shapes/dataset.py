@@ -8,10 +8,10 @@ from a seed; ``as_tf_dataset`` imports TensorFlow only when called.
 
 A fixed set of (shape, colour) and (shape, position) combinations is held out: the "train" split never
 draws them and the "heldout" split draws only them, so a model can be scored on combinations it never
-saw (``heldout_prompts``; ``tf_diffusion.shapes_checker`` reads the attributes back from pixels).
+saw (``heldout_prompts``; ``tiny_shapes.checker`` reads the attributes back from pixels).
 
 Example:
-    >>> from tf_diffusion import shapes
+    >>> from tiny_shapes import dataset as shapes
     >>> images, captions, attrs = shapes.numpy_batch(seed=0, batch_size=4)
     >>> images.shape, images.dtype
     ((4, 64, 64, 3), dtype('uint8'))

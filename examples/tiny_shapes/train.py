@@ -7,14 +7,14 @@ Stages (each resumes from its checkpoints under ``--ckpt-dir``):
    std that gives ``scaling_factor``) and ``vae_recon.png`` (originals above reconstructions).
 2. ``unet``: the UNet and text encoder with the frozen VAE: epsilon loss, caption dropout, EMA.
    Every ``--sample-every-s`` seconds it samples held-out prompts with the EMA weights, writes
-   ``samples-<step>.png`` and scores them with ``tf_diffusion.shapes_checker``.
+   ``samples-<step>.png`` and scores them with ``tiny_shapes.checker``.
 3. ``export``: the EMA weights as float16 into ``--out`` in the tf_diffusion folder format (an
    existing model there is replaced only with ``--overwrite``), then ``eval``: held-out prompts
-   scored by the checker, ``final_eval.json`` and a generated ``MODEL_CARD.md`` (into ``--out``
-   unless one is there already and ``--overwrite`` is not given; then into ``--ckpt-dir``).
+   scored by the checker, ``final_eval.json`` and a generated ``MODEL_CARD.md`` (``model_card.py``; into
+   ``--out`` unless one is there already and ``--overwrite`` is not given; then into ``--ckpt-dir``).
 
-Example:
-    nohup python examples/train_shapes.py --stage all --ckpt-dir /work/train_ckpt \\
+Example (from the repository root; ``--ckpt-dir`` defaults to ./tiny-shapes-ckpt):
+    nohup python examples/tiny_shapes/train.py --stage all --ckpt-dir tiny-shapes-ckpt \\
         --vae-minutes 20 --unet-minutes 60 > train.log 2>&1 &
 """
 
@@ -30,6 +30,8 @@ import time
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __package__ in (None, ""):  # run as a script: make the tiny_shapes package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _share(text: str) -> float:
@@ -45,7 +47,7 @@ def _share(text: str) -> float:
 
 def _mention_arg(text: str) -> tuple[str, float]:
     """``ATTR=P`` -> (attr, p), checked against ``shapes.MENTION_PROBABILITY``."""
-    from tf_diffusion import shapes
+    from tiny_shapes import dataset as shapes
 
     key, sep, value = text.partition("=")
     try:
@@ -63,7 +65,7 @@ def log(*args):
 
 def shapes_batches(seed: int, batch_size: int, mention: dict[str, float] | None = None):
     """make_batch(k) -> (images, captions) of batch k of the training split."""
-    from tf_diffusion import shapes
+    from tiny_shapes import dataset as shapes
 
     data = shapes.ShapesDataset(seed, "train", mention=mention)
 
@@ -82,7 +84,7 @@ def small_heavy_batches(seed: int, batch_size: int, small_share: float):
     8 * (k * batch_size + j) ... + 7 (so every batch is deterministic and independent of the others),
     or the first of them if none is small (about 4% of slots).
     """
-    from tf_diffusion import shapes
+    from tiny_shapes import dataset as shapes
 
     data = shapes.ShapesDataset(seed, "train")
     small = int(round(small_share * batch_size))
@@ -120,11 +122,11 @@ def save_grid(path: str, rows: list[np.ndarray]) -> None:
 def train_vae(args, config) -> dict:
     import tensorflow as tf
 
-    from tf_diffusion import shapes
     from tf_diffusion.training import TrainingConfig, VAETrainer, dataset_from_generator
     from tf_diffusion.vae import AutoencoderKL
     from tf_diffusion.weights.safetensors_io import load_safetensors, save_safetensors
     from tf_diffusion.weights.state_dict import load_state_dict
+    from tiny_shapes import dataset as shapes
 
     folder = os.path.join(args.ckpt_dir, "vae")
     final = os.path.join(args.ckpt_dir, "vae_final.safetensors")
@@ -271,7 +273,7 @@ def sample_and_score(
     sd, prompts, targets, seed: int, steps: int, sampler: str, guidance: float, path: str | None
 ):
     """Generate one image per prompt; returns (images, checker score dict)."""
-    from tf_diffusion import shapes_checker
+    from tiny_shapes import checker as shapes_checker
 
     images = []
     for i in range(0, len(prompts), 16):
@@ -295,11 +297,11 @@ def sample_and_score(
 
 
 def train_unet(args, config) -> None:
-    from tf_diffusion import shapes
     from tf_diffusion.pipeline import StableDiffusion
     from tf_diffusion.training import DiffusionTrainer, TrainingConfig, dataset_from_generator
     from tf_diffusion.weights.safetensors_io import load_safetensors
     from tf_diffusion.weights.state_dict import load_state_dict, state_dict
+    from tiny_shapes import dataset as shapes
 
     sd = StableDiffusion(config)
     load_state_dict(sd.vae, load_safetensors(os.path.join(args.ckpt_dir, "vae_final.safetensors")))
@@ -438,7 +440,7 @@ def load_folder(path: str):
 
 def evaluate(args) -> dict:
     """Score the exported model on held-out prompts with the independent checker; time one image."""
-    from tf_diffusion import shapes
+    from tiny_shapes import dataset as shapes
 
     sd = load_folder(args.out)
     targets = shapes.heldout_prompts(args.final_eval_prompts, seed=args.seed + 7)
@@ -484,123 +486,24 @@ def evaluate(args) -> dict:
     }
     with open(os.path.join(args.ckpt_dir, "final_eval.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
-    write_model_card(args, sd, result)
+    from tiny_shapes.model_card import write_model_card
+
+    write_model_card(args, sd, result, log=log)
     log("final eval", json.dumps({k: v for k, v in result.items() if k != "score"}, default=str))
     log("final score", json.dumps({k: v for k, v in score.items() if k != "items"}, default=str))
     return result
 
 
-def _log_summary(path: str) -> dict:
-    """Steps, wall time and the mean of the last 100 logged losses of one stage's JSON-lines log."""
-    if not os.path.exists(path):
-        return {}
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    if not rows:
-        return {}
-    tail = rows[-10:]
-    out = {"steps": rows[-1]["step"], "minutes": (rows[-1]["time"] - rows[0]["time"]) / 60}
-    for key in ("loss", "rec"):
-        if key in tail[-1]:
-            out[key] = float(np.mean([r[key] for r in tail]))
-    return out
-
-
-def _schedule_line(cfg) -> str:
-    line = f"- Schedule: {cfg.beta_schedule} betas ({cfg.beta_start} to {cfg.beta_end}, {cfg.num_train_timesteps} steps)"
-    if cfg.rescale_betas_zero_snr:
-        line += " rescaled to zero terminal SNR"
-    return f"{line}, {cfg.prediction_type} prediction, {cfg.timestep_spacing or 'default'} timestep spacing."
-
-
-def write_model_card(args, sd, result: dict) -> None:
-    """weights/tiny-shapes/MODEL_CARD.md from the logs, the VAE stats and the final evaluation."""
-    from tf_diffusion.weights.state_dict import count_parameters
-
-    with open(os.path.join(args.ckpt_dir, "vae_stats.json")) as f:
-        vae = json.load(f)
-    stages = {
-        name: _log_summary(os.path.join(args.ckpt_dir, f"{name}_log.jsonl"))
-        for name in ("vae", "vae_decoder", "unet")
-    }
-    score = result["score"]
-    params = {n: count_parameters(getattr(sd, n)) for n in ("text_encoder", "unet", "vae")}
-    size_mb = sum(os.path.getsize(os.path.join(args.out, f"{n}.safetensors")) for n in params) / 1e6
-
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.1f}%"
-
-    def stage(name):
-        st = stages[name]
-        if not st:
-            return "not run"
-        losses = ", ".join(f"{k} {st[k]:.4f}" for k in ("loss", "rec") if k in st)
-        return f"{st['steps']} steps, {st['minutes']:.0f} min logged, final {losses}"
-
-    counts = score.get("counts", {})
-    lines = [
-        "# tiny-shapes",
-        "",
-        "A small text-to-image model trained from scratch on procedurally drawn shapes, so that",
-        "tf_diffusion has a default model that works offline. It draws one coloured shape (circle,",
-        "square, triangle, star, heart, cross) in ten colours, three sizes and nine positions, on five",
-        "backgrounds, at 64x64. It knows nothing else.",
-        "",
-        "## Architecture (preset `tiny-shapes`)",
-        "",
-        f"- Text encoder: CLIP, 3 layers, width 128, 4 heads, full CLIP vocabulary ({params['text_encoder']:,} parameters).",
-        f"- UNet: model_channels 64, channel_mult (1, 2, 2), 1 res block per level, attention at the two lower levels, 4 heads ({params['unet']:,} parameters).",
-        f"- VAE: factor 4 (64x64x3 <-> 16x16x4), base 32 channels, channel_mult (1, 2, 2) ({params['vae']:,} parameters); scaling_factor {sd.config.vae.scaling_factor} (1 / latent std).",
-        _schedule_line(sd.config.scheduler),
-        f"- Weights: float16, {size_mb:.1f} MB in total; EMA weights of the last checkpoint.",
-        "",
-        "## Data",
-        "",
-        "`tf_diffusion.shapes`, train split, drawn on the fly (every batch is new). Captions come from six",
-        "templates and name colour and shape unless `--mention` left them out of a share (see the commands",
-        "that trained it); size, position and background only sometimes. Six",
-        "(shape, colour) and four (shape, position) combinations are held out of training entirely.",
-        "",
-        "## Training (examples/train_shapes.py, on 2 shared CPU cores)",
-        "",
-        f"- VAE: {stage('vae')}; batch {args.vae_batch}, AdamW, L1 then L1+L2 reconstruction + KL (1e-5), EMA.",
-        f"- VAE decoder fine-tune (encoder frozen): {stage('vae_decoder')}.",
-        f"- Text encoder + UNet: {stage('unet')}; batch {args.unet_batch}, AdamW lr {args.unet_lr}, caption dropout 0.1, EMA {args.ema_decay}.",
-        f"- VAE reconstruction on held-out-split images: mean abs error {vae['mae_uint8']:.2f} / 255, PSNR {vae['psnr_db']:.1f} dB.",
-        "",
-        "## Measured quality",
-        "",
-        f"{result['prompts']} prompts asking for held-out combinations (`shapes.heldout_prompts`), one image each,",
-        f"sampler {result['sampler']}, {result['steps']} steps, guidance {result['guidance']}, scored by the independent",
-        "pixel checker `tf_diffusion.shapes_checker` (each attribute over the prompts that name it):",
-        "",
-        "| attribute | accuracy | prompts |",
-        "| --- | --- | --- |",
-    ]
-    for key in ("color", "shape", "position", "size", "background"):
-        lines.append(f"| {key} | {pct(score.get(key))} | {counts.get(key, '')} |")
-    lines += [
-        f"| all named attributes | {pct(score.get('all'))} | {result['prompts']} |",
-        "",
-        f"Time per image (one prompt, guidance on, after warm-up, 2-core CPU): {result['seconds_per_image_median']:.2f} s (median of 5).",
-        "",
-        "## Limitations",
-        "",
-        "Only this toy domain; 64x64 only; combinations and wordings outside the templates are hit and miss.",
-        "The checker reads one shape per image; samples are scored as generated, not cherry-picked.",
-        "",
-    ]
-    path = os.path.join(args.out, "MODEL_CARD.md")
-    if os.path.exists(path) and not args.overwrite:
-        path = os.path.join(args.ckpt_dir, "MODEL_CARD.md")  # never replace a (hand-edited) card
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    log(f"wrote {path}")
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description="Train the tiny-shapes model end to end on procedurally drawn shapes."
+    )
     p.add_argument("--stage", choices=("vae", "vae_decoder", "unet", "export", "eval", "all"), default="all")
-    p.add_argument("--ckpt-dir", default="/work/train_ckpt")
+    p.add_argument(
+        "--ckpt-dir",
+        default="tiny-shapes-ckpt",
+        help="checkpoints, logs, samples and evaluations; each stage resumes from here (default: %(default)s)",
+    )
     p.add_argument("--out", default="weights/tiny-shapes")
     p.add_argument(
         "--overwrite",

@@ -1,13 +1,6 @@
-"""The ``tf-diffusion train`` subcommand: train or fine-tune a model on a folder of captioned images.
+"""``tf-diffusion train``: train or fine-tune a model on a folder of captioned images.
 
-The folder holds ``name.png|jpg|jpeg|webp`` images with ``name.txt`` captions. The model comes from
-a preset (random weights) or from ``--model`` (anything ``StableDiffusion.from_pretrained`` reads).
-Checkpoints go to ``--checkpoint-dir`` and a rerun with the same arguments resumes; ``--out`` receives
-the EMA weights in the tf_diffusion folder format when training ends.
-
-Example:
-    tf-diffusion train --model weights/sd-v1-5 --data my_images/ --train unet \\
-        --size 512 --batch-size 1 --lr 1e-5 --steps 2000 --checkpoint-dir ckpt --out my-model
+(What ``--help`` shows is ``DESCRIPTION`` and ``EXAMPLE`` below, written as plain text.)
 """
 
 from __future__ import annotations
@@ -15,7 +8,35 @@ from __future__ import annotations
 import argparse
 import os
 
-from tf_diffusion.training import TRAIN_TARGETS
+from tf_diffusion.cli._common import UsageError, check_model, finite_float, import_tensorflow, positive_int
+from tf_diffusion.training.config import TRAIN_TARGETS
+
+DESCRIPTION = """\
+Train or fine-tune a model on a folder of captioned images.
+
+The folder holds name.png, name.jpg, name.jpeg or name.webp images, each with a name.txt caption.
+The model comes from a preset (random initial weights) or from --model (a folder, checkpoint file or
+hub id). Checkpoints go to --checkpoint-dir, and a rerun with the same arguments resumes; --out
+receives the EMA weights as a tf_diffusion folder when training ends."""
+
+EXAMPLE = """\
+example:
+  tf-diffusion train --model weights/sd-v1-5 --data my_images/ --train unet \\
+      --size 512 --batch-size 1 --lr 1e-5 --steps 2000 --checkpoint-dir ckpt --out my-model"""
+# TrainingConfig argument names -> our options, for messages from the library.
+OPTION_NAMES = {
+    "learning_rate": "--lr",
+    "warmup_steps": "--warmup-steps",
+    "weight_decay": "--weight-decay",
+    "ema_decay": "--ema-decay",
+    "caption_dropout": "--caption-dropout",
+    "high_noise_fraction": "--high-noise-fraction",
+    "high_noise_start": "--high-noise-start",
+    "kl_weight": "--kl-weight",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+    "size": "--size",
+}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,7 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
         help="train or fine-tune on a folder of captioned images",
-        description=__doc__.split("\n")[0],
+        description=DESCRIPTION,
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -67,14 +90,56 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the EMA weights (tf_diffusion folder) here at the end")
     p.add_argument("--xla", action="store_true", help="compile the forward/backward pass with XLA")
     p.add_argument("--mirrored", action="store_true", help="train on all local GPUs with MirroredStrategy")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, option_names=OPTION_NAMES)
     return p
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """Every check that needs no model; returns the resolved ``--model`` source (None with --preset).
+
+    Raises:
+        UsageError: a bad option value.
+        FileNotFoundError: a missing --data folder or --model.
+    """
+    from tf_diffusion.presets import PRESETS
+
+    positive_int(args.steps, "--steps")
+    positive_int(args.batch_size, "--batch-size")
+    positive_int(args.size, "--size")
+    positive_int(args.warmup_steps, "--warmup-steps", minimum=0)
+    positive_int(args.seed, "--seed", minimum=0)
+    finite_float(args.lr, "--lr", 0.0)
+    if args.lr <= 0:
+        raise UsageError(f"--lr {args.lr:g}: must be > 0")
+    finite_float(args.weight_decay, "--weight-decay", 0.0)
+    finite_float(args.ema_decay, "--ema-decay", 0.0, 1.0)
+    if args.ema_decay >= 1.0:
+        raise UsageError(f"--ema-decay {args.ema_decay:g}: must be in [0, 1) (0 disables the EMA)")
+    finite_float(args.caption_dropout, "--caption-dropout", 0.0, 1.0)
+    finite_float(args.high_noise_fraction, "--high-noise-fraction", 0.0, 1.0)
+    finite_float(args.high_noise_start, "--high-noise-start", 0.0, 1.0)
+    if args.high_noise_start >= 1.0:
+        raise UsageError(f"--high-noise-start {args.high_noise_start:g}: must be in [0, 1)")
+    finite_float(args.kl_weight, "--kl-weight", 0.0)
+    finite_float(args.checkpoint_every, "--checkpoint-every", 0.0)
+    finite_float(args.time_limit, "--time-limit", 0.0)
+    if args.preset is not None and args.preset not in PRESETS:
+        raise UsageError(f"--preset {args.preset}: unknown; allowed: {', '.join(sorted(PRESETS))}")
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such folder")
+    if os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
+        raise UsageError(f"--checkpoint-dir {args.checkpoint_dir}: exists and is not a folder")
+    if args.out is not None and os.path.exists(args.out):
+        if not os.path.isdir(args.out) or os.listdir(args.out):
+            raise FileExistsError(f"--out {args.out}: exists and is not an empty folder; choose a new folder")
+    return None if args.model is None else check_model(args.model, "--model")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``train`` subcommand; returns the exit code."""
+    source = check_arguments(args)
+    tf = import_tensorflow()
     import numpy as np
-    import tensorflow as tf
 
     from tf_diffusion.pipeline import StableDiffusion
     from tf_diffusion.training import (
@@ -87,10 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
     strategy = tf.distribute.MirroredStrategy() if args.mirrored else tf.distribute.get_strategy()
     with strategy.scope():
-        if args.model is not None:
-            if not hasattr(StableDiffusion, "from_pretrained"):
-                raise ValueError("--model needs StableDiffusion.from_pretrained, which this version lacks")
-            sd = StableDiffusion.from_pretrained(args.model)
+        if source is not None:
+            sd = StableDiffusion.from_pretrained(source)
         else:
             sd = StableDiffusion.from_preset(args.preset)
     size = args.size or sd.config.default_size

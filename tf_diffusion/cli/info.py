@@ -1,0 +1,48 @@
+"""``tf-diffusion info``: describe a checkpoint (format, family, dtypes, parameters, anything unusual).
+
+tf-diffusion info tiny-shapes
+tf-diffusion info model.safetensors --config sd-v1-5 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from tf_diffusion.cli._common import (
+    add_source_options,
+    check_model,
+    check_source_paths,
+    import_tensorflow,
+    source_kwargs,
+)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``info`` on the tf-diffusion command's subparsers."""
+    p = subparsers.add_parser(
+        "info", help="describe a checkpoint: format, family, dtypes, parameters, anything unusual"
+    )
+    p.add_argument("path", help="shipped model name, checkpoint file, folder or Hugging Face Hub id")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_source_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report; returns the exit status."""
+    source = check_model(args.path, "")
+    check_source_paths(args)
+    kwargs = source_kwargs(args)
+    import_tensorflow()
+    from tf_diffusion.weights.loading import load_pipeline_weights
+
+    with load_pipeline_weights(source, strict=False, **kwargs) as weights:
+        report = weights.report
+        if args.json:
+            print(json.dumps(dataclasses.asdict(report), indent=2))
+        else:
+            print(report)
+    return 0

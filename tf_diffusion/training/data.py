@@ -1,0 +1,124 @@
+"""Training data as ``tf.data`` pipelines: from arrays, from a batch generator, from a folder of captioned images."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+
+def dataset_from_arrays(
+    images,
+    captions: Sequence[str],
+    tokenizer,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    repeat: bool = True,
+) -> tf.data.Dataset:
+    """A ``tf.data`` pipeline of (images float32 [-1, 1], token ids int32) batches from in-memory data.
+
+    Args:
+        images: (N, H, W, 3) uint8 array (all one size; resize beforehand, see ``load_image_folder``).
+        captions: N strings.
+        tokenizer: callable list[str] -> (N, L) ids, e.g. ``StableDiffusion.tokenizer``.
+        batch_size: global batch size; the last partial batch is dropped.
+        shuffle, seed: shuffle every epoch with this seed.
+        repeat: loop forever.
+
+    Raises:
+        ValueError: for mismatched lengths, a non-uint8 or non-NHWC array, or a batch larger than the data.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be a uint8 array (N, H, W, 3), got {images.dtype} {images.shape}")
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions; give one caption per image")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(images):
+        raise ValueError(
+            f"batch_size={batch_size!r} must be an int in [1, {len(images)}] (the number of images)"
+        )
+    ids = np.asarray(tokenizer(list(captions)), dtype=np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((images, ids))
+    if shuffle:
+        ds = ds.shuffle(min(len(images), 10_000), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 127.5 - 1.0, y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def dataset_from_generator(
+    make_batch: Callable[[int], tuple[np.ndarray, Sequence[str]]],
+    tokenizer,
+    batch_size: int,
+    image_size: int,
+    start: int = 0,
+) -> tf.data.Dataset:
+    """An endless ``tf.data`` pipeline from ``make_batch(k) -> (uint8 images (B, H, W, 3), captions)``.
+
+    Batch ``k`` for k = start, start + 1, ... is drawn on the fly in a background thread, so a
+    resumed run passes ``start=step`` to continue the stream.
+    """
+
+    def batches():
+        k = start
+        while True:
+            images, captions = make_batch(k)
+            k += 1
+            ids = np.asarray(tokenizer(list(captions)), dtype=np.int32)
+            yield images, ids
+
+    length = int(np.asarray(tokenizer([""])).shape[-1])
+    signature = (
+        tf.TensorSpec((batch_size, image_size, image_size, 3), tf.uint8),
+        tf.TensorSpec((batch_size, length), tf.int32),
+    )
+    ds = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 127.5 - 1.0, y))
+    return ds.prefetch(4)
+
+
+def load_image_folder(folder: str | os.PathLike, size: int) -> tuple[np.ndarray, list[str]]:
+    """Images and captions from a folder of ``name.png|jpg|jpeg|webp`` + ``name.txt`` pairs.
+
+    Each image is centre-cropped to a square and resized to ``size`` x ``size`` (Lanczos); this
+    is the one place training data is resized, and it says so here.
+
+    Returns:
+        (uint8 images (N, size, size, 3), captions).
+
+    Raises:
+        ValueError: when an image has no caption file, the folder holds no images, or an image is
+            unreadable or larger than ``tf_diffusion.images.max_image_pixels()``.
+    """
+    from PIL import Image
+
+    from tf_diffusion.images import open_image
+
+    paths = sorted(
+        p
+        for p in glob.glob(os.path.join(os.fspath(folder), "*"))
+        if p.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
+    )
+    if not paths:
+        raise ValueError(f"{folder}: no .png/.jpg/.jpeg/.webp images found")
+    images, captions = [], []
+    for path in paths:
+        caption_path = os.path.splitext(path)[0] + ".txt"
+        if not os.path.exists(caption_path):
+            raise ValueError(f"{path}: no caption file {caption_path}")
+        with open(caption_path, encoding="utf-8") as f:
+            captions.append(f.read().strip())
+        with open_image(path) as im:  # size-checked from the header before decoding
+            im = im.convert("RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+            images.append(np.asarray(im, dtype=np.uint8))
+    return np.stack(images), captions
