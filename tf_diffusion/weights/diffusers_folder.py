@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tf_diffusion.config import CLIPTextConfig, PipelineConfig, SchedulerConfig, UNetConfig, VAEConfig
+from tf_diffusion.families import COMPONENTS, diffusers_pipeline_classes, family_of_config
 from tf_diffusion.schedulers import config_from_diffusers as scheduler_config_from_diffusers
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.weights.ckpt import load_ckpt
@@ -30,13 +31,8 @@ from tf_diffusion.weights.lazy import derived
 from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
 
 MODEL_INDEX = "model_index.json"
-# Pipelines whose components are the SD 1.x / 2.x tokenizer, CLIP text encoder, UNet and VAE.
-PIPELINE_CLASSES = (
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-    "StableDiffusionInpaintPipelineLegacy",
-)
+# Pipelines some family reads (families.FAMILIES[...].diffusers_pipelines).
+PIPELINE_CLASSES = diffusers_pipeline_classes()
 # Weight file stems: diffusers models, then transformers models.
 _STEMS = {
     "unet": ("diffusion_pytorch_model",),
@@ -191,7 +187,7 @@ def read_diffusers_config(path: str | os.PathLike) -> tuple[PipelineConfig, CLIP
         raise ValueError(
             f"{folder / MODEL_INDEX}: _class_name={pipeline!r} is not supported; expected one of {PIPELINE_CLASSES}"
         )
-    for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
+    for name in (*COMPONENTS, "tokenizer", "scheduler"):
         if name not in index or not (folder / name).is_dir():
             raise ValueError(f"{folder}: the diffusers folder has no {name}/ component")
     unet_json = read_json(folder / "unet" / "config.json")
@@ -242,7 +238,7 @@ def read_diffusers_folder(path: str | os.PathLike, *, variant: str | None = None
     handles: list = []
     components, files, ignored = {}, {}, []
     try:
-        for component in ("text_encoder", "unet", "vae"):
+        for component in COMPONENTS:
             chosen = select_weight_files(available, component, variant)
             tensors, files[component] = _open_weights(folder, chosen, handles)
             if component == "text_encoder":
@@ -458,7 +454,7 @@ def write_diffusers_folder(
     factor = config.vae.downsample_factor
     unet_tensors = unet_to_diffusers(components["unet"], config.unet)
     vae_tensors = vae_to_diffusers(components["vae"], config.vae)
-    pipeline = "StableDiffusionInpaintPipeline" if config.is_inpainting else "StableDiffusionPipeline"
+    pipeline = family_of_config(config).diffusers_pipelines[0]
     index = {
         "_class_name": pipeline,
         "_diffusers_version": _DIFFUSERS_VERSION,
@@ -477,7 +473,7 @@ def write_diffusers_folder(
         "text_encoder": text_config_to_transformers(config.text_encoder, tokenizer),
     }
     tensors = {"unet": unet_tensors, "vae": vae_tensors, "text_encoder": dict(components["text_encoder"])}
-    for name in ("text_encoder", "unet", "vae"):
+    for name in COMPONENTS:
         (folder / name).mkdir()
         _write_json(folder / name / "config.json", configs[name])
         save_safetensors(
