@@ -19,7 +19,13 @@ from tf_diffusion.families import COMPONENTS, diffusers_pipeline_classes, family
 from tf_diffusion.schedulers import config_from_diffusers as scheduler_config_from_diffusers
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.weights.ckpt import load_ckpt
-from tf_diffusion.weights.diffusers_configs import clip_config_from_transformers, vae_config_from_diffusers
+from tf_diffusion.weights.diffusers_configs import (
+    clip_config_from_transformers,
+    sampler_from_diffusers,
+    sampler_is_implemented,
+    sampler_to_diffusers,
+    vae_config_from_diffusers,
+)
 from tf_diffusion.weights.diffusers_unet import (
     _RESNET_RENAMES,
     convert_diffusers_unet_state_dict,
@@ -206,8 +212,19 @@ def read_diffusers_config(path: str | os.PathLike) -> tuple[PipelineConfig, CLIP
         vae=vae_cfg,
         scheduler=scheduler_config_from_diffusers(scheduler_json),
         default_size=default_size,
+        # diffusers samples with the folder's scheduler by default; so do we.
+        default_sampler=sampler_from_diffusers(scheduler_json, _scheduler_class(index)),
     )
     return config, tokenizer, scheduler_json, index
+
+
+def _scheduler_class(index: Mapping) -> str | None:
+    """The scheduler class model_index.json names: the one diffusers' from_pretrained instantiates
+    (with the options of scheduler_config.json), whatever that file's own ``_class_name`` says."""
+    entry = index.get("scheduler")
+    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
+        return entry[1]
+    return None
 
 
 def read_diffusers_folder(path: str | os.PathLike, *, variant: str | None = None) -> DiffusersFolder:
@@ -420,21 +437,40 @@ def text_config_to_transformers(config: CLIPTextConfig, tokenizer: CLIPTokenizer
     }
 
 
-def scheduler_config_to_diffusers(config: SchedulerConfig, original: Mapping | None = None) -> dict:
+def scheduler_config_to_diffusers(
+    config: SchedulerConfig, original: Mapping | None = None, sampler: str | None = None
+) -> dict:
     """Scheduler settings as ``scheduler_config.json``.
 
     Keys of ``original`` we do not model are kept; every key we model is written from
     ``config`` (the core ones always, the others when they differ from our defaults).
+
+    Args:
+        config: the schedule and sampler options.
+        original: a scheduler_config.json read with the weights, to write back.
+        sampler: the model's default sampler; its diffusers class becomes ``_class_name`` and the
+            options its name fixes are written (a sampler diffusers lacks keeps ``original``'s class,
+            else PNDMScheduler). Steps and guidance are pipeline-call arguments in diffusers, so no
+            scheduler file can hold them.
     """
     import dataclasses
 
     data = dict(original or {})
     data.setdefault("_class_name", "PNDMScheduler")
+    fixed = {}
+    if sampler is not None and sampler_is_implemented(sampler):
+        data["_class_name"], fixed = sampler_to_diffusers(sampler)
+        config = dataclasses.replace(config, **fixed)
     data["_diffusers_version"] = data.get("_diffusers_version", _DIFFUSERS_VERSION)
     defaults = SchedulerConfig()
     for f in dataclasses.fields(SchedulerConfig):
         value = getattr(config, f.name)
-        if f.name in _SCHEDULER_CORE or f.name in data or value != getattr(defaults, f.name):
+        if (
+            f.name in _SCHEDULER_CORE
+            or f.name in data
+            or f.name in fixed
+            or value != getattr(defaults, f.name)
+        ):
             if value is None and f.name not in data:
                 continue
             if f.name == "lambda_min_clipped" and value == float("-inf"):
@@ -452,6 +488,7 @@ def write_diffusers_folder(
 ) -> None:
     """Write a diffusers StableDiffusionPipeline folder into the (new, empty) ``folder``."""
     factor = config.vae.downsample_factor
+    scheduler_json = scheduler_config_to_diffusers(config.scheduler, scheduler, config.default_sampler)
     unet_tensors = unet_to_diffusers(components["unet"], config.unet)
     vae_tensors = vae_to_diffusers(components["vae"], config.vae)
     pipeline = family_of_config(config).diffusers_pipelines[0]
@@ -461,7 +498,7 @@ def write_diffusers_folder(
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", (scheduler or {}).get("_class_name", "PNDMScheduler")],
+        "scheduler": ["diffusers", scheduler_json["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -480,10 +517,7 @@ def write_diffusers_folder(
             tensors[name], folder / name / f"{_SAFETENSORS_STEM[name]}.safetensors", {"format": "pt"}
         )
     (folder / "scheduler").mkdir()
-    _write_json(
-        folder / "scheduler" / "scheduler_config.json",
-        scheduler_config_to_diffusers(config.scheduler, scheduler),
-    )
+    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_json)
     tokenizer.save(folder / "tokenizer")
     _write_json(folder / MODEL_INDEX, index)
 

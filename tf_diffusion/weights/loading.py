@@ -309,6 +309,7 @@ def load_pipeline_weights(
         weights.scheduler_json = folder.scheduler
         weights.handles = folder.handles
         report.prediction_type_source = "scheduler/scheduler_config.json"
+        _note_sampler(report, folder.config)
     elif fmt == "tf_diffusion":
         folder = read_folder(path)
         weights = _finish(folder.config, folder.tokenizer, folder.components, report, "config.json")
@@ -487,6 +488,20 @@ def _read_single_file(path, report, override, prediction_type, use_ema, strict) 
         for handle in handles:
             handle.close()
         raise
+
+
+def _note_sampler(report: LoadReport, config: PipelineConfig) -> None:
+    """Say which sampler the folder's scheduler gave, and if generate() cannot run it by default."""
+    from tf_diffusion.weights.diffusers_configs import sampler_is_implemented
+
+    name = config.default_sampler
+    if sampler_is_implemented(name):
+        report.notes.append(f"default sampler: {name} (the folder's scheduler, as diffusers samples it)")
+    else:
+        report.notes.append(
+            f"the folder's scheduler {name} is not implemented by tf_diffusion; pass scheduler= "
+            f"(e.g. 'dpmpp_2m', 'euler_a', 'ddim') to generate()"
+        )
 
 
 def _stored_config(metadata: Mapping) -> PipelineConfig | None:
