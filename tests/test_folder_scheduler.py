@@ -20,7 +20,6 @@ from tf_diffusion.noise import NoiseSource
 from tf_diffusion.schedulers import get_sampler
 from tf_diffusion.weights.loading import load_pipeline_weights
 
-
 PIPELINE = pathlib.Path(__file__).parent / "fixtures" / "pipeline"
 
 
@@ -164,3 +163,44 @@ def test_folder_default_sampler_matches_diffusers(tiny_folder, tmp_path, fixture
         progress=False,
     )
     assert float(np.max(np.abs(other - images[name]))) > 10 * TOLERANCE
+
+
+def test_diffusers_round_trip_keeps_the_sampler_and_writes_float32_and_fp16(tiny_folder, tmp_path):
+    import dataclasses
+
+    from tf_diffusion.weights.loading import save
+    from tf_diffusion.weights.safetensors_io import open_safetensors
+
+    with load_pipeline_weights(tiny_folder) as weights:
+        # The tiny-shapes model's sampling settings: DPM++ 2M on a zero-SNR v-prediction schedule.
+        scheduler = dataclasses.replace(
+            weights.config.scheduler,
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+            timestep_spacing="trailing",
+        )
+        weights.config = weights.config.replace(default_sampler="dpmpp_2m", scheduler=scheduler)
+        save(weights, tmp_path / "out", format="diffusers", dtype="float16")
+    out = tmp_path / "out"
+    written = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert written["_class_name"] == "DPMSolverMultistepScheduler"
+    assert (written["algorithm_type"], written["solver_order"], written["use_karras_sigmas"]) == (
+        "dpmsolver++",
+        2,
+        False,
+    )
+    assert json.loads((out / "model_index.json").read_text())["scheduler"] == [
+        "diffusers",
+        "DPMSolverMultistepScheduler",
+    ]
+    with load_pipeline_weights(out) as back:
+        assert back.config.default_sampler == "dpmpp_2m"
+        assert back.config.scheduler == scheduler
+        assert {t.dtype for c in back.components.values() for t in c.values()} == {np.dtype("float32")}
+    with load_pipeline_weights(out, variant="fp16") as half:
+        assert {t.dtype for c in half.components.values() for t in c.values()} == {np.dtype("float16")}
+    # The default files are float32, what diffusers' from_pretrained runs without torch_dtype.
+    for component, stem in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        with open_safetensors(out / component / f"{stem}.safetensors") as f:
+            assert {np.dtype(t.dtype) for t in dict(f).values()} == {np.dtype("float32")}
+        assert (out / component / f"{stem}.fp16.safetensors").is_file()

@@ -3,7 +3,9 @@
 Reading turns each component's ``config.json`` into our config, renames the UNet and VAE keys to
 the original ones (``diffusers_unet`` / ``diffusers_vae``) and keeps tensors lazy. Writing is the
 reverse: original keys -> diffusers keys, our configs -> ``config.json`` files that diffusers and
-transformers load, the scheduler settings as ``scheduler_config.json``.
+transformers load, the default sampler and scheduler settings as ``scheduler_config.json``, the
+weights as float32 files (what ``from_pretrained`` runs by default) plus, for half-precision
+weights, the ``fp16`` (``bf16``) variant files.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import pathlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from tf_diffusion.config import CLIPTextConfig, PipelineConfig, SchedulerConfig, UNetConfig, VAEConfig
 from tf_diffusion.families import COMPONENTS, diffusers_pipeline_classes, family_of_config
@@ -33,7 +37,7 @@ from tf_diffusion.weights.diffusers_unet import (
     unet_config_from_diffusers,
 )
 from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae, diffusers_vae_key_map
-from tf_diffusion.weights.lazy import derived
+from tf_diffusion.weights.lazy import BFLOAT16, derived
 from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
 
 MODEL_INDEX = "model_index.json"
@@ -510,16 +514,44 @@ def write_diffusers_folder(
         "text_encoder": text_config_to_transformers(config.text_encoder, tokenizer),
     }
     tensors = {"unet": unet_tensors, "vae": vae_tensors, "text_encoder": dict(components["text_encoder"])}
+    variant = _half_variant(tensors)
     for name in COMPONENTS:
         (folder / name).mkdir()
         _write_json(folder / name / "config.json", configs[name])
-        save_safetensors(
-            tensors[name], folder / name / f"{_SAFETENSORS_STEM[name]}.safetensors", {"format": "pt"}
-        )
+        stem = folder / name / _SAFETENSORS_STEM[name]
+        # from_pretrained without torch_dtype runs float32 and reads the files without a variant.
+        save_safetensors(_as_float32(tensors[name]), f"{stem}.safetensors", {"format": "pt"})
+        if variant is not None:
+            save_safetensors(tensors[name], f"{stem}.{variant}.safetensors", {"format": "pt"})
     (folder / "scheduler").mkdir()
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_json)
     tokenizer.save(folder / "tokenizer")
     _write_json(folder / MODEL_INDEX, index)
+
+
+# Half-precision weights are also written as these diffusers variants (from_pretrained(variant=...)).
+HALF_VARIANTS = {np.dtype("float16"): "fp16", BFLOAT16: "bf16"}
+
+
+def _half_variant(components: Mapping[str, Mapping]) -> str | None:
+    """The variant name of the weights' floating dtype if it is a half precision one, else None."""
+    dtypes = {
+        np.dtype(t.dtype)
+        for tensors in components.values()
+        for t in tensors.values()
+        if np.dtype(t.dtype).kind == "f" or np.dtype(t.dtype) == BFLOAT16
+    }
+    return HALF_VARIANTS.get(dtypes.pop()) if len(dtypes) == 1 else None
+
+
+def _as_float32(tensors: Mapping) -> dict:
+    out = {}
+    for key, value in tensors.items():
+        dtype = np.dtype(value.dtype)
+        if dtype in HALF_VARIANTS:
+            value = derived(value, lambda a: np.asarray(a).astype(np.float32), tuple(value.shape), np.float32)
+        out[key] = value
+    return out
 
 
 def _write_json(path: pathlib.Path, data: Mapping) -> None:
