@@ -115,12 +115,12 @@ FAMILIES: dict[str, Family] = {
         _sd("sd1", "SD 1.x (OpenAI CLIP text encoder, 768-wide context)", "clip", 768, 4,
             _SD_PIPELINES, "StableDiffusion", ("sd-v1-5", "tiny-shapes"), "sd-v1-5"),
         _sd("sd1-inpainting", "SD 1.x (OpenAI CLIP text encoder, 768-wide context) inpainting", "clip", 768, 9,
-            _INPAINT_PIPELINES, None, ("sd-v1-5-inpainting",), "sd-v1-5"),
+            _INPAINT_PIPELINES, None, ("sd-v1-5-inpainting",), "sd-v1-5-inpainting"),
         _sd("sd2", "SD 2.x (OpenCLIP text encoder, 1024-wide context)", "openclip", 1024, 4,
             _SD_PIPELINES, "StableDiffusionV2", ("sd-v2-1-base", "sd-v2-1"),
             "sd-v2-1-base", single_file_prediction_type="v_prediction", default_sizes={"v_prediction": 768}),
         _sd("sd2-inpainting", "SD 2.x (OpenCLIP text encoder, 1024-wide context) inpainting", "openclip", 1024, 9,
-            _INPAINT_PIPELINES, None, ("sd-v2-inpainting",), "sd-v2-1-base"),
+            _INPAINT_PIPELINES, None, ("sd-v2-inpainting",), "sd-v2-inpainting"),
     )
 }  # fmt: skip
 # A single file whose family nothing shows (no text encoder, no cross-attention) is taken as this one.
