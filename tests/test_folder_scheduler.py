@@ -3,9 +3,10 @@
 The tiny pipeline of tests/fixtures/pipeline (tools/make_fixtures_pipeline.py) is written as a
 diffusers folder; its scheduler_config.json (and model_index.json's scheduler entry, which is
 the class diffusers' from_pretrained instantiates) is set to a class and options, and the loaded
-config's default sampler and scheduler options are checked. The parity cases compare
-``generate()`` without ``scheduler=`` against the images diffusers made with that scheduler
-(``cls.from_config(scheduler_config)``, what its from_pretrained builds from such a folder).
+config's default sampler and scheduler options are checked. The parity cases put the
+scheduler files diffusers' save_pretrained wrote into the folder and compare ``generate()``
+without ``scheduler=`` against the images diffusers' ``from_pretrained(folder)`` pipeline made
+(tools/make_fixtures_pipeline.py --folders), within the pipeline parity tolerance.
 """
 
 import json
@@ -56,7 +57,12 @@ def with_scheduler(folder, tmp_path, class_name, **options):
         ),
         ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde", {}),
         # No registry name fixes a third order: the class name takes every option from the config.
-        ("DPMSolverMultistepScheduler", {"solver_order": 3}, "DPMSolverMultistepScheduler", {"solver_order": 3}),
+        (
+            "DPMSolverMultistepScheduler",
+            {"solver_order": 3},
+            "DPMSolverMultistepScheduler",
+            {"solver_order": 3},
+        ),
         ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler", {"use_karras_sigmas": True}),
         ("LMSDiscreteScheduler", {}, "lms", {}),
         ("HeunDiscreteScheduler", {"timestep_spacing": "trailing"}, "heun", {"timestep_spacing": "trailing"}),
@@ -118,53 +124,6 @@ def test_own_folder_keeps_the_default_sampler(tiny_folder, tmp_path):
         assert weights.config.default_sampler == "euler_a"
 
 
-@pytest.mark.parametrize(
-    "name, class_name, options",
-    [
-        ("txt2img-ddim-epsilon", "DDIMScheduler", {}),
-        (
-            "txt2img-dpmpp_2m_karras-v_prediction",
-            "DPMSolverMultistepScheduler",
-            {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "prediction_type": "v_prediction"},
-        ),
-    ],
-)
-def test_folder_default_sampler_matches_diffusers(tiny_folder, tmp_path, fixtures_dir, name, class_name, options):
-    from tf_diffusion.pipeline import StableDiffusion
-
-    meta, _, images = fixture(fixtures_dir / "pipeline")
-    case = next(c for c in meta["cases"] if c["name"] == name)
-    scheduler = dict(meta["scheduler"], **options)
-    folder = with_scheduler(tiny_folder, tmp_path, class_name, **scheduler)
-    sd = StableDiffusion.from_pretrained(folder)
-    size = meta["size"] // sd.config.vae.downsample_factor
-    # The first draw of the case's seed, as the reference drew it (deterministic samplers: the only one).
-    latents = NoiseSource(case["seed"]).normal((len(meta["prompts"]), size, size, 4))
-    ours = sd.generate(
-        meta["prompts"],
-        meta["negative_prompts"],
-        num_steps=meta["steps"],
-        guidance_scale=case["guidance_scale"],
-        latents=latents,
-        output_type="float",
-        progress=False,
-    )
-    err = float(np.max(np.abs(ours - images[name])))
-    assert err <= TOLERANCE, f"{name}: max abs error {err:.2e}"
-    # Naming another sampler explicitly still wins (and changes the image).
-    other = sd.generate(
-        meta["prompts"],
-        meta["negative_prompts"],
-        num_steps=meta["steps"],
-        guidance_scale=case["guidance_scale"],
-        latents=latents,
-        scheduler="pndm",
-        output_type="float",
-        progress=False,
-    )
-    assert float(np.max(np.abs(other - images[name]))) > 10 * TOLERANCE
-
-
 def test_diffusers_round_trip_keeps_the_sampler_and_writes_float32_and_fp16(tiny_folder, tmp_path):
     import dataclasses
 
@@ -204,3 +163,52 @@ def test_diffusers_round_trip_keeps_the_sampler_and_writes_float32_and_fp16(tiny
         with open_safetensors(out / component / f"{stem}.safetensors") as f:
             assert {np.dtype(t.dtype) for t in dict(f).values()} == {np.dtype("float32")}
         assert (out / component / f"{stem}.fp16.safetensors").is_file()
+
+
+def folder_case_names():
+    return [c["name"] for c in json.loads((PIPELINE / "folder_schedulers.json").read_text())["cases"]]
+
+
+@pytest.mark.parametrize("name", folder_case_names())
+def test_diffusers_written_scheduler_matches_diffusers_from_pretrained(tiny_folder, tmp_path, name):
+    # tools/make_fixtures_pipeline.py --folders: diffusers saved the pipeline with this scheduler,
+    # loaded it back with from_pretrained(folder) and sampled; the same files here give the same image.
+    from tf_diffusion.pipeline import StableDiffusion
+
+    meta, _, _ = fixture(PIPELINE)
+    folder_meta = json.loads((PIPELINE / "folder_schedulers.json").read_text())
+    case = next(c for c in folder_meta["cases"] if c["name"] == name)
+    want = np.load(PIPELINE / "folder_schedulers.npz")[name]
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_folder, copy)
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(case["scheduler_config"]))
+    index = json.loads((copy / "model_index.json").read_text())
+    index["scheduler"] = case["model_index_scheduler"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    sd = StableDiffusion.from_pretrained(copy)
+    size = meta["size"] // sd.config.vae.downsample_factor
+    latents = NoiseSource(folder_meta["seed"]).normal((len(meta["prompts"]), size, size, 4))
+    ours = sd.generate(
+        meta["prompts"],
+        meta["negative_prompts"],
+        num_steps=meta["steps"],
+        guidance_scale=folder_meta["guidance_scale"],
+        latents=latents,
+        output_type="float",
+        progress=False,
+    )
+    err = float(np.max(np.abs(ours - want)))
+    assert err <= TOLERANCE, f"{name} ({sd.config.default_sampler}): max abs error {err:.2e}"
+    if name == "ddim":
+        # Naming another sampler explicitly still wins (and changes the image).
+        other = sd.generate(
+            meta["prompts"],
+            meta["negative_prompts"],
+            num_steps=meta["steps"],
+            guidance_scale=folder_meta["guidance_scale"],
+            latents=latents,
+            scheduler="pndm",
+            output_type="float",
+            progress=False,
+        )
+        assert float(np.max(np.abs(other - want))) > 10 * TOLERANCE
