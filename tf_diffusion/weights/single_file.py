@@ -30,6 +30,7 @@ from tf_diffusion.families import (
     OPENCLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
+    family_of_config,
     family_of_single_file,
     get_family,
 )
@@ -420,8 +421,8 @@ def to_single_file(
 ) -> dict:
     """Our components -> one original-layout state dict (values stay lazy).
 
-    The text encoder is written as OpenAI CLIP (``cond_stage_model.transformer.``) when it uses
-    quick_gelu and as OpenCLIP (``cond_stage_model.model.``) when it uses gelu, as SD 2.x does.
+    The text encoder is written in the layout of the config's family (``families``): OpenAI CLIP
+    (``cond_stage_model.transformer.``) for SD 1.x, OpenCLIP (``cond_stage_model.model.``) for SD 2.x.
     OpenCLIP's last layer, text projection and logit scale, which our model does not hold, come
     from ``extras`` when the weights were read from a single file; otherwise they are written as
     placeholders SD 2.x never reads (a zero last layer, an identity projection, OpenCLIP's
@@ -441,7 +442,7 @@ def to_single_file(
     for key, value in components["vae"].items():
         out[VAE_PREFIX + key] = value
     text = components["text_encoder"]
-    if config.text_encoder.hidden_act == "gelu":
+    if family_of_config(config).text_encoder == "openclip":
         out.update(_to_openclip(text, config.text_encoder, extras or {}))
     else:
         for key, value in text.items():
