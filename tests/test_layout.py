@@ -113,3 +113,23 @@ def test_resblock_input_sizes_follow_odd_sizes():
     assert [s for _, s in sizes] == [(9, 8), (5, 4), (3, 2), (3, 2), (3, 2)] + [(3, 2)] * 2 + [(5, 4)] * 2 + [
         (9, 8)
     ] * 2
+
+
+def test_layout_paths_are_the_built_models_modules():
+    from tf_diffusion.layout import module_at
+    from tf_diffusion.unet import Downsample, ResBlock, SpatialTransformer, UNetModel, Upsample
+    from tf_diffusion.weights.state_dict import build_abstract
+
+    config = UNetConfig(
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(True, False), num_heads=2
+    )
+    model = build_abstract(lambda: UNetModel(config))
+    kinds = {"res": ResBlock, "attn": SpatialTransformer, "down": Downsample, "up": Upsample}
+    for block, _ in resblock_input_sizes(config, 8, 8):
+        layer = module_at(model, block.path)
+        assert (layer.skip_connection is not None) == (block.in_channels != block.out_channels), block.path
+    for block in unet_layout(config):
+        if block.kind in kinds:
+            assert isinstance(module_at(model, block.path), kinds[block.kind]), block.path
+    with pytest.raises(ValueError, match="input_blocks.9"):
+        module_at(model, "input_blocks.9.0")

@@ -221,3 +221,20 @@ def vae_layout(cfg: VAEConfig) -> list[Block]:
     add("decoder", "norm", 0, ch, ch, "decoder.norm_out", "decoder.conv_norm_out")
     add("decoder", "conv", 0, ch, cfg.out_channels, "decoder.conv_out", "decoder.conv_out")
     return out
+
+
+def module_at(model, path: str):
+    """The layer of a built model at a layout path (``input_blocks.4.1``: attributes and list indices).
+
+    Raises:
+        ValueError: if the model has nothing at ``path``.
+    """
+    obj = model
+    for part in path.split("."):
+        try:
+            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        except (AttributeError, IndexError, TypeError):
+            raise ValueError(
+                f"{type(model).__name__} has no module at {path!r} (stopped at {part!r})"
+            ) from None
+    return obj
