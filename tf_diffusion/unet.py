@@ -43,6 +43,7 @@ from tf_diffusion.layers import (
     upsample_conv3x3,
     winograd_tile_of_filter,
 )
+from tf_diffusion.layout import Block, unet_layout
 
 
 def timestep_embedding(timesteps, dim: int):
@@ -315,6 +316,17 @@ def _run_block(block, x, emb, context, upsample_size=None):
     return x
 
 
+def _make_layer(block: Block, cfg: UNetConfig, emb_dim: int):
+    """The layer of one ``layout.unet_layout`` entry."""
+    if block.kind == "conv":
+        return Conv2d(block.in_channels, block.out_channels, 3, padding=1)
+    if block.kind == "res":
+        return ResBlock(block.in_channels, block.out_channels, emb_dim, cfg)
+    if block.kind == "attn":
+        return SpatialTransformer(block.in_channels, cfg)
+    return (Downsample if block.kind == "down" else Upsample)(block.in_channels)
+
+
 class UNetModel(keras.Model):
     """The Stable Diffusion noise-prediction UNet, built from a ``UNetConfig``.
 
@@ -344,39 +356,17 @@ class UNetModel(keras.Model):
             # time_embed.1 is nn.SiLU in the reference.
             self.time_embed = [Linear(mc, emb_dim), SiLU(), Linear(emb_dim, emb_dim)]
 
-            last = len(cfg.channel_mult) - 1
-            self.input_blocks = [[Conv2d(cfg.in_channels, mc, 3, padding=1)]]
-            skip_channels = [mc]  # width of every input block's output, consumed in reverse
-            ch = mc
-            for level, mult in enumerate(cfg.channel_mult):
-                for _ in range(cfg.num_res_blocks):
-                    block = [ResBlock(ch, mult * mc, emb_dim, cfg)]
-                    ch = mult * mc
-                    if cfg.attention_levels[level]:
-                        block.append(SpatialTransformer(ch, cfg))
-                    self.input_blocks.append(block)
-                    skip_channels.append(ch)
-                if level != last:
-                    self.input_blocks.append([Downsample(ch)])
-                    skip_channels.append(ch)
-
-            self.middle_block = [
-                ResBlock(ch, ch, emb_dim, cfg),
-                SpatialTransformer(ch, cfg),
-                ResBlock(ch, ch, emb_dim, cfg),
-            ]
-
-            self.output_blocks = []
-            for level in reversed(range(len(cfg.channel_mult))):
-                out_ch = cfg.channel_mult[level] * mc
-                for i in range(cfg.num_res_blocks + 1):
-                    block = [ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, cfg)]
-                    ch = out_ch
-                    if cfg.attention_levels[level]:
-                        block.append(SpatialTransformer(ch, cfg))
-                    if level and i == cfg.num_res_blocks:
-                        block.append(Upsample(ch))  # index 1 or 2: after the transformer if any
-                    self.output_blocks.append(block)
+            self.input_blocks, self.middle_block, self.output_blocks = [], [], []
+            lists = {"input": self.input_blocks, "output": self.output_blocks}
+            for block in unet_layout(cfg):
+                layer = _make_layer(block, cfg, emb_dim)
+                if block.section == "middle":
+                    self.middle_block.append(layer)
+                elif block.position == 0:
+                    lists[block.section].append([layer])
+                else:
+                    lists[block.section][-1].append(layer)
+            ch = cfg.channel_mult[0] * mc
 
             # out.1 is nn.SiLU in the reference.
             self.out = [

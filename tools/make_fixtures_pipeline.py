@@ -10,7 +10,14 @@ and mask are handed over once per output image, so diffusers samples each image'
 VAE posterior with that image's own noise, as tf_diffusion does. It writes the float images diffusers
 returns (output_type="np", values in [0, 1]) to tests/fixtures/pipeline/.
 
-Usage (dev only): pip install -e ".[reference]" && python tools/make_fixtures_pipeline.py
+With ``--folders`` it writes only the folder-scheduler fixtures: the txt2img pipeline saved with
+diffusers' ``save_pretrained`` under each of a few schedulers, loaded back with
+``StableDiffusionPipeline.from_pretrained(folder)`` (so diffusers picks the scheduler from the
+folder, as a user's call does) and run on given latents; the scheduler_config.json and
+model_index.json scheduler entry diffusers wrote are stored with the images
+(tests/fixtures/pipeline/folder_schedulers.json / .npz, read by tests/test_folder_scheduler.py).
+
+Usage (dev only): pip install -e ".[reference]" && python tools/make_fixtures_pipeline.py [--folders]
 """
 
 from __future__ import annotations
@@ -244,8 +251,75 @@ def run_case(components, mode, sampler, prediction_type, seed, guidance, strengt
     return np.asarray(images, dtype=np.float32)
 
 
+# Folder-scheduler cases: name -> (scheduler class, options, prediction type); deterministic samplers,
+# so the initial latents are the only noise.
+FOLDER_CASES = {
+    "ddim": (DDIMScheduler, {}, "epsilon"),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"},
+        "v_prediction",
+    ),
+    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}, "epsilon"),
+}
+FOLDER_SEED, FOLDER_GUIDANCE = 7, 5.0
+
+
+def folder_cases() -> None:
+    """The txt2img pipeline saved and reloaded by diffusers under each FOLDER_CASES scheduler."""
+    cases, arrays = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        tokenizer, text_encoder, vae, unet, _ = build_components(tmp)
+        for name, (cls, extra, prediction_type) in FOLDER_CASES.items():
+            scheduler = cls.from_config({**SCHEDULER, **extra, "prediction_type": prediction_type})
+            pipe = StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            folder = tmp / name
+            pipe.save_pretrained(folder)
+            loaded = StableDiffusionPipeline.from_pretrained(folder)
+            loaded.set_progress_bar_config(disable=True)
+            assert type(loaded.scheduler) is cls, type(loaded.scheduler)
+            latents = NoiseSource(FOLDER_SEED).normal((len(PROMPTS), SIZE // 2, SIZE // 2, 4))
+            with torch.no_grad():
+                images = loaded(
+                    prompt=PROMPTS,
+                    negative_prompt=NEGATIVE,
+                    num_inference_steps=STEPS,
+                    guidance_scale=FOLDER_GUIDANCE,
+                    height=SIZE,
+                    width=SIZE,
+                    latents=torch.from_numpy(np.ascontiguousarray(np.transpose(latents, (0, 3, 1, 2)))),
+                    output_type="np",
+                ).images
+            arrays[name] = np.asarray(images, dtype=np.float32)
+            index = json.loads((folder / "model_index.json").read_text())
+            cases.append(
+                dict(
+                    name=name,
+                    scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
+                    model_index_scheduler=index["scheduler"],
+                )
+            )
+            print(name, arrays[name].shape, float(arrays[name].mean()))
+    meta = dict(seed=FOLDER_SEED, guidance_scale=FOLDER_GUIDANCE, cases=cases)
+    (OUT / "folder_schedulers.json").write_text(json.dumps(meta, indent=1) + "\n")
+    np.savez_compressed(OUT / "folder_schedulers.npz", **arrays)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    if "--folders" in sys.argv[1:]:
+        folder_cases()
+        return
     torch.manual_seed(0)
     cases, arrays = [], {}
     with tempfile.TemporaryDirectory() as tmp:

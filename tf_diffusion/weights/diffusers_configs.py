@@ -69,3 +69,62 @@ def clip_config_from_transformers(data: Mapping) -> CLIPTextConfig:
         hidden_act=act,
         layer_norm_eps=float(_get(data, "layer_norm_eps", 1e-5)),
     )
+
+
+def sampler_from_diffusers(data: Mapping, class_name: str | None = None) -> str:
+    """The sampler diffusers runs for a scheduler_config.json: our sampler name for its class and options.
+
+    The ``_class_name`` picks the sampler class; among the registry names of that class
+    (``schedulers.SAMPLERS``) the one whose fixed options equal the file's is taken (a
+    ``DPMSolverMultistepScheduler`` with ``use_karras_sigmas: true`` is "dpmpp_2m_karras"). The
+    remaining options (``timestep_spacing``, ``use_karras_sigmas`` of Euler, ...) stay in the
+    SchedulerConfig read from the same file, which every sampler reads. Where no registry name fits
+    (``solver_order: 3``), the class name itself is the sampler: ``get_sampler`` takes it with every
+    option from the config. A class tf_diffusion does not implement (``KDPM2DiscreteScheduler``, ...)
+    is returned as it is, so that loading works and ``generate()`` without ``scheduler=`` raises an
+    error naming it.
+
+    Args:
+        data: the parsed ``scheduler/scheduler_config.json``.
+        class_name: the scheduler class, if known otherwise (model_index.json's entry, which is
+            what diffusers instantiates); default the file's ``_class_name`` (PNDMScheduler if none).
+
+    Returns:
+        A name ``schedulers.get_sampler`` takes, or the unimplemented class name.
+
+    Raises:
+        ValueError: for options these samplers do not reproduce (``schedulers.config_from_diffusers``).
+    """
+    from tf_diffusion.schedulers import SAMPLERS, config_from_diffusers
+
+    class_name = class_name or data.get("_class_name") or "PNDMScheduler"
+    config = config_from_diffusers(data)
+    for name, (cls, fixed) in SAMPLERS.items():
+        if cls.diffusers_class == class_name and all(getattr(config, k) == v for k, v in fixed.items()):
+            return name
+    return str(class_name)
+
+
+def sampler_is_implemented(name: str) -> bool:
+    """Whether ``schedulers.get_sampler`` takes ``name`` (a registry name or an implemented diffusers class)."""
+    from tf_diffusion.schedulers import SAMPLERS
+
+    return name in SAMPLERS or any(cls.diffusers_class == name for cls, _ in SAMPLERS.values())
+
+
+def sampler_to_diffusers(name: str) -> tuple[str, dict]:
+    """The diffusers scheduler class of a sampler name and the options the name fixes.
+
+    Raises:
+        ValueError: for a name ``schedulers.get_sampler`` does not take.
+    """
+    from tf_diffusion.schedulers import SAMPLERS
+
+    if name in SAMPLERS:
+        cls, fixed = SAMPLERS[name]
+        return cls.diffusers_class, dict(fixed)
+    if sampler_is_implemented(name):
+        return name, {}
+    raise ValueError(
+        f"sampler {name!r} has no diffusers scheduler class; allowed: {sorted(SAMPLERS)} or their diffusers classes"
+    )

@@ -3,7 +3,9 @@
 Reading turns each component's ``config.json`` into our config, renames the UNet and VAE keys to
 the original ones (``diffusers_unet`` / ``diffusers_vae``) and keeps tensors lazy. Writing is the
 reverse: original keys -> diffusers keys, our configs -> ``config.json`` files that diffusers and
-transformers load, the scheduler settings as ``scheduler_config.json``.
+transformers load, the default sampler and scheduler settings as ``scheduler_config.json``, the
+weights as float32 files (what ``from_pretrained`` runs by default) plus, for half-precision
+weights, the ``fp16`` (``bf16``) variant files.
 """
 
 from __future__ import annotations
@@ -14,12 +16,21 @@ import pathlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tf_diffusion.config import CLIPTextConfig, PipelineConfig, SchedulerConfig, UNetConfig, VAEConfig
+from tf_diffusion.families import COMPONENTS, diffusers_pipeline_classes, family_of_config
 from tf_diffusion.fileio import read_json_object
 from tf_diffusion.schedulers import config_from_diffusers as scheduler_config_from_diffusers
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.weights.ckpt import load_ckpt
-from tf_diffusion.weights.diffusers_configs import clip_config_from_transformers, vae_config_from_diffusers
+from tf_diffusion.weights.diffusers_configs import (
+    clip_config_from_transformers,
+    sampler_from_diffusers,
+    sampler_is_implemented,
+    sampler_to_diffusers,
+    vae_config_from_diffusers,
+)
 from tf_diffusion.weights.diffusers_unet import (
     _RESNET_RENAMES,
     convert_diffusers_unet_state_dict,
@@ -27,17 +38,12 @@ from tf_diffusion.weights.diffusers_unet import (
     unet_config_from_diffusers,
 )
 from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae, diffusers_vae_key_map
-from tf_diffusion.weights.lazy import derived
+from tf_diffusion.weights.lazy import BFLOAT16, derived
 from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
 
 MODEL_INDEX = "model_index.json"
-# Pipelines whose components are the SD 1.x / 2.x tokenizer, CLIP text encoder, UNet and VAE.
-PIPELINE_CLASSES = (
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-    "StableDiffusionInpaintPipelineLegacy",
-)
+# Pipelines some family reads (families.FAMILIES[...].diffusers_pipelines).
+PIPELINE_CLASSES = diffusers_pipeline_classes()
 # Weight file stems: diffusers models, then transformers models.
 _STEMS = {
     "unet": ("diffusion_pytorch_model",),
@@ -189,7 +195,7 @@ def read_diffusers_config(path: str | os.PathLike) -> tuple[PipelineConfig, CLIP
         raise ValueError(
             f"{folder / MODEL_INDEX}: _class_name={pipeline!r} is not supported; expected one of {PIPELINE_CLASSES}"
         )
-    for name in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
+    for name in (*COMPONENTS, "tokenizer", "scheduler"):
         if name not in index or not (folder / name).is_dir():
             raise ValueError(f"{folder}: the diffusers folder has no {name}/ component")
     unet_json = read_json(folder / "unet" / "config.json")
@@ -208,8 +214,19 @@ def read_diffusers_config(path: str | os.PathLike) -> tuple[PipelineConfig, CLIP
         vae=vae_cfg,
         scheduler=scheduler_config_from_diffusers(scheduler_json),
         default_size=default_size,
+        # diffusers samples with the folder's scheduler by default; so do we.
+        default_sampler=sampler_from_diffusers(scheduler_json, _scheduler_class(index)),
     )
     return config, tokenizer, scheduler_json, index
+
+
+def _scheduler_class(index: Mapping) -> str | None:
+    """The scheduler class model_index.json names: the one diffusers' from_pretrained instantiates
+    (with the options of scheduler_config.json), whatever that file's own ``_class_name`` says."""
+    entry = index.get("scheduler")
+    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
+        return entry[1]
+    return None
 
 
 def read_diffusers_folder(path: str | os.PathLike, *, variant: str | None = None) -> DiffusersFolder:
@@ -240,7 +257,7 @@ def read_diffusers_folder(path: str | os.PathLike, *, variant: str | None = None
     handles: list = []
     components, files, ignored = {}, {}, []
     try:
-        for component in ("text_encoder", "unet", "vae"):
+        for component in COMPONENTS:
             chosen = select_weight_files(available, component, variant)
             tensors, files[component] = _open_weights(folder, chosen, handles)
             if component == "text_encoder":
@@ -422,21 +439,40 @@ def text_config_to_transformers(config: CLIPTextConfig, tokenizer: CLIPTokenizer
     }
 
 
-def scheduler_config_to_diffusers(config: SchedulerConfig, original: Mapping | None = None) -> dict:
+def scheduler_config_to_diffusers(
+    config: SchedulerConfig, original: Mapping | None = None, sampler: str | None = None
+) -> dict:
     """Scheduler settings as ``scheduler_config.json``.
 
     Keys of ``original`` we do not model are kept; every key we model is written from
     ``config`` (the core ones always, the others when they differ from our defaults).
+
+    Args:
+        config: the schedule and sampler options.
+        original: a scheduler_config.json read with the weights, to write back.
+        sampler: the model's default sampler; its diffusers class becomes ``_class_name`` and the
+            options its name fixes are written (a sampler diffusers lacks keeps ``original``'s class,
+            else PNDMScheduler). Steps and guidance are pipeline-call arguments in diffusers, so no
+            scheduler file can hold them.
     """
     import dataclasses
 
     data = dict(original or {})
     data.setdefault("_class_name", "PNDMScheduler")
+    fixed = {}
+    if sampler is not None and sampler_is_implemented(sampler):
+        data["_class_name"], fixed = sampler_to_diffusers(sampler)
+        config = dataclasses.replace(config, **fixed)
     data["_diffusers_version"] = data.get("_diffusers_version", _DIFFUSERS_VERSION)
     defaults = SchedulerConfig()
     for f in dataclasses.fields(SchedulerConfig):
         value = getattr(config, f.name)
-        if f.name in _SCHEDULER_CORE or f.name in data or value != getattr(defaults, f.name):
+        if (
+            f.name in _SCHEDULER_CORE
+            or f.name in data
+            or f.name in fixed
+            or value != getattr(defaults, f.name)
+        ):
             if value is None and f.name not in data:
                 continue
             if f.name == "lambda_min_clipped" and value == float("-inf"):
@@ -454,16 +490,17 @@ def write_diffusers_folder(
 ) -> None:
     """Write a diffusers StableDiffusionPipeline folder into the (new, empty) ``folder``."""
     factor = config.vae.downsample_factor
+    scheduler_json = scheduler_config_to_diffusers(config.scheduler, scheduler, config.default_sampler)
     unet_tensors = unet_to_diffusers(components["unet"], config.unet)
     vae_tensors = vae_to_diffusers(components["vae"], config.vae)
-    pipeline = "StableDiffusionInpaintPipeline" if config.is_inpainting else "StableDiffusionPipeline"
+    pipeline = family_of_config(config).diffusers_pipelines[0]
     index = {
         "_class_name": pipeline,
         "_diffusers_version": _DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", (scheduler or {}).get("_class_name", "PNDMScheduler")],
+        "scheduler": ["diffusers", scheduler_json["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -475,19 +512,44 @@ def write_diffusers_folder(
         "text_encoder": text_config_to_transformers(config.text_encoder, tokenizer),
     }
     tensors = {"unet": unet_tensors, "vae": vae_tensors, "text_encoder": dict(components["text_encoder"])}
-    for name in ("text_encoder", "unet", "vae"):
+    variant = _half_variant(tensors)
+    for name in COMPONENTS:
         (folder / name).mkdir()
         _write_json(folder / name / "config.json", configs[name])
-        save_safetensors(
-            tensors[name], folder / name / f"{_SAFETENSORS_STEM[name]}.safetensors", {"format": "pt"}
-        )
+        stem = folder / name / _SAFETENSORS_STEM[name]
+        # from_pretrained without torch_dtype runs float32 and reads the files without a variant.
+        save_safetensors(_as_float32(tensors[name]), f"{stem}.safetensors", {"format": "pt"})
+        if variant is not None:
+            save_safetensors(tensors[name], f"{stem}.{variant}.safetensors", {"format": "pt"})
     (folder / "scheduler").mkdir()
-    _write_json(
-        folder / "scheduler" / "scheduler_config.json",
-        scheduler_config_to_diffusers(config.scheduler, scheduler),
-    )
+    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_json)
     tokenizer.save(folder / "tokenizer")
     _write_json(folder / MODEL_INDEX, index)
+
+
+# Half-precision weights are also written as these diffusers variants (from_pretrained(variant=...)).
+HALF_VARIANTS = {np.dtype("float16"): "fp16", BFLOAT16: "bf16"}
+
+
+def _half_variant(components: Mapping[str, Mapping]) -> str | None:
+    """The variant name of the weights' floating dtype if it is a half precision one, else None."""
+    dtypes = {
+        np.dtype(t.dtype)
+        for tensors in components.values()
+        for t in tensors.values()
+        if np.dtype(t.dtype).kind == "f" or np.dtype(t.dtype) == BFLOAT16
+    }
+    return HALF_VARIANTS.get(dtypes.pop()) if len(dtypes) == 1 else None
+
+
+def _as_float32(tensors: Mapping) -> dict:
+    out = {}
+    for key, value in tensors.items():
+        dtype = np.dtype(value.dtype)
+        if dtype in HALF_VARIANTS:
+            value = derived(value, lambda a: np.asarray(a).astype(np.float32), tuple(value.shape), np.float32)
+        out[key] = value
+    return out
 
 
 def _write_json(path: pathlib.Path, data: Mapping) -> None:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 
 from tf_diffusion.config import UNetConfig
+from tf_diffusion.layout import UNET_TOP, unet_layout
 from tf_diffusion.weights.state_dict import StateDictError
 
 # Diffusers ResnetBlock2D name -> ResBlock name (the nn.Sequential index of the reference).
@@ -34,7 +35,7 @@ _PREFIX = re.compile(
 
 
 def diffusers_prefix_map(config: UNetConfig) -> dict[str, str]:
-    """Module prefixes of a diffusers UNet -> the original ones, for this architecture.
+    """Module prefixes of a diffusers UNet -> the original ones, for this architecture (``layout.unet_layout``).
 
     Args:
         config: the UNet architecture.
@@ -42,38 +43,13 @@ def diffusers_prefix_map(config: UNetConfig) -> dict[str, str]:
     Returns:
         e.g. ``{"down_blocks.0.resnets.1.": "input_blocks.2.0.", ...}``.
     """
-    per_level = config.num_res_blocks + 1  # blocks per level in the running numbering
-    levels = len(config.channel_mult)
-    table = {
-        "time_embedding.linear_1.": "time_embed.0.",
-        "time_embedding.linear_2.": "time_embed.2.",
-        "conv_in.": "input_blocks.0.0.",
-        "conv_norm_out.": "out.0.",
-        "conv_out.": "out.2.",
-        "mid_block.resnets.0.": "middle_block.0.",
-        "mid_block.attentions.0.": "middle_block.1.",
-        "mid_block.resnets.1.": "middle_block.2.",
-    }
-    for i in range(levels):
-        for j in range(config.num_res_blocks):
-            n = 1 + i * per_level + j  # input block 0 is conv_in
-            table[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{n}.0."
-            if config.attention_levels[i]:
-                table[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{n}.1."
-        if i != levels - 1:
+    table = {f"{theirs}.": f"{ours}." for ours, theirs in UNET_TOP.items()}
+    for block in unet_layout(config):
+        if block.kind == "down":
             # Diffusers wraps the conv as `.conv`; the reference Downsample holds it as `.op`.
-            table[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(i + 1) * per_level}.0.op."
-    for i in range(levels):
-        has_attention = config.attention_levels[levels - 1 - i]  # up block 0 is the deepest level
-        for j in range(per_level):
-            n = i * per_level + j
-            table[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{n}.0."
-            if has_attention:
-                table[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{n}.1."
-        if i != levels - 1:
-            # The upsampler follows the level's last ResBlock and, if present, its transformer.
-            n = i * per_level + config.num_res_blocks
-            table[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{n}.{2 if has_attention else 1}."
+            table[f"{block.diffusers}.conv."] = f"{block.path}.op."
+        else:
+            table[f"{block.diffusers}."] = f"{block.path}."
     return table
 
 

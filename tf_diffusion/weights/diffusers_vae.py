@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tf_diffusion.config import VAEConfig
+from tf_diffusion.layout import vae_layout
 from tf_diffusion.weights.state_dict import StateDictError
 
 # Mid-block attention: current diffusers names, then the legacy (diffusers < 0.14) ones.
@@ -45,14 +46,8 @@ def _resnet(diffusers_prefix: str, original_prefix: str, shortcut: bool):
     return _pairs(diffusers_prefix, original_prefix, names)
 
 
-def _mid(part: str):
-    yield from _resnet(f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", False)
-    yield from _resnet(f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", False)
-    yield from _pairs(f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", _ATTENTION_NAMES)
-
-
 def diffusers_vae_key_map(config: VAEConfig) -> dict[str, str]:
-    """Every diffusers AutoencoderKL key of ``config`` -> its original LDM key.
+    """Every diffusers AutoencoderKL key of ``config`` -> its original LDM key (``layout.vae_layout``).
 
     Legacy attention names (``query``/``key``/``value``/``proj_attn``) are
     included alongside the current ones and map to the same original keys.
@@ -66,45 +61,17 @@ def diffusers_vae_key_map(config: VAEConfig) -> dict[str, str]:
             f"channel_mult[0]={config.channel_mult[0]} has no diffusers equivalent; "
             "diffusers AutoencoderKL needs channel_mult[0] == 1"
         )
-    ch, mult, levels = config.base_channels, config.channel_mult, len(config.channel_mult)
-    simple = {
-        "encoder.conv_in": "encoder.conv_in",
-        "encoder.conv_norm_out": "encoder.norm_out",
-        "encoder.conv_out": "encoder.conv_out",
-        "quant_conv": "quant_conv",
-        "post_quant_conv": "post_quant_conv",
-        "decoder.conv_in": "decoder.conv_in",
-        "decoder.conv_norm_out": "decoder.norm_out",
-        "decoder.conv_out": "decoder.conv_out",
-    }
-    pairs = [(f"{new}.{p}", f"{old}.{p}") for new, old in simple.items() for p in ("weight", "bias")]
-
-    block_in = ch
-    for i in range(levels):
-        block_out = ch * mult[i]
-        for j in range(config.num_res_blocks):
-            shortcut = j == 0 and block_in != block_out
-            pairs += _resnet(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", shortcut)
-        block_in = block_out
-        if i != levels - 1:
-            pairs += _pairs(
-                f"encoder.down_blocks.{i}.downsamplers.0", f"encoder.down.{i}", {"conv": "downsample.conv"}
-            )
-    pairs += _mid("encoder")
-
-    block_in = ch * mult[-1]
-    for i in range(levels):
-        level = levels - 1 - i  # diffusers counts decoder blocks in run order, deepest first
-        block_out = ch * mult[level]
-        for j in range(config.num_res_blocks + 1):
-            shortcut = j == 0 and block_in != block_out
-            pairs += _resnet(f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}", shortcut)
-        block_in = block_out
-        if level != 0:
-            pairs += _pairs(
-                f"decoder.up_blocks.{i}.upsamplers.0", f"decoder.up.{level}", {"conv": "upsample.conv"}
-            )
-    pairs += _mid("decoder")
+    pairs = []
+    for block in vae_layout(config):
+        if block.kind == "res":
+            pairs += _resnet(block.diffusers, block.path, block.in_channels != block.out_channels)
+        elif block.kind == "attn":
+            pairs += _pairs(block.diffusers, block.path, _ATTENTION_NAMES)
+        elif block.kind in ("down", "up"):
+            # diffusers' Downsample2D / Upsample2D hold the conv as `.conv`, as the original does.
+            pairs += _pairs(block.diffusers, block.path, {"conv": "conv"})
+        else:
+            pairs += [(f"{block.diffusers}.{p}", f"{block.path}.{p}") for p in ("weight", "bias")]
     return dict(pairs)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tf_diffusion.config import PipelineConfig, from_dict, to_dict
+from tf_diffusion.families import COMPONENTS
 from tf_diffusion.fileio import read_json_object
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
@@ -28,7 +29,6 @@ from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetenso
 FORMAT = "tf_diffusion"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
-COMPONENTS = ("text_encoder", "unet", "vae")
 
 
 @dataclass

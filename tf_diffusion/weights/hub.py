@@ -21,6 +21,7 @@ import os
 import pathlib
 import re
 
+from tf_diffusion.families import COMPONENTS
 from tf_diffusion.weights.diffusers_folder import MODEL_INDEX, select_weight_files
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -84,11 +85,11 @@ def wanted_files(repo_files: list[str], variant: str | None) -> list[str]:
     wanted = {MODEL_INDEX}
     for name in files:
         top = name.split("/", 1)[0]
-        if top in ("unet", "vae", "text_encoder") and name.endswith("/config.json"):
+        if top in COMPONENTS and name.endswith("/config.json"):
             wanted.add(name)
         elif top in ("tokenizer", "scheduler") and "/" in name:
             wanted.add(name)
-    for component in ("text_encoder", "unet", "vae"):
+    for component in COMPONENTS:
         try:
             chosen = select_weight_files(files, component, variant)
         except ValueError as e:

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tf_diffusion.config import PipelineConfig, UNetConfig, VAEConfig
+from tf_diffusion.families import DEFAULT_FAMILY, FAMILIES
 from tf_diffusion.layers import CONV, LINEAR, PLAIN
+from tf_diffusion.layout import unet_layout, vae_layout
 from tf_diffusion.presets import PRESETS
 from tf_diffusion.weights.lazy import LazyTensor
 from tf_diffusion.weights.state_dict import to_torch_layout
@@ -121,73 +123,51 @@ def _spatial_transformer(linear: bool) -> tuple:
 # --------------------------------------------------------------------------- our keys in data-flow order
 
 
+# keras-cv layer type of each layout kind, and the suffix to the module that holds the weights.
+_UNET_KINDS = {
+    "conv": ("padded_conv2d", ""),
+    "res": ("res_block", ""),
+    "attn": ("spatial_transformer", ""),
+    "down": ("padded_conv2d", ".op"),
+    "up": ("upsample", ""),
+}
+_VAE_KINDS = {
+    "conv": ("padded_conv2d", ""),
+    "quant": ("padded_conv2d", ""),
+    "res": ("resnet_block", ""),
+    "attn": ("attention_block", ""),
+    "down": ("padded_conv2d", ".conv"),
+    "up": ("padded_conv2d", ".conv"),
+    "norm": ("group_normalization", ""),
+}
+
+
+def _by_type(blocks, kinds: dict, seq: dict[str, list[str]]) -> dict[str, list[str]]:
+    for block in blocks:
+        kind, suffix = kinds[block.kind]
+        seq.setdefault(kind, []).append(block.path + suffix)
+    return seq
+
+
 def unet_blocks(config: UNetConfig) -> dict[str, list[str]]:
-    """keras-cv DiffusionModel block type -> our key prefixes in data-flow order."""
-    per_level = config.num_res_blocks + 1
-    levels = len(config.channel_mult)
-    seq: dict[str, list[str]] = {
-        k: [] for k in ("dense", "padded_conv2d", "res_block", "spatial_transformer")
-    }
-    seq.update(upsample=[], group_normalization=["out.0"])
-    seq["dense"] = ["time_embed.0", "time_embed.2"]
-    seq["padded_conv2d"].append("input_blocks.0.0")
-    for i in range(levels):
-        for j in range(config.num_res_blocks):
-            n = 1 + i * per_level + j
-            seq["res_block"].append(f"input_blocks.{n}.0")
-            if config.attention_levels[i]:
-                seq["spatial_transformer"].append(f"input_blocks.{n}.1")
-        if i != levels - 1:
-            seq["padded_conv2d"].append(f"input_blocks.{(i + 1) * per_level}.0.op")
-    seq["res_block"] += ["middle_block.0", "middle_block.2"]
-    seq["spatial_transformer"].append("middle_block.1")
-    for i in range(levels):
-        attention = config.attention_levels[levels - 1 - i]
-        for j in range(per_level):
-            n = i * per_level + j
-            seq["res_block"].append(f"output_blocks.{n}.0")
-            if attention:
-                seq["spatial_transformer"].append(f"output_blocks.{n}.1")
-        if i != levels - 1:
-            n = i * per_level + config.num_res_blocks
-            seq["upsample"].append(f"output_blocks.{n}.{2 if attention else 1}")
+    """keras-cv DiffusionModel block type -> our key prefixes in data-flow order (``layout.unet_layout``)."""
+    seq = _by_type(unet_layout(config), _UNET_KINDS, {"dense": ["time_embed.0", "time_embed.2"]})
+    seq.setdefault("upsample", [])
+    seq["group_normalization"] = ["out.0"]
     seq["padded_conv2d"].append("out.2")
     return seq
 
 
 def decoder_blocks(config: VAEConfig) -> dict[str, list[str]]:
     """keras-cv Decoder (a Sequential) block type -> our VAE key prefixes in data-flow order."""
-    levels = len(config.channel_mult)
-    seq = {
-        "padded_conv2d": ["post_quant_conv", "decoder.conv_in"],
-        "resnet_block": ["decoder.mid.block_1", "decoder.mid.block_2"],
-        "attention_block": ["decoder.mid.attn_1"],
-        "group_normalization": ["decoder.norm_out"],
-    }
-    for level in reversed(range(levels)):
-        seq["resnet_block"] += [f"decoder.up.{level}.block.{j}" for j in range(config.num_res_blocks + 1)]
-        if level:
-            seq["padded_conv2d"].append(f"decoder.up.{level}.upsample.conv")
-    seq["padded_conv2d"].append("decoder.conv_out")
-    return seq
+    decoder = [b for b in vae_layout(config) if b.section == "decoder" or b.path == "post_quant_conv"]
+    return _by_type(decoder, _VAE_KINDS, {})
 
 
 def encoder_blocks(config: VAEConfig) -> dict[str, list[str]]:
     """keras-cv ImageEncoder (a Sequential) block type -> our VAE key prefixes in data-flow order."""
-    levels = len(config.channel_mult)
-    seq = {
-        "padded_conv2d": ["encoder.conv_in"],
-        "resnet_block": [],
-        "attention_block": ["encoder.mid.attn_1"],
-        "group_normalization": ["encoder.norm_out"],
-    }
-    for level in range(levels):
-        seq["resnet_block"] += [f"encoder.down.{level}.block.{j}" for j in range(config.num_res_blocks)]
-        if level != levels - 1:
-            seq["padded_conv2d"].append(f"encoder.down.{level}.downsample.conv")
-    seq["resnet_block"] += ["encoder.mid.block_1", "encoder.mid.block_2"]
-    seq["padded_conv2d"] += ["encoder.conv_out", "quant_conv"]
-    return seq
+    encoder = [b for b in vae_layout(config) if b.section == "encoder" or b.path == "quant_conv"]
+    return _by_type(encoder, _VAE_KINDS, {})
 
 
 def text_blocks(num_layers: int) -> dict[str, list[str]]:
@@ -381,7 +361,7 @@ def read_keras_cv(path: str | os.PathLike) -> KerasCVWeights:
     Raises:
         ImportError: h5py is missing.
         ValueError: for files that are not keras-cv SD models, two files for one part, or
-            SD 1.x and SD 2.x parts mixed.
+            parts of different families (SD 1.x and SD 2.x) mixed.
     """
     try:
         import h5py
@@ -405,11 +385,11 @@ def read_keras_cv(path: str | os.PathLike) -> KerasCVWeights:
                 raise ValueError(f"{path}: two keras-cv {part} files: {parts[part][0].name} and {file.name}")
             parts[part] = (file, layers)
             versions[part] = _version(part, layers)
-        if len(set(versions.values()) - {"any"}) > 1:
-            raise ValueError(f"{path}: SD 1.x and SD 2.x keras-cv parts are mixed: {versions}")
-        sd2 = "sd2" in versions.values()
-        config = PRESETS["sd-v2-1-base" if sd2 else "sd-v1-5"]
-        config = config.replace(name=f"keras-cv {'StableDiffusionV2' if sd2 else 'StableDiffusion'}")
+        found = set(versions.values()) - {"any"}
+        if len(found) > 1:
+            raise ValueError(f"{path}: parts of different keras-cv models are mixed: {versions}")
+        family = FAMILIES[found.pop() if found else DEFAULT_FAMILY]
+        config = PRESETS[family.base_preset].replace(name=f"keras-cv {family.keras_cv}")
         components: dict[str, dict] = {}
         for part, (file, layers) in parts.items():
             tables = dict(
@@ -436,13 +416,14 @@ def read_keras_cv(path: str | os.PathLike) -> KerasCVWeights:
         )
         if "vae" in components and ("decoder" in missing or "image_encoder" in missing):
             del components["vae"]  # half a VAE cannot be loaded
-    if sd2:
+    if config.tokenizer.pad_token_id != config.tokenizer.eos_token_id:
         notes.append("keras-cv pads SD 2.x prompts with 49407; tf_diffusion pads with 0 as OpenCLIP does")
     return KerasCVWeights(config, components, [str(parts[p][0]) for p in sorted(parts)], notes, handles)
 
 
 def _version(part: str, layers: list[_Layer]) -> str:
-    """ "sd1" or "sd2" from a part's widths (SD 2.x: 1024-wide text, linear transformer projections)."""
+    """The family a part belongs to (``families``: its base preset's text width or UNet projections), or "any"."""
+    keras_cv = [f for f in FAMILIES.values() if f.keras_cv]
     if part == "text_encoder":
         embedding = next(layer for layer in layers if layer.kind == "clip_embedding")
         data = (
@@ -450,8 +431,9 @@ def _version(part: str, layers: list[_Layer]) -> str:
             if embedding.weights is not None
             else embedding.group["token_embedding/vars/0"]
         )
-        return "sd2" if data.shape[1] == 1024 else "sd1"
-    if part == "diffusion_model":
+        width = data.shape[1]
+        match = [f for f in keras_cv if PRESETS[f.base_preset].text_encoder.hidden_size == width]
+    elif part == "diffusion_model":
         transformer = next(layer for layer in layers if layer.kind == "spatial_transformer")
         if transformer.weights is not None:
             proj = transformer.weights[2][1]  # after the norm's gamma and beta
@@ -461,5 +443,8 @@ def _version(part: str, layers: list[_Layer]) -> str:
                 if "proj1/vars/0" in transformer.group
                 else transformer.group["proj1/conv2d/vars/0"]
             )
-        return "sd2" if len(proj.shape) == 2 else "sd1"
-    return "any"
+        linear = len(proj.shape) == 2  # SD 2.x projects with Dense layers, SD 1.x with 1x1 convs
+        match = [f for f in keras_cv if PRESETS[f.base_preset].unet.use_linear_projection == linear]
+    else:
+        return "any"
+    return match[0].name if match else DEFAULT_FAMILY

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tf_diffusion.config import PipelineConfig, from_dict
+from tf_diffusion.families import COMPONENTS, family_of_config, get_family
 from tf_diffusion.fileio import aside_path, clean_stale, publish, reading, sync_folder, sync_tree, temp_prefix
 from tf_diffusion.presets import PRESETS
 from tf_diffusion.tokenizer import CLIPTokenizer
@@ -43,7 +44,6 @@ from tf_diffusion.weights.folder import is_tf_diffusion_folder, read_folder, wri
 from tf_diffusion.weights.lazy import BFLOAT16, LazyTensor, derived
 from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
 from tf_diffusion.weights.single_file import (
-    COMPONENTS,
     detect_family,
     infer_config,
     split_single_file,
@@ -236,9 +236,8 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def family_of(config: PipelineConfig) -> str:
-    """ "sd1" / "sd2" (+ "-inpainting") for a config: SD 2.x uses the OpenCLIP (gelu) text encoder."""
-    sd2 = config.text_encoder.hidden_act == "gelu"
-    return ("sd2" if sd2 else "sd1") + ("-inpainting" if config.is_inpainting else "")
+    """The family name of a config ("sd1", "sd2-inpainting", ...; ``families.family_of_config``)."""
+    return family_of_config(config).name
 
 
 # --------------------------------------------------------------------------- loading
@@ -327,6 +326,7 @@ def _load_pipeline_weights(
         weights.scheduler_json = folder.scheduler
         weights.handles = folder.handles
         report.prediction_type_source = "scheduler/scheduler_config.json"
+        _note_sampler(report, folder.config)
     elif fmt == "tf_diffusion":
         folder = read_folder(path)
         weights = _finish(folder.config, folder.tokenizer, folder.components, report, "config.json")
@@ -494,7 +494,7 @@ def _read_single_file(path, report, override, prediction_type, use_ema, strict) 
         weights = LoadedWeights(config, None, parts.components, report, extras=parts.extras, handles=handles)
         if config is not None:
             report.config_name = config.name
-        if family.startswith("sd2") and pred_source.startswith("assumed"):
+        if get_family(family).single_file_prediction_type != "epsilon" and pred_source.startswith("assumed"):
             report.notes.append(
                 "single files cannot show the prediction type; pass prediction_type='epsilon' for 512px "
                 "SD 2.x base models"
@@ -505,6 +505,20 @@ def _read_single_file(path, report, override, prediction_type, use_ema, strict) 
         for handle in handles:
             handle.close()
         raise
+
+
+def _note_sampler(report: LoadReport, config: PipelineConfig) -> None:
+    """Say which sampler the folder's scheduler gave, and if generate() cannot run it by default."""
+    from tf_diffusion.weights.diffusers_configs import sampler_is_implemented
+
+    name = config.default_sampler
+    if sampler_is_implemented(name):
+        report.notes.append(f"default sampler: {name} (the folder's scheduler, as diffusers samples it)")
+    else:
+        report.notes.append(
+            f"the folder's scheduler {name} is not implemented by tf_diffusion; pass scheduler= "
+            f"(e.g. 'dpmpp_2m', 'euler_a', 'ddim') to generate()"
+        )
 
 
 def _stored_config(metadata: Mapping) -> PipelineConfig | None:
@@ -529,11 +543,12 @@ def _guess_prediction_type(path: pathlib.Path, family: str, top: Mapping) -> tup
             return (
                 "v_prediction" if value == "v" else "epsilon"
             ), f"{sidecar.name} (parameterization: {value})"
-    if family == "sd2":
+    assumed = get_family(family).single_file_prediction_type
+    if assumed == "v_prediction":
         if top.get("global_step") == _SD2_BASE_GLOBAL_STEP:
             return "epsilon", "assumed: global_step 875000 marks SD 2.0-base, as diffusers reads it"
-        return "v_prediction", "assumed: SD 2.x single files are v-prediction unless told, as in diffusers"
-    return "epsilon", "assumed: the default for SD 1.x and inpainting models"
+        return "v_prediction", f"assumed: {family} single files are v-prediction unless told, as in diffusers"
+    return assumed, f"assumed: the default for {family} models"
 
 
 def _with_prediction_type(config: PipelineConfig, prediction_type: str) -> PipelineConfig:
@@ -619,11 +634,7 @@ def _apply_overrides(weights: LoadedWeights, override, tokenizer, prediction_typ
 
 
 def _family_message(path, found: str, source: str, wanted: str) -> str:
-    described = {
-        "sd1": "SD 1.x (OpenAI CLIP text encoder, 768-wide context)",
-        "sd2": "SD 2.x (OpenCLIP text encoder, 1024-wide context)",
-    }
-    found_text = described.get(found.split("-")[0], found) + (" inpainting" if "inpainting" in found else "")
+    found_text = get_family(found).description
     presets = sorted(n for n, c in PRESETS.items() if family_of(c) == found)
     return (
         f"{path} holds {found_text} weights, but {source} describes a {wanted} model; "

@@ -22,16 +22,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tf_diffusion.config import CLIPTextConfig, PipelineConfig, TokenizerConfig, UNetConfig, VAEConfig
+from tf_diffusion.config import CLIPTextConfig, PipelineConfig, UNetConfig, VAEConfig
+from tf_diffusion.families import (
+    CLIP_PREFIX,
+    COMPONENTS,
+    EMA_PREFIX,
+    OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    family_of_config,
+    family_of_single_file,
+    get_family,
+)
+from tf_diffusion.layout import unet_layout
 from tf_diffusion.presets import PRESETS
 from tf_diffusion.weights.lazy import BFLOAT16, derived
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPENCLIP_PREFIX = "cond_stage_model.model."
-EMA_PREFIX = "model_ema."
-COMPONENTS = ("text_encoder", "unet", "vae")
 
 # Entries of LatentDiffusion checkpoints that are not weights of the three networks: the DDPM
 # schedule (recomputed by our samplers), EMA bookkeeping and position-id buffers.
@@ -341,19 +346,8 @@ def _from_openclip(tensors: Mapping) -> tuple[dict, dict, int]:
 
 
 def detect_family(parts: SingleFileParts) -> str:
-    """ "sd1", "sd2", "sd1-inpainting" or "sd2-inpainting", from the text encoder and UNet input width."""
-    unet = parts.components.get("unet", {})
-    conv_in = unet.get("input_blocks.0.0.weight")
-    inpainting = conv_in is not None and conv_in.shape[1] == 9
-    if parts.text_encoder_kind == "openclip":
-        sd2 = True
-    elif parts.text_encoder_kind == "clip":
-        sd2 = False
-    else:
-        # No text encoder: the cross-attention context width tells (768 for SD 1.x, 1024 for SD 2.x).
-        widths = {v.shape[-1] for k, v in unet.items() if k.endswith("attn2.to_k.weight")}
-        sd2 = widths == {1024}
-    return ("sd2" if sd2 else "sd1") + ("-inpainting" if inpainting else "")
+    """The family name ("sd1", "sd2", "sd1-inpainting", ...) of a split single file (``families``)."""
+    return family_of_single_file(parts).name
 
 
 def infer_text_config(tensors: Mapping, kind: str) -> CLIPTextConfig:
@@ -389,14 +383,25 @@ def infer_unet_config(tensors: Mapping) -> UNetConfig:
     )
     levels = len(downsamples) + 1
     num_res_blocks = downsamples[0] - 1 if downsamples else blocks - 1
-    if blocks != 1 + levels * num_res_blocks + (levels - 1):
+    # The layout of that level structure, with a transformer wherever one could be, names the blocks.
+    probe = UNetConfig(
+        model_channels=model_channels,
+        channel_mult=(1,) * levels,
+        num_res_blocks=max(num_res_blocks, 1),
+        attention_levels=(True,) * levels,
+        num_heads=1,
+    )
+    layout = [b for b in unet_layout(probe) if b.section == "input"]
+    if num_res_blocks < 1 or blocks != 1 + max(b.index for b in layout):
         raise ValueError(f"cannot read the UNet's level structure from {blocks} input blocks")
     mult, attention = [], []
     for level in range(levels):
-        first = 1 + level * (num_res_blocks + 1)
-        width = tensors[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0]
+        first_res, first_attn = (
+            next(b for b in layout if b.level == level and b.kind == k) for k in ("res", "attn")
+        )
+        width = tensors[f"{first_res.path}.out_layers.3.weight"].shape[0]
         mult.append(width // model_channels)
-        attention.append(f"input_blocks.{first}.1.norm.weight" in tensors)
+        attention.append(f"{first_attn.path}.norm.weight" in tensors)
     to_k = [v.shape for k, v in tensors.items() if k.endswith("attn2.to_k.weight")]
     context_dim = to_k[0][1] if to_k else 768
     linear = tensors.get("middle_block.1.proj_in.weight")
@@ -450,7 +455,7 @@ def _count(tensors: Iterable[str], pattern: str) -> int:
 
 
 def infer_config(parts: SingleFileParts, family: str, prediction_type: str) -> PipelineConfig:
-    """The PipelineConfig of a single file: a release preset when the shapes are one, else inferred.
+    """The PipelineConfig of a single file, by the family's config inference (``families``).
 
     Raises:
         ValueError: if a component is missing (its architecture cannot be known).
@@ -460,7 +465,12 @@ def infer_config(parts: SingleFileParts, family: str, prediction_type: str) -> P
         raise ValueError(
             f"the checkpoint has no {', '.join(missing)} weights, so its architecture is unknown"
         )
-    sd2 = family.startswith("sd2")
+    return get_family(family).config_inference()(parts, family, prediction_type)
+
+
+def infer_sd_config(parts: SingleFileParts, family: str, prediction_type: str) -> PipelineConfig:
+    """An SD 1.x / 2.x config: the family's preset when the shapes are one, else inferred from them."""
+    entry = get_family(family)
     text = infer_text_config(parts.components["text_encoder"], parts.text_encoder_kind)
     unet = infer_unet_config(parts.components["unet"])
     vae = infer_vae_config(parts.components["vae"])
@@ -474,15 +484,17 @@ def infer_config(parts: SingleFileParts, family: str, prediction_type: str) -> P
             name=f"{preset.name} ({prediction_type})",
             scheduler=dataclasses.replace(preset.scheduler, prediction_type=prediction_type),
         )
-    base = PRESETS["sd-v2-1-base" if sd2 else "sd-v1-5"]
+    base = PRESETS[entry.base_preset]
+    size = entry.default_sizes.get(prediction_type, base.default_size)
     return PipelineConfig(
         name=f"{family} (inferred)",
         text_encoder=text,
-        tokenizer=TokenizerConfig(pad_token_id=0) if sd2 else TokenizerConfig(),
+        tokenizer=base.tokenizer,
         unet=unet,
         vae=vae,
         scheduler=dataclasses.replace(base.scheduler, prediction_type=prediction_type),
-        default_size=768 if family == "sd2" and prediction_type == "v_prediction" else 512,
+        default_size=size,
+        default_sampler=entry.default_sampler,
     )
 
 
@@ -494,8 +506,8 @@ def to_single_file(
 ) -> dict:
     """Our components -> one original-layout state dict (values stay lazy).
 
-    The text encoder is written as OpenAI CLIP (``cond_stage_model.transformer.``) when it uses
-    quick_gelu and as OpenCLIP (``cond_stage_model.model.``) when it uses gelu, as SD 2.x does.
+    The text encoder is written in the layout of the config's family (``families``): OpenAI CLIP
+    (``cond_stage_model.transformer.``) for SD 1.x, OpenCLIP (``cond_stage_model.model.``) for SD 2.x.
     OpenCLIP's last layer, text projection and logit scale, which our model does not hold, come
     from ``extras`` when the weights were read from a single file; otherwise they are written as
     placeholders SD 2.x never reads (a zero last layer, an identity projection, OpenCLIP's
@@ -515,7 +527,7 @@ def to_single_file(
     for key, value in components["vae"].items():
         out[VAE_PREFIX + key] = value
     text = components["text_encoder"]
-    if config.text_encoder.hidden_act == "gelu":
+    if family_of_config(config).text_encoder == "openclip":
         out.update(_to_openclip(text, config.text_encoder, extras or {}))
     else:
         for key, value in text.items():

@@ -1,0 +1,59 @@
+"""The family registry (tf_diffusion.families): its entries agree with the presets and each other.
+
+Detection of every fixture checkpoint by the registry is tested where those fixtures are read
+(tests/test_loading*.py, tests/test_loading_keras_cv.py, tests/test_ckpt.py).
+"""
+
+import pytest
+
+from tf_diffusion.families import (
+    COMPONENTS,
+    FAMILIES,
+    diffusers_pipeline_classes,
+    family_of_config,
+    family_of_keras_cv,
+    get_family,
+    text_encoder_prefixes,
+)
+from tf_diffusion.presets import PRESETS
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_presets_are_of_the_family(name):
+    family = FAMILIES[name]
+    assert family.base_preset in family.presets
+    for preset in family.presets:
+        assert family_of_config(PRESETS[preset]) is family, preset
+        assert PRESETS[preset].unet.in_channels == family.unet_in_channels
+        assert PRESETS[preset].unet.context_dim in (
+            family.context_dim,
+            PRESETS[preset].text_encoder.hidden_size,
+        )
+    assert set(family.prefixes) == set(COMPONENTS)
+    assert family.config_inference().__name__ == "infer_sd_config"
+
+
+def test_every_preset_has_one_family():
+    owners = {p: [f.name for f in FAMILIES.values() if p in f.presets] for p in PRESETS}
+    assert all(len(v) == 1 for v in owners.values()), owners
+
+
+def test_lookups():
+    # diffusers' pipeline classes for SD 1.x / 2.x folders; the first is the one written.
+    assert diffusers_pipeline_classes() == (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+        "StableDiffusionInpaintPipelineLegacy",
+    )
+    assert FAMILIES["sd1-inpainting"].diffusers_pipelines[0] == "StableDiffusionInpaintPipeline"
+    assert text_encoder_prefixes() == {
+        "clip": "cond_stage_model.transformer.",
+        "openclip": "cond_stage_model.model.",
+    }
+    assert family_of_keras_cv("StableDiffusionV2").name == "sd2"
+    assert family_of_keras_cv("StableDiffusion").name == "sd1"
+    with pytest.raises(ValueError, match="StableDiffusionXL"):
+        family_of_keras_cv("StableDiffusionXL")
+    with pytest.raises(ValueError, match="sdxl.*known families"):
+        get_family("sdxl")
