@@ -226,16 +226,22 @@ class _Call:
         return self.name
 
 
-def _short(value, limit: int = 80) -> str:
+def _short(value, limit: int = 80, depth: int = 0) -> str:
     """A repr for messages: never deep recursion, huge ints or megabytes of text."""
     if type(value) is int:
         return str(value) if value.bit_length() <= 64 else f"an int of {value.bit_length()} bits"
-    if isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) > 8:
+    if type(value) in (list, tuple):
+        if len(value) > 8 or depth > 2:
+            return f"a {type(value).__name__} of {len(value)} items"
+        inner = ", ".join(_short(v, limit, depth + 1) for v in value)
+        text = f"({inner}{',' if len(value) == 1 else ''})" if type(value) is tuple else f"[{inner}]"
+    elif isinstance(value, (dict, set, frozenset)):
         return f"a {type(value).__name__} of {len(value)} items"
-    try:
-        text = repr(value)
-    except Exception:  # RecursionError, or the int-to-str limit inside a container
-        return f"a {type(value).__name__}"
+    else:
+        try:
+            text = repr(value)
+        except Exception:  # a hostile __repr__ cannot exist here, but numpy reprs may fail
+            return f"a {type(value).__name__}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -307,8 +313,8 @@ def _make_tensor(storage, offset, size, stride, dtype: np.dtype, metadata) -> La
     needed = 0 if count == 0 else offset + 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if needed > available:
         raise ValueError(
-            f"tensor of size {_short(size)}, stride {_short(stride)} at offset {offset} needs {needed} "
-            f"elements, its storage {storage.record.key!r} holds {available}"
+            f"tensor of size {_short(size)}, stride {_short(stride)} at offset {_short(offset)} needs "
+            f"{_short(needed)} elements, its storage {storage.record.key!r} holds {available}"
         )
     if count > available:
         # Overlapping (stride-0, expanded) views hold more elements than their storage:
@@ -679,8 +685,8 @@ class _Archive:
         self.expanded += nbytes
         if self.expanded > self.size + EXPANDED_SLACK:
             raise ValueError(
-                f"{self.path}: expanded tensor of size {_short(size)} ({nbytes} bytes): expanded views "
-                f"materialise {self.expanded} bytes in all, more than the file's {self.size} bytes"
+                f"{self.path}: expanded tensor of size {_short(size)} ({_short(nbytes)} bytes): expanded views "
+                f"materialise {_short(self.expanded)} bytes in all, more than the file's {self.size} bytes"
             )
 
     def view(self, record: _Record):
