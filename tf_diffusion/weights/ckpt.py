@@ -930,8 +930,10 @@ class _LegacyArchive(_Archive):
 def _unpickle(data, size: int, archive: _Archive, policy: _Policy, what: str):
     try:
         return unpickle(data, policy, size=size, passthrough=(UnsafeCheckpointError,))
-    except UnsafeCheckpointError:
-        raise
+    except UnsafeCheckpointError as e:
+        if str(e).startswith(f"{archive.path}: "):
+            raise
+        raise UnsafeCheckpointError(f"{archive.path}: {what}: {e} (nothing was run)") from None
     except PickleRefused as e:
         raise UnsafeCheckpointError(f"{archive.path}: refusing {what}: {e} (nothing was run)") from None
     except Exception as e:  # ValueError from the interpreter; anything else is a bug reported with the path
