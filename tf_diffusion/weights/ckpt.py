@@ -454,8 +454,8 @@ def _check_key(key, depth: int = 0) -> None:
         if -_MAX_INT_KEY <= key <= _MAX_INT_KEY:
             return
         raise UnsafeCheckpointError(
-            f"refusing an integer dict key or set item of {key.bit_length()} bits (at most 61: "
-            "larger ones can be chosen to collide)"
+            f"refusing an integer dict key or set item of {key.bit_length()} bits: beyond "
+            "+-(2**61 - 2) integers can be chosen to share one hash"
         )
     if kind is tuple and depth < 3 and len(key) <= _MAX_TUPLE_KEY:
         for item in key:
@@ -937,7 +937,9 @@ def _unpickle(data, size: int, archive: _Archive, policy: _Policy, what: str):
     except PickleRefused as e:
         raise UnsafeCheckpointError(f"{archive.path}: refusing {what}: {e} (nothing was run)") from None
     except Exception as e:  # ValueError from the interpreter; anything else is a bug reported with the path
-        raise ValueError(f"{archive.path}: cannot read {what}: {e}") from None
+        # The archive's own errors inside already name the file: name it once.
+        message = str(e).replace(f"{archive.path}: ", "")
+        raise ValueError(f"{archive.path}: cannot read {what}: {message}") from None
 
 
 def load_ckpt(path: str | os.PathLike, *, placeholder_globals: Iterable[str] = ()) -> Any:
