@@ -676,7 +676,10 @@ class _Archive:
     def __init__(self, path: str, size: int, fileobj):
         self.path, self.size = path, size
         self.records: dict[str, _Record] = {}
-        self._mmap = mmap.mmap(fileobj.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._mmap = mmap.mmap(fileobj.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # a pipe, a device, a file emptied since it was opened
+            raise ValueError(f"{path}: cannot memory-map the file: {e}") from None
 
     expanded = 0
 
