@@ -643,3 +643,22 @@ def test_regression_files():
     expected = {p.name: p.with_suffix(".expected").read_text().strip() for p in paths}
     for path, line in zip(paths, isolated_loads(paths), strict=True):
         assert line.startswith(expected[path.name]), f"{path.name}: {line}"
+
+
+def test_repeated_calls_on_a_memoized_list_are_bounded(tmp_path):
+    # One 100k-item list in the memo, then builtins.set(list) 50k times (7 bytes each):
+    # 5e9 item visits for a 550 KB file without a bound on work per byte.
+    items = b"]q\x00(" + b"K\x01" * 100_000 + b"e"
+    calls = b"cbuiltins\nset\nq\x01" + b"h\x01h\x00\x85R0" * 50_000
+    path = torch_zip(tmp_path / "work.ckpt", b"\x80\x02" + items + calls + b"N.")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="work.ckpt: .*more work than its size allows"):
+        load_ckpt(path)
+    assert time.perf_counter() - start < 5.0
+
+
+def test_deeply_nested_small_tuple_keys_are_cheap(tmp_path):
+    # 16 items in all, however nested: ((("a",),),) is fine, 17 strings are not.
+    assert load_ckpt(torch_zip(tmp_path / "k.ckpt", dumps({((("a",),),): 1}))) == {((("a",),),): 1}
+    with pytest.raises(UnsafeCheckpointError, match="dict key or set item"):
+        load_ckpt(torch_zip(tmp_path / "k.ckpt", dumps({(("a",) * 9, ("b",) * 8): 1})))

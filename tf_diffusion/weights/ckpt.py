@@ -88,6 +88,8 @@ DEFLATE_SLACK = 1 << 20
 _INFLATE_CHUNK = 1 << 20
 # Expanded (stride-0) tensors may materialise at most the file's size plus this, in all.
 EXPANDED_SLACK = 1 << 20
+# Container items that calls may take per byte of pickle (see _Policy._spend).
+WORK_PER_BYTE = 8
 _ZIP_MAX_VERSION = 63  # the highest "version needed to extract" zipfile itself reads
 _LOCAL_HEADER = 30
 _CENTRAL_HEADER = 46
@@ -446,7 +448,24 @@ _MAX_INT_KEY = 2**61 - 2
 _MAX_TUPLE_KEY = 16
 
 
-def _check_key(key, depth: int = 0) -> None:
+def _plain_tuple(key: tuple) -> bool:
+    """A tuple of at most _MAX_TUPLE_KEY str/bytes/bool/None in all, nested or not (so each check is cheap)."""
+    todo, seen = [key], 0
+    while todo:
+        for item in todo.pop():
+            seen += 1
+            if seen > _MAX_TUPLE_KEY:
+                return False
+            if type(item) is tuple:
+                todo.append(item)
+            elif type(item) is int:
+                raise UnsafeCheckpointError("refusing a tuple of integers as a dict key or set item")
+            elif not (type(item) in (str, bytes, bool) or item is None):
+                return False
+    return True
+
+
+def _check_key(key) -> None:
     kind = type(key)
     if kind is str or kind is bytes or kind is bool or key is None:
         return
@@ -457,19 +476,15 @@ def _check_key(key, depth: int = 0) -> None:
             f"refusing an integer dict key or set item of {key.bit_length()} bits: beyond "
             "+-(2**61 - 2) integers can be chosen to share one hash"
         )
-    if kind is tuple and depth < 3 and len(key) <= _MAX_TUPLE_KEY:
-        for item in key:
-            if type(item) is int:
-                raise UnsafeCheckpointError("refusing a tuple of integers as a dict key or set item")
-            _check_key(item, depth + 1)
-        return
     if isinstance(key, (PickledObject, _Marker)) or (
         isinstance(key, type) and issubclass(key, PickledObject)
     ):
         return  # hashed by identity
+    if kind is tuple and _plain_tuple(key):
+        return
     raise UnsafeCheckpointError(
         f"refusing {_short(key)} ({kind.__name__}) as a dict key or set item: only str, bytes, bool, "
-        f"None, integers, placeholders and tuples of up to {_MAX_TUPLE_KEY} str/bytes/bool/None"
+        f"None, integers, placeholders and tuples of up to {_MAX_TUPLE_KEY} str/bytes/bool/None in all"
     )
 
 
@@ -559,8 +574,11 @@ _ALLOWED = _allowed_globals()
 class _Policy:
     """What a torch checkpoint's pickle may do; storages go to ``archive.storage``."""
 
-    def __init__(self, archive, placeholders: dict[str, type]):
+    def __init__(self, archive, placeholders: dict[str, type], size: int):
         self._archive, self._placeholders = archive, placeholders
+        # Calls and BUILDs cost the length of the containers they take; a memoized list
+        # passed to builtins.set again and again would otherwise cost time quadratic in size.
+        self._work, self._budget = 0, WORK_PER_BYTE * size + (1 << 20)
         # numpy dtypes made by this load: private copies, so BUILD never touches numpy's own.
         self._dtypes: dict[int, np.dtype] = {}
         self._numpy = {_NUMPY_DTYPE: _Call(_NUMPY_DTYPE, self._numpy_dtype, is_type=True)}
@@ -588,7 +606,22 @@ class _Policy:
             "placeholder_globals."
         )
 
+    def _spend(self, values) -> None:
+        for value in values:
+            if type(value) in (list, tuple, dict, set, frozenset):
+                self._work += len(value)
+                if type(value) is tuple:  # _rebuild_from_type_v2 passes its arguments on
+                    self._work += sum(len(v) for v in value if type(v) in (list, tuple, dict))
+        if self._work > self._budget:
+            raise ValueError(
+                f"{self._archive.path}: the pickle asks for more work than its size allows "
+                f"({self._work} container items in calls, at most {self._budget}): repeated calls "
+                "on large memoized containers"
+            )
+
     def call(self, func, args: tuple, kwargs: dict, opcode: str):
+        self._spend(args)
+        self._spend(kwargs.values())
         if isinstance(func, type) and issubclass(func, PickledObject):
             return func(*args, **kwargs)
         if isinstance(func, _Call):
@@ -604,6 +637,7 @@ class _Policy:
             # torch's state dicts carry `_metadata` as an attribute; attributes only, no setattr.
             if not (type(state) is dict and all(type(k) is str for k in state)):
                 raise self._unsafe(f"refusing OrderedDict state {_short(state)}: only attributes by name")
+            self._spend((state,))
             vars(obj).update(state)
         elif isinstance(obj, np.dtype) and self._dtypes.get(id(obj)) is obj:
             if not _dtype_state_is_plain(state):
@@ -997,7 +1031,7 @@ def load_ckpt(path: str | os.PathLike, *, placeholder_globals: Iterable[str] = (
         if head.startswith(b"PK\x03\x04"):
             archive = _ZipArchive(path, size, f)
             data = archive.pickle
-            policy = _Policy(archive, placeholders)
+            policy = _Policy(archive, placeholders, len(data))
             return _unpickle(io.BytesIO(data), len(data), archive, policy, f"{archive.prefix}data.pkl")
         if head[:1] == b"\x80":
             return _load_legacy(_LegacyArchive(path, size, f), placeholders)
@@ -1009,7 +1043,7 @@ def load_ckpt(path: str | os.PathLike, *, placeholder_globals: Iterable[str] = (
 
 
 def _load_legacy(archive: _LegacyArchive, placeholders: dict[str, type]):
-    policy = _Policy(archive, placeholders)
+    policy = _Policy(archive, placeholders, archive.size)
     magic = archive.unpickle(policy, "the magic number")
     if type(magic) is not int or magic != LEGACY_MAGIC:
         raise ValueError(f"{archive.path}: a pickle, but not a torch checkpoint (no torch magic number)")
