@@ -1,9 +1,11 @@
 """Read ``torch.save`` checkpoints (``.ckpt``, ``.pt``, ``.bin``) without torch and without running them.
 
 A torch checkpoint is a pickle, and a pickle can call any importable function.
-This reader never imports anything a file names: a restricted unpickler maps
-an allow-list of global names to our own safe stand-ins and refuses every
-other one with ``UnsafeCheckpointError`` before anything runs.
+This reader never imports anything a file names and never uses CPython's
+unpickler: our own small interpreter (``pickle_vm``) runs the pickle's opcodes
+and asks this module about every global, call, ``BUILD``, persistent id and
+dict key. Allowed globals map to our own safe stand-ins; every other one is
+refused with ``UnsafeCheckpointError`` before anything runs.
 
 Allowed globals (all that stock ``torch.save`` and SD 1.x/2.x checkpoints use):
 
@@ -13,29 +15,55 @@ Allowed globals (all that stock ``torch.save`` and SD 1.x/2.x checkpoints use):
 - storage types (``torch.FloatStorage`` ... ``torch.UntypedStorage``, also
   ``torch.cuda.*``) and dtypes (``torch.float16`` ...), as inert markers;
 - containers and scalars: ``collections.OrderedDict``, ``builtins.set`` /
-  ``frozenset`` / ``complex`` / ``slice``, ``torch.Size`` (read as a tuple);
+  ``frozenset`` / ``complex`` / ``slice``, ``torch.Size`` (read as a tuple),
+  each built by a checking function;
 - numpy scalars as Lightning stores them: ``numpy.core.multiarray.scalar``
-  (also ``numpy._core``), ``numpy.dtype``, ``_codecs.encode``, rebuilt by our
-  own checked functions (no object dtypes);
+  (also ``numpy._core``), ``numpy.dtype``, ``_codecs.encode``: plain numeric
+  dtypes only, the scalar rebuilt from kind, size and byte order with an exact
+  byte count;
 - placeholders: Lightning's ``ModelCheckpoint`` callback (found under
   ``"callbacks"`` in SD 1.x checkpoints) loads as an inert ``PickledObject``
   that records its arguments and state; nothing of Lightning is imported.
   Callers may name more placeholder globals.
+
+``BUILD`` (pickled state) is applied only to placeholders, to an
+``OrderedDict``'s attributes (torch's ``_metadata``) and, for a numpy dtype,
+only a plain state (no subarray, fields or names; byte order ``<``, ``>``,
+``|`` or ``=``). Dict keys and set items must be str, bytes, bool, None,
+integers whose hash is themselves, placeholders, or short tuples of str,
+bytes, bool and None: anything else could overflow the C stack when hashed or
+be crafted to collide.
 
 Two container formats: the zip format (``<archive>/data.pkl`` plus one
 ``<archive>/data/<key>`` record per storage; torch >= 1.6) and the legacy
 format (consecutive pickles followed by raw storages). Tensors are lazy: a
 storage is read from the (memory-mapped) file only when a tensor is converted.
 Only little-endian checkpoints are supported.
+
+Sizes are checked against the file before anything is allocated: zip entries
+must lie inside the file; a deflated entry may declare at most
+``MAX_DEFLATE_RATIO`` times its compressed size (plus ``DEFLATE_SLACK`` bytes
+for tiny entries) and all of them together at most that ratio times the file
+size; tensors with more elements than their storage (stride-0 expanded views)
+may hold at most the file's size in all (plus ``EXPANDED_SLACK``), so 4 bytes
+cannot be viewed as 2**63 elements. So peak memory while loading stays within
+a small multiple of the file's size (``benchmarks/hostile_memory.py``). A
+deflated storage shared by several tensors is inflated once and kept only until
+each of its tensors has been read.
+
+A file that shrinks while its tensors are alive: each read checks the file's
+size first and reports the truncation, but a file cut by another process in
+the instant between that check and the copy can still end the process with
+SIGBUS (the price of memory-mapping; do not rewrite checkpoints being loaded).
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import io
+import math
 import mmap
 import os
-import pickle
 import struct
 import zipfile
 import zlib
@@ -46,9 +74,25 @@ from typing import Any
 import numpy as np
 
 from tf_diffusion.weights.lazy import BFLOAT16, LazyTensor
+from tf_diffusion.weights.pickle_vm import PickleRefused, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+
+# Legit checkpoints store storages uncompressed; tools that re-zip them with deflate
+# get about 1.1:1 on float weights. A declared size above this ratio of the compressed
+# size is refused (deflate reaches 1032:1 on zeros: a 1.4 MB file declaring 1 GiB).
+MAX_DEFLATE_RATIO = 16
+# Small entries (byteorder, version, a small data.pkl) may beat the ratio honestly.
+DEFLATE_SLACK = 1 << 20
+_INFLATE_CHUNK = 1 << 20
+# Expanded (stride-0) tensors may materialise at most the file's size plus this, in all.
+EXPANDED_SLACK = 1 << 20
+# Container items that calls may take per byte of pickle (see _Policy._spend).
+WORK_PER_BYTE = 8
+_ZIP_MAX_VERSION = 63  # the highest "version needed to extract" zipfile itself reads
+_LOCAL_HEADER = 30
+_CENTRAL_HEADER = 46
 
 # Lightning callbacks keyed by class in old checkpoints' "callbacks" dict; never imported.
 DEFAULT_PLACEHOLDERS = (
@@ -58,7 +102,7 @@ DEFAULT_PLACEHOLDERS = (
 
 
 class UnsafeCheckpointError(ValueError):
-    """A checkpoint's pickle names a global outside the allow-list; nothing was run."""
+    """A checkpoint's pickle asks for something outside the allow-list; nothing was run."""
 
 
 class PickledObject:
@@ -160,52 +204,81 @@ _UNSUPPORTED_STORAGES = (
 class _Marker:
     """An inert named value standing in for a torch dtype, storage type or class."""
 
-    # Slots and a refusing __setstate__: a pickle's BUILD cannot alter these shared objects.
     __slots__ = ("kind", "name", "dtype")
 
     def __init__(self, kind: str, name: str, dtype: np.dtype | None = None):
         self.kind, self.name, self.dtype = kind, name, dtype
-
-    def __setstate__(self, state):
-        raise TypeError(f"cannot set state on {self!r}")
 
     def __repr__(self) -> str:
         return f"torch.{self.name}" if self.kind != "class" else self.name
 
 
 class _Call:
-    """An allowed callable, wrapped so a pickle cannot set attributes on our functions."""
+    """An allowed callable under its pickled name; ``is_type`` marks the ones NEWOBJ may use."""
 
-    __slots__ = ("name", "func")
+    __slots__ = ("name", "func", "is_type")
 
-    def __init__(self, name: str, func):
-        self.name, self.func = name, func
+    def __init__(self, name: str, func, is_type: bool = False):
+        self.name, self.func, self.is_type = name, func, is_type
 
     def __call__(self, *args, **kwargs):
         return self.func(*args, **kwargs)
 
-    def __setstate__(self, state):
-        raise TypeError(f"cannot set state on {self.name}")
-
     def __repr__(self) -> str:
         return self.name
+
+
+def _short(value, limit: int = 80, depth: int = 0) -> str:
+    """A repr for messages: never deep recursion, huge ints or megabytes of text."""
+    if type(value) is int:
+        return str(value) if value.bit_length() <= 64 else f"an int of {value.bit_length()} bits"
+    if type(value) in (list, tuple):
+        if len(value) > 8 or depth > 2:
+            return f"a {type(value).__name__} of {len(value)} items"
+        inner = ", ".join(_short(v, limit, depth + 1) for v in value)
+        text = f"({inner}{',' if len(value) == 1 else ''})" if type(value) is tuple else f"[{inner}]"
+    elif isinstance(value, (dict, set, frozenset)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    else:
+        try:
+            text = repr(value)
+        except Exception:  # a hostile __repr__ cannot exist here, but numpy reprs may fail
+            return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- storages and tensors --------------------------------------------------------------------
 
 
 class _Record:
-    """Where one storage's bytes live in the file (offset known once the archive is parsed)."""
+    """Where one storage's bytes live in the file (offset known once the archive is parsed).
 
-    __slots__ = ("source", "key", "nbytes", "offset", "member")
+    A deflated storage is inflated when a tensor first reads it and kept while
+    tensors that have not read it yet remain (``pending``), so a storage shared
+    by many tensors is inflated once, and none stays in memory after.
+    """
+
+    __slots__ = ("source", "key", "nbytes", "offset", "info", "pending", "cache", "inflations")
 
     def __init__(self, source, key: str, nbytes: int):
         self.source, self.key, self.nbytes = source, key, nbytes
         self.offset = None  # absolute file offset of an uncompressed storage
-        self.member = None  # zip member name of a compressed one
+        self.info = None  # the zip entry of a deflated one
+        self.pending = 0  # tensors on this record that have not been read yet
+        self.cache = None
+        self.inflations = 0
 
-    def read(self):
-        return self.source.read(self)
+    def read(self, first: bool):
+        if self.info is None:
+            return self.source.view(self)
+        data = self.cache
+        if data is None:
+            data = self.source.inflate(self.info)
+            self.inflations += 1
+        if first:
+            self.pending -= 1
+        self.cache = data if self.pending > 0 else None
+        return data
 
 
 class _StorageRef:
@@ -216,46 +289,53 @@ class _StorageRef:
     def __init__(self, record: _Record, dtype: np.dtype, byte_offset: int, nbytes: int):
         self.record, self.dtype, self.byte_offset, self.nbytes = record, dtype, byte_offset, nbytes
 
-    def __setstate__(self, state):
-        raise TypeError("cannot set state on a storage")
-
 
 def _int(value, what: str) -> int:
     if type(value) is not int or value < 0:
-        raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+        raise ValueError(f"{what} must be a non-negative int, got {_short(value)}")
     return value
 
 
 def _ints(values, what: str) -> tuple[int, ...]:
     if not isinstance(values, (tuple, list)) or not all(type(v) is int and v >= 0 for v in values):
-        raise ValueError(f"{what} must be a tuple of non-negative ints, got {values!r}")
+        raise ValueError(f"{what} must be a tuple of non-negative ints, got {_short(values)}")
     return tuple(values)
 
 
 def _make_tensor(storage, offset, size, stride, dtype: np.dtype, metadata) -> LazyTensor:
     """A LazyTensor viewing ``storage`` like torch's as_strided(size, stride, offset)."""
     if not isinstance(storage, _StorageRef):
-        raise ValueError(f"tensor storage must come from the checkpoint's storages, got {storage!r}")
+        raise ValueError(f"tensor storage must come from the checkpoint's storages, got {_short(storage)}")
     offset = _int(offset, "storage offset")
     size, stride = _ints(size, "tensor size"), _ints(stride, "tensor stride")
     if len(size) != len(stride):
-        raise ValueError(f"bad tensor layout: offset {offset}, size {size}, stride {stride}")
+        raise ValueError(f"bad tensor layout: offset {offset}, size {_short(size)}, stride {_short(stride)}")
     available = storage.nbytes // dtype.itemsize
-    count = int(np.prod(size, dtype=object))
+    count = math.prod(size)
     needed = 0 if count == 0 else offset + 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if needed > available:
         raise ValueError(
-            f"tensor of size {size}, stride {stride} at offset {offset} needs {needed} elements, "
-            f"its storage {storage.record.key!r} holds {available}"
+            f"tensor of size {_short(size)}, stride {_short(stride)} at offset {_short(offset)} needs "
+            f"{_short(needed)} elements, its storage {storage.record.key!r} holds {available}"
         )
-    flags = dict(metadata or {})
+    if count > available:
+        # Overlapping (stride-0, expanded) views hold more elements than their storage:
+        # 4 bytes viewed as 2**63 elements would allocate what the file never held. They
+        # are allowed up to the file's size in all (EXPANDED_SLACK for small files).
+        storage.record.source.expand(count * dtype.itemsize, size)
+    flags = dict(metadata) if isinstance(metadata, dict) else {}
     negate, conjugate = bool(flags.pop("neg", False)), bool(flags.pop("conj", False))
     native = dtype.newbyteorder("=")
+    record = storage.record
+    if count:
+        record.pending += 1
+    unread = [True]
 
     def read() -> np.ndarray:
         if count == 0:
             return np.zeros(size, native)
-        raw = storage.record.read()
+        raw = record.read(unread[0])
+        unread[0] = False
         flat = np.frombuffer(raw, dtype=dtype, count=available, offset=storage.byte_offset)
         view = np.lib.stride_tricks.as_strided(
             flat[offset:], shape=size, strides=[s * dtype.itemsize for s in stride], writeable=False
@@ -267,18 +347,18 @@ def _make_tensor(storage, offset, size, stride, dtype: np.dtype, metadata) -> La
             array = np.conj(array)
         return array
 
-    return LazyTensor(size, native, read, f"{storage.record.source.path}:storage {storage.record.key}")
+    return LazyTensor(size, native, read, f"{record.source.path}:storage {record.key}")
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     if not isinstance(storage, _StorageRef):
-        raise ValueError(f"tensor storage must come from the checkpoint's storages, got {storage!r}")
+        raise ValueError(f"tensor storage must come from the checkpoint's storages, got {_short(storage)}")
     return _make_tensor(storage, offset, size, stride, storage.dtype, metadata)
 
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     if not (isinstance(dtype, _Marker) and dtype.kind == "dtype"):
-        raise ValueError(f"tensor dtype must be a torch dtype, got {dtype!r}")
+        raise ValueError(f"tensor dtype must be a torch dtype, got {_short(dtype)}")
     if dtype.dtype is None:
         raise ValueError(f"tensors of dtype torch.{dtype.name} are not supported (no numpy type)")
     return _make_tensor(storage, offset, size, stride, dtype.dtype, metadata)
@@ -287,49 +367,166 @@ def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtyp
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
     # A Parameter is its data here; requires_grad and hooks mean nothing without torch.
     if not isinstance(data, LazyTensor):
-        raise ValueError(f"a Parameter must wrap a tensor, got {data!r}")
+        raise ValueError(f"a Parameter must wrap a tensor, got {_short(data)}")
     return data
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     allowed = {"torch.Tensor", "torch.nn.parameter.Parameter"}
     if not (isinstance(new_type, _Marker) and new_type.name in allowed):
-        raise UnsafeCheckpointError(f"refusing to rebuild a tensor as {new_type!r}; only {sorted(allowed)}")
-    if not isinstance(func, _Call) or not isinstance(args, tuple):
-        raise ValueError(f"bad tensor rebuild call {func!r}{args!r}")
+        raise UnsafeCheckpointError(
+            f"refusing to rebuild a tensor as {_short(new_type)}; only {sorted(allowed)}"
+        )
+    if not isinstance(func, _Call) or func.is_type or type(args) is not tuple:
+        raise ValueError(f"bad tensor rebuild call {_short(func)}{_short(args)}")
     return func(*args)
 
 
 # --- harmless non-torch globals ----------------------------------------------------------------
 
+_PLAIN_KINDS = "biufc"  # bool, signed, unsigned, float, complex
+_BYTE_ORDERS = ("<", ">", "|", "=")
 
-def _numpy_dtype(spec, align=False, copy=False):
-    if not isinstance(spec, str):
-        raise ValueError(f"numpy.dtype from a pickle must be given a string, got {spec!r}")
-    dtype = np.dtype(spec)
+
+def _plain_dtype(spec: str) -> np.dtype:
+    if type(spec) is not str or len(spec) > 8:
+        raise UnsafeCheckpointError(
+            f"numpy.dtype from a pickle must be given a short string, got {_short(spec)}"
+        )
+    try:
+        dtype = np.dtype(spec)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad numpy dtype {spec!r}: {e}") from None
     if dtype.hasobject:
         raise UnsafeCheckpointError(f"refusing numpy object dtype {spec!r}")
+    if dtype.kind not in _PLAIN_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise UnsafeCheckpointError(f"refusing numpy dtype {spec!r}: only plain numeric dtypes are allowed")
     return dtype
 
 
-def _numpy_scalar(dtype, data=None):
-    # Plain numbers only: a dtype's pickled state (BUILD) may claim fields, but not change its kind.
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or not isinstance(data, bytes):
-        raise UnsafeCheckpointError(f"refusing numpy scalar of dtype {dtype!r} from {type(data).__name__}")
-    if len(data) != dtype.itemsize:
-        raise ValueError(f"numpy scalar of dtype {dtype} needs {dtype.itemsize} bytes, got {len(data)}")
-    return np.frombuffer(data, dtype=dtype)[0]
+def _dtype_state_is_plain(state) -> bool:
+    """numpy's dtype state (version, byte order, subarray, names, fields, elsize, alignment, flags[, metadata])."""
+    if type(state) is not tuple or len(state) not in (8, 9):
+        return False
+    version, order, subarray, names, fields, elsize, alignment, flags = state[:8]
+    return (
+        type(version) is int
+        and version in (3, 4)
+        and type(order) is str
+        and order in _BYTE_ORDERS
+        and subarray is None
+        and names is None
+        and fields is None
+        and type(elsize) is int
+        and elsize == -1
+        and type(alignment) is int
+        and alignment == -1
+        and type(flags) is int
+        and flags == 0
+        and (len(state) == 8 or state[8] is None)
+    )
 
 
 def _codecs_encode(text, encoding="utf-8", errors="strict"):
     # Protocol-2 pickles store bytes as _codecs.encode(str, "latin1").
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
-        raise UnsafeCheckpointError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r})")
-    return text.encode(encoding, errors)
+    if type(text) is not str or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise UnsafeCheckpointError(f"refusing _codecs.encode({type(text).__name__}, {_short(encoding)})")
+    if errors != "strict":
+        raise UnsafeCheckpointError(f"refusing _codecs.encode errors={_short(errors)}")
+    return text.encode(encoding)
 
 
 def _torch_size(dims=()):
-    return _ints(tuple(dims), "torch.Size")
+    return _ints(tuple(dims) if isinstance(dims, (tuple, list)) else dims, "torch.Size")
+
+
+# Dict keys and set items are hashed: a deeply nested tuple overflows the C stack
+# (CPython's tuple hash does not check recursion), and integers, floats and tuples
+# of ints can be crafted to share one hash (20k such keys: 10 s). Integers up to
+# 2**61 - 2 in size hash to themselves, str and bytes hashes are salted per process.
+_MAX_INT_KEY = 2**61 - 2
+_MAX_TUPLE_KEY = 16
+
+
+def _plain_tuple(key: tuple) -> bool:
+    """A tuple of at most _MAX_TUPLE_KEY str/bytes/bool/None in all, nested or not (so each check is cheap)."""
+    todo, seen = [key], 0
+    while todo:
+        for item in todo.pop():
+            seen += 1
+            if seen > _MAX_TUPLE_KEY:
+                return False
+            if type(item) is tuple:
+                todo.append(item)
+            elif type(item) is int:
+                raise UnsafeCheckpointError("refusing a tuple of integers as a dict key or set item")
+            elif not (type(item) in (str, bytes, bool) or item is None):
+                return False
+    return True
+
+
+def _check_key(key) -> None:
+    kind = type(key)
+    if kind is str or kind is bytes or kind is bool or key is None:
+        return
+    if kind is int:
+        if -_MAX_INT_KEY <= key <= _MAX_INT_KEY:
+            return
+        raise UnsafeCheckpointError(
+            f"refusing an integer dict key or set item of {key.bit_length()} bits: beyond "
+            "+-(2**61 - 2) integers can be chosen to share one hash"
+        )
+    if isinstance(key, (PickledObject, _Marker)) or (
+        isinstance(key, type) and issubclass(key, PickledObject)
+    ):
+        return  # hashed by identity
+    if kind is tuple and _plain_tuple(key):
+        return
+    raise UnsafeCheckpointError(
+        f"refusing {_short(key)} ({kind.__name__}) as a dict key or set item: only str, bytes, bool, "
+        f"None, integers, placeholders and tuples of up to {_MAX_TUPLE_KEY} str/bytes/bool/None in all"
+    )
+
+
+def _ordered_dict(*args):
+    if not args:
+        return OrderedDict()
+    (items,) = args
+    if not isinstance(items, (list, tuple)) or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in items
+    ):
+        raise ValueError(f"OrderedDict from a pickle takes a list of pairs, got {_short(items)}")
+    for key, _ in items:
+        _check_key(key)
+    return OrderedDict(items)
+
+
+def _items(items, what: str):
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        raise ValueError(f"{what} from a pickle takes a list, got {_short(items)}")
+    for item in items:
+        _check_key(item)
+    return items
+
+
+def _set(items=()):
+    return set(_items(items, "set"))
+
+
+def _frozenset(items=()):
+    return frozenset(_items(items, "frozenset"))
+
+
+def _complex(real=0.0, imag=0.0):
+    if not all(type(v) in (int, float) for v in (real, imag)):
+        raise ValueError(f"complex from a pickle takes two numbers, got {_short(real)}, {_short(imag)}")
+    return complex(real, imag)
+
+
+def _slice(*args):
+    if not 1 <= len(args) <= 3 or not all(v is None or type(v) is int for v in args):
+        raise ValueError(f"slice from a pickle takes up to three ints, got {_short(args)}")
+    return slice(*args)
 
 
 _CALLS = {
@@ -339,24 +536,24 @@ _CALLS = {
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
     "torch.Size": _torch_size,
-    "numpy.dtype": _numpy_dtype,
-    "numpy.core.multiarray.scalar": _numpy_scalar,
-    "numpy._core.multiarray.scalar": _numpy_scalar,
     "_codecs.encode": _codecs_encode,
 }
-# Built-in types: a pickle cannot set attributes on them, so they need no wrapper.
+# Types the pickle may construct (REDUCE or NEWOBJ), each through a checking function.
 _TYPES = {
-    "collections.OrderedDict": OrderedDict,
-    "builtins.set": set,
-    "builtins.frozenset": frozenset,
-    "builtins.complex": complex,
-    "builtins.slice": slice,
+    "collections.OrderedDict": _ordered_dict,
+    "builtins.set": _set,
+    "builtins.frozenset": _frozenset,
+    "builtins.complex": _complex,
+    "builtins.slice": _slice,
 }
+# Resolved per load, by the policy that owns the dtypes it makes.
+_NUMPY_DTYPE = "numpy.dtype"
+_NUMPY_SCALARS = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
 
 
 def _allowed_globals() -> dict[str, Any]:
-    table: dict[str, Any] = dict(_TYPES)
-    table.update({name: _Call(name, func) for name, func in _CALLS.items()})
+    table: dict[str, Any] = {name: _Call(name, func) for name, func in _CALLS.items()}
+    table.update({name: _Call(name, func, is_type=True) for name, func in _TYPES.items()})
     for cls in ("torch.Tensor", "torch.nn.parameter.Parameter"):
         table[cls] = _Marker("class", cls)
     for storage, dtype in _STORAGES.items():
@@ -374,12 +571,21 @@ def _allowed_globals() -> dict[str, Any]:
 _ALLOWED = _allowed_globals()
 
 
-class _Unpickler(pickle.Unpickler):
-    """Resolves only allow-listed globals; storages go to ``archive.storage``."""
+class _Policy:
+    """What a torch checkpoint's pickle may do; storages go to ``archive.storage``."""
 
-    def __init__(self, file, archive, placeholders: dict[str, type]):
-        super().__init__(file, encoding="utf-8")
+    def __init__(self, archive, placeholders: dict[str, type], size: int):
         self._archive, self._placeholders = archive, placeholders
+        # Calls and BUILDs cost the length of the containers they take; a memoized list
+        # passed to builtins.set again and again would otherwise cost time quadratic in size.
+        self._work, self._budget = 0, WORK_PER_BYTE * size + (1 << 20)
+        # numpy dtypes made by this load: private copies, so BUILD never touches numpy's own.
+        self._dtypes: dict[int, np.dtype] = {}
+        self._numpy = {_NUMPY_DTYPE: _Call(_NUMPY_DTYPE, self._numpy_dtype, is_type=True)}
+        self._numpy.update({name: _Call(name, self._numpy_scalar) for name in _NUMPY_SCALARS})
+
+    def _unsafe(self, message: str) -> UnsafeCheckpointError:
+        return UnsafeCheckpointError(f"{self._archive.path}: {message}")
 
     def find_class(self, module: str, name: str):
         # Name the global as Python's own unpickler would resolve it (protocol-2 pickles use
@@ -390,30 +596,96 @@ class _Unpickler(pickle.Unpickler):
         else:
             py3_module, py3_name = _compat_pickle.IMPORT_MAPPING.get(module, module), name
         full = f"{py3_module}.{py3_name}"
-        if full in _ALLOWED:
-            return _ALLOWED[full]
-        if full in self._placeholders:
-            return self._placeholders[full]
+        for table in (_ALLOWED, self._numpy, self._placeholders):
+            if full in table:
+                return table[full]
         pickled = f" (pickled as '{module}.{name}')" if full != f"{module}.{name}" else ""
-        raise UnsafeCheckpointError(
-            f"{self._archive.path}: refusing to load global {full!r}{pickled}: not on the allow-list of "
+        raise self._unsafe(
+            f"refusing to load global {full!r}{pickled}: not on the allow-list of "
             "tensor and container types (nothing was run). If it is harmless metadata, pass it in "
             "placeholder_globals."
         )
 
+    def _spend(self, values) -> None:
+        for value in values:
+            if type(value) in (list, tuple, dict, set, frozenset):
+                self._work += len(value)
+                if type(value) is tuple:  # _rebuild_from_type_v2 passes its arguments on
+                    self._work += sum(len(v) for v in value if type(v) in (list, tuple, dict))
+        if self._work > self._budget:
+            raise ValueError(
+                f"{self._archive.path}: the pickle asks for more work than its size allows "
+                f"({self._work} container items in calls, at most {self._budget}): repeated calls "
+                "on large memoized containers"
+            )
+
+    def call(self, func, args: tuple, kwargs: dict, opcode: str):
+        self._spend(args)
+        self._spend(kwargs.values())
+        if isinstance(func, type) and issubclass(func, PickledObject):
+            return func(*args, **kwargs)
+        if isinstance(func, _Call):
+            if opcode.startswith("NEWOBJ") and not func.is_type:
+                raise self._unsafe(f"refusing {opcode} of {func.name}: not a type")
+            return func(*args, **kwargs)
+        raise self._unsafe(f"refusing {opcode} of {_short(func)}: not an allowed callable")
+
+    def build(self, obj, state) -> None:
+        if isinstance(obj, PickledObject):
+            obj.__setstate__(state)
+        elif type(obj) is OrderedDict:
+            # torch's state dicts carry `_metadata` as an attribute; attributes only, no setattr.
+            if not (type(state) is dict and all(type(k) is str for k in state)):
+                raise self._unsafe(f"refusing OrderedDict state {_short(state)}: only attributes by name")
+            self._spend((state,))
+            vars(obj).update(state)
+        elif isinstance(obj, np.dtype) and self._dtypes.get(id(obj)) is obj:
+            if not _dtype_state_is_plain(state):
+                raise self._unsafe(
+                    f"refusing numpy dtype state {_short(state)}: only a plain byte order "
+                    "(no subarray, fields or names)"
+                )
+            obj.__setstate__(state)
+        else:
+            raise self._unsafe(f"refusing to set pickled state on {_short(obj)} ({type(obj).__name__})")
+
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and len(pid) in (5, 6)):
-            raise ValueError(f"unsupported persistent id {pid!r}; only torch storages are supported")
+        if not (type(pid) is tuple and len(pid) in (5, 6) and pid[0] == "storage"):
+            raise self._unsafe(f"unsupported persistent id {_short(pid)}; only torch storages are supported")
         storage_type, key, _location, numel = pid[1:5]
         if not (isinstance(storage_type, _Marker) and storage_type.kind == "storage"):
-            raise ValueError(f"persistent id names {storage_type!r}, not a torch storage type")
+            raise ValueError(f"persistent id names {_short(storage_type)}, not a torch storage type")
         if storage_type.dtype is None:
             raise ValueError(f"storages of type torch.{storage_type.name} are not supported")
-        if not isinstance(key, str):
-            raise ValueError(f"storage key must be a string, got {key!r}")
+        if type(key) is not str:
+            raise ValueError(f"storage key must be a string, got {_short(key)}")
         dtype = storage_type.dtype
         nbytes = _int(numel, "storage size") * dtype.itemsize
         return self._archive.storage(key, dtype, nbytes, pid[5] if len(pid) == 6 else None)
+
+    def check_key(self, key) -> None:
+        _check_key(key)
+
+    def _numpy_dtype(self, spec, align=False, copy=False):
+        if type(align) is not bool or type(copy) is not bool:
+            raise ValueError(f"numpy.dtype flags must be bools, got {_short(align)}, {_short(copy)}")
+        # A fresh copy: np.dtype("<f8") is numpy's own shared float64, which BUILD must never reach.
+        dtype = np.dtype(_plain_dtype(spec), copy=True)
+        self._dtypes[id(dtype)] = dtype
+        return dtype
+
+    def _numpy_scalar(self, dtype, data=None):
+        if not (isinstance(dtype, np.dtype) and self._dtypes.get(id(dtype)) is dtype):
+            raise self._unsafe(f"refusing numpy scalar of {_short(dtype)}: not a dtype from this file")
+        if type(data) is not bytes:
+            raise self._unsafe(f"refusing numpy scalar of dtype {dtype} from {type(data).__name__}")
+        # Rebuilt from kind, size and byte order alone: whatever state the dtype was given,
+        # the scalar reads exactly itemsize bytes that it owns.
+        order = dtype.byteorder if dtype.byteorder in _BYTE_ORDERS else "="
+        plain = _plain_dtype(f"{order}{dtype.kind}{dtype.itemsize}")
+        if len(data) != plain.itemsize:
+            raise ValueError(f"numpy scalar of dtype {plain} needs {plain.itemsize} bytes, got {len(data)}")
+        return np.frombuffer(data, dtype=plain, count=1)[0].copy()
 
 
 def _placeholder_classes(names: Iterable[str]) -> dict[str, type]:
@@ -438,13 +710,32 @@ class _Archive:
     def __init__(self, path: str, size: int, fileobj):
         self.path, self.size = path, size
         self.records: dict[str, _Record] = {}
-        self._mmap = mmap.mmap(fileobj.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._mmap = mmap.mmap(fileobj.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # a pipe, a device, a file emptied since it was opened
+            raise ValueError(f"{path}: cannot memory-map the file: {e}") from None
 
-    def read(self, record: _Record):
-        if record.member is not None:
-            with zipfile.ZipFile(self.path) as zf:
-                return zf.read(record.member)
-        return memoryview(self._mmap)[record.offset : record.offset + record.nbytes]
+    expanded = 0
+
+    def expand(self, nbytes: int, size) -> None:
+        """Account for a tensor with more elements than its storage (an expanded view)."""
+        self.expanded += nbytes
+        if self.expanded > self.size + EXPANDED_SLACK:
+            raise ValueError(
+                f"{self.path}: expanded tensor of size {_short(size)} ({_short(nbytes)} bytes): expanded views "
+                f"materialise {_short(self.expanded)} bytes in all, more than the file's {self.size} bytes"
+            )
+
+    def view(self, record: _Record):
+        end = record.offset + record.nbytes
+        # A mapped file cut short makes the next touch of its pages a SIGBUS; check first.
+        now = self._mmap.size()
+        if now < end:
+            raise ValueError(
+                f"{self.path}: the file shrank to {now} bytes while loaded; storage {record.key!r} "
+                f"needs bytes up to {end}"
+            )
+        return memoryview(self._mmap)[record.offset : end]
 
     def _ref(self, record: _Record, dtype: np.dtype, byte_offset: int, nbytes: int) -> _StorageRef:
         if byte_offset + nbytes > record.nbytes:
@@ -456,38 +747,143 @@ class _Archive:
 
 
 class _ZipArchive(_Archive):
-    """torch.save's zip format: ``<prefix>/data.pkl`` and ``<prefix>/data/<key>`` storages."""
+    """torch.save's zip format: ``<prefix>/data.pkl`` and ``<prefix>/data/<key>`` storages.
+
+    zipfile only lists the central directory (read from the memory map, so no
+    declared size makes it allocate); entries are read here, with every size
+    checked against the file and the deflate ratio first.
+    """
 
     def __init__(self, path: str, size: int, fileobj):
         super().__init__(path, size, fileobj)
         try:
-            zf = zipfile.ZipFile(fileobj)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            with zipfile.ZipFile(self._mmap) as zf:
+                infos = zf.infolist()
+        except Exception as e:  # BadZipFile, OSError, struct and unicode errors from a corrupt directory
             raise ValueError(f"{path}: not a valid zip archive (truncated or corrupt?): {e}") from None
-        with zf:
-            self.infos = {info.filename: info for info in zf.infolist()}
-            pickles = [name for name in self.infos if name.count("/") == 1 and name.endswith("/data.pkl")]
-            if any(name.count("/") == 1 and name.endswith("/constants.pkl") for name in self.infos):
-                raise ValueError(
-                    f"{path}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint"
-                )
-            if len(pickles) != 1:
-                raise ValueError(
-                    f"{path}: zip archive has {len(pickles)} '<archive>/data.pkl' records, expected one; "
-                    "not a torch.save checkpoint"
-                )
-            self.prefix = pickles[0][: -len("data.pkl")]
-            byteorder = self.infos.get(self.prefix + "byteorder")
-            if byteorder is not None and zf.read(byteorder).strip() != b"little":
+        self.infos = {info.filename: info for info in infos}
+        self._check_entries(infos)
+        pickles = [name for name in self.infos if name.count("/") == 1 and name.endswith("/data.pkl")]
+        if any(name.count("/") == 1 and name.endswith("/constants.pkl") for name in self.infos):
+            raise ValueError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
+        if len(pickles) != 1:
+            raise ValueError(
+                f"{path}: zip archive has {len(pickles)} '<archive>/data.pkl' records, expected one; "
+                "not a torch.save checkpoint"
+            )
+        self.prefix = pickles[0][: -len("data.pkl")]
+        byteorder = self.infos.get(self.prefix + "byteorder")
+        if byteorder is not None:
+            if byteorder.file_size > 16 or bytes(self.read_entry(byteorder)).strip() != b"little":
                 raise ValueError(f"{path}: only little-endian checkpoints are supported")
-            try:
-                self.pickle = zf.read(pickles[0])
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
-                raise ValueError(f"{path}: cannot read {pickles[0]}: {e}") from None
+        self.pickle = bytes(self.read_entry(self.infos[pickles[0]]))
+
+    def _check_entries(self, infos) -> None:
+        if len(infos) * _CENTRAL_HEADER > self.size:
+            raise ValueError(
+                f"{self.path}: zip directory lists {len(infos)} entries, more than the file holds"
+            )
+        inflated = 0
+        for info in infos:
+            name = info.filename
+            if info.flag_bits & 0x1:
+                raise ValueError(f"{self.path}: zip entry {name!r} is encrypted")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise ValueError(
+                    f"{self.path}: zip entry {name!r} uses compression method {info.compress_type}; "
+                    "only stored (0) and deflated (8) are supported"
+                )
+            if info.extract_version > _ZIP_MAX_VERSION:
+                raise ValueError(
+                    f"{self.path}: zip entry {name!r} needs zip version {info.extract_version / 10:.1f}; "
+                    f"at most {_ZIP_MAX_VERSION / 10:.1f} is supported"
+                )
+            if info.header_offset + _LOCAL_HEADER + info.compress_size > self.size:
+                raise ValueError(f"{self.path}: zip entry {name!r} lies past the end of the file")
+            if info.compress_type == zipfile.ZIP_STORED:
+                if info.file_size != info.compress_size:
+                    raise ValueError(
+                        f"{self.path}: stored zip entry {name!r} declares {info.file_size} bytes "
+                        f"but holds {info.compress_size}"
+                    )
+                continue
+            if info.file_size > MAX_DEFLATE_RATIO * info.compress_size + DEFLATE_SLACK:
+                raise ValueError(
+                    f"{self.path}: deflated zip entry {name!r} declares {info.file_size} bytes from "
+                    f"{info.compress_size}: more than {MAX_DEFLATE_RATIO}:1 (MAX_DEFLATE_RATIO); "
+                    "refusing a likely decompression bomb"
+                )
+            inflated += info.file_size
+        if inflated > MAX_DEFLATE_RATIO * self.size + DEFLATE_SLACK:
+            raise ValueError(
+                f"{self.path}: deflated zip entries declare {inflated} bytes in all, more than "
+                f"{MAX_DEFLATE_RATIO} times the file's {self.size} bytes; refusing a likely decompression bomb"
+            )
+
+    def _data_offset(self, info) -> int:
+        # The data follows the local header, whose extra field (torch's alignment padding)
+        # may differ from the central directory's: read its lengths from the file.
+        head = info.header_offset
+        if head + _LOCAL_HEADER > self.size or self._mmap[head : head + 4] != b"PK\x03\x04":
+            raise ValueError(f"{self.path}: corrupt local header for zip entry {info.filename!r}")
+        name_len, extra_len = struct.unpack("<HH", self._mmap[head + 26 : head + 30])
+        start = head + _LOCAL_HEADER + name_len + extra_len
+        if start + info.compress_size > self.size:
+            raise ValueError(
+                f"{self.path}: truncated: zip entry {info.filename!r} runs past the end of the file"
+            )
+        return start
+
+    def read_entry(self, info):
+        """A whole entry's bytes, CRC-checked (a memoryview of the map, or an inflated bytearray)."""
+        start = self._data_offset(info)
+        if info.compress_type == zipfile.ZIP_STORED:
+            data = memoryview(self._mmap)[start : start + info.file_size]
+        else:
+            data = self._inflate(info, start)
+        if zlib.crc32(data) != info.CRC:
+            raise ValueError(f"{self.path}: zip entry {info.filename!r} is corrupt (bad CRC-32)")
+        return data
+
+    def inflate(self, info):
+        return self.read_entry(info)
+
+    def _inflate(self, info, start: int) -> bytearray:
+        # Inflate into a buffer of the declared size, never past it, a chunk at a time.
+        out = bytearray(info.file_size)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        source = memoryview(self._mmap)[start : start + info.compress_size]
+        filled, fed = 0, 0
+        try:
+            while True:
+                chunk = inflater.unconsumed_tail
+                if not chunk:
+                    if fed >= len(source) or inflater.eof:
+                        break
+                    chunk, fed = source[fed : fed + _INFLATE_CHUNK], fed + _INFLATE_CHUNK
+                piece = inflater.decompress(chunk, min(_INFLATE_CHUNK, info.file_size - filled + 1))
+                if filled + len(piece) > info.file_size:
+                    raise ValueError("inflates past its declared size")
+                out[filled : filled + len(piece)] = piece
+                filled += len(piece)
+                if inflater.eof:
+                    break
+        except zlib.error as e:
+            raise ValueError(f"{self.path}: zip entry {info.filename!r} is corrupt (deflate: {e})") from None
+        except ValueError as e:
+            raise ValueError(f"{self.path}: zip entry {info.filename!r} {e}") from None
+        finally:
+            source.release()
+        if not inflater.eof or filled != info.file_size:
+            raise ValueError(
+                f"{self.path}: zip entry {info.filename!r} is corrupt: inflated {filled} of "
+                f"{info.file_size} declared bytes"
+            )
+        return out
 
     def storage(self, key: str, dtype: np.dtype, nbytes: int, view) -> _StorageRef:
         if view is not None:
-            raise ValueError(f"{self.path}: storage views are not used by the zip format; got {view!r}")
+            raise ValueError(f"{self.path}: storage views are not used by the zip format; got {_short(view)}")
         record = self.records.get(key)
         if record is None:
             record = self.records[key] = self._locate(key, nbytes)
@@ -504,17 +900,9 @@ class _ZipArchive(_Archive):
             )
         record = _Record(self, key, nbytes)
         if info.compress_type != zipfile.ZIP_STORED:
-            record.member = name
-            return record
-        # The data follows the local header, whose extra field (torch's alignment padding)
-        # may differ from the central directory's: read its lengths from the file.
-        head = info.header_offset
-        if head + 30 > self.size or self._mmap[head : head + 4] != b"PK\x03\x04":
-            raise ValueError(f"{self.path}: corrupt local header for {name!r}")
-        name_len, extra_len = struct.unpack("<HH", self._mmap[head + 26 : head + 30])
-        record.offset = head + 30 + name_len + extra_len
-        if record.offset + nbytes > self.size:
-            raise ValueError(f"{self.path}: truncated: storage {name!r} runs past the end of the file")
+            record.info = info
+        else:
+            record.offset = self._data_offset(info)
         return record
 
 
@@ -528,13 +916,15 @@ class _LegacyArchive(_Archive):
     def storage(self, key: str, dtype: np.dtype, nbytes: int, view) -> _StorageRef:
         record = self.records.get(key)
         if record is None:
+            if nbytes > self.size:
+                raise ValueError(f"{self.path}: storage {key!r} of {nbytes} bytes is larger than the file")
             record = self.records[key] = _Record(self, key, nbytes)
             self._dtypes[key] = dtype  # the first reference's dtype is the one torch wrote it with
         if view is None:
             return self._ref(record, dtype, 0, nbytes)
         # Old torch storage views: (view_key, offset, size) in elements.
-        if not (isinstance(view, tuple) and len(view) == 3):
-            raise ValueError(f"{self.path}: bad storage view {view!r}")
+        if not (type(view) is tuple and len(view) == 3):
+            raise ValueError(f"{self.path}: bad storage view {_short(view)}")
         _, offset, count = view
         return self._ref(
             record,
@@ -545,12 +935,14 @@ class _LegacyArchive(_Archive):
 
     def locate(self, keys, position: int) -> None:
         """Find each storage after the pickles: an int64 element count, then the bytes."""
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        if type(keys) is not list or not all(type(k) is str for k in keys):
             raise ValueError(f"{self.path}: bad storage key list")
         for key in keys:
             record = self.records.get(key)
             if record is None:
                 raise ValueError(f"{self.path}: storage {key!r} is listed but never used")
+            if record.offset is not None:
+                raise ValueError(f"{self.path}: storage {key!r} is listed twice")
             if position + 8 > self.size:
                 raise ValueError(f"{self.path}: truncated before storage {key!r}")
             numel = int.from_bytes(self._mmap[position : position + 8], "little")
@@ -565,16 +957,26 @@ class _LegacyArchive(_Archive):
                 raise ValueError(f"{self.path}: truncated: storage {key!r} runs past the end of the file")
         missing = set(self.records) - set(keys)
         if missing:
-            raise ValueError(f"{self.path}: storages {sorted(missing)} are used but not stored")
+            raise ValueError(f"{self.path}: storages {sorted(missing)[:8]} are used but not stored")
+
+    def unpickle(self, policy: _Policy, what: str):
+        """The next pickle in the file, read from the memory map (reads never exceed the file)."""
+        return _unpickle(self._mmap, self.size, self, policy, what)
 
 
-def _unpickle(data, archive: _Archive, placeholders: dict[str, type], what: str):
+def _unpickle(data, size: int, archive: _Archive, policy: _Policy, what: str):
     try:
-        return _Unpickler(data, archive, placeholders).load()
-    except UnsafeCheckpointError:
-        raise
-    except Exception as e:  # a corrupt pickle raises almost anything; report it as bad data
-        raise ValueError(f"{archive.path}: cannot read {what}: {type(e).__name__}: {e}") from e
+        return unpickle(data, policy, size=size, passthrough=(UnsafeCheckpointError,))
+    except UnsafeCheckpointError as e:
+        if str(e).startswith(f"{archive.path}: "):
+            raise
+        raise UnsafeCheckpointError(f"{archive.path}: {what}: {e} (nothing was run)") from None
+    except PickleRefused as e:
+        raise UnsafeCheckpointError(f"{archive.path}: refusing {what}: {e} (nothing was run)") from None
+    except Exception as e:  # ValueError from the interpreter; anything else is a bug reported with the path
+        # The archive's own errors inside already name the file: name it once.
+        message = str(e).replace(f"{archive.path}: ", "")
+        raise ValueError(f"{archive.path}: cannot read {what}: {message}") from None
 
 
 def load_ckpt(path: str | os.PathLike, *, placeholder_globals: Iterable[str] = ()) -> Any:
@@ -596,9 +998,13 @@ def load_ckpt(path: str | os.PathLike, *, placeholder_globals: Iterable[str] = (
     Raises:
         FileNotFoundError: the path does not exist.
         UnsafeCheckpointError: the pickle names a global outside the
-            allow-list (e.g. ``posix.system``); nothing was executed.
-        ValueError: a truncated or corrupt file, a missing ``data.pkl`` or
-            storage, an unsupported dtype, or a file that is not a torch checkpoint.
+            allow-list (e.g. ``posix.system``), uses an opcode or state that is
+            never allowed, or a dict key that could be crafted to collide;
+            nothing was executed.
+        ValueError: a truncated or corrupt file (bad CRC, corrupt deflate,
+            unsupported zip features), sizes beyond what the file holds, a
+            missing ``data.pkl`` or storage, an unsupported dtype, or a file
+            that is not a torch checkpoint; the message names the file.
 
     Example:
         >>> ckpt = load_ckpt("v1-5-pruned-emaonly.ckpt")
@@ -610,14 +1016,25 @@ def load_ckpt(path: str | os.PathLike, *, placeholder_globals: Iterable[str] = (
             f"placeholder_globals must be a list of 'module.name' strings, got {placeholder_globals!r}"
         )
     placeholders = _placeholder_classes((*DEFAULT_PLACEHOLDERS, *placeholder_globals))
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(512)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(f"{path}: cannot open: {e.strerror or e}") from None
+    with f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(512)
+        except OSError as e:  # a directory, a device that refuses reads
+            raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
         if head.startswith(b"PK\x03\x04"):
             archive = _ZipArchive(path, size, f)
-            return _unpickle(io.BytesIO(archive.pickle), archive, placeholders, f"{archive.prefix}data.pkl")
+            data = archive.pickle
+            policy = _Policy(archive, placeholders, len(data))
+            return _unpickle(io.BytesIO(data), len(data), archive, policy, f"{archive.prefix}data.pkl")
         if head[:1] == b"\x80":
-            return _load_legacy(_LegacyArchive(path, size, f), f, placeholders)
+            return _load_legacy(_LegacyArchive(path, size, f), placeholders)
         if head[257:262] == b"ustar":
             raise ValueError(f"{path}: tar-format checkpoints (torch < 0.4) are not supported")
         if not head:
@@ -625,17 +1042,18 @@ def load_ckpt(path: str | os.PathLike, *, placeholder_globals: Iterable[str] = (
         raise ValueError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
 
 
-def _load_legacy(archive: _LegacyArchive, f, placeholders: dict[str, type]):
-    f.seek(0)
-    magic = _unpickle(f, archive, placeholders, "the magic number")
-    if magic != LEGACY_MAGIC:
+def _load_legacy(archive: _LegacyArchive, placeholders: dict[str, type]):
+    policy = _Policy(archive, placeholders, archive.size)
+    magic = archive.unpickle(policy, "the magic number")
+    if type(magic) is not int or magic != LEGACY_MAGIC:
         raise ValueError(f"{archive.path}: a pickle, but not a torch checkpoint (no torch magic number)")
-    if _unpickle(f, archive, placeholders, "the protocol version") != LEGACY_PROTOCOL:
+    version = archive.unpickle(policy, "the protocol version")
+    if type(version) is not int or version != LEGACY_PROTOCOL:
         raise ValueError(f"{archive.path}: unsupported legacy protocol version")
-    sys_info = _unpickle(f, archive, placeholders, "the system info")
-    if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+    sys_info = archive.unpickle(policy, "the system info")
+    if isinstance(sys_info, dict) and sys_info.get("little_endian", True) is not True:
         raise ValueError(f"{archive.path}: only little-endian checkpoints are supported")
-    result = _unpickle(f, archive, placeholders, "the data pickle")
-    keys = _unpickle(f, archive, placeholders, "the storage keys")
-    archive.locate(keys, f.tell())
+    result = archive.unpickle(policy, "the data pickle")
+    keys = archive.unpickle(policy, "the storage keys")
+    archive.locate(keys, archive._mmap.tell())
     return result

@@ -8,6 +8,7 @@ writable, C-contiguous array in native byte order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import ml_dtypes
@@ -45,7 +46,8 @@ class LazyTensor:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        # Exact: int64 arithmetic wraps a hostile 2**63-element shape to a negative count.
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
