@@ -32,7 +32,7 @@ NATIVE_LOG_LINE = r"^([IWEF]\d{4} |WARNING: All log messages before absl)"
 # exit status, stderr and whether TensorFlow had been imported by then.
 CASES_SCRIPT = textwrap.dedent(
     """
-    import contextlib, io, json, resource, sys, time
+    import contextlib, io, json, sys, time
     from tf_diffusion.cli import main
     results = []
     for argv in json.loads(sys.argv[1]):
@@ -44,7 +44,10 @@ CASES_SCRIPT = textwrap.dedent(
             "argv": argv, "code": code, "err": err.getvalue(), "seconds": time.perf_counter() - start,
             "tensorflow": "tensorflow" in sys.modules, "keras": "keras" in sys.modules,
         })
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, this process's own peak: ru_maxrss would also count the (large) pytest process it was
+    # forked from, since Linux keeps that high-water mark across exec.
+    with open("/proc/self/status") as status:
+        rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     print(json.dumps({"results": results, "max_rss_mib": rss_kib / 1024}))
     """
 )

@@ -97,7 +97,9 @@ def test_num_images_files_and_grid(tmp_path):
         == 0
     )
     for i in (1, 2, 3):
-        assert f"Batch pos: {i - 1}" in parameters_of(tmp_path / f"many-{i}.png")
+        text = parameters_of(tmp_path / f"many-{i}.png")
+        assert f"Batch pos: {i - 1}" in text
+        assert f"Seed: {i}," in text  # each image's own seed: --seed 1 gives 1, 2, 3
     with Image.open(tmp_path / "many-grid.png") as g:
         assert g.size == (128, 128)
 
@@ -125,6 +127,12 @@ def test_img2img_and_inpainting(tmp_path):
     assert cli.main([*args, "--seed", "2", *FAST]) == 0
     kept = np.asarray(Image.open(out))[:8, :8].astype(int)
     assert np.abs(kept - 200).max() < 40  # the unmasked corner stays close to the init image
+    # By default the CLI pastes the original pixels back outside the blurred mask (A1111's mask blur 4).
+    assert np.abs(kept[:4, :4] - 200).max() <= 2
+    diffusers_like = tmp_path / "inpaint-diffusers.png"
+    plain = ["generate", "a red circle", "-o", str(diffusers_like), "--image", str(init), "--mask", str(mask)]
+    assert cli.main([*plain, "--mask-blur", "-1", "--seed", "2", *FAST]) == 0
+    assert np.abs(np.asarray(Image.open(diffusers_like))[:4, :4].astype(int) - 200).max() > 2
 
 
 @pytest.mark.parametrize(

@@ -169,6 +169,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None, help="img2img strength in [0, 1]")
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint); needs --image")
     p.add_argument(
+        "--mask-blur",
+        type=float,
+        default=None,
+        help="inpainting: paste the original pixels back outside the mask, blended over a blur of this "
+        "many pixels (default 4, as the A1111 web UI; -1 keeps the decoded image as diffusers does)",
+    )
+    p.add_argument(
         "--max-image-pixels",
         type=int,
         default=None,
@@ -201,6 +208,11 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, list[pathlib.Path], 
         raise UsageError("--mask needs --image (the picture to inpaint)")
     if args.strength is not None and args.image is None:
         raise UsageError("--strength applies to --image (img2img / inpainting) only")
+    if args.mask_blur is not None:
+        if args.mask is None:
+            raise UsageError("--mask-blur applies to inpainting (--mask) only")
+        if args.mask_blur != -1:
+            finite_float(args.mask_blur, "--mask-blur", 0.0, 64.0)
     check_sampler(args.scheduler)
     check_size(args.height, args.width, None)
     try:
@@ -244,50 +256,46 @@ def run(args: argparse.Namespace) -> int:
         )
 
     import_tensorflow()
-    from tf_diffusion.noise import NoiseSource
     from tf_diffusion.pipeline import StableDiffusion, has_accelerator
 
     dtype = None if args.precision == "float32" else args.precision
     sd = StableDiffusion.from_pretrained(source, dtype=dtype)
-    steps = args.steps if args.steps is not None else sd.config.default_steps
-    guidance = args.guidance if args.guidance is not None else sd.config.default_guidance
-    scheduler = args.scheduler or sd.config.default_sampler
-    seed = args.seed if args.seed is not None else NoiseSource().seed
+    mask_blur = None
+    if mask is not None:
+        mask_blur = 4.0 if args.mask_blur is None else (None if args.mask_blur == -1 else args.mask_blur)
 
     images = sd.generate(
         args.prompt,
         args.negative_prompt or None,
-        num_steps=steps,
-        guidance_scale=guidance,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
         height=args.height,
         width=args.width,
         num_images=args.num_images,
-        seed=seed,
-        scheduler=scheduler,
+        seed=args.seed,
+        scheduler=args.scheduler,
         image=image,
         strength=args.strength,
         mask=mask,
+        mask_blur=mask_blur,
         progress=not args.no_progress,
         # One call per process: on a CPU, XLA's extra compile time (seconds) outweighs what it saves
         # on one image, so the command stays in graph mode there; accelerators keep the XLA default.
         jit_compile=None if has_accelerator() else False,
     )
-    height, width = images.shape[1:3]
-    strength = None
-    if image is not None:
-        strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.8)
+    info = images.info  # what generate() resolved: each image's seed, the sampler, steps, strength, size
     for i, (path, picture) in enumerate(zip(paths, images, strict=True)):
         text = a1111_parameters(
-            args.prompt,
-            args.negative_prompt,
-            steps=steps,
-            sampler=scheduler,
-            guidance=guidance,
-            seed=seed,
-            width=width,
-            height=height,
+            info.prompts[i],
+            info.negative_prompts[i],
+            steps=info.num_steps,
+            sampler=info.sampler,
+            guidance=info.guidance_scale,
+            seed=info.seeds[i],
+            width=info.width,
+            height=info.height,
             model=args.model,
-            strength=strength,
+            strength=info.strength,
             batch=(len(images), i),
         )
         save_png(picture, path, text, args.overwrite)
