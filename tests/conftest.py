@@ -19,7 +19,7 @@ except ImportError:  # hypothesis is in the `test` extra; tests that need it imp
 if settings is not None:
     _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
     settings.register_profile("default-tf", max_examples=200, deadline=None, suppress_health_check=_quiet)
-    settings.register_profile("long-tf", max_examples=20_000, deadline=None, suppress_health_check=_quiet)
+    settings.register_profile("long-tf", max_examples=5_000, deadline=None, suppress_health_check=_quiet)
     fuzz = os.environ.get("TF_DIFFUSION_FUZZ", "")
     if fuzz not in ("", "long"):
         raise ValueError(f"TF_DIFFUSION_FUZZ={fuzz!r} is not allowed; use 'long' or leave it unset")
