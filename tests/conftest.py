@@ -1,4 +1,8 @@
-"""Shared test setup: quiet TensorFlow logs and a fixtures path."""
+"""Shared test setup: quiet TensorFlow logs, a fixtures path and the Hypothesis budgets.
+
+Property tests (fuzzers) run a short budget by default; ``TF_DIFFUSION_FUZZ=long`` runs many more examples
+per test (for a nightly or a pre-release run).
+"""
 
 import os
 import pathlib
@@ -6,6 +10,20 @@ import pathlib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is in the `test` extra; tests that need it import it themselves
+    settings = None
+
+if settings is not None:
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("default-tf", max_examples=200, deadline=None, suppress_health_check=_quiet)
+    settings.register_profile("long-tf", max_examples=5_000, deadline=None, suppress_health_check=_quiet)
+    fuzz = os.environ.get("TF_DIFFUSION_FUZZ", "")
+    if fuzz not in ("", "long"):
+        raise ValueError(f"TF_DIFFUSION_FUZZ={fuzz!r} is not allowed; use 'long' or leave it unset")
+    settings.load_profile("long-tf" if fuzz == "long" else "default-tf")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 

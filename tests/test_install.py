@@ -3,14 +3,19 @@
 The README's first command uses an editable install, which finds ``weights/`` in the checkout. A wheel has
 no checkout beside it: setup.cfg's ``data_files`` put the model under the installation's ``share/`` folder,
 where ``resolve_model`` looks next. This builds the wheel from a copy of the project, checks that it
-holds every shipped file byte for byte, installs it into a fresh virtual environment (reusing this
-environment's TensorFlow through ``--system-site-packages``, with no index) and runs the CLI there from an
-unrelated directory.
+holds every shipped file byte for byte, installs it into a fresh virtual environment (with no index) and
+runs the CLI there from an unrelated directory.
+
+The fresh environment reuses the packages of the interpreter running the tests (TensorFlow is too large
+to install again): a ``.pth`` file in its site-packages lists the running interpreter's own import paths.
+``--system-site-packages`` would not do: inside a virtual environment it exposes the *base* interpreter's
+packages, not the environment's, so the installed wheel could not import keras there.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
@@ -64,13 +69,62 @@ def test_wheel_holds_every_shipped_file(wheel):
             assert zf.read(matches[0]) == path.read_bytes(), f"{rel} differs in {wheel.name}"
 
 
-def test_installed_wheel_generates_offline(wheel, tmp_path):
-    venv = tmp_path / "venv"
-    # --without-pip: this interpreter's pip is reachable through the system site-packages.
-    _run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)])
+def _import_paths(python, cwd) -> list[str]:
+    """The import paths an interpreter starts with (no PYTHONPATH, run from an unrelated folder)."""
+    code = "import json, sys; print(json.dumps(sys.path))"
+    return json.loads(_run([str(python), "-c", code], cwd=cwd).stdout)
+
+
+def _is_checkout(path: pathlib.Path) -> bool:
+    # A source tree on the path (an old-style editable install, or this checkout) would shadow the wheel.
+    in_root = path == ROOT or ROOT in path.parents
+    return in_root or ((path / "tf_diffusion").is_dir() and (path / "setup.cfg").is_file())
+
+
+def make_venv(venv: pathlib.Path, cwd: pathlib.Path) -> pathlib.Path:
+    """A fresh virtual environment that also sees this interpreter's packages; returns its python.
+
+    Works whether the tests run in the system Python or in a virtual environment: the paths come from
+    asking ``sys.executable`` itself, so a venv's own site-packages are included and its base's are not
+    (unless the running venv sees them too). The new environment's own site-packages stay first.
+    """
+    # --without-pip: this interpreter's pip is reachable through the listed paths.
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     bindir = venv / ("Scripts" if os.name == "nt" else "bin")
     python = bindir / ("python.exe" if os.name == "nt" else "python")
-    _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)])
+    own = _import_paths(python, cwd)
+    site_packages = next(p for p in own if p.startswith(str(venv)) and p.endswith("site-packages"))
+    outer = [
+        p
+        for p in _import_paths(sys.executable, cwd)
+        if p and p not in own and os.path.isdir(p) and not _is_checkout(pathlib.Path(p))
+    ]
+    assert outer, f"{sys.executable} reports no import paths beyond the standard library"
+    (pathlib.Path(site_packages) / "_outer_environment.pth").write_text("\n".join(outer) + "\n")
+    return python
+
+
+def test_fresh_venv_sees_this_interpreters_packages(tmp_path):
+    python = make_venv(tmp_path / "venv", tmp_path)
+    # Found where this interpreter finds them (specs only: importing TensorFlow takes many seconds).
+    names = ("keras", "tensorflow", "numpy", "pip")
+    code = f"import importlib.util as u; print(*[u.find_spec(n).origin for n in {names!r}])"
+    found = _run([str(python), "-c", code], cwd=tmp_path).stdout.split()
+    assert found == [importlib.util.find_spec(n).origin for n in names]
+    # The checkout does not leak in: tf_diffusion comes only from what gets installed there.
+    code = "import importlib.util as u; s = u.find_spec('tf_diffusion'); print(s and s.origin)"
+    origin = _run([str(python), "-c", code], cwd=tmp_path).stdout.strip()
+    assert origin == "None" or ROOT not in pathlib.Path(origin).parents, origin
+
+
+@pytest.mark.slow
+def test_installed_wheel_generates_offline(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    python = make_venv(venv, tmp_path)
+    bindir = python.parent
+    # --ignore-installed: an editable install of this checkout in the running environment is visible to
+    # pip through the listed paths; install the wheel anyway (and never touch that one).
+    _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", str(wheel)])
 
     work = tmp_path / "elsewhere"
     work.mkdir()
