@@ -246,20 +246,22 @@ def test_training_example_runs_every_stage(tmp_path):
 
 
 def test_a1111_format_and_grid():
-    text = a1111_parameters(
-        "a cat",
-        "blurry",
-        steps=20,
-        sampler="dpmpp_2m_karras",
-        guidance=7.0,
-        seed=1,
-        width=64,
-        height=64,
-        model="m",
+    from tf_diffusion.infotext import parse_parameters
+    from tf_diffusion.pipeline import GenerationInfo
+
+    info = GenerationInfo(
+        model="m", mode="img2img", prompts=("a cat", "a cat"), negative_prompts=("blurry", "blurry"),
+        seeds=(1, 2), seeded_latents=True, sampler="dpmpp_2m_karras", sampler_options={}, num_steps=20,
+        num_evals=15, guidance_scale=7.0, strength=0.75, mask_blur=None, height=64, width=96,
+        output_type="uint8",
+    )  # fmt: skip
+    text = a1111_parameters(info, 1, "m", "0123456789")
+    assert text.startswith(
+        "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras"
     )
-    assert (
-        text
-        == "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 64x64, Model: m"
-    )
+    read = parse_parameters(text)
+    assert (read["seed"], read["width"], read["height"], read["cfg_scale"]) == (2, 96, 64, 7.0)
+    assert read["extra"]["Batch pos"] == "1" and read["extra"]["Denoising strength"] == "0.75"
+    assert read["model_hash"] == "0123456789" and read["model_name"] == "m"
     tiles = grid(np.ones((3, 2, 2, 3), np.uint8))
     assert tiles.shape == (4, 4, 3) and tiles[2:, 2:].sum() == 0

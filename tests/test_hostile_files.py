@@ -272,7 +272,9 @@ def test_state_dicts_that_are_not_tensors_are_one_error(tmp_path, capsys, name):
         load_pipeline_weights(path, strict=False)
     assert str(path) in str(err.value), str(err.value)
     # The pickle reader itself refuses some keys (floats) before any state dict is walked.
-    assert type(err.value).__name__ in ("ValueError", "CheckpointError", "UnsafeCheckpointError"), repr(err.value)
+    assert type(err.value).__name__ in ("ValueError", "CheckpointError", "UnsafeCheckpointError"), repr(
+        err.value
+    )
     assert main(["info", str(path)]) == 1
     out, errors = capsys.readouterr()
     assert out == "" and errors.count("\n") == 1 and str(path) in errors, errors

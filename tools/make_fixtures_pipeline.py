@@ -44,6 +44,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from tf_diffusion import noise as noise_lib
+from tf_diffusion.noise import NoiseSource
 from tf_diffusion.testing import random_state_dict
 from tf_diffusion.tokenizer import CLIPTokenizer as OurTokenizer
 

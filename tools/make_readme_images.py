@@ -26,7 +26,18 @@ def main() -> None:
         out = pathlib.Path(tmp) / "red_circle.png"
         # Exactly the README's first command (after its install step).
         subprocess.run(
-            [sys.executable, "-m", "tf_diffusion", "generate", PROMPT, "--seed", "0", "-o", str(out), "--no-progress"],
+            [
+                sys.executable,
+                "-m",
+                "tf_diffusion",
+                "generate",
+                PROMPT,
+                "--seed",
+                "0",
+                "-o",
+                str(out),
+                "--no-progress",
+            ],
             check=True,
             cwd=ROOT,
         )

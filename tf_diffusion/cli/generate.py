@@ -34,22 +34,6 @@ from tf_diffusion.models import DEFAULT_MODEL
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
-# Our sampler names -> the names AUTOMATIC1111 writes in its parameters text.
-A1111_SAMPLERS = {
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "ddpm": "DDPM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "lms": "LMS",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
-    "unipc": "UniPC",
-}
-
 # generate() argument names -> our options, for messages from the library.
 OPTION_NAMES = {
     "num_steps": "--steps",
@@ -66,38 +50,38 @@ OPTION_NAMES = {
 }
 
 
-def a1111_parameters(
-    prompt: str,
-    negative_prompt: str,
-    *,
-    steps: int,
-    sampler: str,
-    guidance: float,
-    seed: int,
-    width: int,
-    height: int,
-    model: str,
-    strength: float | None = None,
-    batch: tuple[int, int] | None = None,
-) -> str:
-    """The generation parameters as AUTOMATIC1111 writes them into a PNG's ``parameters`` chunk."""
-    fields = [
-        f"Steps: {steps}",
-        f"Sampler: {A1111_SAMPLERS.get(sampler, sampler)}",
-        f"CFG scale: {guidance:g}",
-        f"Seed: {seed}",
-        f"Size: {width}x{height}",
-        f"Model: {model}",
-    ]
-    if strength is not None:
-        fields.append(f"Denoising strength: {strength:g}")
-    if batch is not None and batch[0] > 1:
-        fields.extend([f"Batch size: {batch[0]}", f"Batch pos: {batch[1]}"])
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
+def a1111_parameters(info, index: int, model: str, model_hash: str | None = None) -> str:
+    """Image ``index``'s generation parameters as AUTOMATIC1111 writes them (``tf_diffusion.infotext``).
+
+    Args:
+        info: the ``GenerationInfo`` that ``generate()`` returned with the images.
+        index: the image's position in the batch.
+        model: the model as the user named it.
+        model_hash: the web UI's short hash of a single checkpoint file, or None.
+    """
+    from tf_diffusion.infotext import format_parameters
+
+    extra = {}
+    if info.strength is not None:
+        extra["Denoising strength"] = info.strength
+    if info.mask_blur is not None:
+        extra["Mask blur"] = info.mask_blur
+    if len(info.seeds) > 1:
+        extra.update({"Batch size": len(info.seeds), "Batch pos": index})
+    return format_parameters(
+        info.prompts[index],
+        info.negative_prompts[index],
+        steps=info.num_steps,
+        sampler=info.sampler,
+        cfg_scale=info.guidance_scale,
+        seed=info.seeds[index],
+        width=info.width,
+        height=info.height,
+        model_name=model,
+        model_hash=model_hash,
+        scheduler_config=info.sampler_options or None,
+        extra=extra,
+    )
 
 
 def save_png(image: np.ndarray, path: pathlib.Path, parameters: str | None, overwrite: bool) -> None:
@@ -283,21 +267,12 @@ def run(args: argparse.Namespace) -> int:
         # on one image, so the command stays in graph mode there; accelerators keep the XLA default.
         jit_compile=None if has_accelerator() else False,
     )
-    info = images.info  # what generate() resolved: each image's seed, the sampler, steps, strength, size
+    from tf_diffusion.infotext import model_hash
+
+    digest = model_hash(source) if os.path.isfile(source) else None
     for i, (path, picture) in enumerate(zip(paths, images, strict=True)):
-        text = a1111_parameters(
-            info.prompts[i],
-            info.negative_prompts[i],
-            steps=info.num_steps,
-            sampler=info.sampler,
-            guidance=info.guidance_scale,
-            seed=info.seeds[i],
-            width=info.width,
-            height=info.height,
-            model=args.model,
-            strength=info.strength,
-            batch=(len(images), i),
-        )
+        # From what generate() resolved: each image's seed, the sampler, steps, strength, size.
+        text = a1111_parameters(images.info, i, args.model, digest)
         save_png(picture, path, text, args.overwrite)
         print(path)
     if grid_path is not None:
