@@ -44,6 +44,23 @@ def test_generate_writes_png_with_a1111_parameters(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
 
 
+def test_cli_images_are_generate_images_of_their_own_seeds(tmp_path):
+    """One seed, one image: each file the CLI writes for --seed 7 --num-images 2 is what generate() gives
+    for that file's own seed (7, then 8) alone, within 2/255."""
+    from tf_diffusion import StableDiffusion
+
+    out = tmp_path / "pair.png"
+    argv = ["generate", "a blue star", "-o", str(out), "--seed", "7", "--num-images", "2", *FAST]
+    assert cli.main(argv) == 0
+    sd = StableDiffusion.from_pretrained(resolve_model(DEFAULT_MODEL))
+    for i, seed in ((1, 7), (2, 8)):
+        with Image.open(tmp_path / f"pair-{i}.png") as image:
+            written = np.asarray(image.convert("RGB")).astype(int)
+        alone = sd.generate("a blue star", seed=seed, num_steps=3, progress=False)
+        assert np.abs(written - alone[0].astype(int)).max() <= 2, seed
+        assert f"Seed: {seed}," in parameters_of(tmp_path / f"pair-{i}.png")
+
+
 def test_same_seed_same_file_contents(tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     cli.main(["generate", "a blue star", "-o", str(a), "--seed", "3", *FAST])

@@ -22,7 +22,7 @@ generator as TensorFlow ops (``tf_diffusion.noise.tf_batch_normal``), the same n
 draws on the host, so a seed gives the image ``generate(seed=...)`` gives, on every call and in any
 batch. ``generate_from_noise`` takes noise drawn any other way.
 
-Prompts are tokenized in the graph (``tf_diffusion.graph_tokenizer``) as plain CLIP text truncated to
+Prompts are tokenized in the graph (``tf_diffusion.export.graph_tokenizer``) as plain CLIP text truncated to
 75 tokens, like diffusers; the A1111 attention syntax and 75-token chunking of ``generate()`` are not
 applied, so a prompt using them encodes differently from ``generate()``.
 """
@@ -149,7 +149,7 @@ def build_serving_module(
     tf = _tf()
     from tf_diffusion import noise as noise_lib
     from tf_diffusion.denoising import ClassifierFreeGuidance, Conditioning
-    from tf_diffusion.graph_tokenizer import GraphTokenizer
+    from tf_diffusion.export.graph_tokenizer import GraphTokenizer
     from tf_diffusion.schedulers import get_sampler
 
     cfg = sd.config
@@ -290,7 +290,7 @@ def build_serving_module(
         "jit_compile": bool(jit_compile),
         "vae_scaling_factor": scaling,
         "noise": "row b from seed[b]: tf_diffusion.noise streams 0 (latents) and 3 (steps), as generate()",
-        "tokenizer": "in-graph CLIP BPE (tf_diffusion.graph_tokenizer), plain text truncated to 75 tokens",
+        "tokenizer": "in-graph CLIP BPE (tf_diffusion.export.graph_tokenizer), plain text truncated to 75 tokens",
     }
     return module, signatures
 
