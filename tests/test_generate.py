@@ -211,45 +211,57 @@ def test_xla_fused_loop_matches_graph_mode(sd):
 def test_default_compilation_on_cpu():
     """float32 on a CPU runs under XLA (faster there), fused unless a progress bar shows the steps;
     a bfloat16 model on a CPU stays in graph mode (XLA was slower there)."""
-    from tf_diffusion.pipeline import ISLANDS, StableDiffusion
+    from tf_diffusion.pipeline import StableDiffusion
+
+    def compiled_modes(sd):
+        return {(key[0], key[-2].compile, key[-1]) for key in sd._compiled if key[-1] in ("fused", "step")}
 
     sd = StableDiffusion(MICRO)
     run(sd, scheduler="euler")
     run(sd, scheduler="ddim", progress=True)
-    modes = {(key[0], key[-2], key[-1]) for key in sd._compiled if key[-1] in ("fused", "step")}
-    assert modes == {("euler", True, "fused"), ("ddim", True, "step")}
+    assert compiled_modes(sd) == {("euler", "xla", "fused"), ("ddim", "xla", "step")}
 
     # Above 32x32 latents (this micro model: images above 64x64), graph mode with XLA islands.
     big = run(sd, scheduler="euler", height=72, width=72, output_type="latent")
-    modes = {(key[0], key[-2], key[-1]) for key in sd._compiled if key[-1] in ("fused", "step")}
-    assert ("euler", ISLANDS, "fused") in modes
+    assert ("euler", "islands", "fused") in compiled_modes(sd)
     graph = run(sd, scheduler="euler", height=72, width=72, output_type="latent", jit_compile=False)
     np.testing.assert_allclose(big, graph, atol=1e-3)  # XLA rounding, as in the test above
 
     half = StableDiffusion(MICRO, dtype="bfloat16")
     run(half, scheduler="euler")
-    modes = {(key[0], key[-2], key[-1]) for key in half._compiled if key[-1] in ("fused", "step")}
-    assert modes == {("euler", False, "step")}
+    assert compiled_modes(half) == {("euler", "graph", "step")}
 
 
 @pytest.mark.parametrize("progress", [False, True])
 def test_islands_with_prepared_filters_match_graph_mode(monkeypatch, progress):
-    # generate() transforms the filters once per call and passes them to the compiled loop (fused)
-    # or step (progress bar); forced onto this micro model's 36x36 level.
-    from tf_diffusion import layers
+    # generate() transforms the filters once per call (execution.prepare) and passes them to the
+    # compiled loop (fused) or step (progress bar); forced onto this micro model's 36x36 level.
+    from tf_diffusion import execution
     from tf_diffusion.pipeline import StableDiffusion
 
-    monkeypatch.setattr(layers, "WINOGRAD_RULES", ((4, 1, 0),))
-    monkeypatch.setattr(layers, "PREPARED_FILTER_RULES", ((4, 1, 10**9),))
+    def choose(op, key, names):  # F(4) where the sizes allow; its ResBlocks with prepared filters
+        if op == "conv3x3":
+            return "f4" if "f4" in names else "direct"
+        if op == "resblock":
+            return "prepared" if key[6] == 4 else "island"
+        return names[-1]
+
+    opts = execution.ExecutionOptions(
+        compile="islands", winograd=True, graph_matmuls=True, prepared_filters=True, choose=choose
+    )
     sd = StableDiffusion(MICRO)
     prepared = []
-    original = sd.unet.prepare_filters
-    monkeypatch.setattr(
-        sd.unet, "prepare_filters", lambda shape: prepared.append(original(shape)) or prepared[-1]
-    )
+    original = execution.prepare
+    monkeypatch.setattr(execution, "prepare", lambda *args: prepared.append(original(*args)) or prepared[-1])
     kwargs = dict(scheduler="dpmpp_2m_karras", height=72, width=72, output_type="latent")
-    islands = run(sd, progress=progress, **kwargs)
+    islands = run(sd, progress=progress, execution=opts, **kwargs)
     assert prepared and prepared[-1]
-    assert any(name.startswith("mid_4_36x36") for name in sd.unet.input_blocks[1][0].__dict__["_xla_islands"])
+    assert any(
+        name.startswith("mid_4_36x36") for name in execution.island_names(sd.unet.input_blocks[1][0], opts)
+    )
     graph = run(sd, jit_compile=False, **kwargs)
     np.testing.assert_allclose(islands, graph, atol=1e-3)
+    with pytest.raises(ValueError, match="either jit_compile or execution"):
+        run(sd, jit_compile=True, execution=opts, **kwargs)
+    with pytest.raises(ValueError, match=r"jit_compile='islands' must be True, False or None"):
+        run(sd, jit_compile="islands", **kwargs)

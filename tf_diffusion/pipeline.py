@@ -8,8 +8,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_diffusion import execution
 from tf_diffusion import images as image_utils
-from tf_diffusion import layers
 from tf_diffusion.clip import CLIPTextEncoder
 from tf_diffusion.config import PipelineConfig
 from tf_diffusion.noise import NoiseSource
@@ -20,36 +20,6 @@ from tf_diffusion.unet import UNetModel
 from tf_diffusion.vae import AutoencoderKL
 
 OUTPUT_TYPES = ("uint8", "float", "latent")
-
-
-# ``jit_compile`` value (internal) for TensorFlow graph mode with the UNet's blocks as XLA islands.
-ISLANDS = "islands"
-
-
-def _compile(fn: Callable, jit_compile: bool | str) -> Callable:
-    """Compile ``fn`` for the active Keras backend (graph/XLA on TF, jit on JAX).
-
-    ``jit_compile=ISLANDS`` (TensorFlow): graph mode, with the UNet's blocks traced inside
-    ``layers.xla_islands`` so that each is its own XLA cluster. Under XLA on TensorFlow's CPU,
-    3x3 convolutions are traced inside ``layers.winograd_convolutions`` (islands do that too).
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        islands = jit_compile == ISLANDS
-        winograd = bool(jit_compile) and not islands and not has_accelerator()
-
-        def traced(*args, **kwargs):
-            with layers.xla_islands(islands), layers.winograd_convolutions(winograd):
-                return fn(*args, **kwargs)
-
-        return tf.function(traced, jit_compile=bool(jit_compile) and not islands, reduce_retracing=True)
-    if backend == "jax" and jit_compile:
-        import jax
-
-        return jax.jit(fn)
-    return fn
 
 
 class StableDiffusion:
@@ -84,6 +54,9 @@ class StableDiffusion:
         self.text_encoder = CLIPTextEncoder(config.text_encoder, dtype=dtype)
         self.unet = UNetModel(config.unet, dtype=dtype)
         self.vae = AutoencoderKL(config.vae, dtype=_vae_dtype(dtype))
+        # Fast paths by block type (tf_diffusion.execution); they compute the same numbers.
+        execution.apply(self.unet)
+        execution.apply(self.vae)
         self._compiled: dict = {}
 
     @classmethod
@@ -141,7 +114,9 @@ class StableDiffusion:
         empty = tokenize_weighted(self.tokenizer, "")
         chunked = [c.padded_to(count, empty) for c in chunked]
         ids = np.concatenate([c.ids for c in chunked])  # (B*K, 77)
-        encode = self._get_compiled("text", lambda: _compile(self.text_encoder, jit_compile=False))
+        encode = self._get_compiled(
+            "text", lambda: execution.compile(self.text_encoder, execution.ExecutionOptions(compile="graph"))
+        )
         hidden = ops.convert_to_numpy(ops.cast(encode(ids), "float32"))  # (B*K, 77, D)
         hidden = hidden.reshape(len(prompts), count * ids.shape[1], hidden.shape[-1])
         weights = np.stack([c.weights.reshape(-1) for c in chunked])  # (B, K*77)
@@ -170,6 +145,7 @@ class StableDiffusion:
         output_type: str = "uint8",
         jit_compile: bool | None = None,
         fused: bool | None = None,
+        execution: execution.ExecutionOptions | None = None,
     ) -> np.ndarray:
         """Generate images: text-to-image, image-to-image (``image``) or inpainting (``image`` + ``mask``).
 
@@ -206,15 +182,15 @@ class StableDiffusion:
             progress: show a progress bar over the steps.
             output_type: "uint8" (N, H, W, 3) in [0, 255], "float" in [0, 1], or
                 "latent" (the final scaled latents, NHWC).
-            jit_compile: compile the denoising loop and the decode with XLA; default on with an accelerator,
-                under JAX, and for a float32 model on a CPU; graph mode for a bfloat16 / float16
-                model on a CPU (faster there). For float32 on TensorFlow's CPU with latents above
-                32x32 (SD images above 256x256) the default loop runs in graph mode with each UNet
-                block compiled as its own XLA island, the self-attention scores in between
-                (``layers.xla_islands``); there, and under XLA on a CPU, 3x3 convolutions use
-                Winograd F(4x4, 3x3) or F(2x2, 3x3) where it pays (``layers.WINOGRAD_RULES``) and 2x upsamplings
-                their sub-pixel form (``layers.subpixel_conv3x3``). ``True`` forces one XLA program,
-                ``False`` plain graph mode.
+            jit_compile: compile the denoising loop and the decode with XLA (True) or not (False);
+                None chooses as ``tf_diffusion.execution.default_options`` does: XLA with an
+                accelerator, under JAX and for a float32 model on a CPU (where Winograd
+                convolutions and sub-pixel upsamplings run where measured faster), graph mode for a
+                bfloat16 / float16 model on a CPU, and for float32 on TensorFlow's CPU with latents
+                above 32x32 graph mode with each UNet block its own XLA island.
+            execution: how the denoising loop runs (``tf_diffusion.execution.ExecutionOptions``,
+                e.g. ``ExecutionOptions(compile="islands", winograd=True)``), instead of
+                ``jit_compile``'s choice; the decode still follows ``jit_compile``.
             fused: run the whole loop as one compiled function (``ops.fori_loop``) rather
                 than one compiled step per Python iteration; default: fused under XLA
                 without a callback, and on a CPU only without a progress bar (so the bar moves
@@ -330,6 +306,7 @@ class StableDiffusion:
             progress=progress,
             jit_compile=jit_compile,
             fused=fused,
+            execution_options=execution,
         )
         if output_type == "latent":
             return x
@@ -346,8 +323,10 @@ class StableDiffusion:
         ``jit_compile`` as in ``generate``: by default XLA on accelerators, under JAX and
         in float32 on a CPU, graph mode otherwise.
         """
-        jit = _default_jit_compile(self.vae, has_accelerator()) if jit_compile is None else bool(jit_compile)
-        fn = self._get_compiled(("decode", jit), lambda: _compile(self.vae.decode, jit_compile=jit))
+        opts = execution.default_options(
+            self.vae, jit_compile=None if jit_compile is None else bool(jit_compile)
+        )
+        fn = self._get_compiled(("decode", opts), lambda: execution.compile(self.vae.decode, opts))
         return ops.convert_to_numpy(ops.cast(fn(ops.convert_to_tensor(latents, "float32")), "float32"))
 
     @staticmethod
@@ -396,6 +375,7 @@ class StableDiffusion:
         progress,
         jit_compile,
         fused,
+        execution_options=None,
     ) -> np.ndarray:
         """Run every model evaluation of ``plan`` with one compiled step function.
 
@@ -404,8 +384,11 @@ class StableDiffusion:
         and feature set.
         """
         accelerator = has_accelerator()
-        if jit_compile is None:
-            jit_compile = _default_loop_compile(self.unet, accelerator, x.shape)
+        if execution_options is not None and jit_compile is not None:
+            raise ValueError("pass either jit_compile or execution, not both: execution replaces jit_compile")
+        opts = execution_options or execution.default_options(
+            self.unet, x.shape, jit_compile=jit_compile, accelerator=accelerator
+        )
         key = (
             sampler.name,
             sampler.config,
@@ -426,37 +409,37 @@ class StableDiffusion:
             else tuple(ops.convert_to_tensor(np.asarray(b, np.float32)) for b in blend),
         )
         x = ops.convert_to_tensor(x, "float32")
-        if jit_compile == ISLANDS and keras.backend.backend() == "tensorflow":
-            # Transformed filters for this call's size, computed once rather than every step.
-            unet_batch = x.shape[0] * (2 if guidance is not None else 1)
-            args["filters"] = self.unet.prepare_filters((unet_batch,) + tuple(x.shape[1:]))
-        else:
-            args["filters"] = None
+        # What the fast paths need computed once per call (tf_diffusion.execution.prepare).
+        unet_batch = x.shape[0] * (2 if guidance is not None else 1)
+        extra_channels = 0 if extra is None else extra.shape[-1]
+        prepared = execution.prepare(
+            self.unet, (unet_batch,) + tuple(x.shape[1:-1]) + (x.shape[-1] + extra_channels,), opts
+        )
         state = sampler.init_state(x)
         if fused is None:
             # One program for the loop under XLA, except on a CPU with a progress bar: there a
             # step takes seconds at full size, so the bar advances per step.
-            fused = bool(jit_compile) and callback is None and (accelerator or not progress)
+            fused = opts.compile in ("xla", "islands") and callback is None and (accelerator or not progress)
         if fused:
             if callback is not None:
                 raise ValueError("callback needs the step-by-step loop; pass fused=False (or no callback)")
             loop = self._get_compiled(
-                key + (jit_compile, "fused"), lambda: _compile(self._make_loop(sampler), jit_compile)
+                key + (opts, "fused"), lambda: execution.compile(self._make_loop(sampler), opts)
             )
             noise_all = None if step_noise is None else ops.convert_to_tensor(step_noise)
             bar = _progress(1, progress)
-            x, _ = loop(x, state, noise_all, tables, timesteps, **args)
+            x, _ = loop(x, state, noise_all, tables, timesteps, **args, execution_state=prepared)
             bar.update(1)
             bar.close()
             return ops.convert_to_numpy(x)
         bar = _progress(plan.num_evals, progress)
         compiled = self._get_compiled(
-            key + (jit_compile, "step"), lambda: _compile(self._make_step(sampler), jit_compile)
+            key + (opts, "step"), lambda: execution.compile(self._make_step(sampler), opts)
         )
         for i in range(plan.num_evals):
             noise_i = None if step_noise is None else ops.convert_to_tensor(step_noise[i])
             index = ops.convert_to_tensor(i, "int32")
-            x, state = compiled(index, x, state, noise_i, tables, timesteps, **args)
+            x, state = compiled(index, x, state, noise_i, tables, timesteps, **args, execution_state=prepared)
             if callback is not None:
                 callback(i, float(plan.timesteps[i]), ops.convert_to_numpy(x))
             bar.update(1)
@@ -467,11 +450,11 @@ class StableDiffusion:
         """The whole denoising loop as one function (``ops.fori_loop``), for one XLA program."""
         step = self._make_step(sampler)
 
-        def loop(x, state, step_noise, tables, timesteps, context, guidance, extra, blend, filters=None):
+        def loop(x, state, step_noise, tables, timesteps, context, guidance, extra, blend):
             def body(i, carry):
                 x, state = carry
                 noise_i = None if step_noise is None else ops.take(step_noise, i, axis=0)
-                return step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend, filters)
+                return step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend)
 
             return ops.fori_loop(0, ops.shape(timesteps)[0], body, (x, state))
 
@@ -481,7 +464,7 @@ class StableDiffusion:
         """The function for one model evaluation: UNet (guided), sampler step, optional inpaint blend."""
         unet = self.unet
 
-        def step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend, filters=None):
+        def step(i, x, state, noise_i, tables, timesteps, context, guidance, extra, blend):
             plan = _TablePlan(tables)
             model_in = sampler.scale_model_input(x, i, plan)
             if extra is not None:
@@ -491,8 +474,7 @@ class StableDiffusion:
                 model_in = ops.concatenate([model_in, model_in], axis=0)  # [uncond, cond] halves
             t = ops.take(timesteps, i)
             t_batch = ops.broadcast_to(t, (ops.shape(model_in)[0],))
-            with layers.prepared_filters(filters):
-                out = ops.cast(unet(model_in, t_batch, context), "float32")
+            out = ops.cast(unet(model_in, t_batch, context), "float32")
             if guidance is not None:
                 uncond, cond = out[:n], out[n:]
                 out = uncond + guidance * (cond - uncond)
@@ -587,46 +569,12 @@ def _vae_dtype(dtype):
 
 
 def _default_jit_compile(model, accelerator: bool) -> bool:
-    """XLA where it is the faster choice: on accelerators, under JAX, and for float32 on a CPU.
-
-    On this project's CPU (benchmarks/README.md) XLA ran the float32 SD 1.5 UNet step at 256 in
-    1.17 s against 1.86 s in graph mode (at 512 they were level) and the tiny-shapes model's
-    20-step image in about half the time; in bfloat16 graph mode was faster (0.93 s against 1.25 s
-    at 256), so reduced precision on a CPU stays in graph mode.
-    """
-    if accelerator or keras.backend.backend() == "jax":
-        return True
-    return keras.backend.standardize_dtype(model.compute_dtype) == "float32"
+    """Whether ``execution.default_options`` compiles ``model`` (not the UNet loop) with XLA."""
+    return execution.default_options(model, accelerator=accelerator).compile == "xla"
 
 
-# Latent pixels (H * W) above which the UNet's self-attention scores are faster in graph mode
-# than under XLA on a CPU: at 64x64 latents (512x512 SD images) islands ran the float32 SD 1.5
-# step in 4.4 s against 4.9 s as one XLA program; at 32x32 the two were level (1.05 s, 1.02 s).
-ISLAND_MIN_LATENT_PIXELS = 32 * 32
-
-
-def _default_loop_compile(unet, accelerator: bool, latent_shape) -> bool | str:
-    """How ``generate`` compiles the UNet loop by default: ``_default_jit_compile``, except that a
-    float32 loop on TensorFlow's CPU above ``ISLAND_MIN_LATENT_PIXELS`` uses XLA islands."""
-    jit = _default_jit_compile(unet, accelerator)
-    if not jit or accelerator or keras.backend.backend() != "tensorflow":
-        return jit
-    h, w = latent_shape[1], latent_shape[2]
-    return ISLANDS if h is not None and w is not None and h * w > ISLAND_MIN_LATENT_PIXELS else jit
-
-
-def has_accelerator() -> bool:
-    """Whether the active Keras backend sees a GPU or TPU."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() != "cpu"
-    return False
+# Re-exported: callers import it from here.
+has_accelerator = execution.has_accelerator
 
 
 def _as_prompt_list(value, name: str) -> list[str]:
