@@ -13,3 +13,6 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 @pytest.fixture
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES
+
+# Autotuning results stay in memory: tests never write the user's cache file.
+os.environ.setdefault("TF_DIFFUSION_AUTOTUNE_CACHE", "")

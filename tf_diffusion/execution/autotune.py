@@ -87,7 +87,7 @@ class Autotuner:
         path: pathlib.Path | str | None = None,
         *,
         reps: int = 3,
-        margin: float = 0.05,
+        margin: float = 0.10,
         clock: Callable[[], float] = time.perf_counter,
         fingerprint: str | None = None,
     ):
