@@ -44,7 +44,7 @@ def test_autotuner_picks_the_faster_candidate_and_caches_it(tmp_path):
     assert len(runs) == 2 * (1 + 3)  # a warm-up and three timed runs each
     assert tuner.choose("conv3x3", (2, 64, 64, 320), candidates) == "f4"
     assert len(runs) == 8  # remembered, not measured again
-    # The conservative first candidate keeps gains within the margin (5%).
+    # The conservative first candidate keeps gains within the margin (10%).
     slow_first = [("direct", fake(clock, 1.0, runs)), ("f4", fake(clock, 0.97, runs))]
     assert tuner.choose("conv3x3", (2, 8, 8, 16), slow_first) == "direct"
     # The JSON file: another process on the same CPU reads the winners without measuring.
