@@ -141,7 +141,9 @@ def test_resblock_plan_falls_back_to_one_island():
 
     def record(op, key, names):
         seen.append((op, names))
-        return "direct" if op == "conv3x3" else "graph"
+        return tile if op == "conv3x3" else "graph"
+
+    tile = "f4"
 
     cfg = UNetConfig(norm_groups=4)
     block = ResBlock(8, 8, 16, cfg)
@@ -150,9 +152,12 @@ def test_resblock_plan_falls_back_to_one_island():
     )
     assert cpu.resblock_plan(block, (2, 8, 8, 8)) == ("island", None)  # outside the options
     with execution.options(opts):
-        assert cpu.resblock_plan(block, (2, 8, 8, 8)) == ("graph", 0)
+        assert cpu.resblock_plan(block, (2, 8, 8, 8)) == ("graph", 4)
         assert cpu.resblock_plan(block, (None, 8, 8, 8)) == ("island", None)
-    assert ("resblock", ("island", "graph", "prepared")) in seen
+        assert ("resblock", ("island", "graph", "prepared")) in seen
+        tile = "direct"  # im2col: the filter is the weight reshaped, nothing to prepare
+        assert cpu.resblock_plan(block, (2, 8, 8, 8)) == ("graph", 0)
+        assert seen[-1] == ("resblock", ("island", "graph"))
     with execution.options(opts.replace(graph_matmuls=False)):
         assert cpu.resblock_plan(block, (2, 8, 8, 8)) == ("island", None)
     with layers.dtype_policy_scope("bfloat16"):

@@ -205,7 +205,8 @@ def resblock_plan(block: unet.ResBlock, shape) -> tuple[str, int | None]:
         m = conv_tile(conv1, shape)
         if conv_tile(conv2, (b, h, w, cout)) != m:
             return "island", None
-    names = ["island", "graph"] + (["prepared"] if opts.prepared_filters else [])
+    # An im2col filter (m = 0) is the weight reshaped: nothing to prepare.
+    names = ["island", "graph"] + (["prepared"] if opts.prepared_filters and m else [])
     emb_dim = block.emb_layers[1].weight.shape[0]
 
     def build(name):
