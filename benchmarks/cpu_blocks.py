@@ -1,15 +1,16 @@
-"""Single-block CPU timings behind the float32 fast paths' rules (TensorFlow, this machine).
+"""Single-block CPU timings behind the float32 fast paths (TensorFlow, this machine).
 
 Times, each in its own compiled function with random inputs (median of several calls after a
 warm-up, the result copied to numpy):
 
 - 3x3 stride-1 convolutions at the SD 1.5 UNet's and VAE's shapes under XLA: direct, Winograd
-  F(2x2, 3x3) and F(4x4, 3x3) (``layers.winograd_conv3x3``), and the direct one in graph mode.
-  ``layers.winograd_tile`` picks Winograd from these (input channels and output tiles).
-- Nearest 2x upsampling then a 3x3 convolution, against ``layers.subpixel_conv3x3``.
+  F(2x2, 3x3) and F(4x4, 3x3) (``execution.kernels.winograd_conv3x3``), and the direct one in
+  graph mode; ``chosen_tile`` is what the autotuner (``tf_diffusion.execution.autotune``) picks
+  for that shape on this machine.
+- Nearest 2x upsampling then a 3x3 convolution, against ``execution.kernels.subpixel_conv3x3``.
 - The self-attention core of the UNet's 64x64 level (batch 2, 8 heads of 40, 4096 tokens) in graph
-  mode: ``layers.attention`` (row blocks over every head at once) against ``layers.head_attention``
-  (cache-sized blocks per head).
+  mode: ``layers.attention`` (row blocks over every head at once) against
+  ``execution.kernels.head_attention`` (cache-sized blocks per head).
 
 Usage: ``python benchmarks/cpu_blocks.py [--out benchmarks/results/cpu_blocks.json]``. Nothing is
 asserted; the JSON holds milliseconds per call.
@@ -32,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_diffusion import layers  # noqa: E402
+from tf_diffusion import execution, layers  # noqa: E402
+from tf_diffusion.execution import cpu, kernels  # noqa: E402
+from tf_diffusion.execution.options import _scope  # noqa: E402
 
 CONV_SHAPES = [  # (batch, side, channels): UNet levels at 512 and 256 (batch 2), VAE decoder levels
     (2, 64, 320),
@@ -78,10 +81,12 @@ def conv_cases(rng) -> list[dict]:
         row["xla_direct_ms"] = median_ms(tf.function(direct, jit_compile=True), x, w)
         row["graph_direct_ms"] = median_ms(tf.function(direct), x, w)
         for m in (2, 4):
-            fn = tf.function(lambda x, w, m=m: layers.winograd_conv3x3(x, w, m), jit_compile=True)
+            fn = tf.function(lambda x, w, m=m: kernels.winograd_conv3x3(x, w, m), jit_compile=True)
             row[f"xla_winograd_f{m}_ms"] = median_ms(fn, x, w)
-        with layers.winograd_convolutions():
-            row["chosen_tile"] = layers.winograd_tile(x, w)
+        conv = layers.Conv2d(c, c, 3, padding=1)
+        opts = execution.ExecutionOptions(compile="xla", winograd=True, autotune=True)
+        with execution.options(opts), _scope(in_xla=True):
+            row["chosen_tile"] = cpu.conv_tile(conv, (b, side, side, c))
         print(json.dumps(row), flush=True)
         out.append(row)
     return out
@@ -97,7 +102,7 @@ def upsample_cases(rng) -> list[dict]:
 
         row = {"batch": b, "side_in": side, "channels": c}
         row["xla_nearest_conv_ms"] = median_ms(tf.function(nearest_then_conv, jit_compile=True), x, w)
-        row["xla_subpixel_ms"] = median_ms(tf.function(layers.subpixel_conv3x3, jit_compile=True), x, w)
+        row["xla_subpixel_ms"] = median_ms(tf.function(kernels.subpixel_conv3x3, jit_compile=True), x, w)
         print(json.dumps(row), flush=True)
         out.append(row)
     return out
@@ -108,12 +113,12 @@ def attention_case(rng) -> dict:
     q, k, v = (tf.constant(rng.standard_normal((b, tokens, heads * d), dtype=np.float32)) for _ in range(3))
 
     def split(z):
-        return layers.split_heads(z, heads)
+        return kernels.split_heads(z, heads)
 
     def per_head(q, k, v):
         scaled = split(q) * (1.0 / math.sqrt(d))
-        return layers.merge_heads(
-            layers.head_attention(scaled, tf.transpose(split(k), (0, 2, 1)), split(v)), heads
+        return kernels.merge_heads(
+            kernels.head_attention(scaled, tf.transpose(split(k), (0, 2, 1)), split(v)), heads
         )
 
     row = {"batch": b, "heads": heads, "tokens": tokens, "head_dim": d}

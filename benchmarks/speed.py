@@ -164,25 +164,20 @@ def _policy(framework: str, dtype: str) -> str:
 _EXTRA = {}
 
 
-def _ours_mode(args, model, latent_shape):
-    """How ours compiles: as StableDiffusion.generate / decode choose by default (frameworks
-    "ours", "ours-1block"), or forced to one XLA program ("ours-xla") or graph mode ("ours-graph")."""
-    from tf_diffusion.pipeline import _default_jit_compile, _default_loop_compile, has_accelerator
+def _ours_options(args, model, latent_shape):
+    """How ours runs: as StableDiffusion.generate / decode choose by default (frameworks "ours",
+    "ours-1block"), or forced to one XLA program ("ours-xla") or graph mode ("ours-graph")."""
+    from tf_diffusion import execution
 
-    forced = {"ours-xla": True, "ours-graph": False}.get(args.framework)
-    if forced is not None:
-        return forced
-    if latent_shape is None:  # the decode
-        return _default_jit_compile(model, has_accelerator())
-    return _default_loop_compile(model, has_accelerator(), latent_shape)
+    jit = {"ours-xla": True, "ours-graph": False}.get(args.framework)
+    return execution.default_options(model, latent_shape, jit_compile=jit)
 
 
 def _ours(component, size, dtype, folder, args):
     import keras
     import tensorflow as tf
 
-    from tf_diffusion import layers
-    from tf_diffusion.pipeline import ISLANDS, _compile
+    from tf_diffusion import execution
     from tf_diffusion.presets import PRESETS
     from tf_diffusion.weights.state_dict import load_state_dict
 
@@ -201,33 +196,26 @@ def _ours(component, size, dtype, folder, args):
     if component == "unet":
         from tf_diffusion.unet import UNetModel
 
-        model = UNetModel(config.unet, dtype=policy)
+        model = execution.apply(UNetModel(config.unet, dtype=policy))
         load_state_dict(model, comps["unet"])
         x, t, ctx = (tf.constant(a) for a in _inputs("unet", size))
-        mode = _ours_mode(args, model, x.shape)
-        filters = None
-        if mode == ISLANDS:
-            # As generate() does once per call, before its steps: this is not in the step's time.
-            start = time.perf_counter()
-            filters = model.prepare_filters(x.shape)
-            _EXTRA["prepare_filters_s"] = round(time.perf_counter() - start, 3)
-            _EXTRA["prepared_filters_gb"] = round(
-                sum(math.prod(f.shape) for f in filters.values()) * 4 / 1e9, 3
-            )
-
-        def call(x, t, ctx, filters):
-            with layers.prepared_filters(filters):
-                return model(x, t, ctx)
-
-        fn = _compile(call, mode)
-        return None, lambda: keras.ops.convert_to_numpy(fn(x, t, ctx, filters))
+        opts = _ours_options(args, model, x.shape)
+        _EXTRA["execution"] = opts.compile
+        # As generate() does once per call, before its steps: this is not in the step's time (the
+        # first call on a machine also autotunes here; later ones read the autotune cache).
+        start = time.perf_counter()
+        state = execution.prepare(model, x.shape, opts)
+        _EXTRA["prepare_s"] = round(time.perf_counter() - start, 3)
+        _EXTRA["prepared_filters_gb"] = round(sum(math.prod(f.shape) for f in state.values()) * 4 / 1e9, 3)
+        fn = execution.compile(lambda x, t, ctx: model(x, t, ctx), opts)
+        return None, lambda: keras.ops.convert_to_numpy(fn(x, t, ctx, execution_state=state))
     if component == "vae":
         from tf_diffusion.vae import AutoencoderKL
 
-        model = AutoencoderKL(config.vae, dtype=policy)
+        model = execution.apply(AutoencoderKL(config.vae, dtype=policy))
         load_state_dict(model, comps["vae"])
         z = tf.constant(_inputs("vae", size))
-        fn = _compile(model.decode, _ours_mode(args, model, None))
+        fn = execution.compile(model.decode, _ours_options(args, model, None))
         return None, lambda: keras.ops.convert_to_numpy(fn(z))
     from tf_diffusion.clip import CLIPTextEncoder
 

@@ -211,25 +211,25 @@ def test_xla_fused_loop_matches_graph_mode(sd):
 def test_default_compilation_on_cpu():
     """float32 on a CPU runs under XLA (faster there), step by step whatever the progress bar, so
     switching the bar compiles nothing new; a bfloat16 model on a CPU stays in graph mode."""
-    from tf_diffusion.pipeline import ISLANDS, StableDiffusion
+    from tf_diffusion.pipeline import StableDiffusion
 
     sd = StableDiffusion(MICRO)
     run(sd, scheduler="euler")
-    assert sd.executor.last_run == {"jit_compile": True, "fused": False}
+    assert sd.executor.last_run == {"compile": "xla", "fused": False}
     traces = sd.executor.traces
     run(sd, scheduler="euler", progress=True)
-    assert sd.executor.last_run == {"jit_compile": True, "fused": False}
+    assert sd.executor.last_run == {"compile": "xla", "fused": False}
     assert sd.executor.traces == traces  # same shapes, bar on: the same compiled step
 
     # Above 32x32 latents (this micro model: images above 64x64), graph mode with XLA islands.
     big = run(sd, scheduler="euler", height=72, width=72, output_type="latent")
-    assert sd.executor.last_run["jit_compile"] == ISLANDS
+    assert sd.executor.last_run["compile"] == "islands"
     graph = run(sd, scheduler="euler", height=72, width=72, output_type="latent", jit_compile=False)
     np.testing.assert_allclose(big, graph, atol=1e-3)  # XLA rounding, as in the test above
 
     half = StableDiffusion(MICRO, dtype="bfloat16")
     run(half, scheduler="euler")
-    assert half.executor.last_run == {"jit_compile": False, "fused": False}
+    assert half.executor.last_run == {"compile": "graph", "fused": False}
 
 
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
@@ -291,25 +291,37 @@ def test_generate_reports_what_it_did(sd):
 
 @pytest.mark.parametrize("progress", [False, True])
 def test_islands_with_prepared_filters_match_graph_mode(monkeypatch, progress):
-    # generate() transforms the filters once per call and passes them to the compiled loop (fused)
-    # or step (progress bar); forced onto this micro model's 36x36 level.
-    from tf_diffusion import layers
+    # generate() transforms the filters once per call (execution.prepare) and passes them to the
+    # compiled loop (fused) or step (progress bar); forced onto this micro model's 36x36 level.
+    from tf_diffusion import execution
     from tf_diffusion.pipeline import StableDiffusion
 
-    monkeypatch.setattr(layers, "WINOGRAD_RULES", ((4, 1, 0),))
-    monkeypatch.setattr(layers, "PREPARED_FILTER_RULES", ((4, 1, 10**9),))
+    def choose(op, key, names):  # F(4) where the sizes allow; its ResBlocks with prepared filters
+        if op == "conv3x3":
+            return "f4" if "f4" in names else "direct"
+        if op == "resblock":
+            return "prepared" if key[6] == 4 else "island"
+        return names[-1]
+
+    opts = execution.ExecutionOptions(
+        compile="islands", winograd=True, graph_matmuls=True, prepared_filters=True, choose=choose
+    )
     sd = StableDiffusion(MICRO)
     prepared = []
-    original = sd.unet.prepare_filters
-    monkeypatch.setattr(
-        sd.unet, "prepare_filters", lambda shape: prepared.append(original(shape)) or prepared[-1]
-    )
+    original = execution.prepare
+    monkeypatch.setattr(execution, "prepare", lambda *args: prepared.append(original(*args)) or prepared[-1])
     kwargs = dict(scheduler="dpmpp_2m_karras", height=72, width=72, output_type="latent")
-    islands = run(sd, progress=progress, **kwargs)
+    islands = run(sd, progress=progress, execution=opts, **kwargs)
     assert prepared and prepared[-1]
-    assert any(name.startswith("mid_4_36x36") for name in sd.unet.input_blocks[1][0].__dict__["_xla_islands"])
+    assert any(
+        name.startswith("mid_4_36x36") for name in execution.island_names(sd.unet.input_blocks[1][0], opts)
+    )
     graph = run(sd, jit_compile=False, **kwargs)
     np.testing.assert_allclose(islands, graph, atol=1e-3)
+    with pytest.raises(ValueError, match="either jit_compile or execution"):
+        run(sd, jit_compile=True, execution=opts, **kwargs)
+    with pytest.raises(ValueError, match=r"jit_compile='islands' must be True, False or None"):
+        run(sd, jit_compile="islands", **kwargs)
 
 
 def test_mask_blur_keeps_the_unmasked_pixels(sd):

@@ -68,26 +68,42 @@ FUSED_SCRIPT = """
 import jax
 import numpy as np
 import keras
-from tf_diffusion import layers
+from tf_diffusion import execution, layers
+from tf_diffusion.config import UNetConfig
+from tf_diffusion.execution import cpu, kernels
+from tf_diffusion.unet import CrossAttention
 assert keras.backend.backend() == "jax"
 jax.default_backend = lambda: "gpu"  # take the GPU branch on CPU; "xla" runs there, "cudnn" would not
 rng = np.random.default_rng(0)
 worst = 0.0
+fused_calls = []
+original = cpu.fused_attention
+cpu.fused_attention = lambda *a: fused_calls.append(a[-1]) or original(*a)
 for (b, tq, tk, c, heads) in ((2, 64, 64, 64, 4), (2, 64, 77, 64, 8), (1, 16, 16, 32, 1)):
     q, k, v = (rng.standard_normal((b, t, c)).astype(np.float32) for t in (tq, tk, tk))
-    layers.FUSED_ATTENTION = "off"
     want = np.asarray(layers.attention(q, k, v, heads), dtype=np.float32)
-    layers.FUSED_ATTENTION = "xla"
     q16, k16, v16 = (jax.numpy.asarray(a, dtype="bfloat16") for a in (q, k, v))
-    assert layers._fused_attention(q16, k16, v16, heads, None) is not None
-    assert layers._fused_attention(q, k, v, heads, None) is None  # float32 keeps the explicit form
-    got = np.asarray(layers.attention(q16, k16, v16, heads), dtype=np.float32)
+    assert kernels.fused_attention(q16, k16, v16, heads, "xla") is not None
+    assert kernels.fused_attention(q, k, v, heads, "xla") is None  # float32 keeps the explicit form
+    assert kernels.fused_attention(q16, k16, v16, heads, "off") is None
+    got = np.asarray(kernels.fused_attention(q16, k16, v16, heads, "xla"), dtype=np.float32)
     worst = max(worst, float(np.abs(got - want).max()))
-layers.FUSED_ATTENTION = "bogus"
+    # Through a bfloat16 CrossAttention with its processor: the option picks the kernel.
+    with layers.dtype_policy_scope("bfloat16"):
+        attn = execution.apply(CrossAttention(c, c, heads))
+    x = q[:, :tq]
+    with execution.options(execution.ExecutionOptions(attention="off")):
+        explicit = np.asarray(attn(x), dtype=np.float32)
+    assert fused_calls == []
+    with execution.options(execution.ExecutionOptions(attention="xla")):
+        fused = np.asarray(attn(x), dtype=np.float32)
+    assert fused_calls == ["xla"], fused_calls
+    fused_calls.clear()
+    worst = max(worst, float(np.abs(fused - explicit).max()))
 try:
-    layers.attention(q16, k16, v16, heads)
+    execution.ExecutionOptions(attention="bogus")
 except ValueError as error:
-    assert "FUSED_ATTENTION" in str(error)
+    assert "attention" in str(error)
 else:
     raise AssertionError("bogus mode accepted")
 print(worst)

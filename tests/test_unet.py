@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+from tf_diffusion import execution
 from tf_diffusion.config import UNetConfig
 from tf_diffusion.layers import GroupNorm, LayerNorm
 from tf_diffusion.unet import ResBlock, UNetModel
@@ -58,6 +59,7 @@ def tiny_model(fixtures_dir, name):
     config, tensors, io = read_tiny(fixtures_dir, name)
     model = UNetModel(config)
     load_state_dict(model, tensors)
+    execution.apply(model)  # processors run the reference call unless options ask otherwise
     return model, io
 
 
@@ -216,108 +218,120 @@ def test_odd_latent_sizes_match_diffusers(fixtures_dir, name):
     assert np.abs(out - io["out_odd"]).max() <= FLOAT32_TOL
 
 
-def island_names(model) -> set:
-    """The names of the XLA islands built for every layer of ``model``."""
+def island_names(model, opts) -> set:
+    """The names of the XLA islands built under ``opts`` for every layer of ``model``."""
     layers = model._flatten_layers(include_self=True, recursive=True)
-    return {name for layer in layers for name in layer.__dict__.get("_xla_islands") or {}}
+    return {name for layer in layers for name in execution.island_names(layer, opts)}
+
+
+def forced(*, prepared=False, winograd=True):
+    """A ``choose`` policy that takes every path these tests cover without timing anything:
+    Winograd F(4) where the sizes allow (else F(2), else direct; direct only without
+    ``winograd``), sub-pixel upsampling, and graph-mode matmuls for ResBlocks with direct
+    convolutions or at most 16 F(4) tiles (16x16 latents, batch 2: the 8x8 and 4x4 levels), or
+    prepared filters for every F(4) ResBlock (``prepared``)."""
+
+    def choose(op, key, names):
+        if op == "conv3x3":
+            return names[-1] if winograd else "direct"
+        if op == "upsample_conv3x3":
+            return "subpixel"
+        assert op == "resblock", op
+        b, h, w, _, _, _, m, _ = key
+        if prepared and m == 4:
+            return "prepared"
+        return "graph" if m == 0 or (m == 4 and b * (h // 4) * (w // 4) <= 16) else "island"
+
+    return choose
+
+
+def islands_options(**policy):
+    # Post-attention work in token blocks of 100: 16x16 latents (256 tokens) give 100, 100, 56.
+    return execution.ExecutionOptions(
+        compile="islands",
+        winograd=True,
+        graph_matmuls=True,
+        prepared_filters=policy.get("prepared", False),
+        post_attention_tokens=100,
+        choose=forced(**policy),
+    )
 
 
 @pytest.fixture
-def winograd_everywhere(monkeypatch):
-    """Let every eligible 3x3 convolution of a tiny model take the Winograd path and the post-attention
-    work run in token blocks, and count the calls of each islands-only path: Winograd, the sub-pixel
-    upsampling, the per-head attention, the token blocks."""
-    from tf_diffusion import layers
+def fast_path_calls(monkeypatch):
+    """Count the calls of each islands-only path: Winograd, the sub-pixel upsampling, the
+    per-head attention, the token blocks, the filter transforms of graph-mode matmuls."""
+    from tf_diffusion.execution import cpu
 
-    monkeypatch.setattr(layers, "WINOGRAD_RULES", ((4, 1, 0), (2, 1, 0)))  # F(4) where the sizes allow
-    # Post-attention work in token blocks of 100: 16x16 latents (256 tokens) give 100, 100, 56.
-    monkeypatch.setattr("tf_diffusion.unet.POST_ATTENTION_TOKENS", 100)
     calls = {"winograd_conv3x3": [], "subpixel_conv3x3": [], "head_attention": [], "post_blocks": []}
-    original_blocks = layers.split_blocks
+    calls["graph_matmul"] = []
+
+    def spy(name, key, record):
+        original = getattr(cpu, name)
+
+        def wrapped(*args, **kwargs):
+            calls[key].append(record(*args))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cpu, name, wrapped)
+
+    spy("winograd_conv3x3", "winograd_conv3x3", lambda x, weight, m: m)
+    spy("subpixel_conv3x3", "subpixel_conv3x3", lambda x, weight: tuple(x.shape[1:3]))
+    spy("head_attention", "head_attention", lambda q, k_t, v, *rest: tuple(q.shape))
+    spy("conv3x3_filter", "graph_matmul", lambda weight, m: m)
+    original_blocks = cpu.split_blocks
 
     def blocks(x, size, axis):
         parts = original_blocks(x, size, axis)
         calls["post_blocks"].append([p.shape[axis] for p in parts])
         return parts
 
-    monkeypatch.setattr("tf_diffusion.unet.split_blocks", blocks)
-    # ResBlocks with at most 16 F(4) tiles (16x16 latents, batch 2: the 8x8 and 4x4 levels) or with
-    # direct convolutions run their two convolutions as graph-mode matmuls between islands.
-    monkeypatch.setattr(layers, "GRAPH_MATMUL_RULES", ((4, 1, 16), (0, 1, 10**9)))
-    calls["graph_matmul"] = []
-    original_filter = layers.conv3x3_filter
-
-    def conv3x3_filter(weight, m):
-        calls["graph_matmul"].append(m)
-        return original_filter(weight, m)
-
-    monkeypatch.setattr("tf_diffusion.unet.conv3x3_filter", conv3x3_filter)
-
-    def spy(name, record):
-        original = getattr(layers, name)
-
-        def wrapped(*args):
-            calls[name].append(record(*args))
-            return original(*args)
-
-        monkeypatch.setattr(layers, name, wrapped)
-        if name == "head_attention":  # the UNet imported it by name
-            monkeypatch.setattr("tf_diffusion.unet.head_attention", wrapped)
-
-    spy("winograd_conv3x3", lambda x, weight, m: m)
-    spy("subpixel_conv3x3", lambda x, weight: tuple(x.shape[1:3]))
-    spy("head_attention", lambda q, k_t, v: tuple(q.shape))
+    monkeypatch.setattr(cpu, "split_blocks", blocks)
     return calls
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, winograd_everywhere):
+def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, fast_path_calls):
     # Graph mode with each block an XLA island (the float32 CPU default for large latents), the
     # islands' 3x3 convolutions by Winograd F(4x4, 3x3) or F(2x2, 3x3) (some as graph-mode matmuls
     # between islands), their 2x upsamplings by sub-pixel convolutions and the self-attention core
     # per head: still diffusers' numbers.
-    from tf_diffusion.pipeline import ISLANDS, _compile
-
     model, io = tiny_model(fixtures_dir, name)
-    fn = _compile(lambda x, t, c: model(x, t, c), ISLANDS)
+    opts = islands_options()
+    fn = execution.compile(lambda x, t, c: model(x, t, c), opts)
     out = np.asarray(fn(io["latents"], io["timesteps_int"], io["context"]))
     assert np.abs(out - io["out_int"]).max() <= FLOAT32_TOL
     # Islands were built for this model's blocks and each islands-only path ran.
-    assert set(model.input_blocks[1][0].__dict__.get("_xla_islands", {})) == {"call"}  # 32 tiles
-    assert any(key.startswith("mid_4_") for key in island_names(model))  # 8 or 2 tiles
-    assert set(winograd_everywhere["winograd_conv3x3"]) == {4}  # 16x16 latents: every level a multiple of 4
-    assert winograd_everywhere["subpixel_conv3x3"] and winograd_everywhere["head_attention"]
-    assert [100, 100, 56] in winograd_everywhere["post_blocks"]
-    assert set(winograd_everywhere["graph_matmul"]) == {4}
+    assert execution.island_names(model.input_blocks[1][0], opts) == {"call"}  # 32 tiles
+    assert any(key.startswith("mid_4_") for key in island_names(model, opts))  # 8 or 2 tiles
+    assert set(fast_path_calls["winograd_conv3x3"]) == {4}  # 16x16 latents: every level a multiple of 4
+    assert fast_path_calls["subpixel_conv3x3"] and fast_path_calls["head_attention"]
+    assert [100, 100, 56] in fast_path_calls["post_blocks"]
+    assert set(fast_path_calls["graph_matmul"]) == {4}
     # Odd sizes (Winograd needs even ones; the island Upsample takes the skip's size).
     out_odd = np.asarray(fn(io["latents_odd"], io["timesteps_int"], io["context"]))
     assert np.abs(out_odd - io["out_odd"]).max() <= FLOAT32_TOL
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
-def test_xla_islands_with_im2col_graph_matmuls_match_diffusers(
-    name, fixtures_dir, winograd_everywhere, monkeypatch
-):
+def test_xla_islands_with_im2col_graph_matmuls_match_diffusers(name, fixtures_dir, fast_path_calls):
     # Direct convolutions only: each ResBlock's two become im2col patches (XLA), a matmul in graph
     # mode and a reshape, even and odd latent sizes.
-    from tf_diffusion import layers
-    from tf_diffusion.pipeline import ISLANDS, _compile
-
-    monkeypatch.setattr(layers, "WINOGRAD_RULES", ())
     model, io = tiny_model(fixtures_dir, name)
-    fn = _compile(lambda x, t, c: model(x, t, c), ISLANDS)
+    opts = islands_options(winograd=False)
+    fn = execution.compile(lambda x, t, c: model(x, t, c), opts)
     out = np.asarray(fn(io["latents"], io["timesteps_int"], io["context"]))
     assert np.abs(out - io["out_int"]).max() <= FLOAT32_TOL
     out_odd = np.asarray(fn(io["latents_odd"], io["timesteps_int"], io["context"]))
     assert np.abs(out_odd - io["out_odd"]).max() <= FLOAT32_TOL
-    assert set(winograd_everywhere["graph_matmul"]) == {0}
-    assert not winograd_everywhere["winograd_conv3x3"]
-    assert any(key.startswith("mid_0_") for key in island_names(model))
+    assert set(fast_path_calls["graph_matmul"]) == {0}
+    assert not fast_path_calls["winograd_conv3x3"]
+    assert any(key.startswith("mid_0_") for key in island_names(model, opts))
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "inpaint"])
 def test_resblock_input_sizes_follow_a_call(name, fixtures_dir, monkeypatch):
-    # The sizes prepare_filters plans with are the ones each ResBlock sees, odd sizes included.
+    # The sizes execution.prepare plans with are the ones each ResBlock sees, odd sizes included.
     model, io = tiny_model(fixtures_dir, name)
     seen = []
     original = ResBlock.call
@@ -331,48 +345,40 @@ def test_resblock_input_sizes_follow_a_call(name, fixtures_dir, monkeypatch):
         model.call(latents, io["timesteps_int"], io["context"])  # builds, if a first call does more
         seen.clear()
         model.call(latents, io["timesteps_int"], io["context"])
-        planned = model.resblock_input_sizes(*latents.shape[1:3])
+        planned = execution.resblock_input_sizes(model, *latents.shape[1:3])
         assert [(id(block), size) for block, size in planned] == [(id(block), size) for block, size in seen]
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_xla_islands_with_prepared_filters_match_diffusers(
-    name, fixtures_dir, winograd_everywhere, monkeypatch
-):
-    # Filters transformed once (UNetModel.prepare_filters) and passed in as the traced function's
-    # arguments: every ResBlock at a multiple-of-4 size takes them, and none is transformed again.
-    from tf_diffusion import layers
-    from tf_diffusion.pipeline import ISLANDS, _compile
-
-    monkeypatch.setattr(layers, "PREPARED_FILTER_RULES", ((4, 1, 10**9),))
+def test_xla_islands_with_prepared_filters_match_diffusers(name, fixtures_dir, fast_path_calls):
+    # Filters transformed once (execution.prepare) and passed in as the traced function's
+    # argument: every ResBlock at a multiple-of-4 size takes them, and none is transformed again.
     model, io = tiny_model(fixtures_dir, name)
-    filters = model.prepare_filters(io["latents"].shape)
-    prepared = len(winograd_everywhere["graph_matmul"])
+    opts = islands_options(prepared=True)
+    filters = execution.prepare(model, io["latents"].shape, opts)
+    prepared = len(fast_path_calls["graph_matmul"])
     assert filters and prepared == len(filters)
-
-    def call(x, t, c, filters):
-        with layers.prepared_filters(filters):
-            return model(x, t, c)
-
-    fn = _compile(call, ISLANDS)
-    out = np.asarray(fn(io["latents"], io["timesteps_int"], io["context"], filters))
+    fn = execution.compile(lambda x, t, c: model(x, t, c), opts)
+    out = np.asarray(fn(io["latents"], io["timesteps_int"], io["context"], execution_state=filters))
     assert np.abs(out - io["out_int"]).max() <= FLOAT32_TOL
-    assert len(winograd_everywhere["graph_matmul"]) == prepared  # no filter transformed in the call
-    assert {"in_4_16x16", "mid_4_16x16", "out_4_16x16"} <= set(
-        model.input_blocks[1][0].__dict__["_xla_islands"]
+    assert len(fast_path_calls["graph_matmul"]) == prepared  # no filter transformed in the call
+    assert {"in_4_16x16", "mid_4_16x16", "out_4_16x16"} <= execution.island_names(
+        model.input_blocks[1][0], opts
     )
     # Filters prepared for another size are left alone (10x14 latents: no level a multiple of 4).
-    out_odd = np.asarray(fn(io["latents_odd"], io["timesteps_int"], io["context"], filters))
+    out_odd = np.asarray(fn(io["latents_odd"], io["timesteps_int"], io["context"], execution_state=filters))
     assert np.abs(out_odd - io["out_odd"]).max() <= FLOAT32_TOL
 
 
-def test_islands_and_winograd_stay_off_outside_their_contexts(fixtures_dir, winograd_everywhere):
-    # Eager calls and plain graph mode (as in training) never see them.
-    from tf_diffusion import layers
-    from tf_diffusion.pipeline import _compile
+def test_islands_and_winograd_stay_off_outside_their_contexts(fixtures_dir, fast_path_calls):
+    # Eager calls and plain graph mode (as in training) never see them, and the context is restored.
+    from tf_diffusion.execution.options import in_xla
 
     model, io = tiny_model(fixtures_dir, "sd1")
     model(io["latents"], io["timesteps_int"], io["context"])
-    _compile(lambda x, t, c: model(x, t, c), False)(io["latents"], io["timesteps_int"], io["context"])
-    assert not any(winograd_everywhere.values())
-    assert not layers._islands_on and not layers._winograd_on
+    graph = execution.ExecutionOptions(compile="graph", winograd=True, graph_matmuls=True, choose=forced())
+    execution.compile(lambda x, t, c: model(x, t, c), graph)(
+        io["latents"], io["timesteps_int"], io["context"]
+    )
+    assert not any(fast_path_calls.values())
+    assert execution.current() == execution.ExecutionOptions() and not in_xla()

@@ -204,19 +204,20 @@ def test_dtype_argument_applies_to_sublayers(fixtures_dir, policy):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_xla_decode_with_winograd_matches_reference(fixtures_dir, name, monkeypatch):
     # StableDiffusion.decode's float32 CPU default: XLA, 3x3 convolutions by Winograd F(4x4, 3x3) or F(2x2, 3x3)
-    # and the 2x upsamplings' convolutions in sub-pixel form
-    # (thresholds lowered so that this tiny VAE's convolutions qualify).
-    from tf_diffusion import layers
-    from tf_diffusion.pipeline import _compile
+    # and the 2x upsamplings' convolutions in sub-pixel form (forced here, where the autotuner
+    # would measure, so that this tiny VAE takes every path).
+    from tf_diffusion import execution
+    from tf_diffusion.execution import cpu
 
-    monkeypatch.setattr(layers, "WINOGRAD_RULES", ((4, 1, 0), (2, 1, 0)))  # F(4) where the sizes allow
     calls = []
-    original = layers.winograd_conv3x3
-    monkeypatch.setattr(layers, "winograd_conv3x3", lambda x, w, m: calls.append(m) or original(x, w, m))
+    original = cpu.winograd_conv3x3
+    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda x, w, m: calls.append(m) or original(x, w, m))
     upsampled = []
-    subpixel = layers.subpixel_conv3x3
-    monkeypatch.setattr(layers, "subpixel_conv3x3", lambda x, w: upsampled.append(x.shape) or subpixel(x, w))
+    subpixel = cpu.subpixel_conv3x3
+    monkeypatch.setattr(cpu, "subpixel_conv3x3", lambda x, w: upsampled.append(x.shape) or subpixel(x, w))
     model, io = loaded_model(fixtures_dir, name)
-    decoded = _compile(model.decode, True)(keras.ops.convert_to_tensor(io["mean"]))
+    execution.apply(model)
+    opts = execution.ExecutionOptions(compile="xla", winograd=True, choose=lambda op, key, names: names[-1])
+    decoded = execution.compile(model.decode, opts)(keras.ops.convert_to_tensor(io["mean"]))
     assert 4 in calls and upsampled  # the paths under test ran (upsampling: sub-pixel convolutions)
     assert max_error(decoded, io["decoded"]) <= TOL

@@ -9,8 +9,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_diffusion import execution
 from tf_diffusion import images as image_utils
-from tf_diffusion import layers
 from tf_diffusion import noise as noise_lib
 from tf_diffusion.clip import CLIPTextEncoder
 from tf_diffusion.config import PipelineConfig
@@ -31,36 +31,6 @@ from tf_diffusion.unet import UNetModel
 from tf_diffusion.vae import AutoencoderKL
 
 OUTPUT_TYPES = ("uint8", "float", "latent")
-
-
-# ``jit_compile`` value (internal) for TensorFlow graph mode with the UNet's blocks as XLA islands.
-ISLANDS = "islands"
-
-
-def _compile(fn: Callable, jit_compile: bool | str) -> Callable:
-    """Compile ``fn`` for the active Keras backend (graph/XLA on TF, jit on JAX).
-
-    ``jit_compile=ISLANDS`` (TensorFlow): graph mode, with the UNet's blocks traced inside
-    ``layers.xla_islands`` so that each is its own XLA cluster. Under XLA on TensorFlow's CPU,
-    3x3 convolutions are traced inside ``layers.winograd_convolutions`` (islands do that too).
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        islands = jit_compile == ISLANDS
-        winograd = bool(jit_compile) and not islands and not has_accelerator()
-
-        def traced(*args, **kwargs):
-            with layers.xla_islands(islands), layers.winograd_convolutions(winograd):
-                return fn(*args, **kwargs)
-
-        return tf.function(traced, jit_compile=bool(jit_compile) and not islands, reduce_retracing=True)
-    if backend == "jax" and jit_compile:
-        import jax
-
-        return jax.jit(fn)
-    return fn
 
 
 class StableDiffusion:
@@ -95,6 +65,9 @@ class StableDiffusion:
         self.text_encoder = CLIPTextEncoder(config.text_encoder, dtype=dtype)
         self.unet = UNetModel(config.unet, dtype=dtype)
         self.vae = AutoencoderKL(config.vae, dtype=_vae_dtype(dtype))
+        # Fast paths by block type (tf_diffusion.execution); they compute the same numbers.
+        execution.apply(self.unet)
+        execution.apply(self.vae)
         self.denoiser = UNetDenoiser(self.unet)
         # How loops, decodes and text encodes run (and their compiled functions); see generate(executor=).
         self.executor = LocalExecutor()
@@ -186,6 +159,7 @@ class StableDiffusion:
         output_type: str = "uint8",
         jit_compile: bool | None = None,
         fused: bool | None = None,
+        execution: execution.ExecutionOptions | None = None,
         executor=None,
     ) -> GeneratedImages:
         """Generate images: text-to-image, image-to-image (``image``) or inpainting (``image`` + ``mask``).
@@ -227,12 +201,18 @@ class StableDiffusion:
             progress: show a progress bar over the steps.
             output_type: "uint8" (N, H, W, 3) in [0, 255], "float" in [0, 1], or
                 "latent" (the final scaled latents, NHWC).
-            jit_compile: compile the denoising loop and the decode with XLA; default on with an accelerator,
-                under JAX, and for a float32 model on a CPU; graph mode for a bfloat16 / float16
-                model on a CPU (faster there). ``True`` forces one XLA program, ``False`` plain graph mode.
+            jit_compile: compile the denoising loop and the decode with XLA (True) or not (False);
+                None chooses as ``tf_diffusion.execution.default_options`` does: XLA with an
+                accelerator, under JAX and for a float32 model on a CPU (where Winograd
+                convolutions and sub-pixel upsamplings run where measured faster), graph mode for a
+                bfloat16 / float16 model on a CPU, and for float32 on TensorFlow's CPU with latents
+                above 32x32 graph mode with each UNet block its own XLA island.
             fused: run the whole loop as one compiled function (``ops.fori_loop``) rather than one
                 compiled step per Python iteration; default: fused under XLA on an accelerator without
                 a callback. The two give the same result.
+            execution: how the denoising loop runs (``tf_diffusion.execution.ExecutionOptions``,
+                e.g. ``ExecutionOptions(compile="islands", winograd=True)``), instead of
+                ``jit_compile``'s choice; the decode still follows ``jit_compile``.
             executor: what runs the loop, the decode and the text encoder; default this model's
                 ``LocalExecutor`` (``tf_diffusion.distributed.ShardedExecutor`` spreads the batch).
 
@@ -327,6 +307,7 @@ class StableDiffusion:
             progress=progress,
             jit_compile=jit_compile,
             fused=fused,
+            options=execution,
         )
 
         info = GenerationInfo(
@@ -366,9 +347,7 @@ class StableDiffusion:
         key = ("program", sampler_key(sampler), guidance.name, tuple(h.name for h in hooks))
         cached = self._programs.get(key)
         if cached is None:
-            cached = self._programs[key] = DenoiseProgram(
-                sampler, self.denoiser, guidance, tuple(hooks), scope=layers.prepared_filters
-            )
+            cached = self._programs[key] = DenoiseProgram(sampler, self.denoiser, guidance, tuple(hooks))
         return cached
 
     def decode(self, latents, jit_compile: bool | None = None, executor=None) -> np.ndarray:
@@ -569,46 +548,12 @@ def _vae_dtype(dtype):
 
 
 def _default_jit_compile(model, accelerator: bool) -> bool:
-    """XLA where it is the faster choice: on accelerators, under JAX, and for float32 on a CPU.
-
-    On this project's CPU (benchmarks/README.md) XLA ran the float32 SD 1.5 UNet step at 256 in
-    1.17 s against 1.86 s in graph mode (at 512 they were level) and the tiny-shapes model's
-    20-step image in about half the time; in bfloat16 graph mode was faster (0.93 s against 1.25 s
-    at 256), so reduced precision on a CPU stays in graph mode.
-    """
-    if accelerator or keras.backend.backend() == "jax":
-        return True
-    return keras.backend.standardize_dtype(model.compute_dtype) == "float32"
+    """Whether ``execution.default_options`` compiles ``model`` (not the UNet loop) with XLA."""
+    return execution.default_options(model, accelerator=accelerator).compile == "xla"
 
 
-# Latent pixels (H * W) above which the UNet's self-attention scores are faster in graph mode
-# than under XLA on a CPU: at 64x64 latents (512x512 SD images) islands ran the float32 SD 1.5
-# step in 4.4 s against 4.9 s as one XLA program; at 32x32 the two were level (1.05 s, 1.02 s).
-ISLAND_MIN_LATENT_PIXELS = 32 * 32
-
-
-def _default_loop_compile(unet, accelerator: bool, latent_shape) -> bool | str:
-    """How ``generate`` compiles the UNet loop by default: ``_default_jit_compile``, except that a
-    float32 loop on TensorFlow's CPU above ``ISLAND_MIN_LATENT_PIXELS`` uses XLA islands."""
-    jit = _default_jit_compile(unet, accelerator)
-    if not jit or accelerator or keras.backend.backend() != "tensorflow":
-        return jit
-    h, w = latent_shape[1], latent_shape[2]
-    return ISLANDS if h is not None and w is not None and h * w > ISLAND_MIN_LATENT_PIXELS else jit
-
-
-def has_accelerator() -> bool:
-    """Whether the active Keras backend sees a GPU or TPU."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() != "cpu"
-    return False
+# Re-exported: callers import it from here.
+has_accelerator = execution.has_accelerator
 
 
 def _as_prompt_list(value, name: str) -> list[str]:

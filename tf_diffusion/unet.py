@@ -25,23 +25,9 @@ from tf_diffusion.layers import (
     Linear,
     SiLU,
     attention,
-    conv3x3_filter,
-    conv3x3_operand,
-    conv3x3_result,
     dtype_policy_scope,
-    filter_key,
-    graph_matmul_tile,
-    head_attention,
-    island,
-    islands_active,
-    merge_heads,
-    prepared_filter,
-    prepared_filter_tile,
     run_sequential,
-    split_blocks,
-    split_heads,
-    upsample_conv3x3,
-    winograd_tile_of_filter,
+    upsample_nearest,
 )
 from tf_diffusion.layout import Block, unet_layout
 
@@ -78,55 +64,6 @@ class ResBlock(keras.layers.Layer):
         self.skip_connection = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def call(self, x, emb):  # x: (B, H, W, C_in), emb: (B, E) -> (B, H, W, C_out)
-        conv1, conv2 = self.in_layers[2], self.out_layers[3]
-        filters = prepared_filter(conv1), prepared_filter(conv2)
-        m = self._prepared_tile(x, filters)
-        if m is None:
-            m, filters = self._graph_matmul_tile(x), None
-        if m is None:
-            return island(self, "call", self._forward)(x, emb)
-        # Inside ``xla_islands``, where ``GRAPH_MATMUL_RULES`` hold for both convolutions or their
-        # filters were prepared: three islands, the convolutions' matmuls between them in graph
-        # mode (oneDNN).
-        if filters is None:
-            filters = conv3x3_filter(conv1.weight, m), conv3x3_filter(conv2.weight, m)
-        size = tuple(x.shape[1:3])
-        key = f"{m}_{size[0]}x{size[1]}"  # the islands close over m and the size
-        a = island(self, "in_" + key, lambda x: conv3x3_operand(run_sequential(self.in_layers[:2], x), m))(x)
-        h = ops.matmul(a, filters[0])
-        a = island(self, "mid_" + key, lambda h, emb: self._middle(h, emb, m, size))(h, emb)
-        h = ops.matmul(a, filters[1])
-        return island(self, "out_" + key, lambda h, x: self._output(h, x, m, size))(h, x)
-
-    def _prepared_tile(self, x, filters):
-        """m of the prepared ``filters`` (UNetModel.prepare_filters) if they were prepared for
-        ``x``'s size, else None."""
-        if not islands_active() or filters[0] is None or filters[1] is None:
-            return None
-        m = winograd_tile_of_filter(filters[0])
-        conv1 = self.in_layers[2]
-        return m if prepared_filter_tile(x.shape, conv1.weight, conv1.compute_dtype) == m else None
-
-    def _graph_matmul_tile(self, x):
-        if not islands_active():
-            return None
-        conv1, conv2 = self.in_layers[2], self.out_layers[3]
-        m = graph_matmul_tile(x.shape, conv1.weight, conv1.compute_dtype)
-        out_shape = tuple(x.shape[:3]) + (conv2.weight.shape[2],)
-        if m is None or graph_matmul_tile(out_shape, conv2.weight, conv2.compute_dtype) != m:
-            return None
-        return m
-
-    def _middle(self, h, emb, m, size):
-        h = conv3x3_result(h, m, size) + self.in_layers[2].bias
-        h = h + run_sequential(self.emb_layers, emb)[:, None, None, :]
-        return conv3x3_operand(run_sequential(self.out_layers[:3], h), m)
-
-    def _output(self, h, x, m, size):
-        h = conv3x3_result(h, m, size) + self.out_layers[3].bias
-        return h + (x if self.skip_connection is None else self.skip_connection(x))
-
-    def _forward(self, x, emb):
         h = run_sequential(self.in_layers, x)
         h = h + run_sequential(self.emb_layers, emb)[:, None, None, :]
         h = run_sequential(self.out_layers, h)
@@ -144,17 +81,13 @@ class CrossAttention(keras.layers.Layer):
         self.to_v = Linear(context_dim, query_dim, bias=False)
         # to_out.1 is nn.Dropout in the reference.
         self.to_out = [Linear(query_dim, query_dim), Identity()]
-        # Complete at construction (its sublayers are); BasicTransformerBlock calls the
-        # self-attention's projections directly and never this layer.
-        self.built = True
+        self.built = True  # complete at construction: its sublayers are
 
-    def key_value(self, context):
-        """(B, T, D_ctx) -> the (k, v) projections, each (B, T, C); reusable across steps."""
-        return self.to_k(context), self.to_v(context)
-
-    def call(self, x, context=None, kv=None):  # x: (B, N, C) -> (B, N, C)
-        k, v = kv if kv is not None else self.key_value(x if context is None else context)
-        return run_sequential(self.to_out, attention(self.to_q(x), k, v, self.heads))
+    def call(self, x, context=None):  # x: (B, N, C), context: (B, T, D_ctx) -> (B, N, C)
+        source = x if context is None else context
+        return run_sequential(
+            self.to_out, attention(self.to_q(x), self.to_k(source), self.to_v(source), self.heads)
+        )
 
 
 class FeedForward(keras.layers.Layer):
@@ -169,11 +102,6 @@ class FeedForward(keras.layers.Layer):
         return run_sequential(self.net, x)
 
 
-# Inside ``xla_islands``, a transformer block's work after the self-attention core runs over blocks
-# of at most this many tokens per image (benchmarks/README.md, "Quiet run 7").
-POST_ATTENTION_TOKENS = 1024
-
-
 class BasicTransformerBlock(keras.layers.Layer):
     """Pre-norm self-attention, cross-attention on the context, feed-forward; each residual."""
 
@@ -185,48 +113,8 @@ class BasicTransformerBlock(keras.layers.Layer):
         self.norm3, self.ff = LayerNorm(dim, eps), FeedForward(dim)
 
     def call(self, x, context):  # x: (B, N, C), context: (B, T, D_ctx)
-        if islands_active():
-            # Inside ``xla_islands`` the work before and after the self-attention core is
-            # compiled with XLA and the core runs in graph mode, head by head (layers.py).
-            q, k_t, v = island(self, "pre", self._self_attention_heads)(x)
-            o = head_attention(q, k_t, v)
-            return island(self, "post", self._rest_heads)(x, o, context)
-        q, k, v = self._self_attention_inputs(x)
-        return self._rest(x, attention(q, k, v, self.attn1.heads), context)
-
-    def _self_attention_inputs(self, x):
-        h = self.norm1(x)
-        return self.attn1.to_q(h), self.attn1.to_k(h), self.attn1.to_v(h)
-
-    def _self_attention_heads(self, x):
-        """Scaled queries (B*h, N, d), transposed keys (B*h, d, N) and values (B*h, N, d)."""
-        q, k, v = self._self_attention_inputs(x)
-        heads = self.attn1.heads
-        q, k, v = (split_heads(z, heads) for z in (q, k, v))
-        return q * (1.0 / math.sqrt(q.shape[-1])), ops.transpose(k, (0, 2, 1)), v
-
-    def _rest_heads(self, x, o, context):
-        heads = self.attn1.heads
-        n = x.shape[1]
-        if n is None or n <= POST_ATTENTION_TOKENS:
-            return self._rest(x, merge_heads(o, heads), context)
-        # Everything after the self-attention core is per token: in blocks of tokens the
-        # feed-forward's hidden activations stay in the cache (SD 1.5 at 512, 64x64 level: 80 ms
-        # against 98 per block; no gain at 32x32).
-        kv = self.attn2.key_value(context)
-        parts = [
-            self._rest(x_part, merge_heads(o_part, heads), context, kv)
-            for x_part, o_part in zip(
-                split_blocks(x, POST_ATTENTION_TOKENS, 1),
-                split_blocks(o, POST_ATTENTION_TOKENS, 1),
-                strict=True,
-            )
-        ]
-        return ops.concatenate(parts, axis=1)
-
-    def _rest(self, x, o, context, kv=None):
-        x = x + run_sequential(self.attn1.to_out, o)
-        x = x + self.attn2(self.norm2(x), context, kv)
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
 
@@ -250,17 +138,11 @@ class SpatialTransformer(keras.layers.Layer):
         ]
 
     def call(self, x, context):  # x: (B, H, W, C) -> (B, H, W, C)
-        y = island(self, "in", self._project_in)(x)
+        b, h, w, c = ops.shape(x)
+        y = ops.reshape(self.proj_in(self.norm(x)), (b, h * w, c))  # NHWC flattens with no transpose
         for block in self.transformer_blocks:
             y = block(y, context)
-        return island(self, "out", self._project_out)(x, y)
-
-    def _project_in(self, x):  # (B, H, W, C) -> (B, H*W, C)
-        b, h, w, c = ops.shape(x)
-        return ops.reshape(self.proj_in(self.norm(x)), (b, h * w, c))  # NHWC flattens with no transpose
-
-    def _project_out(self, x, y):  # x: (B, H, W, C), y: (B, H*W, C) -> (B, H, W, C)
-        return x + self.proj_out(ops.reshape(y, ops.shape(x)))
+        return x + self.proj_out(ops.reshape(y, (b, h, w, c)))
 
 
 class Downsample(keras.layers.Layer):
@@ -271,7 +153,7 @@ class Downsample(keras.layers.Layer):
         self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def call(self, x):  # (B, H, W, C) -> (B, H/2, W/2, C)
-        return island(self, "call", self.op)(x)
+        return self.op(x)
 
 
 class Upsample(keras.layers.Layer):
@@ -282,19 +164,9 @@ class Upsample(keras.layers.Layer):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def call(self, x, size=None):  # (B, H, W, C) -> (B, 2H, 2W, C), or (B, *size, C)
-        return island(self, "call", self._forward)(x, size)
-
-    def _forward(self, x, size):
-        h, w = x.shape[1], x.shape[2]
-        if size is None or (h is not None and w is not None and tuple(size) == (2 * h, 2 * w)):
-            return upsample_conv3x3(x, self.conv)
-        # Sizes that were odd on the way down: nearest to the skip's size, as diffusers'
-        # interpolate(size=...) picks source index floor(dst * in / out).
-        for axis, out in ((1, size[0]), (2, size[1])):
-            src = ops.shape(x)[axis]
-            index = (ops.arange(out, dtype="int32") * src) // out
-            x = ops.take(x, index, axis=axis)
-        return self.conv(x)
+        # ``size``: the skip's size where sizes were odd on the way down (diffusers'
+        # interpolate(size=...)).
+        return self.conv(upsample_nearest(x, size))
 
 
 def _shape(x) -> tuple:
@@ -399,43 +271,6 @@ class UNetModel(keras.Model):
         ctx = _shape(context)
         if len(ctx) != 3 or ctx[-1] != cfg.context_dim:
             raise ValueError(f"context must have shape (batch, tokens, {cfg.context_dim}), got shape {ctx}")
-
-    def resblock_input_sizes(self, height: int, width: int) -> list:
-        """(ResBlock, (h, w)) for every ResBlock of a call on height x width latents, in call order."""
-        sizes, skips = [], []
-        h, w = height, width
-        for block in self.input_blocks:
-            for layer in block:
-                if isinstance(layer, ResBlock):
-                    sizes.append((layer, (h, w)))
-                elif isinstance(layer, Downsample):
-                    h, w = (h + 1) // 2, (w + 1) // 2  # 3x3, stride 2, padding 1
-            skips.append((h, w))
-        sizes += [(layer, (h, w)) for layer in self.middle_block if isinstance(layer, ResBlock)]
-        for block in self.output_blocks:
-            skips.pop()
-            for layer in block:
-                if isinstance(layer, ResBlock):
-                    sizes.append((layer, (h, w)))
-                elif isinstance(layer, Upsample):
-                    h, w = skips[-1] if skips else (2 * h, 2 * w)
-        return sizes
-
-    def prepare_filters(self, latent_shape) -> dict:
-        """Winograd-transformed 3x3 filters for a call on ``latent_shape`` (B, H, W, C) latents
-        inside ``xla_islands``, for ``layers.prepared_filters``: computed once, they save each call
-        their transforms (float32 on TensorFlow's CPU; ``layers.PREPARED_FILTER_RULES``)."""
-        b, height, width = latent_shape[:3]
-        filters = {}
-        for block, (h, w) in self.resblock_input_sizes(height, width):
-            conv1, conv2 = block.in_layers[2], block.out_layers[3]
-            m = prepared_filter_tile((b, h, w, conv1.weight.shape[2]), conv1.weight, conv1.compute_dtype)
-            if m is not None and m == prepared_filter_tile(
-                (b, h, w, conv2.weight.shape[2]), conv2.weight, conv2.compute_dtype
-            ):
-                for conv in (conv1, conv2):
-                    filters[filter_key(conv)] = conv3x3_filter(conv.weight, m)
-        return filters
 
     def call(self, latents, timesteps, context):
         """Predict the noise (or v) for ``latents`` at ``timesteps`` given text ``context``.

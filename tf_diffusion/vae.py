@@ -17,7 +17,7 @@ import keras
 from keras import ops
 
 from tf_diffusion.config import VAEConfig
-from tf_diffusion.layers import Conv2d, GroupNorm, attention, dtype_policy_scope, upsample_conv3x3
+from tf_diffusion.layers import Conv2d, GroupNorm, attention, dtype_policy_scope, upsample_nearest
 
 
 class ResnetBlock(keras.layers.Layer):
@@ -86,7 +86,7 @@ class Upsample(keras.layers.Layer):
         self.built = True
 
     def call(self, x):  # (B, H, W, C) -> (B, 2H, 2W, C)
-        return upsample_conv3x3(x, self.conv)
+        return self.conv(upsample_nearest(x))
 
 
 class MidBlock(keras.layers.Layer):

@@ -8,7 +8,7 @@ the same random SD 1.5 weights: ours are initialised by Keras, then copied into 
     steps_per_s      guided steps per second over a run of ``--steps`` steps after warm-up
                      (ours: one jitted step function called per step; diffusers: eager, SDPA)
     fused_steps_per_s  ours only: the whole loop as one XLA program (``ops.fori_loop``)
-    ours_attention_MODE  ours with ``layers.FUSED_ATTENTION = MODE`` ("auto": cuDNN flash attention
+    ours_attention_MODE  ours with ``ExecutionOptions(attention=MODE)`` ("auto": cuDNN flash attention
                      through jax.nn.dot_product_attention, "xla": its XLA form, "off": our explicit
                      form, row-blocked as on CPU); attention_parity compares one UNet call of each
     generate_s       ours only: ``StableDiffusion.generate`` end to end (text, ``--steps`` DPM-Solver++
@@ -162,11 +162,16 @@ def bench_diffusers(tensors: dict, config, size: int, steps: int, reps: int) -> 
     }
 
 
-def bench_generate(preset: str, dtype: str, size: int, steps: int) -> dict:
+def bench_generate(preset: str, dtype: str, size: int, steps: int, attention: str = "auto") -> dict:
+    from tf_diffusion import execution
     from tf_diffusion.pipeline import StableDiffusion
 
     sd = StableDiffusion.from_preset(preset, dtype=dtype)
+    factor = sd.config.vae.downsample_factor
+    latent_shape = (1, size // factor, size // factor, sd.config.vae.latent_channels)
+    opts = execution.default_options(sd.unet, latent_shape).replace(attention=attention)
     kwargs = dict(num_steps=steps, scheduler="dpmpp_2m", height=size, width=size, seed=0, progress=False)
+    kwargs["execution"] = opts
     start = time.perf_counter()
     sd.generate("an astronaut riding a horse", **kwargs)
     first = time.perf_counter() - start
@@ -199,17 +204,15 @@ def _parity(unet, config, size: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from tf_diffusion import layers
+    from tf_diffusion import execution
 
     x0, ctx = _inputs(config, size)
     x = jnp.asarray(np.concatenate([x0, x0]))
     t = jnp.asarray([500, 500], dtype=jnp.int32)
     outputs = {}
-    saved = layers.FUSED_ATTENTION
     for mode in ("off", "xla", "auto"):
-        layers.FUSED_ATTENTION = mode
-        outputs[mode] = np.asarray(unet(x, t, jnp.asarray(ctx)), dtype=np.float32)
-    layers.FUSED_ATTENTION = saved
+        with execution.options(execution.ExecutionOptions(attention=mode)):
+            outputs[mode] = np.asarray(unet(x, t, jnp.asarray(ctx)), dtype=np.float32)
     scale = float(np.abs(outputs["off"]).max())
     return {
         "output_abs_max": round(scale, 4),
@@ -229,7 +232,7 @@ def main() -> None:
     parser.add_argument(
         "--attention",
         default="auto,off",
-        help="comma-separated layers.FUSED_ATTENTION modes to time; only the first also as one fused program",
+        help="comma-separated ExecutionOptions.attention modes to time; only the first also as one fused program",
     )
     parser.add_argument("--preset", default="sd-v1-5", help="tiny-shapes for a quick check of the script")
     parser.add_argument("--out", default=None)
@@ -239,7 +242,7 @@ def main() -> None:
     import keras
     import torch
 
-    from tf_diffusion import layers
+    from tf_diffusion import execution, layers
     from tf_diffusion.presets import PRESETS
     from tf_diffusion.unet import UNetModel
     from tf_diffusion.weights.state_dict import state_dict
@@ -265,14 +268,15 @@ def main() -> None:
     }
     config = PRESETS[args.preset].unet
     keras.utils.set_random_seed(0)
-    unet = UNetModel(config, dtype=args.dtype)
+    unet = execution.apply(UNetModel(config, dtype=args.dtype))
     tensors = state_dict(unet)  # the same random weights for diffusers
     _attempt(result, "attention_parity", args.out, lambda: _parity(unet, config, args.size))
     modes = [m for m in args.attention.split(",") if m]
 
     def ours(mode: str, with_fused: bool):
-        layers.FUSED_ATTENTION = mode
-        return bench_ours(unet, config, args.size, args.steps, args.reps, with_fused)
+        # jax.jit traces inside bench_ours, under these options.
+        with execution.options(execution.ExecutionOptions(compile="xla", attention=mode)):
+            return bench_ours(unet, config, args.size, args.steps, args.reps, with_fused)
 
     # diffusers right after our first mode, so the comparison exists even if time runs out later.
     _attempt(result, f"ours_attention_{modes[0]}", args.out, lambda: ours(modes[0], True))
@@ -285,11 +289,11 @@ def main() -> None:
     tensors = None
     for mode in modes[1:]:
         _attempt(result, f"ours_attention_{mode}", args.out, lambda mode=mode: ours(mode, False))
-    layers.FUSED_ATTENTION = "auto"
     unet = None  # free its memory before generate() builds the whole pipeline
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     reference = result["diffusers"].get("steps_per_s")
+    best_attention = "auto"
     timed = {k: v for k, v in result.items() if k.startswith("ours_attention_") and "steps_per_s" in v}
     if reference and timed:
         result["ratios_vs_diffusers"] = {
@@ -301,13 +305,13 @@ def main() -> None:
         }
         best = max(timed, key=lambda k: timed[k]["steps_per_s"])
         result["best_stepwise"] = best
-        layers.FUSED_ATTENTION = best.removeprefix("ours_attention_")
+        best_attention = best.removeprefix("ours_attention_")
     if not args.skip_generate:
         _attempt(
             result,
             "generate",
             args.out,
-            lambda: bench_generate(args.preset, args.dtype, args.size, args.steps),
+            lambda: bench_generate(args.preset, args.dtype, args.size, args.steps, best_attention),
         )
     _write(result, args.out)
 

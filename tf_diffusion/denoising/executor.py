@@ -32,7 +32,7 @@ class LocalExecutor:
 
     def __init__(self):
         self._compiled: dict = {}
-        # What the last ``run`` did: {"jit_compile": ..., "fused": ...}; and how many times loop or step
+        # What the last ``run`` did: {"compile": mode, "fused": ...}; and how many times loop or step
         # functions were traced so far (each trace is a compile), for tests and diagnostics.
         self.last_run: dict = {}
         self.traces = 0
@@ -58,6 +58,7 @@ class LocalExecutor:
         progress: bool = True,
         jit_compile=None,
         fused: bool | None = None,
+        options=None,
     ) -> np.ndarray:
         """Run every evaluation of ``program`` from latents ``x``; returns the final latents.
 
@@ -67,50 +68,53 @@ class LocalExecutor:
             inputs: the loop inputs (``rows``, ``per_step``, ``shared``; see ``program``).
             callback: ``callback(step, timestep, latents)`` after every step (step-by-step loop only).
             progress: show a progress bar.
-            jit_compile: True (XLA), False (graph mode), None (the default for the model and device).
-            fused: one compiled function for the whole loop; default: under XLA on an accelerator
-                without a callback (on a CPU the loop runs step by step, so the bar moves per step and
-                switching the bar on or off compiles nothing new).
+            jit_compile: True (XLA), False (no XLA), None (``execution.default_options``' choice).
+            fused: one compiled function for the whole loop; default: under XLA (or islands) on an
+                accelerator without a callback. On a CPU the loop runs step by step, so the bar moves
+                per step and switching the bar on or off compiles nothing new.
+            options: ``execution.ExecutionOptions`` to run under instead of ``jit_compile``'s choice.
 
         Raises:
-            ValueError: for a callback with ``fused=True``.
+            ValueError: for a callback with ``fused=True``, or both ``options`` and ``jit_compile``.
         """
-        from tf_diffusion.pipeline import ISLANDS, _compile, _default_loop_compile, has_accelerator
+        from tf_diffusion import execution
 
-        accelerator = has_accelerator()
+        accelerator = execution.has_accelerator()
         x = ops.convert_to_tensor(x, "float32")
         model = program.denoiser.unet
-        if jit_compile is None:
-            jit_compile = _default_loop_compile(model, accelerator, tuple(x.shape))
-        execution = None
-        if jit_compile == ISLANDS and keras.backend.backend() == "tensorflow":
-            # Transformed filters for this call's size, computed once rather than every step.
-            batch = int(x.shape[0]) * program.guidance.copies
-            execution = model.prepare_filters((batch,) + tuple(x.shape[1:]))
+        if options is not None and jit_compile is not None:
+            raise ValueError("pass either jit_compile or execution, not both: execution replaces jit_compile")
+        opts = options or execution.default_options(
+            model, tuple(x.shape), jit_compile=jit_compile, accelerator=accelerator
+        )
+        # What the fast paths need computed once per call (transformed filters, say).
+        batch = int(x.shape[0]) * program.guidance.copies
+        concat = inputs["rows"]["cond"].get("extra.concat")
+        channels = int(x.shape[-1]) + (0 if concat is None else int(np.shape(concat)[-1]))
+        prepared = execution.prepare(model, (batch, *tuple(x.shape[1:-1]), channels), opts)
         if fused is None:
-            fused = bool(jit_compile) and callback is None and accelerator
+            fused = opts.compile in ("xla", "islands") and callback is None and accelerator
         if fused and callback is not None:
             raise ValueError("callback needs the step-by-step loop; pass fused=False (or no callback)")
-        self.last_run = {"jit_compile": jit_compile, "fused": bool(fused)}
+        self.last_run = {"compile": opts.compile, "fused": bool(fused)}
         tensors = to_tensors(inputs)
         state = program.sampler.init_state(x)
         timesteps = np.asarray(inputs["shared"]["timesteps"])
         if fused:
             loop = self.compiled(
-                (program.key, jit_compile, "fused"),
-                lambda: _compile(self._counted(program.loop), jit_compile),
+                (program.key, opts, "fused"), lambda: execution.compile(self._counted(program.loop), opts)
             )
             bar = _progress(1, progress)
-            x, _ = loop(x, state, tensors, execution)
+            x, _ = loop(x, state, tensors, execution_state=prepared)
             bar.update(1)
             bar.close()
             return ops.convert_to_numpy(x)
         step = self.compiled(
-            (program.key, jit_compile, "step"), lambda: _compile(self._counted(program.step), jit_compile)
+            (program.key, opts, "step"), lambda: execution.compile(self._counted(program.step), opts)
         )
         bar = _progress(len(timesteps), progress)
         for i in range(len(timesteps)):
-            x, state = step(ops.convert_to_tensor(i, "int32"), x, state, tensors, execution)
+            x, state = step(ops.convert_to_tensor(i, "int32"), x, state, tensors, execution_state=prepared)
             if callback is not None:
                 callback(i, float(timesteps[i]), ops.convert_to_numpy(x))
             bar.update(1)
@@ -128,17 +132,20 @@ class LocalExecutor:
 
     def decode(self, vae, latents, jit_compile=None) -> np.ndarray:
         """Unscaled latents (N, h, w, C) -> images (N, H, W, 3) in [-1, 1], float32."""
-        from tf_diffusion.pipeline import _compile, _default_jit_compile, has_accelerator
+        from tf_diffusion import execution
 
-        jit = _default_jit_compile(vae, has_accelerator()) if jit_compile is None else bool(jit_compile)
-        fn = self.compiled(("decode", id(vae), jit), lambda: _compile(vae.decode, jit_compile=jit))
+        opts = execution.default_options(vae, jit_compile=None if jit_compile is None else bool(jit_compile))
+        fn = self.compiled(("decode", id(vae), opts), lambda: execution.compile(vae.decode, opts))
         return ops.convert_to_numpy(ops.cast(fn(ops.convert_to_tensor(latents, "float32")), "float32"))
 
     def encode_text(self, text_encoder, ids) -> np.ndarray:
-        """Token ids (B, T) -> float32 hidden states (B, T, D)."""
-        from tf_diffusion.pipeline import _compile
+        """Token ids (B, T) -> float32 hidden states (B, T, D), in graph mode."""
+        from tf_diffusion import execution
 
-        fn = self.compiled(("text", id(text_encoder)), lambda: _compile(text_encoder, jit_compile=False))
+        opts = execution.ExecutionOptions(
+            compile="graph" if keras.backend.backend() == "tensorflow" else "eager"
+        )
+        fn = self.compiled(("text", id(text_encoder)), lambda: execution.compile(text_encoder, opts))
         return ops.convert_to_numpy(ops.cast(fn(ids), "float32"))
 
 

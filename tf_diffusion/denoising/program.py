@@ -16,7 +16,6 @@ executor can place without knowing what they hold:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any
 
@@ -62,16 +61,15 @@ class DenoiseProgram:
         denoiser: a callable ``(x, t, cond) -> prediction`` (``UNetDenoiser``).
         guidance: a guidance rule (``ClassifierFreeGuidance``, ``NoGuidance``).
         hooks: step hooks applied after each sampler step, in order.
-        scope: optional ``scope(execution_state)`` context manager entered around the denoiser call
-            while tracing, through which an executor hands prepared per-call state (transformed
-            filters, say) to the layers; None enters nothing.
+
+    How the layers run while these functions are traced (compile mode, CPU fast paths, state prepared
+    per call) is the executor's choice, made through ``tf_diffusion.execution``'s context.
     """
 
     sampler: Any
     denoiser: Any
     guidance: Any
     hooks: tuple = ()
-    scope: Any = None
 
     @property
     def key(self) -> tuple:
@@ -83,7 +81,7 @@ class DenoiseProgram:
             tuple(h.name for h in self.hooks),
         )
 
-    def step(self, i, x, state, inputs: dict, execution=None):
+    def step(self, i, x, state, inputs: dict):
         """Evaluation ``i``: denoiser (guided), sampler step, hooks. Returns ``(x, state)``."""
         rows, per_step, shared = inputs["rows"], inputs.get("per_step", {}), inputs["shared"]
         plan = _TablePlan(shared["tables"])
@@ -97,9 +95,7 @@ class DenoiseProgram:
             else model_in
         )
         t = ops.take(shared["timesteps"], i)
-        scope = self.scope(execution) if self.scope is not None else contextlib.nullcontext()
-        with scope:
-            prediction = self.denoiser(model_in, t, batched)
+        prediction = self.denoiser(model_in, t, batched)
         prediction = self.guidance.combine(prediction, shared.get("guidance_scale", 1.0))
         noise = ops.take(per_step["noise"], i, axis=0) if "noise" in per_step else None
         x, state = self.sampler.step(prediction, i, x, state, plan, noise=noise)
@@ -107,10 +103,10 @@ class DenoiseProgram:
             x = hook(x, i, rows.get(hook.name, {}), shared.get(hook.name, {}))
         return x, state
 
-    def loop(self, x, state, inputs: dict, execution=None):
+    def loop(self, x, state, inputs: dict):
         """Every evaluation as one ``ops.fori_loop`` (one program under XLA). Returns ``(x, state)``."""
 
         def body(i, carry):
-            return self.step(i, carry[0], carry[1], inputs, execution)
+            return self.step(i, carry[0], carry[1], inputs)
 
         return ops.fori_loop(0, ops.shape(inputs["shared"]["timesteps"])[0], body, (x, state))
