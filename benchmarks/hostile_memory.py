@@ -104,18 +104,9 @@ weights = types.ModuleType("tf_diffusion.weights")  # skip the package __init__ 
 weights.__path__ = [{weights!r}]
 sys.modules["tf_diffusion.weights"] = weights
 from tf_diffusion.weights.ckpt import load_ckpt
-from tf_diffusion.weights.lazy import LazyTensor
-import numpy as np
+from tf_diffusion.weights.lazy import read_all
 try:
-    todo = [load_ckpt({path!r})]
-    while todo:
-        item = todo.pop()
-        if isinstance(item, LazyTensor):
-            np.asarray(item)
-        elif isinstance(item, dict):
-            todo.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            todo.extend(item)
+    read_all(load_ckpt({path!r}))
     print("loaded")
 except BaseException as e:
     print(type(e).__name__ + ": " + str(e)[:150].replace(chr(10), " "))

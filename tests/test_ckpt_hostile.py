@@ -60,20 +60,11 @@ def load_in_subprocess(paths) -> str:
     """Code that loads each path, reads every tensor, and prints one line: OK or the error's type and message."""
     return f"""
         from tf_diffusion.weights.ckpt import load_ckpt
-        from tf_diffusion.weights.lazy import LazyTensor
-        import numpy as np
+        from tf_diffusion.weights.lazy import read_all
         for path in {[str(p) for p in paths]!r}:
             try:
                 obj = load_ckpt(path)
-                todo = [obj]
-                while todo:
-                    item = todo.pop()
-                    if isinstance(item, LazyTensor):
-                        np.asarray(item)
-                    elif isinstance(item, dict):
-                        todo.extend(item.values())
-                    elif isinstance(item, (list, tuple)):
-                        todo.extend(item)
+                read_all(obj)
                 try:
                     text = repr(obj)[:200].replace(chr(10), " ")
                 except RecursionError:

@@ -17,6 +17,7 @@ import keras
 from keras import ops
 
 from tf_diffusion.config import VAEConfig
+from tf_diffusion.layout import vae_layout
 from tf_diffusion.layers import Conv2d, GroupNorm, attention, dtype_policy_scope, upsample_nearest
 
 
@@ -125,6 +126,25 @@ class Level(keras.layers.Layer):
         return x
 
 
+def _levels(config: VAEConfig, section: str) -> list:
+    """The encoder's ``down`` or the decoder's ``up`` levels, indexed by level, from the block layout."""
+    blocks: dict[int, list] = {}
+    resample: dict[int, object] = {}
+    levels = f"{section}.{'down' if section == 'encoder' else 'up'}."
+    for b in vae_layout(config):
+        if not b.path.startswith(levels):  # the mid block and the convs are not in a level
+            continue
+        if b.kind == "res":
+            blocks.setdefault(b.level, []).append(ResnetBlock(b.in_channels, b.out_channels, config))
+        elif b.kind == "down":
+            resample[b.level] = Downsample(b.out_channels)
+        elif b.kind == "up":
+            resample[b.level] = Upsample(b.out_channels)
+    if section == "encoder":
+        return [Level(blocks[i], downsample=resample.get(i)) for i in sorted(blocks)]
+    return [Level(blocks[i], upsample=resample.get(i)) for i in sorted(blocks)]
+
+
 class Encoder(keras.layers.Layer):
     """Images (B, H, W, in_channels) -> Gaussian moments (B, H/f, W/f, 2 * latent_channels)."""
 
@@ -132,16 +152,7 @@ class Encoder(keras.layers.Layer):
         super().__init__(**kwargs)
         ch, mult = config.base_channels, config.channel_mult
         self.conv_in = Conv2d(config.in_channels, ch, 3, padding=1)
-        in_mult = (1, *mult)
-        self.down = []
-        for i, m in enumerate(mult):
-            block_in, block_out = ch * in_mult[i], ch * m
-            blocks = [
-                ResnetBlock(block_in if j == 0 else block_out, block_out, config)
-                for j in range(config.num_res_blocks)
-            ]
-            down = Downsample(block_out) if i != len(mult) - 1 else None
-            self.down.append(Level(blocks, downsample=down))
+        self.down = _levels(config, "encoder")
         block_in = ch * mult[-1]
         self.mid = MidBlock(block_in, config)
         self.norm_out = GroupNorm(config.norm_groups, block_in, config.norm_eps)
@@ -167,16 +178,8 @@ class Decoder(keras.layers.Layer):
         self.mid = MidBlock(block_in, config)
         # up[i] is level i (as in the original, which builds them deepest first and inserts
         # each at the front); call() runs them from the last level down to 0.
-        up = []
-        for i in reversed(range(len(mult))):
-            block_out = ch * mult[i]
-            blocks = []
-            for _ in range(config.num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, config))
-                block_in = block_out
-            upsample = Upsample(block_in) if i != 0 else None
-            up.insert(0, Level(blocks, upsample=upsample))
-        self.up = up
+        self.up = _levels(config, "decoder")
+        block_in = ch * mult[0]
         self.norm_out = GroupNorm(config.norm_groups, block_in, config.norm_eps)
         self.conv_out = Conv2d(block_in, config.out_channels, 3, padding=1)
         self.built = True

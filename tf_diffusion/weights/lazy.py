@@ -101,3 +101,26 @@ def derived(value, fn: Callable[[np.ndarray], np.ndarray], shape, dtype, source:
         return np.ascontiguousarray(fn(np.asarray(value))).astype(np.dtype(dtype), copy=False)
 
     return LazyTensor(shape, dtype, read, source or getattr(value, "source", ""))
+
+
+def read_all(obj, limit: int | None = None) -> int:
+    """Read every ``LazyTensor`` inside nested dicts, lists and tuples, as converting a whole file does.
+
+    Args:
+        obj: what a reader returned.
+        limit: visit at most this many items (None: all).
+
+    Returns:
+        How many tensors were read.
+    """
+    todo, read, visited = [obj], 0, 0
+    while todo and (limit is None or visited < limit):
+        item, visited = todo.pop(), visited + 1
+        if isinstance(item, LazyTensor):
+            np.asarray(item)
+            read += 1
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return read
