@@ -17,8 +17,8 @@ import keras
 from keras import ops
 
 from tf_diffusion.config import VAEConfig
-from tf_diffusion.layout import vae_layout
 from tf_diffusion.layers import Conv2d, GroupNorm, attention, dtype_policy_scope, upsample_nearest
+from tf_diffusion.layout import vae_layout
 
 
 class ResnetBlock(keras.layers.Layer):
