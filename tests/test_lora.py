@@ -164,7 +164,9 @@ def test_two_loras_with_their_weights(sd, fixtures_dir):
 
 def test_separate_text_encoder_and_unet_weights(sd, fixtures_dir):
     data = io(fixtures_dir)
-    sd.load_lora_weights(fixtures_dir / "lora" / FILES["diffusers"], weight={"unet": 0.5, "text_encoder": 0.0})
+    sd.load_lora_weights(
+        fixtures_dir / "lora" / FILES["diffusers"], weight={"unet": 0.5, "text_encoder": 0.0}
+    )
     assert err(unet_out(sd, data), data["unet_lora_0.5"]) <= TOLERANCE
     assert err(te_out(sd, data), data["te_base"]) <= TOLERANCE
 
@@ -215,7 +217,10 @@ def test_other_family_is_named(sd, fixtures_dir, tmp_path):
         sd.load_lora_weights(tmp_path / "xl.safetensors")
     assert "attn2_to_k" in str(e.value) and "2048" in str(e.value)
     # SDXL-only keys (its second text encoder) are named as SDXL keys.
-    save_safetensors({"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": np.ones((), np.float32)}, tmp_path / "te2.safetensors")
+    save_safetensors(
+        {"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": np.ones((), np.float32)},
+        tmp_path / "te2.safetensors",
+    )
     with pytest.raises(LoraError, match="SDXL LoRA keys"):
         sd.load_lora_weights(tmp_path / "te2.safetensors")
 
@@ -254,9 +259,12 @@ def test_api_errors(sd, fixtures_dir):
 
 
 def test_loading_does_not_retrace_generate(sd, fixtures_dir):
-    kwargs = dict(num_steps=2, guidance_scale=5.0, seed=3, scheduler="ddim", output_type="float", progress=False)
+    kwargs = dict(
+        num_steps=2, guidance_scale=5.0, seed=3, scheduler="ddim", output_type="float", progress=False
+    )
     base = sd.generate(["a red circle"], **kwargs)
     traces = sd.executor.traces
+    assert traces >= 1  # the loop is compiled, so a retrace would show
     sd.load_lora_weights(fixtures_dir / "lora" / FILES["kohya"], weight=0.8)
     with_lora = sd.generate(["a red circle"], **kwargs)
     sd.set_adapters(["default_0"], [0.3])

@@ -56,7 +56,10 @@ UNET_LORA = dict(
     init_lora_weights=False,
 )
 TE_LORA = dict(
-    r=4, lora_alpha=2, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], init_lora_weights=False
+    r=4,
+    lora_alpha=2,
+    target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    init_lora_weights=False,
 )
 SECOND_LORA = dict(r=2, lora_alpha=2, target_modules=["to_q", "to_v", "proj_out"], init_lora_weights=False)
 

@@ -40,7 +40,11 @@ import keras
 import numpy as np
 
 from tf_diffusion.layers import CONV, LINEAR
-from tf_diffusion.weights.diffusers_unet import _RESNET_RENAMES, diffusers_key_to_original, diffusers_prefix_map
+from tf_diffusion.weights.diffusers_unet import (
+    _RESNET_RENAMES,
+    diffusers_key_to_original,
+    diffusers_prefix_map,
+)
 from tf_diffusion.weights.state_dict import named_parameters, to_keras_layout, torch_shape
 
 COMPONENTS = ("unet", "text_encoder")
@@ -170,7 +174,9 @@ def _unet_names(unet, config) -> dict[str, str]:
             candidates = [theirs + rest]
             if ".resnets." in theirs:
                 candidates += [
-                    theirs + d + rest[len(o) :] for d, o in _RESNET_RENAMES.items() if (rest + ".").startswith(o + ".")
+                    theirs + d + rest[len(o) :]
+                    for d, o in _RESNET_RENAMES.items()
+                    if (rest + ".").startswith(o + ".")
                 ]
             for candidate in candidates:
                 candidate = candidate.rstrip(".")
@@ -202,9 +208,15 @@ class _Targets:
     @classmethod
     def of(cls, sd) -> _Targets:
         dotted = {"unet": _unet_names(sd.unet, sd.config.unet), "text_encoder": _text_names(sd.text_encoder)}
-        kohya = {c: {name.replace(".", "_"): path for name, path in names.items()} for c, names in dotted.items()}
+        kohya = {
+            c: {name.replace(".", "_"): path for name, path in names.items()} for c, names in dotted.items()
+        }
         params = {
-            c: {k[: -len(".weight")]: v for k, v in named_parameters(getattr(sd, c)).items() if v[1] == "weight"}
+            c: {
+                k[: -len(".weight")]: v
+                for k, v in named_parameters(getattr(sd, c)).items()
+                if v[1] == "weight"
+            }
             for c in COMPONENTS
         }
         return cls(dotted, kohya, params)
@@ -241,7 +253,9 @@ def _float(value, what: str) -> float:
     return float(array.reshape(-1)[0])
 
 
-def parse_lora(tensors: Mapping, metadata: Mapping[str, str], sd, *, source: str = "<tensors>") -> LoraWeights:
+def parse_lora(
+    tensors: Mapping, metadata: Mapping[str, str], sd, *, source: str = "<tensors>"
+) -> LoraWeights:
     """Map a LoRA state dict onto ``sd``'s layers and check every shape; nothing is changed.
 
     Args:
@@ -295,7 +309,9 @@ def parse_lora(tensors: Mapping, metadata: Mapping[str, str], sd, *, source: str
     peft = {c: _peft_meta(metadata, c) for c in COMPONENTS}
     for (component, path), entry in groups.items():
         if "down" not in entry or "up" not in entry:
-            incomplete.append(f"{entry['key']}: has {sorted(k for k in entry if k in ('down', 'up', 'alpha'))}")
+            incomplete.append(
+                f"{entry['key']}: has {sorted(k for k in entry if k in ('down', 'up', 'alpha'))}"
+            )
             continue
         down = np.asarray(entry["down"]).astype(np.float32)
         up = np.asarray(entry["up"]).astype(np.float32)
@@ -318,7 +334,9 @@ def parse_lora(tensors: Mapping, metadata: Mapping[str, str], sd, *, source: str
         scale = alpha / math.sqrt(rank) if meta.get("use_rslora") else alpha / rank
         modules.append(LoraModule(component, path, entry["key"], down, up, scale))
     if incomplete:
-        raise LoraError(f"LoRA {source}: modules without both down and up tensors:\n  " + "\n  ".join(incomplete))
+        raise LoraError(
+            f"LoRA {source}: modules without both down and up tensors:\n  " + "\n  ".join(incomplete)
+        )
     if unsupported:
         raise LoraError(f"LoRA {source}: not supported yet:\n  " + "\n  ".join(unsupported))
     if mismatched:
@@ -341,12 +359,11 @@ def _kohya_key(key: str, targets: _Targets):
 
 def _diffusers_key(key: str, targets: _Targets):
     """("diffusers", component, path, module name, part) for a diffusers / peft key, or None."""
-    for suffix, part in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
-        if key.endswith(suffix):
-            module = key[: -len(suffix)]
-            break
-    else:
+    suffixes = {".lora_A.weight": "down", ".lora_B.weight": "up", ".alpha": "alpha"}
+    suffix = next((s for s in suffixes if key.endswith(s)), None)
+    if suffix is None:
         return None
+    module, part = key[: -len(suffix)], suffixes[suffix]
     for prefix, component in _DIFFUSERS_PREFIXES.items():
         if module.startswith(prefix):
             name = module[len(prefix) :]
@@ -382,7 +399,9 @@ def _model_family(sd) -> str:
 
 def _mismatch_message(source: str, mismatched: list, sd) -> str:
     lines = [f"LoRA {source} does not fit this model ({_model_family(sd)}):"]
-    widths = {int(down.shape[1]) for key, _, down, _ in mismatched if key.endswith(("attn2.to_k", "attn2_to_k"))}
+    widths = {
+        int(down.shape[1]) for key, _, down, _ in mismatched if key.endswith(("attn2.to_k", "attn2_to_k"))
+    }
     guess = [_CONTEXT_FAMILIES.get(w, f"a {w}-wide context") for w in sorted(widths)]
     if guess:
         lines[0] += f"; its cross-attention reads {sorted(widths)}-wide text, as {' / '.join(guess)} does"
@@ -447,7 +466,11 @@ def _component_weights(weight, name: str) -> dict[str, float]:
     else:
         values = {c: weight for c in COMPONENTS}
     for c, w in values.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)) or not math.isfinite(w):
+        if (
+            isinstance(w, bool)
+            or not isinstance(w, (int, float, np.floating, np.integer))
+            or not math.isfinite(w)
+        ):
             raise ValueError(f"weight of {name!r} ({c}) must be a finite number, got {w!r}")
     return {c: float(w) for c, w in values.items()}
 
@@ -548,7 +571,7 @@ def set_adapters(sd, names: str | Sequence[str], adapter_weights=None) -> None:
     adapter_weights = list(adapter_weights)
     if len(adapter_weights) != len(names):
         raise ValueError(f"{len(adapter_weights)} adapter_weights for {len(names)} names {names}")
-    _apply(sd, state, {n: _component_weights(w, n) for n, w in zip(names, adapter_weights)})
+    _apply(sd, state, {n: _component_weights(w, n) for n, w in zip(names, adapter_weights, strict=True)})
 
 
 def get_active_adapters(sd) -> dict[str, dict[str, float]]:
@@ -575,7 +598,9 @@ def fuse_lora(sd, lora_scale: float = 1.0) -> None:
         ValueError: for a ``lora_scale`` other than 1.0 (use ``set_adapters`` weights instead).
     """
     if lora_scale != 1.0:
-        raise ValueError(f"lora_scale={lora_scale!r}: LoRAs are merged with their set_adapters weights; use those")
+        raise ValueError(
+            f"lora_scale={lora_scale!r}: LoRAs are merged with their set_adapters weights; use those"
+        )
 
 
 def unfuse_lora(sd) -> None:
