@@ -274,3 +274,32 @@ def test_loading_does_not_retrace_generate(sd, fixtures_dir):
     assert sd.executor.traces == traces
     assert err(with_lora, base) > 1e-3  # the LoRA reached the compiled loop
     assert np.array_equal(again, base)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_sd2_shapes(fmt):
+    """SD 2.x layout: linear proj_in / proj_out, per-level head counts, gelu text encoder."""
+    from tf_diffusion.pipeline import StableDiffusion
+
+    folder = FIXTURES / "lora"
+    meta = json.loads((folder / "sd2_components.json").read_text())
+    base = json.loads((FIXTURES / "pipeline" / "cases.json").read_text())
+    config = PipelineConfig(
+        name="tiny-lora-sd2",
+        text_encoder=clip_config_from_transformers(meta["text_encoder"]),
+        unet=unet_config_from_diffusers(meta["unet"]),
+        vae=vae_config_from_diffusers(base["vae"]),
+        default_size=32,
+    )
+    assert config.unet.use_linear_projection
+    model = StableDiffusion(config)
+    clip = random_state_dict(meta["shapes"]["text_encoder"], meta["seeds"]["text_encoder"])
+    clip = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in clip.items()}
+    load_state_dict(model.text_encoder, clip)
+    unet = random_state_dict(meta["shapes"]["unet"], meta["seeds"]["unet"])
+    load_state_dict(model.unet, convert_diffusers_unet_state_dict(unet, config.unet))
+    with np.load(folder / "sd2_lora_io.npz") as f:
+        data = dict(f)
+    model.load_lora_weights(folder / f"sd2_lora_{fmt}.safetensors")
+    assert err(unet_out(model, data), data["unet_lora_1.0"]) <= TOLERANCE
+    assert err(te_out(model, data), data["te_lora_1.0"]) <= TOLERANCE

@@ -201,6 +201,58 @@ def main() -> None:
     )
 
 
+# SD 2.x shapes: linear proj_in / proj_out, a constant head width (per-level head counts), gelu text encoder.
+SD2_UNET = dict(UNET, use_linear_projection=True, attention_head_dim=[4, 8])
+SD2_CLIP = dict(CLIP, hidden_act="gelu")
+SD2_SEEDS = {"unet": 5, "text_encoder": 6}
+
+
+def sd2_case() -> None:
+    """A kohya and a diffusers LoRA on SD 2.x-shaped tiny components, with outputs at weight 1.0."""
+    from make_fixtures_pipeline import SHAPES
+
+    unet = seeded(UNet2DConditionModel(**SD2_UNET), SD2_SEEDS["unet"])
+    text_encoder = seeded(CLIPTextModel(CLIPTextConfig(**SD2_CLIP)), SD2_SEEDS["text_encoder"])
+    shapes = {name: SHAPES[seed] for name, seed in SD2_SEEDS.items()}
+    (OUT / "sd2_components.json").write_text(
+        json.dumps({"unet": SD2_UNET, "text_encoder": SD2_CLIP, "seeds": SD2_SEEDS, "shapes": shapes}) + "\n"
+    )
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t = np.array([3, 700], dtype=np.int64)
+    context = rng.standard_normal((2, 5, SD2_CLIP["hidden_size"])).astype(np.float32)
+    ids = rng.integers(1, 49406, size=(2, 77)).astype(np.int64)
+    with torch.no_grad():
+        io = dict(x=x, t=t, context=context, ids=ids)
+        unet_config, te_config = LoraConfig(**UNET_LORA), LoraConfig(**TE_LORA)
+        unet.add_adapter(unet_config, adapter_name="default")
+        randomise_lora(unet, 31)
+        inject_adapter_in_model(te_config, text_encoder, adapter_name="default")
+        randomise_lora(text_encoder, 32)
+        io["unet_lora_1.0"] = unet(
+            torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context)
+        ).sample.numpy()
+        io["te_lora_1.0"] = text_encoder(torch.from_numpy(ids)).last_hidden_state.numpy()
+    unet_state = get_peft_model_state_dict(unet, adapter_name="default")
+    te_state = get_peft_model_state_dict(text_encoder, adapter_name="default")
+    te_prefix = "" if next(iter(te_state)).startswith("text_model.") else "text_model."
+    te_state = {te_prefix + k: v for k, v in te_state.items()}
+    StableDiffusionPipeline.save_lora_weights(
+        OUT,
+        unet_lora_layers=unet_state,
+        text_encoder_lora_layers=te_state,
+        unet_lora_adapter_metadata=unet_config.to_dict(),
+        text_encoder_lora_adapter_metadata=te_config.to_dict(),
+        weight_name="sd2_lora_diffusers.safetensors",
+    )
+    kohya = {
+        **kohya_tensors(unet_state, unet_config, "lora_unet_", ""),
+        **kohya_tensors(te_state, te_config, "lora_te_", ""),
+    }
+    save_file(kohya, OUT / "sd2_lora_kohya.safetensors")
+    np.savez_compressed(OUT / "sd2_lora_io.npz", **io)
+
+
 def randomise_lora_only(module: torch.nn.Module, adapter: str, seed: int) -> None:
     """randomise_lora for one named adapter's weights only."""
     rng = np.random.default_rng(seed)
@@ -214,3 +266,4 @@ def randomise_lora_only(module: torch.nn.Module, adapter: str, seed: int) -> Non
 
 if __name__ == "__main__":
     main()
+    sd2_case()
