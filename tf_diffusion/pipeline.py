@@ -106,6 +106,37 @@ class StableDiffusion:
 
         return save_pretrained(self, destination, **kwargs)
 
+    # LoRA, with diffusers' method names; see tf_diffusion.adapters.lora for the arguments.
+    def load_lora_weights(self, path, adapter_name: str | None = None, weight=1.0) -> str:
+        """Load a kohya / A1111 or diffusers / PEFT LoRA and merge it in (``adapters.lora.load_lora_weights``)."""
+        from tf_diffusion.adapters import lora
+
+        return lora.load_lora_weights(self, path, adapter_name=adapter_name, weight=weight)
+
+    def set_adapters(self, names, adapter_weights=None) -> None:
+        """Choose the active LoRAs and their weights (``adapters.lora.set_adapters``)."""
+        from tf_diffusion.adapters import lora
+
+        lora.set_adapters(self, names, adapter_weights)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA; the base weights come back bit for bit (``adapters.lora.unload_lora_weights``)."""
+        from tf_diffusion.adapters import lora
+
+        lora.unload_lora_weights(self)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """A no-op: LoRAs are always merged into the weights (``adapters.lora.fuse_lora``)."""
+        from tf_diffusion.adapters import lora
+
+        lora.fuse_lora(self, lora_scale)
+
+    def unfuse_lora(self) -> None:
+        """A no-op, as ``fuse_lora``; use ``unload_lora_weights`` to remove LoRAs."""
+        from tf_diffusion.adapters import lora
+
+        lora.unfuse_lora(self)
+
     def __repr__(self) -> str:
         return f"StableDiffusion(config={self.config.name!r})"
 

@@ -1,0 +1,607 @@
+"""LoRA files for SD 1.x / 2.x UNets and text encoders: read, map to our layers, merge into the weights.
+
+Formats read:
+
+- kohya / A1111 (sd-scripts ``networks/lora.py``): ``lora_unet_<module>`` and ``lora_te_<module>``, where
+  the module is a path with ``.`` written as ``_``: the diffusers UNet path (what sd-scripts writes,
+  ``lora_unet_down_blocks_0_attentions_0_proj_in``) or the original single-file path
+  (``lora_unet_input_blocks_1_1_proj_in``), and the transformers text-encoder path; tensors
+  ``.lora_down.weight``, ``.lora_up.weight`` and an optional scalar ``.alpha`` (absent: alpha = rank).
+  Conv layers ("LoCon"): 3x3 and 1x1 downs with 1x1 ups.
+- diffusers / PEFT (``save_lora_weights``): ``unet.<diffusers path>.lora_A.weight`` / ``.lora_B.weight``
+  and ``text_encoder.<transformers path>...``; alpha, ``rank_pattern``, ``alpha_pattern`` and
+  ``use_rslora`` from the ``lora_adapter_metadata`` header (absent: alpha = rank).
+
+``.safetensors`` files are read with ``weights.safetensors_io``; ``.pt`` / ``.bin`` / ``.ckpt`` with the
+allow-list unpickler ``weights.ckpt.load_ckpt`` (nothing in the file is executed).
+
+How LoRAs act: merged into the weights. Each touched kernel is recomputed as
+``base + sum_i weight_i * scale_i * (up_i @ down_i)`` in float32 (scale = alpha / rank) and cast to the
+variable's dtype. Why merging: the denoising loop runs at the base model's speed (no extra matmuls per
+step) and the compiled loop never changes, because kernels are variables that are assigned, never
+rebuilt: a compiled ``generate()`` sees the new values without retracing. Exactness: the base value of
+every touched kernel is kept (one copy of those kernels, not of the LoRA deltas), so removing LoRAs
+assigns the stored values back, bit for bit. Each change recomputes from the base, so LoRAs switched on
+and off many times do not accumulate rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from tf_diffusion.layers import CONV, LINEAR
+from tf_diffusion.weights.diffusers_unet import (
+    _RESNET_RENAMES,
+    diffusers_key_to_original,
+    diffusers_prefix_map,
+)
+from tf_diffusion.weights.state_dict import named_parameters, to_keras_layout, torch_shape
+
+COMPONENTS = ("unet", "text_encoder")
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+# Tensors of formats this module does not compute yet: key fragment -> what it is.
+_UNSUPPORTED = {
+    "lora_mid": "LoCon Tucker (lora_mid)",
+    "dora_scale": "DoRA (dora_scale)",
+    "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
+    "hada_": "LyCORIS LoHa (hada_*)",
+    "lokr_": "LyCORIS LoKr (lokr_*)",
+}
+# Keys only SDXL files have (its second text encoder, its added embeddings).
+_SDXL_MARKERS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "add_embedding", "lora_unet_label_emb")
+# Cross-attention / text widths -> the family they belong to, for messages.
+_CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+_LORA_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt", ".pth")
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be applied to this model; the message lists every offending key."""
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One layer's low-rank update.
+
+    Attributes:
+        component: "unet" or "text_encoder".
+        path: our layer's attribute path (the original checkpoint key without ``.weight``).
+        key: the module's name in the file, for messages.
+        down: (rank, in[, kh, kw]) float32, torch layout (kohya ``lora_down`` / peft ``lora_A``).
+        up: (out, rank[, 1, 1]) float32, torch layout (kohya ``lora_up`` / peft ``lora_B``).
+        scale: alpha / rank (alpha / sqrt(rank) for rsLoRA).
+    """
+
+    component: str
+    path: str
+    key: str
+    down: np.ndarray = field(repr=False)
+    up: np.ndarray = field(repr=False)
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """A LoRA file read and mapped onto a model (not applied).
+
+    Attributes:
+        source: the file it was read from.
+        format: "kohya" or "diffusers".
+        modules: one entry per layer it changes.
+        metadata: the file's safetensors header metadata (empty for pickles).
+    """
+
+    source: str
+    format: str
+    modules: tuple[LoraModule, ...]
+    metadata: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def components(self) -> set[str]:
+        return {m.component for m in self.modules}
+
+
+# -------------------------------------------------------------------------------------------- reading
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict, dict]:
+    """The tensors and header metadata of a LoRA file.
+
+    Args:
+        path: a ``.safetensors`` file, or a ``torch.save`` file (``.pt``, ``.bin``, ``.ckpt``, ``.pth``).
+
+    Returns:
+        (name -> lazy tensor, metadata str -> str).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a file of another kind, a corrupt or truncated file, or a pickle whose top level is
+            not a dict of tensors (``UnsafeCheckpointError`` for pickles that name code).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from tf_diffusion.weights.safetensors_io import open_safetensors
+
+        f = open_safetensors(path)
+        return dict(f.items()), dict(f.metadata)
+    if suffix in _LORA_SUFFIXES:
+        from tf_diffusion.weights.ckpt import load_ckpt
+
+        data = load_ckpt(path)
+        if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+            data = data["state_dict"]
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{path}: a LoRA pickle must hold a dict of tensors, got {type(data).__name__}")
+        return dict(data), {}
+    raise ValueError(f"LoRA file {str(path)!r} has suffix {suffix!r}; allowed: {', '.join(_LORA_SUFFIXES)}")
+
+
+def _unet_names(unet, config) -> dict[str, str]:
+    """Every name a file may give a UNet layer -> our layer path.
+
+    Our paths are the single-file keys; diffusers paths come from the existing rename
+    (``diffusers_unet``), inverted here and checked by renaming them back.
+    """
+    prefix_map = diffusers_prefix_map(config)
+    inverse = [(ours, theirs) for theirs, ours in prefix_map.items()]
+    names = {}
+    for key, (layer, attr) in named_parameters(unet).items():
+        if attr != "weight" or type(layer).LAYOUT.get(attr) not in (LINEAR, CONV):
+            continue
+        path = key[: -len(".weight")]
+        names[path] = path
+        for ours, theirs in inverse:
+            if not (path + ".").startswith(ours):
+                continue
+            rest = path[len(ours) :]
+            candidates = [theirs + rest]
+            if ".resnets." in theirs:
+                candidates += [
+                    theirs + d + rest[len(o) :]
+                    for d, o in _RESNET_RENAMES.items()
+                    if (rest + ".").startswith(o + ".")
+                ]
+            for candidate in candidates:
+                candidate = candidate.rstrip(".")
+                if diffusers_key_to_original(candidate + ".weight", prefix_map) == key:
+                    names[candidate] = path
+    return names
+
+
+def _text_names(text_encoder) -> dict[str, str]:
+    """Every name a file may give a text-encoder layer (with or without ``text_model.``) -> our path."""
+    names = {}
+    for key, (layer, attr) in named_parameters(text_encoder).items():
+        if attr != "weight" or type(layer).LAYOUT.get(attr) not in (LINEAR, CONV):
+            continue
+        path = key[: -len(".weight")]
+        names[path] = path
+        names[path.removeprefix("text_model.")] = path  # transformers 5 drops the text_model level
+    return names
+
+
+@dataclass
+class _Targets:
+    """The layers of one pipeline that a LoRA may name, by every spelling formats use."""
+
+    dotted: dict[str, dict[str, str]]  # component -> file module name (dotted) -> our path
+    kohya: dict[str, dict[str, str]]  # component -> kohya module name (no prefix) -> our path
+    params: dict[str, dict[str, tuple]]  # component -> our path -> (layer, "weight")
+
+    @classmethod
+    def of(cls, sd) -> _Targets:
+        dotted = {"unet": _unet_names(sd.unet, sd.config.unet), "text_encoder": _text_names(sd.text_encoder)}
+        kohya = {
+            c: {name.replace(".", "_"): path for name, path in names.items()} for c, names in dotted.items()
+        }
+        params = {
+            c: {
+                k[: -len(".weight")]: v
+                for k, v in named_parameters(getattr(sd, c)).items()
+                if v[1] == "weight"
+            }
+            for c in COMPONENTS
+        }
+        return cls(dotted, kohya, params)
+
+
+def _peft_meta(metadata: Mapping[str, str], component: str) -> dict:
+    """The adapter config diffusers stored for one component (``lora_adapter_metadata``), or {}."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise LoraError(f"lora_adapter_metadata is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise LoraError("lora_adapter_metadata must be a JSON object")
+    prefix = component + "."
+    return {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
+
+
+def _pattern_value(patterns: Mapping, module: str, default):
+    """peft's rank/alpha pattern lookup: a key matches a module path that ends in it (after a dot)."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _float(value, what: str) -> float:
+    """A scalar tensor's value (kohya's ``.alpha``), finite."""
+    array = np.asarray(value, dtype=np.float32)
+    if array.size != 1 or not np.isfinite(array).all():
+        raise LoraError(f"{what} must be one finite number, got shape {array.shape}")
+    return float(array.reshape(-1)[0])
+
+
+def parse_lora(
+    tensors: Mapping, metadata: Mapping[str, str], sd, *, source: str = "<tensors>"
+) -> LoraWeights:
+    """Map a LoRA state dict onto ``sd``'s layers and check every shape; nothing is changed.
+
+    Args:
+        tensors: the file's tensors (kohya or diffusers names; see the module docstring).
+        metadata: its header metadata (``lora_adapter_metadata`` for diffusers files).
+        sd: the ``StableDiffusion`` it is for.
+        source: the file name, for messages.
+
+    Returns:
+        The mapped ``LoraWeights``.
+
+    Raises:
+        LoraError: keys that match no layer or that this module does not compute (listed together), a
+            module without its down or up tensor, ranks of down and up that differ, or shapes that do not
+            fit the model (with the family the LoRA looks made for and the model's family).
+    """
+    targets = _state(sd).targets(sd)
+    groups: dict[tuple[str, str], dict] = {}  # (component, our path) -> {"down", "up", "alpha", "key", ...}
+    unknown, unsupported, formats = [], [], set()
+    for key in tensors:
+        if not isinstance(key, str):
+            unknown.append(repr(key))
+            continue
+        kind = next((label for frag, label in _UNSUPPORTED.items() if frag in key), None)
+        if kind is not None:
+            unsupported.append(f"{key} ({kind})")
+            continue
+        found = _kohya_key(key, targets) or _diffusers_key(key, targets)
+        if found is None:
+            unknown.append(key)
+            continue
+        fmt, component, path, module, part = found
+        formats.add(fmt)
+        entry = groups.setdefault((component, path), {"key": module, "format": fmt})
+        entry[part] = tensors[key]
+    if unknown or unsupported:
+        lines = [f"LoRA {source}: {len(unknown) + len(unsupported)} keys match no layer of this model:"]
+        shown = (unsupported + unknown)[:30]
+        lines += [f"  {k}" for k in shown]
+        if len(unsupported) + len(unknown) > len(shown):
+            lines.append(f"  ... and {len(unsupported) + len(unknown) - len(shown)} more")
+        if unsupported:
+            lines.append("(LoCon Tucker, DoRA, LoHa and LoKr tensors are not supported yet)")
+        if any(marker in k for k in unknown for marker in _SDXL_MARKERS):
+            lines.append(f"(these are SDXL LoRA keys; the model is {_model_family(sd)})")
+        raise LoraError("\n".join(lines))
+    if not groups:
+        raise LoraError(f"LoRA {source} holds no LoRA tensors")
+
+    modules, incomplete, mismatched = [], [], []
+    peft = {c: _peft_meta(metadata, c) for c in COMPONENTS}
+    for (component, path), entry in groups.items():
+        if "down" not in entry or "up" not in entry:
+            incomplete.append(
+                f"{entry['key']}: has {sorted(k for k in entry if k in ('down', 'up', 'alpha'))}"
+            )
+            continue
+        down = np.asarray(entry["down"]).astype(np.float32)
+        up = np.asarray(entry["up"]).astype(np.float32)
+        layer, attr = targets.params[component][path]
+        want = torch_shape(layer, attr)
+        problem = _shape_problem(down, up, want)
+        if problem:
+            mismatched.append((entry["key"], problem, down, want))
+            continue
+        rank = int(down.shape[0])
+        meta = peft[component] if entry["format"] == "diffusers" else {}
+        if "alpha" in entry:
+            alpha = _float(entry["alpha"], f"{entry['key']}.alpha")
+        elif meta.get("lora_alpha") is not None:
+            alpha = float(_pattern_value(meta.get("alpha_pattern"), entry["key"], meta["lora_alpha"]))
+        else:
+            alpha = float(rank)  # kohya and peft both default alpha to the rank
+        if meta.get("use_dora"):
+            unsupported.append(f"{entry['key']} (DoRA, use_dora in lora_adapter_metadata)")
+        scale = alpha / math.sqrt(rank) if meta.get("use_rslora") else alpha / rank
+        modules.append(LoraModule(component, path, entry["key"], down, up, scale))
+    if incomplete:
+        raise LoraError(
+            f"LoRA {source}: modules without both down and up tensors:\n  " + "\n  ".join(incomplete)
+        )
+    if unsupported:
+        raise LoraError(f"LoRA {source}: not supported yet:\n  " + "\n  ".join(unsupported))
+    if mismatched:
+        raise LoraError(_mismatch_message(source, mismatched, sd))
+    return LoraWeights(source, "+".join(sorted(formats)), tuple(modules), dict(metadata))
+
+
+def _kohya_key(key: str, targets: _Targets):
+    """("kohya", component, path, module name, part) for a kohya key, or None."""
+    module, _, suffix = key.partition(".")
+    part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
+    if part is None:
+        return None
+    for prefix, component in _KOHYA_PREFIXES.items():
+        if module.startswith(prefix):
+            path = targets.kohya[component].get(module[len(prefix) :])
+            return None if path is None else ("kohya", component, path, module, part)
+    return None
+
+
+def _diffusers_key(key: str, targets: _Targets):
+    """("diffusers", component, path, module name, part) for a diffusers / peft key, or None."""
+    suffixes = {".lora_A.weight": "down", ".lora_B.weight": "up", ".alpha": "alpha"}
+    suffix = next((s for s in suffixes if key.endswith(s)), None)
+    if suffix is None:
+        return None
+    module, part = key[: -len(suffix)], suffixes[suffix]
+    for prefix, component in _DIFFUSERS_PREFIXES.items():
+        if module.startswith(prefix):
+            name = module[len(prefix) :]
+            path = targets.dotted[component].get(name)
+            return None if path is None else ("diffusers", component, path, name, part)
+    return None
+
+
+def _shape_problem(down: np.ndarray, up: np.ndarray, want: tuple) -> str | None:
+    """Why up @ down cannot update a kernel of torch shape ``want``, or None."""
+    if down.ndim not in (2, 4) or up.ndim not in (2, 4):
+        return f"down {down.shape} and up {up.shape} must be 2-D (linear) or 4-D (conv)"
+    if up.ndim == 4 and up.shape[2:] != (1, 1):
+        return f"up {up.shape} must be a 1x1 conv"
+    if up.shape[1] != down.shape[0]:
+        return f"rank of down {down.shape} ({down.shape[0]}) differs from up {up.shape} ({up.shape[1]})"
+    fan_in = int(np.prod(want[1:]))
+    if up.shape[0] != want[0] or int(np.prod(down.shape[1:])) != fan_in:
+        return f"down {down.shape} / up {up.shape}, layer {tuple(want)}"
+    if down.ndim == 4 and len(want) == 4 and down.shape[1:] != tuple(want[1:]):
+        return f"down {down.shape} kernel differs from layer {tuple(want)}"
+    return None
+
+
+def _model_family(sd) -> str:
+    from tf_diffusion.families import family_of_config
+
+    try:
+        return family_of_config(sd.config).description
+    except Exception:  # a config no family describes: say its width
+        return f"a model with {sd.config.unet.context_dim}-wide cross-attention context"
+
+
+def _mismatch_message(source: str, mismatched: list, sd) -> str:
+    lines = [f"LoRA {source} does not fit this model ({_model_family(sd)}):"]
+    widths = {
+        int(down.shape[1]) for key, _, down, _ in mismatched if key.endswith(("attn2.to_k", "attn2_to_k"))
+    }
+    guess = [_CONTEXT_FAMILIES.get(w, f"a {w}-wide context") for w in sorted(widths)]
+    if guess:
+        lines[0] += f"; its cross-attention reads {sorted(widths)}-wide text, as {' / '.join(guess)} does"
+    lines.append(f"  {len(mismatched)} modules with shapes that do not fit:")
+    lines += [f"    {key}: {problem}" for key, problem, _, _ in mismatched[:20]]
+    if len(mismatched) > 20:
+        lines.append(f"    ... and {len(mismatched) - 20} more")
+    return "\n".join(lines)
+
+
+def read_lora(path: str | os.PathLike, sd) -> LoraWeights:
+    """Read a LoRA file and map it onto ``sd`` (see ``parse_lora``); the model is not changed.
+
+    Args:
+        path: the LoRA file.
+        sd: the ``StableDiffusion`` it is for.
+
+    Returns:
+        The mapped ``LoraWeights``.
+
+    Raises:
+        FileNotFoundError, ValueError, LoraError: see ``read_lora_file`` and ``parse_lora``.
+    """
+    tensors, metadata = read_lora_file(path)
+    return parse_lora(tensors, metadata, sd, source=str(path))
+
+
+# ------------------------------------------------------------------------------------------- applying
+
+
+class _LoraState:
+    """The LoRAs loaded into one pipeline, their weights, and the base values of the kernels they touch."""
+
+    def __init__(self):
+        self.adapters: dict[str, LoraWeights] = {}
+        self.active: dict[str, dict[str, float]] = {}  # name -> component -> weight
+        self.base: dict[tuple[str, str], np.ndarray] = {}  # (component, path) -> Keras-layout value
+        self._targets = None
+
+    def targets(self, sd) -> _Targets:
+        if self._targets is None:
+            self._targets = _Targets.of(sd)
+        return self._targets
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state(sd) -> _LoraState:
+    if sd not in _STATES:
+        _STATES[sd] = _LoraState()
+    return _STATES[sd]
+
+
+def _component_weights(weight, name: str) -> dict[str, float]:
+    """A float, or {"unet": w, "text_encoder": w} (a missing part: 1.0) -> component -> weight."""
+    if isinstance(weight, Mapping):
+        extra = sorted(set(weight) - set(COMPONENTS))
+        if extra:
+            raise ValueError(f"weight of {name!r} names {extra}; allowed parts: {list(COMPONENTS)}")
+        values = {c: weight.get(c, 1.0) for c in COMPONENTS}
+    else:
+        values = {c: weight for c in COMPONENTS}
+    for c, w in values.items():
+        if (
+            isinstance(w, bool)
+            or not isinstance(w, (int, float, np.floating, np.integer))
+            or not math.isfinite(w)
+        ):
+            raise ValueError(f"weight of {name!r} ({c}) must be a finite number, got {w!r}")
+    return {c: float(w) for c, w in values.items()}
+
+
+def _apply(sd, state: _LoraState, active: dict[str, dict[str, float]]) -> None:
+    """Assign every touched kernel its base value plus the active LoRAs' updates; then record ``active``."""
+    targets = state.targets(sd)
+    contributions: dict[tuple[str, str], list] = {key: [] for key in state.base}
+    for name, lora in state.adapters.items():
+        for module in lora.modules:
+            key = (module.component, module.path)
+            contributions.setdefault(key, [])
+            if name in active and active[name][module.component] != 0.0:
+                contributions[key].append((module, active[name][module.component]))
+    values = {}
+    for key, parts in contributions.items():
+        layer, attr = targets.params[key[0]][key[1]]
+        variable = getattr(layer, attr)
+        base = state.base.get(key)
+        if base is None:
+            base = keras.ops.convert_to_numpy(variable)
+        if not parts:
+            values[key] = (variable, base, base)
+            continue
+        kind = type(layer).LAYOUT[attr]
+        want = torch_shape(layer, attr)
+        total = np.array(base, dtype=np.float32)
+        for module, weight in parts:
+            delta = module.up.reshape(module.up.shape[0], -1) @ module.down.reshape(module.rank, -1)
+            total += np.float32(weight * module.scale) * to_keras_layout(kind, delta.reshape(want))
+        values[key] = (variable, base, total.astype(base.dtype))
+    # Everything is computed before anything is assigned.
+    for key, (variable, base, value) in values.items():
+        state.base.setdefault(key, base)
+        variable.assign(value)
+    state.active = active
+
+
+def load_lora_weights(sd, path, adapter_name: str | None = None, weight=1.0) -> str:
+    """Load a LoRA file into ``sd`` and switch it on with ``weight``, next to the LoRAs already active.
+
+    Args:
+        sd: the ``StableDiffusion``.
+        path: a kohya / A1111 or diffusers / PEFT LoRA file (``.safetensors``, ``.pt``, ``.bin``).
+        adapter_name: its name for ``set_adapters``; default ``default_<n>`` as diffusers names them.
+        weight: its strength: a number, or ``{"unet": w, "text_encoder": w}`` (A1111's
+            ``<lora:name:te:unet>``; a part left out gets 1.0).
+
+    Returns:
+        The adapter's name.
+
+    Raises:
+        ValueError: a name already loaded or a bad weight; see ``read_lora`` for the file's errors.
+            On any error the model is unchanged.
+    """
+    state = _state(sd)
+    if adapter_name is None:
+        n = len(state.adapters)
+        while f"default_{n}" in state.adapters:
+            n += 1
+        adapter_name = f"default_{n}"
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    if adapter_name in state.adapters:
+        raise ValueError(f"adapter_name {adapter_name!r} is already loaded; loaded: {sorted(state.adapters)}")
+    weights = _component_weights(weight, adapter_name)
+    lora = read_lora(path, sd)
+    state.adapters[adapter_name] = lora
+    try:
+        _apply(sd, state, {**state.active, adapter_name: weights})
+    except BaseException:
+        del state.adapters[adapter_name]
+        raise
+    return adapter_name
+
+
+def set_adapters(sd, names: str | Sequence[str], adapter_weights=None) -> None:
+    """Make exactly ``names`` the active LoRAs, with their weights (others stay loaded, switched off).
+
+    Args:
+        sd: the ``StableDiffusion``.
+        names: one adapter name or a list of them (``[]`` switches every LoRA off).
+        adapter_weights: None (1.0 each, as diffusers), one weight for all, or one per name; a weight is
+            a number or ``{"unet": w, "text_encoder": w}``.
+
+    Raises:
+        ValueError: a name that is not loaded, or weights that do not match the names.
+    """
+    state = _state(sd)
+    names = [names] if isinstance(names, str) else list(names)
+    missing = [n for n in names if n not in state.adapters]
+    if missing:
+        raise ValueError(f"adapters {missing} are not loaded; loaded: {sorted(state.adapters)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names {names} repeat an adapter")
+    if adapter_weights is None or isinstance(adapter_weights, (int, float, Mapping)):
+        adapter_weights = [1.0 if adapter_weights is None else adapter_weights] * len(names)
+    adapter_weights = list(adapter_weights)
+    if len(adapter_weights) != len(names):
+        raise ValueError(f"{len(adapter_weights)} adapter_weights for {len(names)} names {names}")
+    _apply(sd, state, {n: _component_weights(w, n) for n, w in zip(names, adapter_weights, strict=True)})
+
+
+def get_active_adapters(sd) -> dict[str, dict[str, float]]:
+    """The active adapters and their per-component weights."""
+    return {n: dict(w) for n, w in _state(sd).active.items()}
+
+
+def unload_lora_weights(sd) -> None:
+    """Remove every LoRA: touched kernels get their stored base values back, bit for bit."""
+    state = _state(sd)
+    targets = state.targets(sd)
+    for (component, path), base in state.base.items():
+        layer, attr = targets.params[component][path]
+        getattr(layer, attr).assign(base)
+    state.adapters.clear()
+    state.active = {}
+    state.base.clear()
+
+
+def fuse_lora(sd, lora_scale: float = 1.0) -> None:
+    """diffusers' ``fuse_lora``: a no-op here, because LoRAs are always merged into the weights.
+
+    Raises:
+        ValueError: for a ``lora_scale`` other than 1.0 (use ``set_adapters`` weights instead).
+    """
+    if lora_scale != 1.0:
+        raise ValueError(
+            f"lora_scale={lora_scale!r}: LoRAs are merged with their set_adapters weights; use those"
+        )
+
+
+def unfuse_lora(sd) -> None:
+    """diffusers' ``unfuse_lora``: a no-op (outputs are the same fused or not); ``unload_lora_weights`` removes."""
