@@ -41,7 +41,7 @@ import numpy as np
 
 from tf_diffusion.layers import CONV, LINEAR
 from tf_diffusion.weights.diffusers_unet import (
-    _RESNET_RENAMES,
+    RESNET_RENAMES,
     diffusers_key_to_original,
     diffusers_prefix_map,
 )
@@ -175,7 +175,7 @@ def _unet_names(unet, config) -> dict[str, str]:
             if ".resnets." in theirs:
                 candidates += [
                     theirs + d + rest[len(o) :]
-                    for d, o in _RESNET_RENAMES.items()
+                    for d, o in RESNET_RENAMES.items()
                     if (rest + ".").startswith(o + ".")
                 ]
             for candidate in candidates:

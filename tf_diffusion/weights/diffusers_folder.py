@@ -32,7 +32,7 @@ from tf_diffusion.weights.diffusers_configs import (
     vae_config_from_diffusers,
 )
 from tf_diffusion.weights.diffusers_unet import (
-    _RESNET_RENAMES,
+    RESNET_RENAMES,
     convert_diffusers_unet_state_dict,
     diffusers_prefix_map,
     unet_config_from_diffusers,
@@ -303,7 +303,7 @@ def unet_to_diffusers(tensors: Mapping, config: UNetConfig) -> dict:
         ValueError: for a key this architecture does not have.
     """
     reverse = {original: new for new, original in diffusers_prefix_map(config).items()}
-    resnet = {original: new for new, original in _RESNET_RENAMES.items()}
+    resnet = {original: new for new, original in RESNET_RENAMES.items()}
     out = {}
     for key, value in tensors.items():
         prefix = _longest_prefix(key, reverse)

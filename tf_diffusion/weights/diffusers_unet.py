@@ -16,7 +16,7 @@ from tf_diffusion.layout import UNET_TOP, unet_layout
 from tf_diffusion.weights.state_dict import StateDictError
 
 # Diffusers ResnetBlock2D name -> ResBlock name (the nn.Sequential index of the reference).
-_RESNET_RENAMES = {
+RESNET_RENAMES = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
@@ -61,9 +61,9 @@ def diffusers_key_to_original(key: str, prefix_map: Mapping[str, str]) -> str | 
     prefix, rest = match.groups()
     if ".resnets." in prefix:
         head, _, tail = rest.partition(".")
-        if head not in _RESNET_RENAMES:
+        if head not in RESNET_RENAMES:
             return None
-        rest = f"{_RESNET_RENAMES[head]}.{tail}"
+        rest = f"{RESNET_RENAMES[head]}.{tail}"
     return prefix_map[prefix] + rest
 
 
