@@ -57,3 +57,16 @@ def test_full_size_keys_and_shapes_match_reference(name, fixtures_dir):
         assert sorted(set(ours) - set(want)) == [], f"{part}: keys the reference does not have"
         bad = {k: (ours[k], want[k]) for k in want if ours[k] != want[k]}
         assert bad == {}, f"{part}: shapes differ (ours, reference)"
+
+
+@pytest.mark.parametrize("name", REAL_PRESETS)
+def test_every_checkpoint_weight_is_a_tracked_keras_variable(name):
+    """What the key walker loads is what Keras saves, exports and trains (``model.variables``)."""
+    from tf_diffusion.weights.state_dict import named_parameters
+
+    for part, model in abstract_models(PRESETS[name]).items():
+        tracked = {id(v) for v in model.variables}
+        params = named_parameters(model)
+        untracked = [k for k, (layer, attr) in params.items() if id(getattr(layer, attr)) not in tracked]
+        assert not untracked, (part, len(untracked), untracked[:5])
+        assert len(model.variables) == len(params), part

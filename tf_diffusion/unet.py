@@ -228,16 +228,22 @@ class UNetModel(keras.Model):
             # time_embed.1 is nn.SiLU in the reference.
             self.time_embed = [Linear(mc, emb_dim), SiLU(), Linear(emb_dim, emb_dim)]
 
-            self.input_blocks, self.middle_block, self.output_blocks = [], [], []
-            lists = {"input": self.input_blocks, "output": self.output_blocks}
+            # Built whole, then assigned: Keras tracks the variables of lists as they are assigned
+            # (layers appended later to an inner list of an assigned list are not tracked).
+            lists: dict[str, list] = {"input": [], "middle": [], "output": []}
             for block in unet_layout(cfg):
                 layer = _make_layer(block, cfg, emb_dim)
                 if block.section == "middle":
-                    self.middle_block.append(layer)
+                    lists["middle"].append(layer)
                 elif block.position == 0:
                     lists[block.section].append([layer])
                 else:
                     lists[block.section][-1].append(layer)
+            self.input_blocks, self.middle_block, self.output_blocks = (
+                lists["input"],
+                lists["middle"],
+                lists["output"],
+            )
             ch = cfg.channel_mult[0] * mc
 
             # out.1 is nn.SiLU in the reference.
