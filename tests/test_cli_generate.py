@@ -279,7 +279,7 @@ def test_a1111_format_and_grid():
     )  # fmt: skip
     text = a1111_parameters(info, 1, "m", "0123456789")
     assert text.startswith(
-        "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras"
+        "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7,"
     )
     read = parse_parameters(text)
     assert (read["seed"], read["width"], read["height"], read["cfg_scale"]) == (2, 96, 64, 7.0)
