@@ -78,13 +78,26 @@ class ShardedExecutor:
     def encode_text(self, text_encoder, ids) -> np.ndarray:
         return self._host.encode_text(text_encoder, ids)
 
-    def run(self, program, x, inputs: dict, *, callback=None, progress=True, jit_compile=None, fused=None):
+    def run(
+        self,
+        program,
+        x,
+        inputs: dict,
+        *,
+        callback=None,
+        progress=True,
+        jit_compile=None,
+        fused=None,
+        options=None,
+    ):
         """The fused loop of ``program`` on every replica's slice of the batch; returns (N, h, w, C).
 
         Raises:
             ValueError: for a callback or ``fused=False`` (the loop always runs fused on the devices).
         """
         del progress
+        if options is not None:
+            raise ValueError("execution options are not supported on several devices; leave execution None")
         if callback is not None:
             raise ValueError("callback is not supported when generating on several devices; leave it None")
         if fused is False:
