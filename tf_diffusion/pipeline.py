@@ -21,7 +21,6 @@ from tf_diffusion.denoising import (
     MaskBlend,
     UNetDenoiser,
     guidance_for,
-    sampler_key,
 )
 from tf_diffusion.noise import image_seeds
 from tf_diffusion.presets import get_preset
@@ -71,7 +70,6 @@ class StableDiffusion:
         self.denoiser = UNetDenoiser(self.unet)
         # How loops, decodes and text encodes run (and their compiled functions); see generate(executor=).
         self.executor = LocalExecutor()
-        self._programs: dict = {}
 
     @classmethod
     def from_preset(cls, name: str, *, dtype: str | None = None) -> StableDiffusion:
@@ -375,11 +373,8 @@ class StableDiffusion:
 
         Executors run it (``LocalExecutor``, ``ShardedExecutor``); the SavedModel export traces its loop.
         """
-        key = ("program", sampler_key(sampler), guidance.name, tuple(h.name for h in hooks))
-        cached = self._programs.get(key)
-        if cached is None:
-            cached = self._programs[key] = DenoiseProgram(sampler, self.denoiser, guidance, tuple(hooks))
-        return cached
+        # Executors cache compiled functions by DenoiseProgram.key, so a fresh program is cheap.
+        return DenoiseProgram(sampler, self.denoiser, guidance, tuple(hooks))
 
     def decode(self, latents, jit_compile: bool | None = None, executor=None) -> np.ndarray:
         """Unscaled latents (N, h, w, C) -> images (N, H, W, 3) in [-1, 1] as float32.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from keras import ops
@@ -32,10 +32,6 @@ class Conditioning:
     def from_tree(cls, tree: Mapping) -> Conditioning:
         extras = {k[len("extra.") :]: v for k, v in tree.items() if k.startswith("extra.")}
         return cls(tree["context"], extras)
-
-    def map(self, fn: Callable) -> Conditioning:
-        """A bundle with ``fn`` applied to every leaf."""
-        return Conditioning(fn(self.context), {k: fn(v) for k, v in self.extras.items()})
 
     @staticmethod
     def concat(bundles) -> Conditioning:
