@@ -42,7 +42,9 @@ class MaskBlend:
     name = "mask_blend"
 
     def __call__(self, x, i, rows, shared):
-        a, b = shared["scales"][i, 0], shared["scales"][i, 1]
+        # A gather, not a slice: XLA compiles a slice at a traced index once per index value.
+        scales = ops.take(shared["scales"], i, axis=0)
+        a, b = scales[0], scales[1]
         known = rows["image_latents"] * a + rows["noise"] * b
         return (1.0 - rows["mask"]) * known + rows["mask"] * x
 
