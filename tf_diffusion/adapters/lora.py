@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from tf_diffusion.adapters.extra_networks import LORA_SUFFIXES as _LORA_SUFFIXES
 from tf_diffusion.layers import CONV, LINEAR
 from tf_diffusion.weights.diffusers_unet import (
     RESNET_RENAMES,
@@ -62,7 +63,6 @@ _UNSUPPORTED = {
 _SDXL_MARKERS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "add_embedding", "lora_unet_label_emb")
 # Cross-attention / text widths -> the family they belong to, for messages.
 _CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
-_LORA_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt", ".pth")
 
 
 class LoraError(ValueError):
@@ -439,6 +439,9 @@ class _LoraState:
         self.adapters: dict[str, LoraWeights] = {}
         self.active: dict[str, dict[str, float]] = {}  # name -> component -> weight
         self.base: dict[tuple[str, str], np.ndarray] = {}  # (component, path) -> Keras-layout value
+        # LoRAs that prompts named: resolved file -> (adapter name, (size, mtime_ns) when read).
+        self.prompt_files: dict[str, tuple[str, tuple[int, int]]] = {}
+        self.mentions: dict[str, str] = {}  # prompt adapter name -> the name the prompt wrote
         self._targets = None
 
     def targets(self, sd) -> _Targets:
@@ -589,6 +592,8 @@ def unload_lora_weights(sd) -> None:
     state.adapters.clear()
     state.active = {}
     state.base.clear()
+    state.prompt_files.clear()
+    state.mentions.clear()
 
 
 def fuse_lora(sd, lora_scale: float = 1.0) -> None:
@@ -605,3 +610,78 @@ def fuse_lora(sd, lora_scale: float = 1.0) -> None:
 
 def unfuse_lora(sd) -> None:
     """diffusers' ``unfuse_lora``: a no-op (outputs are the same fused or not); ``unload_lora_weights`` removes."""
+
+
+# ------------------------------------------------------------------------------- LoRAs named in prompts
+
+
+def has_prompt_loras(sd) -> bool:
+    """Whether LoRAs named by earlier prompts are loaded into ``sd``."""
+    return bool(_state(sd).prompt_files)
+
+
+def use_prompt_loras(sd, resolved) -> None:
+    """Make the LoRAs a prompt names (``(LoraTag, file)`` pairs) the active prompt LoRAs, with their weights.
+
+    Prompt LoRAs are adapters named ``<lora:STEM>``, kept loaded (a file is read again when its size or
+    modification time changed); adapters loaded with ``load_lora_weights`` keep their state. When the
+    active set and weights are those already merged, nothing is recomputed.
+
+    Raises:
+        LoraError, ValueError: a file that cannot be read or applied; the model is then unchanged.
+    """
+    state = _state(sd)
+    prompt_names = {name for name, _ in state.prompt_files.values()}
+    wanted, mentions, added, replaced = {}, {}, [], {}
+    try:
+        for tag, path in resolved:
+            path = pathlib.Path(path)
+            key = str(path.resolve())
+            stat = path.stat()
+            stamp = (stat.st_size, stat.st_mtime_ns)
+            known = state.prompt_files.get(key)
+            if known is None or known[1] != stamp:
+                lora = read_lora(path, sd)
+                if known is None:
+                    name, n = f"<lora:{path.stem}>", 1
+                    while name in state.adapters:
+                        n += 1
+                        name = f"<lora:{path.stem}#{n}>"
+                    added.append(name)
+                else:
+                    name = known[0]
+                    replaced[name] = (state.adapters[name], known)
+                state.adapters[name] = lora
+                state.prompt_files[key] = (name, stamp)
+                prompt_names.add(name)
+            name = state.prompt_files[key][0]
+            wanted[name] = _component_weights(tag.weights, f"<lora:{tag.name}>")
+            mentions[name] = tag.name
+        active = {n: w for n, w in state.active.items() if n not in prompt_names}
+        active.update(wanted)
+        if active != state.active or added or replaced:
+            _apply(sd, state, active)
+    except BaseException:
+        for name in added:
+            del state.adapters[name]
+        for name, (lora, known) in replaced.items():
+            state.adapters[name] = lora
+        state.prompt_files = {k: v for k, v in state.prompt_files.items() if v[0] not in added}
+        for key, (name, _) in list(state.prompt_files.items()):
+            if name in replaced:
+                state.prompt_files[key] = replaced[name][1]
+        raise
+    state.mentions = mentions
+
+
+def active_sources(sd) -> list[tuple[str, str]]:
+    """(name, file) of every active LoRA with a non-zero weight: prompt LoRAs by the name the prompt wrote,
+    others by file stem (what the PNG parameters' ``Lora hashes`` list)."""
+    state = _state(sd)
+    out = []
+    for name, weights in state.active.items():
+        lora = state.adapters.get(name)
+        if lora is None or not any(weights.values()) or not os.path.isfile(lora.source):
+            continue
+        out.append((state.mentions.get(name, pathlib.Path(lora.source).stem), lora.source))
+    return out
