@@ -8,7 +8,7 @@ On the tiny pipeline's tokenizer and text encoder (tools/make_fixtures_pipeline.
 - ``easyneg.safetensors``: A1111's safetensors layout (``emb_params: (2, D)``);
 - ``cat-toy/learned_embeds.safetensors``: diffusers' training script's layout (``{"<cat-toy>": (D,)}``);
 - ``learned_embeds.bin``: the same layout pickled (``{"<blob>": (1, D)}``);
-- ``wide.safetensors``: a 48-wide embedding (the wrong width, for the error).
+- ``bad/wide.safetensors``: a 48-wide embedding (the wrong width, for the error).
 
 Each is loaded with diffusers' ``StableDiffusionPipeline.load_textual_inversion`` (the A1111 files with
 ``token=`` their stem, as the web UI names them), and ``encode_prompt`` (which expands multi-vector words
@@ -67,7 +67,8 @@ def main() -> None:
     (OUT / "cat-toy").mkdir(exist_ok=True)
     save_file({"<cat-toy>": vectors(3, 1)[0]}, OUT / "cat-toy" / "learned_embeds.safetensors")
     torch.save({"<blob>": vectors(4, 1)}, OUT / "learned_embeds.bin")
-    save_file({"emb_params": vectors(5, 1, 48)}, OUT / "wide.safetensors")
+    (OUT / "bad").mkdir(exist_ok=True)
+    save_file({"emb_params": vectors(5, 1, 48)}, OUT / "bad" / "wide.safetensors")
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer, text_encoder, _, _, _ = build_components(pathlib.Path(tmp))
@@ -92,7 +93,12 @@ def main() -> None:
         for name, prompt, negative in CASES:
             cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, negative)
             io[f"{name}_cond"], io[f"{name}_uncond"] = cond.numpy(), uncond.numpy()
-            print(name, pipe.maybe_convert_prompt(prompt, tokenizer), "|", pipe.maybe_convert_prompt(negative, tokenizer))
+            print(
+                name,
+                pipe.maybe_convert_prompt(prompt, tokenizer),
+                "|",
+                pipe.maybe_convert_prompt(negative, tokenizer),
+            )
     moved = float(np.abs(io["plain_cond"] - io["plain_base"]).max())
     print(f"the embedding moves the encoding by {moved:.3f}")
     assert moved > 1e-2

@@ -65,7 +65,9 @@ def _weight(text: str, tag: str) -> float:
 
 def _parse_tag(kind: str, arguments: str, tag: str) -> LoraTag:
     if kind not in LORA_KINDS:
-        raise ValueError(f"{tag}: <{kind}:...> networks are not supported; allowed tags: <lora:...>, <lyco:...>")
+        raise ValueError(
+            f"{tag}: <{kind}:...> networks are not supported; allowed tags: <lora:...>, <lyco:...>"
+        )
     positional, named = [], {}
     for item in arguments.split(":"):
         key, eq, value = item.partition("=")
@@ -145,7 +147,9 @@ def strip_prompts(
         negative_texts.append(text)
         for tag in found:
             if tags.setdefault(tag.name, tag) != tag:
-                raise ValueError(f"LoRA {tag.name!r} has different weights in the prompt and the negative prompt")
+                raise ValueError(
+                    f"LoRA {tag.name!r} has different weights in the prompt and the negative prompt"
+                )
     return list(texts), negative_texts, tuple(tags.values())
 
 
@@ -188,9 +192,7 @@ class LoraFolder:
 
     def files(self) -> list[pathlib.Path]:
         """Every LoRA file under the folder, sorted."""
-        return sorted(
-            p for p in self.path.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file()
-        )
+        return sorted(p for p in self.path.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file())
 
     def find(self, name: str) -> pathlib.Path:
         """The file ``<lora:name>`` means: by file stem, else by ``ss_output_name``.
@@ -204,7 +206,8 @@ class LoraFolder:
             matches = [
                 p
                 for p in files
-                if p.suffix.lower() == ".safetensors" and safetensors_metadata(p).get("ss_output_name") == name
+                if p.suffix.lower() == ".safetensors"
+                and safetensors_metadata(p).get("ss_output_name") == name
             ]
         if len(matches) == 1:
             return matches[0]
@@ -221,7 +224,9 @@ class LoraFolder:
         )
 
 
-def resolve_tags(tags: Sequence[LoraTag], folder: str | os.PathLike | None) -> list[tuple[LoraTag, pathlib.Path]]:
+def resolve_tags(
+    tags: Sequence[LoraTag], folder: str | os.PathLike | None
+) -> list[tuple[LoraTag, pathlib.Path]]:
     """Each tag with its file.
 
     Raises:
@@ -232,7 +237,9 @@ def resolve_tags(tags: Sequence[LoraTag], folder: str | os.PathLike | None) -> l
         return []
     if folder is None:
         names = ", ".join(f"<lora:{t.name}>" for t in tags)
-        raise ValueError(f"the prompt names LoRAs ({names}) but no LoRA folder is set (sd.lora_dir / --lora-dir)")
+        raise ValueError(
+            f"the prompt names LoRAs ({names}) but no LoRA folder is set (sd.lora_dir / --lora-dir)"
+        )
     lora_folder = LoraFolder(folder)
     return [(tag, lora_folder.find(tag.name)) for tag in tags]
 

@@ -664,7 +664,7 @@ def use_prompt_loras(sd, resolved) -> None:
     except BaseException:
         for name in added:
             del state.adapters[name]
-        for name, (lora, known) in replaced.items():
+        for name, (lora, _) in replaced.items():
             state.adapters[name] = lora
         state.prompt_files = {k: v for k, v in state.prompt_files.items() if v[0] not in added}
         for key, (name, _) in list(state.prompt_files.items()):

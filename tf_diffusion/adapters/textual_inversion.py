@@ -87,7 +87,9 @@ def read_embedding(path: str | os.PathLike, token: str | None = None) -> Embeddi
     if path.is_dir():
         found = [path / name for name in _DIFFUSERS_NAMES if (path / name).is_file()]
         if not found:
-            raise FileNotFoundError(f"embedding folder {str(path)!r} holds none of {', '.join(_DIFFUSERS_NAMES)}")
+            raise FileNotFoundError(
+                f"embedding folder {str(path)!r} holds none of {', '.join(_DIFFUSERS_NAMES)}"
+            )
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"embedding file {str(path)!r} does not exist")
@@ -129,7 +131,9 @@ def read_embedding(path: str | os.PathLike, token: str | None = None) -> Embeddi
         )
     token = word if token is None else token
     if not isinstance(token, str) or not token.strip() or token != token.strip():
-        raise TextualInversionError(f"token must be a non-empty string without surrounding spaces, got {token!r}")
+        raise TextualInversionError(
+            f"token must be a non-empty string without surrounding spaces, got {token!r}"
+        )
     return Embedding(token, vectors, str(path))
 
 
@@ -191,7 +195,9 @@ def unload_textual_inversion(sd, tokens: str | Sequence[str] | None = None) -> N
     tokens = [tokens] if isinstance(tokens, str) else list(tokens)
     missing = [t for t in tokens if t.lower() not in state.embeddings]
     if missing:
-        raise ValueError(f"embeddings {missing} are not loaded; loaded: {sorted(e.token for e in state.embeddings.values())}")
+        raise ValueError(
+            f"embeddings {missing} are not loaded; loaded: {sorted(e.token for e in state.embeddings.values())}"
+        )
     for t in tokens:
         del state.embeddings[t.lower()]
 
