@@ -15,10 +15,10 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import lycoris.kohya
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
-import lycoris.kohya
 from lycoris.kohya import create_network
 from transformers import CLIPTextConfig, CLIPTextModel
 
