@@ -132,6 +132,26 @@ def test_mistakes_answer_before_tensorflow_is_imported(tmp_path):
         "existing output": (["generate", "x", "-o", str(existing)], 1, "already exists; pass --overwrite"),
         "missing image": (["generate", "x", "--image", "gone.png"], 1, "--image gone.png: no such file"),
         "sampler": (["generate", "x", "--scheduler", "eulr"], 2, "--scheduler eulr: unknown sampler"),
+        "lora tag without folder": (
+            ["generate", "x <lora:ink:0.8>"],
+            2,
+            "no LoRA folder is set (pass --lora-dir)",
+        ),
+        "lora name not in folder": (
+            ["generate", "x <lora:ink:0.8>", "--lora-dir", str(tmp_path / "data")],
+            2,
+            f"no LoRA named 'ink' in folder '{tmp_path / 'data'}'",
+        ),
+        "missing lora": (
+            ["generate", "x", "--lora", "gone.safetensors:0.5"],
+            1,
+            "--lora gone.safetensors:0.5: no such file",
+        ),
+        "missing embedding": (
+            ["generate", "x", "--embedding", "gone.pt"],
+            1,
+            "--embedding gone.pt: no such file",
+        ),
         "info missing": (["info", str(tmp_path / "missing.ckpt")], 1, "no such file or folder"),
         "convert onto files": (
             ["convert", "tiny-shapes", str(tmp_path / "out"), "--to", "diffusers"],

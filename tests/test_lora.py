@@ -303,3 +303,50 @@ def test_sd2_shapes(fmt):
     model.load_lora_weights(folder / f"sd2_lora_{fmt}.safetensors")
     assert err(unet_out(model, data), data["unet_lora_1.0"]) <= TOLERANCE
     assert err(te_out(model, data), data["te_lora_1.0"]) <= TOLERANCE
+
+
+LYCORIS = ["loha", "loha_tucker", "lokr", "lokr_full", "locon_tucker", "locon_dora", "loha_dora"]
+
+
+@pytest.mark.parametrize("case", LYCORIS)
+def test_lycoris_matches_the_package(sd, fixtures_dir, case):
+    """LoHa, LoKr (low-rank and whole factors), LoCon Tucker (lora_mid) and DoRA (dora_scale, per output
+    row and per input column) written by lycoris-lora (tools/make_fixtures_lycoris.py), at multiplier 1."""
+    with np.load(fixtures_dir / "lora" / "lycoris_io.npz") as f:
+        data = dict(f)
+    base = unet_out(sd, data)
+    sd.load_lora_weights(fixtures_dir / "lora" / f"lycoris_{case}.safetensors")
+    unet_err = err(unet_out(sd, data), data[f"{case}_unet"])
+    te_err = err(te_out(sd, data), data[f"{case}_te"])
+    assert unet_err <= TOLERANCE, f"{case} UNet: {unet_err:.2e}"
+    assert te_err <= TOLERANCE, f"{case} text encoder: {te_err:.2e}"
+    assert err(data[f"{case}_unet"], base) > 1e-2  # the network changes the output
+
+
+def test_truncated_and_bad_files_change_nothing(sd, fixtures_dir, tmp_path):
+    before = {c: state_dict(getattr(sd, c)) for c in ("unet", "text_encoder")}
+    raw = (fixtures_dir / "lora" / "lycoris_lokr.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) - 1000])
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        sd.load_lora_weights(tmp_path / "cut.safetensors")
+    (tmp_path / "cut.pt").write_bytes((fixtures_dir / "lora" / "lora_kohya.pt").read_bytes()[:5000])
+    with pytest.raises(ValueError, match="cut.pt"):
+        sd.load_lora_weights(tmp_path / "cut.pt")
+    tensors, _ = read_lora_file(fixtures_dir / "lora" / "lycoris_loha.safetensors")
+    tensors = {k: np.asarray(v) for k, v in tensors.items()}
+    key = next(k for k in tensors if k.endswith("attn1_to_q.hada_w2_b"))
+    tensors[key] = tensors[key][:, :5]
+    save_safetensors(tensors, tmp_path / "loha.safetensors")
+    with pytest.raises(LoraError, match=r"attn1_to_q: hada_w1_a .* do not make the layer's"):
+        sd.load_lora_weights(tmp_path / "loha.safetensors")
+    tensors, _ = read_lora_file(fixtures_dir / "lora" / "lycoris_locon_dora.safetensors")
+    tensors = {k: np.asarray(v) for k, v in tensors.items()}
+    key = next(k for k in tensors if k.endswith("dora_scale"))
+    tensors[key] = np.ones((3, 1), np.float32)
+    save_safetensors(tensors, tmp_path / "dora.safetensors")
+    with pytest.raises(LoraError, match=r"DoRA magnitude \(3, 1\) fits neither"):
+        sd.load_lora_weights(tmp_path / "dora.safetensors")
+    for c in ("unet", "text_encoder"):
+        after = state_dict(getattr(sd, c))
+        assert all(after[k].tobytes() == v.tobytes() for k, v in before[c].items())
+    assert get_active_adapters(sd) == {}

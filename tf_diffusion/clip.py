@@ -113,9 +113,12 @@ class CLIPTextEmbeddings(keras.layers.Layer):
         self.position_embedding = Embedding(config.max_position_embeddings, config.hidden_size)
         self.built = True
 
-    def call(self, token_ids):  # (B, T) int -> (B, T, D)
+    def call(self, token_ids, token_embeds=None):  # (B, T) int -> (B, T, D)
         positions = ops.arange(ops.shape(token_ids)[1])
-        return self.token_embedding(token_ids) + self.position_embedding(positions)[None]
+        position = self.position_embedding(positions)[None]
+        if token_embeds is not None:  # transformers' inputs_embeds: the token lookup done by the caller
+            return ops.cast(token_embeds, position.dtype) + position
+        return self.token_embedding(token_ids) + position
 
 
 class CLIPTextTransformer(keras.layers.Layer):
@@ -128,9 +131,9 @@ class CLIPTextTransformer(keras.layers.Layer):
         self.final_layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.built = True
 
-    def call(self, token_ids, num_layers):
+    def call(self, token_ids, num_layers, token_embeds=None):
         t = ops.shape(token_ids)[1]
-        x = self.embeddings(token_ids)  # (B, T, D)
+        x = self.embeddings(token_ids, token_embeds)  # (B, T, D)
         positions = ops.arange(t)
         causal = positions[:, None] >= positions[None, :]  # (T, T): token i sees tokens <= i
         x = self.encoder(x, causal, num_layers=num_layers)
@@ -165,7 +168,7 @@ class CLIPTextEncoder(keras.Model):
             self.text_model = CLIPTextTransformer(self.config)
         self.built = True
 
-    def call(self, token_ids, clip_skip: int = 0):
+    def call(self, token_ids, clip_skip: int = 0, token_embeds=None):
         """Encode token ids into the hidden states the UNet cross-attends to.
 
         Args:
@@ -176,6 +179,9 @@ class CLIPTextEncoder(keras.Model):
                 ``clip_skip``: 0 gives ``last_hidden_state``; k gives the hidden
                 state after layer ``num_hidden_layers - k``, passed through
                 ``final_layer_norm``. Allowed: 0 <= clip_skip < num_hidden_layers.
+            token_embeds: optional (B, T, hidden_size) input vectors used instead of looking
+                ``token_ids`` up in the token embedding (transformers' ``inputs_embeds``; textual
+                inversion puts its vectors there); position embeddings are still added.
 
         Returns:
             (B, T, hidden_size) hidden states after the final layer norm (float32).
@@ -201,4 +207,11 @@ class CLIPTextEncoder(keras.Model):
                 f"clip_skip={clip_skip} is not allowed; expected 0 <= clip_skip < "
                 f"{cfg.num_hidden_layers} (num_hidden_layers)"
             )
-        return self.text_model(token_ids, num_layers=cfg.num_hidden_layers - int(clip_skip))
+        if token_embeds is not None:
+            token_embeds = ops.convert_to_tensor(token_embeds)
+            want = (*token_ids.shape, cfg.hidden_size)
+            if tuple(token_embeds.shape) != want:
+                raise ValueError(f"token_embeds has shape {tuple(token_embeds.shape)}; expected {want}")
+        return self.text_model(
+            token_ids, num_layers=cfg.num_hidden_layers - int(clip_skip), token_embeds=token_embeds
+        )

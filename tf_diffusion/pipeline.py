@@ -41,6 +41,8 @@ class StableDiffusion:
         text_encoder: CLIPTextEncoder, ids -> (B, 77, D) hidden states as SD consumes them.
         unet: UNetModel, (latents NHWC, timesteps, context) -> noise prediction.
         vae: AutoencoderKL with ``encode`` (images in [-1, 1]) and ``decode`` (unscaled latents).
+        lora_dir: the folder that ``<lora:NAME:WEIGHT>`` tags in prompts name (None: tags are an
+            error); see ``tf_diffusion.adapters.extra_networks``.
 
     Example:
         >>> sd = StableDiffusion.from_preset("sd-v1-5")  # random weights, full size
@@ -70,6 +72,7 @@ class StableDiffusion:
         self.denoiser = UNetDenoiser(self.unet)
         # How loops, decodes and text encodes run (and their compiled functions); see generate(executor=).
         self.executor = LocalExecutor()
+        self.lora_dir = None
 
     @classmethod
     def from_preset(cls, name: str, *, dtype: str | None = None) -> StableDiffusion:
@@ -135,6 +138,18 @@ class StableDiffusion:
 
         lora.unfuse_lora(self)
 
+    def load_textual_inversion(self, path, token: str | None = None) -> str:
+        """Load an A1111 or diffusers embedding; its word then works in prompts (``adapters.textual_inversion``)."""
+        from tf_diffusion.adapters import textual_inversion
+
+        return textual_inversion.load_textual_inversion(self, path, token)
+
+    def unload_textual_inversion(self, tokens=None) -> None:
+        """Forget embeddings: all, or the given words (``adapters.textual_inversion``)."""
+        from tf_diffusion.adapters import textual_inversion
+
+        textual_inversion.unload_textual_inversion(self, tokens)
+
     def __repr__(self) -> str:
         return f"StableDiffusion(config={self.config.name!r})"
 
@@ -152,13 +167,20 @@ class StableDiffusion:
         Returns:
             (len(prompts), 77 * chunks, D) float32 hidden states.
         """
-        chunked = [tokenize_weighted(self.tokenizer, p) for p in prompts]
+        from tf_diffusion.adapters import textual_inversion
+
+        # Embedding words become ids past the vocabulary (adapters.textual_inversion).
+        tokenizer = textual_inversion.tokenizer_for(self, prompts)
+        chunked = [tokenize_weighted(tokenizer, p) for p in prompts]
         count = max(c.num_chunks for c in chunked)
-        empty = tokenize_weighted(self.tokenizer, "")
+        empty = tokenize_weighted(tokenizer, "")
         chunked = [c.padded_to(count, empty) for c in chunked]
         ids = np.concatenate([c.ids for c in chunked])  # (B*K, 77)
+        embeds = None
+        if tokenizer is not self.tokenizer:
+            embeds = textual_inversion.token_embeddings(self.text_encoder, ids, tokenizer)  # (B*K, 77, D)
         hidden = (self.executor if executor is None else executor).encode_text(
-            self.text_encoder, ids
+            self.text_encoder, ids, *(() if embeds is None else (embeds,))
         )  # (B*K, 77, D)
         hidden = hidden.reshape(len(prompts), count * ids.shape[1], hidden.shape[-1])
         weights = np.stack([c.weights.reshape(-1) for c in chunked])  # (B, K*77)
@@ -202,6 +224,9 @@ class StableDiffusion:
         Args:
             prompt: a prompt or a list of prompts (A1111 weights such as ``(word:1.3)``
                 and prompts over 75 tokens are supported). An empty prompt is valid.
+                ``<lora:NAME:WEIGHT>`` tags merge LoRAs from ``self.lora_dir`` for this call and stay
+                merged while later calls name the same set (``tf_diffusion.adapters.extra_networks``);
+                loaded embeddings' words use their vectors.
             negative_prompt: one for all prompts, or a list with one per prompt.
             num_steps: sampler steps (>= 1); default ``config.default_steps`` (50 for SD, as
                 diffusers). With ``image``, ``int(num_steps * strength)`` of them run, as in diffusers.
@@ -252,6 +277,7 @@ class StableDiffusion:
         Raises:
             ValueError: for any invalid argument, naming the value and what is allowed.
         """
+        from tf_diffusion.adapters import extra_networks
         from tf_diffusion.schedulers import get_sampler
 
         cfg = self.config
@@ -298,8 +324,10 @@ class StableDiffusion:
         plan = sampler.plan(num_steps, strength=strength if init is not None else 1.0)
         guidance = guidance_for(guidance_scale)
 
+        # <lora:...> tags merge their LoRAs and leave the text (adapters.extra_networks).
+        prompt_texts, negative_texts, extra_params = extra_networks.prepare(self, prompts, negatives)
         # Text: one bundle per image, prompt by prompt.
-        texts = negatives + prompts if guidance.copies == 2 else prompts
+        texts = negative_texts + prompt_texts if guidance.copies == 2 else prompt_texts
         hidden = np.repeat(self.encode_prompts(texts, executor=executor), num_images, axis=0)
         cond = Conditioning(hidden[-n:])
         uncond = Conditioning(hidden[:n]) if guidance.copies == 2 else None
@@ -356,6 +384,7 @@ class StableDiffusion:
             height=height,
             width=width,
             output_type=output_type,
+            extra_params=extra_params,
         )
         if output_type == "latent":
             return GeneratedImages.wrap(x, info)
@@ -509,6 +538,8 @@ class GenerationInfo:
         num_steps: the steps asked for; num_evals: model evaluations run (img2img runs fewer).
         guidance_scale, strength (None for text-to-image), mask_blur (None: no paste-back), height,
         width, output_type.
+        extra_params: further PNG parameter fields, as the web UI names them ("Lora hashes",
+            "TI hashes").
     """
 
     model: str
@@ -527,6 +558,7 @@ class GenerationInfo:
     height: int
     width: int
     output_type: str
+    extra_params: dict = dataclasses.field(default_factory=dict)
 
 
 class GeneratedImages(np.ndarray):

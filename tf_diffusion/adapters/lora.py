@@ -39,30 +39,40 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from tf_diffusion.adapters.extra_networks import LORA_SUFFIXES as _LORA_SUFFIXES
 from tf_diffusion.layers import CONV, LINEAR
 from tf_diffusion.weights.diffusers_unet import (
     RESNET_RENAMES,
     diffusers_key_to_original,
     diffusers_prefix_map,
 )
-from tf_diffusion.weights.state_dict import named_parameters, to_keras_layout, torch_shape
+from tf_diffusion.weights.state_dict import named_parameters, to_keras_layout, to_torch_layout, torch_shape
 
 COMPONENTS = ("unet", "text_encoder")
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 _DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
-# Tensors of formats this module does not compute yet: key fragment -> what it is.
+# Tensors of formats this module does not compute: key fragment -> what it is.
 _UNSUPPORTED = {
-    "lora_mid": "LoCon Tucker (lora_mid)",
-    "dora_scale": "DoRA (dora_scale)",
-    "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
-    "hada_": "LyCORIS LoHa (hada_*)",
-    "lokr_": "LyCORIS LoKr (lokr_*)",
+    "oft_": "LyCORIS OFT (oft_*)",
+    ".on_input": "LyCORIS IA3 (on_input)",
+    ".w_norm": "LyCORIS norm layers (w_norm)",
+    ".b_norm": "LyCORIS norm layers (b_norm)",
+    ".diff": "LyCORIS full weights (diff)",
+}
+# kohya / LyCORIS tensor suffix -> part name.
+_KOHYA_PARTS = {
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora_mid.weight": "mid",
+    "alpha": "alpha",
+    "dora_scale": "dora",
+    **{n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
+    **{n: n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
 }
 # Keys only SDXL files have (its second text encoder, its added embeddings).
 _SDXL_MARKERS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "add_embedding", "lora_unet_label_emb")
 # Cross-attention / text widths -> the family they belong to, for messages.
 _CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
-_LORA_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt", ".pth")
 
 
 class LoraError(ValueError):
@@ -71,27 +81,113 @@ class LoraError(ValueError):
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One layer's low-rank update.
+    """One layer's update.
 
     Attributes:
         component: "unet" or "text_encoder".
         path: our layer's attribute path (the original checkpoint key without ``.weight``).
         key: the module's name in the file, for messages.
-        down: (rank, in[, kh, kw]) float32, torch layout (kohya ``lora_down`` / peft ``lora_A``).
-        up: (out, rank[, 1, 1]) float32, torch layout (kohya ``lora_up`` / peft ``lora_B``).
-        scale: alpha / rank (alpha / sqrt(rank) for rsLoRA).
+        kind: "lora" (``down`` / ``up``, optionally ``mid``: LoCon Tucker), "loha" (``hada_*``) or
+            "lokr" (``lokr_*``).
+        tensors: the factors, float32, torch layout (see ``delta``).
+        scale: alpha / rank (alpha / sqrt(rank) for rsLoRA; 1 for a LoKr without low-rank factors).
+        dora: the DoRA magnitude (kohya / LyCORIS ``dora_scale``, peft ``lora_magnitude_vector``) in
+            torch layout, broadcastable to the weight: (out, 1, ...) normalises each output row,
+            (1, in, ...) each input column; None for no DoRA.
     """
 
     component: str
     path: str
     key: str
-    down: np.ndarray = field(repr=False)
-    up: np.ndarray = field(repr=False)
+    kind: str
+    tensors: dict = field(repr=False)
     scale: float
+    dora: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        t = self.tensors
+        if self.kind == "lora":
+            return int(t["down"].shape[0])
+        if self.kind == "loha":
+            return int(t["hada_w1_b"].shape[0])
+        low = t.get("lokr_w1_b", t.get("lokr_w2_b"))
+        return 0 if low is None else int(low.shape[0])
+
+    def delta(self, shape: tuple) -> np.ndarray:
+        """The unscaled update (out, in[, kh, kw]) in torch layout, as the format defines it."""
+        return _delta(self.kind, self.tensors, tuple(shape))
+
+
+def _tucker(core: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # LyCORIS's Tucker rebuild: core (r, r, kh, kw), a (r, out), b (r, in) -> (out, in, kh, kw).
+    return np.einsum("ijkl,jr,ip->prkl", core, b, a)
+
+
+def _delta(kind: str, t: Mapping, shape: tuple) -> np.ndarray:
+    if kind == "lora":
+        down, up = t["down"], t["up"]
+        if "mid" in t:  # LoCon Tucker: 1x1 down, kxk mid, 1x1 up
+            out = np.einsum(
+                "or,rskl,si->oikl", up.reshape(up.shape[0], -1), t["mid"], down.reshape(down.shape[0], -1)
+            )
+        else:
+            out = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+        return out.reshape(shape)
+    if kind == "loha":  # Hadamard product of two low-rank products
+        if "hada_t1" in t:
+            w1 = _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
+            w2 = _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+        else:
+            w1 = t["hada_w1_a"] @ t["hada_w1_b"]
+            w2 = t["hada_w2_a"] @ t["hada_w2_b"]
+        return (w1 * w2).reshape(shape)
+    # LoKr: Kronecker product of two factors, each whole or a low-rank product
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    elif "lokr_t2" in t:
+        w2 = _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+    else:
+        w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+    if len(shape) == 4 and w2.ndim == 2:
+        w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+    w1 = w1.reshape(w1.shape + (1,) * (w2.ndim - w1.ndim))
+    return np.kron(w1, w2).reshape(shape)
+
+
+_KIND_PARTS = {
+    "lora": ({"down", "up"}, {"mid"}),
+    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, {"hada_t1", "hada_t2"}),
+}
+
+
+def _kind_of(entry: Mapping) -> str | None:
+    parts = set(entry) - {"alpha", "dora", "key", "format"}
+    if any(p.startswith("lokr_") for p in parts):
+        return "lokr"
+    if any(p.startswith("hada_") for p in parts):
+        return "loha"
+    return "lora"
+
+
+def _parts_problem(kind: str, entry: Mapping) -> str | None:
+    """What a module of ``kind`` lacks or has too much of, or None."""
+    have = {k for k in entry if k not in ("alpha", "dora", "key", "format")}
+    if kind == "lokr":
+        w1 = {"lokr_w1"} <= have or {"lokr_w1_a", "lokr_w1_b"} <= have
+        w2 = {"lokr_w2"} <= have or {"lokr_w2_a", "lokr_w2_b"} <= have
+        return (
+            None
+            if w1 and w2
+            else f"a LoKr module needs lokr_w1 (or _a/_b) and lokr_w2 (or _a/_b); has {sorted(have)}"
+        )
+    needed, optional = _KIND_PARTS[kind]
+    if not needed <= have or have - needed - optional:
+        return f"has {sorted(have)}"
+    if kind == "loha" and len(have & optional) == 1:
+        return f"has {sorted(have)}: hada_t1 and hada_t2 go together"
+    return None
 
 
 @dataclass(frozen=True)
@@ -280,6 +376,8 @@ def parse_lora(
             unknown.append(repr(key))
             continue
         kind = next((label for frag, label in _UNSUPPORTED.items() if frag in key), None)
+        if kind == "LyCORIS full weights (diff)" and not key.endswith((".diff", ".diff_b")):
+            kind = None
         if kind is not None:
             unsupported.append(f"{key} ({kind})")
             continue
@@ -298,7 +396,7 @@ def parse_lora(
         if len(unsupported) + len(unknown) > len(shown):
             lines.append(f"  ... and {len(unsupported) + len(unknown) - len(shown)} more")
         if unsupported:
-            lines.append("(LoCon Tucker, DoRA, LoHa and LoKr tensors are not supported yet)")
+            lines.append("(LyCORIS OFT, IA3, norm and full-weight modules are not supported)")
         if any(marker in k for k in unknown for marker in _SDXL_MARKERS):
             lines.append(f"(these are SDXL LoRA keys; the model is {_model_family(sd)})")
         raise LoraError("\n".join(lines))
@@ -308,31 +406,48 @@ def parse_lora(
     modules, incomplete, mismatched = [], [], []
     peft = {c: _peft_meta(metadata, c) for c in COMPONENTS}
     for (component, path), entry in groups.items():
-        if "down" not in entry or "up" not in entry:
-            incomplete.append(
-                f"{entry['key']}: has {sorted(k for k in entry if k in ('down', 'up', 'alpha'))}"
-            )
+        kind = _kind_of(entry)
+        problem = _parts_problem(kind, entry)
+        if problem:
+            incomplete.append(f"{entry['key']}: {problem}")
             continue
-        down = np.asarray(entry["down"]).astype(np.float32)
-        up = np.asarray(entry["up"]).astype(np.float32)
+        tensors = {
+            k: np.asarray(v).astype(np.float32)
+            for k, v in entry.items()
+            if k not in ("alpha", "key", "format")
+        }
+        dora = tensors.pop("dora", None)
         layer, attr = targets.params[component][path]
         want = torch_shape(layer, attr)
-        problem = _shape_problem(down, up, want)
+        if kind == "lora":
+            down, up = tensors["down"], tensors["up"]
+            problem = _shape_problem(down, up, want, tensors.get("mid"))
+            rank = int(down.shape[0])
+        else:
+            down = tensors.get("hada_w1_b", tensors.get("lokr_w1_b", tensors.get("lokr_w2_b")))
+            problem = _factor_problem(kind, tensors, want)
+            rank = None if down is None else int(down.shape[0])
+        if problem is None and dora is not None:
+            problem = _dora_problem(dora, want)
         if problem:
             mismatched.append((entry["key"], problem, down, want))
             continue
-        rank = int(down.shape[0])
         meta = peft[component] if entry["format"] == "diffusers" else {}
+        if rank is None:  # a LoKr of two whole factors: no rank, alpha unused (as the web UI)
+            modules.append(LoraModule(component, path, entry["key"], kind, tensors, 1.0, dora))
+            continue
         if "alpha" in entry:
             alpha = _float(entry["alpha"], f"{entry['key']}.alpha")
         elif meta.get("lora_alpha") is not None:
             alpha = float(_pattern_value(meta.get("alpha_pattern"), entry["key"], meta["lora_alpha"]))
         else:
             alpha = float(rank)  # kohya and peft both default alpha to the rank
-        if meta.get("use_dora"):
-            unsupported.append(f"{entry['key']} (DoRA, use_dora in lora_adapter_metadata)")
+        if meta.get("use_dora") and dora is None:
+            unsupported.append(
+                f"{entry['key']} (use_dora in lora_adapter_metadata, but no lora_magnitude_vector)"
+            )
         scale = alpha / math.sqrt(rank) if meta.get("use_rslora") else alpha / rank
-        modules.append(LoraModule(component, path, entry["key"], down, up, scale))
+        modules.append(LoraModule(component, path, entry["key"], kind, tensors, scale, dora))
     if incomplete:
         raise LoraError(
             f"LoRA {source}: modules without both down and up tensors:\n  " + "\n  ".join(incomplete)
@@ -347,7 +462,7 @@ def parse_lora(
 def _kohya_key(key: str, targets: _Targets):
     """("kohya", component, path, module name, part) for a kohya key, or None."""
     module, _, suffix = key.partition(".")
-    part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
+    part = _KOHYA_PARTS.get(suffix)
     if part is None:
         return None
     for prefix, component in _KOHYA_PREFIXES.items():
@@ -359,7 +474,13 @@ def _kohya_key(key: str, targets: _Targets):
 
 def _diffusers_key(key: str, targets: _Targets):
     """("diffusers", component, path, module name, part) for a diffusers / peft key, or None."""
-    suffixes = {".lora_A.weight": "down", ".lora_B.weight": "up", ".alpha": "alpha"}
+    suffixes = {
+        ".lora_A.weight": "down",
+        ".lora_B.weight": "up",
+        ".alpha": "alpha",
+        ".lora_magnitude_vector.weight": "dora",
+        ".lora_magnitude_vector": "dora",
+    }
     suffix = next((s for s in suffixes if key.endswith(s)), None)
     if suffix is None:
         return None
@@ -372,8 +493,39 @@ def _diffusers_key(key: str, targets: _Targets):
     return None
 
 
-def _shape_problem(down: np.ndarray, up: np.ndarray, want: tuple) -> str | None:
-    """Why up @ down cannot update a kernel of torch shape ``want``, or None."""
+def _factor_problem(kind: str, tensors: Mapping, want: tuple) -> str | None:
+    """Why LoHa / LoKr factors cannot update a kernel of torch shape ``want``, or None."""
+    try:
+        _delta(kind, tensors, tuple(want))
+    except (ValueError, IndexError) as e:
+        shapes = ", ".join(f"{k} {v.shape}" for k, v in sorted(tensors.items()))
+        return f"{shapes} do not make the layer's {tuple(want)} ({e})"
+    return None
+
+
+def _dora_problem(dora: np.ndarray, want: tuple) -> str | None:
+    out, fan_in = want[0], want[1]
+    if dora.size == out and dora.shape[0] == out:
+        return None
+    if dora.size == fan_in and dora.ndim >= 2 and dora.shape[1] == fan_in:
+        return None
+    return f"DoRA magnitude {dora.shape} fits neither the outputs ({out}) nor the inputs ({fan_in}) of {tuple(want)}"
+
+
+def _shape_problem(
+    down: np.ndarray, up: np.ndarray, want: tuple, mid: np.ndarray | None = None
+) -> str | None:
+    """Why up @ [mid] @ down cannot update a kernel of torch shape ``want``, or None."""
+    if mid is not None:
+        if mid.ndim != 4 or down.ndim != 4 or up.ndim != 4 or len(want) != 4:
+            return f"Tucker lora_mid {mid.shape} needs 4-D down {down.shape}, up {up.shape} and a conv layer"
+        if mid.shape[:2] != (up.shape[1], down.shape[0]) or mid.shape[2:] != tuple(want[2:]):
+            return (
+                f"lora_mid {mid.shape} does not join up {up.shape} and down {down.shape} into {tuple(want)}"
+            )
+        if down.shape[1] != want[1] or up.shape[0] != want[0]:
+            return f"down {down.shape} / up {up.shape}, layer {tuple(want)}"
+        return None
     if down.ndim not in (2, 4) or up.ndim not in (2, 4):
         return f"down {down.shape} and up {up.shape} must be 2-D (linear) or 4-D (conv)"
     if up.ndim == 4 and up.shape[2:] != (1, 1):
@@ -439,6 +591,9 @@ class _LoraState:
         self.adapters: dict[str, LoraWeights] = {}
         self.active: dict[str, dict[str, float]] = {}  # name -> component -> weight
         self.base: dict[tuple[str, str], np.ndarray] = {}  # (component, path) -> Keras-layout value
+        # LoRAs that prompts named: resolved file -> (adapter name, (size, mtime_ns) when read).
+        self.prompt_files: dict[str, tuple[str, tuple[int, int]]] = {}
+        self.mentions: dict[str, str] = {}  # prompt adapter name -> the name the prompt wrote
         self._targets = None
 
     def targets(self, sd) -> _Targets:
@@ -498,15 +653,42 @@ def _apply(sd, state: _LoraState, active: dict[str, dict[str, float]]) -> None:
         kind = type(layer).LAYOUT[attr]
         want = torch_shape(layer, attr)
         total = np.array(base, dtype=np.float32)
+        doras = []
         for module, weight in parts:
-            delta = module.up.reshape(module.up.shape[0], -1) @ module.down.reshape(module.rank, -1)
-            total += np.float32(weight * module.scale) * to_keras_layout(kind, delta.reshape(want))
+            if module.dora is not None:
+                doras.append((module, weight))
+                continue
+            total += np.float32(weight * module.scale) * to_keras_layout(kind, module.delta(want))
+        for module, weight in doras:
+            total = to_keras_layout(kind, _dora(to_torch_layout(kind, total), module, weight, want))
         values[key] = (variable, base, total.astype(base.dtype))
     # Everything is computed before anything is assigned.
     for key, (variable, base, value) in values.items():
         state.base.setdefault(key, base)
         variable.assign(value)
     state.active = active
+
+
+def _dora(weight: np.ndarray, module: LoraModule, strength: float, want: tuple) -> np.ndarray:
+    """DoRA: W + s ΔW, each output row (or input column) rescaled to the stored magnitude.
+
+    With strength w: W_m = W + w s ΔW, then W_m * (w (m / ||W_m|| - 1) + 1): at w = 1 peft's and LyCORIS's
+    merge, at w = 0 the base weight.
+    """
+    merged = weight + np.float32(strength * module.scale) * module.delta(want)
+    m = module.dora
+    if m.shape[0] == want[0] and m.size == want[0]:  # per output row (peft, LyCORIS wd_on_output)
+        norm = np.linalg.norm(merged.reshape(want[0], -1), axis=1).reshape(
+            (want[0],) + (1,) * (len(want) - 1)
+        )
+        m = m.reshape(norm.shape)
+    else:  # per input column (the web UI's and older LyCORIS's)
+        norm = np.sqrt(
+            np.sum(np.square(merged), axis=tuple(i for i in range(len(want)) if i != 1), keepdims=True)
+        )
+        m = m.reshape(norm.shape)
+    norm = norm + np.finfo(np.float32).eps
+    return merged * (np.float32(strength) * (m / norm - 1.0) + 1.0)
 
 
 def load_lora_weights(sd, path, adapter_name: str | None = None, weight=1.0) -> str:
@@ -589,6 +771,8 @@ def unload_lora_weights(sd) -> None:
     state.adapters.clear()
     state.active = {}
     state.base.clear()
+    state.prompt_files.clear()
+    state.mentions.clear()
 
 
 def fuse_lora(sd, lora_scale: float = 1.0) -> None:
@@ -605,3 +789,78 @@ def fuse_lora(sd, lora_scale: float = 1.0) -> None:
 
 def unfuse_lora(sd) -> None:
     """diffusers' ``unfuse_lora``: a no-op (outputs are the same fused or not); ``unload_lora_weights`` removes."""
+
+
+# ------------------------------------------------------------------------------- LoRAs named in prompts
+
+
+def has_prompt_loras(sd) -> bool:
+    """Whether LoRAs named by earlier prompts are loaded into ``sd``."""
+    return bool(_state(sd).prompt_files)
+
+
+def use_prompt_loras(sd, resolved) -> None:
+    """Make the LoRAs a prompt names (``(LoraTag, file)`` pairs) the active prompt LoRAs, with their weights.
+
+    Prompt LoRAs are adapters named ``<lora:STEM>``, kept loaded (a file is read again when its size or
+    modification time changed); adapters loaded with ``load_lora_weights`` keep their state. When the
+    active set and weights are those already merged, nothing is recomputed.
+
+    Raises:
+        LoraError, ValueError: a file that cannot be read or applied; the model is then unchanged.
+    """
+    state = _state(sd)
+    prompt_names = {name for name, _ in state.prompt_files.values()}
+    wanted, mentions, added, replaced = {}, {}, [], {}
+    try:
+        for tag, path in resolved:
+            path = pathlib.Path(path)
+            key = str(path.resolve())
+            stat = path.stat()
+            stamp = (stat.st_size, stat.st_mtime_ns)
+            known = state.prompt_files.get(key)
+            if known is None or known[1] != stamp:
+                lora = read_lora(path, sd)
+                if known is None:
+                    name, n = f"<lora:{path.stem}>", 1
+                    while name in state.adapters:
+                        n += 1
+                        name = f"<lora:{path.stem}#{n}>"
+                    added.append(name)
+                else:
+                    name = known[0]
+                    replaced[name] = (state.adapters[name], known)
+                state.adapters[name] = lora
+                state.prompt_files[key] = (name, stamp)
+                prompt_names.add(name)
+            name = state.prompt_files[key][0]
+            wanted[name] = _component_weights(tag.weights, f"<lora:{tag.name}>")
+            mentions[name] = tag.name
+        active = {n: w for n, w in state.active.items() if n not in prompt_names}
+        active.update(wanted)
+        if active != state.active or added or replaced:
+            _apply(sd, state, active)
+    except BaseException:
+        for name in added:
+            del state.adapters[name]
+        for name, (lora, _) in replaced.items():
+            state.adapters[name] = lora
+        state.prompt_files = {k: v for k, v in state.prompt_files.items() if v[0] not in added}
+        for key, (name, _) in list(state.prompt_files.items()):
+            if name in replaced:
+                state.prompt_files[key] = replaced[name][1]
+        raise
+    state.mentions = mentions
+
+
+def active_sources(sd) -> list[tuple[str, str]]:
+    """(name, file) of every active LoRA with a non-zero weight: prompt LoRAs by the name the prompt wrote,
+    others by file stem (what the PNG parameters' ``Lora hashes`` list)."""
+    state = _state(sd)
+    out = []
+    for name, weights in state.active.items():
+        lora = state.adapters.get(name)
+        if lora is None or not any(weights.values()) or not os.path.isfile(lora.source):
+            continue
+        out.append((state.mentions.get(name, pathlib.Path(lora.source).stem), lora.source))
+    return out

@@ -4,6 +4,9 @@
     tf-diffusion generate "a blue star" --num-images 4 -o stars.png   # stars-1.png ... stars-4.png + stars-grid.png
     tf-diffusion generate "a green square" --image in.png --strength 0.6 -o out.png
     tf-diffusion generate "a yellow heart" --image in.png --mask mask.png -o out.png
+    tf-diffusion generate "a red circle <lora:ink:0.8>" --lora-dir loras/ -o out.png
+    tf-diffusion generate "a red circle" --lora style.safetensors:0.7 --embedding easyneg.pt \
+        --negative-prompt easyneg -o out.png
 
 PNGs carry the generation parameters in a ``parameters`` text chunk, written as
 AUTOMATIC1111 writes them, so other tools read them back.
@@ -68,6 +71,7 @@ def a1111_parameters(info, index: int, model: str, model_hash: str | None = None
         extra["Mask blur"] = info.mask_blur
     if len(info.seeds) > 1:
         extra.update({"Batch size": len(info.seeds), "Batch pos": index})
+    extra.update(info.extra_params)  # "Lora hashes", "TI hashes"
     return format_parameters(
         info.prompts[index],
         info.negative_prompts[index],
@@ -165,6 +169,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help=f"refuse larger --image / --mask files (default: ${MAX_PIXELS_ENV} or {DEFAULT_MAX_PIXELS:,} = 4096x4096)",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="a LoRA file (kohya / A1111, diffusers / PEFT, LyCORIS) merged for this run, weight 1 unless "
+        "given; repeatable",
+    )
+    p.add_argument("--lora-dir", default=None, help="the folder that <lora:NAME:WEIGHT> tags in prompts name")
+    p.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds); its "
+        "file name (or its token) is its word in prompts; repeatable",
+    )
+    p.add_argument("--embedding-dir", default=None, help="load every embedding in this folder")
     p.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -207,6 +229,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, list[pathlib.Path], 
         for path in paths + ([grid_path] if grid_path else []):
             if path.exists():
                 raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    check_adapters(args)
     source = check_model(args.model, "--model")
     factor, _ = model_factor(source)
     check_size(args.height, args.width, factor)
@@ -214,6 +237,65 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, list[pathlib.Path], 
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{option} {path}: no such file")
     return source, paths, grid_path
+
+
+def lora_option(value: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` -> (path, weight); a path that itself holds ":" keeps it unless a number follows."""
+    path, colon, weight = value.rpartition(":")
+    if colon and path:
+        try:
+            number = float(weight)
+        except ValueError:
+            return value, 1.0
+        finite_float(number, f"--lora {value}: weight")
+        return path, number
+    return value, 1.0
+
+
+def embedding_files(args: argparse.Namespace) -> list[str]:
+    """The --embedding files, then those in --embedding-dir (sorted)."""
+    from tf_diffusion.adapters.textual_inversion import EMBEDDING_SUFFIXES
+
+    files = list(args.embedding)
+    if args.embedding_dir is not None:
+        folder = pathlib.Path(args.embedding_dir)
+        files += [
+            str(p) for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES
+        ]
+    return files
+
+
+def check_adapters(args: argparse.Namespace) -> None:
+    """--lora / --lora-dir / --embedding / --embedding-dir and the prompt's <lora:...> tags, before TensorFlow."""
+    from tf_diffusion.adapters import extra_networks
+
+    for value in args.lora:
+        path, _ = lora_option(value)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--lora {value}: no such file")
+        if pathlib.Path(path).suffix.lower() not in extra_networks.LORA_SUFFIXES:
+            raise UsageError(f"--lora {value}: allowed suffixes: {', '.join(extra_networks.LORA_SUFFIXES)}")
+    for option, folder in (("--lora-dir", args.lora_dir), ("--embedding-dir", args.embedding_dir)):
+        if folder is not None and not os.path.isdir(folder):
+            raise FileNotFoundError(f"{option} {folder}: no such folder")
+    for path in args.embedding:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--embedding {path}: no such file")
+    try:
+        _, _, tags = extra_networks.strip_prompts([args.prompt], [args.negative_prompt or ""])
+        extra_networks.resolve_tags(tags, args.lora_dir)
+    except ValueError as e:
+        raise UsageError(str(e).replace("(sd.lora_dir / --lora-dir)", "(pass --lora-dir)")) from None
+
+
+def apply_adapters(sd, args: argparse.Namespace) -> None:
+    """Load the --lora files and embeddings into ``sd`` and set its LoRA folder."""
+    for value in args.lora:
+        path, weight = lora_option(value)
+        sd.load_lora_weights(path, adapter_name=pathlib.Path(path).stem, weight=weight)
+    for path in embedding_files(args):
+        sd.load_textual_inversion(path)
+    sd.lora_dir = args.lora_dir
 
 
 def read_image(path: str, option: str, max_pixels: int | None):
@@ -244,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = None if args.precision == "float32" else args.precision
     sd = StableDiffusion.from_pretrained(source, dtype=dtype)
+    apply_adapters(sd, args)
     mask_blur = None
     if mask is not None:
         mask_blur = 4.0 if args.mask_blur is None else (None if args.mask_blur == -1 else args.mask_blur)

@@ -138,15 +138,20 @@ class LocalExecutor:
         fn = self.compiled(("decode", id(vae), opts), lambda: execution.compile(vae.decode, opts))
         return ops.convert_to_numpy(ops.cast(fn(ops.convert_to_tensor(latents, "float32")), "float32"))
 
-    def encode_text(self, text_encoder, ids) -> np.ndarray:
-        """Token ids (B, T) -> float32 hidden states (B, T, D), in graph mode."""
+    def encode_text(self, text_encoder, ids, token_embeds=None) -> np.ndarray:
+        """Token ids (B, T) -> float32 hidden states (B, T, D), in graph mode.
+
+        ``token_embeds`` (B, T, D), when given, are the input vectors instead of the ids' table rows
+        (textual inversion; ``CLIPTextEncoder``'s argument of that name).
+        """
         from tf_diffusion import execution
 
         opts = execution.ExecutionOptions(
             compile="graph" if keras.backend.backend() == "tensorflow" else "eager"
         )
         fn = self.compiled(("text", id(text_encoder)), lambda: execution.compile(text_encoder, opts))
-        return ops.convert_to_numpy(ops.cast(fn(ids), "float32"))
+        out = fn(ids) if token_embeds is None else fn(ids, token_embeds=token_embeds)
+        return ops.convert_to_numpy(ops.cast(out, "float32"))
 
 
 class _NoBar:
