@@ -33,3 +33,16 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 @pytest.fixture
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many memory mappings the run left: XLA's compiled code is never freed, and a process at
+    vm.max_map_count crashes in XLA, so this is the suite's headroom for more XLA compiles."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return
+    terminalreporter.write_line(f"memory mappings at the end: {used} of {limit} (vm.max_map_count)")

@@ -3,12 +3,13 @@
 import json
 import threading
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tf_diffusion import execution, layers
-from tf_diffusion.execution import autotune, cpu
+from tf_diffusion.execution import autotune, compiling, cpu
 from tf_diffusion.execution.options import in_xla
 
 
@@ -197,3 +198,28 @@ def test_two_threads_tracing_at_once_keep_their_own_options(monkeypatch):
     for name in "AB":
         assert results[name][1] == execution.ExecutionOptions() and not results[name][2]
     np.testing.assert_allclose(results["A"][0], results["B"][0], atol=1e-5)
+
+
+def test_memory_mappings_read_from_proc():
+    counts = compiling.memory_mappings()
+    assert counts is not None and 0 < counts[0] < counts[1]
+
+
+def test_xla_is_not_chosen_or_compiled_near_the_mapping_limit(monkeypatch):
+    """XLA code is never freed and a process at vm.max_map_count segfaults in XLA: near the limit the
+    default is graph mode (one warning), an explicit XLA compile a clear error, graph mode still runs."""
+    model = keras.layers.Dense(2)
+    model.build((None, 2))
+    assert execution.default_options(model, accelerator=False).compile == "xla"
+    monkeypatch.setattr(compiling, "memory_mappings", lambda: (50_000, 65_530))
+    monkeypatch.setattr(compiling, "_warned", [])
+    with pytest.warns(RuntimeWarning, match="50000 of its 65530 memory mappings"):
+        assert execution.default_options(model, accelerator=False).compile == "graph"
+    assert execution.default_options(model, jit_compile=True, accelerator=False).compile == "xla"
+    x = np.ones((1, 2), np.float32)
+    graph = execution.compile(lambda v: v * 2.0, execution.ExecutionOptions(compile="graph"))
+    np.testing.assert_array_equal(graph(x), x * 2.0)
+    monkeypatch.setattr(compiling, "memory_mappings", lambda: (60_000, 65_530))
+    xla = execution.compile(lambda v: v * 3.0, execution.ExecutionOptions(compile="xla"))
+    with pytest.raises(RuntimeError, match=r"60000 of its 65530 memory mappings.*jit_compile=False"):
+        xla(x)

@@ -42,6 +42,10 @@ def run(sd, prompt="a red circle", **kwargs):
     kwargs.setdefault("num_steps", 3)
     kwargs.setdefault("progress", False)
     kwargs.setdefault("scheduler", "ddim")
+    if "execution" not in kwargs:
+        # Graph mode unless a test asks for more: on a CPU an XLA compile of each new program costs
+        # seconds; the tests of the default choice pass jit_compile=None.
+        kwargs.setdefault("jit_compile", False)
     if "latents" not in kwargs:
         kwargs.setdefault("seed", 0)
     return sd.generate(prompt, **kwargs)
@@ -218,21 +222,21 @@ def test_default_compilation_on_cpu():
     from tf_diffusion.pipeline import StableDiffusion
 
     sd = StableDiffusion(MICRO)
-    run(sd, scheduler="euler")
+    run(sd, scheduler="euler", jit_compile=None)
     assert sd.executor.last_run == {"compile": "xla", "fused": False}
     traces = sd.executor.traces
-    run(sd, scheduler="euler", progress=True)
+    run(sd, scheduler="euler", progress=True, jit_compile=None)
     assert sd.executor.last_run == {"compile": "xla", "fused": False}
     assert sd.executor.traces == traces  # same shapes, bar on: the same compiled step
 
     # Above 32x32 latents (this micro model: images above 64x64), graph mode with XLA islands.
-    big = run(sd, scheduler="euler", height=72, width=72, output_type="latent")
+    big = run(sd, scheduler="euler", height=72, width=72, output_type="latent", jit_compile=None)
     assert sd.executor.last_run["compile"] == "islands"
     graph = run(sd, scheduler="euler", height=72, width=72, output_type="latent", jit_compile=False)
     np.testing.assert_allclose(big, graph, atol=1e-3)  # XLA rounding, as in the test above
 
     half = StableDiffusion(MICRO, dtype="bfloat16")
-    run(half, scheduler="euler")
+    run(half, scheduler="euler", jit_compile=None)
     assert half.executor.last_run == {"compile": "graph", "fused": False}
 
 

@@ -34,6 +34,7 @@ np.save({out_fused!r}, sd.generate("a red circle", fused=True, jit_compile=True,
 """
 
 
+@pytest.mark.slow  # 1-2 minutes: a JAX process compiles and runs every task
 def test_same_seed_same_image_under_jax(tmp_path):
     from test_generate import MICRO
 

@@ -30,6 +30,7 @@ def _local_model() -> str:
     return "micro"
 
 
+@pytest.mark.slow  # about a minute: a kernel process runs the whole notebook
 def test_colab_notebook_runs_locally(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

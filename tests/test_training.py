@@ -248,6 +248,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # about a minute: a process with two logical CPUs trains under MirroredStrategy
 def test_mirrored_strategy_on_two_logical_cpus():
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

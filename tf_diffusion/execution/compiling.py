@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import keras
@@ -11,6 +12,50 @@ from tf_diffusion.execution.options import ExecutionOptions, _scope
 # Latent pixels (H * W) above which the float32 UNet runs faster as islands than as one XLA
 # program on a CPU (benchmarks/README.md, "Islands").
 ISLAND_MIN_LATENT_PIXELS = 32 * 32
+
+
+# XLA on TensorFlow's CPU maps a few pages per compiled kernel (about 700 mappings for one step of a
+# micro UNet, thousands for a full one) and frees none of them while the process lives. Linux stops a
+# process at vm.max_map_count mappings (65,530 by default), and XLA then crashes the process
+# (SIGSEGV) instead of failing. Past SOFT_MAPPING_SHARE of the limit the default choice stops
+# compiling with XLA (graph mode instead); past HARD_MAPPING_SHARE an XLA compile asked for
+# explicitly is an error.
+SOFT_MAPPING_SHARE = 0.6
+HARD_MAPPING_SHARE = 0.85
+
+
+def memory_mappings() -> tuple[int, int] | None:
+    """(mappings this process holds, the kernel's limit), or None where Linux's /proc is absent."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return None
+    return used, limit
+
+
+def _mapping_share() -> float:
+    counts = memory_mappings()
+    return 0.0 if counts is None else counts[0] / counts[1]
+
+
+def check_xla_headroom() -> None:
+    """Refuse an XLA compile that could crash the process (see ``HARD_MAPPING_SHARE``).
+
+    Raises:
+        RuntimeError: when the process holds more than ``HARD_MAPPING_SHARE`` of its memory
+            mappings.
+    """
+    counts = memory_mappings()
+    if counts is not None and counts[0] > HARD_MAPPING_SHARE * counts[1]:
+        raise RuntimeError(
+            f"this process holds {counts[0]} of its {counts[1]} memory mappings (vm.max_map_count), "
+            f"most of them code of earlier XLA compiles, which TensorFlow never frees; another XLA "
+            f"compile could crash it. Run without XLA (jit_compile=False), restart the process, or "
+            f"raise vm.max_map_count (sysctl)"
+        )
 
 
 def has_accelerator() -> bool:
@@ -37,7 +82,8 @@ def default_options(
     UNet on TensorFlow's CPU with latents above ``ISLAND_MIN_LATENT_PIXELS`` runs as islands. On
     a CPU, wherever XLA compiles, Winograd convolutions and sub-pixel upsamplings are allowed
     (the autotuner decides where they run); islands also allow graph-mode matmuls and prepared
-    filters (benchmarks/README.md).
+    filters (benchmarks/README.md). A process that has used most of its memory mappings on earlier
+    XLA compiles (``SOFT_MAPPING_SHARE``) gets graph mode instead, with one warning.
 
     Args:
         model: the component to run (its compute dtype decides on a CPU).
@@ -65,6 +111,9 @@ def default_options(
         jit = jit_compile
     if backend != "tensorflow":
         return ExecutionOptions(compile="xla" if jit else "eager")
+    if jit and jit_compile is None and not accel and _mapping_share() > SOFT_MAPPING_SHARE:
+        _warn_mappings_once()
+        jit = False
     if not jit:
         return ExecutionOptions(compile="graph")
     if accel:
@@ -76,6 +125,21 @@ def default_options(
                 compile="islands", winograd=True, graph_matmuls=True, prepared_filters=True
             )
     return ExecutionOptions(compile="xla", winograd=True)
+
+
+_warned: list = []
+
+
+def _warn_mappings_once() -> None:
+    if not _warned:
+        _warned.append(True)
+        counts = memory_mappings()
+        warnings.warn(
+            f"this process holds {counts[0]} of its {counts[1]} memory mappings, most of them code "
+            f"of earlier XLA compiles (never freed); new programs now run in graph mode, without XLA",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def compile(fn: Callable, options: ExecutionOptions) -> Callable:  # noqa: A001 - execution.compile
@@ -95,6 +159,8 @@ def compile(fn: Callable, options: ExecutionOptions) -> Callable:  # noqa: A001 
 
     Raises:
         ValueError: for "islands" off TensorFlow, or options of the wrong type.
+        RuntimeError: when called (traced) for an XLA compile on TensorFlow while the process
+            is close to its memory-mapping limit (``check_xla_headroom``).
     """
     if not isinstance(options, ExecutionOptions):
         raise ValueError(f"options must be an ExecutionOptions, got {type(options).__name__}")
@@ -104,6 +170,8 @@ def compile(fn: Callable, options: ExecutionOptions) -> Callable:  # noqa: A001 
     xla = options.compile == "xla"
 
     def traced(*args, execution_state=None, **kwargs):
+        if backend == "tensorflow" and options.compile in ("xla", "islands"):
+            check_xla_headroom()  # each trace is a new XLA compile
         with _scope(opts=options, in_xla=xla, state=execution_state, set_state=True):
             return fn(*args, **kwargs)
 
