@@ -38,11 +38,10 @@ def fixtures_dir() -> pathlib.Path:
 def pytest_terminal_summary(terminalreporter):
     """How many memory mappings the run left: XLA's compiled code is never freed, and a process at
     vm.max_map_count crashes in XLA, so this is the suite's headroom for more XLA compiles."""
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            limit = int(f.read())
-        with open("/proc/self/maps", "rb") as f:
-            used = sum(1 for _ in f)
-    except (OSError, ValueError):
+    from tf_diffusion.execution.compiling import memory_mappings
+
+    counts = memory_mappings()
+    if counts is None:
         return
+    used, limit = counts
     terminalreporter.write_line(f"memory mappings at the end: {used} of {limit} (vm.max_map_count)")

@@ -324,14 +324,6 @@ class StableDiffusion:
         plan = sampler.plan(num_steps, strength=strength if init is not None else 1.0)
         guidance = guidance_for(guidance_scale)
 
-        # <lora:...> tags merge their LoRAs and leave the text (adapters.extra_networks).
-        prompt_texts, negative_texts, extra_params = extra_networks.prepare(self, prompts, negatives)
-        # Text: one bundle per image, prompt by prompt.
-        texts = negative_texts + prompt_texts if guidance.copies == 2 else prompt_texts
-        hidden = np.repeat(self.encode_prompts(texts, executor=executor), num_images, axis=0)
-        cond = Conditioning(hidden[-n:])
-        uncond = Conditioning(hidden[:n]) if guidance.copies == 2 else None
-
         if latents is None:
             noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)
         else:
@@ -340,6 +332,15 @@ class StableDiffusion:
                 raise ValueError(
                     f"latents have shape {noise.shape}; expected {(n, *shape)} (N, h, w, C) NHWC"
                 )
+
+        # After every argument check: <lora:...> tags merge their LoRAs and leave the text
+        # (adapters.extra_networks).
+        prompt_texts, negative_texts, extra_params = extra_networks.prepare(self, prompts, negatives)
+        # Text: one bundle per image, prompt by prompt.
+        texts = negative_texts + prompt_texts if guidance.copies == 2 else prompt_texts
+        hidden = np.repeat(self.encode_prompts(texts, executor=executor), num_images, axis=0)
+        cond = Conditioning(hidden[-n:])
+        uncond = Conditioning(hidden[:n]) if guidance.copies == 2 else None
         task = self._prepare_task(sampler, plan, noise, seeds, init, mask_px, strength)
         if "concat" in task.extras:
             cond = Conditioning(cond.context, task.extras)
