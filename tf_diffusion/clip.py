@@ -98,8 +98,8 @@ class CLIPEncoder(keras.layers.Layer):
         self.layers = [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.built = True
 
-    def call(self, x, causal, num_layers):
-        for layer in self.layers[:num_layers]:
+    def call(self, x, causal, num_layers, start=0):
+        for layer in self.layers[start:num_layers]:
             x = layer(x, causal)
         return x
 
@@ -128,13 +128,13 @@ class CLIPTextTransformer(keras.layers.Layer):
         self.final_layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.built = True
 
-    def call(self, token_ids, num_layers):
+    def call(self, token_ids, num_layers, final_norm=True):
         t = ops.shape(token_ids)[1]
         x = self.embeddings(token_ids)  # (B, T, D)
         positions = ops.arange(t)
         causal = positions[:, None] >= positions[None, :]  # (T, T): token i sees tokens <= i
         x = self.encoder(x, causal, num_layers=num_layers)
-        return self.final_layer_norm(x)
+        return self.final_layer_norm(x) if final_norm else x
 
 
 class CLIPTextEncoder(keras.Model):
@@ -163,9 +163,14 @@ class CLIPTextEncoder(keras.Model):
         self.config = config if config is not None else CLIPTextConfig()
         with dtype_policy_scope(kwargs.get("dtype")):
             self.text_model = CLIPTextTransformer(self.config)
+            if self.config.projection_dim is not None:
+                # CLIPTextModelWithProjection.text_projection: nn.Linear without bias.
+                self.text_projection = Linear(
+                    self.config.hidden_size, self.config.projection_dim, bias=False
+                )
         self.built = True
 
-    def call(self, token_ids, clip_skip: int = 0):
+    def call(self, token_ids, clip_skip: int = 0, final_norm: bool = True, pooled: bool = False):
         """Encode token ids into the hidden states the UNet cross-attends to.
 
         Args:
@@ -176,13 +181,23 @@ class CLIPTextEncoder(keras.Model):
                 ``clip_skip``: 0 gives ``last_hidden_state``; k gives the hidden
                 state after layer ``num_hidden_layers - k``, passed through
                 ``final_layer_norm``. Allowed: 0 <= clip_skip < num_hidden_layers.
+            final_norm: pass that hidden state through ``final_layer_norm`` (SD 1.x / 2.x);
+                False gives the raw ``hidden_states[-1 - clip_skip]`` of transformers, which
+                SDXL reads with ``clip_skip=1`` (the penultimate layer, no final norm).
+            pooled: also return transformers' pooled output (``text_embeds`` of
+                CLIPTextModelWithProjection): the last layer after ``final_layer_norm`` at each
+                sequence's EOS token (the first position of its largest id, as OpenCLIP and
+                transformers' legacy rule find it), through ``text_projection``. Needs
+                ``projection_dim``.
 
         Returns:
-            (B, T, hidden_size) hidden states after the final layer norm (float32).
+            (B, T, hidden_size) hidden states, or with ``pooled`` a pair of them and the
+            (B, projection_dim) pooled embedding.
 
         Raises:
             ValueError: for ids that are not a rank-2 integer tensor, a length
-                outside [1, max_position_embeddings], or a bad ``clip_skip``.
+                outside [1, max_position_embeddings], a bad ``clip_skip``, or ``pooled``
+                without a projection.
         """
         cfg = self.config
         token_ids = ops.convert_to_tensor(token_ids)
@@ -201,4 +216,19 @@ class CLIPTextEncoder(keras.Model):
                 f"clip_skip={clip_skip} is not allowed; expected 0 <= clip_skip < "
                 f"{cfg.num_hidden_layers} (num_hidden_layers)"
             )
-        return self.text_model(token_ids, num_layers=cfg.num_hidden_layers - int(clip_skip))
+        if pooled and cfg.projection_dim is None:
+            raise ValueError("pooled=True needs a text encoder with a projection (projection_dim is None)")
+        layers = cfg.num_hidden_layers - int(clip_skip)
+        if not pooled:
+            return self.text_model(token_ids, num_layers=layers, final_norm=final_norm)
+        model = self.text_model
+        positions = ops.arange(ops.shape(token_ids)[1])
+        causal = positions[:, None] >= positions[None, :]  # (T, T)
+        x = model.embeddings(token_ids)
+        x = model.encoder(x, causal, num_layers=layers)
+        hidden = model.final_layer_norm(x) if final_norm else x
+        last = model.encoder(x, causal, num_layers=cfg.num_hidden_layers, start=layers)
+        last = model.final_layer_norm(last)  # (B, T, D)
+        eos = ops.argmax(token_ids, axis=-1)  # (B,)
+        picked = ops.take_along_axis(last, ops.reshape(eos, (-1, 1, 1)), axis=1)[:, 0]  # (B, D)
+        return hidden, self.text_projection(picked)

@@ -369,7 +369,18 @@ def unet_config_to_diffusers(config: UNetConfig, sample_size: int) -> dict:
         heads = [max(1, c // config.head_dim) for c in channels]
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels)]
+    depth = config.transformer_depth
+    # diffusers' configs give levels without attention depth 1 (unused), as SDXL's [1, 2, 10].
+    depth = [max(d, 1) for d in depth] if isinstance(depth, tuple) else depth
+    added = {}
+    if config.adm_in_channels is not None:
+        added = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": config.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": config.adm_in_channels,
+        }
     return {
+        **added,
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": _DIFFUSERS_VERSION,
         "act_fn": "silu",
@@ -388,7 +399,7 @@ def unet_config_to_diffusers(config: UNetConfig, sample_size: int) -> dict:
         "norm_num_groups": config.norm_groups,
         "out_channels": config.out_channels,
         "sample_size": sample_size,
-        "transformer_layers_per_block": config.transformer_depth,
+        "transformer_layers_per_block": depth,
         "up_block_types": up,
         "use_linear_projection": config.use_linear_projection,
     }

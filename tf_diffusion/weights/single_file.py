@@ -36,6 +36,7 @@ from tf_diffusion.families import (
 )
 from tf_diffusion.layout import unet_layout
 from tf_diffusion.presets import PRESETS
+from tf_diffusion.weights.diffusers_unet import normalized_depth
 from tf_diffusion.weights.lazy import BFLOAT16, derived
 
 # Entries of LatentDiffusion checkpoints that are not weights of the three networks: the DDPM
@@ -394,7 +395,7 @@ def infer_unet_config(tensors: Mapping) -> UNetConfig:
     layout = [b for b in unet_layout(probe) if b.section == "input"]
     if num_res_blocks < 1 or blocks != 1 + max(b.index for b in layout):
         raise ValueError(f"cannot read the UNet's level structure from {blocks} input blocks")
-    mult, attention = [], []
+    mult, attention, depths = [], [], []
     for level in range(levels):
         first_res, first_attn = (
             next(b for b in layout if b.level == level and b.kind == k) for k in ("res", "attn")
@@ -402,11 +403,14 @@ def infer_unet_config(tensors: Mapping) -> UNetConfig:
         width = tensors[f"{first_res.path}.out_layers.3.weight"].shape[0]
         mult.append(width // model_channels)
         attention.append(f"{first_attn.path}.norm.weight" in tensors)
+        depths.append(_count(tensors, re.escape(first_attn.path) + r"\.transformer_blocks\.(\d+)\."))
     to_k = [v.shape for k, v in tensors.items() if k.endswith("attn2.to_k.weight")]
     context_dim = to_k[0][1] if to_k else 768
     linear = tensors.get("middle_block.1.proj_in.weight")
     use_linear = linear is not None and len(linear.shape) == 2
-    depth = _count(tensors, r"middle_block\.1\.transformer_blocks\.(\d+)\.") or 1
+    depths[-1] = _count(tensors, r"middle_block\.1\.transformer_blocks\.(\d+)\.") or 1
+    depth = normalized_depth(depths, attention)
+    label = tensors.get("label_emb.0.0.weight")  # SDXL's added conditioning: (emb_dim, adm_in)
     sd2_style = use_linear or context_dim == 1024
     return UNetConfig(
         in_channels=conv_in[1],
@@ -420,6 +424,7 @@ def infer_unet_config(tensors: Mapping) -> UNetConfig:
         head_dim=math.gcd(model_channels, 64) if sd2_style else None,
         transformer_depth=depth,
         context_dim=context_dim,
+        adm_in_channels=None if label is None else label.shape[1],
         use_linear_projection=use_linear,
         norm_groups=_groups(model_channels),
     )
