@@ -165,9 +165,7 @@ class CLIPTextEncoder(keras.Model):
             self.text_model = CLIPTextTransformer(self.config)
             if self.config.projection_dim is not None:
                 # CLIPTextModelWithProjection.text_projection: nn.Linear without bias.
-                self.text_projection = Linear(
-                    self.config.hidden_size, self.config.projection_dim, bias=False
-                )
+                self.text_projection = Linear(self.config.hidden_size, self.config.projection_dim, bias=False)
         self.built = True
 
     def call(self, token_ids, clip_skip: int = 0, final_norm: bool = True, pooled: bool = False):

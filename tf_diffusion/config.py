@@ -290,7 +290,9 @@ class PipelineConfig:
             )
         if self.text_encoder_2 is not None:
             if self.text_encoder_2.projection_dim is None:
-                raise ValueError("text_encoder_2 must have a projection (projection_dim) for the pooled embedding")
+                raise ValueError(
+                    "text_encoder_2 must have a projection (projection_dim) for the pooled embedding"
+                )
             if self.unet.adm_in_channels is None:
                 raise ValueError("a model with text_encoder_2 (SDXL) needs a UNet with adm_in_channels")
         if self.unet.in_channels not in (self.vae.latent_channels, 2 * self.vae.latent_channels + 1):

@@ -134,9 +134,7 @@ class SpatialTransformer(keras.layers.Layer):
             self.proj_in, self.proj_out = Linear(channels, channels), Linear(channels, channels)
         else:
             self.proj_in, self.proj_out = Conv2d(channels, channels, 1), Conv2d(channels, channels, 1)
-        self.transformer_blocks = [
-            BasicTransformerBlock(channels, heads, cfg) for _ in range(depth)
-        ]
+        self.transformer_blocks = [BasicTransformerBlock(channels, heads, cfg) for _ in range(depth)]
 
     def call(self, x, context):  # x: (B, H, W, C) -> (B, H, W, C)
         b, h, w, c = ops.shape(x)
@@ -282,9 +280,7 @@ class UNetModel(keras.Model):
             )
         pooled, ids = _shape(text_embeds), _shape(time_ids)
         if len(pooled) != 2 or len(ids) != 2:
-            raise ValueError(
-                f"text_embeds and time_ids must be (batch, n), got shapes {pooled} and {ids}"
-            )
+            raise ValueError(f"text_embeds and time_ids must be (batch, n), got shapes {pooled} and {ids}")
         width = pooled[1] + ids[1] * cfg.addition_time_embed_dim
         if width != cfg.adm_in_channels:
             raise ValueError(
