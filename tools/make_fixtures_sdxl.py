@@ -376,7 +376,7 @@ def main() -> None:
     meta = dict(
         unet=UNET_TINY, unet_diffusers_test=UNET_DIFFUSERS_TEST, vae=VAE_TINY, clip=CLIP_TINY,
         bigg=BIGG_TINY, scheduler=SCHEDULER, seeds=SEEDS, prompts=PROMPTS,
-        runs=[dict(zip(("name", "scheduler", "prompt", "negative_prompt", "height", "width", "steps", "guidance"), r))
+        runs=[dict(zip(("name", "scheduler", "prompt", "negative_prompt", "height", "width", "steps", "guidance"), r, strict=True))
               for r in RUNS],
     )  # fmt: skip
     (OUT / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

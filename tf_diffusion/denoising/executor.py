@@ -138,15 +138,22 @@ class LocalExecutor:
         fn = self.compiled(("decode", id(vae), opts), lambda: execution.compile(vae.decode, opts))
         return ops.convert_to_numpy(ops.cast(fn(ops.convert_to_tensor(latents, "float32")), "float32"))
 
-    def encode_text(self, text_encoder, ids) -> np.ndarray:
-        """Token ids (B, T) -> float32 hidden states (B, T, D), in graph mode."""
+    def encode_text(self, text_encoder, ids, **options):
+        """Token ids (B, T) -> float32 hidden states (B, T, D), in graph mode.
+
+        ``options`` are the text encoder's call options (``clip_skip``, ``final_norm``, ``pooled``);
+        with ``pooled=True`` the result is a pair (hidden states, pooled embedding).
+        """
         from tf_diffusion import execution
 
         opts = execution.ExecutionOptions(
             compile="graph" if keras.backend.backend() == "tensorflow" else "eager"
         )
         fn = self.compiled(("text", id(text_encoder)), lambda: execution.compile(text_encoder, opts))
-        return ops.convert_to_numpy(ops.cast(fn(ids), "float32"))
+        out = fn(ids, **options)
+        if isinstance(out, (tuple, list)):
+            return tuple(ops.convert_to_numpy(ops.cast(o, "float32")) for o in out)
+        return ops.convert_to_numpy(ops.cast(out, "float32"))
 
 
 class _NoBar:
