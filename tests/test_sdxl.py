@@ -205,3 +205,137 @@ def test_text_encoders_match_transformers(text_encoders, reference):
         assert err <= FLOAT32_TOL
     with pytest.raises(ValueError, match="projection"):
         text_encoders["text_encoder"](reference["ids"], pooled=True)
+
+
+# ------------------------------------------------------------------ loading
+
+
+@pytest.fixture(scope="module")
+def sd(sdxl_dir):
+    from tf_diffusion import StableDiffusion
+
+    return StableDiffusion.from_pretrained(sdxl_dir / "sdxl-diffusers")
+
+
+def test_diffusers_folder_loads_as_sdxl(sd):
+    report = sd.load_report
+    assert report.family == "sdxl"
+    assert sorted(report.parameters) == ["text_encoder", "text_encoder_2", "unet", "vae"]
+    cfg = sd.config
+    assert cfg.force_zeros_for_empty_prompt and not cfg.requires_aesthetics_score
+    assert (cfg.text_encoder_2.projection_dim, cfg.unet.context_dim, cfg.vae.scaling_factor) == (
+        32,
+        72,
+        0.13025,
+    )
+    assert (sd.tokenizer.config.pad_token_id, sd.tokenizer_2.config.pad_token_id) == (1113, 0)
+    assert cfg.default_sampler == "euler"
+
+
+def test_single_file_is_detected_and_holds_the_folders_weights(sd, sdxl_dir):
+    from tf_diffusion.weights.loading import load_pipeline_weights
+
+    path = sdxl_dir / "sdxl.safetensors"
+    with load_pipeline_weights(path, config=sdxl_dir / "sdxl-diffusers") as weights:
+        assert weights.report.family == "sdxl"
+        assert weights.report.problems == []
+        assert weights.config.unet == sd.config.unet
+        assert weights.config.text_encoder_2 == sd.config.text_encoder_2
+        from tf_diffusion.weights.state_dict import state_dict
+
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+            ours = state_dict(getattr(sd, name))
+            theirs = weights.components[name]
+            assert sorted(ours) == sorted(theirs), name
+            bad = [k for k in ours if not np.array_equal(ours[k], np.asarray(theirs[k]))]
+            assert bad == [], (name, bad[:3])
+    # Without a config the family and the architecture's shape come from the weights (the tiny
+    # vocabulary's tokenizer still has to be given).
+    with load_pipeline_weights(path, tokenizer=sdxl_dir / "sdxl-diffusers" / "tokenizer") as weights:
+        assert weights.report.family == "sdxl"
+        unet = weights.config.unet
+        assert (unet.transformer_depth, unet.adm_in_channels, unet.context_dim) == ((0, 2, 3), 80, 72)
+
+
+def test_sdxl_file_forced_into_an_sd1_preset_names_both(sdxl_dir):
+    from tf_diffusion import StableDiffusion
+
+    with pytest.raises(ValueError, match=r"SDXL .*sd1.*|sd1.*SDXL") as info:
+        StableDiffusion.from_pretrained(sdxl_dir / "sdxl.safetensors", config="sd-v1-5")
+    assert "sdxl" in str(info.value) and "sd-v1-5" in str(info.value)
+
+
+# ------------------------------------------------------------ conditioning
+
+
+def test_prompt_encoding_matches_diffusers_encoders(sd, reference):
+    from tf_diffusion import sdxl
+
+    prompts = ["a photo of a cat", "a red car on the street at night"]
+    context, pooled = sdxl.encode_prompts(sd, prompts, sd.executor)
+    want = np.concatenate(
+        [reference["text_encoder/penultimate"], reference["text_encoder_2/penultimate"]], -1
+    )
+    assert context.shape == want.shape
+    assert float(np.abs(context - want).max()) <= FLOAT32_TOL
+    assert float(np.abs(pooled - reference["text_encoder_2/text_embeds"]).max()) <= FLOAT32_TOL
+
+
+def test_conditioning_bundle(sd):
+    from tf_diffusion import sdxl
+
+    kwargs = dict(guided=True, num_images=2, height=16, width=24, executor=sd.executor)
+    cond, uncond = sdxl.text_conditioning(sd, ["a cat"], [""], negatives_given=False, **kwargs)
+    assert cond.context.shape == (2, 77, 72) and cond.extras["text_embeds"].shape == (2, 32)
+    np.testing.assert_array_equal(cond.extras["time_ids"], [[16, 24, 0, 0, 16, 24]] * 2)
+    # force_zeros_for_empty_prompt: no negative prompt given -> zeros, as diffusers.
+    assert not uncond.context.any() and not uncond.extras["text_embeds"].any()
+    _, given = sdxl.text_conditioning(sd, ["a cat"], [""], negatives_given=True, **kwargs)
+    assert given.context.any() and given.extras["text_embeds"].any()
+
+
+def test_refiner_needs_an_image():
+    from tf_diffusion.config import CLIPTextConfig, PipelineConfig, TokenizerConfig, VAEConfig
+    from tf_diffusion.pipeline import StableDiffusion
+
+    unet = UNetConfig(model_channels=8, channel_mult=(1, 2), attention_levels=(False, True), num_heads=None,
+                      head_dim=4, context_dim=16, norm_groups=4, use_linear_projection=True,
+                      adm_in_channels=8 + 5 * 8, addition_time_embed_dim=8)  # fmt: skip
+    config = PipelineConfig(
+        name="tiny-refiner", text_encoder=None, text_encoder_2=CLIPTextConfig(
+            hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, projection_dim=8),
+        tokenizer_2=TokenizerConfig(pad_token_id=0), unet=unet,
+        vae=VAEConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4),
+        requires_aesthetics_score=True,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="refiner .*pass image"):
+        StableDiffusion(config).generate("a cat", num_steps=1, height=16, width=16, progress=False)
+
+
+# ------------------------------------------------------- generate parity (slow)
+
+PIPELINE_TOL = 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["euler", "dpmpp_2m_karras", "euler_two"])
+def test_generate_matches_stable_diffusion_xl_pipeline(run, sd, sdxl_dir, reference):
+    meta = json.loads((sdxl_dir / "meta.json").read_text())
+    case = next(r for r in meta["runs"] if r["name"] == run)
+    out = sd.generate(
+        case["prompt"],
+        case["negative_prompt"],
+        num_steps=case["steps"],
+        guidance_scale=case["guidance"],
+        height=case["height"],
+        width=case["width"],
+        latents=reference[f"run/{run}/latents"],
+        scheduler=case["scheduler"],
+        output_type="float",
+        progress=False,
+    )
+    want = reference[f"run/{run}/images"]
+    err = float(np.abs(np.asarray(out) - want).max())
+    print(f"{run}: max abs error {err:.2e}")
+    assert out.shape == want.shape
+    assert err <= PIPELINE_TOL

@@ -9,6 +9,9 @@ Written to tests/fixtures/sdxl/:
 * ``unet_diffusers_test.json``: the UNet of diffusers' own SDXL pipeline tests
   (block_out_channels (32, 64), transformer_layers_per_block (1, 2), 8-wide time embeddings, one
   norm group): its config, key shapes and the seed of its ``random_state_dict`` weights.
+* ``sdxl.safetensors``: the same weights in the original single-file layout (``conditioner.embedders.0.
+  transformer.``, ``conditioner.embedders.1.model.`` with fused ``in_proj`` and un-transposed
+  ``text_projection``), written by our writer and checked here with diffusers' ``from_single_file``.
 * ``reference.npz``: inputs and the reference outputs: both text encoders (penultimate hidden
   states, bigG's projected pooled output), both UNets with ``added_cond_kwargs``, and whole
   ``StableDiffusionXLPipeline`` runs (``output_type="np"``) from given latents with Euler and
@@ -144,7 +147,7 @@ UNET_TINY = dict(
     addition_embed_type="text_time",
     addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=80,
-    cross_attention_dim=64,
+    cross_attention_dim=72,
     norm_num_groups=4,
 )
 # diffusers' tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py get_dummy_components().
@@ -189,7 +192,10 @@ CLIP_TINY = dict(
     eos_token_id=1113,
     pad_token_id=1113,
 )
-BIGG_TINY = dict(CLIP_TINY, intermediate_size=40, hidden_act="gelu", projection_dim=32, pad_token_id=0)
+# Wider than CLIP_TINY: diffusers' single-file loader tells the two encoders apart by their width.
+BIGG_TINY = dict(
+    CLIP_TINY, hidden_size=40, intermediate_size=48, hidden_act="gelu", projection_dim=32, pad_token_id=0
+)
 # SDXL base's scheduler/scheduler_config.json.
 SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -202,7 +208,7 @@ PROMPTS = ["a photo of a cat", "a red car on the street at night"]
 RUNS = [
     ("euler", "euler", "a photo of a cat", None, 16, 16, 4, 5.0),
     ("dpmpp_2m_karras", "dpmpp_2m_karras", "a red car on the street at night", "blurry", 16, 24, 5, 6.0),
-    ("euler_two", "euler", ["a photo of a cat", "a dog"], ["ugly", ""], 24, 16, 3, 4.0),
+    ("euler_two", "euler", ["a photo of a cat", "a dog"], ["ugly", ""], 16, 24, 3, 4.0),
 ]
 
 
@@ -291,6 +297,48 @@ def scheduler(name: str):
 
 
 @torch.no_grad()
+def write_single_file(pipe, ref: dict) -> None:
+    """``sdxl.safetensors``: the folder's weights in the original SDXL layout, checked by diffusers' loader.
+
+    Written by our reader and writer (diffusers has no single-file writer), without tf_diffusion's
+    config metadata, float32; diffusers' ``from_single_file`` (its own original -> diffusers
+    conversion, the folder as ``config``) must then reproduce every component's reference output.
+    """
+    from tf_diffusion.weights.loading import load_pipeline_weights
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+    from tf_diffusion.weights.single_file import to_single_file
+
+    with load_pipeline_weights(OUT / "sdxl-diffusers") as weights:
+        tensors = to_single_file(weights.components, weights.config)
+        tensors = {k: np.asarray(v) for k, v in tensors.items()}
+    save_safetensors(tensors, OUT / "sdxl.safetensors", {"format": "pt"})
+    loaded = StableDiffusionXLPipeline.from_single_file(
+        str(OUT / "sdxl.safetensors"), config=str(OUT / "sdxl-diffusers"), local_files_only=True,
+        torch_dtype=torch.float32, add_watermarker=False,
+    )  # fmt: skip
+    out1 = loaded.text_encoder(torch.from_numpy(ref["ids"].astype(np.int64)), output_hidden_states=True)
+    out2 = loaded.text_encoder_2(torch.from_numpy(ref["ids_2"].astype(np.int64)), output_hidden_states=True)
+    sample = loaded.unet(
+        nchw(ref["unet/x"]), torch.tensor([10.0, 500.0]), torch.from_numpy(ref["unet/context"]),
+        added_cond_kwargs={"text_embeds": torch.from_numpy(ref["unet/text_embeds"]),
+                           "time_ids": torch.from_numpy(ref["unet/time_ids"])},
+    ).sample  # fmt: skip
+    latents = torch.from_numpy(np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32))
+    checks = {
+        "text_encoder": (out1.hidden_states[-2], ref["text_encoder/penultimate"]),
+        "text_encoder_2": (out2.hidden_states[-2], ref["text_encoder_2/penultimate"]),
+        "text_embeds": (out2.text_embeds, ref["text_encoder_2/text_embeds"]),
+        "unet": (nhwc(sample), ref["unet/out"]),
+        "vae": (loaded.vae.decode(latents).sample, pipe.vae.decode(latents).sample),
+    }
+    for name, (got, want) in checks.items():
+        err = float(np.abs(np.asarray(got) - np.asarray(want)).max())
+        print(f"  sdxl.safetensors via diffusers from_single_file, {name}: max abs err {err:.1e}")
+        if err > 1e-6:
+            raise RuntimeError(f"{name}: diffusers' single-file load differs from the reference by {err}")
+
+
+@torch.no_grad()
 def main() -> None:
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -372,6 +420,7 @@ def main() -> None:
         ref[f"run/{name}/images"] = np.asarray(images, np.float32)
         print(f"run {name}: images {images.shape} mean {images.mean():.4f}")
 
+    write_single_file(pipe, ref)
     np.savez_compressed(OUT / "reference.npz", **ref)
     meta = dict(
         unet=UNET_TINY, unet_diffusers_test=UNET_DIFFUSERS_TEST, vae=VAE_TINY, clip=CLIP_TINY,
