@@ -346,6 +346,10 @@ class UNetModel(keras.Model):
             h = ops.concatenate([h, skips.pop()], axis=-1)
             # An upsample must land on the next skip's size (odd sizes round up on the way down).
             size = tuple(ops.shape(skips[-1])[1:3]) if skips else None
+            if size is not None and not all(isinstance(d, int) for d in size):
+                # A retrace with a relaxed (None) size gives a tensor beside an int, which Keras
+                # refuses in one argument: hand both as tensors.
+                size = tuple(ops.convert_to_tensor(d, "int32") for d in size)
             h = _run_block(block, h, emb, context, upsample_size=size)
         return run_sequential(self.out, h)
 
