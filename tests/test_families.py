@@ -9,6 +9,7 @@ import pytest
 from tf_diffusion.families import (
     COMPONENTS,
     FAMILIES,
+    components_of,
     diffusers_pipeline_classes,
     family_of_config,
     family_of_keras_cv,
@@ -25,12 +26,14 @@ def test_family_presets_are_of_the_family(name):
     for preset in family.presets:
         assert family_of_config(PRESETS[preset]) is family, preset
         assert PRESETS[preset].unet.in_channels == family.unet_in_channels
-        assert PRESETS[preset].unet.context_dim in (
-            family.context_dim,
-            PRESETS[preset].text_encoder.hidden_size,
-        )
-    assert set(family.prefixes) == set(COMPONENTS)
-    assert family.config_inference().__name__ == "infer_sd_config"
+        encoders = [e for e in (PRESETS[preset].text_encoder, PRESETS[preset].text_encoder_2) if e]
+        assert PRESETS[preset].unet.context_dim in (family.context_dim, sum(e.hidden_size for e in encoders))
+        assert components_of(PRESETS[preset]) == family.components
+    assert set(family.prefixes) == set(family.components)
+    expected = "infer_sdxl_config" if family.is_sdxl else "infer_sd_config"
+    assert family.config_inference().__name__ == expected
+    if not family.is_sdxl:
+        assert family.components == COMPONENTS
 
 
 def test_every_preset_has_one_family():
@@ -45,6 +48,9 @@ def test_lookups():
         "StableDiffusionImg2ImgPipeline",
         "StableDiffusionInpaintPipeline",
         "StableDiffusionInpaintPipelineLegacy",
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
     )
     assert FAMILIES["sd1-inpainting"].diffusers_pipelines[0] == "StableDiffusionInpaintPipeline"
     assert text_encoder_prefixes() == {
@@ -55,5 +61,7 @@ def test_lookups():
     assert family_of_keras_cv("StableDiffusion").name == "sd1"
     with pytest.raises(ValueError, match="StableDiffusionXL"):
         family_of_keras_cv("StableDiffusionXL")
-    with pytest.raises(ValueError, match="sdxl.*known families"):
-        get_family("sdxl")
+    with pytest.raises(ValueError, match="sd3.*known families"):
+        get_family("sd3")
+    assert get_family("sdxl").prefixes["text_encoder_2"] == "conditioner.embedders.1.model."
+    assert get_family("sdxl-refiner").prefixes["text_encoder_2"] == "conditioner.embedders.0.model."

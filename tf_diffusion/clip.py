@@ -98,8 +98,8 @@ class CLIPEncoder(keras.layers.Layer):
         self.layers = [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.built = True
 
-    def call(self, x, causal, num_layers):
-        for layer in self.layers[:num_layers]:
+    def call(self, x, causal, num_layers, start=0):
+        for layer in self.layers[start:num_layers]:
             x = layer(x, causal)
         return x
 
@@ -131,13 +131,13 @@ class CLIPTextTransformer(keras.layers.Layer):
         self.final_layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.built = True
 
-    def call(self, token_ids, num_layers, token_embeds=None):
+    def call(self, token_ids, num_layers, token_embeds=None, final_norm=True):
         t = ops.shape(token_ids)[1]
         x = self.embeddings(token_ids, token_embeds)  # (B, T, D)
         positions = ops.arange(t)
         causal = positions[:, None] >= positions[None, :]  # (T, T): token i sees tokens <= i
         x = self.encoder(x, causal, num_layers=num_layers)
-        return self.final_layer_norm(x)
+        return self.final_layer_norm(x) if final_norm else x
 
 
 class CLIPTextEncoder(keras.Model):
@@ -166,9 +166,19 @@ class CLIPTextEncoder(keras.Model):
         self.config = config if config is not None else CLIPTextConfig()
         with dtype_policy_scope(kwargs.get("dtype")):
             self.text_model = CLIPTextTransformer(self.config)
+            if self.config.projection_dim is not None:
+                # CLIPTextModelWithProjection.text_projection: nn.Linear without bias.
+                self.text_projection = Linear(self.config.hidden_size, self.config.projection_dim, bias=False)
         self.built = True
 
-    def call(self, token_ids, clip_skip: int = 0, token_embeds=None):
+    def call(
+        self,
+        token_ids,
+        clip_skip: int = 0,
+        token_embeds=None,
+        final_norm: bool = True,
+        pooled: bool = False,
+    ):
         """Encode token ids into the hidden states the UNet cross-attends to.
 
         Args:
@@ -182,13 +192,23 @@ class CLIPTextEncoder(keras.Model):
             token_embeds: optional (B, T, hidden_size) input vectors used instead of looking
                 ``token_ids`` up in the token embedding (transformers' ``inputs_embeds``; textual
                 inversion puts its vectors there); position embeddings are still added.
+            final_norm: pass that hidden state through ``final_layer_norm`` (SD 1.x / 2.x);
+                False gives the raw ``hidden_states[-1 - clip_skip]`` of transformers, which
+                SDXL reads with ``clip_skip=1`` (the penultimate layer, no final norm).
+            pooled: also return transformers' pooled output (``text_embeds`` of
+                CLIPTextModelWithProjection): the last layer after ``final_layer_norm`` at each
+                sequence's EOS token (the first position of its largest id, as OpenCLIP and
+                transformers' legacy rule find it), through ``text_projection``. Needs
+                ``projection_dim``.
 
         Returns:
-            (B, T, hidden_size) hidden states after the final layer norm (float32).
+            (B, T, hidden_size) hidden states, or with ``pooled`` a pair of them and the
+            (B, projection_dim) pooled embedding.
 
         Raises:
             ValueError: for ids that are not a rank-2 integer tensor, a length
-                outside [1, max_position_embeddings], or a bad ``clip_skip``.
+                outside [1, max_position_embeddings], a bad ``clip_skip``, or ``pooled``
+                without a projection.
         """
         cfg = self.config
         token_ids = ops.convert_to_tensor(token_ids)
@@ -212,6 +232,21 @@ class CLIPTextEncoder(keras.Model):
             want = (*token_ids.shape, cfg.hidden_size)
             if tuple(token_embeds.shape) != want:
                 raise ValueError(f"token_embeds has shape {tuple(token_embeds.shape)}; expected {want}")
-        return self.text_model(
-            token_ids, num_layers=cfg.num_hidden_layers - int(clip_skip), token_embeds=token_embeds
-        )
+        if pooled and cfg.projection_dim is None:
+            raise ValueError("pooled=True needs a text encoder with a projection (projection_dim is None)")
+        layers = cfg.num_hidden_layers - int(clip_skip)
+        if not pooled:
+            return self.text_model(
+                token_ids, num_layers=layers, token_embeds=token_embeds, final_norm=final_norm
+            )
+        model = self.text_model
+        positions = ops.arange(ops.shape(token_ids)[1])
+        causal = positions[:, None] >= positions[None, :]  # (T, T)
+        x = model.embeddings(token_ids, token_embeds)
+        x = model.encoder(x, causal, num_layers=layers)
+        hidden = model.final_layer_norm(x) if final_norm else x
+        last = model.encoder(x, causal, num_layers=cfg.num_hidden_layers, start=layers)
+        last = model.final_layer_norm(last)  # (B, T, D)
+        eos = ops.argmax(token_ids, axis=-1)  # (B,)
+        picked = ops.take_along_axis(last, ops.reshape(eos, (-1, 1, 1)), axis=1)[:, 0]  # (B, D)
+        return hidden, self.text_projection(picked)

@@ -30,8 +30,13 @@ class CLIPTextConfig:
     num_attention_heads: int = 12
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # Width of ``text_projection`` (transformers' CLIPTextModelWithProjection; SDXL's OpenCLIP bigG
+    # pools through it); None: no projection (CLIPTextModel).
+    projection_dim: int | None = None
 
     def __post_init__(self):
+        if self.projection_dim is not None:
+            _check_positive(self, "projection_dim")
         _check_positive(
             self,
             "vocab_size",
@@ -64,7 +69,17 @@ class UNetConfig:
     """The LDM spatial-transformer UNet. Defaults: SD 1.5.
 
     Exactly one of ``num_heads`` (SD 1.x: fixed head count) and ``head_dim``
-    (SD 2.x: fixed head width, 64) is set.
+    (SD 2.x, SDXL: fixed head width, 64) is set.
+
+    ``transformer_depth`` is the number of transformer blocks in each SpatialTransformer: one int
+    for every level, or one per level (SDXL base: ``(0, 2, 10)``; 0 where a level has no
+    attention). As in the original sgm code, the middle block takes the last level's depth and the
+    output blocks the depth of their level.
+
+    ``adm_in_channels`` (SDXL: 2816 base, 2560 refiner) adds the original ``label_emb``: an MLP on
+    the pooled text embedding concatenated with the sinusoidal embeddings
+    (``addition_time_embed_dim`` wide each) of the micro-conditioning time ids, added to the
+    time embedding; None for SD 1.x / 2.x.
     """
 
     in_channels: int = 4
@@ -75,13 +90,15 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = (True, True, True, False)
     num_heads: int | None = 8
     head_dim: int | None = None
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int = 768
     use_linear_projection: bool = False
     norm_groups: int = 32
     resnet_eps: float = 1e-5
     transformer_norm_eps: float = 1e-6
     layer_norm_eps: float = 1e-5
+    adm_in_channels: int | None = None
+    addition_time_embed_dim: int = 256
 
     def __post_init__(self):
         _check_positive(
@@ -90,10 +107,25 @@ class UNetConfig:
             "out_channels",
             "model_channels",
             "num_res_blocks",
-            "transformer_depth",
             "context_dim",
             "norm_groups",
+            "addition_time_embed_dim",
         )
+        if self.adm_in_channels is not None:
+            _check_positive(self, "adm_in_channels")
+        depth = self.transformer_depth
+        if isinstance(depth, tuple):
+            if len(depth) != len(self.channel_mult):
+                raise ValueError(
+                    f"transformer_depth={depth!r} has {len(depth)} entries but channel_mult has "
+                    f"{len(self.channel_mult)}; give one per level or a single int"
+                )
+            if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depth):
+                raise ValueError(f"transformer_depth={depth!r} must hold non-negative integers")
+        elif isinstance(depth, bool) or not isinstance(depth, int) or depth <= 0:
+            raise ValueError(
+                f"UNetConfig.transformer_depth must be a positive integer or a tuple per level, got {depth!r}"
+            )
         if len(self.attention_levels) != len(self.channel_mult):
             raise ValueError(
                 f"attention_levels has {len(self.attention_levels)} entries but channel_mult has "
@@ -104,6 +136,19 @@ class UNetConfig:
                 f"set exactly one of num_heads and head_dim, got num_heads={self.num_heads!r}, "
                 f"head_dim={self.head_dim!r}"
             )
+        last = len(self.channel_mult) - 1
+        for level in range(len(self.channel_mult)):
+            # The middle block's transformer takes the last level's depth.
+            if (self.attention_levels[level] or level == last) and self.depth_at(level) < 1:
+                raise ValueError(
+                    f"transformer_depth={depth!r} gives level {level} no transformer block, but "
+                    f"{'the middle block' if level == last else 'that level'} has attention"
+                )
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at a level (the middle block: the last level)."""
+        depth = self.transformer_depth
+        return depth[level] if isinstance(depth, tuple) else depth
 
     def heads_at(self, channels: int) -> int:
         """Attention heads for a block of ``channels`` width."""
@@ -205,11 +250,23 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """A whole Stable Diffusion model: its four components and default image size."""
+    """A whole Stable Diffusion model: its components and default image size.
+
+    SDXL adds a second text encoder (``text_encoder_2``, OpenCLIP bigG with a projection) and its
+    tokenizer; the UNet's context is both encoders' hidden states concatenated (CLIP-L first), and
+    the pooled embedding comes from ``text_encoder_2``. The SDXL refiner has only the second
+    encoder (``text_encoder=None``). ``force_zeros_for_empty_prompt`` (diffusers' model_index.json
+    setting) makes an empty negative prompt all-zero embeddings; ``requires_aesthetics_score``
+    (the refiner) puts the aesthetic score in the time ids instead of the target size.
+    """
 
     name: str
-    text_encoder: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    text_encoder: CLIPTextConfig | None = field(default_factory=CLIPTextConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text_encoder_2: CLIPTextConfig | None = None
+    tokenizer_2: TokenizerConfig | None = None
+    force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -220,11 +277,24 @@ class PipelineConfig:
     default_sampler: str = "pndm"
 
     def __post_init__(self):
-        if self.unet.context_dim != self.text_encoder.hidden_size:
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        if not encoders:
+            raise ValueError("a PipelineConfig needs text_encoder, text_encoder_2 or both")
+        if (self.text_encoder_2 is None) != (self.tokenizer_2 is None):
+            raise ValueError("text_encoder_2 and tokenizer_2 come together; set both or neither")
+        width = sum(e.hidden_size for e in encoders)
+        if self.unet.context_dim != width:
             raise ValueError(
-                f"unet.context_dim={self.unet.context_dim} must equal the text encoder's "
-                f"hidden_size={self.text_encoder.hidden_size}"
+                f"unet.context_dim={self.unet.context_dim} must equal the text encoders' "
+                f"hidden_size{' sum' if len(encoders) > 1 else ''}={width}"
             )
+        if self.text_encoder_2 is not None:
+            if self.text_encoder_2.projection_dim is None:
+                raise ValueError(
+                    "text_encoder_2 must have a projection (projection_dim) for the pooled embedding"
+                )
+            if self.unet.adm_in_channels is None:
+                raise ValueError("a model with text_encoder_2 (SDXL) needs a UNet with adm_in_channels")
         if self.unet.in_channels not in (self.vae.latent_channels, 2 * self.vae.latent_channels + 1):
             raise ValueError(
                 f"unet.in_channels={self.unet.in_channels} must be the VAE's latent_channels "
@@ -234,6 +304,11 @@ class PipelineConfig:
     @property
     def is_inpainting(self) -> bool:
         return self.unet.in_channels == 2 * self.vae.latent_channels + 1
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the UNet takes SDXL's added conditioning (pooled text embedding and time ids)."""
+        return self.unet.adm_in_channels is not None
 
     def replace(self, **changes) -> PipelineConfig:
         """A copy with some fields changed (dataclasses.replace)."""
@@ -257,6 +332,8 @@ def from_dict(cls, data: dict):
             {
                 "text_encoder": CLIPTextConfig,
                 "tokenizer": TokenizerConfig,
+                "text_encoder_2": CLIPTextConfig,
+                "tokenizer_2": TokenizerConfig,
                 "unet": UNetConfig,
                 "vae": VAEConfig,
                 "scheduler": SchedulerConfig,

@@ -75,8 +75,8 @@ class ShardedExecutor:
     def __repr__(self) -> str:
         return f"ShardedExecutor(replicas={self.num_replicas})"
 
-    def encode_text(self, text_encoder, ids, token_embeds=None) -> np.ndarray:
-        return self._host.encode_text(text_encoder, ids, token_embeds)
+    def encode_text(self, text_encoder, ids, **options):
+        return self._host.encode_text(text_encoder, ids, **options)
 
     def run(
         self,

@@ -20,8 +20,10 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-# The components every family has, in the order they are loaded, written and reported.
+# The components of the SD 1.x / 2.x families, in the order they are loaded, written and reported.
 COMPONENTS = ("text_encoder", "unet", "vae")
+# Every component any family has (SDXL adds OpenCLIP bigG as text_encoder_2), in the same order.
+ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 # Single-file (CompVis / Stability) prefixes shared by the SD families.
 UNET_PREFIX = "model.diffusion_model."
@@ -29,6 +31,11 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
+# SDXL single files (Stability's sgm GeneralConditioner): CLIP-L in the transformers layout,
+# OpenCLIP bigG in its own layout (fused in_proj, text_projection as x @ P); the refiner has bigG only.
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Family:
         default_sampler: the sampler of the family's presets (diffusers' pipelines default to PNDM).
         default_sizes: prediction type -> default image size of an inferred config, where it
             differs from the base preset's (SD 2.x v-models: 768, as SD 2.1).
+        components: the family's networks (SDXL: two text encoders; the refiner only the second).
     """
 
     name: str
@@ -71,10 +79,15 @@ class Family:
     infer_config: str = "tf_diffusion.weights.single_file:infer_sd_config"
     default_sampler: str = "pndm"
     default_sizes: Mapping[str, int] = field(default_factory=dict)
+    components: tuple[str, ...] = COMPONENTS
 
     @property
     def is_inpainting(self) -> bool:
         return self.unet_in_channels == 9
+
+    @property
+    def is_sdxl(self) -> bool:
+        return "text_encoder_2" in self.components
 
     def config_inference(self) -> Callable:
         """The config inference function (imported on first use: it lives with the file readers)."""
@@ -109,6 +122,43 @@ _SD_PIPELINES = (
 )
 _INPAINT_PIPELINES = ("StableDiffusionInpaintPipeline",)
 
+
+def _sdxl(name, description, in_channels, pipelines, presets, refiner=False):
+    if refiner:
+        prefixes = {"text_encoder_2": SDXL_REFINER_OPENCLIP_PREFIX, "unet": UNET_PREFIX, "vae": VAE_PREFIX}
+        components = ("text_encoder_2", "unet", "vae")
+    else:
+        prefixes = {
+            "text_encoder": SDXL_CLIP_PREFIX,
+            "text_encoder_2": SDXL_OPENCLIP_PREFIX,
+            "unet": UNET_PREFIX,
+            "vae": VAE_PREFIX,
+        }
+        components = ALL_COMPONENTS
+    return Family(
+        name,
+        description,
+        "openclip-bigg" if refiner else "clip+openclip-bigg",
+        1280 if refiner else 2048,
+        in_channels,
+        prefixes,
+        pipelines,
+        None,
+        presets,
+        presets[0],
+        infer_config="tf_diffusion.weights.single_file:infer_sdxl_config",
+        default_sampler="euler",
+        components=components,
+    )
+
+
+# diffusers' SDXL pipelines: text-to-image, image-to-image and inpainting run the base and the refiner.
+_SDXL_PIPELINES = (
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+)
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -121,6 +171,11 @@ FAMILIES: dict[str, Family] = {
             "sd-v2-1-base", single_file_prediction_type="v_prediction", default_sizes={"v_prediction": 768}),
         _sd("sd2-inpainting", "SD 2.x (OpenCLIP text encoder, 1024-wide context) inpainting", "openclip", 1024, 9,
             _INPAINT_PIPELINES, None, ("sd-v2-inpainting",), "sd-v2-inpainting"),
+        _sdxl("sdxl", "SDXL (CLIP ViT-L and OpenCLIP ViT-bigG text encoders, 2048-wide context)", 4,
+              _SDXL_PIPELINES, ("sdxl-base-1.0", "sdxl-turbo")),
+        _sdxl("sdxl-refiner", "SDXL refiner (OpenCLIP ViT-bigG text encoder, 1280-wide context)", 4,
+              ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"), ("sdxl-refiner-1.0",),
+              refiner=True),
     )
 }  # fmt: skip
 # A single file whose family nothing shows (no text encoder, no cross-attention) is taken as this one.
@@ -139,8 +194,17 @@ def get_family(name: str) -> Family:
 
 
 def text_encoder_prefixes() -> dict[str, str]:
-    """Single-file text encoder kind -> prefix, over all families ("clip" -> "cond_stage_model.transformer.")."""
-    return {f.text_encoder: f.prefixes["text_encoder"] for f in FAMILIES.values()}
+    """Single-file text encoder kind -> prefix, over the SD 1.x / 2.x families ("clip" -> "cond_stage_model.transformer.")."""
+    return {f.text_encoder: f.prefixes["text_encoder"] for f in FAMILIES.values() if not f.is_sdxl}
+
+
+def components_of(config) -> tuple[str, ...]:
+    """The networks of a ``PipelineConfig``, in ``ALL_COMPONENTS`` order (the SDXL refiner has no ``text_encoder``)."""
+    present = {
+        "text_encoder": config.text_encoder is not None,
+        "text_encoder_2": config.text_encoder_2 is not None,
+    }
+    return tuple(c for c in ALL_COMPONENTS if present.get(c, True))
 
 
 def diffusers_pipeline_classes() -> tuple[str, ...]:
@@ -150,12 +214,13 @@ def diffusers_pipeline_classes() -> tuple[str, ...]:
 
 def _match(text_encoder: str | None, context_dim: int | None, inpainting: bool) -> Family:
     """The family with this text encoder kind (or, without one, context width), inpainting or not."""
+    families = [f for f in FAMILIES.values() if not f.is_sdxl]
     if text_encoder is not None:
-        candidates = [f for f in FAMILIES.values() if f.text_encoder == text_encoder]
+        candidates = [f for f in families if f.text_encoder == text_encoder]
     else:
-        candidates = [f for f in FAMILIES.values() if f.context_dim == context_dim]
+        candidates = [f for f in families if f.context_dim == context_dim]
     if not candidates:
-        candidates = [f for f in FAMILIES.values() if f.text_encoder == FAMILIES[DEFAULT_FAMILY].text_encoder]
+        candidates = [f for f in families if f.text_encoder == FAMILIES[DEFAULT_FAMILY].text_encoder]
     return next(f for f in candidates if f.is_inpainting == inpainting)
 
 
@@ -169,6 +234,8 @@ def family_of_single_file(parts) -> Family:
     conv_in = unet.get("input_blocks.0.0.weight")
     # Other input widths than 9 (a UNet fine-tuned to 8 channels, say) belong to the plain family.
     inpainting = conv_in is not None and conv_in.shape[1] == 9
+    if parts.text_encoder_kind in ("clip+openclip-bigg", "openclip-bigg") or "label_emb.0.0.weight" in unet:
+        return _sdxl_family(parts, unet)
     context = None
     if parts.text_encoder_kind is None:
         widths = {v.shape[-1] for k, v in unet.items() if k.endswith("attn2.to_k.weight")}
@@ -176,8 +243,20 @@ def family_of_single_file(parts) -> Family:
     return _match(parts.text_encoder_kind, context, inpainting)
 
 
+def _sdxl_family(parts, unet) -> Family:
+    """SDXL base or refiner: by the text encoders, else (UNet only) by the cross-attention width."""
+    if parts.text_encoder_kind is not None:
+        refiner = parts.text_encoder_kind == "openclip-bigg"
+    else:
+        widths = {v.shape[-1] for k, v in unet.items() if k.endswith("attn2.to_k.weight")}
+        refiner = widths == {1280}
+    return FAMILIES["sdxl-refiner" if refiner else "sdxl"]
+
+
 def family_of_config(config) -> Family:
     """The family of a ``PipelineConfig``: its text encoder (gelu: OpenCLIP) and whether it inpaints."""
+    if config.is_sdxl:
+        return FAMILIES["sdxl" if config.text_encoder is not None else "sdxl-refiner"]
     kind = "openclip" if config.text_encoder.hidden_act == "gelu" else "clip"
     return _match(kind, None, config.is_inpainting)
 

@@ -26,6 +26,11 @@ UNET_TOP = {
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
 }
+# SDXL's added conditioning (UNetConfig.adm_in_channels): single-file path -> diffusers name.
+UNET_ADDED = {
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+}
 
 
 @dataclass(frozen=True)

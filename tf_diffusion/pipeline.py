@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_diffusion import execution
+from tf_diffusion import execution, sdxl
 from tf_diffusion import images as image_utils
 from tf_diffusion import noise as noise_lib
 from tf_diffusion.clip import CLIPTextEncoder
@@ -49,7 +49,12 @@ class StableDiffusion:
     """
 
     def __init__(
-        self, config: PipelineConfig, *, dtype: str | None = None, tokenizer: CLIPTokenizer | None = None
+        self,
+        config: PipelineConfig,
+        *,
+        dtype: str | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
     ):
         """Build every component of ``config`` with freshly initialised weights.
 
@@ -58,12 +63,26 @@ class StableDiffusion:
             dtype: a Keras dtype policy name ("float32", "mixed_float16",
                 "mixed_bfloat16", ...) for all components; None uses the global policy.
             tokenizer: a tokenizer to use instead of the packaged CLIP vocabulary.
+            tokenizer_2: SDXL: the second encoder's tokenizer; default ``tokenizer``'s vocabulary
+                padded with ``config.tokenizer_2.pad_token_id``.
         """
         if not isinstance(config, PipelineConfig):
             raise ValueError(f"config must be a PipelineConfig, got {type(config).__name__}")
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else CLIPTokenizer(config=config.tokenizer)
-        self.text_encoder = CLIPTextEncoder(config.text_encoder, dtype=dtype)
+        # The SDXL refiner has only the second (OpenCLIP bigG) encoder.
+        self.text_encoder = (
+            None if config.text_encoder is None else CLIPTextEncoder(config.text_encoder, dtype=dtype)
+        )
+        # SDXL: OpenCLIP bigG with its projection, and its tokenizer (same vocabulary, pads with 0).
+        self.text_encoder_2 = self.tokenizer_2 = None
+        if config.text_encoder_2 is not None:
+            self.text_encoder_2 = CLIPTextEncoder(config.text_encoder_2, dtype=dtype)
+            if tokenizer_2 is None:
+                # The same vocabulary as the first tokenizer, padded as tokenizer_2 says.
+                pad = dataclasses.replace(self.tokenizer.config, pad_token_id=config.tokenizer_2.pad_token_id)
+                tokenizer_2 = CLIPTokenizer(pad, vocab=self.tokenizer.vocab, merges=self.tokenizer.merges)
+            self.tokenizer_2 = tokenizer_2
         self.unet = UNetModel(config.unet, dtype=dtype)
         self.vae = AutoencoderKL(config.vae, dtype=_vae_dtype(dtype))
         # Fast paths by block type (tf_diffusion.execution); they compute the same numbers.
@@ -165,10 +184,13 @@ class StableDiffusion:
             prompts: the texts.
 
         Returns:
-            (len(prompts), 77 * chunks, D) float32 hidden states.
+            (len(prompts), 77 * chunks, D) float32 hidden states (SDXL: both encoders' penultimate
+            states concatenated; ``tf_diffusion.sdxl.encode_prompts`` also gives the pooled embedding).
         """
         from tf_diffusion.adapters import textual_inversion
 
+        if self.config.is_sdxl:
+            return sdxl.encode_prompts(self, prompts, self.executor if executor is None else executor)[0]
         # Embedding words become ids past the vocabulary (adapters.textual_inversion).
         tokenizer = textual_inversion.tokenizer_for(self, prompts)
         chunked = [tokenize_weighted(tokenizer, p) for p in prompts]
@@ -180,7 +202,7 @@ class StableDiffusion:
         if tokenizer is not self.tokenizer:
             embeds = textual_inversion.token_embeddings(self.text_encoder, ids, tokenizer)  # (B*K, 77, D)
         hidden = (self.executor if executor is None else executor).encode_text(
-            self.text_encoder, ids, *(() if embeds is None else (embeds,))
+            self.text_encoder, ids, **({} if embeds is None else {"token_embeds": embeds})
         )  # (B*K, 77, D)
         hidden = hidden.reshape(len(prompts), count * ids.shape[1], hidden.shape[-1])
         weights = np.stack([c.weights.reshape(-1) for c in chunked])  # (B, K*77)
@@ -323,6 +345,8 @@ class StableDiffusion:
         )
         plan = sampler.plan(num_steps, strength=strength if init is not None else 1.0)
         guidance = guidance_for(guidance_scale)
+        if cfg.requires_aesthetics_score and init is None:
+            raise ValueError(f"{cfg.name} is an SDXL refiner (image-to-image only); pass image=... to refine")
 
         if latents is None:
             noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)
@@ -337,14 +361,29 @@ class StableDiffusion:
         # (adapters.extra_networks).
         prompt_texts, negative_texts, extra_params = extra_networks.prepare(self, prompts, negatives)
         # Text: one bundle per image, prompt by prompt.
-        texts = negative_texts + prompt_texts if guidance.copies == 2 else prompt_texts
-        hidden = np.repeat(self.encode_prompts(texts, executor=executor), num_images, axis=0)
-        cond = Conditioning(hidden[-n:])
-        uncond = Conditioning(hidden[:n]) if guidance.copies == 2 else None
+        if cfg.is_sdxl:
+            cond, uncond = sdxl.text_conditioning(
+                self,
+                prompt_texts,
+                negative_texts,
+                negatives_given=negative_prompt is not None,
+                guided=guidance.copies == 2,
+                num_images=num_images,
+                height=height,
+                width=width,
+                executor=executor,
+            )
+        else:
+            texts = negative_texts + prompt_texts if guidance.copies == 2 else prompt_texts
+            hidden = np.repeat(self.encode_prompts(texts, executor=executor), num_images, axis=0)
+            cond = Conditioning(hidden[-n:])
+            uncond = Conditioning(hidden[:n]) if guidance.copies == 2 else None
         task = self._prepare_task(sampler, plan, noise, seeds, init, mask_px, strength)
-        if "concat" in task.extras:
-            cond = Conditioning(cond.context, task.extras)
-            uncond = None if uncond is None else Conditioning(uncond.context, task.extras)
+        if task.extras:
+            cond = Conditioning(cond.context, {**cond.extras, **task.extras})
+            uncond = (
+                None if uncond is None else Conditioning(uncond.context, {**uncond.extras, **task.extras})
+            )
 
         rows = {"cond": cond.tree(), **task.rows}
         if uncond is not None:

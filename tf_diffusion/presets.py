@@ -61,6 +61,59 @@ _TINY_SHAPES = PipelineConfig(
     default_sampler="dpmpp_2m",
 )
 
+# SDXL (Stability's sd_xl_base.yaml / sd_xl_refiner.yaml; diffusers' stabilityai folders): CLIP ViT-L
+# and OpenCLIP ViT-bigG/14 (32 layers, 1280 wide, projected pooled output), both read at the
+# penultimate layer and concatenated to a 2048-wide context; a 3-level UNet with transformer depths
+# (0, 2, 10), 64-wide heads, linear projections and label_emb on pooled text + 6 time ids.
+_OPENCLIP_BIGG = CLIPTextConfig(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+_SDXL_UNET = UNetConfig(
+    model_channels=320,
+    channel_mult=(1, 2, 4),
+    attention_levels=(False, True, True),
+    num_heads=None,
+    head_dim=64,
+    transformer_depth=(0, 2, 10),
+    context_dim=2048,
+    use_linear_projection=True,
+    adm_in_channels=2816,  # 1280 pooled + 6 * 256
+)
+# The refiner: bigG only (1280-wide context), 4 levels at 384 channels, depth 4 everywhere,
+# time ids (original size, crop, aesthetic score): 1280 + 5 * 256.
+_SDXL_REFINER_UNET = UNetConfig(
+    model_channels=384,
+    channel_mult=(1, 2, 4, 4),
+    attention_levels=(False, True, True, False),
+    num_heads=None,
+    head_dim=64,
+    transformer_depth=4,
+    context_dim=1280,
+    use_linear_projection=True,
+    adm_in_channels=2560,
+)
+_SDXL_VAE = VAEConfig(scaling_factor=0.13025)
+# SDXL's scheduler_config.json: EulerDiscreteScheduler, leading spacing, steps_offset 1.
+_SDXL_SCHEDULER = SchedulerConfig(timestep_spacing="leading")
+_SDXL = PipelineConfig(
+    name="sdxl-base-1.0",
+    tokenizer=TokenizerConfig(),  # CLIP-L pads with EOS
+    text_encoder_2=_OPENCLIP_BIGG,
+    tokenizer_2=TokenizerConfig(pad_token_id=0),  # OpenCLIP pads with 0
+    unet=_SDXL_UNET,
+    vae=_SDXL_VAE,
+    scheduler=_SDXL_SCHEDULER,
+    force_zeros_for_empty_prompt=True,
+    default_size=1024,
+    default_guidance=5.0,  # diffusers' StableDiffusionXLPipeline default
+    default_sampler="euler",
+)
+
 PRESETS: dict[str, PipelineConfig] = {
     "sd-v1-5": PipelineConfig(name="sd-v1-5"),
     "sd-v1-5-inpainting": PipelineConfig(name="sd-v1-5-inpainting", unet=UNetConfig(in_channels=9)),
@@ -84,6 +137,24 @@ PRESETS: dict[str, PipelineConfig] = {
         ),
     ),
     "tiny-shapes": _TINY_SHAPES,
+    "sdxl-base-1.0": _SDXL,
+    "sdxl-refiner-1.0": _SDXL.replace(
+        name="sdxl-refiner-1.0",
+        text_encoder=None,
+        unet=_SDXL_REFINER_UNET,
+        force_zeros_for_empty_prompt=False,
+        requires_aesthetics_score=True,
+    ),
+    # SDXL-Turbo: the base architecture, distilled for 1-4 steps without guidance (its model card:
+    # trailing spacing, guidance 0; the released scheduler is Euler ancestral), 512 px.
+    "sdxl-turbo": _SDXL.replace(
+        name="sdxl-turbo",
+        scheduler=SchedulerConfig(timestep_spacing="trailing"),
+        default_size=512,
+        default_steps=1,
+        default_guidance=0.0,
+        default_sampler="euler_a",
+    ),
 }
 
 

@@ -1,8 +1,9 @@
-"""The LDM spatial-transformer UNet (SD 1.x, SD 2.x, 9-channel inpainting) on NHWC tensors.
+"""The LDM spatial-transformer UNet (SD 1.x, SD 2.x, SDXL, 9-channel inpainting) on NHWC tensors.
 
 Reference: CompVis ``ldm/modules/diffusionmodules/openaimodel.py`` (UNetModel, ResBlock,
 Downsample, Upsample) and ``ldm/modules/attention.py`` (SpatialTransformer,
-BasicTransformerBlock, CrossAttention, FeedForward). Attribute paths equal the keys under
+BasicTransformerBlock, CrossAttention, FeedForward); for SDXL, Stability's
+``sgm/modules/diffusionmodules/openaimodel.py`` (per-level transformer depth, ``label_emb``). Attribute paths equal the keys under
 ``model.diffusion_model.`` in an original checkpoint; lists stand in for nn.Sequential and
 TimestepEmbedSequential, with parameter-free placeholders keeping their indices aligned.
 """
@@ -121,7 +122,7 @@ class BasicTransformerBlock(keras.layers.Layer):
 class SpatialTransformer(keras.layers.Layer):
     """GroupNorm, projection in, transformer blocks over the H*W tokens, projection out, residual."""
 
-    def __init__(self, channels: int, cfg: UNetConfig, **kwargs):
+    def __init__(self, channels: int, cfg: UNetConfig, depth: int = 1, **kwargs):
         super().__init__(**kwargs)
         heads = cfg.heads_at(channels)
         if channels % heads:
@@ -133,9 +134,7 @@ class SpatialTransformer(keras.layers.Layer):
             self.proj_in, self.proj_out = Linear(channels, channels), Linear(channels, channels)
         else:
             self.proj_in, self.proj_out = Conv2d(channels, channels, 1), Conv2d(channels, channels, 1)
-        self.transformer_blocks = [
-            BasicTransformerBlock(channels, heads, cfg) for _ in range(cfg.transformer_depth)
-        ]
+        self.transformer_blocks = [BasicTransformerBlock(channels, heads, cfg) for _ in range(depth)]
 
     def call(self, x, context):  # x: (B, H, W, C) -> (B, H, W, C)
         b, h, w, c = ops.shape(x)
@@ -195,7 +194,7 @@ def _make_layer(block: Block, cfg: UNetConfig, emb_dim: int):
     if block.kind == "res":
         return ResBlock(block.in_channels, block.out_channels, emb_dim, cfg)
     if block.kind == "attn":
-        return SpatialTransformer(block.in_channels, cfg)
+        return SpatialTransformer(block.in_channels, cfg, cfg.depth_at(block.level))
     return (Downsample if block.kind == "down" else Upsample)(block.in_channels)
 
 
@@ -227,6 +226,9 @@ class UNetModel(keras.Model):
         with dtype_policy_scope(kwargs.get("dtype")):
             # time_embed.1 is nn.SiLU in the reference.
             self.time_embed = [Linear(mc, emb_dim), SiLU(), Linear(emb_dim, emb_dim)]
+            if cfg.adm_in_channels is not None:
+                # sgm's num_classes="sequential": nn.Sequential(nn.Sequential(Linear, SiLU, Linear)).
+                self.label_emb = [[Linear(cfg.adm_in_channels, emb_dim), SiLU(), Linear(emb_dim, emb_dim)]]
 
             # Built whole, then assigned: Keras tracks the variables of lists as they are assigned
             # (layers appended later to an inner list of an assigned list are not tracked).
@@ -254,10 +256,38 @@ class UNetModel(keras.Model):
             ]
             self.built = True
 
-    def __call__(self, latents, timesteps, context, **kwargs):
+    def __call__(self, latents, timesteps, context, text_embeds=None, time_ids=None, **kwargs):
         # Checked here, before Keras wraps errors from call() with a dump of every argument.
         self._check_inputs(latents, timesteps, context)
-        return super().__call__(latents, timesteps, context, **kwargs)
+        self._check_added(latents, text_embeds, time_ids)
+        if self.config.adm_in_channels is None:
+            return super().__call__(latents, timesteps, context, **kwargs)
+        return super().__call__(latents, timesteps, context, text_embeds, time_ids, **kwargs)
+
+    def _check_added(self, latents, text_embeds, time_ids) -> None:
+        cfg = self.config
+        if cfg.adm_in_channels is None:
+            if text_embeds is not None or time_ids is not None:
+                raise ValueError(
+                    "this UNet has no added conditioning (adm_in_channels=None); do not pass "
+                    "text_embeds or time_ids"
+                )
+            return
+        if text_embeds is None or time_ids is None:
+            raise ValueError(
+                f"this UNet (adm_in_channels={cfg.adm_in_channels}) needs text_embeds (B, P) and "
+                f"time_ids (B, K) with P + K * {cfg.addition_time_embed_dim} = {cfg.adm_in_channels}"
+            )
+        pooled, ids = _shape(text_embeds), _shape(time_ids)
+        if len(pooled) != 2 or len(ids) != 2:
+            raise ValueError(f"text_embeds and time_ids must be (batch, n), got shapes {pooled} and {ids}")
+        width = pooled[1] + ids[1] * cfg.addition_time_embed_dim
+        if width != cfg.adm_in_channels:
+            raise ValueError(
+                f"text_embeds {pooled} and time_ids {ids} give {width} added-conditioning channels "
+                f"({pooled[1]} + {ids[1]} * {cfg.addition_time_embed_dim}); this UNet takes "
+                f"adm_in_channels={cfg.adm_in_channels}"
+            )
 
     def _check_inputs(self, latents, timesteps, context) -> None:
         cfg = self.config
@@ -278,7 +308,7 @@ class UNetModel(keras.Model):
         if len(ctx) != 3 or ctx[-1] != cfg.context_dim:
             raise ValueError(f"context must have shape (batch, tokens, {cfg.context_dim}), got shape {ctx}")
 
-    def call(self, latents, timesteps, context):
+    def call(self, latents, timesteps, context, text_embeds=None, time_ids=None):
         """Predict the noise (or v) for ``latents`` at ``timesteps`` given text ``context``.
 
         Args:
@@ -286,12 +316,16 @@ class UNetModel(keras.Model):
                 2 ** (levels - 1) are upsampled back to the skip sizes, as diffusers does).
             timesteps: a scalar or (B,) tensor, integer or float.
             context: (B, T, context_dim) text-encoder hidden states.
+            text_embeds: SDXL only (``adm_in_channels`` set): (B, P) pooled text embedding.
+            time_ids: SDXL only: (B, K) micro-conditioning values (original size, crop top-left,
+                target size or aesthetic score), each embedded sinusoidally.
 
         Returns:
             (B, H, W, out_channels) in the dtype policy's compute dtype.
 
         Raises:
-            ValueError: on a wrong rank, channel count, context width or latent size.
+            ValueError: on a wrong rank, channel count, context width or latent size, or added
+                conditioning that is missing, unexpected or of the wrong width.
         """
         latents = ops.convert_to_tensor(latents)
         timesteps = ops.convert_to_tensor(timesteps)
@@ -300,6 +334,8 @@ class UNetModel(keras.Model):
         batch = ops.shape(latents)[0]
         t = ops.broadcast_to(ops.cast(timesteps, "float32"), (batch,))
         emb = run_sequential(self.time_embed, timestep_embedding(t, self.config.model_channels))  # (B, E)
+        if self.config.adm_in_channels is not None:
+            emb = emb + run_sequential(self.label_emb[0], self._added_input(text_embeds, time_ids))
 
         h, skips = latents, []
         for block in self.input_blocks:
@@ -310,5 +346,20 @@ class UNetModel(keras.Model):
             h = ops.concatenate([h, skips.pop()], axis=-1)
             # An upsample must land on the next skip's size (odd sizes round up on the way down).
             size = tuple(ops.shape(skips[-1])[1:3]) if skips else None
+            if size is not None and not all(isinstance(d, int) for d in size):
+                # A retrace with a relaxed (None) size gives a tensor beside an int, which Keras
+                # refuses in one argument: hand both as tensors.
+                size = tuple(ops.convert_to_tensor(d, "int32") for d in size)
             h = _run_block(block, h, emb, context, upsample_size=size)
         return run_sequential(self.out, h)
+
+    def _added_input(self, text_embeds, time_ids):
+        """label_emb's input: pooled embedding, then each time id's sinusoid -> (B, adm_in_channels)."""
+        time_ids = ops.cast(ops.convert_to_tensor(time_ids), "float32")
+        batch, count = ops.shape(time_ids)[0], ops.shape(time_ids)[1]
+        dim = self.config.addition_time_embed_dim
+        # diffusers embeds time_ids.flatten() and reshapes to (B, K * dim): row-major per image.
+        sinusoids = timestep_embedding(ops.reshape(time_ids, (-1,)), dim)  # (B*K, dim)
+        sinusoids = ops.reshape(sinusoids, (batch, count * dim))
+        pooled = ops.cast(ops.convert_to_tensor(text_embeds), "float32")
+        return ops.concatenate([pooled, sinusoids], axis=-1)  # (B, adm_in_channels)

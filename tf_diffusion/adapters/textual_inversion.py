@@ -164,6 +164,11 @@ def load_textual_inversion(sd, path, token: str | None = None) -> str:
             named), a word already loaded, or a file error (see ``read_embedding``). On any error
             nothing is loaded.
     """
+    if sd.config.is_sdxl:
+        raise TextualInversionError(
+            f"{sd.config.name} is an SDXL model; SDXL embeddings (clip_l and clip_g vectors for its two "
+            f"text encoders) are not supported yet: {path}"
+        )
     embedding = read_embedding(path, token)
     width = sd.config.text_encoder.hidden_size
     if embedding.vectors.shape[1] != width:

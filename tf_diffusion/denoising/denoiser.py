@@ -13,13 +13,15 @@ from tf_diffusion.denoising.conditioning import Conditioning
 
 
 class UNetDenoiser:
-    """The SD 1.x / 2.x UNet as a denoiser.
+    """The SD 1.x / 2.x / SDXL UNet as a denoiser.
 
     Reads ``cond.context`` and, when present, ``cond.extras["concat"]`` (extra input channels
-    appended to the latents, as the 9-channel inpainting UNet expects).
+    appended to the latents, as the 9-channel inpainting UNet expects) and SDXL's added
+    conditioning ``cond.extras["text_embeds"]`` (B, P) and ``cond.extras["time_ids"]`` (B, K),
+    named as diffusers' ``added_cond_kwargs``.
     """
 
-    known_extras = ("concat",)
+    known_extras = ("concat", "text_embeds", "time_ids")
 
     def __init__(self, unet):
         self.unet = unet
@@ -36,4 +38,8 @@ class UNetDenoiser:
         if "concat" in cond.extras:
             x = ops.concatenate([x, ops.cast(cond.extras["concat"], x.dtype)], axis=-1)
         t = ops.broadcast_to(t, (ops.shape(x)[0],))
-        return ops.cast(self.unet(x, t, cond.context), "float32")
+        if "text_embeds" in cond.extras or "time_ids" in cond.extras:
+            out = self.unet(x, t, cond.context, cond.extras.get("text_embeds"), cond.extras.get("time_ids"))
+        else:
+            out = self.unet(x, t, cond.context)
+        return ops.cast(out, "float32")

@@ -138,11 +138,12 @@ class LocalExecutor:
         fn = self.compiled(("decode", id(vae), opts), lambda: execution.compile(vae.decode, opts))
         return ops.convert_to_numpy(ops.cast(fn(ops.convert_to_tensor(latents, "float32")), "float32"))
 
-    def encode_text(self, text_encoder, ids, token_embeds=None) -> np.ndarray:
+    def encode_text(self, text_encoder, ids, **options):
         """Token ids (B, T) -> float32 hidden states (B, T, D), in graph mode.
 
-        ``token_embeds`` (B, T, D), when given, are the input vectors instead of the ids' table rows
-        (textual inversion; ``CLIPTextEncoder``'s argument of that name).
+        ``options`` are the text encoder's call options (``clip_skip``, ``token_embeds`` for
+        textual inversion's input vectors, ``final_norm``, ``pooled``); with ``pooled=True`` the
+        result is a pair (hidden states, pooled embedding).
         """
         from tf_diffusion import execution
 
@@ -150,7 +151,9 @@ class LocalExecutor:
             compile="graph" if keras.backend.backend() == "tensorflow" else "eager"
         )
         fn = self.compiled(("text", id(text_encoder)), lambda: execution.compile(text_encoder, opts))
-        out = fn(ids) if token_embeds is None else fn(ids, token_embeds=token_embeds)
+        out = fn(ids, **options)
+        if isinstance(out, (tuple, list)):
+            return tuple(ops.convert_to_numpy(ops.cast(o, "float32")) for o in out)
         return ops.convert_to_numpy(ops.cast(out, "float32"))
 
 

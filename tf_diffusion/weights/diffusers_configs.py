@@ -68,7 +68,14 @@ def clip_config_from_transformers(data: Mapping) -> CLIPTextConfig:
         num_attention_heads=int(_get(data, "num_attention_heads", 8)),
         hidden_act=act,
         layer_norm_eps=float(_get(data, "layer_norm_eps", 1e-5)),
+        # Every CLIPTextConfig has a projection_dim; only CLIPTextModelWithProjection (SDXL's
+        # text_encoder_2) holds the projection.
+        projection_dim=int(_get(data, "projection_dim", 512)) if _with_projection(data) else None,
     )
+
+
+def _with_projection(data: Mapping) -> bool:
+    return "CLIPTextModelWithProjection" in (data.get("architectures") or ())
 
 
 def sampler_from_diffusers(data: Mapping, class_name: str | None = None) -> str:

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tf_diffusion.config import CLIPTextConfig, PipelineConfig, SchedulerConfig, UNetConfig, VAEConfig
-from tf_diffusion.families import COMPONENTS, diffusers_pipeline_classes, family_of_config
+from tf_diffusion.families import (
+    COMPONENTS,
+    FAMILIES,
+    components_of,
+    diffusers_pipeline_classes,
+    family_of_config,
+)
 from tf_diffusion.fileio import read_json_object
 from tf_diffusion.schedulers import config_from_diffusers as scheduler_config_from_diffusers
 from tf_diffusion.tokenizer import CLIPTokenizer
@@ -49,11 +55,13 @@ _STEMS = {
     "unet": ("diffusion_pytorch_model",),
     "vae": ("diffusion_pytorch_model",),
     "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),
 }
 _SAFETENSORS_STEM = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
 _DIFFUSERS_VERSION = "0.30.0"
 # diffusers always writes these keys in its SD scheduler configs; their defaults differ between classes.
@@ -195,15 +203,41 @@ def read_diffusers_config(path: str | os.PathLike) -> tuple[PipelineConfig, CLIP
         raise ValueError(
             f"{folder / MODEL_INDEX}: _class_name={pipeline!r} is not supported; expected one of {PIPELINE_CLASSES}"
         )
-    for name in (*COMPONENTS, "tokenizer", "scheduler"):
+    sdxl = pipeline in _SDXL_PIPELINES
+    # SDXL adds text_encoder_2 / tokenizer_2; its refiner has no text_encoder (a null entry).
+    required = ["unet", "vae", "scheduler"]
+    if sdxl:
+        required += ["text_encoder_2", "tokenizer_2"]
+        if _present(index, "text_encoder"):
+            required += ["text_encoder", "tokenizer"]
+    else:
+        required += ["text_encoder", "tokenizer"]
+    for name in required:
         if name not in index or not (folder / name).is_dir():
             raise ValueError(f"{folder}: the diffusers folder has no {name}/ component")
     unet_json = read_json(folder / "unet" / "config.json")
     unet_cfg = unet_config_from_diffusers(unet_json)
     vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
-    text_cfg = clip_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
+    text_cfg = tokenizer = None
+    if "text_encoder" in required:
+        text_cfg = clip_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
+        tokenizer = CLIPTokenizer.from_pretrained_folder(folder / "tokenizer")
+    extra = {}
+    if sdxl:
+        tokenizer_2 = CLIPTokenizer.from_pretrained_folder(folder / "tokenizer_2")
+        if tokenizer is None:
+            tokenizer = tokenizer_2
+        extra = dict(
+            text_encoder_2=clip_config_from_transformers(
+                read_json(folder / "text_encoder_2" / "config.json")
+            ),
+            tokenizer_2=tokenizer_2.config,
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+            requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
+        )
+        if extra["text_encoder_2"].projection_dim is None:
+            raise ValueError(f"{folder / 'text_encoder_2'}: SDXL needs a CLIPTextModelWithProjection there")
     scheduler_json = read_json(folder / "scheduler" / "scheduler_config.json")
-    tokenizer = CLIPTokenizer.from_pretrained_folder(folder / "tokenizer")
     sample_size = unet_json.get("sample_size")
     default_size = sample_size * vae_cfg.downsample_factor if isinstance(sample_size, int) else 512
     config = PipelineConfig(
@@ -216,8 +250,21 @@ def read_diffusers_config(path: str | os.PathLike) -> tuple[PipelineConfig, CLIP
         default_size=default_size,
         # diffusers samples with the folder's scheduler by default; so do we.
         default_sampler=sampler_from_diffusers(scheduler_json, _scheduler_class(index)),
+        **extra,
+        # diffusers' SDXL pipelines guide with 5.0 by default.
+        **({"default_guidance": 5.0} if sdxl else {}),
     )
     return config, tokenizer, scheduler_json, index
+
+
+# diffusers' SDXL pipeline classes (they hold text_encoder_2 / tokenizer_2).
+_SDXL_PIPELINES = tuple(c for f in FAMILIES.values() if f.is_sdxl for c in f.diffusers_pipelines)
+
+
+def _present(index: Mapping, name: str) -> bool:
+    """Whether model_index.json names a component (``[null, null]`` marks an absent one)."""
+    entry = index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
 
 def _scheduler_class(index: Mapping) -> str | None:
@@ -246,21 +293,24 @@ def read_diffusers_folder(path: str | os.PathLike, *, variant: str | None = None
         k
         for k, v in index.items()
         if not k.startswith("_")
-        and k not in (*_STEMS, "tokenizer", "scheduler")
+        and k not in (*_STEMS, "tokenizer", "tokenizer_2", "scheduler")
         and isinstance(v, list)
         and v
         and v[0] is not None
     )
     available = [
-        p.relative_to(folder).as_posix() for c in _STEMS for p in (folder / c).iterdir() if p.is_file()
+        p.relative_to(folder).as_posix()
+        for c in components_of(config)
+        for p in (folder / c).iterdir()
+        if p.is_file()
     ]
     handles: list = []
     components, files, ignored = {}, {}, []
     try:
-        for component in COMPONENTS:
+        for component in components_of(config):
             chosen = select_weight_files(available, component, variant)
             tensors, files[component] = _open_weights(folder, chosen, handles)
-            if component == "text_encoder":
+            if component in ("text_encoder", "text_encoder_2"):
                 tensors, skipped = text_encoder_from_transformers(tensors)
                 ignored += [f"text_encoder/{k}" for k in skipped]
             elif component == "unet":
@@ -285,7 +335,8 @@ def text_encoder_from_transformers(tensors: Mapping) -> tuple[dict, list[str]]:
     """
     out, skipped = {}, []
     for key, value in tensors.items():
-        ours = key if key.startswith("text_model.") else "text_model." + key
+        # CLIPTextModelWithProjection's text_projection sits beside text_model.
+        ours = key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
         if ours == "text_model.embeddings.position_ids":
             skipped.append(key)
             continue
@@ -369,7 +420,18 @@ def unet_config_to_diffusers(config: UNetConfig, sample_size: int) -> dict:
         heads = [max(1, c // config.head_dim) for c in channels]
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels)]
+    depth = config.transformer_depth
+    # diffusers' configs give levels without attention depth 1 (unused), as SDXL's [1, 2, 10].
+    depth = [max(d, 1) for d in depth] if isinstance(depth, tuple) else depth
+    added = {}
+    if config.adm_in_channels is not None:
+        added = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": config.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": config.adm_in_channels,
+        }
     return {
+        **added,
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": _DIFFUSERS_VERSION,
         "act_fn": "silu",
@@ -388,7 +450,7 @@ def unet_config_to_diffusers(config: UNetConfig, sample_size: int) -> dict:
         "norm_num_groups": config.norm_groups,
         "out_channels": config.out_channels,
         "sample_size": sample_size,
-        "transformer_layers_per_block": config.transformer_depth,
+        "transformer_layers_per_block": depth,
         "up_block_types": up,
         "use_linear_projection": config.use_linear_projection,
     }

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 
 from tf_diffusion.config import UNetConfig
-from tf_diffusion.layout import UNET_TOP, unet_layout
+from tf_diffusion.layout import UNET_ADDED, UNET_TOP, unet_layout
 from tf_diffusion.weights.state_dict import StateDictError
 
 # Diffusers ResnetBlock2D name -> ResBlock name (the nn.Sequential index of the reference).
@@ -30,7 +30,7 @@ _PREFIX = re.compile(
     r"^((?:down|up)_blocks\.\d+\.(?:resnets|attentions|upsamplers)\.\d+\."
     r"|down_blocks\.\d+\.downsamplers\.0\.conv\."
     r"|mid_block\.(?:resnets|attentions)\.\d+\."
-    r"|time_embedding\.linear_[12]\.|conv_in\.|conv_norm_out\.|conv_out\.)(.+)$"
+    r"|time_embedding\.linear_[12]\.|add_embedding\.linear_[12]\.|conv_in\.|conv_norm_out\.|conv_out\.)(.+)$"
 )
 
 
@@ -44,6 +44,8 @@ def diffusers_prefix_map(config: UNetConfig) -> dict[str, str]:
         e.g. ``{"down_blocks.0.resnets.1.": "input_blocks.2.0.", ...}``.
     """
     table = {f"{theirs}.": f"{ours}." for ours, theirs in UNET_TOP.items()}
+    if config.adm_in_channels is not None:
+        table.update({f"{theirs}.": f"{ours}." for ours, theirs in UNET_ADDED.items()})
     for block in unet_layout(config):
         if block.kind == "down":
             # Diffusers wraps the conv as `.conv`; the reference Downsample holds it as `.op`.
@@ -107,8 +109,7 @@ _REQUIRED = {
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
+    "addition_embed_type": (None, "text_time"),
     "num_class_embeds": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
@@ -122,7 +123,6 @@ _REQUIRED = {
     "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "cross_attention_norm": (None,),
@@ -138,7 +138,8 @@ _IGNORED = {
 _USED = {
     "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
     "layers_per_block", "transformer_layers_per_block", "cross_attention_dim", "attention_head_dim",
-    "use_linear_projection", "norm_num_groups", "norm_eps",
+    "use_linear_projection", "norm_num_groups", "norm_eps", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
 }  # fmt: skip
 _UP_FOR_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 
@@ -223,6 +224,28 @@ def unet_config_from_diffusers(data: Mapping) -> UNetConfig:
         )
     if data.get("norm_num_groups", 32) is None:
         raise ValueError("norm_num_groups=None (no output norm) is not supported")
+    adm = None
+    if data.get("addition_embed_type") == "text_time":
+        # SDXL: the pooled text embedding and the time ids' sinusoids through add_embedding.
+        adm = data.get("projection_class_embeddings_input_dim")
+        if not isinstance(adm, int) or not isinstance(data.get("addition_time_embed_dim"), int):
+            raise ValueError(
+                "addition_embed_type='text_time' needs integer projection_class_embeddings_input_dim and "
+                f"addition_time_embed_dim, got {adm!r} and {data.get('addition_time_embed_dim')!r}"
+            )
+    elif data.get("projection_class_embeddings_input_dim") is not None:
+        raise ValueError(
+            "projection_class_embeddings_input_dim is only supported with addition_embed_type='text_time'"
+        )
+
+    depth = data.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):
+        depth = list(depth)
+        if len(depth) != levels or not all(isinstance(d, int) and d > 0 for d in depth):
+            raise ValueError(
+                f"transformer_layers_per_block={depth!r} must be an int or one positive int per level ({levels})"
+            )
+        depth = normalized_depth(depth, attention_levels)
 
     return UNetConfig(
         in_channels=data.get("in_channels", 4),
@@ -233,11 +256,20 @@ def unet_config_from_diffusers(data: Mapping) -> UNetConfig:
         attention_levels=attention_levels,
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=_uniform(
-            "transformer_layers_per_block", data.get("transformer_layers_per_block", 1), levels, attended
-        ),
+        transformer_depth=depth,
         context_dim=_uniform("cross_attention_dim", data.get("cross_attention_dim", 1280), levels),
         use_linear_projection=bool(data.get("use_linear_projection", False)),
         norm_groups=data.get("norm_num_groups", 32),
         resnet_eps=float(data.get("norm_eps", 1e-5)),
+        adm_in_channels=adm,
+        addition_time_embed_dim=int(data.get("addition_time_embed_dim") or 256),
     )
+
+
+def normalized_depth(depths, attention_levels) -> int | tuple[int, ...]:
+    """Per-level transformer depths as ``UNetConfig`` holds them: 0 where a level (not the last) has
+    no transformer, one int when every transformer has the same depth (SD 1.x, the SDXL refiner)."""
+    last = len(attention_levels) - 1
+    kept = tuple(d if attention_levels[i] or i == last else 0 for i, d in enumerate(depths))
+    used = {d for d in kept if d}
+    return used.pop() if len(used) == 1 else kept

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tf_diffusion.config import PipelineConfig, from_dict
-from tf_diffusion.families import COMPONENTS, family_of_config, get_family
+from tf_diffusion.families import ALL_COMPONENTS, COMPONENTS, components_of, family_of_config, get_family
 from tf_diffusion.fileio import aside_path, clean_stale, publish, reading, sync_folder, sync_tree, temp_prefix
 from tf_diffusion.presets import PRESETS
 from tf_diffusion.tokenizer import CLIPTokenizer
@@ -117,7 +117,7 @@ class LoadReport:
             f"prediction type: {self.prediction_type} ({self.prediction_type_source})",
             f"EMA weights:     {_EMA_TEXT.get(self.ema, self.ema)}",
         ]
-        for name in COMPONENTS:
+        for name in ALL_COMPONENTS:
             if name in self.parameters:
                 lines.append(
                     f"{name + ':':16} {self.parameters[name]:,} parameters, {self.dtypes.get(name, '?')}"
@@ -434,7 +434,7 @@ def _read_single_file(path, report, override, prediction_type, use_ema, strict) 
         report.family, report.ema = family, parts.ema
         report.ignored_keys = parts.ignored
         report.unexpected_keys = parts.unexpected
-        report.missing_components = [c for c in COMPONENTS if c not in parts.components]
+        report.missing_components = [c for c in get_family(family).components if c not in parts.components]
         if parts.openclip_layers:
             report.notes.append(
                 f"OpenCLIP text encoder: {parts.openclip_layers} layers in the file; the last is unused by "
@@ -562,7 +562,7 @@ def _finish(config, tokenizer, components, report, config_source) -> LoadedWeigh
     report.config_name = config.name
     report.family = family_of(config)
     report.prediction_type = config.scheduler.prediction_type
-    report.missing_components = [c for c in COMPONENTS if c not in components]
+    report.missing_components = [c for c in components_of(config) if c not in components]
     weights = LoadedWeights(config, tokenizer, components, report)
     _describe(weights)
     return weights
@@ -623,10 +623,11 @@ def _apply_overrides(weights: LoadedWeights, override, tokenizer, prediction_typ
         if weights.tokenizer.config != weights.config.tokenizer:
             weights.config = weights.config.replace(tokenizer=weights.tokenizer.config)
         vocab = weights.tokenizer.vocab_size
-        if vocab > weights.config.text_encoder.vocab_size:
+        encoder = weights.config.text_encoder or weights.config.text_encoder_2
+        if vocab > encoder.vocab_size:
             problem = (
                 f"the tokenizer has {vocab} tokens but the text encoder embeds only "
-                f"{weights.config.text_encoder.vocab_size}; pass the tokenizer that belongs to these weights"
+                f"{encoder.vocab_size}; pass the tokenizer that belongs to these weights"
             )
             if strict:
                 raise ValueError(problem)
@@ -651,13 +652,14 @@ def expected_shapes(config: PipelineConfig) -> dict[str, dict[str, tuple[int, ..
     from tf_diffusion.vae import AutoencoderKL
     from tf_diffusion.weights.state_dict import build_abstract, manifest
 
-    models = build_abstract(
-        lambda: {
-            "text_encoder": CLIPTextEncoder(config.text_encoder),
-            "unet": UNetModel(config.unet),
-            "vae": AutoencoderKL(config.vae),
-        }
-    )
+    def build():
+        models = {"unet": UNetModel(config.unet), "vae": AutoencoderKL(config.vae)}
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(config, name) is not None:
+                models[name] = CLIPTextEncoder(getattr(config, name))
+        return models
+
+    models = build_abstract(build)
     return {name: manifest(model) for name, model in models.items()}
 
 
@@ -675,7 +677,7 @@ def _check(weights: LoadedWeights, strict: bool) -> None:
         report.problems.append(problem)
         return
     missing, unexpected, mismatched = [], [], []
-    for name in COMPONENTS:
+    for name in components_of(weights.config):
         tensors = weights.components.get(name)
         if tensors is None:
             continue
@@ -758,7 +760,7 @@ def from_pretrained(
         model = cls(weights.config, dtype=dtype, tokenizer=weights.tokenizer)
         # Tensors are read from the file here; a read that fails drops the half-loaded model.
         with reading(weights.report.path):
-            for name in COMPONENTS:
+            for name in components_of(weights.config):
                 load_state_dict(getattr(model, name), weights.components[name])
     model.load_report = weights.report
     logger.info("loaded %s\n%s", source, weights.report)
@@ -788,7 +790,7 @@ def model_weights(model) -> dict[str, dict[str, LazyTensor]]:
     from tf_diffusion.weights.state_dict import named_parameters, to_torch_layout, torch_shape
 
     out = {}
-    for name in COMPONENTS:
+    for name in components_of(model.config):
         tensors = {}
         for key, (layer, attr) in named_parameters(getattr(model, name)).items():
             variable = getattr(layer, attr)
@@ -874,10 +876,11 @@ def save(
             f"{destination}: single-file output is written as safetensors; use a .safetensors name "
             f"(writing pickled .ckpt files is not supported)"
         )
-    missing = [c for c in COMPONENTS if c not in weights.components]
+    names = COMPONENTS if weights.config is None else components_of(weights.config)
+    missing = [c for c in names if c not in weights.components]
     if missing or weights.config is None:
         raise ValueError(f"cannot write {format}: the weights lack {', '.join(missing) or 'a config'}")
-    components = {name: _cast(weights.components[name], dtype) for name in COMPONENTS}
+    components = {name: _cast(weights.components[name], dtype) for name in names}
     parent = destination.parent
     parent.mkdir(parents=True, exist_ok=True)
     for line in clean_stale(destination):

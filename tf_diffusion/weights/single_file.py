@@ -25,9 +25,11 @@ import numpy as np
 from tf_diffusion.config import CLIPTextConfig, PipelineConfig, UNetConfig, VAEConfig
 from tf_diffusion.families import (
     CLIP_PREFIX,
-    COMPONENTS,
     EMA_PREFIX,
     OPENCLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
+    SDXL_REFINER_OPENCLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     family_of_config,
@@ -36,6 +38,7 @@ from tf_diffusion.families import (
 )
 from tf_diffusion.layout import unet_layout
 from tf_diffusion.presets import PRESETS
+from tf_diffusion.weights.diffusers_unet import normalized_depth
 from tf_diffusion.weights.lazy import BFLOAT16, derived
 
 # Entries of LatentDiffusion checkpoints that are not weights of the three networks: the DDPM
@@ -60,6 +63,13 @@ BUFFERS = frozenset(
         "cond_stage_model.transformer.text_model.embeddings.position_ids",
         "cond_stage_model.transformer.embeddings.position_ids",
         "cond_stage_model.model.attn_mask",
+    }
+)
+# SDXL files' buffers: position ids of the CLIP-L encoder.
+_SDXL_BUFFERS = frozenset(
+    {
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+        "conditioner.embedders.0.transformer.embeddings.position_ids",
     }
 )
 # OpenCLIP tensors SD 2.x does not use; kept aside so a single file can be written back whole.
@@ -102,7 +112,7 @@ class SingleFileParts:
 
 
 # Prefixes under which a single file stores weights: a value there must be a tensor.
-_WEIGHT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", EMA_PREFIX)
+_WEIGHT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.", EMA_PREFIX)
 
 
 def _is_tensor(value) -> bool:
@@ -217,9 +227,16 @@ def split_single_file(tensors: Mapping, *, use_ema: bool | None = None) -> Singl
     tensors, metadata = check_state_dict(tensors)
     parts.ignored.extend(metadata)
     unet, vae, clip, openclip, ema = {}, {}, {}, {}, {}
+    xl_clip, xl_openclip, xl_refiner = {}, {}, {}
     for key, value in tensors.items():
-        if key in BUFFERS:
+        if key in BUFFERS or key in _SDXL_BUFFERS:
             parts.ignored.append(key)
+        elif key.startswith(SDXL_CLIP_PREFIX):
+            xl_clip[key[len(SDXL_CLIP_PREFIX) :]] = value
+        elif key.startswith(SDXL_OPENCLIP_PREFIX):
+            xl_openclip[key[len(SDXL_OPENCLIP_PREFIX) :]] = value
+        elif key.startswith(SDXL_REFINER_OPENCLIP_PREFIX):
+            xl_refiner[key[len(SDXL_REFINER_OPENCLIP_PREFIX) :]] = value
         elif key.startswith(UNET_PREFIX):
             unet[key[len(UNET_PREFIX) :]] = value
         elif key.startswith(VAE_PREFIX):
@@ -246,7 +263,31 @@ def split_single_file(tensors: Mapping, *, use_ema: bool | None = None) -> Singl
     else:
         parts.ema = "single" if unet else "none"
 
-    if clip and openclip:
+    if (xl_clip or xl_openclip or xl_refiner) and (clip or openclip):
+        raise ValueError(
+            "the checkpoint holds both SD 1.x / 2.x (cond_stage_model.) and SDXL (conditioner.) text "
+            "encoders; expected one kind"
+        )
+    if xl_refiner and (xl_clip or xl_openclip):
+        raise ValueError(
+            "the checkpoint holds OpenCLIP under both conditioner.embedders.0.model. (SDXL refiner) and "
+            "conditioner.embedders.1.model. / .0.transformer. (SDXL base); expected one layout"
+        )
+    if xl_clip or xl_openclip or xl_refiner:
+        if xl_clip:
+            parts.components["text_encoder"] = {
+                (k if k.startswith("text_model.") else "text_model." + k): v for k, v in xl_clip.items()
+            }
+        bigg, prefix = (
+            (xl_refiner, SDXL_REFINER_OPENCLIP_PREFIX) if xl_refiner else (xl_openclip, SDXL_OPENCLIP_PREFIX)
+        )
+        if bigg:
+            parts.components["text_encoder_2"], extras, parts.openclip_layers = _from_openclip(
+                bigg, prefix, projection=True
+            )
+            parts.extras.update(extras)
+        parts.text_encoder_kind = "openclip-bigg" if xl_refiner else "clip+openclip-bigg"
+    elif clip and openclip:
         raise ValueError(
             "the checkpoint holds both an OpenAI CLIP (cond_stage_model.transformer.) and an OpenCLIP "
             "(cond_stage_model.model.) text encoder; expected one"
@@ -286,8 +327,15 @@ def _ema_unet(unet: dict, ema: dict) -> dict:
     return {key: ema[ema_key(key)] for key in unet}
 
 
-def _from_openclip(tensors: Mapping) -> tuple[dict, dict, int]:
-    """OpenCLIP text tower keys (without prefix) -> transformers CLIPTextModel keys, extras, layer count."""
+def _from_openclip(
+    tensors: Mapping, prefix: str = OPENCLIP_PREFIX, projection: bool = False
+) -> tuple[dict, dict, int]:
+    """OpenCLIP text tower keys (without prefix) -> transformers CLIPTextModel keys, extras, layer count.
+
+    SD 2.x (``projection=False``) runs all but the last resblock and no projection: those go to the
+    extras. SDXL's bigG (``projection=True``) runs every resblock and pools through
+    ``text_projection``, stored as ``x @ P`` (D, P), i.e. transposed from transformers' Linear weight.
+    """
     layers: dict[int, dict[str, object]] = {}
     out: dict[str, object] = {}
     extras: dict[str, object] = {}
@@ -301,23 +349,35 @@ def _from_openclip(tensors: Mapping) -> tuple[dict, dict, int]:
             out["text_model.embeddings.position_embedding.weight"] = value
         elif key in ("ln_final.weight", "ln_final.bias"):
             out["text_model.final_layer_norm." + key.rsplit(".", 1)[1]] = value
+        elif key == "text_projection" and projection:
+            if len(value.shape) != 2:
+                raise ValueError(
+                    f"{prefix}text_projection has shape {tuple(value.shape)}; expected (width, dim)"
+                )
+            out["text_projection.weight"] = derived(
+                value, lambda a: np.ascontiguousarray(np.asarray(a).T), tuple(value.shape[::-1]), value.dtype,
+                prefix + key,
+            )  # fmt: skip
         elif key in _OPENCLIP_UNUSED:
-            extras[OPENCLIP_PREFIX + key] = value
+            extras[prefix + key] = value
         else:
-            raise ValueError(f"unknown OpenCLIP key {OPENCLIP_PREFIX + key!r}")
+            raise ValueError(f"unknown OpenCLIP key {prefix + key!r}")
     count = len(layers)
     if sorted(layers) != list(range(count)):
         raise ValueError(f"OpenCLIP resblocks are not numbered 0..{count - 1}: found {sorted(layers)}")
     if count < 2:
         raise ValueError(f"an OpenCLIP text encoder needs at least 2 resblocks, found {count}")
-    # SD 2.x conditions on the penultimate layer, so the last resblock is never run.
-    last = count - 1
-    for name, value in layers[last].items():
-        extras[f"{OPENCLIP_PREFIX}transformer.resblocks.{last}.{name}"] = value
+    # SD 2.x conditions on the penultimate layer, so the last resblock is never run; SDXL pools
+    # from the last one.
+    last = count if projection else count - 1
+    if not projection:
+        for name, value in layers[last].items():
+            extras[f"{prefix}transformer.resblocks.{last}.{name}"] = value
+    file_prefix = prefix
     for index in range(last):
         prefix = f"text_model.encoder.layers.{index}."
         for name, value in layers[index].items():
-            source = f"{OPENCLIP_PREFIX}transformer.resblocks.{index}.{name}"
+            source = f"{file_prefix}transformer.resblocks.{index}.{name}"
             if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
                 param = "weight" if name.endswith("weight") else "bias"
                 rows = value.shape[0]
@@ -394,7 +454,7 @@ def infer_unet_config(tensors: Mapping) -> UNetConfig:
     layout = [b for b in unet_layout(probe) if b.section == "input"]
     if num_res_blocks < 1 or blocks != 1 + max(b.index for b in layout):
         raise ValueError(f"cannot read the UNet's level structure from {blocks} input blocks")
-    mult, attention = [], []
+    mult, attention, depths = [], [], []
     for level in range(levels):
         first_res, first_attn = (
             next(b for b in layout if b.level == level and b.kind == k) for k in ("res", "attn")
@@ -402,11 +462,14 @@ def infer_unet_config(tensors: Mapping) -> UNetConfig:
         width = tensors[f"{first_res.path}.out_layers.3.weight"].shape[0]
         mult.append(width // model_channels)
         attention.append(f"{first_attn.path}.norm.weight" in tensors)
+        depths.append(_count(tensors, re.escape(first_attn.path) + r"\.transformer_blocks\.(\d+)\."))
     to_k = [v.shape for k, v in tensors.items() if k.endswith("attn2.to_k.weight")]
     context_dim = to_k[0][1] if to_k else 768
     linear = tensors.get("middle_block.1.proj_in.weight")
     use_linear = linear is not None and len(linear.shape) == 2
-    depth = _count(tensors, r"middle_block\.1\.transformer_blocks\.(\d+)\.") or 1
+    depths[-1] = _count(tensors, r"middle_block\.1\.transformer_blocks\.(\d+)\.") or 1
+    depth = normalized_depth(depths, attention)
+    label = tensors.get("label_emb.0.0.weight")  # SDXL's added conditioning: (emb_dim, adm_in)
     sd2_style = use_linear or context_dim == 1024
     return UNetConfig(
         in_channels=conv_in[1],
@@ -420,6 +483,7 @@ def infer_unet_config(tensors: Mapping) -> UNetConfig:
         head_dim=math.gcd(model_channels, 64) if sd2_style else None,
         transformer_depth=depth,
         context_dim=context_dim,
+        adm_in_channels=None if label is None else label.shape[1],
         use_linear_projection=use_linear,
         norm_groups=_groups(model_channels),
     )
@@ -460,12 +524,43 @@ def infer_config(parts: SingleFileParts, family: str, prediction_type: str) -> P
     Raises:
         ValueError: if a component is missing (its architecture cannot be known).
     """
-    missing = [c for c in COMPONENTS if c not in parts.components]
+    missing = [c for c in get_family(family).components if c not in parts.components]
     if missing:
         raise ValueError(
             f"the checkpoint has no {', '.join(missing)} weights, so its architecture is unknown"
         )
     return get_family(family).config_inference()(parts, family, prediction_type)
+
+
+def infer_sdxl_config(parts: SingleFileParts, family: str, prediction_type: str) -> PipelineConfig:
+    """An SDXL base / refiner config: the family's preset when the shapes are one, else inferred from them."""
+    entry = get_family(family)
+    comps = parts.components
+    text = infer_text_config(comps["text_encoder"], "clip") if "text_encoder" in comps else None
+    bigg = infer_text_config(comps["text_encoder_2"], "openclip")
+    bigg = dataclasses.replace(
+        bigg, projection_dim=comps["text_encoder_2"]["text_projection.weight"].shape[0]
+    )
+    unet = infer_unet_config(comps["unet"])
+    base = PRESETS[entry.base_preset]
+    vae = dataclasses.replace(infer_vae_config(comps["vae"]), scaling_factor=base.vae.scaling_factor)
+    for name in entry.presets:
+        preset = PRESETS[name]
+        if (preset.text_encoder, preset.text_encoder_2, preset.unet, preset.vae) == (text, bigg, unet, vae):
+            if preset.scheduler.prediction_type == prediction_type:
+                return preset
+            return preset.replace(
+                name=f"{preset.name} ({prediction_type})",
+                scheduler=dataclasses.replace(preset.scheduler, prediction_type=prediction_type),
+            )
+    return base.replace(
+        name=f"{family} (inferred)",
+        text_encoder=text,
+        text_encoder_2=bigg,
+        unet=unet,
+        vae=vae,
+        scheduler=dataclasses.replace(base.scheduler, prediction_type=prediction_type),
+    )
 
 
 def infer_sd_config(parts: SingleFileParts, family: str, prediction_type: str) -> PipelineConfig:
@@ -526,8 +621,20 @@ def to_single_file(
         out[UNET_PREFIX + key] = value
     for key, value in components["vae"].items():
         out[VAE_PREFIX + key] = value
+    family = family_of_config(config)
+    if family.is_sdxl:
+        # SDXL: CLIP-L under conditioner.embedders.0.transformer., bigG (every layer, its
+        # text_projection as x @ P) under the family's OpenCLIP prefix; logit_scale from extras.
+        if "text_encoder" in components:
+            for key, value in components["text_encoder"].items():
+                out[family.prefixes["text_encoder"] + key] = value
+        prefix = family.prefixes["text_encoder_2"]
+        out.update(
+            _to_openclip(components["text_encoder_2"], config.text_encoder_2, extras or {}, prefix, True)
+        )
+        return out
     text = components["text_encoder"]
-    if family_of_config(config).text_encoder == "openclip":
+    if family.text_encoder == "openclip":
         out.update(_to_openclip(text, config.text_encoder, extras or {}))
     else:
         for key, value in text.items():
@@ -535,18 +642,20 @@ def to_single_file(
     return out
 
 
-def _to_openclip(text: Mapping, cfg: CLIPTextConfig, extras: Mapping) -> dict:
+def _to_openclip(
+    text: Mapping, cfg: CLIPTextConfig, extras: Mapping, base: str = OPENCLIP_PREFIX, projection: bool = False
+) -> dict:
     out: dict[str, object] = {
-        OPENCLIP_PREFIX + "token_embedding.weight": text["text_model.embeddings.token_embedding.weight"],
-        OPENCLIP_PREFIX + "positional_embedding": text["text_model.embeddings.position_embedding.weight"],
-        OPENCLIP_PREFIX + "ln_final.weight": text["text_model.final_layer_norm.weight"],
-        OPENCLIP_PREFIX + "ln_final.bias": text["text_model.final_layer_norm.bias"],
+        base + "token_embedding.weight": text["text_model.embeddings.token_embedding.weight"],
+        base + "positional_embedding": text["text_model.embeddings.position_embedding.weight"],
+        base + "ln_final.weight": text["text_model.final_layer_norm.weight"],
+        base + "ln_final.bias": text["text_model.final_layer_norm.bias"],
     }
     reverse = {v: k for k, v in _OPENCLIP_LAYER.items()}
     dtype = text["text_model.final_layer_norm.weight"].dtype
     for index in range(cfg.num_hidden_layers):
         prefix = f"text_model.encoder.layers.{index}."
-        target = f"{OPENCLIP_PREFIX}transformer.resblocks.{index}."
+        target = f"{base}transformer.resblocks.{index}."
         for param in ("weight", "bias"):
             parts = [text[f"{prefix}self_attn.{p}.{param}"] for p in ("q_proj", "k_proj", "v_proj")]
             shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
@@ -559,8 +668,17 @@ def _to_openclip(text: Mapping, cfg: CLIPTextConfig, extras: Mapping) -> dict:
         for ours, theirs in reverse.items():
             for param in ("weight", "bias"):
                 out[f"{target}{theirs}.{param}"] = text[f"{prefix}{ours}.{param}"]
+    dtype = text["text_model.final_layer_norm.weight"].dtype
+    if projection:
+        weight = text["text_projection.weight"]  # (P, D) Linear -> OpenCLIP's (D, P)
+        out[base + "text_projection"] = derived(
+            weight, lambda a: np.ascontiguousarray(np.asarray(a).T), tuple(weight.shape[::-1]), weight.dtype
+        )
+        key = base + "logit_scale"
+        out[key] = extras.get(key, np.array(np.log(1 / 0.07)).astype(dtype))
+        return out
     # The unused tail of the OpenCLIP tower.
-    last = f"{OPENCLIP_PREFIX}transformer.resblocks.{cfg.num_hidden_layers}."
+    last = f"{base}transformer.resblocks.{cfg.num_hidden_layers}."
     d, inner = cfg.hidden_size, cfg.intermediate_size
     placeholders = {
         "attn.in_proj_weight": np.zeros((3 * d, d)),
@@ -583,6 +701,6 @@ def _to_openclip(text: Mapping, cfg: CLIPTextConfig, extras: Mapping) -> dict:
         ("text_projection", np.eye(d)),
         ("logit_scale", np.array(np.log(1 / 0.07))),
     ):
-        key = OPENCLIP_PREFIX + name
+        key = base + name
         out[key] = extras.get(key, value.astype(dtype))
     return out
