@@ -7,6 +7,7 @@ driver's contract.
 import numpy as np
 import pytest
 
+from tf_diffusion import execution
 from tf_diffusion import noise as noise_lib
 from tf_diffusion.config import CLIPTextConfig, PipelineConfig, UNetConfig, VAEConfig
 
@@ -216,10 +217,14 @@ def test_xla_fused_loop_matches_graph_mode(sd):
     np.testing.assert_allclose(xla, graph, atol=1e-3)
 
 
-def test_default_compilation_on_cpu():
+def test_default_compilation_on_cpu(monkeypatch):
     """float32 on a CPU runs under XLA (faster there), step by step whatever the progress bar, so
     switching the bar compiles nothing new; a bfloat16 model on a CPU stays in graph mode."""
+    from tf_diffusion.execution import compiling
     from tf_diffusion.pipeline import StableDiffusion
+
+    # The choice as a fresh process makes it (late in a long suite the mapping headroom is used up).
+    monkeypatch.setattr(compiling, "_mapping_share", lambda: 0.0)
 
     sd = StableDiffusion(MICRO)
     run(sd, scheduler="euler", jit_compile=None)
@@ -229,15 +234,25 @@ def test_default_compilation_on_cpu():
     assert sd.executor.last_run == {"compile": "xla", "fused": False}
     assert sd.executor.traces == traces  # same shapes, bar on: the same compiled step
 
-    # Above 32x32 latents (this micro model: images above 64x64), graph mode with XLA islands.
-    big = run(sd, scheduler="euler", height=72, width=72, output_type="latent", jit_compile=None)
-    assert sd.executor.last_run["compile"] == "islands"
-    graph = run(sd, scheduler="euler", height=72, width=72, output_type="latent", jit_compile=False)
-    np.testing.assert_allclose(big, graph, atol=1e-3)  # XLA rounding, as in the test above
+    # Above 32x32 latents (this micro model: images above 64x64), graph mode with XLA islands
+    # (run end to end in the slow test below).
+    assert execution.default_options(sd.unet, (1, 36, 36, 4)).compile == "islands"
+    assert execution.default_options(sd.unet, (1, 32, 32, 4)).compile == "xla"
 
     half = StableDiffusion(MICRO, dtype="bfloat16")
     run(half, scheduler="euler", jit_compile=None)
     assert half.executor.last_run == {"compile": "graph", "fused": False}
+
+
+@pytest.mark.slow
+def test_default_compilation_above_32x32_latents_runs_islands():
+    from tf_diffusion.pipeline import StableDiffusion
+
+    sd = StableDiffusion(MICRO)
+    big = run(sd, scheduler="euler", height=72, width=72, output_type="latent", jit_compile=None)
+    assert sd.executor.last_run["compile"] == "islands"
+    graph = run(sd, scheduler="euler", height=72, width=72, output_type="latent", jit_compile=False)
+    np.testing.assert_allclose(big, graph, atol=1e-3)  # XLA rounding, as in the test above
 
 
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
@@ -336,7 +351,7 @@ def test_generate_reports_what_it_did(sd):
     assert type(np.asarray(out)) is np.ndarray
 
 
-@pytest.mark.parametrize("progress", [False, True])
+@pytest.mark.parametrize("progress", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_islands_with_prepared_filters_match_graph_mode(monkeypatch, progress):
     # generate() transforms the filters once per call (execution.prepare) and passes them to the
     # compiled loop (fused) or step (progress bar); forced onto this micro model's 36x36 level.

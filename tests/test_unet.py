@@ -32,6 +32,13 @@ from tf_diffusion.weights.state_dict import (
 )
 
 TINY = ["sd1", "sd2", "inpaint"]
+# The XLA-islands paths are the same code for every config; sd1 runs by default, the others (a
+# minute of XLA compiles each) in the slow run.
+ISLAND_CONFIGS = [
+    "sd1",
+    pytest.param("sd2", marks=pytest.mark.slow),
+    pytest.param("inpaint", marks=pytest.mark.slow),
+]
 FLOAT32_TOL = 1e-4
 
 SD15 = UNetConfig()
@@ -290,7 +297,7 @@ def fast_path_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", ISLAND_CONFIGS)
 def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, fast_path_calls):
     # Graph mode with each block an XLA island (the float32 CPU default for large latents), the
     # islands' 3x3 convolutions by Winograd F(4x4, 3x3) or F(2x2, 3x3) (some as graph-mode matmuls
@@ -313,7 +320,7 @@ def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, fast_path
     assert np.abs(out_odd - io["out_odd"]).max() <= FLOAT32_TOL
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2"])
+@pytest.mark.parametrize("name", ISLAND_CONFIGS[:2])
 def test_xla_islands_with_im2col_graph_matmuls_match_diffusers(name, fixtures_dir, fast_path_calls):
     # Direct convolutions only: each ResBlock's two become im2col patches (XLA), a matmul in graph
     # mode and a reshape, even and odd latent sizes.
@@ -349,7 +356,7 @@ def test_resblock_input_sizes_follow_a_call(name, fixtures_dir, monkeypatch):
         assert [(id(block), size) for block, size in planned] == [(id(block), size) for block, size in seen]
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", ISLAND_CONFIGS)
 def test_xla_islands_with_prepared_filters_match_diffusers(name, fixtures_dir, fast_path_calls):
     # Filters transformed once (execution.prepare) and passed in as the traced function's
     # argument: every ResBlock at a multiple-of-4 size takes them, and none is transformed again.
