@@ -1,0 +1,92 @@
+"""ControlNet: the model, its file formats and generate() against diffusers.
+
+tools/make_fixtures_controlnet.py ran diffusers' ControlNetModel on tiny random configs (weights
+from ``random_state_dict``, redrawn here) and StableDiffusionControlNetPipeline on the tiny SD
+components of tools/make_fixtures_pipeline.py; it also wrote original-format single files, whose
+key names diffusers' own single-file converter maps back onto every diffusers key.
+"""
+
+import functools
+import json
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+
+from tf_diffusion.testing import random_state_dict
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "controlnet"
+COMPONENT_TOLERANCE = 1e-4
+PIPELINE_TOLERANCE = 1e-3
+
+
+@functools.lru_cache(maxsize=1)
+def cases():
+    return json.loads((FIXTURES / "cases.json").read_text())
+
+
+def diffusers_weights(name):
+    meta = cases()[name]
+    return random_state_dict({k: tuple(v) for k, v in meta["shapes"].items()}, meta["seed"])
+
+
+@functools.lru_cache(maxsize=8)
+def net(name):
+    """Our ControlNet with the fixture's weights, through the diffusers rename."""
+    from tf_diffusion.controlnet import ControlNet
+    from tf_diffusion.weights import load_state_dict
+    from tf_diffusion.weights.controlnet import controlnet_config_from_diffusers, convert_diffusers_controlnet
+
+    config = controlnet_config_from_diffusers(cases()[name]["config"])
+    model = ControlNet(config)
+    load_state_dict(model, convert_diffusers_controlnet(diffusers_weights(name), config))
+    return model
+
+
+def run(model, arrays, scale=0.7, guess=False):
+    from tf_diffusion.adapters.controlnet import scaled_residuals
+
+    extra = {}
+    if "text_embeds" in arrays:
+        extra = {"text_embeds": arrays["text_embeds"], "time_ids": arrays["time_ids"]}
+    down, mid = model(arrays["latents"], arrays["timesteps"], arrays["context"], arrays["hint"], **extra)
+    down, mid = scaled_residuals(model, down, mid, np.float32(scale), guess)
+    return [np.asarray(d) for d in down], np.asarray(mid)
+
+
+def max_error(ours, arrays, tag):
+    down, mid = ours
+    count = len([k for k in arrays if k.startswith(f"{tag}.down.")])
+    assert len(down) == count
+    errors = [float(np.max(np.abs(d - arrays[f"{tag}.down.{i}"]))) for i, d in enumerate(down)]
+    errors.append(float(np.max(np.abs(mid - arrays[f"{tag}.mid"]))))
+    return max(errors)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_original", "sdxl"])
+@pytest.mark.parametrize("guess", [False, True])
+def test_residuals_match_diffusers(name, guess):
+    arrays = dict(np.load(FIXTURES / f"{name}.npz"))
+    tag = "guess" if guess else "plain"
+    err = max_error(run(net(name), arrays, guess=guess), arrays, tag)
+    assert err <= COMPONENT_TOLERANCE, f"{name} {tag}: max abs error {err:.2e}"
+    # The residuals are not trivially small: a wrong weight would show.
+    assert float(np.max(np.abs(arrays[f"{tag}.mid"]))) > 0.05
+
+
+def test_full_size_sd15_count_and_keys():
+    """The full-size SD1.5 ControlNet (control_v11p_sd15_*) has diffusers' keys, shapes and count."""
+    from tf_diffusion.controlnet import ControlNet
+    from tf_diffusion.weights import count_parameters, manifest
+    from tf_diffusion.weights.controlnet import controlnet_config_from_diffusers, convert_diffusers_controlnet
+    from tf_diffusion.weights.state_dict import build_abstract
+
+    reference = json.loads((FIXTURES / "sd15_manifest.json").read_text())
+    config = controlnet_config_from_diffusers(reference["config"])
+    model = build_abstract(lambda: ControlNet(config))
+    assert count_parameters(model) == 361_279_120
+    want = {k: list(v) for k, v in convert_diffusers_controlnet(reference["shapes"], config).items()}
+    ours = {k: list(v) for k, v in manifest(model).items()}
+    assert sorted(set(want) ^ set(ours)) == []
+    assert {k: v for k, v in ours.items() if want[k] != v} == {}
