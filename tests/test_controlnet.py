@@ -90,3 +90,89 @@ def test_full_size_sd15_count_and_keys():
     ours = {k: list(v) for k, v in manifest(model).items()}
     assert sorted(set(want) ^ set(ours)) == []
     assert {k: v for k, v in ours.items() if want[k] != v} == {}
+
+
+# ------------------------------------------------------------------ formats
+
+
+def original_config():
+    """The tiny original net's architecture (single files store neither heads nor norm groups)."""
+    from tf_diffusion.weights.controlnet import controlnet_config_from_diffusers
+
+    return controlnet_config_from_diffusers(cases()["tiny_original"]["config"])
+
+
+def assert_original_outputs(model):
+    arrays = dict(np.load(FIXTURES / "tiny_original.npz"))
+    err = max_error(run(model, arrays), arrays, "plain")
+    assert err <= COMPONENT_TOLERANCE, f"max abs error {err:.2e}"
+
+
+def test_diffusers_folder(tmp_path):
+    """A ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors) loads by from_pretrained."""
+    import tf_diffusion
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    config = dict(cases()["tiny_original"]["config"], _class_name="ControlNetModel")
+    (folder / "config.json").write_text(json.dumps(config))
+    save_safetensors(diffusers_weights("tiny_original"), str(folder / "diffusion_pytorch_model.safetensors"))
+    assert_original_outputs(tf_diffusion.ControlNet.from_pretrained(folder))
+
+
+def test_original_safetensors():
+    import tf_diffusion
+
+    model = tf_diffusion.ControlNet.from_pretrained(FIXTURES / "tiny_original.safetensors", config=original_config())
+    assert_original_outputs(model)
+
+
+def test_original_safetensors_infers_the_architecture():
+    """Without a config the blocks, widths, context and hint encoder come from the shapes."""
+    import tf_diffusion
+
+    model = tf_diffusion.ControlNet.from_pretrained(FIXTURES / "tiny_original.safetensors")
+    want, got = original_config(), model.config
+    assert got.hint_channels == want.hint_channels == (16, 32, 96, 256)
+    for field in ("model_channels", "channel_mult", "num_res_blocks", "attention_levels", "context_dim"):
+        assert getattr(got.unet, field) == getattr(want.unet, field), field
+
+
+def reference_variables(model):
+    from tf_diffusion.weights import state_dict
+
+    return state_dict(model)
+
+
+def test_original_pth_and_whole_sd_file(caplog):
+    """.pth through the safe unpickler (float16 copies of the same weights); a control_sd15-style
+    file with a whole SD model besides: its control_model part is used, and a warning says so."""
+    import tf_diffusion
+
+    base = reference_variables(
+        tf_diffusion.ControlNet.from_pretrained(FIXTURES / "tiny_original.safetensors", config=original_config())
+    )
+    pth = tf_diffusion.ControlNet.from_pretrained(FIXTURES / "tiny_original.pth", config=original_config())
+    with caplog.at_level(logging.WARNING, logger="tf_diffusion.weights.controlnet"):
+        whole = tf_diffusion.ControlNet.from_pretrained(
+            FIXTURES / "tiny_control_sd15_whole.pth", config=original_config()
+        )
+    assert any("whole Stable Diffusion model" in r.getMessage() for r in caplog.records)
+    for model in (pth, whole):
+        got = reference_variables(model)
+        assert sorted(got) == sorted(base)
+        for k in base:
+            np.testing.assert_allclose(got[k], base[k].astype(np.float16).astype(np.float32), rtol=0, atol=0)
+
+
+def test_not_a_controlnet(tmp_path):
+    import tf_diffusion
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+
+    path = tmp_path / "unet.safetensors"
+    save_safetensors({"model.diffusion_model.out.2.weight": np.zeros((4, 4, 3, 3), np.float32)}, str(path))
+    with pytest.raises(ValueError, match="not a ControlNet"):
+        tf_diffusion.ControlNet.from_pretrained(path)
+    with pytest.raises(FileNotFoundError):
+        tf_diffusion.ControlNet.from_pretrained(tmp_path / "missing.safetensors")
