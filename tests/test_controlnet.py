@@ -176,3 +176,114 @@ def test_not_a_controlnet(tmp_path):
         tf_diffusion.ControlNet.from_pretrained(path)
     with pytest.raises(FileNotFoundError):
         tf_diffusion.ControlNet.from_pretrained(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------- generate()
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_sd():
+    """The tiny SD pipeline of tests/test_pipeline_parity.py (epsilon prediction)."""
+    from test_pipeline_parity import build
+
+    return build(FIXTURES.parent / "pipeline", False, "epsilon")
+
+
+def pipeline_meta():
+    return json.loads((FIXTURES.parent / "pipeline" / "cases.json").read_text())
+
+
+def control_image(seed):
+    size = pipeline_meta()["size"]
+    return np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
+def generate_case(case, **overrides):
+    from tf_diffusion.noise import NoiseSource
+
+    meta = pipeline_meta()
+    sd = tiny_sd()
+    single = len(case["nets"]) == 1
+    nets = [net(n) for n in case["nets"]]
+    images = [control_image(100 + i) for i in range(len(nets))]
+    pick = (lambda v: v[0]) if single else (lambda v: v)
+    latent = meta["size"] // 2
+    kwargs = dict(
+        controlnet=pick(nets),
+        control_image=pick(images),
+        controlnet_conditioning_scale=pick(case["scale"]),
+        control_guidance_start=pick(case["start"]),
+        control_guidance_end=pick(case["end"]),
+        guess_mode=case["guess"],
+    )
+    kwargs.update(overrides)
+    return sd.generate(
+        meta["prompts"],
+        meta["negative_prompts"],
+        num_steps=meta["steps"],
+        guidance_scale=case["guidance"],
+        scheduler=case["sampler"],
+        latents=NoiseSource(case["seed"]).normal((len(meta["prompts"]), latent, latent, 4)),
+        output_type="float",
+        progress=False,
+        jit_compile=False,
+        **kwargs,
+    )
+
+
+def pipeline_case_names():
+    return [c["name"] for c in json.loads((FIXTURES / "cases.json").read_text())["pipeline"]["cases"]]
+
+
+@pytest.mark.parametrize("name", pipeline_case_names())
+def test_generate_matches_diffusers_controlnet_pipeline(name):
+    case = next(c for c in cases()["pipeline"]["cases"] if c["name"] == name)
+    want = np.load(FIXTURES / "pipeline.npz")[name]
+    ours = generate_case(case)
+    err = float(np.max(np.abs(np.asarray(ours) - want)))
+    assert ours.shape == want.shape
+    assert err <= PIPELINE_TOLERANCE, f"{name}: max abs error {err:.2e}"
+    # The nets change the image well beyond the tolerance, so the comparison can fail.
+    plain = generate_case(case, controlnet=None, control_image=None)
+    assert float(np.max(np.abs(np.asarray(plain) - want))) > 20 * PIPELINE_TOLERANCE
+
+
+def test_steps_do_not_retrace():
+    """Scales, windows and hint images are data: a second call with other values compiles nothing."""
+    case = cases()["pipeline"]["cases"][1]
+    sd = tiny_sd()
+    generate_case(case)
+    before = sd.executor.traces
+    # Only the guidance window changes: the images must change too (the window is applied).
+    other = generate_case(case, control_guidance_end=[0.5, 0.9])
+    assert sd.executor.traces == before
+    want = np.load(FIXTURES / "pipeline.npz")[case["name"]]
+    assert float(np.max(np.abs(np.asarray(other) - want))) > 20 * PIPELINE_TOLERANCE
+    generate_case(
+        case, controlnet_conditioning_scale=[0.2, 0.4], control_image=[control_image(7), control_image(8)]
+    )
+    assert sd.executor.traces == before
+
+
+def test_bad_arguments():
+    from tf_diffusion.config import UNetConfig
+    from tf_diffusion.controlnet import ControlNet, ControlNetConfig
+
+    case = cases()["pipeline"]["cases"][1]
+    size = pipeline_meta()["size"]
+    with pytest.raises(ValueError, match="one image per ControlNet"):
+        generate_case(case, control_image=[control_image(1)])
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale has 3 entries but there are 2"):
+        generate_case(case, controlnet_conditioning_scale=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="control_guidance_start 0.8 must be below control_guidance_end 0.5"):
+        generate_case(case, control_guidance_start=0.8, control_guidance_end=0.5)
+    small = np.zeros((size // 2, size, 3), np.uint8)
+    with pytest.raises(ValueError, match=f"{size}x{size // 2} \\(WxH\\) but the output is {size}x{size}"):
+        generate_case(case, control_image=[small, small])
+    with pytest.raises(ValueError, match="control_image needs controlnet"):
+        generate_case(case, controlnet=None)
+    # A net for another family: SD 2.x's 1024-wide context against this 32-wide one.
+    unet = net("pipe_a").config.unet
+    other = ControlNet(ControlNetConfig(unet=UNetConfig(**{**unet.__dict__, "context_dim": 1024}), hint_channels=(16, 32)))
+    with pytest.raises(ValueError, match="another model family: it reads 1024-wide text context, .* gives 32"):
+        generate_case(case, controlnet=[other, net("pipe_b")])
