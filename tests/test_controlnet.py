@@ -124,7 +124,9 @@ def test_diffusers_folder(tmp_path):
 def test_original_safetensors():
     import tf_diffusion
 
-    model = tf_diffusion.ControlNet.from_pretrained(FIXTURES / "tiny_original.safetensors", config=original_config())
+    model = tf_diffusion.ControlNet.from_pretrained(
+        FIXTURES / "tiny_original.safetensors", config=original_config()
+    )
     assert_original_outputs(model)
 
 
@@ -151,7 +153,9 @@ def test_original_pth_and_whole_sd_file(caplog):
     import tf_diffusion
 
     base = reference_variables(
-        tf_diffusion.ControlNet.from_pretrained(FIXTURES / "tiny_original.safetensors", config=original_config())
+        tf_diffusion.ControlNet.from_pretrained(
+            FIXTURES / "tiny_original.safetensors", config=original_config()
+        )
     )
     pth = tf_diffusion.ControlNet.from_pretrained(FIXTURES / "tiny_original.pth", config=original_config())
     with caplog.at_level(logging.WARNING, logger="tf_diffusion.weights.controlnet"):
@@ -284,6 +288,10 @@ def test_bad_arguments():
         generate_case(case, controlnet=None)
     # A net for another family: SD 2.x's 1024-wide context against this 32-wide one.
     unet = net("pipe_a").config.unet
-    other = ControlNet(ControlNetConfig(unet=UNetConfig(**{**unet.__dict__, "context_dim": 1024}), hint_channels=(16, 32)))
-    with pytest.raises(ValueError, match="another model family: it reads 1024-wide text context, .* gives 32"):
+    other = ControlNet(
+        ControlNetConfig(unet=UNetConfig(**{**unet.__dict__, "context_dim": 1024}), hint_channels=(16, 32))
+    )
+    with pytest.raises(
+        ValueError, match="another model family: it reads 1024-wide text context, .* gives 32"
+    ):
         generate_case(case, controlnet=[other, net("pipe_b")])

@@ -55,7 +55,9 @@ class ControlNetConfig:
             or not hint
             or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in hint)
         ):
-            raise ValueError(f"ControlNetConfig.hint_channels must be a tuple of positive integers, got {hint!r}")
+            raise ValueError(
+                f"ControlNetConfig.hint_channels must be a tuple of positive integers, got {hint!r}"
+            )
 
     @property
     def hint_factor(self) -> int:
@@ -96,15 +98,13 @@ class ControlNet(keras.Model):
             # time_embed.1 is nn.SiLU in the reference.
             self.time_embed = [Linear(mc, emb_dim), SiLU(), Linear(emb_dim, emb_dim)]
             if cfg.adm_in_channels is not None:
-                self.label_emb = [
-                    [Linear(cfg.adm_in_channels, emb_dim), SiLU(), Linear(emb_dim, emb_dim)]
-                ]
+                self.label_emb = [[Linear(cfg.adm_in_channels, emb_dim), SiLU(), Linear(emb_dim, emb_dim)]]
             # cldm's input_hint_block: conv, SiLU, then per level a conv and a stride-2 conv, each
             # followed by SiLU, and the zero-initialised conv to the model width (SiLUs keep the
             # nn.Sequential indices: convs sit at even ones).
             hint = self.config.hint_channels
             layers = [Conv2d(self.config.conditioning_channels, hint[0], 3, padding=1), SiLU()]
-            for cin, cout in zip(hint[:-1], hint[1:]):
+            for cin, cout in zip(hint[:-1], hint[1:], strict=True):
                 layers += [Conv2d(cin, cin, 3, padding=1), SiLU()]
                 layers += [Conv2d(cin, cout, 3, stride=2, padding=1), SiLU()]
             layers.append(Conv2d(hint[-1], mc, 3, padding=1))
@@ -144,7 +144,11 @@ class ControlNet(keras.Model):
         if (cfg.adm_in_channels is None) != (text_embeds is None and time_ids is None):
             raise ValueError(
                 f"this ControlNet (adm_in_channels={cfg.adm_in_channels}) "
-                + ("takes no text_embeds or time_ids" if cfg.adm_in_channels is None else "needs text_embeds and time_ids")
+                + (
+                    "takes no text_embeds or time_ids"
+                    if cfg.adm_in_channels is None
+                    else "needs text_embeds and time_ids"
+                )
             )
         if cfg.adm_in_channels is None:
             return super().__call__(latents, timesteps, context, hint, **kwargs)
@@ -154,7 +158,9 @@ class ControlNet(keras.Model):
         cfg, factor = self.config.unet, self.config.hint_factor
         shape, ctx, hs = _shape(latents), _shape(context), _shape(hint)
         if len(shape) != 4 or shape[-1] != cfg.in_channels:
-            raise ValueError(f"latents must be NHWC (batch, height, width, {cfg.in_channels}), got shape {shape}")
+            raise ValueError(
+                f"latents must be NHWC (batch, height, width, {cfg.in_channels}), got shape {shape}"
+            )
         if len(ctx) != 3 or ctx[-1] != cfg.context_dim:
             raise ValueError(
                 f"context must have shape (batch, tokens, {cfg.context_dim}) for this ControlNet, got shape {ctx}"
@@ -197,7 +203,7 @@ class ControlNet(keras.Model):
         guided = run_sequential(self.input_hint_block, guided)  # (B, h, w, model_channels)
 
         h, down = latents, []
-        for i, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs)):
+        for i, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs, strict=True)):
             h = _run_block(block, h, emb, context)
             if i == 0:
                 h = h + ops.cast(guided, h.dtype)  # the hint joins after the input conv

@@ -430,7 +430,10 @@ class StableDiffusion:
         if control is not None:
             per_step.update(control.per_step(plan.num_evals, n, guided=guidance.copies == 2))
         program = self.denoise_program(
-            sampler, guidance, hooks=task.hooks, denoiser=None if control is None else control.denoiser(self.denoiser)
+            sampler,
+            guidance,
+            hooks=task.hooks,
+            denoiser=None if control is None else control.denoiser(self.denoiser),
         )
         x = executor.run(
             program,
@@ -480,7 +483,9 @@ class StableDiffusion:
         ``denoiser``: one that wraps ``self.denoiser`` (an adapter's, e.g. ControlNet's), instead of it.
         """
         # Executors cache compiled functions by DenoiseProgram.key, so a fresh program is cheap.
-        return DenoiseProgram(sampler, self.denoiser if denoiser is None else denoiser, guidance, tuple(hooks))
+        return DenoiseProgram(
+            sampler, self.denoiser if denoiser is None else denoiser, guidance, tuple(hooks)
+        )
 
     def decode(self, latents, jit_compile: bool | None = None, executor=None) -> np.ndarray:
         """Unscaled latents (N, h, w, C) -> images (N, H, W, 3) in [-1, 1] as float32.

@@ -309,7 +309,14 @@ class UNetModel(keras.Model):
             raise ValueError(f"context must have shape (batch, tokens, {cfg.context_dim}), got shape {ctx}")
 
     def call(
-        self, latents, timesteps, context, text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None
+        self,
+        latents,
+        timesteps,
+        context,
+        text_embeds=None,
+        time_ids=None,
+        down_residuals=None,
+        mid_residual=None,
     ):
         """Predict the noise (or v) for ``latents`` at ``timesteps`` given text ``context``.
 
@@ -352,7 +359,7 @@ class UNetModel(keras.Model):
                 raise ValueError(
                     f"down_residuals has {len(down_residuals)} entries; this UNet has {len(skips)} input blocks"
                 )
-            skips = [s + ops.cast(r, s.dtype) for s, r in zip(skips, down_residuals)]
+            skips = [s + ops.cast(r, s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
         if mid_residual is not None:
             h = h + ops.cast(mid_residual, h.dtype)
         for block in self.output_blocks:

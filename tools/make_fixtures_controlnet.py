@@ -26,7 +26,12 @@ import tempfile
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+from diffusers import (
+    ControlNetModel,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
+)
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
@@ -118,7 +123,10 @@ def component_case(name, model, config, rng):
         pooled = 80 - 6 * config["addition_time_embed_dim"]
         arrays["text_embeds"] = rng.standard_normal((BATCH, pooled)).astype(np.float32)
         arrays["time_ids"] = np.array([[32, 32, 0, 0, 32, 32], [64, 48, 4, 2, 32, 32]], np.float32)
-        added = {"text_embeds": torch.from_numpy(arrays["text_embeds"]), "time_ids": torch.from_numpy(arrays["time_ids"])}
+        added = {
+            "text_embeds": torch.from_numpy(arrays["text_embeds"]),
+            "time_ids": torch.from_numpy(arrays["time_ids"]),
+        }
     with torch.no_grad():
         for guess in (False, True):
             down, mid = model(
@@ -146,7 +154,9 @@ def single_files(model, shapes, tensors) -> dict:
 
     ours = manifest(ControlNet(controlnet_config_from_diffusers(dict(model.config))))
     probes = {k: torch.full(tuple(v), float(i)) for i, (k, v) in enumerate(sorted(ours.items()))}
-    converted = convert_controlnet_checkpoint({f"control_model.{k}": v for k, v in probes.items()}, dict(model.config))
+    converted = convert_controlnet_checkpoint(
+        {f"control_model.{k}": v for k, v in probes.items()}, dict(model.config)
+    )
     by_id = {id(v): k for k, v in probes.items()}
     mapping = {by_id[id(v)]: dk for dk, v in converted.items()}
     if sorted(mapping.values()) != sorted(shapes) or len(mapping) != len(ours):
@@ -228,7 +238,10 @@ def full_size_manifest() -> dict:
         model = ControlNetModel(cross_attention_dim=768)
     shapes = {k: list(p.shape) for k, p in model.named_parameters()}
     print("sd15 controlnet parameters", sum(int(np.prod(s)) for s in shapes.values()))
-    return {"config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")}, "shapes": shapes}
+    return {
+        "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+        "shapes": shapes,
+    }
 
 
 def main() -> None:
@@ -239,7 +252,11 @@ def main() -> None:
     for name, (config, seed) in COMPONENTS.items():
         model, shapes, tensors = build(config, seed)
         nets[name] = model
-        meta[name] = {"config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")}, "seed": seed, "shapes": shapes}
+        meta[name] = {
+            "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+            "seed": seed,
+            "shapes": shapes,
+        }
         if name in ("tiny", "tiny_original", "sdxl"):
             component_case(name, model, config, rng)
         if name == "tiny_original":
@@ -247,7 +264,9 @@ def main() -> None:
     meta["pipeline"] = {"cases": PIPE_CASES, "control_image_seeds": [100, 101]}
     pipelines(nets)
     (OUT / "cases.json").write_text(json.dumps(meta, indent=0, sort_keys=True, default=list) + "\n")
-    (OUT / "sd15_manifest.json").write_text(json.dumps(full_size_manifest(), indent=0, sort_keys=True, default=list) + "\n")
+    (OUT / "sd15_manifest.json").write_text(
+        json.dumps(full_size_manifest(), indent=0, sort_keys=True, default=list) + "\n"
+    )
 
 
 if __name__ == "__main__":

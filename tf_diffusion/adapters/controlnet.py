@@ -40,7 +40,7 @@ def scaled_residuals(net: ControlNet, down, mid, scale, guess_mode: bool):
         scale = ops.reshape(scale, (-1, 1, 1, 1))  # one per row: (B, 1, 1, 1)
     if guess_mode and not net.config.global_pool_conditions:
         factors = guess_mode_scales(len(down))
-        down = [d * ops.cast(scale * f, d.dtype) for d, f in zip(down, factors[:-1])]
+        down = [d * ops.cast(scale * f, d.dtype) for d, f in zip(down, factors[:-1], strict=True)]
         return down, mid * ops.cast(scale * factors[-1], mid.dtype)
     return [d * ops.cast(scale, d.dtype) for d in down], mid * ops.cast(scale, mid.dtype)
 
@@ -75,13 +75,13 @@ class ControlNetDenoiser:
         added = {k: extras[k] for k in ("text_embeds", "time_ids") if k in extras}
         t_batch = ops.broadcast_to(t, (ops.shape(x)[0],))
         down_sum = mid_sum = None
-        for k, (net, hint) in enumerate(zip(self.nets, hints)):
+        for k, (net, hint) in enumerate(zip(self.nets, hints, strict=True)):
             down, mid = net(x, t_batch, cond.context, hint, **added)
             down, mid = scaled_residuals(net, down, mid, scales[:, k], self.guess_mode)
             if down_sum is None:
                 down_sum, mid_sum = list(down), mid
             else:
-                down_sum = [a + b for a, b in zip(down_sum, down)]
+                down_sum = [a + b for a, b in zip(down_sum, down, strict=True)]
                 mid_sum = mid_sum + mid
         return self.base(
             x, t, Conditioning(cond.context, extras), down_residuals=down_sum, mid_residual=mid_sum
@@ -137,7 +137,9 @@ def _per_net(value, name: str, count: int, check) -> tuple:
     """A number for every net, or a list with one per net."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * count
     if len(values) != count:
-        raise ValueError(f"{name} has {len(values)} entries but there are {count} ControlNets; give one per net")
+        raise ValueError(
+            f"{name} has {len(values)} entries but there are {count} ControlNets; give one per net"
+        )
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
@@ -266,10 +268,11 @@ def prepare(
     scales = _per_net(scale, "controlnet_conditioning_scale", count, finite("controlnet_conditioning_scale"))
     starts = _per_net(start, "control_guidance_start", count, unit("control_guidance_start"))
     ends = _per_net(end, "control_guidance_end", count, unit("control_guidance_end"))
-    for k, (s, e) in enumerate(zip(starts, ends)):
+    for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
         if s >= e:
             raise ValueError(
-                f"control_guidance_start {s} must be below control_guidance_end {e}" + (f" (net {k})" if multi else "")
+                f"control_guidance_start {s} must be below control_guidance_end {e}"
+                + (f" (net {k})" if multi else "")
             )
     guess = bool(guess_mode) or any(net.config.global_pool_conditions for net in nets)
     return ControlPlan(tuple(nets), tuple(batches), scales, starts, ends, guess)
