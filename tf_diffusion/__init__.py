@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 # Public name -> module that defines it.
 _EXPORTS = {
     "CLIPTextConfig": "tf_diffusion.config",
+    "ControlNet": "tf_diffusion.controlnet",
+    "ControlNetConfig": "tf_diffusion.controlnet",
     "PipelineConfig": "tf_diffusion.config",
     "SchedulerConfig": "tf_diffusion.config",
     "TokenizerConfig": "tf_diffusion.config",

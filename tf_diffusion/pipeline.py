@@ -227,6 +227,12 @@ class StableDiffusion:
         strength: float | None = None,
         mask=None,
         mask_blur: float | None = None,
+        controlnet=None,
+        control_image=None,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
+        guess_mode: bool = False,
         callback: Callable | None = None,
         progress: bool = True,
         output_type: str = "uint8",
@@ -273,6 +279,16 @@ class StableDiffusion:
                 decoding, blending across a Gaussian blur of this radius in pixels (0: a hard edge), as the
                 AUTOMATIC1111 web UI does (its default is 4; the CLI's too). None (the default) returns
                 the decoded image as diffusers does, where the kept area changes a little with the decode.
+            controlnet: a ``tf_diffusion.ControlNet`` or a list of them (their residuals are summed,
+                as diffusers' MultiControlNetModel does); see ``tf_diffusion.adapters.controlnet``.
+            control_image: the hint image, or a list with one per net: PIL or uint8 / float [0, 1]
+                arrays (H, W, C) or (N, H, W, C) of the output size (one image for all outputs, or
+                one per prompt); another size is an error (no silent resizing).
+            controlnet_conditioning_scale: a number, or one per net.
+            control_guidance_start, control_guidance_end: fractions of the evaluations within which
+                each net acts (a number, or one per net), as diffusers computes them.
+            guess_mode: diffusers' guess mode: the nets act on the conditional half only, with
+                residuals scaled from 0.1 (shallow) to 1 (middle).
             callback: called as ``callback(step, timestep, latents)`` after every step.
             progress: show a progress bar over the steps.
             output_type: "uint8" (N, H, W, 3) in [0, 255], "float" in [0, 1], or
@@ -299,6 +315,7 @@ class StableDiffusion:
         Raises:
             ValueError: for any invalid argument, naming the value and what is allowed.
         """
+        from tf_diffusion.adapters import controlnet as controlnet_adapter
         from tf_diffusion.adapters import extra_networks
         from tf_diffusion.schedulers import get_sampler
 
@@ -333,6 +350,19 @@ class StableDiffusion:
         if init is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} is outside the allowed range [0, 1]")
         height, width = self.check_size(height, width, init)
+        control = controlnet_adapter.prepare(
+            self,
+            controlnet,
+            control_image,
+            controlnet_conditioning_scale,
+            control_guidance_start,
+            control_guidance_end,
+            guess_mode,
+            height=height,
+            width=width,
+            num_prompts=len(prompts),
+            num_images=num_images,
+        )
         factor = cfg.vae.downsample_factor
         shape = (height // factor, width // factor, cfg.vae.latent_channels)  # (h, w, C) per image
         n = len(prompts) * num_images
@@ -379,6 +409,8 @@ class StableDiffusion:
             cond = Conditioning(hidden[-n:])
             uncond = Conditioning(hidden[:n]) if guidance.copies == 2 else None
         task = self._prepare_task(sampler, plan, noise, seeds, init, mask_px, strength)
+        if control is not None:
+            task.extras.update(control.extras())
         if task.extras:
             cond = Conditioning(cond.context, {**cond.extras, **task.extras})
             uncond = (
@@ -395,7 +427,14 @@ class StableDiffusion:
         if sampler.needs_noise:
             steps = noise_lib.batch_normal(seeds, noise_lib.STEPS, (plan.num_evals, *shape))  # (N, E, ...)
             per_step["noise"] = np.ascontiguousarray(np.swapaxes(steps, 0, 1))  # (E, N, h, w, C)
-        program = self.denoise_program(sampler, guidance, hooks=task.hooks)
+        if control is not None:
+            per_step.update(control.per_step(plan.num_evals, n, guided=guidance.copies == 2))
+        program = self.denoise_program(
+            sampler,
+            guidance,
+            hooks=task.hooks,
+            denoiser=None if control is None else control.denoiser(self.denoiser),
+        )
         x = executor.run(
             program,
             task.x,
@@ -437,13 +476,16 @@ class StableDiffusion:
             return GeneratedImages.wrap(np.clip(decoded * 0.5 + 0.5, 0.0, 1.0), info)
         return GeneratedImages.wrap(image_utils.to_uint8(decoded), info)
 
-    def denoise_program(self, sampler, guidance, hooks: tuple = ()) -> DenoiseProgram:
+    def denoise_program(self, sampler, guidance, hooks: tuple = (), denoiser=None) -> DenoiseProgram:
         """The sampling computation of this model: ``sampler`` over the UNet denoiser with ``guidance``.
 
         Executors run it (``LocalExecutor``, ``ShardedExecutor``); the SavedModel export traces its loop.
+        ``denoiser``: one that wraps ``self.denoiser`` (an adapter's, e.g. ControlNet's), instead of it.
         """
         # Executors cache compiled functions by DenoiseProgram.key, so a fresh program is cheap.
-        return DenoiseProgram(sampler, self.denoiser, guidance, tuple(hooks))
+        return DenoiseProgram(
+            sampler, self.denoiser if denoiser is None else denoiser, guidance, tuple(hooks)
+        )
 
     def decode(self, latents, jit_compile: bool | None = None, executor=None) -> np.ndarray:
         """Unscaled latents (N, h, w, C) -> images (N, H, W, 3) in [-1, 1] as float32.

@@ -308,7 +308,16 @@ class UNetModel(keras.Model):
         if len(ctx) != 3 or ctx[-1] != cfg.context_dim:
             raise ValueError(f"context must have shape (batch, tokens, {cfg.context_dim}), got shape {ctx}")
 
-    def call(self, latents, timesteps, context, text_embeds=None, time_ids=None):
+    def call(
+        self,
+        latents,
+        timesteps,
+        context,
+        text_embeds=None,
+        time_ids=None,
+        down_residuals=None,
+        mid_residual=None,
+    ):
         """Predict the noise (or v) for ``latents`` at ``timesteps`` given text ``context``.
 
         Args:
@@ -319,6 +328,9 @@ class UNetModel(keras.Model):
             text_embeds: SDXL only (``adm_in_channels`` set): (B, P) pooled text embedding.
             time_ids: SDXL only: (B, K) micro-conditioning values (original size, crop top-left,
                 target size or aesthetic score), each embedded sinusoidally.
+            down_residuals: ControlNet residuals, one per input block, each added to that block's
+                skip (diffusers' ``down_block_additional_residuals``); None: none.
+            mid_residual: ControlNet residual added to the middle block's output.
 
         Returns:
             (B, H, W, out_channels) in the dtype policy's compute dtype.
@@ -342,6 +354,14 @@ class UNetModel(keras.Model):
             h = _run_block(block, h, emb, context)
             skips.append(h)
         h = _run_block(self.middle_block, h, emb, context)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(
+                    f"down_residuals has {len(down_residuals)} entries; this UNet has {len(skips)} input blocks"
+                )
+            skips = [s + ops.cast(r, s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
+        if mid_residual is not None:
+            h = h + ops.cast(mid_residual, h.dtype)
         for block in self.output_blocks:
             h = ops.concatenate([h, skips.pop()], axis=-1)
             # An upsample must land on the next skip's size (odd sizes round up on the way down).

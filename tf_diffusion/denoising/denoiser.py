@@ -31,7 +31,12 @@ class UNetDenoiser:
         """What distinguishes this denoiser's traced program from another's."""
         return ("unet", id(self.unet))
 
-    def __call__(self, x, t, cond: Conditioning):
+    def __call__(self, x, t, cond: Conditioning, down_residuals=None, mid_residual=None):
+        """The prediction for ``x`` at ``t``; ``down_residuals`` / ``mid_residual``: ControlNet
+        residuals added to the UNet's skips and middle block (``adapters.controlnet``)."""
+        residuals = {}
+        if down_residuals is not None or mid_residual is not None:
+            residuals = {"down_residuals": down_residuals, "mid_residual": mid_residual}
         unknown = set(cond.extras) - set(self.known_extras)
         if unknown:
             raise ValueError(f"the UNet denoiser does not read conditioning {sorted(unknown)}")
@@ -39,7 +44,9 @@ class UNetDenoiser:
             x = ops.concatenate([x, ops.cast(cond.extras["concat"], x.dtype)], axis=-1)
         t = ops.broadcast_to(t, (ops.shape(x)[0],))
         if "text_embeds" in cond.extras or "time_ids" in cond.extras:
-            out = self.unet(x, t, cond.context, cond.extras.get("text_embeds"), cond.extras.get("time_ids"))
+            out = self.unet(
+                x, t, cond.context, cond.extras.get("text_embeds"), cond.extras.get("time_ids"), **residuals
+            )
         else:
-            out = self.unet(x, t, cond.context)
+            out = self.unet(x, t, cond.context, **residuals)
         return ops.cast(out, "float32")

@@ -9,7 +9,8 @@ executor can place without knowing what they hold:
 - ``rows``: one row per image (axis 0): ``cond`` and ``uncond`` (``Conditioning.tree()``), and each
   hook's per-image tensors under the hook's name;
 - ``per_step``: one entry per model evaluation, then one per image ((E, N, ...)): ``noise`` for
-  samplers that add noise while stepping;
+  samplers that add noise while stepping; ``cond`` / ``uncond``: conditioning leaves that change per
+  evaluation (``Conditioning.tree()`` names; ControlNet scales), joined to the rows' bundles at step i;
 - ``shared``: the same for every image: the sampler's ``tables``, ``timesteps``, ``guidance_scale``
   and each hook's shared tensors under its name.
 """
@@ -47,6 +48,13 @@ class MaskBlend:
         a, b = scales[0], scales[1]
         known = rows["image_latents"] * a + rows["noise"] * b
         return (1.0 - rows["mask"]) * known + rows["mask"] * x
+
+
+def _at_step(tree, per_step_tree, i):
+    """A bundle's rows plus its per-step leaves ((E, N, ...), e.g. ControlNet scales) at evaluation i."""
+    if not per_step_tree:
+        return tree
+    return {**tree, **{k: ops.take(v, i, axis=0) for k, v in per_step_tree.items()}}
 
 
 def sampler_key(sampler) -> tuple:
@@ -88,8 +96,12 @@ class DenoiseProgram:
         rows, per_step, shared = inputs["rows"], inputs.get("per_step", {}), inputs["shared"]
         plan = _TablePlan(shared["tables"])
         model_in = self.sampler.scale_model_input(x, i, plan)
-        cond = Conditioning.from_tree(rows["cond"])
-        uncond = Conditioning.from_tree(rows["uncond"]) if "uncond" in rows else None
+        cond = Conditioning.from_tree(_at_step(rows["cond"], per_step.get("cond"), i))
+        uncond = (
+            Conditioning.from_tree(_at_step(rows["uncond"], per_step.get("uncond"), i))
+            if "uncond" in rows
+            else None
+        )
         batched = self.guidance.batch(cond, uncond)
         model_in = (
             ops.concatenate([model_in] * self.guidance.copies, axis=0)

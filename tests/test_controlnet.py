@@ -1,0 +1,297 @@
+"""ControlNet: the model, its file formats and generate() against diffusers.
+
+tools/make_fixtures_controlnet.py ran diffusers' ControlNetModel on tiny random configs (weights
+from ``random_state_dict``, redrawn here) and StableDiffusionControlNetPipeline on the tiny SD
+components of tools/make_fixtures_pipeline.py; it also wrote original-format single files, whose
+key names diffusers' own single-file converter maps back onto every diffusers key.
+"""
+
+import functools
+import json
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+
+from tf_diffusion.testing import random_state_dict
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "controlnet"
+COMPONENT_TOLERANCE = 1e-4
+PIPELINE_TOLERANCE = 1e-3
+
+
+@functools.lru_cache(maxsize=1)
+def cases():
+    return json.loads((FIXTURES / "cases.json").read_text())
+
+
+def diffusers_weights(name):
+    meta = cases()[name]
+    return random_state_dict({k: tuple(v) for k, v in meta["shapes"].items()}, meta["seed"])
+
+
+@functools.lru_cache(maxsize=8)
+def net(name):
+    """Our ControlNet with the fixture's weights, through the diffusers rename."""
+    from tf_diffusion.controlnet import ControlNet
+    from tf_diffusion.weights import load_state_dict
+    from tf_diffusion.weights.controlnet import controlnet_config_from_diffusers, convert_diffusers_controlnet
+
+    config = controlnet_config_from_diffusers(cases()[name]["config"])
+    model = ControlNet(config)
+    load_state_dict(model, convert_diffusers_controlnet(diffusers_weights(name), config))
+    return model
+
+
+def run(model, arrays, scale=0.7, guess=False):
+    from tf_diffusion.adapters.controlnet import scaled_residuals
+
+    extra = {}
+    if "text_embeds" in arrays:
+        extra = {"text_embeds": arrays["text_embeds"], "time_ids": arrays["time_ids"]}
+    down, mid = model(arrays["latents"], arrays["timesteps"], arrays["context"], arrays["hint"], **extra)
+    down, mid = scaled_residuals(model, down, mid, np.float32(scale), guess)
+    return [np.asarray(d) for d in down], np.asarray(mid)
+
+
+def max_error(ours, arrays, tag):
+    down, mid = ours
+    count = len([k for k in arrays if k.startswith(f"{tag}.down.")])
+    assert len(down) == count
+    errors = [float(np.max(np.abs(d - arrays[f"{tag}.down.{i}"]))) for i, d in enumerate(down)]
+    errors.append(float(np.max(np.abs(mid - arrays[f"{tag}.mid"]))))
+    return max(errors)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_original", "sdxl"])
+@pytest.mark.parametrize("guess", [False, True])
+def test_residuals_match_diffusers(name, guess):
+    arrays = dict(np.load(FIXTURES / f"{name}.npz"))
+    tag = "guess" if guess else "plain"
+    err = max_error(run(net(name), arrays, guess=guess), arrays, tag)
+    assert err <= COMPONENT_TOLERANCE, f"{name} {tag}: max abs error {err:.2e}"
+    # The residuals are not trivially small: a wrong weight would show.
+    assert float(np.max(np.abs(arrays[f"{tag}.mid"]))) > 0.05
+
+
+def test_full_size_sd15_count_and_keys():
+    """The full-size SD1.5 ControlNet (control_v11p_sd15_*) has diffusers' keys, shapes and count."""
+    from tf_diffusion.controlnet import ControlNet
+    from tf_diffusion.weights import count_parameters, manifest
+    from tf_diffusion.weights.controlnet import controlnet_config_from_diffusers, convert_diffusers_controlnet
+    from tf_diffusion.weights.state_dict import build_abstract
+
+    reference = json.loads((FIXTURES / "sd15_manifest.json").read_text())
+    config = controlnet_config_from_diffusers(reference["config"])
+    model = build_abstract(lambda: ControlNet(config))
+    assert count_parameters(model) == 361_279_120
+    want = {k: list(v) for k, v in convert_diffusers_controlnet(reference["shapes"], config).items()}
+    ours = {k: list(v) for k, v in manifest(model).items()}
+    assert sorted(set(want) ^ set(ours)) == []
+    assert {k: v for k, v in ours.items() if want[k] != v} == {}
+
+
+# ------------------------------------------------------------------ formats
+
+
+def original_config():
+    """The tiny original net's architecture (single files store neither heads nor norm groups)."""
+    from tf_diffusion.weights.controlnet import controlnet_config_from_diffusers
+
+    return controlnet_config_from_diffusers(cases()["tiny_original"]["config"])
+
+
+def assert_original_outputs(model):
+    arrays = dict(np.load(FIXTURES / "tiny_original.npz"))
+    err = max_error(run(model, arrays), arrays, "plain")
+    assert err <= COMPONENT_TOLERANCE, f"max abs error {err:.2e}"
+
+
+def test_diffusers_folder(tmp_path):
+    """A ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors) loads by from_pretrained."""
+    import tf_diffusion
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    config = dict(cases()["tiny_original"]["config"], _class_name="ControlNetModel")
+    (folder / "config.json").write_text(json.dumps(config))
+    save_safetensors(diffusers_weights("tiny_original"), str(folder / "diffusion_pytorch_model.safetensors"))
+    assert_original_outputs(tf_diffusion.ControlNet.from_pretrained(folder))
+
+
+def test_original_safetensors():
+    import tf_diffusion
+
+    model = tf_diffusion.ControlNet.from_pretrained(
+        FIXTURES / "tiny_original.safetensors", config=original_config()
+    )
+    assert_original_outputs(model)
+
+
+def test_original_safetensors_infers_the_architecture():
+    """Without a config the blocks, widths, context and hint encoder come from the shapes."""
+    import tf_diffusion
+
+    model = tf_diffusion.ControlNet.from_pretrained(FIXTURES / "tiny_original.safetensors")
+    want, got = original_config(), model.config
+    assert got.hint_channels == want.hint_channels == (16, 32, 96, 256)
+    for field in ("model_channels", "channel_mult", "num_res_blocks", "attention_levels", "context_dim"):
+        assert getattr(got.unet, field) == getattr(want.unet, field), field
+
+
+def reference_variables(model):
+    from tf_diffusion.weights import state_dict
+
+    return state_dict(model)
+
+
+def test_original_pth_and_whole_sd_file(caplog):
+    """.pth through the safe unpickler (float16 copies of the same weights); a control_sd15-style
+    file with a whole SD model besides: its control_model part is used, and a warning says so."""
+    import tf_diffusion
+
+    base = reference_variables(
+        tf_diffusion.ControlNet.from_pretrained(
+            FIXTURES / "tiny_original.safetensors", config=original_config()
+        )
+    )
+    pth = tf_diffusion.ControlNet.from_pretrained(FIXTURES / "tiny_original.pth", config=original_config())
+    with caplog.at_level(logging.WARNING, logger="tf_diffusion.weights.controlnet"):
+        whole = tf_diffusion.ControlNet.from_pretrained(
+            FIXTURES / "tiny_control_sd15_whole.pth", config=original_config()
+        )
+    assert any("whole Stable Diffusion model" in r.getMessage() for r in caplog.records)
+    for model in (pth, whole):
+        got = reference_variables(model)
+        assert sorted(got) == sorted(base)
+        for k in base:
+            np.testing.assert_allclose(got[k], base[k].astype(np.float16).astype(np.float32), rtol=0, atol=0)
+
+
+def test_not_a_controlnet(tmp_path):
+    import tf_diffusion
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+
+    path = tmp_path / "unet.safetensors"
+    save_safetensors({"model.diffusion_model.out.2.weight": np.zeros((4, 4, 3, 3), np.float32)}, str(path))
+    with pytest.raises(ValueError, match="not a ControlNet"):
+        tf_diffusion.ControlNet.from_pretrained(path)
+    with pytest.raises(FileNotFoundError):
+        tf_diffusion.ControlNet.from_pretrained(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------- generate()
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_sd():
+    """The tiny SD pipeline of tests/test_pipeline_parity.py (epsilon prediction)."""
+    from test_pipeline_parity import build
+
+    return build(FIXTURES.parent / "pipeline", False, "epsilon")
+
+
+def pipeline_meta():
+    return json.loads((FIXTURES.parent / "pipeline" / "cases.json").read_text())
+
+
+def control_image(seed):
+    size = pipeline_meta()["size"]
+    return np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
+def generate_case(case, **overrides):
+    from tf_diffusion.noise import NoiseSource
+
+    meta = pipeline_meta()
+    sd = tiny_sd()
+    single = len(case["nets"]) == 1
+    nets = [net(n) for n in case["nets"]]
+    images = [control_image(100 + i) for i in range(len(nets))]
+    pick = (lambda v: v[0]) if single else (lambda v: v)
+    latent = meta["size"] // 2
+    kwargs = dict(
+        controlnet=pick(nets),
+        control_image=pick(images),
+        controlnet_conditioning_scale=pick(case["scale"]),
+        control_guidance_start=pick(case["start"]),
+        control_guidance_end=pick(case["end"]),
+        guess_mode=case["guess"],
+    )
+    kwargs.update(overrides)
+    return sd.generate(
+        meta["prompts"],
+        meta["negative_prompts"],
+        num_steps=meta["steps"],
+        guidance_scale=case["guidance"],
+        scheduler=case["sampler"],
+        latents=NoiseSource(case["seed"]).normal((len(meta["prompts"]), latent, latent, 4)),
+        output_type="float",
+        progress=False,
+        jit_compile=False,
+        **kwargs,
+    )
+
+
+def pipeline_case_names():
+    return [c["name"] for c in json.loads((FIXTURES / "cases.json").read_text())["pipeline"]["cases"]]
+
+
+@pytest.mark.parametrize("name", pipeline_case_names())
+def test_generate_matches_diffusers_controlnet_pipeline(name):
+    case = next(c for c in cases()["pipeline"]["cases"] if c["name"] == name)
+    want = np.load(FIXTURES / "pipeline.npz")[name]
+    ours = generate_case(case)
+    err = float(np.max(np.abs(np.asarray(ours) - want)))
+    assert ours.shape == want.shape
+    assert err <= PIPELINE_TOLERANCE, f"{name}: max abs error {err:.2e}"
+    # The nets change the image well beyond the tolerance, so the comparison can fail.
+    plain = generate_case(case, controlnet=None, control_image=None)
+    assert float(np.max(np.abs(np.asarray(plain) - want))) > 20 * PIPELINE_TOLERANCE
+
+
+def test_steps_do_not_retrace():
+    """Scales, windows and hint images are data: a second call with other values compiles nothing."""
+    case = cases()["pipeline"]["cases"][1]
+    sd = tiny_sd()
+    generate_case(case)
+    before = sd.executor.traces
+    # Only the guidance window changes: the images must change too (the window is applied).
+    other = generate_case(case, control_guidance_end=[0.5, 0.9])
+    assert sd.executor.traces == before
+    want = np.load(FIXTURES / "pipeline.npz")[case["name"]]
+    assert float(np.max(np.abs(np.asarray(other) - want))) > 20 * PIPELINE_TOLERANCE
+    generate_case(
+        case, controlnet_conditioning_scale=[0.2, 0.4], control_image=[control_image(7), control_image(8)]
+    )
+    assert sd.executor.traces == before
+
+
+def test_bad_arguments():
+    from tf_diffusion.config import UNetConfig
+    from tf_diffusion.controlnet import ControlNet, ControlNetConfig
+
+    case = cases()["pipeline"]["cases"][1]
+    size = pipeline_meta()["size"]
+    with pytest.raises(ValueError, match="one image per ControlNet"):
+        generate_case(case, control_image=[control_image(1)])
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale has 3 entries but there are 2"):
+        generate_case(case, controlnet_conditioning_scale=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="control_guidance_start 0.8 must be below control_guidance_end 0.5"):
+        generate_case(case, control_guidance_start=0.8, control_guidance_end=0.5)
+    small = np.zeros((size // 2, size, 3), np.uint8)
+    with pytest.raises(ValueError, match=f"{size}x{size // 2} \\(WxH\\) but the output is {size}x{size}"):
+        generate_case(case, control_image=[small, small])
+    with pytest.raises(ValueError, match="control_image needs controlnet"):
+        generate_case(case, controlnet=None)
+    # A net for another family: SD 2.x's 1024-wide context against this 32-wide one.
+    unet = net("pipe_a").config.unet
+    other = ControlNet(
+        ControlNetConfig(unet=UNetConfig(**{**unet.__dict__, "context_dim": 1024}), hint_channels=(16, 32))
+    )
+    with pytest.raises(
+        ValueError, match="another model family: it reads 1024-wide text context, .* gives 32"
+    ):
+        generate_case(case, controlnet=[other, net("pipe_b")])

@@ -1,0 +1,273 @@
+"""ControlNet parity fixtures from diffusers (tests/fixtures/controlnet/).
+
+1. Components: diffusers ``ControlNetModel`` on tiny random configs (diffusers' own pipeline-test
+   config, an SDXL-style one with added conditioning, and two that fit the tiny SD pipeline of
+   tools/make_fixtures_pipeline.py), weights from ``tf_diffusion.testing.random_state_dict`` (the
+   test redraws them), inputs drawn with NumPy; the down and mid residuals are stored NHWC.
+2. Original single files of the tiny net: diffusers' own single-file converter
+   (``convert_controlnet_checkpoint``) is run on our original key names; it must give back every
+   diffusers key exactly once, so the original names are the reference's. The files are written
+   as the originals come: ``.safetensors`` with ``control_model.``, ``.pth`` without it, and a
+   ``control_sd15``-style ``.pth`` that also carries SD model keys.
+3. Pipelines: ``StableDiffusionControlNetPipeline`` on the tiny SD components with one net, two
+   nets with two scales and a guidance window, guess mode, and no guidance, from given latents;
+   the float images diffusers returns.
+4. The full-size SD1.5 ControlNet's diffusers key manifest (meta device).
+
+Usage (dev only): python tools/make_fixtures_controlnet.py
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from diffusers import (
+    ControlNetModel,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
+)
+from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+from PIL import Image
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import make_fixtures_pipeline as sdfix  # noqa: E402
+
+from tf_diffusion.noise import NoiseSource  # noqa: E402
+from tf_diffusion.testing import random_state_dict  # noqa: E402
+
+OUT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "controlnet"
+
+# diffusers' tests/pipelines/controlnet/test_controlnet.py tiny ControlNet.
+TINY = dict(
+    block_out_channels=[4, 8],
+    layers_per_block=2,
+    in_channels=4,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    cross_attention_dim=32,
+    conditioning_embedding_out_channels=[16, 32],
+    norm_num_groups=1,
+)
+# diffusers' tests/pipelines/controlnet/test_controlnet_sdxl.py tiny ControlNet.
+SDXL = dict(
+    block_out_channels=[32, 64],
+    layers_per_block=2,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    conditioning_embedding_out_channels=[16, 32],
+    attention_head_dim=[2, 4],
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    transformer_layers_per_block=[1, 2],
+    projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64,
+)
+# Fits tools/make_fixtures_pipeline.py's tiny UNet (its VAE halves the size, so does the hint block).
+PIPE = dict(
+    block_out_channels=sdfix.UNET["block_out_channels"],
+    layers_per_block=sdfix.UNET["layers_per_block"],
+    in_channels=4,
+    down_block_types=sdfix.UNET["down_block_types"],
+    cross_attention_dim=sdfix.UNET["cross_attention_dim"],
+    attention_head_dim=sdfix.UNET["attention_head_dim"],
+    norm_num_groups=sdfix.UNET["norm_num_groups"],
+    conditioning_embedding_out_channels=[16, 32],
+)
+# The original single-file layout always has the 4-level hint encoder (diffusers' default).
+TINY_ORIGINAL = {k: v for k, v in TINY.items() if k != "conditioning_embedding_out_channels"}
+COMPONENTS = {
+    "tiny": (TINY, 11),
+    "tiny_original": (TINY_ORIGINAL, 15),
+    "sdxl": (SDXL, 12),
+    "pipe_a": (PIPE, 13),
+    "pipe_b": (PIPE, 14),
+}
+LATENT = 8  # latent size of the component cases (hint: LATENT * 2)
+BATCH = 2
+
+
+def build(config: dict, seed: int):
+    model = ControlNetModel(**config).eval()
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    tensors = random_state_dict(shapes, seed)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
+    return model, shapes, tensors
+
+
+def nchw(array):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(array, (0, 3, 1, 2))))
+
+
+def nhwc(tensor):
+    return np.ascontiguousarray(np.transpose(tensor.detach().numpy(), (0, 2, 3, 1)))
+
+
+def component_case(name, model, config, rng):
+    factor = 2 ** (len(config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)
+    arrays = {
+        "latents": rng.standard_normal((BATCH, LATENT, LATENT, 4)).astype(np.float32),
+        "timesteps": np.array([37.0, 801.0], np.float32),
+        "context": rng.standard_normal((BATCH, 7, config["cross_attention_dim"])).astype(np.float32),
+        "hint": rng.random((BATCH, LATENT * factor, LATENT * factor, 3)).astype(np.float32),
+    }
+    added = None
+    if config.get("addition_embed_type") == "text_time":
+        pooled = 80 - 6 * config["addition_time_embed_dim"]
+        arrays["text_embeds"] = rng.standard_normal((BATCH, pooled)).astype(np.float32)
+        arrays["time_ids"] = np.array([[32, 32, 0, 0, 32, 32], [64, 48, 4, 2, 32, 32]], np.float32)
+        added = {
+            "text_embeds": torch.from_numpy(arrays["text_embeds"]),
+            "time_ids": torch.from_numpy(arrays["time_ids"]),
+        }
+    with torch.no_grad():
+        for guess in (False, True):
+            down, mid = model(
+                nchw(arrays["latents"]),
+                torch.from_numpy(arrays["timesteps"]),
+                torch.from_numpy(arrays["context"]),
+                nchw(arrays["hint"]),
+                conditioning_scale=0.7,
+                added_cond_kwargs=added,
+                guess_mode=guess,
+                return_dict=False,
+            )
+            tag = "guess" if guess else "plain"
+            for i, d in enumerate(down):
+                arrays[f"{tag}.down.{i}"] = nhwc(d)
+            arrays[f"{tag}.mid"] = nhwc(mid)
+    np.savez_compressed(OUT / f"{name}.npz", **arrays)
+
+
+def single_files(model, shapes, tensors) -> dict:
+    """Original-format files of ``model``; returns original key -> diffusers key (the reference's)."""
+    from tf_diffusion.controlnet import ControlNet
+    from tf_diffusion.weights import manifest
+    from tf_diffusion.weights.controlnet import controlnet_config_from_diffusers
+
+    ours = manifest(ControlNet(controlnet_config_from_diffusers(dict(model.config))))
+    probes = {k: torch.full(tuple(v), float(i)) for i, (k, v) in enumerate(sorted(ours.items()))}
+    converted = convert_controlnet_checkpoint(
+        {f"control_model.{k}": v for k, v in probes.items()}, dict(model.config)
+    )
+    by_id = {id(v): k for k, v in probes.items()}
+    mapping = {by_id[id(v)]: dk for dk, v in converted.items()}
+    if sorted(mapping.values()) != sorted(shapes) or len(mapping) != len(ours):
+        missing = sorted(set(shapes) - set(mapping.values()))
+        unmapped = sorted(set(ours) - set(mapping))
+        raise SystemExit(f"original names disagree with diffusers' converter: {missing[:5]} {unmapped[:5]}")
+    for orig, dk in mapping.items():
+        if list(ours[orig]) != shapes[dk]:
+            raise SystemExit(f"{orig} -> {dk}: shape {ours[orig]} vs diffusers {shapes[dk]}")
+    original = {k: torch.from_numpy(tensors[dk]) for k, dk in mapping.items()}
+    save_file({f"control_model.{k}": v for k, v in original.items()}, OUT / "tiny_original.safetensors")
+    # The .pth files in float16 (half the size; the test compares them with the float32 file).
+    half = {k: v.half() for k, v in original.items()}
+    torch.save(half, OUT / "tiny_original.pth")
+    # control_sd15_*.pth: the whole SD model plus the control part, in a Lightning state_dict.
+    whole = {f"control_model.{k}": v for k, v in half.items()}
+    whole["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4, 4, 3, 3)
+    whole["first_stage_model.encoder.conv_in.weight"] = torch.zeros(4, 3, 3, 3)
+    whole["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.ones(4)
+    torch.save({"state_dict": whole, "global_step": 1}, OUT / "tiny_control_sd15_whole.pth")
+    return mapping
+
+
+PIPE_CASES = [
+    # name, nets, scales, start, end, guess, guidance, sampler
+    dict(name="single-ddim", nets=["pipe_a"], scale=[0.8], start=[0.0], end=[1.0], guess=False, guidance=6.0, sampler="ddim", seed=5),
+    dict(name="multi-window-euler", nets=["pipe_a", "pipe_b"], scale=[0.7, 1.3], start=[0.0, 0.25], end=[0.75, 1.0], guess=False, guidance=6.0, sampler="euler", seed=6),
+    dict(name="guess-ddim", nets=["pipe_a"], scale=[1.0], start=[0.0], end=[1.0], guess=True, guidance=5.0, sampler="ddim", seed=7),
+    dict(name="noguidance-euler", nets=["pipe_b"], scale=[1.2], start=[0.1], end=[0.6], guess=False, guidance=1.0, sampler="euler", seed=8),
+]  # fmt: skip
+SAMPLERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+
+
+def control_image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(sdfix.SIZE, sdfix.SIZE, 3), dtype=np.uint8)
+
+
+def pipelines(nets: dict) -> None:
+    arrays = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, text_encoder, vae, unet, _ = sdfix.build_components(pathlib.Path(tmp))
+        for case in PIPE_CASES:
+            scheduler = SAMPLERS[case["sampler"]].from_config(sdfix.SCHEDULER)
+            single = len(case["nets"]) == 1
+            controlnet = nets[case["nets"][0]] if single else [nets[n] for n in case["nets"]]
+            pipe = StableDiffusionControlNetPipeline(
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )  # fmt: skip
+            pipe.set_progress_bar_config(disable=True)
+            images = [Image.fromarray(control_image(100 + i)) for i in range(len(case["nets"]))]
+            latent = sdfix.SIZE // 2
+            latents = NoiseSource(case["seed"]).normal((len(sdfix.PROMPTS), latent, latent, 4))
+            pick = (lambda v: v[0]) if single else (lambda v: v)
+            with torch.no_grad():
+                out = pipe(
+                    prompt=sdfix.PROMPTS,
+                    negative_prompt=sdfix.NEGATIVE,
+                    image=pick(images),
+                    num_inference_steps=sdfix.STEPS,
+                    guidance_scale=case["guidance"],
+                    controlnet_conditioning_scale=pick(case["scale"]),
+                    control_guidance_start=pick(case["start"]),
+                    control_guidance_end=pick(case["end"]),
+                    guess_mode=case["guess"],
+                    height=sdfix.SIZE,
+                    width=sdfix.SIZE,
+                    latents=nchw(latents),
+                    output_type="np",
+                ).images
+            arrays[case["name"]] = np.asarray(out, np.float32)
+            print(case["name"], arrays[case["name"]].shape, float(arrays[case["name"]].mean()))
+    np.savez_compressed(OUT / "pipeline.npz", **arrays)
+
+
+def full_size_manifest() -> dict:
+    # control_v11p_sd15_*'s config.json: ControlNetModel defaults with SD1's 768-wide context.
+    with torch.device("meta"):
+        model = ControlNetModel(cross_attention_dim=768)
+    shapes = {k: list(p.shape) for k, p in model.named_parameters()}
+    print("sd15 controlnet parameters", sum(int(np.prod(s)) for s in shapes.values()))
+    return {
+        "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+        "shapes": shapes,
+    }
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    meta, nets = {}, {}
+    for name, (config, seed) in COMPONENTS.items():
+        model, shapes, tensors = build(config, seed)
+        nets[name] = model
+        meta[name] = {
+            "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+            "seed": seed,
+            "shapes": shapes,
+        }
+        if name in ("tiny", "tiny_original", "sdxl"):
+            component_case(name, model, config, rng)
+        if name == "tiny_original":
+            meta[name]["original_to_diffusers"] = single_files(model, shapes, tensors)
+    meta["pipeline"] = {"cases": PIPE_CASES, "control_image_seeds": [100, 101]}
+    pipelines(nets)
+    (OUT / "cases.json").write_text(json.dumps(meta, indent=0, sort_keys=True, default=list) + "\n")
+    (OUT / "sd15_manifest.json").write_text(
+        json.dumps(full_size_manifest(), indent=0, sort_keys=True, default=list) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
