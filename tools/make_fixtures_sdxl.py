@@ -23,7 +23,14 @@ Written to tests/fixtures/sdxl/:
   here against diffusers' own converter (``convert_ldm_unet_checkpoint``, original -> diffusers),
   which must give back diffusers' key set exactly.
 
-Usage (dev only; needs torch, diffusers, transformers): python tools/make_fixtures_sdxl.py
+* ``tasks.json`` / ``tasks.npz``, ``sdxl-refiner-diffusers/``, ``unet_inpaint.json`` (``--tasks`` writes
+  only these, from the existing ``sdxl-diffusers/``): ``StableDiffusionXLImg2ImgPipeline`` (base, and a
+  tiny refiner with aesthetic-score time ids and only the bigG-like encoder), micro-conditioning
+  values, ``StableDiffusionXLInpaintPipeline`` (4-channel base UNet and a 9-channel UNet) and the
+  base-to-refiner hand-off (``denoising_end`` -> latents -> ``denoising_start``), every random draw
+  taken from tf_diffusion.noise for the same seeds.
+
+Usage (dev only; needs torch, diffusers, transformers): python tools/make_fixtures_sdxl.py [--tasks]
 """
 
 from __future__ import annotations
@@ -433,5 +440,231 @@ def main() -> None:
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 
 
+# ------------------------------------------------------------------------------------ tasks
+
+# The refiner: only the bigG-like encoder (context 40 wide), aesthetic-score time ids (5 values).
+UNET_REFINER_TINY = dict(UNET_TINY, cross_attention_dim=40, projection_class_embeddings_input_dim=32 + 5 * 8)
+TASK_SEEDS = {"refiner_unet": 36, "unet_inpaint": 37}
+TASK_SIZE = (16, 16)
+TASK_SAMPLERS = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+}
+# Task runs: name -> dict(pipeline, sampler, prompt, negative, steps, guidance, seed, strength, options...).
+TASK_RUNS = [
+    dict(name="refiner_img2img_euler", model="refiner", mode="img2img", sampler="euler", steps=5, strength=0.6,
+         guidance=5.0, seed=11, prompt=["a photo of a cat", "a dog"], negative=None, options={}),
+    dict(name="refiner_img2img_euler_a_scores", model="refiner", mode="img2img", sampler="euler_a", steps=4,
+         strength=0.75, guidance=4.0, seed=12, prompt="a red car", negative="blurry",
+         options=dict(aesthetic_score=7.0, negative_aesthetic_score=2.0, original_size=(32, 48),
+                      crops_coords_top_left=(4, 2), negative_original_size=(8, 8),
+                      negative_crops_coords_top_left=(2, 0))),
+    dict(name="base_img2img_dpmpp_micro", model="base", mode="img2img", sampler="dpmpp_2m_karras", steps=5,
+         strength=0.7, guidance=6.0, seed=13, prompt="a red car on the street", negative="ugly",
+         options=dict(original_size=(32, 48), crops_coords_top_left=(4, 2), target_size=(24, 16),
+                      negative_original_size=(8, 16), negative_target_size=(16, 8))),
+    dict(name="base_txt2img_euler_micro", model="base", mode="txt2img", sampler="euler", steps=4, guidance=5.0,
+         seed=14, prompt="a photo of a cat", negative="blurry",
+         options=dict(original_size=(32, 48), crops_coords_top_left=(4, 2), target_size=(24, 16),
+                      negative_original_size=(8, 16), negative_crops_coords_top_left=(0, 6),
+                      negative_target_size=(16, 8))),
+    dict(name="inpaint4_euler", model="base", mode="inpaint4", sampler="euler", steps=5, strength=1.0,
+         guidance=5.0, seed=15, prompt=["a photo of a cat", "a dog"], negative=None, options={}),
+    dict(name="inpaint4_dpmpp_strength", model="base", mode="inpaint4", sampler="dpmpp_2m_karras", steps=5,
+         strength=0.75, guidance=5.0, seed=16, prompt="a red car", negative="blurry", options={}),
+    dict(name="inpaint9_euler_a", model="base", mode="inpaint9", sampler="euler_a", steps=4, strength=1.0,
+         guidance=5.0, seed=17, prompt="a photo of a cat", negative="", options={}),
+    dict(name="inpaint9_euler_strength", model="base", mode="inpaint9", sampler="euler", steps=5,
+         strength=0.6, guidance=5.0, seed=18, prompt="a red car", negative="blurry", options={}),
+]
+# Ensemble of experts: base txt2img to denoising_end (latents), refiner from denoising_start.
+HANDOFFS = [
+    dict(name="handoff_euler", sampler="euler", steps=6, switch=0.8, guidance=5.0, seeds=(21, 31),
+         prompt="a photo of a cat", negative=None),
+    dict(name="handoff_dpmpp_2m_karras", sampler="dpmpp_2m_karras", steps=7, switch=0.7, guidance=6.0,
+         seeds=(22, 32), prompt=["a red car", "a dog"], negative=["blurry", ""]),
+    dict(name="handoff_euler_a", sampler="euler_a", steps=5, switch=0.6, guidance=4.0, seeds=(23, 33),
+         prompt="a photo of a cat", negative="ugly"),
+]
+
+
+def task_image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(*TASK_SIZE, 3), dtype=np.uint8)
+
+
+def task_mask() -> np.ndarray:
+    mask = np.zeros(TASK_SIZE, dtype=np.uint8)
+    mask[3:11, 5:14] = 255
+    return mask
+
+
+def task_scheduler(name: str):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    cls, extra = TASK_SAMPLERS[name]
+    cls = EulerAncestralDiscreteScheduler if cls == "EulerAncestralDiscreteScheduler" else cls
+    return cls.from_config({**SCHEDULER, **extra})
+
+
+def cutoff_evals(sched, steps: int, start: float | None, end: float | None, strength: float | None) -> int:
+    """How many evaluations diffusers runs (get_timesteps and the denoising_end cut-off)."""
+    probe = type(sched).from_config(sched.config)
+    probe.set_timesteps(steps)
+    ts = probe.timesteps.numpy()
+    n_train = probe.config.num_train_timesteps
+    if start is not None:
+        cut = int(round(n_train - start * n_train))
+        k = int((ts < cut).sum())
+        if probe.order == 2 and k % 2 == 0:
+            k += 1
+        ts = ts[len(ts) - k :]
+    elif strength is not None:
+        init = min(int(steps * strength), steps)
+        ts = ts[max(steps - init, 0) * probe.order :]
+    if end is not None:
+        cut = int(round(n_train - end * n_train))
+        ts = ts[ts >= cut]
+    return len(ts)
+
+
+@torch.no_grad()
+def tasks() -> None:
+    """``tasks.json`` / ``tasks.npz``: img2img, inpainting and base-to-refiner runs of diffusers' SDXL pipelines.
+
+    Every random draw is tf_diffusion's for the same seeds (tools/make_fixtures_pipeline.py's
+    ``NoiseQueues``); ``sdxl-refiner-diffusers/`` is a tiny refiner saved by diffusers (bigG-like encoder
+    only, aesthetic-score time ids); the 9-channel inpainting UNet's weights are
+    ``random_state_dict(shapes, seed)`` of ``unet_inpaint.json``.
+    """
+    from diffusers import (
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+    )
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_fixtures_pipeline import NoiseQueues
+
+    from tf_diffusion import noise as noise_lib
+
+    base = StableDiffusionXLPipeline.from_pretrained(str(OUT / "sdxl-diffusers"), torch_dtype=torch.float32)
+    refiner_dir = OUT / "sdxl-refiner-diffusers"
+    if refiner_dir.exists():
+        shutil.rmtree(refiner_dir)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, unet=seeded(UNet2DConditionModel(**UNET_REFINER_TINY), TASK_SEEDS["refiner_unet"]),
+        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False,
+    )  # fmt: skip
+    refiner.save_pretrained(refiner_dir)
+    shutil.rmtree(refiner_dir / "tokenizer_2")
+    our_tokenizer(0).save(refiner_dir / "tokenizer_2")
+    unet9 = UNet2DConditionModel(**dict(UNET_TINY, in_channels=9))
+    unet9 = seeded(unet9, TASK_SEEDS["unet_inpaint"])
+    (OUT / "unet_inpaint.json").write_text(
+        json.dumps({"config": dict(unet9.config), "shapes": {k: list(v.shape) for k, v in unet9.state_dict().items()},
+                    "seed": TASK_SEEDS["unet_inpaint"]}, indent=0, default=list) + "\n"
+    )  # fmt: skip
+    parts = {k: getattr(base, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    latent = (TASK_SIZE[0] // 2, TASK_SIZE[1] // 2, 4)
+    ref: dict[str, np.ndarray] = {}
+
+    def draws(seeds, evals, sched_name):
+        return {
+            "latents": noise_lib.batch_normal(seeds, noise_lib.LATENTS, latent),
+            "image": noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, latent),
+            "masked": noise_lib.batch_normal(seeds, noise_lib.MASKED_POSTERIOR, latent),
+            "steps": (
+                list(np.swapaxes(noise_lib.batch_normal(seeds, noise_lib.STEPS, (evals, *latent)), 0, 1))
+                if sched_name == "euler_a"
+                else []
+            ),
+        }
+
+    for run in TASK_RUNS:
+        sched = task_scheduler(run["sampler"])
+        prompts = run["prompt"] if isinstance(run["prompt"], list) else [run["prompt"]]
+        n = len(prompts)
+        seeds = noise_lib.image_seeds(run["seed"], n)
+        mode = run["mode"]
+        strength = run.get("strength")
+        evals = cutoff_evals(sched, run["steps"], None, None, None if mode == "txt2img" else strength)
+        d = draws(seeds, evals, run["sampler"])
+        call = dict(prompt=run["prompt"], negative_prompt=run["negative"], num_inference_steps=run["steps"],
+                    guidance_scale=run["guidance"], output_type="np", **run["options"])  # fmt: skip
+        with NoiseQueues() as queues:
+            q = queues.queues
+            if run["model"] == "refiner":
+                pipe = refiner
+                pipe.scheduler = sched
+                call.update(image=[Image.fromarray(task_image(run["seed"] + 1))] * n, strength=strength)
+                q["vae"].append(d["image"])
+                q["pipeline"].append(d["latents"])
+            elif mode == "txt2img":
+                pipe = StableDiffusionXLPipeline(unet=base.unet, scheduler=sched, **parts,
+                                                 force_zeros_for_empty_prompt=True, add_watermarker=False)
+                call.update(height=TASK_SIZE[0], width=TASK_SIZE[1])
+                q["pipeline"].append(d["latents"])
+            elif mode == "img2img":
+                pipe = StableDiffusionXLImg2ImgPipeline(unet=base.unet, scheduler=sched, **parts,
+                                                        force_zeros_for_empty_prompt=True, add_watermarker=False)
+                call.update(image=[Image.fromarray(task_image(run["seed"] + 1))] * n, strength=strength)
+                q["vae"].append(d["image"])
+                q["pipeline"].append(d["latents"])
+            else:
+                pipe = StableDiffusionXLInpaintPipeline(
+                    unet=unet9 if mode == "inpaint9" else base.unet, scheduler=sched, **parts,
+                    force_zeros_for_empty_prompt=True, add_watermarker=False)  # fmt: skip
+                call.update(image=[Image.fromarray(task_image(run["seed"] + 1))] * n,
+                            mask_image=[Image.fromarray(task_mask())] * n, strength=strength,
+                            height=TASK_SIZE[0], width=TASK_SIZE[1])  # fmt: skip
+                if mode == "inpaint4" or strength < 1.0:
+                    q["vae"].append(d["image"])
+                q["pipeline"].append(d["latents"])
+                q["vae"].append(d["masked"])
+            q["scheduler"].extend(d["steps"])
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(**call).images
+        ref[f"{run['name']}/images"] = np.asarray(images, np.float32)
+        print(f"task {run['name']}: {images.shape} mean {images.mean():.4f}")
+
+    for run in HANDOFFS:
+        prompts = run["prompt"] if isinstance(run["prompt"], list) else [run["prompt"]]
+        n = len(prompts)
+        call = dict(prompt=run["prompt"], negative_prompt=run["negative"], num_inference_steps=run["steps"],
+                    guidance_scale=run["guidance"])  # fmt: skip
+        sched = task_scheduler(run["sampler"])
+        seeds = noise_lib.image_seeds(run["seeds"][0], n)
+        d = draws(seeds, cutoff_evals(sched, run["steps"], None, run["switch"], None), run["sampler"])
+        pipe = StableDiffusionXLPipeline(unet=base.unet, scheduler=sched, **parts,
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        with NoiseQueues() as queues:
+            queues.queues["pipeline"].append(d["latents"])
+            queues.queues["scheduler"].extend(d["steps"])
+            latents = pipe(**call, height=TASK_SIZE[0], width=TASK_SIZE[1], denoising_end=run["switch"],
+                           output_type="latent").images  # fmt: skip
+        sched = task_scheduler(run["sampler"])
+        seeds = noise_lib.image_seeds(run["seeds"][1], n)
+        d = draws(seeds, cutoff_evals(sched, run["steps"], run["switch"], None, None), run["sampler"])
+        refiner.scheduler = sched
+        with NoiseQueues() as queues:
+            queues.queues["scheduler"].extend(d["steps"])
+            images = refiner(**call, image=latents, denoising_start=run["switch"], output_type="np").images
+        ref[f"{run['name']}/latents"] = nhwc(latents)
+        ref[f"{run['name']}/images"] = np.asarray(images, np.float32)
+        print(f"handoff {run['name']}: {images.shape} mean {images.mean():.4f}")
+
+    np.savez_compressed(OUT / "tasks.npz", **ref)
+    meta = dict(size=TASK_SIZE, scheduler=SCHEDULER, runs=TASK_RUNS, handoffs=HANDOFFS)
+    (OUT / "tasks.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--tasks"]:
+        tasks()
+    else:
+        main()
+        tasks()

@@ -96,6 +96,15 @@ def check_strength(strength) -> float:
     return float(strength)
 
 
+def check_fraction(value, name: str) -> float | None:
+    """None, or a fraction strictly inside (0, 1) (``denoising_start`` / ``denoising_end``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name}={value!r} must be a fraction strictly between 0 and 1, or None")
+    return float(value)
+
+
 class Sampler:
     """Base class: a diffusers scheduler as a plan builder plus a pure step function.
 
@@ -138,35 +147,82 @@ class Sampler:
         """Call options beyond the config that change the computation (DDIM's ``eta``); {} by default."""
         return {}
 
-    def plan(self, num_steps: int, strength: float = 1.0) -> SamplerPlan:
+    def plan(
+        self,
+        num_steps: int,
+        strength: float = 1.0,
+        *,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+    ) -> SamplerPlan:
         """Timesteps and float32 tables for ``num_steps`` inference steps.
 
         Args:
             num_steps: inference steps, 1..num_train_timesteps.
             strength: img2img strength in [0, 1]; like diffusers' img2img ``get_timesteps``, the plan keeps
                 the last ``min(int(num_steps * strength), num_steps)`` steps.
+            denoising_start: a fraction in (0, 1) of the schedule already done (the refiner of diffusers'
+                "ensemble of experts"): instead of ``strength``, the plan keeps the evaluations whose
+                timestep is below ``round(T - denoising_start * T)`` (one more for a second-order
+                sampler whose count is even), as diffusers' SDXL img2img ``get_timesteps``.
+            denoising_end: a fraction in (0, 1) of the schedule to run (the base model of the hand-off):
+                the plan stops before the first evaluation whose timestep is below
+                ``round(T - denoising_end * T)``, as diffusers' SDXL pipelines cut it.
 
         Returns:
             The SamplerPlan.
 
         Raises:
-            ValueError: if num_steps or strength is out of range, or the strength leaves no step to run.
+            ValueError: if num_steps, strength or a fraction is out of range, or nothing is left to run.
         """
         n = check_num_steps(num_steps, self.config)
         strength = check_strength(strength)
-        init_timestep = min(int(n * strength), n)
-        begin = max(n - init_timestep, 0) * self.order
-        timesteps, init_sigma, tables = self._schedule(n, begin)
+        start = check_fraction(denoising_start, "denoising_start")
+        end = check_fraction(denoising_end, "denoising_end")
+        if start is not None and end is not None and start >= end:
+            raise ValueError(
+                f"denoising_start={start} must be below denoising_end={end} (the part of the schedule to run)"
+            )
+        train = self.config.num_train_timesteps
+        if start is None:
+            init_timestep = min(int(n * strength), n)
+            begin = max(n - init_timestep, 0) * self.order
+            timesteps, init_sigma, tables = self._schedule(n, begin)
+        else:
+            all_timesteps = self._schedule(n, 0)[0]
+            cutoff = int(round(train - start * train))
+            count = int((np.asarray(all_timesteps) < cutoff).sum())
+            if self.order == 2 and count % 2 == 0:
+                count += 1  # diffusers: a second-order step must not be split
+            begin = len(all_timesteps) - min(count, len(all_timesteps))
+            timesteps, init_sigma, tables = self._schedule(n, begin)
         if begin >= len(timesteps):
+            if start is not None:
+                raise ValueError(
+                    f"denoising_start={start} with num_steps={n} leaves no denoising step; use a smaller "
+                    f"fraction or more steps"
+                )
             raise ValueError(
                 f"strength={strength} with num_steps={n} leaves no denoising step; "
                 f"use strength >= {1 / n:.4g}"
             )
+        timesteps = np.asarray(timesteps[begin:], np.float32)
+        if end is not None:
+            cutoff = int(round(train - end * train))
+            count = int((timesteps >= cutoff).sum())
+            if count == 0:
+                raise ValueError(
+                    f"denoising_end={end} with num_steps={n} leaves no denoising step; use a larger "
+                    f"fraction or more steps"
+                )
+            # The evaluations keep their full-schedule tables: the cut-off only stops the loop early.
+            timesteps = timesteps[:count]
+            tables = {k: v[:count] for k, v in tables.items()}
         return SamplerPlan(
             sampler=self.name,
             num_steps=n,
             strength=strength,
-            timesteps=np.asarray(timesteps[begin:], np.float32),
+            timesteps=timesteps,
             init_noise_sigma=float(np.float32(init_sigma)),
             tables={k: np.ascontiguousarray(v, np.float32) for k, v in tables.items()},
         )
