@@ -13,8 +13,11 @@
    nets with two scales and a guidance window, guess mode, and no guidance, from given latents;
    the float images diffusers returns.
 4. The full-size SD1.5 ControlNet's diffusers key manifest (meta device).
+5. ``--tasks``: ``StableDiffusionControlNetImg2ImgPipeline`` and ``StableDiffusionControlNetInpaintPipeline``
+   (4- and 9-channel UNets) on the same tiny components, with tf_diffusion's seeded noise handed to
+   diffusers as tools/make_fixtures_pipeline.py does (tasks.json, tasks.npz).
 
-Usage (dev only): python tools/make_fixtures_controlnet.py
+Usage (dev only): python tools/make_fixtures_controlnet.py [--tasks]
 """
 
 from __future__ import annotations
@@ -244,8 +247,45 @@ def full_size_manifest() -> dict:
     }
 
 
+TASK_CASES = [
+    dict(name="img2img-ddim", mode="img2img", net="pipe_a", scale=0.8, strength=0.75, guidance=6.0, sampler="ddim", seed=21),
+    dict(name="img2img-euler-window", mode="img2img", net="pipe_b", scale=1.1, strength=0.6, guidance=5.0, sampler="euler", seed=22, start=0.0, end=0.6),
+    dict(name="inpaint4-euler", mode="inpaint4", net="pipe_a", scale=1.0, strength=1.0, guidance=6.0, sampler="euler", seed=23),
+    dict(name="inpaint9-ddim", mode="inpaint9", net="pipe_b", scale=0.9, strength=1.0, guidance=6.0, sampler="ddim", seed=24),
+]  # fmt: skip
+TASK_HINT_SEED = 102
+
+
+def tasks() -> None:
+    nets = {name: build(*COMPONENTS[name])[0] for name in ("pipe_a", "pipe_b")}
+    hint = Image.fromarray(control_image(TASK_HINT_SEED))
+    arrays = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        components = sdfix.build_components(pathlib.Path(tmp))
+        for case in TASK_CASES:
+            control = dict(
+                controlnet=nets[case["net"]],
+                control_image=[hint] * len(sdfix.PROMPTS),
+                controlnet_conditioning_scale=case["scale"],
+                control_guidance_start=case.get("start", 0.0),
+                control_guidance_end=case.get("end", 1.0),
+            )
+            images = sdfix.run_case(
+                components, case["mode"], case["sampler"], "epsilon", case["seed"], case["guidance"],
+                case["strength"], control=control,
+            )  # fmt: skip
+            arrays[case["name"]] = images
+            print(case["name"], images.shape, float(images.mean()))
+    np.savez_compressed(OUT / "tasks.npz", **arrays)
+    meta = {"cases": TASK_CASES, "hint_seed": TASK_HINT_SEED}
+    (OUT / "tasks.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    if "--tasks" in sys.argv[1:]:
+        tasks()
+        return
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     meta, nets = {}, {}

@@ -192,18 +192,36 @@ def build_components(tmp: pathlib.Path):
     return tokenizer, text_encoder, vae, unet, unet9
 
 
-def run_case(components, mode, sampler, prediction_type, seed, guidance, strength):
+def run_case(components, mode, sampler, prediction_type, seed, guidance, strength, control=None):
+    """One pipeline run with tf_diffusion's noise; ``control`` (a dict of the ControlNet pipelines'
+    ``controlnet``, ``control_image`` and call options) runs diffusers' ControlNet variant of the task."""
     tokenizer, text_encoder, vae, unet, unet9 = components
     cls, extra = SAMPLERS[sampler]
     scheduler = cls.from_config({**SCHEDULER, **extra, "prediction_type": prediction_type})
     kwargs = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     shared = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler)
-    pipeline_cls = {
-        "txt2img": StableDiffusionPipeline,
-        "img2img": StableDiffusionImg2ImgPipeline,
-        "inpaint4": StableDiffusionInpaintPipeline,
-        "inpaint9": StableDiffusionInpaintPipeline,
-    }[mode]
+    if control is None:
+        pipeline_cls = {
+            "txt2img": StableDiffusionPipeline,
+            "img2img": StableDiffusionImg2ImgPipeline,
+            "inpaint4": StableDiffusionInpaintPipeline,
+            "inpaint9": StableDiffusionInpaintPipeline,
+        }[mode]
+    else:
+        from diffusers import (
+            StableDiffusionControlNetImg2ImgPipeline,
+            StableDiffusionControlNetInpaintPipeline,
+            StableDiffusionControlNetPipeline,
+        )
+
+        pipeline_cls = {
+            "txt2img": StableDiffusionControlNetPipeline,
+            "img2img": StableDiffusionControlNetImg2ImgPipeline,
+            "inpaint4": StableDiffusionControlNetInpaintPipeline,
+            "inpaint9": StableDiffusionControlNetInpaintPipeline,
+        }[mode]
+        control = dict(control)
+        shared["controlnet"] = control.pop("controlnet")
     pipe = pipeline_cls(unet=unet9 if mode == "inpaint9" else unet, **shared, **kwargs)
     pipe.set_progress_bar_config(disable=True)
 
@@ -227,6 +245,10 @@ def run_case(components, mode, sampler, prediction_type, seed, guidance, strengt
         call.update(image=[Image.fromarray(test_image(seed + 1))] * batch, strength=strength)
     if mode.startswith("inpaint"):
         call.update(mask_image=[Image.fromarray(test_mask())] * batch)
+    if control is not None:
+        # The txt2img ControlNet pipeline takes the hint as `image`, the others as `control_image`.
+        hint = control.pop("control_image")
+        call.update({"image" if mode == "txt2img" else "control_image": hint}, **control)
 
     scheduler_probe = cls.from_config(scheduler.config)
     scheduler_probe.set_timesteps(STEPS)
