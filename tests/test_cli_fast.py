@@ -152,6 +152,22 @@ def test_mistakes_answer_before_tensorflow_is_imported(tmp_path):
             1,
             "--embedding gone.pt: no such file",
         ),
+        "control without image": (
+            ["generate", "x", "--control", "net.safetensors"],
+            2,
+            "--control net.safetensors: expected MODEL:IMAGE[:SCALE]",
+        ),
+        "missing control": (
+            ["generate", "x", "--control", "gone.safetensors:h.png:0.5"],
+            1,
+            "--control gone.safetensors:h.png:0.5: gone.safetensors: no such file",
+        ),
+        "guess mode alone": (["generate", "x", "--guess-mode"], 2, "--guess-mode applies to ControlNets"),
+        "preprocess threshold": (
+            ["preprocess", "canny", "a.png", "b.png", "--high", "999"],
+            2,
+            "--high 999 is outside [0, 255]",
+        ),
         "info missing": (["info", str(tmp_path / "missing.ckpt")], 1, "no such file or folder"),
         "convert onto files": (
             ["convert", "tiny-shapes", str(tmp_path / "out"), "--to", "diffusers"],

@@ -214,6 +214,51 @@ def model_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:HASH_CHARS]
 
 
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """The web UI's old short hash of a model file, which the ControlNet extension writes after a
+    ControlNet's name (``control_v11p_sd15_canny [d14c016b]``): the first 8 hex digits of the SHA-256 of
+    the 64 KiB that start 1 MiB into the file (of nothing, for a file shorter than 1 MiB)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"model hash needs a file, got {os.fspath(path)!r} (not a file)")
+    with open(path, "rb") as handle:
+        handle.seek(1 << 20)
+        return hashlib.sha256(handle.read(1 << 16)).hexdigest()[:8]
+
+
+def controlnet_unit_text(fields: Mapping[str, object]) -> str:
+    """One ControlNet unit as the web UI's ControlNet extension writes it in ``ControlNet N``:
+    ``Module: none, Model: name [hash], Weight: 1.0, ...``. Keys and values may hold neither a comma
+    nor a colon (the extension's own rule), since the unit is one comma-separated field list."""
+    parts = []
+    for key, value in fields.items():
+        text = str(value)
+        if any(c in text for c in ",:") or any(c in key for c in ",:"):
+            raise ValueError(f"ControlNet unit field {key!r}: {text!r} may hold neither ',' nor ':'")
+        parts.append(f"{key}: {text}")
+    return ", ".join(parts)
+
+
+def parse_controlnet_unit(text: str) -> dict[str, str | float | bool]:
+    """A ``ControlNet N`` value back into its fields; numbers and True/False typed, the rest strings.
+
+    Raises:
+        ValueError: for an item that is not ``Key: value``.
+    """
+    out: dict[str, str | float | bool] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition(": ")
+        if not sep or not key:
+            raise ValueError(f"ControlNet unit item {item.strip()!r} is not 'Key: value' (in {text!r})")
+        if value in ("True", "False"):
+            out[key] = value == "True"
+            continue
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def _value_text(key: str, value) -> str:
     if isinstance(value, bool):
         text = str(value)

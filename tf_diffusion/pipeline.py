@@ -390,6 +390,8 @@ class StableDiffusion:
         # After every argument check: <lora:...> tags merge their LoRAs and leave the text
         # (adapters.extra_networks).
         prompt_texts, negative_texts, extra_params = extra_networks.prepare(self, prompts, negatives)
+        if control is not None:
+            extra_params = {**extra_params, **control.infotext()}
         # Text: one bundle per image, prompt by prompt.
         if cfg.is_sdxl:
             cond, uncond = sdxl.text_conditioning(

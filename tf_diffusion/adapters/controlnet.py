@@ -132,6 +132,52 @@ class ControlPlan:
     def denoiser(self, base) -> ControlNetDenoiser:
         return ControlNetDenoiser(base, self.nets, self.guess_mode)
 
+    def infotext(self) -> dict[str, str]:
+        """PNG parameter fields ``ControlNet 0``, ``ControlNet 1``, ... as the web UI's ControlNet
+        extension writes them (hints are taken as given: ``Module: none``; guess mode is the
+        extension's ``ControlNet is more important`` control mode)."""
+        from tf_diffusion.infotext import controlnet_unit_text
+
+        mode = "ControlNet is more important" if self.guess_mode else "Balanced"
+        return {
+            f"ControlNet {k}": controlnet_unit_text(
+                {
+                    "Module": "none",
+                    "Model": model_title(net),
+                    "Weight": self.scales[k],
+                    "Guidance Start": self.starts[k],
+                    "Guidance End": self.ends[k],
+                    "Control Mode": mode,
+                }
+            )
+            for k, net in enumerate(self.nets)
+        }
+
+
+def model_title(net: ControlNet) -> str:
+    """The net as the ControlNet extension lists it: the file's stem and its short hash
+    (``control_v11p_sd15_canny [d14c016b]``); a folder's name alone; ``controlnet`` for a net built
+    in memory. The hash is computed once per net."""
+    title = getattr(net, "_infotext_title", None)
+    if title is None:
+        import pathlib
+
+        from tf_diffusion.infotext import legacy_model_hash
+
+        source = getattr(net, "source", None)
+        if source is None:
+            title = "controlnet"
+        else:
+            path = pathlib.Path(source)
+            try:
+                title = path.name if path.is_dir() else f"{path.stem} [{legacy_model_hash(path)}]"
+            except (OSError, ValueError):  # moved or deleted since it was loaded: the name alone
+                title = path.stem
+        # Characters the extension's unit text cannot hold become spaces.
+        title = title.replace(",", " ").replace(":", " ")
+        net._infotext_title = title
+    return title
+
 
 def _per_net(value, name: str, count: int, check) -> tuple:
     """A number for every net, or a list with one per net."""

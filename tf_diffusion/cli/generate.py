@@ -7,6 +7,8 @@
     tf-diffusion generate "a red circle <lora:ink:0.8>" --lora-dir loras/ -o out.png
     tf-diffusion generate "a red circle" --lora style.safetensors:0.7 --embedding easyneg.pt \
         --negative-prompt easyneg -o out.png
+    tf-diffusion generate "a house" --model sd15.safetensors \
+        --control control_v11p_sd15_canny.safetensors:edges.png:0.8 -o house.png
 
 PNGs carry the generation parameters in a ``parameters`` text chunk, written as
 AUTOMATIC1111 writes them, so other tools read them back.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import tempfile
 
 import numpy as np
@@ -50,6 +53,9 @@ OPTION_NAMES = {
     "mask": "--mask",
     "strength": "--strength",
     "max_pixels": "--max-image-pixels",
+    "control_image": "--control IMAGE",
+    "controlnet_conditioning_scale": "--control SCALE",
+    "controlnet": "--control MODEL",
 }
 
 
@@ -187,6 +193,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "file name (or its token) is its word in prompts; repeatable",
     )
     p.add_argument("--embedding-dir", default=None, help="load every embedding in this folder")
+    p.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="MODEL:IMAGE[:SCALE]",
+        help="a ControlNet (diffusers folder, .safetensors or .pth) and its hint image, at this scale "
+        "(default 1); repeatable for several nets (tf-diffusion preprocess canny makes edge hints)",
+    )
+    p.add_argument(
+        "--guess-mode",
+        action="store_true",
+        help="ControlNet guess mode (the web UI's 'ControlNet is more important'); needs --control",
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -230,6 +249,10 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, list[pathlib.Path], 
             if path.exists():
                 raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
     check_adapters(args)
+    if args.guess_mode and not args.control:
+        raise UsageError("--guess-mode applies to ControlNets (--control) only")
+    for value in args.control:
+        control_option(value)
     source = check_model(args.model, "--model")
     factor, _ = model_factor(source)
     check_size(args.height, args.width, factor)
@@ -250,6 +273,32 @@ def lora_option(value: str) -> tuple[str, float]:
         finite_float(number, f"--lora {value}: weight")
         return path, number
     return value, 1.0
+
+
+def control_option(value: str) -> tuple[str, str, float]:
+    """``MODEL:IMAGE[:SCALE]`` -> (model, image, scale), both paths checked to exist.
+
+    Paths may hold ":" themselves: the split is the one where both sides exist.
+    """
+    parts = value.split(":")
+    scale = 1.0
+    if len(parts) >= 3:
+        try:
+            scale = float(parts[-1])
+        except ValueError:
+            pass
+        else:
+            finite_float(scale, f"--control {value}: scale")
+            parts = parts[:-1]
+    if len(parts) < 2:
+        raise UsageError(f"--control {value}: expected MODEL:IMAGE[:SCALE] (a ControlNet and its hint image)")
+    for i in range(1, len(parts)):
+        model, image = ":".join(parts[:i]), ":".join(parts[i:])
+        if os.path.exists(model) and os.path.isfile(image):
+            return model, image, scale
+    model, image = parts[0], ":".join(parts[1:])
+    missing = model if not os.path.exists(model) else image
+    raise FileNotFoundError(f"--control {value}: {missing}: no such file")
 
 
 def embedding_files(args: argparse.Namespace) -> list[str]:
@@ -320,18 +369,58 @@ def run(args: argparse.Namespace) -> int:
             f"--mask {args.mask} is {mask.size[0]}x{mask.size[1]} but --image {args.image} is "
             f"{image.size[0]}x{image.size[1]}; they must match"
         )
+    units = [control_option(v) for v in args.control]
+    hints = [read_image(i, "--control", args.max_image_pixels) for _, i, _ in units]
 
     import_tensorflow()
-    from tf_diffusion.pipeline import StableDiffusion, has_accelerator
+    from tf_diffusion.pipeline import StableDiffusion
 
     dtype = None if args.precision == "float32" else args.precision
     sd = StableDiffusion.from_pretrained(source, dtype=dtype)
     apply_adapters(sd, args)
+    control = {}
+    if args.control:
+        from tf_diffusion.controlnet import ControlNet
+
+        nets = [ControlNet.from_pretrained(m, dtype=dtype) for m, _, _ in units]
+        single = len(units) == 1
+        control = dict(
+            controlnet=nets[0] if single else nets,
+            control_image=hints[0] if single else hints,
+            controlnet_conditioning_scale=units[0][2] if single else [s for _, _, s in units],
+            guess_mode=args.guess_mode,
+        )
     mask_blur = None
     if mask is not None:
         mask_blur = 4.0 if args.mask_blur is None else (None if args.mask_blur == -1 else args.mask_blur)
 
-    images = sd.generate(
+    try:
+        images = _generate(sd, args, image, mask, mask_blur, control)
+    except ValueError as e:
+        # The library names hints control_image / control_image[k]; say which --control it was.
+        match = re.match(r"control_image(?:\[(\d+)\])? ", str(e))
+        if match is None:
+            raise
+        value = args.control[int(match.group(1) or 0)]
+        raise ValueError(f"--control {value}: the hint image {str(e)[match.end() :]}") from None
+    from tf_diffusion.infotext import model_hash
+
+    digest = model_hash(source) if os.path.isfile(source) else None
+    for i, (path, picture) in enumerate(zip(paths, images, strict=True)):
+        # From what generate() resolved: each image's seed, the sampler, steps, strength, size.
+        text = a1111_parameters(images.info, i, args.model, digest)
+        save_png(picture, path, text, args.overwrite)
+        print(path)
+    if grid_path is not None:
+        save_png(grid(images), grid_path, None, args.overwrite)
+        print(grid_path)
+    return 0
+
+
+def _generate(sd, args: argparse.Namespace, image, mask, mask_blur, control: dict):
+    from tf_diffusion.pipeline import has_accelerator
+
+    return sd.generate(
         args.prompt,
         args.negative_prompt or None,
         num_steps=args.steps,
@@ -345,20 +434,9 @@ def run(args: argparse.Namespace) -> int:
         strength=args.strength,
         mask=mask,
         mask_blur=mask_blur,
+        **control,
         progress=not args.no_progress,
         # One call per process: on a CPU, XLA's extra compile time (seconds) outweighs what it saves
         # on one image, so the command stays in graph mode there; accelerators keep the XLA default.
         jit_compile=None if has_accelerator() else False,
     )
-    from tf_diffusion.infotext import model_hash
-
-    digest = model_hash(source) if os.path.isfile(source) else None
-    for i, (path, picture) in enumerate(zip(paths, images, strict=True)):
-        # From what generate() resolved: each image's seed, the sampler, steps, strength, size.
-        text = a1111_parameters(images.info, i, args.model, digest)
-        save_png(picture, path, text, args.overwrite)
-        print(path)
-    if grid_path is not None:
-        save_png(grid(images), grid_path, None, args.overwrite)
-        print(grid_path)
-    return 0

@@ -2,6 +2,7 @@
 
 tf-diffusion info tiny-shapes
 tf-diffusion info model.safetensors --config sd-v1-5 --json
+tf-diffusion info control_v11p_sd15_canny.safetensors   # ControlNets too
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ def run(args: argparse.Namespace) -> int:
     check_source_paths(args)
     kwargs = source_kwargs(args)
     import_tensorflow()
+    from tf_diffusion.weights.controlnet import describe_controlnet
     from tf_diffusion.weights.loading import load_pipeline_weights
+
+    control = describe_controlnet(source)
+    if control is not None:
+        if args.json:
+            print(json.dumps(control, indent=2))
+        else:
+            print("\n".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in control.items()))
+        return 0
 
     with load_pipeline_weights(source, strict=False, **kwargs) as weights:
         report = weights.report

@@ -16,6 +16,8 @@ import pathlib
 import re
 from collections.abc import Mapping
 
+import numpy as np
+
 from tf_diffusion.controlnet import ControlNet, ControlNetConfig
 from tf_diffusion.fileio import read_json_object, reading
 from tf_diffusion.weights.diffusers_unet import (
@@ -192,6 +194,66 @@ def _read_tensors(path: pathlib.Path) -> dict:
     return tensors
 
 
+_FAMILY_BY_CONTEXT = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def describe_controlnet(source) -> dict | None:
+    """What ``tf-diffusion info`` reports for a ControlNet file or folder; None if it holds none.
+
+    Reads safetensors headers only (``.pth`` files go through the safe unpickler whole). The report
+    gives the format, the model family the net is for (from its text-context width and added
+    conditioning), the parameter count, the dtypes, and what else the file carries.
+    """
+    path = pathlib.Path(source)
+    if not path.exists():
+        return None
+    with reading(path, "cannot read the ControlNet"):
+        if path.is_dir():
+            config_file = path / "config.json"
+            if not config_file.is_file():
+                return None
+            data = read_json_object(config_file)
+            if data.get("_class_name") != "ControlNetModel":
+                return None
+            weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
+            tensors = _read_tensors(weights) if weights is not None else {}
+            cfg = controlnet_config_from_diffusers(data)
+            fmt, others = "diffusers ControlNetModel folder", 0
+        else:
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                return None
+            raw = _read_tensors(path)
+            if not any(k.endswith("input_hint_block.0.weight") for k in raw):
+                return None
+            tensors = raw
+            if any(k.startswith(CONTROL_PREFIX) for k in raw):
+                tensors = {
+                    k[len(CONTROL_PREFIX) :]: v for k, v in raw.items() if k.startswith(CONTROL_PREFIX)
+                }
+            others = len(raw) - len(tensors)
+            cfg = infer_controlnet_config(tensors)
+            fmt = f"original ControlNet single file ({path.suffix.lower()})"
+    unet = cfg.unet
+    family = _FAMILY_BY_CONTEXT.get(unet.context_dim, f"unknown ({unet.context_dim}-wide text context)")
+    if unet.adm_in_channels is not None and unet.context_dim == 2048:
+        family = "SDXL"
+    report = {
+        "source": str(path),
+        "kind": "ControlNet",
+        "format": fmt,
+        "for family": family,
+        "parameters": int(sum(int(np.prod(t.shape)) for t in tensors.values())),
+        "dtypes": sorted({str(np.dtype(t.dtype)) for t in tensors.values()}),
+        "hint channels": cfg.conditioning_channels,
+        "hint size": f"{cfg.hint_factor}x the latents",
+    }
+    if others:
+        report["not read"] = (
+            f"{others} other tensors (a whole Stable Diffusion model, as control_sd15_*.pth carry)"
+        )
+    return report
+
+
 def load_controlnet(
     source, *, config: ControlNetConfig | None = None, dtype: str | None = None
 ) -> ControlNet:
@@ -241,4 +303,5 @@ def load_controlnet(
             cfg = config if config is not None else infer_controlnet_config(tensors)
         model = ControlNet(cfg, dtype=dtype)
         load_state_dict(model, tensors)
+    model.source = str(path)  # PNG parameters name the net by its file (adapters.controlnet.model_title)
     return model
