@@ -295,6 +295,7 @@ def test_image_tasks_match_diffusers_controlnet_pipelines(case):
     got = ours()
     assert got.shape == want.shape
     err = float(np.max(np.abs(np.asarray(got) - want)))
+    print(f"ControlNet {case['name']}: max abs error {err:.2e}")
     assert err <= PIPELINE_TOLERANCE, f"{case['name']}: max abs error {err:.2e}"
     plain = ours(controlnet=None, control_image=None)
     assert float(np.max(np.abs(np.asarray(plain) - want))) > 20 * PIPELINE_TOLERANCE
@@ -343,3 +344,62 @@ def test_bad_arguments():
         ValueError, match="another model family: it reads 1024-wide text context, .* gives 32"
     ):
         generate_case(case, controlnet=[other, net("pipe_b")])
+
+
+# ------------------------------------------------------- SDXL
+
+
+@functools.lru_cache(maxsize=1)
+def sdxl_case():
+    from tf_diffusion import StableDiffusion
+    from tf_diffusion.controlnet import ControlNet
+    from tf_diffusion.weights import load_state_dict
+    from tf_diffusion.weights.controlnet import controlnet_config_from_diffusers, convert_diffusers_controlnet
+
+    meta = json.loads((FIXTURES / "sdxl_pipeline.json").read_text())
+    sd = StableDiffusion.from_pretrained(FIXTURES.parent / "sdxl" / "sdxl-diffusers")
+    config = controlnet_config_from_diffusers(meta["config"])
+    model = ControlNet(config)
+    weights = random_state_dict({k: tuple(v) for k, v in meta["shapes"].items()}, meta["seed"])
+    load_state_dict(model, convert_diffusers_controlnet(weights, config))
+    return meta, sd, model
+
+
+@pytest.mark.parametrize(
+    "name", ["euler", pytest.param("dpmpp_2m_karras-window", marks=pytest.mark.slow)]
+)  # the second: the same code with a window and another sampler, in the slow run
+def test_sdxl_generate_matches_stable_diffusion_xl_controlnet_pipeline(name):
+    meta, sd, model = sdxl_case()
+    case = next(c for c in meta["cases"] if c["name"] == name)
+    arrays = np.load(FIXTURES / "sdxl_pipeline.npz")
+
+    def ours(**control):
+        return sd.generate(
+            meta["prompts"],
+            meta["negative_prompts"],
+            num_steps=meta["steps"],
+            guidance_scale=case["guidance"],
+            height=meta["height"],
+            width=meta["width"],
+            latents=arrays[f"{name}/latents"],
+            scheduler=case["scheduler"],
+            output_type="float",
+            progress=False,
+            jit_compile=False,
+            **control,
+        )
+
+    got = ours(
+        controlnet=model,
+        control_image=arrays["hint"],
+        controlnet_conditioning_scale=case["scale"],
+        control_guidance_start=case["start"],
+        control_guidance_end=case["end"],
+        guess_mode=case["guess"],
+    )
+    want = arrays[f"{name}/images"]
+    assert got.shape == want.shape
+    err = float(np.max(np.abs(np.asarray(got) - want)))
+    print(f"SDXL ControlNet {name}: max abs error {err:.2e}")
+    assert err <= PIPELINE_TOLERANCE, f"{name}: max abs error {err:.2e}"
+    assert float(np.max(np.abs(np.asarray(ours()) - want))) > 20 * PIPELINE_TOLERANCE

@@ -16,8 +16,11 @@
 5. ``--tasks``: ``StableDiffusionControlNetImg2ImgPipeline`` and ``StableDiffusionControlNetInpaintPipeline``
    (4- and 9-channel UNets) on the same tiny components, with tf_diffusion's seeded noise handed to
    diffusers as tools/make_fixtures_pipeline.py does (tasks.json, tasks.npz).
+6. ``--sdxl``: ``StableDiffusionXLControlNetPipeline`` on the tiny SDXL folder of
+   tools/make_fixtures_sdxl.py with a ControlNet shaped for its UNet, from given latents
+   (sdxl_pipeline.json, sdxl_pipeline.npz).
 
-Usage (dev only): python tools/make_fixtures_controlnet.py [--tasks]
+Usage (dev only): python tools/make_fixtures_controlnet.py [--tasks | --sdxl]
 """
 
 from __future__ import annotations
@@ -281,10 +284,59 @@ def tasks() -> None:
     (OUT / "tasks.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
+def sdxl_pipeline() -> None:
+    import make_fixtures_sdxl as sdxlfix
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    unet = sdxlfix.UNET_TINY
+    config = dict(
+        {k: unet[k] for k in ("block_out_channels", "layers_per_block", "in_channels", "down_block_types",
+                              "attention_head_dim", "transformer_layers_per_block", "use_linear_projection",
+                              "addition_embed_type", "addition_time_embed_dim",
+                              "projection_class_embeddings_input_dim", "cross_attention_dim", "norm_num_groups")},
+        conditioning_embedding_out_channels=[8, 16],  # the tiny SDXL VAE halves the size, so does the hint
+    )  # fmt: skip
+    seed = 16
+    net, shapes, _ = build(config, seed)
+    folder = sdxlfix.OUT / "sdxl-diffusers"
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(folder, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(5)
+    cases = [
+        dict(name="euler", scheduler="euler", scale=0.9, guess=False, guidance=5.0, start=0.0, end=1.0),
+        dict(name="dpmpp_2m_karras-window", scheduler="dpmpp_2m_karras", scale=1.2, guess=False, guidance=6.0,
+             start=0.0, end=0.6),
+    ]  # fmt: skip
+    height, width, steps = 16, 24, 4
+    hint = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    arrays = {"hint": hint}
+    for case in cases:
+        latents = rng.standard_normal((len(sdxlfix.PROMPTS), height // 2, width // 2, 4)).astype(np.float32)
+        pipe.scheduler = sdxlfix.scheduler(case["scheduler"])
+        with torch.no_grad():
+            images = pipe(
+                prompt=sdxlfix.PROMPTS, negative_prompt=["blurry", ""], image=Image.fromarray(hint),
+                height=height, width=width, num_inference_steps=steps, guidance_scale=case["guidance"],
+                controlnet_conditioning_scale=case["scale"], control_guidance_start=case["start"],
+                control_guidance_end=case["end"], guess_mode=case["guess"], latents=nchw(latents),
+                output_type="np",
+            ).images  # fmt: skip
+        arrays[f"{case['name']}/latents"] = latents
+        arrays[f"{case['name']}/images"] = np.asarray(images, np.float32)
+        print("sdxl", case["name"], images.shape, float(images.mean()))
+    np.savez_compressed(OUT / "sdxl_pipeline.npz", **arrays)
+    meta = dict(config=config, seed=seed, shapes=shapes, cases=cases, prompts=sdxlfix.PROMPTS,
+                negative_prompts=["blurry", ""], height=height, width=width, steps=steps)  # fmt: skip
+    (OUT / "sdxl_pipeline.json").write_text(json.dumps(meta, indent=0, sort_keys=True) + "\n")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     if "--tasks" in sys.argv[1:]:
         tasks()
+        return
+    if "--sdxl" in sys.argv[1:]:
+        sdxl_pipeline()
         return
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
