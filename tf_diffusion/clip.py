@@ -47,14 +47,15 @@ class CLIPAttention(keras.layers.Layer):
         self.out_proj = Linear(d, d)
         self.built = True
 
-    def call(self, x, causal):  # (B, T, D), causal (T, T) bool -> (B, T, D)
+    def call(self, x, causal):  # (B, T, D), causal (T, T) bool or None (the vision tower) -> (B, T, D)
         # The additive mask is made here in float32: Keras casts float arguments to the
         # compute dtype, and float16 cannot hold the float32 minimum. transformers uses that
         # minimum too; it gives masked tokens exactly zero softmax weight.
-        mask = ops.where(causal, 0.0, float(np.finfo(np.float32).min))[None, None]  # (1, 1, T, T)
-        out = attention(
-            self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, ops.cast(mask, "float32")
-        )
+        mask = None
+        if causal is not None:
+            mask = ops.where(causal, 0.0, float(np.finfo(np.float32).min))[None, None]  # (1, 1, T, T)
+            mask = ops.cast(mask, "float32")
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, mask)
         return self.out_proj(out)
 
 

@@ -55,6 +55,46 @@ class CLIPTextConfig:
 
 
 @dataclass(frozen=True)
+class CLIPVisionConfig:
+    """CLIP vision transformer with its projection (transformers' CLIPVisionModelWithProjection).
+
+    Defaults: OpenCLIP ViT-H/14, the image encoder of IP-Adapter for SD 1.5 and of the SDXL "vit-h"
+    adapters (ViT-bigG/14: hidden 1664, intermediate 8192, 48 layers, 16 heads, projection 1280).
+    """
+
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 1024
+
+    def __post_init__(self):
+        _check_positive(
+            self, "image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "projection_dim",
+        )  # fmt: skip
+        _check_choice("hidden_act", self.hidden_act, {"quick_gelu", "gelu"})
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
+            )
+
+    @property
+    def num_positions(self) -> int:
+        """Patches plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass(frozen=True)
 class TokenizerConfig:
     """CLIP BPE tokenizer settings. SD 1.x pads with EOS (49407), SD 2.x (OpenCLIP) with 0."""
 
