@@ -17,6 +17,20 @@ TOL = 1e-3
 META = json.loads((SDXL / "tasks.json").read_text())
 RUNS = {r["name"]: r for r in META["runs"]}
 HANDOFFS = {r["name"]: r for r in META["handoffs"]}
+# The default run keeps one case per feature (aesthetic scores, micro-conditioning, both inpainting
+# UNets, the hand-off); the rest (other samplers of the same code paths) run with -m slow.
+SLOW = {
+    "refiner_img2img_euler",
+    "inpaint9_euler_a",
+    "inpaint4_dpmpp_strength",
+    "base_txt2img_euler_micro",
+    "handoff_dpmpp_2m_karras",
+    "handoff_euler_a",
+}
+
+
+def _cases(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(names)]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +83,7 @@ def _max_err(out, want) -> float:
     return float(np.abs(np.asarray(out) - want).max())
 
 
-@pytest.mark.parametrize("name", sorted(RUNS))
+@pytest.mark.parametrize("name", _cases(RUNS))
 def test_task_matches_diffusers(name, models, reference):
     run = RUNS[name]
     mode = run["mode"]
@@ -99,7 +113,7 @@ def test_task_matches_diffusers(name, models, reference):
     }
 
 
-@pytest.mark.parametrize("name", sorted(HANDOFFS))
+@pytest.mark.parametrize("name", _cases(HANDOFFS))
 def test_base_to_refiner_handoff_matches_diffusers(name, models, reference):
     run = HANDOFFS[name]
     common = dict(
@@ -132,3 +146,93 @@ def test_base_to_refiner_handoff_matches_diffusers(name, models, reference):
     print(f"{name}: latents {err_latents:.2e}, images {err:.2e}")
     assert err_latents <= TOL and err <= TOL
     assert images.info.denoising_start == run["switch"] and images.info.strength is None
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_sdxl_options_on_an_sd1_model_are_refused():
+    from tf_diffusion import StableDiffusion
+    from tf_diffusion.config import CLIPTextConfig, PipelineConfig, UNetConfig, VAEConfig
+
+    micro = PipelineConfig(
+        name="micro-sd1",
+        text_encoder=CLIPTextConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2),
+        unet=UNetConfig(model_channels=8, channel_mult=(1,), attention_levels=(True,), num_heads=2, context_dim=16,
+                        num_res_blocks=1, norm_groups=4),
+        vae=VAEConfig(base_channels=8, channel_mult=(1,), num_res_blocks=1, norm_groups=4),
+    )  # fmt: skip
+    sd = StableDiffusion(micro)
+    for options in ({"original_size": (64, 64)}, {}):
+        with pytest.raises(ValueError, match="sdxl_options .*SDXL models only; micro-sd1"):
+            sd.generate("a cat", num_steps=1, height=8, width=8, sdxl_options=options, progress=False)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"original_size": (0, 64)}, r"original_size=\(0, 64\) must be a pair \(height, width\) of positive"),
+        ({"target_size": (64.0, 64)}, r"target_size=\(64.0, 64\) must be a pair"),
+        ({"original_size": 64}, "original_size=64 must be a pair"),
+        ({"crops_coords_top_left": (-1, 0)}, r"crops_coords_top_left=\(-1, 0\) .*non-negative integers"),
+        ({"target_size": (True, 8)}, "target_size=.*positive integers"),
+        ({"aesthetic_score": 6.0}, "aesthetic_score applies to SDXL refiners"),
+        ({"orignal_size": (8, 8)}, r"unknown keys \['orignal_size'\]"),
+    ],
+)
+def test_bad_micro_conditioning_is_named(options, message, models):
+    with pytest.raises(ValueError, match=message):
+        models["base"].generate(
+            "a cat", num_steps=1, height=16, width=16, sdxl_options=options, progress=False
+        )
+
+
+def test_refiner_specific_errors(models):
+    refiner = models["refiner"]
+    kwargs = dict(num_steps=2, progress=False)
+    with pytest.raises(ValueError, match="target_size does not apply to .*refiner"):
+        refiner.generate("a cat", image=task_image(0), sdxl_options={"target_size": (8, 8)}, **kwargs)
+    # Used as a base: no image and no latents to continue.
+    with pytest.raises(ValueError, match="SDXL refiner .*pass image=.*latents=.*denoising_start"):
+        refiner.generate("a cat", height=16, width=16, **kwargs)
+    with pytest.raises(ValueError, match="denoising_start=0.5 continues a partly denoised image"):
+        refiner.generate("a cat", height=16, width=16, denoising_start=0.5, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(denoising_end=1.0), r"denoising_end=1.0 must be a fraction strictly between 0 and 1"),
+        (dict(denoising_end=0), "denoising_end=0 must be a fraction"),
+        (
+            dict(denoising_start=-0.2, latents=np.zeros((1, 2, 2, 4))),
+            "denoising_start=-0.2 must be a fraction",
+        ),
+        (dict(denoising_start="0.5"), "denoising_start='0.5' must be a fraction"),
+        (dict(denoising_start=0.8, denoising_end=0.5), "denoising_start=0.8 must be below denoising_end=0.5"),
+        (dict(denoising_start=0.8, latents=np.zeros((1, 2, 2, 3))), r"\(N, h, w, 4\) NHWC"),
+        (
+            dict(denoising_start=0.8, latents=np.zeros((1, 2, 2, 4)), height=24),
+            "differs from the handed-over",
+        ),
+        (dict(denoising_end=0.01), "denoising_end=0.01 with num_steps=2 leaves no denoising step"),
+    ],
+)
+def test_bad_denoising_fractions_are_named(kwargs, message, models):
+    with pytest.raises(ValueError, match=message):
+        models["base"].generate("a cat", num_steps=2, **{"height": 16, "width": 16, **kwargs}, progress=False)
+
+
+def test_latents_result_as_image_needs_denoising_start(models):
+    latents = models["base"].generate(
+        "a cat",
+        num_steps=2,
+        height=16,
+        width=16,
+        seed=1,
+        denoising_end=0.5,
+        output_type="latent",
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="image= holds latents .*needs denoising_start"):
+        models["refiner"].generate("a cat", image=latents, num_steps=2, progress=False)
