@@ -5,12 +5,14 @@ References are diffusers' ``StableDiffusionXLImg2ImgPipeline`` / ``StableDiffusi
 every random draw tf_diffusion.noise's for the same seeds, so ``seed=`` here reproduces them.
 """
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from tests.conftest import FIXTURES
+from tf_diffusion.schedulers import get_sampler
 
 SDXL = FIXTURES / "sdxl"
 TOL = 1e-3
@@ -26,6 +28,7 @@ SLOW = {
     "base_txt2img_euler_micro",
     "handoff_dpmpp_2m_karras",
     "handoff_euler_a",
+    "turbo_euler_2step",
 }
 
 
@@ -88,11 +91,16 @@ def test_task_matches_diffusers(name, models, reference):
     run = RUNS[name]
     mode = run["mode"]
     sd = models["inpaint9" if mode == "inpaint9" else run["model"]]
+    scheduler = run["sampler"]
+    if "spacing" in run:  # the Turbo settings: trailing spacing (the sdxl-turbo preset's scheduler)
+        scheduler = get_sampler(
+            scheduler, dataclasses.replace(sd.config.scheduler, timestep_spacing=run["spacing"])
+        )
     kwargs = dict(
         num_steps=run["steps"],
         guidance_scale=run["guidance"],
         seed=run["seed"],
-        scheduler=run["sampler"],
+        scheduler=scheduler,
         sdxl_options=run["options"] or None,
         output_type="float",
         progress=False,
@@ -236,3 +244,46 @@ def test_latents_result_as_image_needs_denoising_start(models):
     )
     with pytest.raises(ValueError, match="image= holds latents .*needs denoising_start"):
         models["refiner"].generate("a cat", image=latents, num_steps=2, progress=False)
+
+
+# ------------------------------------------------------------------ presets
+
+
+def test_inpainting_and_turbo_presets():
+    from tf_diffusion import PRESETS
+    from tf_diffusion.families import family_of_config
+    from tf_diffusion.unet import UNetModel
+    from tf_diffusion.weights import count_parameters
+    from tf_diffusion.weights.state_dict import build_abstract
+
+    inpaint, base = PRESETS["sdxl-inpainting-0.1"], PRESETS["sdxl-base-1.0"]
+    assert inpaint.is_inpainting and inpaint.is_sdxl and family_of_config(inpaint).name == "sdxl-inpainting"
+    assert inpaint.replace(name=base.name, unet=base.unet) == base
+    # diffusers' UNet2DConditionModel of diffusers/stable-diffusion-xl-1.0-inpainting-0.1 (in_channels 9):
+    # the base's 2,567,463,684 and five more conv_in input channels (320 * 5 * 3 * 3).
+    assert count_parameters(build_abstract(lambda: UNetModel(inpaint.unet))) == 2_567_463_684 + 320 * 5 * 9
+    turbo = PRESETS["sd-turbo"]
+    assert family_of_config(turbo).name == "sd2" and turbo.unet == PRESETS["sd-v2-1-base"].unet
+    assert (turbo.scheduler.timestep_spacing, turbo.scheduler.prediction_type) == ("trailing", "epsilon")
+    assert (turbo.default_steps, turbo.default_guidance, turbo.default_size) == (1, 0.0, 512)
+    assert PRESETS["sdxl-turbo"].scheduler.timestep_spacing == "trailing"
+
+
+def test_sdxl_inpainting_defaults_to_diffusers_strength(models, monkeypatch):
+    """diffusers' StableDiffusionXLInpaintPipeline defaults to strength 0.9999: one step fewer, from the noised image."""
+    sd = models["inpaint9"]
+    seen = {}
+    from tf_diffusion.schedulers.base import Sampler
+
+    original = Sampler.plan
+
+    def spy(self, num_steps, strength=1.0, **kw):
+        seen["strength"] = strength
+        return original(self, num_steps, strength, **kw)
+
+    monkeypatch.setattr(Sampler, "plan", spy)
+    out = sd.generate(
+        "a cat", image=task_image(0), mask=task_mask(), num_steps=2, seed=0, output_type="latent",
+        progress=False, jit_compile=False,
+    )  # fmt: skip
+    assert seen["strength"] == 0.9999 and out.info.strength == 0.9999 and out.info.num_evals == 1
