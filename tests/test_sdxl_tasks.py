@@ -287,3 +287,185 @@ def test_sdxl_inpainting_defaults_to_diffusers_strength(models, monkeypatch):
         progress=False, jit_compile=False,
     )  # fmt: skip
     assert seen["strength"] == 0.9999 and out.info.strength == 0.9999 and out.info.num_evals == 1
+
+
+# ------------------------------------------------------------------ PNG parameters and the CLI
+
+
+def test_sdxl_parameters_round_trip_and_read_the_web_uis():
+    from tf_diffusion.infotext import format_parameters, parse_parameters, parse_sdxl_fields, sdxl_fields
+
+    options = {
+        "original_size": (1024, 768),
+        "crops_coords_top_left": (4, 0),
+        "target_size": (512, 640),
+        "aesthetic_score": 6.5,
+        "negative_aesthetic_score": 2.0,
+    }
+    extra = sdxl_fields(
+        refiner="sd_xl_refiner_1.0", refiner_hash="7440042bbd", refiner_switch_at=0.8, options=options
+    )
+    assert extra == {
+        "Refiner": "sd_xl_refiner_1.0 [7440042bbd]",
+        "Refiner switch at": 0.8,
+        "Original size": "768x1024",
+        "Target size": "640x512",
+        "Crop top": 4,
+        "Crop left": 0,
+        "Aesthetic score": 6.5,
+        "Negative aesthetic score": 2.0,
+    }
+    text = format_parameters(
+        "a cat", steps=20, sampler="euler", cfg_scale=5, seed=1, width=16, height=16, extra=extra
+    )
+    assert "Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8, Original size: 768x1024" in text
+    back = parse_sdxl_fields(parse_parameters(text)["extra"])
+    assert back == {
+        "refiner": "sd_xl_refiner_1.0",
+        "refiner_hash": "7440042bbd",
+        "refiner_switch_at": 0.8,
+        "options": options,
+    }
+    # As the web UI writes a refiner (its extra_generation_params), and no SDXL fields at all.
+    webui = (
+        "a cat\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 3, Size: 1024x1024, "
+    )
+    webui += "Model: sd_xl_base_1.0, Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8, Version: v1.10.1"
+    assert parse_sdxl_fields(parse_parameters(webui)["extra"]) == {
+        "refiner": "sd_xl_refiner_1.0",
+        "refiner_hash": "7440042bbd",
+        "refiner_switch_at": 0.8,
+        "options": {},
+    }
+    assert parse_sdxl_fields({}) == {"options": {}}
+    for bad, message in [
+        ({"Refiner switch at": "1.5"}, "Refiner switch at: 1.5 is not a fraction"),
+        ({"Target size": "big"}, "Target size: 'big' is not WIDTHxHEIGHT"),
+        ({"Crop top": "4"}, "come together"),
+        ({"Aesthetic score": "high"}, "Aesthetic score: 'high' is not a number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_sdxl_fields(bad)
+    with pytest.raises(ValueError, match="refiner_switch_at=1.0 must be a fraction"):
+        sdxl_fields(refiner="r", refiner_switch_at=1.0)
+    with pytest.raises(ValueError, match=r"\['negative_target_size'\] have no parameters field"):
+        sdxl_fields(options={"negative_target_size": (8, 8)})
+
+
+@pytest.fixture
+def cli_models(models, monkeypatch):
+    """The CLI reads the fixture folders as the already-built models (loading is tested elsewhere)."""
+    from tf_diffusion import StableDiffusion
+
+    by_path = {
+        str(SDXL / "sdxl-diffusers"): models["base"],
+        str(SDXL / "sdxl-refiner-diffusers"): models["refiner"],
+    }
+    original = StableDiffusion.from_pretrained.__func__
+
+    def cached(cls, source, **kwargs):
+        return by_path[str(source)] if str(source) in by_path else original(cls, source, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", classmethod(cached))
+    return models
+
+
+def test_cli_refiner_writes_the_hand_off_and_its_parameters(cli_models, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tf_diffusion import StableDiffusion, cli
+    from tf_diffusion.infotext import parse_parameters, parse_sdxl_fields
+
+    calls = []
+    original = StableDiffusion.generate
+
+    def spy(self, *args, **kwargs):
+        calls.append((self, kwargs))
+        out = original(self, *args, **kwargs)
+        calls[-1] += (out,)
+        return out
+
+    monkeypatch.setattr(StableDiffusion, "generate", spy)
+    base_dir, refiner_dir = str(SDXL / "sdxl-diffusers"), str(SDXL / "sdxl-refiner-diffusers")
+    out = tmp_path / "x.png"
+    argv = ["generate", "a cat", "--model", base_dir, "--refiner", refiner_dir, "--steps", "3", "--seed", "5"]
+    argv += [
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--original-size",
+        "48,32",
+        "--crop",
+        "4,2",
+        "--target-size",
+        "16,24",
+    ]
+    argv += ["--aesthetic-score", "7", "--no-progress", "-o", str(out)]
+    assert cli.main(argv) == 0
+    with Image.open(out) as image:
+        pixels, text = np.asarray(image), image.text["parameters"]
+    # The base to the switch, its latents to the refiner, each with the micro-conditioning it reads.
+    (base, base_kw, latents), (refiner, refiner_kw, images) = calls
+    assert base is cli_models["base"] and refiner is cli_models["refiner"]
+    assert (base_kw["denoising_end"], base_kw["output_type"], base_kw["seed"]) == (0.8, "latent", 5)
+    crop = {"original_size": (32, 48), "crops_coords_top_left": (4, 2)}
+    assert base_kw["sdxl_options"] == {**crop, "target_size": (24, 16)}
+    assert refiner_kw["image"] is latents and refiner_kw["denoising_start"] == 0.8
+    assert refiner_kw["sdxl_options"] == {**crop, "aesthetic_score": 7.0}
+    assert (refiner_kw["seed"], refiner_kw["num_steps"], refiner_kw["scheduler"]) == (5, 3, "euler")
+    np.testing.assert_array_equal(pixels, images[0])
+    parsed = parse_parameters(text)
+    fields = parse_sdxl_fields(parsed["extra"])
+    assert fields == {
+        "refiner": refiner_dir,
+        "refiner_switch_at": 0.8,
+        "options": {**crop, "target_size": (24, 16), "aesthetic_score": 7.0},
+    }
+    assert (parsed["seed"], parsed["steps"], parsed["sampler"], parsed["cfg_scale"]) == (5, 3, "Euler", 5.0)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--original-size", "0,64"], "--original-size 0,64: must be W,H, two positive integers"),
+        (["--crop", "4"], "--crop 4: must be TOP,LEFT, two non-negative integers"),
+        (["--target-size", "8x8"], "--target-size 8x8: must be W,H"),
+        (["--denoising-end", "0.8"], "--denoising-end applies with --refiner"),
+        (["--refiner", "REFINER", "--denoising-end", "1.5"], "--denoising-end 1.5: must be a fraction"),
+        (
+            ["--refiner", "REFINER", "--image", "x.png", "--mask", "m.png"],
+            "--refiner with --mask is not supported",
+        ),
+        (["--aesthetic-score", "6"], "--aesthetic-score applies to an SDXL refiner only"),
+        (
+            ["--model", "REFINER", "--image", "IMAGE", "--target-size", "8,8"],
+            "--target-size does not apply to an SDXL",
+        ),
+        (["--model", "REFINER", "--refiner", "REFINER"], "--refiner needs an SDXL base as --model"),
+    ],
+)
+def test_cli_sdxl_errors_name_the_option(extra, message, cli_models, tmp_path, capsys):
+    from PIL import Image
+
+    from tf_diffusion import cli
+
+    Image.fromarray(task_image(0)).save(tmp_path / "in.png")
+    names = {"REFINER": str(SDXL / "sdxl-refiner-diffusers"), "IMAGE": str(tmp_path / "in.png")}
+    extra = [names.get(a, a) for a in extra]
+    argv = ["generate", "a cat", "--model", str(SDXL / "sdxl-diffusers"), "--steps", "2", "--height", "16"]
+    argv += ["--width", "16", "--no-progress", "-o", str(tmp_path / "o.png"), *extra]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_sdxl_options_on_an_sd1_model(tmp_path, capsys):
+    from tf_diffusion import cli
+
+    argv = ["generate", "a cat", "--original-size", "64,64", "--steps", "1", "-o", str(tmp_path / "o.png")]
+    assert cli.main(argv) == 2
+    assert (
+        "--original-size applies to SDXL models only; --model tiny-shapes is not one"
+        in capsys.readouterr().err
+    )
