@@ -232,18 +232,19 @@ def test_bad_denoising_fractions_are_named(kwargs, message, models):
 
 
 def test_latents_result_as_image_needs_denoising_start(models):
-    latents = models["base"].generate(
-        "a cat",
-        num_steps=2,
-        height=16,
-        width=16,
-        seed=1,
-        denoising_end=0.5,
-        output_type="latent",
-        progress=False,
+    import types
+
+    from tf_diffusion.pipeline import GeneratedImages
+
+    latents = GeneratedImages.wrap(
+        np.zeros((1, 2, 2, 4), np.float32), types.SimpleNamespace(output_type="latent")
     )
     with pytest.raises(ValueError, match="image= holds latents .*needs denoising_start"):
         models["refiner"].generate("a cat", image=latents, num_steps=2, progress=False)
+    with pytest.raises(ValueError, match="as image=... or as latents=..., not both"):
+        models["refiner"].generate(
+            "a cat", image=latents, latents=latents, denoising_start=0.5, progress=False
+        )
 
 
 # ------------------------------------------------------------------ presets
@@ -270,23 +271,29 @@ def test_inpainting_and_turbo_presets():
 
 
 def test_sdxl_inpainting_defaults_to_diffusers_strength(models, monkeypatch):
-    """diffusers' StableDiffusionXLInpaintPipeline defaults to strength 0.9999: one step fewer, from the noised image."""
-    sd = models["inpaint9"]
-    seen = {}
+    """diffusers' StableDiffusionXLInpaintPipeline defaults to strength 0.9999 (one step short, from the
+    noised image); SD 1/2 inpainting keeps 1.0 (tests/test_generate.py)."""
     from tf_diffusion.schedulers.base import Sampler
 
-    original = Sampler.plan
+    seen = {}
+
+    class Planned(Exception):
+        pass
 
     def spy(self, num_steps, strength=1.0, **kw):
         seen["strength"] = strength
-        return original(self, num_steps, strength, **kw)
+        raise Planned  # what the strength is, not the run, is what is tested here
 
     monkeypatch.setattr(Sampler, "plan", spy)
-    out = sd.generate(
-        "a cat", image=task_image(0), mask=task_mask(), num_steps=2, seed=0, output_type="latent",
-        progress=False, jit_compile=False,
-    )  # fmt: skip
-    assert seen["strength"] == 0.9999 and out.info.strength == 0.9999 and out.info.num_evals == 1
+    for model in ("inpaint9", "base"):
+        with pytest.raises(Planned):
+            models[model].generate(
+                "a cat", image=task_image(0), mask=task_mask(), num_steps=2, progress=False
+            )
+        assert seen.pop("strength") == 0.9999
+    with pytest.raises(Planned):
+        models["base"].generate("a cat", image=task_image(0), num_steps=2, progress=False)
+    assert seen.pop("strength") == 0.8
 
 
 # ------------------------------------------------------------------ PNG parameters and the CLI
