@@ -366,39 +366,7 @@ class StableDiffusion:
                 f"denoising_start={denoising_start} must be below denoising_end={denoising_end} "
                 f"(the part of the schedule to run)"
             )
-        if (
-            isinstance(image, GeneratedImages)
-            and image.info is not None
-            and image.info.output_type == "latent"
-        ):
-            if latents is not None:
-                raise ValueError(
-                    "pass the handed-over latents once: as image=... or as latents=..., not both"
-                )
-            image, latents = (
-                None,
-                np.asarray(image),
-            )  # a base model's latents, handed over (diffusers' image=)
-            if denoising_start is None:
-                raise ValueError(
-                    "image= holds latents (output_type='latent'); continuing them needs denoising_start=..., "
-                    "the fraction of the schedule already done (the base's denoising_end)"
-                )
-        # The ensemble-of-experts hand-off: latents are partly denoised ones, continued as they are.
-        handoff = denoising_start is not None and latents is not None
-        if handoff and image is not None:
-            raise ValueError(
-                "denoising_start with latents= continues those latents; image=... cannot be used as well"
-            )
-        if denoising_start is not None and not handoff and image is None:
-            raise ValueError(
-                f"denoising_start={denoising_start} continues a partly denoised image: pass latents=... (the "
-                f"base model's output_type='latent' result) or image=..."
-            )
-        if denoising_start is not None and mask is not None:
-            raise ValueError(
-                "denoising_start with inpainting (mask=...) is not supported; leave one of them out"
-            )
+        image, latents, handoff = _handoff_inputs(image, latents, mask, denoising_start)
         if seed is not None and latents is not None and not handoff:
             raise ValueError("pass either seed or latents, not both: latents replace the seeded noise")
         init, mask_px = self._task_images(image, mask)
@@ -487,9 +455,8 @@ class StableDiffusion:
             cond = Conditioning(hidden[-n:])
             uncond = Conditioning(hidden[:n]) if guidance.copies == 2 else None
         if handoff:
-            task = _Task(
-                x=noise
-            )  # the base's latents, continued without added noise (diffusers' add_noise=False)
+            # The base's latents, continued without added noise (diffusers' add_noise=False).
+            task = _Task(x=noise)
         else:
             task = self._prepare_task(
                 sampler, plan, noise, seeds, init, mask_px, strength, add_noise=denoising_start is None
@@ -779,6 +746,39 @@ class GeneratedImages(np.ndarray):
 
     def __reduce__(self):
         return np.asarray(self).__reduce__()  # pickles as a plain array
+
+
+def _handoff_inputs(image, latents, mask, denoising_start):
+    """``(image, latents, handoff)``: a base's ``output_type="latent"`` result given as ``image`` becomes
+    ``latents`` (diffusers' ``image=latents``); ``handoff``: latents continued from ``denoising_start``.
+
+    Raises:
+        ValueError: for latents given twice or without ``denoising_start``, ``denoising_start`` with
+            nothing to continue or with a mask.
+    """
+    info = getattr(image, "info", None) if isinstance(image, GeneratedImages) else None
+    if info is not None and info.output_type == "latent":
+        if latents is not None:
+            raise ValueError("pass the handed-over latents once: as image=... or as latents=..., not both")
+        if denoising_start is None:
+            raise ValueError(
+                "image= holds latents (output_type='latent'); continuing them needs denoising_start=..., "
+                "the fraction of the schedule already done (the base's denoising_end)"
+            )
+        image, latents = None, np.asarray(image)
+    handoff = denoising_start is not None and latents is not None
+    if handoff and image is not None:
+        raise ValueError(
+            "denoising_start with latents= continues those latents; image=... cannot be used as well"
+        )
+    if denoising_start is not None and not handoff and image is None:
+        raise ValueError(
+            f"denoising_start={denoising_start} continues a partly denoised image: pass latents=... (the "
+            f"base model's output_type='latent' result) or image=..."
+        )
+    if denoising_start is not None and mask is not None:
+        raise ValueError("denoising_start with inpainting (mask=...) is not supported; leave one of them out")
+    return image, latents, handoff
 
 
 def _next_noise_scales(sampler, plan) -> np.ndarray:
