@@ -167,12 +167,14 @@ FAMILIES: dict[str, Family] = {
         _sd("sd1-inpainting", "SD 1.x (OpenAI CLIP text encoder, 768-wide context) inpainting", "clip", 768, 9,
             _INPAINT_PIPELINES, None, ("sd-v1-5-inpainting",), "sd-v1-5-inpainting"),
         _sd("sd2", "SD 2.x (OpenCLIP text encoder, 1024-wide context)", "openclip", 1024, 4,
-            _SD_PIPELINES, "StableDiffusionV2", ("sd-v2-1-base", "sd-v2-1"),
+            _SD_PIPELINES, "StableDiffusionV2", ("sd-v2-1-base", "sd-v2-1", "sd-turbo"),
             "sd-v2-1-base", single_file_prediction_type="v_prediction", default_sizes={"v_prediction": 768}),
         _sd("sd2-inpainting", "SD 2.x (OpenCLIP text encoder, 1024-wide context) inpainting", "openclip", 1024, 9,
             _INPAINT_PIPELINES, None, ("sd-v2-inpainting",), "sd-v2-inpainting"),
         _sdxl("sdxl", "SDXL (CLIP ViT-L and OpenCLIP ViT-bigG text encoders, 2048-wide context)", 4,
               _SDXL_PIPELINES, ("sdxl-base-1.0", "sdxl-turbo")),
+        _sdxl("sdxl-inpainting", "SDXL (CLIP ViT-L and OpenCLIP ViT-bigG text encoders, 2048-wide context) "
+              "inpainting", 9, ("StableDiffusionXLInpaintPipeline",), ("sdxl-inpainting-0.1",)),
         _sdxl("sdxl-refiner", "SDXL refiner (OpenCLIP ViT-bigG text encoder, 1280-wide context)", 4,
               ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"), ("sdxl-refiner-1.0",),
               refiner=True),
@@ -244,19 +246,24 @@ def family_of_single_file(parts) -> Family:
 
 
 def _sdxl_family(parts, unet) -> Family:
-    """SDXL base or refiner: by the text encoders, else (UNet only) by the cross-attention width."""
+    """SDXL base, inpainting (a 9-channel input) or refiner: by the text encoders, else (UNet only) by
+    the cross-attention width."""
     if parts.text_encoder_kind is not None:
         refiner = parts.text_encoder_kind == "openclip-bigg"
     else:
         widths = {v.shape[-1] for k, v in unet.items() if k.endswith("attn2.to_k.weight")}
         refiner = widths == {1280}
-    return FAMILIES["sdxl-refiner" if refiner else "sdxl"]
+    conv_in = unet.get("input_blocks.0.0.weight")
+    inpainting = conv_in is not None and conv_in.shape[1] == 9
+    return FAMILIES["sdxl-refiner" if refiner else ("sdxl-inpainting" if inpainting else "sdxl")]
 
 
 def family_of_config(config) -> Family:
     """The family of a ``PipelineConfig``: its text encoder (gelu: OpenCLIP) and whether it inpaints."""
     if config.is_sdxl:
-        return FAMILIES["sdxl" if config.text_encoder is not None else "sdxl-refiner"]
+        if config.text_encoder is None:
+            return FAMILIES["sdxl-refiner"]
+        return FAMILIES["sdxl-inpainting" if config.is_inpainting else "sdxl"]
     kind = "openclip" if config.text_encoder.hidden_act == "gelu" else "clip"
     return _match(kind, None, config.is_inpainting)
 

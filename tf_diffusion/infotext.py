@@ -506,3 +506,120 @@ def parse_parameters(text: str) -> dict:
             extra[key] = value
     out["extra"] = extra
     return out
+
+
+# ------------------------------------------------------------------ SDXL fields
+
+# The web UI writes the refiner as "Refiner: TITLE" (its checkpoint title, "name [short hash]") and
+# "Refiner switch at: FRACTION" (modules/processing_scripts/refiner.py). It writes no micro-conditioning
+# or aesthetic-score fields (those are its settings sdxl_crop_top / sdxl_crop_left and the refiner's
+# high / low aesthetic score), so the fields below are ours, written only when a value was given, in the
+# web UI's forms: sizes as "WIDTHxHEIGHT" (as "Size"), the crop as its two settings.
+_REFINER = re.compile(r"(.*?)(?: \[([0-9a-fA-F]{8,64})\])?")
+_SDXL_SIZES = {"original_size": "Original size", "target_size": "Target size"}
+_SDXL_SCORES = {"aesthetic_score": "Aesthetic score", "negative_aesthetic_score": "Negative aesthetic score"}
+_CROP = ("Crop top", "Crop left")
+
+
+def sdxl_fields(
+    *,
+    refiner: str | None = None,
+    refiner_hash: str | None = None,
+    refiner_switch_at: float | None = None,
+    options: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """The SDXL fields of a parameters text, for ``format_parameters(extra=...)``.
+
+    Args:
+        refiner: the refiner model's name ("Refiner"); with ``refiner_hash`` written "name [hash]" as the
+            web UI writes a checkpoint title.
+        refiner_hash: the refiner file's short hash (``model_hash``), or None.
+        refiner_switch_at: the fraction of the schedule where the refiner took over ("Refiner switch at").
+        options: micro-conditioning values given (``SDXLOptions`` field names: ``original_size`` and
+            ``target_size`` as (height, width), ``crops_coords_top_left`` as (top, left),
+            ``aesthetic_score``, ``negative_aesthetic_score``); other fields (the ``negative_`` sizes and
+            crop) have no parameters field and are refused.
+
+    Returns:
+        Web UI key -> value, in the order written.
+
+    Raises:
+        ValueError: for a switch fraction outside (0, 1), a refiner hash without a refiner, or an option
+            that has no field.
+    """
+    out: dict[str, object] = {}
+    if refiner is not None:
+        _check_text("refiner", refiner)
+        out["Refiner"] = (
+            refiner if refiner_hash is None else f"{refiner} [{_check_text('refiner_hash', refiner_hash)}]"
+        )
+    elif refiner_hash is not None:
+        raise ValueError("refiner_hash needs refiner (the refiner model's name)")
+    if refiner_switch_at is not None:
+        if (
+            isinstance(refiner_switch_at, bool)
+            or not isinstance(refiner_switch_at, (int, float))
+            or not 0.0 < refiner_switch_at < 1.0
+        ):
+            raise ValueError(
+                f"refiner_switch_at={refiner_switch_at!r} must be a fraction strictly between 0 and 1"
+            )
+        out["Refiner switch at"] = float(refiner_switch_at)
+    options = dict(options or {})
+    allowed = [*_SDXL_SIZES, "crops_coords_top_left", *_SDXL_SCORES]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"SDXL options {unknown} have no parameters field; allowed: {allowed}")
+    for name, key in _SDXL_SIZES.items():
+        if options.get(name) is not None:
+            height, width = options[name]
+            out[key] = f"{_check_int(name, int(width))}x{_check_int(name, int(height))}"
+    if options.get("crops_coords_top_left") is not None:
+        top, left = options["crops_coords_top_left"]
+        out[_CROP[0]], out[_CROP[1]] = int(top), int(left)
+    for name, key in _SDXL_SCORES.items():
+        if options.get(name) is not None:
+            out[key] = float(options[name])
+    return out
+
+
+def parse_sdxl_fields(extra: Mapping[str, str]) -> dict:
+    """The SDXL fields of ``parse_parameters(text)["extra"]``, typed; the inverse of ``sdxl_fields``.
+
+    Returns:
+        A dict with whichever are present: ``refiner`` (the name), ``refiner_hash``, ``refiner_switch_at``
+        and ``options`` (``SDXLOptions`` field -> value: sizes as (height, width), the crop as (top, left),
+        scores as floats; ``{}`` when none).
+
+    Raises:
+        ValueError: naming the field, for a value of the wrong form (``Target size: big``), a switch
+            fraction outside (0, 1), or only one of "Crop top" / "Crop left".
+    """
+    out: dict = {}
+    if "Refiner" in extra:
+        match = _REFINER.fullmatch(extra["Refiner"].strip())
+        out["refiner"] = match.group(1)
+        if match.group(2) is not None:
+            out["refiner_hash"] = match.group(2)
+    if "Refiner switch at" in extra:
+        value = _typed("Refiner switch at", float, extra["Refiner switch at"])
+        if not 0.0 < value < 1.0:
+            raise ValueError(
+                f"parameters field Refiner switch at: {value!r} is not a fraction strictly between 0 and 1"
+            )
+        out["refiner_switch_at"] = value
+    options: dict = {}
+    for name, key in _SDXL_SIZES.items():
+        if key in extra:
+            width, height = _typed(key, "size", extra[key])
+            options[name] = (height, width)
+    crop = [key in extra for key in _CROP]
+    if any(crop):
+        if not all(crop):
+            raise ValueError('parameters fields "Crop top" and "Crop left" come together; only one was found')
+        options["crops_coords_top_left"] = tuple(_typed(key, int, extra[key]) for key in _CROP)
+    for name, key in _SDXL_SCORES.items():
+        if key in extra:
+            options[name] = _typed(key, float, extra[key])
+    out["options"] = options
+    return out

@@ -25,11 +25,14 @@ from tf_diffusion.denoising import (
 from tf_diffusion.noise import image_seeds
 from tf_diffusion.presets import get_preset
 from tf_diffusion.prompts import tokenize_weighted
+from tf_diffusion.schedulers.base import check_fraction
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.unet import UNetModel
 from tf_diffusion.vae import AutoencoderKL
 
 OUTPUT_TYPES = ("uint8", "float", "latent")
+# diffusers' StableDiffusionXLInpaintPipeline default strength.
+SDXL_INPAINT_STRENGTH = 0.9999
 
 
 class StableDiffusion:
@@ -233,6 +236,9 @@ class StableDiffusion:
         control_guidance_start=0.0,
         control_guidance_end=1.0,
         guess_mode: bool = False,
+        sdxl_options=None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
         callback: Callable | None = None,
         progress: bool = True,
         output_type: str = "uint8",
@@ -273,7 +279,8 @@ class StableDiffusion:
             image: init image for img2img / inpainting: PIL, or uint8 / uint16 / float
                 [0, 1] array (H, W), (H, W, C) or (N, H, W, C); RGBA and grayscale are converted.
             strength: how much of the schedule to run from the noised image, in [0, 1];
-                default 0.8 for img2img and 1.0 for inpainting, as diffusers.
+                default 0.8 for img2img and 1.0 for inpainting (0.9999 for SDXL, whose inpaint pipeline
+                starts from the noised image, one step short of the full schedule), as diffusers.
             mask: inpainting mask, white (>= 0.5) = repaint; the same size as ``image``.
             mask_blur: inpainting only: paste the init image's pixels back outside the mask after
                 decoding, blending across a Gaussian blur of this radius in pixels (0: a hard edge), as the
@@ -289,6 +296,17 @@ class StableDiffusion:
                 each net acts (a number, or one per net), as diffusers computes them.
             guess_mode: diffusers' guess mode: the nets act on the conditional half only, with
                 residuals scaled from 0.1 (shallow) to 1 (middle).
+            sdxl_options: SDXL only: the micro-conditioning values (original size, crop top-left,
+                target size; the refiner's aesthetic scores), a ``tf_diffusion.sdxl.SDXLOptions`` or a
+                dict of its fields (diffusers' argument names and defaults); an error for other models.
+            denoising_start: SDXL's "ensemble of experts" refiner: the fraction in (0, 1) of the schedule
+                already done. With ``latents=`` (the base's ``output_type="latent"`` result, or that
+                result passed as ``image``) those latents are continued as they are, from the first
+                timestep below the cut-off, as diffusers' ``denoising_start`` (no strength-based cut, no
+                added noise; ``seed`` then seeds only the sampler's own noise). With a pixel ``image`` it
+                is encoded and continued without added noise, as diffusers does.
+            denoising_end: the fraction in (0, 1) of the schedule to run before stopping (the base of
+                the hand-off, usually with ``output_type="latent"``), as diffusers' ``denoising_end``.
             callback: called as ``callback(step, timestep, latents)`` after every step.
             progress: show a progress bar over the steps.
             output_type: "uint8" (N, H, W, 3) in [0, 255], "float" in [0, 1], or
@@ -341,14 +359,32 @@ class StableDiffusion:
                 raise ValueError(f"mask_blur={mask_blur!r} must be a number of pixels in [0, 64], or None")
             if output_type == "latent":
                 raise ValueError("mask_blur pastes pixels back, so it needs output_type 'uint8' or 'float'")
-        if seed is not None and latents is not None:
+        denoising_start = check_fraction(denoising_start, "denoising_start")
+        denoising_end = check_fraction(denoising_end, "denoising_end")
+        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+            raise ValueError(
+                f"denoising_start={denoising_start} must be below denoising_end={denoising_end} "
+                f"(the part of the schedule to run)"
+            )
+        image, latents, handoff = _handoff_inputs(image, latents, mask, denoising_start)
+        if seed is not None and latents is not None and not handoff:
             raise ValueError("pass either seed or latents, not both: latents replace the seeded noise")
         init, mask_px = self._task_images(image, mask)
         if strength is None:
-            strength = 1.0 if mask_px is not None else 0.8
+            # diffusers' defaults: img2img 0.8, inpainting 1.0 (SDXL's inpaint pipeline 0.9999).
+            strength = (SDXL_INPAINT_STRENGTH if cfg.is_sdxl else 1.0) if mask_px is not None else 0.8
         strength = float(strength)
         if init is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} is outside the allowed range [0, 1]")
+        image_task = init is not None or handoff
+        if sdxl_options is not None and not cfg.is_sdxl:
+            raise ValueError(
+                f"sdxl_options apply to SDXL models only; {cfg.name} is not one (no added conditioning)"
+            )
+        options = sdxl.SDXLOptions.from_value(sdxl_options)
+        sdxl.check_options(cfg, options, image_task=image_task)
+        if handoff:
+            height, width = self._handoff_size(latents, height, width)
         height, width = self.check_size(height, width, init)
         control = controlnet_adapter.prepare(
             self,
@@ -373,10 +409,18 @@ class StableDiffusion:
             if hasattr(scheduler, "plan")
             else get_sampler(scheduler if scheduler is not None else cfg.default_sampler, cfg.scheduler)
         )
-        plan = sampler.plan(num_steps, strength=strength if init is not None else 1.0)
+        if cfg.requires_aesthetics_score and not image_task:
+            raise ValueError(
+                f"{cfg.name} is an SDXL refiner (image-to-image only); pass image=... to refine, or a base "
+                f"model's latents with latents=... and denoising_start=..."
+            )
+        plan = sampler.plan(
+            num_steps,
+            strength=strength if init is not None else 1.0,
+            denoising_start=denoising_start,
+            denoising_end=denoising_end,
+        )
         guidance = guidance_for(guidance_scale)
-        if cfg.requires_aesthetics_score and init is None:
-            raise ValueError(f"{cfg.name} is an SDXL refiner (image-to-image only); pass image=... to refine")
 
         if latents is None:
             noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)
@@ -404,13 +448,21 @@ class StableDiffusion:
                 height=height,
                 width=width,
                 executor=executor,
+                options=options,
+                image_task=image_task,
             )
         else:
             texts = negative_texts + prompt_texts if guidance.copies == 2 else prompt_texts
             hidden = np.repeat(self.encode_prompts(texts, executor=executor), num_images, axis=0)
             cond = Conditioning(hidden[-n:])
             uncond = Conditioning(hidden[:n]) if guidance.copies == 2 else None
-        task = self._prepare_task(sampler, plan, noise, seeds, init, mask_px, strength)
+        if handoff:
+            # The base's latents, continued without added noise (diffusers' add_noise=False).
+            task = _Task(x=noise)
+        else:
+            task = self._prepare_task(
+                sampler, plan, noise, seeds, init, mask_px, strength, add_noise=denoising_start is None
+            )
         if control is not None:
             task.extras.update(control.extras())
         if task.extras:
@@ -450,22 +502,25 @@ class StableDiffusion:
 
         info = GenerationInfo(
             model=cfg.name,
-            mode="txt2img" if init is None else ("inpaint" if mask_px is not None else "img2img"),
+            mode="txt2img" if not image_task else ("inpaint" if mask_px is not None else "img2img"),
             prompts=tuple(p for p in prompts for _ in range(num_images)),
             negative_prompts=tuple(p for p in negatives for _ in range(num_images)),
             seeds=tuple(seeds),
-            seeded_latents=latents is None,
+            seeded_latents=latents is None or handoff,
             sampler=sampler.name,
             sampler_options=dict(sampler.options()),
             num_steps=num_steps,
             num_evals=plan.num_evals,
             guidance_scale=guidance_scale,
-            strength=None if init is None else strength,
+            strength=None if init is None or denoising_start is not None else strength,
             mask_blur=None if mask_blur is None else float(mask_blur),
             height=height,
             width=width,
             output_type=output_type,
             extra_params=extra_params,
+            denoising_start=denoising_start,
+            denoising_end=denoising_end,
+            sdxl_options={k: getattr(options, k) for k in options.given()},
         )
         if output_type == "latent":
             return GeneratedImages.wrap(x, info)
@@ -555,8 +610,29 @@ class StableDiffusion:
             raise ValueError(f"{cfg.name} is an inpainting model (9-channel UNet); pass image and mask")
         return init, mask_px
 
-    def _prepare_task(self, sampler, plan, noise, seeds, init, mask_px, strength) -> _Task:
-        """Starting latents and task inputs for text-to-image, image-to-image and both inpainting modes."""
+    def _handoff_size(self, latents, height, width) -> tuple:
+        """The output size of handed-over latents (N, h, w, C): theirs times the VAE factor."""
+        shape = np.shape(latents)
+        channels = self.config.vae.latent_channels
+        if len(shape) != 4 or shape[-1] != channels:
+            raise ValueError(
+                f"latents have shape {tuple(shape)}; handed-over latents are (N, h, w, {channels}) NHWC"
+            )
+        factor = self.config.vae.downsample_factor
+        size = (int(shape[1]) * factor, int(shape[2]) * factor)
+        given = (size[0] if height is None else height, size[1] if width is None else width)
+        if given != size:
+            raise ValueError(
+                f"height x width {given[0]}x{given[1]} differs from the handed-over latents' "
+                f"{size[0]}x{size[1]}; leave them out"
+            )
+        return size
+
+    def _prepare_task(self, sampler, plan, noise, seeds, init, mask_px, strength, *, add_noise=True) -> _Task:
+        """Starting latents and task inputs for text-to-image, image-to-image and both inpainting modes.
+
+        ``add_noise=False`` (``denoising_start``): the encoded image is continued as it is.
+        """
         cfg = self.config
         n, sf = noise.shape[0], np.float32(cfg.vae.scaling_factor)
         shape = noise.shape[1:]
@@ -584,6 +660,8 @@ class StableDiffusion:
                 task.shared[blend.name] = {"scales": _next_noise_scales(sampler, plan)}
         if mask_px is not None and strength >= 1.0:
             task.x = noise * np.float32(plan.init_noise_sigma)
+        elif not add_noise:
+            task.x = image_latents
         else:
             task.x = ops.convert_to_numpy(sampler.add_noise(image_latents, noise, plan))
         return task
@@ -624,6 +702,8 @@ class GenerationInfo:
         width, output_type.
         extra_params: further PNG parameter fields, as the web UI names them ("Lora hashes",
             "TI hashes").
+        denoising_start, denoising_end: the hand-off fractions given (None: the whole schedule).
+        sdxl_options: the SDXL micro-conditioning values given (``SDXLOptions`` field -> value).
     """
 
     model: str
@@ -643,6 +723,9 @@ class GenerationInfo:
     width: int
     output_type: str
     extra_params: dict = dataclasses.field(default_factory=dict)
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    sdxl_options: dict = dataclasses.field(default_factory=dict)
 
 
 class GeneratedImages(np.ndarray):
@@ -665,6 +748,39 @@ class GeneratedImages(np.ndarray):
 
     def __reduce__(self):
         return np.asarray(self).__reduce__()  # pickles as a plain array
+
+
+def _handoff_inputs(image, latents, mask, denoising_start):
+    """``(image, latents, handoff)``: a base's ``output_type="latent"`` result given as ``image`` becomes
+    ``latents`` (diffusers' ``image=latents``); ``handoff``: latents continued from ``denoising_start``.
+
+    Raises:
+        ValueError: for latents given twice or without ``denoising_start``, ``denoising_start`` with
+            nothing to continue or with a mask.
+    """
+    info = getattr(image, "info", None) if isinstance(image, GeneratedImages) else None
+    if info is not None and info.output_type == "latent":
+        if latents is not None:
+            raise ValueError("pass the handed-over latents once: as image=... or as latents=..., not both")
+        if denoising_start is None:
+            raise ValueError(
+                "image= holds latents (output_type='latent'); continuing them needs denoising_start=..., "
+                "the fraction of the schedule already done (the base's denoising_end)"
+            )
+        image, latents = None, np.asarray(image)
+    handoff = denoising_start is not None and latents is not None
+    if handoff and image is not None:
+        raise ValueError(
+            "denoising_start with latents= continues those latents; image=... cannot be used as well"
+        )
+    if denoising_start is not None and not handoff and image is None:
+        raise ValueError(
+            f"denoising_start={denoising_start} continues a partly denoised image: pass latents=... (the "
+            f"base model's output_type='latent' result) or image=..."
+        )
+    if denoising_start is not None and mask is not None:
+        raise ValueError("denoising_start with inpainting (mask=...) is not supported; leave one of them out")
+    return image, latents, handoff
 
 
 def _next_noise_scales(sampler, plan) -> np.ndarray:

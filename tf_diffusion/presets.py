@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tf_diffusion.config import (
     CLIPTextConfig,
     PipelineConfig,
@@ -145,6 +147,12 @@ PRESETS: dict[str, PipelineConfig] = {
         force_zeros_for_empty_prompt=False,
         requires_aesthetics_score=True,
     ),
+    # diffusers/stable-diffusion-xl-1.0-inpainting-0.1: the base architecture with a 9-channel UNet input
+    # (latents, mask, masked-image latents); generate()'s SDXL inpainting default strength is diffusers'
+    # 0.9999.
+    "sdxl-inpainting-0.1": _SDXL.replace(
+        name="sdxl-inpainting-0.1", unet=dataclasses.replace(_SDXL_UNET, in_channels=9)
+    ),
     # SDXL-Turbo: the base architecture, distilled for 1-4 steps without guidance (its model card:
     # trailing spacing, guidance 0; the released scheduler is Euler ancestral), 512 px.
     "sdxl-turbo": _SDXL.replace(
@@ -154,6 +162,18 @@ PRESETS: dict[str, PipelineConfig] = {
         default_steps=1,
         default_guidance=0.0,
         default_sampler="euler_a",
+    ),
+    # SD-Turbo (stabilityai/sd-turbo): SD 2.1's 512-px architecture (epsilon prediction), distilled like
+    # SDXL-Turbo: Euler with trailing spacing, 1-4 steps, guidance off.
+    "sd-turbo": PipelineConfig(
+        name="sd-turbo",
+        text_encoder=_OPENCLIP_VIT_H,
+        tokenizer=_SD2_TOKENIZER,
+        unet=_SD2_UNET,
+        scheduler=SchedulerConfig(timestep_spacing="trailing"),
+        default_steps=1,
+        default_guidance=0.0,
+        default_sampler="euler",
     ),
 }
 

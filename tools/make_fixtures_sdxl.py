@@ -27,8 +27,9 @@ Written to tests/fixtures/sdxl/:
   only these, from the existing ``sdxl-diffusers/``): ``StableDiffusionXLImg2ImgPipeline`` (base, and a
   tiny refiner with aesthetic-score time ids and only the bigG-like encoder), micro-conditioning
   values, ``StableDiffusionXLInpaintPipeline`` (4-channel base UNet and a 9-channel UNet) and the
-  base-to-refiner hand-off (``denoising_end`` -> latents -> ``denoising_start``), every random draw
-  taken from tf_diffusion.noise for the same seeds.
+  base-to-refiner hand-off (``denoising_end`` -> latents -> ``denoising_start``) and few-step Turbo
+  settings (trailing spacing, 1-2 steps, guidance off), every random draw taken from tf_diffusion.noise
+  for the same seeds.
 
 Usage (dev only; needs torch, diffusers, transformers): python tools/make_fixtures_sdxl.py [--tasks]
 """
@@ -477,6 +478,11 @@ TASK_RUNS = [
          guidance=5.0, seed=17, prompt="a photo of a cat", negative="", options={}),
     dict(name="inpaint9_euler_strength", model="base", mode="inpaint9", sampler="euler", steps=5,
          strength=0.6, guidance=5.0, seed=18, prompt="a red car", negative="blurry", options={}),
+    # Few-step Turbo settings (sdxl-turbo's model card): trailing spacing, guidance off.
+    dict(name="turbo_euler_a_1step", model="base", mode="txt2img", sampler="euler_a", spacing="trailing", steps=1,
+         guidance=0.0, seed=19, prompt=["a photo of a cat", "a dog"], negative=None, options={}),
+    dict(name="turbo_euler_2step", model="base", mode="txt2img", sampler="euler", spacing="trailing", steps=2,
+         guidance=0.0, seed=20, prompt="a red car", negative=None, options={}),
 ]
 # Ensemble of experts: base txt2img to denoising_end (latents), refiner from denoising_start.
 HANDOFFS = [
@@ -499,12 +505,12 @@ def task_mask() -> np.ndarray:
     return mask
 
 
-def task_scheduler(name: str):
+def task_scheduler(name: str, spacing: str | None = None):
     from diffusers import EulerAncestralDiscreteScheduler
 
     cls, extra = TASK_SAMPLERS[name]
     cls = EulerAncestralDiscreteScheduler if cls == "EulerAncestralDiscreteScheduler" else cls
-    return cls.from_config({**SCHEDULER, **extra})
+    return cls.from_config({**SCHEDULER, **extra, **({} if spacing is None else {"timestep_spacing": spacing})})
 
 
 def cutoff_evals(sched, steps: int, start: float | None, end: float | None, strength: float | None) -> int:
@@ -584,7 +590,7 @@ def tasks() -> None:
         }
 
     for run in TASK_RUNS:
-        sched = task_scheduler(run["sampler"])
+        sched = task_scheduler(run["sampler"], run.get("spacing"))
         prompts = run["prompt"] if isinstance(run["prompt"], list) else [run["prompt"]]
         n = len(prompts)
         seeds = noise_lib.image_seeds(run["seed"], n)

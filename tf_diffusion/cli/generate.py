@@ -9,6 +9,8 @@
         --negative-prompt easyneg -o out.png
     tf-diffusion generate "a house" --model sd15.safetensors \
         --control control_v11p_sd15_canny.safetensors:edges.png:0.8 -o house.png
+    tf-diffusion generate "a lighthouse" --model sdxl-base/ --refiner sdxl-refiner/ --denoising-end 0.8 \
+        --original-size 2048,2048 --aesthetic-score 6.5 -o out.png
 
 PNGs carry the generation parameters in a ``parameters`` text chunk, written as
 AUTOMATIC1111 writes them, so other tools read them back.
@@ -17,6 +19,7 @@ AUTOMATIC1111 writes them, so other tools read them back.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import re
@@ -56,28 +59,64 @@ OPTION_NAMES = {
     "control_image": "--control IMAGE",
     "controlnet_conditioning_scale": "--control SCALE",
     "controlnet": "--control MODEL",
+    "denoising_end": "--denoising-end",
 }
+# SDXL micro-conditioning options -> SDXLOptions fields; the aesthetic scores apply to refiners only,
+# the target size to base models only.
+SDXL_OPTIONS = {
+    "--original-size": "original_size",
+    "--crop": "crops_coords_top_left",
+    "--target-size": "target_size",
+    "--aesthetic-score": "aesthetic_score",
+    "--negative-aesthetic-score": "negative_aesthetic_score",
+}
+_REFINER_ONLY = ("aesthetic_score", "negative_aesthetic_score")
+_BASE_ONLY = ("target_size",)
+DEFAULT_SWITCH = 0.8  # diffusers' documented base -> refiner hand-off
 
 
-def a1111_parameters(info, index: int, model: str, model_hash: str | None = None) -> str:
+def a1111_parameters(
+    info,
+    index: int,
+    model: str,
+    model_hash: str | None = None,
+    *,
+    refiner: str | None = None,
+    refiner_hash: str | None = None,
+    sdxl_options: dict | None = None,
+    strength: float | None = None,
+) -> str:
     """Image ``index``'s generation parameters as AUTOMATIC1111 writes them (``tf_diffusion.infotext``).
 
     Args:
-        info: the ``GenerationInfo`` that ``generate()`` returned with the images.
+        info: the ``GenerationInfo`` that ``generate()`` returned with the images (with a refiner, the
+            refiner's: its ``denoising_start`` is the "Refiner switch at").
         index: the image's position in the batch.
         model: the model as the user named it.
         model_hash: the web UI's short hash of a single checkpoint file, or None.
+        refiner: the refiner as the user named it ("Refiner"), or None; refiner_hash: its file's hash.
+        sdxl_options: the micro-conditioning values given (both stages'); default ``info.sdxl_options``.
+        strength: the base's img2img strength when a refiner ran (the refiner's info has none).
     """
-    from tf_diffusion.infotext import format_parameters
+    from tf_diffusion.infotext import format_parameters, sdxl_fields
 
     extra = {}
-    if info.strength is not None:
-        extra["Denoising strength"] = info.strength
+    strength = info.strength if strength is None else strength
+    if strength is not None:
+        extra["Denoising strength"] = strength
     if info.mask_blur is not None:
         extra["Mask blur"] = info.mask_blur
     if len(info.seeds) > 1:
         extra.update({"Batch size": len(info.seeds), "Batch pos": index})
     extra.update(info.extra_params)  # "Lora hashes", "TI hashes"
+    extra.update(
+        sdxl_fields(
+            refiner=refiner,
+            refiner_hash=refiner_hash,
+            refiner_switch_at=info.denoising_start if refiner is not None else None,
+            options=info.sdxl_options if sdxl_options is None else sdxl_options,
+        )
+    )
     return format_parameters(
         info.prompts[index],
         info.negative_prompts[index],
@@ -170,6 +209,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "many pixels (default 4, as the A1111 web UI; -1 keeps the decoded image as diffusers does)",
     )
     p.add_argument(
+        "--refiner",
+        default=None,
+        metavar="MODEL",
+        help="SDXL: a refiner (checkpoint, folder or hub id) that finishes the base's latents "
+        "(diffusers' ensemble of experts; PNG fields Refiner / Refiner switch at)",
+    )
+    p.add_argument(
+        "--denoising-end",
+        type=float,
+        default=None,
+        help=f"with --refiner: the fraction of the schedule the base runs (default {DEFAULT_SWITCH})",
+    )
+    p.add_argument(
+        "--original-size", default=None, metavar="W,H", help="SDXL micro-conditioning original size"
+    )
+    p.add_argument("--crop", default=None, metavar="TOP,LEFT", help="SDXL micro-conditioning crop top-left")
+    p.add_argument(
+        "--target-size", default=None, metavar="W,H", help="SDXL base: micro-conditioning target size"
+    )
+    p.add_argument(
+        "--aesthetic-score", type=float, default=None, help="SDXL refiner: aesthetic score (default 6)"
+    )
+    p.add_argument(
+        "--negative-aesthetic-score",
+        type=float,
+        default=None,
+        help="SDXL refiner: the unconditional half's aesthetic score (default 2.5)",
+    )
+    p.add_argument(
         "--max-image-pixels",
         type=int,
         default=None,
@@ -238,6 +306,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, list[pathlib.Path], 
             raise UsageError("--mask-blur applies to inpainting (--mask) only")
         if args.mask_blur != -1:
             finite_float(args.mask_blur, "--mask-blur", 0.0, 64.0)
+    check_sdxl_arguments(args)
     check_sampler(args.scheduler)
     check_size(args.height, args.width, None)
     try:
@@ -254,12 +323,91 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, list[pathlib.Path], 
     for value in args.control:
         control_option(value)
     source = check_model(args.model, "--model")
+    args.refiner_source = None if args.refiner is None else check_model(args.refiner, "--refiner")
     factor, _ = model_factor(source)
     check_size(args.height, args.width, factor)
     for option, path in (("--image", args.image), ("--mask", args.image and args.mask)):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{option} {path}: no such file")
     return source, paths, grid_path
+
+
+def pair_option(value: str, option: str, minimum: int) -> tuple[int, int]:
+    """``A,B`` -> (A, B), two integers >= ``minimum``."""
+    what = "TOP,LEFT" if option == "--crop" else "W,H"
+    allowed = "non-negative" if minimum == 0 else "positive"
+    parts = value.split(",")
+    try:
+        numbers = [int(p.strip()) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 2 or any(n < minimum for n in numbers):
+        raise UsageError(f"{option} {value}: must be {what}, two {allowed} integers")
+    return numbers[0], numbers[1]
+
+
+def sdxl_option_values(args: argparse.Namespace) -> dict:
+    """The SDXL micro-conditioning options given, as ``SDXLOptions`` fields ((height, width) sizes)."""
+    out = {}
+    for option, field in SDXL_OPTIONS.items():
+        value = getattr(args, field.replace("crops_coords_top_left", "crop"))
+        if value is None:
+            continue
+        if field in _REFINER_ONLY:
+            finite_float(value, option)
+            out[field] = float(value)
+        elif field == "crops_coords_top_left":
+            out[field] = pair_option(value, option, 0)
+        else:
+            width, height = pair_option(value, option, 1)
+            out[field] = (height, width)
+    return out
+
+
+def check_sdxl_arguments(args: argparse.Namespace) -> None:
+    """--refiner / --denoising-end and the micro-conditioning options, before any model is read."""
+    sdxl_option_values(args)
+    if args.denoising_end is not None:
+        if args.refiner is None:
+            raise UsageError("--denoising-end applies with --refiner (where the refiner takes over) only")
+        if not math.isfinite(args.denoising_end) or not 0.0 < args.denoising_end < 1.0:
+            raise UsageError(
+                f"--denoising-end {args.denoising_end:g}: must be a fraction strictly between 0 and 1"
+            )
+    if args.refiner is not None and args.mask is not None:
+        raise UsageError(
+            "--refiner with --mask is not supported (the hand-off continues latents, not an inpainting)"
+        )
+
+
+def sdxl_stage_options(values: dict, config) -> dict:
+    """The micro-conditioning values that apply to one SDXL model: a refiner reads the aesthetic scores
+    and no target size, a base model the reverse."""
+    refiner = config.requires_aesthetics_score
+    return {k: v for k, v in values.items() if k not in (_BASE_ONLY if refiner else _REFINER_ONLY)}
+
+
+def check_sdxl_models(values: dict, args: argparse.Namespace, base, refiner) -> None:
+    """Every SDXL option applies to the models given; --refiner is an SDXL model after an SDXL base."""
+    options = {field: option for option, field in SDXL_OPTIONS.items()}
+    if refiner is not None:
+        if not base.config.is_sdxl or base.config.requires_aesthetics_score:
+            kind = "an SDXL refiner" if base.config.is_sdxl else "not an SDXL model"
+            raise UsageError(f"--refiner needs an SDXL base as --model; {args.model} is {kind}")
+        if not refiner.config.is_sdxl:
+            raise UsageError(f"--refiner {args.refiner}: not an SDXL model (its latents would not match)")
+    models = [base] + ([] if refiner is None else [refiner])
+    for field in values:
+        if not base.config.is_sdxl:
+            raise UsageError(f"{options[field]} applies to SDXL models only; --model {args.model} is not one")
+        if not any(sdxl_stage_options({field: 1}, m.config) for m in models):
+            if field in _REFINER_ONLY:
+                raise UsageError(
+                    f"{options[field]} applies to an SDXL refiner only (pass --refiner MODEL, or a refiner as --model)"
+                )
+            raise UsageError(
+                f"{options[field]} does not apply to an SDXL refiner (its time ids hold the aesthetic score)"
+            )
 
 
 def lora_option(value: str) -> tuple[str, float]:
@@ -373,10 +521,15 @@ def run(args: argparse.Namespace) -> int:
     hints = [read_image(i, "--control", args.max_image_pixels) for _, i, _ in units]
 
     import_tensorflow()
-    from tf_diffusion.pipeline import StableDiffusion
+    from tf_diffusion.pipeline import StableDiffusion, has_accelerator
 
     dtype = None if args.precision == "float32" else args.precision
     sd = StableDiffusion.from_pretrained(source, dtype=dtype)
+    refiner = None
+    if args.refiner_source is not None:
+        refiner = StableDiffusion.from_pretrained(args.refiner_source, dtype=dtype)
+    values = sdxl_option_values(args)
+    check_sdxl_models(values, args, sd, refiner)
     apply_adapters(sd, args)
     control = {}
     if args.control:
@@ -393,22 +546,75 @@ def run(args: argparse.Namespace) -> int:
     mask_blur = None
     if mask is not None:
         mask_blur = 4.0 if args.mask_blur is None else (None if args.mask_blur == -1 else args.mask_blur)
+    switch = (
+        None if refiner is None else (DEFAULT_SWITCH if args.denoising_end is None else args.denoising_end)
+    )
+    # One call per process: on a CPU, XLA's extra compile time (seconds) outweighs what it saves
+    # on one image, so the command stays in graph mode there; accelerators keep the XLA default.
+    jit_compile = None if has_accelerator() else False
 
     try:
-        images = _generate(sd, args, image, mask, mask_blur, control)
+        images = sd.generate(
+            args.prompt,
+            args.negative_prompt or None,
+            num_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=args.height,
+            width=args.width,
+            num_images=args.num_images,
+            seed=args.seed,
+            scheduler=args.scheduler,
+            image=image,
+            strength=args.strength,
+            mask=mask,
+            mask_blur=mask_blur,
+            **control,
+            sdxl_options=sdxl_stage_options(values, sd.config) if sd.config.is_sdxl else None,
+            denoising_end=switch,
+            output_type="uint8" if refiner is None else "latent",
+            progress=not args.no_progress,
+            jit_compile=jit_compile,
+        )
     except ValueError as e:
-        # The library names hints control_image / control_image[k]; say which --control it was.
-        match = re.match(r"control_image(?:\[(\d+)\])? ", str(e))
-        if match is None:
-            raise
-        value = args.control[int(match.group(1) or 0)]
-        raise ValueError(f"--control {value}: the hint image {str(e)[match.end() :]}") from None
+        raise _control_error(e, args) from None
+    strength = None
+    if refiner is not None:
+        # The ensemble of experts: the refiner continues the base's latents from the switch on, with the
+        # same steps, guidance, sampler and seeds.
+        base = images.info
+        strength = base.strength
+        images = refiner.generate(
+            args.prompt,
+            args.negative_prompt or None,
+            num_steps=base.num_steps,
+            guidance_scale=base.guidance_scale,
+            num_images=args.num_images,
+            seed=base.seeds[0],
+            scheduler=args.scheduler if args.scheduler is not None else base.sampler,
+            image=images,
+            denoising_start=switch,
+            sdxl_options=sdxl_stage_options(values, refiner.config) or None,
+            progress=not args.no_progress,
+            jit_compile=jit_compile,
+        )
     from tf_diffusion.infotext import model_hash
 
     digest = model_hash(source) if os.path.isfile(source) else None
+    refiner_digest = None
+    if refiner is not None and os.path.isfile(args.refiner_source):
+        refiner_digest = model_hash(args.refiner_source)
     for i, (path, picture) in enumerate(zip(paths, images, strict=True)):
         # From what generate() resolved: each image's seed, the sampler, steps, strength, size.
-        text = a1111_parameters(images.info, i, args.model, digest)
+        text = a1111_parameters(
+            images.info,
+            i,
+            args.model,
+            digest,
+            refiner=args.refiner,
+            refiner_hash=refiner_digest,
+            sdxl_options=values,
+            strength=strength,
+        )
         save_png(picture, path, text, args.overwrite)
         print(path)
     if grid_path is not None:
@@ -417,26 +623,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(sd, args: argparse.Namespace, image, mask, mask_blur, control: dict):
-    from tf_diffusion.pipeline import has_accelerator
-
-    return sd.generate(
-        args.prompt,
-        args.negative_prompt or None,
-        num_steps=args.steps,
-        guidance_scale=args.guidance,
-        height=args.height,
-        width=args.width,
-        num_images=args.num_images,
-        seed=args.seed,
-        scheduler=args.scheduler,
-        image=image,
-        strength=args.strength,
-        mask=mask,
-        mask_blur=mask_blur,
-        **control,
-        progress=not args.no_progress,
-        # One call per process: on a CPU, XLA's extra compile time (seconds) outweighs what it saves
-        # on one image, so the command stays in graph mode there; accelerators keep the XLA default.
-        jit_compile=None if has_accelerator() else False,
-    )
+def _control_error(error: ValueError, args: argparse.Namespace) -> ValueError:
+    """The library names hints control_image / control_image[k]; say which --control it was."""
+    match = re.match(r"control_image(?:\[(\d+)\])? ", str(error))
+    if match is None:
+        return error
+    value = args.control[int(match.group(1) or 0)]
+    return ValueError(f"--control {value}: the hint image {str(error)[match.end() :]}")
