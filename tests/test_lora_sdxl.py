@@ -195,3 +195,28 @@ def test_refiner_refuses_clip_l_keys_clearly(fixtures_dir, folder, tmp_path):
 def test_fixture_configs_are_what_the_tool_wrote(folder):
     configs = json.loads((folder / "lora_configs.json").read_text())
     assert configs["text_encoder_2"]["r"] == 3 and configs["unet"]["rank_pattern"] == {"conv1": 2}
+
+
+def test_prompt_tags_on_an_sdxl_model(sd, data, folder, tmp_path):
+    """<lora:NAME:TE:UNET> on SDXL: the te weight scales both encoders; the tag leaves the text."""
+    import shutil
+
+    from tf_diffusion.adapters import extra_networks as xn
+
+    shutil.copy(folder / FILES["kohya"], tmp_path / "sdxl-style.safetensors")
+    sd.lora_dir = str(tmp_path)
+    try:
+        texts, negatives, params = xn.prepare(sd, ["a cat <lora:sdxl-style:0.5:1>"], [""])
+        assert texts[0].strip() == "a cat"
+        assert get_active_adapters(sd) == {"<lora:sdxl-style>": {"unet": 1.0, "text_encoder": 0.5}}
+        got = outputs(sd, data)
+        for k in ("te", "te2", "pooled"):
+            assert float(np.abs(got[k] - data[f"{k}_lora_0.5"]).max()) <= TOLERANCE, k
+        bound = max(TOLERANCE, SPREAD_FACTOR * float(data["unet_lora_1.0_float32_spread"]))
+        assert float(np.abs(got["unet"] - data["unet_lora_1.0_float64"]).max()) <= bound
+        assert params["Lora hashes"].startswith("sdxl-style: ")
+        xn.prepare(sd, ["a cat"], [""])
+        assert get_active_adapters(sd) == {}
+        check(outputs(sd, data), data, "base", "tags removed")
+    finally:
+        sd.lora_dir = None
