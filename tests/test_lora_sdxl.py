@@ -220,3 +220,19 @@ def test_prompt_tags_on_an_sdxl_model(sd, data, folder, tmp_path):
         check(outputs(sd, data), data, "base", "tags removed")
     finally:
         sd.lora_dir = None
+
+
+def test_generate_with_a_lora_and_the_lcm_sampler(sd, folder):
+    """The whole SDXL pipeline with a LoRA merged and LCM sampling (the LCM-LoRA recipe); no retrace."""
+    from tf_diffusion.execution import ExecutionOptions
+
+    kwargs = dict(
+        num_steps=2, guidance_scale=1.0, seed=3, scheduler="lcm", height=16, width=16, output_type="latent",
+        progress=False, execution=ExecutionOptions(compile="eager"),
+    )  # fmt: skip
+    base = np.asarray(sd.generate("a photo of a cat", **kwargs))
+    sd.load_lora_weights(folder / FILES["diffusers"], weight=0.5)
+    with_lora = np.asarray(sd.generate("a photo of a cat", **kwargs))
+    assert np.isfinite(with_lora).all() and float(np.abs(with_lora - base).max()) > 1e-3
+    sd.unload_lora_weights()
+    assert np.array_equal(np.asarray(sd.generate("a photo of a cat", **kwargs)), base)

@@ -188,3 +188,64 @@ class PNDM(Sampler):
             ops.where(flag(plan, "save_sample", i), x, saved),
         )
         return x_next, state
+
+
+class LCM(Sampler):
+    """Latent consistency sampling (Luo et al. 2023), diffusers' LCMScheduler.
+
+    The timesteps are ``num_steps`` evenly spaced picks from the distillation schedule
+    ``k * (1 .. original_inference_steps) - 1`` (k = T // original_inference_steps), ``timestep_spacing``
+    and ``steps_offset`` unused, as in diffusers. Each step denoises with the consistency boundary
+    condition ``c_skip * x + c_out * x0`` (scalings of ``t * timestep_scaling`` with sigma_data 0.5) and,
+    before every step but the last, re-noises to the next timestep with fresh noise. For LCM-distilled
+    UNets and LCM-LoRAs; guidance is usually off or low (1 to 2).
+    """
+
+    name = "lcm"
+    diffusers_class = "LCMScheduler"
+    default_spacing = "leading"
+    needs_noise = True
+
+    def _schedule(self, n, begin):
+        cfg = self.config
+        original = cfg.original_inference_steps
+        if original > cfg.num_train_timesteps:
+            raise ValueError(
+                f"original_inference_steps={original} exceeds num_train_timesteps={cfg.num_train_timesteps}"
+            )
+        if n > original:
+            raise ValueError(
+                f"num_steps={n} exceeds original_inference_steps={original} (LCM picks its steps from the "
+                f"distillation schedule); allowed: 1..{original}"
+            )
+        ac = schedule.alphas_cumprod(cfg, rescale=True).astype(np.float64)
+        k = cfg.num_train_timesteps // original
+        origin = (np.arange(1, original + 1) * k - 1)[::-1]
+        ts = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
+        a_t = ac[ts]
+        last = np.arange(n) == n - 1
+        a_prev = np.where(last, 1.0, ac[np.concatenate([ts[1:], ts[-1:]])])  # no noise after the last step
+        scaled = ts.astype(np.float64) * cfg.timestep_scaling
+        sigma_data = 0.5
+        tables = {
+            "alpha": np.sqrt(a_t),
+            "sigma": np.sqrt(1 - a_t),
+            "c_skip": sigma_data**2 / (scaled**2 + sigma_data**2),
+            "c_out": scaled / np.sqrt(scaled**2 + sigma_data**2),
+            "alpha_prev": np.sqrt(a_prev),
+            "noise_std": np.sqrt(1 - a_prev),
+            "noise_scales": _vp_noise_scales(ac, ts),
+        }
+        tables = {k: v[begin:] for k, v in tables.items()}
+        return ts, 1.0, tables
+
+    def step(self, model_output, i, x, state, plan, noise=None):
+        x = as_f32(x)
+        x0, _ = to_x0_eps(
+            as_f32(model_output), x, row(plan, "alpha", i), row(plan, "sigma", i), self.config.prediction_type
+        )
+        if self.config.clip_sample:
+            x0 = ops.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        denoised = row(plan, "c_out", i) * x0 + row(plan, "c_skip", i) * x
+        x = row(plan, "alpha_prev", i) * denoised + row(plan, "noise_std", i) * self._noise(noise)
+        return x, state
