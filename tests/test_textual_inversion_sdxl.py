@@ -145,3 +145,32 @@ def test_bad_embeddings_are_refused_and_nothing_changes(sd, tmp_path):
     with pytest.raises(TextualInversionError, match="token= is needed"):
         sd.load_textual_inversion(np.zeros((1, 32)), text_encoder=sd.text_encoder)
     assert loaded_embeddings(sd).keys() == before.keys()
+
+
+def test_weighted_embedding_words(sd, io):
+    """(inkxl:1.3): both encoders' hidden states at the embedding's positions scaled, each half's mean kept."""
+    sd.load_textual_inversion(FOLDER / "inkxl.safetensors")
+    prompt = CASES["prompts"][0].replace("inkxl", "(inkxl:1.3)")
+    weighted = encode(sd, [prompt])[0][0].astype(np.float64)  # (77, 72)
+    reference = io["context"][0].astype(np.float64)
+    weights = np.ones(77)
+    # The fixture's ids are the tokenizer's before diffusers expands the word into its two vectors' tokens:
+    # the word's one id past the 1114-token vocabulary marks where the two vectors start.
+    start = int(np.flatnonzero(io["ids"][0] >= 1114)[0])
+    weights[start : start + 2] = 1.3
+    expected = []
+    for half in (reference[:, :32], reference[:, 32:]):
+        scaled = half * weights[:, None]
+        expected.append(scaled * (half.mean() / scaled.mean()))
+    assert float(np.abs(weighted - np.concatenate(expected, -1)).max()) <= TOLERANCE
+
+
+def test_generate_records_ti_hashes(sd):
+    from tf_diffusion.execution import ExecutionOptions
+
+    sd.load_textual_inversion(FOLDER / "negxl.safetensors")
+    out = sd.generate(
+        "a cat", negative_prompt="negxl", num_steps=1, guidance_scale=5.0, seed=1, height=16, width=16,
+        output_type="latent", progress=False, execution=ExecutionOptions(compile="eager"),
+    )  # fmt: skip
+    assert out.info.extra_params["TI hashes"].startswith("negxl: ")
