@@ -236,3 +236,16 @@ def test_generate_with_a_lora_and_the_lcm_sampler(sd, folder):
     assert np.isfinite(with_lora).all() and float(np.abs(with_lora - base).max()) > 1e-3
     sd.unload_lora_weights()
     assert np.array_equal(np.asarray(sd.generate("a photo of a cat", **kwargs)), base)
+
+
+def test_diffusers_per_component_weights(sd, data, folder):
+    """set_adapters with diffusers' {"text_encoder_2": w}: bigG gets its own weight, CLIP-L keeps its."""
+    sd.load_lora_weights(folder / FILES["diffusers"], adapter_name="d")
+    sd.set_adapters("d", {"unet": 0.5, "text_encoder": 1.0, "text_encoder_2": 0.5})
+    got = outputs(sd, data)
+    assert float(np.abs(got["te"] - data["te_lora_1.0"]).max()) <= TOLERANCE
+    assert float(np.abs(got["te2"] - data["te2_lora_0.5"]).max()) <= TOLERANCE
+    assert float(np.abs(got["pooled"] - data["pooled_lora_0.5"]).max()) <= TOLERANCE
+    assert float(np.abs(got["unet"] - data["unet_lora_0.5_float64"]).max()) <= TOLERANCE
+    with pytest.raises(ValueError, match=r"names \['text_encoder_3'\]; allowed parts"):
+        sd.set_adapters("d", {"text_encoder_3": 1.0})

@@ -694,12 +694,19 @@ def _state(sd) -> _LoraState:
 
 
 def _component_weights(weight, name: str) -> dict[str, float]:
-    """A float, or {"unet": w, "text_encoder": w} (a missing part: 1.0) -> component -> weight."""
+    """A float, or {"unet": w, "text_encoder": w} (a missing part: 1.0) -> component -> weight.
+
+    A "text_encoder_2" entry (diffusers' per-component dicts for SDXL) gives SDXL's second encoder its own
+    weight; without one it follows "text_encoder".
+    """
     if isinstance(weight, Mapping):
-        extra = sorted(set(weight) - set(COMPONENTS))
+        allowed = [*COMPONENTS, "text_encoder_2"]
+        extra = sorted(set(weight) - set(allowed), key=str)
         if extra:
-            raise ValueError(f"weight of {name!r} names {extra}; allowed parts: {list(COMPONENTS)}")
+            raise ValueError(f"weight of {name!r} names {extra}; allowed parts: {allowed}")
         values = {c: weight.get(c, 1.0) for c in COMPONENTS}
+        if "text_encoder_2" in weight:
+            values["text_encoder_2"] = weight["text_encoder_2"]
     else:
         values = {c: weight for c in COMPONENTS}
     for c, w in values.items():
@@ -720,7 +727,10 @@ def _apply(sd, state: _LoraState, active: dict[str, dict[str, float]]) -> None:
         for module in lora.modules:
             key = (module.component, module.path)
             contributions.setdefault(key, [])
-            weight = active[name][_PART[module.component]] if name in active else 0.0
+            weights = active.get(name)
+            weight = (
+                0.0 if weights is None else weights.get(module.component, weights[_PART[module.component]])
+            )
             if weight != 0.0:
                 contributions[key].append((module, weight))
     values = {}
