@@ -33,6 +33,7 @@ SAMPLER_NAMES = (
     "dpmpp_2m_sde_karras",
     "unipc",
     "lcm",
+    "tcd",
 )
 
 
