@@ -5,7 +5,8 @@ tools/make_fixtures_sdxl_lora.py attached random LoRAs with peft to the tiny SDX
 and added-conditioning embeddings; both text encoders' attention and MLPs. It saved them with diffusers'
 ``save_lora_weights``, in kohya's SDXL naming, and (attention only) in diffusers' two older layouts; each
 file is read back by diffusers' own ``load_lora_weights`` to the peft outputs there. The reference outputs
-are those of diffusers / transformers with the LoRA applied.
+are those of diffusers / transformers with the LoRA applied, and of whole ``StableDiffusionXLPipeline`` runs
+with the LoRA loaded and the LCM / TCD samplers.
 """
 
 import json
@@ -222,22 +223,6 @@ def test_prompt_tags_on_an_sdxl_model(sd, data, folder, tmp_path):
         sd.lora_dir = None
 
 
-def test_generate_with_a_lora_and_the_lcm_sampler(sd, folder):
-    """The whole SDXL pipeline with a LoRA merged and LCM sampling (the LCM-LoRA recipe); no retrace."""
-    from tf_diffusion.execution import ExecutionOptions
-
-    kwargs = dict(
-        num_steps=2, guidance_scale=1.0, seed=3, scheduler="lcm", height=16, width=16, output_type="latent",
-        progress=False, execution=ExecutionOptions(compile="eager"),
-    )  # fmt: skip
-    base = np.asarray(sd.generate("a photo of a cat", **kwargs))
-    sd.load_lora_weights(folder / FILES["diffusers"], weight=0.5)
-    with_lora = np.asarray(sd.generate("a photo of a cat", **kwargs))
-    assert np.isfinite(with_lora).all() and float(np.abs(with_lora - base).max()) > 1e-3
-    sd.unload_lora_weights()
-    assert np.array_equal(np.asarray(sd.generate("a photo of a cat", **kwargs)), base)
-
-
 def test_diffusers_per_component_weights(sd, data, folder):
     """set_adapters with diffusers' {"text_encoder_2": w}: bigG gets its own weight, CLIP-L keeps its."""
     sd.load_lora_weights(folder / FILES["diffusers"], adapter_name="d")
@@ -249,3 +234,25 @@ def test_diffusers_per_component_weights(sd, data, folder):
     assert float(np.abs(got["unet"] - data["unet_lora_0.5_float64"]).max()) <= TOLERANCE
     with pytest.raises(ValueError, match=r"names \['text_encoder_3'\]; allowed parts"):
         sd.set_adapters("d", {"text_encoder_3": 1.0})
+
+
+@pytest.mark.parametrize("run", ["lcm", "tcd"])
+def test_pipeline_with_lora_matches_diffusers(sd, folder, run):
+    """The LCM-LoRA / TCD-LoRA recipe end to end: StableDiffusionXLPipeline with the LoRA at 0.5, 4 steps,
+    guidance 1.0, its noise drawn from tf_diffusion.noise (tools/make_fixtures_sdxl_lora.py)."""
+    from tf_diffusion.execution import ExecutionOptions
+    from tf_diffusion.schedulers import get_sampler
+
+    meta = json.loads((folder / "pipeline.json").read_text())
+    name, cls_name, steps, eta, seed = next(r for r in meta["runs"] if r[0] == run)
+    with np.load(folder / "pipeline.npz") as f:
+        want = f[f"{run}/images"]
+    sd.load_lora_weights(folder / FILES["diffusers"], weight=meta["weight"])
+    sampler = get_sampler(cls_name, sd.config.scheduler, **({} if eta is None else {"eta": eta}))
+    out = sd.generate(
+        meta["prompt"], num_steps=steps, guidance_scale=1.0, seed=seed, height=16, width=16, scheduler=sampler,
+        output_type="float", progress=False, execution=ExecutionOptions(compile="eager"),
+    )  # fmt: skip
+    err = float(np.abs(np.asarray(out) - want).max())
+    print(f"{run} pipeline with LoRA: max abs error {err:.2e}")
+    assert err <= 1e-3

@@ -34,6 +34,10 @@ way (``load_textual_inversion`` twice: ``clip_l`` into ``text_encoder`` / ``toke
 ``text_encoder_2`` / ``tokenizer_2``), and ``StableDiffusionXLPipeline.encode_prompt`` outputs of prompts
 using them in ``ti_io.npz``.
 
+Whole pipelines (``pipeline_runs()``): ``StableDiffusionXLPipeline`` with ``lora_diffusers.safetensors`` at 0.5
+and ``LCMScheduler`` / ``TCDScheduler`` (eta 0.3), 4 steps, guidance 1.0 (the LCM-LoRA / TCD-LoRA recipe),
+every random draw taken from tf_diffusion.noise; images in ``pipeline.npz``, the runs in ``pipeline.json``.
+
 Usage (dev only; needs torch, diffusers, transformers, peft): python tools/make_fixtures_sdxl_lora.py
 """
 
@@ -407,7 +411,51 @@ def textual_inversion() -> None:
     )
 
 
+# Whole StableDiffusionXLPipeline runs with the diffusers-format LoRA at 0.5 and the few-step samplers
+# LCM-LoRA / TCD-LoRA users pick: (name, scheduler class, steps, eta, seed), 16x16, guidance 1.0 (no
+# unconditional half), every random draw taken from tf_diffusion.noise.
+PIPELINE_RUNS = [("lcm", "LCMScheduler", 4, None, 7), ("tcd", "TCDScheduler", 4, 0.3, 8)]
+PIPELINE_PROMPT = "a photo of a cat"
+
+
+@torch.no_grad()
+def pipeline_runs() -> None:
+    import sys
+
+    import diffusers
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_fixtures_pipeline import NoiseQueues
+
+    from tf_diffusion import noise as noise_lib
+
+    out = {}
+    for name, cls_name, steps, eta, seed in PIPELINE_RUNS:
+        pipe = load_base()
+        pipe.load_lora_weights(str(OUT), weight_name="lora_diffusers.safetensors", adapter_name="style")
+        pipe.set_adapters(["style"], adapter_weights=[0.5])
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config)
+        seeds = noise_lib.image_seeds(seed, 1)
+        latent = (8, 8, 4)
+        with NoiseQueues() as queues:
+            queues.queues["pipeline"].append(noise_lib.batch_normal(seeds, noise_lib.LATENTS, latent))
+            step_noise = noise_lib.batch_normal(seeds, noise_lib.STEPS, (steps, *latent))  # (1, E, h, w, C)
+            queues.queues["scheduler"] += [step_noise[:, i] for i in range(steps - 1)]  # none after the last
+            kwargs = {} if eta is None else {"eta": eta}
+            images = pipe(
+                PIPELINE_PROMPT, height=16, width=16, num_inference_steps=steps, guidance_scale=1.0,
+                output_type="np", **kwargs,
+            ).images  # fmt: skip
+        out[f"{name}/images"] = np.asarray(images, np.float32)
+        print(f"pipeline {name}: images {images.shape} mean {images.mean():.4f}")
+    np.savez_compressed(OUT / "pipeline.npz", **out)
+    (OUT / "pipeline.json").write_text(
+        json.dumps({"prompt": PIPELINE_PROMPT, "runs": PIPELINE_RUNS, "weight": 0.5}, indent=1) + "\n"
+    )
+
+
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory():
         main()
     textual_inversion()
+    pipeline_runs()
