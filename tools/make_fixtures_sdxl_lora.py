@@ -459,3 +459,5 @@ if __name__ == "__main__":
         main()
     textual_inversion()
     pipeline_runs()
+    for path in OUT.iterdir():  # safetensors writes owner-only files; fixtures are read by everyone
+        path.chmod(0o644)
