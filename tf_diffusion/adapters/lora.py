@@ -18,7 +18,7 @@ Formats read:
   and ``LoRACompatibleLinear`` (``unet.<...>.to_q.lora.down.weight``, text encoders
   ``...q_proj.lora_linear_layer.down.weight``).
 
-A text-encoder weight (``{"text_encoder": w}``, A1111's ``<lora:name:unet:te>``) covers both SDXL text
+A text-encoder weight (``{"text_encoder": w}``, A1111's ``<lora:name:te:unet>``) covers both SDXL text
 encoders; an SDXL refiner has only ``text_encoder_2``.
 
 ``.safetensors`` files are read with ``weights.safetensors_io``; ``.pt`` / ``.bin`` / ``.ckpt`` with the
