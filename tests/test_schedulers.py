@@ -13,6 +13,7 @@ from tf_diffusion.schedulers import SAMPLERS, config_from_diffusers, get_sampler
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "schedulers"
 CASES = json.loads((FIXTURES / "cases.json").read_text())["cases"]
+LCM_CASES = json.loads((FIXTURES / "lcm_tcd_cases.json").read_text())["cases"]
 RTOL = 1e-5
 # Zero-terminal-SNR ladders start at sigma 4096, where float32 resolves only ~2.4e-4 and torch's float32
 # sqrt (not correctly rounded) puts diffusers' top sigma one ulp from ours; the first Euler step cancels
@@ -43,12 +44,37 @@ def trajectories():
 
 
 def _sampler_for(case):
-    options = {"eta": case["eta"]} if case["eta"] else {}
+    options = {"eta": case["eta"]} if case["eta"] or case["sampler"] == "tcd" else {}
     return get_sampler(case["sampler"], config_from_diffusers(case["config"]), **options)
+
+
+@pytest.fixture(scope="module")
+def lcm_trajectories():
+    return np.load(FIXTURES / "lcm_tcd.npz")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_trajectory_matches_diffusers(case, trajectories):
+    check_trajectory(case, trajectories)
+
+
+@pytest.mark.parametrize("case", LCM_CASES, ids=[c["id"] for c in LCM_CASES])
+def test_lcm_tcd_trajectory_matches_diffusers(case, lcm_trajectories):
+    """diffusers' LCMScheduler and TCDScheduler (tools/make_fixtures_schedulers.py --lcm)."""
+    check_trajectory(case, lcm_trajectories)
+
+
+def test_lcm_step_limits():
+    with pytest.raises(ValueError, match="num_steps=51 exceeds original_inference_steps=50"):
+        get_sampler("lcm").plan(51)
+    sampler = get_sampler("LCMScheduler", SchedulerConfig(original_inference_steps=4))
+    np.testing.assert_array_equal(sampler.plan(4).timesteps, [999, 749, 499, 249])
+    with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\], got 1.5"):
+        get_sampler("tcd", eta=1.5)
+    assert get_sampler("tcd").options() == {"eta": 0.3} and not get_sampler("tcd", eta=0).needs_noise
+
+
+def check_trajectory(case, trajectories):
     def ref(key):
         return trajectories[f"{case['id']}/{key}"]
 

@@ -265,9 +265,11 @@ class SchedulerConfig:
     euler_at_final: bool = False
     lambda_min_clipped: float = float("-inf")
     disable_corrector: tuple[int, ...] = ()
+    original_inference_steps: int = 50  # LCMScheduler: the distillation schedule's steps
+    timestep_scaling: float = 10.0  # LCMScheduler: the boundary condition's timestep scale
 
     def __post_init__(self):
-        _check_positive(self, "num_train_timesteps", "solver_order")
+        _check_positive(self, "num_train_timesteps", "solver_order", "original_inference_steps")
         _check_choice("beta_schedule", self.beta_schedule, {"linear", "scaled_linear", "squaredcos_cap_v2"})
         _check_choice("prediction_type", self.prediction_type, {"epsilon", "v_prediction", "sample"})
         # None means "the default of the diffusers class the sampler reproduces".

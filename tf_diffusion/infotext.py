@@ -41,6 +41,8 @@ A1111_SAMPLERS: dict[str, str] = {
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
     "unipc": "UniPC",
+    "lcm": "LCM",
+    "tcd": "TCD",  # not a stock web UI sampler; the name its forks and extensions use
 }
 SAMPLERS_FROM_A1111: dict[str, str] = {a1111: ours for ours, a1111 in A1111_SAMPLERS.items()}
 
@@ -55,6 +57,8 @@ _DIFFUSERS_CLASSES = {
     "LMSDiscreteScheduler": "lms",
     "UniPCMultistepScheduler": "unipc",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
 }
 # Samplers of ours that take Karras sigmas from their config, and how the web UI names that: a legacy
 # "X Karras" sampler name where one exists, otherwise "Schedule type: Karras" (web UI 1.9 and later).

@@ -160,11 +160,17 @@ class StableDiffusion:
 
         lora.unfuse_lora(self)
 
-    def load_textual_inversion(self, path, token: str | None = None) -> str:
-        """Load an A1111 or diffusers embedding; its word then works in prompts (``adapters.textual_inversion``)."""
+    def load_textual_inversion(
+        self, path, token: str | None = None, text_encoder=None, tokenizer=None
+    ) -> str:
+        """Load an A1111, SDXL or diffusers embedding; its word then works in prompts.
+
+        ``text_encoder`` / ``tokenizer`` load it into one encoder only, as diffusers does for SDXL's
+        ``text_encoder_2`` (``adapters.textual_inversion.load_textual_inversion``).
+        """
         from tf_diffusion.adapters import textual_inversion
 
-        return textual_inversion.load_textual_inversion(self, path, token)
+        return textual_inversion.load_textual_inversion(self, path, token, text_encoder, tokenizer)
 
     def unload_textual_inversion(self, tokens=None) -> None:
         """Forget embeddings: all, or the given words (``adapters.textual_inversion``)."""

@@ -9,6 +9,7 @@ output is the ``text_embeds`` of the UNet's added conditioning. The time ids are
 aesthetic score`` (refiner), embedded by the UNet. Long and weighted prompts follow
 ``tf_diffusion.prompts`` per encoder (each encoder's hidden states weighted and mean-restored on
 their own, as the AUTOMATIC1111 web UI does for SDXL); the pooled embedding is the first chunk's.
+Textual-inversion words get each encoder's own vectors (``adapters.textual_inversion``).
 """
 
 from __future__ import annotations
@@ -182,6 +183,11 @@ def _encoders(sd) -> list[tuple]:
     return out
 
 
+def _encoder_names(sd) -> list[str]:
+    """The component names of ``_encoders(sd)``, in the same order."""
+    return (["text_encoder"] if sd.text_encoder is not None else []) + ["text_encoder_2"]
+
+
 def encode_prompts(sd, prompts: Sequence[str], executor) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> the SDXL context and pooled embedding.
 
@@ -193,9 +199,14 @@ def encode_prompts(sd, prompts: Sequence[str], executor) -> tuple[np.ndarray, np
     Returns:
         ``(context, pooled)``: (B, 77 * chunks, context_dim) and (B, projection_dim), float32.
     """
+    from tf_diffusion.adapters import textual_inversion
     from tf_diffusion.pipeline import _apply_weights  # the one A1111 weighting rule
 
-    encoders = _encoders(sd)
+    # Each encoder's embedding words become ids past its vocabulary (adapters.textual_inversion).
+    encoders = [
+        (textual_inversion.tokenizer_for(sd, prompts, name), encoder, with_pooled)
+        for name, (_, encoder, with_pooled) in zip(_encoder_names(sd), _encoders(sd), strict=True)
+    ]
     chunked = [[tokenize_weighted(tok, p) for p in prompts] for tok, _, _ in encoders]
     count = max(c.num_chunks for per in chunked for c in per)
     contexts, pooled = [], None
@@ -203,7 +214,11 @@ def encode_prompts(sd, prompts: Sequence[str], executor) -> tuple[np.ndarray, np
         empty = tokenize_weighted(tok, "")
         per = [c.padded_to(count, empty) for c in per]
         ids = np.concatenate([c.ids for c in per])  # (B*K, 77)
-        out = executor.encode_text(encoder, ids, clip_skip=1, final_norm=False, pooled=with_pooled)
+        options = {}
+        if isinstance(tok, textual_inversion.EmbeddingTokenizer):
+            options["token_embeds"] = textual_inversion.token_embeddings(encoder, ids, tok)  # (B*K, 77, D)
+            ids = textual_inversion.pooling_ids(ids, tok)
+        out = executor.encode_text(encoder, ids, clip_skip=1, final_norm=False, pooled=with_pooled, **options)
         hidden = out[0] if with_pooled else out  # (B*K, 77, D)
         if with_pooled:
             pooled = out[1].reshape(len(prompts), count, -1)[:, 0]  # the first chunk's, (B, P)

@@ -6,7 +6,12 @@ StableDiffusionImg2ImgPipeline (strength < 1) drives it, with the UNet replaced 
 re-evaluates on our latents) and with every random draw replaced by NumPy arrays stored in the fixture.
 Arrays are stored NHWC. Writes tests/fixtures/schedulers/{cases.json, trajectories.npz}.
 
-Usage (dev only; diffusers' LMSDiscreteScheduler needs scipy): python tools/make_fixtures_schedulers.py
+``--lcm`` writes only tests/fixtures/schedulers/{lcm_tcd_cases.json, lcm_tcd.npz}: diffusers' LCMScheduler and
+TCDScheduler the same way (SD 1.5's and SDXL's scheduler configs as LCM-LoRA / TCD-LoRA users load them with
+``from_config``, steps 1, 2, 4 and 8, img2img, v-prediction, ``original_inference_steps`` /
+``timestep_scaling``, TCD's eta 0, 0.3 and 1).
+
+Usage (dev only; diffusers' LMSDiscreteScheduler needs scipy): python tools/make_fixtures_schedulers.py [--lcm]
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ import pathlib
 import diffusers
 import numpy as np
 import torch
-from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
+from diffusers.schedulers import (
+    scheduling_ddpm,
+    scheduling_euler_ancestral_discrete,
+    scheduling_lcm,
+    scheduling_tcd,
+)
 
 OUT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "schedulers"
 SHAPE = (1, 4, 4, 4)  # NCHW, as diffusers holds latents
@@ -235,6 +245,8 @@ def run_case(cls_name: str, config: dict, steps: int, strength: float, eta: floa
     injected = InjectedNoise()
     scheduling_ddpm.randn_tensor = injected
     scheduling_euler_ancestral_discrete.randn_tensor = injected
+    scheduling_lcm.randn_tensor = injected
+    scheduling_tcd.randn_tensor = injected
     traj, next_scales = [], []
     for i, t in enumerate(timesteps):
         x_in = sched.scale_model_input(x, t)
@@ -243,6 +255,8 @@ def run_case(cls_name: str, config: dict, steps: int, strength: float, eta: floa
         kwargs = {}
         if cls_name == "DDIMScheduler":
             kwargs = {"eta": eta, "variance_noise": injected.current if eta > 0 else None}
+        elif cls_name == "TCDScheduler":
+            kwargs = {"eta": eta}
         elif cls_name == "DPMSolverMultistepScheduler" and "sde" in sched.config.algorithm_type:
             kwargs = {"variance_noise": injected.current}
         x = sched.step(out, t, x, **kwargs).prev_sample
@@ -319,5 +333,58 @@ def main() -> None:
     print(f"wrote {len(meta)} cases to {OUT}")
 
 
+# SDXL base's scheduler_config.json (EulerDiscreteScheduler's, read by LCMScheduler.from_config).
+SDXL = {**SD15, "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
+LCM_CASES = [
+    (SD15, {}, 4, 1.0),
+    (SD15, {}, 1, 1.0),
+    (SD15, {}, 2, 1.0),
+    (SD15, {}, 8, 1.0),
+    (SDXL, {}, 4, 1.0),
+    (SD15, {}, 8, 0.5),
+    (SD2V, {}, 4, 1.0),
+    (SD15, {"original_inference_steps": 30, "timestep_scaling": 5.0}, 6, 1.0),
+    (SD15, {"prediction_type": "sample", "clip_sample": True}, 4, 1.0),
+]
+# TCD: (base, options, steps, strength, eta).
+TCD_CASES = [
+    (SD15, {}, 4, 1.0, 0.3),
+    (SDXL, {}, 4, 1.0, 0.3),
+    (SD15, {}, 1, 1.0, 0.3),
+    (SD15, {}, 8, 1.0, 0.0),
+    (SD15, {}, 6, 1.0, 1.0),
+    (SD15, {}, 8, 0.5, 0.5),
+    (SD2V, {}, 4, 1.0, 0.3),
+    (SD15, {"original_inference_steps": 30, "prediction_type": "sample"}, 5, 1.0, 0.3),
+]
+
+
+def lcm() -> None:
+    """LCMScheduler and TCDScheduler trajectories."""
+    arrays = {"phase": phase_field().astype(np.float32)}
+    meta = []
+    runs = [("lcm", "LCMScheduler", *c, 0.0) for c in LCM_CASES]
+    runs += [("tcd", "TCDScheduler", *c) for c in TCD_CASES]
+    for index, (name, cls_name, base, options, steps, strength, eta) in enumerate(runs):
+        case = dict(sampler=name, cls=cls_name, config={**base, **options}, steps=steps, strength=strength)
+        case.update(eta=eta, id=f"{name}{index:02d}_{steps}", seed=2000 + index)
+        result = run_case(case["cls"], case["config"], steps, strength, eta, case["seed"])
+        for key, value in result.items():
+            if key == "clean" and strength == 1.0:
+                continue
+            arrays[f"{case['id']}/{key}"] = value
+        meta.append(case)
+    np.savez_compressed(OUT / "lcm_tcd.npz", **arrays)
+    (OUT / "lcm_tcd_cases.json").write_text(
+        json.dumps({"diffusers": diffusers.__version__, "cases": meta}, indent=1)
+    )
+    print(f"wrote {len(meta)} LCM / TCD cases to {OUT}")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--lcm" in sys.argv[1:]:
+        lcm()
+    else:
+        main()

@@ -1,16 +1,25 @@
-"""LoRA files for SD 1.x / 2.x UNets and text encoders: read, map to our layers, merge into the weights.
+"""LoRA files for SD 1.x / 2.x / SDXL UNets and text encoders: read, map to our layers, merge into the weights.
 
 Formats read:
 
-- kohya / A1111 (sd-scripts ``networks/lora.py``): ``lora_unet_<module>`` and ``lora_te_<module>``, where
-  the module is a path with ``.`` written as ``_``: the diffusers UNet path (what sd-scripts writes,
-  ``lora_unet_down_blocks_0_attentions_0_proj_in``) or the original single-file path
-  (``lora_unet_input_blocks_1_1_proj_in``), and the transformers text-encoder path; tensors
-  ``.lora_down.weight``, ``.lora_up.weight`` and an optional scalar ``.alpha`` (absent: alpha = rank).
-  Conv layers ("LoCon"): 3x3 and 1x1 downs with 1x1 ups.
-- diffusers / PEFT (``save_lora_weights``): ``unet.<diffusers path>.lora_A.weight`` / ``.lora_B.weight``
-  and ``text_encoder.<transformers path>...``; alpha, ``rank_pattern``, ``alpha_pattern`` and
-  ``use_rslora`` from the ``lora_adapter_metadata`` header (absent: alpha = rank).
+- kohya / A1111 (sd-scripts ``networks/lora.py``): ``lora_unet_<module>`` and ``lora_te_<module>`` (SDXL:
+  ``lora_te1_`` for CLIP-L, ``lora_te2_`` for OpenCLIP bigG), where the module is a path with ``.``
+  written as ``_``: the diffusers UNet path (what sd-scripts writes for SD 1.x / 2.x,
+  ``lora_unet_down_blocks_0_attentions_0_proj_in``) or the original single-file path (what it writes for
+  SDXL, which it trains on its own copy of the original UNet: ``lora_unet_input_blocks_4_1_proj_in``,
+  ``lora_unet_label_emb_0_0``), and the transformers text-encoder path; tensors ``.lora_down.weight``,
+  ``.lora_up.weight`` and an optional scalar ``.alpha`` (absent: alpha = rank). Conv layers ("LoCon"):
+  3x3 and 1x1 downs with 1x1 ups.
+- diffusers / PEFT (``save_lora_weights``): ``unet.<diffusers path>.lora_A.weight`` / ``.lora_B.weight``,
+  ``text_encoder.<transformers path>...`` and (SDXL) ``text_encoder_2.``; alpha, ``rank_pattern``,
+  ``alpha_pattern`` and ``use_rslora`` from the ``lora_adapter_metadata`` header (absent: alpha = rank).
+- diffusers' older layouts (no alpha: scale 1): attention processors
+  (``unet.<...>.attn1.processor.to_q_lora.down.weight``, text encoders ``...self_attn.to_q_lora.up.weight``)
+  and ``LoRACompatibleLinear`` (``unet.<...>.to_q.lora.down.weight``, text encoders
+  ``...q_proj.lora_linear_layer.down.weight``).
+
+A text-encoder weight (``{"text_encoder": w}``, A1111's ``<lora:name:te:unet>``) covers both SDXL text
+encoders; an SDXL refiner has only ``text_encoder_2``.
 
 ``.safetensors`` files are read with ``weights.safetensors_io``; ``.pt`` / ``.bin`` / ``.ckpt`` with the
 allow-list unpickler ``weights.ckpt.load_ckpt`` (nothing in the file is executed).
@@ -48,9 +57,29 @@ from tf_diffusion.weights.diffusers_unet import (
 )
 from tf_diffusion.weights.state_dict import named_parameters, to_keras_layout, to_torch_layout, torch_shape
 
-COMPONENTS = ("unet", "text_encoder")
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+COMPONENTS = ("unet", "text_encoder")  # the parts a weight names
+# Model component -> the weight part that scales it (SDXL's second encoder follows the text-encoder weight).
+_PART = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder"}
+_KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+# diffusers' older key layouts: suffix -> (part, what replaces the suffix to give the module path).
+_OLD_DIFFUSERS = {
+    ".lora.down.weight": ("down", ""),
+    ".lora.up.weight": ("up", ""),
+    ".lora_linear_layer.down.weight": ("down", ""),
+    ".lora_linear_layer.up.weight": ("up", ""),
+    **{f".to_{n}_lora.{d}.weight": (d, f".to_{n}") for n in ("q", "k", "v", "out") for d in ("down", "up")},
+}
+# Attention-processor names -> the layer: UNet attention and transformers' self_attn spellings.
+_PROCESSOR_LAYERS = {
+    "unet": {".to_out": ".to_out.0"},
+    "text": {".to_q": ".q_proj", ".to_k": ".k_proj", ".to_v": ".v_proj", ".to_out": ".out_proj"},
+}
 # Tensors of formats this module does not compute: key fragment -> what it is.
 _UNSUPPORTED = {
     "oft_": "LyCORIS OFT (oft_*)",
@@ -71,6 +100,8 @@ _KOHYA_PARTS = {
 }
 # Keys only SDXL files have (its second text encoder, its added embeddings).
 _SDXL_MARKERS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "add_embedding", "lora_unet_label_emb")
+# Keys only SD 1.x / 2.x files have (kohya's one text encoder).
+_SD_MARKERS = ("lora_te_",)
 # Cross-attention / text widths -> the family they belong to, for messages.
 _CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 
@@ -84,7 +115,7 @@ class LoraModule:
     """One layer's update.
 
     Attributes:
-        component: "unet" or "text_encoder".
+        component: "unet", "text_encoder" or "text_encoder_2".
         path: our layer's attribute path (the original checkpoint key without ``.weight``).
         key: the module's name in the file, for messages.
         kind: "lora" (``down`` / ``up``, optionally ``mid``: LoCon Tucker), "loha" (``hada_*``) or
@@ -303,7 +334,10 @@ class _Targets:
 
     @classmethod
     def of(cls, sd) -> _Targets:
-        dotted = {"unet": _unet_names(sd.unet, sd.config.unet), "text_encoder": _text_names(sd.text_encoder)}
+        dotted = {"unet": _unet_names(sd.unet, sd.config.unet)}
+        for c in ("text_encoder", "text_encoder_2"):  # a refiner has no text_encoder, SD 1/2 no second
+            if getattr(sd, c, None) is not None:
+                dotted[c] = _text_names(getattr(sd, c))
         kohya = {
             c: {name.replace(".", "_"): path for name, path in names.items()} for c, names in dotted.items()
         }
@@ -313,7 +347,7 @@ class _Targets:
                 for k, v in named_parameters(getattr(sd, c)).items()
                 if v[1] == "weight"
             }
-            for c in COMPONENTS
+            for c in dotted
         }
         return cls(dotted, kohya, params)
 
@@ -371,6 +405,7 @@ def parse_lora(
     targets = _state(sd).targets(sd)
     groups: dict[tuple[str, str], dict] = {}  # (component, our path) -> {"down", "up", "alpha", "key", ...}
     unknown, unsupported, formats = [], [], set()
+    keys = [k for k in tensors if isinstance(k, str)]
     for key in tensors:
         if not isinstance(key, str):
             unknown.append(repr(key))
@@ -397,14 +432,13 @@ def parse_lora(
             lines.append(f"  ... and {len(unsupported) + len(unknown) - len(shown)} more")
         if unsupported:
             lines.append("(LyCORIS OFT, IA3, norm and full-weight modules are not supported)")
-        if any(marker in k for k in unknown for marker in _SDXL_MARKERS):
-            lines.append(f"(these are SDXL LoRA keys; the model is {_model_family(sd)})")
+        lines += _family_hints(keys, targets, sd)
         raise LoraError("\n".join(lines))
     if not groups:
         raise LoraError(f"LoRA {source} holds no LoRA tensors")
 
     modules, incomplete, mismatched = [], [], []
-    peft = {c: _peft_meta(metadata, c) for c in COMPONENTS}
+    peft = {c: _peft_meta(metadata, c) for c in targets.dotted}
     for (component, path), entry in groups.items():
         kind = _kind_of(entry)
         problem = _parts_problem(kind, entry)
@@ -455,8 +489,38 @@ def parse_lora(
     if unsupported:
         raise LoraError(f"LoRA {source}: not supported yet:\n  " + "\n  ".join(unsupported))
     if mismatched:
-        raise LoraError(_mismatch_message(source, mismatched, sd))
+        raise LoraError(
+            "\n".join([_mismatch_message(source, mismatched, sd), *_family_hints(keys, targets, sd)])
+        )
     return LoraWeights(source, "+".join(sorted(formats)), tuple(modules), dict(metadata))
+
+
+def _family_hints(keys: Sequence[str], targets: _Targets, sd) -> list[str]:
+    """Lines that say which family a LoRA's keys belong to when the model is of another, or lacks a part."""
+    sdxl = sd.config.is_sdxl
+    hints = []
+    if not sdxl and any(m in k for k in keys for m in _SDXL_MARKERS):
+        hints.append(f"(these are SDXL LoRA keys; the model is {_model_family(sd)})")
+    if (
+        sdxl
+        and any(k.startswith(_SD_MARKERS) for k in keys)
+        and not any(m in k for k in keys for m in _SDXL_MARKERS)
+    ):
+        hints.append(
+            f"(this looks like an SD 1.x / 2.x LoRA: kohya's single-text-encoder lora_te_ keys; the model is "
+            f"{_model_family(sd)}, with two text encoders)"
+        )
+    missing = [c for c in ("text_encoder", "text_encoder_2") if c not in targets.dotted]
+    if (
+        sdxl
+        and missing == ["text_encoder"]
+        and any(k.startswith(("lora_te1_", "text_encoder.")) for k in keys)
+    ):
+        hints.append(
+            "(keys for text_encoder (CLIP-L), which this model does not have: an SDXL refiner has only "
+            "text_encoder_2)"
+        )
+    return hints
 
 
 def _kohya_key(key: str, targets: _Targets):
@@ -467,7 +531,7 @@ def _kohya_key(key: str, targets: _Targets):
         return None
     for prefix, component in _KOHYA_PREFIXES.items():
         if module.startswith(prefix):
-            path = targets.kohya[component].get(module[len(prefix) :])
+            path = targets.kohya.get(component, {}).get(module[len(prefix) :])
             return None if path is None else ("kohya", component, path, module, part)
     return None
 
@@ -482,15 +546,33 @@ def _diffusers_key(key: str, targets: _Targets):
         ".lora_magnitude_vector": "dora",
     }
     suffix = next((s for s in suffixes if key.endswith(s)), None)
+    old = None
     if suffix is None:
-        return None
-    module, part = key[: -len(suffix)], suffixes[suffix]
+        old = next((s for s in _OLD_DIFFUSERS if key.endswith(s)), None)
+        if old is None:
+            return None
+        part, tail = _OLD_DIFFUSERS[old]
+        module = key[: -len(old)] + tail
+    else:
+        module, part = key[: -len(suffix)], suffixes[suffix]
     for prefix, component in _DIFFUSERS_PREFIXES.items():
         if module.startswith(prefix):
             name = module[len(prefix) :]
-            path = targets.dotted[component].get(name)
+            if old is not None:
+                name = _old_module_name(name, component)
+            path = targets.dotted.get(component, {}).get(name)
             return None if path is None else ("diffusers", component, path, name, part)
     return None
+
+
+def _old_module_name(name: str, component: str) -> str:
+    """An older diffusers module name (attention processors, ``to_q_lora``) -> the layer's path."""
+    name = name.replace(".processor.", ".")  # attn1.processor.to_q -> attn1.to_q
+    renames = _PROCESSOR_LAYERS["unet" if component == "unet" else "text"]
+    for old, new in renames.items():
+        if name.endswith(old):
+            return name[: -len(old)] + new
+    return name
 
 
 def _factor_problem(kind: str, tensors: Mapping, want: tuple) -> str | None:
@@ -612,12 +694,19 @@ def _state(sd) -> _LoraState:
 
 
 def _component_weights(weight, name: str) -> dict[str, float]:
-    """A float, or {"unet": w, "text_encoder": w} (a missing part: 1.0) -> component -> weight."""
+    """A float, or {"unet": w, "text_encoder": w} (a missing part: 1.0) -> component -> weight.
+
+    A "text_encoder_2" entry (diffusers' per-component dicts for SDXL) gives SDXL's second encoder its own
+    weight; without one it follows "text_encoder".
+    """
     if isinstance(weight, Mapping):
-        extra = sorted(set(weight) - set(COMPONENTS))
+        allowed = [*COMPONENTS, "text_encoder_2"]
+        extra = sorted(set(weight) - set(allowed), key=str)
         if extra:
-            raise ValueError(f"weight of {name!r} names {extra}; allowed parts: {list(COMPONENTS)}")
+            raise ValueError(f"weight of {name!r} names {extra}; allowed parts: {allowed}")
         values = {c: weight.get(c, 1.0) for c in COMPONENTS}
+        if "text_encoder_2" in weight:
+            values["text_encoder_2"] = weight["text_encoder_2"]
     else:
         values = {c: weight for c in COMPONENTS}
     for c, w in values.items():
@@ -638,8 +727,12 @@ def _apply(sd, state: _LoraState, active: dict[str, dict[str, float]]) -> None:
         for module in lora.modules:
             key = (module.component, module.path)
             contributions.setdefault(key, [])
-            if name in active and active[name][module.component] != 0.0:
-                contributions[key].append((module, active[name][module.component]))
+            weights = active.get(name)
+            weight = (
+                0.0 if weights is None else weights.get(module.component, weights[_PART[module.component]])
+            )
+            if weight != 0.0:
+                contributions[key].append((module, weight))
     values = {}
     for key, parts in contributions.items():
         layer, attr = targets.params[key[0]][key[1]]

@@ -32,6 +32,8 @@ SAMPLER_NAMES = (
     "dpmpp_2m_sde",
     "dpmpp_2m_sde_karras",
     "unipc",
+    "lcm",
+    "tcd",
 )
 
 

@@ -257,7 +257,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH",
-        help="a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds); its "
+        help="a textual-inversion embedding (A1111 .pt / .safetensors, SDXL clip_l + clip_g, diffusers "
+        "learned_embeds); its "
         "file name (or its token) is its word in prompts; repeatable",
     )
     p.add_argument("--embedding-dir", default=None, help="load every embedding in this folder")

@@ -150,7 +150,10 @@ class LocalExecutor:
         opts = execution.ExecutionOptions(
             compile="graph" if keras.backend.backend() == "tensorflow" else "eager"
         )
-        fn = self.compiled(("text", id(text_encoder)), lambda: execution.compile(text_encoder, opts))
+        # One compiled function per set of option names: a tf.function traced without token_embeds
+        # cannot take them on a later call (TF's function-type polymorphism fails on the new keyword).
+        key = ("text", id(text_encoder), tuple(sorted(options)))
+        fn = self.compiled(key, lambda: execution.compile(text_encoder, opts))
         out = fn(ids, **options)
         if isinstance(out, (tuple, list)):
             return tuple(ops.convert_to_numpy(ops.cast(o, "float32")) for o in out)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from tf_diffusion.config import SchedulerConfig
 from tf_diffusion.schedulers.base import Sampler, SamplerPlan, to_x0_eps
-from tf_diffusion.schedulers.discrete import DDIM, DDPM, PNDM
+from tf_diffusion.schedulers.discrete import DDIM, DDPM, LCM, PNDM, TCD
 from tf_diffusion.schedulers.multistep import DPMSolverMultistep, UniPC
 from tf_diffusion.schedulers.sigma import LMS, Euler, EulerAncestral, Heun
 
@@ -58,11 +58,13 @@ SAMPLERS: dict[str, tuple[type[Sampler], dict]] = {
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
     "unipc": (UniPC, {}),
+    "lcm": (LCM, {}),
+    "tcd": (TCD, {}),
 }
 # diffusers class name -> sampler class; these take every option from the config.
 _DIFFUSERS_CLASSES = {
     cls.diffusers_class: cls
-    for cls in (DDIM, PNDM, DDPM, Euler, EulerAncestral, Heun, LMS, DPMSolverMultistep, UniPC)
+    for cls in (DDIM, PNDM, DDPM, Euler, EulerAncestral, Heun, LMS, DPMSolverMultistep, UniPC, LCM, TCD)
 }
 
 
@@ -75,7 +77,7 @@ def get_sampler(name: str, config: SchedulerConfig | None = None, **options) -> 
             their name (e.g. "dpmpp_2m_karras" sets ``use_karras_sigmas=True``); class names read every
             option from ``config``.
         config: training schedule and scheduler options; defaults to SD 1.5's.
-        **options: sampler-specific call options (``eta`` for "ddim").
+        **options: sampler-specific call options (``eta`` for "ddim" and "tcd").
 
     Returns:
         The Sampler.

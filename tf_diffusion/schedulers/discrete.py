@@ -1,4 +1,4 @@
-"""Samplers on the discrete alphas_cumprod table: DDIM, DDPM and PNDM (PLMS)."""
+"""Samplers on the discrete alphas_cumprod table: DDIM, DDPM, PNDM (PLMS), LCM and TCD."""
 
 from __future__ import annotations
 
@@ -188,3 +188,124 @@ class PNDM(Sampler):
             ops.where(flag(plan, "save_sample", i), x, saved),
         )
         return x_next, state
+
+
+class LCM(Sampler):
+    """Latent consistency sampling (Luo et al. 2023), diffusers' LCMScheduler.
+
+    The timesteps are ``num_steps`` evenly spaced picks from the distillation schedule
+    ``k * (1 .. original_inference_steps) - 1`` (k = T // original_inference_steps), ``timestep_spacing``
+    and ``steps_offset`` unused, as in diffusers. Each step denoises with the consistency boundary
+    condition ``c_skip * x + c_out * x0`` (scalings of ``t * timestep_scaling`` with sigma_data 0.5) and,
+    before every step but the last, re-noises to the next timestep with fresh noise. For LCM-distilled
+    UNets and LCM-LoRAs; guidance is usually off or low (1 to 2).
+    """
+
+    name = "lcm"
+    diffusers_class = "LCMScheduler"
+    default_spacing = "leading"
+    needs_noise = True
+
+    def _schedule(self, n, begin):
+        cfg = self.config
+        ts = _lcm_timesteps(cfg, n)
+        ac = schedule.alphas_cumprod(cfg, rescale=True).astype(np.float64)
+        a_t = ac[ts]
+        last = np.arange(n) == n - 1
+        a_prev = np.where(last, 1.0, ac[np.concatenate([ts[1:], ts[-1:]])])  # no noise after the last step
+        scaled = ts.astype(np.float64) * cfg.timestep_scaling
+        sigma_data = 0.5
+        tables = {
+            "alpha": np.sqrt(a_t),
+            "sigma": np.sqrt(1 - a_t),
+            "c_skip": sigma_data**2 / (scaled**2 + sigma_data**2),
+            "c_out": scaled / np.sqrt(scaled**2 + sigma_data**2),
+            "alpha_prev": np.sqrt(a_prev),
+            "noise_std": np.sqrt(1 - a_prev),
+            "noise_scales": _vp_noise_scales(ac, ts),
+        }
+        tables = {k: v[begin:] for k, v in tables.items()}
+        return ts, 1.0, tables
+
+    def step(self, model_output, i, x, state, plan, noise=None):
+        x = as_f32(x)
+        x0, _ = to_x0_eps(
+            as_f32(model_output), x, row(plan, "alpha", i), row(plan, "sigma", i), self.config.prediction_type
+        )
+        if self.config.clip_sample:
+            x0 = ops.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        denoised = row(plan, "c_out", i) * x0 + row(plan, "c_skip", i) * x
+        x = row(plan, "alpha_prev", i) * denoised + row(plan, "noise_std", i) * self._noise(noise)
+        return x, state
+
+
+class TCD(Sampler):
+    """Trajectory consistency distillation sampling (Zheng et al. 2024), diffusers' TCDScheduler.
+
+    The timesteps are LCM's. Each step predicts x0 and eps, noises them to the intermediate timestep
+    ``s = floor((1 - eta) * t_next)`` (0 after the last step) and, with ``eta > 0``, before every step but
+    the last, moves from ``s`` to ``t_next`` with fresh noise. ``eta`` (the paper's gamma) defaults to 0.3,
+    TCDScheduler.step's default; 0 makes it deterministic.
+    """
+
+    name = "tcd"
+    diffusers_class = "TCDScheduler"
+    default_spacing = "leading"
+
+    def __init__(self, config: SchedulerConfig | None = None, name: str | None = None, eta: float = 0.3):
+        super().__init__(config, name)
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        self.eta = float(eta)
+        self.needs_noise = self.eta > 0
+
+    def options(self) -> dict:
+        return {"eta": self.eta}
+
+    def _schedule(self, n, begin):
+        ts = _lcm_timesteps(self.config, n)
+        ac = schedule.alphas_cumprod(self.config, rescale=True).astype(np.float64)
+        last = np.arange(n) == n - 1
+        t_next = np.where(last, 0, np.concatenate([ts[1:], ts[-1:]]))
+        # torch computes (1 - eta) * t_next in float32 before the floor.
+        s = np.floor(np.float32(1 - self.eta) * t_next.astype(np.float32)).astype(np.int64)
+        a_s, a_next = ac[s], ac[t_next]
+        moves = (~last) & (self.eta > 0)
+        tables = {
+            "alpha": np.sqrt(ac[ts]),
+            "sigma": np.sqrt(1 - ac[ts]),
+            "alpha_s": np.sqrt(a_s),
+            "sigma_s": np.sqrt(1 - a_s),
+            "ratio": np.where(moves, np.sqrt(a_next / a_s), 1.0),
+            "noise_std": np.where(moves, np.sqrt(np.maximum(1 - a_next / a_s, 0.0)), 0.0),
+            "noise_scales": _vp_noise_scales(ac, ts),
+        }
+        tables = {k: v[begin:] for k, v in tables.items()}
+        return ts, 1.0, tables
+
+    def step(self, model_output, i, x, state, plan, noise=None):
+        x = as_f32(x)
+        x0, eps = to_x0_eps(
+            as_f32(model_output), x, row(plan, "alpha", i), row(plan, "sigma", i), self.config.prediction_type
+        )
+        x = row(plan, "ratio", i) * (row(plan, "alpha_s", i) * x0 + row(plan, "sigma_s", i) * eps)
+        if self.needs_noise:
+            x = x + row(plan, "noise_std", i) * self._noise(noise)
+        return x, state
+
+
+def _lcm_timesteps(cfg: SchedulerConfig, n: int) -> np.ndarray:
+    """LCMScheduler's / TCDScheduler's timesteps: n evenly spaced picks from k * (1 .. original) - 1."""
+    original = cfg.original_inference_steps
+    if original > cfg.num_train_timesteps:
+        raise ValueError(
+            f"original_inference_steps={original} exceeds num_train_timesteps={cfg.num_train_timesteps}"
+        )
+    if n > original:
+        raise ValueError(
+            f"num_steps={n} exceeds original_inference_steps={original} (the steps are picked from the "
+            f"distillation schedule); allowed: 1..{original}"
+        )
+    k = cfg.num_train_timesteps // original
+    origin = (np.arange(1, original + 1) * k - 1)[::-1]
+    return origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
