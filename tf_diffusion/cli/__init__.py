@@ -5,6 +5,7 @@
     tf-diffusion convert SRC DST --to {single-file,diffusers,tf_diffusion}
     tf-diffusion export MODEL DIR
     tf-diffusion train --preset NAME --data FOLDER --steps N --checkpoint-dir DIR
+    tf-diffusion serve [--model NAME] [--host 127.0.0.1] [--port 7860] [--api-auth USER:PASS]
 
 One module per subcommand, each with ``add_parser(subparsers)`` and ``run(args)``. Parsing and every
 check of options, paths and output files run before TensorFlow is imported, so a mistake is answered
@@ -20,13 +21,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tf_diffusion.cli import convert, export, generate, info, train
+from tf_diffusion.cli import convert, export, generate, info, serve, train
 from tf_diffusion.cli._common import VERBOSE_ENV, UsageError, quiet_environment, to_cli_names
 
 __all__ = ["PROG", "build_parser", "main"]
 
 PROG = "tf-diffusion"
-COMMANDS = (generate, info, convert, export, train)
+COMMANDS = (generate, info, convert, export, train, serve)
 
 
 class _Parser(argparse.ArgumentParser):

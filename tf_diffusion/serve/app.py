@@ -143,8 +143,22 @@ class _TooLarge(Exception):
     pass
 
 
-def _check_auth(request: Request, credentials: dict) -> JSONResponse | None:
-    header = request.headers.get("authorization", "")
+class _BasicAuth:
+    """HTTP basic authentication for every route, as the web UI's --api-auth (401 otherwise)."""
+
+    def __init__(self, app, credentials: dict):
+        self.app, self.credentials = app, credentials
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            refused = _check_auth(header, self.credentials)
+            if refused is not None:
+                return await refused(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _check_auth(header: str, credentials: dict) -> JSONResponse | None:
     scheme, _, value = header.partition(" ")
     user = password = None
     if scheme.lower() == "basic":
@@ -171,16 +185,9 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="tf_diffusion", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
 
-    @app.middleware("http")
-    async def auth_and_errors(request: Request, call_next):
-        if state.credentials is not None:
-            refused = _check_auth(request, state.credentials)
-            if refused is not None:
-                return refused
-        try:
-            return await call_next(request)
-        except Exception as e:  # noqa: BLE001 - any failure is one answer, the server goes on
-            return _error(500, type(e).__name__, str(e) or type(e).__name__)
+    @app.exception_handler(Exception)
+    async def any_error(request, e: Exception):  # one answer; the server goes on
+        return _error(500, type(e).__name__, str(e) or type(e).__name__)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -210,6 +217,9 @@ def create_app(state: ServerState) -> FastAPI:
         app.add_exception_handler(exc, _handler(status))
 
     _routes(app, state)
+    if state.credentials is not None:
+        app.add_middleware(_BasicAuth, credentials=state.credentials)
+    app.add_middleware(_BodyLimit, limit=state.max_body_bytes)  # outermost: before anything reads the body
     return app
 
 

@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import secrets
+import struct
 import tempfile
 import warnings
 
@@ -77,8 +78,13 @@ def decode_image(text, what: str, max_pixels: int):
                 image.load()
                 return image.copy()
     except Image.DecompressionBombError:
+        declared = ""
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":  # the size a PNG header declares
+            declared = " {}x{}".format(*struct.unpack(">II", data[16:24]))
         raise ApiError(
-            413, f"{what}: the image declares more pixels than allowed ({max_pixels:,} pixels at most)"
+            413,
+            f"{what}: the image declares{declared or ' more'} pixels, over the server's limit of "
+            f"{max_pixels:,} pixels",
         ) from None
     except ValueError as e:
         if "more than the image limit" in str(e):
