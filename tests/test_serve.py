@@ -41,7 +41,7 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(models_dir, tmp_path_factory):
-    registry = ModelRegistry("tiny-shapes", models_dir=models_dir)
+    registry = ModelRegistry("tiny-shapes", models_dir=models_dir, keep_loaded=2)
     registry.load()
     outputs = tmp_path_factory.mktemp("outputs")
     srv = Server(ServerState(registry, queue_size=2, outputs=str(outputs)), port=0).start()
@@ -97,7 +97,9 @@ def test_txt2img_matches_generate(server, api):
     assert result.info["infotexts"][3] == text
     assert result.parameters["prompt"] == "a red circle"
     # seed -1: drawn, reported, reproducible
-    drawn = api.txt2img(prompt="a blue star", seed=-1, width=SIZE, height=SIZE, steps=3)
+    drawn = api.txt2img(
+        prompt="a blue star", seed=-1, width=SIZE, height=SIZE, sampler_name="DPM++ 2M Karras"
+    )
     seed = drawn.info["seed"]
     assert 0 <= seed < 2**32 and drawn.info["all_seeds"] == [seed]
     expected = _generate(
@@ -107,8 +109,8 @@ def test_txt2img_matches_generate(server, api):
         height=SIZE,
         width=SIZE,
         guidance_scale=7.0,
-        num_steps=3,
-        scheduler="euler_a",
+        num_steps=4,
+        scheduler="dpmpp_2m_karras",
     )
     np.testing.assert_array_equal(np.asarray(drawn.image.convert("RGB")), expected[0])
 
@@ -116,7 +118,9 @@ def test_txt2img_matches_generate(server, api):
 def test_img2img_with_mask_matches_generate(server, api):
     sd = server.state.registry.sd
     init = Image.fromarray(
-        _generate(sd, prompt="a green square", seed=3, height=SIZE, width=SIZE, num_steps=3)[0]
+        _generate(
+            sd, prompt="a green square", seed=3, height=SIZE, width=SIZE, num_steps=4, scheduler="euler_a"
+        )[0]
     )
     mask = np.zeros((SIZE, SIZE), np.uint8)
     mask[8:24, 4:20] = 255
@@ -127,13 +131,13 @@ def test_img2img_with_mask_matches_generate(server, api):
         seed=21,
         width=SIZE,
         height=SIZE,
-        steps=6,
+        steps=8,
         denoising_strength=0.5,
         mask_blur=2,
         inpainting_fill=1,
         inpaint_full_res=False,
         cfg_scale=5,
-        sampler_name="Euler",
+        sampler_name="Euler a",
     )
     expected = _generate(
         sd,
@@ -146,14 +150,14 @@ def test_img2img_with_mask_matches_generate(server, api):
         height=SIZE,
         width=SIZE,
         guidance_scale=5.0,
-        num_steps=6,
-        scheduler="euler",
+        num_steps=8,
+        scheduler="euler_a",
     )
     got = np.asarray(result.image.convert("RGB"))
     np.testing.assert_array_equal(got, expected[0])
     assert not np.array_equal(got, np.asarray(init))
     text = result.image.info["parameters"]
-    assert "Denoising strength: 0.5" in text and "Mask blur: 2" in text and "Sampler: Euler," in text
+    assert "Denoising strength: 0.5" in text and "Mask blur: 2" in text and "Sampler: Euler a," in text
     assert result.parameters["init_images"] is None  # include_init_images=False, as the web UI
     # what is not implemented is refused by name, not done differently
     with pytest.raises(RuntimeError, match="inpaint_full_res"):
@@ -167,12 +171,12 @@ def test_img2img_with_mask_matches_generate(server, api):
 
 
 def test_png_info_reads_parameters(api):
-    result = api.txt2img(prompt="a red circle, (sharp:1.2)", seed=5, width=SIZE, height=SIZE, steps=2)
+    result = api.txt2img(prompt="a red circle, (sharp:1.2)", seed=5, width=SIZE, height=SIZE)
     info = api.png_info(result.image)
     assert info.info == result.info["infotexts"][0]
     params = info.json["parameters"]
     assert params["Prompt"] == "a red circle, (sharp:1.2)"
-    assert (params["Seed"], params["Steps"], params["Sampler"], params["Size-1"]) == (5, 2, "Euler a", SIZE)
+    assert (params["Seed"], params["Steps"], params["Sampler"], params["Size-1"]) == (5, 4, "Euler a", SIZE)
 
 
 def test_progress_preview_and_interrupt(server, api):
@@ -218,11 +222,11 @@ def test_models_samplers_and_switching(server, api):
             continue
         assert sampler_for(sd, name, None, "automatic") is not None
     with pytest.raises(RuntimeError, match="Exponential"):  # and the client hears it
-        api.txt2img(prompt="x", seed=1, width=SIZE, height=SIZE, steps=2, sampler_name="DPM++ 2M SDE")
+        api.txt2img(prompt="x", seed=1, width=SIZE, height=SIZE, sampler_name="DPM++ 2M SDE")
     assert [s["name"] for s in api.get_schedulers()] == ["automatic", "uniform", "karras"]
     api.util_set_model("tiny-shapes-b")
     assert api.util_get_current_model() == "tiny-shapes-b"
-    result = api.txt2img(prompt="x", seed=1, width=SIZE, height=SIZE, steps=2)
+    result = api.txt2img(prompt="x", seed=1, width=SIZE, height=SIZE)
     assert "Model: tiny-shapes-b" in result.image.info["parameters"]
     # override_settings switches for the request (and stays, with restore_afterwards false)
     result = api.txt2img(
@@ -230,7 +234,6 @@ def test_models_samplers_and_switching(server, api):
         seed=1,
         width=SIZE,
         height=SIZE,
-        steps=2,
         override_settings={"sd_model_checkpoint": "tiny-shapes"},
         override_settings_restore_afterwards=False,
     )
@@ -246,7 +249,7 @@ def test_saved_outputs_never_overwrite(server, api):
     folder = server.state.output_folder("txt2img-images")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "00004-1.png").write_bytes(b"not ours")
-    result = api.txt2img(prompt="x", seed=9, batch_size=2, width=SIZE, height=SIZE, steps=2, save_images=True)
+    result = api.txt2img(prompt="x", seed=9, n_iter=2, width=SIZE, height=SIZE, save_images=True)
     saved = result.info["saved_images"]
     assert [os.path.basename(p) for p in saved] == ["00005-9.png", "00006-10.png"]
     assert (folder / "00004-1.png").read_bytes() == b"not ours"
@@ -274,7 +277,7 @@ def _check_error(response, status, text):
 
 def test_bad_input_is_refused_and_the_server_goes_on(server):
     base = f"{server.url}/sdapi/v1"
-    ok = {"prompt": "x", "seed": 1, "width": SIZE, "height": SIZE, "steps": 2}
+    ok = {"prompt": "x", "seed": 1, "width": SIZE, "height": SIZE, "steps": 4, "sampler_name": "Euler a"}
     bomb = base64.b64encode(_tiny_png_header(30000, 30000)).decode()
     cases = [
         ("txt2img", b"{not json", 422, "JSON"),
@@ -316,7 +319,7 @@ def test_full_queue_answers_503(server, api):
     while state.queue.current is None and time.time() < deadline:
         time.sleep(0.02)
     short = [
-        threading.Thread(target=lambda: api.txt2img(prompt="x", seed=1, width=SIZE, height=SIZE, steps=1))
+        threading.Thread(target=lambda: api.txt2img(prompt="x", seed=1, width=SIZE, height=SIZE))
         for _ in range(state.queue.size)
     ]
     for t in short:
@@ -332,7 +335,7 @@ def test_full_queue_answers_503(server, api):
     for t in [long, *short]:
         t.join(60)
     assert out["r"].info["interrupted"] is True
-    assert api.txt2img(prompt="x", seed=1, width=SIZE, height=SIZE, steps=1).images  # served again
+    assert api.txt2img(prompt="x", seed=1, width=SIZE, height=SIZE).images  # served again
 
 
 def test_auth_and_body_limit(server):

@@ -53,6 +53,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_MAX_PIXELS,
         help="largest image accepted in a request, checked before decoding (default: %(default)s = 4096x4096)",
     )
+    p.add_argument(
+        "--models-in-memory",
+        type=int,
+        default=1,
+        help="models kept loaded for quick switching, as the web UI's sd_checkpoints_limit (default: %(default)s)",
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision")
     p.set_defaults(func=run, option_names={})
     return p
@@ -83,6 +89,7 @@ def is_loopback(host: str) -> bool:
 def check_arguments(args: argparse.Namespace) -> tuple[str, dict | None]:
     """Every check that needs no model; returns (model argument, credentials)."""
     positive_int(args.queue_size, "--queue-size")
+    positive_int(args.models_in_memory, "--models-in-memory")
     positive_int(args.max_body_mb, "--max-body-mb")
     positive_int(args.max_image_pixels, "--max-image-pixels")
     if not 0 <= args.port <= 65535:

@@ -68,9 +68,23 @@ class ModelRegistry:
         lora_dir: the folder ``<lora:NAME:W>`` tags name (None: tags are refused).
         embedding_dir: every embedding in it is loaded with each model (None: none).
         dtype: the Keras dtype policy for the models (None: float32).
+        keep_loaded: models kept in memory (the web UI's ``sd_checkpoints_limit``): switching back to one
+            of them costs no load and no new traces; the least recently used beyond it is dropped.
     """
 
-    def __init__(self, initial: str, models_dir=None, lora_dir=None, embedding_dir=None, dtype=None):
+    def __init__(
+        self,
+        initial: str,
+        models_dir=None,
+        lora_dir=None,
+        embedding_dir=None,
+        dtype=None,
+        keep_loaded: int = 1,
+    ):
+        if isinstance(keep_loaded, bool) or not isinstance(keep_loaded, int) or keep_loaded < 1:
+            raise ValueError(f"keep_loaded={keep_loaded!r} must be an integer >= 1")
+        self.keep_loaded = keep_loaded
+        self._loaded: dict[str, object] = {}  # filename -> StableDiffusion, least recently used first
         self.models_dir = None if models_dir is None else pathlib.Path(models_dir)
         self.lora_dir = None if lora_dir is None else pathlib.Path(lora_dir)
         self.embedding_dir = None if embedding_dir is None else pathlib.Path(embedding_dir)
@@ -154,17 +168,29 @@ class ModelRegistry:
         return self._hashes[key]
 
     def load(self, entry: ModelEntry | None = None):
-        """Build ``entry`` (default: the initial model) with its embeddings; the old one is dropped after."""
+        """Make ``entry`` (default: the initial model) the current model, loading it with its embeddings.
+
+        Models over ``keep_loaded`` are dropped before the load; if the load fails, no model may be
+        current, and the next job loads the initial one again.
+        """
         from tf_diffusion.adapters.textual_inversion import EMBEDDING_SUFFIXES
         from tf_diffusion.pipeline import StableDiffusion
 
         entry = self._initial if entry is None else entry
         if self.current is not None and entry.filename == self.current.filename:
             return self.sd
-        sd = StableDiffusion.from_pretrained(entry.filename, dtype=self.dtype)
-        sd.lora_dir = None if self.lora_dir is None else str(self.lora_dir)
-        for path in self.embedding_files(EMBEDDING_SUFFIXES):
-            sd.load_textual_inversion(str(path))
+        sd = self._loaded.pop(entry.filename, None)
+        if sd is None:
+            # drop what is over the limit first, so that two full models never need to fit at once
+            while len(self._loaded) >= self.keep_loaded:
+                self._loaded.pop(next(iter(self._loaded)))
+                if self.current is not None and self.current.filename not in self._loaded:
+                    self.sd = self.current = None
+            sd = StableDiffusion.from_pretrained(entry.filename, dtype=self.dtype)
+            sd.lora_dir = None if self.lora_dir is None else str(self.lora_dir)
+            for path in self.embedding_files(EMBEDDING_SUFFIXES):
+                sd.load_textual_inversion(str(path))
+        self._loaded[entry.filename] = sd
         self.sd, self.current = sd, entry
         return sd
 
