@@ -2,7 +2,7 @@
 
 Every request has its own prompt and seed; each answer must carry exactly those (its PNG's parameters and
 ``info``), or the run fails: none lost, none mixed up. A full queue's 503 is counted as refused (a client
-may retry). Prints p50 / p95 latencies of the completed requests and the server process's resident
+may retry; each client retries up to ``--retries`` times). Prints p50 / p95 latencies of the completed requests and the server process's resident
 memory after a warm-up and after the run (graph mode on a CPU, as the server runs there).
 
     PYTHONPATH=. python benchmarks/serve_load.py [--requests 50] [--clients 10] [--queue-size 8]
@@ -29,6 +29,12 @@ def main() -> int:
     parser.add_argument("--queue-size", type=int, default=8)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=100,
+        help="times a client resends a request refused with 503 (0.1 s apart)",
+    )
     args = parser.parse_args()
 
     import numpy as np
@@ -49,6 +55,7 @@ def main() -> int:
     lock = threading.Lock()
     next_index = [0]
     latencies, refused, wrong, errors = [], [], [], []
+    answers_503 = [0]
 
     def client():
         api = webuiapi.WebUIApi(port=server.port)
@@ -60,12 +67,23 @@ def main() -> int:
                 next_index[0] += 1
             prompt, seed = f"a red circle number {i}", 1000 + i
             start = time.perf_counter()
-            try:
-                result = api.txt2img(prompt=prompt, seed=seed, **payload)
-            except RuntimeError as e:
-                (refused if e.args and e.args[0] == 503 else errors).append((i, str(e)[:200]))
+            result = None
+            for _ in range(args.retries + 1):
+                try:
+                    result = api.txt2img(prompt=prompt, seed=seed, **payload)
+                    break
+                except RuntimeError as e:
+                    if not (e.args and e.args[0] == 503):
+                        errors.append((i, str(e)[:200]))
+                        break
+                    with lock:
+                        answers_503[0] += 1
+                    time.sleep(0.1)
+            if result is None:
+                if not errors or errors[-1][0] != i:
+                    refused.append(i)
                 continue
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start  # from the first try, waiting and retries included
             text = result.image.info.get("parameters", "")
             ok = (
                 result.info["all_seeds"] == [seed]
@@ -93,6 +111,7 @@ def main() -> int:
         "image": f"{args.size}x{args.size}, {args.steps} steps, Euler a, tiny-shapes, graph mode",
         "completed": len(latencies),
         "refused_503": len(refused),
+        "answers_503": answers_503[0],
         "mixed_up": len(wrong),
         "other_errors": errors,
         "lost": args.requests - len(latencies) - len(refused) - len(wrong) - len(errors),
