@@ -96,23 +96,25 @@ def test_txt2img_matches_generate(server, api):
     assert "Seed: 14, Size: 32x32" in text and "Batch size: 2, Batch pos: 1" in text
     assert result.info["infotexts"][3] == text
     assert result.parameters["prompt"] == "a red circle"
-    # seed -1: drawn, reported, reproducible
+    # seed -1: drawn, reported, reproducible (batch 2 again: the traced program serves)
     drawn = api.txt2img(
-        prompt="a blue star", seed=-1, width=SIZE, height=SIZE, sampler_name="DPM++ 2M Karras"
+        prompt="a blue star", seed=-1, batch_size=2, width=SIZE, height=SIZE, sampler_name="DPM++ 2M Karras"
     )
     seed = drawn.info["seed"]
-    assert 0 <= seed < 2**32 and drawn.info["all_seeds"] == [seed]
+    assert 0 <= seed < 2**32 and drawn.info["all_seeds"] == [seed, seed + 1]
     expected = _generate(
         sd,
         prompt="a blue star",
         seed=seed,
+        num_images=2,
         height=SIZE,
         width=SIZE,
         guidance_scale=7.0,
         num_steps=4,
         scheduler="dpmpp_2m_karras",
     )
-    np.testing.assert_array_equal(np.asarray(drawn.image.convert("RGB")), expected[0])
+    for b in range(2):
+        np.testing.assert_array_equal(np.asarray(drawn.images[b].convert("RGB")), expected[b])
 
 
 def test_img2img_with_mask_matches_generate(server, api):
@@ -206,6 +208,66 @@ def test_progress_preview_and_interrupt(server, api):
     assert api.get_progress()["state"]["job_count"] == 0  # idle again
 
 
+def _wait_for(api, ready, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        progress = api.get_progress()
+        if ready(progress["state"]):
+            return progress
+        time.sleep(0.05)
+    raise AssertionError(f"not reached in {timeout} s: {progress}")
+
+
+def test_skip_goes_on_with_the_next_batch(server, api):
+    out = {}
+    thread = threading.Thread(
+        target=lambda: out.update(
+            r=api.txt2img(prompt="x", seed=1, n_iter=2, width=SIZE, height=SIZE, steps=1000)
+        )
+    )
+    thread.start()
+    _wait_for(api, lambda s: s["job_no"] == 0 and s["sampling_step"] >= 2)
+    api.skip()
+    _wait_for(api, lambda s: s["job_no"] == 1 and s["sampling_step"] >= 2)
+    api.interrupt()
+    thread.join(60)
+    info = out["r"].info
+    assert info["skipped"] is True and info["interrupted"] is True and out["r"].images == []
+
+
+def test_a_client_that_goes_away_cancels_its_job(server, api):
+    state = server.state
+    with httpx.Client(timeout=1.0) as client, pytest.raises(httpx.ReadTimeout):
+        client.post(
+            f"{server.url}/sdapi/v1/txt2img",
+            json={
+                "prompt": "x",
+                "seed": 1,
+                "width": SIZE,
+                "height": SIZE,
+                "steps": 1000,
+                "sampler_name": "Euler a",
+            },
+        )
+    deadline = time.time() + 20
+    while state.queue.current is not None and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.queue.current is None and state.queue.last.cancelled
+
+
+def test_lora_folder_is_listed(server):
+    from fastapi.testclient import TestClient
+
+    folder = os.path.join(ROOT, "tests", "fixtures", "lora")
+    state = ServerState(ModelRegistry("tiny-shapes", lora_dir=folder))
+    try:
+        loras = TestClient(create_app(state)).get("/sdapi/v1/loras").json()
+    finally:
+        state.queue.close()
+    names = [item["name"] for item in loras]
+    assert "lora_kohya" in names and "lycoris_loha" in names and "lora_configs" not in names
+
+
 def test_models_samplers_and_switching(server, api):
     titles = api.util_get_model_names()
     assert titles == ["tiny-shapes", "tiny-shapes-b"]
@@ -286,6 +348,7 @@ def test_bad_input_is_refused_and_the_server_goes_on(server):
         ("txt2img", {**ok, "steps": -3}, 422, "steps"),
         ("txt2img", {**ok, "enable_hr": True}, 422, "enable_hr"),
         ("txt2img", {**ok, "scheduler": "beta"}, 422, "scheduler 'beta'"),
+        ("txt2img", {**ok, "prompt": "<lora:../../etc/passwd:1>"}, 422, "lora"),
         ("img2img", {**ok, "init_images": [bomb]}, 413, "30000x30000"),
         ("img2img", {**ok, "init_images": ["%%%"]}, 422, "not valid base64"),
         ("png-info", {"image": bomb}, 413, "30000x30000"),
