@@ -162,14 +162,47 @@ def test_img2img_with_mask_matches_generate(server, api):
     assert "Denoising strength: 0.5" in text and "Mask blur: 2" in text and "Sampler: Euler a," in text
     assert result.parameters["init_images"] is None  # include_init_images=False, as the web UI
     # what is not implemented is refused by name, not done differently
-    with pytest.raises(RuntimeError, match="inpaint_full_res"):
-        api.img2img(
-            images=[init], mask_image=Image.fromarray(mask), inpainting_fill=1, width=SIZE, height=SIZE
-        )
     with pytest.raises(RuntimeError, match="inpainting_fill=0"):
         api.img2img(
             images=[init], mask_image=Image.fromarray(mask), inpaint_full_res=False, width=SIZE, height=SIZE
         )
+
+
+def test_inpaint_only_masked(server, api):
+    from tf_diffusion.serve.generation import crop_region
+
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[20:26, 22:28] = 255
+    # the mask's box (22..27 x 20..25) grown by the padding of 2, then to the request's aspect ratio
+    assert crop_region(mask, 2, 32, 32) == (20, 18, 30, 28)
+    assert crop_region(mask, 2, 32, 16) == (12, 18, 32, 28)  # 20 wide, moved left to stay inside
+    sd = server.state.registry.sd
+    init = _generate(
+        sd, prompt="a green square", seed=3, height=SIZE, width=SIZE, num_steps=4, scheduler="euler_a"
+    )[0]
+    result = api.img2img(
+        images=[Image.fromarray(init)],
+        mask_image=Image.fromarray(mask),
+        prompt="a yellow heart",
+        seed=21,
+        width=SIZE,
+        height=SIZE,
+        steps=8,
+        denoising_strength=0.5,
+        mask_blur=0,
+        inpainting_fill=1,
+        inpaint_full_res=True,
+        inpaint_full_res_padding=2,
+        cfg_scale=5,
+    )
+    got = np.asarray(result.image.convert("RGB"))
+    assert got.shape == init.shape
+    keep = mask == 0
+    np.testing.assert_array_equal(
+        got[keep], init[keep]
+    )  # no blur: every pixel outside the mask is the original
+    assert np.abs(got[~keep].astype(int) - init[~keep]).mean() > 1  # the masked area was repainted
+    assert "Inpaint area: Only masked, Masked area padding: 2" in result.image.info["parameters"]
 
 
 def test_png_info_reads_parameters(api):

@@ -282,11 +282,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                     422,
                     f"inpainting_fill={req.inpainting_fill} ({fill!r}) is not supported; allowed: 1 (original)",
                 )
-            if req.inpaint_full_res:
+            if not 0 <= req.inpaint_full_res_padding <= 1024:
                 raise ApiError(
-                    422,
-                    "inpaint_full_res=true (inpaint only the masked area) is not supported; pass false "
-                    "(the whole picture)",
+                    422, f"inpaint_full_res_padding={req.inpaint_full_res_padding}: allowed 0 to 1024 pixels"
                 )
             if req.inpainting_mask_invert not in (0, 1):
                 raise ApiError(422, f"inpainting_mask_invert={req.inpainting_mask_invert}: allowed 0 or 1")
@@ -445,19 +443,30 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _prepare_images(init, mask, req):
-    """Resize to the request's size ("just resize", as the web UI) and binarise / invert the mask."""
+    """Resize to the request's size ("just resize", as the web UI) and binarise / invert the mask.
+
+    With a mask and ``inpaint_full_res`` ("only masked") the pictures keep their size: the masked area is
+    cropped and resized by ``generation.only_masked``.
+    """
     from PIL import Image, ImageOps
 
     size = (req.width, req.height)
+    keep = mask is not None and req.inpaint_full_res
     init = init.convert("RGB")
-    if init.size != size:
-        init = init.resize(size, Image.LANCZOS)
     if mask is not None:
         mask = mask.convert("L")
-        if mask.size != size:
-            mask = mask.resize(size, Image.LANCZOS)
         if req.inpainting_mask_invert == 1:
             mask = ImageOps.invert(mask)
+        if keep and mask.size != init.size:
+            raise ApiError(
+                422,
+                f"mask is {mask.size[0]}x{mask.size[1]} but init_images[0] is {init.size[0]}x{init.size[1]}; "
+                f"with inpaint_full_res they must match",
+            )
+        if not keep and mask.size != size:
+            mask = mask.resize(size, Image.LANCZOS)
+    if not keep and init.size != size:
+        init = init.resize(size, Image.LANCZOS)
     return init, mask
 
 

@@ -9,12 +9,17 @@ image ``b`` of a batch started at ``seed + k * batch_size``, so every image is r
 Inpainting (``mask``): ``inpainting_fill=1`` ("original": start from the noised image, as
 ``generate(mask=...)`` does); white repaints, ``inpainting_mask_invert=1`` swaps. ``mask_blur`` is the
 radius over which the original pixels are pasted back outside the mask (``generate(mask_blur=)``).
+``inpaint_full_res`` ("only masked", the web UI's default): the masked area's bounding box, grown by
+``inpaint_full_res_padding`` and then to the request's aspect ratio, is cut out, resized to width x height
+and inpainted by ``generate()``; the result is resized back into the full picture, blended over the
+blurred mask, so the picture keeps its size and every pixel away from the mask is the original's.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime
 import io
 import json
@@ -122,10 +127,52 @@ def preview(latents) -> np.ndarray | None:
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
+_LANCZOS = 1  # PIL.Image.LANCZOS, without importing PIL at module level
+
+
+def crop_region(mask, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The box (left, top, right, bottom) that "only masked" inpainting cuts out of the picture.
+
+    The bounding box of the mask's non-zero pixels, grown by ``padding`` on every side, then grown (centred,
+    within the picture) to the aspect ratio ``width / height`` so that resizing the crop distorts nothing.
+    """
+    m = np.asarray(mask) > 0
+    if not m.any():
+        raise ApiError(
+            422, "mask: it is empty (all black); with inpaint_full_res there is nothing to inpaint"
+        )
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    h_img, w_img = m.shape
+    left, right = max(int(cols[0]) - padding, 0), min(int(cols[-1]) + 1 + padding, w_img)
+    top, bottom = max(int(rows[0]) - padding, 0), min(int(rows[-1]) + 1 + padding, h_img)
+    w, h = right - left, bottom - top
+    # grow the short side to the target aspect ratio, centred, then shift back inside the picture
+    if w / h < width / height:
+        w = min(int(math.ceil(h * width / height)), w_img)
+    else:
+        h = min(int(math.ceil(w * height / width)), h_img)
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    left = int(min(max(round(cx - w / 2), 0), w_img - w))
+    top = int(min(max(round(cy - h / 2), 0), h_img - h))
+    return left, top, left + w, top + h
+
+
+def paste_region(init, mask, picture: np.ndarray, crop, blur: float) -> np.ndarray:
+    """Put an "only masked" result back: resized into ``crop`` of ``init``, blended over the blurred mask."""
+    from PIL import Image, ImageFilter
+
+    full = np.asarray(init, np.float32).copy()
+    left, top, right, bottom = crop
+    patch = Image.fromarray(np.asarray(picture, np.uint8)).resize((right - left, bottom - top), _LANCZOS)
+    generated = full.copy()
+    generated[top:bottom, left:right] = np.asarray(patch, np.float32)
+    soft = mask if blur <= 0 else mask.filter(ImageFilter.GaussianBlur(blur))
+    soft = np.asarray(soft, np.float32)[..., None] / 255.0
+    return np.clip(np.round(soft * generated + (1.0 - soft) * full), 0, 255).astype(np.uint8)
+
+
 def sampler_for(sd, sampler_name: str | None, sampler_index: str | None, scheduler: str | None):
     """Our sampler object for the web UI's sampler and scheduler names (404 / 422 when unknown)."""
-    import dataclasses
-
     from tf_diffusion.infotext import sampler_from_a1111
     from tf_diffusion.schedulers import get_sampler
 
@@ -219,11 +266,18 @@ def _generate(job: Job, state, req, init, mask) -> dict:
     seed = secrets.randbelow(MAX_SEED) if req.seed == -1 else req.seed
     kwargs = {}
     mask_blur = None
+    crop = None
     if is_img2img:
         kwargs.update(image=init, strength=float(req.denoising_strength))
         if mask is not None:
             mask_blur = float(req.mask_blur if req.mask_blur is not None else req.mask_blur_x)
             kwargs.update(mask=mask, mask_blur=mask_blur)
+            if req.inpaint_full_res:
+                crop = crop_region(mask, req.inpaint_full_res_padding, req.width, req.height)
+                size = (req.width, req.height)
+                kwargs.update(
+                    image=init.crop(crop).resize(size, _LANCZOS), mask=mask.crop(crop).resize(size, _LANCZOS)
+                )
     progress = job.progress
     progress.job_count = req.n_iter
     progress.sampling_steps = req.steps if not is_img2img else max(1, int(req.steps * req.denoising_strength))
@@ -261,8 +315,14 @@ def _generate(job: Job, state, req, init, mask) -> dict:
             break
         except ValueError as e:  # generate() names the bad argument
             raise ApiError(422, str(e)) from None
+        info_k = result.info
+        if crop is not None:
+            extra = {"Inpaint area": "Only masked", "Masked area padding": req.inpaint_full_res_padding}
+            info_k = dataclasses.replace(info_k, extra_params={**info_k.extra_params, **extra})
         for i, picture in enumerate(result):
-            text = _infotext(result.info, i, entry.model_name, model_hash)
+            text = _infotext(info_k, i, entry.model_name, model_hash)
+            if crop is not None:
+                picture = paste_region(init, mask, np.asarray(picture), crop, mask_blur)
             images.append(np.asarray(picture))
             infotexts.append(text)
             seeds.append(result.info.seeds[i])
@@ -303,7 +363,12 @@ def _generate(job: Job, state, req, init, mask) -> dict:
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": req.denoising_strength if is_img2img else None,
-        "extra_generation_params": {} if mask_blur is None else {"Mask blur": mask_blur},
+        "extra_generation_params": ({} if mask_blur is None else {"Mask blur": mask_blur})
+        | (
+            {}
+            if crop is None
+            else {"Inpaint area": "Only masked", "Masked area padding": req.inpaint_full_res_padding}
+        ),
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": [],
