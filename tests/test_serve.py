@@ -447,6 +447,18 @@ def test_auth_and_body_limit(server):
         assert client.get(url, auth=("alice", "secret")).status_code == 200
         big = {"prompt": "x" * 20_000}
         _check_error(client.post("/sdapi/v1/txt2img", json=big, auth=("alice", "secret")), 413, "limit")
+
+        def chunks():  # no content-length: counted as it arrives
+            yield b'{"prompt": "' + b"x" * 6000
+            yield b"y" * 6000 + b'"}'
+
+        chunked = client.post(
+            "/sdapi/v1/txt2img",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+            auth=("alice", "secret"),
+        )
+        _check_error(chunked, 413, "limit")
         assert client.get(url, auth=("alice", "secret")).status_code == 200
     finally:
         state.queue.close()

@@ -114,33 +114,35 @@ class _BodyLimit:
         message = f"request body over the server's limit of {self.limit:,} bytes"
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _error(413, "PayloadTooLarge", message)(scope, receive, send)
-        seen = 0
+        seen, over, replaced = 0, False, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
             item = await receive()
             if item["type"] == "http.request":
                 seen += len(item.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge(message)
+                    over = True  # stop reading; whatever the app answers becomes the 413 below
+                    return {"type": "http.disconnect"}
             return item
 
-        started = False
-
         async def watch(item):
-            nonlocal started
-            started = started or item["type"] == "http.response.start"
-            await send(item)
+            nonlocal replaced
+            if not over:
+                return await send(item)
+            if not replaced and item["type"] == "http.response.start":
+                replaced = True
+                await _error(413, "PayloadTooLarge", message)(scope, receive, send)
 
         try:
             await self.app(scope, limited, watch)
-        except _TooLarge as e:
-            if not started:
-                await _error(413, "PayloadTooLarge", str(e))(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        except Exception:
+            if not over:
+                raise
+        if over and not replaced:
+            await _error(413, "PayloadTooLarge", message)(scope, receive, send)
 
 
 class _BasicAuth:

@@ -97,8 +97,10 @@ def decode_image(text, what: str, max_pixels: int):
                 413, str(e).replace("raise it with max_pixels=... or", "the server's limit is")
             ) from None
         raise ApiError(422, f"{what}: cannot read the image: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ApiError(422, f"{what}: not an image file the server can read (PNG, JPEG, WebP, ...)") from None
     except (OSError, SyntaxError, EOFError, MemoryError) as e:
-        raise ApiError(422, f"{what}: not an image the server can read ({e or type(e).__name__})") from None
+        raise ApiError(422, f"{what}: cannot read the image ({e or type(e).__name__})") from None
 
 
 def png_base64(image: np.ndarray, parameters: str | None) -> str:
