@@ -337,6 +337,7 @@ def test_models_samplers_and_switching(server, api):
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
     assert api.get_loras() == [] and api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert api.get_memory()["ram"]["total"] > 0
+    assert api.get_sd_vae() == [] and api.get_upscalers() == [] and api.get_prompt_styles() == []
     api.refresh_checkpoints()
 
 

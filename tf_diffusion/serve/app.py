@@ -423,6 +423,21 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def scripts():
         return {"txt2img": [], "img2img": []}
 
+    # What the web UI lists and this server has none of: empty lists, so that clients that ask find out.
+    for route in (
+        "sd-vae",
+        "upscalers",
+        "latent-upscale-modes",
+        "hypernetworks",
+        "face-restorers",
+        "realesrgan-models",
+        "prompt-styles",
+        "extensions",
+        "script-info",
+    ):
+        app.add_api_route(f"{api}/{route}", _empty_list, methods=["GET"], name=route)
+    app.add_api_route(f"{api}/refresh-vae", _nothing, methods=["POST"], name="refresh-vae")
+
     @app.get(f"{api}/memory")
     async def memory():
         return _memory()
@@ -442,6 +457,14 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                 raise ApiError(422, f"image: its parameters cannot be read: {e}") from None
             parameters = _a1111_fields(parsed)
         return {"info": text, "items": items, "parameters": parameters}
+
+
+async def _empty_list():
+    return []
+
+
+async def _nothing():
+    return None
 
 
 def _prepare_images(init, mask, req):
