@@ -274,29 +274,39 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             raise ApiError(422, "init_images: give one base64 image (the picture to start from)")
         if len(req.init_images) != 1:
             raise ApiError(422, f"init_images has {len(req.init_images)} images; one is supported")
-        init = generation.decode_image(req.init_images[0], "init_images[0]", state.max_image_pixels)
-        mask = None
-        if req.mask:
-            mask = generation.decode_image(req.mask, "mask", state.max_image_pixels)
-            if req.inpainting_fill != 1:
-                fill = generation.INPAINTING_FILLS.get(req.inpainting_fill, req.inpainting_fill)
+
+        def images():  # decoding and resizing take a while: off the event loop
+            init = generation.decode_image(req.init_images[0], "init_images[0]", state.max_image_pixels)
+            mask = None
+            if req.mask:
+                mask = generation.decode_image(req.mask, "mask", state.max_image_pixels)
+                if req.inpainting_fill != 1:
+                    fill = generation.INPAINTING_FILLS.get(req.inpainting_fill, req.inpainting_fill)
+                    raise ApiError(
+                        422,
+                        f"inpainting_fill={req.inpainting_fill} ({fill!r}) is not supported; allowed: 1 (original)",
+                    )
+                if not 0 <= req.inpaint_full_res_padding <= 1024:
+                    raise ApiError(
+                        422,
+                        f"inpaint_full_res_padding={req.inpaint_full_res_padding}: allowed 0 to 1024 pixels",
+                    )
+                if req.inpainting_mask_invert not in (0, 1):
+                    raise ApiError(
+                        422, f"inpainting_mask_invert={req.inpainting_mask_invert}: allowed 0 or 1"
+                    )
+                if req.mask_blur is not None and not 0 <= req.mask_blur <= 64:
+                    raise ApiError(422, f"mask_blur={req.mask_blur}: allowed 0 to 64 pixels")
+            if not 0.0 <= req.denoising_strength <= 1.0:
+                raise ApiError(422, f"denoising_strength={req.denoising_strength}: allowed [0, 1]")
+            if req.resize_mode != 0:
                 raise ApiError(
-                    422,
-                    f"inpainting_fill={req.inpainting_fill} ({fill!r}) is not supported; allowed: 1 (original)",
+                    422, f"resize_mode={req.resize_mode} is not supported; allowed: 0 (just resize)"
                 )
-            if not 0 <= req.inpaint_full_res_padding <= 1024:
-                raise ApiError(
-                    422, f"inpaint_full_res_padding={req.inpaint_full_res_padding}: allowed 0 to 1024 pixels"
-                )
-            if req.inpainting_mask_invert not in (0, 1):
-                raise ApiError(422, f"inpainting_mask_invert={req.inpainting_mask_invert}: allowed 0 or 1")
-            if req.mask_blur is not None and not 0 <= req.mask_blur <= 64:
-                raise ApiError(422, f"mask_blur={req.mask_blur}: allowed 0 to 64 pixels")
-        if not 0.0 <= req.denoising_strength <= 1.0:
-            raise ApiError(422, f"denoising_strength={req.denoising_strength}: allowed [0, 1]")
-        if req.resize_mode != 0:
-            raise ApiError(422, f"resize_mode={req.resize_mode} is not supported; allowed: 0 (just resize)")
-        init, mask = _prepare_images(init, mask, req)
+            init, mask = _prepare_images(init, mask, req)
+            return init, mask
+
+        init, mask = await asyncio.to_thread(images)
 
         def work(job):
             ensure_loaded(job)
@@ -446,7 +456,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def png_info(req: schema.PNGInfoRequest):
         from tf_diffusion.infotext import parse_parameters
 
-        image = generation.decode_image(req.image, "image", state.max_image_pixels)
+        image = await asyncio.to_thread(generation.decode_image, req.image, "image", state.max_image_pixels)
         items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
         text = items.pop("parameters", "")
         parameters = {}
