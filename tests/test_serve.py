@@ -472,3 +472,35 @@ def test_cli_refuses_open_host_without_auth(capsys):
     assert "--api-auth" in capsys.readouterr().err
     assert main(["serve", "--api-auth", "nopassword"]) == 2
     assert "USER:PASSWORD" in capsys.readouterr().err
+
+
+def test_job_queue_one_at_a_time_and_cancelled_jobs_never_start():
+    from tf_diffusion.serve.jobs import Interrupted, JobQueue, QueueFull
+
+    queue = JobQueue(1)
+    release, ran, running = threading.Event(), [], []
+
+    def blocking(job):
+        running.append(job.id)
+        release.wait(10)
+        return "first"
+
+    try:
+        first = queue.submit(blocking, "a")
+        while not running:
+            time.sleep(0.01)
+        second = queue.submit(lambda job: ran.append(job.id), "b")
+        with pytest.raises(QueueFull, match="queue is full"):
+            queue.submit(lambda job: None, "c")
+        second.cancel()
+        release.set()
+        assert first.future.result(10) == "first"
+        with pytest.raises(Interrupted):
+            second.future.result(10)
+        assert ran == []  # cancelled while queued: never started
+        third = queue.submit(lambda job: 1 / 0, "d")  # a failing job ...
+        with pytest.raises(ZeroDivisionError):
+            third.future.result(10)
+        assert queue.submit(lambda job: "next", "e").future.result(10) == "next"  # ... and the worker goes on
+    finally:
+        queue.close()
