@@ -6,6 +6,7 @@
     tf-diffusion export MODEL DIR
     tf-diffusion train --preset NAME --data FOLDER --steps N --checkpoint-dir DIR
     tf-diffusion preprocess canny IN.png HINT.png
+    tf-diffusion serve [--model NAME] [--host 127.0.0.1] [--port 7860] [--api-auth USER:PASS]
 
 One module per subcommand, each with ``add_parser(subparsers)`` and ``run(args)``. Parsing and every
 check of options, paths and output files run before TensorFlow is imported, so a mistake is answered
@@ -21,13 +22,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tf_diffusion.cli import convert, export, generate, info, preprocess, train
+from tf_diffusion.cli import convert, export, generate, info, preprocess, serve, train
 from tf_diffusion.cli._common import VERBOSE_ENV, UsageError, quiet_environment, to_cli_names
 
 __all__ = ["PROG", "build_parser", "main"]
 
 PROG = "tf-diffusion"
-COMMANDS = (generate, info, convert, export, train, preprocess)
+COMMANDS = (generate, info, convert, export, train, preprocess, serve)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,435 @@
+"""A1111 requests as ``StableDiffusion.generate()`` calls, and their answers as the web UI gives them.
+
+Seeds follow the web UI: ``seed=-1`` draws one in [0, 2**32 - 1); image ``i`` of the request (batch by
+batch, ``n_iter`` batches of ``batch_size``) has seed ``seed + i``, which is what ``generate()`` gives
+image ``b`` of a batch started at ``seed + k * batch_size``, so every image is reproduced by
+``generate(seed=its seed)``. Each image's PNG carries its parameters (``tf_diffusion.infotext``), and
+``info`` is the web UI's JSON (``infotexts``, ``all_seeds``, ``all_prompts``, ...).
+
+Inpainting (``mask``): ``inpainting_fill=1`` ("original": start from the noised image, as
+``generate(mask=...)`` does); white repaints, ``inpainting_mask_invert=1`` swaps. ``mask_blur`` is the
+radius over which the original pixels are pasted back outside the mask (``generate(mask_blur=)``).
+``inpaint_full_res`` ("only masked", the web UI's default): the masked area's bounding box, grown by
+``inpaint_full_res_padding`` and then to the request's aspect ratio, is cut out, resized to width x height
+and inpainted by ``generate()``; the result is resized back into the full picture, blended over the
+blurred mask, so the picture keeps its size and every pixel away from the mask is the original's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import pathlib
+import secrets
+import struct
+import tempfile
+import warnings
+
+import numpy as np
+
+from tf_diffusion.serve import schema
+from tf_diffusion.serve.jobs import Interrupted, Job, Skipped
+
+# The web UI's scheduler names (its /sdapi/v1/schedulers) -> the schedule types infotext knows.
+SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+MAX_SEED = 2**32 - 1
+# SD's 4 latent channels -> RGB, a linear fit of decoded colours (the web UI's "Approx cheap" preview
+# uses the same kind of map): good enough to watch a picture form, at no decode cost.
+_LATENT_RGB = np.array(
+    [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]],
+    np.float32,
+)
+
+
+class ApiError(Exception):
+    """An answer other than 200, in the web UI's error shape (see ``app.error_body``)."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+def decode_image(text, what: str, max_pixels: int):
+    """A base64 image (optionally a ``data:image/...;base64,`` URL), its size checked before decoding."""
+    from PIL import Image
+
+    from tf_diffusion.images import check_image_size
+
+    if not isinstance(text, str) or not text:
+        raise ApiError(422, f"{what}: expected a base64-encoded image")
+    if text.startswith(("http://", "https://")):
+        raise ApiError(422, f"{what}: image URLs are not fetched; send the image as base64")
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if ";base64" not in head:
+            raise ApiError(422, f"{what}: a data URL must be base64 (data:image/png;base64,...)")
+    try:
+        data = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{what}: not valid base64") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # the header only
+                check_image_size(*image.size, what, max_pixels)
+                image.load()
+                return image.copy()
+    except Image.DecompressionBombError:
+        declared = ""
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":  # the size a PNG header declares
+            declared = " {}x{}".format(*struct.unpack(">II", data[16:24]))
+        raise ApiError(
+            413,
+            f"{what}: the image declares{declared or ' more'} pixels, over the server's limit of "
+            f"{max_pixels:,} pixels",
+        ) from None
+    except ValueError as e:
+        if "more than the image limit" in str(e):
+            raise ApiError(
+                413, str(e).replace("raise it with max_pixels=... or", "the server's limit is")
+            ) from None
+        raise ApiError(422, f"{what}: cannot read the image: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ApiError(422, f"{what}: not an image file the server can read (PNG, JPEG, WebP, ...)") from None
+    except (OSError, SyntaxError, EOFError, MemoryError) as e:
+        raise ApiError(422, f"{what}: cannot read the image ({e or type(e).__name__})") from None
+
+
+def png_base64(image: np.ndarray, parameters: str | None) -> str:
+    """A uint8 (H, W, 3) image as base64 PNG with a ``parameters`` text chunk."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def preview(latents) -> np.ndarray | None:
+    """A cheap RGB picture of the first image's latents (h, w, 3) uint8, without the VAE."""
+    if latents is None:
+        return None
+    x = np.asarray(latents, np.float32)[0]  # (h, w, C)
+    if x.shape[-1] == 4:
+        rgb = x @ _LATENT_RGB
+        rgb = (rgb - rgb.min()) / max(float(rgb.max() - rgb.min()), 1e-6)
+    else:
+        rgb = x[..., :3] if x.shape[-1] >= 3 else np.repeat(x[..., :1], 3, axis=-1)
+        rgb = (rgb - rgb.min()) / max(float(rgb.max() - rgb.min()), 1e-6)
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+
+
+_LANCZOS = 1  # PIL.Image.LANCZOS, without importing PIL at module level
+
+
+def crop_region(mask, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The box (left, top, right, bottom) that "only masked" inpainting cuts out of the picture.
+
+    The bounding box of the mask's non-zero pixels, grown by ``padding`` on every side, then grown (centred,
+    within the picture) to the aspect ratio ``width / height`` so that resizing the crop distorts nothing.
+    """
+    m = np.asarray(mask) > 0
+    if not m.any():
+        raise ApiError(
+            422, "mask: it is empty (all black); with inpaint_full_res there is nothing to inpaint"
+        )
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    h_img, w_img = m.shape
+    left, right = max(int(cols[0]) - padding, 0), min(int(cols[-1]) + 1 + padding, w_img)
+    top, bottom = max(int(rows[0]) - padding, 0), min(int(rows[-1]) + 1 + padding, h_img)
+    w, h = right - left, bottom - top
+    # grow the short side to the target aspect ratio, centred, then shift back inside the picture
+    if w / h < width / height:
+        w = min(int(math.ceil(h * width / height)), w_img)
+    else:
+        h = min(int(math.ceil(w * height / width)), h_img)
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    left = int(min(max(round(cx - w / 2), 0), w_img - w))
+    top = int(min(max(round(cy - h / 2), 0), h_img - h))
+    return left, top, left + w, top + h
+
+
+def paste_region(init, mask, picture: np.ndarray, crop, blur: float) -> np.ndarray:
+    """Put an "only masked" result back: resized into ``crop`` of ``init``, blended over the blurred mask."""
+    from PIL import Image, ImageFilter
+
+    full = np.asarray(init, np.float32).copy()
+    left, top, right, bottom = crop
+    patch = Image.fromarray(np.asarray(picture, np.uint8)).resize((right - left, bottom - top), _LANCZOS)
+    generated = full.copy()
+    generated[top:bottom, left:right] = np.asarray(patch, np.float32)
+    soft = mask if blur <= 0 else mask.filter(ImageFilter.GaussianBlur(blur))
+    soft = np.asarray(soft, np.float32)[..., None] / 255.0
+    return np.clip(np.round(soft * generated + (1.0 - soft) * full), 0, 255).astype(np.uint8)
+
+
+def sampler_for(sd, sampler_name: str | None, sampler_index: str | None, scheduler: str | None):
+    """Our sampler object for the web UI's sampler and scheduler names (404 / 422 when unknown)."""
+    from tf_diffusion.infotext import sampler_from_a1111
+    from tf_diffusion.schedulers import get_sampler
+
+    name = sampler_name or sampler_index or "Euler"
+    schedule = None
+    if scheduler is not None:
+        key = scheduler.strip().lower()
+        if key not in SCHEDULES:
+            raise ApiError(
+                422,
+                f"scheduler {scheduler!r} is not supported; allowed: {sorted(SCHEDULES)} (GET /sdapi/v1/schedulers)",
+            )
+        schedule = SCHEDULES[key]
+    try:
+        ours, options = sampler_from_a1111(name, schedule)
+    except ValueError as e:
+        raise ApiError(404, f"Sampler not found: {e}") from None
+    config = sd.config.scheduler
+    if options:
+        config = dataclasses.replace(config, **options)
+    return get_sampler(ours, config)
+
+
+def check_request(req: schema._Request, registry, options: dict) -> None:
+    """Refuse what the server does not do, naming the field and what is allowed (422)."""
+    for field, (allowed, ok) in schema.UNSUPPORTED.items():
+        if field in type(req).model_fields and not ok(getattr(req, field)):
+            raise ApiError(422, f"{field}={getattr(req, field)!r} is not supported here; allowed: {allowed}")
+    for name, script in (req.alwayson_scripts or {}).items():
+        args = script.get("args") if isinstance(script, dict) else script
+        if args:  # clients send {"ControlNet": {"args": []}} to say "no units"
+            raise ApiError(422, f"always on script {name!r} not found (GET /sdapi/v1/scripts lists none)")
+    if req.seed < -1:
+        raise ApiError(422, f"seed={req.seed}: must be -1 (random) or in [0, {2**63 - 1}]")
+    if not math.isfinite(req.cfg_scale):
+        raise ApiError(422, f"cfg_scale={req.cfg_scale}: must be a finite number")
+    for key, value in (req.override_settings or {}).items():
+        if key == "sd_model_checkpoint":
+            registry.lookup(value)
+        elif key not in options or options[key] != value:
+            raise ApiError(
+                422,
+                f"override_settings[{key!r}]={value!r} is not supported; allowed: sd_model_checkpoint, or an "
+                f"option at its current value (GET /sdapi/v1/options)",
+            )
+
+
+def check_size(sd, width: int, height: int, batch_size: int, max_pixels: int) -> None:
+    factor = sd.config.vae.downsample_factor
+    for name, value in (("width", width), ("height", height)):
+        if value % factor:
+            raise ApiError(
+                422,
+                f"{name}={value} is not a multiple of {factor}, the model's VAE factor; allowed: "
+                f"positive multiples of {factor}",
+            )
+    if width * height * batch_size > max_pixels:
+        raise ApiError(
+            422,
+            f"width x height x batch_size = {width}x{height}x{batch_size} is more than the server's "
+            f"limit of {max_pixels:,} output pixels per batch",
+        )
+
+
+def _infotext(images_info, index: int, model_title: str, model_hash: str | None) -> str:
+    from tf_diffusion.cli.generate import a1111_parameters
+
+    return a1111_parameters(images_info, index, model_title, model_hash)
+
+
+def run(job: Job, state, req: schema._Request, init=None, mask=None) -> dict:
+    """The generation of one request on the worker; returns the web UI's response dict."""
+    registry = state.registry
+    override = (req.override_settings or {}).get("sd_model_checkpoint")
+    previous = registry.current
+    if override is not None:
+        registry.load(registry.lookup(override))
+    try:
+        return _generate(job, state, req, init, mask)
+    finally:
+        if override is not None and req.override_settings_restore_afterwards and previous is not None:
+            registry.load(previous)
+
+
+def _generate(job: Job, state, req, init, mask) -> dict:
+    registry = state.registry
+    sd = registry.sd
+    is_img2img = isinstance(req, schema.Img2ImgRequest)
+    check_size(sd, req.width, req.height, req.batch_size, state.max_output_pixels)
+    sampler = sampler_for(sd, req.sampler_name, req.sampler_index, req.scheduler)
+    seed = secrets.randbelow(MAX_SEED) if req.seed == -1 else req.seed
+    kwargs = {}
+    mask_blur = None
+    crop = None
+    if is_img2img:
+        kwargs.update(image=init, strength=float(req.denoising_strength))
+        if mask is not None:
+            mask_blur = float(req.mask_blur if req.mask_blur is not None else req.mask_blur_x)
+            kwargs.update(mask=mask, mask_blur=mask_blur)
+            if req.inpaint_full_res:
+                crop = crop_region(mask, req.inpaint_full_res_padding, req.width, req.height)
+                size = (req.width, req.height)
+                kwargs.update(
+                    image=init.crop(crop).resize(size, _LANCZOS), mask=mask.crop(crop).resize(size, _LANCZOS)
+                )
+    progress = job.progress
+    progress.job_count = req.n_iter
+    progress.sampling_steps = req.steps if not is_img2img else max(1, int(req.steps * req.denoising_strength))
+
+    def callback(step, timestep, latents):
+        progress.sampling_step = step + 1
+        progress.latents = latents
+        job.check()
+
+    entry = registry.current
+    model_hash = registry.short_hash(entry)
+    images, infotexts, seeds, prompts, negatives = [], [], [], [], []
+    for k in range(req.n_iter):
+        progress.job_no = k
+        progress.sampling_step = 0
+        try:
+            result = sd.generate(
+                req.prompt,
+                req.negative_prompt or None,
+                num_steps=req.steps,
+                guidance_scale=float(req.cfg_scale),
+                height=req.height,
+                width=req.width,
+                num_images=req.batch_size,
+                seed=seed + k * req.batch_size,
+                scheduler=sampler,
+                callback=callback,
+                progress=False,
+                jit_compile=state.jit_compile,
+                **kwargs,
+            )
+        except Skipped:
+            continue
+        except Interrupted:
+            break
+        except ValueError as e:  # generate() names the bad argument
+            raise ApiError(422, str(e)) from None
+        info_k = result.info
+        if crop is not None:
+            extra = {"Inpaint area": "Only masked", "Masked area padding": req.inpaint_full_res_padding}
+            info_k = dataclasses.replace(info_k, extra_params={**info_k.extra_params, **extra})
+        for i, picture in enumerate(result):
+            text = _infotext(info_k, i, entry.model_name, model_hash)
+            if crop is not None:
+                picture = paste_region(init, mask, np.asarray(picture), crop, mask_blur)
+            images.append(np.asarray(picture))
+            infotexts.append(text)
+            seeds.append(result.info.seeds[i])
+            prompts.append(result.info.prompts[i])
+            negatives.append(result.info.negative_prompts[i])
+        progress.job_no = k + 1
+    if job.cancelled:
+        raise Interrupted(job.id)
+    saved = []
+    if req.save_images and images:
+        folder = state.output_folder("img2img-images" if is_img2img else "txt2img-images")
+        saved = [
+            save_numbered(folder, image, text, s)
+            for image, text, s in zip(images, infotexts, seeds, strict=True)
+        ]
+    info = {
+        "prompt": req.prompt,
+        "all_prompts": prompts,
+        "negative_prompt": req.negative_prompt,
+        "all_negative_prompts": negatives,
+        "seed": seed,
+        "all_seeds": seeds,
+        "subseed": seed if req.subseed == -1 else req.subseed,
+        "all_subseeds": [(seed if req.subseed == -1 else req.subseed) + i for i in range(len(seeds))],
+        "subseed_strength": req.subseed_strength,
+        "width": req.width,
+        "height": req.height,
+        "sampler_name": req.sampler_name or req.sampler_index,
+        "cfg_scale": req.cfg_scale,
+        "steps": req.steps,
+        "batch_size": req.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": entry.model_name,
+        "sd_model_hash": model_hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": req.denoising_strength if is_img2img else None,
+        "extra_generation_params": ({} if mask_blur is None else {"Mask blur": mask_blur})
+        | (
+            {}
+            if crop is None
+            else {"Inpaint area": "Only masked", "Masked area padding": req.inpaint_full_res_padding}
+        ),
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": [],
+        "job_timestamp": datetime.datetime.fromtimestamp(job.started or job.submitted).strftime(
+            "%Y%m%d%H%M%S"
+        ),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": bool(mask is not None and sd.config.unet.in_channels == 9),
+        "version": "tf_diffusion",
+        "interrupted": job.interrupted,
+        "skipped": job.skipped,
+        "saved_images": saved,
+        "task_id": job.id,
+    }
+    parameters = req.model_dump()
+    if is_img2img and not req.include_init_images:
+        parameters["init_images"] = None
+        parameters["mask"] = None
+    parameters["seed"] = req.seed
+    return {
+        "images": [png_base64(image, text) for image, text in zip(images, infotexts, strict=True)]
+        if req.send_images
+        else [],
+        "parameters": parameters,
+        "info": json.dumps(info),
+    }
+
+
+def save_numbered(folder: pathlib.Path, image: np.ndarray, parameters: str, seed: int) -> str:
+    """Save as the web UI names outputs, ``NNNNN-SEED.png`` with the next free number; never overwrite."""
+    from PIL import Image, PngImagePlugin
+
+    from tf_diffusion.fileio import publish
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    fd, tmp = tempfile.mkstemp(prefix=".tf_diffusion-", suffix=".png.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            Image.fromarray(image).save(handle, format="PNG", pnginfo=info)
+        for _ in range(1000):
+            number = _next_number(folder)
+            path = folder / f"{number:05d}-{seed}.png"
+            try:
+                publish(tmp, path, overwrite=False)
+            except FileExistsError:
+                continue  # another writer took the number: take the next
+            return str(path)
+        raise OSError(f"{folder}: no free output number found")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _next_number(folder: pathlib.Path) -> int:
+    highest = -1
+    for p in folder.iterdir():
+        head = p.name.split("-", 1)[0]
+        if head.isdigit():
+            highest = max(highest, int(head))
+    return highest + 1
