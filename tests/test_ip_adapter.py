@@ -98,3 +98,61 @@ def test_unknown_projection_is_refused():
 
     with pytest.raises(ValueError, match="neither an ImageProjModel"):
         infer_image_proj({"perceiver_resampler.proj_in.weight": np.zeros((2, 2))})
+
+
+@functools.lru_cache(maxsize=1)
+def full_size():
+    return json.loads((FIXTURES / "full_size.json").read_text())
+
+
+def _same_manifest(model, shapes):
+    from tf_diffusion.weights import manifest
+
+    ours = {k: list(v) for k, v in manifest(model).items()}
+    assert sorted(set(shapes) - set(ours)) == [], "keys missing from our model"
+    assert sorted(set(ours) - set(shapes)) == [], "keys the reference does not have"
+    assert {k: (ours[k], shapes[k]) for k in shapes if ours[k] != shapes[k]} == {}
+
+
+def _tracked(model):
+    """What the key walker loads is what Keras saves and exports (``model.variables``)."""
+    from tf_diffusion.weights.state_dict import named_parameters
+
+    tracked = {id(v) for v in model.variables}
+    params = named_parameters(model)
+    assert all(id(getattr(layer, attr)) in tracked for layer, attr in params.values())
+    assert len(model.variables) == len(params)
+
+
+@pytest.mark.parametrize("name", ["vit-h", "vit-bigg"])
+def test_full_size_image_encoders_equal_transformers(name):
+    from tf_diffusion.clip_vision import CLIPVisionEncoder
+    from tf_diffusion.config import CLIPVisionConfig
+    from tf_diffusion.weights import count_parameters
+    from tf_diffusion.weights.state_dict import build_abstract
+
+    ref = full_size()["encoders"][name]
+    model = build_abstract(lambda: CLIPVisionEncoder(CLIPVisionConfig(**ref["config"])))
+    assert count_parameters(model) == ref["parameters"]  # ViT-H/14: 632,076,800
+    _same_manifest(model, ref["shapes"])
+    _tracked(model)
+
+
+@pytest.mark.parametrize("name", sorted(json.loads((FIXTURES / "full_size.json").read_text())["adapters"]))
+def test_full_size_projections_equal_diffusers(name):
+    from tf_diffusion.ip_adapter import infer_image_proj
+    from tf_diffusion.weights import count_parameters
+    from tf_diffusion.weights.state_dict import build_abstract
+
+    ref = full_size()["adapters"][name]
+    shapes = {k: _ShapeOnly(v) for k, v in ref["shapes"].items()}
+    model = build_abstract(lambda: infer_image_proj(shapes))  # the architecture from the file's shapes
+    assert {k: v for k, v in vars(model.config).items()} == ref["config"]
+    assert count_parameters(model) == ref["parameters"]
+    _same_manifest(model, ref["shapes"])
+    _tracked(model)
+
+
+class _ShapeOnly:
+    def __init__(self, shape):
+        self.shape = tuple(shape)

@@ -9,7 +9,13 @@
    published layout through diffusers' own converter (``_convert_ip_adapter_image_proj_to_diffusers``),
    so the original key names are the reference's; their outputs on random inputs.
 
-Usage (dev only): python tools/make_fixtures_ip_adapter.py
+3. ``--manifests``: full-size key manifests and parameter counts (full_size.json): the ViT-H/14 and
+   ViT-bigG/14 image encoders from transformers on the meta device, and the published adapters'
+   projections (``ip-adapter_sd15``, ``ip-adapter-plus_sd15``, ``ip-adapter_sdxl``,
+   ``ip-adapter-plus_sdxl_vit-h``) built by diffusers' converter from state dicts of our key names
+   (it loads them with strict=True, so every key and shape is checked).
+
+Usage (dev only): python tools/make_fixtures_ip_adapter.py [--manifests]
 """
 
 from __future__ import annotations
@@ -60,8 +66,49 @@ def projection_case(name: str, ours, seed: int, inputs: np.ndarray, arrays: dict
     return {"shapes": shapes, "seed": seed, "diffusers_class": type(module).__name__}
 
 
+# The published configurations (h94/IP-Adapter's image_encoder folders and the adapters' projections).
+VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+             image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5)  # fmt: skip
+VIT_BIGG = dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48, num_attention_heads=16,
+                image_size=224, patch_size=14, projection_dim=1280, hidden_act="gelu", layer_norm_eps=1e-5)  # fmt: skip
+ADAPTERS = {
+    "ip-adapter_sd15": ("image_proj", dict(image_embed_dim=1024, cross_attention_dim=768, num_tokens=4)),
+    "ip-adapter-plus_sd15": ("resampler", dict(embed_dim=1280, hidden_dim=768, output_dim=768, depth=4,
+                                               dim_head=64, heads=12, num_queries=16, ff_mult=4)),
+    "ip-adapter_sdxl": ("image_proj", dict(image_embed_dim=1280, cross_attention_dim=2048, num_tokens=4)),
+    "ip-adapter-plus_sdxl_vit-h": ("resampler", dict(embed_dim=1280, hidden_dim=1280, output_dim=2048, depth=4,
+                                                     dim_head=64, heads=20, num_queries=16, ff_mult=4)),
+}  # fmt: skip
+
+
+def manifests() -> None:
+    out = {"encoders": {}, "adapters": {}}
+    for name, config in (("vit-h", VIT_H), ("vit-bigg", VIT_BIGG)):
+        with torch.device("meta"):
+            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+        shapes = {k: list(v.shape) for k, v in model.state_dict().items() if "position_ids" not in k}
+        count = sum(int(np.prod(v)) for v in shapes.values())
+        out["encoders"][name] = {"config": config, "shapes": shapes, "parameters": count}
+        print(name, count)
+    for name, (kind, config) in ADAPTERS.items():
+        ours = (ImageProjModel(ImageProjConfig(**config)) if kind == "image_proj"
+                else Resampler(ResamplerConfig(**config)))  # fmt: skip
+        shapes = {k: list(v) for k, v in manifest(ours).items()}
+        module = UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(
+            None, {k: torch.zeros(v) for k, v in shapes.items()}, low_cpu_mem_usage=False
+        )
+        count = sum(p.numel() for p in module.parameters())
+        out["adapters"][name] = {"kind": kind, "config": config, "shapes": shapes, "parameters": count,
+                                 "diffusers_class": type(module).__name__}  # fmt: skip
+        print(name, type(module).__name__, count)
+    (OUT / "full_size.json").write_text(json.dumps(out, indent=0, sort_keys=True) + "\n")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    if "--manifests" in sys.argv[1:]:
+        manifests()
+        return
     arrays, meta = {}, {}
     config = CLIPVisionConfig(**VISION)
     model = CLIPVisionModelWithProjection(config).eval()
