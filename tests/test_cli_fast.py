@@ -275,7 +275,8 @@ def test_open_image_checks_size_names_files_and_reads_the_limit(bombs, tmp_path,
 def test_help_is_quiet_plain_and_light():
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
     env["PYTHONPATH"] = str(ROOT)
-    for argv in (["--help"], ["generate", "--help"], ["train", "--help"], ["export", "--help"]):
+    for argv in (["--help"], ["generate", "--help"], ["train", "--help"], ["export", "--help"],
+                 ["serve", "--help"], ["preprocess", "--help"]):  # fmt: skip
         code = (
             "import sys, runpy; sys.argv = ['tf-diffusion', *sys.argv[1:]]\n"
             "from tf_diffusion.cli import main\n"
