@@ -99,6 +99,7 @@ def _run(backend: str, tmp_path, inpaint: bool) -> tuple[dict, dict]:
     return dict(np.load(tmp_path / "out.npz")), info
 
 
+@pytest.mark.slow  # about 2 minutes of tf.distribute start-up; the JAX sharding test stays in the default run
 def test_mirrored_strategy_on_two_cpus_equals_one_device(tmp_path):
     out, info = _run("tensorflow", tmp_path, inpaint=True)
     assert info["replicas"] == 2

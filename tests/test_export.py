@@ -374,6 +374,7 @@ def test_graph_tokenizer_in_a_tf_function(graph_tokenizers):
 # ------------------------------------------------------------------ other samplers, precision
 
 
+@pytest.mark.slow  # an XLA compile of the ancestral loop; the served-seed test covers the noise in the default run
 def test_ancestral_sampler_under_xla_matches_generate(sd):
     import tensorflow as tf
 

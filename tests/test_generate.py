@@ -81,7 +81,16 @@ def test_latents_replace_seeded_noise(sd):
     assert run(sd, seed=5, output_type="latent").shape == (1, 16, 16, 4)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m_karras", "heun"])
+# ddim and heun run in the slow step (the same loop; euler_a and dpmpp_2m_karras cover noise and history).
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        pytest.param("ddim", marks=pytest.mark.slow),
+        "euler_a",
+        "dpmpp_2m_karras",
+        pytest.param("heun", marks=pytest.mark.slow),
+    ],
+)
 def test_fused_loop_equals_stepwise(sd, scheduler):
     stepwise = run(sd, scheduler=scheduler, fused=False, output_type="latent")
     fused = run(sd, scheduler=scheduler, fused=True, output_type="latent")
@@ -255,7 +264,8 @@ def test_default_compilation_above_32x32_latents_runs_islands():
     np.testing.assert_allclose(big, graph, atol=1e-3)  # XLA rounding, as in the test above
 
 
-@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+# txt2img in the slow step: img2img and inpaint run the same loop with more inputs.
+@pytest.mark.parametrize("mode", [pytest.param("txt2img", marks=pytest.mark.slow), "img2img", "inpaint"])
 def test_one_trace_per_shape(sd, mode):
     """The first call of each task traces its step once (not once per step); the next call with other
     prompts, seeds and guidance none; another step count at most once more (then for any count)."""
@@ -279,7 +289,8 @@ def test_one_trace_per_shape(sd, mode):
     assert fresh.executor.traces <= 2
 
 
-@pytest.mark.parametrize("mode", ["txt2img", "inpaint"])
+# txt2img in the slow step: inpainting is the task that once recompiled per step.
+@pytest.mark.parametrize("mode", [pytest.param("txt2img", marks=pytest.mark.slow), "inpaint"])
 def test_xla_compiles_one_program_for_every_step(sd, monkeypatch, mode):
     """Under XLA the step index is data: evaluations 0 and 2 are the same compiled program. (An op that
     needs the index as a constant, a slice at the index, would make XLA compile once per step.)"""
