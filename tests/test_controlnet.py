@@ -403,3 +403,41 @@ def test_sdxl_generate_matches_stable_diffusion_xl_controlnet_pipeline(name):
     print(f"SDXL ControlNet {name}: max abs error {err:.2e}")
     assert err <= PIPELINE_TOLERANCE, f"{name}: max abs error {err:.2e}"
     assert float(np.max(np.abs(np.asarray(ours()) - want))) > 20 * PIPELINE_TOLERANCE
+
+
+def test_controlnet_with_a_lora_matches_diffusers():
+    """A LoRA merged into the UNet and a net on it: StableDiffusionControlNetPipeline after
+    diffusers' load_lora_weights / set_adapters, from the same latents."""
+    from tf_diffusion.noise import NoiseSource
+
+    case = json.loads((FIXTURES / "lora.json").read_text())
+    meta = pipeline_meta()
+    sd = tiny_sd()
+    latent = meta["size"] // 2
+
+    def run():
+        return sd.generate(
+            meta["prompts"],
+            meta["negative_prompts"],
+            num_steps=meta["steps"],
+            guidance_scale=case["guidance"],
+            scheduler=case["sampler"],
+            latents=NoiseSource(case["seed"]).normal((len(meta["prompts"]), latent, latent, 4)),
+            controlnet=net(case["net"]),
+            control_image=control_image(case["hint_seed"]),
+            controlnet_conditioning_scale=case["scale"],
+            output_type="float",
+            progress=False,
+            jit_compile=False,
+        )
+
+    want = np.load(FIXTURES / "lora.npz")["images"]
+    sd.load_lora_weights(FIXTURES.parent / "lora" / "lora_second.safetensors", weight=case["lora_weight"])
+    try:
+        got = run()
+    finally:
+        sd.unload_lora_weights()
+    err = float(np.max(np.abs(np.asarray(got) - want)))
+    print(f"ControlNet + LoRA: max abs error {err:.2e}")
+    assert err <= PIPELINE_TOLERANCE, f"max abs error {err:.2e}"
+    assert float(np.max(np.abs(np.asarray(run()) - want))) > 20 * PIPELINE_TOLERANCE  # the LoRA matters

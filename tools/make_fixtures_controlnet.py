@@ -20,7 +20,11 @@
    tools/make_fixtures_sdxl.py with a ControlNet shaped for its UNet, from given latents
    (sdxl_pipeline.json, sdxl_pipeline.npz).
 
-Usage (dev only): python tools/make_fixtures_controlnet.py [--tasks | --sdxl]
+7. ``--lora``: ``StableDiffusionControlNetPipeline`` with the UNet LoRA of tests/fixtures/lora
+   (``lora_second.safetensors``, loaded by diffusers' ``load_lora_weights`` at weight 0.6) and one net
+   (lora.json, lora.npz).
+
+Usage (dev only): python tools/make_fixtures_controlnet.py [--tasks | --sdxl | --lora]
 """
 
 from __future__ import annotations
@@ -330,8 +334,40 @@ def sdxl_pipeline() -> None:
     (OUT / "sdxl_pipeline.json").write_text(json.dumps(meta, indent=0, sort_keys=True) + "\n")
 
 
+def with_lora() -> None:
+    net = build(*COMPONENTS["pipe_a"])[0]
+    lora_file = OUT.parent / "lora" / "lora_second.safetensors"
+    case = dict(
+        name="lora-ddim", net="pipe_a", scale=0.9, guidance=6.0, sampler="ddim", seed=31, lora_weight=0.6
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, text_encoder, vae, unet, _ = sdfix.build_components(pathlib.Path(tmp))
+        pipe = StableDiffusionControlNetPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=net,
+            scheduler=SAMPLERS[case["sampler"]].from_config(sdfix.SCHEDULER), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(lora_file), adapter_name="second")
+        pipe.set_adapters(["second"], [case["lora_weight"]])
+        latents = NoiseSource(case["seed"]).normal((len(sdfix.PROMPTS), sdfix.SIZE // 2, sdfix.SIZE // 2, 4))
+        with torch.no_grad():
+            images = pipe(
+                prompt=sdfix.PROMPTS, negative_prompt=sdfix.NEGATIVE, image=Image.fromarray(control_image(103)),
+                num_inference_steps=sdfix.STEPS, guidance_scale=case["guidance"],
+                controlnet_conditioning_scale=case["scale"], height=sdfix.SIZE, width=sdfix.SIZE,
+                latents=nchw(latents), output_type="np",
+            ).images  # fmt: skip
+    np.savez_compressed(OUT / "lora.npz", images=np.asarray(images, np.float32))
+    (OUT / "lora.json").write_text(json.dumps(dict(case, hint_seed=103), indent=1, sort_keys=True) + "\n")
+    print(case["name"], images.shape, float(images.mean()))
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    if "--lora" in sys.argv[1:]:
+        with_lora()
+        return
     if "--tasks" in sys.argv[1:]:
         tasks()
         return
