@@ -339,3 +339,68 @@ def test_generate_matches_stable_diffusion_xl_pipeline(run, sd, sdxl_dir, refere
     print(f"{run}: max abs error {err:.2e}")
     assert out.shape == want.shape
     assert err <= PIPELINE_TOL
+
+
+# ------------------------------------------------------- convert
+
+
+def _json_without_versions(path):
+    data = json.loads(path.read_text())
+    drop = (
+        "_diffusers_version",
+        "_name_or_path",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_commit_hash",
+    )
+    return {k: v for k, v in data.items() if k not in drop}
+
+
+@pytest.mark.parametrize("name", ["sdxl-diffusers", "sdxl-refiner-diffusers"])
+def test_convert_round_trips_are_bit_identical(name, sdxl_dir, tmp_path):
+    """diffusers folder -> single file -> diffusers folder -> tf_diffusion folder -> single file: the
+    two single files are the same tensors; the written diffusers folder is laid out as diffusers' own
+    (model_index.json and every component config, base and refiner) and reads back to the same config."""
+    from safetensors.numpy import load_file
+
+    from tf_diffusion.cli import main
+    from tf_diffusion.weights.diffusers_folder import read_diffusers_config
+
+    src = sdxl_dir / name
+    first, folder, ours, last = (
+        tmp_path / "a.safetensors",
+        tmp_path / "b",
+        tmp_path / "c",
+        tmp_path / "d.safetensors",
+    )
+    steps = [
+        ["convert", str(src), str(first), "--to", "single-file"],
+        ["convert", str(first), str(folder), "--to", "diffusers", "--config", str(src)],
+        ["convert", str(folder), str(ours), "--to", "tf_diffusion"],
+        ["convert", str(ours), str(last), "--to", "single-file"],
+    ]
+    for argv in steps:
+        assert main(argv) == 0, argv
+    a, d = load_file(first), load_file(last)
+    assert sorted(a) == sorted(d)
+    assert all(a[k].dtype == d[k].dtype and np.array_equal(a[k], d[k]) for k in a)
+    if name == "sdxl-diffusers":  # diffusers' own single-file layout of the same weights
+        ref = load_file(sdxl_dir / "sdxl.safetensors")
+        assert sorted(ref) == sorted(a) and all(np.array_equal(ref[k], a[k]) for k in ref)
+    index, want = (
+        _json_without_versions(folder / "model_index.json"),
+        _json_without_versions(src / "model_index.json"),
+    )
+    # diffusers writes the optional components it was given as nulls; we write none of them.
+    optional = ("feature_extractor", "image_encoder", "add_watermarker")
+    assert index == {k: v for k, v in want.items() if k not in optional}
+    for component in ("unet", "vae", "text_encoder_2"):
+        want = _json_without_versions(src / component / "config.json")
+        got = _json_without_versions(folder / component / "config.json")
+        assert {k: got.get(k) for k in want if k in got} == {k: want[k] for k in want if k in got}, component
+    assert (folder / "text_encoder").is_dir() == (src / "text_encoder").is_dir()
+    import dataclasses
+
+    written, original = read_diffusers_config(folder)[0], read_diffusers_config(src)[0]
+    assert written == dataclasses.replace(original, name=written.name)

@@ -20,7 +20,6 @@ import numpy as np
 
 from tf_diffusion.config import CLIPTextConfig, PipelineConfig, SchedulerConfig, UNetConfig, VAEConfig
 from tf_diffusion.families import (
-    COMPONENTS,
     FAMILIES,
     components_of,
     diffusers_pipeline_classes,
@@ -479,9 +478,11 @@ def vae_config_to_diffusers(config: VAEConfig, sample_size: int) -> dict:
 
 
 def text_config_to_transformers(config: CLIPTextConfig, tokenizer: CLIPTokenizer) -> dict:
-    """A CLIPTextConfig as transformers' CLIPTextModel config.json."""
+    """A CLIPTextConfig as transformers' CLIPTextModel (or, with a projection,
+    CLIPTextModelWithProjection: SDXL's text_encoder_2) config.json."""
+    projected = config.projection_dim is not None
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModelWithProjection" if projected else "CLIPTextModel"],
         "model_type": "clip_text_model",
         "attention_dropout": 0.0,
         "bos_token_id": tokenizer.bos_token_id,
@@ -496,7 +497,7 @@ def text_config_to_transformers(config: CLIPTextConfig, tokenizer: CLIPTokenizer
         "max_position_embeddings": config.max_position_embeddings,
         "num_attention_heads": config.num_attention_heads,
         "num_hidden_layers": config.num_hidden_layers,
-        "projection_dim": config.hidden_size,
+        "projection_dim": config.projection_dim if projected else config.hidden_size,
         "vocab_size": config.vocab_size,
     }
 
@@ -550,32 +551,62 @@ def write_diffusers_folder(
     tokenizer: CLIPTokenizer,
     scheduler: Mapping | None = None,
 ) -> None:
-    """Write a diffusers StableDiffusionPipeline folder into the (new, empty) ``folder``."""
+    """Write a diffusers pipeline folder into the (new, empty) ``folder``.
+
+    SD 1.x / 2.x as StableDiffusionPipeline; SDXL as StableDiffusionXLPipeline with
+    ``text_encoder_2`` / ``tokenizer_2`` (the refiner, StableDiffusionXLImg2ImgPipeline, without
+    ``text_encoder`` / ``tokenizer``), as diffusers' own folders are laid out.
+    """
+    import dataclasses
+
     factor = config.vae.downsample_factor
     scheduler_json = scheduler_config_to_diffusers(config.scheduler, scheduler, config.default_sampler)
-    unet_tensors = unet_to_diffusers(components["unet"], config.unet)
-    vae_tensors = vae_to_diffusers(components["vae"], config.vae)
-    pipeline = family_of_config(config).diffusers_pipelines[0]
+    names = components_of(config)
+    family = family_of_config(config)
+    pipeline = family.diffusers_pipelines[0]
+    if config.requires_aesthetics_score:
+        pipeline = "StableDiffusionXLImg2ImgPipeline"  # the refiner's class, as its hub folder says
     index = {
         "_class_name": pipeline,
         "_diffusers_version": _DIFFUSERS_VERSION,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler_json["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if family.is_sdxl:
+        index.update(
+            force_zeros_for_empty_prompt=config.force_zeros_for_empty_prompt,
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+        )
+        if config.requires_aesthetics_score:
+            index["requires_aesthetics_score"] = True
+    else:
+        index.update(
+            feature_extractor=[None, None], requires_safety_checker=False, safety_checker=[None, None]
+        )
+    present = "text_encoder" in names
+    index["text_encoder"] = ["transformers", "CLIPTextModel"] if present else [None, None]
+    index["tokenizer"] = ["transformers", "CLIPTokenizer"] if present else [None, None]
+    tokenizers = {"text_encoder": tokenizer}
+    if "text_encoder_2" in names:
+        # One vocabulary; the second tokenizer pads as config.tokenizer_2 says (OpenCLIP: 0).
+        pad = dataclasses.replace(tokenizer.config, pad_token_id=config.tokenizer_2.pad_token_id)
+        tokenizers["text_encoder_2"] = CLIPTokenizer(pad, vocab=tokenizer.vocab, merges=tokenizer.merges)
     configs = {
         "unet": unet_config_to_diffusers(config.unet, config.default_size // factor),
         "vae": vae_config_to_diffusers(config.vae, config.default_size),
-        "text_encoder": text_config_to_transformers(config.text_encoder, tokenizer),
     }
-    tensors = {"unet": unet_tensors, "vae": vae_tensors, "text_encoder": dict(components["text_encoder"])}
+    tensors = {
+        "unet": unet_to_diffusers(components["unet"], config.unet),
+        "vae": vae_to_diffusers(components["vae"], config.vae),
+    }
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in names:
+            configs[name] = text_config_to_transformers(getattr(config, name), tokenizers[name])
+            tensors[name] = dict(components[name])
     variant = _half_variant(tensors)
-    for name in COMPONENTS:
+    for name in names:
         (folder / name).mkdir()
         _write_json(folder / name / "config.json", configs[name])
         stem = folder / name / _SAFETENSORS_STEM[name]
@@ -585,7 +616,10 @@ def write_diffusers_folder(
             save_safetensors(tensors[name], f"{stem}.{variant}.safetensors", {"format": "pt"})
     (folder / "scheduler").mkdir()
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_json)
-    tokenizer.save(folder / "tokenizer")
+    if "text_encoder" in tokenizers and present:
+        tokenizer.save(folder / "tokenizer")
+    if "text_encoder_2" in tokenizers:
+        tokenizers["text_encoder_2"].save(folder / "tokenizer_2")
     _write_json(folder / MODEL_INDEX, index)
 
 

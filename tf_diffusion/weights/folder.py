@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tf_diffusion.config import PipelineConfig, from_dict, to_dict
-from tf_diffusion.families import COMPONENTS
+from tf_diffusion.families import components_of
 from tf_diffusion.fileio import read_json_object
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
@@ -80,7 +80,7 @@ def read_folder(path: str | os.PathLike) -> TFDiffusionFolder:
         )
     handles, components = [], {}
     try:
-        for name in COMPONENTS:
+        for name in components_of(config):
             path = folder / f"{name}.safetensors"
             if not path.is_file():
                 raise ValueError(f"{folder}: missing {name}.safetensors")
@@ -100,6 +100,6 @@ def write_folder(
     """Write our format into the (new, empty) ``folder``."""
     data = {"_format": FORMAT, "format_version": FORMAT_VERSION, "config": to_dict(config)}
     (folder / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    for name in COMPONENTS:
+    for name in components_of(config):  # SDXL: text_encoder_2 too; its refiner: no text_encoder
         save_safetensors(components[name], folder / f"{name}.safetensors", {"format": "pt"})
     tokenizer.save(folder / "tokenizer")
