@@ -404,3 +404,80 @@ def test_convert_round_trips_are_bit_identical(name, sdxl_dir, tmp_path):
 
     written, original = read_diffusers_config(folder)[0], read_diffusers_config(src)[0]
     assert written == dataclasses.replace(original, name=written.name)
+
+
+# ------------------------------------------------------- export
+
+
+def test_serving_module_equals_generate(sd):
+    """The SavedModel's serving function for SDXL (both tokenizers in the graph, the pooled embedding
+    and the default time ids as generate() makes them): the image generate() gives from the same seed,
+    with and without a negative prompt (none: zeros, as force_zeros_for_empty_prompt says)."""
+    import tensorflow as tf
+
+    from tf_diffusion.export import build_serving_module
+
+    module, signatures = build_serving_module(sd, sampler="euler", num_steps=3, height=16, width=16)
+    assert module.metadata["context_shape"] == [77, sd.config.unet.context_dim]
+    prompts, negatives, seeds, guidance = (
+        ["a photo of a cat", "a red car"],
+        ["", "blurry"],
+        [5, 6],
+        [5.0, 4.0],
+    )
+    served = signatures["serving_default"](
+        prompt=tf.constant(prompts),
+        negative_prompt=tf.constant(negatives),
+        seed=tf.constant(seeds, tf.int64),
+        guidance_scale=tf.constant(guidance),
+    )["images"].numpy()
+    for row in range(2):
+        ours = sd.generate(
+            prompts[row],
+            negatives[row] or None,
+            seed=seeds[row],
+            guidance_scale=guidance[row],
+            scheduler="euler",
+            num_steps=3,
+            height=16,
+            width=16,
+            progress=False,
+            jit_compile=False,
+        )
+        assert np.abs(served[row].astype(int) - ours[0].astype(int)).max() <= 2, row
+    text = signatures["encode_text"](prompt=tf.constant(prompts))
+    from tf_diffusion import sdxl
+
+    context, pooled = sdxl.encode_prompts(sd, prompts, sd.executor)
+    assert np.abs(text["hidden"].numpy() - context).max() <= 1e-5
+    assert np.abs(text["pooled"].numpy() - pooled).max() <= 1e-5
+
+
+def test_refiner_export_is_refused(sdxl_dir):
+    from tf_diffusion import StableDiffusion
+    from tf_diffusion.export import build_serving_module
+
+    refiner = StableDiffusion.from_pretrained(sdxl_dir / "sdxl-refiner-diffusers")
+    with pytest.raises(ValueError, match="SDXL refiner .* export supports text-to-image"):
+        build_serving_module(refiner)
+
+
+@pytest.mark.slow  # the same graph as above, through the disk and tf.saved_model.load
+def test_saved_model_round_trip(sd, tmp_path):
+    import tensorflow as tf
+
+    from tf_diffusion.export import export_saved_model, read_metadata
+
+    export_saved_model(sd, tmp_path / "sdxl", sampler="euler", num_steps=3, height=16, width=16)
+    version = tmp_path / "sdxl" / "1"
+    assert read_metadata(version)["pooled_shape"] == [sd.config.text_encoder_2.projection_dim]
+    loaded = tf.saved_model.load(str(version))
+    out = loaded.signatures["serving_default"](
+        prompt=tf.constant(["a photo of a cat"]),
+        negative_prompt=tf.constant([""]),
+        seed=tf.constant([5], tf.int64),
+        guidance_scale=tf.constant([5.0]),
+    )["images"].numpy()
+    ours = sd.generate("a photo of a cat", seed=5, guidance_scale=5.0, scheduler="euler", num_steps=3,
+                       height=16, width=16, progress=False, jit_compile=False)  # fmt: skip
+    assert np.abs(out[0].astype(int) - ours[0].astype(int)).max() <= 2

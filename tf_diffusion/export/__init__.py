@@ -157,6 +157,10 @@ def build_serving_module(
     num_steps = cfg.default_steps if num_steps is None else num_steps
     if cfg.is_inpainting:
         raise ValueError(f"{cfg.name} is an inpainting model; export supports text-to-image models only")
+    if cfg.requires_aesthetics_score:
+        raise ValueError(
+            f"{cfg.name} is an SDXL refiner (image-to-image only); export supports text-to-image models"
+        )
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
     height, width = sd.check_size(height, width)
@@ -164,13 +168,25 @@ def build_serving_module(
     plan = sampler_obj.plan(int(num_steps))
     factor, channels = cfg.vae.downsample_factor, cfg.vae.latent_channels
     h, w = height // factor, width // factor
-    length, hidden = cfg.tokenizer.max_length, cfg.text_encoder.hidden_size
+    sdxl = cfg.is_sdxl
+    length, hidden = cfg.tokenizer.max_length, cfg.unet.context_dim
     evals = plan.num_evals
     needs_noise = sampler_obj.needs_noise
     scaling = float(cfg.vae.scaling_factor)
 
-    module = _variables_module(sd.text_encoder, sd.unet, sd.vae)
-    module.tokenizer = GraphTokenizer(sd.tokenizer)
+    if sdxl:
+        from tf_diffusion import sdxl as sdxl_lib
+
+        module = _variables_module(sd.text_encoder, sd.text_encoder_2, sd.unet, sd.vae)
+        module.tokenizer = GraphTokenizer(sd.tokenizer)
+        module.tokenizer_2 = GraphTokenizer(sd.tokenizer_2)
+        pooled_dim = cfg.text_encoder_2.projection_dim
+        # Text to image at the exported size: diffusers' default micro-conditioning (original and
+        # target size = the output size, no crop), the same for both halves.
+        time_ids = tf.constant(sdxl_lib.time_ids(cfg, height, width, 1)[0][0])  # (6,)
+    else:
+        module = _variables_module(sd.text_encoder, sd.unet, sd.vae)
+        module.tokenizer = GraphTokenizer(sd.tokenizer)
     program = sd.denoise_program(sampler_obj, ClassifierFreeGuidance())
     loop = tf.function(program.loop, jit_compile=bool(jit_compile), autograph=False)
 
@@ -185,15 +201,31 @@ def build_serving_module(
 
     # The parts, each traced once; the signatures below call them.
     def encode_text(prompt):
-        ids = module.tokenizer(prompt)  # (B, 77)
-        return ids, tf.cast(sd.text_encoder(ids), tf.float32)  # (B, 77, D)
+        if not sdxl:
+            ids = module.tokenizer(prompt)  # (B, 77)
+            return ids, tf.cast(sd.text_encoder(ids), tf.float32)  # (B, 77, D)
+        # SDXL (tf_diffusion.sdxl.encode_prompts): both encoders' penultimate hidden states side by
+        # side, and the second one's projected pooled output.
+        ids, ids_2 = module.tokenizer(prompt), module.tokenizer_2(prompt)
+        first = sd.text_encoder(ids, clip_skip=1, final_norm=False)
+        second, pooled = sd.text_encoder_2(ids_2, clip_skip=1, final_norm=False, pooled=True)
+        context = tf.concat([tf.cast(first, tf.float32), tf.cast(second, tf.float32)], axis=-1)
+        return ids, context, tf.cast(pooled, tf.float32)
 
-    def denoise(noise, context, negative_context, guidance_scale, *step_noise):
+    def bundle(context, pooled):
+        if not sdxl:
+            return Conditioning(context).tree()
+        ids = tf.tile(time_ids[None], [tf.shape(context)[0], 1])
+        return Conditioning(context, {"text_embeds": pooled, "time_ids": ids}).tree()
+
+    def denoise(noise, context, negative_context, guidance_scale, *rest):
+        pooled, negative_pooled = (rest[0], rest[1]) if sdxl else (None, None)
+        step_noise = rest[2:] if sdxl else rest
         x = noise * np.float32(plan.init_noise_sigma)
         # generate() uses the conditional prediction alone when guidance <= 1; uncond + 1 * (cond - uncond).
         guidance = tf.where(guidance_scale > 1.0, guidance_scale, 1.0)[:, None, None, None]
         inputs = {
-            "rows": {"cond": Conditioning(context).tree(), "uncond": Conditioning(negative_context).tree()},
+            "rows": {"cond": bundle(context, pooled), "uncond": bundle(negative_context, negative_pooled)},
             "per_step": {"noise": tf.transpose(step_noise[0], [1, 0, 2, 3, 4])}
             if step_noise
             else {},  # (E, B, ...)
@@ -211,8 +243,11 @@ def build_serving_module(
         images = tf.cast(tf.round(tf.clip_by_value((pixels + 1.0) * 0.5, 0.0, 1.0) * 255.0), tf.uint8)
         return images, tf.map_fn(tf.io.encode_png, images, fn_output_signature=tf.string)
 
+    pooled_specs = [tf.TensorSpec([None, pooled_dim], tf.float32)] * 2 if sdxl else []
     encode_text = function(encode_text, strings)
-    denoise = function(denoise, latent_spec, context_spec, context_spec, guidance_spec, *step_spec)
+    denoise = function(
+        denoise, latent_spec, context_spec, context_spec, guidance_spec, *pooled_specs, *step_spec
+    )
     decode = function(decode, latent_spec)
 
     def seeded_noise(seed, shape, stream):
@@ -220,9 +255,18 @@ def build_serving_module(
 
     def generate(prompt, negative_prompt, guidance_scale, noise, *step_noise):
         # One text batch [negatives..., prompts...], as generate() encodes it.
-        _, hidden_states = encode_text(tf.concat([negative_prompt, prompt], axis=0))
-        negative, context = tf.split(hidden_states, 2, axis=0)
-        latents = denoise(noise, context, negative, guidance_scale, *step_noise)
+        encoded = encode_text(tf.concat([negative_prompt, prompt], axis=0))
+        negative, context = tf.split(encoded[1], 2, axis=0)
+        pooled = []
+        if sdxl:
+            negative_pooled, positive_pooled = tf.split(encoded[2], 2, axis=0)
+            if cfg.force_zeros_for_empty_prompt:
+                # generate() without a negative prompt: zeros for the unconditional half, as diffusers.
+                empty = tf.equal(negative_prompt, "")
+                negative = tf.where(empty[:, None, None], tf.zeros_like(negative), negative)
+                negative_pooled = tf.where(empty[:, None], tf.zeros_like(negative_pooled), negative_pooled)
+            pooled = [positive_pooled, negative_pooled]
+        latents = denoise(noise, context, negative, guidance_scale, *pooled, *step_noise)
         images, png = decode(latents)
         return {"images": images, "png_bytes": png, "latents": latents}
 
@@ -238,20 +282,44 @@ def build_serving_module(
         def from_noise(prompt, negative_prompt, guidance_scale, noise, step_noise):
             return generate(prompt, negative_prompt, guidance_scale, noise, step_noise)
 
-        def denoise_sig(noise, context, negative_context, guidance_scale, step_noise):
-            return {"latents": denoise(noise, context, negative_context, guidance_scale, step_noise)}
-
     else:
 
         def from_noise(prompt, negative_prompt, guidance_scale, noise):
             return generate(prompt, negative_prompt, guidance_scale, noise)
 
+    if sdxl and needs_noise:
+
+        def denoise_sig(
+            noise, context, negative_context, guidance_scale, pooled, negative_pooled, step_noise
+        ):
+            out = denoise(
+                noise, context, negative_context, guidance_scale, pooled, negative_pooled, step_noise
+            )
+            return {"latents": out}
+
+    elif sdxl:
+
+        def denoise_sig(noise, context, negative_context, guidance_scale, pooled, negative_pooled):
+            return {
+                "latents": denoise(noise, context, negative_context, guidance_scale, pooled, negative_pooled)
+            }
+
+    elif needs_noise:
+
+        def denoise_sig(noise, context, negative_context, guidance_scale, step_noise):
+            return {"latents": denoise(noise, context, negative_context, guidance_scale, step_noise)}
+
+    else:
+
         def denoise_sig(noise, context, negative_context, guidance_scale):
             return {"latents": denoise(noise, context, negative_context, guidance_scale)}
 
     def text_sig(prompt):
-        ids, hidden_states = encode_text(prompt)
-        return {"ids": ids, "hidden": hidden_states}
+        encoded = encode_text(prompt)
+        out = {"ids": encoded[0], "hidden": encoded[1]}
+        if sdxl:
+            out["pooled"] = encoded[2]
+        return out
 
     def decode_sig(latents):
         images, png = decode(latents)
@@ -268,7 +336,9 @@ def build_serving_module(
         ),
         "generate_from_noise": function(from_noise, strings, strings, guidance_spec, latent_spec, *step_spec),
         "encode_text": function(text_sig, strings),
-        "denoise": function(denoise_sig, latent_spec, context_spec, context_spec, guidance_spec, *step_spec),
+        "denoise": function(
+            denoise_sig, latent_spec, context_spec, context_spec, guidance_spec, *pooled_specs, *step_spec
+        ),
         "decode": function(decode_sig, latent_spec),
         "encode_image": function(
             encode_image_sig, tf.TensorSpec([None, height, width, 3], tf.uint8), latent_spec
@@ -292,6 +362,16 @@ def build_serving_module(
         "noise": "row b from seed[b]: tf_diffusion.noise streams 0 (latents) and 3 (steps), as generate()",
         "tokenizer": "in-graph CLIP BPE (tf_diffusion.export.graph_tokenizer), plain text truncated to 75 tokens",
     }
+    if sdxl:
+        module.metadata.update(
+            pooled_shape=[pooled_dim],
+            time_ids=[float(v) for v in time_ids.numpy()],
+            empty_negative_prompt=(
+                "zeros for the unconditional half (force_zeros_for_empty_prompt), as generate() without one"
+                if cfg.force_zeros_for_empty_prompt
+                else "encoded like any other text"
+            ),
+        )
     return module, signatures
 
 
