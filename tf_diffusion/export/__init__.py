@@ -39,6 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tf_diffusion.families import components_of
 from tf_diffusion.pipeline import StableDiffusion
 
 EXPORT_DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -99,9 +100,9 @@ def with_dtype(sd: StableDiffusion, dtype: str | None) -> StableDiffusion:
         return sd
     from tf_diffusion.weights import load_state_dict, state_dict
 
-    copy = StableDiffusion(sd.config, dtype=dtype, tokenizer=sd.tokenizer)
-    for target, source in ((copy.text_encoder, sd.text_encoder), (copy.unet, sd.unet), (copy.vae, sd.vae)):
-        load_state_dict(target, state_dict(source))
+    copy = StableDiffusion(sd.config, dtype=dtype, tokenizer=sd.tokenizer, tokenizer_2=sd.tokenizer_2)
+    for name in components_of(sd.config):  # SDXL: text_encoder_2 too; its refiner has no text_encoder
+        load_state_dict(getattr(copy, name), state_dict(getattr(sd, name)))
     return copy
 
 
