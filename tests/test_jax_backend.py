@@ -120,3 +120,35 @@ def test_fused_jax_attention_matches_explicit_form():
     assert done.returncode == 0, done.stderr[-3000:]
     worst = float(done.stdout.strip().splitlines()[-1])
     assert worst < 0.05, worst  # bfloat16 inputs against the float32 explicit form
+
+
+SDXL_SCRIPT = """
+import json, sys
+import numpy as np
+import keras
+from tf_diffusion import StableDiffusion
+assert keras.backend.backend() == "jax", keras.backend.backend()
+folder = {folder!r}
+sd = StableDiffusion.from_pretrained(folder + "/sdxl-diffusers")
+ref = np.load(folder + "/reference.npz")
+case = json.load(open(folder + "/meta.json"))["runs"][0]
+out = sd.generate(case["prompt"], case["negative_prompt"], num_steps=case["steps"], guidance_scale=case["guidance"],
+                  height=case["height"], width=case["width"], latents=ref["run/" + case["name"] + "/latents"],
+                  scheduler=case["scheduler"], output_type="float", progress=False)
+print(json.dumps({{"error": float(np.abs(np.asarray(out) - ref["run/" + case["name"] + "/images"]).max())}}))
+"""
+
+
+@pytest.mark.slow  # a JAX process loads and runs the tiny SDXL pipeline
+def test_sdxl_under_jax_matches_diffusers():
+    """SDXL (two encoders, pooled embedding, time ids) under KERAS_BACKEND=jax equals
+    StableDiffusionXLPipeline on the tiny SDXL folder from the same latents."""
+    import json
+
+    script = SDXL_SCRIPT.format(folder=str(ROOT / "tests" / "fixtures" / "sdxl"))
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["error"] <= 1e-3
