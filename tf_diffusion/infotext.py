@@ -627,3 +627,61 @@ def parse_sdxl_fields(extra: Mapping[str, str]) -> dict:
             options[name] = _typed(key, float, extra[key])
     out["options"] = options
     return out
+
+
+def generation_parameters(
+    info,
+    index: int,
+    model: str,
+    model_hash: str | None = None,
+    *,
+    refiner: str | None = None,
+    refiner_hash: str | None = None,
+    sdxl_options: dict | None = None,
+    strength: float | None = None,
+) -> str:
+    """Image ``index``'s generation parameters as AUTOMATIC1111 writes them, from what generate() did.
+
+    The command line and the server write their PNGs with this.
+
+    Args:
+        info: the ``GenerationInfo`` that ``generate()`` returned with the images (with a refiner, the
+            refiner's: its ``denoising_start`` is the "Refiner switch at").
+        index: the image's position in the batch.
+        model: the model as the user named it.
+        model_hash: the web UI's short hash of a single checkpoint file, or None.
+        refiner: the refiner as the user named it ("Refiner"), or None; refiner_hash: its file's hash.
+        sdxl_options: the micro-conditioning values given (both stages'); default ``info.sdxl_options``.
+        strength: the base's img2img strength when a refiner ran (the refiner's info has none).
+    """
+    extra = {}
+    strength = info.strength if strength is None else strength
+    if strength is not None:
+        extra["Denoising strength"] = strength
+    if info.mask_blur is not None:
+        extra["Mask blur"] = info.mask_blur
+    if len(info.seeds) > 1:
+        extra.update({"Batch size": len(info.seeds), "Batch pos": index})
+    extra.update(info.extra_params)  # "Lora hashes", "TI hashes"
+    extra.update(
+        sdxl_fields(
+            refiner=refiner,
+            refiner_hash=refiner_hash,
+            refiner_switch_at=info.denoising_start if refiner is not None else None,
+            options=info.sdxl_options if sdxl_options is None else sdxl_options,
+        )
+    )
+    return format_parameters(
+        info.prompts[index],
+        info.negative_prompts[index],
+        steps=info.num_steps,
+        sampler=info.sampler,
+        cfg_scale=info.guidance_scale,
+        seed=info.seeds[index],
+        width=info.width,
+        height=info.height,
+        model_name=model,
+        model_hash=model_hash,
+        scheduler_config=info.sampler_options or None,
+        extra=extra,
+    )

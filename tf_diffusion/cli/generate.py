@@ -39,6 +39,7 @@ from tf_diffusion.cli._common import (
 )
 from tf_diffusion.fileio import publish
 from tf_diffusion.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
+from tf_diffusion.infotext import generation_parameters
 from tf_diffusion.models import DEFAULT_MODEL
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -75,62 +76,8 @@ _BASE_ONLY = ("target_size",)
 DEFAULT_SWITCH = 0.8  # diffusers' documented base -> refiner hand-off
 
 
-def a1111_parameters(
-    info,
-    index: int,
-    model: str,
-    model_hash: str | None = None,
-    *,
-    refiner: str | None = None,
-    refiner_hash: str | None = None,
-    sdxl_options: dict | None = None,
-    strength: float | None = None,
-) -> str:
-    """Image ``index``'s generation parameters as AUTOMATIC1111 writes them (``tf_diffusion.infotext``).
-
-    Args:
-        info: the ``GenerationInfo`` that ``generate()`` returned with the images (with a refiner, the
-            refiner's: its ``denoising_start`` is the "Refiner switch at").
-        index: the image's position in the batch.
-        model: the model as the user named it.
-        model_hash: the web UI's short hash of a single checkpoint file, or None.
-        refiner: the refiner as the user named it ("Refiner"), or None; refiner_hash: its file's hash.
-        sdxl_options: the micro-conditioning values given (both stages'); default ``info.sdxl_options``.
-        strength: the base's img2img strength when a refiner ran (the refiner's info has none).
-    """
-    from tf_diffusion.infotext import format_parameters, sdxl_fields
-
-    extra = {}
-    strength = info.strength if strength is None else strength
-    if strength is not None:
-        extra["Denoising strength"] = strength
-    if info.mask_blur is not None:
-        extra["Mask blur"] = info.mask_blur
-    if len(info.seeds) > 1:
-        extra.update({"Batch size": len(info.seeds), "Batch pos": index})
-    extra.update(info.extra_params)  # "Lora hashes", "TI hashes"
-    extra.update(
-        sdxl_fields(
-            refiner=refiner,
-            refiner_hash=refiner_hash,
-            refiner_switch_at=info.denoising_start if refiner is not None else None,
-            options=info.sdxl_options if sdxl_options is None else sdxl_options,
-        )
-    )
-    return format_parameters(
-        info.prompts[index],
-        info.negative_prompts[index],
-        steps=info.num_steps,
-        sampler=info.sampler,
-        cfg_scale=info.guidance_scale,
-        seed=info.seeds[index],
-        width=info.width,
-        height=info.height,
-        model_name=model,
-        model_hash=model_hash,
-        scheduler_config=info.sampler_options or None,
-        extra=extra,
-    )
+# The PNG parameters of one image (kept under this name for the command line's callers).
+a1111_parameters = generation_parameters
 
 
 def save_png(image: np.ndarray, path: pathlib.Path, parameters: str | None, overwrite: bool) -> None:

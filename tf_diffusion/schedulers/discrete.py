@@ -58,11 +58,7 @@ class DDIM(Sampler):
 
     def step(self, model_output, i, x, state, plan, noise=None):
         x = as_f32(x)
-        x0, eps = to_x0_eps(
-            as_f32(model_output), x, row(plan, "alpha", i), row(plan, "sigma", i), self.config.prediction_type
-        )
-        if self.config.clip_sample:
-            x0 = ops.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        x0, eps = _clipped_x0_eps(self.config, model_output, x, plan, i)
         x = row(plan, "alpha_prev", i) * x0 + row(plan, "direction", i) * eps
         if self.needs_noise:
             x = x + row(plan, "noise_std", i) * self._noise(noise)
@@ -103,11 +99,7 @@ class DDPM(Sampler):
 
     def step(self, model_output, i, x, state, plan, noise=None):
         x = as_f32(x)
-        x0, _ = to_x0_eps(
-            as_f32(model_output), x, row(plan, "alpha", i), row(plan, "sigma", i), self.config.prediction_type
-        )
-        if self.config.clip_sample:
-            x0 = ops.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        x0, _ = _clipped_x0_eps(self.config, model_output, x, plan, i)
         x = row(plan, "coef_x0", i) * x0 + row(plan, "coef_x", i) * x
         return x + row(plan, "noise_std", i) * self._noise(noise), state
 
@@ -229,11 +221,7 @@ class LCM(Sampler):
 
     def step(self, model_output, i, x, state, plan, noise=None):
         x = as_f32(x)
-        x0, _ = to_x0_eps(
-            as_f32(model_output), x, row(plan, "alpha", i), row(plan, "sigma", i), self.config.prediction_type
-        )
-        if self.config.clip_sample:
-            x0 = ops.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        x0, _ = _clipped_x0_eps(self.config, model_output, x, plan, i)
         denoised = row(plan, "c_out", i) * x0 + row(plan, "c_skip", i) * x
         x = row(plan, "alpha_prev", i) * denoised + row(plan, "noise_std", i) * self._noise(noise)
         return x, state
@@ -292,6 +280,17 @@ class TCD(Sampler):
         if self.needs_noise:
             x = x + row(plan, "noise_std", i) * self._noise(noise)
         return x, state
+
+
+def _clipped_x0_eps(cfg: SchedulerConfig, model_output, x, plan, i):
+    """The model's x0 and eps at step ``i`` (tables ``alpha`` / ``sigma``), x0 clipped when the config
+    says ``clip_sample``, as diffusers' DDIM, DDPM and LCM schedulers clip it."""
+    x0, eps = to_x0_eps(
+        as_f32(model_output), x, row(plan, "alpha", i), row(plan, "sigma", i), cfg.prediction_type
+    )
+    if cfg.clip_sample:
+        x0 = ops.clip(x0, -cfg.clip_sample_range, cfg.clip_sample_range)
+    return x0, eps
 
 
 def _lcm_timesteps(cfg: SchedulerConfig, n: int) -> np.ndarray:

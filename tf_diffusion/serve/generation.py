@@ -240,9 +240,9 @@ def check_size(sd, width: int, height: int, batch_size: int, max_pixels: int) ->
 
 
 def _infotext(images_info, index: int, model_title: str, model_hash: str | None) -> str:
-    from tf_diffusion.cli.generate import a1111_parameters
+    from tf_diffusion.infotext import generation_parameters
 
-    return a1111_parameters(images_info, index, model_title, model_hash)
+    return generation_parameters(images_info, index, model_title, model_hash)
 
 
 def run(job: Job, state, req: schema._Request, init=None, mask=None) -> dict:
