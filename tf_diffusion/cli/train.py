@@ -198,10 +198,11 @@ def save_trained(sd, trainer, out: str | os.PathLike) -> None:
     """Write ``sd`` with the trainer's EMA weights in place of the trained ones, in our folder format."""
     import pathlib
 
+    from tf_diffusion.families import components_of
     from tf_diffusion.weights.folder import write_folder
     from tf_diffusion.weights.state_dict import state_dict
 
-    components = {name: state_dict(getattr(sd, name)) for name in ("text_encoder", "unet", "vae")}
+    components = {name: state_dict(getattr(sd, name)) for name in components_of(sd.config)}
     components.update(trainer.export_ema())
     folder = pathlib.Path(out)
     if folder.exists() and any(folder.iterdir()):
