@@ -81,10 +81,8 @@ class StableDiffusion:
         self.text_encoder_2 = self.tokenizer_2 = None
         if config.text_encoder_2 is not None:
             self.text_encoder_2 = CLIPTextEncoder(config.text_encoder_2, dtype=dtype)
-            if tokenizer_2 is None:
-                # The same vocabulary as the first tokenizer, padded as tokenizer_2 says.
-                pad = dataclasses.replace(self.tokenizer.config, pad_token_id=config.tokenizer_2.pad_token_id)
-                tokenizer_2 = CLIPTokenizer(pad, vocab=self.tokenizer.vocab, merges=self.tokenizer.merges)
+            if tokenizer_2 is None:  # the same vocabulary, padded as config.tokenizer_2 says
+                tokenizer_2 = self.tokenizer.padded_with(config.tokenizer_2.pad_token_id)
             self.tokenizer_2 = tokenizer_2
         self.unet = UNetModel(config.unet, dtype=dtype)
         self.vae = AutoencoderKL(config.vae, dtype=_vae_dtype(dtype))

@@ -294,6 +294,11 @@ class CLIPTokenizer:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
+    def padded_with(self, pad_token_id: int) -> CLIPTokenizer:
+        """This vocabulary and these merges, padding with ``pad_token_id`` (SDXL's second tokenizer)."""
+        config = dataclasses.replace(self.config, pad_token_id=pad_token_id)
+        return CLIPTokenizer(config, vocab=self.vocab, merges=self.merges)
+
     def __repr__(self) -> str:
         return (
             f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, "

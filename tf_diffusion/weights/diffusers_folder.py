@@ -557,15 +557,11 @@ def write_diffusers_folder(
     ``text_encoder_2`` / ``tokenizer_2`` (the refiner, StableDiffusionXLImg2ImgPipeline, without
     ``text_encoder`` / ``tokenizer``), as diffusers' own folders are laid out.
     """
-    import dataclasses
-
     factor = config.vae.downsample_factor
     scheduler_json = scheduler_config_to_diffusers(config.scheduler, scheduler, config.default_sampler)
     names = components_of(config)
     family = family_of_config(config)
-    pipeline = family.diffusers_pipelines[0]
-    if config.requires_aesthetics_score:
-        pipeline = "StableDiffusionXLImg2ImgPipeline"  # the refiner's class, as its hub folder says
+    pipeline = family.diffusers_pipelines[0]  # the refiner's family: StableDiffusionXLImg2ImgPipeline
     index = {
         "_class_name": pipeline,
         "_diffusers_version": _DIFFUSERS_VERSION,
@@ -589,10 +585,8 @@ def write_diffusers_folder(
     index["text_encoder"] = ["transformers", "CLIPTextModel"] if present else [None, None]
     index["tokenizer"] = ["transformers", "CLIPTokenizer"] if present else [None, None]
     tokenizers = {"text_encoder": tokenizer}
-    if "text_encoder_2" in names:
-        # One vocabulary; the second tokenizer pads as config.tokenizer_2 says (OpenCLIP: 0).
-        pad = dataclasses.replace(tokenizer.config, pad_token_id=config.tokenizer_2.pad_token_id)
-        tokenizers["text_encoder_2"] = CLIPTokenizer(pad, vocab=tokenizer.vocab, merges=tokenizer.merges)
+    if "text_encoder_2" in names:  # one vocabulary; the second tokenizer pads as config.tokenizer_2 says
+        tokenizers["text_encoder_2"] = tokenizer.padded_with(config.tokenizer_2.pad_token_id)
     configs = {
         "unet": unet_config_to_diffusers(config.unet, config.default_size // factor),
         "vae": vae_config_to_diffusers(config.vae, config.default_size),
@@ -616,7 +610,7 @@ def write_diffusers_folder(
             save_safetensors(tensors[name], f"{stem}.{variant}.safetensors", {"format": "pt"})
     (folder / "scheduler").mkdir()
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_json)
-    if "text_encoder" in tokenizers and present:
+    if present:
         tokenizer.save(folder / "tokenizer")
     if "text_encoder_2" in tokenizers:
         tokenizers["text_encoder_2"].save(folder / "tokenizer_2")
