@@ -28,6 +28,7 @@ import tempfile
 import numpy as np
 
 from tf_diffusion.cli._common import (
+    PRECISIONS,
     UsageError,
     check_model,
     check_sampler,
@@ -41,8 +42,6 @@ from tf_diffusion.fileio import publish
 from tf_diffusion.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 from tf_diffusion.infotext import generation_parameters
 from tf_diffusion.models import DEFAULT_MODEL
-
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 # generate() argument names -> our options, for messages from the library.
 OPTION_NAMES = {
