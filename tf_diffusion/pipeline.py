@@ -22,6 +22,7 @@ from tf_diffusion.denoising import (
     UNetDenoiser,
     guidance_for,
 )
+from tf_diffusion.families import family_of_config
 from tf_diffusion.noise import image_seeds
 from tf_diffusion.presets import get_preset
 from tf_diffusion.prompts import tokenize_weighted
@@ -31,8 +32,6 @@ from tf_diffusion.unet import UNetModel
 from tf_diffusion.vae import AutoencoderKL
 
 OUTPUT_TYPES = ("uint8", "float", "latent")
-# diffusers' StableDiffusionXLInpaintPipeline default strength.
-SDXL_INPAINT_STRENGTH = 0.9999
 
 
 class StableDiffusion:
@@ -283,8 +282,9 @@ class StableDiffusion:
             image: init image for img2img / inpainting: PIL, or uint8 / uint16 / float
                 [0, 1] array (H, W), (H, W, C) or (N, H, W, C); RGBA and grayscale are converted.
             strength: how much of the schedule to run from the noised image, in [0, 1];
-                default 0.8 for img2img and 1.0 for inpainting (0.9999 for SDXL, whose inpaint pipeline
-                starts from the noised image, one step short of the full schedule), as diffusers.
+                default 0.8 for img2img and the family's for inpainting (1.0; 0.9999 for SDXL, whose
+                inpaint pipeline starts from the noised image, one step short of the full schedule), as
+                diffusers.
             mask: inpainting mask, white (>= 0.5) = repaint; the same size as ``image``.
             mask_blur: inpainting only: paste the init image's pixels back outside the mask after
                 decoding, blending across a Gaussian blur of this radius in pixels (0: a hard edge), as the
@@ -375,8 +375,8 @@ class StableDiffusion:
             raise ValueError("pass either seed or latents, not both: latents replace the seeded noise")
         init, mask_px = self._task_images(image, mask)
         if strength is None:
-            # diffusers' defaults: img2img 0.8, inpainting 1.0 (SDXL's inpaint pipeline 0.9999).
-            strength = (SDXL_INPAINT_STRENGTH if cfg.is_sdxl else 1.0) if mask_px is not None else 0.8
+            # diffusers' defaults: img2img 0.8, inpainting the family's (1.0; SDXL's inpaint pipeline 0.9999).
+            strength = family_of_config(cfg).inpaint_strength if mask_px is not None else 0.8
         strength = float(strength)
         if init is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} is outside the allowed range [0, 1]")
