@@ -199,6 +199,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--lora-dir", default=None, help="the folder that <lora:NAME:WEIGHT> tags in prompts name")
     p.add_argument(
+        "--vae",
+        default=None,
+        metavar="PATH",
+        help="a VAE to use instead of the model's: a .safetensors / .pt / .ckpt file (the web UI's models/VAE "
+        "files) or a diffusers AutoencoderKL folder; a single-file model without a VAE then loads too",
+    )
+    p.add_argument(
         "--embedding",
         action="append",
         default=[],
@@ -425,6 +432,8 @@ def check_adapters(args: argparse.Namespace) -> None:
     for path in args.embedding:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--embedding {path}: no such file")
+    if args.vae is not None and not os.path.exists(args.vae):
+        raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
     try:
         _, _, tags = extra_networks.strip_prompts([args.prompt], [args.negative_prompt or ""])
         extra_networks.resolve_tags(tags, args.lora_dir)
@@ -471,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
     from tf_diffusion.pipeline import StableDiffusion, has_accelerator
 
     dtype = None if args.precision == "float32" else args.precision
-    sd = StableDiffusion.from_pretrained(source, dtype=dtype)
+    sd = StableDiffusion.from_pretrained(source, dtype=dtype, vae=args.vae)
     refiner = None
     if args.refiner_source is not None:
         refiner = StableDiffusion.from_pretrained(args.refiner_source, dtype=dtype)
