@@ -156,6 +156,48 @@ def test_base_to_refiner_handoff_matches_diffusers(name, models, reference):
     assert images.info.denoising_start == run["switch"] and images.info.strength is None
 
 
+INPAINT_HANDOFFS = {r["name"]: r for r in json.loads((SDXL / "handoff_inpaint.json").read_text())["runs"]}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "euler_a" in n else n
+                                  for n in sorted(INPAINT_HANDOFFS)])  # fmt: skip
+def test_inpainting_through_the_handoff_matches_diffusers(name, models):
+    """The base inpaints to denoising_end; the refiner continues its latents under the same mask
+    (StableDiffusionXLInpaintPipeline for both stages, diffusers' "ensemble of experts" for inpainting)."""
+    run = INPAINT_HANDOFFS[name]
+    with np.load(SDXL / "handoff_inpaint.npz") as data:
+        want_latents, want = data[f"{name}/latents"], data[f"{name}/images"]
+    common = dict(num_steps=run["steps"], guidance_scale=run["guidance"], scheduler=run["sampler"],
+                  progress=False, jit_compile=False, mask=task_mask())  # fmt: skip
+    latents = models["base"].generate(
+        run["prompt"], run["negative"], image=task_image(run["seeds"][0] + 1), seed=run["seeds"][0],
+        denoising_end=run["switch"], output_type="latent", **common,
+    )  # fmt: skip
+    images = models["refiner"].generate(
+        run["prompt"], run["negative"], image=latents, seed=run["seeds"][1], denoising_start=run["switch"],
+        output_type="float", **common,
+    )  # fmt: skip
+    err_latents, err = _max_err(latents, want_latents), _max_err(images, want)
+    print(f"{name}: latents {err_latents:.2e}, images {err:.2e}")
+    assert err_latents <= TOL and err <= TOL
+    assert images.info.mode == "inpaint" and images.info.denoising_start == run["switch"]
+
+
+def test_inpainting_handoff_refusals(models):
+    latents = np.zeros((1, 8, 8, 4), np.float32)
+    kwargs = dict(num_steps=2, progress=False, denoising_start=0.5)
+    with pytest.raises(ValueError, match="an image in pixels cannot be continued"):
+        models["refiner"].generate("a cat", image=task_image(0), mask=task_mask(), **kwargs)
+    with pytest.raises(
+        ValueError, match=r"mask size 8x8 \(WxH\) differs from the handed-over latents' image size 16x16"
+    ):
+        models["refiner"].generate("a cat", latents=latents, mask=np.ones((8, 8), np.float32), **kwargs)
+    with pytest.raises(
+        ValueError, match="9-channel UNet.*handed-over latents can be inpainted by a 4-channel"
+    ):
+        models["inpaint9"].generate("a cat", latents=latents, mask=task_mask(), **kwargs)
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -414,7 +414,7 @@ class StableDiffusion:
         image, latents, handoff = _handoff_inputs(image, latents, mask, denoising_start)
         if seed is not None and latents is not None and not handoff:
             raise ValueError("pass either seed or latents, not both: latents replace the seeded noise")
-        init, mask_px = self._task_images(image, mask)
+        init, mask_px = self._task_images(image, mask, handoff=handoff)
         if strength is None:
             # diffusers' defaults: img2img 0.8, inpainting the family's (1.0; SDXL's inpaint pipeline 0.9999).
             strength = family_of_config(cfg).inpaint_strength if mask_px is not None else 0.8
@@ -430,6 +430,11 @@ class StableDiffusion:
         sdxl.check_options(cfg, options, image_task=image_task)
         if handoff:
             height, width = self._handoff_size(latents, height, width)
+            if mask_px is not None and mask_px.shape[1:3] != (height, width):
+                raise ValueError(
+                    f"mask size {mask_px.shape[2]}x{mask_px.shape[1]} (WxH) differs from the handed-over "
+                    f"latents' image size {width}x{height}; they must match"
+                )
         height, width = self.check_size(height, width, init)
         control = controlnet_adapter.prepare(
             self,
@@ -506,6 +511,18 @@ class StableDiffusion:
         if handoff:
             # The base's latents, continued without added noise (diffusers' add_noise=False).
             task = _Task(x=noise)
+            if mask_px is not None:
+                # Under a mask the kept region follows the handed latents, noised to each next timestep with
+                # the seed's own draw, as diffusers' inpaint pipeline blends them.
+                blend_noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)
+                blend = MaskBlend()
+                task.hooks = (blend,)
+                task.rows[blend.name] = {
+                    "mask": self._latent_mask(mask_px, n),
+                    "image_latents": noise,
+                    "noise": blend_noise,
+                }
+                task.shared[blend.name] = {"scales": _next_noise_scales(sampler, plan)}
         else:
             task = self._prepare_task(
                 sampler, plan, noise, seeds, init, mask_px, strength, add_noise=denoising_start is None
@@ -638,16 +655,19 @@ class StableDiffusion:
 
     # -------------------------------------------------------------- tasks
 
-    def _task_images(self, image, mask):
-        """The init image (k, H, W, 3) in [0, 1] and the binarised mask (k, H, W, 1), each or None."""
+    def _task_images(self, image, mask, handoff=False):
+        """The init image (k, H, W, 3) in [0, 1] and the binarised mask (k, H, W, 1), each or None.
+
+        ``handoff``: the image is handed-over latents, so the mask stands alone (its size is checked later).
+        """
         cfg = self.config
         init = None if image is None else image_utils.to_rgb(image, "image")
         mask_px = None
         if mask is not None:
-            if init is None:
+            if init is None and not handoff:
                 raise ValueError("mask needs an image to inpaint; pass image=... as well")
             mask_px = image_utils.to_mask(mask, "mask")
-            if mask_px.shape[1:3] != init.shape[1:3]:
+            if init is not None and mask_px.shape[1:3] != init.shape[1:3]:
                 raise ValueError(
                     f"mask size {mask_px.shape[2]}x{mask_px.shape[1]} (WxH) differs from the image size "
                     f"{init.shape[2]}x{init.shape[1]}; they must match"
@@ -655,6 +675,11 @@ class StableDiffusion:
             mask_px = (mask_px >= 0.5).astype(np.float32)  # diffusers binarises the mask: >= 0.5 repaints
         if cfg.is_inpainting and mask_px is None:
             raise ValueError(f"{cfg.name} is an inpainting model (9-channel UNet); pass image and mask")
+        if cfg.is_inpainting and handoff:
+            raise ValueError(
+                f"{cfg.name} is an inpainting model (9-channel UNet), which needs the masked image in pixels; "
+                "handed-over latents can be inpainted by a 4-channel model (a refiner, as diffusers does)"
+            )
         return init, mask_px
 
     def _handoff_size(self, latents, height, width) -> tuple:
@@ -691,8 +716,7 @@ class StableDiffusion:
             posterior = noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, shape)
             image_latents = self._encode_image(init * 2.0 - 1.0, posterior) * sf
         if mask_px is not None:
-            factor = cfg.vae.downsample_factor
-            mask_latent = _repeat_to(mask_px[:, ::factor, ::factor, :], n)  # nearest, as torch interpolate
+            mask_latent = self._latent_mask(mask_px, n)
             if cfg.is_inpainting:
                 masked = (init * 2.0 - 1.0) * (mask_px < 0.5)
                 posterior = noise_lib.batch_normal(seeds, noise_lib.MASKED_POSTERIOR, shape)
@@ -712,6 +736,11 @@ class StableDiffusion:
         else:
             task.x = ops.convert_to_numpy(sampler.add_noise(image_latents, noise, plan))
         return task
+
+    def _latent_mask(self, mask_px: np.ndarray, n: int) -> np.ndarray:
+        """The (N, h, w, 1) mask at latent size: nearest sampling, as diffusers' torch interpolate."""
+        factor = self.config.vae.downsample_factor
+        return _repeat_to(mask_px[:, ::factor, ::factor, :], n)
 
     def _encode_image(self, pixels: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """Posterior samples of (k, H, W, 3) images for N images (k divides N), one noise row each."""
@@ -825,8 +854,11 @@ def _handoff_inputs(image, latents, mask, denoising_start):
             f"denoising_start={denoising_start} continues a partly denoised image: pass latents=... (the "
             f"base model's output_type='latent' result) or image=..."
         )
-    if denoising_start is not None and mask is not None:
-        raise ValueError("denoising_start with inpainting (mask=...) is not supported; leave one of them out")
+    if denoising_start is not None and mask is not None and not handoff:
+        raise ValueError(
+            "denoising_start with inpainting (mask=...) continues a base's latents under the mask: pass them "
+            "as image=... (output_type='latent') or latents=...; an image in pixels cannot be continued"
+        )
     return image, latents, handoff
 
 

@@ -31,7 +31,11 @@ Written to tests/fixtures/sdxl/:
   settings (trailing spacing, 1-2 steps, guidance off), every random draw taken from tf_diffusion.noise
   for the same seeds.
 
-Usage (dev only; needs torch, diffusers, transformers): python tools/make_fixtures_sdxl.py [--tasks]
+* ``handoff_inpaint.json`` / ``handoff_inpaint.npz`` (``--inpaint-handoff`` writes only these): inpainting
+  through the base-to-refiner hand-off, both stages StableDiffusionXLInpaintPipeline.
+
+Usage (dev only; needs torch, diffusers, transformers):
+python tools/make_fixtures_sdxl.py [--tasks | --inpaint-handoff]
 """
 
 from __future__ import annotations
@@ -668,9 +672,79 @@ def tasks() -> None:
     (OUT / "tasks.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
+# Inpainting through the hand-off: the base's inpaint pipeline stops at `switch` (latents out), the refiner's
+# inpaint pipeline continues them under the same mask (diffusers' "ensemble of experts" for inpainting).
+INPAINT_HANDOFFS = [
+    dict(name="inpaint_handoff_euler", sampler="euler", steps=6, switch=0.7, guidance=5.0, seeds=(24, 34),
+         prompt="a photo of a cat", negative=None),
+    dict(name="inpaint_handoff_euler_a", sampler="euler_a", steps=5, switch=0.6, guidance=4.0, seeds=(25, 35),
+         prompt=["a red car", "a dog"], negative=["blurry", ""]),
+]  # fmt: skip
+
+
+def inpaint_handoffs() -> None:
+    """``handoff_inpaint.json`` / ``.npz``: StableDiffusionXLInpaintPipeline (base, 4-channel UNet) with
+    ``denoising_end`` and ``output_type="latent"``, then the same pipeline class on the refiner with
+    ``image=latents``, the mask and ``denoising_start``; noise from tf_diffusion.noise as in ``tasks``."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_fixtures_pipeline import NoiseQueues
+
+    from tf_diffusion import noise as noise_lib
+
+    base = StableDiffusionXLPipeline.from_pretrained(str(OUT / "sdxl-diffusers"), torch_dtype=torch.float32)
+    refiner = StableDiffusionXLInpaintPipeline.from_pretrained(
+        str(OUT / "sdxl-refiner-diffusers"), torch_dtype=torch.float32
+    )
+    parts = {k: getattr(base, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    latent = (TASK_SIZE[0] // 2, TASK_SIZE[1] // 2, 4)
+    ref: dict[str, np.ndarray] = {}
+    for run in INPAINT_HANDOFFS:
+        prompts = run["prompt"] if isinstance(run["prompt"], list) else [run["prompt"]]
+        n = len(prompts)
+        image = [Image.fromarray(task_image(run["seeds"][0] + 1))] * n
+        mask = [Image.fromarray(task_mask())] * n
+        call = dict(prompt=run["prompt"], negative_prompt=run["negative"], num_inference_steps=run["steps"],
+                    guidance_scale=run["guidance"], mask_image=mask, height=TASK_SIZE[0], width=TASK_SIZE[1])  # fmt: skip
+        for stage, pipe, seed in (("base", None, run["seeds"][0]), ("refiner", refiner, run["seeds"][1])):
+            sched = task_scheduler(run["sampler"])
+            seeds = noise_lib.image_seeds(seed, n)
+            start, end = (None, run["switch"]) if stage == "base" else (run["switch"], None)
+            evals = cutoff_evals(sched, run["steps"], start, end, 0.9999 if stage == "base" else None)
+            if stage == "base":
+                pipe = StableDiffusionXLInpaintPipeline(unet=base.unet, scheduler=sched, **parts,
+                                                        force_zeros_for_empty_prompt=True, add_watermarker=False)  # fmt: skip
+            pipe.scheduler = sched
+            pipe.set_progress_bar_config(disable=True)
+            with NoiseQueues() as queues:
+                q = queues.queues
+                if stage == "base":
+                    q["vae"].append(noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, latent))
+                    q["pipeline"].append(noise_lib.batch_normal(seeds, noise_lib.LATENTS, latent))
+                    q["vae"].append(noise_lib.batch_normal(seeds, noise_lib.MASKED_POSTERIOR, latent))
+                else:  # the latents continue as they are; this draw is the blend's noise only
+                    q["pipeline"].append(noise_lib.batch_normal(seeds, noise_lib.LATENTS, latent))
+                if run["sampler"] == "euler_a":
+                    steps = noise_lib.batch_normal(seeds, noise_lib.STEPS, (evals, *latent))
+                    q["scheduler"].extend(list(np.swapaxes(steps, 0, 1)))
+                if stage == "base":
+                    out = pipe(**call, image=image, denoising_end=end, output_type="latent").images
+                    ref[f"{run['name']}/latents"] = nhwc(out)
+                else:
+                    images = pipe(**call, image=out, denoising_start=start, output_type="np").images
+        ref[f"{run['name']}/images"] = np.asarray(images, np.float32)
+        print(f"inpaint handoff {run['name']}: {images.shape} mean {images.mean():.4f}")
+    np.savez_compressed(OUT / "handoff_inpaint.npz", **ref)
+    (OUT / "handoff_inpaint.json").write_text(json.dumps({"runs": INPAINT_HANDOFFS}, indent=1) + "\n")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--tasks"]:
         tasks()
+    elif sys.argv[1:] == ["--inpaint-handoff"]:
+        inpaint_handoffs()
     else:
         main()
         tasks()
