@@ -152,3 +152,71 @@ def test_bad_vae_sources_are_clear_and_leave_the_model_as_it_was(tmp_path):
     with pytest.raises(FileNotFoundError):
         sd.load_vae(tmp_path / "nothing.safetensors")
     assert sd.vae is vae and sd.config is config and sd.vae_source is None
+
+
+# ------------------------------------------------------------------ tiled decode and encode
+
+
+@pytest.fixture(scope="module")
+def tiling():
+    with np.load(VAE_FILES / "tiling.npz") as data:
+        return dict(data)
+
+
+def test_tiled_decode_and_encode_match_diffusers_enable_tiling(tiling):
+    """16-pixel tiles (8 latents), overlap 0.25, on latents 20x28 and images 40x56: several tiles, uneven edges."""
+    from tf_diffusion import StableDiffusion
+    from tf_diffusion.vae import DiagonalGaussian
+
+    sd = StableDiffusion.from_pretrained(SD1)
+    untiled = sd.decode(tiling["latents"])
+    np.testing.assert_allclose(untiled, tiling["untiled/decoded"], atol=1e-4)
+    sd.enable_vae_tiling(16)
+    tiled = sd.decode(tiling["latents"])
+    err = float(np.abs(tiled - tiling["tiled/decoded"]).max())
+    print(f"tiled decode: max abs error against diffusers {err:.2e}")
+    assert err <= 1e-4
+    # Tiling changes the result (so the comparison above tests it), near the seams only.
+    assert np.abs(tiled - untiled).max() > 1e-3
+    posterior = np.zeros_like(tiling["tiled/mean"])
+    latents = sd._encode_image(tiling["images"], posterior)  # pixels in [-1, 1]; zero noise: the mean
+    np.testing.assert_allclose(latents, tiling["tiled/mean"], atol=1e-4)
+    # The logvar too (the posterior's spread): through the same tiles.
+    from tf_diffusion.execution.tiling import tiled_moments
+
+    moments = tiled_moments(
+        lambda x: sd.vae.quant_conv(sd.vae.encoder(x)), tiling["images"], sd.vae_tiling, 2
+    )
+    np.testing.assert_allclose(
+        np.asarray(DiagonalGaussian(moments).logvar), tiling["tiled/logvar"], atol=1e-4
+    )
+    sd.disable_vae_tiling()
+    np.testing.assert_array_equal(sd.decode(tiling["latents"]), untiled)
+
+
+def test_generate_decodes_through_the_tiles():
+    from tf_diffusion import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(SD1)
+    sd.enable_vae_tiling(16)
+    kw = dict(num_steps=1, height=40, width=56, seed=3, progress=False)
+    latents = sd.generate("a red circle", output_type="latent", **kw)
+    images = sd.generate("a red circle", output_type="float", **kw)
+    want = np.clip(sd.decode(np.asarray(latents) / sd.config.vae.scaling_factor) / 2 + 0.5, 0, 1)
+    np.testing.assert_allclose(images, want, atol=1e-6)
+
+
+def test_bad_tiling_settings():
+    from tf_diffusion import StableDiffusion
+    from tf_diffusion.execution.tiling import VAETiling
+
+    sd = StableDiffusion.from_pretrained(SD1)
+    with pytest.raises(
+        ValueError, match=r"tile_size=17 with overlap=0.25 .* multiples of the VAE's factor 2"
+    ):
+        sd.enable_vae_tiling(17)
+    with pytest.raises(ValueError, match=r"overlap=1.0 must be a fraction in \[0, 1\)"):
+        VAETiling(64, 1.0)
+    with pytest.raises(ValueError, match="tile_size=4 must be an integer number of pixels >= 8"):
+        VAETiling(4)
+    assert sd.vae_tiling is None

@@ -29,7 +29,7 @@ from tf_diffusion.prompts import tokenize_weighted
 from tf_diffusion.schedulers.base import check_fraction
 from tf_diffusion.tokenizer import CLIPTokenizer
 from tf_diffusion.unet import UNetModel
-from tf_diffusion.vae import AutoencoderKL
+from tf_diffusion.vae import AutoencoderKL, DiagonalGaussian
 
 OUTPUT_TYPES = ("uint8", "float", "latent")
 
@@ -94,6 +94,7 @@ class StableDiffusion:
         self.lora_dir = None
         self.vae_source = None  # a VAE file loaded in place of the checkpoint's (load_vae)
         self.vae_fields = {}  # its PNG parameters, as the web UI writes them ("VAE hash", "VAE")
+        self.vae_tiling = None  # enable_vae_tiling()
         self._checkpoint_vae = config.vae  # what a VAE file without a config runs with
 
     @classmethod
@@ -616,7 +617,27 @@ class StableDiffusion:
         ``jit_compile`` as in ``generate``: by default XLA on accelerators, under JAX and
         in float32 on a CPU, graph mode otherwise.
         """
-        return (self.executor if executor is None else executor).decode(self.vae, latents, jit_compile)
+        executor = self.executor if executor is None else executor
+        return executor.decode(self.vae, latents, jit_compile, tiling=self.vae_tiling)
+
+    def enable_vae_tiling(self, tile_size: int | None = None, overlap: float = 0.25) -> None:
+        """Decode and encode large images in overlapping tiles, so the VAE's memory stays flat, as diffusers'
+        ``enable_vae_tiling``: ``tile_size`` pixels (default the model's size: 512 for SD 1.x, 1024 for SDXL),
+        ``overlap`` the blended part (0.25). Images no larger than a tile are unchanged; larger ones differ from
+        an untiled decode near the seams only, as diffusers' do.
+
+        Raises:
+            ValueError: a tile size or stride that is not a multiple of the VAE's factor, or a bad overlap.
+        """
+        from tf_diffusion.execution.tiling import VAETiling
+
+        tiling = VAETiling(self.config.default_size if tile_size is None else tile_size, overlap)
+        tiling.check(self.config.vae.downsample_factor)
+        self.vae_tiling = tiling
+
+    def disable_vae_tiling(self) -> None:
+        """Decode and encode whole images again."""
+        self.vae_tiling = None
 
     @staticmethod
     def to_pil(images) -> list:
@@ -744,7 +765,19 @@ class StableDiffusion:
 
     def _encode_image(self, pixels: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """Posterior samples of (k, H, W, 3) images for N images (k divides N), one noise row each."""
-        dist = self.vae.encode(ops.convert_to_tensor(pixels, "float32"))
+        if self.vae_tiling is None:
+            dist = self.vae.encode(ops.convert_to_tensor(pixels, "float32"))
+        else:
+            from tf_diffusion.execution.tiling import tiled_moments
+
+            def moments(x):
+                x = ops.convert_to_tensor(x, "float32")
+                return ops.convert_to_numpy(ops.cast(self.vae.quant_conv(self.vae.encoder(x)), "float32"))
+
+            factor = self.config.vae.downsample_factor
+            dist = DiagonalGaussian(
+                tiled_moments(moments, np.asarray(pixels, np.float32), self.vae_tiling, factor)
+            )
         n = noise.shape[0]
         mean = _repeat_to(ops.convert_to_numpy(dist.mean), n)
         std = _repeat_to(ops.convert_to_numpy(dist.std), n)

@@ -12,6 +12,8 @@ weights. Written to tests/fixtures/vae_file/:
 * ``sd1.vae.pt``: the SD 1.x VAE as the web UI's ``models/VAE/*.vae.pt`` files are: ``torch.save`` of
   ``{"state_dict": {...}}`` with the LDM keys plus training-loss (``loss.*``) and EMA bookkeeping keys that
   are not weights; also checked with ``from_single_file``.
+* ``tiling.npz``: diffusers' tiled decode and encode (``enable_tiling()`` with 16-pixel tiles, overlap 0.25)
+  of the tiny SD 1.x VAE on latents and images several tiles large, and the untiled results.
 * ``reference.npz``: whole ``StableDiffusionXLPipeline`` / ``StableDiffusionPipeline`` runs from given
   latents with the VAE replaced (``vae=`` at construction, as diffusers users do), ``output_type="np"``.
 
@@ -122,9 +124,30 @@ def main() -> None:
             meta["runs"].append(dict(name=key, prompt=prompt, size=size, steps=steps, guidance=guidance))
             print(f"{key}: images {images.shape} mean {images.mean():.4f}")
     np.savez_compressed(OUT / "reference.npz", **ref)
+    write_tiling()
     (OUT / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
+
+
+@torch.no_grad()
+def write_tiling() -> None:
+    vae = AutoencoderKL.from_pretrained(SD1 / "vae", torch_dtype=torch.float32).eval()
+    rng = np.random.default_rng(3)
+    latents = rng.standard_normal((2, 20, 28, 4)).astype(np.float32)
+    images = rng.uniform(-1, 1, (1, 40, 56, 3)).astype(np.float32)
+    out = {"latents": latents, "images": images}
+    for name, tiled in (("untiled", False), ("tiled", True)):
+        if tiled:
+            vae.enable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = 16, 8, 0.25
+        decoded = vae.decode(torch.from_numpy(latents).permute(0, 3, 1, 2)).sample
+        dist = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
+        out[f"{name}/decoded"] = decoded.permute(0, 2, 3, 1).numpy()
+        out[f"{name}/mean"] = dist.mean.permute(0, 2, 3, 1).numpy()
+        out[f"{name}/logvar"] = dist.logvar.permute(0, 2, 3, 1).numpy()
+    np.savez_compressed(OUT / "tiling.npz", **out)
+    print("tiling: decoded", out["tiled/decoded"].shape, "mean", out["tiled/mean"].shape)
 
 
 if __name__ == "__main__":

@@ -130,13 +130,24 @@ class LocalExecutor:
 
     # ------------------------------------------------------------ components
 
-    def decode(self, vae, latents, jit_compile=None) -> np.ndarray:
-        """Unscaled latents (N, h, w, C) -> images (N, H, W, 3) in [-1, 1], float32."""
+    def decode(self, vae, latents, jit_compile=None, tiling=None) -> np.ndarray:
+        """Unscaled latents (N, h, w, C) -> images (N, H, W, 3) in [-1, 1], float32.
+
+        ``tiling``: an ``execution.tiling.VAETiling`` to decode large latents tile by tile (one compiled
+        decode per tile shape), as diffusers' ``enable_tiling``.
+        """
         from tf_diffusion import execution
+        from tf_diffusion.execution.tiling import tiled_decode
 
         opts = execution.default_options(vae, jit_compile=None if jit_compile is None else bool(jit_compile))
         fn = self.compiled(("decode", id(vae), opts), lambda: execution.compile(vae.decode, opts))
-        return ops.convert_to_numpy(ops.cast(fn(ops.convert_to_tensor(latents, "float32")), "float32"))
+
+        def run(z):
+            return ops.convert_to_numpy(ops.cast(fn(ops.convert_to_tensor(z, "float32")), "float32"))
+
+        if tiling is None:
+            return run(latents)
+        return tiled_decode(run, np.asarray(latents, np.float32), tiling, vae.config.downsample_factor)
 
     def encode_text(self, text_encoder, ids, **options):
         """Token ids (B, T) -> float32 hidden states (B, T, D), in graph mode.
