@@ -441,3 +441,46 @@ def test_controlnet_with_a_lora_matches_diffusers():
     print(f"ControlNet + LoRA: max abs error {err:.2e}")
     assert err <= PIPELINE_TOLERANCE, f"max abs error {err:.2e}"
     assert float(np.max(np.abs(np.asarray(run()) - want))) > 20 * PIPELINE_TOLERANCE  # the LoRA matters
+
+
+# ---------------------------------------------------------------- SavedModel export
+
+
+def test_serving_module_with_a_controlnet_equals_generate():
+    """One ControlNet in the exported graph: control_image and control_scale inputs, the numbers of
+    generate(controlnet=..., control_image=..., controlnet_conditioning_scale=...)."""
+    import tensorflow as tf
+
+    from tf_diffusion.export import build_serving_module
+
+    sd, control = tiny_sd(), net("pipe_a")
+    size = pipeline_meta()["size"]
+    module, signatures = build_serving_module(sd, sampler="ddim", num_steps=3, controlnet=control)
+    fn = signatures["generate_from_noise"]
+    assert set(fn.function_type.parameters) == {
+        "prompt", "negative_prompt", "guidance_scale", "noise", "control_image", "control_scale"
+    }  # fmt: skip
+    assert module.metadata["controlnet"]["model"] == "controlnet"
+    hints = np.stack([control_image(100), control_image(101)])
+    noise = np.random.default_rng(4).standard_normal((2, size // 2, size // 2, 4)).astype(np.float32)
+    out = fn(
+        prompt=tf.constant(["a red circle", "a blue square"]),
+        negative_prompt=tf.constant(["", "blurry"]),
+        guidance_scale=tf.constant([6.0, 6.0]),
+        noise=tf.constant(noise),
+        control_image=tf.constant(hints),
+        control_scale=tf.constant([0.8, 0.5]),
+    )
+    for row, (prompt, negative, scale) in enumerate(
+        [("a red circle", "", 0.8), ("a blue square", "blurry", 0.5)]
+    ):
+        want = sd.generate(
+            prompt, negative, latents=noise[row : row + 1], scheduler="ddim", num_steps=3, guidance_scale=6.0,
+            controlnet=control, control_image=hints[row], controlnet_conditioning_scale=scale,
+            output_type="latent", progress=False, jit_compile=False,
+        )  # fmt: skip
+        err = float(np.abs(out["latents"].numpy()[row] - np.asarray(want)[0]).max())
+        print(f"row {row}: latents max abs error against generate() {err:.2e}")
+        assert err <= 1e-4
+    with pytest.raises(ValueError, match="one ControlNet"):
+        build_serving_module(sd, controlnet=[control, control])

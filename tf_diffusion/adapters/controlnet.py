@@ -195,7 +195,8 @@ def _per_net(value, name: str, count: int, check) -> tuple:
     return tuple(out)
 
 
-def _check_net(sd, net, index: int) -> None:
+def check_net(sd, net, index: int) -> None:
+    """Raise if ``net`` (the ``index``-th ControlNet given) cannot run with ``sd``'s UNet, naming the values."""
     if not isinstance(net, ControlNet):
         raise ValueError(
             f"controlnet[{index}] is a {type(net).__name__}; expected a tf_diffusion ControlNet "
@@ -261,7 +262,7 @@ def prepare(
     if not nets:
         raise ValueError("controlnet is an empty list; pass a ControlNet or a list of them")
     for k, net in enumerate(nets):
-        _check_net(sd, net, k)
+        check_net(sd, net, k)
     if control_image is None:
         raise ValueError(f"controlnet needs control_image=...: one hint image per net ({len(nets)})")
     multi = isinstance(controlnet, (list, tuple))

@@ -106,6 +106,21 @@ def with_dtype(sd: StableDiffusion, dtype: str | None) -> StableDiffusion:
     return copy
 
 
+def _named(fn, names: Sequence[str]):
+    """``fn`` called by keyword with positional arguments named ``names``: a traced function's (and so a
+    SavedModel signature's) inputs take their names from these parameters."""
+    import functools
+    import inspect
+
+    @functools.wraps(fn)
+    def call(*args):
+        return fn(**dict(zip(names, args, strict=True)))
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    call.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in names])
+    return call
+
+
 def _variables_module(*models):
     """A ``tf.Module`` tracking the models' ``tf.Variable`` objects, for saving and TFLite conversion.
 
@@ -128,6 +143,7 @@ def build_serving_module(
     height: int | None = None,
     width: int | None = None,
     jit_compile: bool = False,
+    controlnet=None,
 ):
     """The ``tf.Module`` that ``export_saved_model`` saves, usable directly in Python.
 
@@ -139,12 +155,16 @@ def build_serving_module(
         height, width: image size in pixels, multiples of the VAE factor; default: the model's size.
         jit_compile: compile the denoising loop with XLA. TF Serving runs XLA on GPU/TPU; on CPU its model
             server needs ``--xla_cpu_compilation_enabled=true``.
+        controlnet: one ``tf_diffusion.ControlNet`` in the graph: ``serving_default``,
+            ``generate_from_noise`` and ``denoise`` then also take ``control_image`` (B, H, W, 3) uint8 and
+            ``control_scale`` (B,) float32 (``controlnet_conditioning_scale``, over the whole schedule),
+            as ``generate(controlnet=..., control_image=...)`` runs it.
 
     Returns:
         ``(module, signatures)``: the module and a dict signature name -> concrete function.
 
     Raises:
-        ValueError: for an invalid option or an inpainting model.
+        ValueError: for an invalid option, an inpainting model, or a ControlNet of another family.
     """
     _check_backend()
     tf = _tf()
@@ -175,10 +195,18 @@ def build_serving_module(
     needs_noise = sampler_obj.needs_noise
     scaling = float(cfg.vae.scaling_factor)
 
+    nets = []
+    if controlnet is not None:
+        from tf_diffusion.adapters import controlnet as controlnet_adapter
+
+        if isinstance(controlnet, (list, tuple)):
+            raise ValueError("export takes one ControlNet (controlnet=net), not a list")
+        controlnet_adapter.check_net(sd, controlnet, 0)
+        nets = [controlnet]
     if sdxl:
         from tf_diffusion import sdxl as sdxl_lib
 
-        module = _variables_module(sd.text_encoder, sd.text_encoder_2, sd.unet, sd.vae)
+        module = _variables_module(sd.text_encoder, sd.text_encoder_2, sd.unet, sd.vae, *nets)
         module.tokenizer = GraphTokenizer(sd.tokenizer)
         module.tokenizer_2 = GraphTokenizer(sd.tokenizer_2)
         pooled_dim = cfg.text_encoder_2.projection_dim
@@ -186,9 +214,14 @@ def build_serving_module(
         # target size = the output size, no crop), the same for both halves.
         time_ids = tf.constant(sdxl_lib.time_ids(cfg, height, width, 1)[0][0])  # (6,)
     else:
-        module = _variables_module(sd.text_encoder, sd.unet, sd.vae)
+        module = _variables_module(sd.text_encoder, sd.unet, sd.vae, *nets)
         module.tokenizer = GraphTokenizer(sd.tokenizer)
-    program = sd.denoise_program(sampler_obj, ClassifierFreeGuidance())
+    denoiser = None
+    if nets:
+        from tf_diffusion.adapters.controlnet import ControlNetDenoiser
+
+        denoiser = ControlNetDenoiser(sd.denoiser, nets)
+    program = sd.denoise_program(sampler_obj, ClassifierFreeGuidance(), denoiser=denoiser)
     loop = tf.function(program.loop, jit_compile=bool(jit_compile), autograph=False)
 
     strings = tf.TensorSpec([None], tf.string)
@@ -196,6 +229,9 @@ def build_serving_module(
     context_spec = tf.TensorSpec([None, length, hidden], tf.float32)
     guidance_spec = tf.TensorSpec([None], tf.float32)
     step_spec = [tf.TensorSpec([None, evals, h, w, channels], tf.float32)] if needs_noise else []
+    control_spec = (
+        [tf.TensorSpec([None, height, width, 3], tf.uint8), tf.TensorSpec([None], tf.float32)] if nets else []
+    )
 
     def function(fn, *specs):
         return tf.function(fn, input_signature=list(specs), autograph=False)
@@ -213,23 +249,38 @@ def build_serving_module(
         context = tf.concat([tf.cast(first, tf.float32), tf.cast(second, tf.float32)], axis=-1)
         return ids, context, tf.cast(pooled, tf.float32)
 
-    def bundle(context, pooled):
-        if not sdxl:
-            return Conditioning(context).tree()
-        ids = tf.tile(time_ids[None], [tf.shape(context)[0], 1])
-        return Conditioning(context, {"text_embeds": pooled, "time_ids": ids}).tree()
+    def bundle(context, pooled, hint):
+        extras = {}
+        if sdxl:
+            extras.update(text_embeds=pooled, time_ids=tf.tile(time_ids[None], [tf.shape(context)[0], 1]))
+        if hint is not None:
+            extras[controlnet_adapter.IMAGE.format(0)] = hint
+        return Conditioning(context, extras).tree()
 
     def denoise(noise, context, negative_context, guidance_scale, *rest):
-        pooled, negative_pooled = (rest[0], rest[1]) if sdxl else (None, None)
-        step_noise = rest[2:] if sdxl else rest
+        rest = list(rest)
+        pooled, negative_pooled = (rest.pop(0), rest.pop(0)) if sdxl else (None, None)
+        step_noise = rest.pop(0) if needs_noise else None
+        hint = scale = None
+        if nets:
+            hint, scale = tf.cast(rest[0], tf.float32) / 255.0, rest[1]  # the hint in [0, 1], as generate()
         x = noise * np.float32(plan.init_noise_sigma)
         # generate() uses the conditional prediction alone when guidance <= 1; uncond + 1 * (cond - uncond).
         guidance = tf.where(guidance_scale > 1.0, guidance_scale, 1.0)[:, None, None, None]
+        per_step = (
+            {} if step_noise is None else {"noise": tf.transpose(step_noise, [1, 0, 2, 3, 4])}
+        )  # (E, B, ...)
+        if nets:
+            # The net's scale at every evaluation, the same for both halves (no guidance window, no guess mode).
+            scales = tf.tile(scale[None, :, None], [evals, 1, 1])  # (E, B, 1)
+            leaf = {f"extra.{controlnet_adapter.SCALE}": scales}
+            per_step.update(cond=leaf, uncond=dict(leaf))
         inputs = {
-            "rows": {"cond": bundle(context, pooled), "uncond": bundle(negative_context, negative_pooled)},
-            "per_step": {"noise": tf.transpose(step_noise[0], [1, 0, 2, 3, 4])}
-            if step_noise
-            else {},  # (E, B, ...)
+            "rows": {
+                "cond": bundle(context, pooled, hint),
+                "uncond": bundle(negative_context, negative_pooled, hint),
+            },
+            "per_step": per_step,
             "shared": {
                 "tables": {k: tf.constant(v) for k, v in plan.tables.items()},
                 "timesteps": tf.constant(plan.timesteps),
@@ -247,14 +298,26 @@ def build_serving_module(
     pooled_specs = [tf.TensorSpec([None, pooled_dim], tf.float32)] * 2 if sdxl else []
     encode_text = function(encode_text, strings)
     denoise = function(
-        denoise, latent_spec, context_spec, context_spec, guidance_spec, *pooled_specs, *step_spec
+        denoise,
+        latent_spec,
+        context_spec,
+        context_spec,
+        guidance_spec,
+        *pooled_specs,
+        *step_spec,
+        *control_spec,
     )
     decode = function(decode, latent_spec)
 
     def seeded_noise(seed, shape, stream):
         return noise_lib.tf_batch_normal(seed, stream, shape)  # (B, *shape), as generate() draws
 
-    def generate(prompt, negative_prompt, guidance_scale, noise, *step_noise):
+    # Signature inputs are named after the function's parameters; these depend on the model and the
+    # sampler, so the signature functions take them by name.
+    step_names = ["step_noise"] if needs_noise else []
+    control_names = ["control_image", "control_scale"] if nets else []
+
+    def generate(prompt, negative_prompt, guidance_scale, noise, step_noise=None, control=()):
         # One text batch [negatives..., prompts...], as generate() encodes it.
         encoded = encode_text(tf.concat([negative_prompt, prompt], axis=0))
         negative, context = tf.split(encoded[1], 2, axis=0)
@@ -267,53 +330,30 @@ def build_serving_module(
                 negative = tf.where(empty[:, None, None], tf.zeros_like(negative), negative)
                 negative_pooled = tf.where(empty[:, None], tf.zeros_like(negative_pooled), negative_pooled)
             pooled = [positive_pooled, negative_pooled]
-        latents = denoise(noise, context, negative, guidance_scale, *pooled, *step_noise)
+        steps = [] if step_noise is None else [step_noise]
+        latents = denoise(noise, context, negative, guidance_scale, *pooled, *steps, *control)
         images, png = decode(latents)
         return {"images": images, "png_bytes": png, "latents": latents}
 
-    def serving_default(prompt, negative_prompt, seed, guidance_scale):
+    def serving_default(prompt, negative_prompt, seed, guidance_scale, **control):
         noise = seeded_noise(seed, [h, w, channels], noise_lib.LATENTS)
-        steps = [seeded_noise(seed, [evals, h, w, channels], noise_lib.STEPS)] if needs_noise else []
-        out = generate(prompt, negative_prompt, guidance_scale, noise, *steps)
+        steps = seeded_noise(seed, [evals, h, w, channels], noise_lib.STEPS) if needs_noise else None
+        out = generate(prompt, negative_prompt, guidance_scale, noise, steps, _control(control))
         return {"images": out["images"], "png_bytes": out["png_bytes"]}
 
-    # Signature inputs are named after the Python arguments, so each variant is spelled out.
-    if needs_noise:
+    def _control(kwargs):
+        return tuple(kwargs[name] for name in control_names)
 
-        def from_noise(prompt, negative_prompt, guidance_scale, noise, step_noise):
-            return generate(prompt, negative_prompt, guidance_scale, noise, step_noise)
+    def from_noise(prompt, negative_prompt, guidance_scale, noise, step_noise=None, **control):
+        return generate(prompt, negative_prompt, guidance_scale, noise, step_noise, _control(control))
 
-    else:
+    pooled_names = ["pooled", "negative_pooled"] if sdxl else []
 
-        def from_noise(prompt, negative_prompt, guidance_scale, noise):
-            return generate(prompt, negative_prompt, guidance_scale, noise)
-
-    if sdxl and needs_noise:
-
-        def denoise_sig(
-            noise, context, negative_context, guidance_scale, pooled, negative_pooled, step_noise
-        ):
-            out = denoise(
-                noise, context, negative_context, guidance_scale, pooled, negative_pooled, step_noise
-            )
-            return {"latents": out}
-
-    elif sdxl:
-
-        def denoise_sig(noise, context, negative_context, guidance_scale, pooled, negative_pooled):
-            return {
-                "latents": denoise(noise, context, negative_context, guidance_scale, pooled, negative_pooled)
-            }
-
-    elif needs_noise:
-
-        def denoise_sig(noise, context, negative_context, guidance_scale, step_noise):
-            return {"latents": denoise(noise, context, negative_context, guidance_scale, step_noise)}
-
-    else:
-
-        def denoise_sig(noise, context, negative_context, guidance_scale):
-            return {"latents": denoise(noise, context, negative_context, guidance_scale)}
+    def denoise_sig(noise, context, negative_context, guidance_scale, **rest):
+        names = pooled_names + step_names + control_names
+        return {
+            "latents": denoise(noise, context, negative_context, guidance_scale, *(rest[n] for n in names))
+        }
 
     def text_sig(prompt):
         encoded = encode_text(prompt)
@@ -331,14 +371,49 @@ def build_serving_module(
         dist = sd.vae.encode(pixels)
         return {"latents": dist.sample(noise=noise) * scaling, "mean": dist.mean * scaling}
 
+    seed_spec = tf.TensorSpec([None], tf.int64)
     functions = {
         "serving_default": function(
-            serving_default, strings, strings, tf.TensorSpec([None], tf.int64), guidance_spec
+            _named(serving_default, ["prompt", "negative_prompt", "seed", "guidance_scale", *control_names]),
+            strings,
+            strings,
+            seed_spec,
+            guidance_spec,
+            *control_spec,
         ),
-        "generate_from_noise": function(from_noise, strings, strings, guidance_spec, latent_spec, *step_spec),
+        "generate_from_noise": function(
+            _named(
+                from_noise,
+                ["prompt", "negative_prompt", "guidance_scale", "noise", *step_names, *control_names],
+            ),
+            strings,
+            strings,
+            guidance_spec,
+            latent_spec,
+            *step_spec,
+            *control_spec,
+        ),
         "encode_text": function(text_sig, strings),
         "denoise": function(
-            denoise_sig, latent_spec, context_spec, context_spec, guidance_spec, *pooled_specs, *step_spec
+            _named(
+                denoise_sig,
+                [
+                    "noise",
+                    "context",
+                    "negative_context",
+                    "guidance_scale",
+                    *pooled_names,
+                    *step_names,
+                    *control_names,
+                ],
+            ),
+            latent_spec,
+            context_spec,
+            context_spec,
+            guidance_spec,
+            *pooled_specs,
+            *step_spec,
+            *control_spec,
         ),
         "decode": function(decode_sig, latent_spec),
         "encode_image": function(
@@ -363,6 +438,12 @@ def build_serving_module(
         "noise": "row b from seed[b]: tf_diffusion.noise streams 0 (latents) and 3 (steps), as generate()",
         "tokenizer": "in-graph CLIP BPE (tf_diffusion.export.graph_tokenizer), plain text truncated to 75 tokens",
     }
+    if nets:
+        module.metadata["controlnet"] = {
+            "model": controlnet_adapter.model_title(controlnet),
+            "inputs": "control_image (B, H, W, 3) uint8 taken as given (no preprocessing), control_scale (B,)",
+            "guidance_window": "the whole schedule; no guess mode",
+        }
     if sdxl:
         module.metadata.update(
             pooled_shape=[pooled_dim],
@@ -388,6 +469,7 @@ def export_saved_model(
     dtype: str | None = None,
     jit_compile: bool = False,
     overwrite: bool = False,
+    controlnet=None,
 ) -> ExportInfo:
     """Write a TF Serving SavedModel: ``directory/<version>/`` with the signatures in the module doc.
 
@@ -406,6 +488,7 @@ def export_saved_model(
         jit_compile: compile the denoising loop with XLA (GPU/TPU servers; CPU needs
             ``--xla_cpu_compilation_enabled=true`` on the model server).
         overwrite: allow a non-empty ``directory``; an existing ``directory/<version>`` is then replaced.
+        controlnet: one ControlNet in the graph (``build_serving_module``); it keeps its own precision.
 
     Returns:
         An ``ExportInfo`` with the version folder and the metadata written.
@@ -433,7 +516,13 @@ def export_saved_model(
 
     model = with_dtype(sd, dtype)
     module, signatures = build_serving_module(
-        model, sampler=sampler, num_steps=num_steps, height=height, width=width, jit_compile=jit_compile
+        model,
+        sampler=sampler,
+        num_steps=num_steps,
+        height=height,
+        width=width,
+        jit_compile=jit_compile,
+        controlnet=controlnet,
     )
     import tf_diffusion
 
