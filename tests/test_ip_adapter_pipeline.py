@@ -1,0 +1,216 @@
+"""IP-Adapter in generate() against diffusers' pipelines after ``load_ip_adapter``.
+
+tools/make_fixtures_ip_adapter.py --pipelines wrote tiny adapters in the published layout (base as a
+``.bin``, "plus" as ``.safetensors``), the tiny image encoder as a transformers folder, and the images
+of StableDiffusionPipeline / StableDiffusionControlNetPipeline / StableDiffusionXLPipeline with them
+loaded, from the same latents. No torch here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "ip_adapter"
+ENCODER = FIXTURES / "image_encoder"
+TOLERANCE = 1e-3  # float images in [0, 1]
+
+
+@functools.lru_cache(maxsize=1)
+def meta():
+    return json.loads((FIXTURES / "pipelines.json").read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def arrays():
+    return dict(np.load(FIXTURES / "pipelines.npz"))
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_sd():
+    from test_controlnet import tiny_sd as controlnet_tiny_sd
+
+    return controlnet_tiny_sd()
+
+
+def pipeline_meta():
+    return json.loads((FIXTURES.parent / "pipeline" / "cases.json").read_text())
+
+
+def sd15_case(name):
+    return next(c for c in meta()["cases"] if c["name"] == name)
+
+
+def generate_sd15(case, sd=None, **overrides):
+    from tf_diffusion.noise import NoiseSource
+
+    pm = pipeline_meta()
+    sd = tiny_sd() if sd is None else sd
+    pictures = arrays()
+    latent = pm["size"] // 2
+    images = [[pictures[f"pictures/{i}"] for i in group] for group in case["images"]]
+    kwargs = dict(ip_adapter_image=images[0] if len(images) == 1 else images)
+    if "controlnet" in case:
+        from test_controlnet import control_image, net
+
+        kwargs.update(
+            controlnet=net(case["controlnet"]),
+            control_image=control_image(case["hint_seed"]),
+            controlnet_conditioning_scale=case["control_scale"],
+        )
+    kwargs.update(overrides)
+    return sd.generate(
+        pm["prompts"],
+        pm["negative_prompts"],
+        num_steps=pm["steps"],
+        guidance_scale=case["guidance"],
+        scheduler=case["sampler"],
+        latents=NoiseSource(case["seed"]).normal((len(pm["prompts"]), latent, latent, 4)),
+        output_type="float",
+        progress=False,
+        jit_compile=False,
+        **kwargs,
+    )
+
+
+def loaded(case):
+    sd = tiny_sd()
+    sd.load_ip_adapter([FIXTURES / f for f in case["files"]], image_encoder=ENCODER)
+    sd.set_ip_adapter_scale(case["scale"])
+    return sd
+
+
+def error(got, want):
+    assert got.shape == want.shape
+    return float(np.max(np.abs(np.asarray(got) - want)))
+
+
+@pytest.mark.parametrize("name", ["base-bin", "plus-two-images", "two-adapters", "controlnet-base"])
+def test_generate_matches_diffusers_with_ip_adapter(name):
+    case = sd15_case(name)
+    sd = loaded(case)
+    try:
+        got = generate_sd15(case)
+        err = error(got, arrays()[name])
+        print(f"IP-Adapter {name}: max abs error {err:.2e}")
+        assert err <= TOLERANCE, f"{name}: max abs error {err:.2e}"
+        # The adapter must matter: at scale 0 the images are far from diffusers' with it.
+        far = error(generate_sd15(case, ip_adapter_scale=0.0), arrays()[name])
+        assert far > 20 * TOLERANCE, f"{name}: the image tokens changed little ({far:.2e})"
+    finally:
+        sd.unload_ip_adapter()
+
+
+def test_scale_is_data_and_unload_restores():
+    """Another scale reuses the compiled loop; after unload the UNet computes as before."""
+    case = sd15_case("base-bin")
+    sd = tiny_sd()
+    before = generate_sd15(case, ip_adapter_image=None)
+    sd = loaded(case)
+    try:
+        cache = sd.executor._cache if hasattr(sd.executor, "_cache") else None
+        generate_sd15(case, ip_adapter_scale=0.3)
+        size = None if cache is None else len(cache)
+        got = generate_sd15(case)
+        if cache is not None:
+            assert len(cache) == size, "another scale compiled a new program"
+        assert error(got, arrays()["base-bin"]) <= TOLERANCE
+        info = got.info.extra_params["ControlNet 0"]
+        assert "Module: ip-adapter_clip" in info and "Model: tiny_sd15" in info and "Weight: 0.8" in info
+    finally:
+        sd.unload_ip_adapter()
+    assert np.array_equal(np.asarray(generate_sd15(case, ip_adapter_image=None)), np.asarray(before))
+
+
+# ------------------------------------------------------------------- SDXL
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_sdxl():
+    from tf_diffusion import StableDiffusion
+
+    return StableDiffusion.from_pretrained(FIXTURES.parent / "sdxl" / "sdxl-diffusers")
+
+
+@pytest.mark.parametrize("name", ["sdxl-base", "sdxl-plus"])
+def test_sdxl_generate_matches_diffusers_with_ip_adapter(name):
+    case = next(c for c in meta()["sdxl_cases"] if c["name"] == name)
+    sd = tiny_sdxl()
+    sd.load_ip_adapter([FIXTURES / f for f in case["files"]], image_encoder=ENCODER)
+    sd.set_ip_adapter_scale(case["scale"])
+    pictures = arrays()
+    try:
+        got = sd.generate(
+            case["prompts"],
+            case["negative_prompts"],
+            num_steps=case["steps"],
+            guidance_scale=case["guidance"],
+            height=case["height"],
+            width=case["width"],
+            latents=pictures[f"{name}/latents"],
+            scheduler=case["sampler"],
+            ip_adapter_image=[pictures[f"pictures/{i}"] for i in case["images"][0]],
+            output_type="float",
+            progress=False,
+            jit_compile=False,
+        )
+        err = error(got, pictures[name])
+        print(f"SDXL IP-Adapter {name}: max abs error {err:.2e}")
+        assert err <= TOLERANCE, f"{name}: max abs error {err:.2e}"
+    finally:
+        sd.unload_ip_adapter()
+
+
+# -------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    from tf_diffusion.clip_vision import CLIPVisionEncoder
+    from tf_diffusion.config import CLIPVisionConfig
+
+    sd = tiny_sd()
+    with pytest.raises(ValueError, match="ip_adapter_image needs an IP-Adapter"):
+        generate_sd15(sd15_case("base-bin"))
+    # The image encoder's width must be the one the adapter reads.
+    other = CLIPVisionEncoder(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=30,
+            patch_size=6,
+            projection_dim=20,
+        )  # fmt: skip
+    )
+    with pytest.raises(
+        ValueError, match="reads 16-wide image_embeds, but the image encoder's projection_dim is 20"
+    ):
+        sd.load_ip_adapter(FIXTURES / "tiny_sd15.bin", image_encoder=other)
+    assert not sd.ip_adapters
+    # An adapter for another family (the SDXL one on the SD pipeline).
+    with pytest.raises(ValueError, match="another model family: its image tokens are 72 wide.* takes 32"):
+        sd.load_ip_adapter(FIXTURES / "tiny_sdxl.safetensors", image_encoder=ENCODER)
+    sd.load_ip_adapter(
+        [FIXTURES / "tiny_sd15.bin", FIXTURES / "tiny_plus_sd15.safetensors"], image_encoder=ENCODER
+    )
+    try:
+        with pytest.raises(ValueError, match="ip_adapter_scale has 3 entries but 2 IP-Adapters are loaded"):
+            sd.set_ip_adapter_scale([0.1, 0.2, 0.3])
+        picture = arrays()["pictures/0"]
+        with pytest.raises(ValueError, match="one entry .* per IP-Adapter \\(2\\), got 3"):
+            generate_sd15(sd15_case("two-adapters"), ip_adapter_image=[picture] * 3)
+        with pytest.raises(ValueError, match="are loaded: pass ip_adapter_image"):
+            generate_sd15(sd15_case("two-adapters"), ip_adapter_image=None)
+    finally:
+        sd.unload_ip_adapter()
+    not_adapter = tmp_path / "lora.safetensors"
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+
+    save_safetensors({"lora_unet_x.lora_up.weight": np.zeros((2, 2), np.float32)}, not_adapter)
+    with pytest.raises(ValueError, match="not an IP-Adapter in the published layout"):
+        sd.load_ip_adapter(not_adapter, image_encoder=ENCODER)
