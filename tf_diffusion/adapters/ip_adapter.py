@@ -30,7 +30,7 @@ import numpy as np
 from keras import ops
 
 from tf_diffusion.denoising.conditioning import Conditioning
-from tf_diffusion.ip_adapter import ImageProjModel, Resampler, infer_image_proj
+from tf_diffusion.ip_adapter import Resampler, infer_image_proj
 from tf_diffusion.layers import Linear, attention, run_sequential
 
 TOKENS = "ip_tokens_{}"
