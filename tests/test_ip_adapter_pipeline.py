@@ -79,6 +79,8 @@ def generate_sd15(case, sd=None, **overrides):
 
 def loaded(case):
     sd = tiny_sd()
+    if "lora" in case:
+        sd.load_lora_weights(FIXTURES.parent / "lora" / case["lora"], weight=case["lora_weight"])
     sd.load_ip_adapter([FIXTURES / f for f in case["files"]], image_encoder=ENCODER)
     sd.set_ip_adapter_scale(case["scale"])
     return sd
@@ -89,7 +91,9 @@ def error(got, want):
     return float(np.max(np.abs(np.asarray(got) - want)))
 
 
-@pytest.mark.parametrize("name", ["base-bin", "plus-two-images", "two-adapters", "controlnet-base"])
+@pytest.mark.parametrize(
+    "name", ["base-bin", "plus-two-images", "two-adapters", "controlnet-base", "lora-plus"]
+)
 def test_generate_matches_diffusers_with_ip_adapter(name):
     case = sd15_case(name)
     sd = loaded(case)
@@ -103,6 +107,8 @@ def test_generate_matches_diffusers_with_ip_adapter(name):
         assert far > 20 * TOLERANCE, f"{name}: the image tokens changed little ({far:.2e})"
     finally:
         sd.unload_ip_adapter()
+        if "lora" in case:
+            sd.unload_lora_weights()
 
 
 def test_scale_is_data_and_unload_restores():
@@ -163,6 +169,43 @@ def test_sdxl_generate_matches_diffusers_with_ip_adapter(name):
         assert err <= TOLERANCE, f"{name}: max abs error {err:.2e}"
     finally:
         sd.unload_ip_adapter()
+
+
+# ------------------------------------------------------- full-size counts
+
+
+@pytest.mark.parametrize(
+    "name", ["ip-adapter_sd15", "ip-adapter-plus_sd15", "ip-adapter_sdxl", "ip-adapter-plus_sdxl_vit-h"]
+)
+def test_full_size_parameter_counts_equal_diffusers(name):
+    """The published adapters on the full-size UNets: diffusers' counts (its IPAdapterAttnProcessor2_0
+    on every cross-attention layer plus the image projection; tools/make_fixtures_ip_adapter.py --counts)."""
+    from tf_diffusion.adapters.ip_adapter import IPAdapter, cross_attention_layers
+    from tf_diffusion.ip_adapter import ImageProjConfig, ImageProjModel, Resampler, ResamplerConfig
+    from tf_diffusion.presets import get_preset
+    from tf_diffusion.unet import UNetModel
+    from tf_diffusion.weights import count_parameters
+    from tf_diffusion.weights.state_dict import build_abstract
+
+    want = json.loads((FIXTURES / "full_size_counts.json").read_text())["adapters"][name]
+    proj_meta = json.loads((FIXTURES / "full_size.json").read_text())["adapters"][name]
+    preset = "sd-v1-5" if want["family"] == "sd15" else "sdxl-base-1.0"
+
+    def build():
+        unet = UNetModel(get_preset(preset).unet)
+        layers = cross_attention_layers(unet)
+        widths = [(a.to_k.out_features, a.to_k.in_features) for a in layers]
+        config = proj_meta["config"]
+        proj = (
+            ImageProjModel(ImageProjConfig(**config))
+            if proj_meta["kind"] == "image_proj"
+            else Resampler(ResamplerConfig(**config))
+        )
+        return IPAdapter(proj, widths), len(layers)
+
+    adapter, layers = build_abstract(build)
+    assert layers == want["cross_attention_layers"]
+    assert count_parameters(adapter) == want["parameters"]
 
 
 # -------------------------------------------------------------- bad input

@@ -23,7 +23,13 @@
    ``load_ip_adapter`` on them from the same latents (pipelines.json, pipelines.npz), with a
    ControlNet at once (the ``pipe_a`` net of tools/make_fixtures_controlnet.py) too.
 
-Usage (dev only): python tools/make_fixtures_ip_adapter.py [--manifests | --pipelines]
+   A LoRA (tests/fixtures/lora/lora_second.safetensors, diffusers' load_lora_weights / set_adapters)
+   with an adapter, too.
+5. ``--counts``: the full-size adapters' parameter counts (full_size_counts.json): diffusers'
+   ``IPAdapterAttnProcessor2_0`` on every cross-attention layer of the SD 1.5 and SDXL UNets (meta
+   device) plus the projections' counts of full_size.json.
+
+Usage (dev only): python tools/make_fixtures_ip_adapter.py [--manifests | --pipelines | --counts]
 """
 
 from __future__ import annotations
@@ -194,6 +200,8 @@ def pipelines() -> None:
              images=[[1], [0]], sampler="ddim", guidance=6.0, seed=23),
         dict(name="controlnet-base", files=["tiny_sd15.bin"], scale=0.7, images=[[1]], sampler="ddim",
              guidance=6.0, seed=24, controlnet="pipe_a", control_scale=0.9, hint_seed=103),
+        dict(name="lora-plus", files=["tiny_plus_sd15.safetensors"], scale=0.9, images=[[0]], sampler="euler",
+             guidance=6.0, seed=25, lora="lora_second.safetensors", lora_weight=0.6),
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer, text_encoder, vae, unet, _ = sdfix.build_components(pathlib.Path(tmp))
@@ -212,6 +220,9 @@ def pipelines() -> None:
             else:
                 pipe = StableDiffusionPipeline(**common)
             pipe.set_progress_bar_config(disable=True)
+            if "lora" in case:
+                pipe.load_lora_weights(str(OUT.parent / "lora" / case["lora"]), adapter_name="second")
+                pipe.set_adapters(["second"], [case["lora_weight"]])
             pipe.load_ip_adapter(
                 str(OUT),
                 subfolder="",
@@ -231,6 +242,8 @@ def pipelines() -> None:
                     width=sdfix.SIZE, latents=cnfix.nchw(latents), output_type="np", **extra,
                 ).images  # fmt: skip
             pipe.unload_ip_adapter()
+            if "lora" in case:
+                pipe.unload_lora_weights()
             arrays[case["name"]] = np.asarray(out, np.float32)
             meta["cases"].append(case)
             print(case["name"], out.shape, float(out.mean()))
@@ -276,10 +289,56 @@ def pipelines() -> None:
     (OUT / "pipelines.json").write_text(json.dumps(meta, indent=0, sort_keys=True) + "\n")
 
 
+# SDXL base 1.0's UNet config (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json).
+SDXL_UNET = dict(
+    block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    in_channels=4, out_channels=4, sample_size=128,
+)  # fmt: skip
+
+
+def counts() -> None:
+    """Full-size adapters' parameter counts as diffusers builds them: its IPAdapterAttnProcessor2_0
+    on every cross-attention layer of the full-size UNet (meta device) plus the image projection."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    full = json.loads((OUT / "full_size.json").read_text())["adapters"]
+    unets = {"sd15": {"cross_attention_dim": 768}, "sdxl": SDXL_UNET}  # SD 1.5: defaults, 768-wide text
+    out = {"sdxl_unet": SDXL_UNET, "adapters": {}}
+    for name, family in (("ip-adapter_sd15", "sd15"), ("ip-adapter-plus_sd15", "sd15"),
+                         ("ip-adapter_sdxl", "sdxl"), ("ip-adapter-plus_sdxl_vit-h", "sdxl")):  # fmt: skip
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**unets[family])
+        tokens = 16 if "plus" in name else 4
+        layers = ip_count = 0
+        for proc_name in unet.attn_processors:
+            if not proc_name.endswith("attn2.processor"):
+                continue
+            attn = unet.get_submodule(proc_name[: -len(".processor")])
+            with torch.device("meta"):
+                proc = IPAdapterAttnProcessor2_0(
+                    attn.to_k.out_features, attn.to_k.in_features, num_tokens=(tokens,), scale=1.0
+                )
+            ip_count += sum(p.numel() for p in proc.parameters())
+            layers += 1
+        total = ip_count + full[name]["parameters"]
+        out["adapters"][name] = {"family": family, "cross_attention_layers": layers, "ip_adapter": ip_count,
+                                 "image_proj": full[name]["parameters"], "parameters": total}  # fmt: skip
+        print(name, layers, ip_count, total)
+    (OUT / "full_size_counts.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     if "--manifests" in sys.argv[1:]:
         manifests()
+        return
+    if "--counts" in sys.argv[1:]:
+        counts()
         return
     if "--pipelines" in sys.argv[1:]:
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
