@@ -63,6 +63,8 @@ def generate_sd15(case, sd=None, **overrides):
             controlnet_conditioning_scale=case["control_scale"],
         )
     kwargs.update(overrides)
+    if "execution" not in kwargs:
+        kwargs["jit_compile"] = False
     return sd.generate(
         pm["prompts"],
         pm["negative_prompts"],
@@ -72,7 +74,6 @@ def generate_sd15(case, sd=None, **overrides):
         latents=NoiseSource(case["seed"]).normal((len(pm["prompts"]), latent, latent, 4)),
         output_type="float",
         progress=False,
-        jit_compile=False,
         **kwargs,
     )
 
@@ -109,6 +110,21 @@ def test_generate_matches_diffusers_with_ip_adapter(name):
         sd.unload_ip_adapter()
         if "lora" in case:
             sd.unload_lora_weights()
+
+
+@pytest.mark.slow  # XLA on a CPU: islands (the CPU default for larger latents) and one program
+@pytest.mark.parametrize("mode", ["islands", "xla"])
+def test_compiled_modes_run_the_image_attention(mode):
+    """Under "islands" the transformer blocks' fast path defers to the IP-Adapter processor."""
+    from tf_diffusion.execution import ExecutionOptions
+
+    case = sd15_case("base-bin")
+    sd = loaded(case)
+    try:
+        got = generate_sd15(case, execution=ExecutionOptions(compile=mode))
+    finally:
+        sd.unload_ip_adapter()
+    assert error(got, arrays()["base-bin"]) <= TOLERANCE
 
 
 def test_scale_is_data_and_unload_restores():
