@@ -73,28 +73,38 @@ def describe_ip_adapter(path: str | os.PathLike) -> dict:
         c = proj.config
         kind, tokens, reads, width = "plus", c.num_queries, f"hidden states ({c.embed_dim})", c.output_dim
     return {
-        "kind": kind,
+        "kind": f"IP-Adapter ({kind})",
+        "format": "IP-Adapter (.safetensors)"
+        if pathlib.Path(path).suffix.lower() == ".safetensors"
+        else "IP-Adapter (torch.save)",
         "tokens_per_image": tokens,
         "reads": reads,
         "cross_attention_dim": width,
+        "family": {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(width, "unknown (a custom model)"),
         "cross_attention_layers": len(layers),
         "parameters": int(sum(v.size for p in parts.values() for v in p.values())),
     }
 
 
 def is_ip_adapter_file(path: str | os.PathLike) -> bool:
-    """Whether a safetensors file's keys are those of an IP-Adapter (header only; ``.bin`` files: False)."""
+    """Whether a file holds an IP-Adapter's two parts (safetensors: the header's keys; ``.bin``:
+    the pickle's top level, read lazily through the allow-list unpickler)."""
     path = pathlib.Path(path)
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
+    if not path.is_file() or path.suffix.lower() not in (".safetensors", ".bin", ".pt", ".pth"):
         return False
-    from tf_diffusion.weights.safetensors_io import open_safetensors
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from tf_diffusion.weights.safetensors_io import open_safetensors
 
-    keys = list(open_safetensors(path).keys())
-    return (
-        bool(keys)
-        and all(k.startswith(("image_proj.", "ip_adapter.")) for k in keys)
-        and any(k.startswith("ip_adapter.") for k in keys)
-    )
+            parts = {k.partition(".")[0] for k in open_safetensors(path).keys()}
+        else:
+            from tf_diffusion.weights.ckpt import load_ckpt
+
+            top = load_ckpt(path)
+            parts = set(top) if isinstance(top, dict) else set()
+    except (OSError, ValueError):
+        return False
+    return parts == set(PARTS)
 
 
 def load_image_encoder(source, dtype: str | None = None):
