@@ -224,6 +224,33 @@ def test_full_size_parameter_counts_equal_diffusers(name):
     assert count_parameters(adapter) == want["parameters"]
 
 
+@pytest.mark.slow
+def test_sdxl_mixed_bfloat16_runs_the_adapter_under_the_unet_policy():
+    """The adapter's layers follow the UNet's policy (bfloat16 queries meet bfloat16 image keys)."""
+    from tf_diffusion import StableDiffusion
+
+    case = next(c for c in meta()["sdxl_cases"] if c["name"] == "sdxl-base")
+    sd = StableDiffusion.from_pretrained(FIXTURES.parent / "sdxl" / "sdxl-diffusers", dtype="mixed_bfloat16")
+    sd.load_ip_adapter(FIXTURES / case["files"][0], image_encoder=ENCODER)
+    sd.set_ip_adapter_scale(case["scale"])
+    pictures = arrays()
+    got = sd.generate(
+        case["prompts"],
+        case["negative_prompts"],
+        num_steps=case["steps"],
+        guidance_scale=case["guidance"],
+        height=case["height"],
+        width=case["width"],
+        latents=pictures["sdxl-base/latents"],
+        scheduler=case["sampler"],
+        ip_adapter_image=pictures["pictures/0"],
+        output_type="float",
+        progress=False,
+        jit_compile=False,
+    )
+    assert error(got, pictures["sdxl-base"]) <= 0.05  # bfloat16's rounding through four steps
+
+
 # -------------------------------------------------------------- bad input
 
 

@@ -31,7 +31,7 @@ from keras import ops
 
 from tf_diffusion.denoising.conditioning import Conditioning
 from tf_diffusion.ip_adapter import Resampler, infer_image_proj
-from tf_diffusion.layers import Linear, attention, run_sequential
+from tf_diffusion.layers import Linear, attention, dtype_policy_scope, run_sequential
 
 TOKENS = "ip_tokens_{}"
 SCALE = "ip_scale"
@@ -196,7 +196,9 @@ def build_adapter(parts: dict, unet, where: str = "IP-Adapter") -> IPAdapter:
     """
     from tf_diffusion.weights import load_state_dict
 
-    proj = infer_image_proj(parts["image_proj"])
+    # Built under the UNet's policy (Keras does not pass a model's dtype on to its sublayers).
+    with dtype_policy_scope(unet.dtype_policy):
+        proj = infer_image_proj(parts["image_proj"])
     layers = cross_attention_layers(unet)
     context_dim = unet.config.context_dim
     width = proj.config.output_dim if isinstance(proj, Resampler) else proj.config.cross_attention_dim
@@ -221,7 +223,8 @@ def build_adapter(parts: dict, unet, where: str = "IP-Adapter") -> IPAdapter:
                 f"{where}: ip_adapter.{2 * i + 1}.to_k_ip.weight is {got}; this UNet's cross-attention "
                 f"layer {i} needs {(inner, ctx)}: an adapter for another model"
             )
-    adapter = IPAdapter(proj, widths, dtype=unet.dtype_policy)
+    with dtype_policy_scope(unet.dtype_policy):
+        adapter = IPAdapter(proj, widths, dtype=unet.dtype_policy)
     tensors = {f"image_proj.{k}": v for k, v in parts["image_proj"].items()}
     tensors.update({f"ip_adapter.{k}": v for k, v in parts["ip_adapter"].items()})
     load_state_dict(adapter, tensors)
@@ -376,8 +379,8 @@ def _encode(encoder, adapter: IPAdapter, pixels: np.ndarray, executor=None) -> t
     else:
         features = ops.convert_to_numpy(encoder(pixels))
         blank = np.zeros_like(features)
-    tokens = ops.convert_to_numpy(adapter.image_proj(features))  # (n, T, D)
-    blank_tokens = ops.convert_to_numpy(adapter.image_proj(blank))
+    tokens = ops.convert_to_numpy(ops.cast(adapter.image_proj(features), "float32"))  # (n, T, D)
+    blank_tokens = ops.convert_to_numpy(ops.cast(adapter.image_proj(blank), "float32"))
     n, t, d = tokens.shape
     # diffusers projects (B, n, ...) image embeds per picture and attends to all n * T tokens.
     return tokens.reshape(1, n * t, d).astype(np.float32), blank_tokens.reshape(1, n * t, d).astype(
