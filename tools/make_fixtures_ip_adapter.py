@@ -2,7 +2,7 @@
 
 1. transformers' ``CLIPVisionModelWithProjection`` on a tiny config (weights from
    ``tf_diffusion.testing.random_state_dict``, redrawn by the test) run on pictures prepared by
-   transformers' ``CLIPImageProcessor`` (two pictures of other sizes and aspect ratios, so resize and
+   transformers' ``CLIPImageProcessorPil`` (two pictures of other sizes and aspect ratios, so resize and
    centre crop are exercised): the processed pixels (NHWC), ``image_embeds``, ``hidden_states[-2]``
    and ``last_hidden_state``.
 2. diffusers' ``ImageProjection`` and ``IPAdapterPlusImageProjection`` loaded from state dicts in the
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from diffusers.loaders.unet import UNet2DConditionLoadersMixin
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -60,6 +60,13 @@ IMAGE_PROJ = dict(image_embed_dim=16, cross_attention_dim=24, num_tokens=4)
 RESAMPLER = dict(
     embed_dim=32, hidden_dim=32, output_dim=24, depth=4, dim_head=64, heads=2, num_queries=8, ff_mult=4
 )
+
+
+def image_processor() -> CLIPImageProcessorPil:
+    """transformers' Pillow CLIPImageProcessor, named explicitly: without torchvision the plain name falls
+    back to it, with torchvision it is another backend whose resize rounds sizes otherwise (a 71x33
+    picture: up to 0.21 apart after normalising), so the fixtures must not depend on what is installed."""
+    return CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
 
 
 def pictures() -> list[np.ndarray]:
@@ -185,7 +192,7 @@ def pipelines() -> None:
     from tf_diffusion.noise import NoiseSource
 
     encoder = write_encoder()
-    processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    processor = image_processor()
     images = ip_pictures()
     arrays = {"pictures/0": images[0], "pictures/1": images[1]}
     meta = {"cases": [], "sdxl_cases": []}
@@ -350,7 +357,7 @@ def main() -> None:
     shapes = {k: list(v.shape) for k, v in model.state_dict().items() if "position_ids" not in k}
     tensors = random_state_dict({k: tuple(v) for k, v in shapes.items()}, SEEDS["vision"])
     model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
-    processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    processor = image_processor()
     images = pictures()
     pixels = processor(images=[Image.fromarray(p) for p in images], return_tensors="pt").pixel_values
     with torch.no_grad():
