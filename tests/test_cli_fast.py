@@ -142,6 +142,11 @@ def test_mistakes_answer_before_tensorflow_is_imported(tmp_path):
             2,
             f"no LoRA named 'ink' in folder '{tmp_path / 'data'}'",
         ),
+        "missing vae": (
+            ["generate", "x", "--vae", "gone.vae.pt"],
+            1,
+            "--vae gone.vae.pt: no such file or folder",
+        ),
         "missing lora": (
             ["generate", "x", "--lora", "gone.safetensors:0.5"],
             1,

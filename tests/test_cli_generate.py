@@ -63,6 +63,28 @@ def test_generate_writes_png_with_a1111_parameters(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
 
 
+def test_vae_option_replaces_the_vae_and_is_recorded(tmp_path):
+    from tests.conftest import FIXTURES
+
+    vae = FIXTURES / "vae_file" / "sd1.vae.pt"
+    out = tmp_path / "v.png"
+    model = FIXTURES / "checkpoints" / "sd1-diffusers"
+    args = [
+        "generate",
+        "a red circle",
+        "-o",
+        str(out),
+        "--model",
+        str(model),
+        "--vae",
+        str(vae),
+        "--seed",
+        "1",
+    ]
+    assert cli.main([*args, "--steps", "2", "--height", "32", "--width", "32", "--no-progress"]) == 0
+    assert re.search(r"VAE hash: [0-9a-f]{10}, VAE: sd1\.vae\.pt", parameters_of(out))
+
+
 def test_cli_images_are_generate_images_of_their_own_seeds(tmp_path):
     """One seed, one image: each file the CLI writes for --seed 7 --num-images 2 is what generate() gives
     for that file's own seed (7, then 8) alone, within 2/255."""

@@ -45,7 +45,7 @@ SCRIPT = """
     from tf_diffusion.distributed import ShardedStableDiffusion
 
     with scope():
-        sd = StableDiffusion(MICRO)
+        sd = {model}
     sharded = ShardedStableDiffusion(sd, strategy)
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
@@ -55,6 +55,9 @@ SCRIPT = """
     # (latents, context halves, mask, image latents, noise, per-step noise). JAX: text to image.
     if {inpaint}:
         cases = {{"inpaint_euler_a": dict(scheduler="euler_a", image=image, mask=mask)}}
+    elif {sdxl}:  # pooled embeddings and time ids are per-row inputs too
+        opts = dict(original_size=(24, 16), crops_coords_top_left=(0, 8), target_size=(16, 16))
+        cases = {{"sdxl_euler_a": dict(scheduler="euler_a", height=16, width=16, sdxl_options=opts)}}
     else:
         cases = {{"txt2img_euler_a": dict(scheduler="euler_a")}}
     out, devices = {{}}, {{}}
@@ -69,14 +72,21 @@ SCRIPT = """
     """
 
 
-def _run(backend: str, tmp_path, inpaint: bool) -> tuple[dict, dict]:
+def _run(backend: str, tmp_path, inpaint: bool, sdxl: bool = False) -> tuple[dict, dict]:
     import json
 
     tests = os.path.dirname(os.path.abspath(__file__))
+    model = "StableDiffusion(MICRO)"
+    if sdxl:
+        model = (
+            f"StableDiffusion.from_pretrained({os.path.join(tests, 'fixtures', 'sdxl', 'sdxl-diffusers')!r})"
+        )
     # Both runs compile alike: the default (None: XLA for float32, also on a CPU, as for one device) and,
     # on TensorFlow, graph mode too. JAX always compiles.
     jits = [None, False] if backend == "tensorflow" else [None]
-    body = textwrap.dedent(SCRIPT).format(tests=tests, prompts=PROMPTS, inpaint=inpaint, jits=jits)
+    body = textwrap.dedent(SCRIPT).format(
+        tests=tests, prompts=PROMPTS, inpaint=inpaint, sdxl=sdxl, jits=jits, model=model
+    )
     script = textwrap.dedent(SETUP[backend]) + body
     # The autotuner times candidate kernels per shape; the sharded replicas see other batch sizes than
     # the single run, and under load a timing can pick another (equally valid, differently rounded)
@@ -123,6 +133,16 @@ def test_keras_distribution_on_two_jax_devices_equals_one_device(tmp_path):
     np.testing.assert_allclose(
         out["txt2img_euler_a_None_sharded"], out["txt2img_euler_a_None_single"], atol=1e-5
     )
+
+
+@pytest.mark.slow  # XLA compiles of the tiny SDXL loop; SDXL's extras split as every other per-row input
+def test_sdxl_sharded_over_two_jax_devices_equals_one_device(tmp_path):
+    pytest.importorskip("jax")
+    out, info = _run("jax", tmp_path, inpaint=False, sdxl=True)
+    assert info["replicas"] == 2
+    sharded, single = out["sdxl_euler_a_None_sharded"], out["sdxl_euler_a_None_single"]
+    assert sharded.shape == (3, 16, 16, 3)
+    np.testing.assert_allclose(sharded, single, atol=1e-5)
 
 
 def test_bad_arguments():

@@ -414,8 +414,9 @@ def test_bfloat16_export_stays_close_to_float32(sd):
     from tf_diffusion.export import build_serving_module, with_dtype
 
     noise = np.random.default_rng(2).standard_normal((1, 16, 16, 4), dtype=np.float32)
-    module, signatures = build_serving_module(with_dtype(sd, "mixed_bfloat16"), sampler="ddim", num_steps=3)
-    assert module.metadata["dtype"] == "mixed_bfloat16"
+    # bfloat16 weights (half the size of the float32 SavedModel); "mixed_bfloat16" computes the same numbers.
+    module, signatures = build_serving_module(with_dtype(sd, "bfloat16"), sampler="ddim", num_steps=3)
+    assert module.metadata["dtype"] == "bfloat16"
     out = signatures["generate_from_noise"](
         prompt=tf.constant(["a red circle"]),
         negative_prompt=tf.constant([""]),
@@ -437,6 +438,8 @@ def test_with_dtype_copies_weights_into_the_policy(sd):
     assert half.unet.dtype_policy.name == "mixed_bfloat16"
     assert half.vae.dtype_policy.name == "mixed_bfloat16"
     np.testing.assert_array_equal(np.asarray(half.unet.weights[0]), np.asarray(sd.unet.weights[0]))
+    pure = with_dtype(sd, "bfloat16")
+    assert pure.unet.input_blocks[0][0].weight.dtype == "bfloat16" and pure.text_encoder_2 is None
     with pytest.raises(ValueError, match="dtype='float8'"):
         with_dtype(sd, "float8")
 

@@ -205,6 +205,31 @@ def test_mixed_bfloat16_generates_close_to_float32(sd):
     del keras
 
 
+def test_bfloat16_weights_generate_what_mixed_bfloat16_generates(sd):
+    """dtype="bfloat16" stores the weights in bfloat16 (half of float32's memory) and computes what
+    "mixed_bfloat16" computes, which keeps float32 weights and casts each one to bfloat16 where it is used."""
+    from tf_diffusion.layers import GroupNorm, LayerNorm
+    from tf_diffusion.pipeline import StableDiffusion
+    from tf_diffusion.weights import load_state_dict, named_parameters, state_dict
+
+    images = {}
+    for policy in ("mixed_bfloat16", "bfloat16"):
+        model = StableDiffusion(MICRO, dtype=policy)
+        for ours, theirs in (
+            (model.text_encoder, sd.text_encoder),
+            (model.unet, sd.unet),
+            (model.vae, sd.vae),
+        ):
+            load_state_dict(ours, state_dict(theirs))
+        images[policy] = run(model, output_type="float")
+    for component in (model.text_encoder, model.unet, model.vae):
+        for key, (layer, attribute) in named_parameters(component).items():
+            norm = isinstance(layer, (GroupNorm, LayerNorm))
+            assert getattr(layer, attribute).dtype == ("float32" if norm else "bfloat16"), key
+    assert np.isfinite(images["bfloat16"]).all()
+    np.testing.assert_array_equal(images["bfloat16"], images["mixed_bfloat16"])
+
+
 def test_float16_vae_decode_never_overflows():
     from tf_diffusion.pipeline import StableDiffusion
 

@@ -156,3 +156,63 @@ def test_online_download_fetches_only_wanted_files(tmp_path, monkeypatch, fixtur
     assert calls["repo_id"] == "runwayml/stable-diffusion-v1-5"
     assert "v1-5-pruned-emaonly.ckpt" not in calls["allow_patterns"]
     assert "unet/diffusion_pytorch_model.safetensors" in calls["allow_patterns"]
+
+
+def _sdxl_repo(text_encoder: bool = True) -> list[str]:
+    """stabilityai/stable-diffusion-xl-base-1.0's listing (the refiner's without ``text_encoder``)."""
+    files = ["model_index.json", "scheduler/scheduler_config.json", "sd_xl_base_1.0.safetensors", "README.md"]
+    for folder, stem in (("text_encoder", "model"), ("text_encoder_2", "model")):
+        if folder == "text_encoder" and not text_encoder:
+            continue
+        files += [
+            f"{folder}/config.json",
+            f"{folder}/{stem}.safetensors",
+            f"{folder}/{stem}.fp16.safetensors",
+        ]
+        files += [f"{folder}/openvino_model.bin", f"{folder}/model.onnx"]
+    for folder in ("tokenizer", "tokenizer_2"):
+        if folder == "tokenizer" and not text_encoder:
+            continue
+        files += [f"{folder}/{n}" for n in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json")]
+        files.append(f"{folder}/vocab.json")
+    for folder in ("unet", "vae", "vae_1_0"):
+        files += [f"{folder}/config.json", f"{folder}/diffusion_pytorch_model.safetensors"]
+        files.append(f"{folder}/diffusion_pytorch_model.fp16.safetensors")
+    return files
+
+
+def test_wanted_files_of_sdxl_pipelines_and_single_models():
+    base = hub.wanted_files(_sdxl_repo(), "fp16")
+    assert "text_encoder_2/model.fp16.safetensors" in base and "tokenizer_2/vocab.json" in base
+    assert "text_encoder/model.fp16.safetensors" in base
+    assert not any(f.startswith("vae_1_0/") or f.endswith((".onnx", ".bin")) for f in base)
+    assert "sd_xl_base_1.0.safetensors" not in base
+    refiner = hub.wanted_files(_sdxl_repo(text_encoder=False), None)
+    assert "text_encoder_2/model.safetensors" in refiner and not any(
+        f.startswith("text_encoder/") for f in refiner
+    )
+    # madebyollin/sdxl-vae-fp16-fix: a single AutoencoderKL with an LDM copy next to it.
+    vae = [
+        "config.json",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.safetensors",
+        "sdxl_vae.safetensors",
+    ]
+    assert hub.wanted_files(vae, None) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    with pytest.raises(hub.HubError, match="no unet folder"):
+        hub.wanted_files(
+            ["model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"], None
+        )
+
+
+def test_sdxl_pipeline_and_vae_hub_ids_offline(tmp_path, monkeypatch, fixtures_dir):
+    from tf_diffusion.pipeline import StableDiffusion
+
+    cache = tmp_path / "hub"
+    build_cache(cache, "tiny-org/tiny-sdxl", fixtures_dir / "sdxl" / "sdxl-diffusers")
+    build_cache(cache, "tiny-org/tiny-vae-fix", fixtures_dir / "vae_file" / "sdxl-vae-fix")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sd = StableDiffusion.from_pretrained("tiny-org/tiny-sdxl", vae="tiny-org/tiny-vae-fix")
+    assert sd.config.is_sdxl and sd.text_encoder_2 is not None
+    assert sd.config.vae.force_upcast is False and sd.vae_source.endswith(f"snapshots/{COMMIT}")

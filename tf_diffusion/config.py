@@ -212,6 +212,9 @@ class VAEConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-6
     scaling_factor: float = 0.18215
+    # diffusers' force_upcast: under float16 the VAE runs in float32 (SD's and SDXL's VAEs overflow in float16);
+    # False for VAEs fine-tuned not to (madebyollin/sdxl-vae-fp16-fix), which then run in float16.
+    force_upcast: bool = True
 
     def __post_init__(self):
         _check_positive(

@@ -63,6 +63,8 @@ class Family:
         default_sizes: prediction type -> default image size of an inferred config, where it
             differs from the base preset's (SD 2.x v-models: 768, as SD 2.1).
         components: the family's networks (SDXL: two text encoders; the refiner only the second).
+        inpaint_strength: ``generate()``'s default strength when a mask is given (diffusers' inpainting
+            pipelines: 1.0; SDXL's 0.9999, which keeps a trace of the init image's latents).
     """
 
     name: str
@@ -80,6 +82,7 @@ class Family:
     default_sampler: str = "pndm"
     default_sizes: Mapping[str, int] = field(default_factory=dict)
     components: tuple[str, ...] = COMPONENTS
+    inpaint_strength: float = 1.0
 
     @property
     def is_inpainting(self) -> bool:
@@ -149,6 +152,7 @@ def _sdxl(name, description, in_channels, pipelines, presets, refiner=False):
         infer_config="tf_diffusion.weights.single_file:infer_sdxl_config",
         default_sampler="euler",
         components=components,
+        inpaint_strength=0.9999,  # StableDiffusionXLInpaintPipeline's default
     )
 
 

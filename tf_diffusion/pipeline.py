@@ -22,6 +22,7 @@ from tf_diffusion.denoising import (
     UNetDenoiser,
     guidance_for,
 )
+from tf_diffusion.families import family_of_config
 from tf_diffusion.noise import image_seeds
 from tf_diffusion.presets import get_preset
 from tf_diffusion.prompts import tokenize_weighted
@@ -31,8 +32,6 @@ from tf_diffusion.unet import UNetModel
 from tf_diffusion.vae import AutoencoderKL
 
 OUTPUT_TYPES = ("uint8", "float", "latent")
-# diffusers' StableDiffusionXLInpaintPipeline default strength.
-SDXL_INPAINT_STRENGTH = 0.9999
 
 
 class StableDiffusion:
@@ -85,7 +84,7 @@ class StableDiffusion:
                 tokenizer_2 = self.tokenizer.padded_with(config.tokenizer_2.pad_token_id)
             self.tokenizer_2 = tokenizer_2
         self.unet = UNetModel(config.unet, dtype=dtype)
-        self.vae = AutoencoderKL(config.vae, dtype=_vae_dtype(dtype))
+        self.vae = AutoencoderKL(config.vae, dtype=_vae_dtype(dtype, config.vae.force_upcast))
         # Fast paths by block type (tf_diffusion.execution); they compute the same numbers.
         execution.apply(self.unet)
         execution.apply(self.vae)
@@ -93,6 +92,9 @@ class StableDiffusion:
         # How loops, decodes and text encodes run (and their compiled functions); see generate(executor=).
         self.executor = LocalExecutor()
         self.lora_dir = None
+        self.vae_source = None  # a VAE file loaded in place of the checkpoint's (load_vae)
+        self.vae_fields = {}  # its PNG parameters, as the web UI writes them ("VAE hash", "VAE")
+        self._checkpoint_vae = config.vae  # what a VAE file without a config runs with
         # IP-Adapter (adapters.ip_adapter): the loaded adapters, their scales and image encoder.
         self.ip_adapters, self.ip_adapter_scale, self.image_encoder = (), (), None
 
@@ -128,6 +130,44 @@ class StableDiffusion:
         from tf_diffusion.weights.loading import save_pretrained
 
         return save_pretrained(self, destination, **kwargs)
+
+    def load_vae(self, source, *, variant: str | None = None) -> None:
+        """Replace the VAE with one from ``source``, as the web UI's "SD VAE" setting and diffusers' ``vae=``.
+
+        ``source`` is a diffusers AutoencoderKL folder (or a pipeline folder, or a hub id: its ``vae/``), whose
+        ``scaling_factor`` and ``force_upcast`` then apply (the fp16-fix SDXL VAE runs in float16 under
+        ``mixed_float16``), or a single file (``.safetensors``, ``.pt``, ``.ckpt``, ``.bin``) with the original
+        or diffusers key names, with or without ``first_stage_model.``, which keeps the model's scaling factor.
+        The model is unchanged if anything fails: the new VAE is built and filled before it replaces the old.
+        ``vae_source`` then names the file or folder, and the PNG parameters carry ``VAE hash`` / ``VAE`` as
+        the web UI writes them.
+
+        Raises:
+            FileNotFoundError: no such file or folder.
+            ValueError: not a VAE, or one of another architecture (names the values), or a bad file.
+        """
+        from tf_diffusion.fileio import reading
+        from tf_diffusion.weights.state_dict import StateDictError, load_state_dict
+        from tf_diffusion.weights.vae_file import read_vae
+
+        with reading(source), read_vae(source, self._checkpoint_vae, variant=variant) as weights:
+            vae_config = weights.config_for(self._checkpoint_vae)
+            vae = AutoencoderKL(
+                vae_config, dtype=_vae_dtype(self.unet.dtype_policy.name, vae_config.force_upcast)
+            )
+            try:
+                load_state_dict(vae, weights.tensors)
+            except StateDictError as error:
+                raise ValueError(f"{weights.path}: this VAE does not fit the model's VAE: {error}") from None
+        execution.apply(vae)
+        self.vae, self.config = vae, self.config.replace(vae=vae_config)
+        self.vae_source = str(weights.path)
+        # The web UI records a VAE file by its name and the hash it gives checkpoints; a folder by its name.
+        self.vae_fields = {"VAE": weights.path.name}
+        if weights.path.is_file():
+            from tf_diffusion.infotext import model_hash
+
+            self.vae_fields = {"VAE hash": model_hash(weights.path), **self.vae_fields}
 
     # LoRA, with diffusers' method names; see tf_diffusion.adapters.lora for the arguments.
     def load_lora_weights(self, path, adapter_name: str | None = None, weight=1.0) -> str:
@@ -307,8 +347,9 @@ class StableDiffusion:
             image: init image for img2img / inpainting: PIL, or uint8 / uint16 / float
                 [0, 1] array (H, W), (H, W, C) or (N, H, W, C); RGBA and grayscale are converted.
             strength: how much of the schedule to run from the noised image, in [0, 1];
-                default 0.8 for img2img and 1.0 for inpainting (0.9999 for SDXL, whose inpaint pipeline
-                starts from the noised image, one step short of the full schedule), as diffusers.
+                default 0.8 for img2img and the family's for inpainting (1.0; 0.9999 for SDXL, whose
+                inpaint pipeline starts from the noised image, one step short of the full schedule), as
+                diffusers.
             mask: inpainting mask, white (>= 0.5) = repaint; the same size as ``image``.
             mask_blur: inpainting only: paste the init image's pixels back outside the mask after
                 decoding, blending across a Gaussian blur of this radius in pixels (0: a hard edge), as the
@@ -404,8 +445,8 @@ class StableDiffusion:
             raise ValueError("pass either seed or latents, not both: latents replace the seeded noise")
         init, mask_px = self._task_images(image, mask)
         if strength is None:
-            # diffusers' defaults: img2img 0.8, inpainting 1.0 (SDXL's inpaint pipeline 0.9999).
-            strength = (SDXL_INPAINT_STRENGTH if cfg.is_sdxl else 1.0) if mask_px is not None else 0.8
+            # diffusers' defaults: img2img 0.8, inpainting the family's (1.0; SDXL's inpaint pipeline 0.9999).
+            strength = family_of_config(cfg).inpaint_strength if mask_px is not None else 0.8
         strength = float(strength)
         if init is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} is outside the allowed range [0, 1]")
@@ -468,6 +509,8 @@ class StableDiffusion:
         # After every argument check: <lora:...> tags merge their LoRAs and leave the text
         # (adapters.extra_networks).
         prompt_texts, negative_texts, extra_params = extra_networks.prepare(self, prompts, negatives)
+        if self.vae_fields:
+            extra_params = {**self.vae_fields, **extra_params}
         if control is not None:
             extra_params = {**extra_params, **control.infotext()}
         if ip_plan is not None:
@@ -845,11 +888,12 @@ def _next_noise_scales(sampler, plan) -> np.ndarray:
 # ----------------------------------------------------------------- helpers
 
 
-def _vae_dtype(dtype):
-    """The VAE's policy: float16 overflows in the SD decoder, so it is upcast to float32 (diffusers' force_upcast)."""
+def _vae_dtype(dtype, force_upcast: bool = True):
+    """The VAE's policy: float16 overflows in the SD and SDXL decoders, so under float16 the VAE runs in float32
+    unless its config says it was fine-tuned not to (diffusers' ``force_upcast``)."""
     name = dtype if dtype is not None else keras.config.dtype_policy().name
-    name = getattr(name, "name", name)
-    return "float32" if "float16" in str(name) and "bfloat16" not in str(name) else dtype
+    name = str(getattr(name, "name", name))
+    return "float32" if force_upcast and "float16" in name and "bfloat16" not in name else dtype
 
 
 def _default_jit_compile(model, accelerator: bool) -> bool:

@@ -37,6 +37,12 @@ SAMPLER_NAMES = (
 )
 
 
+# Compute precisions of --precision: float32; "bfloat16" keeps the weights in bfloat16 as well (half the
+# memory of float32, the same numbers as "mixed_bfloat16", which keeps float32 weights and casts them per use);
+# "mixed_float16" (the VAE stays float32 so decoding never overflows).
+PRECISIONS = ("float32", "bfloat16", "mixed_bfloat16", "mixed_float16")
+
+
 class UsageError(ValueError):
     """A bad option value or combination, found before any work is done (exit status 2)."""
 

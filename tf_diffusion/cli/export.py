@@ -28,7 +28,7 @@ FORMATS = ("saved_model", "tflite")
 QUANTIZATIONS = ("none", "float16", "dynamic_range")
 # tf_diffusion.export's EXPORT_DTYPES and TFLITE_COMPONENTS, known here without importing TensorFlow
 # (tests/test_cli_fast.py keeps them equal).
-EXPORT_DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
+EXPORT_DTYPES = ("float32", "bfloat16", "mixed_float16", "mixed_bfloat16")
 TFLITE_COMPONENTS = ("text_encoder", "unet", "decoder")
 # export_saved_model / export_tflite argument names -> our options, for messages from the library.
 OPTION_NAMES = {

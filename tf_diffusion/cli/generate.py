@@ -30,6 +30,7 @@ import tempfile
 import numpy as np
 
 from tf_diffusion.cli._common import (
+    PRECISIONS,
     UsageError,
     check_model,
     check_sampler,
@@ -43,8 +44,6 @@ from tf_diffusion.fileio import publish
 from tf_diffusion.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 from tf_diffusion.infotext import generation_parameters
 from tf_diffusion.models import DEFAULT_MODEL
-
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 # generate() argument names -> our options, for messages from the library.
 OPTION_NAMES = {
@@ -203,6 +202,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "given; repeatable",
     )
     p.add_argument("--lora-dir", default=None, help="the folder that <lora:NAME:WEIGHT> tags in prompts name")
+    p.add_argument(
+        "--vae",
+        default=None,
+        metavar="PATH",
+        help="a VAE to use instead of the model's: a .safetensors / .pt / .ckpt file (the web UI's models/VAE "
+        "files) or a diffusers AutoencoderKL folder; a single-file model without a VAE then loads too",
+    )
     p.add_argument(
         "--embedding",
         action="append",
@@ -461,6 +467,8 @@ def check_adapters(args: argparse.Namespace) -> None:
     for path in args.embedding:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--embedding {path}: no such file")
+    if args.vae is not None and not os.path.exists(args.vae):
+        raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
     try:
         _, _, tags = extra_networks.strip_prompts([args.prompt], [args.negative_prompt or ""])
         extra_networks.resolve_tags(tags, args.lora_dir)
@@ -557,7 +565,7 @@ def run(args: argparse.Namespace) -> int:
     from tf_diffusion.pipeline import StableDiffusion, has_accelerator
 
     dtype = None if args.precision == "float32" else args.precision
-    sd = StableDiffusion.from_pretrained(source, dtype=dtype)
+    sd = StableDiffusion.from_pretrained(source, dtype=dtype, vae=args.vae)
     refiner = None
     if args.refiner_source is not None:
         refiner = StableDiffusion.from_pretrained(args.refiner_source, dtype=dtype)

@@ -16,11 +16,9 @@ import argparse
 import ipaddress
 import os
 
-from tf_diffusion.cli._common import UsageError, check_model, import_tensorflow, positive_int
+from tf_diffusion.cli._common import PRECISIONS, UsageError, check_model, import_tensorflow, positive_int
 from tf_diffusion.images import DEFAULT_MAX_PIXELS
 from tf_diffusion.models import DEFAULT_MODEL
-
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

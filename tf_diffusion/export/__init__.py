@@ -42,7 +42,7 @@ import numpy as np
 from tf_diffusion.families import components_of
 from tf_diffusion.pipeline import StableDiffusion
 
-EXPORT_DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
+EXPORT_DTYPES = ("float32", "bfloat16", "mixed_float16", "mixed_bfloat16")
 TFLITE_COMPONENTS = ("text_encoder", "unet", "decoder")
 TFLITE_QUANTIZATIONS = (None, "float16", "dynamic_range")
 METADATA_FILE = "tf_diffusion.json"
@@ -401,7 +401,7 @@ def export_saved_model(
         sampler: sampler name, fixed at export; default the model's ``config.default_sampler``.
         num_steps: sampler steps, fixed at export; default ``config.default_steps``.
         height, width: image size in pixels; default the model's size.
-        dtype: "float32", "mixed_float16" or "mixed_bfloat16"; None keeps the model's policy. The VAE stays
+        dtype: "float32", "bfloat16", "mixed_float16" or "mixed_bfloat16"; None keeps the model's policy. The VAE stays
             float32 under float16, as in ``generate()``.
         jit_compile: compile the denoising loop with XLA (GPU/TPU servers; CPU needs
             ``--xla_cpu_compilation_enabled=true`` on the model server).

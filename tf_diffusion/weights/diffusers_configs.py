@@ -47,6 +47,7 @@ def vae_config_from_diffusers(data: Mapping) -> VAEConfig:
         num_res_blocks=int(_get(data, "layers_per_block", 1)),
         norm_groups=int(_get(data, "norm_num_groups", 32)),
         scaling_factor=float(_get(data, "scaling_factor", 0.18215)),
+        force_upcast=bool(_get(data, "force_upcast", True)),
     )
 
 

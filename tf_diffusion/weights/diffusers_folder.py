@@ -466,6 +466,7 @@ def vae_config_to_diffusers(config: VAEConfig, sample_size: int) -> dict:
         "act_fn": "silu",
         "block_out_channels": [config.base_channels * m for m in config.channel_mult],
         "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "force_upcast": config.force_upcast,
         "in_channels": config.in_channels,
         "latent_channels": config.latent_channels,
         "layers_per_block": config.num_res_blocks,

@@ -21,7 +21,7 @@ import os
 import pathlib
 import re
 
-from tf_diffusion.families import COMPONENTS
+from tf_diffusion.families import ALL_COMPONENTS
 from tf_diffusion.weights.diffusers_folder import MODEL_INDEX, select_weight_files
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -71,35 +71,56 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> pathlib.Path |
 
 
 def wanted_files(repo_files: list[str], variant: str | None) -> list[str]:
-    """The files of a diffusers repository that loading a pipeline reads.
+    """The files of a diffusers repository that loading reads.
+
+    A pipeline repository (``model_index.json``): the index, the config of each network it has (SD's text
+    encoder, UNet and VAE; SDXL's second encoder; a refiner has only that one), the tokenizer and scheduler
+    files, and one weight file per network. A single-model repository (a VAE or ControlNet: ``config.json``
+    with ``diffusion_pytorch_model.*`` next to it): the config and one weight file.
 
     Raises:
-        HubError: if the repository is not a diffusers Stable Diffusion repository.
+        HubError: if the repository is neither.
     """
     files = set(repo_files)
     if MODEL_INDEX not in files:
+        if "config.json" in files:
+            return ["config.json", _chosen_weights(files, "", variant)]
         raise HubError(
-            "the repository has no model_index.json, so it is not a diffusers pipeline; "
-            "download its checkpoint file and pass the file's path"
+            "the repository has no model_index.json, so it is not a diffusers pipeline (nor a single model "
+            "with a config.json); download its checkpoint file and pass the file's path"
+        )
+    networks = [c for c in ALL_COMPONENTS if f"{c}/config.json" in files]
+    if not {"unet", "vae"} <= set(networks):
+        raise HubError(
+            f"the repository's pipeline has no {' or '.join(c for c in ('unet', 'vae') if c not in networks)} "
+            "folder with a config.json, so it is not a Stable Diffusion pipeline"
         )
     wanted = {MODEL_INDEX}
     for name in files:
         top = name.split("/", 1)[0]
-        if top in COMPONENTS and name.endswith("/config.json"):
+        if top in networks and name.endswith("/config.json"):
             wanted.add(name)
-        elif top in ("tokenizer", "scheduler") and "/" in name:
+        elif top in ("tokenizer", "tokenizer_2", "scheduler") and "/" in name:
             wanted.add(name)
-    for component in COMPONENTS:
-        try:
-            chosen = select_weight_files(files, component, variant)
-        except ValueError as e:
-            raise HubError(str(e)) from None
+    for component in networks:
+        chosen = _chosen_weights(files, component, variant)
         wanted.add(chosen)
         if chosen.endswith(".json"):
             # A sharded checkpoint: its shards sit next to the index.
             stem = chosen.split("/")[-1].split(".")[0]
             wanted.update(n for n in files if n.startswith(f"{component}/{stem}") and not n.endswith(".json"))
     return sorted(wanted)
+
+
+def _chosen_weights(files: set[str], component: str, variant: str | None) -> str:
+    """The weight file of ``component``'s folder ("" for the repository's root, read as a VAE's names)."""
+    try:
+        if component:
+            return select_weight_files(files, component, variant)
+        root = [f"vae/{name}" for name in files if "/" not in name]
+        return select_weight_files(root, "vae", variant).removeprefix("vae/")
+    except ValueError as e:
+        raise HubError(str(e)) from None
 
 
 def resolve(repo_id: str, *, revision: str | None = None, variant: str | None = None) -> pathlib.Path:

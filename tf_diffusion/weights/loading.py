@@ -253,6 +253,7 @@ def load_pipeline_weights(
     variant: str | None = None,
     revision: str | None = None,
     strict: bool = True,
+    supplied: tuple[str, ...] = (),
 ) -> LoadedWeights:
     """Open a checkpoint of any supported format, lazily, and check it against its config.
 
@@ -271,6 +272,8 @@ def load_pipeline_weights(
         revision: hub branch, tag or commit.
         strict: raise on missing components, unexpected keys or shape mismatches. With False
             (``tf-diffusion info``) they are only listed in the report.
+        supplied: components the caller brings from elsewhere ("vae": ``from_pretrained(vae=...)``), which a
+            single file may lack (fp16 community SDXL files often ship without a VAE).
 
     Returns:
         ``LoadedWeights``; close it (or use ``with``) when done.
@@ -294,12 +297,12 @@ def load_pipeline_weights(
     # ValueError naming the file (CheckpointError for anything that was not one already).
     with reading(source):
         return _load_pipeline_weights(
-            source, config, tokenizer, prediction_type, use_ema, variant, revision, strict
+            source, config, tokenizer, prediction_type, use_ema, variant, revision, strict, tuple(supplied)
         )
 
 
 def _load_pipeline_weights(
-    source, config, tokenizer, prediction_type, use_ema, variant, revision, strict
+    source, config, tokenizer, prediction_type, use_ema, variant, revision, strict, supplied
 ) -> LoadedWeights:
     path = resolve_source(source, revision=revision, variant=variant)
     fmt = detect_format(path)
@@ -311,7 +314,7 @@ def _load_pipeline_weights(
 
     override = _config_argument(config, revision)
     if fmt.startswith("single-file"):
-        weights = _read_single_file(path, report, override, prediction_type, use_ema, strict)
+        weights = _read_single_file(path, report, override, prediction_type, use_ema, strict, supplied)
     elif fmt == "diffusers":
         folder = read_diffusers_folder(path, variant=variant)
         report.files = [f for files in folder.files.values() for f in files]
@@ -419,7 +422,7 @@ def _config_argument(config, revision) -> _ConfigOverride | None:
     )
 
 
-def _read_single_file(path, report, override, prediction_type, use_ema, strict) -> LoadedWeights:
+def _read_single_file(path, report, override, prediction_type, use_ema, strict, supplied=()) -> LoadedWeights:
     handles, metadata, top = [], {}, {}
     if path.suffix.lower() == ".safetensors":
         handle = open_safetensors(path)
@@ -434,7 +437,9 @@ def _read_single_file(path, report, override, prediction_type, use_ema, strict) 
         report.family, report.ema = family, parts.ema
         report.ignored_keys = parts.ignored
         report.unexpected_keys = parts.unexpected
-        report.missing_components = [c for c in get_family(family).components if c not in parts.components]
+        report.missing_components = [
+            c for c in get_family(family).components if c not in parts.components and c not in supplied
+        ]
         if parts.openclip_layers:
             report.notes.append(
                 f"OpenCLIP text encoder: {parts.openclip_layers} layers in the file; the last is unused by "
@@ -468,7 +473,7 @@ def _read_single_file(path, report, override, prediction_type, use_ema, strict) 
             config, config_source = None, "nothing (components missing)"
         else:
             try:
-                config = infer_config(parts, family, pred)
+                config = infer_config(parts, family, pred, supplied)
             except (KeyError, ValueError, IndexError) as e:
                 problem = (
                     f"cannot read the architecture from the weights ({type(e).__name__}: {e}); pass config="
@@ -721,6 +726,7 @@ def from_pretrained(
     use_ema: bool | None = None,
     variant: str | None = None,
     revision: str | None = None,
+    vae: str | os.PathLike | None = None,
 ):
     """Build a ``StableDiffusion`` from a checkpoint of any supported format.
 
@@ -735,6 +741,8 @@ def from_pretrained(
         source: a file, a folder or a hub id such as "runwayml/stable-diffusion-v1-5".
         dtype: Keras dtype policy for all components ("float32", "mixed_float16", "float16", ...).
         config, tokenizer, prediction_type, use_ema, variant, revision: see ``load_pipeline_weights``.
+        vae: a VAE file or folder to use instead of the checkpoint's (``StableDiffusion.load_vae``); a single
+            file without a VAE then loads too.
 
     Returns:
         The model, with ``load_report`` (a ``LoadReport``).
@@ -756,12 +764,17 @@ def from_pretrained(
         use_ema=use_ema,
         variant=variant,
         revision=revision,
+        supplied=() if vae is None else ("vae",),
     ) as weights:
         model = cls(weights.config, dtype=dtype, tokenizer=weights.tokenizer)
         # Tensors are read from the file here; a read that fails drops the half-loaded model.
         with reading(weights.report.path):
             for name in components_of(weights.config):
-                load_state_dict(getattr(model, name), weights.components[name])
+                if name in weights.components:  # not there: a component supplied (vae=)
+                    load_state_dict(getattr(model, name), weights.components[name])
+    if vae is not None:
+        model.load_vae(vae)
+        weights.report.notes.append(f"VAE from {model.vae_source}")
     model.load_report = weights.report
     logger.info("loaded %s\n%s", source, weights.report)
     _return_freed_memory()

@@ -518,13 +518,18 @@ def _count(tensors: Iterable[str], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def infer_config(parts: SingleFileParts, family: str, prediction_type: str) -> PipelineConfig:
+def infer_config(
+    parts: SingleFileParts, family: str, prediction_type: str, supplied: tuple[str, ...] = ()
+) -> PipelineConfig:
     """The PipelineConfig of a single file, by the family's config inference (``families``).
+
+    ``supplied``: components that may be missing from the file because the caller brings them (a VAE file
+    given with ``vae=``); a missing VAE is then taken as the family's.
 
     Raises:
         ValueError: if a component is missing (its architecture cannot be known).
     """
-    missing = [c for c in get_family(family).components if c not in parts.components]
+    missing = [c for c in get_family(family).components if c not in parts.components and c not in supplied]
     if missing:
         raise ValueError(
             f"the checkpoint has no {', '.join(missing)} weights, so its architecture is unknown"
@@ -543,7 +548,9 @@ def infer_sdxl_config(parts: SingleFileParts, family: str, prediction_type: str)
     )
     unet = infer_unet_config(comps["unet"])
     base = PRESETS[entry.base_preset]
-    vae = dataclasses.replace(infer_vae_config(comps["vae"]), scaling_factor=base.vae.scaling_factor)
+    vae = base.vae
+    if "vae" in comps:
+        vae = dataclasses.replace(infer_vae_config(comps["vae"]), scaling_factor=base.vae.scaling_factor)
     for name in entry.presets:
         preset = PRESETS[name]
         if (preset.text_encoder, preset.text_encoder_2, preset.unet, preset.vae) == (text, bigg, unet, vae):
@@ -568,7 +575,8 @@ def infer_sd_config(parts: SingleFileParts, family: str, prediction_type: str) -
     entry = get_family(family)
     text = infer_text_config(parts.components["text_encoder"], parts.text_encoder_kind)
     unet = infer_unet_config(parts.components["unet"])
-    vae = infer_vae_config(parts.components["vae"])
+    base = PRESETS[entry.base_preset]
+    vae = infer_vae_config(parts.components["vae"]) if "vae" in parts.components else base.vae
     same = [p for p in PRESETS.values() if (p.text_encoder, p.unet, p.vae) == (text, unet, vae)]
     for preset in same:
         if preset.scheduler.prediction_type == prediction_type:
@@ -579,7 +587,6 @@ def infer_sd_config(parts: SingleFileParts, family: str, prediction_type: str) -
             name=f"{preset.name} ({prediction_type})",
             scheduler=dataclasses.replace(preset.scheduler, prediction_type=prediction_type),
         )
-    base = PRESETS[entry.base_preset]
     size = entry.default_sizes.get(prediction_type, base.default_size)
     return PipelineConfig(
         name=f"{family} (inferred)",
