@@ -26,15 +26,20 @@ def read_ip_adapter(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
         FileNotFoundError: no such file.
         ValueError: a file without both parts (a LoRA, a whole model, FaceID's extra parts named).
     """
+    parts = _lazy_parts(path)
+    return {p: {k: np.asarray(v, np.float32) for k, v in parts[p].items()} for p in PARTS}
+
+
+def _lazy_parts(path: str | os.PathLike) -> dict:
+    """The file's parts with tensors still in the file (shapes at once, values on ``np.asarray``)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"IP-Adapter file {str(path)!r} does not exist")
     if path.suffix.lower() == ".safetensors":
         from tf_diffusion.weights.safetensors_io import open_safetensors
 
-        flat = dict(open_safetensors(path))
         nested: dict = {}
-        for key, value in flat.items():
+        for key, value in open_safetensors(path).items():
             part, _, rest = key.partition(".")
             nested.setdefault(part, {})[rest] = value
     else:
@@ -51,18 +56,17 @@ def read_ip_adapter(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
             f"(keys 'image_proj.*' and 'ip_adapter.<n>.to_k_ip / to_v_ip.*'); "
             f"missing {missing}, other parts {extra[:6]}"
         )
-    return {p: {k: np.asarray(v, np.float32) for k, v in nested[p].items()} for p in PARTS}
+    return nested
 
 
 def describe_ip_adapter(path: str | os.PathLike) -> dict:
     """What ``tf-diffusion info`` reports: the kind, token count, widths and layer count."""
-    from tf_diffusion.ip_adapter import ImageProjModel, infer_image_proj
+    from tf_diffusion.ip_adapter import ImageProjConfig, image_proj_config
 
-    parts = read_ip_adapter(path)
-    proj = infer_image_proj(parts["image_proj"])
+    parts = _lazy_parts(path)  # shapes only: nothing is read into memory
+    c = image_proj_config(parts["image_proj"])
     layers = sorted({int(k.split(".")[0]) for k in parts["ip_adapter"]})
-    if isinstance(proj, ImageProjModel):
-        c = proj.config
+    if isinstance(c, ImageProjConfig):
         kind, tokens, reads, width = (
             "base",
             c.num_tokens,
@@ -70,7 +74,6 @@ def describe_ip_adapter(path: str | os.PathLike) -> dict:
             c.cross_attention_dim,
         )
     else:
-        c = proj.config
         kind, tokens, reads, width = "plus", c.num_queries, f"hidden states ({c.embed_dim})", c.output_dim
     return {
         "kind": f"IP-Adapter ({kind})",
@@ -82,7 +85,7 @@ def describe_ip_adapter(path: str | os.PathLike) -> dict:
         "cross_attention_dim": width,
         "family": {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(width, "unknown (a custom model)"),
         "cross_attention_layers": len(layers),
-        "parameters": int(sum(v.size for p in parts.values() for v in p.values())),
+        "parameters": int(sum(np.prod(v.shape) for p in PARTS for v in parts[p].values())),
     }
 
 
