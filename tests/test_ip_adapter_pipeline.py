@@ -300,3 +300,20 @@ def test_bad_input_is_a_clear_error(tmp_path):
     save_safetensors({"lora_unet_x.lora_up.weight": np.zeros((2, 2), np.float32)}, not_adapter)
     with pytest.raises(ValueError, match="not an IP-Adapter in the published layout"):
         sd.load_ip_adapter(not_adapter, image_encoder=ENCODER)
+
+
+def test_export_refuses_a_loaded_ip_adapter():
+    """The SavedModel has no image-prompt input: exporting with an adapter loaded is an error, not a
+    silent export without it."""
+    pytest.importorskip("tensorflow")
+    from tf_diffusion.export import build_serving_module
+
+    case = sd15_case("base-bin")
+    sd = loaded(case)
+    try:
+        with pytest.raises(
+            ValueError, match="1 IP-Adapter\\(s\\) are loaded; the export has no image-prompt"
+        ):
+            build_serving_module(sd, num_steps=2)
+    finally:
+        sd.unload_ip_adapter()
