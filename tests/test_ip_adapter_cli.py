@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 
@@ -56,7 +57,9 @@ def test_generate_command_with_ip_adapter(tmp_path, capsys):
     out = tmp_path / "ip.png"
     assert main([*argv, *ip, "--ip-image", str(picture), "--ip-scale", "0.6", "-o", str(out)]) == 0
     text = Image.open(out).info["parameters"]
-    assert 'ControlNet 0: "Module: ip-adapter_clip, Model: ip-adapter_tiny, Weight: 0.6"' in text
+    # The web UI's old short file hash, as the ControlNet extension titles models.
+    digest = hashlib.sha256(adapter.read_bytes()[1 << 20 : (1 << 20) + (1 << 16)]).hexdigest()[:8]
+    assert f'ControlNet 0: "Module: ip-adapter_clip, Model: ip-adapter_tiny [{digest}], Weight: 0.6"' in text
     plain = tmp_path / "plain.png"
     assert main([*argv, "-o", str(plain)]) == 0
     assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))

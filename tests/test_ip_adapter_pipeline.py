@@ -9,6 +9,7 @@ loaded, from the same latents. No torch here.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import pathlib
 
@@ -142,7 +143,8 @@ def test_scale_is_data_and_unload_restores():
         assert error(got, arrays()["base-bin"]) <= TOLERANCE
         assert error(other, arrays()["base-bin"]) > 20 * TOLERANCE
         unit = got.info.extra_params["ControlNet 0"]
-        assert unit == "Module: ip-adapter_clip, Model: tiny_sd15, Weight: 0.8"
+        digest = hashlib.sha256((FIXTURES / "tiny_sd15.bin").read_bytes()[1 << 20 : (1 << 20) + (1 << 16)])
+        assert unit == f"Module: ip-adapter_clip, Model: tiny_sd15 [{digest.hexdigest()[:8]}], Weight: 0.8"
     finally:
         sd.unload_ip_adapter()
     assert np.array_equal(np.asarray(generate_sd15(case, ip_adapter_image=None)), np.asarray(before))

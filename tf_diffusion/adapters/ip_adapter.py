@@ -357,18 +357,17 @@ class IPAdapterPlan:
     def infotext(self, first: int = 0) -> dict[str, str]:
         """PNG parameters: each adapter a ``ControlNet N`` unit (numbered from ``first``, after any
         ControlNets), as the web UI's ControlNet extension records IP-Adapter: the module
-        ``ip-adapter_clip_h`` / ``ip-adapter_clip_g`` by the image encoder, the file's stem as the model."""
+        ``ip-adapter_clip_h`` / ``ip-adapter_clip_g`` by the image encoder, the file as the model."""
+        from tf_diffusion.adapters.controlnet import model_title
         from tf_diffusion.infotext import controlnet_unit_text
 
-        out = {}
-        for k, (adapter, scale) in enumerate(zip(self.adapters, self.scales, strict=True)):
-            source = getattr(adapter, "source", None)
-            title = pathlib.Path(source).stem if source else "ip-adapter"
-            title = title.replace(",", " ").replace(":", " ")
-            out[f"ControlNet {first + k}"] = controlnet_unit_text(
-                {"Module": self.module, "Model": title, "Weight": scale}
+        return {
+            # The extension lists adapter files as it lists ControlNets: ``stem [short hash]``.
+            f"ControlNet {first + k}": controlnet_unit_text(
+                {"Module": self.module, "Model": model_title(adapter), "Weight": scale}
             )
-        return out
+            for k, (adapter, scale) in enumerate(zip(self.adapters, self.scales, strict=True))
+        }
 
 
 def _encode(encoder, adapter: IPAdapter, pixels: np.ndarray, executor=None) -> tuple[np.ndarray, np.ndarray]:
