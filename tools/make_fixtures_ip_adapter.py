@@ -142,7 +142,7 @@ def adapter_tensors(unet, kind: str, seed: int) -> dict:
         ours = ImageProjModel(ImageProjConfig(VISION["projection_dim"], cross, 4))
     else:
         ours = Resampler(
-            ResamplerConfig(VISION["hidden_size"], 32, cross, 4, 64, 2, 8, 4)
+            ResamplerConfig(VISION["hidden_size"], 32, cross, 4, 64, 1, 8, 4)
         )  # diffusers assumes depth 4
     shapes = {f"image_proj.{k}": tuple(v) for k, v in manifest(ours).items()}
     key_id = 1  # diffusers' numbering: attn1 / attn2 alternate, the cross-attention layers are odd
