@@ -139,6 +139,12 @@ def infer_image_proj(tensors: Mapping) -> ImageProjModel | Resampler:
     Raises:
         ValueError: for tensors of neither kind (FaceID and "full" adapters are not supported).
     """
+    config = image_proj_config(tensors)
+    return ImageProjModel(config) if isinstance(config, ImageProjConfig) else Resampler(config)
+
+
+def image_proj_config(tensors: Mapping) -> ImageProjConfig | ResamplerConfig:
+    """The config an adapter's ``image_proj`` tensors fit, from their shapes alone (see ``infer_image_proj``)."""
     if "proj.weight" in tensors and "norm.weight" in tensors:
         out_width, embed = tensors["proj.weight"].shape
         width = tensors["norm.weight"].shape[0]
@@ -146,7 +152,7 @@ def infer_image_proj(tensors: Mapping) -> ImageProjModel | Resampler:
             raise ValueError(
                 f"image_proj: proj.weight {tuple(tensors['proj.weight'].shape)} is not a multiple of norm width {width}"
             )
-        return ImageProjModel(ImageProjConfig(int(embed), int(width), int(out_width // width)))
+        return ImageProjConfig(int(embed), int(width), int(out_width // width))
     if "latents" in tensors and "proj_in.weight" in tensors:
         _, queries, hidden = tensors["latents"].shape
         depth = len({k.split(".")[1] for k in tensors if k.startswith("layers.")})
@@ -155,17 +161,15 @@ def infer_image_proj(tensors: Mapping) -> ImageProjModel | Resampler:
         dim_head = 64  # not stored; every published "plus" adapter uses 64 (diffusers assumes it too)
         if inner % dim_head:
             raise ValueError(f"image_proj: to_q width {inner} is not a multiple of the 64-wide heads")
-        return Resampler(
-            ResamplerConfig(
-                embed_dim=int(tensors["proj_in.weight"].shape[1]),
-                hidden_dim=int(hidden),
-                output_dim=int(tensors["proj_out.weight"].shape[0]),
-                depth=depth,
-                dim_head=dim_head,
-                heads=int(inner // dim_head),
-                num_queries=int(queries),
-                ff_mult=int(ff_inner // hidden),
-            )
+        return ResamplerConfig(
+            embed_dim=int(tensors["proj_in.weight"].shape[1]),
+            hidden_dim=int(hidden),
+            output_dim=int(tensors["proj_out.weight"].shape[0]),
+            depth=depth,
+            dim_head=dim_head,
+            heads=int(inner // dim_head),
+            num_queries=int(queries),
+            ff_mult=int(ff_inner // hidden),
         )
     raise ValueError(
         "image_proj holds neither an ImageProjModel (proj, norm) nor a Resampler (latents, proj_in, ...); "
@@ -173,4 +177,11 @@ def infer_image_proj(tensors: Mapping) -> ImageProjModel | Resampler:
     )
 
 
-__all__ = ["ImageProjConfig", "ImageProjModel", "Resampler", "ResamplerConfig", "infer_image_proj"]
+__all__ = [
+    "ImageProjConfig",
+    "ImageProjModel",
+    "Resampler",
+    "ResamplerConfig",
+    "image_proj_config",
+    "infer_image_proj",
+]

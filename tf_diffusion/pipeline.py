@@ -96,6 +96,8 @@ class StableDiffusion:
         self.vae_fields = {}  # its PNG parameters, as the web UI writes them ("VAE hash", "VAE")
         self.vae_tiling = None  # enable_vae_tiling()
         self._checkpoint_vae = config.vae  # what a VAE file without a config runs with
+        # IP-Adapter (adapters.ip_adapter): the loaded adapters, their scales and image encoder.
+        self.ip_adapters, self.ip_adapter_scale, self.image_encoder = (), (), None
 
     @classmethod
     def from_preset(cls, name: str, *, dtype: str | None = None) -> StableDiffusion:
@@ -217,6 +219,26 @@ class StableDiffusion:
 
         textual_inversion.unload_textual_inversion(self, tokens)
 
+    # IP-Adapter, with diffusers' method names; see tf_diffusion.adapters.ip_adapter.
+    def load_ip_adapter(self, path, image_encoder=None) -> None:
+        """Load an IP-Adapter file (or a list: several at once) and its image encoder
+        (``adapters.ip_adapter.load_ip_adapter``); then ``generate(ip_adapter_image=...)``."""
+        from tf_diffusion.adapters import ip_adapter
+
+        ip_adapter.load_ip_adapter(self, path, image_encoder=image_encoder)
+
+    def set_ip_adapter_scale(self, scale) -> None:
+        """Each IP-Adapter's scale: a number, or one per adapter (``adapters.ip_adapter``)."""
+        from tf_diffusion.adapters import ip_adapter
+
+        ip_adapter.set_ip_adapter_scale(self, scale)
+
+    def unload_ip_adapter(self) -> None:
+        """Remove the IP-Adapters and their image encoder (``adapters.ip_adapter.unload_ip_adapter``)."""
+        from tf_diffusion.adapters import ip_adapter
+
+        ip_adapter.unload_ip_adapter(self)
+
     def __repr__(self) -> str:
         return f"StableDiffusion(config={self.config.name!r})"
 
@@ -281,6 +303,8 @@ class StableDiffusion:
         control_guidance_start=0.0,
         control_guidance_end=1.0,
         guess_mode: bool = False,
+        ip_adapter_image=None,
+        ip_adapter_scale=None,
         sdxl_options=None,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
@@ -342,6 +366,10 @@ class StableDiffusion:
                 each net acts (a number, or one per net), as diffusers computes them.
             guess_mode: diffusers' guess mode: the nets act on the conditional half only, with
                 residuals scaled from 0.1 (shallow) to 1 (middle).
+            ip_adapter_image: with IP-Adapters loaded (``load_ip_adapter``): the picture (PIL or
+                array) or list of pictures for the adapter (all their tokens are attended to, as
+                diffusers does); with several adapters a list with one such entry per adapter.
+            ip_adapter_scale: a number, or one per adapter; default the ``set_ip_adapter_scale`` value.
             sdxl_options: SDXL only: the micro-conditioning values (original size, crop top-left,
                 target size; the refiner's aesthetic scores), a ``tf_diffusion.sdxl.SDXLOptions`` or a
                 dict of its fields (diffusers' argument names and defaults); an error for other models.
@@ -381,6 +409,7 @@ class StableDiffusion:
         """
         from tf_diffusion.adapters import controlnet as controlnet_adapter
         from tf_diffusion.adapters import extra_networks
+        from tf_diffusion.adapters import ip_adapter as ip_adapter_lib
         from tf_diffusion.schedulers import get_sampler
 
         cfg = self.config
@@ -453,6 +482,7 @@ class StableDiffusion:
         factor = cfg.vae.downsample_factor
         shape = (height // factor, width // factor, cfg.vae.latent_channels)  # (h, w, C) per image
         n = len(prompts) * num_images
+        ip_plan = ip_adapter_lib.prepare(self, ip_adapter_image, ip_adapter_scale, rows=n)
         seeds = image_seeds(seed, n)
 
         sampler = (
@@ -489,6 +519,11 @@ class StableDiffusion:
             extra_params = {**self.vae_fields, **extra_params}
         if control is not None:
             extra_params = {**extra_params, **control.infotext()}
+        if ip_plan is not None:
+            extra_params = {
+                **extra_params,
+                **ip_plan.infotext(first=0 if control is None else len(control.nets)),
+            }
         # Text: one bundle per image, prompt by prompt.
         if cfg.is_sdxl:
             cond, uncond = sdxl.text_conditioning(
@@ -535,6 +570,10 @@ class StableDiffusion:
             uncond = (
                 None if uncond is None else Conditioning(uncond.context, {**uncond.extras, **task.extras})
             )
+        if ip_plan is not None:  # the unconditional rows see the blank image's tokens
+            cond = Conditioning(cond.context, {**cond.extras, **ip_plan.extras(n)})
+            if uncond is not None:
+                uncond = Conditioning(uncond.context, {**uncond.extras, **ip_plan.extras(n, uncond=True)})
 
         rows = {"cond": cond.tree(), **task.rows}
         if uncond is not None:
@@ -548,11 +587,15 @@ class StableDiffusion:
             per_step["noise"] = np.ascontiguousarray(np.swapaxes(steps, 0, 1))  # (E, N, h, w, C)
         if control is not None:
             per_step.update(control.per_step(plan.num_evals, n, guided=guidance.copies == 2))
+        # Adapters wrap the UNet denoiser: IP-Adapter's tokens innermost, ControlNet's residuals around.
+        denoiser = self.denoiser if ip_plan is None else ip_plan.denoiser(self.denoiser)
+        if control is not None:
+            denoiser = control.denoiser(denoiser)
         program = self.denoise_program(
             sampler,
             guidance,
             hooks=task.hooks,
-            denoiser=None if control is None else control.denoiser(self.denoiser),
+            denoiser=None if denoiser is self.denoiser else denoiser,
         )
         x = executor.run(
             program,

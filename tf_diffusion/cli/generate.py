@@ -9,6 +9,8 @@
         --negative-prompt easyneg -o out.png
     tf-diffusion generate "a house" --model sd15.safetensors \
         --control control_v11p_sd15_canny.safetensors:edges.png:0.8 -o house.png
+    tf-diffusion generate "a cat" --model sd15.safetensors --ip-adapter models/ip-adapter_sd15.bin \
+        --ip-image cat.jpg --ip-scale 0.6 -o cat.png   # image encoder: models/image_encoder/
     tf-diffusion generate "a lighthouse" --model sdxl-base/ --refiner sdxl-refiner/ --denoising-end 0.8 \
         --original-size 2048,2048 --aesthetic-score 6.5 -o out.png
 
@@ -60,6 +62,8 @@ OPTION_NAMES = {
     "controlnet_conditioning_scale": "--control SCALE",
     "controlnet": "--control MODEL",
     "denoising_end": "--denoising-end",
+    "ip_adapter_image": "--ip-image",
+    "ip_adapter_scale": "--ip-scale",
 }
 # SDXL micro-conditioning options -> SDXLOptions fields; the aesthetic scores apply to refiners only,
 # the target size to base models only.
@@ -228,6 +232,36 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="ControlNet guess mode (the web UI's 'ControlNet is more important'); needs --control",
     )
+    p.add_argument(
+        "--ip-adapter",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an IP-Adapter file (.bin / .safetensors, the published layout); repeatable for several",
+    )
+    p.add_argument(
+        "--ip-image",
+        action="append",
+        default=[],
+        metavar="IMG",
+        help="the picture the IP-Adapter prompts with; with one adapter repeatable (all are used), "
+        "with several one per adapter",
+    )
+    p.add_argument(
+        "--ip-scale",
+        action="append",
+        type=float,
+        default=[],
+        metavar="S",
+        help="the IP-Adapter's scale (default 1); one for all adapters or one per adapter",
+    )
+    p.add_argument(
+        "--ip-image-encoder",
+        default=None,
+        metavar="FOLDER",
+        help="the adapters' image encoder (a transformers CLIPVisionModelWithProjection folder); "
+        "default: image_encoder/ beside the first --ip-adapter",
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -276,6 +310,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, list[pathlib.Path], 
         raise UsageError("--guess-mode applies to ControlNets (--control) only")
     for value in args.control:
         control_option(value)
+    check_ip_adapter_arguments(args)
     source = check_model(args.model, "--model")
     args.refiner_source = None if args.refiner is None else check_model(args.refiner, "--refiner")
     factor, _ = model_factor(source)
@@ -441,6 +476,55 @@ def check_adapters(args: argparse.Namespace) -> None:
         raise UsageError(str(e).replace("(sd.lora_dir / --lora-dir)", "(pass --lora-dir)")) from None
 
 
+def check_ip_adapter_arguments(args: argparse.Namespace) -> None:
+    """--ip-adapter / --ip-image / --ip-scale / --ip-image-encoder, before TensorFlow."""
+    adapters, images, scales = args.ip_adapter, args.ip_image, args.ip_scale
+    if not adapters:
+        for option, given in (
+            ("--ip-image", images),
+            ("--ip-scale", scales),
+            ("--ip-image-encoder", args.ip_image_encoder),
+        ):
+            if given:
+                raise UsageError(f"{option} needs --ip-adapter PATH (the IP-Adapter it is for)")
+        return
+    if not images:
+        raise UsageError("--ip-adapter needs --ip-image IMG (the picture to prompt with)")
+    if len(adapters) > 1 and len(images) != len(adapters):
+        raise UsageError(f"{len(adapters)} --ip-adapter files need one --ip-image each; got {len(images)}")
+    if len(scales) not in (0, 1, len(adapters)):
+        raise UsageError(
+            f"--ip-scale given {len(scales)} times; give it once, or once per --ip-adapter ({len(adapters)})"
+        )
+    for s in scales:
+        finite_float(s, "--ip-scale")
+    for option, path in [("--ip-adapter", a) for a in adapters] + [("--ip-image", i) for i in images]:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{option} {path}: no such file")
+    encoder = args.ip_image_encoder
+    if encoder is None:
+        encoder = os.path.join(os.path.dirname(os.path.abspath(adapters[0])), "image_encoder")
+        if not os.path.isdir(encoder):
+            raise FileNotFoundError(
+                f"--ip-adapter {adapters[0]}: no image_encoder folder beside it; pass --ip-image-encoder FOLDER"
+            )
+    elif not os.path.isfile(os.path.join(encoder, "config.json")):
+        raise FileNotFoundError(f"--ip-image-encoder {encoder}: no config.json (a transformers folder)")
+    args.ip_encoder_folder = encoder
+
+
+def ip_adapter_arguments(sd, args: argparse.Namespace, pictures: list) -> dict:
+    """Load the --ip-adapter files into ``sd``; generate()'s IP-Adapter arguments."""
+    if not args.ip_adapter:
+        return {}
+    sd.load_ip_adapter(args.ip_adapter, image_encoder=args.ip_encoder_folder)
+    image = (pictures[0] if len(pictures) == 1 else pictures) if len(args.ip_adapter) == 1 else pictures
+    scale = None
+    if args.ip_scale:
+        scale = args.ip_scale[0] if len(args.ip_scale) == 1 else list(args.ip_scale)
+    return {"ip_adapter_image": image, "ip_adapter_scale": scale}
+
+
 def apply_adapters(sd, args: argparse.Namespace) -> None:
     """Load the --lora files and embeddings into ``sd`` and set its LoRA folder."""
     for value in args.lora:
@@ -475,6 +559,7 @@ def run(args: argparse.Namespace) -> int:
         )
     units = [control_option(v) for v in args.control]
     hints = [read_image(i, "--control", args.max_image_pixels) for _, i, _ in units]
+    ip_pictures = [read_image(i, "--ip-image", args.max_image_pixels) for i in args.ip_image]
 
     import_tensorflow()
     from tf_diffusion.pipeline import StableDiffusion, has_accelerator
@@ -487,13 +572,13 @@ def run(args: argparse.Namespace) -> int:
     values = sdxl_option_values(args)
     check_sdxl_models(values, args, sd, refiner)
     apply_adapters(sd, args)
-    control = {}
+    control = ip_adapter_arguments(sd, args, ip_pictures)
     if args.control:
         from tf_diffusion.controlnet import ControlNet
 
         nets = [ControlNet.from_pretrained(m, dtype=dtype) for m, _, _ in units]
         single = len(units) == 1
-        control = dict(
+        control.update(
             controlnet=nets[0] if single else nets,
             control_image=hints[0] if single else hints,
             controlnet_conditioning_scale=units[0][2] if single else [s for _, _, s in units],

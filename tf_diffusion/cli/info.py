@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     kwargs = source_kwargs(args)
     import_tensorflow()
     from tf_diffusion.weights.controlnet import describe_controlnet
+    from tf_diffusion.weights.ip_adapter import describe_ip_adapter, is_ip_adapter_file
     from tf_diffusion.weights.loading import load_pipeline_weights
 
-    control = describe_controlnet(source)
+    control = describe_ip_adapter(source) if is_ip_adapter_file(source) else describe_controlnet(source)
     if control is not None:
         if args.json:
             print(json.dumps(control, indent=2))

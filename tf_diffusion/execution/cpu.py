@@ -294,7 +294,8 @@ def _prepared_filters(block, m: int):
 
 
 def _transformer_block(block: unet.BasicTransformerBlock, call, x, context):
-    if not islands_active():
+    # A cross-attention with an IP-Adapter processor (adapters.ip_adapter) runs as its processor says.
+    if not islands_active() or "_ip_adapter_previous" in block.attn2.__dict__:
         return call(x, context)
     opts = current()
     attn1 = block.attn1

@@ -182,6 +182,11 @@ def build_serving_module(
         raise ValueError(
             f"{cfg.name} is an SDXL refiner (image-to-image only); export supports text-to-image models"
         )
+    if getattr(sd, "ip_adapters", ()):
+        raise ValueError(
+            f"{len(sd.ip_adapters)} IP-Adapter(s) are loaded; the export has no image-prompt input: "
+            "call sd.unload_ip_adapter() first"
+        )
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
     height, width = sd.check_size(height, width)
