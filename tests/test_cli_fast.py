@@ -180,6 +180,16 @@ def test_mistakes_answer_before_tensorflow_is_imported(tmp_path):
             "already exists; pass --overwrite to replace it",
         ),
         "export steps": (["export", "tiny-shapes", str(tmp_path / "e"), "--steps", "0"], 2, "--steps 0"),
+        "export controlnet": (
+            ["export", "tiny-shapes", str(tmp_path / "e"), "--controlnet", "gone"],
+            1,
+            "--controlnet gone: no such file or folder",
+        ),
+        "export controlnet tflite": (
+            ["export", "tiny-shapes", str(tmp_path / "e"), "--format", "tflite", "--controlnet", "x"],
+            2,
+            "--controlnet applies to --format saved_model only",
+        ),
         "export non-empty": (
             ["export", "tiny-shapes", str(tmp_path / "out")],
             1,

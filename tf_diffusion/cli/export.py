@@ -41,6 +41,7 @@ OPTION_NAMES = {
     "quantization": "--quantization",
     "components": "--components",
     "jit_compile": "--xla",
+    "controlnet": "--controlnet",
 }
 
 
@@ -73,6 +74,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="tflite: which components to convert (default: all)",
     )
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="tflite weight format")
+    p.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="PATH",
+        help="saved_model: one ControlNet (file or folder) in the graph; the signatures then take "
+        "control_image and control_scale",
+    )
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty DIR; replace what clashes")
     p.set_defaults(func=run, option_names=OPTION_NAMES)
     return p
@@ -89,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.format == "saved_model" and args.quantization != "none":
         raise UsageError("--quantization applies to --format tflite only")
+    if args.controlnet is not None:
+        if args.format == "tflite":
+            raise UsageError("--controlnet applies to --format saved_model only")
+        if not os.path.exists(args.controlnet):
+            raise FileNotFoundError(f"--controlnet {args.controlnet}: no such file or folder")
     positive_int(args.steps, "--steps")
     positive_int(args.version, "--version", minimum=0)
     check_sampler(args.sampler, "--sampler")
@@ -116,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     import_tensorflow()
     from tf_diffusion import export
+    from tf_diffusion.controlnet import ControlNet
     from tf_diffusion.pipeline import StableDiffusion
 
     sd = StableDiffusion.from_pretrained(source)
@@ -144,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         jit_compile=args.xla,
         overwrite=args.overwrite,
+        controlnet=None if args.controlnet is None else ControlNet.from_pretrained(args.controlnet),
     )
     meta = info.metadata
     print(
