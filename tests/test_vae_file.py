@@ -220,3 +220,20 @@ def test_bad_tiling_settings():
     with pytest.raises(ValueError, match="tile_size=4 must be an integer number of pixels >= 8"):
         VAETiling(4)
     assert sd.vae_tiling is None
+
+
+def test_info_reports_vae_files(capsys):
+    from tf_diffusion.cli import main
+    from tf_diffusion.weights.safetensors_io import open_safetensors
+
+    # The parameter count of the same architecture as diffusers saved it (tests/fixtures/checkpoints).
+    with open_safetensors(SD1 / "vae" / "diffusion_pytorch_model.safetensors") as handle:
+        count = sum(int(np.prod(t.shape)) for t in handle.values())
+    assert main(["info", str(VAE_FILES / "sd1.vae.pt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "VAE" and report["parameters"] == count
+    assert report["format"] == "single file, original (LDM) key names" and report["dtypes"] == ["float32"]
+    assert "4 keys that are not autoencoder weights" in report["not loaded"]
+    assert main(["info", str(VAE_FILES / "sdxl-vae-fix")]) == 0
+    text = capsys.readouterr().out
+    assert "format: diffusers AutoencoderKL folder" in text and "force_upcast: False" in text

@@ -3,6 +3,7 @@
 tf-diffusion info tiny-shapes
 tf-diffusion info model.safetensors --config sd-v1-5 --json
 tf-diffusion info control_v11p_sd15_canny.safetensors   # ControlNets too
+tf-diffusion info sdxl_vae.safetensors                  # and VAE files
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from tf_diffusion.weights.controlnet import describe_controlnet
     from tf_diffusion.weights.ip_adapter import describe_ip_adapter, is_ip_adapter_file
     from tf_diffusion.weights.loading import load_pipeline_weights
+    from tf_diffusion.weights.vae_file import describe_vae
 
     control = describe_ip_adapter(source) if is_ip_adapter_file(source) else describe_controlnet(source)
+    if control is None:
+        control = describe_vae(source)
     if control is not None:
         if args.json:
             print(json.dumps(control, indent=2))

@@ -189,3 +189,68 @@ def _from_tensors(path: pathlib.Path, tensors: Mapping, model: VAEConfig) -> VAE
     if any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in kept):
         return VAEWeights(path, "single-file-diffusers", None, convert_diffusers_vae(kept, model), dropped)
     return VAEWeights(path, "single-file", None, kept, dropped)
+
+
+_VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def describe_vae(source: str | os.PathLike) -> dict | None:
+    """What ``tf-diffusion info`` says about a stand-alone VAE, or None if ``source`` is not one.
+
+    A folder counts when its ``config.json`` is an AutoencoderKL's; a file when every key (prefix and
+    training-loss keys aside) belongs to the autoencoder. Only names, shapes and dtypes are read.
+    """
+    import math
+
+    import numpy as np
+
+    path = pathlib.Path(source)
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file() or (path / "model_index.json").exists():
+            return None
+        data = read_json(config)
+        if data.get("_class_name") != "AutoencoderKL":
+            return None
+        kind, names = "diffusers AutoencoderKL folder", None
+    elif path.is_file() and path.suffix.lower() in FILE_SUFFIXES:
+        if path.suffix.lower() == ".safetensors":
+            with open_safetensors(path) as handle:
+                names = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in handle.items()}
+        else:
+            tensors, _ = unwrap_checkpoint(load_ckpt(path), str(path))
+            names = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in tensors.items()}
+        kept = {
+            next((k[len(p) :] for p in _PREFIXES if k.startswith(p)), k): v
+            for k, v in names.items()
+            if not k.startswith(_DROPPED) and not k.removeprefix("first_stage_model.").startswith(_DROPPED)
+        }
+        if not kept or not all(k.startswith(_VAE_KEYS) for k in kept):
+            return None
+        diffusers = any(".down_blocks." in k or ".up_blocks." in k for k in kept)
+        kind = "single file, " + ("diffusers key names" if diffusers else "original (LDM) key names")
+        names = {"kept": kept, "dropped": len(names) - len(kept)}
+    else:
+        return None
+    out = {"path": str(path), "kind": "VAE", "format": kind}
+    if names is None:
+        cfg = vae_config_from_diffusers(data)
+        out.update(
+            latent_channels=cfg.latent_channels,
+            scaling_factor=cfg.scaling_factor,
+            force_upcast=cfg.force_upcast,
+            block_out_channels=" ".join(str(cfg.base_channels * m) for m in cfg.channel_mult),
+        )
+    else:
+        kept = names["kept"]
+        out["parameters"] = sum(math.prod(shape) for shape, _ in kept.values())
+        out["dtypes"] = sorted({dtype for _, dtype in kept.values()})
+        out["latent_channels"] = (
+            kept["post_quant_conv.weight"][0][0] if "post_quant_conv.weight" in kept else "?"
+        )
+        if names["dropped"]:
+            out["not loaded"] = (
+                f"{names['dropped']} keys that are not autoencoder weights (training loss, EMA)"
+            )
+        out["note"] = "loads with --vae / load_vae; the model's scaling factor stays (a file has no config)"
+    return out
