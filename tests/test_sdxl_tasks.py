@@ -419,6 +419,49 @@ def cli_models(models, monkeypatch):
     return models
 
 
+def test_cli_refiner_inpaints_through_the_hand_off(cli_models, tmp_path, monkeypatch):
+    """--refiner with --mask: both stages inpaint under the mask, then the init pixels are pasted back
+    outside it (--mask-blur, 4 by default), as generate(mask_blur=...) does."""
+    from PIL import Image
+
+    from tf_diffusion import StableDiffusion, cli
+    from tf_diffusion.infotext import parse_parameters
+
+    calls = []
+    original = StableDiffusion.generate
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion, "generate", spy)
+    init, mask = task_image(3), task_mask()
+    Image.fromarray(init).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "x.png"
+    argv = ["generate", "a cat", "--model", str(SDXL / "sdxl-diffusers"), "--refiner"]
+    argv += [
+        str(SDXL / "sdxl-refiner-diffusers"),
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--image",
+        str(tmp_path / "in.png"),
+    ]
+    argv += ["--mask", str(tmp_path / "mask.png"), "--mask-blur", "0", "--no-progress", "-o", str(out)]
+    assert cli.main(argv) == 0
+    base_kw, refiner_kw = calls
+    assert base_kw["mask_blur"] is None and base_kw["output_type"] == "latent"
+    assert refiner_kw["mask"] is not None and refiner_kw["denoising_start"] == 0.8
+    with Image.open(out) as image:
+        pixels, text = np.asarray(image), image.text["parameters"]
+    kept = mask < 128  # a hard edge (blur 0): the init image's own pixels outside the mask
+    np.testing.assert_array_equal(pixels[kept], init[kept])
+    assert np.abs(pixels[~kept].astype(int) - init[~kept]).mean() > 5
+    assert parse_parameters(text)["extra"]["Mask blur"] == "0"
+
+
 def test_cli_refiner_writes_the_hand_off_and_its_parameters(cli_models, tmp_path, monkeypatch):
     from PIL import Image
 
@@ -482,10 +525,6 @@ def test_cli_refiner_writes_the_hand_off_and_its_parameters(cli_models, tmp_path
         (["--target-size", "8x8"], "--target-size 8x8: must be W,H"),
         (["--denoising-end", "0.8"], "--denoising-end applies with --refiner"),
         (["--refiner", "REFINER", "--denoising-end", "1.5"], "--denoising-end 1.5: must be a fraction"),
-        (
-            ["--refiner", "REFINER", "--image", "x.png", "--mask", "m.png"],
-            "--refiner with --mask is not supported",
-        ),
         (["--aesthetic-score", "6"], "--aesthetic-score applies to an SDXL refiner only"),
         (
             ["--model", "REFINER", "--image", "IMAGE", "--target-size", "8,8"],

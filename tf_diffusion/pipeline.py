@@ -442,6 +442,11 @@ class StableDiffusion:
                 f"(the part of the schedule to run)"
             )
         image, latents, handoff = _handoff_inputs(image, latents, mask, denoising_start)
+        if handoff and mask_blur is not None:
+            raise ValueError(
+                "mask_blur pastes the init image's pixels back, and handed-over latents have none; leave it "
+                "None and paste back yourself (tf_diffusion.images.paste_back), as the CLI's --refiner does"
+            )
         if seed is not None and latents is not None and not handoff:
             raise ValueError("pass either seed or latents, not both: latents replace the seeded noise")
         init, mask_px = self._task_images(image, mask, handoff=handoff)

@@ -363,10 +363,6 @@ def check_sdxl_arguments(args: argparse.Namespace) -> None:
             raise UsageError(
                 f"--denoising-end {args.denoising_end:g}: must be a fraction strictly between 0 and 1"
             )
-    if args.refiner is not None and args.mask is not None:
-        raise UsageError(
-            "--refiner with --mask is not supported (the hand-off continues latents, not an inpainting)"
-        )
 
 
 def sdxl_stage_options(values: dict, config) -> dict:
@@ -535,6 +531,22 @@ def apply_adapters(sd, args: argparse.Namespace) -> None:
     sd.lora_dir = args.lora_dir
 
 
+def paste_back(refiner, latents, image, mask, blur: float, jit_compile):
+    """Decode a refiner's inpainted latents and put the init image's pixels back outside the mask (the web
+    UI's mask blur), as generate(mask_blur=...) does: uint8 images with ``Mask blur`` in their parameters."""
+    import dataclasses
+
+    from tf_diffusion import images as image_utils
+    from tf_diffusion.pipeline import GeneratedImages
+
+    decoded = refiner.decode(np.asarray(latents) / np.float32(refiner.config.vae.scaling_factor), jit_compile)
+    original = image_utils.to_rgb(image, "--image") * 2.0 - 1.0
+    binary = (image_utils.to_mask(mask, "--mask") >= 0.5).astype(np.float32)
+    pasted = image_utils.paste_back(decoded, original, binary, blur)
+    info = dataclasses.replace(latents.info, mask_blur=blur, output_type="uint8")
+    return GeneratedImages.wrap(image_utils.to_uint8(pasted), info)
+
+
 def read_image(path: str, option: str, max_pixels: int | None):
     """An input image, refused from its header when it has too many pixels (before decoding it)."""
     from tf_diffusion.images import open_image
@@ -608,7 +620,7 @@ def run(args: argparse.Namespace) -> int:
             image=image,
             strength=args.strength,
             mask=mask,
-            mask_blur=mask_blur,
+            mask_blur=mask_blur if refiner is None else None,  # with a refiner: pasted back after it
             **control,
             sdxl_options=sdxl_stage_options(values, sd.config) if sd.config.is_sdxl else None,
             denoising_end=switch,
@@ -633,11 +645,15 @@ def run(args: argparse.Namespace) -> int:
             seed=base.seeds[0],
             scheduler=args.scheduler if args.scheduler is not None else base.sampler,
             image=images,
+            mask=mask,
             denoising_start=switch,
             sdxl_options=sdxl_stage_options(values, refiner.config) or None,
+            output_type="uint8" if mask_blur is None else "latent",
             progress=not args.no_progress,
             jit_compile=jit_compile,
         )
+        if mask_blur is not None:
+            images = paste_back(refiner, images, image, mask, mask_blur, jit_compile)
     from tf_diffusion.infotext import model_hash
 
     digest = model_hash(source) if os.path.isfile(source) else None
