@@ -1,0 +1,268 @@
+"""Write tiny SD3 / SD3.5 fixtures with diffusers / transformers / sentencepiece.
+
+Written to tests/fixtures/sd3/:
+
+* ``transformer_<name>.safetensors`` + ``.json``: tiny random ``SD3Transformer2DModel``s saved in the
+  diffusers layout: ``sd3`` is diffusers' own SD3 pipeline test config (one block, patch 1) with a
+  24-patch position table instead of 96 (the 96-patch table alone is 1.2 MB; cropping is exercised
+  either way), ``sd35`` has three blocks, patch 2, SD3.5's RMS q/k norm and dual attention in blocks 0
+  and 1. Their weights are also renamed to the original single-file layout by our rename, and
+  diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` must give the diffusers state dict
+  back exactly.
+* ``t5.safetensors`` + ``t5.json``: a tiny random transformers ``T5EncoderModel`` (gated GELU, as
+  T5-XXL v1.1), ``vae.safetensors`` + ``vae.json``: a tiny 16-channel ``AutoencoderKL`` without quant
+  convs, with SD3's scaling and shift factors.
+* ``spiece.model``: a tiny SentencePiece unigram model trained here (the tiny test repos' file cannot
+  be downloaded), ``tokenizer_ids.json``: transformers' ``T5TokenizerFast`` ids of the tokenizer test
+  corpus (tests/fixtures/tokenizer/reference_ids.json) from it.
+* ``reference.npz``: inputs and reference outputs of each component, and
+  ``FlowMatchEulerDiscreteScheduler`` trajectories (shift 3.0; dynamic shifting with a given mu).
+
+Usage (dev only; needs torch, diffusers, transformers, sentencepiece): python tools/make_fixtures_sd3.py
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import sentencepiece  # noqa: E402
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel  # noqa: E402
+from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+from transformers import T5Config, T5EncoderModel, T5TokenizerFast  # noqa: E402
+
+from tf_diffusion.weights.diffusers_mmdit import convert_diffusers_mmdit, mmdit_config_from_diffusers  # noqa: E402
+
+OUT = ROOT / "tests" / "fixtures" / "sd3"
+
+TRANSFORMERS = {
+    # diffusers tests/pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py, smaller table.
+    "sd3": dict(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=24,
+    ),
+    "sd35": dict(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=4,
+        num_attention_heads=4, caption_projection_dim=16, joint_attention_dim=48,
+        pooled_projection_dim=24, out_channels=16, pos_embed_max_size=12,
+        dual_attention_layers=(0, 1), qk_norm="rms_norm",
+    ),
+}  # fmt: skip
+T5 = dict(
+    d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+    relative_attention_max_distance=20, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+)  # fmt: skip
+VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
+    latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+    scaling_factor=1.5305, shift_factor=0.0609,
+)  # fmt: skip
+
+
+def _randomize(model: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+    """Every parameter and buffer drawn afresh (diffusers zero-initialises the adaLN and output layers)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=gen) * scale)
+
+
+def _state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def transformers_fixtures(ref: dict) -> None:
+    rng = np.random.default_rng(0)
+    for i, (name, cfg) in enumerate(TRANSFORMERS.items()):
+        torch.manual_seed(i)
+        model = SD3Transformer2DModel(**cfg).eval()
+        _randomize(model, 10 + i)
+        state = _state(model)
+        save_file(state, str(OUT / f"transformer_{name}.safetensors"))
+        (OUT / f"transformer_{name}.json").write_text(json.dumps(dict(model.config), indent=1, default=list))
+        # Our rename, checked against diffusers' own converter (original -> diffusers).
+        original = convert_diffusers_mmdit(state, mmdit_config_from_diffusers(dict(model.config)))
+        back = convert_sd3_transformer_checkpoint_to_diffusers(
+            {f"model.diffusion_model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in original.items()}
+        )
+        assert set(back) == set(state), sorted(set(back) ^ set(state))
+        for k, v in back.items():
+            assert np.array_equal(v.numpy(), state[k]), k
+        b, h, w = {"sd3": (2, 8, 6), "sd35": (2, 12, 8)}[name]  # non-square, smaller than the table
+        latents = rng.standard_normal((b, cfg["in_channels"], h, w)).astype(np.float32)
+        context = rng.standard_normal((b, 7, cfg["joint_attention_dim"])).astype(np.float32)
+        pooled = rng.standard_normal((b, cfg["pooled_projection_dim"])).astype(np.float32)
+        timesteps = np.array([999.0, 312.5], np.float32)
+        with torch.no_grad():
+            out = model(
+                hidden_states=torch.from_numpy(latents),
+                encoder_hidden_states=torch.from_numpy(context),
+                pooled_projections=torch.from_numpy(pooled),
+                timestep=torch.from_numpy(timesteps),
+            ).sample.numpy()
+            skip = model(
+                hidden_states=torch.from_numpy(latents),
+                encoder_hidden_states=torch.from_numpy(context),
+                pooled_projections=torch.from_numpy(pooled),
+                timestep=torch.from_numpy(timesteps),
+                skip_layers=[0],
+            ).sample.numpy()
+        ref[f"{name}_latents"] = latents.transpose(0, 2, 3, 1)
+        ref[f"{name}_context"] = context
+        ref[f"{name}_pooled"] = pooled
+        ref[f"{name}_timesteps"] = timesteps
+        ref[f"{name}_out"] = out.transpose(0, 2, 3, 1)
+        ref[f"{name}_out_skip0"] = skip.transpose(0, 2, 3, 1)
+
+
+CORPUS_FILE = ROOT / "tests" / "fixtures" / "tokenizer" / "reference_ids.json"
+
+
+def _corpus() -> list[str]:
+    data = json.loads(CORPUS_FILE.read_text())
+    return [c["text"] for c in data["cases"]]
+
+
+def tokenizer_fixtures() -> None:
+    corpus = _corpus()
+    words = (
+        "a photo of an astronaut riding a horse on the moon, highly detailed, sharp focus, oil painting "
+        "of a castle in the mountains at sunset, trending on artstation, portrait of a cat wearing a hat, "
+        "the quick brown fox jumps over the lazy dog, digital art, 4k, 8k, unreal engine, cinematic lighting"
+    )
+    sentences = [words] * 20 + corpus * 3
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=300,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+    )
+    path = OUT / "spiece.model"
+    path.write_bytes(model.getvalue())
+    with tempfile.TemporaryDirectory() as folder:
+        # From a folder, as a checkpoint's tokenizer_3/ is read: transformers 5 converts spiece.model
+        # there (T5TokenizerFast(vocab_file=...) would not read it).
+        shutil.copy(path, folder)
+        tok = T5TokenizerFast.from_pretrained(folder, extra_ids=100)
+    rows = []
+    for text in corpus:
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+        padded = tok(text, padding="max_length", max_length=24, truncation=True, add_special_tokens=True)
+        rows.append({"text": text, "ids": ids, "padded_24": padded["input_ids"]})
+    (OUT / "tokenizer_ids.json").write_text(
+        json.dumps({"vocab_size": len(tok), "cases": rows}, ensure_ascii=False, indent=0)
+    )
+
+
+def t5_fixtures(ref: dict) -> None:
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(OUT / "spiece.model"))
+    vocab = sp.GetPieceSize() + 100
+    torch.manual_seed(3)
+    model = T5EncoderModel(T5Config(vocab_size=vocab, **T5)).eval()
+    _randomize(model, 30)
+    state = {k: v for k, v in _state(model).items() if k != "encoder.embed_tokens.weight"}
+    save_file(state, str(OUT / "t5.safetensors"))
+    (OUT / "t5.json").write_text(json.dumps({"vocab_size": vocab, **T5}, indent=1))
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, vocab, (2, 40)).astype(np.int64)  # 40 > max_distance: logarithmic buckets
+    with torch.no_grad():
+        ref["t5_ids"] = ids.astype(np.int32)
+        ref["t5_out"] = model(torch.from_numpy(ids)).last_hidden_state.numpy()
+
+
+def vae_fixtures(ref: dict) -> None:
+    torch.manual_seed(4)
+    vae = AutoencoderKL(**VAE).eval()
+    _randomize(vae, 40)
+    save_file(_state(vae), str(OUT / "vae.safetensors"))
+    (OUT / "vae.json").write_text(json.dumps(dict(vae.config), indent=1, default=list))
+    rng = np.random.default_rng(4)
+    images = rng.uniform(-1, 1, (1, 3, 16, 16)).astype(np.float32)
+    latents = rng.standard_normal((1, 16, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        mean = vae.encode(torch.from_numpy(images)).latent_dist.mean.numpy()
+        decoded = vae.decode(torch.from_numpy(latents)).sample.numpy()
+    ref["vae_images"] = images.transpose(0, 2, 3, 1)
+    ref["vae_mean"] = mean.transpose(0, 2, 3, 1)
+    ref["vae_latents"] = latents.transpose(0, 2, 3, 1)
+    ref["vae_decoded"] = decoded.transpose(0, 2, 3, 1)
+
+
+SCHEDULES = {
+    "shift3": ({"shift": 3.0}, {}, 8),
+    "shift1": ({}, {}, 5),
+    "dynamic": ({"use_dynamic_shifting": True}, {"mu": 0.73}, 6),
+}
+
+
+def scheduler_fixtures(ref: dict) -> None:
+    rng = np.random.default_rng(5)
+    for name, (cfg, kwargs, steps) in SCHEDULES.items():
+        sched = FlowMatchEulerDiscreteScheduler(**cfg)
+        sched.set_timesteps(steps, **kwargs)
+        x = torch.from_numpy(rng.standard_normal((1, 4, 3, 3)).astype(np.float32))
+        outs = rng.standard_normal((steps, 1, 4, 3, 3)).astype(np.float32)
+        ref[f"flow_{name}_x0"] = x.numpy().transpose(0, 2, 3, 1)
+        ref[f"flow_{name}_outputs"] = outs.transpose(0, 1, 3, 4, 2)
+        ref[f"flow_{name}_timesteps"] = sched.timesteps.numpy()
+        traj = []
+        for i, t in enumerate(sched.timesteps):
+            x = sched.step(torch.from_numpy(outs[i]), t, x).prev_sample
+            traj.append(x.numpy().transpose(0, 2, 3, 1))
+        ref[f"flow_{name}_trajectory"] = np.stack(traj)
+        # img2img's start (scale_noise at the first kept step of strength 0.6).
+        sched.set_timesteps(steps, **kwargs)
+        start = steps - min(int(steps * 0.6), steps)
+        sched.set_begin_index(start)
+        x0 = torch.from_numpy(rng.standard_normal((1, 4, 3, 3)).astype(np.float32))
+        noise = torch.from_numpy(rng.standard_normal((1, 4, 3, 3)).astype(np.float32))
+        noised = sched.scale_noise(x0, sched.timesteps[start : start + 1], noise)
+        ref[f"flow_{name}_img2img"] = np.stack([t.numpy().transpose(0, 2, 3, 1) for t in (x0, noise, noised)])
+    (OUT / "schedules.json").write_text(
+        json.dumps({k: {"config": c, "kwargs": kw, "steps": s} for k, (c, kw, s) in SCHEDULES.items()})
+    )
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    ref: dict[str, np.ndarray] = {}
+    transformers_fixtures(ref)
+    tokenizer_fixtures()
+    t5_fixtures(ref)
+    vae_fixtures(ref)
+    scheduler_fixtures(ref)
+    np.savez_compressed(OUT / "reference.npz", **ref)
+    total = sum(f.stat().st_size for f in OUT.iterdir())
+    print(f"wrote {OUT} ({total / 1e3:.0f} kB)")
+
+
+if __name__ == "__main__":
+    main()
