@@ -16,7 +16,7 @@ import pytest
 from tf_diffusion.config import MMDiTConfig, SchedulerConfig, T5Config, VAEConfig
 from tf_diffusion.mmdit import MMDiT
 from tf_diffusion.schedulers import get_sampler
-from tf_diffusion.t5 import T5Encoder, T5Tokenizer
+from tf_diffusion.t5 import T5Encoder, T5Tokenizer, t5_config_from_transformers
 from tf_diffusion.vae import AutoencoderKL
 from tf_diffusion.weights.diffusers_configs import vae_config_from_diffusers
 from tf_diffusion.weights.diffusers_mmdit import (
@@ -41,10 +41,17 @@ def ref(sd3_dir):
     return dict(np.load(sd3_dir / "reference.npz"))
 
 
+def _transformer_files(sd3_dir, name):
+    if name == "sd3":
+        return sd3_dir / "transformer_sd3.json", sd3_dir / "transformer_sd3.safetensors"
+    folder = sd3_dir / "sd3-diffusers" / "transformer"
+    return folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
+
+
 def _transformer(sd3_dir, name):
-    data = json.loads((sd3_dir / f"transformer_{name}.json").read_text())
-    cfg = mmdit_config_from_diffusers(data)
-    original = convert_diffusers_mmdit(load_safetensors(sd3_dir / f"transformer_{name}.safetensors"), cfg)
+    config_file, weights = _transformer_files(sd3_dir, name)
+    cfg = mmdit_config_from_diffusers(json.loads(config_file.read_text()))
+    original = convert_diffusers_mmdit(load_safetensors(weights), cfg)
     model = MMDiT(cfg)
     load_state_dict(model, original)
     return model, original
@@ -87,8 +94,7 @@ def test_transformer_rejects_bad_sizes(sd3_dir, ref):
 
 
 def test_diffusers_rename_refuses_unknown_and_missing_keys(sd3_dir):
-    data = json.loads((sd3_dir / "transformer_sd3.json").read_text())
-    cfg = mmdit_config_from_diffusers(data)
+    cfg = mmdit_config_from_diffusers(json.loads((sd3_dir / "transformer_sd3.json").read_text()))
     tensors = dict(load_safetensors(sd3_dir / "transformer_sd3.safetensors"))
     tensors["transformer_blocks.0.attn2.to_q.weight"] = tensors.pop("transformer_blocks.0.attn.to_q.weight")
     with pytest.raises(StateDictError, match="attn2.to_q.weight") as err:
@@ -97,15 +103,15 @@ def test_diffusers_rename_refuses_unknown_and_missing_keys(sd3_dir):
 
 
 def test_t5_matches_transformers(sd3_dir, ref):
-    data = json.loads((sd3_dir / "t5.json").read_text())
-    model = T5Encoder(T5Config(**{k: v for k, v in data.items() if k != "dropout_rate"}))
-    load_state_dict(model, load_safetensors(sd3_dir / "t5.safetensors"))
+    folder = sd3_dir / "sd3-diffusers" / "text_encoder_3"
+    model = T5Encoder(t5_config_from_transformers(json.loads((folder / "config.json").read_text())))
+    load_state_dict(model, load_safetensors(folder / "model.safetensors"))
     out = np.asarray(model(ref["t5_ids"]))
     assert np.abs(out - ref["t5_out"]).max() < FLOAT32_TOL
 
 
 def test_t5_tokenizer_matches_t5_tokenizer_fast(sd3_dir):
-    tok = T5Tokenizer(sd3_dir / "spiece.model")
+    tok = T5Tokenizer(sd3_dir / "sd3-diffusers" / "tokenizer_3" / "spiece.model")
     data = json.loads((sd3_dir / "tokenizer_ids.json").read_text(encoding="utf-8"))
     assert tok.vocab_size == data["vocab_size"]
     wrong = [c["text"] for c in data["cases"] if tok.ids(c["text"]) != c["ids"]]
@@ -120,14 +126,16 @@ def test_t5_tokenizer_errors(tmp_path, sd3_dir):
     with pytest.raises(ValueError, match="not a readable SentencePiece model"):
         T5Tokenizer(bad)
     with pytest.raises(ValueError, match="max_length must be a positive integer"):
-        T5Tokenizer(sd3_dir / "spiece.model")("a cat", max_length=0)
+        T5Tokenizer(sd3_dir / "sd3-diffusers" / "tokenizer_3" / "spiece.model")("a cat", max_length=0)
 
 
 def test_vae_matches_diffusers(sd3_dir, ref):
-    cfg = vae_config_from_diffusers(json.loads((sd3_dir / "vae.json").read_text()))
+    folder = sd3_dir / "sd3-diffusers" / "vae"
+    cfg = vae_config_from_diffusers(json.loads((folder / "config.json").read_text()))
     assert not cfg.use_quant_conv and cfg.shift_factor == pytest.approx(0.0609)
     vae = AutoencoderKL(cfg)
-    load_state_dict(vae, convert_diffusers_vae(load_safetensors(sd3_dir / "vae.safetensors"), cfg))
+    weights = load_safetensors(folder / "diffusion_pytorch_model.safetensors")
+    load_state_dict(vae, convert_diffusers_vae(weights, cfg))
     mean = np.asarray(vae.encode(ref["vae_images"]).mean)
     assert np.abs(mean - ref["vae_mean"]).max() < FLOAT32_TOL
     decoded = np.asarray(vae.decode(ref["vae_latents"]))
@@ -137,7 +145,9 @@ def test_vae_matches_diffusers(sd3_dir, ref):
 @pytest.mark.parametrize("name", ["shift3", "shift1", "dynamic"])
 def test_flow_match_euler_trajectory(sd3_dir, ref, name):
     spec = json.loads((sd3_dir / "schedules.json").read_text())[name]
-    sampler = get_sampler("FlowMatchEulerDiscreteScheduler", SchedulerConfig(**spec["config"]), **spec["kwargs"])
+    sampler = get_sampler(
+        "FlowMatchEulerDiscreteScheduler", SchedulerConfig(**spec["config"]), **spec["kwargs"]
+    )
     plan = sampler.plan(spec["steps"])
     np.testing.assert_allclose(plan.timesteps, ref[f"flow_{name}_timesteps"], rtol=0, atol=1e-3)
     x, state = ref[f"flow_{name}_x0"], sampler.init_state(ref[f"flow_{name}_x0"])

@@ -269,7 +269,9 @@ class MMDiTConfig:
                 f"caption_projection_dim={self.caption_projection_dim} must equal "
                 f"num_attention_heads * attention_head_dim={self.inner_dim}"
             )
-        bad = [i for i in self.dual_attention_layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+        bad = [
+            i for i in self.dual_attention_layers if not isinstance(i, int) or not 0 <= i < self.num_layers
+        ]
         if bad:
             raise ValueError(
                 f"dual_attention_layers {bad} are not block indices; allowed: 0 to {self.num_layers - 1}"
@@ -302,7 +304,9 @@ class T5Config:
             self, "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
             "relative_attention_num_buckets", "relative_attention_max_distance",
         )  # fmt: skip
-        _check_choice("feed_forward_proj", self.feed_forward_proj, {"gated-gelu", "relu", "gated-relu", "gelu"})
+        _check_choice(
+            "feed_forward_proj", self.feed_forward_proj, {"gated-gelu", "relu", "gated-relu", "gelu"}
+        )
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,22 @@ def relative_position_buckets(length: int, config: T5Config) -> np.ndarray:
     return out + np.where(relative < max_exact, relative, large)
 
 
+def t5_config_from_transformers(data) -> T5Config:
+    """A transformers T5 config.json -> T5Config.
+
+    Raises:
+        ValueError: for a decoder-only setting or a feed-forward kind the encoder does not implement.
+    """
+    defaults = T5Config()
+    kwargs = {}
+    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                 "relative_attention_num_buckets", "relative_attention_max_distance"):  # fmt: skip
+        kwargs[name] = int(data.get(name) or getattr(defaults, name))
+    kwargs["layer_norm_epsilon"] = float(data.get("layer_norm_epsilon") or defaults.layer_norm_epsilon)
+    kwargs["feed_forward_proj"] = data.get("feed_forward_proj") or "relu"  # transformers' default
+    return T5Config(**kwargs)
+
+
 class T5Attention(keras.layers.Layer):
     """``SelfAttention``: q, k, v, o without biases or score scaling; block 0 holds the position bias."""
 
@@ -183,9 +199,15 @@ class T5Encoder(keras.Model):
 
     def call(self, ids):
         if len(ids.shape) != 2 or ids.shape[1] is None:
-            raise ValueError(f"token ids must have shape (batch, length) with a known length, got {ids.shape}")
+            raise ValueError(
+                f"token ids must have shape (batch, length) with a known length, got {ids.shape}"
+            )
         x = ops.cast(self.shared(ops.cast(ids, "int32")), self.compute_dtype)
         return ops.cast(self.encoder(x), "float32")
+
+
+# Unicode White_Space (Rust's char::is_whitespace, which the fast tokenizer's WhitespaceSplit uses).
+_WHITESPACE = re.compile("[\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
 
 
 class T5Tokenizer:
@@ -225,7 +247,9 @@ class T5Tokenizer:
         self.special = {"<pad>": 0, "</s>": 1, "<unk>": 2}
         self.special.update({f"<extra_id_{i}>": size + extra_ids - 1 - i for i in range(extra_ids)})
         self.vocab_size = size + extra_ids
-        self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special, key=len)[::-1]) + ")")
+        self._split = re.compile(
+            "(" + "|".join(re.escape(t) for t in sorted(self.special, key=len)[::-1]) + ")"
+        )
 
     def ids(self, text: str) -> list[int]:
         """The token ids of ``text`` with the final EOS, unpadded and untruncated."""
@@ -235,9 +259,12 @@ class T5Tokenizer:
         for part in self._split.split(text):
             if part in self.special:
                 out.append(self.special[part])
-            elif part.strip():
-                # As the fast tokenizer: whitespace around a special token is dropped.
-                out.extend(self._sp.EncodeAsIds(part.strip()))
+            else:
+                # As the fast tokenizer: whitespace around a special token is dropped, and every Unicode
+                # White_Space character (U+0085 and U+2028 too, which SentencePiece alone keeps) splits words.
+                part = _WHITESPACE.sub(" ", part).strip(" ")
+                if part:
+                    out.extend(self._sp.EncodeAsIds(part))
         return out + [self.eos_token_id]
 
     def __call__(self, texts, max_length: int | None = None) -> np.ndarray:

@@ -2,17 +2,21 @@
 
 Written to tests/fixtures/sd3/:
 
-* ``transformer_<name>.safetensors`` + ``.json``: tiny random ``SD3Transformer2DModel``s saved in the
-  diffusers layout: ``sd3`` is diffusers' own SD3 pipeline test config (one block, patch 1) with a
+* ``transformer_sd3.safetensors`` + ``.json`` and ``sd3-diffusers/transformer``: tiny random
+  ``SD3Transformer2DModel``s in the diffusers layout: ``sd3`` is diffusers' own SD3 pipeline test config (one block, patch 1) with a
   24-patch position table instead of 96 (the 96-patch table alone is 1.2 MB; cropping is exercised
   either way), ``sd35`` has three blocks, patch 2, SD3.5's RMS q/k norm and dual attention in blocks 0
   and 1. Their weights are also renamed to the original single-file layout by our rename, and
   diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` must give the diffusers state dict
   back exactly.
-* ``t5.safetensors`` + ``t5.json``: a tiny random transformers ``T5EncoderModel`` (gated GELU, as
-  T5-XXL v1.1), ``vae.safetensors`` + ``vae.json``: a tiny 16-channel ``AutoencoderKL`` without quant
-  convs, with SD3's scaling and shift factors.
-* ``spiece.model``: a tiny SentencePiece unigram model trained here (the tiny test repos' file cannot
+* ``sd3-diffusers/``: a tiny ``StableDiffusion3Pipeline`` saved by diffusers: the ``sd35`` transformer,
+  CLIP-L-like and bigG-like ``CLIPTextModelWithProjection``s (the SDXL fixture's tokenizers), a tiny
+  random ``T5EncoderModel`` (gated GELU, as T5-XXL v1.1) with the tiny SentencePiece tokenizer, a tiny
+  16-channel ``AutoencoderKL`` without quant convs with SD3's scaling and shift factors, and
+  ``FlowMatchEulerDiscreteScheduler(shift=3.0)``; ``pipeline.npz`` / ``pipeline.json``: its
+  text-to-image runs (``output_type="np"``) from given latents, with and without T5, guided, with a
+  negative prompt and a Turbo-like setting (guidance off, 2 steps), and its prompt embeddings.
+* ``sd3-diffusers/tokenizer_3/spiece.model``: a tiny SentencePiece unigram model trained here (the tiny test repos' file cannot
   be downloaded), ``tokenizer_ids.json``: transformers' ``T5TokenizerFast`` ids of the tokenizer test
   corpus (tests/fixtures/tokenizer/reference_ids.json) from it.
 * ``reference.npz``: inputs and reference outputs of each component, and
@@ -58,18 +62,18 @@ TRANSFORMERS = {
     "sd35": dict(
         sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=4,
         num_attention_heads=4, caption_projection_dim=16, joint_attention_dim=48,
-        pooled_projection_dim=24, out_channels=16, pos_embed_max_size=12,
+        pooled_projection_dim=40, out_channels=16, pos_embed_max_size=12,
         dual_attention_layers=(0, 1), qk_norm="rms_norm",
     ),
 }  # fmt: skip
 T5 = dict(
-    d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+    d_model=48, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
     relative_attention_max_distance=20, feed_forward_proj="gated-gelu", dropout_rate=0.0,
 )  # fmt: skip
 VAE = dict(
     in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-    up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
-    latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+    up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[4, 8], layers_per_block=1,
+    latent_channels=16, norm_num_groups=2, use_quant_conv=False, use_post_quant_conv=False,
     scaling_factor=1.5305, shift_factor=0.0609,
 )  # fmt: skip
 
@@ -80,7 +84,7 @@ def _randomize(model: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
-        for name, b in model.named_buffers():
+        for b in model.buffers():
             if b.is_floating_point():
                 b.copy_(torch.randn(b.shape, generator=gen) * scale)
 
@@ -89,19 +93,26 @@ def _state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def transformers_fixtures(ref: dict) -> None:
+def transformers_fixtures(ref: dict) -> SD3Transformer2DModel:
+    """Returns the "sd35" model, which the pipeline folder holds (the "sd3" one has its own file)."""
     rng = np.random.default_rng(0)
     for i, (name, cfg) in enumerate(TRANSFORMERS.items()):
         torch.manual_seed(i)
         model = SD3Transformer2DModel(**cfg).eval()
         _randomize(model, 10 + i)
         state = _state(model)
-        save_file(state, str(OUT / f"transformer_{name}.safetensors"))
-        (OUT / f"transformer_{name}.json").write_text(json.dumps(dict(model.config), indent=1, default=list))
+        if name == "sd3":
+            save_file(state, str(OUT / f"transformer_{name}.safetensors"))
+            (OUT / f"transformer_{name}.json").write_text(
+                json.dumps(dict(model.config), indent=1, default=list)
+            )
         # Our rename, checked against diffusers' own converter (original -> diffusers).
         original = convert_diffusers_mmdit(state, mmdit_config_from_diffusers(dict(model.config)))
         back = convert_sd3_transformer_checkpoint_to_diffusers(
-            {f"model.diffusion_model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in original.items()}
+            {
+                f"model.diffusion_model.{k}": torch.from_numpy(np.ascontiguousarray(v))
+                for k, v in original.items()
+            }
         )
         assert set(back) == set(state), sorted(set(back) ^ set(state))
         for k, v in back.items():
@@ -131,6 +142,7 @@ def transformers_fixtures(ref: dict) -> None:
         ref[f"{name}_timesteps"] = timesteps
         ref[f"{name}_out"] = out.transpose(0, 2, 3, 1)
         ref[f"{name}_out_skip0"] = skip.transpose(0, 2, 3, 1)
+    return model
 
 
 CORPUS_FILE = ROOT / "tests" / "fixtures" / "tokenizer" / "reference_ids.json"
@@ -182,28 +194,24 @@ def tokenizer_fixtures() -> None:
     )
 
 
-def t5_fixtures(ref: dict) -> None:
+def t5_fixtures(ref: dict) -> T5EncoderModel:
     sp = sentencepiece.SentencePieceProcessor(model_file=str(OUT / "spiece.model"))
     vocab = sp.GetPieceSize() + 100
     torch.manual_seed(3)
     model = T5EncoderModel(T5Config(vocab_size=vocab, **T5)).eval()
     _randomize(model, 30)
-    state = {k: v for k, v in _state(model).items() if k != "encoder.embed_tokens.weight"}
-    save_file(state, str(OUT / "t5.safetensors"))
-    (OUT / "t5.json").write_text(json.dumps({"vocab_size": vocab, **T5}, indent=1))
     rng = np.random.default_rng(3)
     ids = rng.integers(0, vocab, (2, 40)).astype(np.int64)  # 40 > max_distance: logarithmic buckets
     with torch.no_grad():
         ref["t5_ids"] = ids.astype(np.int32)
         ref["t5_out"] = model(torch.from_numpy(ids)).last_hidden_state.numpy()
+    return model
 
 
-def vae_fixtures(ref: dict) -> None:
+def vae_fixtures(ref: dict) -> AutoencoderKL:
     torch.manual_seed(4)
     vae = AutoencoderKL(**VAE).eval()
     _randomize(vae, 40)
-    save_file(_state(vae), str(OUT / "vae.safetensors"))
-    (OUT / "vae.json").write_text(json.dumps(dict(vae.config), indent=1, default=list))
     rng = np.random.default_rng(4)
     images = rng.uniform(-1, 1, (1, 3, 16, 16)).astype(np.float32)
     latents = rng.standard_normal((1, 16, 4, 4)).astype(np.float32)
@@ -214,6 +222,7 @@ def vae_fixtures(ref: dict) -> None:
     ref["vae_mean"] = mean.transpose(0, 2, 3, 1)
     ref["vae_latents"] = latents.transpose(0, 2, 3, 1)
     ref["vae_decoded"] = decoded.transpose(0, 2, 3, 1)
+    return vae
 
 
 SCHEDULES = {
@@ -251,16 +260,103 @@ def scheduler_fixtures(ref: dict) -> None:
     )
 
 
+SDXL_FOLDER = ROOT / "tests" / "fixtures" / "sdxl" / "sdxl-diffusers"
+CLIPS = {
+    # CLIP-L-like (quick_gelu, pads with EOS) and bigG-like (gelu, pads with 0), both with projections
+    # (SD3 pools through both); 16 + 24 = 40 wide, padded to T5's 48 in the context.
+    "text_encoder": dict(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                         projection_dim=16, hidden_act="quick_gelu"),
+    "text_encoder_2": dict(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                           projection_dim=24, hidden_act="gelu"),
+}  # fmt: skip
+PIPELINE_CASES = {
+    # name: (prompt, negative prompt, guidance, steps, with T5)
+    "t5": (["a photo of an astronaut", "oil painting of a castle"], None, 5.0, 4, True),
+    "t5_negative": (["a cat wearing a hat"], ["blurry"], 7.0, 3, True),
+    "no_t5": (["a photo of an astronaut", "oil painting of a castle"], None, 5.0, 4, False),
+    "turbo": (["a cat wearing a hat"], None, 0.0, 2, True),
+}
+
+
+def pipeline_fixtures(models: dict) -> None:
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = OUT / "sd3-diffusers"
+    encoders = {}
+    for i, (name, cfg) in enumerate(CLIPS.items()):
+        ref_cfg = json.loads((SDXL_FOLDER / name / "config.json").read_text())
+        ids = {k: ref_cfg[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+        torch.manual_seed(50 + i)
+        encoders[name] = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **cfg)).eval()
+    tokenizers = {
+        "tokenizer": CLIPTokenizer.from_pretrained(SDXL_FOLDER / "tokenizer"),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(SDXL_FOLDER / "tokenizer_2"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(OUT / "spiece.model", tmp)
+        tokenizer_3 = T5TokenizerFast.from_pretrained(tmp, extra_ids=100)
+    pipe = StableDiffusion3Pipeline(
+        transformer=models["transformer"],
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=models["vae"],
+        text_encoder=encoders["text_encoder"],
+        tokenizer=tokenizers["tokenizer"],
+        text_encoder_2=encoders["text_encoder_2"],
+        tokenizer_2=tokenizers["tokenizer_2"],
+        text_encoder_3=models["t5"],
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # Our reader takes the SentencePiece model from the folder, as the published repositories ship it.
+    shutil.move(OUT / "spiece.model", folder / "tokenizer_3" / "spiece.model")
+    for extra in (folder / "tokenizer_3").iterdir():
+        if extra.name == "tokenizer.json":
+            extra.unlink()  # 10x the spiece.model; ours never reads it
+    ref = {}
+    rng = np.random.default_rng(6)
+    for name, (prompts, negatives, guidance, steps, with_t5) in PIPELINE_CASES.items():
+        latents = rng.standard_normal((len(prompts), 16, 6, 4)).astype(np.float32)  # 12x8 pixels
+        run = (
+            pipe
+            if with_t5
+            else StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+        )
+        images = run(
+            prompt=prompts,
+            negative_prompt=negatives,
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            height=12,
+            width=8,
+            latents=torch.from_numpy(latents),
+            max_sequence_length=12,
+            output_type="np",
+        ).images
+        ref[f"{name}_latents"] = latents.transpose(0, 2, 3, 1)
+        ref[f"{name}_images"] = images.astype(np.float32)
+        with torch.no_grad():
+            embeds = run.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
+                                       max_sequence_length=12)  # fmt: skip
+        ref[f"{name}_prompt_embeds"] = embeds[0].numpy()
+        ref[f"{name}_pooled"] = embeds[2].numpy()
+    np.savez_compressed(OUT / "pipeline.npz", **ref)
+    (OUT / "pipeline.json").write_text(json.dumps(PIPELINE_CASES, indent=1))
+
+
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir(parents=True)
     ref: dict[str, np.ndarray] = {}
-    transformers_fixtures(ref)
+    models = {"transformer": transformers_fixtures(ref)}
     tokenizer_fixtures()
-    t5_fixtures(ref)
-    vae_fixtures(ref)
+    models["t5"] = t5_fixtures(ref)
+    models["vae"] = vae_fixtures(ref)
     scheduler_fixtures(ref)
     np.savez_compressed(OUT / "reference.npz", **ref)
-    total = sum(f.stat().st_size for f in OUT.iterdir())
+    pipeline_fixtures(models)
+    total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"wrote {OUT} ({total / 1e3:.0f} kB)")
 
 

@@ -45,10 +45,14 @@ class FlowMatchEuler(Sampler):
     name = "flow_euler"
     diffusers_class = "FlowMatchEulerDiscreteScheduler"
 
-    def __init__(self, config: SchedulerConfig | None = None, name: str | None = None, mu: float | None = None):
+    def __init__(
+        self, config: SchedulerConfig | None = None, name: str | None = None, mu: float | None = None
+    ):
         super().__init__(config, name)
         dynamic = self.config.use_dynamic_shifting
-        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu)):
+        if mu is not None and (
+            isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu)
+        ):
             raise ValueError(f"mu={mu!r} must be a finite number")
         if dynamic and mu is None:
             raise ValueError(

@@ -109,7 +109,9 @@ def convert_diffusers_mmdit(tensors: Mapping[str, object], config: MMDiTConfig) 
     unexpected = sorted(k for k in tensors if k not in known)
     missing = sorted(k for k in known if k not in tensors)
     if unexpected or missing:
-        raise StateDictError(missing=missing, unexpected=unexpected, model_name="diffusers SD3Transformer2DModel")
+        raise StateDictError(
+            missing=missing, unexpected=unexpected, model_name="diffusers SD3Transformer2DModel"
+        )
     out: dict[str, object] = {plain[k]: tensors[k] for k in plain}
     out.update({original: _swap_halves(tensors[k]) for k, original in swapped.items()})
     for original, parts in fused.items():
