@@ -161,9 +161,9 @@ def test_flow_match_euler_trajectory(sd3_dir, ref, name):
 
 def test_flow_match_mu_errors():
     with pytest.raises(ValueError, match="needs mu"):
-        get_sampler("flow_euler", SchedulerConfig(use_dynamic_shifting=True))
+        get_sampler("FlowMatchEulerDiscreteScheduler", SchedulerConfig(use_dynamic_shifting=True))
     with pytest.raises(ValueError, match="only read with use_dynamic_shifting"):
-        get_sampler("flow_euler", SchedulerConfig(shift=3.0), mu=0.5)
+        get_sampler("FlowMatchEulerDiscreteScheduler", SchedulerConfig(shift=3.0), mu=0.5)
 
 
 # diffusers' / transformers' parameter counts of the full-size models (issue 22); the MMDiT's position

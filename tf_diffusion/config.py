@@ -450,6 +450,80 @@ class PipelineConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _sd3_vae() -> VAEConfig:
+    return VAEConfig(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False)
+
+
+@dataclass(frozen=True)
+class SD3Config:
+    """A whole SD3 / SD3.5 model (diffusers' StableDiffusion3Pipeline). Defaults: SD3 Medium.
+
+    The context is CLIP-L's and CLIP-G's penultimate hidden states concatenated (768 + 1280), zero-padded
+    to the transformer's ``joint_attention_dim`` and followed along the sequence by T5's
+    ``max_sequence_length`` tokens (zeros without T5, ``text_encoder_3=None``); the pooled embedding is
+    both CLIP encoders' projected outputs concatenated.
+    """
+
+    name: str
+    text_encoder: CLIPTextConfig = field(default_factory=lambda: CLIPTextConfig(projection_dim=768))
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text_encoder_2: CLIPTextConfig = field(
+        default_factory=lambda: CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            hidden_act="gelu", projection_dim=1280,
+        )
+    )  # fmt: skip
+    tokenizer_2: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(pad_token_id=0))
+    text_encoder_3: T5Config | None = field(default_factory=T5Config)
+    max_sequence_length: int = 256
+    transformer: MMDiTConfig = field(default_factory=MMDiTConfig)
+    vae: VAEConfig = field(default_factory=_sd3_vae)
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(shift=3.0))
+    default_size: int = 1024
+    # diffusers' StableDiffusion3Pipeline defaults: 28 steps, guidance 7.0.
+    default_steps: int = 28
+    default_guidance: float = 7.0
+    default_sampler: str = "FlowMatchEulerDiscreteScheduler"
+
+    def __post_init__(self):
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(self, name).projection_dim is None:
+                raise ValueError(f"SD3's {name} needs a projection (projection_dim) for the pooled embedding")
+        mm = self.transformer
+        clip = self.text_encoder.hidden_size + self.text_encoder_2.hidden_size
+        if clip > mm.joint_attention_dim:
+            raise ValueError(
+                f"the CLIP encoders' widths sum to {clip}, more than transformer.joint_attention_dim="
+                f"{mm.joint_attention_dim} (the context is zero-padded, never cut)"
+            )
+        if self.text_encoder_3 is not None and self.text_encoder_3.d_model != mm.joint_attention_dim:
+            raise ValueError(
+                f"text_encoder_3.d_model={self.text_encoder_3.d_model} must equal "
+                f"transformer.joint_attention_dim={mm.joint_attention_dim}"
+            )
+        pooled = self.text_encoder.projection_dim + self.text_encoder_2.projection_dim
+        if pooled != mm.pooled_projection_dim:
+            raise ValueError(
+                f"the CLIP projections sum to {pooled}; transformer.pooled_projection_dim is "
+                f"{mm.pooled_projection_dim}"
+            )
+        if mm.in_channels != self.vae.latent_channels:
+            raise ValueError(
+                f"transformer.in_channels={mm.in_channels} must equal vae.latent_channels={self.vae.latent_channels}"
+            )
+        if not isinstance(self.max_sequence_length, int) or not 1 <= self.max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length={self.max_sequence_length!r} must be an integer in 1..512")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the patch size (16 for SD3)."""
+        return self.vae.downsample_factor * self.transformer.patch_size
+
+    def replace(self, **changes) -> SD3Config:
+        """A copy with some fields changed (dataclasses.replace)."""
+        return dataclasses.replace(self, **changes)
+
+
 def to_dict(cfg) -> dict:
     """A config as plain JSON-ready data (tuples become lists)."""
     return dataclasses.asdict(cfg)

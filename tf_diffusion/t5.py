@@ -21,25 +21,26 @@ from tf_diffusion.config import T5Config
 from tf_diffusion.layers import Embedding, Identity, Linear, RMSNorm, dtype_policy_scope
 
 
-def relative_position_buckets(length: int, config: T5Config) -> np.ndarray:
-    """(length, length) bidirectional relative-position buckets, as transformers' _relative_position_bucket.
+def relative_position_buckets(length, config: T5Config):
+    """(length, length) int32 bidirectional relative-position buckets, as transformers' _relative_position_bucket.
 
     Key position minus query position; half the buckets for positive offsets; exact buckets for
     small offsets, then logarithmic up to ``relative_attention_max_distance`` (float32 log, as torch).
+    ``length`` may be a traced scalar (the executors trace text encoders with relaxed shapes).
     """
-    pos = np.arange(length, dtype=np.int64)
+    pos = ops.arange(length, dtype="int32")
     relative = pos[None, :] - pos[:, None]  # (q, k): memory - context
     buckets = config.relative_attention_num_buckets // 2
-    out = (relative > 0).astype(np.int64) * buckets
-    relative = np.abs(relative)
+    out = ops.cast(relative > 0, "int32") * buckets
+    relative = ops.abs(relative)
     max_exact = buckets // 2
-    with np.errstate(divide="ignore"):
-        scaled = np.log(relative.astype(np.float32) / np.float32(max_exact)) / np.float32(
-            math.log(config.relative_attention_max_distance / max_exact)
-        )
-    large = max_exact + (scaled * np.float32(buckets - max_exact)).astype(np.int64)
-    large = np.minimum(large, buckets - 1)
-    return out + np.where(relative < max_exact, relative, large)
+    # log(0) for the exact positions is -inf; those entries are replaced by `relative` below.
+    scaled = ops.log(ops.cast(relative, "float32") / float(max_exact)) / math.log(
+        config.relative_attention_max_distance / max_exact
+    )
+    large = max_exact + ops.cast(ops.maximum(scaled * float(buckets - max_exact), -1.0), "int32")
+    large = ops.minimum(large, buckets - 1)
+    return out + ops.where(relative < max_exact, relative, large)
 
 
 def t5_config_from_transformers(data) -> T5Config:
@@ -77,8 +78,9 @@ class T5Attention(keras.layers.Layer):
         self.built = True
 
     def position_bias(self, length: int):  # -> (1, heads, T, T) float32
-        buckets = relative_position_buckets(length, self.config)
-        values = ops.cast(self.relative_attention_bias(ops.convert_to_tensor(buckets, "int32")), "float32")
+        values = ops.cast(
+            self.relative_attention_bias(relative_position_buckets(length, self.config)), "float32"
+        )
         return ops.transpose(values, (2, 0, 1))[None]
 
     def call(self, x, position_bias):  # x: (B, T, D)
@@ -166,7 +168,7 @@ class T5Stack(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        bias = self.block[0].layer[0].SelfAttention.position_bias(x.shape[1])
+        bias = self.block[0].layer[0].SelfAttention.position_bias(ops.shape(x)[1])
         for block in self.block:
             x = block(x, bias)
         return self.final_layer_norm(x)
@@ -198,10 +200,8 @@ class T5Encoder(keras.Model):
         self.built = True
 
     def call(self, ids):
-        if len(ids.shape) != 2 or ids.shape[1] is None:
-            raise ValueError(
-                f"token ids must have shape (batch, length) with a known length, got {ids.shape}"
-            )
+        if len(ids.shape) != 2:
+            raise ValueError(f"token ids must have shape (batch, length), got {ids.shape}")
         x = ops.cast(self.shared(ops.cast(ids, "int32")), self.compute_dtype)
         return ops.cast(self.encoder(x), "float32")
 

@@ -62,9 +62,10 @@ SAMPLERS: dict[str, tuple[type[Sampler], dict]] = {
     "unipc": (UniPC, {}),
     "lcm": (LCM, {}),
     "tcd": (TCD, {}),
-    "flow_euler": (FlowMatchEuler, {}),
 }
-# diffusers class name -> sampler class; these take every option from the config.
+# diffusers class name -> sampler class; these take every option from the config. The flow-matching
+# samplers (SD3) are reached by class name only for now: the registry names above are the CLI's and
+# the A1111 infotext's, which do not know them yet.
 _DIFFUSERS_CLASSES = {
     cls.diffusers_class: cls
     for cls in (

@@ -55,6 +55,9 @@ _STEMS = {
     "vae": ("diffusion_pytorch_model",),
     "text_encoder": ("model", "pytorch_model"),
     "text_encoder_2": ("model", "pytorch_model"),
+    # SD3 (weights/sd3_folder.py)
+    "transformer": ("diffusion_pytorch_model",),
+    "text_encoder_3": ("model", "pytorch_model"),
 }
 _SAFETENSORS_STEM = {
     "unet": "diffusion_pytorch_model",
