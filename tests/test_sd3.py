@@ -13,8 +13,11 @@ import pathlib
 import numpy as np
 import pytest
 
+from tf_diffusion.clip import CLIPTextEncoder
 from tf_diffusion.config import MMDiTConfig, SchedulerConfig, T5Config, VAEConfig
+from tf_diffusion.families import FAMILIES, diffusers_pipeline_classes, family_of_config, is_sd3_single_file
 from tf_diffusion.mmdit import MMDiT
+from tf_diffusion.presets import SD3_PRESETS, get_sd3_preset
 from tf_diffusion.schedulers import get_sampler
 from tf_diffusion.t5 import T5Encoder, T5Tokenizer, t5_config_from_transformers
 from tf_diffusion.vae import AutoencoderKL
@@ -198,3 +201,49 @@ def test_full_size_t5_and_vae_parameter_counts():
         lambda: AutoencoderKL(VAEConfig(latent_channels=16, use_quant_conv=False, scaling_factor=1.5305))
     )
     assert count_parameters(vae) == 83_819_683
+
+
+def test_family_entry_and_presets():
+    family = FAMILIES["sd3"]
+    assert family.backbone == "mmdit" and family.default_sampler == "FlowMatchEulerDiscreteScheduler"
+    assert sorted(family.presets) == sorted(SD3_PRESETS)
+    assert set(family.prefixes) == set(family.components)
+    for name in family.presets:
+        preset = get_sd3_preset(name)
+        assert family_of_config(preset) is family
+        assert preset.transformer.joint_attention_dim == family.context_dim
+        assert preset.transformer.in_channels == family.unet_in_channels
+        get_sampler(preset.default_sampler, preset.scheduler)
+    assert get_sd3_preset("sd3.5-large-turbo").default_guidance == 0.0
+    assert family.config_inference() is mmdit_config_from_checkpoint
+    # StableDiffusion's loaders do not mistake SD3 for a UNet family.
+    assert "StableDiffusion3Pipeline" not in diffusers_pipeline_classes()
+    with pytest.raises(ValueError, match="unknown SD3 preset"):
+        get_sd3_preset("sdxl-base-1.0")
+
+
+def test_sd3_files_are_refused_by_the_unet_loader(tmp_path, sd3_dir):
+    from safetensors.numpy import save_file
+
+    from tf_diffusion.weights.loading import load_pipeline_weights
+
+    _, original = _transformer(sd3_dir, "sd3")
+    path = tmp_path / "sd3_medium.safetensors"
+    save_file({f"model.diffusion_model.{k}": np.ascontiguousarray(v) for k, v in original.items()}, str(path))
+    assert is_sd3_single_file(load_safetensors(path))
+    with pytest.raises(
+        ValueError, match=r"SD3 / SD3.5 \(MMDiT\) weights \(preset 'sdxl-base-1.0' describes a sdxl"
+    ):
+        load_pipeline_weights(path, config="sdxl-base-1.0")
+    with pytest.raises(ValueError, match="load it with tf_diffusion.sd3.StableDiffusion3"):
+        load_pipeline_weights(path)
+    with pytest.raises(ValueError, match="StableDiffusion3.from_pretrained"):
+        load_pipeline_weights(sd3_dir / "sd3-diffusers")
+
+
+def test_full_size_clip_parameter_counts():
+    preset = get_sd3_preset("sd3-medium")
+    clip_l = build_abstract(lambda: CLIPTextEncoder(preset.text_encoder))
+    assert count_parameters(clip_l) == 123_650_304
+    clip_g = build_abstract(lambda: CLIPTextEncoder(preset.text_encoder_2))
+    assert count_parameters(clip_g) == 694_659_840

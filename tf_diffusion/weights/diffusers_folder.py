@@ -201,6 +201,11 @@ def read_diffusers_config(path: str | os.PathLike) -> tuple[PipelineConfig, CLIP
     folder = pathlib.Path(path)
     index = read_json(folder / MODEL_INDEX)
     pipeline = index.get("_class_name")
+    if pipeline in FAMILIES["sd3"].diffusers_pipelines:
+        raise ValueError(
+            f"{folder} is an SD3 / SD3.5 folder ({pipeline}); StableDiffusion builds UNet models: load it "
+            f"with tf_diffusion.sd3.StableDiffusion3.from_pretrained"
+        )
     if pipeline not in PIPELINE_CLASSES:
         raise ValueError(
             f"{folder / MODEL_INDEX}: _class_name={pipeline!r} is not supported; expected one of {PIPELINE_CLASSES}"
