@@ -86,3 +86,34 @@ def test_folder_without_spiece_model_asks_for_load_t5_false(tmp_path):
     (folder / "tokenizer_3" / "spiece.model").unlink()
     with pytest.raises(ValueError, match="load_t5=False"):
         StableDiffusion3.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("case", ["img2img", "img2img_no_t5"])
+def test_image_to_image_matches_diffusers(sd, sd_no_t5, ref, case):
+    # diffusers ran with tf_diffusion.noise's draws for the seeds (posterior sample and latents).
+    arrays, cases = ref
+    prompts, negatives, guidance, steps, with_t5, strength, seed = cases[case]
+    images = (sd if with_t5 else sd_no_t5).generate(
+        prompts,
+        negatives,
+        image=arrays["img2img_image"].astype(np.float32) / 255.0,
+        strength=strength,
+        num_steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        max_sequence_length=12,
+        output_type="float",
+        progress=False,
+        jit_compile=False,
+    )
+    assert np.abs(images - arrays[f"{case}_images"]).max() < IMAGE_TOL
+
+
+def test_image_to_image_arguments(sd_no_t5):
+    image = np.zeros((12, 8, 3), np.float32)
+    with pytest.raises(ValueError, match="differs from the image's 12x8"):
+        sd_no_t5.generate("a", image=image, height=16, width=8, progress=False)
+    with pytest.raises(ValueError, match="strength=0 must be a number in"):
+        sd_no_t5.generate("a", image=image, strength=0, progress=False)
+    with pytest.raises(ValueError, match="strength applies to image-to-image only"):
+        sd_no_t5.generate("a", strength=0.5, height=12, width=8, progress=False)

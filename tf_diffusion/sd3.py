@@ -194,6 +194,8 @@ class StableDiffusion3:
         seed: int | None = None,
         latents=None,
         scheduler=None,
+        image=None,
+        strength: float | None = None,
         max_sequence_length: int | None = None,
         callback: Callable | None = None,
         progress: bool = True,
@@ -201,7 +203,7 @@ class StableDiffusion3:
         jit_compile: bool | None = None,
         executor=None,
     ) -> np.ndarray:
-        """Text-to-image, as diffusers' ``StableDiffusion3Pipeline``.
+        """Text-to-image and image-to-image, as diffusers' ``StableDiffusion3Pipeline`` / ``...Img2ImgPipeline``.
 
         Args:
             prompt: a prompt or a list of prompts.
@@ -214,6 +216,11 @@ class StableDiffusion3:
             seed: the first image's seed (image ``b`` gets ``seed + b``, as ``StableDiffusion.generate``).
             latents: (N, h, w, 16) initial noise instead of the seeded draw (diffusers' ``latents``).
             scheduler: a sampler name or object; default ``config.default_sampler`` ("FlowMatchEulerDiscreteScheduler").
+            image: init image for image-to-image (PIL, or uint8 / float [0, 1] arrays (H, W, C) or
+                (N, H, W, C)); its size is the output size. It is encoded (a posterior sample from the
+                image's seed), shifted and scaled, and noised to the first kept step.
+            strength: image-to-image only, in (0, 1]; default 0.6 (diffusers'). The first
+                ``int(num_steps - num_steps * strength)`` steps are skipped, as diffusers' SD3 counts them.
             max_sequence_length: T5 tokens, 1..512; default ``config.max_sequence_length`` (256).
             callback: ``callback(step, timestep, latents)`` after every step.
             progress: show a progress bar.
@@ -239,6 +246,29 @@ class StableDiffusion3:
         guidance_scale = float(cfg.default_guidance if guidance_scale is None else guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not allowed; expected one of {OUTPUT_TYPES}")
+        init = None
+        if image is not None:
+            from tf_diffusion import images as image_utils
+
+            init = image_utils.to_rgb(image, "image")  # (k, H, W, 3) in [0, 1]
+            ih, iw = init.shape[1:3]
+            if (height, width) not in ((None, None), (ih, iw)):
+                raise ValueError(
+                    f"height x width {height}x{width} differs from the image's {ih}x{iw}; resize the image "
+                    f"first (no silent resizing)"
+                )
+            height, width = ih, iw
+            strength = 0.6 if strength is None else strength
+            if (
+                isinstance(strength, bool)
+                or not isinstance(strength, (int, float))
+                or not 0.0 < strength <= 1.0
+            ):
+                raise ValueError(f"strength={strength!r} must be a number in (0, 1] for image-to-image")
+        elif strength is not None:
+            raise ValueError(
+                "strength applies to image-to-image only; pass image=... (or leave strength None)"
+            )
         height, width = self.check_size(height, width)
         factor = cfg.vae.downsample_factor
         shape = (height // factor, width // factor, cfg.vae.latent_channels)
@@ -263,7 +293,13 @@ class StableDiffusion3:
                 p = cfg.transformer.patch_size
                 options["mu"] = flow_shift_mu((shape[0] // p) * (shape[1] // p), cfg.scheduler)
             sampler = get_sampler(name, cfg.scheduler, **options)
-        plan = sampler.plan(num_steps)
+        if init is None:
+            plan = sampler.plan(num_steps)
+        else:
+            # diffusers' SD3 get_timesteps: t_start = int(max(n - n * strength, 0)), with the float product
+            # (the UNet pipelines take int(n * strength) steps); the plan keeps the last n - t_start.
+            kept = num_steps - int(max(num_steps - num_steps * strength, 0))
+            plan = sampler.plan(num_steps, strength=1.0 if kept >= num_steps else (kept + 0.5) / num_steps)
         guidance = guidance_for(guidance_scale)
         guided = guidance.copies == 2
         texts = list(negatives) + list(prompts) if guided else list(prompts)
@@ -280,10 +316,15 @@ class StableDiffusion3:
         if sampler.needs_noise:
             steps = noise_lib.batch_normal(seeds, noise_lib.STEPS, (plan.num_evals, *shape))
             per_step["noise"] = np.ascontiguousarray(np.swapaxes(steps, 0, 1))
+        if init is None:
+            x = x * np.float32(plan.init_noise_sigma)
+        else:
+            x = sampler.add_noise(self._encode_image(init * 2.0 - 1.0, seeds, shape), x, plan)
+            x = np.asarray(x, np.float32)
         program = DenoiseProgram(sampler, self.denoiser, guidance)
         x = executor.run(
             program,
-            x * np.float32(plan.init_noise_sigma),
+            x,
             {"rows": rows, "per_step": per_step, "shared": shared},
             callback=callback,
             progress=progress,
@@ -300,6 +341,28 @@ class StableDiffusion3:
         from tf_diffusion import images as image_utils
 
         return image_utils.to_uint8(decoded)
+
+    def _encode_image(self, pixels: np.ndarray, seeds, shape) -> np.ndarray:
+        """(k, H, W, 3) images in [-1, 1] -> (N, h, w, 16) latents as the transformer sees them.
+
+        A posterior sample per output image from its seed, then ``(z - shift_factor) * scaling_factor``.
+        """
+        import keras
+
+        dist = self.vae.encode(keras.ops.convert_to_tensor(pixels, "float32"))
+        n = len(seeds)
+        mean = _repeat_rows(keras.ops.convert_to_numpy(dist.mean), n)
+        std = _repeat_rows(keras.ops.convert_to_numpy(dist.std), n)
+        z = mean + std * noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, shape)
+        vae = self.config.vae
+        return ((z - np.float32(vae.shift_factor)) * np.float32(vae.scaling_factor)).astype(np.float32)
+
+
+def _repeat_rows(array: np.ndarray, n: int) -> np.ndarray:
+    """k rows to n (k divides n): each row repeated n / k times, in order."""
+    if n % array.shape[0]:
+        raise ValueError(f"{array.shape[0]} images for {n} outputs; give one image or one per output")
+    return np.repeat(array, n // array.shape[0], axis=0)
 
 
 def clip_tokenizer_config(tokenizer: CLIPTokenizer) -> TokenizerConfig:

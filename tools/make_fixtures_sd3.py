@@ -340,8 +340,54 @@ def pipeline_fixtures(models: dict) -> None:
                                        max_sequence_length=12)  # fmt: skip
         ref[f"{name}_prompt_embeds"] = embeds[0].numpy()
         ref[f"{name}_pooled"] = embeds[2].numpy()
+    img2img_fixtures(pipe, ref)
     np.savez_compressed(OUT / "pipeline.npz", **ref)
-    (OUT / "pipeline.json").write_text(json.dumps(PIPELINE_CASES, indent=1))
+    (OUT / "pipeline.json").write_text(json.dumps({**PIPELINE_CASES, **IMG2IMG_CASES}, indent=1))
+
+
+IMG2IMG_CASES = {
+    # name: (prompt, negative prompt, guidance, steps, with T5, strength, seed)
+    "img2img": (["a photo of an astronaut", "oil painting of a castle"], None, 5.0, 5, True, 0.7, 11),
+    "img2img_no_t5": (["a cat wearing a hat"], ["blurry"], 4.0, 4, False, 0.6, 3),
+}
+
+
+def img2img_fixtures(pipe, ref: dict) -> None:
+    """StableDiffusion3Img2ImgPipeline with tf_diffusion's noise (posterior and latents) for the seeds."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_fixtures_pipeline import NoiseQueues
+
+    from tf_diffusion import noise as noise_lib
+
+    yy, xx = np.mgrid[0:12, 0:8]
+    image = np.stack([yy * 20, xx * 30, (yy + xx) * 12], axis=-1).astype(np.uint8)  # (12, 8, 3)
+    ref["img2img_image"] = image
+    for name, (prompts, negatives, guidance, steps, with_t5, strength, seed) in IMG2IMG_CASES.items():
+        components = dict(pipe.components)
+        if not with_t5:
+            components.update(text_encoder_3=None, tokenizer_3=None)
+        run = StableDiffusion3Img2ImgPipeline(**components)
+        seeds = noise_lib.image_seeds(seed, len(prompts))
+        latent = (6, 4, 16)
+        with NoiseQueues() as queues:
+            queues.queues["vae"].append(noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, latent))
+            queues.queues["pipeline"].append(noise_lib.batch_normal(seeds, noise_lib.LATENTS, latent))
+            images = run(
+                prompt=prompts,
+                negative_prompt=negatives,
+                image=[Image.fromarray(image)] * len(prompts),
+                height=12,
+                width=8,
+                strength=strength,
+                guidance_scale=guidance,
+                num_inference_steps=steps,
+                max_sequence_length=12,
+                output_type="np",
+            ).images
+        ref[f"{name}_images"] = images.astype(np.float32)
 
 
 def main() -> None:
