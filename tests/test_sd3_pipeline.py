@@ -117,3 +117,60 @@ def test_image_to_image_arguments(sd_no_t5):
         sd_no_t5.generate("a", image=image, strength=0, progress=False)
     with pytest.raises(ValueError, match="strength applies to image-to-image only"):
         sd_no_t5.generate("a", strength=0.5, height=12, width=8, progress=False)
+
+
+def _single_file(tmp_path, with_text_encoders=True, with_t5=True):
+    """The tiny folder's weights in the original single-file layout (transformer keys by our rename,
+    which tools/make_fixtures_sd3.py checks against diffusers' own converter)."""
+    from safetensors.numpy import save_file
+
+    from tf_diffusion.weights.state_dict import state_dict
+
+    sd = StableDiffusion3.from_pretrained(FIXTURES / "sd3-diffusers")
+    tensors = {}
+    prefixes = {"transformer": "model.diffusion_model.", "vae": "first_stage_model."}
+    if with_text_encoders:
+        prefixes.update(
+            text_encoder="text_encoders.clip_l.transformer.",
+            text_encoder_2="text_encoders.clip_g.transformer.",
+        )
+    if with_t5:
+        prefixes["text_encoder_3"] = "text_encoders.t5xxl.transformer."
+    for name, prefix in prefixes.items():
+        for key, value in state_dict(getattr(sd, name)).items():
+            tensors[prefix + key] = np.ascontiguousarray(value)
+    path = tmp_path / "sd3_tiny.safetensors"
+    save_file(tensors, str(path))
+    return path, sd.config
+
+
+def test_original_single_file(tmp_path, ref):
+    arrays, cases = ref
+    prompts, negatives, guidance, steps, _ = cases["t5"]
+    path, config = _single_file(tmp_path)
+    spiece = FIXTURES / "sd3-diffusers" / "tokenizer_3" / "spiece.model"
+    with pytest.raises(ValueError, match="carry no T5 tokenizer"):
+        StableDiffusion3.from_single_file(path, config=config)
+    sd = StableDiffusion3.from_single_file(path, config=config, tokenizer_3=spiece,
+                                           text_encoders_from=FIXTURES / "sd3-diffusers")  # fmt: skip
+    images = sd.generate(prompts, negatives, num_steps=steps, guidance_scale=guidance, height=12, width=8,
+                         latents=arrays["t5_latents"], max_sequence_length=12, output_type="float",
+                         progress=False, jit_compile=False)  # fmt: skip
+    assert np.abs(images - arrays["t5_images"]).max() < IMAGE_TOL
+
+
+def test_single_file_without_text_encoders(tmp_path, ref):
+    arrays, cases = ref
+    prompts, negatives, guidance, steps, _ = cases["no_t5"]
+    path, config = _single_file(tmp_path, with_text_encoders=False, with_t5=False)
+    with pytest.raises(
+        ValueError, match="no text_encoder and text_encoder_2 .CLIP. weights; pass text_encoders_from"
+    ):
+        StableDiffusion3.from_single_file(path, config=config)
+    sd = StableDiffusion3.from_single_file(path, config=config, text_encoders_from=FIXTURES / "sd3-diffusers",
+                                           load_t5=False)  # fmt: skip
+    assert sd.text_encoder_3 is None
+    images = sd.generate(prompts, negatives, num_steps=steps, guidance_scale=guidance, height=12, width=8,
+                         latents=arrays["no_t5_latents"], max_sequence_length=12, output_type="float",
+                         progress=False, jit_compile=False)  # fmt: skip
+    assert np.abs(images - arrays["no_t5_images"]).max() < IMAGE_TOL

@@ -110,6 +110,46 @@ class StableDiffusion3:
 
         return sd3_folder.load_sd3_folder(cls, pathlib.Path(path), dtype=dtype, load_t5=load_t5)
 
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        config: SD3Config | str | None = None,
+        text_encoders_from: str | os.PathLike | None = None,
+        tokenizer_3=None,
+        load_t5: bool = True,
+        dtype: str | None = None,
+    ):
+        """Load an original SD3 / SD3.5 single file (``weights.sd3_single_file`` describes the layout).
+
+        Args:
+            path: the ``.safetensors`` (or ``.ckpt``) file.
+            config: an SD3Config or SD3 preset name; None: the preset whose transformer the file holds.
+            text_encoders_from: a diffusers SD3 folder giving the text encoders (and tokenizers) the
+                file lacks.
+            tokenizer_3: the T5 ``spiece.model`` (or a ``T5Tokenizer``) for a file with T5 weights.
+            load_t5: False runs without T5 even when the file has it.
+            dtype: as in the constructor.
+
+        Raises:
+            ValueError: for a file that is not SD3's, missing CLIP encoders, or T5 without a tokenizer.
+        """
+        from tf_diffusion.presets import get_sd3_preset
+        from tf_diffusion.weights import sd3_single_file
+
+        if isinstance(config, str):
+            config = get_sd3_preset(config)
+        return sd3_single_file.load_sd3_single_file(
+            cls,
+            pathlib.Path(path),
+            config=config,
+            text_encoders_from=text_encoders_from,
+            tokenizer_3=tokenizer_3,
+            load_t5=load_t5,
+            dtype=dtype,
+        )
+
     def __repr__(self) -> str:
         t5 = "with T5" if self.text_encoder_3 is not None else "without T5"
         return f"StableDiffusion3({self.config.name!r}, {t5})"
