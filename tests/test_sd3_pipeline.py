@@ -115,7 +115,7 @@ def test_image_to_image_arguments(sd_no_t5):
         sd_no_t5.generate("a", image=image, height=16, width=8, progress=False)
     with pytest.raises(ValueError, match="strength=0 must be a number in"):
         sd_no_t5.generate("a", image=image, strength=0, progress=False)
-    with pytest.raises(ValueError, match="strength applies to image-to-image only"):
+    with pytest.raises(ValueError, match="strength applies to image-to-image and inpainting only"):
         sd_no_t5.generate("a", strength=0.5, height=12, width=8, progress=False)
 
 
@@ -174,3 +174,35 @@ def test_single_file_without_text_encoders(tmp_path, ref):
                          latents=arrays["no_t5_latents"], max_sequence_length=12, output_type="float",
                          progress=False, jit_compile=False)  # fmt: skip
     assert np.abs(images - arrays["no_t5_images"]).max() < IMAGE_TOL
+
+
+@pytest.mark.parametrize("case", ["inpaint", "inpaint_full"])
+def test_inpainting_matches_diffusers(sd, sd_no_t5, ref, case):
+    arrays, cases = ref
+    prompts, negatives, guidance, steps, with_t5, strength, seed = cases[case]
+    latents = (sd if with_t5 else sd_no_t5).generate(
+        prompts,
+        negatives,
+        image=arrays["img2img_image"].astype(np.float32) / 255.0,
+        mask=arrays["inpaint_mask"].astype(np.float32) / 255.0,
+        strength=strength,
+        num_steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        max_sequence_length=12,
+        output_type="latent",
+        progress=False,
+        jit_compile=False,
+    )
+    # The loop's latents against diffusers' (its inpaint pipeline then decodes without shift_factor;
+    # the fixture's images are those latents decoded with it, as the other SD3 pipelines decode).
+    assert np.abs(latents - arrays[f"{case}_latents_out"]).max() < 1e-4
+    images = np.clip(sd_no_t5.decode(latents) * 0.5 + 0.5, 0.0, 1.0)
+    assert np.abs(images - arrays[f"{case}_images"]).max() < IMAGE_TOL
+
+
+def test_inpainting_arguments(sd_no_t5):
+    with pytest.raises(ValueError, match="mask needs an image"):
+        sd_no_t5.generate("a", mask=np.ones((12, 8)), progress=False)
+    with pytest.raises(ValueError, match="mask size 4x12 .WxH. differs from the image size 8x12"):
+        sd_no_t5.generate("a", image=np.zeros((12, 8, 3)), mask=np.ones((12, 4)), progress=False)

@@ -236,6 +236,7 @@ class StableDiffusion3:
         scheduler=None,
         image=None,
         strength: float | None = None,
+        mask=None,
         max_sequence_length: int | None = None,
         callback: Callable | None = None,
         progress: bool = True,
@@ -243,7 +244,8 @@ class StableDiffusion3:
         jit_compile: bool | None = None,
         executor=None,
     ) -> np.ndarray:
-        """Text-to-image and image-to-image, as diffusers' ``StableDiffusion3Pipeline`` / ``...Img2ImgPipeline``.
+        """Text-to-image, image-to-image and inpainting, as diffusers' ``StableDiffusion3Pipeline``,
+        ``StableDiffusion3Img2ImgPipeline`` and ``StableDiffusion3InpaintPipeline`` (16-channel transformer).
 
         Args:
             prompt: a prompt or a list of prompts.
@@ -259,8 +261,11 @@ class StableDiffusion3:
             image: init image for image-to-image (PIL, or uint8 / float [0, 1] arrays (H, W, C) or
                 (N, H, W, C)); its size is the output size. It is encoded (a posterior sample from the
                 image's seed), shifted and scaled, and noised to the first kept step.
-            strength: image-to-image only, in (0, 1]; default 0.6 (diffusers'). The first
-                ``int(num_steps - num_steps * strength)`` steps are skipped, as diffusers' SD3 counts them.
+            strength: image-to-image and inpainting, in (0, 1]; default 0.6 (diffusers'). The first
+                ``int(num_steps - num_steps * strength)`` steps are skipped, as diffusers' SD3 counts them;
+                inpainting at 1.0 starts from pure noise.
+            mask: inpainting mask (white >= 0.5 repaints), the image's size. After every step the kept
+                region is the image's latents noised to the next step's level (clean after the last).
             max_sequence_length: T5 tokens, 1..512; default ``config.max_sequence_length`` (256).
             callback: ``callback(step, timestep, latents)`` after every step.
             progress: show a progress bar.
@@ -286,7 +291,9 @@ class StableDiffusion3:
         guidance_scale = float(cfg.default_guidance if guidance_scale is None else guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not allowed; expected one of {OUTPUT_TYPES}")
-        init = None
+        init = mask_px = None
+        if mask is not None and image is None:
+            raise ValueError("mask needs an image to inpaint; pass image=... as well")
         if image is not None:
             from tf_diffusion import images as image_utils
 
@@ -298,6 +305,14 @@ class StableDiffusion3:
                     f"first (no silent resizing)"
                 )
             height, width = ih, iw
+            if mask is not None:
+                mask_px = image_utils.to_mask(mask, "mask")
+                if mask_px.shape[1:3] != (ih, iw):
+                    raise ValueError(
+                        f"mask size {mask_px.shape[2]}x{mask_px.shape[1]} (WxH) differs from the image size "
+                        f"{iw}x{ih}; they must match"
+                    )
+                mask_px = (mask_px >= 0.5).astype(np.float32)  # diffusers binarises: >= 0.5 repaints
             strength = 0.6 if strength is None else strength
             if (
                 isinstance(strength, bool)
@@ -307,7 +322,7 @@ class StableDiffusion3:
                 raise ValueError(f"strength={strength!r} must be a number in (0, 1] for image-to-image")
         elif strength is not None:
             raise ValueError(
-                "strength applies to image-to-image only; pass image=... (or leave strength None)"
+                "strength applies to image-to-image and inpainting only; pass image=... (or leave strength None)"
             )
         height, width = self.check_size(height, width)
         factor = cfg.vae.downsample_factor
@@ -356,12 +371,28 @@ class StableDiffusion3:
         if sampler.needs_noise:
             steps = noise_lib.batch_normal(seeds, noise_lib.STEPS, (plan.num_evals, *shape))
             per_step["noise"] = np.ascontiguousarray(np.swapaxes(steps, 0, 1))
+        hooks = ()
         if init is None:
             x = x * np.float32(plan.init_noise_sigma)
         else:
-            x = sampler.add_noise(self._encode_image(init * 2.0 - 1.0, seeds, shape), x, plan)
-            x = np.asarray(x, np.float32)
-        program = DenoiseProgram(sampler, self.denoiser, guidance)
+            noise = x
+            image_latents = self._encode_image(init * 2.0 - 1.0, seeds, shape)
+            if mask_px is not None and strength >= 1.0:
+                x = noise * np.float32(plan.init_noise_sigma)
+            else:
+                x = np.asarray(sampler.add_noise(image_latents, noise, plan), np.float32)
+            if mask_px is not None:
+                from tf_diffusion.denoising import MaskBlend
+                from tf_diffusion.pipeline import _next_noise_scales
+
+                blend = MaskBlend()
+                hooks = (blend,)
+                mask_latent = _repeat_rows(
+                    mask_px[:, ::factor, ::factor, :], n
+                )  # nearest, as torch interpolate
+                rows[blend.name] = {"mask": mask_latent, "image_latents": image_latents, "noise": noise}
+                shared[blend.name] = {"scales": _next_noise_scales(sampler, plan)}
+        program = DenoiseProgram(sampler, self.denoiser, guidance, hooks)
         x = executor.run(
             program,
             x,
@@ -372,15 +403,21 @@ class StableDiffusion3:
         )
         if output_type == "latent":
             return x
-        vae = cfg.vae
-        decoded = executor.decode(
-            self.vae, x / np.float32(vae.scaling_factor) + np.float32(vae.shift_factor), jit_compile
-        )
+        decoded = self.decode(x, jit_compile, executor)
         if output_type == "float":
             return np.clip(decoded * 0.5 + 0.5, 0.0, 1.0)
         from tf_diffusion import images as image_utils
 
         return image_utils.to_uint8(decoded)
+
+    def decode(self, latents, jit_compile: bool | None = None, executor=None) -> np.ndarray:
+        """Transformer latents (N, h, w, 16) -> images (N, H, W, 3) in [-1, 1]: ``vae.decode(x / scaling + shift)``."""
+        executor = self.executor if executor is None else executor
+        vae = self.config.vae
+        x = np.asarray(latents, np.float32)
+        return executor.decode(
+            self.vae, x / np.float32(vae.scaling_factor) + np.float32(vae.shift_factor), jit_compile
+        )
 
     def _encode_image(self, pixels: np.ndarray, seeds, shape) -> np.ndarray:
         """(k, H, W, 3) images in [-1, 1] -> (N, h, w, 16) latents as the transformer sees them.

@@ -341,8 +341,11 @@ def pipeline_fixtures(models: dict) -> None:
         ref[f"{name}_prompt_embeds"] = embeds[0].numpy()
         ref[f"{name}_pooled"] = embeds[2].numpy()
     img2img_fixtures(pipe, ref)
+    inpaint_fixtures(pipe, ref)
     np.savez_compressed(OUT / "pipeline.npz", **ref)
-    (OUT / "pipeline.json").write_text(json.dumps({**PIPELINE_CASES, **IMG2IMG_CASES}, indent=1))
+    (OUT / "pipeline.json").write_text(
+        json.dumps({**PIPELINE_CASES, **IMG2IMG_CASES, **INPAINT_CASES}, indent=1)
+    )
 
 
 IMG2IMG_CASES = {
@@ -388,6 +391,60 @@ def img2img_fixtures(pipe, ref: dict) -> None:
                 output_type="np",
             ).images
         ref[f"{name}_images"] = images.astype(np.float32)
+
+
+INPAINT_CASES = {
+    # name: (prompt, negative prompt, guidance, steps, with T5, strength, seed)
+    "inpaint": (["a photo of an astronaut", "oil painting of a castle"], None, 5.0, 5, True, 0.6, 21),
+    "inpaint_full": (["a cat wearing a hat"], ["blurry"], 4.0, 3, False, 1.0, 4),
+}
+
+
+def inpaint_fixtures(pipe, ref: dict) -> None:
+    """StableDiffusion3InpaintPipeline (16-channel transformer: the per-step blend) with tf_diffusion's noise."""
+    from diffusers import StableDiffusion3InpaintPipeline
+    from make_fixtures_pipeline import NoiseQueues  # tools/ is on sys.path (img2img_fixtures)
+    from PIL import Image
+
+    from tf_diffusion import noise as noise_lib
+
+    mask = np.zeros((12, 8), np.uint8)
+    mask[2:9, 1:6] = 255  # white repaints
+    ref["inpaint_mask"] = mask
+    for name, (prompts, negatives, guidance, steps, with_t5, strength, seed) in INPAINT_CASES.items():
+        components = dict(pipe.components)
+        if not with_t5:
+            components.update(text_encoder_3=None, tokenizer_3=None)
+        run = StableDiffusion3InpaintPipeline(**components)
+        seeds = noise_lib.image_seeds(seed, len(prompts))
+        latent = (6, 4, 16)
+        with NoiseQueues() as queues:
+            # The image's posterior, then the masked image's (diffusers encodes it; the 16-channel
+            # transformer does not read it), and the latents' noise.
+            queues.queues["vae"].append(noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, latent))
+            queues.queues["vae"].append(noise_lib.batch_normal(seeds, noise_lib.MASKED_POSTERIOR, latent))
+            queues.queues["pipeline"].append(noise_lib.batch_normal(seeds, noise_lib.LATENTS, latent))
+            images = run(
+                prompt=prompts,
+                negative_prompt=negatives,
+                image=[Image.fromarray(ref["img2img_image"])] * len(prompts),
+                mask_image=[Image.fromarray(mask)] * len(prompts),
+                height=12,
+                width=8,
+                strength=strength,
+                guidance_scale=guidance,
+                num_inference_steps=steps,
+                max_sequence_length=12,
+                output_type="latent",
+            ).images
+        # diffusers' SD3 inpaint pipeline decodes latents / scaling_factor without adding shift_factor
+        # (its text-to-image and image-to-image pipelines add it); the latents are its loop's result, and
+        # the images are decoded here as the other two SD3 pipelines decode.
+        vae = run.vae
+        with torch.no_grad():
+            decoded = vae.decode(images / vae.config.scaling_factor + vae.config.shift_factor).sample
+        ref[f"{name}_latents_out"] = images.numpy().transpose(0, 2, 3, 1)
+        ref[f"{name}_images"] = run.image_processor.postprocess(decoded, output_type="np").astype(np.float32)
 
 
 def main() -> None:
