@@ -119,14 +119,13 @@ def test_image_to_image_arguments(sd_no_t5):
         sd_no_t5.generate("a", strength=0.5, height=12, width=8, progress=False)
 
 
-def _single_file(tmp_path, with_text_encoders=True, with_t5=True):
+def _single_file(sd, tmp_path, with_text_encoders=True, with_t5=True):
     """The tiny folder's weights in the original single-file layout (transformer keys by our rename,
     which tools/make_fixtures_sd3.py checks against diffusers' own converter)."""
     from safetensors.numpy import save_file
 
     from tf_diffusion.weights.state_dict import state_dict
 
-    sd = StableDiffusion3.from_pretrained(FIXTURES / "sd3-diffusers")
     tensors = {}
     prefixes = {"transformer": "model.diffusion_model.", "vae": "first_stage_model."}
     if with_text_encoders:
@@ -144,34 +143,34 @@ def _single_file(tmp_path, with_text_encoders=True, with_t5=True):
     return path, sd.config
 
 
-def test_original_single_file(tmp_path, ref):
+def test_original_single_file(sd, tmp_path, ref):
     arrays, cases = ref
     prompts, negatives, guidance, steps, _ = cases["t5"]
-    path, config = _single_file(tmp_path)
+    path, config = _single_file(sd, tmp_path)
     spiece = FIXTURES / "sd3-diffusers" / "tokenizer_3" / "spiece.model"
     with pytest.raises(ValueError, match="carry no T5 tokenizer"):
         StableDiffusion3.from_single_file(path, config=config)
-    sd = StableDiffusion3.from_single_file(path, config=config, tokenizer_3=spiece,
+    loaded = StableDiffusion3.from_single_file(path, config=config, tokenizer_3=spiece,
                                            text_encoders_from=FIXTURES / "sd3-diffusers")  # fmt: skip
-    images = sd.generate(prompts, negatives, num_steps=steps, guidance_scale=guidance, height=12, width=8,
-                         latents=arrays["t5_latents"], max_sequence_length=12, output_type="float",
+    images = loaded.generate(prompts, negatives, num_steps=steps, guidance_scale=guidance, height=12, width=8,
+                             latents=arrays["t5_latents"], max_sequence_length=12, output_type="float",
                          progress=False, jit_compile=False)  # fmt: skip
     assert np.abs(images - arrays["t5_images"]).max() < IMAGE_TOL
 
 
-def test_single_file_without_text_encoders(tmp_path, ref):
+def test_single_file_without_text_encoders(sd, tmp_path, ref):
     arrays, cases = ref
     prompts, negatives, guidance, steps, _ = cases["no_t5"]
-    path, config = _single_file(tmp_path, with_text_encoders=False, with_t5=False)
+    path, config = _single_file(sd, tmp_path, with_text_encoders=False, with_t5=False)
     with pytest.raises(
         ValueError, match="no text_encoder and text_encoder_2 .CLIP. weights; pass text_encoders_from"
     ):
         StableDiffusion3.from_single_file(path, config=config)
-    sd = StableDiffusion3.from_single_file(path, config=config, text_encoders_from=FIXTURES / "sd3-diffusers",
-                                           load_t5=False)  # fmt: skip
-    assert sd.text_encoder_3 is None
-    images = sd.generate(prompts, negatives, num_steps=steps, guidance_scale=guidance, height=12, width=8,
-                         latents=arrays["no_t5_latents"], max_sequence_length=12, output_type="float",
+    loaded = StableDiffusion3.from_single_file(path, config=config, text_encoders_from=FIXTURES / "sd3-diffusers",
+                                               load_t5=False)  # fmt: skip
+    assert loaded.text_encoder_3 is None
+    images = loaded.generate(prompts, negatives, num_steps=steps, guidance_scale=guidance, height=12, width=8,
+                             latents=arrays["no_t5_latents"], max_sequence_length=12, output_type="float",
                          progress=False, jit_compile=False)  # fmt: skip
     assert np.abs(images - arrays["no_t5_images"]).max() < IMAGE_TOL
 
