@@ -274,7 +274,8 @@ class StableDiffusion3:
             executor: what runs the loop, the decode and the text encoders.
 
         Returns:
-            (N, H, W, 3) images, or the final latents (N, h, w, 16) for "latent".
+            ``GeneratedImages`` (a NumPy array with ``.info``, as ``StableDiffusion.generate``): (N, H, W, 3)
+            images, or the final latents (N, h, w, 16) for "latent".
 
         Raises:
             ValueError: for any invalid argument, naming the value and what is allowed.
@@ -401,14 +402,34 @@ class StableDiffusion3:
             progress=progress,
             jit_compile=jit_compile,
         )
+        from tf_diffusion.pipeline import GeneratedImages, GenerationInfo
+
+        info = GenerationInfo(
+            model=cfg.name,
+            mode="txt2img" if init is None else ("inpaint" if mask_px is not None else "img2img"),
+            prompts=tuple(p for p in prompts for _ in range(num_images)),
+            negative_prompts=tuple(p for p in negatives for _ in range(num_images)),
+            seeds=tuple(seeds),
+            seeded_latents=latents is None,
+            sampler=sampler.name,
+            sampler_options=dict(sampler.options()),
+            num_steps=num_steps,
+            num_evals=plan.num_evals,
+            guidance_scale=guidance_scale,
+            strength=None if init is None else float(strength),
+            mask_blur=None,
+            height=height,
+            width=width,
+            output_type=output_type,
+        )
         if output_type == "latent":
-            return x
+            return GeneratedImages.wrap(x, info)
         decoded = self.decode(x, jit_compile, executor)
         if output_type == "float":
-            return np.clip(decoded * 0.5 + 0.5, 0.0, 1.0)
+            return GeneratedImages.wrap(np.clip(decoded * 0.5 + 0.5, 0.0, 1.0), info)
         from tf_diffusion import images as image_utils
 
-        return image_utils.to_uint8(decoded)
+        return GeneratedImages.wrap(image_utils.to_uint8(decoded), info)
 
     def decode(self, latents, jit_compile: bool | None = None, executor=None) -> np.ndarray:
         """Transformer latents (N, h, w, 16) -> images (N, H, W, 3) in [-1, 1]: ``vae.decode(x / scaling + shift)``."""
