@@ -247,3 +247,15 @@ def test_full_size_clip_parameter_counts():
     assert count_parameters(clip_l) == 123_650_304
     clip_g = build_abstract(lambda: CLIPTextEncoder(preset.text_encoder_2))
     assert count_parameters(clip_g) == 694_659_840
+
+
+def test_t5_runs_in_bfloat16(sd3_dir, ref):
+    # Norms, the position bias sum and the softmax stay float32; the rest rounds to bfloat16.
+    folder = sd3_dir / "sd3-diffusers" / "text_encoder_3"
+    model = T5Encoder(
+        t5_config_from_transformers(json.loads((folder / "config.json").read_text())), dtype="mixed_bfloat16"
+    )
+    load_state_dict(model, load_safetensors(folder / "model.safetensors"))
+    out = np.asarray(model(ref["t5_ids"]))
+    assert out.dtype == np.float32
+    assert np.abs(out - ref["t5_out"]).max() < 0.05 * np.abs(ref["t5_out"]).max()

@@ -92,7 +92,11 @@ class T5Attention(keras.layers.Layer):
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         # T5 folds the 1/sqrt(d) into its initialisation: the scores are not scaled.
-        scores = ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), "float32") + position_bias
+        # Keras casts the bias to the compute dtype on the way in (a bfloat16 model holds it in bfloat16,
+        # as transformers does); the sum and softmax are float32.
+        scores = ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), "float32") + ops.cast(
+            position_bias, "float32"
+        )
         out = ops.matmul(ops.cast(ops.softmax(scores, axis=-1), v.dtype), v)  # (B, h, T, d)
         return self.o(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, h * d)))
 
