@@ -19,6 +19,10 @@ Written to tests/fixtures/sd3/:
 * ``sd3-diffusers/tokenizer_3/spiece.model``: a tiny SentencePiece unigram model trained here (the tiny test repos' file cannot
   be downloaded), ``tokenizer_ids.json``: transformers' ``T5TokenizerFast`` ids of the tokenizer test
   corpus (tests/fixtures/tokenizer/reference_ids.json) from it.
+* a check (nothing written): the tiny pipeline in the original single-file layout (``model.diffusion_model.``
+  by our rename, ``first_stage_model.`` by our VAE rename, ``text_encoders.clip_l/clip_g/t5xxl.transformer.``)
+  is read by diffusers' ``StableDiffusion3Pipeline.from_single_file`` into the same weights (CLIP-L's
+  projection is the identity, which diffusers puts there; the folder's CLIP-L has it too).
 * ``reference.npz``: inputs and reference outputs of each component, and
   ``FlowMatchEulerDiscreteScheduler`` trajectories (shift 3.0; dynamic shifting with a given mu).
 
@@ -289,6 +293,10 @@ def pipeline_fixtures(models: dict) -> None:
         ids = {k: ref_cfg[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
         torch.manual_seed(50 + i)
         encoders[name] = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **cfg)).eval()
+    with torch.no_grad():
+        # As SD3's CLIP-L: its projection is the identity (diffusers puts one there when it reads a single
+        # file, which has none), so the folder and the single-file layout hold the same model.
+        encoders["text_encoder"].text_projection.weight.copy_(torch.eye(16))
     tokenizers = {
         "tokenizer": CLIPTokenizer.from_pretrained(SDXL_FOLDER / "tokenizer"),
         "tokenizer_2": CLIPTokenizer.from_pretrained(SDXL_FOLDER / "tokenizer_2"),
@@ -340,12 +348,59 @@ def pipeline_fixtures(models: dict) -> None:
                                        max_sequence_length=12)  # fmt: skip
         ref[f"{name}_prompt_embeds"] = embeds[0].numpy()
         ref[f"{name}_pooled"] = embeds[2].numpy()
+    check_single_file_layout(pipe, folder)
     img2img_fixtures(pipe, ref)
     inpaint_fixtures(pipe, ref)
     np.savez_compressed(OUT / "pipeline.npz", **ref)
     (OUT / "pipeline.json").write_text(
         json.dumps({**PIPELINE_CASES, **IMG2IMG_CASES, **INPAINT_CASES}, indent=1)
     )
+
+
+def check_single_file_layout(pipe, folder: pathlib.Path) -> None:
+    """The original single-file layout tests/test_sd3_pipeline.py writes (our renames, the prefixes of
+    weights/sd3_single_file.py) is read back by diffusers' from_single_file into the same weights."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from tf_diffusion.config import VAEConfig
+    from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae
+
+    vae_cfg = pipe.vae.config
+    ours_vae = VAEConfig(
+        latent_channels=vae_cfg.latent_channels, base_channels=vae_cfg.block_out_channels[0],
+        channel_mult=tuple(c // vae_cfg.block_out_channels[0] for c in vae_cfg.block_out_channels),
+        num_res_blocks=vae_cfg.layers_per_block, norm_groups=vae_cfg.norm_num_groups, use_quant_conv=False,
+    )  # fmt: skip
+    tensors = {}
+    mm = convert_diffusers_mmdit(
+        _state(pipe.transformer), mmdit_config_from_diffusers(dict(pipe.transformer.config))
+    )
+    tensors.update({f"model.diffusion_model.{k}": v for k, v in mm.items()})
+    vae = convert_diffusers_vae(_state(pipe.vae), ours_vae)
+    tensors.update({f"first_stage_model.{k}": v for k, v in vae.items()})
+    for name, prefix in (
+        ("text_encoder", "clip_l"),
+        ("text_encoder_2", "clip_g"),
+        ("text_encoder_3", "t5xxl"),
+    ):
+        for k, v in _state(getattr(pipe, name)).items():
+            # Single files hold no CLIP-L projection (the identity) and no tied T5 embedding copy.
+            if k not in ("encoder.embed_tokens.weight", "text_projection.weight") or name == "text_encoder_2":
+                tensors[f"text_encoders.{prefix}.transformer.{k}"] = v
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "sd3_tiny.safetensors"
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+        loaded = StableDiffusion3Pipeline.from_single_file(
+            str(path), config=str(folder), local_files_only=True
+        )
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        # diffusers leaves T5's tied embed_tokens copy unloaded (on the meta device); shared is compared.
+        skip = {"encoder.embed_tokens.weight"}
+        want = {k: v for k, v in _state(getattr(pipe, name)).items() if k not in skip}
+        got = {k: v.detach().numpy() for k, v in getattr(loaded, name).state_dict().items() if k not in skip}
+        assert set(want) == set(got), (name, sorted(set(want) ^ set(got))[:5])
+        for k in want:
+            assert np.array_equal(want[k], got[k]), (name, k)
 
 
 IMG2IMG_CASES = {

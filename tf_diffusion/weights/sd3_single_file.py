@@ -5,8 +5,8 @@ Layout (as diffusers' single-file loader reads it): the MMDiT under ``model.diff
 original names, which are our attribute paths; the VAE under ``first_stage_model.`` (LDM names, no quant
 convs); the text encoders, when the file has them, under ``text_encoders.clip_l.transformer.``,
 ``text_encoders.clip_g.transformer.`` (both transformers' CLIP layout) and
-``text_encoders.t5xxl.transformer.`` (transformers' T5EncoderModel keys). CLIP-L there has no
-``text_projection``: as diffusers, it is the identity. Files without text encoders take them from a
+``text_encoders.t5xxl.transformer.`` (transformers' T5EncoderModel keys). CLIP-L's ``text_projection``
+is the identity, as diffusers sets it (the files hold none). Files without text encoders take them from a
 diffusers folder (``text_encoders_from=``); T5 may be left out (its tokens are then zeros).
 """
 
@@ -140,8 +140,9 @@ def load_sd3_single_file(
             if name in parts:
                 weights = dict(parts[name])
                 width = getattr(cfg, name).hidden_size
-                if name == "text_encoder" and "text_projection.weight" not in weights:
-                    weights["text_projection.weight"] = np.eye(width, dtype=np.float32)  # as diffusers
+                if name == "text_encoder":
+                    # As diffusers: SD3's CLIP-L projection is the identity (the files hold none).
+                    weights["text_projection.weight"] = np.eye(width, dtype=np.float32)
                 load_state_dict(
                     getattr(sd, name), {k: v for k, v in weights.items() if "position_ids" not in k}
                 )
