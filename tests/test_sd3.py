@@ -165,6 +165,8 @@ def test_flow_match_euler_trajectory(sd3_dir, ref, name):
 def test_flow_match_mu_errors():
     with pytest.raises(ValueError, match="needs mu"):
         get_sampler("FlowMatchEulerDiscreteScheduler", SchedulerConfig(use_dynamic_shifting=True))
+    with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
+        get_sampler("FlowMatchEulerDiscreteScheduler", SchedulerConfig(use_karras_sigmas=True))
     with pytest.raises(ValueError, match="only read with use_dynamic_shifting"):
         get_sampler("FlowMatchEulerDiscreteScheduler", SchedulerConfig(shift=3.0), mu=0.5)
 

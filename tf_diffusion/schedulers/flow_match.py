@@ -39,7 +39,8 @@ class FlowMatchEuler(Sampler):
             ``config.use_dynamic_shifting``.
 
     Raises:
-        ValueError: for ``mu`` given without dynamic shifting, missing with it, or not a finite number.
+        ValueError: for ``mu`` given without dynamic shifting, missing with it, or not a finite number;
+            for Karras sigmas (diffusers' option, not reproduced).
     """
 
     name = "flow_euler"
@@ -49,6 +50,10 @@ class FlowMatchEuler(Sampler):
         self, config: SchedulerConfig | None = None, name: str | None = None, mu: float | None = None
     ):
         super().__init__(config, name)
+        if self.config.use_karras_sigmas:
+            raise ValueError(
+                "use_karras_sigmas=True is not supported by FlowMatchEulerDiscreteScheduler here; allowed: False"
+            )
         dynamic = self.config.use_dynamic_shifting
         if mu is not None and (
             isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu)
