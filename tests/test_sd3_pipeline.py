@@ -209,3 +209,16 @@ def test_inpainting_arguments(sd_no_t5):
         sd_no_t5.generate("a", mask=np.ones((12, 8)), progress=False)
     with pytest.raises(ValueError, match="mask size 4x12 .WxH. differs from the image size 8x12"):
         sd_no_t5.generate("a", image=np.zeros((12, 8, 3)), mask=np.ones((12, 4)), progress=False)
+
+
+def test_skip_layer_guidance_matches_diffusers(sd, ref):
+    arrays, _ = ref
+    images = sd.generate(["a cat wearing a hat"], num_steps=6, guidance_scale=4.0, height=12, width=8,
+                         latents=arrays["slg_latents"], max_sequence_length=12, output_type="float",
+                         skip_guidance_layers=[1], skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.1,
+                         skip_layer_guidance_stop=0.7, progress=False, jit_compile=False)  # fmt: skip
+    assert np.abs(images - arrays["slg_images"]).max() < IMAGE_TOL
+    with pytest.raises(ValueError, match="skip_guidance_layers .3. are not blocks"):
+        sd.generate("a", guidance_scale=4.0, height=12, width=8, skip_guidance_layers=[3], progress=False)
+    with pytest.raises(ValueError, match="applies to text-to-image with guidance"):
+        sd.generate("a", guidance_scale=1.0, height=12, width=8, skip_guidance_layers=[1], progress=False)

@@ -237,6 +237,10 @@ class StableDiffusion3:
         image=None,
         strength: float | None = None,
         mask=None,
+        skip_guidance_layers: Sequence[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_start: float = 0.01,
+        skip_layer_guidance_stop: float = 0.2,
         max_sequence_length: int | None = None,
         callback: Callable | None = None,
         progress: bool = True,
@@ -266,6 +270,11 @@ class StableDiffusion3:
                 inpainting at 1.0 starts from pure noise.
             mask: inpainting mask (white >= 0.5 repaints), the image's size. After every step the kept
                 region is the image's latents noised to the next step's level (clean after the last).
+            skip_guidance_layers: text-to-image with guidance only: diffusers' skip-layer guidance
+                (SD3.5 Medium: ``(7, 8, 9)``): at evaluations ``i`` with ``start * num_steps < i <
+                stop * num_steps`` the prediction gains ``scale * (cond - cond without these blocks)``.
+            skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop: its scale
+                and window, with diffusers' defaults.
             max_sequence_length: T5 tokens, 1..512; default ``config.max_sequence_length`` (256).
             callback: ``callback(step, timestep, latents)`` after every step.
             progress: show a progress bar.
@@ -393,7 +402,24 @@ class StableDiffusion3:
                 )  # nearest, as torch interpolate
                 rows[blend.name] = {"mask": mask_latent, "image_latents": image_latents, "noise": noise}
                 shared[blend.name] = {"scales": _next_noise_scales(sampler, plan)}
-        program = DenoiseProgram(sampler, self.denoiser, guidance, hooks)
+        denoiser = self.denoiser
+        if skip_guidance_layers is not None:
+            layers = _check_skip_layers(skip_guidance_layers, cfg.transformer.num_layers)
+            if init is not None or not guided:
+                raise ValueError(
+                    "skip_guidance_layers applies to text-to-image with guidance (guidance_scale > 1), as "
+                    "diffusers' StableDiffusion3Pipeline"
+                )
+            evals = np.arange(plan.num_evals)
+            window = (evals > num_steps * skip_layer_guidance_start) & (
+                evals < num_steps * skip_layer_guidance_stop
+            )
+            # The term is folded into the conditional rows (SkipLayerDenoiser): CFG then scales it back.
+            weight = np.where(window, np.float32(skip_layer_guidance_scale) / np.float32(guidance_scale), 0.0)
+            per_step["cond"] = {"extra.slg_weight": np.repeat(weight[:, None], n, axis=1).astype(np.float32)}
+            per_step["uncond"] = {"extra.slg_weight": np.zeros((plan.num_evals, n), np.float32)}
+            denoiser = SkipLayerDenoiser(self.denoiser, layers)
+        program = DenoiseProgram(sampler, denoiser, guidance, hooks)
         x = executor.run(
             program,
             x,
@@ -454,6 +480,54 @@ class StableDiffusion3:
         z = mean + std * noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, shape)
         vae = self.config.vae
         return ((z - np.float32(vae.shift_factor)) * np.float32(vae.scaling_factor)).astype(np.float32)
+
+
+class SkipLayerDenoiser:
+    """``MMDiTDenoiser`` with diffusers' skip-layer guidance folded into the conditional rows.
+
+    The batch is [uncond, cond] (classifier-free guidance). The conditional rows become
+    ``cond + w * (cond - skip)``, with ``skip`` the transformer without ``layers`` on the conditional
+    rows and ``w`` the per-step ``slg_weight`` extra (skip-layer scale / guidance scale inside the window,
+    0 outside; 0 on the unconditional rows), so that guidance gives diffusers'
+    ``uncond + s * (cond - uncond) + scale * (cond - skip)``. The skipped pass runs at every evaluation
+    (weight 0 outside the window), one traced program for the whole loop.
+    """
+
+    def __init__(self, base: MMDiTDenoiser, layers: tuple[int, ...]):
+        self.base, self.layers = base, tuple(layers)
+        self.transformer = base.transformer
+
+    @property
+    def key(self):
+        return ("skip-layer", self.base.key, self.layers)
+
+    def __call__(self, x, t, cond: Conditioning):
+        from keras import ops
+
+        extras = dict(cond.extras)
+        weight = extras.pop("slg_weight")  # (2N,)
+        out = self.base(x, t, Conditioning(cond.context, extras))  # (2N, h, w, C): [uncond, cond]
+        n = ops.shape(x)[0] // 2
+        x_cond = x[n:]
+        t_cond = ops.broadcast_to(t, (ops.shape(x_cond)[0],))
+        skip = self.transformer(
+            x_cond, t_cond, cond.context[n:], extras["pooled_projections"][n:], skip_layers=self.layers
+        )
+        w = ops.cast(weight[n:], "float32")[:, None, None, None]
+        conditional = out[n:] + w * (out[n:] - ops.cast(skip, "float32"))
+        return ops.concatenate([out[:n], conditional], axis=0)
+
+
+def _check_skip_layers(layers, num_layers: int) -> tuple[int, ...]:
+    values = tuple(layers) if not isinstance(layers, (str, bytes)) else ()
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
+        raise ValueError(f"skip_guidance_layers={layers!r} must be a non-empty list of block indices")
+    bad = [int(v) for v in values if not 0 <= v < num_layers]
+    if bad:
+        raise ValueError(
+            f"skip_guidance_layers {bad} are not blocks of this transformer; allowed: 0..{num_layers - 1}"
+        )
+    return tuple(int(v) for v in values)
 
 
 def _repeat_rows(array: np.ndarray, n: int) -> np.ndarray:

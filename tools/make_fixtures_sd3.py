@@ -348,6 +348,14 @@ def pipeline_fixtures(models: dict) -> None:
                                        max_sequence_length=12)  # fmt: skip
         ref[f"{name}_prompt_embeds"] = embeds[0].numpy()
         ref[f"{name}_pooled"] = embeds[2].numpy()
+    # Skip-layer guidance (SD3.5 Medium's option) on the tiny transformer's middle block.
+    latents = rng.standard_normal((1, 16, 6, 4)).astype(np.float32)
+    images = pipe(prompt=["a cat wearing a hat"], guidance_scale=4.0, num_inference_steps=6, height=12, width=8,
+                  latents=torch.from_numpy(latents), max_sequence_length=12, output_type="np",
+                  skip_guidance_layers=[1], skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.1,
+                  skip_layer_guidance_stop=0.7).images  # fmt: skip
+    ref["slg_latents"] = latents.transpose(0, 2, 3, 1)
+    ref["slg_images"] = images.astype(np.float32)
     check_single_file_layout(pipe, folder)
     img2img_fixtures(pipe, ref)
     inpaint_fixtures(pipe, ref)
