@@ -191,6 +191,7 @@ FULL_SIZE = {
 @pytest.mark.parametrize("name", sorted(FULL_SIZE))
 def test_full_size_transformer_parameter_counts(name):
     cfg, count, table = FULL_SIZE[name]
+    assert get_sd3_preset(name).transformer == cfg  # the presets are these architectures
     model = build_abstract(lambda: MMDiT(cfg))
     assert count_parameters(model) == count + table
     assert int(np.prod(model.pos_embed.shape)) == table

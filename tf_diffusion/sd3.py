@@ -9,8 +9,10 @@ pooled embedding is both projected CLIP outputs concatenated (2048). The negativ
 ``denoising.MMDiTDenoiser``, run by the same ``DenoiseProgram`` and executors as the UNet families;
 latents are decoded as ``vae.decode(x / scaling_factor + shift_factor)``.
 
-Not here yet: image-to-image, inpainting, skip-layer guidance in ``generate()``, the original single
-files and keras-hub presets (issue 22).
+Image-to-image and inpainting follow diffusers' SD3 Img2Img / Inpaint pipelines (the 16-channel
+transformer's per-step blend), skip-layer guidance its text-to-image pipeline. Not here yet (issue 22):
+flow Heun and DPM-Solver++ samplers, keras-hub presets, the CLI, PNG parameters, the SavedModel export,
+sharded generation and LoRA for SD3.
 """
 
 from __future__ import annotations
@@ -93,6 +95,19 @@ class StableDiffusion3:
         self.vae = AutoencoderKL(config.vae, dtype="float32" if dtype and "float16" in dtype else dtype)
         self.denoiser = MMDiTDenoiser(self.transformer)
         self.executor = LocalExecutor()
+
+    @classmethod
+    def from_preset(cls, name: str, *, dtype: str | None = None) -> StableDiffusion3:
+        """Build an SD3 preset's architecture ("sd3-medium", "sd3.5-large", ...) with random weights.
+
+        The T5 tokenizer needs a checkpoint's ``spiece.model``: set ``tokenizer_3`` before encoding text.
+
+        Raises:
+            ValueError: for an unknown preset, listing the known ones.
+        """
+        from tf_diffusion.presets import get_sd3_preset
+
+        return cls(get_sd3_preset(name), dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None, load_t5: bool = True):
