@@ -23,6 +23,9 @@ _EXPORTS = {
     "PRESETS": "tf_diffusion.presets",
     "get_preset": "tf_diffusion.presets",
     "StableDiffusion": "tf_diffusion.pipeline",
+    "StableDiffusion3": "tf_diffusion.sd3",
+    "SD3Config": "tf_diffusion.config",
+    "SD3_PRESETS": "tf_diffusion.presets",
     "resolve_model": "tf_diffusion.models",
     "shipped_weights_dirs": "tf_diffusion.models",
 }

@@ -215,6 +215,10 @@ class VAEConfig:
     # diffusers' force_upcast: under float16 the VAE runs in float32 (SD's and SDXL's VAEs overflow in float16);
     # False for VAEs fine-tuned not to (madebyollin/sdxl-vae-fp16-fix), which then run in float16.
     force_upcast: bool = True
+    # SD3's VAE: latents are (z - shift_factor) * scaling_factor, and it has no quant_conv /
+    # post_quant_conv (diffusers' use_quant_conv=False, use_post_quant_conv=False).
+    shift_factor: float = 0.0
+    use_quant_conv: bool = True
 
     def __post_init__(self):
         _check_positive(
@@ -231,6 +235,81 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         """Pixels per latent along each side: 2 ** (levels - 1)."""
         return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """SD3's MMDiT (diffusers' SD3Transformer2DModel), with diffusers' field names. Defaults: SD3 Medium.
+
+    ``dual_attention_layers``: the joint blocks whose image stream has a second self-attention
+    (SD3.5 Medium: 0-12); ``qk_norm``: "rms_norm" (SD3.5) or None. The position table holds
+    ``pos_embed_max_size`` squared patches and is cropped around its centre to the latent size.
+    """
+
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 16
+    num_layers: int = 24
+    attention_head_dim: int = 64
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1536
+    pooled_projection_dim: int = 2048
+    out_channels: int = 16
+    pos_embed_max_size: int = 192
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+
+    def __post_init__(self):
+        _check_positive(
+            self, "sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
+            "num_attention_heads", "joint_attention_dim", "caption_projection_dim",
+            "pooled_projection_dim", "out_channels", "pos_embed_max_size",
+        )  # fmt: skip
+        if self.caption_projection_dim != self.inner_dim:
+            # The joint blocks add the projected context to a stream of the image tokens' width.
+            raise ValueError(
+                f"caption_projection_dim={self.caption_projection_dim} must equal "
+                f"num_attention_heads * attention_head_dim={self.inner_dim}"
+            )
+        bad = [
+            i for i in self.dual_attention_layers if not isinstance(i, int) or not 0 <= i < self.num_layers
+        ]
+        if bad:
+            raise ValueError(
+                f"dual_attention_layers {bad} are not block indices; allowed: 0 to {self.num_layers - 1}"
+            )
+        if self.qk_norm is not None:
+            _check_choice("qk_norm", self.qk_norm, {"rms_norm"})
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """The T5 encoder (transformers' T5EncoderModel), with transformers' field names. Defaults: T5-XXL v1.1."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+
+    def __post_init__(self):
+        _check_positive(
+            self, "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+            "relative_attention_num_buckets", "relative_attention_max_distance",
+        )  # fmt: skip
+        _check_choice(
+            "feed_forward_proj", self.feed_forward_proj, {"gated-gelu", "relu", "gated-relu", "gelu"}
+        )
 
 
 @dataclass(frozen=True)
@@ -270,6 +349,13 @@ class SchedulerConfig:
     disable_corrector: tuple[int, ...] = ()
     original_inference_steps: int = 50  # LCMScheduler: the distillation schedule's steps
     timestep_scaling: float = 10.0  # LCMScheduler: the boundary condition's timestep scale
+    # FlowMatchEulerDiscreteScheduler (SD3: shift 3.0; Flux: dynamic shifting from the image size).
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
 
     def __post_init__(self):
         _check_positive(self, "num_train_timesteps", "solver_order", "original_inference_steps")
@@ -289,6 +375,13 @@ class SchedulerConfig:
         _check_choice("algorithm_type", self.algorithm_type, {"dpmsolver++", "sde-dpmsolver++"})
         if self.solver_order > 3:
             raise ValueError(f"solver_order={self.solver_order} is not allowed; expected 1, 2 or 3")
+        if not isinstance(self.shift, (int, float)) or not self.shift > 0:
+            raise ValueError(f"shift must be a positive number, got {self.shift!r}")
+        if self.max_image_seq_len == self.base_image_seq_len:
+            raise ValueError(
+                f"max_image_seq_len and base_image_seq_len are both {self.base_image_seq_len}; "
+                "dynamic shifting interpolates between two different lengths"
+            )
         if not isinstance(self.steps_offset, int) or self.steps_offset < 0:
             raise ValueError(f"steps_offset must be a non-negative integer, got {self.steps_offset!r}")
 
@@ -356,6 +449,80 @@ class PipelineConfig:
         return self.unet.adm_in_channels is not None
 
     def replace(self, **changes) -> PipelineConfig:
+        """A copy with some fields changed (dataclasses.replace)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _sd3_vae() -> VAEConfig:
+    return VAEConfig(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False)
+
+
+@dataclass(frozen=True)
+class SD3Config:
+    """A whole SD3 / SD3.5 model (diffusers' StableDiffusion3Pipeline). Defaults: SD3 Medium.
+
+    The context is CLIP-L's and CLIP-G's penultimate hidden states concatenated (768 + 1280), zero-padded
+    to the transformer's ``joint_attention_dim`` and followed along the sequence by T5's
+    ``max_sequence_length`` tokens (zeros without T5, ``text_encoder_3=None``); the pooled embedding is
+    both CLIP encoders' projected outputs concatenated.
+    """
+
+    name: str
+    text_encoder: CLIPTextConfig = field(default_factory=lambda: CLIPTextConfig(projection_dim=768))
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text_encoder_2: CLIPTextConfig = field(
+        default_factory=lambda: CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            hidden_act="gelu", projection_dim=1280,
+        )
+    )  # fmt: skip
+    tokenizer_2: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(pad_token_id=0))
+    text_encoder_3: T5Config | None = field(default_factory=T5Config)
+    max_sequence_length: int = 256
+    transformer: MMDiTConfig = field(default_factory=MMDiTConfig)
+    vae: VAEConfig = field(default_factory=_sd3_vae)
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(shift=3.0))
+    default_size: int = 1024
+    # diffusers' StableDiffusion3Pipeline defaults: 28 steps, guidance 7.0.
+    default_steps: int = 28
+    default_guidance: float = 7.0
+    default_sampler: str = "FlowMatchEulerDiscreteScheduler"
+
+    def __post_init__(self):
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(self, name).projection_dim is None:
+                raise ValueError(f"SD3's {name} needs a projection (projection_dim) for the pooled embedding")
+        mm = self.transformer
+        clip = self.text_encoder.hidden_size + self.text_encoder_2.hidden_size
+        if clip > mm.joint_attention_dim:
+            raise ValueError(
+                f"the CLIP encoders' widths sum to {clip}, more than transformer.joint_attention_dim="
+                f"{mm.joint_attention_dim} (the context is zero-padded, never cut)"
+            )
+        if self.text_encoder_3 is not None and self.text_encoder_3.d_model != mm.joint_attention_dim:
+            raise ValueError(
+                f"text_encoder_3.d_model={self.text_encoder_3.d_model} must equal "
+                f"transformer.joint_attention_dim={mm.joint_attention_dim}"
+            )
+        pooled = self.text_encoder.projection_dim + self.text_encoder_2.projection_dim
+        if pooled != mm.pooled_projection_dim:
+            raise ValueError(
+                f"the CLIP projections sum to {pooled}; transformer.pooled_projection_dim is "
+                f"{mm.pooled_projection_dim}"
+            )
+        if mm.in_channels != self.vae.latent_channels:
+            raise ValueError(
+                f"transformer.in_channels={mm.in_channels} must equal vae.latent_channels={self.vae.latent_channels}"
+            )
+        if not isinstance(self.max_sequence_length, int) or not 1 <= self.max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length={self.max_sequence_length!r} must be an integer in 1..512")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the patch size (16 for SD3)."""
+        return self.vae.downsample_factor * self.transformer.patch_size
+
+    def replace(self, **changes) -> SD3Config:
         """A copy with some fields changed (dataclasses.replace)."""
         return dataclasses.replace(self, **changes)
 

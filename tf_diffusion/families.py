@@ -65,6 +65,9 @@ class Family:
         components: the family's networks (SDXL: two text encoders; the refiner only the second).
         inpaint_strength: ``generate()``'s default strength when a mask is given (diffusers' inpainting
             pipelines: 1.0; SDXL's 0.9999, which keeps a trace of the init image's latents).
+        backbone: "unet" (the ``StableDiffusion`` families) or "mmdit" (SD3 / SD3.5, built by
+            ``sd3.StableDiffusion3`` from ``presets.SD3_PRESETS``; ``context_dim`` is then the joint
+            attention width and ``unet_in_channels`` the transformer's input channels).
     """
 
     name: str
@@ -83,6 +86,7 @@ class Family:
     default_sizes: Mapping[str, int] = field(default_factory=dict)
     components: tuple[str, ...] = COMPONENTS
     inpaint_strength: float = 1.0
+    backbone: str = "unet"
 
     @property
     def is_inpainting(self) -> bool:
@@ -184,6 +188,34 @@ FAMILIES: dict[str, Family] = {
               refiner=True),
     )
 }  # fmt: skip
+# SD3 / SD3.5: the original single files hold the MMDiT under model.diffusion_model. (joint_blocks.N),
+# the text encoders under text_encoders.<name>.transformer. (often left out) and the VAE as SD's.
+SD3_PREFIXES = {
+    "text_encoder": "text_encoders.clip_l.transformer.",
+    "text_encoder_2": "text_encoders.clip_g.transformer.",
+    "text_encoder_3": "text_encoders.t5xxl.transformer.",
+    "transformer": UNET_PREFIX,
+    "vae": VAE_PREFIX,
+}
+SD3_DETECTION_KEY = UNET_PREFIX + "joint_blocks.0."
+FAMILIES["sd3"] = Family(
+    "sd3",
+    "SD3 / SD3.5 (MMDiT; CLIP ViT-L, OpenCLIP ViT-bigG and T5-XXL text encoders, 4096-wide context)",
+    "clip+openclip-bigg+t5",
+    4096,
+    16,
+    SD3_PREFIXES,
+    ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+    None,
+    ("sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo"),
+    "sd3-medium",
+    infer_config="tf_diffusion.weights.diffusers_mmdit:mmdit_config_from_checkpoint",
+    default_sampler="FlowMatchEulerDiscreteScheduler",
+    components=("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"),
+    backbone="mmdit",
+)
+# The families StableDiffusion builds (every helper below but is_sd3_single_file reads only these).
+_UNET_FAMILIES = [f for f in FAMILIES.values() if f.backbone == "unet"]
 # A single file whose family nothing shows (no text encoder, no cross-attention) is taken as this one.
 DEFAULT_FAMILY = "sd1"
 
@@ -201,7 +233,7 @@ def get_family(name: str) -> Family:
 
 def text_encoder_prefixes() -> dict[str, str]:
     """Single-file text encoder kind -> prefix, over the SD 1.x / 2.x families ("clip" -> "cond_stage_model.transformer.")."""
-    return {f.text_encoder: f.prefixes["text_encoder"] for f in FAMILIES.values() if not f.is_sdxl}
+    return {f.text_encoder: f.prefixes["text_encoder"] for f in _UNET_FAMILIES if not f.is_sdxl}
 
 
 def components_of(config) -> tuple[str, ...]:
@@ -214,13 +246,14 @@ def components_of(config) -> tuple[str, ...]:
 
 
 def diffusers_pipeline_classes() -> tuple[str, ...]:
-    """Every model_index.json ``_class_name`` some family reads, in registry order."""
-    return tuple(dict.fromkeys(c for f in FAMILIES.values() for c in f.diffusers_pipelines))
+    """Every model_index.json ``_class_name`` some UNet family reads, in registry order (SD3's:
+    ``FAMILIES["sd3"].diffusers_pipelines``, read by ``weights.sd3_folder``)."""
+    return tuple(dict.fromkeys(c for f in _UNET_FAMILIES for c in f.diffusers_pipelines))
 
 
 def _match(text_encoder: str | None, context_dim: int | None, inpainting: bool) -> Family:
     """The family with this text encoder kind (or, without one, context width), inpainting or not."""
-    families = [f for f in FAMILIES.values() if not f.is_sdxl]
+    families = [f for f in _UNET_FAMILIES if not f.is_sdxl]
     if text_encoder is not None:
         candidates = [f for f in families if f.text_encoder == text_encoder]
     else:
@@ -262,8 +295,16 @@ def _sdxl_family(parts, unet) -> Family:
     return FAMILIES["sdxl-refiner" if refiner else ("sdxl-inpainting" if inpainting else "sdxl")]
 
 
+def is_sd3_single_file(keys) -> bool:
+    """Whether an original single file's keys are SD3 / SD3.5's (an MMDiT under model.diffusion_model.)."""
+    return any(k.startswith(SD3_DETECTION_KEY) for k in keys)
+
+
 def family_of_config(config) -> Family:
-    """The family of a ``PipelineConfig``: its text encoder (gelu: OpenCLIP) and whether it inpaints."""
+    """The family of a ``PipelineConfig`` (its text encoder, gelu: OpenCLIP, and whether it inpaints)
+    or of an ``SD3Config``."""
+    if hasattr(config, "transformer"):
+        return FAMILIES["sd3"]
     if config.is_sdxl:
         if config.text_encoder is None:
             return FAMILIES["sdxl-refiner"]

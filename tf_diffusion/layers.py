@@ -163,6 +163,23 @@ class LayerNorm(keras.layers.Layer):
         return (x - mean) * ops.rsqrt(var + self.eps) * self.weight + self.bias
 
 
+class RMSNorm(keras.layers.Layer):
+    """RMS norm with a learned scale over the last axis, in float32 (T5LayerNorm, diffusers' RMSNorm)."""
+
+    LAYOUT = {"weight": PLAIN}
+
+    def __init__(self, dim: int, eps: float, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.dim, self.eps = dim, eps
+        self.weight = self.add_weight(shape=(dim,), initializer="ones", name="weight")
+        self.built = True
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        return x * ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + self.eps) * self.weight
+
+
 class Embedding(keras.layers.Layer):
     """nn.Embedding: a (num, dim) table indexed by integer ids."""
 

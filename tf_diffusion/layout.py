@@ -193,10 +193,12 @@ def vae_layout(cfg: VAEConfig) -> list[Block]:
     add("encoder", "norm", levels - 1, ch, ch, "encoder.norm_out", "encoder.conv_norm_out")
     moments = 2 * cfg.latent_channels  # mean and log-variance
     add("encoder", "conv", levels - 1, ch, moments, "encoder.conv_out", "encoder.conv_out")
-    add("", "quant", levels - 1, moments, moments, "quant_conv", "quant_conv")
+    if cfg.use_quant_conv:  # SD3's VAE has no quant convs
+        add("", "quant", levels - 1, moments, moments, "quant_conv", "quant_conv")
 
     latent = cfg.latent_channels
-    add("", "quant", levels - 1, latent, latent, "post_quant_conv", "post_quant_conv")
+    if cfg.use_quant_conv:
+        add("", "quant", levels - 1, latent, latent, "post_quant_conv", "post_quant_conv")
     ch = base * mult[-1]
     add("decoder", "conv", levels - 1, latent, ch, "decoder.conv_in", "decoder.conv_in")
     mid("decoder", ch, levels - 1)

@@ -6,8 +6,10 @@ import dataclasses
 
 from tf_diffusion.config import (
     CLIPTextConfig,
+    MMDiTConfig,
     PipelineConfig,
     SchedulerConfig,
+    SD3Config,
     TokenizerConfig,
     UNetConfig,
     VAEConfig,
@@ -187,3 +189,42 @@ def get_preset(name: str) -> PipelineConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+# SD3 / SD3.5 (diffusers' stabilityai folders; architecture only): CLIP-L and OpenCLIP bigG, both with
+# projections, T5-XXL v1.1, the 16-channel VAE and FlowMatchEuler with shift 3.0. Head width 64 and as
+# many heads as blocks. SD3.5 adds RMS q/k norm; SD3.5 Medium a second image attention in blocks 0-12
+# and a 384-patch position table. Steps and guidance: each model card's.
+_SD3 = SD3Config(name="sd3-medium")
+_SD35_LARGE = MMDiTConfig(
+    num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"
+)
+SD3_PRESETS: dict[str, SD3Config] = {
+    "sd3-medium": _SD3,
+    "sd3.5-medium": _SD3.replace(
+        name="sd3.5-medium",
+        transformer=MMDiTConfig(
+            pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"
+        ),
+        default_steps=40,
+        default_guidance=4.5,
+    ),
+    "sd3.5-large": _SD3.replace(
+        name="sd3.5-large", transformer=_SD35_LARGE, default_steps=28, default_guidance=3.5
+    ),
+    # Distilled for 4 steps without guidance.
+    "sd3.5-large-turbo": _SD3.replace(
+        name="sd3.5-large-turbo", transformer=_SD35_LARGE, default_steps=4, default_guidance=0.0
+    ),
+}
+
+
+def get_sd3_preset(name: str) -> SD3Config:
+    """The SD3Config of a named SD3 / SD3.5 preset.
+
+    Raises:
+        ValueError: if ``name`` is not one, listing the ones that exist.
+    """
+    if name not in SD3_PRESETS:
+        raise ValueError(f"unknown SD3 preset {name!r}; available: {sorted(SD3_PRESETS)}")
+    return SD3_PRESETS[name]

@@ -265,8 +265,10 @@ class AutoencoderKL(keras.Model):
         with dtype_policy_scope(kwargs.get("dtype")):
             self.encoder = Encoder(self.config)
             self.decoder = Decoder(self.config)
-            self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
-            self.post_quant_conv = Conv2d(latent, latent, 1)
+            # SD3's VAE has neither (VAEConfig.use_quant_conv); None keeps the keys out of the state dict.
+            quant = self.config.use_quant_conv
+            self.quant_conv = Conv2d(2 * latent, 2 * latent, 1) if quant else None
+            self.post_quant_conv = Conv2d(latent, latent, 1) if quant else None
         self.built = True
 
     def _check(self, x, name: str, channels: int, multiple: int):
@@ -300,7 +302,8 @@ class AutoencoderKL(keras.Model):
         """
         cfg = self.config
         images = self._check(images, "images", cfg.in_channels, cfg.downsample_factor)
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+        moments = self.encoder(images)
+        return DiagonalGaussian(moments if self.quant_conv is None else self.quant_conv(moments))
 
     def decode(self, latents):
         """Decode unscaled latents into images.
@@ -316,7 +319,9 @@ class AutoencoderKL(keras.Model):
             ValueError: for a wrong rank, channel count or dtype.
         """
         latents = self._check(latents, "latents", self.config.latent_channels, 1)
-        return self.decoder(self.post_quant_conv(latents))
+        if self.post_quant_conv is not None:
+            latents = self.post_quant_conv(latents)
+        return self.decoder(latents)
 
     def call(self, images):
         """Reconstruct images through the posterior mean: decode(encode(images).mode())."""

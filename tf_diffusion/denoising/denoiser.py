@@ -50,3 +50,30 @@ class UNetDenoiser:
         else:
             out = self.unet(x, t, cond.context, **residuals)
         return ops.cast(out, "float32")
+
+
+class MMDiTDenoiser:
+    """SD3's transformer (``mmdit.MMDiT``) as a denoiser: the flow velocity at ``t`` (sigma * 1000).
+
+    Reads ``cond.context`` (B, T, joint_attention_dim) and ``cond.extras["pooled_projections"]``
+    (B, P), named as diffusers' ``pooled_projections``. ``skip_layers`` (skip-layer guidance) is a
+    call option of the transformer, not of this denoiser.
+    """
+
+    known_extras = ("pooled_projections",)
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    @property
+    def key(self):
+        return ("mmdit", id(self.transformer))
+
+    def __call__(self, x, t, cond: Conditioning):
+        if set(cond.extras) != set(self.known_extras):
+            raise ValueError(
+                f"the SD3 denoiser reads conditioning {list(self.known_extras)}, got {sorted(cond.extras)}"
+            )
+        t = ops.broadcast_to(t, (ops.shape(x)[0],))
+        out = self.transformer(x, t, cond.context, cond.extras["pooled_projections"])
+        return ops.cast(out, "float32")

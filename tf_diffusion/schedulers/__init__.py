@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from tf_diffusion.config import SchedulerConfig
 from tf_diffusion.schedulers.base import Sampler, SamplerPlan, to_x0_eps
 from tf_diffusion.schedulers.discrete import DDIM, DDPM, LCM, PNDM, TCD
+from tf_diffusion.schedulers.flow_match import FlowMatchEuler, flow_shift_mu
 from tf_diffusion.schedulers.multistep import DPMSolverMultistep, UniPC
 from tf_diffusion.schedulers.sigma import LMS, Euler, EulerAncestral, Heun
 
@@ -28,6 +29,7 @@ __all__ = [
     "Sampler",
     "SamplerPlan",
     "config_from_diffusers",
+    "flow_shift_mu",
     "get_sampler",
     "to_x0_eps",
 ]
@@ -61,11 +63,15 @@ SAMPLERS: dict[str, tuple[type[Sampler], dict]] = {
     "lcm": (LCM, {}),
     "tcd": (TCD, {}),
 }
-# diffusers class name -> sampler class; these take every option from the config.
+# diffusers class name -> sampler class; these take every option from the config. The flow-matching
+# samplers (SD3) are reached by class name only for now: the registry names above are the CLI's and
+# the A1111 infotext's, which do not know them yet.
 _DIFFUSERS_CLASSES = {
     cls.diffusers_class: cls
-    for cls in (DDIM, PNDM, DDPM, Euler, EulerAncestral, Heun, LMS, DPMSolverMultistep, UniPC, LCM, TCD)
-}
+    for cls in (
+        DDIM, PNDM, DDPM, Euler, EulerAncestral, Heun, LMS, DPMSolverMultistep, UniPC, LCM, TCD, FlowMatchEuler,
+    )
+}  # fmt: skip
 
 
 def get_sampler(name: str, config: SchedulerConfig | None = None, **options) -> Sampler:
@@ -115,7 +121,10 @@ _UNSUPPORTED = {
     "use_beta_sigmas": False,
     "use_lu_lambdas": False,
     "use_flow_sigmas": False,
-    "use_dynamic_shifting": False,
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
     "timestep_type": "discrete",
     "predict_x0": True,
     "solver_p": None,

@@ -34,8 +34,12 @@ def vae_config_from_diffusers(data: Mapping) -> VAEConfig:
         types = list(_get(data, key, [allowed] * len(blocks)))
         if any(t != allowed for t in types):
             raise ValueError(f"VAE {key}={types} is not supported; only {allowed} blocks are")
-    if _get(data, "use_quant_conv", True) is False or _get(data, "use_post_quant_conv", True) is False:
-        raise ValueError("VAE configs without quant_conv / post_quant_conv are not supported")
+    quant = _get(data, "use_quant_conv", True), _get(data, "use_post_quant_conv", True)
+    if quant[0] != quant[1]:
+        raise ValueError(
+            f"VAE use_quant_conv={quant[0]} with use_post_quant_conv={quant[1]} is not supported; "
+            "both or neither (SD3)"
+        )
     if _get(data, "mid_block_add_attention", True) is False:
         raise ValueError("VAE configs without the mid-block attention are not supported")
     return VAEConfig(
@@ -48,6 +52,8 @@ def vae_config_from_diffusers(data: Mapping) -> VAEConfig:
         norm_groups=int(_get(data, "norm_num_groups", 32)),
         scaling_factor=float(_get(data, "scaling_factor", 0.18215)),
         force_upcast=bool(_get(data, "force_upcast", True)),
+        shift_factor=float(_get(data, "shift_factor", 0.0)),
+        use_quant_conv=bool(quant[0]),
     )
 
 

@@ -55,6 +55,9 @@ _STEMS = {
     "vae": ("diffusion_pytorch_model",),
     "text_encoder": ("model", "pytorch_model"),
     "text_encoder_2": ("model", "pytorch_model"),
+    # SD3 (weights/sd3_folder.py)
+    "transformer": ("diffusion_pytorch_model",),
+    "text_encoder_3": ("model", "pytorch_model"),
 }
 _SAFETENSORS_STEM = {
     "unet": "diffusion_pytorch_model",
@@ -198,6 +201,11 @@ def read_diffusers_config(path: str | os.PathLike) -> tuple[PipelineConfig, CLIP
     folder = pathlib.Path(path)
     index = read_json(folder / MODEL_INDEX)
     pipeline = index.get("_class_name")
+    if pipeline in FAMILIES["sd3"].diffusers_pipelines:
+        raise ValueError(
+            f"{folder} is an SD3 / SD3.5 folder ({pipeline}); StableDiffusion builds UNet models: load it "
+            f"with tf_diffusion.sd3.StableDiffusion3.from_pretrained"
+        )
     if pipeline not in PIPELINE_CLASSES:
         raise ValueError(
             f"{folder / MODEL_INDEX}: _class_name={pipeline!r} is not supported; expected one of {PIPELINE_CLASSES}"

@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tf_diffusion.config import PipelineConfig, from_dict
-from tf_diffusion.families import ALL_COMPONENTS, COMPONENTS, components_of, family_of_config, get_family
+from tf_diffusion.families import (
+    ALL_COMPONENTS,
+    COMPONENTS,
+    components_of,
+    family_of_config,
+    get_family,
+    is_sd3_single_file,
+)
 from tf_diffusion.fileio import aside_path, clean_stale, publish, reading, sync_folder, sync_tree, temp_prefix
 from tf_diffusion.presets import PRESETS
 from tf_diffusion.tokenizer import CLIPTokenizer
@@ -432,6 +439,16 @@ def _read_single_file(path, report, override, prediction_type, use_ema, strict, 
         tensors, top = unwrap_checkpoint(load_ckpt(path), str(path))
     report.files = [str(path)]
     try:
+        if is_sd3_single_file(tensors):
+            wanted = (
+                ""
+                if override is None
+                else f" ({override.source} describes a {family_of(override.config)} model)"
+            )
+            raise ValueError(
+                f"{path} holds SD3 / SD3.5 (MMDiT) weights{wanted}; StableDiffusion and its presets build UNet "
+                f"models: load it with tf_diffusion.sd3.StableDiffusion3"
+            )
         parts = split_single_file(tensors, use_ema=use_ema)
         family = detect_family(parts)
         report.family, report.ema = family, parts.ema

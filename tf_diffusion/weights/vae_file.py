@@ -89,7 +89,10 @@ class VAEWeights:
             )
             raise ValueError(f"{self.path}: this VAE does not fit the model's: {listed}")
         return dataclasses.replace(
-            model, scaling_factor=self.config.scaling_factor, force_upcast=self.config.force_upcast
+            model,
+            scaling_factor=self.config.scaling_factor,
+            shift_factor=self.config.shift_factor,
+            force_upcast=self.config.force_upcast,
         )
 
     def close(self) -> None:

@@ -1,0 +1,98 @@
+"""diffusers StableDiffusion3Pipeline folders -> ``sd3.StableDiffusion3``.
+
+Reads ``model_index.json``, each component's config, and its weights (safetensors or ``.bin``, sharded
+or not, lazily) through the same readers as the UNet families: the transformer through
+``diffusers_mmdit``'s rename, the VAE through ``diffusers_vae``'s, the CLIP encoders as transformers
+stores them, T5 as is (transformers' T5EncoderModel keys are our attribute paths). Every component is
+assigned all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from tf_diffusion.config import SD3Config
+from tf_diffusion.schedulers import config_from_diffusers
+from tf_diffusion.weights.diffusers_configs import clip_config_from_transformers, vae_config_from_diffusers
+from tf_diffusion.weights.diffusers_folder import (
+    _open_weights,
+    read_json,
+    select_weight_files,
+    text_encoder_from_transformers,
+)
+from tf_diffusion.weights.diffusers_mmdit import convert_diffusers_mmdit, mmdit_config_from_diffusers
+from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae
+from tf_diffusion.weights.state_dict import load_state_dict
+
+
+def _present(index: dict, name: str) -> bool:
+    value = index.get(name)
+    return isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is not None
+
+
+def read_sd3_config(folder: pathlib.Path, load_t5: bool = True):
+    """(SD3Config, CLIP tokenizers, T5 tokenizer or None) of a folder, without weights.
+
+    Raises:
+        ValueError: for a folder that is not an SD3 pipeline, or T5 without its ``spiece.model``.
+    """
+    from tf_diffusion.sd3 import clip_tokenizer_config, read_model_index
+    from tf_diffusion.t5 import T5Tokenizer, t5_config_from_transformers
+    from tf_diffusion.tokenizer import CLIPTokenizer
+
+    index = read_model_index(folder)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        if not _present(index, name):
+            raise ValueError(f"{folder}: model_index.json has no {name}; SD3 folders need it")
+    tokenizer = CLIPTokenizer.from_pretrained_folder(folder / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained_folder(folder / "tokenizer_2")
+    t5 = t5_tokenizer = None
+    if load_t5 and _present(index, "text_encoder_3"):
+        t5 = t5_config_from_transformers(read_json(folder / "text_encoder_3" / "config.json"))
+        spiece = folder / "tokenizer_3" / "spiece.model"
+        if not spiece.is_file():
+            raise ValueError(
+                f"{folder}: text_encoder_3 (T5) needs tokenizer_3/spiece.model, which is missing; "
+                "load with load_t5=False to run without T5"
+            )
+        t5_tokenizer = T5Tokenizer(spiece)
+    scheduler = {}
+    if (folder / "scheduler" / "scheduler_config.json").is_file():
+        scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    config = SD3Config(
+        name=folder.name,
+        text_encoder=clip_config_from_transformers(read_json(folder / "text_encoder" / "config.json")),
+        tokenizer=clip_tokenizer_config(tokenizer),
+        text_encoder_2=clip_config_from_transformers(read_json(folder / "text_encoder_2" / "config.json")),
+        tokenizer_2=clip_tokenizer_config(tokenizer_2),
+        text_encoder_3=t5,
+        transformer=mmdit_config_from_diffusers(read_json(folder / "transformer" / "config.json")),
+        vae=vae_config_from_diffusers(read_json(folder / "vae" / "config.json")),
+        scheduler=config_from_diffusers({"shift": 3.0, **scheduler}),
+    )
+    return config, (tokenizer, tokenizer_2), t5_tokenizer
+
+
+def load_sd3_folder(cls, folder: pathlib.Path, *, dtype=None, load_t5: bool = True):
+    """Build ``cls`` (``StableDiffusion3``) from a diffusers folder and load every component's weights."""
+    config, (tok, tok_2), tok_3 = read_sd3_config(folder, load_t5)
+    sd = cls(config, dtype=dtype, tokenizer=tok, tokenizer_2=tok_2, tokenizer_3=tok_3)
+    available = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    handles: list = []
+    try:
+        components = ["text_encoder", "text_encoder_2", "transformer", "vae"]
+        if sd.text_encoder_3 is not None:
+            components.append("text_encoder_3")
+        for name in components:
+            tensors, _ = _open_weights(folder, select_weight_files(available, name, None), handles)
+            if name in ("text_encoder", "text_encoder_2"):
+                tensors, _ = text_encoder_from_transformers(tensors)
+            elif name == "transformer":
+                tensors = convert_diffusers_mmdit(tensors, config.transformer)
+            elif name == "vae":
+                tensors = convert_diffusers_vae(tensors, config.vae)
+            load_state_dict(getattr(sd, name), tensors)
+    finally:
+        for handle in handles:
+            handle.close()
+    return sd
