@@ -352,7 +352,11 @@ def lora_state_dict(network: LoraNetwork, format: str = "kohya", dtype: str | No
 
 
 def _peft_config(network: LoraNetwork, component: str) -> dict:
-    modules = sorted(e.diffusers_name for e in network.layers if e.component == component)
+    # peft matches a target as the module's name or a "."-suffix of it; without "text_model." the text
+    # encoders' names match both transformers 4 (which has that level) and 5 (which drops it).
+    modules = sorted(
+        e.diffusers_name.removeprefix("text_model.") for e in network.layers if e.component == component
+    )
     return {
         "r": network.rank,
         "lora_alpha": network.alpha,
