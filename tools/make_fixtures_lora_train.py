@@ -51,8 +51,8 @@ PROMPTS = [("a photo of sq-token on grass", "blurry"), ("sq-token", "")]
 def ours():
     """Our side: the network, the files, the factors and our own outputs (for the record only)."""
     import keras
-
     from test_lora import FIXTURES, build
+
     from tf_diffusion.adapters.lora_training import LoraNetwork, save_lora
     from tf_diffusion.training import TextualInversionTrainer, TrainingConfig
 
@@ -84,7 +84,6 @@ def ours():
 def reference() -> None:
     import torch
     from diffusers import StableDiffusionPipeline
-
     from make_fixtures_pipeline import build_components
 
     rng = np.random.default_rng(41)
