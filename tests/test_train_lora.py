@@ -276,3 +276,79 @@ def test_cli_trains_a_lora_and_an_embedding(sd, tmp_path, capsys):
         assert main(argv) in (1, 2), name
         assert message in capsys.readouterr().err, name
     assert not pathlib.Path("c").exists()
+
+
+def test_mixed_precision_keeps_float32_factors():
+    import keras
+    from test_training import MICRO, _batch
+
+    from tf_diffusion.pipeline import StableDiffusion
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        micro = StableDiffusion(MICRO)
+        images, captions = _batch(2)
+        batch = (tf.constant(images), tf.constant(micro.tokenizer(captions)))
+        config = TrainingConfig(learning_rate=1e-2, ema_decay=None)
+        trainer = LoraTrainer(micro, "unet+text_encoder", config, lora=LoraTrainingConfig(rank=2))
+        start = [v.numpy().copy() for v in trainer.trainable_variables]
+        logs = [trainer.train_step(batch) for _ in range(2)]
+        assert all(np.isfinite(h["loss"]) for h in logs)
+        assert all(v.dtype == "float32" for v in trainer.trainable_variables)
+        moved = [
+            not np.array_equal(a, v.numpy()) for a, v in zip(start, trainer.trainable_variables, strict=True)
+        ]
+        assert all(moved)  # down and up of every layer, UNet and text encoder
+        entry = trainer.network.layers[0]
+        assert entry.delta(tf.ones((1, entry.down.shape[0]), "bfloat16")).dtype == "bfloat16"
+        trainer.network.detach()
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+MIRRORED_SCRIPT = """
+import sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, sys.argv[1])
+from test_training import MICRO, _batch, _uint8
+from tf_diffusion.pipeline import StableDiffusion
+from tf_diffusion.training import LoraTrainer, LoraTrainingConfig, TrainingConfig, dataset_from_arrays
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    sd = StableDiffusion(MICRO)
+config = TrainingConfig(ema_decay=None, learning_rate=1e-2, text_encoder_learning_rate=1e-3)
+trainer = LoraTrainer(sd, "unet+text_encoder", config, strategy=strategy, lora=LoraTrainingConfig(rank=2))
+images, captions = _batch()
+data = dataset_from_arrays(_uint8(images), captions, sd.tokenizer, batch_size=4)
+history = trainer.fit(data, 2, progress=False)
+for v in trainer.trainable_variables:
+    copies = [c.numpy() for c in v.value.values]
+    assert len(copies) == 2 and np.array_equal(copies[0], copies[1])
+assert trainer.network.layers[0].up.numpy().any()
+assert all(np.isfinite(h["loss"]) for h in history) and trainer.step == 2
+print("OK", history[-1]["loss"])
+"""
+
+
+@pytest.mark.slow  # about a minute: a process with two logical CPUs trains a LoRA under MirroredStrategy
+def test_lora_under_mirrored_strategy_on_two_logical_cpus():
+    import os
+    import subprocess
+    import sys
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT, tests_dir],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        cwd=os.path.dirname(tests_dir),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
