@@ -48,8 +48,24 @@ def clean(sd):
     sd.unload_lora_weights()
 
 
+def set_factors(network, path):
+    """Give the network the factors of a diffusers-format file we saved (torch layout there)."""
+    tensors = load_safetensors(path)
+    assert len(tensors) == 2 * len(network.layers)
+    for entry in network.layers:
+        name = f"{entry.component}.{entry.diffusers_name}"
+        down, up = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
+        if down.ndim == 2:  # linear: torch (r, in) / (out, r) -> keras (in, r) / (r, out)
+            entry.down.assign(down.T)
+            entry.up.assign(up.T)
+        else:  # conv: torch (r, in, kh, kw) / (out, r, 1, 1) -> keras (kh, kw, in, r) / (1, 1, r, out)
+            entry.down.assign(np.transpose(down, (2, 3, 1, 0)))
+            entry.up.assign(np.transpose(up, (2, 3, 1, 0)))
+    return network
+
+
 def fixture_network(sd):
-    """The fixture tool's network with its recorded factors."""
+    """The fixture tool's network with its factors."""
     network = LoraNetwork.attach(
         sd,
         CASES["rank"],
@@ -57,12 +73,7 @@ def fixture_network(sd):
         unet_targets=CASES["unet_targets"],
         text_encoder_targets=CASES["text_encoder_targets"],
     )
-    with np.load(FOLDER / "factors.npz") as factors:
-        assert len(factors.files) == 2 * len(network.layers)
-        for entry in network.layers:
-            entry.down.assign(factors[f"{entry.component}/{entry.path}/down"])
-            entry.up.assign(factors[f"{entry.component}/{entry.path}/up"])
-    return network
+    return set_factors(network, FOLDER / "diffusers.safetensors")
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])

@@ -4,14 +4,16 @@ On our side (TensorFlow) this builds the tiny pipeline of tools/make_fixtures_pi
 ``build``), attaches a ``LoraNetwork`` (UNet: kohya's transformer targets plus the 3x3 ResBlock ``conv1``,
 LoCon; text encoder: CLIP attention and MLP), gives its factors seeded random values (up is zero after
 initialisation, which would prove nothing), and saves it with ``save_lora`` in kohya and in diffusers format;
-a ``TextualInversionTrainer``'s two vectors, also seeded, with ``save_embedding``. The factors are kept too.
+a ``TextualInversionTrainer``'s two vectors, also seeded, with ``save_embedding``. (The tests take the factors
+back from the diffusers file: its tensors are the factors in torch layout.)
 
 On diffusers' side each file is loaded into the tiny diffusers pipeline (the same seeded components) with
 ``load_lora_weights`` / ``load_textual_inversion``, and its UNet noise prediction, text-encoder hidden states
 and ``encode_prompt`` states are recorded. The tests compare our outputs with those, without torch.
 
 Writes tests/fixtures/lora_train/: ``kohya.safetensors``, ``diffusers.safetensors``, ``sq-token.safetensors``,
-``factors.npz`` (the network's Keras-layout factors, ``<component>/<path>/down|up``) and ``io.npz``.
+and ``io.npz``; the same
+for the tiny SDXL pipeline (``sdxl_*``: UNet attention and both text encoders, kohya's SDXL names).
 
 Usage (dev only): PYTHONPATH=.:tests python tools/make_fixtures_lora_train.py
 """
@@ -62,17 +64,14 @@ def ours():
         sd, RANK, ALPHA, unet_targets=UNET_TARGETS, text_encoder_targets=TEXT_TARGETS, seed=1
     )
     rng = np.random.default_rng(40)
-    factors = {}
     for entry in network.layers:
-        for part, var in (("down", entry.down), ("up", entry.up)):
+        for var in (entry.down, entry.up):
             fan_in = int(np.prod(var.shape[:-1]))
             value = rng.standard_normal(tuple(var.shape)).astype(np.float32) / np.sqrt(fan_in)
             var.assign(value)
-            factors[f"{entry.component}/{entry.path}/{part}"] = value
     OUT.mkdir(parents=True, exist_ok=True)
     save_lora(network, OUT / "kohya.safetensors", "kohya", overwrite=True)
     save_lora(network, OUT / "diffusers.safetensors", "diffusers", overwrite=True)
-    np.savez_compressed(OUT / "factors.npz", **factors)
     network.detach()
 
     trainer = TextualInversionTrainer(sd, TI_TOKEN, TI_VECTORS, "square", TrainingConfig(ema_decay=None))
@@ -154,6 +153,49 @@ def reference() -> None:
     )
 
 
+SDXL_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def sdxl_ours() -> None:
+    """The tiny SDXL pipeline (tests/fixtures/sdxl/sdxl-diffusers) with a network on the UNet's attention and
+    both text encoders, saved in kohya's SDXL naming (original UNet paths, lora_te1_ / lora_te2_) and diffusers'."""
+    from make_fixtures_sdxl_lora import BASE
+
+    from tf_diffusion import StableDiffusion
+    from tf_diffusion.adapters.lora_training import LoraNetwork, save_lora
+
+    sd = StableDiffusion.from_pretrained(BASE)
+    network = LoraNetwork.attach(sd, 2, 4.0, text_encoder_targets=SDXL_TEXT_TARGETS, seed=2)
+    rng = np.random.default_rng(42)
+    for entry in network.layers:
+        for var in (entry.down, entry.up):
+            fan_in = int(np.prod(var.shape[:-1]))
+            value = rng.standard_normal(tuple(var.shape)).astype(np.float32) * 0.5 / np.sqrt(fan_in)
+            var.assign(value)
+    save_lora(network, OUT / "sdxl_kohya.safetensors", "kohya", overwrite=True)
+    save_lora(network, OUT / "sdxl_diffusers.safetensors", "diffusers", overwrite=True)
+    network.detach()
+
+
+def sdxl_reference() -> None:
+    from make_fixtures_sdxl_lora import inputs, load_base, outputs
+
+    io = {f"{k}_base": v for k, v in outputs(load_base(), inputs()).items()}
+    for fmt in ("kohya", "diffusers"):
+        pipe = load_base()
+        pipe.load_lora_weights(str(OUT), weight_name=f"sdxl_{fmt}.safetensors", adapter_name="trained")
+        got = outputs(pipe, inputs())
+        for k, v in got.items():
+            io[f"{k}_{fmt}"] = v
+            print(
+                f"SDXL {fmt}: diffusers' load_lora_weights moves {k} by {np.abs(v - io[f'{k}_base']).max():.3f}"
+            )
+        assert all(np.abs(got[k] - io[f"{k}_base"]).max() > 1e-2 for k in ("unet", "te", "te2"))
+    np.savez_compressed(OUT / "sdxl_io.npz", **io)
+
+
 if __name__ == "__main__":
     ours()
     reference()
+    sdxl_ours()
+    sdxl_reference()
