@@ -255,6 +255,7 @@ def test_cli_trains_a_lora_and_an_embedding(sd, tmp_path, capsys):
     common = ["train", "--model", str(model), "--data", str(data), "--steps", "1", "--size", "16"]
     out = tmp_path / "cli_lora.safetensors"
     argv = [*common, "--lora", "--rank", "2", "--train", "unet+text_encoder", "--text-encoder-lr", "1e-4"]
+    argv += ["--class-data", str(data), "--prior-loss-weight", "0.5"]  # DreamBooth (the same folder here)
     assert main([*argv, "--checkpoint-dir", str(tmp_path / "c1"), "--out", str(out)]) == 0
     sd.load_lora_weights(out)  # our loader reads it: every key maps onto a layer
     sd.unload_lora_weights()
@@ -316,6 +317,34 @@ def test_mixed_precision_keeps_float32_factors():
         trainer.network.detach()
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def test_dreambooth_prior_preservation_adds_the_class_loss():
+    import keras
+    from test_training import MICRO, _batch, _uint8
+
+    from tf_diffusion.pipeline import StableDiffusion
+    from tf_diffusion.training import dataset_from_arrays, dataset_with_prior
+
+    keras.utils.set_random_seed(0)
+    micro = StableDiffusion(MICRO)
+    images, _ = _batch(4)
+    instance = dataset_from_arrays(_uint8(images[:2]), ["a zqx dog"] * 2, micro.tokenizer, 2)
+    prior = dataset_from_arrays(_uint8(images[2:]), ["a dog"] * 2, micro.tokenizer, 1)
+    config = TrainingConfig(learning_rate=1e-3, ema_decay=None, prior_loss_weight=0.5, caption_dropout=0.0)
+    trainer = LoraTrainer(micro, "unet", config, lora=LoraTrainingConfig(rank=2))
+    try:
+        history = trainer.fit(dataset_with_prior(instance, prior), steps=2, progress=False)
+        for logs in history:
+            assert logs["loss"] == pytest.approx(logs["instance"] + 0.5 * logs["prior"], rel=1e-5)
+            assert logs["prior"] > 0 and logs["instance"] > 0
+        batch = next(iter(instance))
+        with pytest.raises(ValueError, match="class_images"):
+            trainer.compute_loss(batch)
+    finally:
+        trainer.network.detach()
+    with pytest.raises(ValueError, match="prior_loss_weight"):
+        TrainingConfig(prior_loss_weight=-1.0)
 
 
 MIRRORED_SCRIPT = """

@@ -22,7 +22,9 @@ receives the EMA weights as a tf_diffusion folder when training ends.
 With --lora only LoRA factors train (on the UNet; with --train unet+text_encoder also on the text
 encoder) and --out names the .safetensors LoRA file to write (kohya / A1111 names by default, or
 --lora-format diffusers). With --embedding WORD only the vectors of a new prompt word train (textual
-inversion); captions must use the word, and --out names the A1111 .safetensors embedding to write."""
+inversion); captions must use the word, and --out names the A1111 .safetensors embedding to write.
+--class-data adds DreamBooth's prior preservation (class images and their captions, weighted by
+--prior-loss-weight) to any of these."""
 
 EXAMPLE = """\
 example:
@@ -114,6 +116,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="WORD",
         default=None,
         help="textual inversion: learn the vectors of this new word",
+    )
+    lora.add_argument(
+        "--class-data",
+        default=None,
+        help="DreamBooth prior preservation: folder of class images with captions (e.g. 'a dog')",
+    )
+    lora.add_argument(
+        "--prior-loss-weight", type=float, default=1.0, help="weight of the class images' loss (default 1)"
     )
     lora.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
     lora.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
@@ -240,6 +250,14 @@ def _check_adapter_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"--num-vectors {args.num_vectors}: must be an integer in [1, 75]")
         if not args.init_text.strip():
             raise UsageError("--init-text: give a word such as cat or *")
+    finite_float(args.prior_loss_weight, "--prior-loss-weight", 0.0)
+    if args.class_data is not None:
+        if not os.path.isdir(args.class_data):
+            raise FileNotFoundError(f"--class-data {args.class_data}: no such folder")
+        if args.train in ("vae", "vae_decoder"):
+            raise UsageError(
+                f"--class-data: prior preservation is for the UNet's loss, not --train {args.train}"
+            )
     positive_int(args.rank, "--rank")
     finite_float(args.alpha, "--alpha", 0.0)
     if args.alpha is not None and args.alpha <= 0:
@@ -269,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
         TrainingConfig,
         VAETrainer,
         dataset_from_arrays,
+        dataset_with_prior,
         load_image_folder,
     )
 
@@ -293,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         jit_compile=args.xla,
         text_encoder_learning_rate=args.text_encoder_lr,
+        prior_loss_weight=args.prior_loss_weight if args.class_data is not None else 0.0,
     )
     tokenizer = sd.tokenizer
     if args.lora:
@@ -316,6 +336,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         trainer = DiffusionTrainer(sd, args.train, config, strategy=strategy)
     data = dataset_from_arrays(images, captions, tokenizer, args.batch_size, seed=args.seed)
+    if args.class_data is not None:
+        class_images, class_captions = load_image_folder(args.class_data, size)
+        prior = dataset_from_arrays(
+            class_images,
+            class_captions,
+            tokenizer,
+            min(args.batch_size, len(class_images)),
+            seed=args.seed + 1,
+        )
+        data = dataset_with_prior(data, prior)
     history = trainer.fit(
         data,
         args.steps,

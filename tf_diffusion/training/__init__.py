@@ -34,6 +34,7 @@ _EXPORTS = {
     "latest_checkpoint": "trainers",
     "training_config_from_checkpoint": "trainers",
     "dataset_from_arrays": "data",
+    "dataset_with_prior": "data",
     "dataset_from_generator": "data",
     "load_image_folder": "data",
 }

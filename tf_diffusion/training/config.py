@@ -41,6 +41,8 @@ class TrainingConfig:
         reconstruction_loss: VAE only: "l1", "l2" or "l1+l2".
         seed: seed of every random draw (noise, timesteps, caption dropout, posterior samples).
         jit_compile: compile the forward and backward pass with XLA.
+        prior_loss_weight: diffusion only: DreamBooth's prior preservation; > 0 makes batches carry class
+            images and captions too (``dataset_with_prior``), whose loss is added with this weight.
         text_encoder_learning_rate: peak learning rate of the text encoder's weights (or its LoRA
             factors) when they are trained; None: ``learning_rate``. The UNet's is ``learning_rate``.
     """
@@ -62,6 +64,7 @@ class TrainingConfig:
     seed: int = 0
     jit_compile: bool = False
     text_encoder_learning_rate: float | None = None
+    prior_loss_weight: float = 0.0
 
     def __post_init__(self):
         if not self.learning_rate > 0:
@@ -80,6 +83,10 @@ class TrainingConfig:
             raise ValueError(f"high_noise_fraction={self.high_noise_fraction!r} must be in [0, 1]")
         if not 0.0 <= self.high_noise_start < 1.0:
             raise ValueError(f"high_noise_start={self.high_noise_start!r} must be in [0, 1)")
+        if not (
+            isinstance(self.prior_loss_weight, (int, float)) and 0.0 <= self.prior_loss_weight < float("inf")
+        ):
+            raise ValueError(f"prior_loss_weight={self.prior_loss_weight!r} must be a finite number >= 0")
         if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(
                 f"reconstruction_loss={self.reconstruction_loss!r} is not allowed; "

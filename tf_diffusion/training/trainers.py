@@ -567,7 +567,9 @@ class DiffusionTrainer(_TrainerBase):
     x_t = sqrt(abar_t) latents + sqrt(1 - abar_t) noise with the pipeline's training schedule;
     loss = mean((unet(x_t, t, text(caption)) - target)^2), target = noise ("epsilon"),
     sqrt(abar_t) noise - sqrt(1 - abar_t) latents ("v_prediction") or latents ("sample").
-    Captions are replaced by "" with probability ``config.caption_dropout``.
+    Captions are replaced by "" with probability ``config.caption_dropout``. DreamBooth's prior preservation
+    (``config.prior_loss_weight`` > 0): batches also carry class images and captions (``dataset_with_prior``),
+    and loss = instance loss + prior_loss_weight * class loss, each the mean over its own examples.
 
     Args:
         pipeline: a ``StableDiffusion`` (its components built inside ``strategy.scope()`` for a
@@ -609,6 +611,17 @@ class DiffusionTrainer(_TrainerBase):
 
     def _replica_loss(self, batch, seed):
         images, token_ids = batch[0], batch[1]
+        prior = self.config.prior_loss_weight > 0
+        if prior:
+            # DreamBooth: instance and class examples run as one batch; each half has its own mean.
+            if len(batch) != 4:
+                raise ValueError(
+                    f"prior_loss_weight={self.config.prior_loss_weight} needs (images, ids, class_images, "
+                    f"class_ids) batches (dataset_with_prior); got {len(batch)} parts"
+                )
+            count = tf.shape(images)[0]
+            images = tf.concat([tf.cast(images, tf.float32), tf.cast(batch[2], tf.float32)], axis=0)
+            token_ids = tf.concat([tf.cast(token_ids, tf.int32), tf.cast(batch[3], tf.int32)], axis=0)
         cfg = self.pipeline.config
         seeds = tf.random.experimental.stateless_split(seed, 4)
         token_ids = drop_captions(
@@ -640,8 +653,14 @@ class DiffusionTrainer(_TrainerBase):
 
         context = self._encode_text(token_ids)  # (B, L, D)
         out = tf.cast(self.pipeline.unet(x_t, t, context), tf.float32)
-        loss = tf.reduce_mean(tf.square(out - target))
-        return loss, {}
+        if not prior:
+            return tf.reduce_mean(tf.square(out - target)), {}
+        instance = tf.reduce_mean(tf.square(out[:count] - target[:count]))
+        prior_loss = tf.reduce_mean(tf.square(out[count:] - target[count:]))
+        return instance + self.config.prior_loss_weight * prior_loss, {
+            "instance": instance,
+            "prior": prior_loss,
+        }
 
     def _encode_text(self, token_ids):
         """(B, L, D) text-encoder states of the (caption-dropped) ids; a constant unless it is trained."""
