@@ -392,3 +392,20 @@ def test_lora_under_mirrored_strategy_on_two_logical_cpus():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+def test_base_model_versions_follow_sd_scripts(sd):
+    from types import SimpleNamespace
+
+    def config(width, prediction, sdxl=False):
+        return SimpleNamespace(
+            is_sdxl=sdxl,
+            text_encoder=SimpleNamespace(hidden_size=width),
+            scheduler=SimpleNamespace(prediction_type=prediction),
+        )
+
+    assert base_model_version(sd.config) == "sd_v1"
+    assert base_model_version(config(768, "v_prediction")) == "sd_v1_v"
+    assert base_model_version(config(1024, "epsilon")) == "sd_v2"
+    assert base_model_version(config(1024, "v_prediction")) == "sd_v2_v"
+    assert base_model_version(config(768, "epsilon", sdxl=True)) == "sdxl_base_v1-0"

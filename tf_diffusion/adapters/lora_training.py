@@ -29,7 +29,7 @@ Saving (``save_lora``):
   writes each), ``lora_te_`` (SDXL: ``lora_te1_`` / ``lora_te2_``) + the transformers path; tensors
   ``.lora_down.weight``, ``.lora_up.weight`` (torch layout) and a scalar ``.alpha``; metadata
   ``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``, ``ss_base_model_version`` (``sd_v1``,
-  ``sd_v2``, ``sd_v2_v``, ``sdxl_base_v1-0``), ``ss_v2``, ``ss_output_name`` and the caller's extra
+  ``sd_v2``, ``sd_v2_v``, ``sdxl_base_v1-0``), ``modelspec.*``, ``ss_v2``, ``ss_output_name`` and the caller's extra
   ``ss_*`` fields (learning rates, steps, resolution), as sd-scripts writes them, and
   ``sshs_model_hash`` (the SHA-256 of the tensor bytes, what A1111's ``Lora hashes`` read).
 - ``format="diffusers"``: ``save_lora_weights``' names (``unet.<diffusers path>.lora_A.weight`` /
@@ -319,7 +319,8 @@ def _kohya_names(sd) -> dict[str, str]:
 
 
 def base_model_version(config) -> str:
-    """sd-scripts' ``ss_base_model_version`` for a pipeline config: sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0."""
+    """sd-scripts' ``ss_base_model_version`` for a pipeline config: sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0
+    (and sd_v1_v for a v-prediction SD 1.x model, as sd-scripts' rule gives)."""
     if config.is_sdxl:
         return "sdxl_base_v1-0"
     v2 = config.text_encoder.hidden_size == 1024
@@ -394,12 +395,8 @@ def lora_metadata(
         "ss_output_name": name,
         "ss_training_finished_at": str(datetime.datetime.now(datetime.timezone.utc).timestamp()),
         "ss_network_args": json.dumps({"targets": {c: list(t) for c, t in network.targets.items()}}),
-        "modelspec.architecture": {
-            "sd_v1": "stable-diffusion-v1/lora",
-            "sd_v2": "stable-diffusion-v2-512/lora",
-            "sd_v2_v": "stable-diffusion-v2-768-v/lora",
-            "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora",
-        }[version],
+        "modelspec.architecture": _ARCHITECTURES.get(version, _ARCHITECTURES[version.removesuffix("_v")]),
+        "modelspec.prediction_type": "v" if version.endswith("_v") else "epsilon",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.title": name,
     }
@@ -408,6 +405,15 @@ def lora_metadata(
             raise ValueError(f"metadata must be str -> str, got {key!r}: {value!r}")
         meta[key] = value
     return meta
+
+
+# Stability's model spec (what sd-scripts writes as ``modelspec.architecture``) by base version.
+_ARCHITECTURES = {
+    "sd_v1": "stable-diffusion-v1/lora",
+    "sd_v2": "stable-diffusion-v2-512/lora",
+    "sd_v2_v": "stable-diffusion-v2-768-v/lora",
+    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora",
+}
 
 
 def _number(value: float) -> str:
