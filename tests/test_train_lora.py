@@ -409,3 +409,13 @@ def test_base_model_versions_follow_sd_scripts(sd):
     assert base_model_version(config(1024, "epsilon")) == "sd_v2"
     assert base_model_version(config(1024, "v_prediction")) == "sd_v2_v"
     assert base_model_version(config(768, "epsilon", sdxl=True)) == "sdxl_base_v1-0"
+
+
+def test_attach_and_detach_drop_compiled_loops(sd):
+    # A compiled loop holds the calls it traced; generate() must retrace to see the wrapper (and to lose
+    # it). A real generate() before and after takes minutes of compiling here, so this checks the cache.
+    sd.executor.compiled("probe", lambda: "traced before attaching")
+    network = LoraNetwork.attach(sd, 2)
+    assert sd.executor.compiled("probe", lambda: "retraced") == "retraced"
+    network.detach()
+    assert sd.executor.compiled("probe", lambda: "again") == "again"

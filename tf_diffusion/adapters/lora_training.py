@@ -7,7 +7,8 @@ with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))) and ``up`` zero, so the mo
 base kernels are not touched (train only ``network.trainable_variables``); model files are not changed:
 the wrapper is set on the layer instance, outside Keras' attribute tracking, around whatever call the
 layer had (its own or an execution processor), as ``execution.apply`` sets processors. ``detach()``
-restores the previous calls.
+restores the previous calls. Attaching and detaching drop the pipeline's compiled loops (they hold the
+calls they traced), so ``generate()`` during training samples with the LoRA and after ``detach()`` without.
 
 A conv layer's ``down`` is a convolution with the layer's kernel size, stride and padding and ``up`` a 1x1
 convolution (kohya's LoCon layout); a 1x1 conv (SD 1.x's ``proj_in`` / ``proj_out``) is a matmul over
@@ -276,6 +277,7 @@ class LoraNetwork:
             object.__setattr__(layer, "call", call)
             object.__setattr__(layer, "_lora_training", self)
         self._attached = True
+        _forget_compiled(self.sd)
 
     def detach(self) -> None:
         """Give every wrapped layer its previous call back (the model computes as before attaching)."""
@@ -289,6 +291,7 @@ class LoraNetwork:
                 object.__setattr__(layer, "call", entry.previous_call)
             object.__delattr__(layer, "_lora_training")
         self._attached = False
+        _forget_compiled(self.sd)
 
     @property
     def trainable_variables(self) -> list[keras.Variable]:
@@ -312,6 +315,15 @@ class LoraNetwork:
     def state_dict(self, format: str = "kohya", dtype: str | None = None) -> dict[str, np.ndarray]:
         """The file's tensors in ``format`` ("kohya" or "diffusers"); ``dtype`` casts them ("float16")."""
         return lora_state_dict(self, format, dtype)
+
+
+def _forget_compiled(sd) -> None:
+    """Drop the pipeline executor's compiled loops: a trace holds the layers' calls of its time, so a loop
+    compiled before attaching (or detaching) would keep computing without (or with) the LoRA. Merged LoRAs
+    (``load_lora_weights``) only assign variables and need no retrace; training wrappers change calls."""
+    compiled = getattr(getattr(sd, "executor", None), "_compiled", None)
+    if isinstance(compiled, dict):
+        compiled.clear()
 
 
 def _kohya_names(sd) -> dict[str, str]:
