@@ -15,7 +15,8 @@ Writes tests/fixtures/lora_train/: ``kohya.safetensors``, ``diffusers.safetensor
 and ``io.npz``; the same
 for the tiny SDXL pipeline (``sdxl_*``: UNet attention and both text encoders, kohya's SDXL names).
 
-Usage (dev only): PYTHONPATH=.:tests python tools/make_fixtures_lora_train.py
+Usage (dev only): python tools/make_fixtures_lora_train.py; ``... concept`` trains the concept LoRA of
+tests/test_train_lora_concept.py and shows its effect in diffusers (about five minutes; writes nothing).
 """
 
 from __future__ import annotations
@@ -194,8 +195,69 @@ def sdxl_reference() -> None:
     np.savez_compressed(OUT / "sdxl_io.npz", **io)
 
 
+def concept_in_diffusers() -> None:
+    """The concept LoRA of tests/test_train_lora_concept.py, trained here, in diffusers (a check; writes nothing).
+
+    Trains the LoRA as the test does, converts the tiny-shapes model to a diffusers folder
+    (``tf-diffusion convert --to diffusers``), loads the kohya file with ``load_lora_weights`` and asks
+    diffusers' pipeline (its own scheduler from the folder, the model's default steps and guidance) for the
+    test's prompts; the independent checker reads the colours, as the test reads ours.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from test_train_lora_concept import COLOR, STEPS, WORD, training_images
+    from tiny_shapes import checker
+    from tiny_shapes import dataset as shapes
+
+    from tf_diffusion.cli import main as cli
+    from tf_diffusion.models import DEFAULT_MODEL, resolve_model
+    from tf_diffusion.pipeline import StableDiffusion
+    from tf_diffusion.training import LoraTrainer, LoraTrainingConfig, TrainingConfig, dataset_from_arrays
+
+    sd = StableDiffusion.from_pretrained(resolve_model(DEFAULT_MODEL))
+    images, captions = training_images(48, sd.config.default_size)
+    config = TrainingConfig(learning_rate=1e-3, ema_decay=None, caption_dropout=0.0)
+    trainer = LoraTrainer(sd, "unet+text_encoder", config, lora=LoraTrainingConfig(rank=4))
+    trainer.fit(dataset_from_arrays(images, captions, sd.tokenizer, 8), STEPS, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        trainer.save_lora(tmp / f"{WORD}.safetensors")
+        assert cli(["convert", DEFAULT_MODEL, str(tmp / "model"), "--to", "diffusers"]) == 0
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(tmp / "model"), safety_checker=None, requires_safety_checker=False
+        )
+        prompts = [(f"a {WORD} {s}", s) for s in shapes.SHAPES]
+
+        def read(pipe):
+            checks, wanted = [], []
+            for seed in (100, 101):
+                for prompt, shape in prompts:
+                    out = pipe(
+                        prompt,
+                        num_inference_steps=sd.config.default_steps,
+                        guidance_scale=sd.config.default_guidance,
+                        generator=torch.Generator().manual_seed(seed),
+                        output_type="np",
+                    ).images[0]
+                    checks.append(checker.check(np.round(out * 255).astype(np.uint8)))
+                    wanted.append(shape)
+            color = float(np.mean([c["color"] == COLOR for c in checks]))
+            shape = float(np.mean([c["shape"] == s for c, s in zip(checks, wanted, strict=True)]))
+            return color, shape
+
+        pipe.set_progress_bar_config(disable=True)
+        before = read(pipe)
+        pipe.load_lora_weights(str(tmp), weight_name=f"{WORD}.safetensors")
+        after = read(pipe)
+    print(f"diffusers: '{WORD}' -> {COLOR}: colour/shape accuracy before {before}, with the LoRA {after}")
+
+
 if __name__ == "__main__":
-    ours()
-    reference()
-    sdxl_ours()
-    sdxl_reference()
+    if sys.argv[1:] == ["concept"]:
+        sys.path.insert(0, str(ROOT / "examples"))
+        concept_in_diffusers()
+    else:
+        ours()
+        reference()
+        sdxl_ours()
+        sdxl_reference()
