@@ -17,15 +17,32 @@ Train or fine-tune a model on a folder of captioned images.
 The folder holds name.png, name.jpg, name.jpeg or name.webp images, each with a name.txt caption.
 The model comes from a preset (random initial weights) or from --model (a folder, checkpoint file or
 hub id). Checkpoints go to --checkpoint-dir, and a rerun with the same arguments resumes; --out
-receives the EMA weights as a tf_diffusion folder when training ends."""
+receives the EMA weights as a tf_diffusion folder when training ends.
+
+With --lora only LoRA factors train (on the UNet; with --train unet+text_encoder also on the text
+encoder) and --out names the .safetensors LoRA file to write (kohya / A1111 names by default, or
+--lora-format diffusers). With --embedding WORD only the vectors of a new prompt word train (textual
+inversion); captions must use the word, and --out names the A1111 .safetensors embedding to write.
+--class-data adds DreamBooth's prior preservation (class images and their captions, weighted by
+--prior-loss-weight) to any of these."""
 
 EXAMPLE = """\
 example:
   tf-diffusion train --model weights/sd-v1-5 --data my_images/ --train unet \\
-      --size 512 --batch-size 1 --lr 1e-5 --steps 2000 --checkpoint-dir ckpt --out my-model"""
+      --size 512 --batch-size 1 --lr 1e-5 --steps 2000 --checkpoint-dir ckpt --out my-model
+  tf-diffusion train --model weights/sd-v1-5 --data my_images/ --lora --rank 16 --alpha 8 \
+      --train unet+text_encoder --lr 1e-4 --text-encoder-lr 5e-5 --steps 1500 \
+      --checkpoint-dir ckpt --out my_lora.safetensors
+  tf-diffusion train --model weights/sd-v1-5 --data my_cat/ --embedding my-cat --num-vectors 4 \
+      --init-text cat --lr 5e-3 --steps 3000 --checkpoint-dir ckpt --out my-cat.safetensors"""
 # TrainingConfig argument names -> our options, for messages from the library.
 OPTION_NAMES = {
     "learning_rate": "--lr",
+    "text_encoder_learning_rate": "--text-encoder-lr",
+    "rank": "--rank",
+    "alpha": "--alpha",
+    "num_vectors": "--num-vectors",
+    "init_text": "--init-text",
     "warmup_steps": "--warmup-steps",
     "weight_decay": "--weight-decay",
     "ema_decay": "--ema-decay",
@@ -65,7 +82,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (1e-5 for fine-tuning SD)")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--ema-decay", type=float, default=0.999, help="0 disables the EMA")
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="0 disables the EMA (default 0.999; 0 with --lora / --embedding)",
+    )
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument(
         "--high-noise-fraction",
@@ -84,6 +106,53 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--reconstruction-loss", choices=("l1", "l2", "l1+l2"), default="l1", help="VAE training only"
     )
     p.add_argument("--seed", type=int, default=0)
+    lora = p.add_argument_group("LoRA and textual inversion")
+    mode = lora.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--lora", action="store_true", help="train LoRA factors only; --out is the .safetensors file"
+    )
+    mode.add_argument(
+        "--embedding",
+        metavar="WORD",
+        default=None,
+        help="textual inversion: learn the vectors of this new word",
+    )
+    lora.add_argument(
+        "--class-data",
+        default=None,
+        help="DreamBooth prior preservation: folder of class images with captions (e.g. 'a dog')",
+    )
+    lora.add_argument(
+        "--prior-loss-weight", type=float, default=1.0, help="weight of the class images' loss (default 1)"
+    )
+    lora.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    lora.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
+    lora.add_argument(
+        "--unet-targets",
+        default=None,
+        help="comma-separated UNet module names (default to_q,to_k,to_v,to_out.0; kohya's: "
+        "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2)",
+    )
+    lora.add_argument(
+        "--text-encoder-targets",
+        default=None,
+        help="comma-separated text-encoder module names (default q_proj,k_proj,v_proj,out_proj)",
+    )
+    lora.add_argument(
+        "--text-encoder-lr", type=float, default=None, help="learning rate of the text encoder (default --lr)"
+    )
+    lora.add_argument(
+        "--lora-format", choices=("kohya", "diffusers"), default="kohya", help="saved LoRA names"
+    )
+    lora.add_argument(
+        "--save-precision", choices=("float32", "float16"), default="float32", help="dtype of the saved LoRA"
+    )
+    lora.add_argument(
+        "--num-vectors", type=int, default=1, help="vectors of the --embedding word (default 1)"
+    )
+    lora.add_argument(
+        "--init-text", default="*", help="the --embedding vectors start as this text's token embeddings"
+    )
     p.add_argument("--checkpoint-dir", required=True, help="where checkpoints are written and resumed from")
     p.add_argument("--checkpoint-every", type=float, default=600.0, help="seconds between checkpoints")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes")
@@ -113,7 +182,7 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         raise UsageError(f"--lr {args.lr:g}: must be > 0")
     finite_float(args.weight_decay, "--weight-decay", 0.0)
     finite_float(args.ema_decay, "--ema-decay", 0.0, 1.0)
-    if args.ema_decay >= 1.0:
+    if args.ema_decay is not None and args.ema_decay >= 1.0:
         raise UsageError(f"--ema-decay {args.ema_decay:g}: must be in [0, 1) (0 disables the EMA)")
     finite_float(args.caption_dropout, "--caption-dropout", 0.0, 1.0)
     finite_float(args.high_noise_fraction, "--high-noise-fraction", 0.0, 1.0)
@@ -129,10 +198,78 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         raise FileNotFoundError(f"--data {args.data}: no such folder")
     if os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir}: exists and is not a folder")
-    if args.out is not None and os.path.exists(args.out):
+    _check_adapter_arguments(args)
+    if args.out is not None and (args.lora or args.embedding is not None):
+        if not args.out.lower().endswith(".safetensors"):
+            raise UsageError(f"--out {args.out}: with --lora / --embedding it must be a .safetensors file")
+        if os.path.lexists(args.out):
+            raise FileExistsError(f"--out {args.out}: already exists; choose a new file")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--out {args.out}: no such folder {folder}")
+    elif args.out is not None and os.path.exists(args.out):
         if not os.path.isdir(args.out) or os.listdir(args.out):
             raise FileExistsError(f"--out {args.out}: exists and is not an empty folder; choose a new folder")
     return None if args.model is None else check_model(args.model, "--model")
+
+
+def _targets(value: str | None, option: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in value.split(","))
+    if not all(names):
+        raise UsageError(f"{option} {value!r}: give comma-separated module names such as to_q,to_v")
+    return names
+
+
+def _check_adapter_arguments(args: argparse.Namespace) -> None:
+    """The --lora / --embedding options: in range, and only with what they apply to."""
+    adapter = args.lora or args.embedding is not None
+    if not args.lora:
+        given = [
+            o
+            for o, v in (
+                ("--alpha", args.alpha),
+                ("--unet-targets", args.unet_targets),
+                ("--text-encoder-targets", args.text_encoder_targets),
+            )
+            if v is not None
+        ]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --lora")
+    if adapter and args.train not in ("unet", "unet+text_encoder"):
+        raise UsageError(
+            f"--train {args.train}: --lora / --embedding train on the UNet's loss (unet or unet+text_encoder)"
+        )
+    if args.embedding is not None:
+        if args.train != "unet":
+            raise UsageError("--embedding trains only the word's vectors; leave --train at unet")
+        if not args.embedding.strip() or args.embedding != args.embedding.strip():
+            raise UsageError(f"--embedding {args.embedding!r}: give a word without surrounding spaces")
+        if not 1 <= args.num_vectors <= 75:
+            raise UsageError(f"--num-vectors {args.num_vectors}: must be an integer in [1, 75]")
+        if not args.init_text.strip():
+            raise UsageError("--init-text: give a word such as cat or *")
+    finite_float(args.prior_loss_weight, "--prior-loss-weight", 0.0)
+    if args.class_data is not None:
+        if not os.path.isdir(args.class_data):
+            raise FileNotFoundError(f"--class-data {args.class_data}: no such folder")
+        if args.train in ("vae", "vae_decoder"):
+            raise UsageError(
+                f"--class-data: prior preservation is for the UNet's loss, not --train {args.train}"
+            )
+    positive_int(args.rank, "--rank")
+    finite_float(args.alpha, "--alpha", 0.0)
+    if args.alpha is not None and args.alpha <= 0:
+        raise UsageError(f"--alpha {args.alpha:g}: must be > 0")
+    finite_float(args.text_encoder_lr, "--text-encoder-lr", 0.0)
+    if args.text_encoder_lr is not None:
+        if args.text_encoder_lr <= 0:
+            raise UsageError(f"--text-encoder-lr {args.text_encoder_lr:g}: must be > 0")
+        if args.train != "unet+text_encoder":
+            raise UsageError("--text-encoder-lr: only with --train unet+text_encoder")
+    args.unet_targets_list = _targets(args.unet_targets, "--unet-targets")
+    args.text_encoder_targets_list = _targets(args.text_encoder_targets, "--text-encoder-targets")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,9 +281,13 @@ def run(args: argparse.Namespace) -> int:
     from tf_diffusion.pipeline import StableDiffusion
     from tf_diffusion.training import (
         DiffusionTrainer,
+        LoraTrainer,
+        LoraTrainingConfig,
+        TextualInversionTrainer,
         TrainingConfig,
         VAETrainer,
         dataset_from_arrays,
+        dataset_with_prior,
         load_image_folder,
     )
 
@@ -162,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
-        ema_decay=args.ema_decay or None,
+        ema_decay=_ema_decay(args),
         caption_dropout=args.caption_dropout,
         high_noise_fraction=args.high_noise_fraction,
         high_noise_start=args.high_noise_start,
@@ -170,12 +311,41 @@ def run(args: argparse.Namespace) -> int:
         reconstruction_loss=args.reconstruction_loss,
         seed=args.seed,
         jit_compile=args.xla,
+        text_encoder_learning_rate=args.text_encoder_lr,
+        prior_loss_weight=args.prior_loss_weight if args.class_data is not None else 0.0,
     )
-    if args.train in ("vae", "vae_decoder"):
+    tokenizer = sd.tokenizer
+    if args.lora:
+        lora = LoraTrainingConfig(
+            rank=args.rank,
+            alpha=args.alpha,
+            unet_targets=args.unet_targets_list,
+            text_encoder_targets=args.text_encoder_targets_list,
+            seed=args.seed,
+        )
+        trainer = LoraTrainer(sd, args.train, config, strategy=strategy, lora=lora)
+    elif args.embedding is not None:
+        trainer = TextualInversionTrainer(
+            sd, args.embedding, args.num_vectors, args.init_text, config, strategy=strategy
+        )
+        if not any(args.embedding.lower() in c.lower() for c in captions):
+            raise UsageError(f"--embedding {args.embedding}: no caption in --data uses the word")
+        tokenizer = trainer.tokenize
+    elif args.train in ("vae", "vae_decoder"):
         trainer = VAETrainer(sd.vae, config, strategy=strategy, train=args.train)
     else:
         trainer = DiffusionTrainer(sd, args.train, config, strategy=strategy)
-    data = dataset_from_arrays(images, captions, sd.tokenizer, args.batch_size, seed=args.seed)
+    data = dataset_from_arrays(images, captions, tokenizer, args.batch_size, seed=args.seed)
+    if args.class_data is not None:
+        class_images, class_captions = load_image_folder(args.class_data, size)
+        prior = dataset_from_arrays(
+            class_images,
+            class_captions,
+            tokenizer,
+            min(args.batch_size, len(class_images)),
+            seed=args.seed + 1,
+        )
+        data = dataset_with_prior(data, prior)
     history = trainer.fit(
         data,
         args.steps,
@@ -189,9 +359,22 @@ def run(args: argparse.Namespace) -> int:
             f"step {trainer.step}: loss {np.mean([h['loss'] for h in history[-50:]]):.4f} (mean of the last 50)"
         )
     if args.out is not None:
-        save_trained(sd, trainer, args.out)
+        if args.lora:
+            dtype = None if args.save_precision == "float32" else args.save_precision
+            trainer.save_lora(args.out, args.lora_format, dtype=dtype)
+        elif args.embedding is not None:
+            trainer.save_embedding(args.out)
+        else:
+            save_trained(sd, trainer, args.out)
         print(f"wrote {args.out}")
     return 0
+
+
+def _ema_decay(args: argparse.Namespace) -> float | None:
+    """--ema-decay, default 0.999 for whole models and none for LoRA factors and embeddings (as kohya)."""
+    if args.ema_decay is None:
+        return None if (args.lora or args.embedding is not None) else 0.999
+    return args.ema_decay or None
 
 
 def save_trained(sd, trainer, out: str | os.PathLike) -> None:

@@ -2,6 +2,7 @@
 
 - ``config``: ``TrainingConfig`` and what each target trains (plain data, no TensorFlow);
 - ``trainers``: ``VAETrainer``, ``DiffusionTrainer``, their shared loop, checkpoints that resume exactly;
+- ``adapters``: ``LoraTrainer`` and ``TextualInversionTrainer`` (only LoRA factors or new word vectors train);
 - ``data``: ``tf.data`` pipelines from arrays, a batch generator or a folder of captioned images.
 
 Names are imported on first use, so reading ``TRAIN_TARGETS`` does not load TensorFlow.
@@ -21,15 +22,19 @@ _EXPORTS = {
     "RECONSTRUCTION_LOSSES": "config",
     "TRAIN_PREFIXES": "config",
     "TRAIN_TARGETS": "config",
+    "LoraTrainingConfig": "config",
     "TrainingConfig": "config",
     "ema_decay_at": "config",
     "DiffusionTrainer": "trainers",
     "VAETrainer": "trainers",
+    "LoraTrainer": "adapters",
+    "TextualInversionTrainer": "adapters",
     "drop_captions": "trainers",
     "draw_timesteps": "trainers",
     "latest_checkpoint": "trainers",
     "training_config_from_checkpoint": "trainers",
     "dataset_from_arrays": "data",
+    "dataset_with_prior": "data",
     "dataset_from_generator": "data",
     "load_image_folder": "data",
 }

@@ -41,6 +41,10 @@ class TrainingConfig:
         reconstruction_loss: VAE only: "l1", "l2" or "l1+l2".
         seed: seed of every random draw (noise, timesteps, caption dropout, posterior samples).
         jit_compile: compile the forward and backward pass with XLA.
+        prior_loss_weight: diffusion only: DreamBooth's prior preservation; > 0 makes batches carry class
+            images and captions too (``dataset_with_prior``), whose loss is added with this weight.
+        text_encoder_learning_rate: peak learning rate of the text encoder's weights (or its LoRA
+            factors) when they are trained; None: ``learning_rate``. The UNet's is ``learning_rate``.
     """
 
     learning_rate: float = 1e-4
@@ -59,10 +63,16 @@ class TrainingConfig:
     reconstruction_loss: str = "l1"
     seed: int = 0
     jit_compile: bool = False
+    text_encoder_learning_rate: float | None = None
+    prior_loss_weight: float = 0.0
 
     def __post_init__(self):
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
+        if self.text_encoder_learning_rate is not None and not self.text_encoder_learning_rate > 0:
+            raise ValueError(
+                f"text_encoder_learning_rate={self.text_encoder_learning_rate!r} must be > 0 or None"
+            )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
@@ -73,6 +83,10 @@ class TrainingConfig:
             raise ValueError(f"high_noise_fraction={self.high_noise_fraction!r} must be in [0, 1]")
         if not 0.0 <= self.high_noise_start < 1.0:
             raise ValueError(f"high_noise_start={self.high_noise_start!r} must be in [0, 1)")
+        if not (
+            isinstance(self.prior_loss_weight, (int, float)) and 0.0 <= self.prior_loss_weight < float("inf")
+        ):
+            raise ValueError(f"prior_loss_weight={self.prior_loss_weight!r} must be a finite number >= 0")
         if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(
                 f"reconstruction_loss={self.reconstruction_loss!r} is not allowed; "
@@ -80,6 +94,41 @@ class TrainingConfig:
             )
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm={self.grad_clip_norm!r} must be > 0 or None")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be a non-negative integer")
+
+
+@dataclass(frozen=True)
+class LoraTrainingConfig:
+    """What a LoRA trainer trains (``tf_diffusion.adapters.lora_training``).
+
+    Attributes:
+        rank: the LoRA rank r.
+        alpha: the LoRA alpha (scale alpha / rank); None: alpha = rank.
+        unet_targets: UNet module names (peft's ``target_modules`` matching: a name or a ``.``-suffix of
+            one); None: the attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0``.
+        text_encoder_targets: text-encoder module names, used when the trainer trains the text encoder;
+            None: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``.
+        seed: seed of the down factors' initial draw.
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    unet_targets: tuple[str, ...] | None = None
+    text_encoder_targets: tuple[str, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank={self.rank!r} must be an integer >= 1")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ValueError(f"alpha={self.alpha!r} must be a number > 0 or None")
+        for name in ("unet_targets", "text_encoder_targets"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, str) or not all(isinstance(t, str) and t for t in value):
+                    raise ValueError(f"{name}={value!r} must be a tuple of non-empty module names or None")
+                object.__setattr__(self, name, tuple(value))
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be a non-negative integer")
 

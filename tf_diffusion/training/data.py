@@ -122,3 +122,12 @@ def load_image_folder(folder: str | os.PathLike, size: int) -> tuple[np.ndarray,
             im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
             images.append(np.asarray(im, dtype=np.uint8))
     return np.stack(images), captions
+
+
+def dataset_with_prior(instance: tf.data.Dataset, prior: tf.data.Dataset) -> tf.data.Dataset:
+    """DreamBooth batches: (images, ids) of the instance data and (class_images, class_ids) of the class data.
+
+    Both pipelines must repeat (``dataset_from_arrays`` does by default); the class batch size may differ.
+    Train with ``TrainingConfig(prior_loss_weight=...)``.
+    """
+    return tf.data.Dataset.zip((instance, prior)).map(lambda a, b: (a[0], a[1], b[0], b[1]))

@@ -141,34 +141,50 @@ class _TrainerBase:
 
     kind = ""
 
-    def __init__(self, components: dict, train: str, config: TrainingConfig, strategy):
+    def __init__(
+        self, components: dict, train: str, config: TrainingConfig, strategy, params: list | None = None
+    ):
         self.config = config
         self.train = train
         self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
         self.components = components  # name -> keras model
         self.trained = {name: components[name] for name in TRAIN_TARGETS[train]}
-        # (component, key, variable) for every trained weight, in a fixed order.
-        prefixes = TRAIN_PREFIXES.get(train, ("",))
-        self._params = [
-            (name, key, getattr(layer, attr))
-            for name, model in self.trained.items()
-            for key, (layer, attr) in named_parameters(model).items()
-            if key.startswith(prefixes)
-        ]
+        if params is None:
+            # (component, key, variable) for every trained weight, in a fixed order.
+            prefixes = TRAIN_PREFIXES.get(train, ("",))
+            params = [
+                (name, key, getattr(layer, attr))
+                for name, model in self.trained.items()
+                for key, (layer, attr) in named_parameters(model).items()
+                if key.startswith(prefixes)
+            ]
+        self._params = params
         self.trainable_variables = [v for _, _, v in self._params]
+        # One AdamW per learning rate: the text encoder's weights may have their own
+        # (config.text_encoder_learning_rate); every optimizer steps once per train step.
+        te_lr = config.text_encoder_learning_rate
+        groups: dict[float, list[int]] = {}
+        for i, (name, _, _) in enumerate(self._params):
+            lr = te_lr if te_lr is not None and name.startswith("text_encoder") else config.learning_rate
+            groups.setdefault(lr, []).append(i)
+        if not groups:
+            groups = {config.learning_rate: []}
         with self.strategy.scope():
-            self.optimizer = keras.optimizers.AdamW(
-                learning_rate=_WarmupConstant(config.learning_rate, config.warmup_steps),
-                weight_decay=config.weight_decay,
-                beta_1=config.adam_beta1,
-                beta_2=config.adam_beta2,
-                epsilon=config.adam_epsilon,
-            )
-            # Decay only matrices and kernels, as is usual for transformers and UNets.
-            self.optimizer.exclude_from_weight_decay(
-                var_list=[v for v in self.trainable_variables if len(v.shape) <= 1]
-            )
-            self.optimizer.build(self.trainable_variables)
+            self._optimizers = []
+            for lr, indices in groups.items():
+                variables = [self.trainable_variables[i] for i in indices]
+                optimizer = keras.optimizers.AdamW(
+                    learning_rate=_WarmupConstant(lr, config.warmup_steps),
+                    weight_decay=config.weight_decay,
+                    beta_1=config.adam_beta1,
+                    beta_2=config.adam_beta2,
+                    epsilon=config.adam_epsilon,
+                )
+                # Decay only matrices and kernels, as is usual for transformers and UNets.
+                optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
+                optimizer.build(variables)
+                self._optimizers.append((optimizer, indices))
+            self.optimizer = self._optimizers[0][0]  # its iterations are the step
             self.ema_variables = (
                 [
                     tf.Variable(v.value, trainable=False, name=f"ema_{i}")
@@ -181,6 +197,13 @@ class _TrainerBase:
         self._loss_fn = None
 
     # ------------------------------------------------------------ hooks
+
+    def _checkpoint_metadata(self) -> dict[str, str]:
+        """Extra checkpoint metadata that a resuming trainer must match (e.g. the LoRA setup)."""
+        return {}
+
+    def _optimizer_variables(self) -> list:
+        return [v for optimizer, _ in self._optimizers for v in optimizer.variables]
 
     def _replica_loss(self, batch, seed):
         """(loss scalar for this replica's examples, logs dict); subclasses define it."""
@@ -224,9 +247,9 @@ class _TrainerBase:
             grads, norm = tf.clip_by_global_norm(grads, self.config.grad_clip_norm)
             logs = dict(logs, grad_norm=norm)
         # Keras sums gradients across replicas again; hand it each replica's share of the mean.
-        self.optimizer.apply_gradients(
-            zip([g / replicas for g in grads], self.trainable_variables, strict=True)
-        )
+        shares = [g / replicas for g in grads]
+        for optimizer, indices in self._optimizers:
+            optimizer.apply_gradients([(shares[i], self.trainable_variables[i]) for i in indices])
         return dict(logs, loss=loss)
 
     def _update_ema(self):
@@ -412,7 +435,7 @@ class _TrainerBase:
             tensors[f"model/{name}/{key}"] = np.asarray(v.numpy())
             if ema is not None:
                 tensors[f"ema/{name}/{key}"] = ema.numpy()
-        for i, v in enumerate(self.optimizer.variables):
+        for i, v in enumerate(self._optimizer_variables()):
             tensors[f"optimizer/{i:05d}"] = np.asarray(keras.ops.convert_to_numpy(v))
         metadata = {
             "format": CHECKPOINT_FORMAT,
@@ -420,6 +443,7 @@ class _TrainerBase:
             "train": self.train,
             "step": str(self.step),
             "training_config": json.dumps(to_dict(self.config)),
+            **self._checkpoint_metadata(),
         }
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(os.fspath(folder), f"ckpt-{self.step:08d}.safetensors")
@@ -449,13 +473,20 @@ class _TrainerBase:
                 f"{path}: not a {self.kind} checkpoint training {self.train!r} "
                 f"(format={meta.get('format')!r}, kind={meta.get('kind')!r}, train={meta.get('train')!r})"
             )
+        own = self._checkpoint_metadata()
+        differ = {k: (meta.get(k), v) for k, v in own.items() if meta.get(k) != v}
+        if differ:
+            raise ValueError(
+                f"{path}: checkpoint of another setup: "
+                + "; ".join(f"{k}: file {a!r}, this trainer {b!r}" for k, (a, b) in differ.items())
+            )
         tensors = load_safetensors(path)
         pairs = []
         for i, (name, key, v) in enumerate(self._params):
             pairs.append((f"model/{name}/{key}", v))
             if self.ema_variables:
                 pairs.append((f"ema/{name}/{key}", self.ema_variables[i]))
-        pairs += [(f"optimizer/{i:05d}", v) for i, v in enumerate(self.optimizer.variables)]
+        pairs += [(f"optimizer/{i:05d}", v) for i, v in enumerate(self._optimizer_variables())]
         problems = [
             f"{k}: missing"
             if k not in tensors
@@ -536,7 +567,9 @@ class DiffusionTrainer(_TrainerBase):
     x_t = sqrt(abar_t) latents + sqrt(1 - abar_t) noise with the pipeline's training schedule;
     loss = mean((unet(x_t, t, text(caption)) - target)^2), target = noise ("epsilon"),
     sqrt(abar_t) noise - sqrt(1 - abar_t) latents ("v_prediction") or latents ("sample").
-    Captions are replaced by "" with probability ``config.caption_dropout``.
+    Captions are replaced by "" with probability ``config.caption_dropout``. DreamBooth's prior preservation
+    (``config.prior_loss_weight`` > 0): batches also carry class images and captions (``dataset_with_prior``),
+    and loss = instance loss + prior_loss_weight * class loss, each the mean over its own examples.
 
     Args:
         pipeline: a ``StableDiffusion`` (its components built inside ``strategy.scope()`` for a
@@ -551,12 +584,24 @@ class DiffusionTrainer(_TrainerBase):
 
     kind = "diffusion"
 
-    def __init__(self, pipeline, train: str = "unet", config: TrainingConfig | None = None, strategy=None):
+    def __init__(
+        self,
+        pipeline,
+        train: str = "unet",
+        config: TrainingConfig | None = None,
+        strategy=None,
+        *,
+        params: list | None = None,
+    ):
         if train not in ("unet", "unet+text_encoder"):
             raise ValueError(f"train={train!r} is not allowed; expected 'unet' or 'unet+text_encoder'")
+        if pipeline.config.is_sdxl:
+            raise ValueError(
+                f"{pipeline.config.name}: training SDXL (pooled text embeddings and time ids) is not supported yet"
+            )
         self.pipeline = pipeline
         components = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder, "vae": pipeline.vae}
-        super().__init__(components, train, config or TrainingConfig(), strategy)
+        super().__init__(components, train, config or TrainingConfig(), strategy, params)
         cfg = pipeline.config
         # The schedule the samplers use (diffusers' float32 table), its square roots taken in float64.
         abar = alphas_cumprod(cfg.scheduler, rescale=True).astype(np.float64)
@@ -566,6 +611,17 @@ class DiffusionTrainer(_TrainerBase):
 
     def _replica_loss(self, batch, seed):
         images, token_ids = batch[0], batch[1]
+        prior = self.config.prior_loss_weight > 0
+        if prior:
+            # DreamBooth: instance and class examples run as one batch; each half has its own mean.
+            if len(batch) != 4:
+                raise ValueError(
+                    f"prior_loss_weight={self.config.prior_loss_weight} needs (images, ids, class_images, "
+                    f"class_ids) batches (dataset_with_prior); got {len(batch)} parts"
+                )
+            count = tf.shape(images)[0]
+            images = tf.concat([tf.cast(images, tf.float32), tf.cast(batch[2], tf.float32)], axis=0)
+            token_ids = tf.concat([tf.cast(token_ids, tf.int32), tf.cast(batch[3], tf.int32)], axis=0)
         cfg = self.pipeline.config
         seeds = tf.random.experimental.stateless_split(seed, 4)
         token_ids = drop_captions(
@@ -595,12 +651,21 @@ class DiffusionTrainer(_TrainerBase):
         else:
             target = z
 
-        context = self.pipeline.text_encoder(token_ids)  # (B, L, D)
-        if "text_encoder" not in self.trained:
-            context = tf.stop_gradient(context)
+        context = self._encode_text(token_ids)  # (B, L, D)
         out = tf.cast(self.pipeline.unet(x_t, t, context), tf.float32)
-        loss = tf.reduce_mean(tf.square(out - target))
-        return loss, {}
+        if not prior:
+            return tf.reduce_mean(tf.square(out - target)), {}
+        instance = tf.reduce_mean(tf.square(out[:count] - target[:count]))
+        prior_loss = tf.reduce_mean(tf.square(out[count:] - target[count:]))
+        return instance + self.config.prior_loss_weight * prior_loss, {
+            "instance": instance,
+            "prior": prior_loss,
+        }
+
+    def _encode_text(self, token_ids):
+        """(B, L, D) text-encoder states of the (caption-dropped) ids; a constant unless it is trained."""
+        context = self.pipeline.text_encoder(token_ids)
+        return context if "text_encoder" in self.trained else tf.stop_gradient(context)
 
 
 def training_config_from_checkpoint(path: str | os.PathLike) -> TrainingConfig:
