@@ -1,10 +1,11 @@
-"""``tf-diffusion serve``: the AUTOMATIC1111 web UI's HTTP API (``/sdapi/v1``) over one model.
+"""``tf-diffusion serve``: a web page and the AUTOMATIC1111 web UI's HTTP API (``/sdapi/v1``) over one model.
 
-    tf-diffusion serve                                   # tiny-shapes on http://127.0.0.1:7860
+    tf-diffusion serve                                   # tiny-shapes: the page on http://127.0.0.1:7860
     tf-diffusion serve --model sd15.safetensors --models-dir models/ --lora-dir loras/ --outputs outputs/
     tf-diffusion serve --host 0.0.0.0 --api-auth alice:secret   # beyond localhost: authentication required
 
-Any A1111 client then works unchanged, e.g. ``webuiapi.WebUIApi(port=7860).txt2img(prompt=...)``.
+The page (Gradio, at ``/``; ``--nowebui``: the API alone) has txt2img, img2img with inpainting and PNG
+info tabs. Any A1111 client works unchanged, e.g. ``webuiapi.WebUIApi(port=7860).txt2img(prompt=...)``.
 The model is loaded once; one generation runs at a time and up to ``--queue-size`` wait (more are
 answered 503). On a CPU the server runs graph mode (no XLA): each XLA program keeps memory mappings for
 the life of the process, which a long-running server must not pile up.
@@ -58,6 +59,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="models kept loaded for quick switching, as the web UI's sd_checkpoints_limit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--nowebui",
+        action="store_true",
+        help="serve the API alone, without the web page at / (as the web UI's)",
     )
     p.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision")
     p.set_defaults(func=run, option_names={})
@@ -116,6 +122,14 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, dict | None]:
         raise ImportError(
             'tf-diffusion serve needs FastAPI and uvicorn: pip install "tf_diffusion[serve]"'
         ) from None
+    if not args.nowebui:
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                'the web page of tf-diffusion serve needs gradio: pip install "tf_diffusion[serve]" '
+                "(or pass --nowebui to serve the API alone)"
+            ) from None
     model = args.model
     in_folder = args.models_dir is not None and os.path.exists(os.path.join(args.models_dir, model))
     if not in_folder:
@@ -148,10 +162,11 @@ def run(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels,
         # Graph mode on a CPU: XLA programs keep memory mappings for the process's life.
         jit_compile=None if has_accelerator() else False,
+        webui=not args.nowebui,
     )
     server = Server(state, host=args.host, port=args.port, log_level="info")
-    print(
-        f"tf-diffusion serve: {registry.current.title} on http://{args.host}:{args.port}/sdapi/v1", flush=True
-    )
+    url = f"http://{args.host}:{args.port}"
+    where = f"the API on {url}/sdapi/v1" + ("" if args.nowebui else f", the page on {url}/")
+    print(f"tf-diffusion serve: {registry.current.title}: {where}", flush=True)
     server.run()
     return 0

@@ -222,6 +222,57 @@ def check_request(req: schema._Request, registry, options: dict) -> None:
             )
 
 
+def check_img2img(req: schema.Img2ImgRequest, has_mask: bool) -> None:
+    """Refuse img2img and inpainting settings the server does not do, naming the field (422)."""
+    if has_mask:
+        if req.inpainting_fill != 1:
+            fill = INPAINTING_FILLS.get(req.inpainting_fill, req.inpainting_fill)
+            raise ApiError(
+                422,
+                f"inpainting_fill={req.inpainting_fill} ({fill!r}) is not supported; allowed: 1 (original)",
+            )
+        if not 0 <= req.inpaint_full_res_padding <= 1024:
+            raise ApiError(
+                422, f"inpaint_full_res_padding={req.inpaint_full_res_padding}: allowed 0 to 1024 pixels"
+            )
+        if req.inpainting_mask_invert not in (0, 1):
+            raise ApiError(422, f"inpainting_mask_invert={req.inpainting_mask_invert}: allowed 0 or 1")
+        if req.mask_blur is not None and not 0 <= req.mask_blur <= 64:
+            raise ApiError(422, f"mask_blur={req.mask_blur}: allowed 0 to 64 pixels")
+    if not 0.0 <= req.denoising_strength <= 1.0:
+        raise ApiError(422, f"denoising_strength={req.denoising_strength}: allowed [0, 1]")
+    if req.resize_mode != 0:
+        raise ApiError(422, f"resize_mode={req.resize_mode} is not supported; allowed: 0 (just resize)")
+
+
+def prepare_images(init, mask, req: schema.Img2ImgRequest):
+    """Resize to the request's size ("just resize", as the web UI) and make the mask greyscale / inverted.
+
+    With a mask and ``inpaint_full_res`` ("only masked") the pictures keep their size: the masked area is
+    cropped and resized by ``crop_region`` in ``run``.
+    """
+    from PIL import Image, ImageOps
+
+    size = (req.width, req.height)
+    keep = mask is not None and req.inpaint_full_res
+    init = init.convert("RGB")
+    if mask is not None:
+        mask = mask.convert("L")
+        if req.inpainting_mask_invert == 1:
+            mask = ImageOps.invert(mask)
+        if keep and mask.size != init.size:
+            raise ApiError(
+                422,
+                f"mask is {mask.size[0]}x{mask.size[1]} but init_images[0] is {init.size[0]}x{init.size[1]}; "
+                f"with inpaint_full_res they must match",
+            )
+        if not keep and mask.size != size:
+            mask = mask.resize(size, Image.LANCZOS)
+    if not keep and init.size != size:
+        init = init.resize(size, Image.LANCZOS)
+    return init, mask
+
+
 def check_size(sd, width: int, height: int, batch_size: int, max_pixels: int) -> None:
     factor = sd.config.vae.downsample_factor
     for name, value in (("width", width), ("height", height)):
