@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 
+import httpx
 import numpy as np
 import pytest
 
@@ -45,8 +46,10 @@ def artifacts():
 
 
 @pytest.fixture(scope="module")
-def server():
-    registry = ModelRegistry("tiny-shapes")
+def server(tmp_path_factory):
+    loras = tmp_path_factory.mktemp("loras")
+    (loras / "paper-cut.safetensors").write_bytes(b"")  # listed by the picker; never loaded here
+    registry = ModelRegistry("tiny-shapes", lora_dir=loras)
     registry.load()
     srv = Server(ServerState(registry, queue_size=4, webui=True), port=0).start()
     yield srv
@@ -81,6 +84,16 @@ def _wait_state(page, kind: str, state: str) -> None:
     page.wait_for_selector(f'#tfd-{kind}-progress #tfd-progress[data-state="{state}"]')
 
 
+def _generate_on_page(page, kind: str) -> None:
+    """Click Generate and wait for this generation's end (a new task id in the finished bar)."""
+    bar = page.locator(f"#tfd-{kind}-progress #tfd-progress")
+    before = bar.get_attribute("data-task") or ""
+    page.click(f"#tfd-{kind}-generate")
+    page.wait_for_selector(
+        f'#tfd-{kind}-progress #tfd-progress[data-state="done"][data-task]:not([data-task="{before}"])'
+    )
+
+
 def _gallery_images(page, kind: str, count: int) -> list[Image.Image]:
     """The gallery's images, fetched from the page's own URLs (the PNG the browser shows)."""
     thumbs = page.locator(f"#tfd-{kind}-gallery img")
@@ -97,15 +110,17 @@ def _generate(sd, **kwargs):
     return np.asarray(sd.generate(progress=False, jit_compile=False, **kwargs))
 
 
-def test_txt2img_progress_image_and_parameters(server, page, artifacts):
+def test_txt2img_progress_images_and_parameters(server, page, artifacts):
     _tab(page, "txt2img")
     page.fill("#tfd-txt2img-prompt textarea", "a red circle")
     page.fill("#tfd-txt2img-negative textarea", "blurry")
     _set_number(page, "tfd-txt2img-steps", 60)
     _set_number(page, "tfd-txt2img-seed", 5)
+    _set_number(page, "tfd-txt2img-batch-size", 2)
     page.click("#tfd-txt2img-generate")
-    # the progress bar moves: at least two different steps shown while the job runs, with a preview
-    seen = set()
+    # the progress bar moves: at least two different steps shown while the job runs, with a preview;
+    # the job is the API's queue's: /sdapi/v1/progress reports it
+    seen, api_job = set(), ""
     deadline = time.time() + 60
     while time.time() < deadline:
         bar = page.locator('#tfd-txt2img-progress #tfd-progress[data-state="running"]')
@@ -113,46 +128,57 @@ def test_txt2img_progress_image_and_parameters(server, page, artifacts):
             step = bar.get_attribute("data-step")
             if step is not None and int(step) > 0:
                 seen.add(int(step))
-            if len(seen) >= 2:
+                api_job = api_job or httpx.get(server.url + "/sdapi/v1/progress").json()["state"]["job"]
+            if len(seen) >= 2 and api_job:
                 break
         elif page.locator('#tfd-txt2img-progress #tfd-progress[data-state="done"]').count():
             break
         time.sleep(0.05)
     page.screenshot(path=os.path.join(artifacts, "1-txt2img-progress.png"))
     assert len(seen) >= 2, f"the progress bar showed steps {sorted(seen)}"
+    assert api_job.startswith("task("), "the page's job is not the API queue's current job"
     assert page.locator("#tfd-txt2img-preview img").count() == 1  # the latent preview
     _wait_state(page, "txt2img", "done")
-    (image,) = _gallery_images(page, "txt2img", 1)
+    images = _gallery_images(page, "txt2img", 2)
     page.screenshot(path=os.path.join(artifacts, "2-txt2img-done.png"))
-    text = image.info["parameters"]
-    assert text.startswith("a red circle\nNegative prompt: blurry\nSteps: 60, Sampler: Euler a, CFG scale: 7")
-    assert "Seed: 5, Size: 64x64" in text
-    assert page.input_value("#tfd-txt2img-info textarea") == text
+    texts = [image.info["parameters"] for image in images]
+    for b, text in enumerate(texts):
+        assert text.startswith(
+            "a red circle\nNegative prompt: blurry\nSteps: 60, Sampler: Euler a, CFG scale: 7"
+        )
+        assert f"Seed: {5 + b}, Size: 64x64" in text and f"Batch size: 2, Batch pos: {b}" in text
+    assert page.input_value("#tfd-txt2img-info textarea") == texts[0]
     expected = _generate(
         server.state.registry.sd,
         prompt="a red circle",
         negative_prompt="blurry",
         seed=5,
+        num_images=2,
         num_steps=60,
         height=SIZE,
         width=SIZE,
         guidance_scale=7.0,
         scheduler="euler_a",
-    )[0]
-    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), expected)  # same graph, same pixels
+    )
+    for b in range(2):  # same graph, same pixels
+        np.testing.assert_array_equal(np.asarray(images[b].convert("RGB")), expected[b])
     if os.environ.get("TF_DIFFUSION_README_SCREENSHOT") == "1":
-        page.set_viewport_size({"width": 1100, "height": 760})
+        page.set_viewport_size({"width": 1200, "height": 700})
         page.screenshot(path=os.path.join(ROOT, "docs", "images", "serve_page.png"))
         page.set_viewport_size({"width": 1280, "height": 1100})
+    # the gallery shows each image's parameters: choosing the second shows its own
+    page.locator("#tfd-txt2img-gallery img").nth(1).click()
+    page.wait_for_function("document.querySelector('#tfd-txt2img-info textarea').value.includes('Seed: 6,')")
+    assert page.input_value("#tfd-txt2img-info textarea") == texts[1]
 
 
 def test_random_seed_then_reuse_last_seed(page):
     _tab(page, "txt2img")
+    _set_number(page, "tfd-txt2img-batch-size", 1)
     _set_number(page, "tfd-txt2img-steps", 4)
     page.click("#tfd-txt2img-random-seed")
     page.wait_for_function("document.querySelector('#tfd-txt2img-seed input').value === '-1'")
-    page.click("#tfd-txt2img-generate")
-    _wait_state(page, "txt2img", "done")
+    _generate_on_page(page, "txt2img")
     text = page.input_value("#tfd-txt2img-info textarea")
     drawn = int(text.split("Seed: ")[1].split(",")[0])
     page.click("#tfd-txt2img-reuse-seed")
@@ -198,8 +224,7 @@ def test_img2img_with_a_painted_mask(server, page, artifacts, tmp_path):
     page.mouse.up()
     page.wait_for_timeout(300)
     page.screenshot(path=os.path.join(artifacts, "4-img2img-mask.png"))
-    page.click("#tfd-img2img-generate")
-    _wait_state(page, "img2img", "done")
+    _generate_on_page(page, "img2img")
     (image,) = _gallery_images(page, "img2img", 1)
     page.screenshot(path=os.path.join(artifacts, "5-img2img-done.png"))
     text = image.info["parameters"]
@@ -233,7 +258,7 @@ def test_png_info_and_send_to_txt2img(page, artifacts, tmp_path):
         "document.querySelector('#tfd-txt2img-prompt textarea').value === 'a castle on a hill'"
     )
     tab = page.get_by_role("tab", name="txt2img", exact=True)
-    assert tab.get_attribute("aria-selected") == "true"  # the page went to the txt2img tab
+    playwright_api.expect(tab).to_have_attribute("aria-selected", "true")  # the page went to txt2img
     assert page.get_by_role("tab").count() == 3
     assert page.input_value("#tfd-txt2img-negative textarea") == "fog"
     assert page.input_value("#tfd-txt2img-steps input[type=number]") == "23"
@@ -242,3 +267,13 @@ def test_png_info_and_send_to_txt2img(page, artifacts, tmp_path):
     assert page.input_value("#tfd-txt2img-height input[type=number]") == "40"
     assert page.input_value("#tfd-txt2img-sampler input") == "DPM++ 2M"
     page.screenshot(path=os.path.join(artifacts, "7-sent-to-txt2img.png"))
+
+
+def test_lora_picker_adds_its_tag(page):
+    _tab(page, "txt2img")
+    page.fill("#tfd-txt2img-prompt textarea", "a green star")
+    page.click("#tfd-txt2img-lora input")
+    page.get_by_role("option", name="paper-cut").click()
+    page.wait_for_function(
+        "document.querySelector('#tfd-txt2img-prompt textarea').value === 'a green star <lora:paper-cut:1>'"
+    )

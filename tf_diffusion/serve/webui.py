@@ -53,7 +53,8 @@ def _progress_html(job) -> str:
     done = p.job_no * max(p.sampling_steps, 1) + p.sampling_step
     text = p.textinfo or f"batch {min(p.job_no + 1, max(p.job_count, 1))}/{max(p.job_count, 1)}"
     return (
-        f'<div id="tfd-progress" data-state="running" data-step="{p.sampling_step}" '
+        f'<div id="tfd-progress" data-state="running" data-task="{html.escape(job.id)}" '
+        f'data-step="{p.sampling_step}" '
         f'data-steps="{p.sampling_steps}"><progress max="{total}" value="{min(done, total)}"></progress> '
         f"step {p.sampling_step}/{p.sampling_steps}, {html.escape(text)}</div>"
     )
@@ -63,7 +64,7 @@ def _done_html(info: dict, seconds: float) -> str:
     n = len(info["all_seeds"])
     word = "interrupted" if info["interrupted"] else "done"
     return (
-        f'<div id="tfd-progress" data-state="done"><progress max="1" value="1"></progress> '
+        f'<div id="tfd-progress" data-state="done" data-task="{html.escape(info["task_id"])}"><progress max="1" value="1"></progress> '
         f"{word}: {n} image{'s' if n != 1 else ''} in {seconds:.1f} s</div>"
     )
 
