@@ -69,6 +69,16 @@ def _done_html(info: dict, seconds: float) -> str:
     )
 
 
+def _enlarged(picture, at_least: int = 128):
+    """The latent preview (one pixel per latent) repeated to ``at_least`` pixels: blocks, not a blur."""
+    import numpy as np
+
+    if picture is None:
+        return None
+    k = max(1, -(-at_least // max(picture.shape[:2])))
+    return np.repeat(np.repeat(picture, k, axis=0), k, axis=1)
+
+
 def _decode(b64: str):
     from PIL import Image
 
@@ -147,7 +157,7 @@ class WebPage:
                 preview = None
                 if p.latents is not None and p.sampling_step != shown_step:
                     shown_step = p.sampling_step
-                    preview = generation.preview(p.latents)
+                    preview = _enlarged(generation.preview(p.latents))
                 yield _progress_html(job), preview
         except GeneratorExit:
             job.cancel()  # the browser left: do not run its job for nobody
@@ -356,10 +366,10 @@ class WebPage:
                         '<div id="tfd-progress" data-state="idle"></div>', elem_id=f"tfd-{kind}-progress"
                     )
                     c["preview"] = gr.Image(
-                        label="Preview", interactive=False, elem_id=f"tfd-{kind}-preview", height=160
+                        label="Preview", interactive=False, elem_id=f"tfd-{kind}-preview", height=150
                     )
                     c["gallery"] = gr.Gallery(
-                        label="Results", format="png", columns=4, elem_id=f"tfd-{kind}-gallery", height=320
+                        label="Results", format="png", columns=4, elem_id=f"tfd-{kind}-gallery", height=260
                     )
                     c["info"] = gr.Textbox(
                         label="Parameters of the selected image", lines=4, elem_id=f"tfd-{kind}-info"
