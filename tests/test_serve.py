@@ -162,10 +162,127 @@ def test_img2img_with_mask_matches_generate(server, api):
     assert "Denoising strength: 0.5" in text and "Mask blur: 2" in text and "Sampler: Euler a," in text
     assert result.parameters["init_images"] is None  # include_init_images=False, as the web UI
     # what is not implemented is refused by name, not done differently
-    with pytest.raises(RuntimeError, match="inpainting_fill=0"):
-        api.img2img(
-            images=[init], mask_image=Image.fromarray(mask), inpaint_full_res=False, width=SIZE, height=SIZE
+    for fill, name in ((2, "latent noise"), (3, "latent nothing")):
+        with pytest.raises(RuntimeError, match=f"inpainting_fill={fill} .*{name}.* is not supported"):
+            api.img2img(
+                images=[init],
+                mask_image=Image.fromarray(mask),
+                inpainting_fill=fill,
+                inpaint_full_res=False,
+                width=SIZE,
+                height=SIZE,
+            )
+    with pytest.raises(RuntimeError, match="resize_mode=3 is not supported"):
+        api.img2img(images=[init], resize_mode=3, width=SIZE, height=SIZE)
+
+
+def test_fill_takes_the_colours_around_the_hole():
+    from tf_diffusion.serve.generation import fill_masked
+
+    x = np.zeros((SIZE, SIZE, 3), np.uint8)
+    x[:] = (200, 40, 40)
+    x[:, SIZE // 2 :] = (40, 40, 200)
+    x[10:22, 4:28] = (0, 255, 0)  # what the mask hides: none of its green may show through
+    m = np.zeros((SIZE, SIZE), np.uint8)
+    m[9:23, 3:29] = 255
+    filled = np.asarray(fill_masked(Image.fromarray(x), Image.fromarray(m))).astype(int)
+    np.testing.assert_array_equal(filled[m == 0], x[m == 0])  # kept pixels exact
+    assert filled[..., 1][m > 0].max() <= 40  # no green
+    # deep in the hole's left part red dominates, in its right part blue
+    assert filled[16, 6, 0] > filled[16, 6, 2] + 60 and filled[16, 25, 2] > filled[16, 25, 0] + 60
+    with_uniform = np.asarray(fill_masked(Image.fromarray(np.full_like(x, 77)), Image.fromarray(m)))
+    assert np.abs(with_uniform.astype(int) - 77).max() <= 1  # a uniform surrounding fills uniformly
+
+
+def test_img2img_fill_and_resize_modes(server, api):
+    from tf_diffusion.serve.generation import fill_masked, resize_picture
+
+    sd = server.state.registry.sd
+    init = np.zeros((SIZE, SIZE, 3), np.uint8)
+    init[:] = (200, 200, 200)
+    init[8:24, 8:24] = (30, 30, 30)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[6:26, 6:26] = 255
+    common = dict(prompt="a blue circle", seed=4, steps=6, cfg_scale=5, sampler_name="Euler", mask_blur=0)
+    result = api.img2img(
+        images=[Image.fromarray(init)],
+        mask_image=Image.fromarray(mask),
+        inpainting_fill=0,
+        inpaint_full_res=False,
+        denoising_strength=0.5,
+        width=SIZE,
+        height=SIZE,
+        **common,
+    )
+    filled = fill_masked(Image.fromarray(init), Image.fromarray(mask))
+    expected = _generate(
+        sd,
+        prompt="a blue circle",
+        seed=4,
+        image=filled,
+        mask=Image.fromarray(mask),
+        strength=0.5,
+        mask_blur=0.0,
+        height=SIZE,
+        width=SIZE,
+        guidance_scale=5.0,
+        num_steps=6,
+        scheduler="euler",
+    )
+    np.testing.assert_array_equal(np.asarray(result.image.convert("RGB")), expected[0])
+    # resize modes, on a 2:1 picture (white | green | white quarters) made square: what generate() is given
+    wide = np.zeros((SIZE, 2 * SIZE, 3), np.uint8)
+    wide[:] = 255
+    wide[:, SIZE // 2 : 3 * SIZE // 2] = (0, 200, 0)
+    results = {}
+    for mode in (0, 1, 2):
+        out = api.img2img(
+            images=[Image.fromarray(wide)],
+            resize_mode=mode,
+            denoising_strength=0.3,
+            width=SIZE,
+            height=SIZE,
+            **common,
         )
+        results[mode] = np.asarray(out.image.convert("RGB"))
+        expected = _generate(
+            sd,
+            prompt="a blue circle",
+            seed=4,
+            image=resize_picture(Image.fromarray(wide), (SIZE, SIZE), mode),
+            strength=0.3,
+            height=SIZE,
+            width=SIZE,
+            guidance_scale=5.0,
+            num_steps=6,
+            scheduler="euler",
+        )
+        np.testing.assert_array_equal(results[mode], expected[0])
+    assert not np.array_equal(results[0], results[1]) and not np.array_equal(results[1], results[2])
+
+
+def test_resize_modes():
+    from tf_diffusion.serve.generation import resize_picture
+
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:] = 255
+    wide[:, 10:30] = (0, 200, 0)
+    wide[:, 19:21] = (200, 0, 0)  # a red line down the middle
+    picture = Image.fromarray(wide)
+    stretched = np.asarray(resize_picture(picture, (20, 20), 0))
+    np.testing.assert_array_equal(stretched, np.asarray(picture.resize((20, 20), Image.LANCZOS)))
+    # crop and resize: scaled to cover (already 20 high), the sides cut evenly: the green middle, red centred
+    cropped = np.asarray(resize_picture(picture, (20, 20), 1))
+    np.testing.assert_array_equal(cropped, wide[:, 10:30])
+    # resize and fill: scaled to fit (20x10), centred, the bands above and below its edge rows repeated
+    filled = np.asarray(resize_picture(picture, (20, 20), 2))
+    fitted = np.asarray(picture.resize((20, 10), Image.LANCZOS))
+    np.testing.assert_array_equal(filled[5:15], fitted)
+    np.testing.assert_array_equal(filled[:5], np.repeat(fitted[:1], 5, axis=0))
+    np.testing.assert_array_equal(filled[15:], np.repeat(fitted[-1:], 5, axis=0))
+    # a tall picture into a wide size: bands left and right
+    tall = np.asarray(resize_picture(Image.fromarray(wide.transpose(1, 0, 2).copy()), (20, 20), 2))
+    np.testing.assert_array_equal(tall[:, :5], np.repeat(tall[:, 5:6], 5, axis=1))
 
 
 def test_inpaint_only_masked(server, api):

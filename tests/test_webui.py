@@ -206,13 +206,21 @@ def test_img2img_with_a_painted_mask(server, page, artifacts, tmp_path):
     Image.fromarray(init).save(path)
     _tab(page, "img2img")
     editor = page.locator("#tfd-img2img-editor")
+    # paint only once the picture is on the canvas: the editor then zooms the 64x64 picture in (over 100%)
     editor.locator("input[type=file]").set_input_files(str(path))
-    page.wait_for_timeout(500)
+    page.wait_for_function(
+        """() => {
+            const m = document.querySelector('#tfd-img2img-editor').innerText.match(/(\\d+)%/);
+            return m !== null && parseInt(m[1]) > 100;
+        }"""
+    )
+    page.wait_for_timeout(300)
     page.fill("#tfd-img2img-prompt textarea", "a yellow square")
     _set_number(page, "tfd-img2img-steps", 8)
     _set_number(page, "tfd-img2img-seed", 3)
     _set_number(page, "tfd-img2img-mask-blur", 0)
     _set_number(page, "tfd-strength", 1)
+    page.get_by_label("fill", exact=True).check()  # masked content: the colours around the mask
     # paint a thick stroke across the middle of the picture: the brush tool is selected after an upload
     editor.get_by_role("button", name="Brush", exact=True).click()
     canvas = editor.locator(".pixi-target canvas").first

@@ -7,7 +7,11 @@ image ``b`` of a batch started at ``seed + k * batch_size``, so every image is r
 ``info`` is the web UI's JSON (``infotexts``, ``all_seeds``, ``all_prompts``, ...).
 
 Inpainting (``mask``): ``inpainting_fill=1`` ("original": start from the noised image, as
-``generate(mask=...)`` does); white repaints, ``inpainting_mask_invert=1`` swaps. ``mask_blur`` is the
+``generate(mask=...)`` does) or 0 ("fill": the masked pixels first take the colours around them,
+``fill_masked``); 2 and 3 (latent noise, latent nothing) act on the encoded latents, which
+``generate()`` does not expose, and are refused. White repaints, ``inpainting_mask_invert=1`` swaps.
+``resize_mode`` 0, 1, 2 (just resize, crop and resize, resize and fill: ``resize_picture``) bring the
+pictures to width x height. ``mask_blur`` is the
 radius over which the original pixels are pasted back outside the mask (``generate(mask_blur=)``).
 ``inpaint_full_res`` ("only masked", the web UI's default): the masked area's bounding box, grown by
 ``inpaint_full_res_padding`` and then to the request's aspect ratio, is cut out, resized to width x height
@@ -39,6 +43,11 @@ from tf_diffusion.serve.jobs import Interrupted, Job, Skipped
 # The web UI's scheduler names (its /sdapi/v1/schedulers) -> the schedule types infotext knows.
 SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
 INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+# The web UI's resize modes that work on pixels (its 3, "just resize (latent upscale)", is not here).
+RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill"}
+# "fill": blurs of the kept pixels at these radii, coarse to fine, each laid over the last `repeats`
+# times, so a hole takes the colours around it while every kept pixel stays exact (radius 0 last).
+_FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 MAX_SEED = 2**32 - 1
 # SD's 4 latent channels -> RGB, a linear fit of decoded colours (the web UI's "Approx cheap" preview
 # uses the same kind of map): good enough to watch a picture form, at no decode cost.
@@ -225,11 +234,12 @@ def check_request(req: schema._Request, registry, options: dict) -> None:
 def check_img2img(req: schema.Img2ImgRequest, has_mask: bool) -> None:
     """Refuse img2img and inpainting settings the server does not do, naming the field (422)."""
     if has_mask:
-        if req.inpainting_fill != 1:
+        if req.inpainting_fill not in (0, 1):
             fill = INPAINTING_FILLS.get(req.inpainting_fill, req.inpainting_fill)
             raise ApiError(
                 422,
-                f"inpainting_fill={req.inpainting_fill} ({fill!r}) is not supported; allowed: 1 (original)",
+                f"inpainting_fill={req.inpainting_fill} ({fill!r}) is not supported; allowed: 0 (fill), "
+                f"1 (original)",
             )
         if not 0 <= req.inpaint_full_res_padding <= 1024:
             raise ApiError(
@@ -241,17 +251,22 @@ def check_img2img(req: schema.Img2ImgRequest, has_mask: bool) -> None:
             raise ApiError(422, f"mask_blur={req.mask_blur}: allowed 0 to 64 pixels")
     if not 0.0 <= req.denoising_strength <= 1.0:
         raise ApiError(422, f"denoising_strength={req.denoising_strength}: allowed [0, 1]")
-    if req.resize_mode != 0:
-        raise ApiError(422, f"resize_mode={req.resize_mode} is not supported; allowed: 0 (just resize)")
+    if req.resize_mode not in RESIZE_MODES:
+        raise ApiError(
+            422,
+            f"resize_mode={req.resize_mode} is not supported; allowed: "
+            + ", ".join(f"{k} ({v})" for k, v in RESIZE_MODES.items()),
+        )
 
 
 def prepare_images(init, mask, req: schema.Img2ImgRequest):
-    """Resize to the request's size ("just resize", as the web UI) and make the mask greyscale / inverted.
+    """Resize to the request's size (``resize_mode``, as the web UI) and make the mask greyscale / inverted.
 
     With a mask and ``inpaint_full_res`` ("only masked") the pictures keep their size: the masked area is
-    cropped and resized by ``crop_region`` in ``run``.
+    cropped and resized by ``crop_region`` in ``run``. With ``inpainting_fill=0`` the masked pixels are
+    replaced by the colours around them (``fill_masked``) there, on what ``generate()`` is given.
     """
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     size = (req.width, req.height)
     keep = mask is not None and req.inpaint_full_res
@@ -267,10 +282,76 @@ def prepare_images(init, mask, req: schema.Img2ImgRequest):
                 f"with inpaint_full_res they must match",
             )
         if not keep and mask.size != size:
-            mask = mask.resize(size, Image.LANCZOS)
+            mask = resize_picture(mask, size, req.resize_mode)
     if not keep and init.size != size:
-        init = init.resize(size, Image.LANCZOS)
+        init = resize_picture(init, size, req.resize_mode)
     return init, mask
+
+
+def resize_picture(picture, size: tuple[int, int], mode: int):
+    """``picture`` at ``size`` (width, height) as the web UI's resize modes make it.
+
+    0 "just resize": stretched. 1 "crop and resize": scaled to cover ``size``, the overflow cut off evenly
+    on both sides. 2 "resize and fill": scaled to fit inside ``size``, centred, and the empty bands filled
+    by stretching the picture's edge rows (or columns) across them.
+    """
+    from PIL import Image
+
+    width, height = size
+    if mode == 0:
+        return picture.resize(size, Image.LANCZOS)
+    w, h = picture.size
+    ratio = max(width / w, height / h) if mode == 1 else min(width / w, height / h)
+    sw, sh = max(1, round(w * ratio)), max(1, round(h * ratio))
+    scaled = picture.resize((sw, sh), Image.LANCZOS)
+    if mode == 1:
+        left, top = (sw - width) // 2, (sh - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    x = np.asarray(scaled)
+    top, left = (height - sh) // 2, (width - sw) // 2
+    pad = ((top, height - sh - top), (left, width - sw - left)) + ((0, 0),) * (x.ndim - 2)
+    return Image.fromarray(np.pad(x, pad, mode="edge"), picture.mode)
+
+
+def _blur(x: np.ndarray, radius: int) -> np.ndarray:
+    """About a Gaussian of ``radius`` (sigma) over H and W: three box blurs, zero outside the picture."""
+    r = max(1, int(round(radius)))
+    for axis in (0, 1):
+        for _ in range(3):
+            n = x.shape[axis]
+            c = np.cumsum(x, axis=axis, dtype=np.float64)
+            zero = np.zeros_like(np.take(c, [0], axis=axis))
+            c = np.concatenate([zero, c], axis=axis)
+            hi = np.take(c, np.minimum(np.arange(n) + r + 1, n), axis=axis)
+            lo = np.take(c, np.maximum(np.arange(n) - r, 0), axis=axis)
+            x = hi - lo
+    return x
+
+
+def fill_masked(picture, mask):
+    """The web UI's ``inpainting_fill=0`` ("fill"): masked pixels take the colours around them.
+
+    ``mask`` (L, white = repaint) weighs each pixel by how much it is kept; each pass lays the blur of
+    the kept colours (weighted by the blurred weights, so the hole's own colours count for nothing) over
+    the result, from a radius of 256 pixels down to the pixels themselves, where every kept pixel is exact.
+    """
+    from PIL import Image
+
+    rgb = np.asarray(picture.convert("RGB"), np.float64) / 255.0
+    keep = 1.0 - np.asarray(mask.convert("L"), np.float64)[..., None] / 255.0
+    premultiplied, coverage = np.zeros_like(rgb), np.zeros_like(keep)
+    for radius, repeats in _FILL_PASSES:
+        if radius:
+            weight = _blur(keep, radius)
+            colour = _blur(rgb * keep, radius) / np.maximum(weight, 1e-12)
+            alpha = np.clip(weight / _blur(np.ones_like(keep), radius), 0.0, 1.0)  # kept share, edges too
+        else:
+            colour, alpha = rgb, keep
+        for _ in range(repeats):  # "over" compositing, in premultiplied colours
+            premultiplied = colour * alpha + premultiplied * (1.0 - alpha)
+            coverage = alpha + coverage * (1.0 - alpha)
+    out = premultiplied / np.maximum(coverage, 1e-12)
+    return Image.fromarray(np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8))
 
 
 def check_size(sd, width: int, height: int, batch_size: int, max_pixels: int) -> None:
@@ -331,6 +412,8 @@ def _generate(job: Job, state, req, init, mask) -> dict:
                 kwargs.update(
                     image=init.crop(crop).resize(size, _LANCZOS), mask=mask.crop(crop).resize(size, _LANCZOS)
                 )
+            if req.inpainting_fill == 0:  # on the picture generate() starts from, as the web UI
+                kwargs["image"] = fill_masked(kwargs["image"], kwargs["mask"])
     progress = job.progress
     progress.job_count = req.n_iter
     progress.sampling_steps = req.steps if not is_img2img else max(1, int(req.steps * req.denoising_strength))

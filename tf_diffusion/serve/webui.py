@@ -318,6 +318,16 @@ class WebPage:
                                 0, 64, value=4, step=1, label="Mask blur", elem_id="tfd-img2img-mask-blur"
                             )
                         with gr.Row():
+                            c["resize_mode"] = gr.Radio(
+                                [name.capitalize() for name in generation.RESIZE_MODES.values()],
+                                value="Just resize",
+                                label="Resize mode",
+                                type="index",
+                            )
+                            c["masked_content"] = gr.Radio(
+                                ["fill", "original"], value="original", label="Masked content"
+                            )
+                        with gr.Row():
                             c["inpaint_area"] = gr.Radio(
                                 ["Whole picture", "Only masked"], value="Whole picture", label="Inpaint area"
                             )
@@ -394,7 +404,15 @@ class WebPage:
             c["batch_size"],
         ]
         if kind == "img2img":
-            inputs += [c["editor"], c["denoising_strength"], c["mask_blur"], c["inpaint_area"], c["padding"]]
+            inputs += [
+                c["editor"],
+                c["denoising_strength"],
+                c["mask_blur"],
+                c["inpaint_area"],
+                c["padding"],
+                c["resize_mode"],
+                c["masked_content"],
+            ]
         outputs = [c["progress"], c["preview"], c["gallery"], c["info"], c["infotexts"], c["last_seed"]]
         run = self._txt2img if kind == "txt2img" else self._img2img
         for trigger in (c["generate"].click, c["prompt"].submit):
@@ -464,6 +482,8 @@ class WebPage:
         blur,
         area,
         padding,
+        resize_mode,
+        masked_content,
         request: gr.Request,
     ):
         import numpy as np
@@ -490,10 +510,12 @@ class WebPage:
         white = Image.new("RGBA", init.size, (255, 255, 255, 255))
         init = Image.alpha_composite(white, init).convert("RGB")  # transparent areas as white
         fields = self._fields(*common)
-        fields.update(denoising_strength=float(strength), mask_blur=int(blur))
+        fields.update(
+            denoising_strength=float(strength), mask_blur=int(blur), resize_mode=int(resize_mode or 0)
+        )
         if mask is not None:
             fields.update(
-                inpainting_fill=1,
+                inpainting_fill=0 if masked_content == "fill" else 1,
                 inpaint_full_res=area == "Only masked",
                 inpaint_full_res_padding=int(padding),
             )
