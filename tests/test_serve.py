@@ -40,8 +40,30 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(models_dir, tmp_path_factory):
-    registry = ModelRegistry("tiny-shapes", models_dir=models_dir, keep_loaded=2)
+def controlnet_dir(tmp_path_factory):
+    """A random ControlNet shaped for tiny-shapes' UNet, in the original single-file layout."""
+    from tf_diffusion.controlnet import ControlNet, ControlNetConfig
+    from tf_diffusion.models import folder_config, resolve_model
+    from tf_diffusion.testing import random_state_dict
+    from tf_diffusion.weights import load_state_dict, manifest
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+
+    folder = tmp_path_factory.mktemp("controlnet")
+    unet = folder_config(resolve_model("tiny-shapes")).unet
+    net = ControlNet(ControlNetConfig(unet=unet, hint_channels=(16, 32, 64)))  # the tiny VAE scales by 4
+    weights = random_state_dict(manifest(net), 3)
+    load_state_dict(net, weights)
+    save_safetensors(
+        {f"control_model.{k}": v for k, v in weights.items()}, folder / "control_tiny.safetensors"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, controlnet_dir, tmp_path_factory):
+    registry = ModelRegistry(
+        "tiny-shapes", models_dir=models_dir, keep_loaded=2, controlnet_dir=controlnet_dir
+    )
     registry.load()
     outputs = tmp_path_factory.mktemp("outputs")
     srv = Server(ServerState(registry, queue_size=2, outputs=str(outputs)), port=0).start()
@@ -451,7 +473,7 @@ def test_models_samplers_and_switching(server, api):
     )
     assert "Model: tiny-shapes," in result.image.info["parameters"] + ","
     assert api.util_get_current_model() == "tiny-shapes"
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert api.get_scripts() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     assert api.get_loras() == [] and api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert api.get_memory()["ram"]["total"] > 0
     assert api.get_sd_vae() == [] and api.get_upscalers() == [] and api.get_prompt_styles() == []
@@ -621,3 +643,66 @@ def test_job_queue_one_at_a_time_and_cancelled_jobs_never_start():
         assert queue.submit(lambda job: "next", "e").future.result(10) == "next"  # ... and the worker goes on
     finally:
         queue.close()
+
+
+def test_controlnet_units(server, api, controlnet_dir):
+    from tf_diffusion.controlnet import ControlNet
+
+    assert httpx.get(f"{server.url}/controlnet/model_list").json() == {"model_list": ["control_tiny"]}
+    hint = np.zeros((2 * SIZE, 2 * SIZE, 3), np.uint8)
+    hint[SIZE // 2 : 3 * SIZE // 2, SIZE // 2 : 3 * SIZE // 2] = 255  # a white square, 64x64: resized to 32
+    unit = webuiapi.ControlNetUnit(
+        image=Image.fromarray(hint),
+        model="control_tiny [00000000]",
+        weight=0.7,
+        resize_mode="Just Resize",
+        guidance_start=0.0,
+        guidance_end=0.5,
+    )
+    common = dict(prompt="a red circle", seed=8, width=SIZE, height=SIZE, steps=4, cfg_scale=5)
+    result = api.txt2img(controlnet_units=[unit], **common)
+    small = Image.fromarray(hint).resize((SIZE, SIZE), Image.LANCZOS)
+    net = ControlNet.from_pretrained(str(controlnet_dir / "control_tiny.safetensors"))
+    kwargs = dict(
+        prompt="a red circle",
+        seed=8,
+        height=SIZE,
+        width=SIZE,
+        num_steps=4,
+        guidance_scale=5.0,
+        scheduler="euler_a",
+    )
+    expected = _generate(
+        server.state.registry.sd,
+        controlnet=net,
+        control_image=small,
+        controlnet_conditioning_scale=0.7,
+        control_guidance_end=0.5,
+        **kwargs,
+    )
+    got = np.asarray(result.image.convert("RGB"))
+    np.testing.assert_array_equal(got, expected[0])
+    assert not np.array_equal(got, _generate(server.state.registry.sd, **kwargs)[0])  # the net acted
+    text = result.image.info["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: control_tiny [' in text and "Weight: 0.7" in text
+    assert "Guidance End: 0.5" in text
+    # a disabled unit is no unit
+    off = webuiapi.ControlNetUnit(image=Image.fromarray(hint), model="control_tiny", enabled=False)
+    plain = api.txt2img(controlnet_units=[off], **common)
+    np.testing.assert_array_equal(
+        np.asarray(plain.image.convert("RGB")), _generate(server.state.registry.sd, **kwargs)[0]
+    )
+    # what is not there or not supported is refused by name
+    for bad, message in (
+        (dict(model="control_other"), "ControlNet model .*control_other.* not found"),
+        (dict(model="../control_tiny"), "not a path"),
+        (dict(model="control_tiny", module="canny"), "module=.*canny.* is not supported"),
+        (
+            dict(model="control_tiny", control_mode=1),
+            "control_mode=.*My prompt is more important.* is not supported",
+        ),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            api.txt2img(
+                controlnet_units=[webuiapi.ControlNetUnit(image=Image.fromarray(hint), **bad)], **common
+            )

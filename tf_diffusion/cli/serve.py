@@ -37,6 +37,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--lora-dir", default=None, help="the folder <lora:NAME:WEIGHT> tags name")
     p.add_argument("--embedding-dir", default=None, help="load every embedding in this folder")
+    p.add_argument(
+        "--controlnet-dir",
+        default=None,
+        help='the ControlNet models that alwayson_scripts["ControlNet"] units name',
+    )
     p.add_argument("--outputs", default=None, help="where save_images=true writes (default: nothing saved)")
     p.add_argument(
         "--api-auth",
@@ -110,6 +115,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, dict | None]:
         ("--models-dir", args.models_dir),
         ("--lora-dir", args.lora_dir),
         ("--embedding-dir", args.embedding_dir),
+        ("--controlnet-dir", args.controlnet_dir),
     ):
         if folder is not None and not os.path.isdir(folder):
             raise FileNotFoundError(f"{option} {folder}: no such folder")
@@ -150,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         models_dir=args.models_dir,
         lora_dir=args.lora_dir,
         embedding_dir=args.embedding_dir,
+        controlnet_dir=args.controlnet_dir,
         dtype=dtype,
     )
     registry.load()

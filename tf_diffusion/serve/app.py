@@ -414,7 +414,21 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get(f"{api}/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        names = [] if state.registry.controlnet_dir is None else ["controlnet"]
+        return {"txt2img": names, "img2img": list(names)}
+
+    # The ControlNet extension's own routes, which its clients ask before sending units.
+    @app.get("/controlnet/version")
+    async def controlnet_version():
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models():
+        return {"model_list": state.registry.controlnet_titles()}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules():
+        return {"module_list": ["none"], "module_detail": {}}
 
     # What the web UI lists and this server has none of: empty lists, so that clients that ask find out.
     for route in (

@@ -214,8 +214,12 @@ def check_request(req: schema._Request, registry, options: dict) -> None:
             raise ApiError(422, f"{field}={getattr(req, field)!r} is not supported here; allowed: {allowed}")
     for name, script in (req.alwayson_scripts or {}).items():
         args = script.get("args") if isinstance(script, dict) else script
-        if args:  # clients send {"ControlNet": {"args": []}} to say "no units"
-            raise ApiError(422, f"always on script {name!r} not found (GET /sdapi/v1/scripts lists none)")
+        if name.lower() == "controlnet":
+            control_units(req, registry)
+        elif args:  # clients send {"ADetailer": {"args": []}} to say "not used"
+            raise ApiError(
+                422, f"always on script {name!r} not found; allowed: ControlNet (GET /sdapi/v1/scripts)"
+            )
     if req.seed < -1:
         raise ApiError(422, f"seed={req.seed}: must be -1 (random) or in [0, {2**63 - 1}]")
     if not math.isfinite(req.cfg_scale):
@@ -354,6 +358,133 @@ def fill_masked(picture, mask):
     return Image.fromarray(np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8))
 
 
+# The ControlNet extension's control modes and resize modes, by number and by name.
+CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
+CONTROL_RESIZE = {
+    0: 0,
+    1: 1,
+    2: 2,
+    "just resize": 0,
+    "crop and resize": 1,
+    "inner fit (scale to fit)": 1,
+    "resize and fill": 2,
+    "outer fit (shrink to fit)": 2,
+}
+
+
+def control_units(req: schema._Request, registry) -> list[dict]:
+    """The enabled units of ``alwayson_scripts["ControlNet"]``, checked (no image decoded, no net loaded).
+
+    A unit as the ControlNet extension's API takes it: ``image`` (base64, or ``{"image": ...}``; also
+    ``input_image``), ``model`` (a name in the ControlNet folder), ``module`` ("none": the image is the
+    hint as it is), ``weight``, ``guidance_start``, ``guidance_end``, ``control_mode`` (0 "Balanced" or
+    2 "ControlNet is more important", which is guess mode, the same for every unit), ``resize_mode``
+    (how the hint is brought to the output size; "Crop and Resize" by default, as the extension).
+    ``processor_res``, ``threshold_a`` / ``threshold_b``, ``pixel_perfect``, ``low_vram`` and ``hr_option``
+    only matter to preprocessors or memory and are accepted without effect.
+    """
+    script = next((v for k, v in (req.alwayson_scripts or {}).items() if k.lower() == "controlnet"), None)
+    if script is None:
+        return []
+    args = script.get("args") if isinstance(script, dict) else script
+    if not isinstance(args, list):
+        raise ApiError(422, 'alwayson_scripts["ControlNet"]: expected {"args": [unit, ...]}')
+    units = []
+    for k, unit in enumerate(args):
+        what = f'alwayson_scripts["ControlNet"].args[{k}]'
+        if not isinstance(unit, dict):
+            raise ApiError(422, f"{what}: expected a unit object, got {type(unit).__name__}")
+        if unit.get("enabled", True) is False:
+            continue
+        image = unit.get("image") or unit.get("input_image")
+        if isinstance(image, dict):
+            if image.get("mask"):
+                raise ApiError(422, f"{what}.image.mask: unit masks are not supported; allowed: none")
+            image = image.get("image")
+        if not image:
+            raise ApiError(422, f"{what}.image: the hint image (base64) is missing")
+        if unit.get("mask"):
+            raise ApiError(422, f"{what}.mask: unit masks are not supported; allowed: null")
+        module = unit.get("module") or "none"
+        if str(module).lower() != "none":
+            raise ApiError(
+                422,
+                f"{what}.module={module!r} is not supported; allowed: 'none' (send the hint itself, e.g. "
+                f"made by `tf-diffusion preprocess canny`)",
+            )
+        model = unit.get("model")
+        if not model or str(model).lower() == "none":
+            raise ApiError(422, f"{what}.model: name a ControlNet model (GET /controlnet/model_list)")
+        try:
+            registry.controlnet_path(model)
+        except ValueError as e:
+            raise ApiError(422, f"{what}.model: {e}") from None
+        mode = unit.get("control_mode", 0)
+        mode = next((n for n, name in CONTROL_MODES.items() if mode in (n, name)), mode)
+        if mode not in (0, 2):
+            raise ApiError(
+                422,
+                f"{what}.control_mode={unit.get('control_mode')!r} is not supported; allowed: 0 "
+                f"'Balanced', 2 'ControlNet is more important'",
+            )
+        resize = unit.get("resize_mode", "Crop and Resize")
+        resize_key = resize.lower() if isinstance(resize, str) else resize
+        if resize_key not in CONTROL_RESIZE:
+            raise ApiError(
+                422,
+                f"{what}.resize_mode={resize!r} is not supported; allowed: 'Just Resize', 'Crop and Resize', "
+                f"'Resize and Fill' (or 0, 1, 2)",
+            )
+        numbers = {}
+        for field, default in (("weight", 1.0), ("guidance_start", 0.0), ("guidance_end", 1.0)):
+            value = unit.get(field, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ApiError(422, f"{what}.{field}={value!r}: must be a finite number")
+            numbers[field] = float(value)
+        units.append(
+            {
+                "image": image,
+                "model": model,
+                "guess": mode == 2,
+                "resize": CONTROL_RESIZE[resize_key],
+                **numbers,
+            }
+        )
+    if len({u["guess"] for u in units}) > 1:
+        raise ApiError(
+            422,
+            "ControlNet units: control_mode must be the same for every unit (guess mode is per generation)",
+        )
+    return units
+
+
+def control_arguments(units: list[dict], state, width: int, height: int) -> dict:
+    """``generate()``'s ControlNet arguments for checked units: nets loaded, hints decoded and resized."""
+    if not units:
+        return {}
+    nets, hints = [], []
+    for k, unit in enumerate(units):
+        hint = decode_image(
+            unit["image"], f'alwayson_scripts["ControlNet"].args[{k}].image', state.max_image_pixels
+        )
+        hint = hint.convert("RGB")
+        if hint.size != (width, height):
+            hint = resize_picture(hint, (width, height), unit["resize"])
+        nets.append(state.registry.controlnet(unit["model"]))
+        hints.append(hint)
+    single = len(units) == 1
+    return {
+        "controlnet": nets[0] if single else nets,
+        "control_image": hints[0] if single else hints,
+        "controlnet_conditioning_scale": units[0]["weight"] if single else [u["weight"] for u in units],
+        "control_guidance_start": units[0]["guidance_start"]
+        if single
+        else [u["guidance_start"] for u in units],
+        "control_guidance_end": units[0]["guidance_end"] if single else [u["guidance_end"] for u in units],
+        "guess_mode": units[0]["guess"],
+    }
+
+
 def check_size(sd, width: int, height: int, batch_size: int, max_pixels: int) -> None:
     factor = sd.config.vae.downsample_factor
     for name, value in (("width", width), ("height", height)):
@@ -414,6 +545,7 @@ def _generate(job: Job, state, req, init, mask) -> dict:
                 )
             if req.inpainting_fill == 0:  # on the picture generate() starts from, as the web UI
                 kwargs["image"] = fill_masked(kwargs["image"], kwargs["mask"])
+    kwargs.update(control_arguments(control_units(req, registry), state, req.width, req.height))
     progress = job.progress
     progress.job_count = req.n_iter
     progress.sampling_steps = req.steps if not is_img2img else max(1, int(req.steps * req.denoising_strength))
