@@ -45,11 +45,28 @@ def artifacts():
     return folder
 
 
+def _write_tiny_controlnet(path) -> None:
+    """A random ControlNet shaped for tiny-shapes' UNet, in the original single-file layout."""
+    from tf_diffusion.controlnet import ControlNet, ControlNetConfig
+    from tf_diffusion.models import folder_config, resolve_model
+    from tf_diffusion.testing import random_state_dict
+    from tf_diffusion.weights import load_state_dict, manifest
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+
+    unet = folder_config(resolve_model("tiny-shapes")).unet
+    net = ControlNet(ControlNetConfig(unet=unet, hint_channels=(16, 32, 64)))  # the tiny VAE scales by 4
+    weights = random_state_dict(manifest(net), 3)
+    load_state_dict(net, weights)
+    save_safetensors({f"control_model.{k}": v for k, v in weights.items()}, path)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     loras = tmp_path_factory.mktemp("loras")
     (loras / "paper-cut.safetensors").write_bytes(b"")  # listed by the picker; never loaded here
-    registry = ModelRegistry("tiny-shapes", lora_dir=loras)
+    controlnets = tmp_path_factory.mktemp("controlnet")
+    _write_tiny_controlnet(controlnets / "control_tiny.safetensors")
+    registry = ModelRegistry("tiny-shapes", lora_dir=loras, controlnet_dir=controlnets)
     registry.load()
     srv = Server(ServerState(registry, queue_size=4, webui=True), port=0).start()
     yield srv
@@ -286,3 +303,41 @@ def test_lora_picker_adds_its_tag(page):
     page.wait_for_function(
         "document.querySelector('#tfd-txt2img-prompt textarea').value === 'a green star <lora:paper-cut:1>'"
     )
+
+
+def test_controlnet_unit(server, page, artifacts, tmp_path):
+    from tf_diffusion.controlnet import ControlNet
+
+    hint = np.zeros((SIZE, SIZE, 3), np.uint8)
+    hint[16:48, 16:48] = 255
+    path = tmp_path / "hint.png"
+    Image.fromarray(hint).save(path)
+    page.reload()  # the page's defaults again (PNG info may have filled the fields)
+    page.wait_for_selector("#tfd-txt2img-prompt textarea")
+    page.fill("#tfd-txt2img-prompt textarea", "a red circle")
+    _set_number(page, "tfd-txt2img-steps", 4)
+    _set_number(page, "tfd-txt2img-seed", 9)
+    page.click("#tfd-txt2img-controlnet button")  # open the accordion
+    page.locator("#tfd-txt2img-cn-image input[type=file]").set_input_files(str(path))
+    page.locator("#tfd-txt2img-cn-image img").first.wait_for()
+    page.check("#tfd-txt2img-cn-enabled input")
+    _generate_on_page(page, "txt2img")
+    (image,) = _gallery_images(page, "txt2img", 1)
+    page.screenshot(path=os.path.join(artifacts, "8-controlnet.png"))
+    text = image.info["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: control_tiny [' in text, text
+    folder = server.state.registry.controlnet_dir
+    expected = _generate(
+        server.state.registry.sd,
+        prompt="a red circle",
+        seed=9,
+        num_steps=4,
+        height=SIZE,
+        width=SIZE,
+        guidance_scale=7.0,
+        scheduler="euler_a",
+        controlnet=ControlNet.from_pretrained(str(folder / "control_tiny.safetensors")),
+        control_image=Image.fromarray(hint),
+    )[0]
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), expected)
+    page.uncheck("#tfd-txt2img-cn-enabled input")

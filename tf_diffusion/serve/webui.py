@@ -371,6 +371,38 @@ class WebPage:
                         c["embedding"] = gr.Dropdown(
                             self.embedding_names(), value=None, label="Add an embedding to the prompt"
                         )
+                    with gr.Accordion("ControlNet", open=False, elem_id=f"tfd-{kind}-controlnet"):
+                        c["cn_enabled"] = gr.Checkbox(False, label="Enable", elem_id=f"tfd-{kind}-cn-enabled")
+                        c["cn_image"] = gr.Image(
+                            label="Hint image (used as it is: module none)",
+                            type="pil",
+                            image_mode="RGB",
+                            sources=["upload", "clipboard"],
+                            elem_id=f"tfd-{kind}-cn-image",
+                            height=160,
+                        )
+                        titles = self.state.registry.controlnet_titles()
+                        c["cn_model"] = gr.Dropdown(
+                            titles,
+                            value=titles[0] if titles else None,
+                            label="Model",
+                            elem_id=f"tfd-{kind}-cn-model",
+                        )
+                        with gr.Row():
+                            c["cn_weight"] = gr.Slider(0, 2, value=1, step=0.05, label="Control weight")
+                            c["cn_start"] = gr.Slider(0, 1, value=0, step=0.01, label="Starting control step")
+                            c["cn_end"] = gr.Slider(0, 1, value=1, step=0.01, label="Ending control step")
+                        with gr.Row():
+                            c["cn_mode"] = gr.Radio(
+                                [generation.CONTROL_MODES[0], generation.CONTROL_MODES[2]],
+                                value=generation.CONTROL_MODES[0],
+                                label="Control mode",
+                            )
+                            c["cn_resize"] = gr.Radio(
+                                ["Just Resize", "Crop and Resize", "Resize and Fill"],
+                                value="Crop and Resize",
+                                label="Resize mode",
+                            )
                 with gr.Column():
                     c["progress"] = gr.HTML(
                         '<div id="tfd-progress" data-state="idle"></div>', elem_id=f"tfd-{kind}-progress"
@@ -402,6 +434,7 @@ class WebPage:
             c["seed"],
             c["n_iter"],
             c["batch_size"],
+            *(c[k] for k in _CONTROL_FIELDS),
         ]
         if kind == "img2img":
             inputs += [
@@ -455,11 +488,20 @@ class WebPage:
         seed,
         n_iter,
         batch,
+        cn_enabled,
+        cn_image,
+        cn_model,
+        cn_weight,
+        cn_start,
+        cn_end,
+        cn_mode,
+        cn_resize,
         request: gr.Request,
     ):
         values = (prompt, negative, sampler, schedule, steps, cfg, width, height, seed, n_iter, batch)
+        control = _control(cn_enabled, cn_image, cn_model, cn_weight, cn_start, cn_end, cn_mode, cn_resize)
         try:
-            req = schema.Txt2ImgRequest(**self._fields(*values))
+            req = schema.Txt2ImgRequest(**self._fields(*values), alwayson_scripts=control)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         yield from self.generate("txt2img", req, _session(request), None, None)
@@ -477,6 +519,14 @@ class WebPage:
         seed,
         n_iter,
         batch,
+        cn_enabled,
+        cn_image,
+        cn_model,
+        cn_weight,
+        cn_start,
+        cn_end,
+        cn_mode,
+        cn_resize,
         editor,
         strength,
         blur,
@@ -510,6 +560,9 @@ class WebPage:
         white = Image.new("RGBA", init.size, (255, 255, 255, 255))
         init = Image.alpha_composite(white, init).convert("RGB")  # transparent areas as white
         fields = self._fields(*common)
+        fields["alwayson_scripts"] = _control(
+            cn_enabled, cn_image, cn_model, cn_weight, cn_start, cn_end, cn_mode, cn_resize
+        )
         fields.update(
             denoising_strength=float(strength), mask_blur=int(blur), resize_mode=int(resize_mode or 0)
         )
@@ -572,6 +625,39 @@ class WebPage:
             fields.get("seed", keep),
             gr.Tabs(selected="txt2img"),
         )
+
+
+_CONTROL_FIELDS = (
+    "cn_enabled",
+    "cn_image",
+    "cn_model",
+    "cn_weight",
+    "cn_start",
+    "cn_end",
+    "cn_mode",
+    "cn_resize",
+)
+
+
+def _control(enabled, image, model, weight, start, end, mode, resize) -> dict:
+    """The page's ControlNet unit as the API's ``alwayson_scripts`` (checked by ``control_units``)."""
+    if not enabled:
+        return {}
+    if image is None:
+        raise gr.Error("ControlNet: drop a hint image, or untick Enable")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    unit = {
+        "image": base64.b64encode(buffer.getvalue()).decode("ascii"),
+        "model": model,
+        "module": "none",
+        "weight": float(weight),
+        "guidance_start": float(start),
+        "guidance_end": float(end),
+        "control_mode": mode,
+        "resize_mode": resize,
+    }
+    return {"ControlNet": {"args": [unit]}}
 
 
 def _add_lora(prompt: str, name: str | None):
