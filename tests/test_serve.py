@@ -706,3 +706,21 @@ def test_controlnet_units(server, api, controlnet_dir):
             api.txt2img(
                 controlnet_units=[webuiapi.ControlNetUnit(image=Image.fromarray(hint), **bad)], **common
             )
+
+
+def test_page_behind_basic_auth():
+    """With --api-auth the web page, like the API, needs the credentials."""
+    pytest.importorskip("gradio", reason="the web page needs gradio (the [serve] extra)")
+
+    state = ServerState(ModelRegistry("tiny-shapes"), credentials={"alice": "secret"}, webui=True)
+    try:
+        from fastapi.testclient import TestClient
+
+        with TestClient(create_app(state)) as client:
+            assert client.get("/").status_code == 401
+            assert client.get("/config").status_code == 401
+            assert client.get("/", auth=("alice", "wrong")).status_code == 401
+            page = client.get("/", auth=("alice", "secret"))
+            assert page.status_code == 200 and "<html" in page.text
+    finally:
+        state.queue.close()

@@ -341,3 +341,25 @@ def test_controlnet_unit(server, page, artifacts, tmp_path):
     )[0]
     np.testing.assert_array_equal(np.asarray(image.convert("RGB")), expected)
     page.uncheck("#tfd-txt2img-cn-enabled input")
+
+
+def test_a_closed_page_cancels_its_job(server, page):
+    """A browser that goes away mid-generation does not leave its job running (as an API client)."""
+    context = page.context.browser.new_context()
+    other = context.new_page()
+    try:
+        other.goto(server.url + "/")
+        other.wait_for_selector("#tfd-txt2img-prompt textarea")
+        _set_number(other, "tfd-txt2img-steps", 150)
+        _set_number(other, "tfd-txt2img-batch-size", 1)
+        other.click("#tfd-txt2img-generate")
+        other.wait_for_selector('#tfd-txt2img-progress #tfd-progress[data-state="running"]')
+        job = server.state.queue.current
+        assert job is not None
+    finally:
+        context.close()
+    deadline = time.time() + 30
+    while time.time() < deadline and not job.future.done():
+        time.sleep(0.1)
+    assert job.future.done() and job.cancelled, "the closed page's job is still running"
+    assert job.progress.sampling_step < 150
