@@ -138,7 +138,7 @@ def test_txt2img_progress_images_and_parameters(server, page, artifacts):
     # the progress bar moves: at least two different steps shown while the job runs, with a preview;
     # the job is the API's queue's: /sdapi/v1/progress reports it
     seen, api_job = set(), ""
-    deadline = time.time() + 60
+    deadline = time.time() + TIMEOUT_MS / 1000
     while time.time() < deadline:
         bar = page.locator('#tfd-txt2img-progress #tfd-progress[data-state="running"]')
         if bar.count():
