@@ -40,8 +40,30 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(models_dir, tmp_path_factory):
-    registry = ModelRegistry("tiny-shapes", models_dir=models_dir, keep_loaded=2)
+def controlnet_dir(tmp_path_factory):
+    """A random ControlNet shaped for tiny-shapes' UNet, in the original single-file layout."""
+    from tf_diffusion.controlnet import ControlNet, ControlNetConfig
+    from tf_diffusion.models import folder_config, resolve_model
+    from tf_diffusion.testing import random_state_dict
+    from tf_diffusion.weights import load_state_dict, manifest
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+
+    folder = tmp_path_factory.mktemp("controlnet")
+    unet = folder_config(resolve_model("tiny-shapes")).unet
+    net = ControlNet(ControlNetConfig(unet=unet, hint_channels=(16, 32, 64)))  # the tiny VAE scales by 4
+    weights = random_state_dict(manifest(net), 3)
+    load_state_dict(net, weights)
+    save_safetensors(
+        {f"control_model.{k}": v for k, v in weights.items()}, folder / "control_tiny.safetensors"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, controlnet_dir, tmp_path_factory):
+    registry = ModelRegistry(
+        "tiny-shapes", models_dir=models_dir, keep_loaded=2, controlnet_dir=controlnet_dir
+    )
     registry.load()
     outputs = tmp_path_factory.mktemp("outputs")
     srv = Server(ServerState(registry, queue_size=2, outputs=str(outputs)), port=0).start()
@@ -162,10 +184,127 @@ def test_img2img_with_mask_matches_generate(server, api):
     assert "Denoising strength: 0.5" in text and "Mask blur: 2" in text and "Sampler: Euler a," in text
     assert result.parameters["init_images"] is None  # include_init_images=False, as the web UI
     # what is not implemented is refused by name, not done differently
-    with pytest.raises(RuntimeError, match="inpainting_fill=0"):
-        api.img2img(
-            images=[init], mask_image=Image.fromarray(mask), inpaint_full_res=False, width=SIZE, height=SIZE
+    for fill, name in ((2, "latent noise"), (3, "latent nothing")):
+        with pytest.raises(RuntimeError, match=f"inpainting_fill={fill} .*{name}.* is not supported"):
+            api.img2img(
+                images=[init],
+                mask_image=Image.fromarray(mask),
+                inpainting_fill=fill,
+                inpaint_full_res=False,
+                width=SIZE,
+                height=SIZE,
+            )
+    with pytest.raises(RuntimeError, match="resize_mode=3 is not supported"):
+        api.img2img(images=[init], resize_mode=3, width=SIZE, height=SIZE)
+
+
+def test_fill_takes_the_colours_around_the_hole():
+    from tf_diffusion.serve.generation import fill_masked
+
+    x = np.zeros((SIZE, SIZE, 3), np.uint8)
+    x[:] = (200, 40, 40)
+    x[:, SIZE // 2 :] = (40, 40, 200)
+    x[10:22, 4:28] = (0, 255, 0)  # what the mask hides: none of its green may show through
+    m = np.zeros((SIZE, SIZE), np.uint8)
+    m[9:23, 3:29] = 255
+    filled = np.asarray(fill_masked(Image.fromarray(x), Image.fromarray(m))).astype(int)
+    np.testing.assert_array_equal(filled[m == 0], x[m == 0])  # kept pixels exact
+    assert filled[..., 1][m > 0].max() <= 40  # no green
+    # deep in the hole's left part red dominates, in its right part blue
+    assert filled[16, 6, 0] > filled[16, 6, 2] + 60 and filled[16, 25, 2] > filled[16, 25, 0] + 60
+    with_uniform = np.asarray(fill_masked(Image.fromarray(np.full_like(x, 77)), Image.fromarray(m)))
+    assert np.abs(with_uniform.astype(int) - 77).max() <= 1  # a uniform surrounding fills uniformly
+
+
+def test_img2img_fill_and_resize_modes(server, api):
+    from tf_diffusion.serve.generation import fill_masked, resize_picture
+
+    sd = server.state.registry.sd
+    init = np.zeros((SIZE, SIZE, 3), np.uint8)
+    init[:] = (200, 200, 200)
+    init[8:24, 8:24] = (30, 30, 30)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[6:26, 6:26] = 255
+    common = dict(prompt="a blue circle", seed=4, steps=6, cfg_scale=5, sampler_name="Euler", mask_blur=0)
+    result = api.img2img(
+        images=[Image.fromarray(init)],
+        mask_image=Image.fromarray(mask),
+        inpainting_fill=0,
+        inpaint_full_res=False,
+        denoising_strength=0.5,
+        width=SIZE,
+        height=SIZE,
+        **common,
+    )
+    filled = fill_masked(Image.fromarray(init), Image.fromarray(mask))
+    expected = _generate(
+        sd,
+        prompt="a blue circle",
+        seed=4,
+        image=filled,
+        mask=Image.fromarray(mask),
+        strength=0.5,
+        mask_blur=0.0,
+        height=SIZE,
+        width=SIZE,
+        guidance_scale=5.0,
+        num_steps=6,
+        scheduler="euler",
+    )
+    np.testing.assert_array_equal(np.asarray(result.image.convert("RGB")), expected[0])
+    # resize modes, on a 2:1 picture (white | green | white quarters) made square: what generate() is given
+    wide = np.zeros((SIZE, 2 * SIZE, 3), np.uint8)
+    wide[:] = 255
+    wide[:, SIZE // 2 : 3 * SIZE // 2] = (0, 200, 0)
+    results = {}
+    for mode in (0, 1, 2):
+        out = api.img2img(
+            images=[Image.fromarray(wide)],
+            resize_mode=mode,
+            denoising_strength=0.3,
+            width=SIZE,
+            height=SIZE,
+            **common,
         )
+        results[mode] = np.asarray(out.image.convert("RGB"))
+        expected = _generate(
+            sd,
+            prompt="a blue circle",
+            seed=4,
+            image=resize_picture(Image.fromarray(wide), (SIZE, SIZE), mode),
+            strength=0.3,
+            height=SIZE,
+            width=SIZE,
+            guidance_scale=5.0,
+            num_steps=6,
+            scheduler="euler",
+        )
+        np.testing.assert_array_equal(results[mode], expected[0])
+    assert not np.array_equal(results[0], results[1]) and not np.array_equal(results[1], results[2])
+
+
+def test_resize_modes():
+    from tf_diffusion.serve.generation import resize_picture
+
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:] = 255
+    wide[:, 10:30] = (0, 200, 0)
+    wide[:, 19:21] = (200, 0, 0)  # a red line down the middle
+    picture = Image.fromarray(wide)
+    stretched = np.asarray(resize_picture(picture, (20, 20), 0))
+    np.testing.assert_array_equal(stretched, np.asarray(picture.resize((20, 20), Image.LANCZOS)))
+    # crop and resize: scaled to cover (already 20 high), the sides cut evenly: the green middle, red centred
+    cropped = np.asarray(resize_picture(picture, (20, 20), 1))
+    np.testing.assert_array_equal(cropped, wide[:, 10:30])
+    # resize and fill: scaled to fit (20x10), centred, the bands above and below its edge rows repeated
+    filled = np.asarray(resize_picture(picture, (20, 20), 2))
+    fitted = np.asarray(picture.resize((20, 10), Image.LANCZOS))
+    np.testing.assert_array_equal(filled[5:15], fitted)
+    np.testing.assert_array_equal(filled[:5], np.repeat(fitted[:1], 5, axis=0))
+    np.testing.assert_array_equal(filled[15:], np.repeat(fitted[-1:], 5, axis=0))
+    # a tall picture into a wide size: bands left and right
+    tall = np.asarray(resize_picture(Image.fromarray(wide.transpose(1, 0, 2).copy()), (20, 20), 2))
+    np.testing.assert_array_equal(tall[:, :5], np.repeat(tall[:, 5:6], 5, axis=1))
 
 
 def test_inpaint_only_masked(server, api):
@@ -334,7 +473,7 @@ def test_models_samplers_and_switching(server, api):
     )
     assert "Model: tiny-shapes," in result.image.info["parameters"] + ","
     assert api.util_get_current_model() == "tiny-shapes"
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert api.get_scripts() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     assert api.get_loras() == [] and api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert api.get_memory()["ram"]["total"] > 0
     assert api.get_sd_vae() == [] and api.get_upscalers() == [] and api.get_prompt_styles() == []
@@ -504,3 +643,84 @@ def test_job_queue_one_at_a_time_and_cancelled_jobs_never_start():
         assert queue.submit(lambda job: "next", "e").future.result(10) == "next"  # ... and the worker goes on
     finally:
         queue.close()
+
+
+def test_controlnet_units(server, api, controlnet_dir):
+    from tf_diffusion.controlnet import ControlNet
+
+    assert httpx.get(f"{server.url}/controlnet/model_list").json() == {"model_list": ["control_tiny"]}
+    hint = np.zeros((2 * SIZE, 2 * SIZE, 3), np.uint8)
+    hint[SIZE // 2 : 3 * SIZE // 2, SIZE // 2 : 3 * SIZE // 2] = 255  # a white square, 64x64: resized to 32
+    unit = webuiapi.ControlNetUnit(
+        image=Image.fromarray(hint),
+        model="control_tiny [00000000]",
+        weight=0.7,
+        resize_mode="Just Resize",
+        guidance_start=0.0,
+        guidance_end=0.5,
+    )
+    common = dict(prompt="a red circle", seed=8, width=SIZE, height=SIZE, steps=4, cfg_scale=5)
+    result = api.txt2img(controlnet_units=[unit], **common)
+    small = Image.fromarray(hint).resize((SIZE, SIZE), Image.LANCZOS)
+    net = ControlNet.from_pretrained(str(controlnet_dir / "control_tiny.safetensors"))
+    kwargs = dict(
+        prompt="a red circle",
+        seed=8,
+        height=SIZE,
+        width=SIZE,
+        num_steps=4,
+        guidance_scale=5.0,
+        scheduler="euler_a",
+    )
+    expected = _generate(
+        server.state.registry.sd,
+        controlnet=net,
+        control_image=small,
+        controlnet_conditioning_scale=0.7,
+        control_guidance_end=0.5,
+        **kwargs,
+    )
+    got = np.asarray(result.image.convert("RGB"))
+    np.testing.assert_array_equal(got, expected[0])
+    assert not np.array_equal(got, _generate(server.state.registry.sd, **kwargs)[0])  # the net acted
+    text = result.image.info["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: control_tiny [' in text and "Weight: 0.7" in text
+    assert "Guidance End: 0.5" in text
+    # a disabled unit is no unit
+    off = webuiapi.ControlNetUnit(image=Image.fromarray(hint), model="control_tiny", enabled=False)
+    plain = api.txt2img(controlnet_units=[off], **common)
+    np.testing.assert_array_equal(
+        np.asarray(plain.image.convert("RGB")), _generate(server.state.registry.sd, **kwargs)[0]
+    )
+    # what is not there or not supported is refused by name
+    for bad, message in (
+        (dict(model="control_other"), "ControlNet model .*control_other.* not found"),
+        (dict(model="../control_tiny"), "not a path"),
+        (dict(model="control_tiny", module="canny"), "module=.*canny.* is not supported"),
+        (
+            dict(model="control_tiny", control_mode=1),
+            "control_mode=.*My prompt is more important.* is not supported",
+        ),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            api.txt2img(
+                controlnet_units=[webuiapi.ControlNetUnit(image=Image.fromarray(hint), **bad)], **common
+            )
+
+
+def test_page_behind_basic_auth():
+    """With --api-auth the web page, like the API, needs the credentials."""
+    pytest.importorskip("gradio", reason="the web page needs gradio (the [serve] extra)")
+
+    state = ServerState(ModelRegistry("tiny-shapes"), credentials={"alice": "secret"}, webui=True)
+    try:
+        from fastapi.testclient import TestClient
+
+        with TestClient(create_app(state)) as client:
+            assert client.get("/").status_code == 401
+            assert client.get("/config").status_code == 401
+            assert client.get("/", auth=("alice", "wrong")).status_code == 401
+            page = client.get("/", auth=("alice", "secret"))
+            assert page.status_code == 200 and "<html" in page.text
+    finally:
+        state.queue.close()

@@ -1,10 +1,11 @@
-"""``tf-diffusion serve``: the AUTOMATIC1111 web UI's HTTP API (``/sdapi/v1``) over one model.
+"""``tf-diffusion serve``: a web page and the AUTOMATIC1111 web UI's HTTP API (``/sdapi/v1``) over one model.
 
-    tf-diffusion serve                                   # tiny-shapes on http://127.0.0.1:7860
+    tf-diffusion serve                                   # tiny-shapes: the page on http://127.0.0.1:7860
     tf-diffusion serve --model sd15.safetensors --models-dir models/ --lora-dir loras/ --outputs outputs/
     tf-diffusion serve --host 0.0.0.0 --api-auth alice:secret   # beyond localhost: authentication required
 
-Any A1111 client then works unchanged, e.g. ``webuiapi.WebUIApi(port=7860).txt2img(prompt=...)``.
+The page (Gradio, at ``/``; ``--nowebui``: the API alone) has txt2img, img2img with inpainting and PNG
+info tabs. Any A1111 client works unchanged, e.g. ``webuiapi.WebUIApi(port=7860).txt2img(prompt=...)``.
 The model is loaded once; one generation runs at a time and up to ``--queue-size`` wait (more are
 answered 503). On a CPU the server runs graph mode (no XLA): each XLA program keeps memory mappings for
 the life of the process, which a long-running server must not pile up.
@@ -34,6 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--lora-dir", default=None, help="the folder <lora:NAME:WEIGHT> tags name")
     p.add_argument("--embedding-dir", default=None, help="load every embedding in this folder")
+    p.add_argument(
+        "--controlnet-dir",
+        default=None,
+        help='the ControlNet models that alwayson_scripts["ControlNet"] units name',
+    )
     p.add_argument("--outputs", default=None, help="where save_images=true writes (default: nothing saved)")
     p.add_argument(
         "--api-auth",
@@ -56,6 +62,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="models kept loaded for quick switching, as the web UI's sd_checkpoints_limit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--nowebui",
+        action="store_true",
+        help="serve the API alone, without the web page at / (as the web UI's)",
     )
     p.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision")
     p.set_defaults(func=run, option_names={})
@@ -102,6 +113,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, dict | None]:
         ("--models-dir", args.models_dir),
         ("--lora-dir", args.lora_dir),
         ("--embedding-dir", args.embedding_dir),
+        ("--controlnet-dir", args.controlnet_dir),
     ):
         if folder is not None and not os.path.isdir(folder):
             raise FileNotFoundError(f"{option} {folder}: no such folder")
@@ -114,6 +126,14 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, dict | None]:
         raise ImportError(
             'tf-diffusion serve needs FastAPI and uvicorn: pip install "tf_diffusion[serve]"'
         ) from None
+    if not args.nowebui:
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                'the web page of tf-diffusion serve needs gradio: pip install "tf_diffusion[serve]" '
+                "(or pass --nowebui to serve the API alone)"
+            ) from None
     model = args.model
     in_folder = args.models_dir is not None and os.path.exists(os.path.join(args.models_dir, model))
     if not in_folder:
@@ -134,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         models_dir=args.models_dir,
         lora_dir=args.lora_dir,
         embedding_dir=args.embedding_dir,
+        controlnet_dir=args.controlnet_dir,
         dtype=dtype,
     )
     registry.load()
@@ -146,10 +167,11 @@ def run(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels,
         # Graph mode on a CPU: XLA programs keep memory mappings for the process's life.
         jit_compile=None if has_accelerator() else False,
+        webui=not args.nowebui,
     )
     server = Server(state, host=args.host, port=args.port, log_level="info")
-    print(
-        f"tf-diffusion serve: {registry.current.title} on http://{args.host}:{args.port}/sdapi/v1", flush=True
-    )
+    url = f"http://{args.host}:{args.port}"
+    where = f"the API on {url}/sdapi/v1" + ("" if args.nowebui else f", the page on {url}/")
+    print(f"tf-diffusion serve: {registry.current.title}: {where}", flush=True)
     server.run()
     return 0

@@ -2,14 +2,15 @@
 
 Built on FastAPI and uvicorn, as the web UI's own API is: the same request validation and error
 behaviour come with them, its clients (the ``webuiapi`` package, Krita and Photoshop plugins, bots) see
-what they expect, and both are small, well kept and installed with ``pip install -e ".[serve]"``. A web
-page (Gradio, as the web UI) can later be mounted on the same application.
+what they expect, and both are small, well kept and installed with ``pip install -e ".[serve]"``. The web
+page (Gradio, as the web UI's) is mounted on the same application at ``/`` (``ServerState(webui=True)``).
 
 - ``app.create_app(ServerState(...))``: the application (routes, authentication, limits, errors).
 - ``schema``: the request bodies, field names and defaults as the web UI takes them.
 - ``generation``: a request as ``StableDiffusion.generate()`` calls, and the web UI's answer.
 - ``jobs.JobQueue``: one generation at a time, a bounded queue, progress, interrupt and skip.
 - ``registry.ModelRegistry``: the models folder, the LoRA and embedding folders, names confined to them.
+- ``webui``: the page (txt2img, img2img with inpainting, PNG info), whose jobs go through the same queue.
 - ``Server``: uvicorn running the application in a thread (tests, benchmarks) or in the foreground.
 
 Example:

@@ -45,6 +45,7 @@ class ServerState:
         max_output_pixels: width x height x batch_size at most.
         jit_compile: passed to ``generate()``; False (graph mode) on a CPU by default: each XLA program
             keeps memory mappings for the life of the process, which a server must not pile up.
+        webui: mount the web page (``serve.webui``, Gradio) at ``/``; False: the API alone.
     """
 
     registry: ModelRegistry
@@ -55,6 +56,7 @@ class ServerState:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_output_pixels: int = 2048 * 2048
     jit_compile: bool | None = False
+    webui: bool = False
     queue: JobQueue = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -67,6 +69,17 @@ class ServerState:
                 422, "save_images=true: this server was started without --outputs, so it saves nothing"
             )
         return pathlib.Path(self.outputs) / kind / time.strftime("%Y-%m-%d")
+
+    def work(self, req, init=None, mask=None):
+        """The job function that generates ``req`` on the worker (loading the model first if none is)."""
+
+        def work(job):
+            if self.registry.sd is None:
+                job.progress.textinfo = "loading the model"
+                self.registry.load()
+            return generation.run(job, self, req, init, mask)
+
+        return work
 
     def options(self) -> dict:
         current = self.registry.current
@@ -183,7 +196,7 @@ def _check_auth(header: str, credentials: dict) -> JSONResponse | None:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    """The A1111 API application over ``state`` (a web page can be mounted on it later)."""
+    """The A1111 API application over ``state``, with the web page at ``/`` when ``state.webui``."""
     app = FastAPI(title="tf_diffusion", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
 
@@ -219,6 +232,10 @@ def create_app(state: ServerState) -> FastAPI:
         app.add_exception_handler(exc, _handler(status))
 
     _routes(app, state)
+    if state.webui:  # after the API routes: they keep precedence over the page's catch-all mount
+        from tf_diffusion.serve.webui import mount
+
+        mount(app, state)
     if state.credentials is not None:
         app.add_middleware(_BasicAuth, credentials=state.credentials)
     app.add_middleware(_BodyLimit, limit=state.max_body_bytes)  # outermost: before anything reads the body
@@ -252,20 +269,11 @@ async def _wait(request: Request, job):
 def _routes(app: FastAPI, state: ServerState) -> None:
     api = "/sdapi/v1"
 
-    def ensure_loaded(job):
-        if state.registry.sd is None:
-            job.progress.textinfo = "loading the model"
-            state.registry.load()
-
     @app.post(f"{api}/txt2img")
     async def txt2img(req: schema.Txt2ImgRequest, request: Request):
         generation.check_request(req, state.registry, state.options())
 
-        def work(job):
-            ensure_loaded(job)
-            return generation.run(job, state, req)
-
-        return await _wait(request, state.queue.submit(work, "txt2img", req.force_task_id))
+        return await _wait(request, state.queue.submit(state.work(req), "txt2img", req.force_task_id))
 
     @app.post(f"{api}/img2img")
     async def img2img(req: schema.Img2ImgRequest, request: Request):
@@ -280,39 +288,14 @@ def _routes(app: FastAPI, state: ServerState) -> None:
             mask = None
             if req.mask:
                 mask = generation.decode_image(req.mask, "mask", state.max_image_pixels)
-                if req.inpainting_fill != 1:
-                    fill = generation.INPAINTING_FILLS.get(req.inpainting_fill, req.inpainting_fill)
-                    raise ApiError(
-                        422,
-                        f"inpainting_fill={req.inpainting_fill} ({fill!r}) is not supported; allowed: 1 (original)",
-                    )
-                if not 0 <= req.inpaint_full_res_padding <= 1024:
-                    raise ApiError(
-                        422,
-                        f"inpaint_full_res_padding={req.inpaint_full_res_padding}: allowed 0 to 1024 pixels",
-                    )
-                if req.inpainting_mask_invert not in (0, 1):
-                    raise ApiError(
-                        422, f"inpainting_mask_invert={req.inpainting_mask_invert}: allowed 0 or 1"
-                    )
-                if req.mask_blur is not None and not 0 <= req.mask_blur <= 64:
-                    raise ApiError(422, f"mask_blur={req.mask_blur}: allowed 0 to 64 pixels")
-            if not 0.0 <= req.denoising_strength <= 1.0:
-                raise ApiError(422, f"denoising_strength={req.denoising_strength}: allowed [0, 1]")
-            if req.resize_mode != 0:
-                raise ApiError(
-                    422, f"resize_mode={req.resize_mode} is not supported; allowed: 0 (just resize)"
-                )
-            init, mask = _prepare_images(init, mask, req)
-            return init, mask
+            generation.check_img2img(req, mask is not None)
+            return generation.prepare_images(init, mask, req)
 
         init, mask = await asyncio.to_thread(images)
 
-        def work(job):
-            ensure_loaded(job)
-            return generation.run(job, state, req, init, mask)
-
-        return await _wait(request, state.queue.submit(work, "img2img", req.force_task_id))
+        return await _wait(
+            request, state.queue.submit(state.work(req, init, mask), "img2img", req.force_task_id)
+        )
 
     @app.get(f"{api}/progress")
     async def progress(skip_current_image: bool = False, task_id: str | None = None):
@@ -381,7 +364,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get(f"{api}/cmd-flags")
     async def cmd_flags():
-        return {"api": True, "nowebui": True, "listen": False}
+        return {"api": True, "nowebui": not state.webui, "listen": False}
 
     @app.get(f"{api}/samplers")
     async def samplers():
@@ -431,7 +414,21 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get(f"{api}/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        names = [] if state.registry.controlnet_dir is None else ["controlnet"]
+        return {"txt2img": names, "img2img": list(names)}
+
+    # The ControlNet extension's own routes, which its clients ask before sending units.
+    @app.get("/controlnet/version")
+    async def controlnet_version():
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models():
+        return {"model_list": state.registry.controlnet_titles()}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules():
+        return {"module_list": ["none"], "module_detail": {}}
 
     # What the web UI lists and this server has none of: empty lists, so that clients that ask find out.
     for route in (
@@ -475,34 +472,6 @@ async def _empty_list():
 
 async def _nothing():
     return None
-
-
-def _prepare_images(init, mask, req):
-    """Resize to the request's size ("just resize", as the web UI) and binarise / invert the mask.
-
-    With a mask and ``inpaint_full_res`` ("only masked") the pictures keep their size: the masked area is
-    cropped and resized by ``generation.only_masked``.
-    """
-    from PIL import Image, ImageOps
-
-    size = (req.width, req.height)
-    keep = mask is not None and req.inpaint_full_res
-    init = init.convert("RGB")
-    if mask is not None:
-        mask = mask.convert("L")
-        if req.inpainting_mask_invert == 1:
-            mask = ImageOps.invert(mask)
-        if keep and mask.size != init.size:
-            raise ApiError(
-                422,
-                f"mask is {mask.size[0]}x{mask.size[1]} but init_images[0] is {init.size[0]}x{init.size[1]}; "
-                f"with inpaint_full_res they must match",
-            )
-        if not keep and mask.size != size:
-            mask = mask.resize(size, Image.LANCZOS)
-    if not keep and init.size != size:
-        init = init.resize(size, Image.LANCZOS)
-    return init, mask
 
 
 def _model_item(entry, state) -> dict:

@@ -7,7 +7,11 @@ image ``b`` of a batch started at ``seed + k * batch_size``, so every image is r
 ``info`` is the web UI's JSON (``infotexts``, ``all_seeds``, ``all_prompts``, ...).
 
 Inpainting (``mask``): ``inpainting_fill=1`` ("original": start from the noised image, as
-``generate(mask=...)`` does); white repaints, ``inpainting_mask_invert=1`` swaps. ``mask_blur`` is the
+``generate(mask=...)`` does) or 0 ("fill": the masked pixels first take the colours around them,
+``fill_masked``); 2 and 3 (latent noise, latent nothing) act on the encoded latents, which
+``generate()`` does not expose, and are refused. White repaints, ``inpainting_mask_invert=1`` swaps.
+``resize_mode`` 0, 1, 2 (just resize, crop and resize, resize and fill: ``resize_picture``) bring the
+pictures to width x height. ``mask_blur`` is the
 radius over which the original pixels are pasted back outside the mask (``generate(mask_blur=)``).
 ``inpaint_full_res`` ("only masked", the web UI's default): the masked area's bounding box, grown by
 ``inpaint_full_res_padding`` and then to the request's aspect ratio, is cut out, resized to width x height
@@ -39,6 +43,11 @@ from tf_diffusion.serve.jobs import Interrupted, Job, Skipped
 # The web UI's scheduler names (its /sdapi/v1/schedulers) -> the schedule types infotext knows.
 SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
 INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+# The web UI's resize modes that work on pixels (its 3, "just resize (latent upscale)", is not here).
+RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill"}
+# "fill": blurs of the kept pixels at these radii, coarse to fine, each laid over the last `repeats`
+# times, so a hole takes the colours around it while every kept pixel stays exact (radius 0 last).
+_FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 MAX_SEED = 2**32 - 1
 # SD's 4 latent channels -> RGB, a linear fit of decoded colours (the web UI's "Approx cheap" preview
 # uses the same kind of map): good enough to watch a picture form, at no decode cost.
@@ -205,8 +214,12 @@ def check_request(req: schema._Request, registry, options: dict) -> None:
             raise ApiError(422, f"{field}={getattr(req, field)!r} is not supported here; allowed: {allowed}")
     for name, script in (req.alwayson_scripts or {}).items():
         args = script.get("args") if isinstance(script, dict) else script
-        if args:  # clients send {"ControlNet": {"args": []}} to say "no units"
-            raise ApiError(422, f"always on script {name!r} not found (GET /sdapi/v1/scripts lists none)")
+        if name.lower() == "controlnet":
+            control_units(req, registry)
+        elif args:  # clients send {"ADetailer": {"args": []}} to say "not used"
+            raise ApiError(
+                422, f"always on script {name!r} not found; allowed: ControlNet (GET /sdapi/v1/scripts)"
+            )
     if req.seed < -1:
         raise ApiError(422, f"seed={req.seed}: must be -1 (random) or in [0, {2**63 - 1}]")
     if not math.isfinite(req.cfg_scale):
@@ -220,6 +233,256 @@ def check_request(req: schema._Request, registry, options: dict) -> None:
                 f"override_settings[{key!r}]={value!r} is not supported; allowed: sd_model_checkpoint, or an "
                 f"option at its current value (GET /sdapi/v1/options)",
             )
+
+
+def check_img2img(req: schema.Img2ImgRequest, has_mask: bool) -> None:
+    """Refuse img2img and inpainting settings the server does not do, naming the field (422)."""
+    if has_mask:
+        if req.inpainting_fill not in (0, 1):
+            fill = INPAINTING_FILLS.get(req.inpainting_fill, req.inpainting_fill)
+            raise ApiError(
+                422,
+                f"inpainting_fill={req.inpainting_fill} ({fill!r}) is not supported; allowed: 0 (fill), "
+                f"1 (original)",
+            )
+        if not 0 <= req.inpaint_full_res_padding <= 1024:
+            raise ApiError(
+                422, f"inpaint_full_res_padding={req.inpaint_full_res_padding}: allowed 0 to 1024 pixels"
+            )
+        if req.inpainting_mask_invert not in (0, 1):
+            raise ApiError(422, f"inpainting_mask_invert={req.inpainting_mask_invert}: allowed 0 or 1")
+        if req.mask_blur is not None and not 0 <= req.mask_blur <= 64:
+            raise ApiError(422, f"mask_blur={req.mask_blur}: allowed 0 to 64 pixels")
+    if not 0.0 <= req.denoising_strength <= 1.0:
+        raise ApiError(422, f"denoising_strength={req.denoising_strength}: allowed [0, 1]")
+    if req.resize_mode not in RESIZE_MODES:
+        raise ApiError(
+            422,
+            f"resize_mode={req.resize_mode} is not supported; allowed: "
+            + ", ".join(f"{k} ({v})" for k, v in RESIZE_MODES.items()),
+        )
+
+
+def prepare_images(init, mask, req: schema.Img2ImgRequest):
+    """Resize to the request's size (``resize_mode``, as the web UI) and make the mask greyscale / inverted.
+
+    With a mask and ``inpaint_full_res`` ("only masked") the pictures keep their size: the masked area is
+    cropped and resized by ``crop_region`` in ``run``. With ``inpainting_fill=0`` the masked pixels are
+    replaced by the colours around them (``fill_masked``) there, on what ``generate()`` is given.
+    """
+    from PIL import ImageOps
+
+    size = (req.width, req.height)
+    keep = mask is not None and req.inpaint_full_res
+    init = init.convert("RGB")
+    if mask is not None:
+        mask = mask.convert("L")
+        if req.inpainting_mask_invert == 1:
+            mask = ImageOps.invert(mask)
+        if keep and mask.size != init.size:
+            raise ApiError(
+                422,
+                f"mask is {mask.size[0]}x{mask.size[1]} but init_images[0] is {init.size[0]}x{init.size[1]}; "
+                f"with inpaint_full_res they must match",
+            )
+        if not keep and mask.size != size:
+            mask = resize_picture(mask, size, req.resize_mode)
+    if not keep and init.size != size:
+        init = resize_picture(init, size, req.resize_mode)
+    return init, mask
+
+
+def resize_picture(picture, size: tuple[int, int], mode: int):
+    """``picture`` at ``size`` (width, height) as the web UI's resize modes make it.
+
+    0 "just resize": stretched. 1 "crop and resize": scaled to cover ``size``, the overflow cut off evenly
+    on both sides. 2 "resize and fill": scaled to fit inside ``size``, centred, and the empty bands filled
+    by stretching the picture's edge rows (or columns) across them.
+    """
+    from PIL import Image
+
+    width, height = size
+    if mode == 0:
+        return picture.resize(size, Image.LANCZOS)
+    w, h = picture.size
+    ratio = max(width / w, height / h) if mode == 1 else min(width / w, height / h)
+    sw, sh = max(1, round(w * ratio)), max(1, round(h * ratio))
+    scaled = picture.resize((sw, sh), Image.LANCZOS)
+    if mode == 1:
+        left, top = (sw - width) // 2, (sh - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    x = np.asarray(scaled)
+    top, left = (height - sh) // 2, (width - sw) // 2
+    pad = ((top, height - sh - top), (left, width - sw - left)) + ((0, 0),) * (x.ndim - 2)
+    return Image.fromarray(np.pad(x, pad, mode="edge"), picture.mode)
+
+
+def _blur(x: np.ndarray, radius: int) -> np.ndarray:
+    """About a Gaussian of ``radius`` (sigma) over H and W: three box blurs, zero outside the picture."""
+    r = max(1, int(round(radius)))
+    for axis in (0, 1):
+        for _ in range(3):
+            n = x.shape[axis]
+            c = np.cumsum(x, axis=axis, dtype=np.float64)
+            zero = np.zeros_like(np.take(c, [0], axis=axis))
+            c = np.concatenate([zero, c], axis=axis)
+            hi = np.take(c, np.minimum(np.arange(n) + r + 1, n), axis=axis)
+            lo = np.take(c, np.maximum(np.arange(n) - r, 0), axis=axis)
+            x = hi - lo
+    return x
+
+
+def fill_masked(picture, mask):
+    """The web UI's ``inpainting_fill=0`` ("fill"): masked pixels take the colours around them.
+
+    ``mask`` (L, white = repaint) weighs each pixel by how much it is kept; each pass lays the blur of
+    the kept colours (weighted by the blurred weights, so the hole's own colours count for nothing) over
+    the result, from a radius of 256 pixels down to the pixels themselves, where every kept pixel is exact.
+    """
+    from PIL import Image
+
+    rgb = np.asarray(picture.convert("RGB"), np.float64) / 255.0
+    keep = 1.0 - np.asarray(mask.convert("L"), np.float64)[..., None] / 255.0
+    premultiplied, coverage = np.zeros_like(rgb), np.zeros_like(keep)
+    for radius, repeats in _FILL_PASSES:
+        if radius:
+            weight = _blur(keep, radius)
+            colour = _blur(rgb * keep, radius) / np.maximum(weight, 1e-12)
+            alpha = np.clip(weight / _blur(np.ones_like(keep), radius), 0.0, 1.0)  # kept share, edges too
+        else:
+            colour, alpha = rgb, keep
+        for _ in range(repeats):  # "over" compositing, in premultiplied colours
+            premultiplied = colour * alpha + premultiplied * (1.0 - alpha)
+            coverage = alpha + coverage * (1.0 - alpha)
+    out = premultiplied / np.maximum(coverage, 1e-12)
+    return Image.fromarray(np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8))
+
+
+# The ControlNet extension's control modes and resize modes, by number and by name.
+CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
+CONTROL_RESIZE = {
+    0: 0,
+    1: 1,
+    2: 2,
+    "just resize": 0,
+    "crop and resize": 1,
+    "inner fit (scale to fit)": 1,
+    "resize and fill": 2,
+    "outer fit (shrink to fit)": 2,
+}
+
+
+def control_units(req: schema._Request, registry) -> list[dict]:
+    """The enabled units of ``alwayson_scripts["ControlNet"]``, checked (no image decoded, no net loaded).
+
+    A unit as the ControlNet extension's API takes it: ``image`` (base64, or ``{"image": ...}``; also
+    ``input_image``), ``model`` (a name in the ControlNet folder), ``module`` ("none": the image is the
+    hint as it is), ``weight``, ``guidance_start``, ``guidance_end``, ``control_mode`` (0 "Balanced" or
+    2 "ControlNet is more important", which is guess mode, the same for every unit), ``resize_mode``
+    (how the hint is brought to the output size; "Crop and Resize" by default, as the extension).
+    ``processor_res``, ``threshold_a`` / ``threshold_b``, ``pixel_perfect``, ``low_vram`` and ``hr_option``
+    only matter to preprocessors or memory and are accepted without effect.
+    """
+    script = next((v for k, v in (req.alwayson_scripts or {}).items() if k.lower() == "controlnet"), None)
+    if script is None:
+        return []
+    args = script.get("args") if isinstance(script, dict) else script
+    if not isinstance(args, list):
+        raise ApiError(422, 'alwayson_scripts["ControlNet"]: expected {"args": [unit, ...]}')
+    units = []
+    for k, unit in enumerate(args):
+        what = f'alwayson_scripts["ControlNet"].args[{k}]'
+        if not isinstance(unit, dict):
+            raise ApiError(422, f"{what}: expected a unit object, got {type(unit).__name__}")
+        if unit.get("enabled", True) is False:
+            continue
+        image = unit.get("image") or unit.get("input_image")
+        if isinstance(image, dict):
+            if image.get("mask"):
+                raise ApiError(422, f"{what}.image.mask: unit masks are not supported; allowed: none")
+            image = image.get("image")
+        if not image:
+            raise ApiError(422, f"{what}.image: the hint image (base64) is missing")
+        if unit.get("mask"):
+            raise ApiError(422, f"{what}.mask: unit masks are not supported; allowed: null")
+        module = unit.get("module") or "none"
+        if str(module).lower() != "none":
+            raise ApiError(
+                422,
+                f"{what}.module={module!r} is not supported; allowed: 'none' (send the hint itself, e.g. "
+                f"made by `tf-diffusion preprocess canny`)",
+            )
+        model = unit.get("model")
+        if not model or str(model).lower() == "none":
+            raise ApiError(422, f"{what}.model: name a ControlNet model (GET /controlnet/model_list)")
+        try:
+            registry.controlnet_path(model)
+        except ValueError as e:
+            raise ApiError(422, f"{what}.model: {e}") from None
+        mode = unit.get("control_mode", 0)
+        mode = next((n for n, name in CONTROL_MODES.items() if mode in (n, name)), mode)
+        if mode not in (0, 2):
+            raise ApiError(
+                422,
+                f"{what}.control_mode={unit.get('control_mode')!r} is not supported; allowed: 0 "
+                f"'Balanced', 2 'ControlNet is more important'",
+            )
+        resize = unit.get("resize_mode", "Crop and Resize")
+        resize_key = resize.lower() if isinstance(resize, str) else resize
+        if resize_key not in CONTROL_RESIZE:
+            raise ApiError(
+                422,
+                f"{what}.resize_mode={resize!r} is not supported; allowed: 'Just Resize', 'Crop and Resize', "
+                f"'Resize and Fill' (or 0, 1, 2)",
+            )
+        numbers = {}
+        for field, default in (("weight", 1.0), ("guidance_start", 0.0), ("guidance_end", 1.0)):
+            value = unit.get(field, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ApiError(422, f"{what}.{field}={value!r}: must be a finite number")
+            numbers[field] = float(value)
+        units.append(
+            {
+                "image": image,
+                "model": model,
+                "guess": mode == 2,
+                "resize": CONTROL_RESIZE[resize_key],
+                **numbers,
+            }
+        )
+    if len({u["guess"] for u in units}) > 1:
+        raise ApiError(
+            422,
+            "ControlNet units: control_mode must be the same for every unit (guess mode is per generation)",
+        )
+    return units
+
+
+def control_arguments(units: list[dict], state, width: int, height: int) -> dict:
+    """``generate()``'s ControlNet arguments for checked units: nets loaded, hints decoded and resized."""
+    if not units:
+        return {}
+    nets, hints = [], []
+    for k, unit in enumerate(units):
+        hint = decode_image(
+            unit["image"], f'alwayson_scripts["ControlNet"].args[{k}].image', state.max_image_pixels
+        )
+        hint = hint.convert("RGB")
+        if hint.size != (width, height):
+            hint = resize_picture(hint, (width, height), unit["resize"])
+        nets.append(state.registry.controlnet(unit["model"]))
+        hints.append(hint)
+    single = len(units) == 1
+    return {
+        "controlnet": nets[0] if single else nets,
+        "control_image": hints[0] if single else hints,
+        "controlnet_conditioning_scale": units[0]["weight"] if single else [u["weight"] for u in units],
+        "control_guidance_start": units[0]["guidance_start"]
+        if single
+        else [u["guidance_start"] for u in units],
+        "control_guidance_end": units[0]["guidance_end"] if single else [u["guidance_end"] for u in units],
+        "guess_mode": units[0]["guess"],
+    }
 
 
 def check_size(sd, width: int, height: int, batch_size: int, max_pixels: int) -> None:
@@ -280,6 +543,9 @@ def _generate(job: Job, state, req, init, mask) -> dict:
                 kwargs.update(
                     image=init.crop(crop).resize(size, _LANCZOS), mask=mask.crop(crop).resize(size, _LANCZOS)
                 )
+            if req.inpainting_fill == 0:  # on the picture generate() starts from, as the web UI
+                kwargs["image"] = fill_masked(kwargs["image"], kwargs["mask"])
+    kwargs.update(control_arguments(control_units(req, registry), state, req.width, req.height))
     progress = job.progress
     progress.job_count = req.n_iter
     progress.sampling_steps = req.steps if not is_img2img else max(1, int(req.steps * req.denoising_strength))

@@ -70,6 +70,7 @@ class ModelRegistry:
         dtype: the Keras dtype policy for the models (None: float32).
         keep_loaded: models kept in memory (the web UI's ``sd_checkpoints_limit``): switching back to one
             of them costs no load and no new traces; the least recently used beyond it is dropped.
+        controlnet_dir: the folder of ControlNet models that ControlNet units name (None: units refused).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class ModelRegistry:
         embedding_dir=None,
         dtype=None,
         keep_loaded: int = 1,
+        controlnet_dir=None,
     ):
         if isinstance(keep_loaded, bool) or not isinstance(keep_loaded, int) or keep_loaded < 1:
             raise ValueError(f"keep_loaded={keep_loaded!r} must be an integer >= 1")
@@ -88,8 +90,11 @@ class ModelRegistry:
         self.models_dir = None if models_dir is None else pathlib.Path(models_dir)
         self.lora_dir = None if lora_dir is None else pathlib.Path(lora_dir)
         self.embedding_dir = None if embedding_dir is None else pathlib.Path(embedding_dir)
+        self.controlnet_dir = None if controlnet_dir is None else pathlib.Path(controlnet_dir)
+        self._controlnets: dict[tuple, object] = {}  # (path, size, mtime) -> ControlNet
         self.dtype = dtype
         for what, folder in (
+            ("ControlNet folder", self.controlnet_dir),
             ("models folder", self.models_dir),
             ("LoRA folder", self.lora_dir),
             ("embedding folder", self.embedding_dir),
@@ -212,3 +217,52 @@ class ModelRegistry:
             for p in sorted(self.lora_dir.iterdir())
             if p.is_file() and p.suffix.lower() in LORA_SUFFIXES
         ]
+
+    def controlnet_files(self) -> list[pathlib.Path]:
+        """The ControlNet models of the ControlNet folder: single files and diffusers folders."""
+        from tf_diffusion.weights.controlnet import SINGLE_FILE_SUFFIXES
+
+        if self.controlnet_dir is None:
+            return []
+        return [
+            p
+            for p in sorted(self.controlnet_dir.iterdir())
+            if not p.name.startswith(".")
+            and (
+                (p.is_file() and p.suffix.lower() in SINGLE_FILE_SUFFIXES)
+                or (p.is_dir() and (p / "config.json").is_file())
+            )
+        ]
+
+    def controlnet_titles(self) -> list[str]:
+        """``/controlnet/model_list``: names as the ControlNet extension lists them (stem, or folder name)."""
+        return [p.stem if p.is_file() else p.name for p in self.controlnet_files()]
+
+    def controlnet_path(self, name) -> pathlib.Path:
+        """The file or folder a unit's ``model`` names (``stem``, ``stem [hash]`` or the file name)."""
+        if self.controlnet_dir is None:
+            raise ValueError(
+                f"ControlNet model {name!r}: this server was started without --controlnet-dir, so it has none"
+            )
+        check_name(name, "ControlNet model")
+        bare = name.split(" [")[0].strip()
+        for p in self.controlnet_files():
+            if bare in (p.name, p.stem):
+                return p
+        raise NotFound(
+            f"ControlNet model {name!r} not found; available: {self.controlnet_titles()} "
+            f"(GET /controlnet/model_list)"
+        )
+
+    def controlnet(self, name):
+        """The loaded ``ControlNet`` a unit names (cached while its file is unchanged; run on the worker)."""
+        from tf_diffusion.controlnet import ControlNet
+
+        path = self.controlnet_path(name)
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._controlnets:
+            while len(self._controlnets) >= 4:  # a few nets in memory, the oldest read first dropped
+                self._controlnets.pop(next(iter(self._controlnets)))
+            self._controlnets[key] = ControlNet.from_pretrained(str(path), dtype=self.dtype)
+        return self._controlnets[key]

@@ -6,10 +6,11 @@ The web UI builds its request models from its processing classes, so a request c
 - **used**: prompt, negative_prompt, seed, sampler_name / sampler_index, scheduler, batch_size, n_iter,
   steps, cfg_scale, width, height, override_settings, send_images, save_images, force_task_id; img2img:
   init_images, mask, denoising_strength, mask_blur, inpainting_fill, inpainting_mask_invert, inpaint_full_res,
-  inpaint_full_res_padding, resize_mode, include_init_images.
+  inpaint_full_res_padding, resize_mode, include_init_images; ``alwayson_scripts["ControlNet"]`` units
+  (``generation.control_units``).
 - **refused unless left at its default** (``UNSUPPORTED``): what would change the picture and is not
   implemented here (``enable_hr``, ``restore_faces``, ``tiling``, ``subseed_strength``, ``styles``,
-  ``script_name``, ``alwayson_scripts``, ``inpainting_fill`` other than 1, ...): a clear 422, never
+  ``script_name``, always-on scripts other than ControlNet, ``inpainting_fill`` 2 and 3, ``resize_mode`` 3, ...): a clear 422, never
   a silently different image.
 - **accepted and without effect**: sampler fine-tuning that clients send with every request whatever
   the sampler (``eta``, ``s_churn``, ``s_tmax``, ``s_tmin``, ``s_noise``), the hires-fix fields while
