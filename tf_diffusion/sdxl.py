@@ -92,8 +92,10 @@ class SDXLOptions:
                 or not isinstance(value, (int, float, np.integer, np.floating))
                 or not np.isfinite(value)
             ):
-                raise ValueError(f"{name}={value!r} must be a finite number (diffusers' default: "
-                                 f"{AESTHETIC_SCORE if name == 'aesthetic_score' else NEGATIVE_AESTHETIC_SCORE})")
+                raise ValueError(
+                    f"{name}={value!r} must be a finite number (diffusers' default: "
+                    f"{AESTHETIC_SCORE if name == 'aesthetic_score' else NEGATIVE_AESTHETIC_SCORE})"
+                )
             object.__setattr__(self, name, float(value))
 
     @classmethod
@@ -251,7 +253,9 @@ def time_ids(
     neg_crops = o.negative_crops_coords_top_left or (0, 0)
     if config.requires_aesthetics_score:
         score = AESTHETIC_SCORE if o.aesthetic_score is None else o.aesthetic_score
-        neg_score = NEGATIVE_AESTHETIC_SCORE if o.negative_aesthetic_score is None else o.negative_aesthetic_score
+        neg_score = (
+            NEGATIVE_AESTHETIC_SCORE if o.negative_aesthetic_score is None else o.negative_aesthetic_score
+        )
         cond = [*original, *crops, score]
         uncond = [*(o.negative_original_size or original), *neg_crops, neg_score]
     else:

@@ -453,49 +453,197 @@ TASK_SEEDS = {"refiner_unet": 36, "unet_inpaint": 37}
 TASK_SIZE = (16, 16)
 TASK_SAMPLERS = {
     "euler": (EulerDiscreteScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"},
+    ),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
 }
 # Task runs: name -> dict(pipeline, sampler, prompt, negative, steps, guidance, seed, strength, options...).
 TASK_RUNS = [
-    dict(name="refiner_img2img_euler", model="refiner", mode="img2img", sampler="euler", steps=5, strength=0.6,
-         guidance=5.0, seed=11, prompt=["a photo of a cat", "a dog"], negative=None, options={}),
-    dict(name="refiner_img2img_euler_a_scores", model="refiner", mode="img2img", sampler="euler_a", steps=4,
-         strength=0.75, guidance=4.0, seed=12, prompt="a red car", negative="blurry",
-         options=dict(aesthetic_score=7.0, negative_aesthetic_score=2.0, original_size=(32, 48),
-                      crops_coords_top_left=(4, 2), negative_original_size=(8, 8),
-                      negative_crops_coords_top_left=(2, 0))),
-    dict(name="base_img2img_dpmpp_micro", model="base", mode="img2img", sampler="dpmpp_2m_karras", steps=5,
-         strength=0.7, guidance=6.0, seed=13, prompt="a red car on the street", negative="ugly",
-         options=dict(original_size=(32, 48), crops_coords_top_left=(4, 2), target_size=(24, 16),
-                      negative_original_size=(8, 16), negative_target_size=(16, 8))),
-    dict(name="base_txt2img_euler_micro", model="base", mode="txt2img", sampler="euler", steps=4, guidance=5.0,
-         seed=14, prompt="a photo of a cat", negative="blurry",
-         options=dict(original_size=(32, 48), crops_coords_top_left=(4, 2), target_size=(24, 16),
-                      negative_original_size=(8, 16), negative_crops_coords_top_left=(0, 6),
-                      negative_target_size=(16, 8))),
-    dict(name="inpaint4_euler", model="base", mode="inpaint4", sampler="euler", steps=5, strength=1.0,
-         guidance=5.0, seed=15, prompt=["a photo of a cat", "a dog"], negative=None, options={}),
-    dict(name="inpaint4_dpmpp_strength", model="base", mode="inpaint4", sampler="dpmpp_2m_karras", steps=5,
-         strength=0.75, guidance=5.0, seed=16, prompt="a red car", negative="blurry", options={}),
-    dict(name="inpaint9_euler_a", model="base", mode="inpaint9", sampler="euler_a", steps=4, strength=1.0,
-         guidance=5.0, seed=17, prompt="a photo of a cat", negative="", options={}),
-    dict(name="inpaint9_euler_strength", model="base", mode="inpaint9", sampler="euler", steps=5,
-         strength=0.6, guidance=5.0, seed=18, prompt="a red car", negative="blurry", options={}),
+    dict(
+        name="refiner_img2img_euler",
+        model="refiner",
+        mode="img2img",
+        sampler="euler",
+        steps=5,
+        strength=0.6,
+        guidance=5.0,
+        seed=11,
+        prompt=["a photo of a cat", "a dog"],
+        negative=None,
+        options={},
+    ),
+    dict(
+        name="refiner_img2img_euler_a_scores",
+        model="refiner",
+        mode="img2img",
+        sampler="euler_a",
+        steps=4,
+        strength=0.75,
+        guidance=4.0,
+        seed=12,
+        prompt="a red car",
+        negative="blurry",
+        options=dict(
+            aesthetic_score=7.0,
+            negative_aesthetic_score=2.0,
+            original_size=(32, 48),
+            crops_coords_top_left=(4, 2),
+            negative_original_size=(8, 8),
+            negative_crops_coords_top_left=(2, 0),
+        ),
+    ),
+    dict(
+        name="base_img2img_dpmpp_micro",
+        model="base",
+        mode="img2img",
+        sampler="dpmpp_2m_karras",
+        steps=5,
+        strength=0.7,
+        guidance=6.0,
+        seed=13,
+        prompt="a red car on the street",
+        negative="ugly",
+        options=dict(
+            original_size=(32, 48),
+            crops_coords_top_left=(4, 2),
+            target_size=(24, 16),
+            negative_original_size=(8, 16),
+            negative_target_size=(16, 8),
+        ),
+    ),
+    dict(
+        name="base_txt2img_euler_micro",
+        model="base",
+        mode="txt2img",
+        sampler="euler",
+        steps=4,
+        guidance=5.0,
+        seed=14,
+        prompt="a photo of a cat",
+        negative="blurry",
+        options=dict(
+            original_size=(32, 48),
+            crops_coords_top_left=(4, 2),
+            target_size=(24, 16),
+            negative_original_size=(8, 16),
+            negative_crops_coords_top_left=(0, 6),
+            negative_target_size=(16, 8),
+        ),
+    ),
+    dict(
+        name="inpaint4_euler",
+        model="base",
+        mode="inpaint4",
+        sampler="euler",
+        steps=5,
+        strength=1.0,
+        guidance=5.0,
+        seed=15,
+        prompt=["a photo of a cat", "a dog"],
+        negative=None,
+        options={},
+    ),
+    dict(
+        name="inpaint4_dpmpp_strength",
+        model="base",
+        mode="inpaint4",
+        sampler="dpmpp_2m_karras",
+        steps=5,
+        strength=0.75,
+        guidance=5.0,
+        seed=16,
+        prompt="a red car",
+        negative="blurry",
+        options={},
+    ),
+    dict(
+        name="inpaint9_euler_a",
+        model="base",
+        mode="inpaint9",
+        sampler="euler_a",
+        steps=4,
+        strength=1.0,
+        guidance=5.0,
+        seed=17,
+        prompt="a photo of a cat",
+        negative="",
+        options={},
+    ),
+    dict(
+        name="inpaint9_euler_strength",
+        model="base",
+        mode="inpaint9",
+        sampler="euler",
+        steps=5,
+        strength=0.6,
+        guidance=5.0,
+        seed=18,
+        prompt="a red car",
+        negative="blurry",
+        options={},
+    ),
     # Few-step Turbo settings (sdxl-turbo's model card): trailing spacing, guidance off.
-    dict(name="turbo_euler_a_1step", model="base", mode="txt2img", sampler="euler_a", spacing="trailing", steps=1,
-         guidance=0.0, seed=19, prompt=["a photo of a cat", "a dog"], negative=None, options={}),
-    dict(name="turbo_euler_2step", model="base", mode="txt2img", sampler="euler", spacing="trailing", steps=2,
-         guidance=0.0, seed=20, prompt="a red car", negative=None, options={}),
+    dict(
+        name="turbo_euler_a_1step",
+        model="base",
+        mode="txt2img",
+        sampler="euler_a",
+        spacing="trailing",
+        steps=1,
+        guidance=0.0,
+        seed=19,
+        prompt=["a photo of a cat", "a dog"],
+        negative=None,
+        options={},
+    ),
+    dict(
+        name="turbo_euler_2step",
+        model="base",
+        mode="txt2img",
+        sampler="euler",
+        spacing="trailing",
+        steps=2,
+        guidance=0.0,
+        seed=20,
+        prompt="a red car",
+        negative=None,
+        options={},
+    ),
 ]
 # Ensemble of experts: base txt2img to denoising_end (latents), refiner from denoising_start.
 HANDOFFS = [
-    dict(name="handoff_euler", sampler="euler", steps=6, switch=0.8, guidance=5.0, seeds=(21, 31),
-         prompt="a photo of a cat", negative=None),
-    dict(name="handoff_dpmpp_2m_karras", sampler="dpmpp_2m_karras", steps=7, switch=0.7, guidance=6.0,
-         seeds=(22, 32), prompt=["a red car", "a dog"], negative=["blurry", ""]),
-    dict(name="handoff_euler_a", sampler="euler_a", steps=5, switch=0.6, guidance=4.0, seeds=(23, 33),
-         prompt="a photo of a cat", negative="ugly"),
+    dict(
+        name="handoff_euler",
+        sampler="euler",
+        steps=6,
+        switch=0.8,
+        guidance=5.0,
+        seeds=(21, 31),
+        prompt="a photo of a cat",
+        negative=None,
+    ),
+    dict(
+        name="handoff_dpmpp_2m_karras",
+        sampler="dpmpp_2m_karras",
+        steps=7,
+        switch=0.7,
+        guidance=6.0,
+        seeds=(22, 32),
+        prompt=["a red car", "a dog"],
+        negative=["blurry", ""],
+    ),
+    dict(
+        name="handoff_euler_a",
+        sampler="euler_a",
+        steps=5,
+        switch=0.6,
+        guidance=4.0,
+        seeds=(23, 33),
+        prompt="a photo of a cat",
+        negative="ugly",
+    ),
 ]
 
 
@@ -514,7 +662,9 @@ def task_scheduler(name: str, spacing: str | None = None):
 
     cls, extra = TASK_SAMPLERS[name]
     cls = EulerAncestralDiscreteScheduler if cls == "EulerAncestralDiscreteScheduler" else cls
-    return cls.from_config({**SCHEDULER, **extra, **({} if spacing is None else {"timestep_spacing": spacing})})
+    return cls.from_config(
+        {**SCHEDULER, **extra, **({} if spacing is None else {"timestep_spacing": spacing})}
+    )
 
 
 def cutoff_evals(sched, steps: int, start: float | None, end: float | None, strength: float | None) -> int:
@@ -577,7 +727,9 @@ def tasks() -> None:
         json.dumps({"config": dict(unet9.config), "shapes": {k: list(v.shape) for k, v in unet9.state_dict().items()},
                     "seed": TASK_SEEDS["unet_inpaint"]}, indent=0, default=list) + "\n"
     )  # fmt: skip
-    parts = {k: getattr(base, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    parts = {
+        k: getattr(base, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    }
     latent = (TASK_SIZE[0] // 2, TASK_SIZE[1] // 2, 4)
     ref: dict[str, np.ndarray] = {}
 
@@ -613,13 +765,23 @@ def tasks() -> None:
                 q["vae"].append(d["image"])
                 q["pipeline"].append(d["latents"])
             elif mode == "txt2img":
-                pipe = StableDiffusionXLPipeline(unet=base.unet, scheduler=sched, **parts,
-                                                 force_zeros_for_empty_prompt=True, add_watermarker=False)
+                pipe = StableDiffusionXLPipeline(
+                    unet=base.unet,
+                    scheduler=sched,
+                    **parts,
+                    force_zeros_for_empty_prompt=True,
+                    add_watermarker=False,
+                )
                 call.update(height=TASK_SIZE[0], width=TASK_SIZE[1])
                 q["pipeline"].append(d["latents"])
             elif mode == "img2img":
-                pipe = StableDiffusionXLImg2ImgPipeline(unet=base.unet, scheduler=sched, **parts,
-                                                        force_zeros_for_empty_prompt=True, add_watermarker=False)
+                pipe = StableDiffusionXLImg2ImgPipeline(
+                    unet=base.unet,
+                    scheduler=sched,
+                    **parts,
+                    force_zeros_for_empty_prompt=True,
+                    add_watermarker=False,
+                )
                 call.update(image=[Image.fromarray(task_image(run["seed"] + 1))] * n, strength=strength)
                 q["vae"].append(d["image"])
                 q["pipeline"].append(d["latents"])
@@ -648,8 +810,9 @@ def tasks() -> None:
         sched = task_scheduler(run["sampler"])
         seeds = noise_lib.image_seeds(run["seeds"][0], n)
         d = draws(seeds, cutoff_evals(sched, run["steps"], None, run["switch"], None), run["sampler"])
-        pipe = StableDiffusionXLPipeline(unet=base.unet, scheduler=sched, **parts,
-                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+        pipe = StableDiffusionXLPipeline(
+            unet=base.unet, scheduler=sched, **parts, force_zeros_for_empty_prompt=True, add_watermarker=False
+        )
         pipe.set_progress_bar_config(disable=True)
         with NoiseQueues() as queues:
             queues.queues["pipeline"].append(d["latents"])
@@ -698,7 +861,9 @@ def inpaint_handoffs() -> None:
     refiner = StableDiffusionXLInpaintPipeline.from_pretrained(
         str(OUT / "sdxl-refiner-diffusers"), torch_dtype=torch.float32
     )
-    parts = {k: getattr(base, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    parts = {
+        k: getattr(base, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    }
     latent = (TASK_SIZE[0] // 2, TASK_SIZE[1] // 2, 4)
     ref: dict[str, np.ndarray] = {}
     for run in INPAINT_HANDOFFS:
