@@ -321,9 +321,9 @@ def _forget_compiled(sd) -> None:
     """Drop the pipeline executor's compiled loops: a trace holds the layers' calls of its time, so a loop
     compiled before attaching (or detaching) would keep computing without (or with) the LoRA. Merged LoRAs
     (``load_lora_weights``) only assign variables and need no retrace; training wrappers change calls."""
-    compiled = getattr(getattr(sd, "executor", None), "_compiled", None)
-    if isinstance(compiled, dict):
-        compiled.clear()
+    clear = getattr(getattr(sd, "executor", None), "clear", None)
+    if callable(clear):
+        clear()
 
 
 def _kohya_names(sd) -> dict[str, str]:

@@ -40,6 +40,11 @@ class LocalExecutor:
     def __repr__(self) -> str:
         return "LocalExecutor()"
 
+    def clear(self) -> None:
+        """Forget every compiled function: what changes a layer's call (not only its variables) needs this,
+        since a trace keeps the calls of its time."""
+        self._compiled.clear()
+
     def compiled(self, key, make: Callable):
         """The function cached under ``key``, made by ``make()`` on first use."""
         if key not in self._compiled:
