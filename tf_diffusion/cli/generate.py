@@ -306,6 +306,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, list[pathlib.Path], 
             if path.exists():
                 raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
     check_adapters(args)
+    if args.vae is not None and not os.path.exists(args.vae):
+        raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
     if args.guess_mode and not args.control:
         raise UsageError("--guess-mode applies to ControlNets (--control) only")
     for value in args.control:
@@ -463,8 +465,6 @@ def check_adapters(args: argparse.Namespace) -> None:
     for path in args.embedding:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--embedding {path}: no such file")
-    if args.vae is not None and not os.path.exists(args.vae):
-        raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
     try:
         _, _, tags = extra_networks.strip_prompts([args.prompt], [args.negative_prompt or ""])
         extra_networks.resolve_tags(tags, args.lora_dir)
