@@ -58,7 +58,8 @@ SCRIPT = """
     elif {sdxl}:  # pooled embeddings and time ids are per-row inputs too
         opts = dict(original_size=(24, 16), crops_coords_top_left=(0, 8), target_size=(16, 16))
         cases = {{"sdxl_euler_a": dict(scheduler="euler_a", height=16, width=16, sdxl_options=opts)}}
-    else:
+    else:  # and the VAE decoded in tiles (16 px on 32 px images: 3 x 3 blended tiles), each tile sharded
+        sd.enable_vae_tiling(16)
         cases = {{"txt2img_euler_a": dict(scheduler="euler_a")}}
     out, devices = {{}}, {{}}
     for name, extra in cases.items():

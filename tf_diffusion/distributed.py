@@ -125,8 +125,13 @@ class ShardedExecutor:
         )
         return self._run(key, denoise, rows, per_step, inputs["shared"], jit_compile=bool(jit_compile))
 
-    def decode(self, vae, latents, jit_compile=None) -> np.ndarray:
-        """Unscaled latents -> images in [-1, 1], data-parallel (defaults as the local executor's)."""
+    def decode(self, vae, latents, jit_compile=None, tiling=None) -> np.ndarray:
+        """Unscaled latents -> images in [-1, 1], data-parallel (defaults as the local executor's).
+
+        ``tiling`` (``enable_vae_tiling``): every tile is decoded data-parallel over the batch.
+        """
+        from tf_diffusion.execution.tiling import tiled_decode
+
         if jit_compile is None:
             jit_compile = _default_jit_compile(vae, has_accelerator())
 
@@ -134,9 +139,18 @@ class ShardedExecutor:
             del steps, shared
             return keras.ops.cast(vae.decode(parts["latents"]), "float32")
 
+        def run(z):
+            key = ("decode", id(vae), bool(jit_compile))
+            return self._run(
+                key, decode, {"latents": np.asarray(z, np.float32)}, {}, {}, jit_compile=bool(jit_compile)
+            )
+
         latents = np.asarray(latents, np.float32)
-        key = ("decode", id(vae), bool(jit_compile))
-        return self._run(key, decode, {"latents": latents}, {}, {}, jit_compile=bool(jit_compile))
+        return (
+            run(latents)
+            if tiling is None
+            else tiled_decode(run, latents, tiling, vae.config.downsample_factor)
+        )
 
     # ------------------------------------------------------------- machinery
 
@@ -270,7 +284,7 @@ class ShardedStableDiffusion:
 
     def decode(self, latents, jit_compile: bool | None = None) -> np.ndarray:
         """``StableDiffusion.decode`` (unscaled latents -> images in [-1, 1]), data-parallel."""
-        return self.executor.decode(self.sd.vae, latents, jit_compile)
+        return self.executor.decode(self.sd.vae, latents, jit_compile, tiling=self.sd.vae_tiling)
 
 
 def _pad(array: np.ndarray, total: int, axis: int) -> np.ndarray:
