@@ -224,13 +224,21 @@ def test_img2img_with_a_painted_mask(server, page, artifacts, tmp_path):
     _tab(page, "img2img")
     editor = page.locator("#tfd-img2img-editor")
     # paint only once the picture is on the canvas: the editor then zooms the 64x64 picture in (over 100%)
-    editor.locator("input[type=file]").set_input_files(str(path))
-    page.wait_for_function(
-        """() => {
-            const m = document.querySelector('#tfd-img2img-editor').innerText.match(/(\\d+)%/);
-            return m !== null && parseInt(m[1]) > 100;
-        }"""
-    )
+    zoomed = """() => {
+        const m = document.querySelector('#tfd-img2img-editor').innerText.match(/(\\d+)%/);
+        return m !== null && parseInt(m[1]) > 100;
+    }"""
+    # Once (in a CI run) the editor never showed the upload; the upload is retried before the last wait.
+    for _ in range(2):
+        editor.locator("input[type=file]").set_input_files(str(path))
+        try:
+            page.wait_for_function(zoomed, timeout=30_000)
+            break
+        except playwright_api.TimeoutError:
+            continue
+    else:
+        editor.locator("input[type=file]").set_input_files(str(path))
+        page.wait_for_function(zoomed)
     page.wait_for_timeout(300)
     page.fill("#tfd-img2img-prompt textarea", "a yellow square")
     _set_number(page, "tfd-img2img-steps", 8)
