@@ -44,6 +44,10 @@ def test_colab_notebook_runs_locally(tmp_path, monkeypatch):
     monkeypatch.setenv("TF_DIFFUSION_NOTEBOOK_OUT", str(out))
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    # The sharded and single runs see other batch sizes; with the autotuner on, a timing under load can
+    # pick another (equally valid, differently rounded) kernel for one (1.09e-5 once, against 1e-5), as in
+    # tests/test_distributed.py: off, what is compared is the sharding alone.
+    monkeypatch.setenv("TF_DIFFUSION_AUTOTUNE", "0")
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(
