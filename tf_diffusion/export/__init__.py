@@ -200,10 +200,10 @@ def build_serving_module(
     needs_noise = sampler_obj.needs_noise
     scaling = float(cfg.vae.scaling_factor)
 
+    from tf_diffusion.adapters import controlnet as controlnet_adapter
+
     nets = []
     if controlnet is not None:
-        from tf_diffusion.adapters import controlnet as controlnet_adapter
-
         if isinstance(controlnet, (list, tuple)):
             raise ValueError("export takes one ControlNet (controlnet=net), not a list")
         controlnet_adapter.check_net(sd, controlnet, 0)
@@ -221,11 +221,7 @@ def build_serving_module(
     else:
         module = _variables_module(sd.text_encoder, sd.unet, sd.vae, *nets)
         module.tokenizer = GraphTokenizer(sd.tokenizer)
-    denoiser = None
-    if nets:
-        from tf_diffusion.adapters.controlnet import ControlNetDenoiser
-
-        denoiser = ControlNetDenoiser(sd.denoiser, nets)
+    denoiser = controlnet_adapter.ControlNetDenoiser(sd.denoiser, nets) if nets else None
     program = sd.denoise_program(sampler_obj, ClassifierFreeGuidance(), denoiser=denoiser)
     loop = tf.function(program.loop, jit_compile=bool(jit_compile), autograph=False)
 
