@@ -231,6 +231,7 @@ def test_layout_and_metadata(exported):
         "denoise",
         "decode",
         "encode_image",
+        "describe",
     }
 
 

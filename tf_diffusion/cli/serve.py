@@ -3,6 +3,7 @@
     tf-diffusion serve                                   # tiny-shapes: the page on http://127.0.0.1:7860
     tf-diffusion serve --model sd15.safetensors --models-dir models/ --lora-dir loras/ --outputs outputs/
     tf-diffusion serve --host 0.0.0.0 --api-auth alice:secret   # beyond localhost: authentication required
+    tf-diffusion serve --backend tf-serving://serving:8501/sd   # generation sent to a TF Serving export
 
 The page (Gradio, at ``/``; ``--nowebui``: the API alone) has txt2img, img2img with inpainting and PNG
 info tabs. Any A1111 client works unchanged, e.g. ``webuiapi.WebUIApi(port=7860).txt2img(prompt=...)``.
@@ -31,6 +32,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="the model to start with: a name in --models-dir, a shipped model, a checkpoint or folder",
     )
     p.add_argument("--models-dir", default=None, help="checkpoints and model folders clients may switch to")
+    p.add_argument(
+        "--backend",
+        default=None,
+        metavar="tf-serving://HOST:PORT/MODEL",
+        help="send text-to-image to a TF Serving deployment of a `tf-diffusion export` (REST port) instead of "
+        "loading a model here; its sampler, steps and size are the export's",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--lora-dir", default=None, help="the folder <lora:NAME:WEIGHT> tags name")
@@ -134,6 +142,30 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, dict | None]:
                 'the web page of tf-diffusion serve needs gradio: pip install "tf_diffusion[serve]" '
                 "(or pass --nowebui to serve the API alone)"
             ) from None
+    if args.backend is not None:
+        from tf_diffusion.serve.tf_serving import parse_backend
+
+        try:
+            parse_backend(args.backend)
+        except ValueError as e:
+            raise UsageError(f"--backend: {e}") from None
+        given = [
+            option
+            for option, value in (
+                ("--models-dir", args.models_dir),
+                ("--lora-dir", args.lora_dir),
+                ("--embedding-dir", args.embedding_dir),
+                ("--controlnet-dir", args.controlnet_dir),
+                ("--model", None if args.model == DEFAULT_MODEL else args.model),
+                ("--precision", None if args.precision == "float32" else args.precision),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UsageError(
+                f"--backend {args.backend} serves the export's model: {', '.join(given)} cannot be used with it"
+            )
+        return args.backend, credentials
     model = args.model
     in_folder = args.models_dir is not None and os.path.exists(os.path.join(args.models_dir, model))
     if not in_folder:

@@ -16,6 +16,9 @@ Signatures (B is the request batch; H x W the image size and h x w x C the laten
 - ``decode``: latents (B, h, w, C) -> images, png_bytes.
 - ``encode_image``: images (B, H, W, 3) uint8, noise (B, h, w, C) -> latents (posterior sample) and
   mean, both multiplied by the VAE scaling factor (the img2img starting point).
+- ``describe``: batch (B,) int32 (any values) -> description (B,) string: the export's metadata and the
+  pipeline config as JSON, for clients that reach the model only through TF Serving
+  (``tf-diffusion serve --backend tf-serving://...``).
 
 Noise: ``serving_default`` draws row ``b``'s noise from ``seed[b]`` with the project's counter-based
 generator as TensorFlow ops (``tf_diffusion.noise.tf_batch_normal``), the same numbers ``generate()``
@@ -39,6 +42,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tf_diffusion import config as config_lib
 from tf_diffusion.families import components_of
 from tf_diffusion.pipeline import StableDiffusion
 
@@ -421,8 +425,6 @@ def build_serving_module(
             encode_image_sig, tf.TensorSpec([None, height, width, 3], tf.uint8), latent_spec
         ),
     }
-    # Only the signatures are saved (not restorable tf.function attributes): saving stays quick and small.
-    signatures = {name: fn.get_concrete_function() for name, fn in functions.items()}
     module.metadata = {
         "model": cfg.name,
         "sampler": sampler,
@@ -455,6 +457,17 @@ def build_serving_module(
                 else "encoded like any other text"
             ),
         )
+    # What a remote client needs to know before its first request (tf_diffusion.serve.tf_serving): the
+    # export's choices and the pipeline config, as JSON, one copy per row of a dummy batch (TF Serving's
+    # REST API runs a signature only on inputs).
+    description = json.dumps({**module.metadata, "config": config_lib.to_dict(cfg)})
+
+    def describe(batch):
+        return {"description": tf.fill(tf.shape(batch), tf.constant(description))}
+
+    functions["describe"] = function(describe, tf.TensorSpec([None], tf.int32))
+    # Only the signatures are saved (not restorable tf.function attributes): saving stays quick and small.
+    signatures = {name: fn.get_concrete_function() for name, fn in functions.items()}
     return module, signatures
 
 

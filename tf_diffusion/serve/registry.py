@@ -62,7 +62,8 @@ class ModelRegistry:
 
     Args:
         initial: the model to start with: a name in ``models_dir``, a shipped model's name ("tiny-shapes"),
-            or a checkpoint file or folder given on the command line (trusted: the operator named it).
+            a checkpoint file or folder given on the command line (trusted: the operator named it), or a
+            TF Serving backend, ``tf-serving://HOST:PORT/MODEL`` (generation is sent there).
         models_dir: the folder of checkpoints and model folders clients may switch between (None: only
             ``initial``).
         lora_dir: the folder ``<lora:NAME:W>`` tags name (None: tags are refused).
@@ -110,7 +111,11 @@ class ModelRegistry:
 
     def _initial_entry(self, initial: str) -> ModelEntry:
         from tf_diffusion.models import check_source
+        from tf_diffusion.serve import tf_serving
 
+        if tf_serving.is_backend(initial):  # a model served by TF Serving: generation is sent there
+            backend = tf_serving.parse_backend(initial)
+            return ModelEntry(backend.model, backend.model, backend.url, False)
         if self.models_dir is not None and "/" not in initial and "\\" not in initial:
             for entry in self._scan():
                 if initial in entry.names():
@@ -180,6 +185,7 @@ class ModelRegistry:
         """
         from tf_diffusion.adapters.textual_inversion import EMBEDDING_SUFFIXES
         from tf_diffusion.pipeline import StableDiffusion
+        from tf_diffusion.serve import tf_serving
 
         entry = self._initial if entry is None else entry
         if self.current is not None and entry.filename == self.current.filename:
@@ -191,10 +197,13 @@ class ModelRegistry:
                 self._loaded.pop(next(iter(self._loaded)))
                 if self.current is not None and self.current.filename not in self._loaded:
                     self.sd = self.current = None
-            sd = StableDiffusion.from_pretrained(entry.filename, dtype=self.dtype)
-            sd.lora_dir = None if self.lora_dir is None else str(self.lora_dir)
-            for path in self.embedding_files(EMBEDDING_SUFFIXES):
-                sd.load_textual_inversion(str(path))
+            if tf_serving.is_backend(entry.filename):
+                sd = tf_serving.TFServingModel(entry.filename)
+            else:
+                sd = StableDiffusion.from_pretrained(entry.filename, dtype=self.dtype)
+                sd.lora_dir = None if self.lora_dir is None else str(self.lora_dir)
+                for path in self.embedding_files(EMBEDDING_SUFFIXES):
+                    sd.load_textual_inversion(str(path))
         self._loaded[entry.filename] = sd
         self.sd, self.current = sd, entry
         return sd
