@@ -696,7 +696,11 @@ def test_controlnet_units(server, api, controlnet_dir):
     for bad, message in (
         (dict(model="control_other"), "ControlNet model .*control_other.* not found"),
         (dict(model="../control_tiny"), "not a path"),
-        (dict(model="control_tiny", module="canny"), "module=.*canny.* is not supported"),
+        (dict(model="control_tiny", module="depth_midas"), "module=.*depth_midas.* is not supported"),
+        (
+            dict(model="control_tiny", module="canny", threshold_a=300, threshold_b=200),
+            r"threshold_a=300 \(Canny Low Threshold\) is out of range; allowed: 1 to 255",
+        ),
         (
             dict(model="control_tiny", control_mode=1),
             "control_mode=.*My prompt is more important.* is not supported",
@@ -706,6 +710,89 @@ def test_controlnet_units(server, api, controlnet_dir):
             api.txt2img(
                 controlnet_units=[webuiapi.ControlNetUnit(image=Image.fromarray(hint), **bad)], **common
             )
+
+
+def _picture(width: int, height: int) -> Image.Image:
+    """A grey picture with a bright disc and a dark bar, some texture: edges for Canny to find."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    x = np.full((height, width, 3), 120, np.uint8)
+    x[(xx - width / 2) ** 2 + (yy - height / 2) ** 2 < (min(width, height) / 3) ** 2] = (240, 200, 60)
+    x[height // 6 : height // 6 + 4, 2:-2] = (20, 30, 40)
+    x = x + np.random.default_rng(1).integers(0, 12, x.shape, dtype=np.uint8)
+    return Image.fromarray(x)
+
+
+def test_controlnet_preprocessors(server, api, controlnet_dir):
+    """Units with module "canny" / "invert", and /controlnet/detect, as the ControlNet extension runs them:
+    the picture scaled to processor_res on its short side, then OpenCV's Canny (the reference here)."""
+    cv2 = pytest.importorskip("cv2")
+    from tf_diffusion.controlnet import ControlNet
+
+    listed = httpx.get(f"{server.url}/controlnet/module_list").json()
+    assert listed["module_list"] == ["none", "canny", "invert"]
+    sliders = listed["module_detail"]["canny"]["sliders"]
+    assert [(s["name"], s["value"]) for s in sliders] == [
+        ("Preprocessor Resolution", 512),
+        ("Canny Low Threshold", 100),
+        ("Canny High Threshold", 200),
+    ]
+    picture = _picture(80, 64)
+    detected = api.controlnet_detect(
+        [picture], module="canny", processor_res=96, threshold_a=50, threshold_b=150
+    )
+    got = np.asarray(detected.image.convert("RGB"))  # webuiapi decodes the answer's images
+    scaled = np.asarray(picture.resize((120, 96), Image.BICUBIC))  # short side 64 -> 96
+    np.testing.assert_array_equal(got, np.repeat(cv2.Canny(scaled, 50, 150)[..., None], 3, axis=-1))
+    inverted = httpx.post(
+        f"{server.url}/controlnet/detect",
+        json={
+            "controlnet_module": "invert",
+            "controlnet_input_images": [webuiapi.raw_b64_img(picture)],
+            "controlnet_processor_res": 64,
+        },
+    ).json()
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(inverted["images"][0]))).convert("RGB"))
+    np.testing.assert_array_equal(got, 255 - np.asarray(picture))
+    for body, message in (
+        ({"controlnet_module": "openpose"}, "controlnet_module='openpose' is not supported"),
+        ({"controlnet_module": "canny", "controlnet_processor_res": 10}, "controlnet_processor_res=10"),
+        ({"controlnet_module": "canny"}, "controlnet_input_images: no image given"),
+    ):
+        answer = httpx.post(f"{server.url}/controlnet/detect", json=body)
+        assert answer.status_code == 422 and message in answer.json()["detail"]
+
+    # a unit with module "canny": the hint the server makes is what generate() is given
+    square = _picture(64, 64)
+    unit = webuiapi.ControlNetUnit(
+        image=square,
+        module="canny",
+        model="control_tiny",
+        processor_res=64,
+        threshold_a=60,
+        threshold_b=140,
+        resize_mode="Just Resize",
+    )
+    common = dict(prompt="a red circle", seed=9, width=SIZE, height=SIZE, steps=4, cfg_scale=5)
+    result = api.txt2img(controlnet_units=[unit], **common)
+    edges = np.repeat(cv2.Canny(np.asarray(square), 60, 140)[..., None], 3, axis=-1)
+    hint = Image.fromarray(edges).resize((SIZE, SIZE), Image.LANCZOS)
+    net = ControlNet.from_pretrained(str(controlnet_dir / "control_tiny.safetensors"))
+    expected = _generate(
+        server.state.registry.sd,
+        controlnet=net,
+        control_image=hint,
+        prompt="a red circle",
+        seed=9,
+        height=SIZE,
+        width=SIZE,
+        num_steps=4,
+        guidance_scale=5.0,
+        scheduler="euler_a",
+    )
+    np.testing.assert_array_equal(np.asarray(result.image.convert("RGB")), expected[0])
+    text = result.image.info["parameters"]
+    assert 'ControlNet 0: "Module: canny, Model: control_tiny [' in text
+    assert "Processor Res: 64, Threshold A: 60, Threshold B: 140" in text
 
 
 def test_page_behind_basic_auth():

@@ -17,12 +17,13 @@ import pathlib
 import secrets
 import time
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tf_diffusion.serve import generation, schema
+from tf_diffusion.serve import generation, preprocessors, schema
 from tf_diffusion.serve.generation import ApiError
 from tf_diffusion.serve.jobs import Interrupted, JobQueue, QueueFull
 from tf_diffusion.serve.registry import ModelRegistry, NotFound
@@ -428,7 +429,38 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/controlnet/module_list")
     async def controlnet_modules():
-        return {"module_list": ["none"], "module_detail": {}}
+        modules = preprocessors.MODULES
+        return {"module_list": list(modules), "module_detail": {k: m.detail() for k, m in modules.items()}}
+
+    @app.post("/controlnet/detect")
+    async def controlnet_detect(req: schema.DetectRequest):
+        try:
+            module = preprocessors.lookup(req.controlnet_module)
+            values = preprocessors.settings(
+                module, req.controlnet_processor_res, req.controlnet_threshold_a, req.controlnet_threshold_b
+            )
+        except ValueError as e:
+            raise ApiError(422, f"controlnet_{e}") from None
+        images = req.controlnet_input_images or req.controlnet_images
+        if not images:
+            raise ApiError(422, "controlnet_input_images: no image given (base64 pictures to preprocess)")
+        if req.controlnet_masks:
+            raise ApiError(422, "controlnet_masks: masks are not supported by these modules; allowed: none")
+
+        def detect():
+            out = []
+            for k, text in enumerate(images):
+                picture = generation.decode_image(
+                    text, f"controlnet_input_images[{k}]", state.max_image_pixels
+                )
+                try:
+                    hint = preprocessors.run(module, picture, values)
+                except ValueError as e:
+                    raise ApiError(422, f"controlnet_{e}") from None
+                out.append(generation.png_base64(np.asarray(hint), None))
+            return out
+
+        return {"info": "Success", "images": await asyncio.to_thread(detect)}
 
     # What the web UI lists and this server has none of: empty lists, so that clients that ask find out.
     for route in (

@@ -37,7 +37,7 @@ import warnings
 
 import numpy as np
 
-from tf_diffusion.serve import schema
+from tf_diffusion.serve import preprocessors, schema
 from tf_diffusion.serve.jobs import Interrupted, Job, Skipped
 
 # The web UI's scheduler names (its /sdapi/v1/schedulers) -> the schedule types infotext knows.
@@ -376,12 +376,12 @@ def control_units(req: schema._Request, registry) -> list[dict]:
     """The enabled units of ``alwayson_scripts["ControlNet"]``, checked (no image decoded, no net loaded).
 
     A unit as the ControlNet extension's API takes it: ``image`` (base64, or ``{"image": ...}``; also
-    ``input_image``), ``model`` (a name in the ControlNet folder), ``module`` ("none": the image is the
-    hint as it is), ``weight``, ``guidance_start``, ``guidance_end``, ``control_mode`` (0 "Balanced" or
+    ``input_image``), ``model`` (a name in the ControlNet folder), ``module``, ``weight``, ``guidance_start``, ``guidance_end``, ``control_mode`` (0 "Balanced" or
     2 "ControlNet is more important", which is guess mode, the same for every unit), ``resize_mode``
     (how the hint is brought to the output size; "Crop and Resize" by default, as the extension).
-    ``processor_res``, ``threshold_a`` / ``threshold_b``, ``pixel_perfect``, ``low_vram`` and ``hr_option``
-    only matter to preprocessors or memory and are accepted without effect.
+    ``module`` is a preprocessor of ``preprocessors.MODULES`` ("none": the image is the hint as it is;
+    "canny", "invert") with ``processor_res``, ``threshold_a`` / ``threshold_b`` and ``pixel_perfect``;
+    ``low_vram`` and ``hr_option`` only matter to memory or hires fix and are accepted without effect.
     """
     script = next((v for k, v in (req.alwayson_scripts or {}).items() if k.lower() == "controlnet"), None)
     if script is None:
@@ -405,13 +405,13 @@ def control_units(req: schema._Request, registry) -> list[dict]:
             raise ApiError(422, f"{what}.image: the hint image (base64) is missing")
         if unit.get("mask"):
             raise ApiError(422, f"{what}.mask: unit masks are not supported; allowed: null")
-        module = unit.get("module") or "none"
-        if str(module).lower() != "none":
-            raise ApiError(
-                422,
-                f"{what}.module={module!r} is not supported; allowed: 'none' (send the hint itself, e.g. "
-                f"made by `tf-diffusion preprocess canny`)",
+        try:
+            module = preprocessors.lookup(unit.get("module") or "none")
+            values = preprocessors.settings(
+                module, *(unit.get(k, -1) for k in ("processor_res", "threshold_a", "threshold_b"))
             )
+        except ValueError as e:
+            raise ApiError(422, f"{what}.{e}") from None
         model = unit.get("model")
         if not model or str(model).lower() == "none":
             raise ApiError(422, f"{what}.model: name a ControlNet model (GET /controlnet/model_list)")
@@ -447,6 +447,9 @@ def control_units(req: schema._Request, registry) -> list[dict]:
                 "model": model,
                 "guess": mode == 2,
                 "resize": CONTROL_RESIZE[resize_key],
+                "module": module,
+                "values": values,
+                "pixel_perfect": unit.get("pixel_perfect") is True,
                 **numbers,
             }
         )
@@ -468,6 +471,14 @@ def control_arguments(units: list[dict], state, width: int, height: int) -> dict
             unit["image"], f'alwayson_scripts["ControlNet"].args[{k}].image', state.max_image_pixels
         )
         hint = hint.convert("RGB")
+        if unit["module"].resolution is not None:
+            values = unit["values"]
+            if unit["pixel_perfect"]:  # the short side the hint has once fitted to the output
+                values = (_fitted_short_side(hint.size, (width, height), unit["resize"]), *values[1:])
+            try:
+                hint = preprocessors.run(unit["module"], hint, values)
+            except ValueError as e:
+                raise ApiError(422, f'alwayson_scripts["ControlNet"].args[{k}]: {e}') from None
         if hint.size != (width, height):
             hint = resize_picture(hint, (width, height), unit["resize"])
         nets.append(state.registry.controlnet(unit["model"]))
@@ -483,6 +494,25 @@ def control_arguments(units: list[dict], state, width: int, height: int) -> dict
         "control_guidance_end": units[0]["guidance_end"] if single else [u["guidance_end"] for u in units],
         "guess_mode": units[0]["guess"],
     }
+
+
+def _fitted_short_side(size: tuple[int, int], target: tuple[int, int], mode: int) -> int:
+    """``pixel_perfect``: the preprocessor resolution at which the hint needs no further scaling once
+    brought to ``target`` by resize ``mode`` (0 and 1 cover the output, 2 fits inside it)."""
+    (w, h), (width, height) = size, target
+    ratio = min(width / w, height / h) if mode == 2 else max(width / w, height / h)
+    return max(1, round(min(w, h) * ratio))
+
+
+def unit_infotext(text: str, unit: dict) -> str:
+    """A ``ControlNet N`` parameter written by generate() (hint as given) with the unit's preprocessor."""
+    module = unit["module"]
+    if module.name == "none":
+        return text
+    resolution, a, b = unit["values"]
+    extra = {"Processor Res": resolution, "Threshold A": a, "Threshold B": b}
+    tail = "".join(f", {k}: {v}" for k, v in extra.items() if v is not None)
+    return text.replace("Module: none", f"Module: {module.name}", 1) + tail
 
 
 def check_size(sd, width: int, height: int, batch_size: int, max_pixels: int) -> None:
@@ -545,7 +575,8 @@ def _generate(job: Job, state, req, init, mask) -> dict:
                 )
             if req.inpainting_fill == 0:  # on the picture generate() starts from, as the web UI
                 kwargs["image"] = fill_masked(kwargs["image"], kwargs["mask"])
-    kwargs.update(control_arguments(control_units(req, registry), state, req.width, req.height))
+    units = control_units(req, registry)
+    kwargs.update(control_arguments(units, state, req.width, req.height))
     progress = job.progress
     progress.job_count = req.n_iter
     progress.sampling_steps = req.steps if not is_img2img else max(1, int(req.steps * req.denoising_strength))
@@ -584,6 +615,12 @@ def _generate(job: Job, state, req, init, mask) -> dict:
         except ValueError as e:  # generate() names the bad argument
             raise ApiError(422, str(e)) from None
         info_k = result.info
+        if any(u["module"].name != "none" for u in units):
+            params = dict(info_k.extra_params)
+            for n, unit in enumerate(units):
+                if f"ControlNet {n}" in params:
+                    params[f"ControlNet {n}"] = unit_infotext(params[f"ControlNet {n}"], unit)
+            info_k = dataclasses.replace(info_k, extra_params=params)
         if crop is not None:
             extra = {"Inpaint area": "Only masked", "Masked area padding": req.inpaint_full_res_padding}
             info_k = dataclasses.replace(info_k, extra_params={**info_k.extra_params, **extra})

@@ -116,6 +116,20 @@ class PNGInfoRequest(BaseModel):
     image: str
 
 
+class DetectRequest(BaseModel):
+    """``POST /controlnet/detect``, as the ControlNet extension takes it (``controlnet_images``: the name
+    older clients such as ``webuiapi`` send)."""
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = []
+    controlnet_images: list[str] = []
+    controlnet_processor_res: float = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+    controlnet_masks: list[str] = []
+    low_vram: bool = False
+
+
 def _off(value) -> bool:
     return value in (None, False, 0, 0.0, "", [], {})
 
