@@ -1,0 +1,222 @@
+"""Weight-only int8 quantization of a built model's linear layers, applied at load time.
+
+``quantize_model(model, "int8")`` replaces the float ``weight`` of every ``layers.Linear`` in
+``model`` by an int8 variable of the same name and shape plus a float32 ``weight_scale`` (one per
+output channel), frees the float kernel, and gives the layer a call that dequantizes inside the
+matmul. What a layer computes is the reference's ``x @ W + b`` with ``W`` replaced by its
+dequantized value; the model files are untouched (quantization is how a model runs).
+
+The quantization (symmetric, per output channel) is Keras' own
+``keras.quantizers.abs_max_quantize`` on the float32 weight, the scheme Keras' ``Dense`` uses for
+its int8 kernels::
+
+    scale = 127 / (max_i |W[i, j]| + 1e-7)          # (out,), Keras' ``kernel_scale``
+    q     = clip(round(W * scale), -127, 127)         # int8, (in, out)
+    y     = x @ cast(q / scale, compute dtype) + b     # the dequantized weight, then one matmul
+
+Why not ``Dense.quantize("int8")`` itself: Keras quantizes only its own ``Dense`` /
+``EinsumDense`` / ``Embedding`` (``type_check`` refuses other classes), names the kernel
+``kernel`` where our checkpoint keys say ``weight``, and its default int8 mode also quantizes the
+activations per token (a second, input-dependent error) where we want weights only.
+
+Why ``x @ (q / scale)`` rather than ``(x @ q) / scale``: the dequantized weight is bit-identical
+to a NumPy reference of the same definition, so the only difference from it is the matmul's own
+rounding; ``x @ q`` can overflow float16 (sums of 127-sized products); and the extra work is one
+elementwise pass over the weight, which for the denoisers' token counts is no more than scaling
+the output (benchmarks/README.md, "Quantized weights").
+
+The 1x1 convolutions and the VAE are left in float: they hold little of the weight memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import gc
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from tf_diffusion import layers
+
+MODES = ("int8",)
+# The components a pipeline quantizes by default: the denoiser backbone and the text encoders
+# (T5-XXL most of all); never the VAE, whose few weights decide image detail.
+DEFAULT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def check_mode(mode) -> str | None:
+    """``mode`` if it is None or one of ``MODES``, else a ValueError naming the allowed ones."""
+    if mode is None or (isinstance(mode, str) and mode in MODES):
+        return mode
+    raise ValueError(f"quantize={mode!r} is not a quantization mode; allowed: None or one of {MODES}")
+
+
+def quantize_weight(weight) -> tuple[np.ndarray, np.ndarray]:
+    """Keras' per-output-channel absmax int8 quantization of a (in, out) weight: (q int8, scale float32 (out,))."""
+    w = np.asarray(keras.ops.convert_to_numpy(weight), dtype=np.float32)
+    q, scale = keras.quantizers.abs_max_quantize(w, axis=0, to_numpy=True)
+    return keras.ops.convert_to_numpy(q), keras.ops.convert_to_numpy(scale).reshape(-1)
+
+
+def is_quantized(layer) -> bool:
+    """Whether ``layer`` is a Linear whose weight was quantized by ``quantize_model``."""
+    return "_quantization" in layer.__dict__
+
+
+def _int8_linear(layer: layers.Linear, x):
+    # Dequantize in float32 (bit-exact to the reference definition), then cast to the compute dtype.
+    w = ops.divide(ops.cast(layer.weight, "float32"), layer.weight_scale)
+    y = ops.matmul(x, ops.cast(w, layer.compute_dtype))
+    return y if layer.bias is None else y + layer.bias
+
+
+def assign_float(layer: layers.Linear, value) -> None:
+    """Quantize a float (in, out) ``value`` into ``layer``'s int8 weight and scale (loading, LoRA-free)."""
+    q, scale = quantize_weight(value)
+    layer.weight.assign(q)
+    layer.weight_scale.assign(scale)
+
+
+def quantize_linear(layer: layers.Linear, mode: str = "int8") -> None:
+    """Replace ``layer``'s float weight by int8 values and per-channel scales; the float kernel is freed."""
+    check_mode(mode)
+    if is_quantized(layer):
+        return
+    if not isinstance(layer, layers.Linear):
+        raise ValueError(f"quantize_linear takes a layers.Linear, got {type(layer).__name__}")
+    q, scale = quantize_weight(layer.weight)
+    old = layer.weight
+    tracker = layer._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        # Untracked and dropped without Layer.__delattr__, which runs gc.collect() per variable;
+        # quantize_model collects once at the end.
+        layer._untrack_variable(old)
+        object.__delattr__(layer, "weight")
+        del old
+        layer.weight = layer.add_weight(
+            shape=q.shape,
+            initializer=keras.initializers.Constant(0),
+            dtype="int8",
+            trainable=False,
+            name="weight",
+        )
+        layer.weight.assign(q)
+        # autocast=False: the scale stays float32 inside a mixed-precision call.
+        layer.weight_scale = layer.add_weight(
+            shape=scale.shape,
+            initializer="ones",
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            name="weight_scale",
+        )
+        layer.weight_scale.assign(scale)
+    finally:
+        if locked:
+            tracker.lock()
+    # Set on the instance, outside Keras' attribute tracking, as execution.apply sets processors.
+    object.__setattr__(layer, "call", functools.partial(_int8_linear, layer))
+    object.__setattr__(layer, "_quantization", mode)
+
+
+def quantize_model(model: keras.layers.Layer, mode: str | None = "int8") -> keras.layers.Layer:
+    """Quantize every ``layers.Linear`` of a built ``model`` in place (weight-only, per output channel).
+
+    Idempotent; ``mode=None`` leaves the model as it is. Each layer's float kernel is freed as soon
+    as its int8 copy exists, so the peak is the model plus one layer's float32 weight.
+
+    Args:
+        model: a built component (UNetModel, MMDiT, CLIPTextEncoder, T5Encoder, ...).
+        mode: "int8" or None.
+
+    Returns:
+        ``model``, for chaining.
+
+    Raises:
+        ValueError: for a mode not in ``MODES``.
+
+    Example:
+        >>> quantize_model(sd.unet, "int8")
+    """
+    if check_mode(mode) is None:
+        return model
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, layers.Linear):
+            quantize_linear(layer, mode)
+    return_freed_memory()
+    return model
+
+
+def check_components(pipeline, components: Sequence[str] | None) -> tuple[str, ...]:
+    """The component names of ``pipeline`` to quantize: ``components`` checked, or the defaults it has."""
+    if components is None:
+        return tuple(n for n in DEFAULT_COMPONENTS if getattr(pipeline, n, None) is not None)
+    if isinstance(components, str):
+        components = (components,)
+    names = tuple(components)
+    allowed = [n for n in (*DEFAULT_COMPONENTS, "vae") if getattr(pipeline, n, None) is not None]
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ValueError(f"quantize_components={list(names)} names {bad}; this model has {allowed}")
+    return names
+
+
+def quantize_pipeline(pipeline, mode: str | None, components: Sequence[str] | None = None):
+    """Quantize a loaded pipeline's components (default: the denoiser and the text encoders) in place.
+
+    Args:
+        pipeline: a StableDiffusion or StableDiffusion3, before its first generate().
+        mode: "int8" or None (nothing done).
+        components: component attribute names; None: ``DEFAULT_COMPONENTS`` the pipeline has.
+
+    Returns:
+        ``pipeline``.
+
+    Raises:
+        ValueError: for a bad mode or a component the pipeline does not have.
+    """
+    if check_mode(mode) is None:
+        return pipeline
+    for name in check_components(pipeline, components):
+        quantize_model(getattr(pipeline, name), mode)
+    pipeline.quantization = (mode, check_components(pipeline, components))
+    return pipeline
+
+
+def check_unquantized(model, what: str) -> None:
+    """ValueError if any Linear of ``model`` is quantized: ``what`` needs the float weights."""
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if is_quantized(layer):
+            raise ValueError(
+                f"{what} needs float weights, but {type(model).__name__} was quantized to "
+                f"{layer._quantization} (quantize=); load the model without quantize= to use it"
+            )
+
+
+def return_freed_memory() -> None:
+    """Collect, and hand freed heap back to the OS (glibc keeps it otherwise); a no-op elsewhere."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+__all__ = [
+    "DEFAULT_COMPONENTS",
+    "MODES",
+    "assign_float",
+    "check_components",
+    "check_mode",
+    "check_unquantized",
+    "is_quantized",
+    "quantize_linear",
+    "quantize_model",
+    "quantize_pipeline",
+    "quantize_weight",
+    "return_freed_memory",
+]
