@@ -280,3 +280,23 @@ def test_quantized_transformer_under_jax(tmp_path, sd3):
     want, got = np.load(out)
     err = relative_error(got, want)
     assert 1e-5 < err < MMDIT_TOL
+
+
+def test_cli_quantize_option(tmp_path, monkeypatch):
+    from tf_diffusion import cli
+
+    seen = []
+    original = StableDiffusion.from_pretrained.__func__
+
+    def spy(cls, source, **kwargs):
+        sd = original(cls, source, **kwargs)
+        seen.append(getattr(sd, "quantization", None))
+        return sd
+
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", classmethod(spy))
+    folder = FIXTURES / "checkpoints" / "sd1-diffusers"
+    out = tmp_path / "a.png"
+    args = ["generate", "a red circle", "--model", str(folder), "-o", str(out), "--steps", "2"]
+    assert cli.main([*args, "--height", "16", "--width", "16", "--no-progress", "--quantize", "int8"]) == 0
+    assert out.is_file() and seen == [("int8", ("unet", "text_encoder"))]
+    assert cli.main([*args, "--quantize", "int4"]) != 0
