@@ -300,3 +300,29 @@ def test_cli_quantize_option(tmp_path, monkeypatch):
     assert cli.main([*args, "--height", "16", "--width", "16", "--no-progress", "--quantize", "int8"]) == 0
     assert out.is_file() and seen == [("int8", ("unet", "text_encoder"))]
     assert cli.main([*args, "--quantize", "int4"]) != 0
+
+
+def test_quantized_loading_equals_quantizing_the_float_model(sdxl):
+    """The loaders build int8 weights before reading (no float copy); the result is the same as quantizing after."""
+    f, q = sdxl
+    folder = FIXTURES / "sdxl" / "sdxl-diffusers"
+    after = quantize.quantize_pipeline(StableDiffusion.from_pretrained(folder), "int8")
+    from tf_diffusion.weights.state_dict import named_parameters
+
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        mine, theirs = named_parameters(getattr(q, name)), named_parameters(getattr(after, name))
+        assert mine.keys() == theirs.keys()
+        for key, (layer, attr) in mine.items():
+            other = theirs[key][0]
+            np.testing.assert_array_equal(
+                *(keras.ops.convert_to_numpy(getattr(x, attr)) for x in (layer, other))
+            )
+            assert (
+                quantize.is_quantized(layer)
+                == quantize.is_quantized(other)
+                == (name != "vae" and isinstance(layer, layers.Linear))
+            )
+            if quantize.is_quantized(layer):
+                np.testing.assert_array_equal(
+                    *(keras.ops.convert_to_numpy(x.weight_scale) for x in (layer, other))
+                )

@@ -124,9 +124,8 @@ class StableDiffusion:
         from tf_diffusion.execution import quantize as quantizing
         from tf_diffusion.weights.loading import from_pretrained
 
-        quantizing.check_mode(quantize)  # quantize= (execution.quantize): checked before reading
-        sd = from_pretrained(cls, source, **kwargs)
-        return quantizing.quantize_pipeline(sd, quantize, quantize_components)
+        # quantize= (execution.quantize): the chosen components are built with int8 weights.
+        return from_pretrained(quantizing.builder(cls, quantize, quantize_components), source, **kwargs)
 
     def save_pretrained(self, destination, **kwargs):
         """Write the model ("tf_diffusion" folder by default; "diffusers" or "single-file").

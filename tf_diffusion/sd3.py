@@ -126,7 +126,7 @@ class StableDiffusion3:
             dtype: as in the constructor.
             load_t5: False leaves T5 out even when the folder has it (its tokens are then zeros).
             quantize, quantize_components: "int8" stores the transformer's and text encoders' linear
-                weights in int8 (``tf_diffusion.execution.quantize.quantize_pipeline``).
+                weights in int8 (``tf_diffusion.execution.quantize.build``).
 
         Raises:
             ValueError: if the folder is not an SD3 pipeline or a component does not fit its config.
@@ -134,9 +134,8 @@ class StableDiffusion3:
         from tf_diffusion.execution import quantize as quantizing
         from tf_diffusion.weights import sd3_folder
 
-        quantizing.check_mode(quantize)  # quantize= (execution.quantize)
-        sd = sd3_folder.load_sd3_folder(cls, pathlib.Path(path), dtype=dtype, load_t5=load_t5)
-        return quantizing.quantize_pipeline(sd, quantize, quantize_components)
+        build = quantizing.builder(cls, quantize, quantize_components)  # quantize= (execution.quantize)
+        return sd3_folder.load_sd3_folder(build, pathlib.Path(path), dtype=dtype, load_t5=load_t5)
 
     @classmethod
     def from_single_file(
@@ -170,11 +169,11 @@ class StableDiffusion3:
         from tf_diffusion.presets import get_sd3_preset
         from tf_diffusion.weights import sd3_single_file
 
-        quantizing.check_mode(quantize)  # quantize= (execution.quantize)
+        build = quantizing.builder(cls, quantize, quantize_components)  # quantize= (execution.quantize)
         if isinstance(config, str):
             config = get_sd3_preset(config)
-        sd = sd3_single_file.load_sd3_single_file(
-            cls,
+        return sd3_single_file.load_sd3_single_file(
+            build,
             pathlib.Path(path),
             config=config,
             text_encoders_from=text_encoders_from,
@@ -182,7 +181,6 @@ class StableDiffusion3:
             load_t5=load_t5,
             dtype=dtype,
         )
-        return quantizing.quantize_pipeline(sd, quantize, quantize_components)
 
     def __repr__(self) -> str:
         t5 = "with T5" if self.text_encoder_3 is not None else "without T5"

@@ -88,7 +88,11 @@ def quantize_linear(layer: layers.Linear, mode: str = "int8") -> None:
         return
     if not isinstance(layer, layers.Linear):
         raise ValueError(f"quantize_linear takes a layers.Linear, got {type(layer).__name__}")
-    q, scale = quantize_weight(layer.weight)
+    _swap(layer, mode, *quantize_weight(layer.weight))
+
+
+def _swap(layer: layers.Linear, mode: str, q=None, scale=None) -> None:
+    """Give ``layer`` an int8 ``weight`` and a float32 ``weight_scale`` (``q`` / ``scale``, else 0 / 1)."""
     old = layer.weight
     tracker = layer._tracker
     locked = tracker.locked
@@ -99,24 +103,22 @@ def quantize_linear(layer: layers.Linear, mode: str = "int8") -> None:
         layer._untrack_variable(old)
         object.__delattr__(layer, "weight")
         del old
+        shape = (layer.in_features, layer.out_features)
         layer.weight = layer.add_weight(
-            shape=q.shape,
-            initializer=keras.initializers.Constant(0),
-            dtype="int8",
-            trainable=False,
-            name="weight",
+            shape=shape, initializer="zeros", dtype="int8", trainable=False, name="weight"
         )
-        layer.weight.assign(q)
         # autocast=False: the scale stays float32 inside a mixed-precision call.
         layer.weight_scale = layer.add_weight(
-            shape=scale.shape,
+            shape=shape[1:],
             initializer="ones",
             dtype="float32",
             trainable=False,
             autocast=False,
             name="weight_scale",
         )
-        layer.weight_scale.assign(scale)
+        if q is not None:
+            layer.weight.assign(q)
+            layer.weight_scale.assign(scale)
     finally:
         if locked:
             tracker.lock()
@@ -189,6 +191,47 @@ def quantize_pipeline(pipeline, mode: str | None, components: Sequence[str] | No
     return pipeline
 
 
+def build(cls, mode: str | None, components: Sequence[str] | None, *args, **kwargs):
+    """``cls(*args, **kwargs)`` (a pipeline) with the chosen components' Linear weights int8 from the start.
+
+    For loaders: the pipeline is constructed with its variables left unallocated (Keras'
+    ``StatelessScope(initialize_variables=False)``); then each chosen Linear gets int8 zeros and unit
+    scales in place of its float weight, which never exists, and every other variable is initialised.
+    ``load_state_dict`` then quantizes each checkpoint tensor as it assigns it (``assign_float``), so
+    loading peaks near the quantized model's size plus one tensor, not the float model's.
+    ``mode=None``: plain ``cls(*args, **kwargs)``.
+    """
+    if check_mode(mode) is None:
+        return cls(*args, **kwargs)
+    from keras.src.backend.common import global_state
+
+    key = "uninitialized_variables"
+    before = list(global_state.get_global_attribute(key, [], set_to_default=True))
+    with keras.StatelessScope(initialize_variables=False):
+        pipeline = cls(*args, **kwargs)
+    created = global_state.get_global_attribute(key, [])[len(before) :]
+    # Keras would allocate every listed variable at the next StatelessScope; these are ours now.
+    global_state.set_global_attribute(key, before)
+    dropped = set()
+    for name in check_components(pipeline, components):
+        for layer in getattr(pipeline, name)._flatten_layers(include_self=True, recursive=True):
+            if isinstance(layer, layers.Linear) and not is_quantized(layer):
+                dropped.add(id(layer.weight))
+                _swap(layer, mode)
+    for variable in created:
+        if id(variable) not in dropped and variable._value is None:
+            variable._deferred_initialize()
+    pipeline.quantization = (mode, check_components(pipeline, components))
+    return pipeline
+
+
+def builder(cls, mode: str | None, components: Sequence[str] | None = None):
+    """What a loader calls in place of ``cls``: ``cls`` itself for ``mode=None``, else ``build`` bound to it."""
+    if check_mode(mode) is None:
+        return cls
+    return functools.partial(build, cls, mode, components)
+
+
 def check_unquantized(model, what: str) -> None:
     """ValueError if any Linear of ``model`` is quantized: ``what`` needs the float weights."""
     for layer in model._flatten_layers(include_self=True, recursive=True):
@@ -210,6 +253,8 @@ __all__ = [
     "DEFAULT_COMPONENTS",
     "MODES",
     "assign_float",
+    "build",
+    "builder",
     "check_components",
     "check_mode",
     "check_unquantized",
