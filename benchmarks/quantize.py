@@ -3,18 +3,21 @@
 Full-size models with random weights built from the presets (seeded, so the bfloat16 and the int8
 process build the same weights): the SDXL base UNet (one guided step, batch 2), the SD3.5 Medium
 transformer (one guided step, batch 2, with 77 + 256 text tokens) and, if the machine has the memory,
-the T5-XXL encoder (256 tokens). Each case runs in a fresh process (``nice -n 10``): bfloat16, then
-int8 (built in bfloat16, then quantized layer by layer), and reports
+the T5-XXL encoder (256 tokens). Each case runs in a fresh process (``nice -n 10``): bfloat16 (its
+weights also written to a temporary bfloat16 safetensors file), then int8: the model built with
+int8 weights and that file loaded into it, quantized tensor by tensor, as
+``from_pretrained(..., quantize="int8")`` loads. Each reports
 
 - ``weights_gib``: the bytes of the model's variables; ``rss_gib``: resident memory after building
-  (and quantizing); ``peak_rss_gib``: the process peak (VmHWM), the float build included;
+  (and loading); ``load_peak_rss_gib``: the process peak (VmHWM) up to then; ``peak_rss_gib``: the
+  peak after the calls;
 - ``first_call_s`` (tracing included) and ``step_s``: one call in TensorFlow graph mode;
 - ``rel_error``: ||int8 - bf16|| / ||bf16|| of the outputs on the same input (``max_abs_error`` too).
 
 Usage:
     nice -n 10 python benchmarks/quantize.py                         # all, 512 (JSON to results/quantize.json)
     python benchmarks/quantize.py --models sdxl-unet --size 1024
-    python benchmarks/quantize.py case sdxl-unet int8 512 OUT.npy    # one case, JSON on stdout
+    python benchmarks/quantize.py case sdxl-unet bfloat16 512 OUT.npy CKPT   # one case, JSON on stdout
 """
 
 from __future__ import annotations
@@ -47,19 +50,23 @@ def _available_gib() -> float:
         return next(int(line.split()[1]) for line in info if line.startswith("MemAvailable:")) / 2**20
 
 
-def _build(name: str, size: int):
-    """(model, call arguments as tensors, call function) for a case, weights in bfloat16."""
+def _build(name: str, size: int, mode: str):
+    """(model, call arguments as tensors, call function) for a case: weights bfloat16, or int8 (unset)."""
     import numpy as np
     import tensorflow as tf
 
+    from tf_diffusion.execution import quantize
     from tf_diffusion.presets import PRESETS, get_sd3_preset
+
+    def make(constructor):
+        return quantize.build_model(constructor, "int8" if mode == "int8" else None)
 
     rng = np.random.default_rng(0)
     h = size // 8
     if name == "sdxl-unet":
         from tf_diffusion.unet import UNetModel
 
-        model = UNetModel(PRESETS["sdxl-base-1.0"].unet, dtype="bfloat16")
+        model = make(lambda: UNetModel(PRESETS["sdxl-base-1.0"].unet, dtype="bfloat16"))
         args = (
             rng.standard_normal((2, h, h, 4), dtype=np.float32),
             np.array([999, 999], np.int32),
@@ -75,7 +82,7 @@ def _build(name: str, size: int):
         from tf_diffusion.mmdit import MMDiT
 
         config = get_sd3_preset("sd3.5-medium").transformer
-        model = MMDiT(config, dtype="bfloat16")
+        model = make(lambda: MMDiT(config, dtype="bfloat16"))
         args = (
             rng.standard_normal((2, h, h, 16), dtype=np.float32),
             np.array([999.0, 999.0], np.float32),
@@ -89,7 +96,7 @@ def _build(name: str, size: int):
     elif name == "t5-xxl":
         from tf_diffusion.t5 import T5Encoder
 
-        model = T5Encoder(get_sd3_preset("sd3.5-medium").text_encoder_3, dtype="bfloat16")
+        model = make(lambda: T5Encoder(get_sd3_preset("sd3.5-medium").text_encoder_3, dtype="bfloat16"))
         args = (rng.integers(0, 32000, (1, T5_TOKENS)).astype(np.int32),)
 
         def call(ids):
@@ -100,23 +107,51 @@ def _build(name: str, size: int):
     return model, [tf.constant(a) for a in args], call
 
 
-def case(name: str, mode: str, size: int, out: str) -> dict:
-    """Build (and quantize), call once to trace and once timed; save the output to ``out``."""
+def _lazy_state_dict(model) -> dict:
+    """The model's weights as torch-layout LazyTensors, read one at a time when written."""
+    import keras
+    import numpy as np
+
+    from tf_diffusion.weights.lazy import LazyTensor
+    from tf_diffusion.weights.state_dict import named_parameters, to_torch_layout, torch_shape
+
+    out = {}
+    for key, (layer, attr) in named_parameters(model).items():
+        variable, kind = getattr(layer, attr), type(layer).LAYOUT[attr]
+
+        def read(variable=variable, kind=kind):
+            return np.ascontiguousarray(to_torch_layout(kind, keras.ops.convert_to_numpy(variable)))
+
+        dtype = np.dtype(keras.backend.standardize_dtype(variable.dtype))
+        out[key] = LazyTensor(torch_shape(layer, attr), dtype, read, key)
+    return out
+
+
+def case(name: str, mode: str, size: int, out: str, checkpoint: str) -> dict:
+    """bfloat16: build (seeded random weights) and write them to ``checkpoint``; int8: build with int8
+    weights and load ``checkpoint`` into them (as ``from_pretrained(quantize="int8")`` does). Then
+    call once to trace and once timed, and save the output to ``out``."""
     import keras
     import numpy as np
 
     from tf_diffusion import execution
     from tf_diffusion.execution import quantize
+    from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
+    from tf_diffusion.weights.state_dict import load_state_dict
 
     keras.utils.set_random_seed(0)
     base = _status("VmRSS")
     start = time.perf_counter()
-    model, args, call = _build(name, size)
+    model, args, call = _build(name, size, mode)
     if mode == "int8":
-        quantize.quantize_model(model, "int8")
+        with open_safetensors(checkpoint) as tensors:
+            load_state_dict(model, tensors)
     build = time.perf_counter() - start
     quantize.return_freed_memory()
     rss = _status("VmRSS") - base
+    peak = _status("VmHWM")
+    if mode == "bfloat16":
+        save_safetensors(_lazy_state_dict(model), checkpoint)
     weights = sum(int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
                   for v in model.weights) / 2**30  # fmt: skip
     fn = execution.compile(call, execution.ExecutionOptions(compile="graph"))
@@ -128,14 +163,27 @@ def case(name: str, mode: str, size: int, out: str) -> dict:
     step = time.perf_counter() - start
     np.save(out, y)
     return {
-        "model": name, "mode": mode, "size": size, "build_s": round(build, 1), "weights_gib": round(weights, 2),
-        "rss_gib": round(rss, 2), "peak_rss_gib": round(_status("VmHWM"), 2), "first_call_s": round(first, 1),
-        "step_s": round(step, 2), "loadavg_1min": round(os.getloadavg()[0], 2),
+        "model": name, "mode": mode, "size": size, "build_load_s": round(build, 1),
+        "weights_gib": round(weights, 2), "rss_gib": round(rss, 2), "load_peak_rss_gib": round(peak, 2),
+        "peak_rss_gib": round(_status("VmHWM"), 2), "first_call_s": round(first, 1), "step_s": round(step, 2),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
     }  # fmt: skip
 
 
-def run_case(name: str, mode: str, size: int, out: pathlib.Path) -> dict:
-    cmd = ["nice", "-n", "10", sys.executable, __file__, "case", name, mode, str(size), str(out)]
+def run_case(name: str, mode: str, size: int, out: pathlib.Path, checkpoint: pathlib.Path) -> dict:
+    cmd = [
+        "nice",
+        "-n",
+        "10",
+        sys.executable,
+        __file__,
+        "case",
+        name,
+        mode,
+        str(size),
+        str(out),
+        str(checkpoint),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         return {"model": name, "mode": mode, "size": size, "error": done.stderr[-2000:]}
@@ -157,7 +205,9 @@ def main() -> None:
                 rows.append({"model": name, "skipped": f"{_available_gib():.1f} GiB available"})
                 continue
             outs = {mode: pathlib.Path(tmp) / f"{name}_{mode}.npy" for mode in ("bfloat16", "int8")}
-            pair = {mode: run_case(name, mode, args.size, path) for mode, path in outs.items()}
+            checkpoint = pathlib.Path(tmp) / f"{name}.safetensors"
+            pair = {mode: run_case(name, mode, args.size, path, checkpoint) for mode, path in outs.items()}
+            checkpoint.unlink(missing_ok=True)
             row = {"model": name, "size": args.size, "bfloat16": pair["bfloat16"], "int8": pair["int8"]}
             if all("error" not in r for r in pair.values()):
                 ref, got = (np.load(outs[m]).astype(np.float64) for m in ("bfloat16", "int8"))
@@ -166,6 +216,9 @@ def main() -> None:
                 row["ref_max_abs"] = float(np.abs(ref).max())
                 row["weights_ratio"] = round(pair["int8"]["weights_gib"] / pair["bfloat16"]["weights_gib"], 3)
                 row["rss_ratio"] = round(pair["int8"]["rss_gib"] / pair["bfloat16"]["rss_gib"], 3)
+                row["load_peak_ratio"] = round(
+                    pair["int8"]["load_peak_rss_gib"] / pair["bfloat16"]["load_peak_rss_gib"], 3
+                )
                 row["step_ratio"] = round(pair["int8"]["step_s"] / pair["bfloat16"]["step_s"], 3)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -181,6 +234,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "case":
-        print(json.dumps(case(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))
+        print(json.dumps(case(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])))
     else:
         main()

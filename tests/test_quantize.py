@@ -82,7 +82,7 @@ def test_variables_are_int8_and_the_float_kernel_is_gone():
     assert len(layer.weights) == 3
 
 
-def test_mixed_bfloat16_dequantizes_in_float32_then_casts():
+def test_mixed_bfloat16_keeps_the_scale_float32():
     layer, w = linear("mixed_bfloat16")
     quantize.quantize_model(layer)
     x = np.random.default_rng(2).standard_normal((3, 48)).astype(np.float32)
@@ -326,3 +326,15 @@ def test_quantized_loading_equals_quantizing_the_float_model(sdxl):
                 np.testing.assert_array_equal(
                     *(keras.ops.convert_to_numpy(x.weight_scale) for x in (layer, other))
                 )
+
+
+def test_mixed_float16_dequantizes_the_weight_first():
+    """Under float16, x @ q (sums of products up to 127 x) could overflow; the weight is dequantized first."""
+    layer, w = linear("mixed_float16")
+    layer.weight.assign(w * 1e-3)  # outputs ~ 0.1 while x @ q reaches ~ 1e4 x more
+    quantize.quantize_model(layer)
+    x = np.full((2, 48), 200.0, np.float32)  # x @ q alone would be ~ 1e6: inf in float16
+    got = keras.ops.convert_to_numpy(keras.ops.cast(layer(x), "float32"))
+    q, scale = reference_quantize(w * 1e-3)
+    want = x @ (q.astype(np.float32) / scale) + keras.ops.convert_to_numpy(layer.bias)
+    assert np.isfinite(got).all() and relative_error(got, want) < 2e-3

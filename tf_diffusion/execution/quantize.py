@@ -12,18 +12,19 @@ its int8 kernels::
 
     scale = 127 / (max_i |W[i, j]| + 1e-7)          # (out,), Keras' ``kernel_scale``
     q     = clip(round(W * scale), -127, 127)         # int8, (in, out)
-    y     = x @ cast(q / scale, compute dtype) + b     # the dequantized weight, then one matmul
+    y     = (x @ cast(q, compute dtype)) / scale + b  # float16: x @ cast(q / scale) + b
 
 Why not ``Dense.quantize("int8")`` itself: Keras quantizes only its own ``Dense`` /
 ``EinsumDense`` / ``Embedding`` (``type_check`` refuses other classes), names the kernel
 ``kernel`` where our checkpoint keys say ``weight``, and its default int8 mode also quantizes the
 activations per token (a second, input-dependent error) where we want weights only.
 
-Why ``x @ (q / scale)`` rather than ``(x @ q) / scale``: the dequantized weight is bit-identical
-to a NumPy reference of the same definition, so the only difference from it is the matmul's own
-rounding; ``x @ q`` can overflow float16 (sums of 127-sized products); and the extra work is one
-elementwise pass over the weight, which for the denoisers' token counts is no more than scaling
-the output (benchmarks/README.md, "Quantized weights").
+Why ``(x @ q) / scale``: the weight is read once per call and cast (exactly: |q| <= 127), with no
+float32 pass over it, and the division touches only the outputs; dequantizing the weight first
+(``x @ (q / scale)``, three elementwise passes over every weight per call in graph mode) made an SDXL
+step 2.6x slower than bfloat16 (benchmarks/README.md, "Quantized weights"). In float32 both forms
+equal the reference to float rounding. Under float16 ``x @ q`` can overflow, so there the weight
+is dequantized first.
 
 The 1x1 convolutions and the VAE are left in float: they hold little of the weight memory.
 """
@@ -68,9 +69,15 @@ def is_quantized(layer) -> bool:
 
 
 def _int8_linear(layer: layers.Linear, x):
-    # Dequantize in float32 (bit-exact to the reference definition), then cast to the compute dtype.
-    w = ops.divide(ops.cast(layer.weight, "float32"), layer.weight_scale)
-    y = ops.matmul(x, ops.cast(w, layer.compute_dtype))
+    dtype = layer.compute_dtype
+    if dtype == "float16":
+        # x @ q can exceed float16's range: dequantize the weight (in float32) first.
+        w = ops.divide(ops.cast(layer.weight, "float32"), layer.weight_scale)
+        y = ops.matmul(x, ops.cast(w, dtype))
+    else:
+        # One cast of the int8 weight (exact: |q| <= 127 fits bfloat16), the matmul, then each output
+        # channel divided by its scale, as Keras' Dense does with its int8 kernel.
+        y = ops.divide(ops.matmul(x, ops.cast(layer.weight, dtype)), ops.cast(layer.weight_scale, dtype))
     return y if layer.bias is None else y + layer.bias
 
 
@@ -191,6 +198,50 @@ def quantize_pipeline(pipeline, mode: str | None, components: Sequence[str] | No
     return pipeline
 
 
+@contextlib.contextmanager
+def _unallocated():
+    """Variables made inside are not allocated; yields the list of them (Keras' deferred initialisation)."""
+    from keras.src.backend.common import global_state
+
+    key = "uninitialized_variables"
+    before = list(global_state.get_global_attribute(key, [], set_to_default=True))
+    created = []
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield created
+    finally:
+        created.extend(global_state.get_global_attribute(key, [])[len(before) :])
+        # Keras would allocate every listed variable at the next StatelessScope; these are ours now.
+        global_state.set_global_attribute(key, before)
+
+
+def _materialize(models, created, mode: str) -> None:
+    """Int8 zeros and unit scales for every Linear of ``models``; every other new variable initialised."""
+    dropped = set()
+    for model in models:
+        for layer in model._flatten_layers(include_self=True, recursive=True):
+            if isinstance(layer, layers.Linear) and not is_quantized(layer):
+                dropped.add(id(layer.weight))
+                _swap(layer, mode)
+    for variable in created:
+        if id(variable) not in dropped and variable._value is None:
+            variable._deferred_initialize()
+
+
+def build_model(constructor, mode: str | None = "int8"):
+    """``constructor()`` (a model) with every Linear weight int8 (zeros, unit scales) and never float.
+
+    Load the weights with ``load_state_dict``, which quantizes each tensor as it assigns it.
+    ``mode=None``: plain ``constructor()``.
+    """
+    if check_mode(mode) is None:
+        return constructor()
+    with _unallocated() as created:
+        model = constructor()
+    _materialize([model], created, mode)
+    return model
+
+
 def build(cls, mode: str | None, components: Sequence[str] | None, *args, **kwargs):
     """``cls(*args, **kwargs)`` (a pipeline) with the chosen components' Linear weights int8 from the start.
 
@@ -203,25 +254,11 @@ def build(cls, mode: str | None, components: Sequence[str] | None, *args, **kwar
     """
     if check_mode(mode) is None:
         return cls(*args, **kwargs)
-    from keras.src.backend.common import global_state
-
-    key = "uninitialized_variables"
-    before = list(global_state.get_global_attribute(key, [], set_to_default=True))
-    with keras.StatelessScope(initialize_variables=False):
+    with _unallocated() as created:
         pipeline = cls(*args, **kwargs)
-    created = global_state.get_global_attribute(key, [])[len(before) :]
-    # Keras would allocate every listed variable at the next StatelessScope; these are ours now.
-    global_state.set_global_attribute(key, before)
-    dropped = set()
-    for name in check_components(pipeline, components):
-        for layer in getattr(pipeline, name)._flatten_layers(include_self=True, recursive=True):
-            if isinstance(layer, layers.Linear) and not is_quantized(layer):
-                dropped.add(id(layer.weight))
-                _swap(layer, mode)
-    for variable in created:
-        if id(variable) not in dropped and variable._value is None:
-            variable._deferred_initialize()
-    pipeline.quantization = (mode, check_components(pipeline, components))
+    names = check_components(pipeline, components)
+    _materialize([getattr(pipeline, name) for name in names], created, mode)
+    pipeline.quantization = (mode, names)
     return pipeline
 
 
@@ -254,6 +291,7 @@ __all__ = [
     "MODES",
     "assign_float",
     "build",
+    "build_model",
     "builder",
     "check_components",
     "check_mode",
