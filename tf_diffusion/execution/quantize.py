@@ -72,13 +72,30 @@ def _int8_linear(layer: layers.Linear, x):
     dtype = layer.compute_dtype
     if dtype == "float16":
         # x @ q can exceed float16's range: dequantize the weight (in float32) first.
-        w = ops.divide(ops.cast(layer.weight, "float32"), layer.weight_scale)
+        w = ops.divide(_cast_after(layer.weight, "float32", x), layer.weight_scale)
         y = ops.matmul(x, ops.cast(w, dtype))
     else:
         # One cast of the int8 weight (exact: |q| <= 127 fits bfloat16), the matmul, then each output
         # channel divided by its scale, as Keras' Dense does with its int8 kernel.
-        y = ops.divide(ops.matmul(x, ops.cast(layer.weight, dtype)), ops.cast(layer.weight_scale, dtype))
+        y = ops.divide(
+            ops.matmul(x, _cast_after(layer.weight, dtype, x)), ops.cast(layer.weight_scale, dtype)
+        )
     return y if layer.bias is None else y + layer.bias
+
+
+def _cast_after(weight, dtype, x):
+    """``weight`` cast to ``dtype``, in a TensorFlow graph only once ``x`` exists.
+
+    A cast that depends on nothing but a variable is ready at the start of a graph, and TensorFlow's
+    executor runs ready ops early: every layer's float copy would be alive at once (an SDXL step
+    peaked 5 GB above its int8 weights). Tied to the layer's input, each copy lives for one matmul.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return ops.cast(weight, dtype)  # XLA (JAX) schedules for memory
+    import tensorflow as tf
+
+    with tf.control_dependencies([x]):
+        return tf.cast(weight, dtype)
 
 
 def assign_float(layer: layers.Linear, value) -> None:
