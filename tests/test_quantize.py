@@ -338,3 +338,10 @@ def test_mixed_float16_dequantizes_the_weight_first():
     q, scale = reference_quantize(w * 1e-3)
     want = x @ (q.astype(np.float32) / scale) + keras.ops.convert_to_numpy(layer.bias)
     assert np.isfinite(got).all() and relative_error(got, want) < 2e-3
+
+
+def test_saving_a_quantized_model_is_a_clear_error(tmp_path, sdxl):
+    _, q = sdxl
+    with pytest.raises(ValueError, match=r"save_pretrained needs float weights.*quantized to int8"):
+        q.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

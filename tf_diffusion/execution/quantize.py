@@ -6,6 +6,13 @@ output channel), frees the float kernel, and gives the layer a call that dequant
 matmul. What a layer computes is the reference's ``x @ W + b`` with ``W`` replaced by its
 dequantized value; the model files are untouched (quantization is how a model runs).
 
+Loaders do better than quantizing a float model: ``builder(cls, mode, components)`` stands in for the
+pipeline class, constructs it with unallocated variables, gives the chosen components' Linears int8
+variables (the float weights never exist) and initialises the rest; ``load_state_dict`` then
+quantizes each checkpoint tensor as it assigns it (``assign_float``). ``StableDiffusion.from_pretrained``
+and ``StableDiffusion3.from_pretrained`` / ``from_single_file`` take ``quantize=`` and
+``quantize_components=`` that way.
+
 The quantization (symmetric, per output channel) is Keras' own
 ``keras.quantizers.abs_max_quantize`` on the float32 weight, the scheme Keras' ``Dense`` uses for
 its int8 kernels::
