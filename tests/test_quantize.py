@@ -345,3 +345,26 @@ def test_saving_a_quantized_model_is_a_clear_error(tmp_path, sdxl):
     with pytest.raises(ValueError, match=r"save_pretrained needs float weights.*quantized to int8"):
         q.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_sd3_single_file_quantizes_as_the_folder(tmp_path, sd3):
+    from tests.test_sd3_pipeline import _single_file
+    from tf_diffusion.weights.state_dict import named_parameters
+
+    f, q = sd3
+    path, config = _single_file(f, tmp_path)
+    spiece = FIXTURES / "sd3" / "sd3-diffusers" / "tokenizer_3" / "spiece.model"
+    folder = FIXTURES / "sd3" / "sd3-diffusers"  # the tokenizers
+    kw = dict(config=config, tokenizer_3=spiece, text_encoders_from=folder)
+    loaded = StableDiffusion3.from_single_file(path, quantize="int8", **kw)
+    assert loaded.quantization == q.quantization
+    for name in ("transformer", "text_encoder_3"):
+        mine, theirs = named_parameters(getattr(loaded, name)), named_parameters(getattr(q, name))
+        for key, (layer, attr) in mine.items():
+            other = theirs[key][0]
+            assert quantize.is_quantized(layer) == quantize.is_quantized(other)
+            np.testing.assert_array_equal(
+                *(keras.ops.convert_to_numpy(getattr(x, attr)) for x in (layer, other))
+            )
+    with pytest.raises(ValueError, match="not a quantization mode"):
+        StableDiffusion3.from_single_file(path, quantize="fp8", **kw)

@@ -162,7 +162,9 @@ def quantize_model(model: keras.layers.Layer, mode: str | None = "int8") -> kera
     """Quantize every ``layers.Linear`` of a built ``model`` in place (weight-only, per output channel).
 
     Idempotent; ``mode=None`` leaves the model as it is. Each layer's float kernel is freed as soon
-    as its int8 copy exists, so the peak is the model plus one layer's float32 weight.
+    as its int8 copy exists, so the peak is the model plus one layer's float32 weight; but the process
+    may keep the freed pages (measured: resident memory did not drop), so to save memory build the
+    model with int8 weights instead (``build_model``, or the loaders' ``quantize=``).
 
     Args:
         model: a built component (UNetModel, MMDiT, CLIPTextEncoder, T5Encoder, ...).
