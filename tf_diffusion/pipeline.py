@@ -113,15 +113,19 @@ class StableDiffusion:
         return cls(get_preset(name), dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, source, **kwargs) -> StableDiffusion:
+    def from_pretrained(cls, source, *, quantize=None, quantize_components=None, **kwargs) -> StableDiffusion:
         """Load any supported checkpoint: a file, a folder or a hub id.
 
         See ``tf_diffusion.weights.loading.from_pretrained`` for the arguments
-        (dtype, config, tokenizer, prediction_type, use_ema, variant, revision).
+        (dtype, config, tokenizer, prediction_type, use_ema, variant, revision). ``quantize="int8"``
+        stores the UNet's and text encoders' linear weights in int8 (``quantize_components``: which
+        components; see ``tf_diffusion.execution.quantize``).
         """
+        from tf_diffusion.execution import quantize as quantizing
         from tf_diffusion.weights.loading import from_pretrained
 
-        return from_pretrained(cls, source, **kwargs)
+        # quantize= (execution.quantize): the chosen components are built with int8 weights.
+        return from_pretrained(quantizing.builder(cls, quantize, quantize_components), source, **kwargs)
 
     def save_pretrained(self, destination, **kwargs):
         """Write the model ("tf_diffusion" folder by default; "diffusers" or "single-file").

@@ -110,20 +110,32 @@ class StableDiffusion3:
         return cls(get_sd3_preset(name), dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None, load_t5: bool = True):
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: str | None = None,
+        load_t5: bool = True,
+        quantize: str | None = None,
+        quantize_components=None,
+    ):
         """Load a diffusers ``StableDiffusion3Pipeline`` folder.
 
         Args:
             path: the folder (``model_index.json``, ``transformer/``, ``text_encoder[_2|_3]/``, ...).
             dtype: as in the constructor.
             load_t5: False leaves T5 out even when the folder has it (its tokens are then zeros).
+            quantize, quantize_components: "int8" stores the transformer's and text encoders' linear
+                weights in int8 (``tf_diffusion.execution.quantize.build``).
 
         Raises:
             ValueError: if the folder is not an SD3 pipeline or a component does not fit its config.
         """
+        from tf_diffusion.execution import quantize as quantizing
         from tf_diffusion.weights import sd3_folder
 
-        return sd3_folder.load_sd3_folder(cls, pathlib.Path(path), dtype=dtype, load_t5=load_t5)
+        build = quantizing.builder(cls, quantize, quantize_components)  # quantize= (execution.quantize)
+        return sd3_folder.load_sd3_folder(build, pathlib.Path(path), dtype=dtype, load_t5=load_t5)
 
     @classmethod
     def from_single_file(
@@ -135,6 +147,8 @@ class StableDiffusion3:
         tokenizer_3=None,
         load_t5: bool = True,
         dtype: str | None = None,
+        quantize: str | None = None,
+        quantize_components=None,
     ):
         """Load an original SD3 / SD3.5 single file (``weights.sd3_single_file`` describes the layout).
 
@@ -146,17 +160,20 @@ class StableDiffusion3:
             tokenizer_3: the T5 ``spiece.model`` (or a ``T5Tokenizer``) for a file with T5 weights.
             load_t5: False runs without T5 even when the file has it.
             dtype: as in the constructor.
+            quantize, quantize_components: as in ``from_pretrained``.
 
         Raises:
             ValueError: for a file that is not SD3's, missing CLIP encoders, or T5 without a tokenizer.
         """
+        from tf_diffusion.execution import quantize as quantizing
         from tf_diffusion.presets import get_sd3_preset
         from tf_diffusion.weights import sd3_single_file
 
+        build = quantizing.builder(cls, quantize, quantize_components)  # quantize= (execution.quantize)
         if isinstance(config, str):
             config = get_sd3_preset(config)
         return sd3_single_file.load_sd3_single_file(
-            cls,
+            build,
             pathlib.Path(path),
             config=config,
             text_encoders_from=text_encoders_from,

@@ -736,6 +736,12 @@ def _apply(sd, state: _LoraState, active: dict[str, dict[str, float]]) -> None:
     values = {}
     for key, parts in contributions.items():
         layer, attr = targets.params[key[0]][key[1]]
+        # execution.quantize: an int8 weight cannot take a merge.
+        if parts and "_quantization" in layer.__dict__:
+            raise ValueError(
+                f"LoRA needs float weights, but {key[0]}.{key[1]} was quantized to {layer._quantization} "
+                "(quantize=); load the model without quantize= to use LoRAs"
+            )
         variable = getattr(layer, attr)
         base = state.base.get(key)
         if base is None:

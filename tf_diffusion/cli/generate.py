@@ -263,6 +263,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "default: image_encoder/ beside the first --ip-adapter",
     )
     p.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision")
+    p.add_argument(  # execution.quantize
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="store the UNet's and text encoders' linear weights in int8 (weight-only, per output channel)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run, option_names=OPTION_NAMES)
@@ -577,10 +583,11 @@ def run(args: argparse.Namespace) -> int:
     from tf_diffusion.pipeline import StableDiffusion, has_accelerator
 
     dtype = None if args.precision == "float32" else args.precision
-    sd = StableDiffusion.from_pretrained(source, dtype=dtype, vae=args.vae)
+    quantize = getattr(args, "quantize", None)
+    sd = StableDiffusion.from_pretrained(source, dtype=dtype, vae=args.vae, quantize=quantize)
     refiner = None
     if args.refiner_source is not None:
-        refiner = StableDiffusion.from_pretrained(args.refiner_source, dtype=dtype)
+        refiner = StableDiffusion.from_pretrained(args.refiner_source, dtype=dtype, quantize=quantize)
     values = sdxl_option_values(args)
     check_sdxl_models(values, args, sd, refiner)
     apply_adapters(sd, args)

@@ -15,6 +15,8 @@ This package runs the same maths faster, chosen through one explicit, thread-saf
 - ``prepare(unet, model_input_shape, options) -> state``: what a call needs computed once
   (today: transformed filters); pass it as ``compiled(..., execution_state=state)``.
 - ``options(opts)`` / ``current()``: the context itself (``contextvars``), read at trace time.
+- ``quantize`` (imported on its own): weight-only int8 Linear weights, applied at load time
+  (``from_pretrained(..., quantize="int8")``).
 - ``autotune``: choices measured on the machine at hand, cached per CPU
   (``TF_DIFFUSION_AUTOTUNE=0`` turns measuring off; ``TF_DIFFUSION_AUTOTUNE_CACHE`` names the
   JSON file, "" keeps it in memory).

@@ -857,8 +857,14 @@ def save_pretrained(
 
     Raises:
         FileExistsError: the destination exists and ``overwrite`` is False.
-        ValueError: an unknown format or dtype.
+        ValueError: an unknown format or dtype, or a model loaded with ``quantize=``.
     """
+    quantized = getattr(model, "quantization", None)  # execution.quantize: int8 weights are no checkpoint
+    if quantized:
+        raise ValueError(
+            f"save_pretrained needs float weights, but {list(quantized[1])} were quantized to {quantized[0]} "
+            "(quantize=); save the model loaded without quantize="
+        )
     report = LoadReport(source="model", path="model", format="in memory")
     weights = LoadedWeights(model.config, model.tokenizer, model_weights(model), report)
     return save(weights, destination, format=format, overwrite=overwrite, dtype=dtype)

@@ -179,6 +179,12 @@ def load_state_dict(
         layer, attr = params[key]
         variable = getattr(layer, attr)
         value = to_keras_layout(type(layer).LAYOUT[attr], np.asarray(tensors[key]))
+        if attr == "weight" and "_quantization" in layer.__dict__:
+            # An int8 weight (execution.quantize) takes the checkpoint's value quantized.
+            from tf_diffusion.execution.quantize import assign_float
+
+            assign_float(layer, value)
+            continue
         variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
 
 
