@@ -45,3 +45,14 @@ def pytest_terminal_summary(terminalreporter):
         return
     used, limit = counts
     terminalreporter.write_line(f"memory mappings at the end: {used} of {limit} (vm.max_map_count)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _pillow_pixel_limit():
+    """Pillow's process-wide bomb limit as each test module found it (the served web page lowers it to the
+    server's limit, as a serving process should; other modules must not inherit that)."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = previous

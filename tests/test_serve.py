@@ -795,6 +795,33 @@ def test_controlnet_preprocessors(server, api, controlnet_dir):
     assert "Processor Res: 64, Threshold A: 60, Threshold B: 140" in text
 
 
+def test_page_uploads_are_refused_over_the_pixel_limit(tmp_path):
+    """Gradio decodes the page's uploads itself: with the page mounted, Pillow refuses a picture over the
+    server's pixel limit from its header (no pixel buffer is allocated), and uploads over the body limit."""
+    gr = pytest.importorskip("gradio", reason="the web page needs gradio (the [serve] extra)")
+    from gradio.data_classes import ImageData
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_tiny_png_header(300, 200))
+    previous = Image.MAX_IMAGE_PIXELS
+    state = ServerState(
+        ModelRegistry("tiny-shapes"), webui=True, max_image_pixels=100 * 100, max_body_bytes=5000
+    )
+    try:
+        app = create_app(state)
+        with pytest.raises(Image.DecompressionBombError, match="60000 pixels"):
+            gr.Image(type="pil").preprocess(ImageData(path=str(bomb)))
+        from fastapi.testclient import TestClient
+
+        with TestClient(app) as client:
+            big = client.post("/gradio_api/upload", files={"files": ("x.png", b"0" * 20000, "image/png")})
+            assert big.status_code == 413
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+        state.queue.close()
+
+
 def test_page_behind_basic_auth():
     """With --api-auth the web page, like the API, needs the credentials."""
     pytest.importorskip("gradio", reason="the web page needs gradio (the [serve] extra)")

@@ -33,9 +33,23 @@ MAX_SIZE = 2048
 
 def mount(app, state):
     """Mount the page on ``app`` at ``/`` (after the API routes, which keep precedence)."""
+    from PIL import Image
+
     page = WebPage(state)
+    # Gradio decodes the page's uploads (the img2img picture, the ControlNet hint) with Pillow before our
+    # handlers see them: Pillow's own bomb check, which reads the header first, refuses what is over the
+    # server's pixel limit (it raises beyond twice MAX_IMAGE_PIXELS). It is process-wide: this process
+    # serves, and nothing in it should decode more than the limit.
+    Image.MAX_IMAGE_PIXELS = state.max_image_pixels / 2
     return gr.mount_gradio_app(
-        app, page.build(), path="/", ssr_mode=False, footer_links=[], css=_CSS, mcp_server=False
+        app,
+        page.build(),
+        path="/",
+        ssr_mode=False,
+        footer_links=[],
+        css=_CSS,
+        mcp_server=False,
+        max_file_size=state.max_body_bytes,
     )
 
 
