@@ -56,3 +56,19 @@ def _pillow_pixel_limit():
     previous = Image.MAX_IMAGE_PIXELS
     yield
     Image.MAX_IMAGE_PIXELS = previous
+
+
+@pytest.fixture(autouse=True)
+def _webuiapi_defaults():
+    """webuiapi's txt2img/img2img write into their shared ``alwayson_scripts={}`` default (a ControlNet
+    unit sent once is sent again by every later call that names none); each test starts from empty ones."""
+    yield
+    import sys
+
+    module = sys.modules.get("webuiapi.webuiapi")
+    if module is None:
+        return
+    for name in ("txt2img", "img2img"):
+        for default in getattr(module.WebUIApi, name).__defaults__ or ():
+            if isinstance(default, (dict, list)):
+                default.clear()

@@ -32,6 +32,7 @@ applied, so a prompt using them encodes differently from ``generate()``.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import os
@@ -460,7 +461,7 @@ def build_serving_module(
     # What a remote client needs to know before its first request (tf_diffusion.serve.tf_serving): the
     # export's choices and the pipeline config, as JSON, one copy per row of a dummy batch (TF Serving's
     # REST API runs a signature only on inputs).
-    description = json.dumps({**module.metadata, "config": config_lib.to_dict(cfg)})
+    description = json.dumps({**_plain(module.metadata), "config": config_lib.to_dict(cfg)})
 
     def describe(batch):
         return {"description": tf.fill(tf.shape(batch), tf.constant(description))}
@@ -469,6 +470,18 @@ def build_serving_module(
     # Only the signatures are saved (not restorable tf.function attributes): saving stays quick and small.
     signatures = {name: fn.get_concrete_function() for name, fn in functions.items()}
     return module, signatures
+
+
+def _plain(value):
+    """The metadata as plain dicts and lists: a tf.Module wraps what is assigned to it (a nested dict
+    becomes a tracking wrapper that json cannot write)."""
+    if isinstance(value, collections.abc.Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or (
+        isinstance(value, collections.abc.Sequence) and not isinstance(value, (str, bytes))
+    ):
+        return [_plain(v) for v in value]
+    return value
 
 
 def export_saved_model(
@@ -540,7 +553,7 @@ def export_saved_model(
     )
     import tf_diffusion
 
-    metadata = dict(module.metadata, version=version, tensorflow=tf.__version__)
+    metadata = dict(_plain(module.metadata), version=version, tensorflow=tf.__version__)
     metadata["tf_diffusion"] = tf_diffusion.__version__
     metadata["signatures"] = {
         name: {
