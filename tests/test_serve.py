@@ -140,6 +140,8 @@ def test_txt2img_matches_generate(server, api):
 
 
 def test_img2img_with_mask_matches_generate(server, api):
+    from tf_diffusion.serve.generation import fill_masked
+
     sd = server.state.registry.sd
     init = Image.fromarray(
         _generate(
@@ -183,19 +185,47 @@ def test_img2img_with_mask_matches_generate(server, api):
     text = result.image.info["parameters"]
     assert "Denoising strength: 0.5" in text and "Mask blur: 2" in text and "Sampler: Euler a," in text
     assert result.parameters["init_images"] is None  # include_init_images=False, as the web UI
-    # what is not implemented is refused by name, not done differently
-    for fill, name in ((2, "latent noise"), (3, "latent nothing")):
-        with pytest.raises(RuntimeError, match=f"inpainting_fill={fill} .*{name}.* is not supported"):
-            api.img2img(
-                images=[init],
-                mask_image=Image.fromarray(mask),
-                inpainting_fill=fill,
-                inpaint_full_res=False,
-                width=SIZE,
-                height=SIZE,
-            )
-    with pytest.raises(RuntimeError, match="resize_mode=3 is not supported"):
-        api.img2img(images=[init], resize_mode=3, width=SIZE, height=SIZE)
+    # latent noise / latent nothing: the pixels filled as for 0, then generate(masked_content=)
+    for fill, content in ((2, "latent_noise"), (3, "latent_nothing")):
+        got = api.img2img(
+            images=[init],
+            mask_image=Image.fromarray(mask),
+            prompt="a yellow heart",
+            seed=21,
+            steps=4,
+            denoising_strength=0.75,
+            mask_blur=2,
+            inpainting_fill=fill,
+            inpaint_full_res=False,
+            width=SIZE,
+            height=SIZE,
+            sampler_name="Euler a",
+        )
+        want = _generate(
+            sd,
+            prompt="a yellow heart",
+            seed=21,
+            image=fill_masked(init, Image.fromarray(mask)),
+            mask=Image.fromarray(mask),
+            masked_content=content,
+            strength=0.75,
+            mask_blur=2.0,
+            height=SIZE,
+            width=SIZE,
+            guidance_scale=7.0,
+            num_steps=4,
+            scheduler="euler_a",
+        )
+        np.testing.assert_array_equal(np.asarray(got.image.convert("RGB")), want[0])
+    # what is not done is refused by name, not done differently
+    with pytest.raises(RuntimeError, match=r"inpainting_fill=7 is not supported; allowed: 0 \(fill\)"):
+        api.img2img(
+            images=[init], mask_image=Image.fromarray(mask), inpainting_fill=7, width=SIZE, height=SIZE
+        )
+    with pytest.raises(
+        RuntimeError, match=r"resize_mode=3 \(just resize \(latent upscale\)\) is for img2img"
+    ):
+        api.img2img(images=[init], mask_image=Image.fromarray(mask), resize_mode=3, width=SIZE, height=SIZE)
 
 
 def test_fill_takes_the_colours_around_the_hole():
@@ -281,6 +311,30 @@ def test_img2img_fill_and_resize_modes(server, api):
         )
         np.testing.assert_array_equal(results[mode], expected[0])
     assert not np.array_equal(results[0], results[1]) and not np.array_equal(results[1], results[2])
+    # 3, latent upscale: the picture encoded at its own size, the latents resized (generate(resize_latents=))
+    out = api.img2img(
+        images=[Image.fromarray(wide)],
+        resize_mode=3,
+        denoising_strength=0.6,
+        width=SIZE,
+        height=SIZE,
+        **common,
+    )
+    expected = _generate(
+        sd,
+        prompt="a blue circle",
+        seed=4,
+        image=Image.fromarray(wide),
+        resize_latents=True,
+        strength=0.6,
+        height=SIZE,
+        width=SIZE,
+        guidance_scale=5.0,
+        num_steps=6,
+        scheduler="euler",
+    )
+    np.testing.assert_array_equal(np.asarray(out.image.convert("RGB")), expected[0])
+    assert not np.array_equal(np.asarray(out.image.convert("RGB")), results[0])
 
 
 def test_resize_modes():

@@ -32,6 +32,9 @@ from tf_diffusion.unet import UNetModel
 from tf_diffusion.vae import AutoencoderKL, DiagonalGaussian
 
 OUTPUT_TYPES = ("uint8", "float", "latent")
+# generate(masked_content=): what the masked area of the encoded image is before noise is added (the web UI's
+# "Masked content" radio, less "fill", which works on pixels before the encode).
+MASKED_CONTENTS = ("original", "latent_noise", "latent_nothing")
 
 
 class StableDiffusion:
@@ -301,6 +304,8 @@ class StableDiffusion:
         strength: float | None = None,
         mask=None,
         mask_blur: float | None = None,
+        masked_content: str = "original",
+        resize_latents: bool = False,
         controlnet=None,
         control_image=None,
         controlnet_conditioning_scale=1.0,
@@ -360,6 +365,14 @@ class StableDiffusion:
                 decoding, blending across a Gaussian blur of this radius in pixels (0: a hard edge), as the
                 AUTOMATIC1111 web UI does (its default is 4; the CLI's too). None (the default) returns
                 the decoded image as diffusers does, where the kept area changes a little with the decode.
+            masked_content: inpainting with a 4-channel model: what the masked area of the encoded image
+                holds before the sampler noises it: "original" (the image, as diffusers), "latent_noise"
+                (the image's own seeded initial noise, as the web UI's "latent noise") or
+                "latent_nothing" (zeros, its "latent nothing").
+            resize_latents: image-to-image without a mask: the image, of any size that is a multiple of
+                the VAE factor, is encoded at its own size and its latents resized bilinearly to
+                height x width (the web UI's "Just resize (latent upscale)"), instead of requiring the
+                image at the output size.
             controlnet: a ``tf_diffusion.ControlNet`` or a list of them (their residuals are summed,
                 as diffusers' MultiControlNetModel does); see ``tf_diffusion.adapters.controlnet``.
             control_image: the hint image, or a list with one per net: PIL or uint8 / float [0, 1]
@@ -438,6 +451,18 @@ class StableDiffusion:
                 raise ValueError(f"mask_blur={mask_blur!r} must be a number of pixels in [0, 64], or None")
             if output_type == "latent":
                 raise ValueError("mask_blur pastes pixels back, so it needs output_type 'uint8' or 'float'")
+        if masked_content not in MASKED_CONTENTS:
+            raise ValueError(
+                f"masked_content={masked_content!r} is not allowed; expected one of {MASKED_CONTENTS}"
+            )
+        if masked_content != "original" and (mask is None or image is None):
+            raise ValueError(f"masked_content={masked_content!r} applies to inpainting; pass image and mask")
+        if not isinstance(resize_latents, bool):
+            raise ValueError(f"resize_latents={resize_latents!r} must be True or False")
+        if resize_latents and (image is None or mask is not None or denoising_start is not None):
+            raise ValueError(
+                "resize_latents applies to image-to-image from a pixel image without a mask (no denoising_start)"
+            )
         denoising_start = check_fraction(denoising_start, "denoising_start")
         denoising_end = check_fraction(denoising_end, "denoising_end")
         if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
@@ -474,7 +499,11 @@ class StableDiffusion:
                     f"mask size {mask_px.shape[2]}x{mask_px.shape[1]} (WxH) differs from the handed-over "
                     f"latents' image size {width}x{height}; they must match"
                 )
-        height, width = self.check_size(height, width, init)
+        if resize_latents:
+            self.check_size(*init.shape[1:3])  # the image's own size must suit the VAE
+            height, width = self.check_size(height, width)
+        else:
+            height, width = self.check_size(height, width, init)
         control = controlnet_adapter.prepare(
             self,
             controlnet,
@@ -570,7 +599,15 @@ class StableDiffusion:
                 task.shared[blend.name] = {"scales": _next_noise_scales(sampler, plan)}
         else:
             task = self._prepare_task(
-                sampler, plan, noise, seeds, init, mask_px, strength, add_noise=denoising_start is None
+                sampler,
+                plan,
+                noise,
+                seeds,
+                init,
+                mask_px,
+                strength,
+                add_noise=denoising_start is None,
+                masked_content=masked_content,
             )
         if control is not None:
             task.extras.update(control.extras())
@@ -773,10 +810,23 @@ class StableDiffusion:
             )
         return size
 
-    def _prepare_task(self, sampler, plan, noise, seeds, init, mask_px, strength, *, add_noise=True) -> _Task:
+    def _prepare_task(
+        self,
+        sampler,
+        plan,
+        noise,
+        seeds,
+        init,
+        mask_px,
+        strength,
+        *,
+        add_noise=True,
+        masked_content="original",
+    ) -> _Task:
         """Starting latents and task inputs for text-to-image, image-to-image and both inpainting modes.
 
-        ``add_noise=False`` (``denoising_start``): the encoded image is continued as it is.
+        ``add_noise=False`` (``denoising_start``): the encoded image is continued as it is. An init image of
+        another size than the noise (``resize_latents``) is encoded at its size, its latents resized.
         """
         cfg = self.config
         n, sf = noise.shape[0], np.float32(cfg.vae.scaling_factor)
@@ -786,10 +836,21 @@ class StableDiffusion:
         task = _Task(x=None)
         image_latents = None
         if not (cfg.is_inpainting and strength >= 1.0):  # the 9-channel UNet at full strength never reads it
-            posterior = noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, shape)
+            factor = cfg.vae.downsample_factor
+            own = (init.shape[1] // factor, init.shape[2] // factor, shape[2])
+            posterior = noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, own)
             image_latents = self._encode_image(init * 2.0 - 1.0, posterior) * sf
+            if (
+                own != shape
+            ):  # resize_latents: bilinear, half-pixel centres, no antialiasing (torch's default)
+                image_latents = ops.convert_to_numpy(
+                    ops.image.resize(image_latents, shape[:2], interpolation="bilinear", antialias=False)
+                ).astype(np.float32)
         if mask_px is not None:
             mask_latent = self._latent_mask(mask_px, n)
+            if image_latents is not None and masked_content != "original":
+                fill = noise if masked_content == "latent_noise" else np.float32(0.0)
+                image_latents = image_latents * (1.0 - mask_latent) + fill * mask_latent
             if cfg.is_inpainting:
                 masked = (init * 2.0 - 1.0) * (mask_px < 0.5)
                 posterior = noise_lib.batch_normal(seeds, noise_lib.MASKED_POSTERIOR, shape)

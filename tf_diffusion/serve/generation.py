@@ -7,11 +7,13 @@ image ``b`` of a batch started at ``seed + k * batch_size``, so every image is r
 ``info`` is the web UI's JSON (``infotexts``, ``all_seeds``, ``all_prompts``, ...).
 
 Inpainting (``mask``): ``inpainting_fill=1`` ("original": start from the noised image, as
-``generate(mask=...)`` does) or 0 ("fill": the masked pixels first take the colours around them,
-``fill_masked``); 2 and 3 (latent noise, latent nothing) act on the encoded latents, which
-``generate()`` does not expose, and are refused. White repaints, ``inpainting_mask_invert=1`` swaps.
-``resize_mode`` 0, 1, 2 (just resize, crop and resize, resize and fill: ``resize_picture``) bring the
-pictures to width x height. ``mask_blur`` is the
+``generate(mask=...)`` does), 0 ("fill": the masked pixels first take the colours around them,
+``fill_masked``), 2 and 3 ("latent noise", "latent nothing": the pixels filled as for 0, then the masked
+latents replaced by the seed's noise or by zeros, ``generate(masked_content=)``, as the web UI does).
+White repaints, ``inpainting_mask_invert=1`` swaps. ``resize_mode`` 0, 1, 2 (just resize, crop and resize,
+resize and fill: ``resize_picture``) bring the pictures to width x height; 3 ("just resize (latent
+upscale)", without a mask) encodes the picture at its own size and resizes the latents
+(``generate(resize_latents=True)``). ``mask_blur`` is the
 radius over which the original pixels are pasted back outside the mask (``generate(mask_blur=)``).
 ``inpaint_full_res`` ("only masked", the web UI's default): the masked area's bounding box, grown by
 ``inpaint_full_res_padding`` and then to the request's aspect ratio, is cut out, resized to width x height
@@ -43,8 +45,16 @@ from tf_diffusion.serve.jobs import Interrupted, Job, Skipped
 # The web UI's scheduler names (its /sdapi/v1/schedulers) -> the schedule types infotext knows.
 SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
 INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
-# The web UI's resize modes that work on pixels (its 3, "just resize (latent upscale)", is not here).
-RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill"}
+# The web UI's resize modes (0-2 work on pixels, 3 on the encoded latents).
+RESIZE_MODES = {
+    0: "just resize",
+    1: "crop and resize",
+    2: "resize and fill",
+    3: "just resize (latent upscale)",
+}
+LATENT_RESIZE = 3
+# inpainting_fill -> generate(masked_content=)
+MASKED_CONTENT = {0: "original", 1: "original", 2: "latent_noise", 3: "latent_nothing"}
 # "fill": blurs of the kept pixels at these radii, coarse to fine, each laid over the last `repeats`
 # times, so a hole takes the colours around it while every kept pixel stays exact (radius 0 last).
 _FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
@@ -238,12 +248,17 @@ def check_request(req: schema._Request, registry, options: dict) -> None:
 def check_img2img(req: schema.Img2ImgRequest, has_mask: bool) -> None:
     """Refuse img2img and inpainting settings the server does not do, naming the field (422)."""
     if has_mask:
-        if req.inpainting_fill not in (0, 1):
-            fill = INPAINTING_FILLS.get(req.inpainting_fill, req.inpainting_fill)
+        if req.inpainting_fill not in INPAINTING_FILLS:
             raise ApiError(
                 422,
-                f"inpainting_fill={req.inpainting_fill} ({fill!r}) is not supported; allowed: 0 (fill), "
-                f"1 (original)",
+                f"inpainting_fill={req.inpainting_fill} is not supported; allowed: "
+                + ", ".join(f"{k} ({v})" for k, v in INPAINTING_FILLS.items()),
+            )
+        if req.resize_mode == LATENT_RESIZE:
+            raise ApiError(
+                422,
+                f"resize_mode={LATENT_RESIZE} ({RESIZE_MODES[LATENT_RESIZE]}) is for img2img without a mask; "
+                f"with a mask use 0, 1 or 2",
             )
         if not 0 <= req.inpaint_full_res_padding <= 1024:
             raise ApiError(
@@ -287,7 +302,7 @@ def prepare_images(init, mask, req: schema.Img2ImgRequest):
             )
         if not keep and mask.size != size:
             mask = resize_picture(mask, size, req.resize_mode)
-    if not keep and init.size != size:
+    if not keep and init.size != size and req.resize_mode != LATENT_RESIZE:
         init = resize_picture(init, size, req.resize_mode)
     return init, mask
 
@@ -573,8 +588,12 @@ def _generate(job: Job, state, req, init, mask) -> dict:
                 kwargs.update(
                     image=init.crop(crop).resize(size, _LANCZOS), mask=mask.crop(crop).resize(size, _LANCZOS)
                 )
-            if req.inpainting_fill == 0:  # on the picture generate() starts from, as the web UI
+            if req.inpainting_fill != 1:  # on the picture generate() starts from, as the web UI
                 kwargs["image"] = fill_masked(kwargs["image"], kwargs["mask"])
+            if MASKED_CONTENT[req.inpainting_fill] != "original":
+                kwargs["masked_content"] = MASKED_CONTENT[req.inpainting_fill]
+        elif req.resize_mode == LATENT_RESIZE and init.size != (req.width, req.height):
+            kwargs["resize_latents"] = True
     units = control_units(req, registry)
     kwargs.update(control_arguments(units, state, req.width, req.height))
     progress = job.progress

@@ -10,8 +10,8 @@ The web UI builds its request models from its processing classes, so a request c
   (``generation.control_units``).
 - **refused unless left at its default** (``UNSUPPORTED``): what would change the picture and is not
   implemented here (``enable_hr``, ``restore_faces``, ``tiling``, ``subseed_strength``, ``styles``,
-  ``script_name``, always-on scripts other than ControlNet, ``inpainting_fill`` 2 and 3, ``resize_mode`` 3, ...): a clear 422, never
-  a silently different image.
+  ``script_name``, always-on scripts other than ControlNet, ``resize_mode`` 3 with a mask, ...): a clear
+  422, never a silently different image.
 - **accepted and without effect**: sampler fine-tuning that clients send with every request whatever
   the sampler (``eta``, ``s_churn``, ``s_tmax``, ``s_tmin``, ``s_noise``), the hires-fix fields while
   ``enable_hr`` is false, the save flags that ``save_images`` replaces, ``override_settings_restore_afterwards``.

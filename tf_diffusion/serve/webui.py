@@ -339,7 +339,10 @@ class WebPage:
                                 type="index",
                             )
                             c["masked_content"] = gr.Radio(
-                                ["fill", "original"], value="original", label="Masked content"
+                                list(generation.INPAINTING_FILLS.values()),
+                                value="original",
+                                label="Masked content",
+                                type="index",
                             )
                         with gr.Row():
                             c["inpaint_area"] = gr.Radio(
@@ -582,7 +585,7 @@ class WebPage:
         )
         if mask is not None:
             fields.update(
-                inpainting_fill=0 if masked_content == "fill" else 1,
+                inpainting_fill=1 if masked_content is None else int(masked_content),
                 inpaint_full_res=area == "Only masked",
                 inpaint_full_res_padding=int(padding),
             )
