@@ -272,3 +272,56 @@ def test_tf_dataset_gives_scaled_images_and_token_ids():
         assert pixels.dtype == np.float32 and pixels.shape == (4, 64, 64, 3) and ids.shape == (4, 77)
         np.testing.assert_allclose(pixels, images[4 * k : 4 * k + 4] / 127.5 - 1.0, atol=1e-6)
         np.testing.assert_array_equal(ids, tokenizer(captions[4 * k : 4 * k + 4]))
+
+
+def test_varied_captions_name_the_same_attributes_in_other_words():
+    from tiny_shapes import phrasing
+
+    plain = shapes.ShapesDataset(3, "train")
+    varied = shapes.ShapesDataset(3, "train", captions="varied", varied_share=0.5)
+    reworded = 0
+    for i in range(400):
+        image_a, a = plain[i]
+        image_b, b = varied[i]
+        np.testing.assert_array_equal(image_a, image_b)  # the wording changes, never the picture
+        assert (a.shape, a.color, a.position, a.mentions) == (b.shape, b.color, b.position, b.mentions)
+        if a.caption == b.caption:
+            continue
+        reworded += 1
+        text = b.caption.lower()
+        if "shape" in b.mentions:
+            assert any(re.search(rf"\b{re.escape(w)}\b", text) for w in phrasing.SHAPE_WORDS[b.shape]), text
+        if "color" in b.mentions:
+            assert re.search(rf"\b{b.color}\b", text), text
+        if "position" in b.mentions:
+            assert any(p in text for p in phrasing.POSITION_WORDS[b.position]), text
+        if "background" in b.mentions:
+            assert b.background in text, text
+        for frame in phrasing.HELDOUT_FRAMES:  # held-out sentence shapes never reach training
+            assert (
+                not text.startswith(frame.split("{")[0].strip() + " ") or not frame.split("{")[0].strip()
+            ), text
+    assert 150 <= reworded <= 250  # about half
+    with pytest.raises(ValueError, match="captions='fancy'"):
+        shapes.ShapesDataset(0, captions="fancy")
+    with pytest.raises(ValueError, match="varied_share=1.5"):
+        shapes.ShapesDataset(0, captions="varied", varied_share=1.5)
+
+
+def test_heldout_phrasings_ask_for_the_heldout_combinations():
+    from tiny_shapes import phrasing
+
+    base = shapes.heldout_prompts(50, seed=7)
+    reworded = phrasing.heldout_phrasing_prompts(50, seed=7)
+    starts = {f.split("{")[0].strip() for f in phrasing.HELDOUT_FRAMES} - {""}
+    for t, r in zip(base, reworded, strict=True):
+        assert (t.shape, t.color, t.size, t.position, t.background) == (
+            r.shape,
+            r.color,
+            r.size,
+            r.position,
+            r.background,
+        )
+        assert r.prompt != t.prompt
+    assert sum(any(r.prompt.lower().startswith(s) for s in starts) for r in reworded) >= 25
+    assert reworded == phrasing.heldout_phrasing_prompts(50, seed=7)  # deterministic

@@ -117,6 +117,9 @@ HELDOUT_SHAPE_POSITION = (
 )
 
 SPLITS = ("train", "heldout")
+# "template": every caption from TEMPLATES (the stream every earlier model was trained on); "varied": a share
+# of them said in other words by ``phrasing.phrase`` (synonyms, word order, punctuation, capitals).
+CAPTIONS = ("template", "varied")
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: clean anti-aliased edges
 MARGIN = 0.03  # fraction of the image side kept free between a shape and the image border
 
@@ -193,6 +196,11 @@ def is_heldout(shape: str, color: str, position: str) -> bool:
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_share(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"varied_share={value!r} must be a number in [0, 1]")
 
 
 def _check_image_size(image_size) -> None:
@@ -438,6 +446,8 @@ def sample(
     split: str = "train",
     image_size: int = 64,
     mention: dict[str, float] | None = None,
+    captions: str = "template",
+    varied_share: float = 0.5,
 ) -> tuple[np.ndarray, ShapeSample]:
     """Draw one random image and its attributes.
 
@@ -449,6 +459,10 @@ def sample(
             position in more captions, or ``{"color": 0.85}`` to leave the colour out of 15%; the
             image draw is the same whatever the probabilities. The "heldout" split always names
             colour and shape.
+        captions: "template" or "varied" (``CAPTIONS``): with "varied", ``varied_share`` of the train
+            split's captions name the same attributes in words and frames from ``phrasing`` instead
+            (the image and the attributes are the same either way).
+        varied_share: that share, in [0, 1].
 
     Returns:
         (image uint8 (image_size, image_size, 3), ShapeSample).
@@ -457,6 +471,8 @@ def sample(
         ValueError: for an unknown split, a bad seed, image size or mention probability.
     """
     _check_choice("split", split, SPLITS)
+    _check_choice("captions", captions, CAPTIONS)
+    _check_share(varied_share)
     _check_image_size(image_size)
     probability = mention_probabilities(mention)
     rng = _as_rng(rng)
@@ -492,6 +508,18 @@ def sample(
         template=template,
         phrase=phrase,
     )
+    # Drawn after everything the image depends on, so "varied" changes captions only.
+    if captions == "varied" and split == "train" and rng.random() < varied_share:
+        from tiny_shapes import phrasing
+
+        caption = phrasing.phrase(
+            rng,
+            shape if "shape" in mentions else None,
+            color if "color" in mentions else None,
+            size if "size" in mentions else None,
+            position if "position" in mentions else None,
+            background if "background" in mentions else None,
+        )
     image = draw(shape, color, background, (cx, cy), side, n)
     attrs = ShapeSample(
         shape=shape,
@@ -517,6 +545,7 @@ class ShapesDataset:
         image_size: image side in pixels.
         length: number of items for ``len()`` and iteration; None iterates forever.
         mention: overrides of ``MENTION_PROBABILITY`` (see ``sample``).
+        captions, varied_share: caption wording (see ``sample``).
 
     Example:
         >>> ds = ShapesDataset(seed=0, split="heldout", length=2)
@@ -531,9 +560,14 @@ class ShapesDataset:
         image_size: int = 64,
         length: int | None = None,
         mention: dict[str, float] | None = None,
+        captions: str = "template",
+        varied_share: float = 0.5,
     ):
         _as_rng(seed)
         self.mention = mention_probabilities(mention)
+        _check_choice("captions", captions, CAPTIONS)
+        _check_share(varied_share)
+        self.captions, self.varied_share = captions, float(varied_share)
         _check_choice("split", split, SPLITS)
         _check_image_size(image_size)
         if length is not None and (not isinstance(length, (int, np.integer)) or length < 0):
@@ -551,7 +585,7 @@ class ShapesDataset:
         if self.length is not None and index >= self.length:
             raise IndexError(f"index {index} out of range for length {self.length}")
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index)])
-        return sample(rng, self.split, self.image_size, self.mention)
+        return sample(rng, self.split, self.image_size, self.mention, self.captions, self.varied_share)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ShapeSample]]:
         index = 0

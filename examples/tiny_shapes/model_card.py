@@ -106,10 +106,18 @@ def write_model_card(args, sd, result: dict, log=print) -> str:
         "| attribute | accuracy | prompts |",
         "| --- | --- | --- |",
     ]
+    reworded = result.get("phrasing_score")
+    if reworded is not None:  # the same attributes in held-out wordings (tiny_shapes.phrasing)
+        lines[-2:] = [
+            "| attribute | template wording | held-out wording | prompts |",
+            "| --- | --- | --- | --- |",
+        ]
     for key in ("color", "shape", "position", "size", "background"):
-        lines.append(f"| {key} | {pct(score.get(key))} | {counts.get(key, '')} |")
+        other = "" if reworded is None else f" {pct(reworded.get(key))} |"
+        lines.append(f"| {key} | {pct(score.get(key))} |{other} {counts.get(key, '')} |")
+    other = "" if reworded is None else f" {pct(reworded.get('all'))} |"
     lines += [
-        f"| all named attributes | {pct(score.get('all'))} | {result['prompts']} |",
+        f"| all named attributes | {pct(score.get('all'))} |{other} {result['prompts']} |",
         "",
         f"Time per image (one prompt, guidance on, after warm-up, 2-core CPU): {result['seconds_per_image_median']:.2f} s (median of 5).",
         "",

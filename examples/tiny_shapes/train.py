@@ -63,11 +63,18 @@ def log(*args):
     print(time.strftime("%H:%M:%S"), *args, flush=True)
 
 
-def shapes_batches(seed: int, batch_size: int, mention: dict[str, float] | None = None):
-    """make_batch(k) -> (images, captions) of batch k of the training split."""
+def shapes_batches(
+    seed: int,
+    batch_size: int,
+    mention: dict[str, float] | None = None,
+    captions: str = "template",
+    varied_share: float = 0.5,
+):
+    """make_batch(k) -> (images, captions) of batch k of the training split (caption wording: see
+    ``dataset.sample``)."""
     from tiny_shapes import dataset as shapes
 
-    data = shapes.ShapesDataset(seed, "train", mention=mention)
+    data = shapes.ShapesDataset(seed, "train", mention=mention, captions=captions, varied_share=varied_share)
 
     def make_batch(k: int):
         images, captions, _ = data.batch(k * batch_size, batch_size)
@@ -330,7 +337,7 @@ def train_unet(args, config) -> None:
     mention = dict(args.mention or [])
     if args.position_mention is not None:
         mention["position"] = args.position_mention
-    make_batch = shapes_batches(args.seed + 2, args.unet_batch, mention)
+    make_batch = shapes_batches(args.seed + 2, args.unet_batch, mention, args.captions, args.varied_share)
 
     def data(start):
         return dataset_from_generator(make_batch, sd.tokenizer, args.unet_batch, 64, start=start)
@@ -455,6 +462,13 @@ def evaluate(args) -> dict:
         args.guidance,
         os.path.join(args.ckpt_dir, "final_samples.png"),
     )
+    # The same attributes in frames training never used (tiny_shapes.phrasing.HELDOUT_FRAMES).
+    from tiny_shapes import phrasing
+
+    reworded = phrasing.heldout_phrasing_prompts(args.final_eval_prompts, seed=args.seed + 7)
+    _, phrasing_score = sample_and_score(
+        sd, [t.prompt for t in reworded], reworded, 4321, args.eval_steps, args.sampler, args.guidance, None
+    )
     # Per-image wall time after warm-up, one prompt at a time as a user would call it.
     sd.generate(
         "a red circle",
@@ -482,6 +496,7 @@ def evaluate(args) -> dict:
         "steps": args.eval_steps,
         "guidance": args.guidance,
         "score": score,
+        "phrasing_score": phrasing_score,
         "seconds_per_image_median": float(np.median(times)),
     }
     with open(os.path.join(args.ckpt_dir, "final_eval.json"), "w") as f:
@@ -491,6 +506,10 @@ def evaluate(args) -> dict:
     write_model_card(args, sd, result, log=log)
     log("final eval", json.dumps({k: v for k, v in result.items() if k != "score"}, default=str))
     log("final score", json.dumps({k: v for k, v in score.items() if k != "items"}, default=str))
+    log(
+        "held-out phrasings",
+        json.dumps({k: v for k, v in phrasing_score.items() if k != "items"}, default=str),
+    )
     return result
 
 
@@ -558,6 +577,19 @@ def main(argv=None) -> int:
         metavar="ATTR=P",
         help="UNet stage: probability that a caption names ATTR (color, shape, size, position or "
         "background), e.g. --mention color=0.85 --mention shape=0.85; repeatable",
+    )
+    p.add_argument(
+        "--captions",
+        choices=("template", "varied"),
+        default="template",
+        help="UNet stage: caption wording; 'varied' says a share of captions in other words "
+        "(tiny_shapes.phrasing) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--varied-share",
+        type=_share,
+        default=0.5,
+        help="with --captions varied: the share of captions phrased that way (default: %(default)s)",
     )
     p.add_argument("--checkpoint-every-s", type=float, default=240)
     p.add_argument("--sample-every-s", type=float, default=900)
