@@ -259,6 +259,21 @@ def rope_angles(ids, axes_dim: tuple[int, ...], theta: float):
     return ops.concatenate(parts, axis=-1)
 
 
+@dataclass(frozen=True)
+class Rotary:
+    """cos and sin of the rotation angles, (B or 1, L, 1, head_dim / 2) float32.
+
+    A plain object, not a tensor, so that a block's call (which casts floating tensor arguments to
+    its compute dtype under mixed precision) hands them on in float32, as the reference keeps them.
+    """
+
+    cos: object
+    sin: object
+
+    def tokens(self, start: int | None = None, stop: int | None = None) -> Rotary:
+        return Rotary(self.cos[:, start:stop], self.sin[:, start:stop])
+
+
 def apply_rope(x, cos, sin):
     """Rotate each consecutive feature pair (2j, 2j+1) of (B, L, heads, D) by its angle, in float32."""
     shape = ops.shape(x)
@@ -347,15 +362,14 @@ def _split_heads(x, heads: int):  # (B, L, D) -> (B, L, heads, D / heads)
     return ops.reshape(x, (shape[0], shape[1], heads, x.shape[-1] // heads))
 
 
-def _rope_attention(q, k, v, norm: QKNorm, heads: int, rope):
-    """Attention of (B, L, D) projections after the q/k norms and the rotary embedding."""
-    cos, sin = rope  # (B or 1, L, 1, head_dim / 2)
-    dtype = v.dtype
-    q = apply_rope(norm.query_norm(_split_heads(q, heads)), cos, sin)
-    k = apply_rope(norm.key_norm(_split_heads(k, heads)), cos, sin)
-    shape = ops.shape(v)
-    merge = (shape[0], shape[1], v.shape[-1])
-    return attention(ops.reshape(ops.cast(q, dtype), merge), ops.reshape(ops.cast(k, dtype), merge), v, heads)
+def _normed_rotated(q, k, norm: QKNorm, heads: int, rope: Rotary):
+    """(B, L, D) queries and keys after the per-head q/k norms and the rotation, in their dtype again."""
+    dtype = q.dtype
+    shape = ops.shape(q)
+    merge = (shape[0], shape[1], q.shape[-1])
+    q = apply_rope(norm.query_norm(_split_heads(q, heads)), rope.cos, rope.sin)
+    k = apply_rope(norm.key_norm(_split_heads(k, heads)), rope.cos, rope.sin)
+    return ops.reshape(ops.cast(q, dtype), merge), ops.reshape(ops.cast(k, dtype), merge)
 
 
 class DoubleStreamBlock(keras.layers.Layer):
@@ -376,7 +390,7 @@ class DoubleStreamBlock(keras.layers.Layer):
             )
         self.built = True
 
-    def call(self, img, txt, vec, rope):  # img (B, N, D), txt (B, T, D), vec (B, D)
+    def call(self, img, txt, vec, rope: Rotary):  # img (B, N, D), txt (B, T, D), vec (B, D)
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
         img_q, img_k, img_v = ops.split(
             self.img_attn.qkv(_modulated(img, img_mod[0], img_mod[1])), 3, axis=-1
@@ -385,28 +399,13 @@ class DoubleStreamBlock(keras.layers.Layer):
             self.txt_attn.qkv(_modulated(txt, txt_mod[0], txt_mod[1])), 3, axis=-1
         )
         t = ops.shape(txt)[1]
-        # Text tokens first: the position ids are (txt, img) in that order. Each stream's q/k norm
-        # is its own, so the norms run before the concatenation.
-        cos, sin = rope
-        txt_rope = (cos[:, :t], sin[:, :t])
-        img_rope = (cos[:, t:], sin[:, t:])
-        dtype = img_v.dtype
-
-        def normed(q, k, norm, r):
-            q = apply_rope(norm.query_norm(_split_heads(q, self.heads)), *r)
-            k = apply_rope(norm.key_norm(_split_heads(k, self.heads)), *r)
-            return ops.cast(q, dtype), ops.cast(k, dtype)
-
-        tq, tk = normed(txt_q, txt_k, self.txt_attn.norm, txt_rope)
-        iq, ik = normed(img_q, img_k, self.img_attn.norm, img_rope)
-        b, d = ops.shape(img)[0], img.shape[-1]
-
-        def merged(x):  # (B, L, heads, hd) -> (B, L, D)
-            return ops.reshape(x, (b, -1, d))
-
+        # Each stream has its own q/k norms, so they (and the rotation) run before the tokens are
+        # joined; text first, as the position ids are (txt, img).
+        txt_q, txt_k = _normed_rotated(txt_q, txt_k, self.txt_attn.norm, self.heads, rope.tokens(stop=t))
+        img_q, img_k = _normed_rotated(img_q, img_k, self.img_attn.norm, self.heads, rope.tokens(start=t))
         joint = attention(
-            ops.concatenate([merged(tq), merged(iq)], axis=1),
-            ops.concatenate([merged(tk), merged(ik)], axis=1),
+            ops.concatenate([txt_q, img_q], axis=1),
+            ops.concatenate([txt_k, img_k], axis=1),
             ops.concatenate([txt_v, img_v], axis=1),
             self.heads,
         )
@@ -446,12 +445,13 @@ class SingleStreamBlock(keras.layers.Layer):
         self.modulation = Modulation(dim, double=False)
         self.built = True
 
-    def call(self, x, vec, rope):  # x (B, T + N, D)
+    def call(self, x, vec, rope: Rotary):  # x (B, T + N, D)
         shift, scale, gate = self.modulation(vec)
         h = self.linear1(_modulated(x, shift, scale))
         d = self.dim
         q, k, v, mlp = h[..., :d], h[..., d : 2 * d], h[..., 2 * d : 3 * d], h[..., 3 * d :]
-        attn = _rope_attention(q, k, v, self.norm, self.heads, rope)
+        q, k = _normed_rotated(q, k, self.norm, self.heads, rope)
+        attn = attention(q, k, v, self.heads)
         out = self.linear2(ops.concatenate([attn, ops.gelu(mlp, approximate=True)], axis=-1))
         return x + gate[:, None] * out
 
@@ -567,11 +567,11 @@ class FluxTransformer(keras.Model):
             )
         ids = ops.concatenate([ops.cast(txt_ids, "float32"), ops.cast(img_ids, "float32")], axis=-2)
         angles = rope_angles(ids, cfg.axes_dim, cfg.theta)[:, :, None]  # (B or 1, T + N, 1, head_dim / 2)
-        rope = (ops.cos(angles), ops.sin(angles))
+        rope = Rotary(ops.cos(angles), ops.sin(angles))
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope)
+            img, txt = block(img, txt, vec, rope=rope)
         t = ops.shape(txt)[1]
         x = ops.concatenate([txt, img], axis=1)
         for block in self.single_blocks:
-            x = block(x, vec, rope)
+            x = block(x, vec, rope=rope)
         return self.final_layer(x[:, t:], vec)
