@@ -208,7 +208,7 @@ def unpack_latents(tokens, height: int, width: int):
     if height % 2 or width % 2:
         raise ValueError(f"latent size {height}x{width} is not allowed; both sides must be even")
     _b, n, features = tokens.shape
-    if n is not None and n != (height // 2) * (width // 2) or features % 4:
+    if (n is not None and n != (height // 2) * (width // 2)) or features % 4:
         raise ValueError(
             f"tokens of shape {tuple(tokens.shape)} do not unpack to a {height}x{width} latent: expected "
             f"{(height // 2) * (width // 2)} tokens of a width divisible by 4"
@@ -521,6 +521,11 @@ class FluxTransformer(keras.Model):
                     f"{what} of shape {tuple(ids.shape)} do not fit {count} tokens; expected ({count}, "
                     f"{len(cfg.axes_dim)}) or (batch, {count}, {len(cfg.axes_dim)})"
                 )
+        if len(txt_ids.shape) != len(img_ids.shape):
+            raise ValueError(
+                f"txt_ids and img_ids need the same rank, got shapes {tuple(txt_ids.shape)} and "
+                f"{tuple(img_ids.shape)}"
+            )
         if cfg.guidance_embed and guidance is None:
             raise ValueError(
                 "this model is guidance-distilled (guidance_embed=True): pass guidance= (B,) scales"
@@ -554,17 +559,14 @@ class FluxTransformer(keras.Model):
         img = self.img_in(img)
 
         def embedded(values):  # (B,) -> (B, 256) sinusoids of values * 1000
-            return ops.cast(timestep_embedding(ops.cast(values, "float32") * 1000.0, TIME_EMBED_DIM), dtype)
+            # Scaled in the compute dtype, as diffusers scales them in the hidden states' dtype.
+            return ops.cast(timestep_embedding(ops.cast(values, dtype) * 1000.0, TIME_EMBED_DIM), dtype)
 
         vec = self.time_in(embedded(timesteps))
         if self.guidance_in is not None:
             vec = vec + self.guidance_in(embedded(guidance))
         vec = vec + self.vector_in(y)  # (B, D)
         txt = self.txt_in(txt)
-        if len(txt_ids.shape) != len(img_ids.shape):
-            raise ValueError(
-                f"txt_ids and img_ids need the same rank, got shapes {tuple(txt_ids.shape)} and {tuple(img_ids.shape)}"
-            )
         ids = ops.concatenate([ops.cast(txt_ids, "float32"), ops.cast(img_ids, "float32")], axis=-2)
         angles = rope_angles(ids, cfg.axes_dim, cfg.theta)[:, :, None]  # (B or 1, T + N, 1, head_dim / 2)
         rope = Rotary(ops.cos(angles), ops.sin(angles))
