@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ from tf_diffusion.weights.state_dict import (  # noqa: E402
     build_abstract,
     count_parameters,
     load_state_dict,
+    manifest,
     state_dict,
 )
 
@@ -302,6 +304,9 @@ def test_full_size_parameter_counts(name):
     ours = build_abstract(lambda: FluxTransformer(FLUX_PRESETS[name]))
     assert count_parameters(ours) == count
     assert count > 11_800_000_000
+    # Config inference from the full-size shapes (no values: objects with a shape) gives the preset.
+    shapes = {k: types.SimpleNamespace(shape=v) for k, v in manifest(ours).items()}
+    assert flux_config_from_state_dict(shapes) == FLUX_PRESETS[name]
 
 
 JAX_SCRIPT = """
