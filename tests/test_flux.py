@@ -346,3 +346,41 @@ def test_runs_under_jax(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(np.abs(np.load(tmp_path / "out.npy") - ref).max()) < FLOAT32_TOL
+
+
+@pytest.mark.slow  # about 5 GB of memory: the released width with one block of each kind
+def test_matches_diffusers_at_full_width():
+    # Full width, 128-wide heads split (16, 56, 56): the released rotary layout, and diffusers'
+    # converter as it is (its hard-coded 3072 width is right here).
+    config = dict(PUBLISHED["flux1-dev"], num_layers=1, num_single_layers=1)
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**config).eval()
+    cfg = flux_config_from_diffusers(config)
+    rng = np.random.default_rng(2)
+    grid = (4, 6)
+    x = dict(
+        img=rng.standard_normal((1, grid[0] * grid[1], 64)).astype(np.float32),
+        img_ids=latent_image_ids(*grid),
+        txt=rng.standard_normal((1, 7, 4096)).astype(np.float32),
+        txt_ids=text_ids(7),
+        timesteps=np.array([0.6], np.float32),
+        y=rng.standard_normal((1, 768)).astype(np.float32),
+        guidance=np.array([3.5], np.float32),
+    )
+    ref = _reference_output(model, x)
+    theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    original = convert_diffusers_flux(theirs, cfg)
+    from diffusers.loaders import single_file_utils
+
+    back = single_file_utils.convert_flux_transformer_checkpoint_to_diffusers(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in original.items()}
+    )
+    assert sorted(back) == sorted(theirs)
+    assert all(np.array_equal(back[k].numpy(), theirs[k]) for k in theirs)
+    del back, theirs, model
+    assert flux_config_from_state_dict(original) == cfg
+    ours = FluxTransformer(cfg)
+    load_state_dict(ours, original)
+    del original
+    err = float(np.abs(np.asarray(ours(**x)) - ref).max())
+    assert err < FLOAT32_TOL, err
