@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_diffusion.layers import PLAIN, Linear, SiLU, attention, dtype_policy_scope
+from tf_diffusion.layers import PLAIN, Linear, SiLU, attention, dtype_policy_scope, run_sequential
 from tf_diffusion.mmdit import layer_norm, modulate
 from tf_diffusion.unet import timestep_embedding
 
@@ -379,15 +379,14 @@ class DoubleStreamBlock(keras.layers.Layer):
         super().__init__(**kwargs)
         dim, heads = config.hidden_size, config.num_heads
         self.heads = heads
-        for stream in ("img", "txt"):
-            setattr(self, f"{stream}_mod", Modulation(dim, double=True))
-            setattr(self, f"{stream}_attn", SelfAttention(dim, heads, config.qkv_bias))
-            # img_mlp.1 is nn.GELU(approximate="tanh") in the original.
-            setattr(
-                self,
-                f"{stream}_mlp",
-                [Linear(dim, config.mlp_hidden_dim), GELUTanh(), Linear(config.mlp_hidden_dim, dim)],
-            )
+        mlp = config.mlp_hidden_dim
+        self.img_mod = Modulation(dim, double=True)
+        self.img_attn = SelfAttention(dim, heads, config.qkv_bias)
+        # img_mlp.1 / txt_mlp.1 are nn.GELU(approximate="tanh") in the original.
+        self.img_mlp = [Linear(dim, mlp), GELUTanh(), Linear(mlp, dim)]
+        self.txt_mod = Modulation(dim, double=True)
+        self.txt_attn = SelfAttention(dim, heads, config.qkv_bias)
+        self.txt_mlp = [Linear(dim, mlp), GELUTanh(), Linear(mlp, dim)]
         self.built = True
 
     def call(self, img, txt, vec, rope: Rotary):  # img (B, N, D), txt (B, T, D), vec (B, D)
@@ -411,21 +410,19 @@ class DoubleStreamBlock(keras.layers.Layer):
         )
         txt_attn, img_attn = joint[:, :t], joint[:, t:]
         img = img + img_mod[2][:, None] * self.img_attn.proj(img_attn)
-        img = img + img_mod[5][:, None] * _run(self.img_mlp, _modulated(img, img_mod[3], img_mod[4]))
+        img = img + img_mod[5][:, None] * run_sequential(
+            self.img_mlp, _modulated(img, img_mod[3], img_mod[4])
+        )
         txt = txt + txt_mod[2][:, None] * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod[5][:, None] * _run(self.txt_mlp, _modulated(txt, txt_mod[3], txt_mod[4]))
+        txt = txt + txt_mod[5][:, None] * run_sequential(
+            self.txt_mlp, _modulated(txt, txt_mod[3], txt_mod[4])
+        )
         return img, txt
 
 
 def _modulated(x, shift, scale):
     """(1 + scale) * LayerNorm(x) + shift (no affine, eps 1e-6; the norm in float32)."""
     return modulate(ops.cast(layer_norm(x), x.dtype), shift, scale)
-
-
-def _run(layers, x):
-    for layer in layers:
-        x = layer(x)
-    return x
 
 
 class SingleStreamBlock(keras.layers.Layer):
