@@ -226,12 +226,16 @@ def test_loads_single_files_and_folders(tiny, tmp_path):
     )
     # A diffusers transformer folder and a pipeline folder holding one.
     model.save_pretrained(tmp_path / "pipe" / "transformer", safe_serialization=True)
-    for path in (tmp_path / "pipe" / "transformer", tmp_path / "pipe"):
+    model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    for path in (tmp_path / "pipe" / "transformer", tmp_path / "pipe", tmp_path / "sharded"):
         loaded = load_flux_transformer(path)
         assert loaded.config == cfg
         assert float(np.abs(np.asarray(loaded(**x)) - ref).max()) < FLOAT32_TOL, path
     with pytest.raises(ValueError, match="no config.json"):
         load_flux_transformer(tmp_path)
+    with pytest.raises(ValueError, match="expected a .safetensors file"):
+        load_flux_transformer(tmp_path / "flux.ckpt")
 
 
 def test_rename_lists_bad_keys(tiny):
