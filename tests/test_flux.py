@@ -211,6 +211,8 @@ def test_config_inference(tiny):
         flux_config_from_state_dict(original)  # 16-wide heads: the rotary split is not in the weights
     with pytest.raises(ValueError, match="not a Flux transformer"):
         flux_config_from_state_dict({"img_in.weight": original["img_in.weight"]})
+    with pytest.raises(ValueError, match="SD3Transformer2DModel"):
+        flux_config_from_diffusers({"_class_name": "SD3Transformer2DModel"})
 
 
 def test_loads_single_files_and_folders(tiny, tmp_path):

@@ -130,9 +130,12 @@ def flux_config_from_diffusers(data: Mapping) -> FluxConfig:
     """A diffusers FluxTransformer2DModel config.json -> FluxConfig.
 
     Raises:
-        ValueError: for a ``patch_size`` other than 1 (the released models pack 2x2 patches outside
+        ValueError: for another model's config (``_class_name``), a ``patch_size`` other than 1 (the released models pack 2x2 patches outside
             the transformer), or invalid sizes.
     """
+    kind = data.get("_class_name", "FluxTransformer2DModel")
+    if kind != "FluxTransformer2DModel":
+        raise ValueError(f"config of a {kind!r}; expected a FluxTransformer2DModel config")
     patch = int(data.get("patch_size", 1))
     if patch != 1:
         raise ValueError(f"patch_size={patch} is not supported; Flux transformers have patch_size=1")
