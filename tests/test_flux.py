@@ -1,0 +1,392 @@
+"""Flux.1's transformer against diffusers' FluxTransformer2DModel, run here on tiny random models.
+
+Two tiny references: diffusers' own test config (1 double + 1 single block, no guidance) and a
+guidance-distilled one with 2 + 2 blocks. Their state dicts go through our rename to the original
+(Black Forest Labs) keys, which diffusers' single-file converter must take back to the same dict;
+outputs must agree within 1e-4 in float32. Also: the packing helpers against FluxPipeline's static
+methods, config inference, loading files and folders, full-size parameter counts, and JAX.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from diffusers import FluxTransformer2DModel  # noqa: E402
+
+from tf_diffusion.flux import (  # noqa: E402
+    FLUX_PRESETS,
+    FluxConfig,
+    FluxTransformer,
+    flux_config_from_state_dict,
+    latent_image_ids,
+    pack_latents,
+    text_ids,
+    unpack_latents,
+)
+from tf_diffusion.weights.flux import (  # noqa: E402
+    convert_diffusers_flux,
+    flux_config_from_diffusers,
+    load_flux_transformer,
+)
+from tf_diffusion.weights.safetensors_io import save_safetensors  # noqa: E402
+from tf_diffusion.weights.state_dict import (  # noqa: E402
+    StateDictError,
+    build_abstract,
+    count_parameters,
+    load_state_dict,
+    manifest,
+    state_dict,
+)
+
+FLOAT32_TOL = 1e-4
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# diffusers' FluxTransformerTests config, and one of ours with guidance and 2 + 2 blocks.
+TINY = {
+    "diffusers-test": dict(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    ),
+    "guidance-2x2": dict(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    ),
+}  # fmt: skip
+
+
+def _reference(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**TINY[name]).eval()
+    with torch.no_grad():
+        # The q/k norm scales start at ones; random ones check that each lands on its stream.
+        for key, p in model.named_parameters():
+            if "norm_" in key:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    return model
+
+
+def _numpy_state(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _inputs(cfg: FluxConfig, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    b, t = 2, 5
+    img_ids = latent_image_ids(2, 3)
+    img_ids[:, 0] = 1.0  # a non-zero first axis, so every rotary axis is exercised
+    txt = rng.integers(0, 4, (t, 3)).astype(np.float32)  # text ids are zeros in the pipeline; any ids work
+    return dict(
+        img=rng.standard_normal((b, 6, cfg.in_channels)).astype(np.float32),
+        img_ids=img_ids,
+        txt=rng.standard_normal((b, t, cfg.context_in_dim)).astype(np.float32),
+        txt_ids=txt,
+        timesteps=np.array([0.3, 0.9], np.float32),
+        y=rng.standard_normal((b, cfg.vec_in_dim)).astype(np.float32),
+        guidance=np.array([3.5, 1.25], np.float32) if cfg.guidance_embed else None,
+    )
+
+
+def _reference_output(model, x) -> np.ndarray:
+    with torch.no_grad():
+        out = model(
+            hidden_states=torch.from_numpy(x["img"]),
+            encoder_hidden_states=torch.from_numpy(x["txt"]),
+            pooled_projections=torch.from_numpy(x["y"]),
+            timestep=torch.from_numpy(x["timesteps"]),
+            img_ids=torch.from_numpy(x["img_ids"]),
+            txt_ids=torch.from_numpy(x["txt_ids"]),
+            guidance=None if x["guidance"] is None else torch.from_numpy(x["guidance"]),
+            return_dict=False,
+        )[0]
+    return out.numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def tiny(request):
+    model = _reference(request.param)
+    cfg = flux_config_from_diffusers(dict(model.config))
+    x = _inputs(cfg)
+    return request.param, model, cfg, x, _reference_output(model, x)
+
+
+def _diffusers_converter(original: dict, monkeypatch) -> dict:
+    """diffusers' single-file converter on an original-key dict.
+
+    It hard-codes the full-size width (3072) when it splits a single block's ``linear1``; the
+    split sizes are scaled to the tensor here, which is the only change to what it computes.
+    """
+    from diffusers.loaders import single_file_utils
+
+    real_split = torch.split
+
+    def split(tensor, sizes, dim=0):
+        if isinstance(sizes, (tuple, list)) and sum(sizes) != tensor.shape[dim]:
+            unit = tensor.shape[dim] // (sum(sizes) // sizes[0])  # (3 + mlp_ratio) units of the width
+            sizes = [s // sizes[0] * unit for s in sizes]
+        return real_split(tensor, sizes, dim)
+
+    shim = type("TorchWithScaledSplit", (), {"__getattr__": lambda self, name: getattr(torch, name)})()
+    shim.split = split
+    monkeypatch.setattr(single_file_utils, "torch", shim)
+    checkpoint = {k: torch.from_numpy(np.asarray(v).copy()) for k, v in original.items()}
+    return {
+        k: v.numpy()
+        for k, v in single_file_utils.convert_flux_transformer_checkpoint_to_diffusers(checkpoint).items()
+    }
+
+
+def test_rename_is_the_inverse_of_diffusers_converter(tiny, monkeypatch):
+    _, model, cfg, _, _ = tiny
+    theirs = _numpy_state(model)
+    original = convert_diffusers_flux(theirs, cfg)
+    back = _diffusers_converter(original, monkeypatch)
+    assert sorted(back) == sorted(theirs)
+    for key, value in theirs.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_original_keys_are_our_attribute_paths(tiny):
+    _, model, cfg, _, _ = tiny
+    original = convert_diffusers_flux(_numpy_state(model), cfg)
+    ours = FluxTransformer(cfg)
+    load_state_dict(ours, original)  # strict: every key and shape
+    assert {k: v.shape for k, v in state_dict(ours).items()} == {k: v.shape for k, v in original.items()}
+    expected = {"img_in.weight", "txt_in.bias", "time_in.in_layer.weight", "vector_in.out_layer.bias",
+                "double_blocks.0.img_mod.lin.weight", "double_blocks.0.txt_attn.qkv.bias",
+                "double_blocks.0.img_attn.norm.query_norm.scale", "double_blocks.0.txt_attn.norm.key_norm.scale",
+                "double_blocks.0.img_attn.proj.weight", "double_blocks.0.img_mlp.0.weight",
+                "double_blocks.0.txt_mlp.2.bias", "single_blocks.0.linear1.weight", "single_blocks.0.linear2.bias",
+                "single_blocks.0.norm.query_norm.scale", "single_blocks.0.modulation.lin.weight",
+                "final_layer.linear.weight", "final_layer.adaLN_modulation.1.bias"}  # fmt: skip
+    assert expected <= set(original)
+    assert ("guidance_in.in_layer.weight" in original) == cfg.guidance_embed
+
+
+def test_matches_diffusers(tiny):
+    name, model, cfg, x, ref = tiny
+    ours = FluxTransformer(cfg)
+    load_state_dict(ours, convert_diffusers_flux(_numpy_state(model), cfg))
+    out = np.asarray(ours(**x))
+    assert out.shape == ref.shape == (2, 6, cfg.out_channels)
+    err = float(np.abs(out - ref).max())
+    assert err < FLOAT32_TOL, (name, err)
+    # Batched (B, L, 3) ids give the same as shared ones.
+    batched = dict(x, img_ids=np.stack([x["img_ids"]] * 2), txt_ids=np.stack([x["txt_ids"]] * 2))
+    assert float(np.abs(np.asarray(ours(**batched)) - ref).max()) < FLOAT32_TOL
+    # The test can fail: another timestep (and guidance) moves the output well past the tolerance.
+    moved = dict(x, timesteps=x["timesteps"] + 0.05)
+    assert float(np.abs(np.asarray(ours(**moved)) - ref).max()) > 100 * FLOAT32_TOL
+    if cfg.guidance_embed:
+        other = dict(x, guidance=x["guidance"] + 1.0)
+        assert float(np.abs(np.asarray(ours(**other)) - ref).max()) > 100 * FLOAT32_TOL
+
+
+def test_mixed_bfloat16_stays_close(tiny):
+    # Norms, the rotation and the softmax stay float32; the rest rounds to bfloat16.
+    _, model, cfg, x, ref = tiny
+    ours = FluxTransformer(cfg, dtype="mixed_bfloat16")
+    load_state_dict(ours, convert_diffusers_flux(_numpy_state(model), cfg))
+    out = np.asarray(ours(**x)).astype(np.float32)
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_config_inference(tiny):
+    _, model, cfg, _, _ = tiny
+    original = convert_diffusers_flux(_numpy_state(model), cfg)
+    assert flux_config_from_state_dict(original, axes_dim=(4, 4, 8)) == cfg
+    prefixed = {f"model.diffusion_model.{k}": v for k, v in original.items()}
+    assert flux_config_from_state_dict(prefixed, axes_dim=(4, 4, 8)) == cfg
+    with pytest.raises(ValueError, match="axes_dim"):
+        flux_config_from_state_dict(original)  # 16-wide heads: the rotary split is not in the weights
+    with pytest.raises(ValueError, match="not a Flux transformer"):
+        flux_config_from_state_dict({"img_in.weight": original["img_in.weight"]})
+    with pytest.raises(ValueError, match="SD3Transformer2DModel"):
+        flux_config_from_diffusers({"_class_name": "SD3Transformer2DModel"})
+
+
+def test_loads_single_files_and_folders(tiny, tmp_path):
+    name, model, cfg, x, ref = tiny
+    original = convert_diffusers_flux(_numpy_state(model), cfg)
+    # An original single file as ComfyUI stores it: the model prefix, float16 (upcast on load).
+    file = tmp_path / "flux.safetensors"
+    save_safetensors({f"model.diffusion_model.{k}": v.astype(np.float16) for k, v in original.items()}, file)
+    half = load_flux_transformer(file, axes_dim=(4, 4, 8))
+    assert half.config == cfg and half.img_in.weight.dtype == "float32"
+    np.testing.assert_array_equal(
+        np.asarray(half.img_in.weight), original["img_in.weight"].astype(np.float16).astype(np.float32).T
+    )
+    # A diffusers transformer folder and a pipeline folder holding one.
+    model.save_pretrained(tmp_path / "pipe" / "transformer", safe_serialization=True)
+    model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    for path in (tmp_path / "pipe" / "transformer", tmp_path / "pipe", tmp_path / "sharded"):
+        loaded = load_flux_transformer(path)
+        assert loaded.config == cfg
+        assert float(np.abs(np.asarray(loaded(**x)) - ref).max()) < FLOAT32_TOL, path
+    with pytest.raises(ValueError, match="no config.json"):
+        load_flux_transformer(tmp_path)
+    with pytest.raises(ValueError, match="expected a .safetensors file"):
+        load_flux_transformer(tmp_path / "flux.ckpt")
+
+
+def test_rename_lists_bad_keys(tiny):
+    _, model, cfg, _, _ = tiny
+    theirs = _numpy_state(model)
+    theirs["transformer_blocks.9.attn.to_q.weight"] = theirs.pop("transformer_blocks.0.attn.to_q.weight")
+    with pytest.raises(StateDictError) as info:
+        convert_diffusers_flux(theirs, cfg)
+    assert info.value.missing == ["transformer_blocks.0.attn.to_q.weight"]
+    assert info.value.unexpected == ["transformer_blocks.9.attn.to_q.weight"]
+
+
+def test_guidance_argument_is_checked():
+    dev = FluxTransformer(FluxConfig(in_channels=4, hidden_size=32, num_heads=2, axes_dim=(4, 4, 8),
+                                     depth=1, depth_single_blocks=1, context_in_dim=8, vec_in_dim=8))  # fmt: skip
+    x = dict(img=np.zeros((1, 4, 4), np.float32), img_ids=latent_image_ids(2, 2), txt=np.zeros((1, 3, 8), np.float32),
+             txt_ids=text_ids(3), timesteps=np.ones(1, np.float32), y=np.zeros((1, 8), np.float32))  # fmt: skip
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        dev(**x)
+    schnell = FluxTransformer(dev.config.replace(guidance_embed=False))
+    with pytest.raises(ValueError, match="no guidance embedder"):
+        schnell(**x, guidance=np.ones(1, np.float32))
+    with pytest.raises(ValueError, match="img_ids"):
+        schnell(**dict(x, img_ids=latent_image_ids(2, 3)))
+    with pytest.raises(ValueError, match="context_in_dim=8"):
+        schnell(**dict(x, txt=np.zeros((1, 3, 9), np.float32)))
+    with pytest.raises(ValueError, match="axes_dim"):
+        FluxConfig(hidden_size=32, num_heads=2, axes_dim=(4, 4, 4))
+
+
+def test_packing_helpers_equal_diffusers():
+    from diffusers import FluxPipeline
+
+    rng = np.random.default_rng(0)
+    b, c, h, w = 2, 16, 6, 10
+    nchw = rng.standard_normal((b, c, h, w)).astype(np.float32)
+    theirs = FluxPipeline._pack_latents(torch.from_numpy(nchw), b, c, h, w).numpy()
+    ours = np.asarray(pack_latents(nchw.transpose(0, 2, 3, 1)))
+    np.testing.assert_array_equal(ours, theirs)
+    # diffusers unpacks from the image size: 8x the latent's.
+    back = FluxPipeline._unpack_latents(torch.from_numpy(theirs), h * 8, w * 8, 8).numpy()
+    np.testing.assert_array_equal(np.asarray(unpack_latents(ours, h, w)), back.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(back, nchw)
+    ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32).numpy()
+    np.testing.assert_array_equal(latent_image_ids(h // 2, w // 2), ids)
+    assert text_ids(7).shape == (7, 3) and not text_ids(7).any()
+    with pytest.raises(ValueError, match="must be even"):
+        pack_latents(np.zeros((1, 5, 4, 16), np.float32))
+    with pytest.raises(ValueError, match="do not unpack"):
+        unpack_latents(ours, h, w + 2)
+
+
+# The published transformer/config.json of black-forest-labs/FLUX.1-dev and FLUX.1-schnell.
+PUBLISHED = {
+    name: dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+               guidance_embeds=guidance, axes_dims_rope=[16, 56, 56])
+    for name, guidance in (("flux1-dev", True), ("flux1-schnell", False))
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_full_size_parameter_counts(name):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        reference = FluxTransformer2DModel(**PUBLISHED[name])
+    count = sum(p.numel() for p in reference.parameters())
+    assert flux_config_from_diffusers(PUBLISHED[name]) == FLUX_PRESETS[name]
+    ours = build_abstract(lambda: FluxTransformer(FLUX_PRESETS[name]))
+    assert count_parameters(ours) == count
+    assert count > 11_800_000_000
+    # Config inference from the full-size shapes (no values: objects with a shape) gives the preset.
+    shapes = {k: types.SimpleNamespace(shape=v) for k, v in manifest(ours).items()}
+    assert flux_config_from_state_dict(shapes) == FLUX_PRESETS[name]
+
+
+JAX_SCRIPT = """
+import json, sys
+import jax
+import numpy as np
+import keras
+assert keras.backend.backend() == "jax", keras.backend.backend()
+from tf_diffusion.flux import FluxConfig, FluxTransformer
+from tf_diffusion.weights import load_state_dict
+data = np.load(sys.argv[1])
+cfg = FluxConfig(**json.loads(sys.argv[2]))
+model = FluxTransformer(cfg)
+load_state_dict(model, {k[2:]: data[k] for k in data.files if k.startswith("w/")})
+x = {k[2:]: data[k] for k in data.files if k.startswith("x/")}
+guidance = x.pop("guidance", None)
+# One compiled call: JAX runs eager ops one compile each, which is slow on two cores.
+run = jax.jit(lambda w, x, g: model.stateless_call(w, [], **x, guidance=g)[0])
+np.save(sys.argv[3], np.asarray(run([v.value for v in model.trainable_variables], x, guidance)))
+"""
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("jax"), reason="jax is not installed")
+def test_runs_under_jax(tmp_path):
+    model = _reference("guidance-2x2")
+    cfg = flux_config_from_diffusers(dict(model.config))
+    x = _inputs(cfg)
+    ref = _reference_output(model, x)
+    original = convert_diffusers_flux(_numpy_state(model), cfg)
+    arrays = {f"w/{k}": v for k, v in original.items()} | {f"x/{k}": v for k, v in x.items() if v is not None}
+    np.savez(tmp_path / "data.npz", **arrays)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", JAX_SCRIPT, str(tmp_path / "data.npz"), json.dumps(fields), str(tmp_path / "out.npy")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(np.abs(np.load(tmp_path / "out.npy") - ref).max()) < FLOAT32_TOL
+
+
+@pytest.mark.slow  # about 5 GB of memory: the released width with one block of each kind
+def test_matches_diffusers_at_full_width():
+    # Full width, 128-wide heads split (16, 56, 56): the released rotary layout, and diffusers'
+    # converter as it is (its hard-coded 3072 width is right here).
+    config = dict(PUBLISHED["flux1-dev"], num_layers=1, num_single_layers=1)
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**config).eval()
+    cfg = flux_config_from_diffusers(config)
+    rng = np.random.default_rng(2)
+    grid = (4, 6)
+    x = dict(
+        img=rng.standard_normal((1, grid[0] * grid[1], 64)).astype(np.float32),
+        img_ids=latent_image_ids(*grid),
+        txt=rng.standard_normal((1, 7, 4096)).astype(np.float32),
+        txt_ids=text_ids(7),
+        timesteps=np.array([0.6], np.float32),
+        y=rng.standard_normal((1, 768)).astype(np.float32),
+        guidance=np.array([3.5], np.float32),
+    )
+    ref = _reference_output(model, x)
+    theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    original = convert_diffusers_flux(theirs, cfg)
+    from diffusers.loaders import single_file_utils
+
+    back = single_file_utils.convert_flux_transformer_checkpoint_to_diffusers(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in original.items()}
+    )
+    assert sorted(back) == sorted(theirs)
+    assert all(np.array_equal(back[k].numpy(), theirs[k]) for k in theirs)
+    del back, theirs, model
+    assert flux_config_from_state_dict(original) == cfg
+    ours = FluxTransformer(cfg)
+    load_state_dict(ours, original)
+    del original
+    err = float(np.abs(np.asarray(ours(**x)) - ref).max())
+    assert err < FLOAT32_TOL, err
