@@ -120,6 +120,10 @@ class UNetConfig:
     the pooled text embedding concatenated with the sinusoidal embeddings
     (``addition_time_embed_dim`` wide each) of the micro-conditioning time ids, added to the
     time embedding; None for SD 1.x / 2.x.
+
+    ``time_cond_proj_dim`` (LCM-distilled UNets: 256) adds diffusers' ``time_embedding.cond_proj``: a
+    bias-free projection of the guidance-scale embedding (``guidance_embedding``) added to the timestep's
+    sinusoid, so the guidance scale is an input of the model rather than a second pass; None otherwise.
     """
 
     in_channels: int = 4
@@ -139,6 +143,7 @@ class UNetConfig:
     layer_norm_eps: float = 1e-5
     adm_in_channels: int | None = None
     addition_time_embed_dim: int = 256
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self):
         _check_positive(
@@ -153,6 +158,8 @@ class UNetConfig:
         )
         if self.adm_in_channels is not None:
             _check_positive(self, "adm_in_channels")
+        if self.time_cond_proj_dim is not None:
+            _check_positive(self, "time_cond_proj_dim")
         depth = self.transformer_depth
         if isinstance(depth, tuple):
             if len(depth) != len(self.channel_mult):

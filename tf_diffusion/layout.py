@@ -26,6 +26,9 @@ UNET_TOP = {
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
 }
+# LCM-distilled UNets (UNetConfig.time_cond_proj_dim): diffusers' guidance projection. No original
+# single-file key exists for it (these UNets are published as diffusers folders); ours is its own name.
+UNET_COND = {"time_cond_proj": "time_embedding.cond_proj"}
 # SDXL's added conditioning (UNetConfig.adm_in_channels): single-file path -> diffusers name.
 UNET_ADDED = {
     "label_emb.0.0": "add_embedding.linear_1",

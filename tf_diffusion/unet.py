@@ -42,6 +42,23 @@ def timestep_embedding(timesteps, dim: int):
     return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
 
 
+def guidance_embedding(guidance_scale, dim: int):
+    """An LCM-distilled UNet's ``timestep_cond``: the sinusoid of ``1000 * w``, sin half first, (B,) -> (B, dim).
+
+    ``w`` is what diffusers passes, the guidance scale minus one; an odd ``dim`` gets a zero column, as
+    diffusers' ``get_guidance_scale_embedding``.
+    """
+    half = dim // 2
+    # The step in float32 as diffusers rounds it: 1000 * w makes the sinusoid sensitive to the last bit.
+    step = np.float32(np.log(np.float32(10000.0))) / np.float32(half - 1)
+    freqs = ops.exp(ops.arange(half, dtype="float32") * ops.convert_to_tensor(-step, "float32"))
+    args = (ops.cast(guidance_scale, "float32") * 1000.0)[:, None] * freqs[None, :]
+    emb = ops.concatenate([ops.sin(args), ops.cos(args)], axis=-1)
+    if dim % 2:
+        emb = ops.pad(emb, [[0, 0], [0, 1]])
+    return emb
+
+
 class ResBlock(keras.layers.Layer):
     """GroupNorm-SiLU-conv twice, with the time embedding added in between."""
 
@@ -229,6 +246,8 @@ class UNetModel(keras.Model):
             if cfg.adm_in_channels is not None:
                 # sgm's num_classes="sequential": nn.Sequential(nn.Sequential(Linear, SiLU, Linear)).
                 self.label_emb = [[Linear(cfg.adm_in_channels, emb_dim), SiLU(), Linear(emb_dim, emb_dim)]]
+            if cfg.time_cond_proj_dim is not None:
+                self.time_cond_proj = Linear(cfg.time_cond_proj_dim, mc, bias=False)
 
             # Built whole, then assigned: Keras tracks the variables of lists as they are assigned
             # (layers appended later to an inner list of an assigned list are not tracked).
@@ -317,6 +336,7 @@ class UNetModel(keras.Model):
         time_ids=None,
         down_residuals=None,
         mid_residual=None,
+        timestep_cond=None,
     ):
         """Predict the noise (or v) for ``latents`` at ``timesteps`` given text ``context``.
 
@@ -331,6 +351,8 @@ class UNetModel(keras.Model):
             down_residuals: ControlNet residuals, one per input block, each added to that block's
                 skip (diffusers' ``down_block_additional_residuals``); None: none.
             mid_residual: ControlNet residual added to the middle block's output.
+            timestep_cond: LCM-distilled UNets only (``time_cond_proj_dim`` set): (B, time_cond_proj_dim),
+                the guidance scale's embedding (``guidance_embedding``), diffusers' ``timestep_cond``.
 
         Returns:
             (B, H, W, out_channels) in the dtype policy's compute dtype.
@@ -345,7 +367,17 @@ class UNetModel(keras.Model):
 
         batch = ops.shape(latents)[0]
         t = ops.broadcast_to(ops.cast(timesteps, "float32"), (batch,))
-        emb = run_sequential(self.time_embed, timestep_embedding(t, self.config.model_channels))  # (B, E)
+        sinusoid = timestep_embedding(t, self.config.model_channels)  # (B, model_channels)
+        if self.config.time_cond_proj_dim is not None:
+            if timestep_cond is None:
+                raise ValueError(
+                    f"this UNet is LCM-distilled (time_cond_proj_dim={self.config.time_cond_proj_dim}): pass "
+                    "timestep_cond, the guidance scale's embedding (tf_diffusion.unet.guidance_embedding)"
+                )
+            sinusoid = sinusoid + ops.cast(self.time_cond_proj(timestep_cond), sinusoid.dtype)
+        elif timestep_cond is not None:
+            raise ValueError("timestep_cond is only for LCM-distilled UNets (time_cond_proj_dim set)")
+        emb = run_sequential(self.time_embed, sinusoid)  # (B, E)
         if self.config.adm_in_channels is not None:
             emb = emb + run_sequential(self.label_emb[0], self._added_input(text_embeds, time_ids))
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 
 from tf_diffusion.config import UNetConfig
-from tf_diffusion.layout import UNET_ADDED, UNET_TOP, unet_layout
+from tf_diffusion.layout import UNET_ADDED, UNET_COND, UNET_TOP, unet_layout
 from tf_diffusion.weights.state_dict import StateDictError
 
 # Diffusers ResnetBlock2D name -> ResBlock name (the nn.Sequential index of the reference).
@@ -30,7 +30,7 @@ _PREFIX = re.compile(
     r"^((?:down|up)_blocks\.\d+\.(?:resnets|attentions|upsamplers)\.\d+\."
     r"|down_blocks\.\d+\.downsamplers\.0\.conv\."
     r"|mid_block\.(?:resnets|attentions)\.\d+\."
-    r"|time_embedding\.linear_[12]\.|add_embedding\.linear_[12]\.|conv_in\.|conv_norm_out\.|conv_out\.)(.+)$"
+    r"|time_embedding\.(?:linear_[12]|cond_proj)\.|add_embedding\.linear_[12]\.|conv_in\.|conv_norm_out\.|conv_out\.)(.+)$"
 )
 
 
@@ -46,6 +46,8 @@ def diffusers_prefix_map(config: UNetConfig) -> dict[str, str]:
     table = {f"{theirs}.": f"{ours}." for ours, theirs in UNET_TOP.items()}
     if config.adm_in_channels is not None:
         table.update({f"{theirs}.": f"{ours}." for ours, theirs in UNET_ADDED.items()})
+    if config.time_cond_proj_dim is not None:
+        table.update({f"{theirs}.": f"{ours}." for ours, theirs in UNET_COND.items()})
     for block in unet_layout(config):
         if block.kind == "down":
             # Diffusers wraps the conv as `.conv`; the reference Downsample holds it as `.op`.
@@ -120,7 +122,6 @@ _REQUIRED = {
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
     "attention_type": ("default",),
@@ -139,7 +140,7 @@ _USED = {
     "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
     "layers_per_block", "transformer_layers_per_block", "cross_attention_dim", "attention_head_dim",
     "use_linear_projection", "norm_num_groups", "norm_eps", "addition_time_embed_dim",
-    "projection_class_embeddings_input_dim",
+    "projection_class_embeddings_input_dim", "time_cond_proj_dim",
 }  # fmt: skip
 _UP_FOR_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 
@@ -263,6 +264,7 @@ def unet_config_from_diffusers(data: Mapping) -> UNetConfig:
         resnet_eps=float(data.get("norm_eps", 1e-5)),
         adm_in_channels=adm,
         addition_time_embed_dim=int(data.get("addition_time_embed_dim") or 256),
+        time_cond_proj_dim=data.get("time_cond_proj_dim"),
     )
 
 
