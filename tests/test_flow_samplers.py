@@ -64,12 +64,23 @@ CASES = [
     # sigma_min ends on the VP training schedule's smallest sigma (diffusers' default betas, written out).
     (
         "flow_dpmpp_2m",
-        {"flow_shift": 3.0, "final_sigmas_type": "sigma_min", "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+        {
+            "flow_shift": 3.0,
+            "final_sigmas_type": "sigma_min",
+            "beta_schedule": "linear",
+            "beta_start": 1e-4,
+            "beta_end": 0.02,
+        },
         6,
         None,
     ),
     ("flow_dpmpp_2m_sde", {"flow_shift": 3.0, "algorithm_type": "sde-dpmsolver++"}, 8, None),
-    ("flow_dpmpp_2m_sde", {"flow_shift": 1.5, "algorithm_type": "sde-dpmsolver++", "solver_order": 3}, 6, None),
+    (
+        "flow_dpmpp_2m_sde",
+        {"flow_shift": 1.5, "algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+        6,
+        None,
+    ),
 ]
 
 
@@ -112,7 +123,9 @@ def test_trajectory_matches_diffusers(case):
         x_ref = sched.step(torch.from_numpy(out), t, torch.from_numpy(x_ref), return_dict=False, **kwargs)[0]
         x_ref = x_ref.numpy()
         ours_out = toy_velocity(x, float(plan.timesteps[i]), phase)
-        x, state = sampler.step(ours_out, i, x, state, plan, noise=step_noise[i] if sampler.needs_noise else None)
+        x, state = sampler.step(
+            ours_out, i, x, state, plan, noise=step_noise[i] if sampler.needs_noise else None
+        )
         x = np.asarray(x)
         err = np.abs(x - x_ref).max()
         assert err <= TOL * max(1.0, np.abs(x_ref).max()), f"step {i}: max abs error {err:.3g}"
@@ -130,7 +143,9 @@ def test_img2img_noise_and_tail_match_diffusers(name):
     np.testing.assert_allclose(plan.timesteps, sched.timesteps.numpy()[begin:].astype(np.float32), rtol=TOL)
     x0, noise = np.full((1, 2, 2, 1), 0.3, np.float32), np.full((1, 2, 2, 1), -1.2, np.float32)
     sigma = sched.sigmas.numpy()[begin]
-    np.testing.assert_allclose(np.asarray(sampler.add_noise(x0, noise, plan)), sigma * noise + (1 - sigma) * x0)
+    np.testing.assert_allclose(
+        np.asarray(sampler.add_noise(x0, noise, plan)), sigma * noise + (1 - sigma) * x0
+    )
 
 
 def test_config_from_diffusers_reads_flow_shift():
@@ -144,16 +159,25 @@ def test_config_from_diffusers_reads_flow_shift():
     config = config_from_diffusers(data)
     assert config.shift == 3.0 and config.algorithm_type == "sde-dpmsolver++"
     # diffusers' DPMSolverMultistepScheduler default flow_shift is 1.0, whatever SD3's FlowMatch shift was.
-    assert config_from_diffusers({"shift": 3.0, "use_flow_sigmas": True, "prediction_type": "flow_prediction"}).shift == 1.0
+    assert (
+        config_from_diffusers(
+            {"shift": 3.0, "use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+        ).shift
+        == 1.0
+    )
     assert config_from_diffusers({"_class_name": "FlowMatchHeunDiscreteScheduler", "shift": 2.5}).shift == 2.5
-    with pytest.raises(ValueError, match="use_flow_sigmas=True together with prediction_type='flow_prediction'"):
+    with pytest.raises(
+        ValueError, match="use_flow_sigmas=True together with prediction_type='flow_prediction'"
+    ):
         config_from_diffusers({"use_flow_sigmas": True})
     with pytest.raises(ValueError, match="use_flow_sigmas=None with prediction_type='flow_prediction'"):
         config_from_diffusers({"prediction_type": "flow_prediction"})
 
 
 def test_bad_flow_options():
-    with pytest.raises(ValueError, match="use_dynamic_shifting=True is not supported by FlowMatchHeunDiscreteScheduler"):
+    with pytest.raises(
+        ValueError, match="use_dynamic_shifting=True is not supported by FlowMatchHeunDiscreteScheduler"
+    ):
         get_sampler("flow_heun", SchedulerConfig(use_dynamic_shifting=True), mu=0.5)
     with pytest.raises(ValueError, match="needs mu"):
         get_sampler("flow_dpmpp_2m", SchedulerConfig(use_dynamic_shifting=True))
@@ -167,7 +191,12 @@ def test_bad_flow_options():
 def test_flow_names_in_registry_and_webui_names():
     for name in ("flow_euler", "flow_heun", "flow_dpmpp_2m", "flow_dpmpp_2m_sde"):
         assert name in SAMPLERS
-    expected = {"flow_euler": "Euler", "flow_heun": "Heun", "flow_dpmpp_2m": "DPM++ 2M", "flow_dpmpp_2m_sde": "DPM++ 2M SDE"}
+    expected = {
+        "flow_euler": "Euler",
+        "flow_heun": "Heun",
+        "flow_dpmpp_2m": "DPM++ 2M",
+        "flow_dpmpp_2m_sde": "DPM++ 2M SDE",
+    }
     for ours, theirs in expected.items():
         assert a1111_sampler(ours) == (theirs, None)
         assert sampler_from_a1111(theirs, flow=True) == (ours, {})
