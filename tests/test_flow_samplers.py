@@ -22,7 +22,8 @@ diffusers = pytest.importorskip("diffusers")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "sd3"
 TOL = 1e-6
-IMAGE_TOL = 1e-3
+# Measured ~6e-8 on the tiny folder; another sampler (or shift) moves these images by ~1e-3.
+IMAGE_TOL = 1e-4
 
 
 def toy_velocity(x, t, phase):
@@ -112,14 +113,9 @@ def test_trajectory_matches_diffusers(case):
     phase = np.arange(36, dtype=np.float64).reshape(1, 4, 3, 3) * 0.37
     step_noise = rng.standard_normal((plan.num_evals, 1, 4, 3, 3)).astype(np.float32)
     x, state = x_ref.copy(), sampler.init_state(x_ref)
-    gen = torch.Generator().manual_seed(0)
     for i, t in enumerate(sched.timesteps):
         out = toy_velocity(x_ref, float(t), phase)
-        kwargs = {}
-        if sampler.needs_noise:
-            kwargs["variance_noise"] = torch.from_numpy(step_noise[i])
-        elif name == "flow_euler":
-            kwargs["generator"] = gen
+        kwargs = {"variance_noise": torch.from_numpy(step_noise[i])} if sampler.needs_noise else {}
         x_ref = sched.step(torch.from_numpy(out), t, torch.from_numpy(x_ref), return_dict=False, **kwargs)[0]
         x_ref = x_ref.numpy()
         ours_out = toy_velocity(x, float(plan.timesteps[i]), phase)
@@ -202,6 +198,12 @@ def test_flow_names_in_registry_and_webui_names():
         assert sampler_from_a1111(theirs, flow=True) == (ours, {})
         assert sampler_from_a1111(theirs) == (ours[len("flow_") :], {})
     assert a1111_sampler("FlowMatchHeunDiscreteScheduler") == ("Heun", None)
+    assert a1111_sampler("FlowMatchEulerDiscreteScheduler") == ("Euler", None)
+    flow_dpm = {"use_flow_sigmas": True, "algorithm_type": "sde-dpmsolver++"}
+    assert a1111_sampler("DPMSolverMultistepScheduler", flow_dpm) == ("DPM++ 2M SDE", None)
+    assert sampler_from_a1111("DPM++ 2M", "Automatic", flow=True) == ("flow_dpmpp_2m", {})
+    with pytest.raises(ValueError, match="schedule type 'Karras' has no flow-matching equivalent"):
+        sampler_from_a1111("Euler", "Karras", flow=True)
     with pytest.raises(ValueError, match="no flow-matching equivalent"):
         sampler_from_a1111("DPM++ 2M Karras", flow=True)
     with pytest.raises(ValueError, match="no flow-matching equivalent"):
