@@ -1,8 +1,9 @@
 """Exponential-integrator multistep samplers on data predictions: DPM-Solver++ (2M, 2M SDE) and UniPC.
 
-Both work on x0 predictions in the variance-preserving parameterisation. Every per-step coefficient,
-including which order each step runs at, is computed on the host; the step is a fixed linear combination
-of the sample, the current x0 prediction and the stored previous ones.
+Both work on x0 predictions in the variance-preserving parameterisation (``flow_match.FlowDPMSolverMultistep``
+swaps in the flow-matching pair and ladder). Every per-step coefficient, including which order each step
+runs at, is computed on the host; the step is a fixed linear combination of the sample, the current x0
+prediction and the stored previous ones.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class _MultistepSampler(Sampler):
         """float64 (alpha_t, sigma_t) at the ladder's sigmas: the variance-preserving pair."""
         return schedule.vp_coefficients(s)
 
-    def _vp_tables(self, s: np.ndarray, e: int, begin: int) -> dict:
+    def _alpha_sigma_tables(self, s: np.ndarray, e: int, begin: int) -> dict:
         # The x0 conversion and add_noise both use the (alpha_t, sigma_t) pair at the current step index.
         alpha, sigma = self._alpha_sigma(s[begin:e])
         return {"alpha": alpha, "sigma": sigma, "noise_scales": np.stack([alpha, sigma], axis=1)}
@@ -135,7 +136,7 @@ class DPMSolverMultistep(_MultistepSampler):
                 d01 = b * (1 + r0 / (r0 + r1)) / r0 + c / ((r0 + r1) * r0)
                 d12 = -b * r0 / (r0 + r1) / r1 - c / ((r0 + r1) * r1)
             coefs[i] = (cx, c0, d01, d12, cn)
-        tables = self._vp_tables(s, e, begin)
+        tables = self._alpha_sigma_tables(s, e, begin)
         tables["coefs"] = coefs
         return ts, 1.0, tables
 
@@ -231,7 +232,7 @@ class UniPC(_MultistepSampler):
             for j, rk in enumerate(rks):
                 pred_d[i, j] = -a_t * b_h * rhos[j] / rk
             prev_order = order
-        tables = self._vp_tables(s, e, begin)
+        tables = self._alpha_sigma_tables(s, e, begin)
         tables.update(use_corrector=corr[:, 0], corr=corr[:, 1:], corr_d=corr_d, pred=pred, pred_d=pred_d)
         return ts, 1.0, tables
 
