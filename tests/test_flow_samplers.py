@@ -6,6 +6,7 @@ compares timesteps, sigmas and every step's latents; the SD3 tiny folder then ru
 StableDiffusion3Pipeline with the matching scheduler. torch and diffusers are imported in the test.
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -14,7 +15,7 @@ import pytest
 
 from tf_diffusion.config import SchedulerConfig
 from tf_diffusion.infotext import a1111_sampler, sampler_from_a1111
-from tf_diffusion.schedulers import SAMPLERS, config_from_diffusers, get_sampler
+from tf_diffusion.schedulers import SAMPLERS, config_from_diffusers, flow_shift_mu, get_sampler
 from tf_diffusion.schedulers.flow_match import FlowDPMSolverMultistep
 
 torch = pytest.importorskip("torch")
@@ -223,17 +224,29 @@ def pipelines():
     return ref, StableDiffusion3.from_pretrained(FIXTURES / "sd3-diffusers", load_t5=False)
 
 
-@pytest.mark.parametrize("name", ["flow_heun", "flow_dpmpp_2m"])
+@pytest.mark.parametrize("name", ["flow_heun", "flow_dpmpp_2m", "flow_dpmpp_2m_dynamic"])
 def test_sd3_pipeline_matches_diffusers(pipelines, name):
     ref, sd = pipelines
     data = json.loads((FIXTURES / "sd3-diffusers" / "scheduler" / "scheduler_config.json").read_text())
     shift = data.get("shift", 3.0)
+    scheduler = name
     if name == "flow_heun":
         sched = diffusers.FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     else:
+        dynamic = name.endswith("_dynamic")
         sched = diffusers.DPMSolverMultistepScheduler(
-            use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift
+            use_flow_sigmas=True,
+            prediction_type="flow_prediction",
+            flow_shift=shift,
+            use_dynamic_shifting=dynamic,
         )
+        if dynamic:
+            # The pipeline's mu from the image's token count, as StableDiffusion3 passes it for such a config.
+            config = dataclasses.replace(sd.config.scheduler, use_dynamic_shifting=True)
+            p = sd.config.transformer.patch_size
+            mu = flow_shift_mu((6 // p) * (4 // p), config)
+            scheduler = get_sampler("flow_dpmpp_2m", config, mu=mu)
+            assert mu != pytest.approx(np.log(shift))
     pipe = diffusers.StableDiffusion3Pipeline(**{**ref.components, "scheduler": sched})
     pipe.set_progress_bar_config(disable=True)
     latents = np.random.default_rng(5).standard_normal((1, 16, 6, 4)).astype(np.float32)  # 12x8 pixels
@@ -258,7 +271,7 @@ def test_sd3_pipeline_matches_diffusers(pipelines, name):
         width=8,
         latents=latents.transpose(0, 2, 3, 1),
         max_sequence_length=12,
-        scheduler=name,
+        scheduler=scheduler,
         output_type="float",
         progress=False,
         jit_compile=False,
