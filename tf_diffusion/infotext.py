@@ -10,8 +10,9 @@ negative prompt's further lines), then one line of ``Key: value`` fields separat
 A value holding a comma, a colon or a line break is written as a JSON string (``"a, b"``), as the web UI
 does. ``format_parameters`` writes that text, ``parse_parameters`` reads ours and the web UI's, and
 ``model_hash`` computes the web UI's short model hash. Sampler names: ``A1111_SAMPLERS`` maps our
-sampler registry names (``tf_diffusion.schedulers.SAMPLERS``) to the web UI's, ``a1111_sampler`` names
-any of our samplers (also by diffusers class and options), ``sampler_from_a1111`` goes back.
+sampler registry names (``tf_diffusion.schedulers.SAMPLERS``) to the web UI's (``FLOW_A1111_SAMPLERS``
+the flow-matching ones, which share the plain names), ``a1111_sampler`` names any of our samplers (also
+by diffusers class and options), ``sampler_from_a1111`` goes back (``flow=True`` for SD3 and Flux).
 
 This module imports nothing heavy (no TensorFlow, no Keras): a command line or a server can read
 parameters before loading a model.
@@ -26,7 +27,7 @@ import os
 import re
 from collections.abc import Mapping
 
-# Our sampler registry name -> the web UI's name for the same sampler (the legacy "X Karras" form, which
+# Our registry name of a UNet-family sampler -> the web UI's name for it (the legacy "X Karras" form, which
 # every web UI version and the tools that read its images understand).
 A1111_SAMPLERS: dict[str, str] = {
     "ddim": "DDIM",
@@ -45,6 +46,15 @@ A1111_SAMPLERS: dict[str, str] = {
     "tcd": "TCD",  # not a stock web UI sampler; the name its forks and extensions use
 }
 SAMPLERS_FROM_A1111: dict[str, str] = {a1111: ours for ours, a1111 in A1111_SAMPLERS.items()}
+# The flow-matching samplers (SD3, Flux): the web UI writes them with the plain names, so they get their own
+# map; ``sampler_from_a1111(..., flow=True)`` reads a name back for a flow-matching model.
+FLOW_A1111_SAMPLERS: dict[str, str] = {
+    "flow_euler": "Euler",
+    "flow_heun": "Heun",
+    "flow_dpmpp_2m": "DPM++ 2M",
+    "flow_dpmpp_2m_sde": "DPM++ 2M SDE",
+}
+FLOW_SAMPLERS_FROM_A1111: dict[str, str] = {a1111: ours for ours, a1111 in FLOW_A1111_SAMPLERS.items()}
 
 # diffusers scheduler class -> our registry name (DPMSolverMultistep depends on its options).
 _DIFFUSERS_CLASSES = {
@@ -59,6 +69,8 @@ _DIFFUSERS_CLASSES = {
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "LCMScheduler": "lcm",
     "TCDScheduler": "tcd",
+    "FlowMatchEulerDiscreteScheduler": "flow_euler",
+    "FlowMatchHeunDiscreteScheduler": "flow_heun",
 }
 # Samplers of ours that take Karras sigmas from their config, and how the web UI names that: a legacy
 # "X Karras" sampler name where one exists, otherwise "Schedule type: Karras" (web UI 1.9 and later).
@@ -90,11 +102,13 @@ def a1111_sampler(sampler: str, config=None) -> tuple[str, str | None]:
     """The web UI's name for one of our samplers.
 
     Args:
-        sampler: our registry name ("dpmpp_2m_karras"), a diffusers scheduler class name
-            ("EulerDiscreteScheduler"), or already a web UI name ("Euler a", returned as it is).
+        sampler: our registry name ("dpmpp_2m_karras", "flow_heun"), a diffusers scheduler class name
+            ("EulerDiscreteScheduler"), or already a web UI name ("Euler a", returned as it is). A
+            flow-matching sampler gets the plain name ("flow_euler" is "Euler"), as the web UI writes
+            it for SD3 and Flux.
         config: the sampler's options (a ``SchedulerConfig`` or a scheduler_config.json dict); read for
-            ``use_karras_sigmas`` and, for DPMSolverMultistepScheduler, ``algorithm_type`` and
-            ``solver_order``. None: the defaults.
+            ``use_karras_sigmas`` and, for DPMSolverMultistepScheduler, ``algorithm_type``,
+            ``solver_order`` and ``use_flow_sigmas``. None: the defaults.
 
     Returns:
         ``(name, schedule_type)``: the web UI's sampler name and, when that name alone does not say it,
@@ -107,6 +121,8 @@ def a1111_sampler(sampler: str, config=None) -> tuple[str, str | None]:
         raise ValueError(f"sampler must be a string, got {type(sampler).__name__}: {sampler!r}")
     if sampler in SAMPLERS_FROM_A1111:
         return sampler, None
+    if sampler in FLOW_A1111_SAMPLERS:
+        return FLOW_A1111_SAMPLERS[sampler], None
     option = _option_reader(config)
     if sampler in A1111_SAMPLERS:
         ours = sampler
@@ -120,10 +136,15 @@ def a1111_sampler(sampler: str, config=None) -> tuple[str, str | None]:
                     f"DPMSolverMultistepScheduler with algorithm_type={algorithm!r}, solver_order={order!r} "
                     f"has no web UI name; allowed: algorithm_type in {sorted(names)} with solver_order=2"
                 )
+            if option("use_flow_sigmas", False):
+                return FLOW_A1111_SAMPLERS[f"flow_{names[algorithm]}"], None
             ours = names[algorithm] + ("_karras" if option("use_karras_sigmas", False) else "")
+        elif ours in FLOW_A1111_SAMPLERS:
+            return FLOW_A1111_SAMPLERS[ours], None
     else:
         raise ValueError(
-            f"unknown sampler {sampler!r}; allowed: {sorted(A1111_SAMPLERS)}, diffusers classes "
+            f"unknown sampler {sampler!r}; allowed: {sorted(A1111_SAMPLERS) + sorted(FLOW_A1111_SAMPLERS)}, "
+            "diffusers classes "
             f"{sorted(_DIFFUSERS_CLASSES)} or web UI names {sorted(SAMPLERS_FROM_A1111)}"
         )
     if ours in _KARRAS_BY_CONFIG and option("use_karras_sigmas", False):
@@ -140,7 +161,9 @@ def _option_reader(config):
     return lambda key, default: getattr(config, key, default)
 
 
-def sampler_from_a1111(sampler: str, schedule_type: str | None = None) -> tuple[str, dict]:
+def sampler_from_a1111(
+    sampler: str, schedule_type: str | None = None, *, flow: bool = False
+) -> tuple[str, dict]:
     """Our sampler for a web UI sampler name (and schedule type).
 
     Args:
@@ -148,6 +171,9 @@ def sampler_from_a1111(sampler: str, schedule_type: str | None = None) -> tuple[
         schedule_type: its "Schedule type" field if the parameters have one ("Karras", "Uniform",
             "Automatic"); None for text written before the web UI had that field (the sampler's plain
             schedule, or the one its name says).
+        flow: the name is for a flow-matching model (SD3, Flux): "Euler", "Heun", "DPM++ 2M" and
+            "DPM++ 2M SDE" then mean "flow_euler", ... (``FLOW_A1111_SAMPLERS``), on their own schedule
+            (schedule type None, "Automatic" or "Uniform").
 
     Returns:
         ``(registry_name, options)``: a name for ``tf_diffusion.schedulers.get_sampler`` and the
@@ -163,6 +189,8 @@ def sampler_from_a1111(sampler: str, schedule_type: str | None = None) -> tuple[
         raise ValueError(f"schedule_type must be a string or None, got {schedule_type!r}")
     name = sampler.strip()
     schedule = schedule_type.strip() if schedule_type is not None else None
+    if flow:
+        return _flow_sampler_from_a1111(sampler, name, schedule), {}
     base = name
     if name.endswith(" Karras"):
         base = name[: -len(" Karras")]
@@ -194,6 +222,20 @@ def sampler_from_a1111(sampler: str, schedule_type: str | None = None) -> tuple[
         f"web UI sampler {sampler!r} with schedule type {schedule!r} has no equivalent here; "
         f"allowed schedule types for it: {supported}"
     )
+
+
+def _flow_sampler_from_a1111(sampler: str, name: str, schedule: str | None) -> str:
+    if name not in FLOW_SAMPLERS_FROM_A1111:
+        raise ValueError(
+            f"web UI sampler {sampler!r} has no flow-matching equivalent here; allowed: "
+            f"{sorted(FLOW_SAMPLERS_FROM_A1111)}"
+        )
+    if schedule not in (None, "Automatic", "Uniform"):
+        raise ValueError(
+            f"web UI sampler {sampler!r} with schedule type {schedule!r} has no flow-matching equivalent "
+            "here; allowed schedule types: ['Automatic', 'Uniform'] (the model's shifted flow schedule)"
+        )
+    return FLOW_SAMPLERS_FROM_A1111[name]
 
 
 def model_hash(path: str | os.PathLike) -> str:

@@ -10,9 +10,10 @@ pooled embedding is both projected CLIP outputs concatenated (2048). The negativ
 latents are decoded as ``vae.decode(x / scaling_factor + shift_factor)``.
 
 Image-to-image and inpainting follow diffusers' SD3 Img2Img / Inpaint pipelines (the 16-channel
-transformer's per-step blend), skip-layer guidance its text-to-image pipeline. Not here yet (issue 22):
-flow Heun and DPM-Solver++ samplers, keras-hub presets, the CLI, PNG parameters, the SavedModel export,
-sharded generation and LoRA for SD3.
+transformer's per-step blend), skip-layer guidance its text-to-image pipeline. Samplers: the flow-matching
+ones of the registry, ``flow_euler`` (the default), ``flow_heun``, ``flow_dpmpp_2m`` and ``flow_dpmpp_2m_sde``.
+Not here yet (issue 22): keras-hub presets, the CLI, PNG parameters, the SavedModel export, sharded
+generation and LoRA for SD3.
 """
 
 from __future__ import annotations
@@ -293,7 +294,10 @@ class StableDiffusion3:
             num_images: images per prompt.
             seed: the first image's seed (image ``b`` gets ``seed + b``, as ``StableDiffusion.generate``).
             latents: (N, h, w, 16) initial noise instead of the seeded draw (diffusers' ``latents``).
-            scheduler: a sampler name or object; default ``config.default_sampler`` ("FlowMatchEulerDiscreteScheduler").
+            scheduler: a sampler name or object; default ``config.default_sampler`` ("FlowMatchEulerDiscreteScheduler",
+                the same as "flow_euler"); "flow_heun", "flow_dpmpp_2m" and "flow_dpmpp_2m_sde" take the
+                model's ``shift`` (diffusers' ``flow_shift``) and, with dynamic shifting, the image's ``mu``
+                (which "flow_heun", like diffusers' FlowMatchHeunDiscreteScheduler, does not take).
             image: init image for image-to-image (PIL, or uint8 / float [0, 1] arrays (H, W, C) or
                 (N, H, W, C)); its size is the output size. It is encoded (a posterior sample from the
                 image's seed), shifted and scaled, and noised to the first kept step.

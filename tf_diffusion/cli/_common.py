@@ -34,6 +34,10 @@ SAMPLER_NAMES = (
     "unipc",
     "lcm",
     "tcd",
+    "flow_euler",
+    "flow_heun",
+    "flow_dpmpp_2m",
+    "flow_dpmpp_2m_sde",
 )
 
 

@@ -20,7 +20,12 @@ from collections.abc import Mapping
 from tf_diffusion.config import SchedulerConfig
 from tf_diffusion.schedulers.base import Sampler, SamplerPlan, to_x0_eps
 from tf_diffusion.schedulers.discrete import DDIM, DDPM, LCM, PNDM, TCD
-from tf_diffusion.schedulers.flow_match import FlowMatchEuler, flow_shift_mu
+from tf_diffusion.schedulers.flow_match import (
+    FlowDPMSolverMultistep,
+    FlowMatchEuler,
+    FlowMatchHeun,
+    flow_shift_mu,
+)
 from tf_diffusion.schedulers.multistep import DPMSolverMultistep, UniPC
 from tf_diffusion.schedulers.sigma import LMS, Euler, EulerAncestral, Heun
 
@@ -62,14 +67,25 @@ SAMPLERS: dict[str, tuple[type[Sampler], dict]] = {
     "unipc": (UniPC, {}),
     "lcm": (LCM, {}),
     "tcd": (TCD, {}),
+    # Flow matching (SD3, Flux): the model predicts the velocity; ``shift`` is diffusers' shift / flow_shift.
+    "flow_euler": (FlowMatchEuler, {}),
+    "flow_heun": (FlowMatchHeun, {}),
+    "flow_dpmpp_2m": (
+        FlowDPMSolverMultistep,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "flow_dpmpp_2m_sde": (
+        FlowDPMSolverMultistep,
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
 }
-# diffusers class name -> sampler class; these take every option from the config. The flow-matching
-# samplers (SD3) are reached by class name only for now: the registry names above are the CLI's and
-# the A1111 infotext's, which do not know them yet.
+# diffusers class name -> sampler class; these take every option from the config. The flow form of
+# DPMSolverMultistepScheduler (use_flow_sigmas) shares its class name, so it is reached by registry name.
 _DIFFUSERS_CLASSES = {
     cls.diffusers_class: cls
     for cls in (
         DDIM, PNDM, DDPM, Euler, EulerAncestral, Heun, LMS, DPMSolverMultistep, UniPC, LCM, TCD, FlowMatchEuler,
+        FlowMatchHeun,
     )
 }  # fmt: skip
 
@@ -120,7 +136,6 @@ _UNSUPPORTED = {
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
     "use_lu_lambdas": False,
-    "use_flow_sigmas": False,
     "invert_sigmas": False,
     "shift_terminal": None,
     "stochastic_sampling": False,
@@ -139,15 +154,32 @@ def config_from_diffusers(data: Mapping) -> SchedulerConfig:
     reads (``_class_name``, ``skip_prk_steps`` of other classes, ...) are ignored, like diffusers ignores
     the options of other classes.
 
+    DPMSolverMultistepScheduler's flow form (``use_flow_sigmas: true``, ``prediction_type:
+    "flow_prediction"``) reads its ``flow_shift`` as ``shift``; it runs as the registry's
+    "flow_dpmpp_2m" / "flow_dpmpp_2m_sde" (``SAMPLERS``), since the class name alone means the
+    variance-preserving form.
+
     Raises:
         ValueError: for options set to a value these samplers do not reproduce (``trained_betas``,
-            ``thresholding``, exponential/beta/flow sigmas, ...), or invalid field values.
+            ``thresholding``, exponential/beta sigmas, ...), flow sigmas without flow prediction or the
+            other way round, or invalid field values.
     """
     for key, harmless in _UNSUPPORTED.items():
         if key in data and data[key] != harmless:
             raise ValueError(f"scheduler option {key}={data[key]!r} is not supported; allowed: {harmless!r}")
+    flow = bool(data.get("use_flow_sigmas", False))
+    if flow != (data.get("prediction_type") == "flow_prediction"):
+        raise ValueError(
+            f"use_flow_sigmas={data.get('use_flow_sigmas')!r} with prediction_type="
+            f"{data.get('prediction_type')!r} is not supported; allowed: use_flow_sigmas=True together "
+            "with prediction_type='flow_prediction' (the flow samplers), or neither"
+        )
     fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
     kwargs = {}
+    if flow:
+        # DPMSolverMultistepScheduler's flow_shift is our shift (FlowMatch*'s name); its default is 1.0.
+        data = {k: v for k, v in data.items() if k not in ("prediction_type", "shift")}
+        kwargs["shift"] = data.get("flow_shift", 1.0)
     for key, value in data.items():
         if key not in fields:
             continue

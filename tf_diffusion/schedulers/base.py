@@ -43,16 +43,21 @@ def to_x0_eps(model_output, x, alpha, sigma, prediction_type: str):
     """Denoised sample and noise from a model output: the one prediction-type converter.
 
     Args:
-        model_output: the model's prediction: eps ("epsilon"), v ("v_prediction") or x0 ("sample").
+        model_output: the model's prediction: eps ("epsilon"), v ("v_prediction"), x0 ("sample") or the
+            flow velocity eps - x0 ("flow_prediction").
         x: the latents the sampler holds, ``x = alpha * x0 + sigma * eps``; alpha = 1 for the
-            sigma-ladder samplers (Euler, Heun, LMS), alpha^2 + sigma^2 = 1 for the others.
+            sigma-ladder samplers (Euler, Heun, LMS), alpha = 1 - sigma for flow matching (SD3, Flux),
+            alpha^2 + sigma^2 = 1 for the others.
         alpha: scalar tensor or float.
         sigma: scalar tensor or float.
-        prediction_type: "epsilon", "v_prediction" or "sample".
+        prediction_type: "epsilon", "v_prediction", "sample" or "flow_prediction".
 
     Returns:
         ``(x0, eps)``. v is defined on the variance-preserving rescaling of x, as in diffusers.
     """
+    if prediction_type == "flow_prediction":
+        # x = (1 - sigma) * x0 + sigma * eps and v = eps - x0, so x0 = x - sigma * v (diffusers' form).
+        return x - sigma * model_output, x + alpha * model_output
     if prediction_type == "epsilon":
         return (x - sigma * model_output) / alpha, model_output
     if prediction_type == "sample":

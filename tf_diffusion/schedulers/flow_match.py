@@ -4,7 +4,10 @@
 from the training ladder's largest to its smallest, shifted by ``shift`` (``shift * s / (1 + (shift - 1) * s)``)
 or, with ``use_dynamic_shifting``, by ``exp(mu) / (exp(mu) + 1 / s - 1)`` with ``mu`` from the image's
 token count (``flow_shift_mu``); the model sees ``sigma * num_train_timesteps``; each step is
-``x + (sigma_next - sigma) * v``.
+``x + (sigma_next - sigma) * v``. ``FlowMatchHeun`` (``FlowMatchHeunDiscreteScheduler``) walks the same
+ladder with Heun's two evaluations per step. ``FlowDPMSolverMultistep`` is ``DPMSolverMultistepScheduler``
+with ``use_flow_sigmas`` and ``prediction_type="flow_prediction"``: DPM-Solver++ on the flow pair
+``(alpha_t, sigma_t) = (1 - sigma, sigma)`` over its own shifted ladder.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import math
 import numbers
 
 import numpy as np
+from keras import ops
 
 from tf_diffusion.config import SchedulerConfig
-from tf_diffusion.schedulers.base import Sampler, as_f32, row
+from tf_diffusion.schedulers import schedule
+from tf_diffusion.schedulers.base import Sampler, as_f32, flag, row, to_x0_eps
+from tf_diffusion.schedulers.multistep import DPMSolverMultistep
 
 F32 = np.float32
 
@@ -26,6 +32,27 @@ def flow_shift_mu(image_seq_len: int, config: SchedulerConfig) -> float:
     m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
     b = cfg.base_shift - m * cfg.base_image_seq_len
     return image_seq_len * m + b
+
+
+def _check_mu(mu, config: SchedulerConfig, diffusers_class: str, dynamic: bool) -> float | None:
+    """``mu`` as a float, or None; it is given exactly when the config shifts dynamically."""
+    if not dynamic and config.use_dynamic_shifting:
+        raise ValueError(
+            f"use_dynamic_shifting=True is not supported by {diffusers_class} (diffusers' class has no "
+            "dynamic shift); allowed: False"
+        )
+    if mu is not None and (isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu)):
+        raise ValueError(f"mu={mu!r} must be a finite number")
+    if config.use_dynamic_shifting and mu is None:
+        raise ValueError("use_dynamic_shifting needs mu (flow_shift_mu of the image's token count); pass mu=")
+    if not config.use_dynamic_shifting and mu is not None:
+        raise ValueError(f"mu={mu!r} is only read with use_dynamic_shifting=True; leave it None")
+    return None if mu is None else float(mu)
+
+
+def _flow_noise_scales(sigmas32: np.ndarray) -> np.ndarray:
+    # (E, 2): diffusers' scale_noise is sigma * noise + (1 - sigma) * x0 at the current step index.
+    return np.stack([F32(1) - sigmas32, sigmas32], axis=1)
 
 
 class FlowMatchEuler(Sampler):
@@ -45,6 +72,7 @@ class FlowMatchEuler(Sampler):
 
     name = "flow_euler"
     diffusers_class = "FlowMatchEulerDiscreteScheduler"
+    dynamic = True  # whether the diffusers class takes use_dynamic_shifting
 
     def __init__(
         self, config: SchedulerConfig | None = None, name: str | None = None, mu: float | None = None
@@ -52,20 +80,9 @@ class FlowMatchEuler(Sampler):
         super().__init__(config, name)
         if self.config.use_karras_sigmas:
             raise ValueError(
-                "use_karras_sigmas=True is not supported by FlowMatchEulerDiscreteScheduler here; allowed: False"
+                f"use_karras_sigmas=True is not supported by {self.diffusers_class} here; allowed: False"
             )
-        dynamic = self.config.use_dynamic_shifting
-        if mu is not None and (
-            isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu)
-        ):
-            raise ValueError(f"mu={mu!r} must be a finite number")
-        if dynamic and mu is None:
-            raise ValueError(
-                "use_dynamic_shifting needs mu (flow_shift_mu of the image's token count); pass mu="
-            )
-        if not dynamic and mu is not None:
-            raise ValueError(f"mu={mu!r} is only read with use_dynamic_shifting=True; leave it None")
-        self.mu = None if mu is None else float(mu)
+        self.mu = _check_mu(mu, self.config, self.diffusers_class, dynamic=self.dynamic)
 
     def options(self) -> dict:
         return {} if self.mu is None else {"mu": self.mu}
@@ -97,10 +114,117 @@ class FlowMatchEuler(Sampler):
         tables = {
             "sigma": s[:-1],
             "dt": s[1:] - s[:-1],
-            # add_noise (diffusers' scale_noise): sigma * noise + (1 - sigma) * x0.
-            "noise_scales": np.stack([F32(1) - s[:-1], s[:-1]], axis=1),
+            "noise_scales": _flow_noise_scales(s[:-1]),
         }
         return ts, 1.0, {k: v[begin:] for k, v in tables.items()}
 
     def step(self, model_output, i, x, state, plan, noise=None):
         return as_f32(x) + row(plan, "dt", i) * as_f32(model_output), state
+
+
+class FlowMatchHeun(FlowMatchEuler):
+    """Heun's second-order method on the flow ODE, diffusers' FlowMatchHeunDiscreteScheduler.
+
+    The ladder is FlowMatchEuler's with a static shift (the diffusers class has no dynamic shifting and
+    no churn by default). Two model evaluations per step except the last, as ``Heun``: even
+    evaluations take an Euler step and remember (derivative, sample); odd ones, at the next sigma,
+    redo that step with the averaged derivative.
+
+    Args:
+        config: ``num_train_timesteps`` and ``shift``.
+        name: registry name.
+        mu: must stay None (no dynamic shifting).
+
+    Raises:
+        ValueError: for ``use_dynamic_shifting``, ``use_karras_sigmas`` or a ``mu``.
+    """
+
+    name = "flow_heun"
+    diffusers_class = "FlowMatchHeunDiscreteScheduler"
+    order = 2
+    state_size = 2
+    dynamic = False
+
+    def _schedule(self, n, begin):
+        s = self.sigmas(n)
+        ts = s[:-1] * F32(self.config.num_train_timesteps)
+        # diffusers' interleaving: sigmas s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0; timesteps t0, t1, t1, ...
+        s = np.concatenate([s[:1], np.repeat(s[1:-1], 2), s[-1:]])
+        ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
+        e = len(ts)
+        k = np.arange(e)
+        first = k % 2 == 0
+        # The second evaluation reuses the first's step: from its sigma to this (the next) one.
+        dt = np.where(first, s[np.minimum(k + 1, e)] - s[k], s[k] - s[np.maximum(k - 1, 0)])
+        tables = {"sigma": s[:e], "dt": dt, "first": first, "noise_scales": _flow_noise_scales(s[:e])}
+        return ts, 1.0, {key: v[begin:] for key, v in tables.items()}
+
+    def step(self, model_output, i, x, state, plan, noise=None):
+        x = as_f32(x)
+        prev_derivative, prev_x = state
+        sigma = row(plan, "sigma", i)
+        x0, _ = to_x0_eps(as_f32(model_output), x, 1.0 - sigma, sigma, "flow_prediction")
+        derivative = (x - x0) / sigma
+        first = flag(plan, "first", i)
+        slope = ops.where(first, derivative, (prev_derivative + derivative) / 2)
+        base = ops.where(first, x, prev_x)
+        return base + slope * row(plan, "dt", i), (derivative, x)
+
+
+class FlowDPMSolverMultistep(DPMSolverMultistep):
+    """DPM-Solver++ on flow sigmas, diffusers' DPMSolverMultistepScheduler with ``use_flow_sigmas=True``.
+
+    diffusers' ``prediction_type="flow_prediction"`` is implied: the model output is the velocity and
+    ``x0 = x - sigma * v``. The ladder is ``1 - linspace(1, 1 / T, n + 1)`` shifted by ``shift`` (diffusers'
+    ``flow_shift``; ``exp(mu)`` with ``use_dynamic_shifting``), without its final 0; the model sees the
+    integer part of ``sigma * T``. The solver (orders 1 to 3, ``algorithm_type`` "dpmsolver++" or
+    "sde-dpmsolver++", ``solver_type``, ``lower_order_final``, ``euler_at_final``, ``final_sigmas_type``)
+    is ``DPMSolverMultistep``'s with the flow pair ``(alpha_t, sigma_t) = (1 - sigma, sigma)``.
+
+    Args:
+        config: the DPM-Solver options plus ``shift`` and ``use_dynamic_shifting``.
+        name: registry name.
+        mu: the dynamic shift; required exactly when ``config.use_dynamic_shifting``.
+
+    Raises:
+        ValueError: for ``use_karras_sigmas`` (diffusers would then ignore the flow ladder), or a ``mu``
+            given without dynamic shifting or missing with it.
+    """
+
+    name = "flow_dpmpp_2m"
+
+    def __init__(
+        self, config: SchedulerConfig | None = None, name: str | None = None, mu: float | None = None
+    ):
+        super().__init__(config, name)
+        if self.config.use_karras_sigmas:
+            raise ValueError(
+                "use_karras_sigmas=True is not supported with flow sigmas (diffusers' Karras ladder replaces "
+                "them); allowed: False"
+            )
+        self.mu = _check_mu(mu, self.config, self.diffusers_class, dynamic=True)
+
+    def options(self) -> dict:
+        return {} if self.mu is None else {"mu": self.mu}
+
+    def _sigmas(self, n):
+        cfg = self.config
+        train = cfg.num_train_timesteps
+        shift = math.exp(self.mu) if self.mu is not None else cfg.shift
+        s = 1.0 - np.linspace(1, 1 / train, n + 1)  # float64, ascending from 0
+        s = (shift * s / (1 + (shift - 1) * s))[::-1][:-1]
+        ts = (s * train).astype(np.int64)  # torch's int64 cast truncates
+        final = 0.0
+        if cfg.final_sigmas_type == "sigma_min":
+            final = self._final_sigma(schedule.train_sigmas(schedule.alphas_cumprod(cfg, rescale=True)))
+        return ts, np.concatenate([s, [final]]).astype(F32)
+
+    def _alpha_sigma(self, s):
+        s = np.asarray(s, np.float64)
+        return 1.0 - s, s
+
+    def _x0(self, model_output, x, plan, i):
+        x0, _ = to_x0_eps(
+            as_f32(model_output), x, row(plan, "alpha", i), row(plan, "sigma", i), "flow_prediction"
+        )
+        return x0

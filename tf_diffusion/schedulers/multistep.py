@@ -1,8 +1,9 @@
 """Exponential-integrator multistep samplers on data predictions: DPM-Solver++ (2M, 2M SDE) and UniPC.
 
-Both work on x0 predictions in the variance-preserving parameterisation. Every per-step coefficient,
-including which order each step runs at, is computed on the host; the step is a fixed linear combination
-of the sample, the current x0 prediction and the stored previous ones.
+Both work on x0 predictions in the variance-preserving parameterisation (``flow_match.FlowDPMSolverMultistep``
+swaps in the flow-matching pair and ladder). Every per-step coefficient, including which order each step
+runs at, is computed on the host; the step is a fixed linear combination of the sample, the current x0
+prediction and the stored previous ones.
 """
 
 from __future__ import annotations
@@ -38,9 +39,13 @@ class _MultistepSampler(Sampler):
             sigmas = np.interp(ts, np.arange(len(train)), train)
         return ts, sigmas, train
 
-    def _vp_tables(self, s: np.ndarray, e: int, begin: int) -> dict:
-        # The x0 conversion and add_noise both use the VP pair at the current step index.
-        alpha, sigma = schedule.vp_coefficients(s[begin:e])
+    def _alpha_sigma(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float64 (alpha_t, sigma_t) at the ladder's sigmas: the variance-preserving pair."""
+        return schedule.vp_coefficients(s)
+
+    def _alpha_sigma_tables(self, s: np.ndarray, e: int, begin: int) -> dict:
+        # The x0 conversion and add_noise both use the (alpha_t, sigma_t) pair at the current step index.
+        alpha, sigma = self._alpha_sigma(s[begin:e])
         return {"alpha": alpha, "sigma": sigma, "noise_scales": np.stack([alpha, sigma], axis=1)}
 
     def _x0(self, model_output, x, plan, i):
@@ -65,18 +70,26 @@ class DPMSolverMultistep(_MultistepSampler):
         super().__init__(config, name)
         self.needs_noise = self.config.algorithm_type == "sde-dpmsolver++"
 
-    def _schedule(self, n, begin):
+    def _sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) integer timesteps and the (n + 1,) float32 sigmas of diffusers' ``set_timesteps(n)``."""
         cfg = self.config
         ac = schedule.alphas_cumprod(cfg, rescale=True, terminal_fix=True)
         # lambda_min_clipped trims the noisiest end of the linspace/leading range.
         lam = np.log(np.sqrt(ac.astype(np.float64))) - np.log(np.sqrt(1 - ac.astype(np.float64)))
         last = cfg.num_train_timesteps - int(np.searchsorted(lam[::-1], cfg.lambda_min_clipped))
         ts, sigmas, train = self._ladder(n, last)
-        final = train[0] if cfg.final_sigmas_type == "sigma_min" else 0.0
-        s = np.concatenate([sigmas, [final]]).astype(F32)
+        return ts, np.concatenate([sigmas, [self._final_sigma(train)]]).astype(F32)
+
+    def _final_sigma(self, train: np.ndarray) -> float:
+        return float(train[0]) if self.config.final_sigmas_type == "sigma_min" else 0.0
+
+    def _schedule(self, n, begin):
+        cfg = self.config
+        ts, s = self._sigmas(n)
         e = len(ts)
-        lam = schedule.log_snr(s)
-        alpha_all, sigma_all = schedule.vp_coefficients(s)
+        alpha_all, sigma_all = self._alpha_sigma(s)
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha_all) - np.log(sigma_all)  # +inf at a final sigma of 0
         order_max = cfg.solver_order
         heun = cfg.solver_type == "heun"
         sde = cfg.algorithm_type == "sde-dpmsolver++"
@@ -123,7 +136,7 @@ class DPMSolverMultistep(_MultistepSampler):
                 d01 = b * (1 + r0 / (r0 + r1)) / r0 + c / ((r0 + r1) * r0)
                 d12 = -b * r0 / (r0 + r1) / r1 - c / ((r0 + r1) * r1)
             coefs[i] = (cx, c0, d01, d12, cn)
-        tables = self._vp_tables(s, e, begin)
+        tables = self._alpha_sigma_tables(s, e, begin)
         tables["coefs"] = coefs
         return ts, 1.0, tables
 
@@ -219,7 +232,7 @@ class UniPC(_MultistepSampler):
             for j, rk in enumerate(rks):
                 pred_d[i, j] = -a_t * b_h * rhos[j] / rk
             prev_order = order
-        tables = self._vp_tables(s, e, begin)
+        tables = self._alpha_sigma_tables(s, e, begin)
         tables.update(use_corrector=corr[:, 0], corr=corr[:, 1:], corr_d=corr_d, pred=pred, pred_d=pred_d)
         return ts, 1.0, tables
 
