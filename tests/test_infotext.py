@@ -171,14 +171,23 @@ def test_parse_names_the_bad_field(text, message):
 
 
 def test_every_sampler_has_a_webui_name_and_back():
+    from tf_diffusion.infotext import FLOW_A1111_SAMPLERS
     from tf_diffusion.schedulers import SAMPLERS
 
-    assert set(A1111_SAMPLERS) == set(SAMPLERS)
+    # The flow-matching samplers (SD3, Flux) share the plain web UI names, read back for a flow model.
+    assert set(A1111_SAMPLERS) | set(FLOW_A1111_SAMPLERS) == set(SAMPLERS)
+    assert not set(A1111_SAMPLERS) & set(FLOW_A1111_SAMPLERS)
     for ours, theirs in A1111_SAMPLERS.items():
         assert a1111_sampler(ours) == (theirs, None)
         assert sampler_from_a1111(theirs) == (ours, {})
         assert a1111_sampler(theirs) == (theirs, None)
     assert len(SAMPLERS_FROM_A1111) == len(A1111_SAMPLERS)
+    for ours, theirs in FLOW_A1111_SAMPLERS.items():
+        assert a1111_sampler(ours) == (theirs, None)
+        assert sampler_from_a1111(theirs, flow=True) == (ours, {})
+        assert theirs in SAMPLERS_FROM_A1111  # the same name as a UNet model's sampler
+    with pytest.raises(ValueError, match="no flow-matching equivalent"):
+        sampler_from_a1111("Euler a", flow=True)
 
 
 @pytest.mark.parametrize(
