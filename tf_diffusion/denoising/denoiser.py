@@ -18,10 +18,11 @@ class UNetDenoiser:
     Reads ``cond.context`` and, when present, ``cond.extras["concat"]`` (extra input channels
     appended to the latents, as the 9-channel inpainting UNet expects) and SDXL's added
     conditioning ``cond.extras["text_embeds"]`` (B, P) and ``cond.extras["time_ids"]`` (B, K),
-    named as diffusers' ``added_cond_kwargs``.
+    named as diffusers' ``added_cond_kwargs``, and an LCM-distilled UNet's ``cond.extras["timestep_cond"]``
+    (B, time_cond_proj_dim), the guidance scale's embedding.
     """
 
-    known_extras = ("concat", "text_embeds", "time_ids")
+    known_extras = ("concat", "text_embeds", "time_ids", "timestep_cond")
 
     def __init__(self, unet):
         self.unet = unet
@@ -43,6 +44,8 @@ class UNetDenoiser:
         if "concat" in cond.extras:
             x = ops.concatenate([x, ops.cast(cond.extras["concat"], x.dtype)], axis=-1)
         t = ops.broadcast_to(t, (ops.shape(x)[0],))
+        if "timestep_cond" in cond.extras:
+            residuals["timestep_cond"] = cond.extras["timestep_cond"]
         if "text_embeds" in cond.extras or "time_ids" in cond.extras:
             out = self.unet(
                 x, t, cond.context, cond.extras.get("text_embeds"), cond.extras.get("time_ids"), **residuals
