@@ -1,0 +1,254 @@
+"""Model parallelism under JAX: the Flux transformer's big kernels sharded over a 2-D device mesh.
+
+A ``keras.distribution.DeviceMesh`` with axes ("batch", "model") holds the devices. The Linear kernels
+of the double and single blocks are split over the "model" axis in the Megatron way: the input-side
+projections by output columns (``img_attn.qkv`` / ``txt_attn.qkv``, ``img_mlp.0`` / ``txt_mlp.0``,
+``linear1``, and the modulation ``lin``\\ s, which in Flux.1 hold a quarter of the weights), the
+output-side ones by input rows (``img_attn.proj`` / ``txt_attn.proj``, ``img_mlp.2`` / ``txt_mlp.2``,
+``linear2``); every other variable (embedders, norms, the final layer) is replicated, and the batch is
+split over the "batch" axis. ``jax.jit`` then partitions the program (GSPMD): it inserts the
+all-gathers and reductions the layouts need, so the sharded model computes what the single-device one
+computes, up to the order of float sums. The fused ``qkv`` / ``linear1`` outputs are split into their
+parts after the matmul, which makes XLA move some activations between devices; a per-head permutation
+of the columns would avoid that, but would change the weights' layout away from the checkpoint's.
+
+What lives here is only how the model is placed: ``FluxTransformer`` is unchanged. The layout map is
+keyed by the variables' ``path`` (Keras' auto-generated ``linear_12/weight``), found by walking the
+model's attribute paths (the checkpoint keys), so it is built from a model that exists; ``build_sharded``
+constructs the model with unallocated variables first, so each kernel is created already sharded and
+never whole on one device, and later assignments (``load_state_dict``) keep the layout.
+
+TensorFlow: not supported. Keras 3's ``keras.distribution`` is implemented for JAX only (its
+TensorFlow ``distribution_lib`` is a stub), and TensorFlow's DTensor works with the removed Keras 2
+(``tf_keras``) layers, not with Keras 3 variables; ``tf.distribute`` strategies replicate variables
+(data parallelism, ``tf_diffusion.distributed``) rather than shard them.
+
+Example (JAX, 8 devices)::
+
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
+    model, distribution = build_sharded(lambda: FluxTransformer(cfg), mesh)
+    load_state_dict(model, tensors)             # each tensor lands on its shards
+    run = sharded_call(model, distribution)
+    v = run(img, img_ids, txt, txt_ids, sigmas, pooled)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from tf_diffusion import layers
+
+BATCH_AXIS, MODEL_AXIS = "batch", "model"
+COLUMN, ROW = "column", "row"
+
+# Attribute paths inside one block -> how its Linear is split over the model axis.
+FLUX_DOUBLE_BLOCK = {
+    "img_mod.lin": COLUMN,
+    "txt_mod.lin": COLUMN,
+    "img_attn.qkv": COLUMN,
+    "txt_attn.qkv": COLUMN,
+    "img_attn.proj": ROW,
+    "txt_attn.proj": ROW,
+    "img_mlp.0": COLUMN,
+    "txt_mlp.0": COLUMN,
+    "img_mlp.2": ROW,
+    "txt_mlp.2": ROW,
+}
+FLUX_SINGLE_BLOCK = {"modulation.lin": COLUMN, "linear1": COLUMN, "linear2": ROW}
+
+
+def _require_jax() -> None:
+    if keras.backend.backend() != "jax":
+        raise ValueError(
+            f"model parallelism needs the JAX backend (KERAS_BACKEND=jax); this is {keras.backend.backend()!r}: "
+            "Keras 3's keras.distribution is implemented for JAX only"
+        )
+
+
+def _resolve(obj, path: str):
+    """The layer at a dotted attribute path (list indices as numbers, as the checkpoint keys)."""
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def flux_sharded_linears(model) -> dict[str, tuple[layers.Linear, str]]:
+    """Checkpoint key of each split Linear of a ``FluxTransformer`` -> (the layer, COLUMN or ROW)."""
+    from tf_diffusion.flux import FluxTransformer
+
+    if not isinstance(model, FluxTransformer):
+        raise ValueError(f"expected a flux.FluxTransformer, got {type(model).__name__}")
+    found = {}
+    for group, rules in (("double_blocks", FLUX_DOUBLE_BLOCK), ("single_blocks", FLUX_SINGLE_BLOCK)):
+        for i in range(len(getattr(model, group))):
+            for inner, kind in rules.items():
+                key = f"{group}.{i}.{inner}"
+                found[key] = (_resolve(model, key), kind)
+    return found
+
+
+def _check_mesh(device_mesh) -> int:
+    if not isinstance(device_mesh, keras.distribution.DeviceMesh):
+        raise ValueError(f"device_mesh must be a keras.distribution.DeviceMesh, got {device_mesh!r}")
+    names = tuple(device_mesh.axis_names)
+    if names != (BATCH_AXIS, MODEL_AXIS):
+        raise ValueError(f"the device mesh's axes must be {(BATCH_AXIS, MODEL_AXIS)}, got {names}")
+    return int(device_mesh.shape[1])
+
+
+def flux_layout_map(model, device_mesh) -> keras.distribution.LayoutMap:
+    """A LayoutMap placing ``model``'s (a built ``FluxTransformer``) variables on a ("batch", "model") mesh.
+
+    Column-split Linears: weight ``(None, "model")``, bias ``("model",)``; row-split: weight
+    ``("model", None)``, bias replicated (it is added once, after the partial sums are reduced). Keys
+    are the variables' exact paths (escaped); anything not listed is replicated.
+
+    Args:
+        model: the built transformer (its variables may be unallocated: only paths and shapes are read).
+        device_mesh: a ``keras.distribution.DeviceMesh`` with axis names ("batch", "model").
+
+    Returns:
+        the ``keras.distribution.LayoutMap``.
+
+    Raises:
+        ValueError: for another model, a mesh with other axes, or a split width the model axis
+            does not divide (the error names the layer and its width).
+    """
+    parts = _check_mesh(device_mesh)
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    for key, (linear, kind) in flux_sharded_linears(model).items():
+        width = linear.out_features if kind == COLUMN else linear.in_features
+        if width % parts:
+            raise ValueError(
+                f"{key} is split by {'output' if kind == COLUMN else 'input'} features ({width}), which the "
+                f"model axis of size {parts} does not divide; pick a mesh whose model axis divides it"
+            )
+        spec = (None, MODEL_AXIS) if kind == COLUMN else (MODEL_AXIS, None)
+        layout_map[re.escape(linear.weight.path)] = spec
+        if linear.bias is not None:
+            layout_map[re.escape(linear.bias.path)] = (MODEL_AXIS,) if kind == COLUMN else (None,)
+    return layout_map
+
+
+def model_parallel(model, device_mesh) -> keras.distribution.ModelParallel:
+    """``keras.distribution.ModelParallel`` of ``flux_layout_map``, the batch split over the "batch" axis.
+
+    Raises:
+        ValueError: as ``flux_layout_map``, or on a backend other than JAX.
+    """
+    _require_jax()
+    return keras.distribution.ModelParallel(
+        layout_map=flux_layout_map(model, device_mesh), batch_dim_name=BATCH_AXIS
+    )
+
+
+def build_sharded(constructor: Callable[[], keras.layers.Layer], device_mesh):
+    """``constructor()`` (a ``FluxTransformer``) with every variable created on its shards.
+
+    The model is constructed with unallocated variables (only paths and shapes), its layout map made,
+    and each variable then initialised under the ``ModelParallel`` scope, so a sharded kernel exists
+    only as its shards. Load the weights afterwards (``load_state_dict``): assignments keep the layout.
+
+    Returns:
+        (model, distribution): the model and its ``keras.distribution.ModelParallel``.
+
+    Raises:
+        ValueError: as ``model_parallel``.
+    """
+    from tf_diffusion.execution.quantize import _unallocated
+
+    _require_jax()
+    with _unallocated() as created:
+        model = constructor()
+    distribution = model_parallel(model, device_mesh)
+    with distribution.scope():
+        for variable in created:
+            if variable._value is None:
+                variable._deferred_initialize()
+    return model, distribution
+
+
+def shard_model(model, distribution: keras.distribution.ModelParallel):
+    """Move the variables of an existing ``model`` onto the layouts of ``distribution``, in place.
+
+    For a model built and loaded without ``build_sharded`` (each sharded kernel exists whole once, on
+    its current device, until it is moved). Returns ``model``.
+    """
+    _require_jax()
+    for variable in model.variables:
+        layout = distribution.get_variable_layout(variable)
+        # The layout stays on the variable: later assignments are placed the same way (Keras' JAX
+        # variables distribute every assigned value by it).
+        variable._layout = layout
+        variable._direct_assign(variable.value)
+    return model
+
+
+def sharded_call(model, distribution: keras.distribution.ModelParallel) -> Callable:
+    """A jitted ``FluxTransformer`` call over the mesh, its batch split over the "batch" axis.
+
+    The variables are passed in as arguments (``stateless_call``), not captured as constants, so
+    the compiled program reads them where they lie. Arrays whose first axis is the batch (the image
+    and text tokens, the timesteps, the pooled embedding, guidance) are placed with the
+    distribution's data layout; the position ids, shared by the batch as (L, 3), are replicated.
+    The returned function takes the model's arguments
+    ``(img, img_ids, txt, txt_ids, timesteps, y, guidance=None)`` and returns a NumPy array.
+
+    Raises:
+        ValueError: when a batch-major argument's batch is not divisible by the "batch" axis size.
+    """
+    import jax
+
+    _require_jax()
+    batch_parts = int(distribution.device_mesh.shape[0])
+    mesh = distribution.device_mesh
+
+    @jax.jit
+    def run(trainable, non_trainable, args, kwargs):
+        out, _ = model.stateless_call(trainable, non_trainable, *args, **kwargs)
+        return out
+
+    def place(value, batch_major: bool):
+        if value is None:
+            return None
+        value = np.asarray(value)
+        if batch_major and value.ndim:
+            if value.shape[0] % batch_parts:
+                raise ValueError(
+                    f"a batch of {value.shape[0]} does not split over the mesh's batch axis of size "
+                    f"{batch_parts}; use a batch divisible by it"
+                )
+            layout = distribution.get_data_layout(value.shape)
+        else:
+            layout = keras.distribution.TensorLayout([None] * value.ndim, mesh)
+        return keras.distribution.distribute_tensor(value, layout)
+
+    def call(img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        # (L, 3) ids are shared by the batch (replicated); (B, L, 3) ids are batch-major like the rest.
+        args = (place(img, True), place(img_ids, np.ndim(img_ids) == 3), place(txt, True),
+                place(txt_ids, np.ndim(txt_ids) == 3), place(timesteps, True), place(y, True))  # fmt: skip
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        return np.asarray(run(trainable, non_trainable, args, {"guidance": place(guidance, True)}))
+
+    return call
+
+
+__all__ = [
+    "BATCH_AXIS",
+    "COLUMN",
+    "FLUX_DOUBLE_BLOCK",
+    "FLUX_SINGLE_BLOCK",
+    "MODEL_AXIS",
+    "ROW",
+    "build_sharded",
+    "flux_layout_map",
+    "flux_sharded_linears",
+    "model_parallel",
+    "shard_model",
+    "sharded_call",
+]
