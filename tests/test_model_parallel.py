@@ -1,0 +1,164 @@
+"""A Flux transformer sharded over a ("batch", "model") mesh of 8 JAX devices equals it on one device.
+
+The JAX run is a fresh process, because the host devices must be configured before JAX initialises
+(``--xla_force_host_platform_device_count=8``, as tests/test_distributed.py does). A tiny random
+transformer (2 double + 2 single blocks, width 64) runs once on one device, then built sharded
+(``build_sharded`` + ``load_state_dict``) on meshes (2, 4) and (1, 8), and moved onto (1, 8) after
+loading (``shard_model``). Outputs must agree within 1e-5 in float32 (measured: about 1e-6, the order
+of float sums across shards), and every split kernel must lie on its devices as slices of the
+expected shape, the rest whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+TOL = 1e-5
+
+SCRIPT = """
+    import json, sys
+    import jax, keras
+    import numpy as np
+    from tf_diffusion.flux import FluxConfig, FluxTransformer, latent_image_ids, text_ids
+    from tf_diffusion.execution import model_parallel as mp
+    from tf_diffusion.weights.state_dict import load_state_dict, state_dict
+
+    cfg = FluxConfig(in_channels=16, out_channels=16, vec_in_dim=24, context_in_dim=20, hidden_size=64,
+                     num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6), guidance_embed=True)
+    single = FluxTransformer(cfg)
+    rng = np.random.default_rng(0)
+    weights = state_dict(single)
+    for key in weights:  # the q/k norm scales start at ones
+        if key.endswith(".scale"):
+            weights[key] = (1 + 0.3 * rng.standard_normal(weights[key].shape)).astype(np.float32)
+    load_state_dict(single, weights)
+    B, h, w, T = 2, 4, 4, 5
+    args = (rng.standard_normal((B, h * w, 16)).astype(np.float32), latent_image_ids(h, w),
+            rng.standard_normal((B, T, 20)).astype(np.float32), text_ids(T),
+            np.array([0.3, 0.8], np.float32), rng.standard_normal((B, 24)).astype(np.float32))
+    guidance = np.array([3.5, 2.0], np.float32)
+    # One device: the model built outside any distribution, its variables on the first device.
+    step = jax.jit(lambda tv, nv, a, g: single.stateless_call(tv, nv, *a, guidance=g)[0])
+    want = np.asarray(step([v.value for v in single.trainable_variables],
+                           [v.value for v in single.non_trainable_variables], args, guidance))
+    assert len({d for v in single.variables for d in v.value.sharding.device_set}) == 1
+
+    def shards(model):
+        split = {key: (kind, linear) for key, (linear, kind) in mp.flux_sharded_linears(model).items()}
+        out = {}
+        for key, (kind, linear) in split.items():
+            for name in ("weight", "bias"):
+                v = getattr(linear, name)
+                out[f"{key}.{name}"] = [kind, [list(s.data.shape) for s in v.value.addressable_shards],
+                                        len(v.value.sharding.device_set)]
+        for key, v in (("img_in.weight", model.img_in.weight), ("final_layer.linear.weight",
+                       model.final_layer.linear.weight)):
+            out[key] = ["replicated", [list(s.data.shape) for s in v.value.addressable_shards],
+                        len(v.value.sharding.device_set)]
+        return out
+
+    results, info = {"want": want}, {}
+    for name, shape, how in (("2x4", (2, 4), "build"), ("1x8", (1, 8), "build"), ("1x8_moved", (1, 8), "move")):
+        mesh = keras.distribution.DeviceMesh(shape, ("batch", "model"), jax.devices())
+        if how == "build":
+            model, distribution = mp.build_sharded(lambda: FluxTransformer(cfg), mesh)
+            load_state_dict(model, weights)  # assignments keep each variable's layout
+        else:
+            model = FluxTransformer(cfg)
+            load_state_dict(model, weights)
+            distribution = mp.model_parallel(model, mesh)
+            mp.shard_model(model, distribution)
+        results[name] = mp.sharded_call(model, distribution)(*args, guidance=guidance)
+        info[name] = shards(model)
+    np.savez(sys.argv[1], **results)
+    print(json.dumps(info))
+    """
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    pytest.importorskip("jax")
+    tmp = tmp_path_factory.mktemp("model_parallel")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="jax")
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    # Eight host devices; low XLA optimisation only to cut compile time (every run uses the same flags).
+    env["XLA_FLAGS"] = (
+        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true"
+    )
+    (tmp / "run.py").write_text(textwrap.dedent(SCRIPT), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(tmp / "run.py"), str(tmp / "out.npz")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    return dict(np.load(tmp / "out.npz")), info
+
+
+@pytest.mark.parametrize("name", ["2x4", "1x8", "1x8_moved"])
+def test_sharded_equals_one_device(sharded_run, name):
+    out, _ = sharded_run
+    assert out[name].shape == out["want"].shape == (2, 16, 16)
+    assert np.abs(out["want"]).max() > 0.1  # not a trivially small output
+    np.testing.assert_allclose(out[name], out["want"], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("name,parts", [("2x4", 4), ("1x8", 8), ("1x8_moved", 8)])
+def test_kernels_lie_in_slices_on_the_model_axis(sharded_run, name, parts):
+    _, info = sharded_run
+    shards = info[name]
+    # 2 double blocks x 10 split Linears + 2 single blocks x 3, weight and bias each, and 2 replicated.
+    assert len(shards) == 2 * (2 * 10 + 2 * 3) + 2
+    full = {"double_blocks.0.img_attn.qkv.weight": (64, 192), "double_blocks.0.img_attn.proj.weight": (64, 64),
+            "double_blocks.1.txt_mlp.0.weight": (64, 256), "double_blocks.1.txt_mlp.2.weight": (256, 64),
+            "double_blocks.0.img_mod.lin.weight": (64, 384), "single_blocks.1.linear1.weight": (64, 448),
+            "single_blocks.0.linear2.weight": (320, 64), "img_in.weight": (16, 64),
+            "final_layer.linear.weight": (64, 16)}  # fmt: skip
+    for key, (rows, cols) in full.items():
+        kind, shapes, devices = shards[key]
+        assert devices == 8 and len(shapes) == 8, key  # every variable is on all 8 devices
+        want = {"column": [rows, cols // parts], "row": [rows // parts, cols], "replicated": [rows, cols]}
+        assert all(s == want[kind] for s in shapes), (key, kind, shapes)
+    for key, (kind, shapes, _) in shards.items():
+        if key.endswith(".bias"):
+            width = shapes[0][0] * (parts if kind == "column" else 1)
+            assert all(s == [width // parts if kind == "column" else width] for s in shapes), key
+
+
+def test_bad_meshes_and_backends_are_clear_errors():
+    import keras
+
+    from tf_diffusion.execution import model_parallel as mp
+    from tf_diffusion.flux import FluxConfig, FluxTransformer
+
+    cfg = FluxConfig(in_channels=4, out_channels=4, vec_in_dim=8, context_in_dim=8, hidden_size=32,
+                     num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6), guidance_embed=False)  # fmt: skip
+    model = FluxTransformer(cfg)
+    devices = [f"cpu:{i}" for i in range(6)]
+    wrong_axes = keras.distribution.DeviceMesh((2, 3), ("data", "model"), devices)
+    with pytest.raises(ValueError, match=r"\('batch', 'model'\)"):
+        mp.flux_layout_map(model, wrong_axes)
+    # Model axis 3 does not divide the 32-wide projections.
+    uneven = keras.distribution.DeviceMesh((2, 3), ("batch", "model"), devices)
+    with pytest.raises(ValueError, match=r"double_blocks.0.img_attn.proj .*\(32\).* size 3"):
+        mp.flux_layout_map(model, uneven)
+    with pytest.raises(ValueError, match="DeviceMesh"):
+        mp.flux_layout_map(model, (2, 4))
+    with pytest.raises(ValueError, match="FluxTransformer"):
+        mp.flux_sharded_linears(keras.layers.Dense(2))
+    if keras.backend.backend() != "jax":
+        even = keras.distribution.DeviceMesh((1, 2), ("batch", "model"), devices[:2])
+        with pytest.raises(ValueError, match="JAX backend"):
+            mp.model_parallel(model, even)
