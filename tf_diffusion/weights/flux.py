@@ -9,7 +9,8 @@ comes from the config, so every key is known in advance and anything else is an 
 ``load_flux_transformer`` reads an original single file (safetensors, with or without the
 ``model.diffusion_model.`` prefix), a diffusers ``transformer/`` folder, or a pipeline folder holding
 one. Half-precision tensors (float16, bfloat16) are upcast to the model's variables as they are
-assigned; float8 files are refused by the safetensors reader.
+assigned; float8 files are refused by the safetensors reader. ``quantize="int8"`` builds the model with
+int8 Linear weights (``execution.quantize.build_model``) and quantizes each tensor as it is assigned.
 """
 
 from __future__ import annotations
@@ -163,7 +164,12 @@ def strip_prefix(tensors: Mapping[str, object]) -> dict[str, object]:
 
 
 def load_flux_transformer(
-    path, *, config: FluxConfig | None = None, axes_dim: tuple[int, ...] | None = None, dtype=None
+    path,
+    *,
+    config: FluxConfig | None = None,
+    axes_dim: tuple[int, ...] | None = None,
+    dtype=None,
+    quantize: str | None = None,
 ) -> FluxTransformer:
     """A ``FluxTransformer`` with the weights of an original single file or a diffusers folder.
 
@@ -176,14 +182,23 @@ def load_flux_transformer(
         axes_dim: the rotary split for a single file whose heads are not 128 wide (see
             ``flux_config_from_state_dict``).
         dtype: a Keras dtype policy for the model.
+        quantize: "int8" stores every Linear weight as int8 per output channel with a float32 scale
+            (``tf_diffusion.execution.quantize``): the model is built with int8 variables and each
+            tensor is quantized as it is assigned, so the float weights are never all resident.
+            None (default): float weights.
 
     Raises:
-        ValueError: for a path that is neither, or a state dict that does not fit (``StateDictError``
-            lists every bad key).
+        ValueError: for a path that is neither, a ``quantize`` mode that does not exist, or a state
+            dict that does not fit (``StateDictError`` lists every bad key).
+
+    Example:
+        >>> model = load_flux_transformer("flux1-schnell.safetensors", quantize="int8")
     """
+    from tf_diffusion.execution import quantize as quantizing
     from tf_diffusion.weights.diffusers_folder import _open_weights, read_json, weight_file_candidates
     from tf_diffusion.weights.safetensors_io import open_safetensors
 
+    quantizing.check_mode(quantize)  # before any file is opened
     path = pathlib.Path(path)
     handles: list = []
     try:
@@ -207,7 +222,7 @@ def load_flux_transformer(
             cfg = config or flux_config_from_state_dict(tensors, axes_dim)
         else:
             raise ValueError(f"{path}: expected a .safetensors file or a diffusers folder")
-        model = FluxTransformer(cfg, dtype=dtype)
+        model = quantizing.build_model(lambda: FluxTransformer(cfg, dtype=dtype), quantize)
         load_state_dict(model, tensors)
     finally:
         for handle in handles:
