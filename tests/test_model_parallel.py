@@ -4,7 +4,7 @@ The JAX run is a fresh process, because the host devices must be configured befo
 (``--xla_force_host_platform_device_count=8``, as tests/test_distributed.py does). A tiny random
 transformer (2 double + 2 single blocks, width 64) runs once on one device, then built sharded
 (``build_sharded`` + ``load_state_dict``) on meshes (2, 4) and (1, 8), and moved onto (1, 8) after
-loading (``shard_model``). Outputs must agree within 1e-5 in float32 (measured: about 1e-6, the order
+loading (``shard_model``); a tiny SD3.5-style MMDiT (q/k norm, one dual-attention block) on (2, 4). Outputs must agree within 1e-5 in float32 (measured: about 1e-6, the order
 of float sums across shards), and every split kernel must lie on its devices as slices of the
 expected shape, the rest whole.
 """
@@ -51,7 +51,7 @@ SCRIPT = """
     assert len({d for v in single.variables for d in v.value.sharding.device_set}) == 1
 
     def shards(model):
-        split = {key: (kind, linear) for key, (linear, kind) in mp.flux_sharded_linears(model).items()}
+        split = {key: (kind, linear) for key, (linear, kind) in mp.sharded_linears(model).items()}
         out = {}
         for key, (kind, linear) in split.items():
             for name in ("weight", "bias"):
@@ -77,6 +77,29 @@ SCRIPT = """
             mp.shard_model(model, distribution)
         results[name] = mp.sharded_call(model, distribution)(*args, guidance=guidance)
         info[name] = shards(model)
+    # SD3's MMDiT (the last block's context stream has no proj or MLP; block 0 has SD3.5's attn2).
+    from tf_diffusion.config import MMDiTConfig
+    from tf_diffusion.mmdit import MMDiT
+
+    mcfg = MMDiTConfig(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                       num_attention_heads=4, joint_attention_dim=24, caption_projection_dim=64,
+                       pooled_projection_dim=20, out_channels=4, pos_embed_max_size=8,
+                       dual_attention_layers=(0,), qk_norm="rms_norm")
+    one = MMDiT(mcfg)
+    mweights = state_dict(one)
+    mweights["pos_embed"] = rng.standard_normal(mweights["pos_embed"].shape).astype(np.float32)
+    load_state_dict(one, mweights)
+    margs = (rng.standard_normal((2, 8, 8, 4)).astype(np.float32), np.array([500.0, 20.0], np.float32),
+             rng.standard_normal((2, 7, 24)).astype(np.float32), rng.standard_normal((2, 20)).astype(np.float32))
+    mstep = jax.jit(lambda tv, nv, a: one.stateless_call(tv, nv, *a)[0])
+    results["mmdit_want"] = np.asarray(mstep([v.value for v in one.trainable_variables],
+                                             [v.value for v in one.non_trainable_variables], margs))
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
+    model, distribution = mp.build_sharded(lambda: MMDiT(mcfg), mesh)
+    load_state_dict(model, mweights)
+    results["mmdit_2x4"] = mp.sharded_call(model, distribution)(*margs)
+    info["mmdit_2x4"] = {key: [kind, [list(s.data.shape) for s in linear.weight.value.addressable_shards]]
+                         for key, (linear, kind) in mp.sharded_linears(model).items()}
     np.savez(sys.argv[1], **results)
     print(json.dumps(info))
     """
@@ -137,6 +160,25 @@ def test_kernels_lie_in_slices_on_the_model_axis(sharded_run, name, parts):
             assert all(s == [width // parts if kind == "column" else width] for s in shapes), key
 
 
+def test_mmdit_sharded_equals_one_device(sharded_run):
+    out, info = sharded_run
+    assert out["mmdit_2x4"].shape == out["mmdit_want"].shape == (2, 8, 8, 4)
+    assert np.abs(out["mmdit_want"]).max() > 0.1
+    np.testing.assert_allclose(out["mmdit_2x4"], out["mmdit_want"], rtol=0, atol=TOL)
+    shards = info["mmdit_2x4"]
+    # Block 1 (the last) has no context proj / MLP; only block 0's image stream has attn2.
+    assert "joint_blocks.1.context_block.attn.proj" not in shards
+    assert "joint_blocks.1.context_block.mlp.fc1" not in shards
+    assert "joint_blocks.0.x_block.attn2.qkv" in shards and "joint_blocks.1.x_block.attn2.qkv" not in shards
+    assert len(shards) == 5 + 7 + 2 + 5  # block 0: context, image; block 1: context, image
+    want = {"joint_blocks.0.x_block.attn2.qkv": ("column", [64, 48]),
+            "joint_blocks.0.context_block.mlp.fc2": ("row", [64, 64]),
+            "joint_blocks.1.x_block.adaLN_modulation.1": ("column", [64, 96]),
+            "joint_blocks.1.context_block.adaLN_modulation.1": ("column", [64, 32])}  # fmt: skip
+    for key, (kind, shape) in want.items():
+        assert shards[key][0] == kind and shards[key][1] == [shape] * 8, (key, shards[key])
+
+
 def test_bad_meshes_and_backends_are_clear_errors():
     import keras
 
@@ -149,15 +191,15 @@ def test_bad_meshes_and_backends_are_clear_errors():
     devices = [f"cpu:{i}" for i in range(6)]
     wrong_axes = keras.distribution.DeviceMesh((2, 3), ("data", "model"), devices)
     with pytest.raises(ValueError, match=r"\('batch', 'model'\)"):
-        mp.flux_layout_map(model, wrong_axes)
+        mp.layout_map(model, wrong_axes)
     # Model axis 3 does not divide the 32-wide projections.
     uneven = keras.distribution.DeviceMesh((2, 3), ("batch", "model"), devices)
     with pytest.raises(ValueError, match=r"double_blocks.0.img_attn.proj .*\(32\).* size 3"):
-        mp.flux_layout_map(model, uneven)
+        mp.layout_map(model, uneven)
     with pytest.raises(ValueError, match="DeviceMesh"):
-        mp.flux_layout_map(model, (2, 4))
-    with pytest.raises(ValueError, match="FluxTransformer"):
-        mp.flux_sharded_linears(keras.layers.Dense(2))
+        mp.layout_map(model, (2, 4))
+    with pytest.raises(ValueError, match="FluxTransformer or an mmdit.MMDiT"):
+        mp.sharded_linears(keras.layers.Dense(2))
     if keras.backend.backend() != "jax":
         even = keras.distribution.DeviceMesh((1, 2), ("batch", "model"), devices[:2])
         with pytest.raises(ValueError, match="JAX backend"):

@@ -59,6 +59,20 @@ FLUX_DOUBLE_BLOCK = {
     "txt_mlp.2": ROW,
 }
 FLUX_SINGLE_BLOCK = {"modulation.lin": COLUMN, "linear1": COLUMN, "linear2": ROW}
+# SD3's joint blocks: both streams alike; a stream lacks what it does not have (the last context
+# stream's ``attn.proj`` and ``mlp``, ``attn2`` outside SD3.5's dual-attention blocks).
+MMDIT_STREAM = {
+    "adaLN_modulation.1": COLUMN,
+    "attn.qkv": COLUMN,
+    "attn.proj": ROW,
+    "attn2.qkv": COLUMN,
+    "attn2.proj": ROW,
+    "mlp.fc1": COLUMN,
+    "mlp.fc2": ROW,
+}
+MMDIT_JOINT_BLOCK = {
+    f"{stream}.{k}": v for stream in ("context_block", "x_block") for k, v in MMDIT_STREAM.items()
+}
 
 
 def _require_jax() -> None:
@@ -70,24 +84,37 @@ def _require_jax() -> None:
 
 
 def _resolve(obj, path: str):
-    """The layer at a dotted attribute path (list indices as numbers, as the checkpoint keys)."""
+    """The layer at a dotted attribute path (list indices as numbers, as the checkpoint keys), or None."""
     for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
+        if obj is None:
+            return None
     return obj
 
 
-def flux_sharded_linears(model) -> dict[str, tuple[layers.Linear, str]]:
-    """Checkpoint key of each split Linear of a ``FluxTransformer`` -> (the layer, COLUMN or ROW)."""
-    from tf_diffusion.flux import FluxTransformer
+def sharded_linears(model) -> dict[str, tuple[layers.Linear, str]]:
+    """Checkpoint key of each split Linear of a ``FluxTransformer`` or an ``MMDiT`` -> (layer, COLUMN or ROW).
 
-    if not isinstance(model, FluxTransformer):
-        raise ValueError(f"expected a flux.FluxTransformer, got {type(model).__name__}")
+    Raises:
+        ValueError: for any other model.
+    """
+    from tf_diffusion.flux import FluxTransformer
+    from tf_diffusion.mmdit import MMDiT
+
+    if isinstance(model, FluxTransformer):
+        groups = (("double_blocks", FLUX_DOUBLE_BLOCK), ("single_blocks", FLUX_SINGLE_BLOCK))
+    elif isinstance(model, MMDiT):
+        groups = (("joint_blocks", MMDIT_JOINT_BLOCK),)
+    else:
+        raise ValueError(f"expected a flux.FluxTransformer or an mmdit.MMDiT, got {type(model).__name__}")
     found = {}
-    for group, rules in (("double_blocks", FLUX_DOUBLE_BLOCK), ("single_blocks", FLUX_SINGLE_BLOCK)):
+    for group, rules in groups:
         for i in range(len(getattr(model, group))):
             for inner, kind in rules.items():
                 key = f"{group}.{i}.{inner}"
-                found[key] = (_resolve(model, key), kind)
+                linear = _resolve(model, key)
+                if linear is not None:
+                    found[key] = (linear, kind)
     return found
 
 
@@ -100,8 +127,8 @@ def _check_mesh(device_mesh) -> int:
     return int(device_mesh.shape[1])
 
 
-def flux_layout_map(model, device_mesh) -> keras.distribution.LayoutMap:
-    """A LayoutMap placing ``model``'s (a built ``FluxTransformer``) variables on a ("batch", "model") mesh.
+def layout_map(model, device_mesh) -> keras.distribution.LayoutMap:
+    """A LayoutMap placing a built ``FluxTransformer``'s or ``MMDiT``'s variables on a ("batch", "model") mesh.
 
     Column-split Linears: weight ``(None, "model")``, bias ``("model",)``; row-split: weight
     ``("model", None)``, bias replicated (it is added once, after the partial sums are reduced). Keys
@@ -119,8 +146,8 @@ def flux_layout_map(model, device_mesh) -> keras.distribution.LayoutMap:
             does not divide (the error names the layer and its width).
     """
     parts = _check_mesh(device_mesh)
-    layout_map = keras.distribution.LayoutMap(device_mesh)
-    for key, (linear, kind) in flux_sharded_linears(model).items():
+    layouts = keras.distribution.LayoutMap(device_mesh)
+    for key, (linear, kind) in sharded_linears(model).items():
         width = linear.out_features if kind == COLUMN else linear.in_features
         if width % parts:
             raise ValueError(
@@ -128,26 +155,26 @@ def flux_layout_map(model, device_mesh) -> keras.distribution.LayoutMap:
                 f"model axis of size {parts} does not divide; pick a mesh whose model axis divides it"
             )
         spec = (None, MODEL_AXIS) if kind == COLUMN else (MODEL_AXIS, None)
-        layout_map[re.escape(linear.weight.path)] = spec
+        layouts[re.escape(linear.weight.path)] = spec
         if linear.bias is not None:
-            layout_map[re.escape(linear.bias.path)] = (MODEL_AXIS,) if kind == COLUMN else (None,)
-    return layout_map
+            layouts[re.escape(linear.bias.path)] = (MODEL_AXIS,) if kind == COLUMN else (None,)
+    return layouts
 
 
 def model_parallel(model, device_mesh) -> keras.distribution.ModelParallel:
-    """``keras.distribution.ModelParallel`` of ``flux_layout_map``, the batch split over the "batch" axis.
+    """``keras.distribution.ModelParallel`` of ``layout_map``, the batch split over the "batch" axis.
 
     Raises:
-        ValueError: as ``flux_layout_map``, or on a backend other than JAX.
+        ValueError: as ``layout_map``, or on a backend other than JAX.
     """
     _require_jax()
     return keras.distribution.ModelParallel(
-        layout_map=flux_layout_map(model, device_mesh), batch_dim_name=BATCH_AXIS
+        layout_map=layout_map(model, device_mesh), batch_dim_name=BATCH_AXIS
     )
 
 
 def build_sharded(constructor: Callable[[], keras.layers.Layer], device_mesh):
-    """``constructor()`` (a ``FluxTransformer``) with every variable created on its shards.
+    """``constructor()`` (a ``FluxTransformer`` or an ``MMDiT``) with every variable created on its shards.
 
     The model is constructed with unallocated variables (only paths and shapes), its layout map made,
     and each variable then initialised under the ``ModelParallel`` scope, so a sharded kernel exists
@@ -188,52 +215,64 @@ def shard_model(model, distribution: keras.distribution.ModelParallel):
     return model
 
 
-def sharded_call(model, distribution: keras.distribution.ModelParallel) -> Callable:
-    """A jitted ``FluxTransformer`` call over the mesh, its batch split over the "batch" axis.
+# Arguments shared by the whole batch when they are 2-D: Flux's (L, 3) position ids.
+SHARED_ARGUMENTS = ("img_ids", "txt_ids")
 
+
+def sharded_call(model, distribution: keras.distribution.ModelParallel) -> Callable:
+    """A jitted call of ``model`` over the mesh, its batch split over the "batch" axis.
+
+    The returned function takes the model's own arguments (``FluxTransformer``: ``img, img_ids,
+    txt, txt_ids, timesteps, y, guidance=None``; ``MMDiT``: ``latents, timesteps, context, pooled,
+    skip_layers=()``) and returns a NumPy array. Array arguments are batch-major and placed with the
+    distribution's data layout, except 2-D position ids (``SHARED_ARGUMENTS``), which are
+    replicated; other values (``skip_layers``) are fixed at trace time, one compiled program each.
     The variables are passed in as arguments (``stateless_call``), not captured as constants, so
-    the compiled program reads them where they lie. Arrays whose first axis is the batch (the image
-    and text tokens, the timesteps, the pooled embedding, guidance) are placed with the
-    distribution's data layout; the position ids, shared by the batch as (L, 3), are replicated.
-    The returned function takes the model's arguments
-    ``(img, img_ids, txt, txt_ids, timesteps, y, guidance=None)`` and returns a NumPy array.
+    the compiled program reads them where they lie.
 
     Raises:
         ValueError: when a batch-major argument's batch is not divisible by the "batch" axis size.
     """
+    import inspect
+
     import jax
 
     _require_jax()
     batch_parts = int(distribution.device_mesh.shape[0])
     mesh = distribution.device_mesh
+    signature = inspect.signature(model.call)
+    compiled: dict = {}
 
-    @jax.jit
-    def run(trainable, non_trainable, args, kwargs):
-        out, _ = model.stateless_call(trainable, non_trainable, *args, **kwargs)
-        return out
-
-    def place(value, batch_major: bool):
-        if value is None:
-            return None
+    def place(name, value):
         value = np.asarray(value)
-        if batch_major and value.ndim:
+        if (name in SHARED_ARGUMENTS and value.ndim == 2) or value.ndim == 0:
+            layout = keras.distribution.TensorLayout([None] * value.ndim, mesh)
+        else:
             if value.shape[0] % batch_parts:
                 raise ValueError(
-                    f"a batch of {value.shape[0]} does not split over the mesh's batch axis of size "
-                    f"{batch_parts}; use a batch divisible by it"
+                    f"{name} has a batch of {value.shape[0]}, which does not split over the mesh's batch "
+                    f"axis of size {batch_parts}; use a batch divisible by it"
                 )
             layout = distribution.get_data_layout(value.shape)
-        else:
-            layout = keras.distribution.TensorLayout([None] * value.ndim, mesh)
         return keras.distribution.distribute_tensor(value, layout)
 
-    def call(img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        # (L, 3) ids are shared by the batch (replicated); (B, L, 3) ids are batch-major like the rest.
-        args = (place(img, True), place(img_ids, np.ndim(img_ids) == 3), place(txt, True),
-                place(txt_ids, np.ndim(txt_ids) == 3), place(timesteps, True), place(y, True))  # fmt: skip
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        arrays = {k: place(k, v) for k, v in bound.items() if isinstance(v, (np.ndarray, jax.Array))}
+        # Lists (skip_layers=[3]) as tuples, so that the values can key the compiled programs.
+        static = tuple(
+            (k, tuple(v) if isinstance(v, list) else v) for k, v in bound.items() if k not in arrays
+        )
+        if static not in compiled:
+
+            def run(trainable, non_trainable, arrays, static=static):
+                out, _ = model.stateless_call(trainable, non_trainable, **arrays, **dict(static))
+                return out
+
+            compiled[static] = jax.jit(run)
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
-        return np.asarray(run(trainable, non_trainable, args, {"guidance": place(guidance, True)}))
+        return np.asarray(compiled[static](trainable, non_trainable, arrays))
 
     return call
 
@@ -245,9 +284,12 @@ __all__ = [
     "FLUX_SINGLE_BLOCK",
     "MODEL_AXIS",
     "ROW",
+    "SHARED_ARGUMENTS",
     "build_sharded",
-    "flux_layout_map",
-    "flux_sharded_linears",
+    "layout_map",
+    "sharded_linears",
+    "MMDIT_JOINT_BLOCK",
+    "MMDIT_STREAM",
     "model_parallel",
     "shard_model",
     "sharded_call",
