@@ -45,9 +45,13 @@ SCRIPT = """
             np.array([0.3, 0.8], np.float32), rng.standard_normal((B, 24)).astype(np.float32))
     guidance = np.array([3.5, 2.0], np.float32)
     # One device: the model built outside any distribution, its variables on the first device.
-    step = jax.jit(lambda tv, nv, a, g: single.stateless_call(tv, nv, *a, guidance=g)[0])
-    want = np.asarray(step([v.value for v in single.trainable_variables],
-                           [v.value for v in single.non_trainable_variables], args, guidance))
+
+    def one_device(model, args, **kwargs):
+        step = jax.jit(lambda tv, nv, a, kw: model.stateless_call(tv, nv, *a, **kw)[0])
+        return np.asarray(step([v.value for v in model.trainable_variables],
+                               [v.value for v in model.non_trainable_variables], args, kwargs))
+
+    want = one_device(single, args, guidance=guidance)
     assert len({d for v in single.variables for d in v.value.sharding.device_set}) == 1
 
     def shards(model):
@@ -77,6 +81,20 @@ SCRIPT = """
             mp.shard_model(model, distribution)
         results[name] = mp.sharded_call(model, distribution)(*args, guidance=guidance)
         info[name] = shards(model)
+    # int8 weights (execution.quantize), created sharded: the same as the int8 model on one device.
+    from tf_diffusion.execution import quantize
+
+    q_one = quantize.build_model(lambda: FluxTransformer(cfg))
+    load_state_dict(q_one, weights)
+    results["int8_want"] = one_device(q_one, args, guidance=guidance)
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
+    model, distribution = mp.build_sharded(lambda: FluxTransformer(cfg), mesh, quantize="int8")
+    load_state_dict(model, weights)
+    results["int8_2x4"] = mp.sharded_call(model, distribution)(*args, guidance=guidance)
+    info["int8_2x4"] = {key: [kind, str(linear.weight.dtype),
+                              [list(s.data.shape) for s in linear.weight.value.addressable_shards],
+                              [list(s.data.shape) for s in linear.weight_scale.value.addressable_shards]]
+                        for key, (linear, kind) in mp.sharded_linears(model).items()}
     # SD3's MMDiT (the last block's context stream has no proj or MLP; block 0 has SD3.5's attn2).
     from tf_diffusion.config import MMDiTConfig
     from tf_diffusion.mmdit import MMDiT
@@ -91,9 +109,7 @@ SCRIPT = """
     load_state_dict(one, mweights)
     margs = (rng.standard_normal((2, 8, 8, 4)).astype(np.float32), np.array([500.0, 20.0], np.float32),
              rng.standard_normal((2, 7, 24)).astype(np.float32), rng.standard_normal((2, 20)).astype(np.float32))
-    mstep = jax.jit(lambda tv, nv, a: one.stateless_call(tv, nv, *a)[0])
-    results["mmdit_want"] = np.asarray(mstep([v.value for v in one.trainable_variables],
-                                             [v.value for v in one.non_trainable_variables], margs))
+    results["mmdit_want"] = one_device(one, margs)
     mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
     model, distribution = mp.build_sharded(lambda: MMDiT(mcfg), mesh)
     load_state_dict(model, mweights)
@@ -158,6 +174,18 @@ def test_kernels_lie_in_slices_on_the_model_axis(sharded_run, name, parts):
         if key.endswith(".bias"):
             width = shapes[0][0] * (parts if kind == "column" else 1)
             assert all(s == [width // parts if kind == "column" else width] for s in shapes), key
+
+
+def test_int8_weights_sharded_equal_int8_on_one_device(sharded_run):
+    out, info = sharded_run
+    # int8 differs from float (execution.quantize), but sharding it changes nothing more.
+    assert np.abs(out["int8_want"] - out["want"]).max() > 10 * TOL
+    np.testing.assert_allclose(out["int8_2x4"], out["int8_want"], rtol=0, atol=TOL)
+    shards = info["int8_2x4"]
+    assert shards["double_blocks.0.img_attn.qkv"] == ["column", "int8", [[64, 48]] * 8, [[48]] * 8]
+    assert shards["single_blocks.0.linear1"] == ["column", "int8", [[64, 112]] * 8, [[112]] * 8]
+    assert shards["single_blocks.0.linear2"] == ["row", "int8", [[80, 64]] * 8, [[64]] * 8]
+    assert shards["double_blocks.1.txt_mlp.2"] == ["row", "int8", [[64, 64]] * 8, [[64]] * 8]
 
 
 def test_mmdit_sharded_equals_one_device(sharded_run):

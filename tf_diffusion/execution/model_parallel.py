@@ -156,8 +156,14 @@ def layout_map(model, device_mesh) -> keras.distribution.LayoutMap:
             )
         spec = (None, MODEL_AXIS) if kind == COLUMN else (MODEL_AXIS, None)
         layouts[re.escape(linear.weight.path)] = spec
+        per_output = (MODEL_AXIS,) if kind == COLUMN else (None,)
         if linear.bias is not None:
-            layouts[re.escape(linear.bias.path)] = (MODEL_AXIS,) if kind == COLUMN else (None,)
+            layouts[re.escape(linear.bias.path)] = per_output
+        # An int8 weight's per-output scale (execution.quantize) follows the output columns. It is
+        # made by the same layer as the weight, so its path is the weight's with the scale's name;
+        # listed whether or not it exists yet, so that build_sharded can create it sharded.
+        scale_path = linear.weight.path.rsplit("/", 1)[0] + "/weight_scale"
+        layouts[re.escape(scale_path)] = per_output
     return layouts
 
 
@@ -173,29 +179,39 @@ def model_parallel(model, device_mesh) -> keras.distribution.ModelParallel:
     )
 
 
-def build_sharded(constructor: Callable[[], keras.layers.Layer], device_mesh):
+def build_sharded(constructor: Callable[[], keras.layers.Layer], device_mesh, quantize: str | None = None):
     """``constructor()`` (a ``FluxTransformer`` or an ``MMDiT``) with every variable created on its shards.
 
     The model is constructed with unallocated variables (only paths and shapes), its layout map made,
     and each variable then initialised under the ``ModelParallel`` scope, so a sharded kernel exists
     only as its shards. Load the weights afterwards (``load_state_dict``): assignments keep the layout.
 
+    Args:
+        constructor: makes the model, e.g. ``lambda: FluxTransformer(config)``.
+        device_mesh: a ``keras.distribution.DeviceMesh`` with axes ("batch", "model").
+        quantize: "int8": every Linear gets int8 weights and float32 scales instead of float weights
+            (``execution.quantize.build_model``), created sharded as the float ones would be; None: float.
+
     Returns:
         (model, distribution): the model and its ``keras.distribution.ModelParallel``.
 
     Raises:
-        ValueError: as ``model_parallel``.
+        ValueError: as ``model_parallel``, or for a ``quantize`` mode that does not exist.
     """
-    from tf_diffusion.execution.quantize import _unallocated
+    from tf_diffusion.execution import quantize as quantizing
 
     _require_jax()
-    with _unallocated() as created:
+    quantizing.check_mode(quantize)
+    with quantizing._unallocated() as created:
         model = constructor()
     distribution = model_parallel(model, device_mesh)
     with distribution.scope():
-        for variable in created:
-            if variable._value is None:
-                variable._deferred_initialize()
+        if quantize is not None:
+            quantizing._materialize([model], created, quantize)
+        else:
+            for variable in created:
+                if variable._value is None:
+                    variable._deferred_initialize()
     return model, distribution
 
 
