@@ -154,6 +154,16 @@ def test_rename_is_the_inverse_of_diffusers_converter(tiny, monkeypatch):
     assert sorted(back) == sorted(theirs)
     for key, value in theirs.items():
         np.testing.assert_array_equal(back[key], value, err_msg=key)
+    # lazy=True (what the loader uses): the same tensors, each fused one made only when read.
+    from tf_diffusion.weights.lazy import LazyTensor
+
+    lazy = convert_diffusers_flux(theirs, cfg, lazy=True)
+    assert sorted(lazy) == sorted(original)
+    assert isinstance(lazy["single_blocks.0.linear1.weight"], LazyTensor)
+    assert isinstance(lazy["final_layer.adaLN_modulation.1.bias"], LazyTensor)
+    for key, value in original.items():
+        assert tuple(lazy[key].shape) == value.shape and np.dtype(lazy[key].dtype) == value.dtype, key
+        np.testing.assert_array_equal(np.asarray(lazy[key]), value, err_msg=key)
 
 
 def test_original_keys_are_our_attribute_paths(tiny):

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tf_diffusion.flux import FluxConfig, FluxTransformer, flux_config_from_state_dict
+from tf_diffusion.weights.lazy import LazyTensor
 from tf_diffusion.weights.state_dict import StateDictError, load_state_dict
 
 _WB = ("weight", "bias")
@@ -98,12 +99,17 @@ def _swap_halves(value) -> np.ndarray:
     return np.concatenate([value[half:], value[:half]], axis=0)
 
 
-def convert_diffusers_flux(tensors: Mapping[str, object], config: FluxConfig) -> dict[str, object]:
+def convert_diffusers_flux(
+    tensors: Mapping[str, object], config: FluxConfig, *, lazy: bool = False
+) -> dict[str, object]:
     """Rename a diffusers FluxTransformer2DModel state dict to the original (Black Forest Labs) keys.
 
     Args:
         tensors: diffusers key -> torch-layout array (``transformer/diffusion_pytorch_model*``).
         config: the transformer's config, which fixes the expected keys.
+        lazy: the fused and reordered tensors as ``LazyTensor`` objects, concatenated only when read, so
+            that a loader holds one of them at a time (the fused projections are about a third of
+            the weights); False: NumPy arrays.
 
     Returns:
         original key -> torch-layout array, ready for ``load_state_dict`` on ``flux.FluxTransformer``.
@@ -120,10 +126,22 @@ def convert_diffusers_flux(tensors: Mapping[str, object], config: FluxConfig) ->
         raise StateDictError(
             missing=missing, unexpected=unexpected, model_name="diffusers FluxTransformer2DModel"
         )
+
+    def made(parts: tuple[str, ...], read, shape) -> object:
+        if not lazy:
+            return read()
+        dtype = np.result_type(*(np.dtype(tensors[k].dtype) for k in parts))
+        return LazyTensor(shape, dtype, read, source=f"diffusers {' + '.join(parts)}")
+
     out: dict[str, object] = {plain[k]: tensors[k] for k in plain}
-    out.update({original: _swap_halves(tensors[k]) for k, original in _SWAPPED.items()})
+    for k, original in _SWAPPED.items():
+        out[original] = made((k,), lambda k=k: _swap_halves(tensors[k]), tuple(tensors[k].shape))
     for original, parts in fused.items():
-        out[original] = np.concatenate([np.asarray(tensors[k]) for k in parts], axis=0)
+        shapes = [tuple(tensors[k].shape) for k in parts]
+        shape = (sum(s[0] for s in shapes), *shapes[0][1:])
+        out[original] = made(
+            parts, lambda parts=parts: np.concatenate([np.asarray(tensors[k]) for k in parts], axis=0), shape
+        )
     return out
 
 
@@ -214,7 +232,7 @@ def load_flux_transformer(
             if not found:
                 raise ValueError(f"{folder}: no transformer weights (looked for {candidates[:2]})")
             tensors, _ = _open_weights(folder, found[0], handles)
-            tensors = convert_diffusers_flux(tensors, cfg)
+            tensors = convert_diffusers_flux(tensors, cfg, lazy=True)
         elif path.suffix.lower() == ".safetensors":
             handle = open_safetensors(path)
             handles.append(handle)
