@@ -1,26 +1,29 @@
-"""Model parallelism under JAX: the Flux transformer's big kernels sharded over a 2-D device mesh.
+"""Model parallelism under JAX: Flux's (and SD3's) big kernels sharded over a 2-D device mesh.
 
 A ``keras.distribution.DeviceMesh`` with axes ("batch", "model") holds the devices. The Linear kernels
 of the double and single blocks are split over the "model" axis in the Megatron way: the input-side
 projections by output columns (``img_attn.qkv`` / ``txt_attn.qkv``, ``img_mlp.0`` / ``txt_mlp.0``,
-``linear1``, and the modulation ``lin``\\ s, which in Flux.1 hold a quarter of the weights), the
+``linear1``, and the modulation ``lin`` layers, which in Flux.1 hold a quarter of the weights), the
 output-side ones by input rows (``img_attn.proj`` / ``txt_attn.proj``, ``img_mlp.2`` / ``txt_mlp.2``,
 ``linear2``); every other variable (embedders, norms, the final layer) is replicated, and the batch is
 split over the "batch" axis. ``jax.jit`` then partitions the program (GSPMD): it inserts the
 all-gathers and reductions the layouts need, so the sharded model computes what the single-device one
-computes, up to the order of float sums. The fused ``qkv`` / ``linear1`` outputs are split into their
+computes, up to the order of float sums. SD3's MMDiT is split the same way (``MMDIT_STREAM``:
+``adaLN_modulation.1``, ``attn.qkv`` / ``attn2.qkv``, ``mlp.fc1`` by columns; ``attn.proj`` /
+``attn2.proj``, ``mlp.fc2`` by rows). The fused ``qkv`` / ``linear1`` outputs are split into their
 parts after the matmul, which makes XLA move some activations between devices; a per-head permutation
 of the columns would avoid that, but would change the weights' layout away from the checkpoint's.
 
-What lives here is only how the model is placed: ``FluxTransformer`` is unchanged. The layout map is
+What lives here is only how the model is placed: the model files are unchanged. The layout map is
 keyed by the variables' ``path`` (Keras' auto-generated ``linear_12/weight``), found by walking the
 model's attribute paths (the checkpoint keys), so it is built from a model that exists; ``build_sharded``
 constructs the model with unallocated variables first, so each kernel is created already sharded and
 never whole on one device, and later assignments (``load_state_dict``) keep the layout.
 
-TensorFlow: not supported. Keras 3's ``keras.distribution`` is implemented for JAX only (its
-TensorFlow ``distribution_lib`` is a stub), and TensorFlow's DTensor works with the removed Keras 2
-(``tf_keras``) layers, not with Keras 3 variables; ``tf.distribute`` strategies replicate variables
+TensorFlow: not supported. Keras 3's ``keras.distribution`` is implemented for JAX only: its
+TensorFlow ``distribution_lib`` is a prototype marked "DO NOT USE" whose ``distribute_value`` does
+nothing, and Keras 3's TensorFlow variables never read a layout. DTensor's Keras integration was for
+Keras 2 (``tf_keras``) layers, not Keras 3 variables; ``tf.distribute`` strategies replicate variables
 (data parallelism, ``tf_diffusion.distributed``) rather than shard them.
 
 Example (JAX, 8 devices)::
