@@ -17,6 +17,8 @@ This package runs the same maths faster, chosen through one explicit, thread-saf
 - ``options(opts)`` / ``current()``: the context itself (``contextvars``), read at trace time.
 - ``quantize`` (imported on its own): weight-only int8 Linear weights, applied at load time
   (``from_pretrained(..., quantize="int8")``).
+- ``model_parallel`` (imported on its own, JAX only): the Flux transformer and SD3's MMDiT sharded
+  over a ("batch", "model") device mesh (``keras.distribution.ModelParallel``).
 - ``autotune``: choices measured on the machine at hand, cached per CPU
   (``TF_DIFFUSION_AUTOTUNE=0`` turns measuring off; ``TF_DIFFUSION_AUTOTUNE_CACHE`` names the
   JSON file, "" keeps it in memory).

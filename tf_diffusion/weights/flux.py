@@ -9,7 +9,8 @@ comes from the config, so every key is known in advance and anything else is an 
 ``load_flux_transformer`` reads an original single file (safetensors, with or without the
 ``model.diffusion_model.`` prefix), a diffusers ``transformer/`` folder, or a pipeline folder holding
 one. Half-precision tensors (float16, bfloat16) are upcast to the model's variables as they are
-assigned; float8 files are refused by the safetensors reader.
+assigned; float8 files are refused by the safetensors reader. ``quantize="int8"`` builds the model with
+int8 Linear weights (``execution.quantize.build_model``) and quantizes each tensor as it is assigned.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tf_diffusion.flux import FluxConfig, FluxTransformer, flux_config_from_state_dict
+from tf_diffusion.weights.lazy import LazyTensor
 from tf_diffusion.weights.state_dict import StateDictError, load_state_dict
 
 _WB = ("weight", "bias")
@@ -97,12 +99,17 @@ def _swap_halves(value) -> np.ndarray:
     return np.concatenate([value[half:], value[:half]], axis=0)
 
 
-def convert_diffusers_flux(tensors: Mapping[str, object], config: FluxConfig) -> dict[str, object]:
+def convert_diffusers_flux(
+    tensors: Mapping[str, object], config: FluxConfig, *, lazy: bool = False
+) -> dict[str, object]:
     """Rename a diffusers FluxTransformer2DModel state dict to the original (Black Forest Labs) keys.
 
     Args:
         tensors: diffusers key -> torch-layout array (``transformer/diffusion_pytorch_model*``).
         config: the transformer's config, which fixes the expected keys.
+        lazy: the fused and reordered tensors as ``LazyTensor`` objects, concatenated only when read, so
+            that a loader holds one of them at a time (the fused projections are about a third of
+            the weights); False: NumPy arrays.
 
     Returns:
         original key -> torch-layout array, ready for ``load_state_dict`` on ``flux.FluxTransformer``.
@@ -119,10 +126,22 @@ def convert_diffusers_flux(tensors: Mapping[str, object], config: FluxConfig) ->
         raise StateDictError(
             missing=missing, unexpected=unexpected, model_name="diffusers FluxTransformer2DModel"
         )
+
+    def made(parts: tuple[str, ...], read, shape) -> object:
+        if not lazy:
+            return read()
+        dtype = np.result_type(*(np.dtype(tensors[k].dtype) for k in parts))
+        return LazyTensor(shape, dtype, read, source=f"diffusers {' + '.join(parts)}")
+
     out: dict[str, object] = {plain[k]: tensors[k] for k in plain}
-    out.update({original: _swap_halves(tensors[k]) for k, original in _SWAPPED.items()})
+    for k, original in _SWAPPED.items():
+        out[original] = made((k,), lambda k=k: _swap_halves(tensors[k]), tuple(tensors[k].shape))
     for original, parts in fused.items():
-        out[original] = np.concatenate([np.asarray(tensors[k]) for k in parts], axis=0)
+        shapes = [tuple(tensors[k].shape) for k in parts]
+        shape = (sum(s[0] for s in shapes), *shapes[0][1:])
+        out[original] = made(
+            parts, lambda parts=parts: np.concatenate([np.asarray(tensors[k]) for k in parts], axis=0), shape
+        )
     return out
 
 
@@ -163,7 +182,12 @@ def strip_prefix(tensors: Mapping[str, object]) -> dict[str, object]:
 
 
 def load_flux_transformer(
-    path, *, config: FluxConfig | None = None, axes_dim: tuple[int, ...] | None = None, dtype=None
+    path,
+    *,
+    config: FluxConfig | None = None,
+    axes_dim: tuple[int, ...] | None = None,
+    dtype=None,
+    quantize: str | None = None,
 ) -> FluxTransformer:
     """A ``FluxTransformer`` with the weights of an original single file or a diffusers folder.
 
@@ -176,14 +200,23 @@ def load_flux_transformer(
         axes_dim: the rotary split for a single file whose heads are not 128 wide (see
             ``flux_config_from_state_dict``).
         dtype: a Keras dtype policy for the model.
+        quantize: "int8" stores every Linear weight as int8 per output channel with a float32 scale
+            (``tf_diffusion.execution.quantize``): the model is built with int8 variables and each
+            tensor is quantized as it is assigned, so the float weights are never all resident.
+            None (default): float weights.
 
     Raises:
-        ValueError: for a path that is neither, or a state dict that does not fit (``StateDictError``
-            lists every bad key).
+        ValueError: for a path that is neither, a ``quantize`` mode that does not exist, or a state
+            dict that does not fit (``StateDictError`` lists every bad key).
+
+    Example:
+        >>> model = load_flux_transformer("flux1-schnell.safetensors", quantize="int8")
     """
+    from tf_diffusion.execution import quantize as quantizing
     from tf_diffusion.weights.diffusers_folder import _open_weights, read_json, weight_file_candidates
     from tf_diffusion.weights.safetensors_io import open_safetensors
 
+    quantizing.check_mode(quantize)  # before any file is opened
     path = pathlib.Path(path)
     handles: list = []
     try:
@@ -199,7 +232,7 @@ def load_flux_transformer(
             if not found:
                 raise ValueError(f"{folder}: no transformer weights (looked for {candidates[:2]})")
             tensors, _ = _open_weights(folder, found[0], handles)
-            tensors = convert_diffusers_flux(tensors, cfg)
+            tensors = convert_diffusers_flux(tensors, cfg, lazy=True)
         elif path.suffix.lower() == ".safetensors":
             handle = open_safetensors(path)
             handles.append(handle)
@@ -207,7 +240,7 @@ def load_flux_transformer(
             cfg = config or flux_config_from_state_dict(tensors, axes_dim)
         else:
             raise ValueError(f"{path}: expected a .safetensors file or a diffusers folder")
-        model = FluxTransformer(cfg, dtype=dtype)
+        model = quantizing.build_model(lambda: FluxTransformer(cfg, dtype=dtype), quantize)
         load_state_dict(model, tensors)
     finally:
         for handle in handles:
