@@ -89,9 +89,17 @@ class FamilyHooks:
         """(the denoiser to run, per-step inputs it adds): the family's options may wrap ``denoiser``."""
         return denoiser, {}
 
+    def infotext(self, config, sampler) -> dict:
+        """PNG parameter fields the family adds (web UI key -> value)."""
+        return {}
+
     def claims(self, path: pathlib.Path) -> bool:
         """Whether a local checkpoint file or folder is this family's (its loaders read it)."""
         return False
+
+    def describe(self, path: pathlib.Path) -> dict | None:
+        """What ``tf-diffusion info`` prints of a file or folder this family claims; None: the UNet report."""
+        return None
 
     def load(self, build, source, **kwargs):
         """Build a model with ``build`` (the class, or ``execution.quantize``'s builder) and load ``source``."""
@@ -196,8 +204,17 @@ class UNetHooks(FamilyHooks):
         return Conditioning(hidden[-n:]), (Conditioning(hidden[:n]) if guided else None)
 
     def load(self, build, source, **kwargs):
+        import inspect
+
         from tf_diffusion.weights.loading import from_pretrained
 
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: the loader's default
+        allowed = [k for k in inspect.signature(from_pretrained).parameters if k not in ("cls", "source")]
+        bad = sorted(set(kwargs) - set(allowed))
+        if bad:
+            raise ValueError(
+                f"{source} is read by the SD 1.x / 2.x / SDXL loader, which takes {allowed}, not {bad}"
+            )
         return from_pretrained(build, source, **kwargs)
 
 
@@ -326,6 +343,13 @@ class SD3Hooks(FamilyHooks):
             n=n,
         )
 
+    def infotext(self, config, sampler):
+        # The flow shift, as Forge writes it for SD3 ("Shift: 3"); from the image size when dynamic.
+        scheduler = getattr(sampler, "config", config.scheduler)
+        if getattr(scheduler, "use_dynamic_shifting", False):
+            return {}
+        return {"Shift": f"{scheduler.shift:g}"}
+
     def claims(self, path):
         import json
 
@@ -350,11 +374,17 @@ class SD3Hooks(FamilyHooks):
         except Exception:  # noqa: BLE001 - an unreadable file is the UNet loader's to report
             return False
 
+    def describe(self, path):
+        from tf_diffusion.weights.sd3_folder import describe_sd3
+
+        return describe_sd3(path)
+
     def load(self, build, source, **kwargs):
         from tf_diffusion.presets import get_sd3_preset
         from tf_diffusion.weights import sd3_folder, sd3_single_file
 
         path = pathlib.Path(source)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: the loader's default
         folder_args = {"dtype", "load_t5"}
         file_args = folder_args | {"config", "text_encoders_from", "tokenizer_3"}
         allowed = folder_args if path.is_dir() else file_args
@@ -415,6 +445,16 @@ def hooks_for_source(source, revision: str | None = None) -> FamilyHooks:
         if candidate.claims(path):
             return candidate
     return hooks[0]
+
+
+def describe_source(source, revision: str | None = None) -> dict | None:
+    """``FamilyHooks.describe`` of the family that claims ``source``; None for the UNet families' files."""
+    from tf_diffusion.weights.loading import resolve_source
+
+    hooks = hooks_for_source(source, revision=revision)
+    if hooks is all_hooks()[0]:
+        return None
+    return hooks.describe(resolve_source(source, revision=revision))
 
 
 def check_family_options(config, hooks: FamilyHooks, given: Mapping[str, object]) -> dict:

@@ -511,6 +511,7 @@ class StableDiffusion:
         # After every argument check: <lora:...> tags merge their LoRAs and leave the text
         # (adapters.extra_networks).
         prompt_texts, negative_texts, extra_params = extra_networks.prepare(self, prompts, negatives)
+        extra_params = {**hooks.infotext(cfg, sampler), **extra_params}
         if self.vae_fields:
             extra_params = {**self.vae_fields, **extra_params}
         if control is not None:
