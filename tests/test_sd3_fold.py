@@ -137,3 +137,21 @@ def test_sizes_and_presets_come_from_the_family(sd):
         StableDiffusion.from_preset("nope")
     with pytest.raises(ValueError, match="config must be a PipelineConfig or SD3Config, got dict"):
         StableDiffusion({})
+
+
+def test_cli_info_and_generate_for_sd3(tmp_path, capsys):
+    from tf_diffusion import cli
+
+    assert cli.main(["info", str(SD3_FOLDER)]) == 0
+    out = capsys.readouterr().out
+    assert "family: sd3" in out and "format: diffusers (StableDiffusion3Pipeline)" in out
+    assert "transformer: " in out and "text_encoder_3: " in out
+    path = tmp_path / "sd3.png"
+    args = ["generate", "a cat", "--model", str(SD3_FOLDER), "-o", str(path), "--steps", "2", "--height", "12",
+            "--width", "8", "--no-progress", "--no-t5", "--max-sequence-length", "4", "--seed", "3"]  # fmt: skip
+    assert cli.main(args) == 0
+    assert path.is_file()
+    sd1_args = ["generate", "a", "--model", str(FIXTURES / "checkpoints" / "sd1-diffusers"), "-o",
+                str(tmp_path / "sd1.png"), "--steps", "1", "--no-progress", "--max-sequence-length", "4"]  # fmt: skip
+    assert cli.main(sd1_args) != 0
+    assert "--max-sequence-length" in capsys.readouterr().err

@@ -47,9 +47,9 @@ class FamilyHooks:
         raise NotImplementedError
 
     def size_multiple(self, config) -> tuple[int, str]:
-        """(multiple image sides must be, why: the words after "is not a multiple of N")."""
+        """(the multiple image sides must be, why: the words after "is not a multiple of N")."""
         factor = config.vae.downsample_factor
-        return factor, "the VAE's downsampling factor"
+        return factor, ", the VAE's downsampling factor"
 
     def check_strength(self, config, strength, init, mask_px) -> float:
         """``generate()``'s strength: the given one checked, or the family's default for the task."""
@@ -266,7 +266,7 @@ class SD3Hooks(FamilyHooks):
 
     def size_multiple(self, config):
         factor, patch = config.vae.downsample_factor, config.transformer.patch_size
-        return config.size_multiple, f"the VAE's factor {factor} times the patch size {patch}"
+        return config.size_multiple, f" (the VAE's factor {factor} times the patch size {patch})"
 
     def check_strength(self, config, strength, init, mask_px):
         if init is None:
@@ -382,9 +382,10 @@ class SD3Hooks(FamilyHooks):
     def load(self, build, source, **kwargs):
         from tf_diffusion.presets import get_sd3_preset
         from tf_diffusion.weights import sd3_folder, sd3_single_file
+        from tf_diffusion.weights.loading import resolve_source
 
-        path = pathlib.Path(source)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: the loader's default
+        path = resolve_source(source, revision=kwargs.pop("revision", None))  # a hub id: its snapshot
         folder_args = {"dtype", "load_t5"}
         file_args = folder_args | {"config", "text_encoders_from", "tokenizer_3"}
         allowed = folder_args if path.is_dir() else file_args

@@ -725,7 +725,7 @@ class StableDiffusion:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
             if value % multiple:
                 raise ValueError(
-                    f"{name}={value} is not a multiple of {multiple} ({reason}); "
+                    f"{name}={value} is not a multiple of {multiple}{reason}; "
                     f"allowed: positive multiples of {multiple}"
                 )
         return int(height), int(width)

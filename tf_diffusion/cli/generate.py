@@ -25,6 +25,7 @@ import math
 import os
 import pathlib
 import re
+import sys
 import tempfile
 
 import numpy as np
@@ -731,16 +732,20 @@ def run(args: argparse.Namespace) -> int:
         refiner_digest = model_hash(args.refiner_source)
     for i, (path, picture) in enumerate(zip(paths, images, strict=True)):
         # From what generate() resolved: each image's seed, the sampler, steps, strength, size.
-        text = a1111_parameters(
-            images.info,
-            i,
-            args.model,
-            digest,
-            refiner=args.refiner,
-            refiner_hash=refiner_digest,
-            sdxl_options=values,
-            strength=strength,
-        )
+        try:
+            text = a1111_parameters(
+                images.info,
+                i,
+                args.model,
+                digest,
+                refiner=args.refiner,
+                refiner_hash=refiner_digest,
+                sdxl_options=values,
+                strength=strength,
+            )
+        except ValueError as e:  # a sampler the web UI has no name for: the image without parameters
+            print(f"warning: {path} is written without PNG parameters: {e}", file=sys.stderr)
+            text = None
         save_png(picture, path, text, args.overwrite)
         print(path)
     if grid_path is not None:
