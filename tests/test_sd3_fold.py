@@ -51,6 +51,7 @@ def test_from_pretrained_routes_sd3_folders_to_the_sd3_hooks(sd, ref):
     images = _text_to_image(sd, arrays, "t5", cases)
     assert np.abs(images - arrays["t5_images"]).max() < IMAGE_TOL
     assert images.info.sampler == "FlowMatchEulerDiscreteScheduler" and images.info.num_steps == 4
+    assert images.info.extra_params == {"Shift": "3"}  # the PNG parameters' flow shift, as Forge writes it
 
 
 def test_text_conditioning_and_guidance_off_match_diffusers(sd, ref):
@@ -120,6 +121,8 @@ def test_family_options_are_refused_by_other_families(sd, sd1):
     with pytest.raises(ValueError, match=r"no_such_option=1, not an option of any family; .* whose family options are: "
                                          r"\['max_sequence_length'"):  # fmt: skip
         sd.generate("a", no_such_option=1, num_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"SD 1.x / 2.x / SDXL loader, which takes .*not \['load_t5'\]"):
+        StableDiffusion.from_pretrained(FIXTURES / "checkpoints" / "sd1-diffusers", load_t5=False)
     with pytest.raises(ValueError, match="sdxl_options apply to SDXL models only"):
         sd.generate(
             "a", sdxl_options={"original_size": (8, 8)}, height=12, width=8, num_steps=1, progress=False
