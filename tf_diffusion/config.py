@@ -524,6 +524,11 @@ class SD3Config:
         if not isinstance(self.max_sequence_length, int) or not 1 <= self.max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length={self.max_sequence_length!r} must be an integer in 1..512")
 
+    # The UNet families' task flags, False for every SD3 model (the pipeline asks any config).
+    is_sdxl = False
+    is_inpainting = False
+    requires_aesthetics_score = False
+
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's factor times the patch size (16 for SD3)."""

@@ -16,6 +16,7 @@ the prediction type is a scheduler setting, not an architecture, and single file
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,9 +66,11 @@ class Family:
         components: the family's networks (SDXL: two text encoders; the refiner only the second).
         inpaint_strength: ``generate()``'s default strength when a mask is given (diffusers' inpainting
             pipelines: 1.0; SDXL's 0.9999, which keeps a trace of the init image's latents).
-        backbone: "unet" (the ``StableDiffusion`` families) or "mmdit" (SD3 / SD3.5, built by
-            ``sd3.StableDiffusion3`` from ``presets.SD3_PRESETS``; ``context_dim`` is then the joint
-            attention width and ``unet_in_channels`` the transformer's input channels).
+        backbone: "unet" (SD 1.x / 2.x, SDXL) or "mmdit" (SD3 / SD3.5, built from ``presets.SD3_PRESETS``;
+            ``context_dim`` is then the joint attention width and ``unet_in_channels`` the transformer's
+            input channels).
+        hooks: "module:class" of the ``family_hooks.FamilyHooks`` through which ``StableDiffusion``
+            builds, conditions, samples and loads the family's models.
     """
 
     name: str
@@ -87,6 +90,7 @@ class Family:
     components: tuple[str, ...] = COMPONENTS
     inpaint_strength: float = 1.0
     backbone: str = "unet"
+    hooks: str = "tf_diffusion.family_hooks:UNetHooks"
 
     @property
     def is_inpainting(self) -> bool:
@@ -96,10 +100,20 @@ class Family:
     def is_sdxl(self) -> bool:
         return "text_encoder_2" in self.components
 
+    def family_hooks(self):
+        """The family's ``FamilyHooks`` (one shared, stateless instance per class; imported on first use)."""
+        return _hooks_instance(self.hooks)
+
     def config_inference(self) -> Callable:
         """The config inference function (imported on first use: it lives with the file readers)."""
         module, _, name = self.infer_config.partition(":")
         return getattr(importlib.import_module(module), name)
+
+
+@functools.cache
+def _hooks_instance(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)()
 
 
 def _sd(name, description, text_encoder, context_dim, in_channels, pipelines, keras_cv, presets, base, **kw):
@@ -213,6 +227,7 @@ FAMILIES["sd3"] = Family(
     default_sampler="FlowMatchEulerDiscreteScheduler",
     components=("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"),
     backbone="mmdit",
+    hooks="tf_diffusion.family_hooks:SD3Hooks",
 )
 # The families StableDiffusion builds (every helper below but is_sd3_single_file reads only these).
 _UNET_FAMILIES = [f for f in FAMILIES.values() if f.backbone == "unet"]

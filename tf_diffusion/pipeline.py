@@ -12,23 +12,19 @@ from keras import ops
 from tf_diffusion import execution, sdxl
 from tf_diffusion import images as image_utils
 from tf_diffusion import noise as noise_lib
-from tf_diffusion.clip import CLIPTextEncoder
-from tf_diffusion.config import PipelineConfig
+from tf_diffusion.config import PipelineConfig, SD3Config
 from tf_diffusion.denoising import (
     Conditioning,
     DenoiseProgram,
     LocalExecutor,
     MaskBlend,
-    UNetDenoiser,
     guidance_for,
 )
-from tf_diffusion.families import family_of_config
+from tf_diffusion.family_hooks import check_family_options, hooks_for, hooks_for_source
 from tf_diffusion.noise import image_seeds
-from tf_diffusion.presets import get_preset
-from tf_diffusion.prompts import tokenize_weighted
+from tf_diffusion.presets import get_any_preset
 from tf_diffusion.schedulers.base import check_fraction
 from tf_diffusion.tokenizer import CLIPTokenizer
-from tf_diffusion.unet import UNetModel
 from tf_diffusion.vae import AutoencoderKL, DiagonalGaussian
 
 OUTPUT_TYPES = ("uint8", "float", "latent")
@@ -38,10 +34,14 @@ MASKED_CONTENTS = ("original", "latent_noise", "latent_nothing")
 
 
 class StableDiffusion:
-    """A Stable Diffusion model: tokenizer, CLIP text encoder, UNet and VAE.
+    """A Stable Diffusion model: tokenizers, text encoders, denoiser backbone and VAE, of any family.
+
+    The family (SD 1.x / 2.x, SDXL, SD3 / SD3.5) is the config's; what differs between families is
+    asked of its ``family_hooks.FamilyHooks`` (``self.hooks``). SD3 models have ``transformer``,
+    ``text_encoder_3`` and ``tokenizer_3`` where the UNet families have ``unet``.
 
     Attributes:
-        config: the PipelineConfig the components were built from.
+        config: the PipelineConfig (or SD3Config) the components were built from.
         tokenizer: CLIPTokenizer giving (B, 77) int32 token ids.
         text_encoder: CLIPTextEncoder, ids -> (B, 77, D) hidden states as SD consumes them.
         unet: UNetModel, (latents NHWC, timesteps, context) -> noise prediction.
@@ -55,11 +55,12 @@ class StableDiffusion:
 
     def __init__(
         self,
-        config: PipelineConfig,
+        config: PipelineConfig | SD3Config,
         *,
         dtype: str | None = None,
         tokenizer: CLIPTokenizer | None = None,
         tokenizer_2: CLIPTokenizer | None = None,
+        tokenizer_3=None,
     ):
         """Build every component of ``config`` with freshly initialised weights.
 
@@ -68,30 +69,18 @@ class StableDiffusion:
             dtype: a Keras dtype policy name ("float32", "mixed_float16",
                 "mixed_bfloat16", ...) for all components; None uses the global policy.
             tokenizer: a tokenizer to use instead of the packaged CLIP vocabulary.
-            tokenizer_2: SDXL: the second encoder's tokenizer; default ``tokenizer``'s vocabulary
+            tokenizer_2: SDXL and SD3: the second encoder's tokenizer; default ``tokenizer``'s vocabulary
                 padded with ``config.tokenizer_2.pad_token_id``.
+            tokenizer_3: SD3: the T5 tokenizer (``t5.T5Tokenizer``; it needs the checkpoint's
+                ``spiece.model``), needed to encode prompts when the config has ``text_encoder_3``.
+
+        Raises:
+            ValueError: for a config that is neither a ``PipelineConfig`` nor an ``SD3Config``.
         """
-        if not isinstance(config, PipelineConfig):
-            raise ValueError(f"config must be a PipelineConfig, got {type(config).__name__}")
+        self.hooks = hooks_for(config)  # what differs per family (tf_diffusion.family_hooks)
         self.config = config
-        self.tokenizer = tokenizer if tokenizer is not None else CLIPTokenizer(config=config.tokenizer)
-        # The SDXL refiner has only the second (OpenCLIP bigG) encoder.
-        self.text_encoder = (
-            None if config.text_encoder is None else CLIPTextEncoder(config.text_encoder, dtype=dtype)
-        )
-        # SDXL: OpenCLIP bigG with its projection, and its tokenizer (same vocabulary, pads with 0).
-        self.text_encoder_2 = self.tokenizer_2 = None
-        if config.text_encoder_2 is not None:
-            self.text_encoder_2 = CLIPTextEncoder(config.text_encoder_2, dtype=dtype)
-            if tokenizer_2 is None:  # the same vocabulary, padded as config.tokenizer_2 says
-                tokenizer_2 = self.tokenizer.padded_with(config.tokenizer_2.pad_token_id)
-            self.tokenizer_2 = tokenizer_2
-        self.unet = UNetModel(config.unet, dtype=dtype)
-        self.vae = AutoencoderKL(config.vae, dtype=_vae_dtype(dtype, config.vae.force_upcast))
-        # Fast paths by block type (tf_diffusion.execution); they compute the same numbers.
-        execution.apply(self.unet)
-        execution.apply(self.vae)
-        self.denoiser = UNetDenoiser(self.unet)
+        tokenizers = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "tokenizer_3": tokenizer_3}
+        self.hooks.build(self, dtype, tokenizers)
         # How loops, decodes and text encodes run (and their compiled functions); see generate(executor=).
         self.executor = LocalExecutor()
         self.lora_dir = None
@@ -107,28 +96,42 @@ class StableDiffusion:
         """Build a preset's architecture with random weights.
 
         Args:
-            name: a key of ``tf_diffusion.PRESETS`` ("sd-v1-5", "sd-v2-1", ...).
+            name: a key of ``tf_diffusion.PRESETS`` ("sd-v1-5", "sd-v2-1", ...) or of
+                ``tf_diffusion.SD3_PRESETS`` ("sd3-medium", "sd3.5-large", ...).
             dtype: optional Keras dtype policy name for all components.
 
         Raises:
             ValueError: for an unknown preset name.
         """
-        return cls(get_preset(name), dtype=dtype)
+        return cls(get_any_preset(name), dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, source, *, quantize=None, quantize_components=None, **kwargs) -> StableDiffusion:
-        """Load any supported checkpoint: a file, a folder or a hub id.
+        """Load any supported checkpoint: a file, a folder or a hub id, of any family.
 
-        See ``tf_diffusion.weights.loading.from_pretrained`` for the arguments
-        (dtype, config, tokenizer, prediction_type, use_ema, variant, revision). ``quantize="int8"``
-        stores the UNet's and text encoders' linear weights in int8 (``quantize_components``: which
+        The family whose loaders read ``source`` is asked first (``family_hooks.hooks_for_source``): SD3 /
+        SD3.5 diffusers folders and single files go to the SD3 loaders (arguments ``dtype``, ``load_t5``;
+        single files also ``config``, ``text_encoders_from``, ``tokenizer_3``: see
+        ``StableDiffusion3.from_single_file``); everything else to ``tf_diffusion.weights.loading.from_pretrained``
+        (dtype, config, tokenizer, prediction_type, use_ema, variant, revision, vae). ``quantize="int8"``
+        stores the denoiser's and text encoders' linear weights in int8 (``quantize_components``: which
         components; see ``tf_diffusion.execution.quantize``).
+
+        Raises:
+            ValueError: for arguments the family's loader does not take, and see the loaders.
         """
         from tf_diffusion.execution import quantize as quantizing
-        from tf_diffusion.weights.loading import from_pretrained
 
         # quantize= (execution.quantize): the chosen components are built with int8 weights.
-        return from_pretrained(quantizing.builder(cls, quantize, quantize_components), source, **kwargs)
+        build = quantizing.builder(cls, quantize, quantize_components)
+        hooks = hooks_for_source(source, revision=kwargs.get("revision"))
+        return hooks.load(build, source, **kwargs)
+
+    @classmethod
+    def from_single_file(cls, path, **kwargs) -> StableDiffusion:
+        """Load an original single file (``.safetensors``, ``.ckpt``), as diffusers' ``from_single_file``:
+        ``from_pretrained`` with a file (SD 1.x / 2.x, SDXL, SD3 / SD3.5)."""
+        return cls.from_pretrained(path, **kwargs)
 
     def save_pretrained(self, destination, **kwargs):
         """Write the model ("tf_diffusion" folder by default; "diffusers" or "single-file").
@@ -251,39 +254,26 @@ class StableDiffusion:
 
     # ------------------------------------------------------------------ text
 
-    def encode_prompts(self, prompts: Sequence[str], executor=None) -> np.ndarray:
-        """Encode prompts with A1111 weights and 75-token chunking (see ``tf_diffusion.prompts``).
+    def encode_prompts(self, prompts: Sequence[str], executor=None, **options):
+        """Encode prompts as the family does (``hooks.encode_prompts``).
 
-        All prompts of one call get the same number of chunks (shorter ones are
-        padded with empty chunks), so they can be batched.
+        SD 1.x / 2.x: A1111 weights and 75-token chunking (see ``tf_diffusion.prompts``); all prompts of
+        one call get the same number of chunks (shorter ones are padded with empty chunks), so they can be
+        batched. SDXL: both encoders' penultimate states concatenated (``tf_diffusion.sdxl.encode_prompts``
+        also gives the pooled embedding). SD3: ``(context, pooled)`` (``tf_diffusion.sd3.encode_prompts``;
+        option ``max_sequence_length``).
 
         Args:
             prompts: the texts.
+            executor: what runs the encoders; default this model's.
+            options: the family's encoding options.
 
         Returns:
-            (len(prompts), 77 * chunks, D) float32 hidden states (SDXL: both encoders' penultimate
-            states concatenated; ``tf_diffusion.sdxl.encode_prompts`` also gives the pooled embedding).
+            (len(prompts), 77 * chunks, D) float32 hidden states for the UNet families.
         """
-        from tf_diffusion.adapters import textual_inversion
-
-        if self.config.is_sdxl:
-            return sdxl.encode_prompts(self, prompts, self.executor if executor is None else executor)[0]
-        # Embedding words become ids past the vocabulary (adapters.textual_inversion).
-        tokenizer = textual_inversion.tokenizer_for(self, prompts)
-        chunked = [tokenize_weighted(tokenizer, p) for p in prompts]
-        count = max(c.num_chunks for c in chunked)
-        empty = tokenize_weighted(tokenizer, "")
-        chunked = [c.padded_to(count, empty) for c in chunked]
-        ids = np.concatenate([c.ids for c in chunked])  # (B*K, 77)
-        embeds = None
-        if tokenizer is not self.tokenizer:
-            embeds = textual_inversion.token_embeddings(self.text_encoder, ids, tokenizer)  # (B*K, 77, D)
-        hidden = (self.executor if executor is None else executor).encode_text(
-            self.text_encoder, ids, **({} if embeds is None else {"token_embeds": embeds})
-        )  # (B*K, 77, D)
-        hidden = hidden.reshape(len(prompts), count * ids.shape[1], hidden.shape[-1])
-        weights = np.stack([c.weights.reshape(-1) for c in chunked])  # (B, K*77)
-        return _apply_weights(hidden, weights)
+        return self.hooks.encode_prompts(
+            self, prompts, self.executor if executor is None else executor, **options
+        )
 
     # ------------------------------------------------------------- generate
 
@@ -324,6 +314,7 @@ class StableDiffusion:
         fused: bool | None = None,
         execution: execution.ExecutionOptions | None = None,
         executor=None,
+        **family_options,
     ) -> GeneratedImages:
         """Generate images: text-to-image, image-to-image (``image``) or inpainting (``image`` + ``mask``).
 
@@ -416,6 +407,16 @@ class StableDiffusion:
                 ``jit_compile``'s choice; the decode still follows ``jit_compile``.
             executor: what runs the loop, the decode and the text encoder; default this model's
                 ``LocalExecutor`` (``tf_diffusion.distributed.ShardedExecutor`` spreads the batch).
+            family_options: options only the model's family reads (``hooks.options``); an option given
+                to a family without it is an error naming the option and the family. SD3 / SD3.5:
+                ``max_sequence_length`` (T5 tokens, 1..512; default the config's), and diffusers'
+                skip-layer guidance for text-to-image with guidance: ``skip_guidance_layers`` (block
+                indices; SD3.5 Medium: ``(7, 8, 9)``), ``skip_layer_guidance_scale`` (2.8),
+                ``skip_layer_guidance_start`` (0.01), ``skip_layer_guidance_stop`` (0.2): at evaluations
+                ``i`` with ``start * num_steps < i < stop * num_steps`` the prediction gains ``scale *
+                (cond - cond without these blocks)``. SD3 defaults: 28 steps, guidance 7.0, strength 0.6
+                (diffusers' SD3 pipelines), whose image-to-image skips ``int(num_steps - num_steps *
+                strength)`` steps and takes strength in (0, 1].
 
         Returns:
             ``GeneratedImages``: the images (or latents) as a NumPy array, with ``.info`` telling what
@@ -427,9 +428,9 @@ class StableDiffusion:
         from tf_diffusion.adapters import controlnet as controlnet_adapter
         from tf_diffusion.adapters import extra_networks
         from tf_diffusion.adapters import ip_adapter as ip_adapter_lib
-        from tf_diffusion.schedulers import get_sampler
 
-        cfg = self.config
+        cfg, hooks = self.config, self.hooks
+        family_options = check_family_options(cfg, hooks, family_options)
         executor = self.executor if executor is None else executor
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = _negatives(negative_prompt, len(prompts))
@@ -479,12 +480,7 @@ class StableDiffusion:
         if seed is not None and latents is not None and not handoff:
             raise ValueError("pass either seed or latents, not both: latents replace the seeded noise")
         init, mask_px = self._task_images(image, mask, handoff=handoff)
-        if strength is None:
-            # diffusers' defaults: img2img 0.8, inpainting the family's (1.0; SDXL's inpaint pipeline 0.9999).
-            strength = family_of_config(cfg).inpaint_strength if mask_px is not None else 0.8
-        strength = float(strength)
-        if init is not None and not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength={strength} is outside the allowed range [0, 1]")
+        strength = hooks.check_strength(cfg, strength, init, mask_px)
         image_task = init is not None or handoff
         if sdxl_options is not None and not cfg.is_sdxl:
             raise ValueError(
@@ -523,22 +519,13 @@ class StableDiffusion:
         ip_plan = ip_adapter_lib.prepare(self, ip_adapter_image, ip_adapter_scale, rows=n)
         seeds = image_seeds(seed, n)
 
-        sampler = (
-            scheduler
-            if hasattr(scheduler, "plan")
-            else get_sampler(scheduler if scheduler is not None else cfg.default_sampler, cfg.scheduler)
-        )
+        sampler = hooks.sampler(cfg, scheduler, shape)
         if cfg.requires_aesthetics_score and not image_task:
             raise ValueError(
                 f"{cfg.name} is an SDXL refiner (image-to-image only); pass image=... to refine, or a base "
                 f"model's latents with latents=... and denoising_start=..."
             )
-        plan = sampler.plan(
-            num_steps,
-            strength=strength if init is not None else 1.0,
-            denoising_start=denoising_start,
-            denoising_end=denoising_end,
-        )
+        plan = hooks.plan(sampler, num_steps, strength, init is not None, denoising_start, denoising_end)
         guidance = guidance_for(guidance_scale)
 
         if latents is None:
@@ -553,6 +540,7 @@ class StableDiffusion:
         # After every argument check: <lora:...> tags merge their LoRAs and leave the text
         # (adapters.extra_networks).
         prompt_texts, negative_texts, extra_params = extra_networks.prepare(self, prompts, negatives)
+        extra_params = {**hooks.infotext(cfg, sampler), **extra_params}
         if self.vae_fields:
             extra_params = {**self.vae_fields, **extra_params}
         if control is not None:
@@ -563,25 +551,20 @@ class StableDiffusion:
                 **ip_plan.infotext(first=0 if control is None else len(control.nets)),
             }
         # Text: one bundle per image, prompt by prompt.
-        if cfg.is_sdxl:
-            cond, uncond = sdxl.text_conditioning(
-                self,
-                prompt_texts,
-                negative_texts,
-                negatives_given=negative_prompt is not None,
-                guided=guidance.copies == 2,
-                num_images=num_images,
-                height=height,
-                width=width,
-                executor=executor,
-                options=options,
-                image_task=image_task,
-            )
-        else:
-            texts = negative_texts + prompt_texts if guidance.copies == 2 else prompt_texts
-            hidden = np.repeat(self.encode_prompts(texts, executor=executor), num_images, axis=0)
-            cond = Conditioning(hidden[-n:])
-            uncond = Conditioning(hidden[:n]) if guidance.copies == 2 else None
+        cond, uncond = hooks.text_conditioning(
+            self,
+            prompt_texts,
+            negative_texts,
+            negatives_given=negative_prompt is not None,
+            guided=guidance.copies == 2,
+            num_images=num_images,
+            height=height,
+            width=width,
+            executor=executor,
+            options=options,
+            image_task=image_task,
+            **family_options,
+        )
         if handoff:
             # The base's latents, continued without added noise (diffusers' add_noise=False).
             task = _Task(x=noise)
@@ -637,6 +620,18 @@ class StableDiffusion:
         denoiser = self.denoiser if ip_plan is None else ip_plan.denoiser(self.denoiser)
         if control is not None:
             denoiser = control.denoiser(denoiser)
+        denoiser, family_per_step = hooks.denoiser(
+            self,
+            denoiser,
+            family_options,
+            plan=plan,
+            n=n,
+            guided=guidance.copies == 2,
+            image_task=image_task,
+            guidance_scale=guidance_scale,
+            num_steps=num_steps,
+        )
+        per_step.update(family_per_step)
         program = self.denoise_program(
             sampler,
             guidance,
@@ -678,9 +673,7 @@ class StableDiffusion:
         )
         if output_type == "latent":
             return GeneratedImages.wrap(x, info)
-        decoded = self.decode(
-            x / np.float32(cfg.vae.scaling_factor), jit_compile=jit_compile, executor=executor
-        )
+        decoded = self.decode_latents(x, jit_compile=jit_compile, executor=executor)
         if mask_blur is not None:
             decoded = image_utils.paste_back(decoded, init * 2.0 - 1.0, mask_px, float(mask_blur))
         if output_type == "float":
@@ -697,6 +690,17 @@ class StableDiffusion:
         return DenoiseProgram(
             sampler, self.denoiser if denoiser is None else denoiser, guidance, tuple(hooks)
         )
+
+    def decode_latents(self, latents, jit_compile: bool | None = None, executor=None) -> np.ndarray:
+        """The denoiser's latents (N, h, w, C) -> images (N, H, W, 3) in [-1, 1] as float32.
+
+        Undoes the VAE's latent convention, ``(z - shift_factor) * scaling_factor`` (the shift is 0
+        but for SD3's 16-channel VAE), then decodes as ``decode``.
+        """
+        executor = self.executor if executor is None else executor
+        vae = self.config.vae
+        z = np.asarray(latents, np.float32) / np.float32(vae.scaling_factor) + np.float32(vae.shift_factor)
+        return executor.decode(self.vae, z, jit_compile, tiling=self.vae_tiling)
 
     def decode(self, latents, jit_compile: bool | None = None, executor=None) -> np.ndarray:
         """Unscaled latents (N, h, w, C) -> images (N, H, W, 3) in [-1, 1] as float32.
@@ -741,7 +745,7 @@ class StableDiffusion:
                 from the init image's (no silent resizing).
         """
         cfg = self.config
-        multiple = cfg.vae.downsample_factor
+        multiple, reason = self.hooks.size_multiple(cfg)
         if init is not None:
             ih, iw = init.shape[1:3]
             height = ih if height is None else height
@@ -758,7 +762,7 @@ class StableDiffusion:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
             if value % multiple:
                 raise ValueError(
-                    f"{name}={value} is not a multiple of {multiple}, the VAE's downsampling factor; "
+                    f"{name}={value} is not a multiple of {multiple}{reason}; "
                     f"allowed: positive multiples of {multiple}"
                 )
         return int(height), int(width)
@@ -829,7 +833,8 @@ class StableDiffusion:
         another size than the noise (``resize_latents``) is encoded at its size, its latents resized.
         """
         cfg = self.config
-        n, sf = noise.shape[0], np.float32(cfg.vae.scaling_factor)
+        # Latents are (z - shift) * scale (the shift is 0 but for SD3's VAE, leaving SD's arithmetic exact).
+        n, sf, shift = noise.shape[0], np.float32(cfg.vae.scaling_factor), np.float32(cfg.vae.shift_factor)
         shape = noise.shape[1:]
         if init is None:
             return _Task(x=noise * np.float32(plan.init_noise_sigma))
@@ -839,10 +844,8 @@ class StableDiffusion:
             factor = cfg.vae.downsample_factor
             own = (init.shape[1] // factor, init.shape[2] // factor, shape[2])
             posterior = noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, own)
-            image_latents = self._encode_image(init * 2.0 - 1.0, posterior) * sf
-            if (
-                own != shape
-            ):  # resize_latents: bilinear, half-pixel centres, no antialiasing (torch's default)
+            image_latents = (self._encode_image(init * 2.0 - 1.0, posterior) - shift) * sf
+            if own != shape:  # resize_latents: bilinear, half-pixel centres, no antialiasing (torch's default)
                 image_latents = ops.convert_to_numpy(
                     ops.image.resize(image_latents, shape[:2], interpolation="bilinear", antialias=False)
                 ).astype(np.float32)
@@ -854,7 +857,7 @@ class StableDiffusion:
             if cfg.is_inpainting:
                 masked = (init * 2.0 - 1.0) * (mask_px < 0.5)
                 posterior = noise_lib.batch_normal(seeds, noise_lib.MASKED_POSTERIOR, shape)
-                masked_latents = self._encode_image(masked, posterior) * sf
+                masked_latents = (self._encode_image(masked, posterior) - shift) * sf
                 task.extras["concat"] = np.concatenate(
                     [mask_latent, masked_latents], axis=-1
                 )  # (N, h, w, 1 + C)
@@ -885,7 +888,10 @@ class StableDiffusion:
 
             def moments(x):
                 x = ops.convert_to_tensor(x, "float32")
-                return ops.convert_to_numpy(ops.cast(self.vae.quant_conv(self.vae.encoder(x)), "float32"))
+                h = self.vae.encoder(x)
+                if self.vae.quant_conv is not None:  # SD3's VAE has none
+                    h = self.vae.quant_conv(h)
+                return ops.convert_to_numpy(ops.cast(h, "float32"))
 
             factor = self.config.vae.downsample_factor
             dist = DiagonalGaussian(

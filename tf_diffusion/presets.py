@@ -228,3 +228,16 @@ def get_sd3_preset(name: str) -> SD3Config:
     if name not in SD3_PRESETS:
         raise ValueError(f"unknown SD3 preset {name!r}; available: {sorted(SD3_PRESETS)}")
     return SD3_PRESETS[name]
+
+
+def get_any_preset(name: str) -> PipelineConfig | SD3Config:
+    """The config of a named preset of any family (``PRESETS``, then ``SD3_PRESETS``).
+
+    Raises:
+        ValueError: if ``name`` is in neither, listing the ones that exist.
+    """
+    if name in PRESETS:
+        return PRESETS[name]
+    if name in SD3_PRESETS:
+        return SD3_PRESETS[name]
+    raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS) + sorted(SD3_PRESETS)}")

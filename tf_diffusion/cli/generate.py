@@ -25,6 +25,7 @@ import math
 import os
 import pathlib
 import re
+import sys
 import tempfile
 
 import numpy as np
@@ -64,6 +65,10 @@ OPTION_NAMES = {
     "denoising_end": "--denoising-end",
     "ip_adapter_image": "--ip-image",
     "ip_adapter_scale": "--ip-scale",
+    "max_sequence_length": "--max-sequence-length",
+    "skip_guidance_layers": "--skip-layers",
+    "skip_layer_guidance_scale": "--skip-layer-scale",
+    "load_t5": "--no-t5",
 }
 # SDXL micro-conditioning options -> SDXLOptions fields; the aesthetic scores apply to refiners only,
 # the target size to base models only.
@@ -262,6 +267,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="the adapters' image encoder (a transformers CLIPVisionModelWithProjection folder); "
         "default: image_encoder/ beside the first --ip-adapter",
     )
+    # SD3 / SD3.5 options (family options: another family refuses them, naming the option).
+    p.add_argument(
+        "--no-t5", action="store_true", help="SD3: run without the T5 encoder (its tokens are zeros)"
+    )
+    p.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="SD3: T5 tokens, 1..512 (default 256)",
+    )
+    p.add_argument(
+        "--skip-layers",
+        default=None,
+        metavar="I,J,...",
+        help="SD3: skip-layer guidance over these transformer blocks (SD3.5 Medium: 7,8,9)",
+    )
+    p.add_argument(
+        "--skip-layer-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="SD3: skip-layer guidance scale (2.8)",
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision")
     p.add_argument(  # execution.quantize
         "--quantize",
@@ -301,6 +330,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, list[pathlib.Path], 
         if args.mask_blur != -1:
             finite_float(args.mask_blur, "--mask-blur", 0.0, 64.0)
     check_sdxl_arguments(args)
+    family_option_values(args)
     check_sampler(args.scheduler)
     check_size(args.height, args.width, None)
     try:
@@ -401,6 +431,34 @@ def check_sdxl_models(values: dict, args: argparse.Namespace, base, refiner) -> 
             raise UsageError(
                 f"{options[field]} does not apply to an SDXL refiner (its time ids hold the aesthetic score)"
             )
+
+
+def family_option_values(args: argparse.Namespace) -> dict:
+    """The family options given on the command line (SD3's), as ``generate()`` keyword arguments.
+
+    Raises:
+        UsageError: a bad value.
+    """
+    values = {}
+    if args.max_sequence_length is not None:
+        positive_int(args.max_sequence_length, "--max-sequence-length")
+        if args.max_sequence_length > 512:
+            raise UsageError(f"--max-sequence-length {args.max_sequence_length} must be in 1..512")
+        values["max_sequence_length"] = args.max_sequence_length
+    if args.skip_layers is not None:
+        try:
+            layers = [int(v) for v in args.skip_layers.split(",")]
+        except ValueError:
+            layers = []
+        if not layers or any(v < 0 for v in layers):
+            raise UsageError(f"--skip-layers {args.skip_layers!r} must be block indices such as 7,8,9")
+        values["skip_guidance_layers"] = layers
+    if args.skip_layer_scale is not None:
+        finite_float(args.skip_layer_scale, "--skip-layer-scale")
+        if args.skip_layers is None:
+            raise UsageError("--skip-layer-scale applies to skip-layer guidance (--skip-layers) only")
+        values["skip_layer_guidance_scale"] = args.skip_layer_scale
+    return values
 
 
 def lora_option(value: str) -> tuple[str, float]:
@@ -584,7 +642,11 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = None if args.precision == "float32" else args.precision
     quantize = getattr(args, "quantize", None)
-    sd = StableDiffusion.from_pretrained(source, dtype=dtype, vae=args.vae, quantize=quantize)
+    # --no-t5 reaches only the SD3 loaders (None: the loader's default, so the UNet loader never sees it).
+    load_t5 = False if args.no_t5 else None
+    sd = StableDiffusion.from_pretrained(
+        source, dtype=dtype, vae=args.vae, quantize=quantize, load_t5=load_t5
+    )
     refiner = None
     if args.refiner_source is not None:
         refiner = StableDiffusion.from_pretrained(args.refiner_source, dtype=dtype, quantize=quantize)
@@ -634,6 +696,7 @@ def run(args: argparse.Namespace) -> int:
             output_type="uint8" if refiner is None else "latent",
             progress=not args.no_progress,
             jit_compile=jit_compile,
+            **family_option_values(args),
         )
     except ValueError as e:
         raise _control_error(e, args) from None
@@ -669,16 +732,20 @@ def run(args: argparse.Namespace) -> int:
         refiner_digest = model_hash(args.refiner_source)
     for i, (path, picture) in enumerate(zip(paths, images, strict=True)):
         # From what generate() resolved: each image's seed, the sampler, steps, strength, size.
-        text = a1111_parameters(
-            images.info,
-            i,
-            args.model,
-            digest,
-            refiner=args.refiner,
-            refiner_hash=refiner_digest,
-            sdxl_options=values,
-            strength=strength,
-        )
+        try:
+            text = a1111_parameters(
+                images.info,
+                i,
+                args.model,
+                digest,
+                refiner=args.refiner,
+                refiner_hash=refiner_digest,
+                sdxl_options=values,
+                strength=strength,
+            )
+        except ValueError as e:  # a sampler the web UI has no name for: the image without parameters
+            print(f"warning: {path} is written without PNG parameters: {e}", file=sys.stderr)
+            text = None
         save_png(picture, path, text, args.overwrite)
         print(path)
     if grid_path is not None:

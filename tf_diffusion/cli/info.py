@@ -4,6 +4,7 @@ tf-diffusion info tiny-shapes
 tf-diffusion info model.safetensors --config sd-v1-5 --json
 tf-diffusion info control_v11p_sd15_canny.safetensors   # ControlNets too
 tf-diffusion info sdxl_vae.safetensors                  # and VAE files
+tf-diffusion info sd3.5_medium.safetensors              # SD3 / SD3.5 files and folders
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     check_source_paths(args)
     kwargs = source_kwargs(args)
     import_tensorflow()
+    from tf_diffusion.family_hooks import describe_source
     from tf_diffusion.weights.controlnet import describe_controlnet
     from tf_diffusion.weights.ip_adapter import describe_ip_adapter, is_ip_adapter_file
     from tf_diffusion.weights.loading import load_pipeline_weights
@@ -47,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     control = describe_ip_adapter(source) if is_ip_adapter_file(source) else describe_controlnet(source)
     if control is None:
         control = describe_vae(source)
+    if control is None:  # a family with its own loaders (SD3) describes its files itself
+        control = describe_source(source, revision=kwargs.get("revision"))
     if control is not None:
         if args.json:
             print(json.dumps(control, indent=2))

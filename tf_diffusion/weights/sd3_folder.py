@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
+
 from tf_diffusion.config import SD3Config
 from tf_diffusion.schedulers import config_from_diffusers
 from tf_diffusion.weights.diffusers_configs import clip_config_from_transformers, vae_config_from_diffusers
@@ -96,3 +98,55 @@ def load_sd3_folder(cls, folder: pathlib.Path, *, dtype=None, load_t5: bool = Tr
         for handle in handles:
             handle.close()
     return sd
+
+
+def describe_sd3(path: pathlib.Path) -> dict:
+    """What ``tf-diffusion info`` says of an SD3 / SD3.5 folder or original single file, without building it.
+
+    Returns:
+        format, family, config (the preset the transformer matches, or the folder's name), each
+        component's parameter count and stored dtypes (under its name), the components a single file
+        lacks ("missing") and notes.
+    """
+    from tf_diffusion.sd3 import read_model_index
+    from tf_diffusion.weights.safetensors_io import open_safetensors
+    from tf_diffusion.weights.sd3_single_file import _config_for, split_sd3_file
+
+    path = pathlib.Path(path)
+    handles: list = []
+    info: dict = {"family": "sd3"}
+    try:
+        if path.is_dir():
+            index = read_model_index(path)
+            info["format"] = f"diffusers ({index.get('_class_name')})"
+            available = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
+            parts = {}
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"):
+                if _present(index, name):
+                    parts[name], _ = _open_weights(path, select_weight_files(available, name, None), handles)
+            config_name = path.name
+            notes = []
+            if "text_encoder_3" in parts and not (path / "tokenizer_3" / "spiece.model").is_file():
+                notes.append("T5 without tokenizer_3/spiece.model: load with load_t5=False")
+        else:
+            handle = open_safetensors(path)
+            handles.append(handle)
+            info["format"] = "single-file (.safetensors)"
+            parts, other = split_sd3_file(handle)
+            config_name = _config_for(parts["transformer"], None).name if "transformer" in parts else "?"
+            notes = [f"{len(other)} keys outside the SD3 components"] if other else []
+            lacking = [c for c in ("text_encoder", "text_encoder_2", "text_encoder_3") if c not in parts]
+            if lacking:
+                info["missing"] = lacking
+                notes.append(
+                    "text encoders the file lacks come from a diffusers SD3 folder (text_encoders_from=)"
+                )
+        info["config"] = config_name
+        for name, tensors in parts.items():
+            dtypes = ", ".join(sorted({str(t.dtype) for t in tensors.values()}))
+            info[name] = f"{sum(int(np.prod(t.shape)) for t in tensors.values()):,} parameters, {dtypes}"
+        info["notes"] = notes
+    finally:
+        for handle in handles:
+            handle.close()
+    return info
