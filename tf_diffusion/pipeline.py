@@ -845,7 +845,7 @@ class StableDiffusion:
             own = (init.shape[1] // factor, init.shape[2] // factor, shape[2])
             posterior = noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, own)
             image_latents = (self._encode_image(init * 2.0 - 1.0, posterior) - shift) * sf
-            if own != shape:  # resize_latents: bilinear, half-pixel centres, no antialiasing (torch's default)
+            if own != shape:  # resize_latents: bilinear, half-pixel centres, no antialiasing (as torch)
                 image_latents = ops.convert_to_numpy(
                     ops.image.resize(image_latents, shape[:2], interpolation="bilinear", antialias=False)
                 ).astype(np.float32)
