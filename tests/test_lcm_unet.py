@@ -5,6 +5,8 @@ guidance embedding (``get_guidance_scale_embedding``) to the timestep sinusoid; 
 here by diffusers, converted by our diffusers-folder converter and compared in float32.
 """
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,72 @@ def test_lcm_unet_equals_diffusers():
     assert np.abs(other - got).max() > 1e-3
     with pytest.raises(ValueError, match="LCM-distilled .* pass timestep_cond"):
         ours(x, t, ctx)
+
+
+def test_generate_with_an_lcm_unet_equals_diffusers(tmp_path):
+    """A diffusers folder with an LCM-distilled UNet and LCMScheduler: StableDiffusionPipeline (which turns
+    guidance into timestep_cond and drops the unconditional pass) against generate(), every random draw
+    the same (the scheduler's re-noising fed from tf_diffusion.noise)."""
+    import json
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.schedulers import scheduling_lcm
+    from test_pipeline_parity import build
+
+    from tf_diffusion import noise as noise_lib
+    from tf_diffusion.pipeline import StableDiffusion
+    from tf_diffusion.schedulers import get_sampler
+
+    fixtures = pathlib.Path(__file__).parent / "fixtures" / "pipeline"
+    folder = build(fixtures, False, "epsilon").save_pretrained(tmp_path / "tiny", format="diffusers")
+    base = UNet2DConditionModel.from_pretrained(folder / "unet")
+    torch.manual_seed(1)
+    lcm = UNet2DConditionModel(**{**dict(base.config), "time_cond_proj_dim": 32})
+    missing = lcm.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing == ["time_embedding.cond_proj.weight"]
+    with torch.no_grad():
+        lcm.time_embedding.cond_proj.weight.normal_(0, 0.3)
+    lcm.save_pretrained(folder / "unet")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    config["_class_name"] = "LCMScheduler"
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+    sd = StableDiffusion.from_pretrained(folder)
+    assert sd.config.unet.time_cond_proj_dim == 32 and sd.config.default_sampler == "lcm"
+    size, steps, scale, seed = sd.config.default_size, 4, 6.0, 12
+    shape = (
+        size // 2 ** (len(sd.config.vae.channel_mult) - 1),
+        size // 2 ** (len(sd.config.vae.channel_mult) - 1),
+        4,
+    )
+    seeds = [seed]
+    noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)
+    plan = get_sampler("lcm", sd.config.scheduler).plan(steps)
+    per_step = noise_lib.batch_normal(seeds, noise_lib.STEPS, (plan.num_evals, *shape))[0]  # (E, h, w, C)
+    ours = sd.generate("a red circle", num_steps=steps, guidance_scale=scale, seed=seed, output_type="float",
+                       progress=False, jit_compile=False)  # fmt: skip
+
+    draws = iter(per_step)
+    real = scheduling_lcm.randn_tensor
+
+    def our_noise(shape, generator=None, device=None, dtype=None):
+        return torch.from_numpy(np.ascontiguousarray(next(draws).transpose(2, 0, 1))[None]).to(dtype)
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    scheduling_lcm.randn_tensor = our_noise
+    try:
+        want = pipe(
+            "a red circle",
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()),
+            output_type="np",
+        ).images
+    finally:
+        scheduling_lcm.randn_tensor = real
+    err = float(np.abs(np.asarray(ours) - want).max())
+    print(f"LCM pipeline max abs error {err:.2e}")
+    assert err <= 1e-3

@@ -12,6 +12,7 @@ from keras import ops
 from tf_diffusion import execution, sdxl
 from tf_diffusion import images as image_utils
 from tf_diffusion import noise as noise_lib
+from tf_diffusion import unet as unet_lib
 from tf_diffusion.config import PipelineConfig, SD3Config
 from tf_diffusion.denoising import (
     Conditioning,
@@ -527,6 +528,11 @@ class StableDiffusion:
             )
         plan = hooks.plan(sampler, num_steps, strength, init is not None, denoising_start, denoising_end)
         guidance = guidance_for(guidance_scale)
+        # An LCM-distilled UNet takes the guidance scale as an input (diffusers: w = scale - 1 embedded as
+        # timestep_cond) and runs without an unconditional pass.
+        lcm_dim = getattr(getattr(cfg, "unet", None), "time_cond_proj_dim", None)
+        if lcm_dim is not None:
+            guidance = guidance_for(1.0)
 
         if latents is None:
             noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)
@@ -594,6 +600,9 @@ class StableDiffusion:
             )
         if control is not None:
             task.extras.update(control.extras())
+        if lcm_dim is not None:
+            w = np.full((n,), guidance_scale - 1.0, np.float32)
+            task.extras["timestep_cond"] = ops.convert_to_numpy(unet_lib.guidance_embedding(w, lcm_dim))
         if task.extras:
             cond = Conditioning(cond.context, {**cond.extras, **task.extras})
             uncond = (
