@@ -1,0 +1,128 @@
+"""Flux.1 text-to-image through StableDiffusion against diffusers' FluxPipeline, run here.
+
+A tiny FluxPipeline (one double- and one single-stream block, a random CLIP-L-like CLIPTextModel, the SD3
+fixture's tiny T5 and SentencePiece model, a factor-8 16-channel VAE with Flux's scaling and shift) is
+written with ``save_pretrained`` and loaded by ``StableDiffusion.from_pretrained``; both run from the same
+latents (diffusers' packed, ours NHWC) in a [dev]-like (guidance_embeds, dynamic shifting) and a
+[schnell]-like (no guidance input, static shift 1) configuration.
+"""
+
+import logging
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from tf_diffusion.pipeline import StableDiffusion  # noqa: E402
+
+SD3 = pathlib.Path(__file__).parent / "fixtures" / "sd3" / "sd3-diffusers"
+IMAGE_TOL = 1e-3
+HEIGHT, WIDTH, STEPS, MAX_LEN = 32, 48, 3, 16
+PROMPTS = ["a photo of a cat", "a red bicycle by the sea"]
+
+
+def _write_pipeline(folder: pathlib.Path, dev: bool):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(0 if dev else 1)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=dev,
+        axes_dims_rope=[4, 6, 6],
+    )  # fmt: skip
+    clip = CLIPTextModel(
+        CLIPTextConfig(bos_token_id=1112, eos_token_id=1113, pad_token_id=1113, hidden_size=32,
+                       intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1114,
+                       hidden_act="quick_gelu", projection_dim=32)
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[4, 4, 4, 4], layers_per_block=1,
+        norm_num_groups=2, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    )  # fmt: skip
+    if dev:  # FLUX.1-dev's scheduler config
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )  # fmt: skip
+    else:  # FLUX.1-schnell's
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip.eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(SD3 / "tokenizer"),
+        text_encoder_2=T5EncoderModel.from_pretrained(SD3 / "text_encoder_3").eval(),
+        tokenizer_2=T5TokenizerFast.from_pretrained(SD3 / "tokenizer_3", extra_ids=100),
+        transformer=transformer.eval(),
+    )
+    pipe.save_pretrained(folder)
+    # The released repositories ship tokenizer_2/spiece.model, which ours reads.
+    shutil.copy(SD3 / "tokenizer_3" / "spiece.model", folder / "tokenizer_2" / "spiece.model")
+    return pipe
+
+
+def _reference(pipe, latents, guidance):
+    """diffusers' float images (N, H, W, 3) from NHWC latents (packed for it as FluxPipeline packs)."""
+    n, h, w, c = latents.shape
+    nchw = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2)))
+    packed = pipe._pack_latents(nchw, n, c, h, w)
+    with torch.no_grad():
+        out = pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
+                   latents=packed, max_sequence_length=MAX_LEN, output_type="np")  # fmt: skip
+    return out.images
+
+
+@pytest.fixture(scope="module", params=["dev", "schnell"])
+def case(request, tmp_path_factory):
+    dev = request.param == "dev"
+    folder = tmp_path_factory.mktemp(request.param) / f"flux-{request.param}"
+    pipe = _write_pipeline(folder, dev)
+    latents = np.random.default_rng(3).standard_normal((2, HEIGHT // 8, WIDTH // 8, 16)).astype(np.float32)
+    guidance = 3.5 if dev else 0.0
+    return StableDiffusion.from_pretrained(folder), pipe, latents, guidance, dev
+
+
+def test_text_to_image_matches_diffusers(case):
+    sd, pipe, latents, guidance, dev = case
+    assert type(sd.hooks).__name__ == "FluxHooks"
+    assert sd.config.transformer.guidance_embed == dev
+    assert sd.config.scheduler.use_dynamic_shifting == dev
+    expected = _reference(pipe, latents, guidance)
+    images = sd.generate(PROMPTS, num_steps=STEPS, guidance_scale=guidance, height=HEIGHT, width=WIDTH,
+                         latents=latents, max_sequence_length=MAX_LEN, output_type="float", progress=False,
+                         jit_compile=False)  # fmt: skip
+    assert images.shape == expected.shape == (2, HEIGHT, WIDTH, 3)
+    err = np.abs(images - expected).max()
+    assert err < IMAGE_TOL, err
+    assert images.info.num_evals == STEPS  # one pass per step: no classifier-free guidance
+
+
+def test_prompt_encoding_matches_diffusers(case):
+    sd, pipe, _, _, _ = case
+    with torch.no_grad():
+        t5, pooled, _ = pipe.encode_prompt(PROMPTS, None, max_sequence_length=MAX_LEN)
+    context, ours = sd.encode_prompts(PROMPTS, max_sequence_length=MAX_LEN)
+    assert np.abs(context - t5.numpy()).max() < 1e-4
+    assert np.abs(ours - pooled.numpy()).max() < 1e-4
+
+
+def test_bad_input(case, caplog):
+    sd, _, latents, _, dev = case
+    kwargs = dict(num_steps=1, max_sequence_length=4, output_type="latent", progress=False, jit_compile=False)
+    with pytest.raises(ValueError, match="height=40 is not a multiple of 16"):
+        sd.generate("a cat", height=40, width=WIDTH, **kwargs)
+    with pytest.raises(ValueError, match="negative_prompt is not supported"):
+        sd.generate("a cat", "blurry", height=HEIGHT, width=WIDTH, **kwargs)
+    with pytest.raises(ValueError, match="max_sequence_length=513"):
+        sd.encode_prompts(["a cat"], max_sequence_length=513)
+    with caplog.at_level(logging.WARNING, logger="tf_diffusion.flux_pipeline"):
+        sd.generate("a cat", guidance_scale=3.5, height=HEIGHT, width=WIDTH, latents=latents[:1], **kwargs)
+    # A guidance scale is [dev]'s input; [schnell] has none and ignores it with a warning, as diffusers.
+    assert ("is ignored" in caplog.text) == (not dev)
