@@ -139,3 +139,21 @@ def test_seeded_generation_is_reproducible_per_image(case):
     assert both.shape == (2, HEIGHT // 8, WIDTH // 8, 16)
     np.testing.assert_allclose(both[1], second[0], atol=1e-5)
     assert both.info.seeds == (7, 8) and both.info.sampler == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_presets_are_the_released_architectures():
+    from tf_diffusion.families import get_family
+    from tf_diffusion.flux import FLUX_PRESETS
+    from tf_diffusion.presets import get_any_preset
+
+    for name in get_family("flux").presets:
+        config = get_any_preset(name)
+        assert config.transformer == FLUX_PRESETS[name] and config.size_multiple == 16
+        assert config.vae.scaling_factor == 0.3611 and config.vae.shift_factor == 0.1159
+    dev, schnell = get_any_preset("flux1-dev"), get_any_preset("flux1-schnell")
+    assert (dev.max_sequence_length, dev.default_guidance, dev.scheduler.use_dynamic_shifting) == (
+        512,
+        3.5,
+        True,
+    )
+    assert (schnell.max_sequence_length, schnell.default_steps, schnell.scheduler.shift) == (256, 4, 1.0)

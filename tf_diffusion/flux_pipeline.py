@@ -115,6 +115,27 @@ class FluxPipelineConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _schnell() -> FluxPipelineConfig:
+    from tf_diffusion.flux import FLUX_PRESETS
+
+    # black-forest-labs/FLUX.1-schnell: static shift 1 (no shift), 256 T5 tokens, 4 steps, no guidance input.
+    return FluxPipelineConfig(
+        name="flux1-schnell",
+        max_sequence_length=256,
+        transformer=FLUX_PRESETS["flux1-schnell"],
+        scheduler=SchedulerConfig(shift=1.0, use_dynamic_shifting=False),
+        default_steps=4,
+        default_guidance=0.0,
+    )
+
+
+# Whole-model architectures of the released Flux.1 models (random weights; ``families.FAMILIES["flux"].presets``).
+FLUX_PIPELINE_PRESETS: dict[str, FluxPipelineConfig] = {
+    "flux1-dev": FluxPipelineConfig(name="flux1-dev"),
+    "flux1-schnell": _schnell(),
+}
+
+
 class FluxFlowMatchEuler(FlowMatchEuler):
     """FlowMatchEulerDiscreteScheduler with the sigmas FluxPipeline gives it: ``linspace(1, 1/n, n)``
     in float32, then shifted (dynamically by ``mu``, else by ``shift``), ending with 0."""
