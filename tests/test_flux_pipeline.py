@@ -4,7 +4,7 @@ A tiny FluxPipeline (one double- and one single-stream block, a random CLIP-L-li
 fixture's tiny T5 and SentencePiece model, a factor-8 16-channel VAE with Flux's scaling and shift) is
 written with ``save_pretrained`` and loaded by ``StableDiffusion.from_pretrained``; both run from the same
 latents (diffusers' packed, ours NHWC) in a [dev]-like (guidance_embeds, dynamic shifting) and a
-[schnell]-like (no guidance input, static shift 1) configuration.
+[schnell]-like (no guidance input, static shift 1) configuration, text-to-image and image-to-image.
 """
 
 import logging
@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 from tf_diffusion.pipeline import StableDiffusion  # noqa: E402
 
 SD3 = pathlib.Path(__file__).parent / "fixtures" / "sd3" / "sd3-diffusers"
-IMAGE_TOL = 1e-4  # measured: about 1.2e-6 for both configurations (float32, CPU)
+IMAGE_TOL = 1e-4  # measured: 1.1e-6 to 1.9e-6, both configurations, both tasks (float32, CPU)
 HEIGHT, WIDTH, STEPS, MAX_LEN = 32, 48, 3, 16
 PROMPTS = ["a photo of a cat", "a red bicycle by the sea"]
 
@@ -126,8 +126,45 @@ def test_bad_input(case, caplog):
         sd.generate("a cat", guidance_scale=3.5, height=HEIGHT, width=WIDTH, latents=latents[:1], **kwargs)
     # A guidance scale is [dev]'s input; [schnell] has none and ignores it with a warning, as diffusers.
     assert ("is ignored" in caplog.text) == (not dev)
-    with pytest.raises(ValueError, match="image-to-image and inpainting are not supported for Flux"):
-        sd.generate("a cat", image=np.zeros((HEIGHT, WIDTH, 3), np.float32), **kwargs)
+    image = np.zeros((HEIGHT, WIDTH, 3), np.float32)
+    with pytest.raises(ValueError, match="inpainting is not supported for Flux"):
+        sd.generate("a cat", image=image, mask=np.ones((HEIGHT, WIDTH)), **kwargs)
+    with pytest.raises(ValueError, match="strength=0 must be a number in"):
+        sd.generate("a cat", image=image, strength=0, **kwargs)
+
+
+def test_image_to_image_matches_diffusers(case):
+    # diffusers runs with tf_diffusion.noise's draws for the seeds (the posterior sample and the noise).
+    import sys
+
+    from diffusers import FluxImg2ImgPipeline
+    from PIL import Image
+
+    from tf_diffusion import noise as noise_lib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    from make_fixtures_pipeline import NoiseQueues
+
+    sd, pipe, _, guidance, _ = case
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    image = np.stack([yy * 7, xx * 5, (yy + xx) * 3], axis=-1).astype(np.uint8)  # (32, 48, 3)
+    seed, strength, steps = 11, 0.7, 4
+    seeds = noise_lib.image_seeds(seed, len(PROMPTS))
+    latent = (HEIGHT // 8, WIDTH // 8, 16)
+    with NoiseQueues() as queues, torch.no_grad():
+        queues.queues["vae"].append(noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, latent))
+        queues.queues["pipeline"].append(noise_lib.batch_normal(seeds, noise_lib.LATENTS, latent))
+        expected = FluxImg2ImgPipeline(**pipe.components)(
+            PROMPTS, image=[Image.fromarray(image)] * len(PROMPTS), height=HEIGHT, width=WIDTH,
+            strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+            max_sequence_length=MAX_LEN, output_type="np",
+        ).images  # fmt: skip
+    images = sd.generate(PROMPTS, image=image.astype(np.float32) / 255.0, strength=strength, num_steps=steps,
+                         guidance_scale=guidance, seed=seed, max_sequence_length=MAX_LEN, output_type="float",
+                         progress=False, jit_compile=False)  # fmt: skip
+    assert images.info.mode == "img2img" and images.info.num_evals == 3  # int(4 * 0.7) steps kept
+    err = np.abs(images - expected).max()
+    assert err < IMAGE_TOL, err
 
 
 def test_seeded_generation_is_reproducible_per_image(case):

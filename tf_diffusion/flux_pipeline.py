@@ -14,7 +14,8 @@
   over ``denoising.FluxDenoiser``, which packs the 16-channel latents into 2x2-patch tokens.
 - The VAE: 16 channels, Flux's scaling 0.3611 and shift 0.1159 (from the folder's config).
 
-Not here yet: image-to-image, inpainting, original single files through ``from_pretrained``, LoRA.
+Image-to-image follows diffusers' FluxImg2ImgPipeline (the pipeline's shared task preparation, SD3's
+step-keeping rule). Not here yet: inpainting, original single files through ``from_pretrained``, LoRA.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class FluxHooks(FamilyHooks):
 
     name = "flux"
     options = {"max_sequence_length": None}  # None: config.max_sequence_length
+    img2img_strength = 0.6  # diffusers' FluxImg2ImgPipeline
 
     def config_types(self):
         return (FluxPipelineConfig,)
@@ -221,11 +223,12 @@ class FluxHooks(FamilyHooks):
         return config.size_multiple, f" (the VAE's factor {factor} times Flux's 2x2 packing)"
 
     def check_strength(self, config, strength, init, mask_px):
-        if init is not None or mask_px is not None:
-            raise ValueError("image-to-image and inpainting are not supported for Flux models yet")
-        if strength is not None:
-            raise ValueError("strength applies to image-to-image and inpainting, which Flux models lack here")
-        return 1.0
+        from tf_diffusion.family_hooks import SD3Hooks
+
+        if mask_px is not None:
+            raise ValueError("inpainting is not supported for Flux models yet; image-to-image is (no mask)")
+        # diffusers' FluxImg2ImgPipeline: the SD3 pipelines' rule and default (0.6).
+        return SD3Hooks.check_strength(self, config, strength, init, mask_px)
 
     def sampler(self, config, scheduler, latent_shape):
         if hasattr(scheduler, "plan"):
@@ -239,11 +242,14 @@ class FluxHooks(FamilyHooks):
         return FluxFlowMatchEuler(config.scheduler, name="FlowMatchEulerDiscreteScheduler", mu=mu)
 
     def plan(self, sampler, num_steps, strength, image_task, denoising_start, denoising_end):
+        from tf_diffusion.family_hooks import SD3Hooks
+
         if denoising_start is not None or denoising_end is not None:
             raise ValueError(
                 "denoising_start / denoising_end (the SDXL refiner hand-off) do not apply to Flux"
             )
-        return sampler.plan(num_steps)
+        # FluxImg2ImgPipeline.get_timesteps keeps the steps as SD3's pipelines do.
+        return SD3Hooks.plan(self, sampler, num_steps, strength, image_task, None, None)
 
     def encode_prompts(self, sd, prompts, executor, max_sequence_length=None):
         return encode_prompts(sd, prompts, max_sequence_length, executor)
