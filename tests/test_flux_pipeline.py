@@ -4,7 +4,7 @@ A tiny FluxPipeline (one double- and one single-stream block, a random CLIP-L-li
 fixture's tiny T5 and SentencePiece model, a factor-8 16-channel VAE with Flux's scaling and shift) is
 written with ``save_pretrained`` and loaded by ``StableDiffusion.from_pretrained``; both run from the same
 latents (diffusers' packed, ours NHWC) in a [dev]-like (guidance_embeds, dynamic shifting) and a
-[schnell]-like (no guidance input, static shift 1) configuration, text-to-image and image-to-image.
+[schnell]-like (no guidance input, static shift 1) configuration: text-to-image, image-to-image and inpainting.
 """
 
 import logging
@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 from tf_diffusion.pipeline import StableDiffusion  # noqa: E402
 
 SD3 = pathlib.Path(__file__).parent / "fixtures" / "sd3" / "sd3-diffusers"
-IMAGE_TOL = 1e-4  # measured: 1.1e-6 to 1.9e-6, both configurations, both tasks (float32, CPU)
+IMAGE_TOL = 1e-4  # measured: 1.1e-6 to 2.1e-6, both configurations, all three tasks (float32, CPU)
 HEIGHT, WIDTH, STEPS, MAX_LEN = 32, 48, 3, 16
 PROMPTS = ["a photo of a cat", "a red bicycle by the sea"]
 
@@ -127,8 +127,6 @@ def test_bad_input(case, caplog):
     # A guidance scale is [dev]'s input; [schnell] has none and ignores it with a warning, as diffusers.
     assert ("is ignored" in caplog.text) == (not dev)
     image = np.zeros((HEIGHT, WIDTH, 3), np.float32)
-    with pytest.raises(ValueError, match="inpainting is not supported for Flux"):
-        sd.generate("a cat", image=image, mask=np.ones((HEIGHT, WIDTH)), **kwargs)
     with pytest.raises(ValueError, match="strength=0 must be a number in"):
         sd.generate("a cat", image=image, strength=0, **kwargs)
 
@@ -194,3 +192,43 @@ def test_presets_are_the_released_architectures():
         True,
     )
     assert (schnell.max_sequence_length, schnell.default_steps, schnell.scheduler.shift) == (256, 4, 1.0)
+
+
+def test_inpainting_matches_diffusers(case):
+    # FluxInpaintPipeline (the 16-channel transformer: the kept region re-noised at every step).
+    import sys
+
+    from diffusers import FluxInpaintPipeline
+    from PIL import Image
+
+    from tf_diffusion import noise as noise_lib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    from make_fixtures_pipeline import NoiseQueues
+
+    sd, pipe, _, guidance, _ = case
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    image = np.stack([yy * 7, xx * 5, (yy + xx) * 3], axis=-1).astype(np.uint8)  # (32, 48, 3)
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    mask[8:24, 16:40] = 255
+    seed, strength, steps = 21, 0.8, 4
+    seeds = noise_lib.image_seeds(seed, len(PROMPTS))
+    latent = (HEIGHT // 8, WIDTH // 8, 16)
+    with NoiseQueues() as queues, torch.no_grad():
+        # The image's posterior, the masked image's (diffusers encodes it; this transformer does not read
+        # it), and the noise.
+        queues.queues["vae"].append(noise_lib.batch_normal(seeds, noise_lib.IMAGE_POSTERIOR, latent))
+        queues.queues["vae"].append(noise_lib.batch_normal(seeds, noise_lib.MASKED_POSTERIOR, latent))
+        queues.queues["pipeline"].append(noise_lib.batch_normal(seeds, noise_lib.LATENTS, latent))
+        expected = FluxInpaintPipeline(**pipe.components)(
+            PROMPTS, image=[Image.fromarray(image)] * len(PROMPTS), mask_image=[Image.fromarray(mask)] * 2,
+            height=HEIGHT, width=WIDTH, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+            max_sequence_length=MAX_LEN, output_type="np",
+        ).images  # fmt: skip
+    images = sd.generate(PROMPTS, image=image.astype(np.float32) / 255.0, mask=mask.astype(np.float32) / 255.0,
+                         strength=strength, num_steps=steps, guidance_scale=guidance, seed=seed,
+                         max_sequence_length=MAX_LEN, output_type="float", progress=False,
+                         jit_compile=False)  # fmt: skip
+    assert images.info.mode == "inpaint"
+    err = np.abs(images - expected).max()
+    assert err < IMAGE_TOL, err

@@ -14,8 +14,9 @@
   over ``denoising.FluxDenoiser``, which packs the 16-channel latents into 2x2-patch tokens.
 - The VAE: 16 channels, Flux's scaling 0.3611 and shift 0.1159 (from the folder's config).
 
-Image-to-image follows diffusers' FluxImg2ImgPipeline (the pipeline's shared task preparation, SD3's
-step-keeping rule). Not here yet: inpainting, original single files through ``from_pretrained``, LoRA.
+Image-to-image and inpainting follow diffusers' FluxImg2ImgPipeline and FluxInpaintPipeline (the
+pipeline's shared task preparation and per-step blend, SD3's step-keeping rule, default strength 0.6).
+Not here yet: Flux Fill / Canny / Depth models, original single files through ``from_pretrained``, LoRA.
 """
 
 from __future__ import annotations
@@ -225,9 +226,7 @@ class FluxHooks(FamilyHooks):
     def check_strength(self, config, strength, init, mask_px):
         from tf_diffusion.family_hooks import SD3Hooks
 
-        if mask_px is not None:
-            raise ValueError("inpainting is not supported for Flux models yet; image-to-image is (no mask)")
-        # diffusers' FluxImg2ImgPipeline: the SD3 pipelines' rule and default (0.6).
+        # diffusers' FluxImg2ImgPipeline and FluxInpaintPipeline: the SD3 pipelines' rule and default (0.6).
         return SD3Hooks.check_strength(self, config, strength, init, mask_px)
 
     def sampler(self, config, scheduler, latent_shape):
