@@ -62,7 +62,11 @@ def test_lookups():
     assert family_of_keras_cv("StableDiffusion").name == "sd1"
     with pytest.raises(ValueError, match="StableDiffusionXL"):
         family_of_keras_cv("StableDiffusionXL")
-    with pytest.raises(ValueError, match="flux.*known families"):
-        get_family("flux")
+    with pytest.raises(ValueError, match="'flux2'.*known families"):
+        get_family("flux2")
+    assert get_family("flux").backbone == "flux" and get_family("flux").presets == (
+        "flux1-dev",
+        "flux1-schnell",
+    )
     assert get_family("sdxl").prefixes["text_encoder_2"] == "conditioner.embedders.1.model."
     assert get_family("sdxl-refiner").prefixes["text_encoder_2"] == "conditioner.embedders.0.model."

@@ -113,7 +113,7 @@ def test_quantize_through_stable_diffusion(sd):
 def test_family_options_are_refused_by_other_families(sd, sd1):
     assert isinstance(sd1.hooks, UNetHooks)
     assert isinstance(hooks_for_source(FIXTURES / "checkpoints" / "sd1-diffusers"), UNetHooks)
-    with pytest.raises(ValueError, match=r"max_sequence_length=12, an option of the sd3 family; .* is a sd1 model, "
+    with pytest.raises(ValueError, match=r"max_sequence_length=12, an option of the flux, sd3 family; .* is a sd1 model, "
                                          r"whose family options are: none"):  # fmt: skip
         sd1.generate("a", max_sequence_length=12, num_steps=1, progress=False)
     with pytest.raises(ValueError, match=r"skip_guidance_layers=\[1\], an option of the sd3 family"):
@@ -138,7 +138,9 @@ def test_sizes_and_presets_come_from_the_family(sd):
         sd.generate("a", height=10, width=8, num_steps=1, progress=False)
     with pytest.raises(ValueError, match=r"unknown preset 'nope'; available presets: .*'sd3-medium'"):
         StableDiffusion.from_preset("nope")
-    with pytest.raises(ValueError, match="config must be a PipelineConfig or SD3Config, got dict"):
+    with pytest.raises(
+        ValueError, match="config must be a PipelineConfig or SD3Config or FluxPipelineConfig, got dict"
+    ):
         StableDiffusion({})
 
 

@@ -66,9 +66,9 @@ class Family:
         components: the family's networks (SDXL: two text encoders; the refiner only the second).
         inpaint_strength: ``generate()``'s default strength when a mask is given (diffusers' inpainting
             pipelines: 1.0; SDXL's 0.9999, which keeps a trace of the init image's latents).
-        backbone: "unet" (SD 1.x / 2.x, SDXL) or "mmdit" (SD3 / SD3.5, built from ``presets.SD3_PRESETS``;
+        backbone: "unet" (SD 1.x / 2.x, SDXL), "mmdit" (SD3 / SD3.5, built from ``presets.SD3_PRESETS``;
             ``context_dim`` is then the joint attention width and ``unet_in_channels`` the transformer's
-            input channels).
+            input channels) or "flux" (Flux.1; presets: ``flux.FLUX_PRESETS``, the transformer's).
         hooks: "module:class" of the ``family_hooks.FamilyHooks`` through which ``StableDiffusion``
             builds, conditions, samples and loads the family's models.
     """
@@ -229,6 +229,25 @@ FAMILIES["sd3"] = Family(
     backbone="mmdit",
     hooks="tf_diffusion.family_hooks:SD3Hooks",
 )
+# Flux.1 [dev] / [schnell] from diffusers folders (tf_diffusion.flux_pipeline); original single files
+# hold the transformer alone (weights.flux.load_flux_transformer reads them).
+FAMILIES["flux"] = Family(
+    "flux",
+    "Flux.1 (double- and single-stream transformer; CLIP ViT-L pooled and T5-XXL text encoders)",
+    "clip+t5",
+    4096,
+    64,
+    {"transformer": UNET_PREFIX},
+    ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+    None,
+    ("flux1-dev", "flux1-schnell"),
+    "flux1-dev",
+    infer_config="tf_diffusion.weights.flux:flux_config_from_state_dict",
+    default_sampler="FlowMatchEulerDiscreteScheduler",
+    components=("text_encoder", "text_encoder_2", "transformer", "vae"),
+    backbone="flux",
+    hooks="tf_diffusion.flux_pipeline:FluxHooks",
+)
 # The families StableDiffusion builds (every helper below but is_sd3_single_file reads only these).
 _UNET_FAMILIES = [f for f in FAMILIES.values() if f.backbone == "unet"]
 # A single file whose family nothing shows (no text encoder, no cross-attention) is taken as this one.
@@ -316,8 +335,12 @@ def is_sd3_single_file(keys) -> bool:
 
 
 def family_of_config(config) -> Family:
-    """The family of a ``PipelineConfig`` (its text encoder, gelu: OpenCLIP, and whether it inpaints)
-    or of an ``SD3Config``."""
+    """The family of a ``PipelineConfig`` (its text encoder, gelu: OpenCLIP, and whether it inpaints),
+    an ``SD3Config`` or a ``flux_pipeline.FluxPipelineConfig``."""
+    from tf_diffusion.flux_pipeline import FluxPipelineConfig
+
+    if isinstance(config, FluxPipelineConfig):
+        return FAMILIES["flux"]
     if hasattr(config, "transformer"):
         return FAMILIES["sd3"]
     if config.is_sdxl:

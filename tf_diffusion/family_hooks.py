@@ -5,7 +5,8 @@
 which components to build from a config, how prompts become a ``Conditioning``, which denoiser runs,
 the size multiple, the sampler and its plan, the image-to-image strength rule, and the options only that
 family's ``generate()`` reads (``generate(**family_options)``). ``UNetHooks`` serves SD 1.x / 2.x and
-SDXL (their inpainting models and the SDXL refiner), ``SD3Hooks`` SD3 / SD3.5.
+SDXL (their inpainting models and the SDXL refiner), ``SD3Hooks`` SD3 / SD3.5, ``flux_pipeline.FluxHooks``
+Flux.1.
 
 What is the same everywhere stays in the pipeline: the argument checks, the per-image noise
 (``noise.py``), the task inputs (image-to-image, both inpainting modes), the ``DenoiseProgram`` and the
@@ -29,7 +30,7 @@ class FamilyHooks:
     """The contract: one instance per family kind, stateless (the model is passed in).
 
     Attributes:
-        name: "unet" or "mmdit" (``families.Family.backbone``).
+        name: "unet", "mmdit" or "flux" (``families.Family.backbone``).
         options: the family's own ``generate()`` keyword arguments and their defaults.
         img2img_strength: ``generate()``'s default strength with an image and no mask.
     """
@@ -45,6 +46,12 @@ class FamilyHooks:
     def build(self, sd, dtype, tokenizers: Mapping[str, object]) -> None:
         """Set ``sd``'s tokenizers, networks and ``denoiser`` from ``sd.config`` with fresh weights."""
         raise NotImplementedError
+
+    def guidance(self, config, guidance_scale: float):
+        """The guidance rule for a scale: classifier-free above 1, none otherwise (``guidance_for``)."""
+        from tf_diffusion.denoising import guidance_for
+
+        return guidance_for(guidance_scale)
 
     def size_multiple(self, config) -> tuple[int, str]:
         """(the multiple image sides must be, why: the words after "is not a multiple of N")."""
@@ -150,6 +157,15 @@ class UNetHooks(FamilyHooks):
         execution.apply(sd.unet)
         execution.apply(sd.vae)
         sd.denoiser = UNetDenoiser(sd.unet)
+
+    def guidance(self, config, guidance_scale):
+        from tf_diffusion.denoising import guidance_for
+
+        # An LCM-distilled UNet takes the scale as an input (diffusers: w = scale - 1 embedded as the UNet's
+        # timestep_cond, which generate() adds) and runs without an unconditional pass.
+        if config.unet.time_cond_proj_dim is not None:
+            return guidance_for(1.0)
+        return guidance_for(guidance_scale)
 
     def check_strength(self, config, strength, init, mask_px):
         from tf_diffusion.families import family_of_config

@@ -19,7 +19,6 @@ from tf_diffusion.denoising import (
     DenoiseProgram,
     LocalExecutor,
     MaskBlend,
-    guidance_for,
 )
 from tf_diffusion.family_hooks import check_family_options, hooks_for, hooks_for_source
 from tf_diffusion.noise import image_seeds
@@ -71,7 +70,7 @@ class StableDiffusion:
                 "mixed_bfloat16", ...) for all components; None uses the global policy.
             tokenizer: a tokenizer to use instead of the packaged CLIP vocabulary.
             tokenizer_2: SDXL and SD3: the second encoder's tokenizer; default ``tokenizer``'s vocabulary
-                padded with ``config.tokenizer_2.pad_token_id``.
+                padded with ``config.tokenizer_2.pad_token_id``. Flux: the T5 tokenizer.
             tokenizer_3: SD3: the T5 tokenizer (``t5.T5Tokenizer``; it needs the checkpoint's
                 ``spiece.model``), needed to encode prompts when the config has ``text_encoder_3``.
 
@@ -527,12 +526,8 @@ class StableDiffusion:
                 f"model's latents with latents=... and denoising_start=..."
             )
         plan = hooks.plan(sampler, num_steps, strength, init is not None, denoising_start, denoising_end)
-        guidance = guidance_for(guidance_scale)
-        # An LCM-distilled UNet takes the guidance scale as an input (diffusers: w = scale - 1 embedded as
-        # timestep_cond) and runs without an unconditional pass.
+        guidance = hooks.guidance(cfg, guidance_scale)  # Flux [dev], LCM UNets: an input, not two passes
         lcm_dim = getattr(getattr(cfg, "unet", None), "time_cond_proj_dim", None)
-        if lcm_dim is not None:
-            guidance = guidance_for(1.0)
 
         if latents is None:
             noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)

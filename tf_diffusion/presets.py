@@ -231,7 +231,8 @@ def get_sd3_preset(name: str) -> SD3Config:
 
 
 def get_any_preset(name: str) -> PipelineConfig | SD3Config:
-    """The config of a named preset of any family (``PRESETS``, then ``SD3_PRESETS``).
+    """The config of a named preset of any family (``PRESETS``, ``SD3_PRESETS``, then
+    ``flux_pipeline.FLUX_PIPELINE_PRESETS``).
 
     Raises:
         ValueError: if ``name`` is in neither, listing the ones that exist.
@@ -240,4 +241,11 @@ def get_any_preset(name: str) -> PipelineConfig | SD3Config:
         return PRESETS[name]
     if name in SD3_PRESETS:
         return SD3_PRESETS[name]
-    raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS) + sorted(SD3_PRESETS)}")
+    from tf_diffusion.flux_pipeline import (
+        FLUX_PIPELINE_PRESETS,
+    )  # imported here: it imports the pipeline's hooks
+
+    if name in FLUX_PIPELINE_PRESETS:
+        return FLUX_PIPELINE_PRESETS[name]
+    known = sorted(PRESETS) + sorted(SD3_PRESETS) + sorted(FLUX_PIPELINE_PRESETS)
+    raise ValueError(f"unknown preset {name!r}; available presets: {known}")

@@ -80,3 +80,47 @@ class MMDiTDenoiser:
         t = ops.broadcast_to(t, (ops.shape(x)[0],))
         out = self.transformer(x, t, cond.context, cond.extras["pooled_projections"])
         return ops.cast(out, "float32")
+
+
+class FluxDenoiser:
+    """Flux.1's transformer (``flux.FluxTransformer``) as a denoiser over NHWC latents.
+
+    Packs the (B, h, w, 16) latents into 2x2-patch tokens with their (0, row, column) ids, runs the
+    transformer on ``cond.context`` (T5 tokens, ids all zero), ``cond.extras["pooled_projections"]``
+    (B, 768) and, for a guidance-distilled model, ``cond.extras["guidance"]`` (B,), and unpacks its
+    flow velocity. ``t`` is the sampler's timestep (sigma * 1000); the transformer takes the sigma and
+    scales it by 1000 itself, as diffusers' FluxPipeline passes ``timestep / 1000``.
+    """
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        guided = transformer.config.guidance_embed
+        self.known_extras = ("pooled_projections", "guidance") if guided else ("pooled_projections",)
+
+    @property
+    def key(self):
+        return ("flux", id(self.transformer))
+
+    def __call__(self, x, t, cond: Conditioning):
+        from tf_diffusion.flux import latent_image_ids, pack_latents, unpack_latents
+
+        if set(cond.extras) != set(self.known_extras):
+            raise ValueError(
+                f"the Flux denoiser reads conditioning {list(self.known_extras)}, got {sorted(cond.extras)}"
+            )
+        _b, h, w, _c = x.shape
+        batch = ops.shape(x)[0]
+        sigma = ops.broadcast_to(ops.cast(t, "float32") / 1000.0, (batch,))
+        guidance = cond.extras.get("guidance")
+        if guidance is not None:
+            guidance = ops.broadcast_to(ops.cast(guidance, "float32"), (batch,))
+        out = self.transformer(
+            pack_latents(x),
+            latent_image_ids(h // 2, w // 2),
+            cond.context,
+            ops.zeros((ops.shape(cond.context)[1], 3), "float32"),  # flux.text_ids: all zeros
+            sigma,
+            cond.extras["pooled_projections"],
+            guidance,
+        )  # (B, h/2 * w/2, 64)
+        return ops.cast(unpack_latents(out, h, w), "float32")
