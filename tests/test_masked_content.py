@@ -69,7 +69,7 @@ def test_masked_content_fills_the_masked_latents_before_noising(sd, content):
 
 
 def test_resize_latents_matches_torch_bilinear(sd):
-    import torch
+    torch = pytest.importorskip("torch")  # the reference extra (.[reference]); CI's test extra has none
 
     seeds = [5]
     sampler = get_sampler("ddim", sd.config.scheduler)
