@@ -88,7 +88,11 @@ class FamilyHooks:
     def text_conditioning(
         self, sd, prompts, negatives, *, guided: bool, num_images: int, executor, **context
     ):
-        """(cond, uncond or None) ``Conditioning`` bundles, one row per image, prompt by prompt."""
+        """(cond, uncond or None) ``Conditioning`` bundles, one row per image, prompt by prompt.
+
+        ``context`` holds what generate() knows of the call (``guidance_scale``, ``negatives_given``, the
+        size, the family options); a family reads what it needs.
+        """
         raise NotImplementedError
 
     def denoiser(self, sd, denoiser, options: Mapping, *, plan, n: int, guided: bool, image_task: bool,
@@ -207,17 +211,29 @@ class UNetHooks(FamilyHooks):
         weights = np.stack([c.weights.reshape(-1) for c in chunked])  # (B, K*77)
         return _apply_weights(hidden, weights)
 
-    def text_conditioning(self, sd, prompts, negatives, *, guided, num_images, executor, **context):
+    def text_conditioning(
+        self, sd, prompts, negatives, *, guided, num_images, executor, guidance_scale=None, **context
+    ):
         from tf_diffusion import sdxl
+        from tf_diffusion.unet import guidance_embedding
 
+        n = len(prompts) * num_images
         if sd.config.is_sdxl:
-            return sdxl.text_conditioning(
+            cond, uncond = sdxl.text_conditioning(
                 sd, prompts, negatives, guided=guided, num_images=num_images, executor=executor, **context
             )
-        n = len(prompts) * num_images
-        texts = negatives + prompts if guided else prompts
-        hidden = np.repeat(self.encode_prompts(sd, texts, executor), num_images, axis=0)
-        return Conditioning(hidden[-n:]), (Conditioning(hidden[:n]) if guided else None)
+        else:
+            texts = negatives + prompts if guided else prompts
+            hidden = np.repeat(self.encode_prompts(sd, texts, executor), num_images, axis=0)
+            cond, uncond = Conditioning(hidden[-n:]), (Conditioning(hidden[:n]) if guided else None)
+        dim = sd.config.unet.time_cond_proj_dim
+        # LCM-distilled: the embedding of w = scale - 1 is the UNet's timestep_cond.
+        if dim is not None:
+            w = np.full((n,), guidance_scale - 1.0, np.float32)
+            cond = Conditioning(
+                cond.context, {**cond.extras, "timestep_cond": np.asarray(guidance_embedding(w, dim))}
+            )
+        return cond, uncond
 
     def load(self, build, source, **kwargs):
         import inspect

@@ -12,7 +12,6 @@ from keras import ops
 from tf_diffusion import execution, sdxl
 from tf_diffusion import images as image_utils
 from tf_diffusion import noise as noise_lib
-from tf_diffusion import unet as unet_lib
 from tf_diffusion.config import PipelineConfig, SD3Config
 from tf_diffusion.denoising import (
     Conditioning,
@@ -527,7 +526,6 @@ class StableDiffusion:
             )
         plan = hooks.plan(sampler, num_steps, strength, init is not None, denoising_start, denoising_end)
         guidance = hooks.guidance(cfg, guidance_scale)  # Flux [dev], LCM UNets: an input, not two passes
-        lcm_dim = getattr(getattr(cfg, "unet", None), "time_cond_proj_dim", None)
 
         if latents is None:
             noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)
@@ -558,6 +556,7 @@ class StableDiffusion:
             negative_texts,
             negatives_given=negative_prompt is not None,
             guided=guidance.copies == 2,
+            guidance_scale=guidance_scale,
             num_images=num_images,
             height=height,
             width=width,
@@ -595,9 +594,6 @@ class StableDiffusion:
             )
         if control is not None:
             task.extras.update(control.extras())
-        if lcm_dim is not None:
-            w = np.full((n,), guidance_scale - 1.0, np.float32)
-            task.extras["timestep_cond"] = ops.convert_to_numpy(unet_lib.guidance_embedding(w, lcm_dim))
         if task.extras:
             cond = Conditioning(cond.context, {**cond.extras, **task.extras})
             uncond = (
