@@ -236,9 +236,9 @@ F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
         ({"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, b"\0" * 8, "shape"),
         ({"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype 'X9'"),
         (
-            {"a": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}},
+            {"a": {"dtype": "F6_E2M3", "shape": [2], "data_offsets": [0, 2]}},
             b"\0" * 2,
-            "F8_E4M3 is not supported",
+            "F6_E2M3 is not supported",
         ),
         ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "data_offsets"),
         ({"a": [1, 2]}, b"", "must be an object"),

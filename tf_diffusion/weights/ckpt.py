@@ -73,7 +73,7 @@ from typing import Any
 
 import numpy as np
 
-from tf_diffusion.weights.lazy import BFLOAT16, LazyTensor
+from tf_diffusion.weights.lazy import BFLOAT16, FLOAT8, LazyTensor
 from tf_diffusion.weights.pickle_vm import PickleRefused, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -145,7 +145,9 @@ _NP = {
     "uint16": np.dtype("<u2"),
     "uint8": np.dtype("u1"),
     "bool": np.dtype("?"),
+    **FLOAT8,
 }
+_FLOAT8_TYPES = frozenset(FLOAT8.values())
 _DTYPE_ALIASES = {
     "double": "float64",
     "float": "float32",
@@ -158,11 +160,6 @@ _DTYPE_ALIASES = {
 }
 # Known torch dtypes with no numpy type here: loading a tensor of one is an error naming it.
 _UNSUPPORTED_DTYPES = (
-    "float8_e4m3fn",
-    "float8_e4m3fnuz",
-    "float8_e5m2",
-    "float8_e5m2fnuz",
-    "float8_e8m0fnu",
     "float4_e2m1fn_x2",
     "complex32",
     "chalf",
@@ -336,11 +333,15 @@ def _make_tensor(storage, offset, size, stride, dtype: np.dtype, metadata) -> La
             return np.zeros(size, native)
         raw = record.read(unread[0])
         unread[0] = False
-        flat = np.frombuffer(raw, dtype=dtype, count=available, offset=storage.byte_offset)
+        # numpy's as_strided cannot describe ml_dtypes' 8-bit floats: stride over same-sized unsigned
+        # ints and reinterpret the copy (the bits are the same either way).
+        carrier = np.dtype("u1") if dtype in _FLOAT8_TYPES else dtype
+        flat = np.frombuffer(raw, dtype=carrier, count=available, offset=storage.byte_offset)
         view = np.lib.stride_tricks.as_strided(
             flat[offset:], shape=size, strides=[s * dtype.itemsize for s in stride], writeable=False
         )
-        array = np.array(view, dtype=native, order="C", copy=True)
+        array = np.array(view, order="C", copy=True)
+        array = array.view(native) if carrier is not dtype else array.astype(native, copy=False)
         if negate:
             array = np.negative(array)
         if conjugate:

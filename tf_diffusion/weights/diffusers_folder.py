@@ -43,7 +43,7 @@ from tf_diffusion.weights.diffusers_unet import (
     unet_config_from_diffusers,
 )
 from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae, diffusers_vae_key_map
-from tf_diffusion.weights.lazy import BFLOAT16, derived
+from tf_diffusion.weights.lazy import BFLOAT16, derived, is_floating
 from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
 
 MODEL_INDEX = "model_index.json"
@@ -636,7 +636,7 @@ def _half_variant(components: Mapping[str, Mapping]) -> str | None:
         np.dtype(t.dtype)
         for tensors in components.values()
         for t in tensors.values()
-        if np.dtype(t.dtype).kind == "f" or np.dtype(t.dtype) == BFLOAT16
+        if is_floating(t.dtype)
     }
     return HALF_VARIANTS.get(dtypes.pop()) if len(dtypes) == 1 else None
 

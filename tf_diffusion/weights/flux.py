@@ -8,8 +8,8 @@ comes from the config, so every key is known in advance and anything else is an 
 
 ``load_flux_transformer`` reads an original single file (safetensors, with or without the
 ``model.diffusion_model.`` prefix), a diffusers ``transformer/`` folder, or a pipeline folder holding
-one. Half-precision tensors (float16, bfloat16) are upcast to the model's variables as they are
-assigned; float8 files are refused by the safetensors reader. ``quantize="int8"`` builds the model with
+one. Half-precision and float8-stored tensors (float16, bfloat16, float8_e4m3fn / e5m2 "fp8" files) are
+upcast to the model's variables as they are assigned. ``quantize="int8"`` builds the model with
 int8 Linear weights (``execution.quantize.build_model``) and quantizes each tensor as it is assigned.
 """
 

@@ -17,6 +17,23 @@ import numpy as np
 # ml_dtypes (a dependency of Keras and TensorFlow) gives numpy a bfloat16 that
 # casts to float32 exactly; numpy has none of its own.
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+# The 8-bit floating formats checkpoints store (Flux and SD3.5 "fp8" files): weights only, upcast when they are
+# assigned to a model's variables. E8M0 is the exponent-only scale type of microscaling formats.
+FLOAT8 = {
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "float8_e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
+    "float8_e8m0fnu": np.dtype(ml_dtypes.float8_e8m0fnu),
+}
+_EXTRA_FLOATS = frozenset((BFLOAT16, *FLOAT8.values()))
+
+
+def is_floating(dtype) -> bool:
+    """Whether a numpy dtype is a floating one, ml_dtypes' bfloat16 and float8 types included (numpy files
+    some of those under kind 'V')."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype in _EXTRA_FLOATS
 
 
 class LazyTensor:

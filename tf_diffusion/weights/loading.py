@@ -48,7 +48,7 @@ from tf_diffusion.weights.diffusers_folder import (
     write_diffusers_folder,
 )
 from tf_diffusion.weights.folder import is_tf_diffusion_folder, read_folder, write_folder
-from tf_diffusion.weights.lazy import BFLOAT16, LazyTensor, derived
+from tf_diffusion.weights.lazy import BFLOAT16, LazyTensor, derived, is_floating
 from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
 from tf_diffusion.weights.single_file import (
     detect_family,
@@ -969,7 +969,7 @@ def _cast(tensors: Mapping, dtype: str | None) -> dict:
     out = {}
     for key, value in tensors.items():
         source = np.dtype(value.dtype)
-        if source.kind == "f" or source == BFLOAT16:
+        if is_floating(source):
             if source != target:
                 value = derived(value, lambda a: a.astype(target), tuple(value.shape), target)
         out[key] = value

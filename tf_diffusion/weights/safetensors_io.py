@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from tf_diffusion.fileio import clean_stale, open_regular, publish, sync_folder, temp_prefix
-from tf_diffusion.weights.lazy import BFLOAT16, LazyTensor
+from tf_diffusion.weights.lazy import BFLOAT16, FLOAT8, LazyTensor
 
 # Little-endian on disk whatever the host; bfloat16 and 1-byte types have no byte order in numpy.
 DTYPES: dict[str, np.dtype] = {
@@ -38,21 +38,22 @@ DTYPES: dict[str, np.dtype] = {
     "U16": np.dtype("<u2"),
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
+    # 8-bit floats (ml_dtypes' types; the format's E4M3 is torch's float8_e4m3fn, with no infinities)
+    "F8_E4M3": FLOAT8["float8_e4m3fn"],
+    "F8_E4M3FNUZ": FLOAT8["float8_e4m3fnuz"],
+    "F8_E5M2": FLOAT8["float8_e5m2"],
+    "F8_E5M2FNUZ": FLOAT8["float8_e5m2fnuz"],
+    "F8_E8M0": FLOAT8["float8_e8m0fnu"],
 }
 # Known to the format but with no numpy type we load.
 UNSUPPORTED_DTYPES = (
-    "F8_E4M3",
-    "F8_E4M3FNUZ",
-    "F8_E5M2",
-    "F8_E5M2FNUZ",
-    "F8_E8M0",
     "F6_E2M3",
     "F6_E3M2",
     "F4",
 )
 # The reference writer orders tensors by this rank (largest first), then by name,
 # which keeps every tensor aligned to its item size; we write the same order.
-_RANK = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
+_RANK = ["BOOL", "U8", "I8", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
 # The reference reader refuses larger headers.
 MAX_HEADER_BYTES = 100_000_000
 

@@ -39,7 +39,7 @@ from tf_diffusion.families import (
 from tf_diffusion.layout import unet_layout
 from tf_diffusion.presets import PRESETS
 from tf_diffusion.weights.diffusers_unet import normalized_depth
-from tf_diffusion.weights.lazy import BFLOAT16, derived
+from tf_diffusion.weights.lazy import derived, is_floating
 
 # Entries of LatentDiffusion checkpoints that are not weights of the three networks: the DDPM
 # schedule (recomputed by our samplers), EMA bookkeeping and position-id buffers.
@@ -121,7 +121,7 @@ def _is_tensor(value) -> bool:
         shape, dtype = tuple(value.shape), np.dtype(value.dtype)
     except Exception:  # no shape or dtype, or ones numpy cannot read: not a tensor
         return False
-    numeric = dtype.kind in "biufc" or dtype == BFLOAT16
+    numeric = dtype.kind in "biuc" or is_floating(dtype)
     return numeric and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
 
 
