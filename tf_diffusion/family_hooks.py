@@ -25,6 +25,14 @@ import numpy as np
 
 from tf_diffusion.denoising import Conditioning
 
+# What a family's pipeline may take, as named in messages.
+ADAPTERS = {
+    "controlnet": "ControlNets",
+    "ip_adapter": "IP-Adapters",
+    "lora": "LoRAs",
+    "textual_inversion": "textual-inversion embeddings",
+}
+
 
 class FamilyHooks:
     """The contract: one instance per family kind, stateless (the model is passed in).
@@ -33,11 +41,29 @@ class FamilyHooks:
         name: "unet", "mmdit" or "flux" (``families.Family.backbone``).
         options: the family's own ``generate()`` keyword arguments and their defaults.
         img2img_strength: ``generate()``'s default strength with an image and no mask.
+        backbone: the ``StableDiffusion`` attribute holding the denoising network ("unet", "transformer").
+        adapters: which of ``ADAPTERS`` the family's pipeline takes.
     """
 
     name = ""
     options: Mapping[str, object] = {}
     img2img_strength = 0.8
+    backbone = "transformer"
+    adapters: frozenset[str] = frozenset()
+
+    def vae_dtype(self, dtype, vae_config):
+        """The VAE's dtype policy under the model's ``dtype``: the 16-channel VAEs run in float32 under any
+        16-bit policy."""
+        return "float32" if dtype and "float16" in str(dtype) else dtype
+
+    def require_adapter(self, config, adapter: str) -> None:
+        """Raise a ValueError naming the family if its pipeline cannot take ``adapter`` (a key of ADAPTERS)."""
+        if adapter not in self.adapters:
+            takes = ", ".join(ADAPTERS[a] for a in sorted(self.adapters)) or "no adapters"
+            raise ValueError(
+                f"{ADAPTERS[adapter]} are not supported for {config.name} ({self.name} family, which takes "
+                f"{takes}); they work with SD 1.x / 2.x and SDXL models"
+            )
 
     def config_types(self) -> tuple[type, ...]:
         """The config classes this family's models are built from."""
@@ -122,6 +148,13 @@ class UNetHooks(FamilyHooks):
 
     name = "unet"
     img2img_strength = 0.8  # diffusers' StableDiffusionImg2ImgPipeline
+    backbone = "unet"
+    adapters = frozenset(ADAPTERS)
+
+    def vae_dtype(self, dtype, vae_config):
+        from tf_diffusion.pipeline import _vae_dtype
+
+        return _vae_dtype(dtype, vae_config.force_upcast)
 
     def config_types(self):
         from tf_diffusion.config import PipelineConfig
@@ -132,7 +165,6 @@ class UNetHooks(FamilyHooks):
         from tf_diffusion import execution
         from tf_diffusion.clip import CLIPTextEncoder
         from tf_diffusion.denoising import UNetDenoiser
-        from tf_diffusion.pipeline import _vae_dtype
         from tf_diffusion.tokenizer import CLIPTokenizer
         from tf_diffusion.unet import UNetModel
         from tf_diffusion.vae import AutoencoderKL
@@ -156,7 +188,7 @@ class UNetHooks(FamilyHooks):
                 tokenizer_2 = sd.tokenizer.padded_with(config.tokenizer_2.pad_token_id)
             sd.tokenizer_2 = tokenizer_2
         sd.unet = UNetModel(config.unet, dtype=dtype)
-        sd.vae = AutoencoderKL(config.vae, dtype=_vae_dtype(dtype, config.vae.force_upcast))
+        sd.vae = AutoencoderKL(config.vae, dtype=self.vae_dtype(dtype, config.vae))
         # Fast paths by block type (tf_diffusion.execution); they compute the same numbers.
         execution.apply(sd.unet)
         execution.apply(sd.vae)
@@ -292,8 +324,7 @@ class SD3Hooks(FamilyHooks):
             None if config.text_encoder_3 is None else T5Encoder(config.text_encoder_3, dtype=dtype)
         )
         sd.transformer = MMDiT(config.transformer, dtype=dtype)
-        # The 16-channel VAE runs in float32 under any 16-bit policy.
-        sd.vae = AutoencoderKL(config.vae, dtype="float32" if dtype and "float16" in dtype else dtype)
+        sd.vae = AutoencoderKL(config.vae, dtype=self.vae_dtype(dtype, config.vae))
         sd.denoiser = MMDiTDenoiser(sd.transformer)
 
     def size_multiple(self, config):

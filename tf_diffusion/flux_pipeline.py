@@ -202,8 +202,7 @@ class FluxHooks(FamilyHooks):
         sd.text_encoder = CLIPTextEncoder(config.text_encoder, dtype=dtype)
         sd.text_encoder_2 = T5Encoder(config.text_encoder_2, dtype=dtype)
         sd.transformer = FluxTransformer(config.transformer, dtype=dtype)
-        # The 16-channel VAE runs in float32 under any 16-bit policy.
-        sd.vae = AutoencoderKL(config.vae, dtype="float32" if dtype and "float16" in dtype else dtype)
+        sd.vae = AutoencoderKL(config.vae, dtype=self.vae_dtype(dtype, config.vae))
         sd.denoiser = FluxDenoiser(sd.transformer)
 
     def guidance(self, config, guidance_scale):

@@ -162,9 +162,16 @@ class StableDiffusion:
 
         with reading(source), read_vae(source, self._checkpoint_vae, variant=variant) as weights:
             vae_config = weights.config_for(self._checkpoint_vae)
-            vae = AutoencoderKL(
-                vae_config, dtype=_vae_dtype(self.unet.dtype_policy.name, vae_config.force_upcast)
-            )
+            # The decoder's first convolution reads the latents (torch layout: out, in, kh, kw).
+            conv_in = weights.tensors.get("decoder.conv_in.weight")
+            have = self.config.vae.latent_channels
+            if conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] != have:
+                raise ValueError(
+                    f"{weights.path}: a VAE of {conv_in.shape[1]} latent channels cannot replace the "
+                    f"{have}-channel VAE of {self.config.name}; use a VAE made for this model family"
+                )
+            policy = getattr(self, self.hooks.backbone).dtype_policy.name
+            vae = AutoencoderKL(vae_config, dtype=self.hooks.vae_dtype(policy, vae_config))
             try:
                 load_state_dict(vae, weights.tensors)
             except StateDictError as error:
@@ -182,6 +189,7 @@ class StableDiffusion:
     # LoRA, with diffusers' method names; see tf_diffusion.adapters.lora for the arguments.
     def load_lora_weights(self, path, adapter_name: str | None = None, weight=1.0) -> str:
         """Load a kohya / A1111 or diffusers / PEFT LoRA and merge it in (``adapters.lora.load_lora_weights``)."""
+        self.hooks.require_adapter(self.config, "lora")
         from tf_diffusion.adapters import lora
 
         return lora.load_lora_weights(self, path, adapter_name=adapter_name, weight=weight)
@@ -218,6 +226,7 @@ class StableDiffusion:
         ``text_encoder`` / ``tokenizer`` load it into one encoder only, as diffusers does for SDXL's
         ``text_encoder_2`` (``adapters.textual_inversion.load_textual_inversion``).
         """
+        self.hooks.require_adapter(self.config, "textual_inversion")
         from tf_diffusion.adapters import textual_inversion
 
         return textual_inversion.load_textual_inversion(self, path, token, text_encoder, tokenizer)
@@ -232,6 +241,7 @@ class StableDiffusion:
     def load_ip_adapter(self, path, image_encoder=None) -> None:
         """Load an IP-Adapter file (or a list: several at once) and its image encoder
         (``adapters.ip_adapter.load_ip_adapter``); then ``generate(ip_adapter_image=...)``."""
+        self.hooks.require_adapter(self.config, "ip_adapter")
         from tf_diffusion.adapters import ip_adapter
 
         ip_adapter.load_ip_adapter(self, path, image_encoder=image_encoder)
@@ -499,6 +509,8 @@ class StableDiffusion:
             height, width = self.check_size(height, width)
         else:
             height, width = self.check_size(height, width, init)
+        if controlnet is not None:
+            self.hooks.require_adapter(self.config, "controlnet")
         control = controlnet_adapter.prepare(
             self,
             controlnet,
