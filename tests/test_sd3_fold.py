@@ -50,7 +50,7 @@ def test_from_pretrained_routes_sd3_folders_to_the_sd3_hooks(sd, ref):
     assert sd.text_encoder_3 is not None and sd.transformer is not None and not hasattr(sd, "unet")
     images = _text_to_image(sd, arrays, "t5", cases)
     assert np.abs(images - arrays["t5_images"]).max() < IMAGE_TOL
-    assert images.info.sampler == "FlowMatchEulerDiscreteScheduler" and images.info.num_steps == 4
+    assert images.info.sampler == "flow_euler" and images.info.num_steps == 4
     assert images.info.extra_params == {"Shift": "3"}  # the PNG parameters' flow shift, as Forge writes it
 
 

@@ -66,7 +66,7 @@ def test_seeded_generation_is_reproducible_per_image(sd_no_t5):
     second = sd_no_t5.generate(["b"], seed=8, **kwargs)
     np.testing.assert_allclose(both[1], second[0], atol=1e-6)
     assert both.info.seeds == (7, 8) and both.info.mode == "txt2img" and both.info.num_evals == 2
-    assert both.info.sampler == "FlowMatchEulerDiscreteScheduler" and both.info.prompts == ("a", "b")
+    assert both.info.sampler == "flow_euler" and both.info.prompts == ("a", "b")
 
 
 def test_bad_input_is_refused(sd, caplog):

@@ -358,6 +358,9 @@ class SchedulerConfig:
     timestep_scaling: float = 10.0  # LCMScheduler: the boundary condition's timestep scale
     # FlowMatchEulerDiscreteScheduler (SD3: shift 3.0; Flux: dynamic shifting from the image size).
     shift: float = 1.0
+    # DPMSolverMultistepScheduler's flow form (with prediction_type "flow_prediction" in its file; its
+    # flow_shift is ``shift``): the "flow_dpmpp_2m*" samplers.
+    use_flow_sigmas: bool = False
     use_dynamic_shifting: bool = False
     base_shift: float = 0.5
     max_shift: float = 1.15

@@ -295,12 +295,12 @@ def read_flux_config(folder: pathlib.Path):
     Raises:
         ValueError: for a folder that is not a Flux pipeline, or one lacking a component.
     """
-    from tf_diffusion.schedulers import config_from_diffusers
     from tf_diffusion.sd3 import clip_tokenizer_config
     from tf_diffusion.t5 import T5Tokenizer, t5_config_from_transformers
     from tf_diffusion.tokenizer import CLIPTokenizer
     from tf_diffusion.weights.diffusers_configs import (
         clip_config_from_transformers,
+        flow_scheduler_from_folder,
         vae_config_from_diffusers,
     )
     from tf_diffusion.weights.diffusers_folder import read_json
@@ -321,9 +321,7 @@ def read_flux_config(folder: pathlib.Path):
     if not spiece.is_file():
         raise ValueError(f"{folder}: T5 needs tokenizer_2/spiece.model, which is missing")
     tokenizer = CLIPTokenizer.from_pretrained_folder(folder / "tokenizer")
-    scheduler = {}
-    if (folder / "scheduler" / "scheduler_config.json").is_file():
-        scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    scheduler, sampler = flow_scheduler_from_folder(folder)
     transformer = flux_config_from_diffusers(read_json(folder / "transformer" / "config.json"))
     config = FluxPipelineConfig(
         name=folder.name,
@@ -334,7 +332,8 @@ def read_flux_config(folder: pathlib.Path):
         max_sequence_length=512 if transformer.guidance_embed else 256,
         transformer=transformer,
         vae=vae_config_from_diffusers(read_json(folder / "vae" / "config.json")),
-        scheduler=config_from_diffusers({"shift": 3.0, **scheduler}),
+        scheduler=scheduler,
+        default_sampler=sampler,
         default_steps=28 if transformer.guidance_embed else 4,
         default_guidance=3.5 if transformer.guidance_embed else 0.0,
     )

@@ -50,19 +50,39 @@ SAMPLERS: dict[str, tuple[type[Sampler], dict]] = {
     "lms": (LMS, {}),
     "dpmpp_2m": (
         DPMSolverMultistep,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+        {
+            "algorithm_type": "dpmsolver++",
+            "solver_order": 2,
+            "use_flow_sigmas": False,
+            "use_karras_sigmas": False,
+        },
     ),
     "dpmpp_2m_karras": (
         DPMSolverMultistep,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        {
+            "algorithm_type": "dpmsolver++",
+            "solver_order": 2,
+            "use_flow_sigmas": False,
+            "use_karras_sigmas": True,
+        },
     ),
     "dpmpp_2m_sde": (
         DPMSolverMultistep,
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+        {
+            "algorithm_type": "sde-dpmsolver++",
+            "solver_order": 2,
+            "use_flow_sigmas": False,
+            "use_karras_sigmas": False,
+        },
     ),
     "dpmpp_2m_sde_karras": (
         DPMSolverMultistep,
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        {
+            "algorithm_type": "sde-dpmsolver++",
+            "solver_order": 2,
+            "use_flow_sigmas": False,
+            "use_karras_sigmas": True,
+        },
     ),
     "unipc": (UniPC, {}),
     "lcm": (LCM, {}),
@@ -72,11 +92,21 @@ SAMPLERS: dict[str, tuple[type[Sampler], dict]] = {
     "flow_heun": (FlowMatchHeun, {}),
     "flow_dpmpp_2m": (
         FlowDPMSolverMultistep,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+        {
+            "algorithm_type": "dpmsolver++",
+            "solver_order": 2,
+            "use_flow_sigmas": True,
+            "use_karras_sigmas": False,
+        },
     ),
     "flow_dpmpp_2m_sde": (
         FlowDPMSolverMultistep,
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+        {
+            "algorithm_type": "sde-dpmsolver++",
+            "solver_order": 2,
+            "use_flow_sigmas": True,
+            "use_karras_sigmas": False,
+        },
     ),
 }
 # diffusers class name -> sampler class; these take every option from the config. The flow form of
@@ -116,6 +146,8 @@ def get_sampler(name: str, config: SchedulerConfig | None = None, **options) -> 
         config = dataclasses.replace(config, **fixed)
     elif name in _DIFFUSERS_CLASSES:
         cls = _DIFFUSERS_CLASSES[name]
+        if cls is DPMSolverMultistep and config.use_flow_sigmas:
+            cls = FlowDPMSolverMultistep  # the same diffusers class in its flow form
     else:
         raise ValueError(
             f"unknown sampler {name!r}; allowed: {sorted(SAMPLERS)} or diffusers classes "
@@ -180,6 +212,8 @@ def config_from_diffusers(data: Mapping) -> SchedulerConfig:
         # DPMSolverMultistepScheduler's flow_shift is our shift (FlowMatch*'s name); its default is 1.0.
         data = {k: v for k, v in data.items() if k not in ("prediction_type", "shift")}
         kwargs["shift"] = data.get("flow_shift", 1.0)
+    else:
+        data = {k: v for k, v in data.items() if k != "use_flow_sigmas"}
     for key, value in data.items():
         if key not in fields:
             continue

@@ -142,3 +142,46 @@ def sampler_to_diffusers(name: str) -> tuple[str, dict]:
     raise ValueError(
         f"sampler {name!r} has no diffusers scheduler class; allowed: {sorted(SAMPLERS)} or their diffusers classes"
     )
+
+
+# The flow-matching samplers: what SD3 and Flux folders may name.
+FLOW_SAMPLERS = ("flow_euler", "flow_heun", "flow_dpmpp_2m", "flow_dpmpp_2m_sde")
+
+
+def flow_scheduler_from_folder(folder, default_shift: float = 3.0):
+    """The schedule and default sampler of an SD3 / Flux diffusers folder.
+
+    ``scheduler/scheduler_config.json`` gives the options (``shift`` ``default_shift`` when the file has
+    none, as the released SD3 and Flux files all set it) and model_index.json's scheduler class, else the
+    file's ``_class_name``, the sampler, as diffusers instantiates it. No file: FlowMatchEuler.
+
+    Returns:
+        ``(SchedulerConfig, sampler name)``.
+
+    Raises:
+        ValueError: for a scheduler that is not a flow-matching one (naming the folder, the class and the
+            allowed ones), or options the samplers do not reproduce.
+    """
+    import pathlib
+
+    from tf_diffusion.schedulers import SAMPLERS, config_from_diffusers
+    from tf_diffusion.weights.diffusers_folder import _scheduler_class, read_json
+
+    folder = pathlib.Path(folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return config_from_diffusers({"shift": default_shift}), "FlowMatchEulerDiscreteScheduler"
+    data = read_json(path)
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    config = config_from_diffusers({"shift": default_shift, **data})
+    sampler = sampler_from_diffusers(data, _scheduler_class(index))
+    flow_classes = {SAMPLERS[name][0].diffusers_class for name in FLOW_SAMPLERS}
+    if sampler not in FLOW_SAMPLERS and not (
+        sampler in flow_classes and sampler != "DPMSolverMultistepScheduler"
+    ):
+        raise ValueError(
+            f"{path}: scheduler {sampler!r} is not a flow-matching scheduler, which this model needs; allowed: "
+            f"{sorted(flow_classes - {'DPMSolverMultistepScheduler'})} or DPMSolverMultistepScheduler with "
+            "use_flow_sigmas"
+        )
+    return config, sampler

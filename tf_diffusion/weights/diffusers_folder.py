@@ -550,6 +550,11 @@ def scheduler_config_to_diffusers(
             if f.name == "lambda_min_clipped" and value == float("-inf"):
                 value = None  # diffusers' own spelling of "no clipping"; JSON has no -inf
             data[f.name] = list(value) if isinstance(value, tuple) else value
+    if config.use_flow_sigmas:
+        # DPMSolverMultistepScheduler's flow form spells the shift flow_shift and names the prediction.
+        data["prediction_type"], data["flow_shift"] = "flow_prediction", data.pop("shift", config.shift)
+    else:
+        data.pop("use_flow_sigmas", None)
     return data
 
 
@@ -633,10 +638,7 @@ HALF_VARIANTS = {np.dtype("float16"): "fp16", BFLOAT16: "bf16"}
 def _half_variant(components: Mapping[str, Mapping]) -> str | None:
     """The variant name of the weights' floating dtype if it is a half precision one, else None."""
     dtypes = {
-        np.dtype(t.dtype)
-        for tensors in components.values()
-        for t in tensors.values()
-        if is_floating(t.dtype)
+        np.dtype(t.dtype) for tensors in components.values() for t in tensors.values() if is_floating(t.dtype)
     }
     return HALF_VARIANTS.get(dtypes.pop()) if len(dtypes) == 1 else None
 

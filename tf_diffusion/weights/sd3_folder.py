@@ -14,8 +14,11 @@ import pathlib
 import numpy as np
 
 from tf_diffusion.config import SD3Config
-from tf_diffusion.schedulers import config_from_diffusers
-from tf_diffusion.weights.diffusers_configs import clip_config_from_transformers, vae_config_from_diffusers
+from tf_diffusion.weights.diffusers_configs import (
+    clip_config_from_transformers,
+    flow_scheduler_from_folder,
+    vae_config_from_diffusers,
+)
 from tf_diffusion.weights.diffusers_folder import (
     _open_weights,
     read_json,
@@ -58,9 +61,7 @@ def read_sd3_config(folder: pathlib.Path, load_t5: bool = True):
                 "load with load_t5=False to run without T5"
             )
         t5_tokenizer = T5Tokenizer(spiece)
-    scheduler = {}
-    if (folder / "scheduler" / "scheduler_config.json").is_file():
-        scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+    scheduler, sampler = flow_scheduler_from_folder(folder)
     config = SD3Config(
         name=folder.name,
         text_encoder=clip_config_from_transformers(read_json(folder / "text_encoder" / "config.json")),
@@ -70,7 +71,8 @@ def read_sd3_config(folder: pathlib.Path, load_t5: bool = True):
         text_encoder_3=t5,
         transformer=mmdit_config_from_diffusers(read_json(folder / "transformer" / "config.json")),
         vae=vae_config_from_diffusers(read_json(folder / "vae" / "config.json")),
-        scheduler=config_from_diffusers({"shift": 3.0, **scheduler}),
+        scheduler=scheduler,
+        default_sampler=sampler,
     )
     return config, (tokenizer, tokenizer_2), t5_tokenizer
 
