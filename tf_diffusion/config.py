@@ -467,8 +467,27 @@ def _sd3_vae() -> VAEConfig:
     return VAEConfig(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False)
 
 
+class TransformerPipelineConfig:
+    """What the transformer families' model configs share (``SD3Config``, ``flux_pipeline.FluxPipelineConfig``):
+    the UNet families' task flags, all False (the pipeline asks any config), the T5 length check, and
+    ``replace``. A mixin without fields; each subclass is a frozen dataclass."""
+
+    is_sdxl = False
+    is_inpainting = False
+    requires_aesthetics_score = False
+
+    def _check_max_sequence_length(self) -> None:
+        value = self.max_sequence_length
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 512:
+            raise ValueError(f"max_sequence_length={value!r} must be an integer in 1..512")
+
+    def replace(self, **changes):
+        """A copy with some fields changed (dataclasses.replace)."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
-class SD3Config:
+class SD3Config(TransformerPipelineConfig):
     """A whole SD3 / SD3.5 model (diffusers' StableDiffusion3Pipeline). Defaults: SD3 Medium.
 
     The context is CLIP-L's and CLIP-G's penultimate hidden states concatenated (768 + 1280), zero-padded
@@ -524,22 +543,12 @@ class SD3Config:
             raise ValueError(
                 f"transformer.in_channels={mm.in_channels} must equal vae.latent_channels={self.vae.latent_channels}"
             )
-        if not isinstance(self.max_sequence_length, int) or not 1 <= self.max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length={self.max_sequence_length!r} must be an integer in 1..512")
-
-    # The UNet families' task flags, False for every SD3 model (the pipeline asks any config).
-    is_sdxl = False
-    is_inpainting = False
-    requires_aesthetics_score = False
+        self._check_max_sequence_length()
 
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's factor times the patch size (16 for SD3)."""
         return self.vae.downsample_factor * self.transformer.patch_size
-
-    def replace(self, **changes) -> SD3Config:
-        """A copy with some fields changed (dataclasses.replace)."""
-        return dataclasses.replace(self, **changes)
 
 
 def to_dict(cfg) -> dict:

@@ -21,7 +21,6 @@ Not here yet: Flux Fill / Canny / Depth models, original single files through ``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -30,7 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tf_diffusion.config import CLIPTextConfig, SchedulerConfig, TokenizerConfig, VAEConfig
+from tf_diffusion.config import (
+    CLIPTextConfig,
+    SchedulerConfig,
+    TokenizerConfig,
+    TransformerPipelineConfig,
+    VAEConfig,
+)
 from tf_diffusion.denoising import Conditioning
 from tf_diffusion.family_hooks import FamilyHooks
 from tf_diffusion.flux import FluxConfig
@@ -61,7 +66,7 @@ def _flux_scheduler() -> SchedulerConfig:
 
 
 @dataclass(frozen=True)
-class FluxPipelineConfig:
+class FluxPipelineConfig(TransformerPipelineConfig):
     """A whole Flux.1 model (diffusers' FluxPipeline). Defaults: Flux.1 [dev].
 
     ``text_encoder`` is CLIP-L without projection (its pooled output is the transformer's ``y``),
@@ -99,22 +104,12 @@ class FluxPipelineConfig:
                 f"transformer.in_channels={tf.in_channels} must be 4 * vae.latent_channels="
                 f"{4 * self.vae.latent_channels} (2x2 patches of the latent)"
             )
-        if not isinstance(self.max_sequence_length, int) or not 1 <= self.max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length={self.max_sequence_length!r} must be an integer in 1..512")
-
-    # The UNet families' task flags, False for every Flux model (the pipeline asks any config).
-    is_sdxl = False
-    is_inpainting = False
-    requires_aesthetics_score = False
+        self._check_max_sequence_length()
 
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's factor times the 2x2 packing (16 for Flux.1)."""
         return self.vae.downsample_factor * 2
-
-    def replace(self, **changes) -> FluxPipelineConfig:
-        """A copy with some fields changed (dataclasses.replace)."""
-        return dataclasses.replace(self, **changes)
 
 
 def _schnell() -> FluxPipelineConfig:
