@@ -202,4 +202,5 @@ def test_sd3_pipeline_matches_diffusers(sd3, case):
     expected = images[name]
     assert got.shape == expected.shape
     err = np.abs(got - expected).max()
+    print(f"SD3 {name}: max abs error {err:.2e}")
     assert err < IMAGE_TOL, f"{name}: max abs error {err:.3g}"
