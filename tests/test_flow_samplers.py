@@ -34,7 +34,7 @@ def trajectories():
 
 
 def toy_velocity(x, t, phase):
-    """A smooth stand-in for the transformer: velocity toward a target, plus terms in x and t."""
+    """A smooth stand-in for the transformer (tools/make_fixtures_flow.py has the same; keep them in sync)."""
     x = np.asarray(x, np.float64)
     s = t / 1000.0
     target = 0.5 * np.sin(phase)
