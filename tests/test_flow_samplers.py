@@ -1,12 +1,14 @@
 """Flow-matching samplers (flow_euler, flow_heun, flow_dpmpp_2m, flow_dpmpp_2m_sde) against diffusers.
 
-Each case runs diffusers' scheduler (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
-DPMSolverMultistepScheduler with flow sigmas) and ours side by side on the same toy velocity model and
-compares timesteps, sigmas and every step's latents; the SD3 tiny folder then runs through diffusers'
-StableDiffusion3Pipeline with the matching scheduler. torch and diffusers are imported in the test.
+tools/make_fixtures_flow.py ran diffusers' FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+and DPMSolverMultistepScheduler (flow sigmas) on the toy velocity model below and stored their configs,
+timesteps, sigmas and every step's latents (tests/fixtures/flow/); here our samplers read the same configs,
+run the same model and must agree. The SD3 tiny folder's images from diffusers' StableDiffusion3Pipeline
+with those schedulers are stored too. No torch or diffusers is imported.
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 
@@ -18,17 +20,21 @@ from tf_diffusion.infotext import a1111_sampler, sampler_from_a1111
 from tf_diffusion.schedulers import SAMPLERS, config_from_diffusers, flow_shift_mu, get_sampler
 from tf_diffusion.schedulers.flow_match import FlowDPMSolverMultistep
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "sd3"
+FLOW = pathlib.Path(__file__).parent / "fixtures" / "flow"
+META = json.loads((FLOW / "cases.json").read_text())
 TOL = 1e-6
 # Measured ~6e-8 on the tiny folder; another sampler (or shift) moves these images by ~1e-3.
 IMAGE_TOL = 1e-4
 
 
+@functools.lru_cache(maxsize=1)
+def trajectories():
+    return dict(np.load(FLOW / "trajectories.npz"))
+
+
 def toy_velocity(x, t, phase):
-    """A smooth stand-in for the transformer: velocity toward a target, plus terms in x and t."""
+    """A smooth stand-in for the transformer (tools/make_fixtures_flow.py has the same; keep them in sync)."""
     x = np.asarray(x, np.float64)
     s = t / 1000.0
     target = 0.5 * np.sin(phase)
@@ -36,110 +42,53 @@ def toy_velocity(x, t, phase):
     return v.astype(np.float32)
 
 
-def _reference(name, diffusers_config, steps, mu):
-    """The diffusers scheduler for a registry name, set to ``steps`` (with ``mu`` if given)."""
-    if name == "flow_euler":
-        sched = diffusers.FlowMatchEulerDiscreteScheduler(**diffusers_config)
-    elif name == "flow_heun":
-        sched = diffusers.FlowMatchHeunDiscreteScheduler(**diffusers_config)
-    else:
-        sched = diffusers.DPMSolverMultistepScheduler(
-            use_flow_sigmas=True, prediction_type="flow_prediction", **diffusers_config
-        )
-    kwargs = {} if mu is None else {"mu": mu}
-    sched.set_timesteps(steps, **kwargs)
-    return sched
-
-
-# (registry name, diffusers config, steps, mu)
-CASES = [
-    ("flow_euler", {"shift": 3.0}, 6, None),
-    ("flow_euler", {"use_dynamic_shifting": True}, 5, 0.9),
-    ("flow_heun", {"shift": 1.0}, 4, None),
-    ("flow_heun", {"shift": 3.0}, 7, None),
-    ("flow_dpmpp_2m", {"flow_shift": 3.0}, 8, None),
-    ("flow_dpmpp_2m", {"flow_shift": 1.0}, 20, None),  # 20 steps: no lower-order second-last step
-    ("flow_dpmpp_2m", {"use_dynamic_shifting": True}, 6, 1.1),
-    ("flow_dpmpp_2m", {"flow_shift": 3.0, "solver_order": 3}, 9, None),
-    ("flow_dpmpp_2m", {"flow_shift": 3.0, "solver_order": 1}, 5, None),
-    ("flow_dpmpp_2m", {"flow_shift": 2.0, "solver_type": "heun", "lower_order_final": False}, 7, None),
-    # sigma_min ends on the VP training schedule's smallest sigma (diffusers' default betas, written out).
-    (
-        "flow_dpmpp_2m",
-        {
-            "flow_shift": 3.0,
-            "final_sigmas_type": "sigma_min",
-            "beta_schedule": "linear",
-            "beta_start": 1e-4,
-            "beta_end": 0.02,
-        },
-        6,
-        None,
-    ),
-    ("flow_dpmpp_2m_sde", {"flow_shift": 3.0, "algorithm_type": "sde-dpmsolver++"}, 8, None),
-    (
-        "flow_dpmpp_2m_sde",
-        {"flow_shift": 1.5, "algorithm_type": "sde-dpmsolver++", "solver_order": 3},
-        6,
-        None,
-    ),
-]
-
-
-def _ours(name, diffusers_config, mu):
-    data = dict(diffusers_config)
-    if name.startswith("flow_dpmpp"):
-        data.update(use_flow_sigmas=True, prediction_type="flow_prediction")
-    config = config_from_diffusers(data)
-    options = {} if mu is None else {"mu": mu}
-    if diffusers_config.get("solver_order", 2) != 2:
+def _ours(case):
+    """Our sampler from the scheduler_config.json diffusers wrote for the case."""
+    config = config_from_diffusers(case["config"])
+    options = {} if case["mu"] is None else {"mu": case["mu"]}
+    if case["options"].get("solver_order", 2) != 2:
         # The registry names fix order 2; the class takes every option from the config.
         return FlowDPMSolverMultistep(config, **options)
-    return get_sampler(name, config, **options)
+    return get_sampler(case["sampler"], config, **options)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("case", META["cases"], ids=[c["id"] for c in META["cases"]])
 def test_trajectory_matches_diffusers(case):
-    name, diffusers_config, steps, mu = case
-    sched = _reference(name, diffusers_config, steps, mu)
-    sampler = _ours(name, diffusers_config, mu)
-    plan = sampler.plan(steps)
-    np.testing.assert_allclose(plan.timesteps, sched.timesteps.numpy().astype(np.float32), rtol=TOL, atol=0)
-    sigmas = sched.sigmas.numpy()
-    np.testing.assert_allclose(plan.tables["sigma"], sigmas[: plan.num_evals], rtol=TOL, atol=0)
-    assert plan.init_noise_sigma == float(getattr(sched, "init_noise_sigma", 1.0))  # FlowMatch*: unscaled
+    ref = trajectories()
+    key = case["id"]
+    sampler = _ours(case)
+    assert sampler.needs_noise == case["sde"]
+    plan = sampler.plan(case["steps"])
+    np.testing.assert_allclose(plan.timesteps, ref[f"{key}/timesteps"], rtol=TOL, atol=0)
+    np.testing.assert_allclose(plan.tables["sigma"], ref[f"{key}/sigmas"][: plan.num_evals], rtol=TOL, atol=0)
+    assert plan.init_noise_sigma == case["init_noise_sigma"]  # FlowMatch*: unscaled
 
-    rng = np.random.default_rng(3)
-    x_ref = rng.standard_normal((1, 4, 3, 3)).astype(np.float32)  # NCHW for diffusers
-    phase = np.arange(36, dtype=np.float64).reshape(1, 4, 3, 3) * 0.37
-    step_noise = rng.standard_normal((plan.num_evals, 1, 4, 3, 3)).astype(np.float32)
-    x, state = x_ref.copy(), sampler.init_state(x_ref)
-    for i, t in enumerate(sched.timesteps):
-        out = toy_velocity(x_ref, float(t), phase)
-        kwargs = {"variance_noise": torch.from_numpy(step_noise[i])} if sampler.needs_noise else {}
-        x_ref = sched.step(torch.from_numpy(out), t, torch.from_numpy(x_ref), return_dict=False, **kwargs)[0]
-        x_ref = x_ref.numpy()
-        ours_out = toy_velocity(x, float(plan.timesteps[i]), phase)
-        x, state = sampler.step(
-            ours_out, i, x, state, plan, noise=step_noise[i] if sampler.needs_noise else None
-        )
+    x = ref[f"{key}/x0"]  # NCHW as diffusers held it; the toy model and the samplers are elementwise
+    phase = np.arange(x.size, dtype=np.float64).reshape(x.shape) * 0.37
+    step_noise = ref.get(f"{key}/step_noise")
+    want = ref[f"{key}/latents"]
+    assert len(want) == plan.num_evals
+    state = sampler.init_state(x)
+    for i in range(plan.num_evals):
+        out = toy_velocity(x, float(plan.timesteps[i]), phase)
+        x, state = sampler.step(out, i, x, state, plan, noise=None if step_noise is None else step_noise[i])
         x = np.asarray(x)
-        err = np.abs(x - x_ref).max()
-        assert err <= TOL * max(1.0, np.abs(x_ref).max()), f"step {i}: max abs error {err:.3g}"
-    assert i + 1 == plan.num_evals and np.isfinite(x).all()
+        err = np.abs(x - want[i]).max()
+        assert err <= TOL * max(1.0, np.abs(want[i]).max()), f"step {i}: max abs error {err:.3g}"
+    assert np.isfinite(x).all()
 
 
-@pytest.mark.parametrize("name", ["flow_euler", "flow_heun", "flow_dpmpp_2m"])
-def test_img2img_noise_and_tail_match_diffusers(name):
+@pytest.mark.parametrize("case", META["img2img"], ids=[c["sampler"] for c in META["img2img"]])
+def test_img2img_noise_and_tail_match_diffusers(case):
     """Img2img keeps the last steps (from diffusers' ``timesteps[t_start * order:]``) and noises to the first."""
-    config = {"shift": 3.0} if name != "flow_dpmpp_2m" else {"flow_shift": 3.0}
-    sched = _reference(name, config, 10, None)
-    sampler = _ours(name, config, None)
-    plan = sampler.plan(10, strength=0.6)
+    ref = trajectories()
+    name = case["sampler"]
+    sampler = get_sampler(name, config_from_diffusers(case["config"]))
+    plan = sampler.plan(case["steps"], strength=0.6)
     begin = 4 * sampler.order
-    np.testing.assert_allclose(plan.timesteps, sched.timesteps.numpy()[begin:].astype(np.float32), rtol=TOL)
+    np.testing.assert_allclose(plan.timesteps, ref[f"img2img-{name}/timesteps"][begin:], rtol=TOL)
     x0, noise = np.full((1, 2, 2, 1), 0.3, np.float32), np.full((1, 2, 2, 1), -1.2, np.float32)
-    sigma = sched.sigmas.numpy()[begin]
+    sigma = ref[f"img2img-{name}/sigmas"][begin]
     np.testing.assert_allclose(
         np.asarray(sampler.add_noise(x0, noise, plan)), sigma * noise + (1 - sigma) * x0
     )
@@ -212,70 +161,46 @@ def test_flow_names_in_registry_and_webui_names():
 
 
 @pytest.fixture(scope="module")
-def pipelines():
-    from diffusers import StableDiffusion3Pipeline
-
+def sd3():
     from tf_diffusion.sd3 import StableDiffusion3
 
-    ref = StableDiffusion3Pipeline.from_pretrained(
-        FIXTURES / "sd3-diffusers", text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32
-    )
-    ref.set_progress_bar_config(disable=True)
-    return ref, StableDiffusion3.from_pretrained(FIXTURES / "sd3-diffusers", load_t5=False)
+    return StableDiffusion3.from_pretrained(FIXTURES / "sd3-diffusers", load_t5=False)
 
 
-@pytest.mark.parametrize("name", ["flow_heun", "flow_dpmpp_2m", "flow_dpmpp_2m_dynamic"])
-def test_sd3_pipeline_matches_diffusers(pipelines, name):
-    ref, sd = pipelines
-    data = json.loads((FIXTURES / "sd3-diffusers" / "scheduler" / "scheduler_config.json").read_text())
-    shift = data.get("shift", 3.0)
-    scheduler = name
-    if name == "flow_heun":
-        sched = diffusers.FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    else:
-        dynamic = name.endswith("_dynamic")
-        sched = diffusers.DPMSolverMultistepScheduler(
-            use_flow_sigmas=True,
-            prediction_type="flow_prediction",
-            flow_shift=shift,
-            use_dynamic_shifting=dynamic,
-        )
-        if dynamic:
-            # The pipeline's mu from the image's token count, as StableDiffusion3 passes it for such a config.
-            config = dataclasses.replace(sd.config.scheduler, use_dynamic_shifting=True)
-            p = sd.config.transformer.patch_size
-            mu = flow_shift_mu((6 // p) * (4 // p), config)
-            scheduler = get_sampler("flow_dpmpp_2m", config, mu=mu)
-            assert mu != pytest.approx(np.log(shift))
-    pipe = diffusers.StableDiffusion3Pipeline(**{**ref.components, "scheduler": sched})
-    pipe.set_progress_bar_config(disable=True)
-    latents = np.random.default_rng(5).standard_normal((1, 16, 6, 4)).astype(np.float32)  # 12x8 pixels
-    with torch.no_grad():
-        expected = pipe(
-            "a red circle",
-            negative_prompt="blurry",
-            num_inference_steps=4,
-            guidance_scale=4.0,
-            height=12,
-            width=8,
-            latents=torch.from_numpy(latents),
-            max_sequence_length=12,
-            output_type="np",
-        ).images
-    got = sd.generate(
-        "a red circle",
-        "blurry",
-        num_steps=4,
-        guidance_scale=4.0,
+@pytest.mark.parametrize("case", META["sd3"], ids=[c["name"] for c in META["sd3"]])
+def test_sd3_pipeline_matches_diffusers(sd3, case):
+    """generate() with each sampler equals StableDiffusion3Pipeline's stored image from the same latents."""
+    images = np.load(FLOW / "sd3_images.npz")
+    name, scheduler = case["name"], case["name"]
+    ours = config_from_diffusers(case["config"])
+    shift = json.loads((FIXTURES / "sd3-diffusers" / "scheduler" / "scheduler_config.json").read_text())[
+        "shift"
+    ]
+    assert ours.shift == shift
+    if name.endswith("_dynamic"):
+        # The pipeline's mu from the image's token count, as StableDiffusion3 passes it for such a config.
+        config = dataclasses.replace(sd3.config.scheduler, use_dynamic_shifting=True)
+        p = sd3.config.transformer.patch_size
+        mu = flow_shift_mu((6 // p) * (4 // p), config)
+        scheduler = get_sampler("flow_dpmpp_2m", config, mu=mu)
+        assert mu != pytest.approx(np.log(shift))
+    prompt = META["sd3_prompt"]
+    got = sd3.generate(
+        prompt["prompt"],
+        prompt["negative_prompt"],
+        num_steps=prompt["steps"],
+        guidance_scale=prompt["guidance"],
         height=12,
         width=8,
-        latents=latents.transpose(0, 2, 3, 1),
+        latents=images["latents"].transpose(0, 2, 3, 1),
         max_sequence_length=12,
         scheduler=scheduler,
         output_type="float",
         progress=False,
         jit_compile=False,
     )
+    expected = images[name]
     assert got.shape == expected.shape
     err = np.abs(got - expected).max()
+    print(f"SD3 {name}: max abs error {err:.2e}")
     assert err < IMAGE_TOL, f"{name}: max abs error {err:.3g}"

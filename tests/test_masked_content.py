@@ -5,8 +5,10 @@ The web UI (modules/processing.py, StableDiffusionProcessingImg2Img.init) encode
 resize mode 3 resizes the latents with ``torch.nn.functional.interpolate(mode="bilinear")``; under a mask
 (rounded at latent size) fill 2 puts the seed's noise where the mask is, fill 3 zeros there, and the
 sampler then noises the result as for any image-to-image start. The expected starts below are built from
-those rules, the resize by torch itself.
+those rules, the resize from torch's output stored by tools/make_fixtures_pipeline.py --resize.
 """
+
+import pathlib
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ import pytest
 from tests.test_generate import MICRO, run
 from tf_diffusion import noise as noise_lib
 from tf_diffusion.schedulers import get_sampler
+
+RESIZE = pathlib.Path(__file__).parent / "fixtures" / "pipeline" / "resize_latents.npz"
 
 
 @pytest.fixture(scope="module")
@@ -68,23 +72,29 @@ def test_masked_content_fills_the_masked_latents_before_noising(sd, content):
         assert np.abs(task.x - base)[m[..., 0] == 1].max() > 1e-2
 
 
-def test_resize_latents_matches_torch_bilinear(sd):
-    torch = pytest.importorskip("torch")  # the reference extra (.[reference]); CI's test extra has none
-
+def test_resize_latents_matches_torch_bilinear(sd, monkeypatch):
+    """The image is encoded at its own size and its latents resized as torch's bilinear interpolate did
+    (tools/make_fixtures_pipeline.py --resize stored torch's output for fixed latents, which the VAE
+    here is made to return)."""
+    ref = np.load(RESIZE)
     seeds = [5]
     sampler = get_sampler("ddim", sd.config.scheduler)
     plan = sampler.plan(4, strength=0.5)
     image = _image(24, seed=2)
+    sf = np.float32(sd.config.vae.scaling_factor)
+    assert sd.config.vae.shift_factor == 0.0
+
+    def encode(x, posterior):
+        assert x.shape == (1, 24, 24, 3) and posterior.shape == ref["latents"].shape  # at the image's size
+        return ref["latents"]
+
+    monkeypatch.setattr(sd, "_encode_image", encode)
     for out in (40, 16):  # up and down
         shape = (out // 2, out // 2, 4)
         noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)
         init = image[None].astype(np.float32) / 255.0
         task = sd._prepare_task(sampler, plan, noise, seeds, init, None, 0.5)
-        latents = _encoded(sd, image, seeds)
-        resized = torch.nn.functional.interpolate(
-            torch.from_numpy(latents).permute(0, 3, 1, 2), size=shape[:2], mode="bilinear"
-        )
-        want = np.asarray(sampler.add_noise(resized.permute(0, 2, 3, 1).numpy(), noise, plan))
+        want = np.asarray(sampler.add_noise(ref[f"resized_{out // 2}"] * sf, noise, plan))
         np.testing.assert_allclose(task.x, want, atol=2e-6)
 
 

@@ -17,7 +17,11 @@ folder, as a user's call does) and run on given latents; the scheduler_config.js
 model_index.json scheduler entry diffusers wrote are stored with the images
 (tests/fixtures/pipeline/folder_schedulers.json / .npz, read by tests/test_folder_scheduler.py).
 
-Usage (dev only): pip install -e ".[reference]" && python tools/make_fixtures_pipeline.py [--folders]
+With ``--resize`` it writes only tests/fixtures/pipeline/resize_latents.npz (read by
+tests/test_masked_content.py): the web UI's "Just resize (latent upscale)" reference, random NHWC
+latents and ``torch.nn.functional.interpolate(mode="bilinear")`` of them to a larger and a smaller size.
+
+Usage (dev only): pip install -e ".[reference]" && python tools/make_fixtures_pipeline.py [--folders | --resize]
 """
 
 from __future__ import annotations
@@ -338,10 +342,25 @@ def folder_cases() -> None:
     np.savez_compressed(OUT / "folder_schedulers.npz", **arrays)
 
 
+def resize_latents() -> None:
+    """torch's bilinear resize (half-pixel centres, no antialiasing) of 12x12 latents to 20x20 and 8x8."""
+    latents = np.random.default_rng(21).standard_normal((1, 12, 12, 4)).astype(np.float32)
+    arrays = {"latents": latents}
+    for size in (20, 8):
+        resized = torch.nn.functional.interpolate(
+            torch.from_numpy(latents).permute(0, 3, 1, 2), size=(size, size), mode="bilinear"
+        )
+        arrays[f"resized_{size}"] = resized.permute(0, 2, 3, 1).numpy()
+    np.savez_compressed(OUT / "resize_latents.npz", **arrays)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     if "--folders" in sys.argv[1:]:
         folder_cases()
+        return
+    if "--resize" in sys.argv[1:]:
+        resize_latents()
         return
     torch.manual_seed(0)
     cases, arrays = [], {}
