@@ -138,15 +138,45 @@ def test_kohya_style_keys_on_diffusers_paths(sd, io, tmp_path):
     np.testing.assert_allclose(_out(sd, x), y["lora_1"], atol=TOL, rtol=0)
 
 
-def test_flux_lora_on_sd_and_sdxl_models_is_refused_clearly(fixtures_dir):
-    from tests.test_lora import build
+def test_peft_keys_on_original_paths(sd, io, tmp_path):
+    """``diffusion_model.<original path>.lora_A.weight`` (ComfyUI / BFL-style names on the fused layers)."""
+    x, y = io
+    tensors, _ = read_lora_file(HERE / FILES["kohya"])
+    parts = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
+    out = {}
+    for key, value in tensors.items():
+        module, part = key.split(".", 1)
+        path = _original_path(sd, module.removeprefix("lora_unet_"))
+        out[f"diffusion_model.{path}.{parts[part]}"] = np.asarray(value)
+    save_safetensors(out, tmp_path / "bfl.safetensors")
+    lora = read_lora(tmp_path / "bfl.safetensors", sd)
+    assert lora.format == "diffusers" and len(lora.modules) == 23
+    sd.load_lora_weights(tmp_path / "bfl.safetensors")
+    np.testing.assert_allclose(_out(sd, x), y["lora_1"], atol=TOL, rtol=0)
 
-    sd1 = build(fixtures_dir)
+
+def _original_path(sd, underscored: str) -> str:
+    """Our dotted layer path for kohya's underscored spelling of it."""
+    from tf_diffusion.weights.state_dict import named_parameters
+
+    paths = {k.removesuffix(".weight") for k in named_parameters(sd.transformer) if k.endswith(".weight")}
+    return next(p for p in paths if p.replace(".", "_") == underscored)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_flux_lora_on_sd_and_sdxl_models_is_refused_clearly(fixtures_dir, family):
+    from tests.test_lora import build
+    from tf_diffusion import StableDiffusion
+
+    if family == "sd1":
+        model = build(fixtures_dir)
+    else:
+        model = StableDiffusion.from_pretrained(fixtures_dir / "sdxl" / "sdxl-diffusers")
     for name in FILES.values():
         with pytest.raises(LoraError, match="Flux LoRA keys") as info:
-            sd1.load_lora_weights(HERE / name)
-        assert "SD 1" in str(info.value)
-    assert get_active_adapters(sd1) == {}
+            model.load_lora_weights(HERE / name)
+        assert ("SD 1" if family == "sd1" else "SDXL") in str(info.value)
+    assert get_active_adapters(model) == {}
 
 
 @pytest.mark.parametrize("path", ["sdxl_lora/lora_kohya.safetensors", "sdxl_lora/lora_diffusers.safetensors",
