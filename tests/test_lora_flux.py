@@ -4,7 +4,8 @@ tools/make_fixtures_flux_lora.py built a tiny diffusers ``FluxTransformer2DModel
 rank-4 peft LoRA to every Linear layer Flux LoRAs target (split q / k / v, ``proj_mlp``, output
 projections, feed-forwards, adaLN linears, embedders, ``norm_out.linear``) and wrote it in diffusers'
 format (``FluxPipeline.save_lora_weights``) and in kohya sd-scripts' (on the original fused layers), with
-diffusers' transformer outputs at LoRA scale 1.0 and 0.5. Our transformer has the original fused layers,
+diffusers' transformer outputs at LoRA scale 1.0 and 0.5; and another LoRA in XLabs' format with diffusers'
+output after its XLabs converter. Our transformer has the original fused layers,
 so diffusers' split modules land on row blocks of them.
 """
 
@@ -24,7 +25,7 @@ from tf_diffusion.weights.safetensors_io import save_safetensors
 
 HERE = FIXTURES / "flux_lora"
 FILES = {"diffusers": "lora_diffusers.safetensors", "kohya": "lora_kohya.safetensors"}
-# float32 on CPU; measured: 9.5e-6 at weight 1.0 and 5.4e-6 at 0.5 (both files), 3.9e-6 without LoRA.
+# float32 on CPU; measured: 9.5e-6 at weight 1.0 and 5.4e-6 at 0.5 (both files), 3.9e-6 (XLabs), 3.9e-6 without LoRA.
 TOL = 1e-4
 
 
@@ -93,6 +94,15 @@ def test_lora_matches_diffusers(sd, io, fmt):
     sd.unload_lora_weights()
     np.testing.assert_array_equal(_out(sd, x), _out(sd, x))
     assert get_active_adapters(sd) == {}
+
+
+def test_xlabs_lora_matches_diffusers(sd, io):
+    x, y = io
+    assert np.abs(y["xlabs_1"] - y["base"]).max() > 100 * TOL
+    lora = read_lora(HERE / "lora_xlabs.safetensors", sd)
+    assert lora.format == "xlabs" and {m.scale for m in lora.modules} == {1.0}
+    sd.load_lora_weights(HERE / "lora_xlabs.safetensors")
+    np.testing.assert_allclose(_out(sd, x), y["xlabs_1"], atol=TOL, rtol=0)
 
 
 def test_unload_restores_the_base_exactly(sd, io):

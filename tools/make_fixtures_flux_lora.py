@@ -14,6 +14,10 @@ embedders and ``norm_out.linear``. The same factors are written
   times the stacked rank; ``norm_out.linear``'s up has its (scale, shift) halves swapped into the
   original (shift, scale) order.
 
+``lora_xlabs.safetensors`` is another random LoRA in XLabs' format (``double_blocks.0.processor.
+qkv_lora1.down.weight``, no alpha), with diffusers' output after its own XLabs converter. (diffusers' kohya
+converter cannot check the kohya file: it assumes the released model's widths, 3072 and 12288.)
+
 Also ``base.safetensors`` (the transformer in the original layout), ``inputs.npz`` and ``outputs.npz``:
 diffusers' output without the LoRA and with it at scale 1.0 and 0.5.
 
@@ -152,6 +156,33 @@ def _kohya(peft_sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _diffusers_output(path: pathlib.Path, x, scale: float) -> np.ndarray:
+    """diffusers' output with a LoRA file loaded by its own converters (FluxPipeline.lora_state_dict)."""
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**CONFIG).eval()
+    state_dict, alphas = FluxPipeline.lora_state_dict(str(path), return_alphas=True)
+    FluxPipeline.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=model)
+    return _run(model, x, scale)
+
+
+def _xlabs() -> dict[str, np.ndarray]:
+    """A random LoRA in XLabs' format: one down and a stacked up per fused qkv, no alpha (scale 1)."""
+    rng = np.random.default_rng(5)
+    h = CONFIG["num_attention_heads"] * CONFIG["attention_head_dim"]
+    modules = {}
+    for i in range(CONFIG["num_layers"]):
+        for name, rows in (("qkv_lora1", 3 * h), ("qkv_lora2", 3 * h), ("proj_lora1", h), ("proj_lora2", h)):
+            modules[f"double_blocks.{i}.processor.{name}"] = (rows, h)
+    for i in range(CONFIG["num_single_layers"]):
+        modules[f"single_blocks.{i}.processor.qkv_lora"] = (3 * h, h)  # q, k, v rows of linear1 only
+        modules[f"single_blocks.{i}.processor.proj_lora"] = (h, 5 * h)  # linear2 reads attention + MLP
+    out = {}
+    for name, (rows, fan_in) in modules.items():
+        out[f"{name}.down.weight"] = (rng.standard_normal((RANK, fan_in)) * 0.2).astype(np.float32)
+        out[f"{name}.up.weight"] = (rng.standard_normal((rows, RANK)) * 0.2).astype(np.float32)
+    return out
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -187,13 +218,15 @@ def main() -> None:
         transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": ALPHA, "target_modules": TARGETS},
     )
     save_file(_kohya(peft_sd), str(OUT / "lora_kohya.safetensors"))
+    save_file(_xlabs(), str(OUT / "lora_xlabs.safetensors"))
+    xlabs_out = _diffusers_output(OUT / "lora_xlabs.safetensors", x, 1.0)
     cfg = flux_config_from_diffusers({"_class_name": "FluxTransformer2DModel", **CONFIG})
     original = convert_diffusers_flux(base, cfg)
     save_file(
         {k: np.ascontiguousarray(v, np.float32) for k, v in original.items()}, str(OUT / "base.safetensors")
     )
     np.savez(OUT / "inputs.npz", **x)
-    np.savez(OUT / "outputs.npz", base=out_base, lora_1=out_full, lora_half=out_half)
+    np.savez(OUT / "outputs.npz", base=out_base, lora_1=out_full, lora_half=out_half, xlabs_1=xlabs_out)
     (OUT / "config.json").write_text(json.dumps(CONFIG, indent=1) + "\n")
     moved = float(np.abs(out_full - out_base).max())
     print(f"wrote {OUT}; LoRA moves the output by {moved:.3g}, float32 vs float64 diffusers: {spread:.3g}")

@@ -24,6 +24,9 @@ Flux (``FluxTransformer``, whose layers carry the original Black Forest Labs nam
   on diffusers' split layers (``transformer_blocks.N.attn.to_q``, ``single_transformer_blocks.N.proj_mlp``,
   ``norm_out.linear``, ...) or on the original ones (``transformer.double_blocks.N.img_attn.qkv``; also
   with ComfyUI's ``diffusion_model.`` prefix); ``text_encoder.`` for CLIP-L.
+- XLabs (``double_blocks.N.processor.qkv_lora1.down.weight``: ``qkv_lora1`` / ``qkv_lora2`` the image and
+  text ``qkv``, ``proj_lora1`` / ``proj_lora2`` their ``proj``; ``single_blocks.N.processor.qkv_lora``
+  the q, k, v rows of ``linear1``, ``proj_lora`` ``linear2``; no alpha: scale 1).
 - kohya sd-scripts (``networks/lora_flux.py``): ``lora_unet_<original path>`` (``lora_unet_double_blocks_0_
   img_attn_qkv``, ``lora_unet_single_blocks_0_linear1``; sd-scripts' split-qkv training saves the same
   fused modules, a stacked down and a block-diagonal up) and ``lora_te1_`` for CLIP-L; also kohya-style
@@ -297,7 +300,7 @@ class LoraWeights:
 
     Attributes:
         source: the file it was read from.
-        format: "kohya" or "diffusers".
+        format: "kohya", "diffusers" or "xlabs" (several joined by "+").
         modules: one entry per layer it changes.
         metadata: the file's safetensors header metadata (empty for pickles).
     """
@@ -429,6 +432,15 @@ def _flux_names(transformer) -> tuple[dict[str, str], dict[str, tuple]]:
             names[name] = ours[: -len(".weight")]
             rows[name] = ((start, 0, width),)
             start += width
+    # XLabs' attention-processor LoRAs: one module per fused qkv (in a single block, its q, k, v rows).
+    for i in range(cfg.depth):
+        for theirs, ours in (("qkv_lora1", "img_attn.qkv"), ("qkv_lora2", "txt_attn.qkv"),
+                             ("proj_lora1", "img_attn.proj"), ("proj_lora2", "txt_attn.proj")):  # fmt: skip
+            names[f"double_blocks.{i}.processor.{theirs}"] = f"double_blocks.{i}.{ours}"
+    for i in range(cfg.depth_single_blocks):
+        names[f"single_blocks.{i}.processor.qkv_lora"] = f"single_blocks.{i}.linear1"
+        rows[f"single_blocks.{i}.processor.qkv_lora"] = ((0, 0, 3 * cfg.hidden_size),)
+        names[f"single_blocks.{i}.processor.proj_lora"] = f"single_blocks.{i}.linear2"
     return names, rows
 
 
@@ -546,7 +558,7 @@ def parse_lora(
         if kind is not None:
             unsupported.append(f"{key} ({kind})")
             continue
-        found = _kohya_key(key, targets) or _diffusers_key(key, targets)
+        found = _kohya_key(key, targets) or _diffusers_key(key, targets) or _xlabs_key(key, targets)
         if found is None:
             unknown.append(key)
             continue
@@ -719,6 +731,18 @@ def _diffusers_key(key: str, targets: _Targets):
                 return None
             return ("diffusers", component, path, name, part, targets.rows.get(component, {}).get(name))
     return None
+
+
+def _xlabs_key(key: str, targets: _Targets):
+    """("xlabs", "transformer", path, module name, part, rows) for an XLabs Flux key, or None."""
+    module, _, part = key.rpartition(".")[0].rpartition(".")
+    if ".processor." not in key or part not in ("down", "up") or not key.endswith(".weight"):
+        return None
+    module = module.removeprefix("diffusion_model.")
+    path = targets.dotted.get("transformer", {}).get(module)
+    if path is None:
+        return None
+    return ("xlabs", "transformer", path, module, part, targets.rows["transformer"].get(module))
 
 
 def _old_module_name(name: str, component: str) -> str:
