@@ -201,6 +201,16 @@ def test_unet_loras_on_flux_are_refused_clearly(sd, io, path):
     np.testing.assert_allclose(_out(sd, x), y["base"], atol=TOL, rtol=0)
 
 
+def test_t5_keys_are_refused_clearly(sd, tmp_path):
+    tensors, _ = read_lora_file(HERE / FILES["kohya"])
+    t5 = {k: np.asarray(v) for k, v in tensors.items()}
+    t5["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = np.zeros((4, 24), np.float32)
+    save_safetensors(t5, tmp_path / "t5.safetensors")
+    with pytest.raises(LoraError, match="(?s)lora_te3_encoder_block_0.*T5 text encoder"):
+        sd.load_lora_weights(tmp_path / "t5.safetensors")
+    assert get_active_adapters(sd) == {}
+
+
 def test_bad_shapes_name_the_module(sd, tmp_path):
     tensors, _ = read_lora_file(HERE / FILES["kohya"])
     bad = {k: np.asarray(v) for k, v in tensors.items()}

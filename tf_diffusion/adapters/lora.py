@@ -207,16 +207,6 @@ class LoraModule:
         """The unscaled update (out, in[, kh, kw]) in torch layout, as the format defines it."""
         return _delta(self.kind, self.tensors, tuple(shape))
 
-    def update(self, shape: tuple) -> np.ndarray:
-        """The unscaled update of our whole layer of torch shape ``shape`` (zero outside ``rows``)."""
-        if self.rows is None:
-            return self.delta(shape)
-        own = self.delta(_rows_shape(self.rows, shape))
-        out = np.zeros(shape, np.float32)
-        for ours, theirs, count in self.rows:
-            out[ours : ours + count] = own[theirs : theirs + count]
-        return out
-
 
 def _rows_shape(rows, shape: tuple) -> tuple:
     """The torch shape of a module that covers ``rows`` of a layer of shape ``shape``."""
@@ -652,6 +642,11 @@ def _family_hints(keys: Sequence[str], targets: _Targets, sd) -> list[str]:
                 f"(these are {made} UNet LoRA keys; the model is {_model_family(sd)}, a transformer "
                 "without a UNet: use a LoRA made for Flux)"
             )
+        if any(k.startswith(("lora_te3_", "text_encoder_2.")) for k in keys):
+            hints.append(
+                "(keys for the T5 text encoder (lora_te3_ / text_encoder_2.), which LoRAs do not change here: "
+                "as in diffusers, Flux LoRAs apply to the transformer and CLIP-L)"
+            )
         return hints
     if any(k.startswith(_FLUX_MARKERS) or f".{m}" in k for k in keys for m in _FLUX_MARKERS):
         return [f"(these are Flux LoRA keys; the model is {_model_family(sd)}: use a LoRA made for it)"]
@@ -937,7 +932,14 @@ def _apply(sd, state: _LoraState, active: dict[str, dict[str, float]]) -> None:
             if module.dora is not None:
                 doras.append((module, weight))
                 continue
-            total += np.float32(weight * module.scale) * to_keras_layout(kind, module.update(want))
+            scale = np.float32(weight * module.scale)
+            if module.rows is None:
+                total += scale * to_keras_layout(kind, module.delta(want))
+                continue
+            # A part of a fused layer: its block of output channels, the last axis of our kernels.
+            own = to_keras_layout(kind, module.delta(_rows_shape(module.rows, want)))
+            for ours, theirs, count in module.rows:
+                total[..., ours : ours + count] += scale * own[..., theirs : theirs + count]
         for module, weight in doras:
             total = to_keras_layout(kind, _dora(to_torch_layout(kind, total), module, weight, want))
         values[key] = (variable, base, total.astype(base.dtype))
