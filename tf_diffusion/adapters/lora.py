@@ -977,10 +977,11 @@ def load_lora_weights(sd, path, adapter_name: str | None = None, weight=1.0) -> 
 
     Args:
         sd: the ``StableDiffusion``.
-        path: a kohya / A1111 or diffusers / PEFT LoRA file (``.safetensors``, ``.pt``, ``.bin``).
+        path: a kohya / A1111 or diffusers / PEFT LoRA file, or for Flux also XLabs' (``.safetensors``,
+            ``.pt``, ``.bin``).
         adapter_name: its name for ``set_adapters``; default ``default_<n>`` as diffusers names them.
         weight: its strength: a number, or ``{"unet": w, "text_encoder": w}`` (A1111's
-            ``<lora:name:te:unet>``; a part left out gets 1.0).
+            ``<lora:name:te:unet>``; a part left out gets 1.0; "unet" also scales a Flux transformer).
 
     Returns:
         The adapter's name.
