@@ -86,7 +86,7 @@ _PART = {
     "text_encoder_2": "text_encoder",
 }
 _KOHYA_PREFIXES = {
-    "lora_unet_": "unet",  # a Flux transformer's on a Flux model
+    "lora_unet_": "unet",  # on a Flux model: its transformer (sd-scripts' name)
     "lora_transformer_": "transformer",
     "lora_te_": "text_encoder",
     "lora_te1_": "text_encoder",
@@ -154,7 +154,6 @@ _UNET_MARKERS = (
     "unet.",
     "lora_te_",
     "lora_te2_",
-    "text_encoder_2.",
 )
 # Cross-attention / text widths -> the family they belong to, for messages.
 _CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
