@@ -1,4 +1,4 @@
-"""LoRA files for SD 1.x / 2.x / SDXL UNets and text encoders: read, map to our layers, merge into the weights.
+"""LoRA files for SD 1.x / 2.x / SDXL UNets, Flux transformers and text encoders: read, map, merge.
 
 Formats read:
 
@@ -17,6 +17,26 @@ Formats read:
   (``unet.<...>.attn1.processor.to_q_lora.down.weight``, text encoders ``...self_attn.to_q_lora.up.weight``)
   and ``LoRACompatibleLinear`` (``unet.<...>.to_q.lora.down.weight``, text encoders
   ``...q_proj.lora_linear_layer.down.weight``).
+
+Flux (``FluxTransformer``, whose layers carry the original Black Forest Labs names, with fused projections):
+
+- diffusers / PEFT (``FluxPipeline.save_lora_weights``): ``transformer.<diffusers path>.lora_A.weight``,
+  on diffusers' split layers (``transformer_blocks.N.attn.to_q``, ``single_transformer_blocks.N.proj_mlp``,
+  ``norm_out.linear``, ...) or on the original ones (``transformer.double_blocks.N.img_attn.qkv``; also
+  with ComfyUI's ``diffusion_model.`` prefix); ``text_encoder.`` for CLIP-L.
+- XLabs (``double_blocks.N.processor.qkv_lora1.down.weight``: ``qkv_lora1`` / ``qkv_lora2`` the image and
+  text ``qkv``, ``proj_lora1`` / ``proj_lora2`` their ``proj``; ``single_blocks.N.processor.qkv_lora``
+  the q, k, v rows of ``linear1``, ``proj_lora`` ``linear2``; no alpha: scale 1).
+- kohya sd-scripts (``networks/lora_flux.py``): ``lora_unet_<original path>`` (``lora_unet_double_blocks_0_
+  img_attn_qkv``, ``lora_unet_single_blocks_0_linear1``; sd-scripts' split-qkv training saves the same
+  fused modules, a stacked down and a block-diagonal up) and ``lora_te1_`` for CLIP-L; also kohya-style
+  keys on diffusers paths (``lora_transformer_single_transformer_blocks_0_attn_to_q``).
+
+A module on one of diffusers' split layers updates its block of rows of our fused layer: ``to_q`` /
+``to_k`` / ``to_v`` the thirds of ``img_attn.qkv`` (``add_*_proj``: ``txt_attn.qkv``), and in a single
+block q, k, v then ``proj_mlp`` the rows of ``linear1``; ``norm_out.linear`` the halves of
+``final_layer.adaLN_modulation.1`` in swapped order (diffusers stores (scale, shift), the original
+(shift, scale)). The "unet" weight scales a Flux transformer's LoRA.
 
 A text-encoder weight (``{"text_encoder": w}``, A1111's ``<lora:name:te:unet>``) covers both SDXL text
 encoders; an SDXL refiner has only ``text_encoder_2``.
@@ -59,14 +79,26 @@ from tf_diffusion.weights.state_dict import named_parameters, to_keras_layout, t
 
 COMPONENTS = ("unet", "text_encoder")  # the parts a weight names
 # Model component -> the weight part that scales it (SDXL's second encoder follows the text-encoder weight).
-_PART = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder"}
+_PART = {
+    "unet": "unet",
+    "transformer": "unet",
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder",
+}
 _KOHYA_PREFIXES = {
-    "lora_unet_": "unet",
+    "lora_unet_": "unet",  # on a Flux model: its transformer (sd-scripts' name)
+    "lora_transformer_": "transformer",
     "lora_te_": "text_encoder",
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
 }
-_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+_DIFFUSERS_PREFIXES = {
+    "unet.": "unet",
+    "transformer.": "transformer",
+    "diffusion_model.": "transformer",  # ComfyUI's Flux LoRAs on the original names
+    "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2",
+}
 # diffusers' older key layouts: suffix -> (part, what replaces the suffix to give the module path).
 _OLD_DIFFUSERS = {
     ".lora.down.weight": ("down", ""),
@@ -102,6 +134,27 @@ _KOHYA_PARTS = {
 _SDXL_MARKERS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "add_embedding", "lora_unet_label_emb")
 # Keys only SD 1.x / 2.x files have (kohya's one text encoder).
 _SD_MARKERS = ("lora_te_",)
+# Keys only Flux LoRAs have (its transformer's original and diffusers block names).
+_FLUX_MARKERS = (
+    "lora_unet_double_blocks_",
+    "lora_unet_single_blocks_",
+    "lora_transformer_",
+    "double_blocks.",
+    "single_blocks.",
+    "single_transformer_blocks.",
+)
+# Keys of UNet LoRAs (SD 1.x / 2.x / SDXL), in kohya's and diffusers' spellings.
+_UNET_MARKERS = (
+    "lora_unet_down_blocks_",
+    "lora_unet_up_blocks_",
+    "lora_unet_mid_block_",
+    "lora_unet_input_blocks_",
+    "lora_unet_output_blocks_",
+    "lora_unet_middle_block_",
+    "unet.",
+    "lora_te_",
+    "lora_te2_",
+)
 # Cross-attention / text widths -> the family they belong to, for messages.
 _CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 
@@ -125,6 +178,9 @@ class LoraModule:
         dora: the DoRA magnitude (kohya / LyCORIS ``dora_scale``, peft ``lora_magnitude_vector``) in
             torch layout, broadcastable to the weight: (out, 1, ...) normalises each output row,
             (1, in, ...) each input column; None for no DoRA.
+        rows: None when the module updates the whole layer; else ((ours, theirs, count), ...): the
+            module's output rows ``theirs:theirs+count`` update our rows ``ours:ours+count`` (one of
+            diffusers' split Flux layers inside our fused one).
     """
 
     component: str
@@ -134,6 +190,7 @@ class LoraModule:
     tensors: dict = field(repr=False)
     scale: float
     dora: np.ndarray | None = field(default=None, repr=False)
+    rows: tuple[tuple[int, int, int], ...] | None = None
 
     @property
     def rank(self) -> int:
@@ -148,6 +205,11 @@ class LoraModule:
     def delta(self, shape: tuple) -> np.ndarray:
         """The unscaled update (out, in[, kh, kw]) in torch layout, as the format defines it."""
         return _delta(self.kind, self.tensors, tuple(shape))
+
+
+def _rows_shape(rows, shape: tuple) -> tuple:
+    """The torch shape of a module that covers ``rows`` of a layer of shape ``shape``."""
+    return shape if rows is None else (sum(count for _, _, count in rows), *shape[1:])
 
 
 def _tucker(core: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -227,7 +289,7 @@ class LoraWeights:
 
     Attributes:
         source: the file it was read from.
-        format: "kohya" or "diffusers".
+        format: "kohya", "diffusers" or "xlabs" (several joined by "+").
         modules: one entry per layer it changes.
         metadata: the file's safetensors header metadata (empty for pickles).
     """
@@ -324,6 +386,59 @@ def _text_names(text_encoder) -> dict[str, str]:
     return names
 
 
+def _flux_names(transformer) -> tuple[dict[str, str], dict[str, tuple]]:
+    """Every name a file may give a Flux transformer layer -> our path, and the row blocks of split names.
+
+    Our paths are the original names; diffusers' come from the rename in ``weights.flux``. A diffusers
+    layer that is one part of our fused layer (``attn.to_k`` of ``img_attn.qkv``) gets its rows, in the
+    order the rename concatenates the parts.
+    """
+    from tf_diffusion.weights.flux import _SWAPPED, _fused, _plain_pairs
+
+    params = named_parameters(transformer)
+    names, rows = {}, {}
+    for key, (layer, attr) in params.items():
+        if attr == "weight" and type(layer).LAYOUT.get(attr) == LINEAR:
+            names[key[: -len(".weight")]] = key[: -len(".weight")]
+    cfg = transformer.config
+    for theirs, ours in _plain_pairs(cfg):
+        if theirs.endswith(".weight") and ours in params:
+            names[theirs[: -len(".weight")]] = ours[: -len(".weight")]
+    for ours, theirs in _SWAPPED.items():
+        if ours.endswith(".weight"):
+            path = theirs[: -len(".weight")]
+            half = torch_shape(*params[theirs])[0] // 2
+            names[ours[: -len(".weight")]] = path
+            rows[ours[: -len(".weight")]] = ((half, 0, half), (0, half, half))
+    for ours, parts in _fused(cfg).items():
+        if not ours.endswith(".weight"):
+            continue
+        total = torch_shape(*params[ours])[0]
+        widths = [cfg.hidden_size] * 3 + [total - 3 * cfg.hidden_size] * (len(parts) - 3)  # q, k, v[, mlp]
+        start = 0
+        for part, width in zip(parts, widths, strict=True):
+            name = part[: -len(".weight")]
+            names[name] = ours[: -len(".weight")]
+            rows[name] = ((start, 0, width),)
+            start += width
+    # XLabs' attention-processor LoRAs: one module per fused qkv (in a single block, its q, k, v rows).
+    for i in range(cfg.depth):
+        for theirs, ours in (("qkv_lora1", "img_attn.qkv"), ("qkv_lora2", "txt_attn.qkv"),
+                             ("proj_lora1", "img_attn.proj"), ("proj_lora2", "txt_attn.proj")):  # fmt: skip
+            names[f"double_blocks.{i}.processor.{theirs}"] = f"double_blocks.{i}.{ours}"
+    for i in range(cfg.depth_single_blocks):
+        names[f"single_blocks.{i}.processor.qkv_lora"] = f"single_blocks.{i}.linear1"
+        rows[f"single_blocks.{i}.processor.qkv_lora"] = ((0, 0, 3 * cfg.hidden_size),)
+        names[f"single_blocks.{i}.processor.proj_lora"] = f"single_blocks.{i}.linear2"
+    return names, rows
+
+
+def _is_flux(sd) -> bool:
+    from tf_diffusion.flux import FluxTransformer
+
+    return isinstance(getattr(sd, "transformer", None), FluxTransformer)
+
+
 @dataclass
 class _Targets:
     """The layers of one pipeline that a LoRA may name, by every spelling formats use."""
@@ -331,11 +446,26 @@ class _Targets:
     dotted: dict[str, dict[str, str]]  # component -> file module name (dotted) -> our path
     kohya: dict[str, dict[str, str]]  # component -> kohya module name (no prefix) -> our path
     params: dict[str, dict[str, tuple]]  # component -> our path -> (layer, "weight")
+    # component -> file module name (dotted and kohya spellings) -> its rows of our layer, for the
+    # names that cover part of a layer (see LoraModule.rows).
+    rows: dict[str, dict[str, tuple]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, sd) -> _Targets:
-        dotted = {"unet": _unet_names(sd.unet, sd.config.unet)}
-        for c in ("text_encoder", "text_encoder_2"):  # a refiner has no text_encoder, SD 1/2 no second
+        rows = {}
+        if _is_flux(sd):
+            flux, flux_rows = _flux_names(sd.transformer)
+            dotted = {"transformer": flux}
+            rows["transformer"] = {**flux_rows, **{k.replace(".", "_"): v for k, v in flux_rows.items()}}
+            encoders = ("text_encoder",)  # CLIP-L; T5 LoRAs are not read
+        elif getattr(sd, "unet", None) is not None:
+            dotted = {"unet": _unet_names(sd.unet, sd.config.unet)}
+            encoders = ("text_encoder", "text_encoder_2")  # a refiner has no text_encoder, SD 1/2 no second
+        else:
+            raise LoraError(
+                f"LoRAs apply to SD 1.x / 2.x / SDXL UNets and Flux; the model is {_model_family(sd)}"
+            )
+        for c in encoders:
             if getattr(sd, c, None) is not None:
                 dotted[c] = _text_names(getattr(sd, c))
         kohya = {
@@ -349,7 +479,7 @@ class _Targets:
             }
             for c in dotted
         }
-        return cls(dotted, kohya, params)
+        return cls(dotted, kohya, params, rows)
 
 
 def _peft_meta(metadata: Mapping[str, str], component: str) -> dict:
@@ -403,7 +533,8 @@ def parse_lora(
             fit the model (with the family the LoRA looks made for and the model's family).
     """
     targets = _state(sd).targets(sd)
-    groups: dict[tuple[str, str], dict] = {}  # (component, our path) -> {"down", "up", "alpha", "key", ...}
+    # (component, our path, rows) -> {"down", "up", "alpha", "key", ...}
+    groups: dict[tuple[str, str, tuple | None], dict] = {}
     unknown, unsupported, formats = [], [], set()
     keys = [k for k in tensors if isinstance(k, str)]
     for key in tensors:
@@ -416,13 +547,13 @@ def parse_lora(
         if kind is not None:
             unsupported.append(f"{key} ({kind})")
             continue
-        found = _kohya_key(key, targets) or _diffusers_key(key, targets)
+        found = _kohya_key(key, targets) or _diffusers_key(key, targets) or _xlabs_key(key, targets)
         if found is None:
             unknown.append(key)
             continue
-        fmt, component, path, module, part = found
+        fmt, component, path, module, part, rows = found
         formats.add(fmt)
-        entry = groups.setdefault((component, path), {"key": module, "format": fmt})
+        entry = groups.setdefault((component, path, rows), {"key": module, "format": fmt})
         entry[part] = tensors[key]
     if unknown or unsupported:
         lines = [f"LoRA {source}: {len(unknown) + len(unsupported)} keys match no layer of this model:"]
@@ -439,7 +570,7 @@ def parse_lora(
 
     modules, incomplete, mismatched = [], [], []
     peft = {c: _peft_meta(metadata, c) for c in targets.dotted}
-    for (component, path), entry in groups.items():
+    for (component, path, rows), entry in groups.items():
         kind = _kind_of(entry)
         problem = _parts_problem(kind, entry)
         if problem:
@@ -452,7 +583,7 @@ def parse_lora(
         }
         dora = tensors.pop("dora", None)
         layer, attr = targets.params[component][path]
-        want = torch_shape(layer, attr)
+        want = _rows_shape(rows, torch_shape(layer, attr))
         if kind == "lora":
             down, up = tensors["down"], tensors["up"]
             problem = _shape_problem(down, up, want, tensors.get("mid"))
@@ -462,13 +593,16 @@ def parse_lora(
             problem = _factor_problem(kind, tensors, want)
             rank = None if down is None else int(down.shape[0])
         if problem is None and dora is not None:
+            if rows is not None:
+                unsupported.append(f"{entry['key']} (DoRA on a part of the fused layer {path})")
+                continue
             problem = _dora_problem(dora, want)
         if problem:
             mismatched.append((entry["key"], problem, down, want))
             continue
         meta = peft[component] if entry["format"] == "diffusers" else {}
         if rank is None:  # a LoKr of two whole factors: no rank, alpha unused (as the web UI)
-            modules.append(LoraModule(component, path, entry["key"], kind, tensors, 1.0, dora))
+            modules.append(LoraModule(component, path, entry["key"], kind, tensors, 1.0, dora, rows))
             continue
         if "alpha" in entry:
             alpha = _float(entry["alpha"], f"{entry['key']}.alpha")
@@ -481,7 +615,7 @@ def parse_lora(
                 f"{entry['key']} (use_dora in lora_adapter_metadata, but no lora_magnitude_vector)"
             )
         scale = alpha / math.sqrt(rank) if meta.get("use_rslora") else alpha / rank
-        modules.append(LoraModule(component, path, entry["key"], kind, tensors, scale, dora))
+        modules.append(LoraModule(component, path, entry["key"], kind, tensors, scale, dora, rows))
     if incomplete:
         raise LoraError(
             f"LoRA {source}: modules without both down and up tensors:\n  " + "\n  ".join(incomplete)
@@ -499,6 +633,27 @@ def _family_hints(keys: Sequence[str], targets: _Targets, sd) -> list[str]:
     """Lines that say which family a LoRA's keys belong to when the model is of another, or lacks a part."""
     sdxl = sd.config.is_sdxl
     hints = []
+    if _is_flux(sd):
+        if any(k.startswith(_UNET_MARKERS) or ".lora_unet_" in k for k in keys):
+            sdxl_keys = [m for m in _SDXL_MARKERS if m != "lora_te1_"] + ["lora_unet_input_blocks_"]
+            made = "SDXL" if any(m in k for k in keys for m in sdxl_keys) else "SD 1.x / 2.x (or SDXL)"
+            hints.append(
+                f"(these are {made} UNet LoRA keys; the model is {_model_family(sd)}, a transformer "
+                "without a UNet: use a LoRA made for Flux)"
+            )
+        if any(k.startswith(("lora_te3_", "text_encoder_2.")) for k in keys):
+            hints.append(
+                "(keys for the T5 text encoder (lora_te3_ / text_encoder_2.), which LoRAs do not change here: "
+                "as in diffusers, Flux LoRAs apply to the transformer and CLIP-L)"
+            )
+        return hints
+    if any(k.startswith(_FLUX_MARKERS) or f".{m}" in k for k in keys for m in _FLUX_MARKERS):
+        return [f"(these are Flux LoRA keys; the model is {_model_family(sd)}: use a LoRA made for it)"]
+    if any(k.startswith("transformer.") for k in keys):
+        return [
+            f"(these are transformer LoRA keys, as Flux and SD3 LoRAs have; the model is {_model_family(sd)}, "
+            "a UNet)"
+        ]
     if not sdxl and any(m in k for k in keys for m in _SDXL_MARKERS):
         hints.append(f"(these are SDXL LoRA keys; the model is {_model_family(sd)})")
     if (
@@ -524,20 +679,25 @@ def _family_hints(keys: Sequence[str], targets: _Targets, sd) -> list[str]:
 
 
 def _kohya_key(key: str, targets: _Targets):
-    """("kohya", component, path, module name, part) for a kohya key, or None."""
+    """("kohya", component, path, module name, part, rows) for a kohya key, or None."""
     module, _, suffix = key.partition(".")
     part = _KOHYA_PARTS.get(suffix)
     if part is None:
         return None
     for prefix, component in _KOHYA_PREFIXES.items():
         if module.startswith(prefix):
-            path = targets.kohya.get(component, {}).get(module[len(prefix) :])
-            return None if path is None else ("kohya", component, path, module, part)
+            if component == "unet" and "transformer" in targets.kohya:  # sd-scripts' Flux files
+                component = "transformer"
+            name = module[len(prefix) :]
+            path = targets.kohya.get(component, {}).get(name)
+            if path is None:
+                return None
+            return ("kohya", component, path, module, part, targets.rows.get(component, {}).get(name))
     return None
 
 
 def _diffusers_key(key: str, targets: _Targets):
-    """("diffusers", component, path, module name, part) for a diffusers / peft key, or None."""
+    """("diffusers", component, path, module name, part, rows) for a diffusers / peft key, or None."""
     suffixes = {
         ".lora_A.weight": "down",
         ".lora_B.weight": "up",
@@ -561,8 +721,22 @@ def _diffusers_key(key: str, targets: _Targets):
             if old is not None:
                 name = _old_module_name(name, component)
             path = targets.dotted.get(component, {}).get(name)
-            return None if path is None else ("diffusers", component, path, name, part)
+            if path is None:
+                return None
+            return ("diffusers", component, path, name, part, targets.rows.get(component, {}).get(name))
     return None
+
+
+def _xlabs_key(key: str, targets: _Targets):
+    """("xlabs", "transformer", path, module name, part, rows) for an XLabs Flux key, or None."""
+    module, _, part = key.rpartition(".")[0].rpartition(".")
+    if ".processor." not in key or part not in ("down", "up") or not key.endswith(".weight"):
+        return None
+    module = module.removeprefix("diffusion_model.")
+    path = targets.dotted.get("transformer", {}).get(module)
+    if path is None:
+        return None
+    return ("xlabs", "transformer", path, module, part, targets.rows["transformer"].get(module))
 
 
 def _old_module_name(name: str, component: str) -> str:
@@ -757,7 +931,14 @@ def _apply(sd, state: _LoraState, active: dict[str, dict[str, float]]) -> None:
             if module.dora is not None:
                 doras.append((module, weight))
                 continue
-            total += np.float32(weight * module.scale) * to_keras_layout(kind, module.delta(want))
+            scale = np.float32(weight * module.scale)
+            if module.rows is None:
+                total += scale * to_keras_layout(kind, module.delta(want))
+                continue
+            # A part of a fused layer: its block of output channels, the last axis of our kernels.
+            own = to_keras_layout(kind, module.delta(_rows_shape(module.rows, want)))
+            for ours, theirs, count in module.rows:
+                total[..., ours : ours + count] += scale * own[..., theirs : theirs + count]
         for module, weight in doras:
             total = to_keras_layout(kind, _dora(to_torch_layout(kind, total), module, weight, want))
         values[key] = (variable, base, total.astype(base.dtype))
@@ -795,10 +976,11 @@ def load_lora_weights(sd, path, adapter_name: str | None = None, weight=1.0) -> 
 
     Args:
         sd: the ``StableDiffusion``.
-        path: a kohya / A1111 or diffusers / PEFT LoRA file (``.safetensors``, ``.pt``, ``.bin``).
+        path: a kohya / A1111 or diffusers / PEFT LoRA file, or for Flux also XLabs' (``.safetensors``,
+            ``.pt``, ``.bin``).
         adapter_name: its name for ``set_adapters``; default ``default_<n>`` as diffusers names them.
         weight: its strength: a number, or ``{"unet": w, "text_encoder": w}`` (A1111's
-            ``<lora:name:te:unet>``; a part left out gets 1.0).
+            ``<lora:name:te:unet>``; a part left out gets 1.0; "unet" also scales a Flux transformer).
 
     Returns:
         The adapter's name.
