@@ -11,6 +11,12 @@ Written to tests/fixtures/sd3/keras_hub/:
 * ``outputs.npz``: fixed inputs and keras-hub's outputs for them: the diffuser (MMDiT) call with
   latents, context, pooled projection and timestep; the VAE decode of the latents; each CLIP
   encoder's intermediate output and projected pooled output for given token ids.
+* ``same_weights.npz``: the same tiny weights in both anchors: the diffusers SD3 and SD3.5
+  transformers of tests/fixtures/sd3 (``transformer_sd3.safetensors``, ``sd3-diffusers/transformer``;
+  SD3.5's has RMS q/k norm and dual attention) put into keras-hub's ``MMDiT`` (the backbone's
+  ``diffuser``) through the inverse of ``weights.keras_hub_sd3``'s rename, run on the inputs of
+  tests/fixtures/sd3/reference.npz (``<name>_out``: keras-hub's output). The script checks that it is
+  diffusers' output (``reference.npz``) within 1e-4 before writing it.
 
 Usage (dev only; needs keras-hub, which tf_diffusion never imports):
     KERAS_BACKEND=tensorflow python tools/make_fixtures_keras_hub_sd3.py
@@ -28,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras_hub.models import CLIPTextEncoder, StableDiffusion3Backbone  # noqa: E402
+from keras_hub.src.models.stable_diffusion_3.mmdit import MMDiT  # noqa: E402
 from keras_hub.src.models.vae.vae_backbone import VAEBackbone  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,6 +78,75 @@ def build() -> StableDiffusion3Backbone:
     return backbone
 
 
+def same_weights() -> dict[str, np.ndarray]:
+    """keras-hub's MMDiT with the diffusers fixtures' transformer weights, on reference.npz's inputs."""
+    import json
+    import sys
+    import tempfile
+
+    import h5py
+
+    sys.path.insert(0, str(ROOT))
+    from tf_diffusion.weights import keras_hub_sd3 as khsd3
+    from tf_diffusion.weights.diffusers_mmdit import convert_diffusers_mmdit, mmdit_config_from_diffusers
+    from tf_diffusion.weights.safetensors_io import load_safetensors
+
+    # The inverse of each layout transform of the rename (PyTorch -> Keras).
+    inverse = {
+        khsd3._dense: lambda w: w.T,
+        khsd3._conv: lambda w: w.transpose(2, 3, 1, 0),
+        khsd3._pos_embed: lambda w: w[0],
+        khsd3._plain: lambda w: w,
+    }
+    sd3 = ROOT / "tests" / "fixtures" / "sd3"
+    ref = np.load(sd3 / "reference.npz")
+    files = {
+        "sd3": (sd3 / "transformer_sd3.json", sd3 / "transformer_sd3.safetensors"),
+        "sd35": (
+            sd3 / "sd3-diffusers" / "transformer" / "config.json",
+            sd3 / "sd3-diffusers" / "transformer" / "diffusion_pytorch_model.safetensors",
+        ),
+    }
+    out = {}
+    for name, (config_file, weights) in files.items():
+        cfg = mmdit_config_from_diffusers(json.loads(config_file.read_text()))
+        original = convert_diffusers_mmdit(dict(load_safetensors(weights)), cfg)
+        latents = ref[f"{name}_latents"]
+        model = MMDiT(
+            cfg.patch_size, cfg.inner_dim, cfg.num_layers, cfg.num_attention_heads, cfg.pos_embed_max_size,
+            latent_shape=latents.shape[1:], context_shape=(None, cfg.joint_attention_dim),
+            pooled_projection_shape=(cfg.pooled_projection_dim,), qk_norm=cfg.qk_norm,
+            dual_attention_indices=cfg.dual_attention_layers or None, dtype="float32",
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/mmdit.weights.h5"
+            model.save_weights(path)
+            entries = khsd3.mmdit_entries(cfg)
+            assert {ours for _, ours, _ in entries} == set(original), "the rename does not cover the weights"
+            with h5py.File(path, "r+") as h5:
+                for h5_path, ours, transform in entries:
+                    dataset = h5[f"layers/{h5_path}"]
+                    value = inverse[transform](np.asarray(original[ours], "float32"))
+                    assert dataset.shape == value.shape, (h5_path, dataset.shape, value.shape)
+                    dataset[...] = value
+            model.load_weights(path)
+        velocity = np.asarray(
+            model(
+                {
+                    "latent": latents,
+                    "context": ref[f"{name}_context"],
+                    "pooled_projection": ref[f"{name}_pooled"],
+                    "timestep": ref[f"{name}_timesteps"][:, None],
+                }
+            )
+        )
+        error = float(np.abs(velocity - ref[f"{name}_out"]).max())
+        print(f"{name}: keras-hub MMDiT with the diffusers weights vs diffusers: max abs {error:.2e}")
+        assert error < 1e-4, error
+        out[f"{name}_out"] = velocity
+    return out
+
+
 def main() -> None:
     backbone = build()
     if OUT.exists():
@@ -105,6 +181,7 @@ def main() -> None:
         velocity=np.asarray(velocity), decode_latents=decode_latents, image=np.asarray(image),
         token_ids=token_ids, **outputs,
     )  # fmt: skip
+    np.savez(OUT / "same_weights.npz", **same_weights())
     print("wrote", sorted(p.name for p in OUT.rglob("*")))
 
 
