@@ -182,3 +182,67 @@ def test_not_a_backbone_config(tmp_path):
     assert not is_keras_hub_sd3_preset(folder)
     with pytest.raises(ValueError, match="'CLIPBackbone' config, not a keras-hub StableDiffusion3Backbone"):
         read_keras_hub_sd3(folder)
+
+
+def _full_size_backbone(preset) -> dict:
+    """The backbone config keras-hub's own presets of this architecture have (its constructor's fields)."""
+    mm = preset.transformer
+
+    def clip(c, name):
+        fields = {
+            "vocabulary_size": c.vocab_size, "embedding_dim": c.hidden_size, "hidden_dim": c.hidden_size,
+            "num_layers": c.num_hidden_layers, "num_heads": c.num_attention_heads,
+            "intermediate_dim": c.intermediate_size, "intermediate_activation": c.hidden_act,
+            "intermediate_output_index": c.num_hidden_layers - 2, "max_sequence_length": 77, "name": name,
+        }  # fmt: skip
+        return {"class_name": "CLIPTextEncoder", "config": fields}
+
+    vae = {
+        "encoder_num_filters": [128, 256, 512, 512], "encoder_num_blocks": [2, 2, 2, 2],
+        "decoder_num_filters": [512, 512, 256, 128], "decoder_num_blocks": [3, 3, 3, 3],
+        "sampler_method": "sample", "input_channels": 3, "sample_channels": 32, "output_channels": 3,
+        "scale": 1.5305, "shift": 0.0609,
+    }  # fmt: skip
+    return {
+        "mmdit_patch_size": 2, "mmdit_hidden_dim": mm.inner_dim, "mmdit_num_layers": mm.num_layers,
+        "mmdit_num_heads": mm.num_attention_heads, "mmdit_position_size": mm.pos_embed_max_size,
+        "mmdit_qk_norm": mm.qk_norm, "mmdit_dual_attention_indices": list(mm.dual_attention_layers) or None,
+        "vae": {"class_name": "VAEBackbone", "config": vae}, "clip_l": clip(preset.text_encoder, "clip_l"),
+        "clip_g": clip(preset.text_encoder_2, "clip_g"), "t5": None, "latent_channels": 16, "output_channels": 3,
+        "num_train_timesteps": 1000, "shift": 3.0, "image_shape": [1024, 1024, 3],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["sd3-medium", "sd3.5-medium"])  # 3.5 Large: Medium without attn2
+def test_full_size_configs_and_renames(name):
+    """keras-hub's full-size architectures give our presets, and the renames name every one of their weights."""
+    from tf_diffusion.clip import CLIPTextEncoder
+    from tf_diffusion.presets import get_sd3_preset
+    from tf_diffusion.vae import AutoencoderKL
+    from tf_diffusion.weights.keras_hub_sd3 import (
+        clip_entries,
+        mmdit_entries,
+        sd3_config_from_keras_hub,
+        vae_entries,
+    )
+    from tf_diffusion.weights.state_dict import build_abstract, manifest
+
+    preset = get_sd3_preset(name)
+    cfg = sd3_config_from_keras_hub(_full_size_backbone(preset), name)
+    assert cfg.transformer == preset.transformer
+    assert cfg.vae == preset.vae
+    assert (cfg.text_encoder, cfg.text_encoder_2) == (preset.text_encoder, preset.text_encoder_2)
+    assert cfg.tokenizer_2 == preset.tokenizer_2
+    built = {
+        "mmdit": (build_abstract(lambda: MMDiT(cfg.transformer)), mmdit_entries(cfg.transformer)),
+        "vae": (build_abstract(lambda: AutoencoderKL(cfg.vae)), vae_entries(cfg.vae)),
+        "clip_l": (
+            build_abstract(lambda: CLIPTextEncoder(cfg.text_encoder)),
+            clip_entries(cfg.text_encoder, "clip_text_encoder", "clip_projection"),
+        ),
+    }
+    for part, (model, entries) in built.items():
+        ours = [key for _, key, _ in entries]
+        assert len(ours) == len(set(ours)), part
+        assert set(ours) == set(manifest(model)), part
+    assert any(key.endswith("nin_shortcut.weight") for _, key, _ in built["vae"][1])
