@@ -152,6 +152,11 @@ def test_misshaped_variable_is_named(tmp_path):
         h5["layers/vae_decoder/output_projection/vars/1"] = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="decoder.conv_out.bias"):
         load_keras_hub_sd3(StableDiffusion3, folder)
+    with h5py.File(folder / "model.weights.h5", "r+") as h5:
+        del h5["layers/mm_di_t/layers/dense_1/vars/0"]
+        h5["layers/mm_di_t/layers/dense_1/vars/0"] = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match=r"dense_1/vars/0 has shape \(4,\); a rank-2 .*final_layer.linear"):
+        read_keras_hub_sd3(folder)
 
 
 def test_bad_config_values(tmp_path):

@@ -20,9 +20,9 @@ them). tf_diffusion runs the reference numerics. Presets with a T5 encoder load 
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,9 +35,8 @@ from tf_diffusion.config import (
     VAEConfig,
 )
 from tf_diffusion.fileio import reading
+from tf_diffusion.weights.lazy import LazyTensor, derived
 from tf_diffusion.weights.state_dict import load_state_dict
-
-logger = logging.getLogger(__name__)
 
 BACKBONE_CLASS = "StableDiffusion3Backbone"
 CONFIG_FILE = "config.json"
@@ -439,26 +438,79 @@ def _pick_clips(h5, config: SD3Config, where: str) -> dict[str, tuple[str, str]]
     return {"text_encoder": (order[0], porder[0]), "text_encoder_2": (order[1], porder[1])}
 
 
-def _convert(h5, entries: list[Entry], prefix: str, where: str) -> dict[str, np.ndarray]:
-    """Read every entry's dataset (under ``prefix``) and lay it out as PyTorch; all missing paths in one error."""
-    missing = [f"{prefix}{path}" for path, _, _ in entries if f"{prefix}{path}" not in h5]
+# The PyTorch-layout shape of each transform's result and the rank it takes, from the stored shape alone.
+_SHAPES: dict[Callable, tuple[int, Callable[[tuple], tuple]]] = {
+    _dense: (2, lambda s: (s[1], s[0])),
+    _conv: (4, lambda s: (s[3], s[2], s[0], s[1])),
+    _heads_in: (3, lambda s: (s[1] * s[2], s[0])),
+    _heads_out: (3, lambda s: (s[2], s[0] * s[1])),
+    _flat: (2, lambda s: (s[0] * s[1],)),
+    _plain: (None, lambda s: s),
+    _pos_embed: (2, lambda s: (1, *s)),
+}
+
+
+def _convert(h5, entries: list[Entry], prefix: str, where: str) -> dict[str, LazyTensor]:
+    """Every entry's dataset (under ``prefix``) as a lazy PyTorch-layout tensor; all missing paths in one error.
+
+    Nothing is read here: the walker checks every shape first, so a file whose variables do not fit is
+    refused before any of its bytes are loaded.
+    """
+    import h5py
+
+    missing = [
+        f"{prefix}{path}" for path, _, _ in entries if not isinstance(h5.get(f"{prefix}{path}"), h5py.Dataset)
+    ]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(
             f"{where}: {WEIGHTS_FILE} lacks {len(missing)} variable(s) this architecture needs: {shown}"
         )
-    return {
-        ours: np.asarray(transform(np.asarray(h5[f"{prefix}{path}"]))) for path, ours, transform in entries
-    }
+    out = {}
+    for path, ours, transform in entries:
+        dataset = h5[f"{prefix}{path}"]
+        rank, shape = _SHAPES[transform]
+        stored = tuple(int(d) for d in dataset.shape)
+        if rank is not None and len(stored) != rank:
+            raise ValueError(
+                f"{where}: {prefix}{path} has shape {stored}; a rank-{rank} variable is expected there ({ours})"
+            )
+        if np.dtype(dataset.dtype).kind != "f":
+            raise ValueError(f"{where}: {prefix}{path} holds {dataset.dtype}, not floating-point weights")
+        out[ours] = derived(dataset, transform, shape(stored), dataset.dtype, f"{where}:{prefix}{path}")
+    return out
 
 
-def read_keras_hub_sd3(folder: pathlib.Path) -> tuple[SD3Config, dict[str, dict[str, np.ndarray]], dict]:
-    """(SD3Config, component -> {original key: array}, the backbone config) of a keras-hub SD3 preset.
+@dataclass
+class KerasHubPreset:
+    """A keras-hub SD3 preset opened for reading: the config, lazy tensors per component, the open file.
+
+    ``parts`` maps component names (``transformer``, ``vae``, ``text_encoder``, ``text_encoder_2``) to
+    {original key: lazy PyTorch-layout tensor}; they read from ``handle`` until ``close()``.
+    """
+
+    config: SD3Config
+    parts: dict[str, dict[str, LazyTensor]]
+    backbone: dict
+    handle: object = field(repr=False)
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> KerasHubPreset:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_keras_hub_sd3(folder: pathlib.Path) -> KerasHubPreset:
+    """Open a keras-hub SD3 preset: its ``SD3Config`` and every component's weights, read lazily.
 
     Raises:
         ImportError: h5py is missing.
         ValueError: for a folder that is not such a preset, a missing ``model.weights.h5``, or a variable
-            the config's architecture needs that the file lacks (named).
+            the config's architecture needs that the file lacks or holds in another rank (named).
     """
     folder = pathlib.Path(folder)
     data = read_preset_config(folder)
@@ -476,7 +528,7 @@ def read_keras_hub_sd3(folder: pathlib.Path) -> tuple[SD3Config, dict[str, dict[
             h5 = h5py.File(path, "r")
         except OSError as e:
             raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
-        with h5:
+        try:
             where = str(path)
             parts = {
                 "transformer": _convert(
@@ -487,7 +539,10 @@ def read_keras_hub_sd3(folder: pathlib.Path) -> tuple[SD3Config, dict[str, dict[
             for name, (group, projection) in _pick_clips(h5, config, where).items():
                 entries = clip_entries(getattr(config, name), group, projection)
                 parts[name] = _convert(h5, entries, "layers/", where)
-    return config, parts, backbone
+        except BaseException:
+            h5.close()
+            raise
+    return KerasHubPreset(config, parts, backbone, h5)
 
 
 def load_keras_hub_sd3(cls, folder: pathlib.Path, *, dtype=None, load_t5: bool = True):
@@ -498,29 +553,34 @@ def load_keras_hub_sd3(cls, folder: pathlib.Path, *, dtype=None, load_t5: bool =
             not converted yet), or weights that do not fit the config (``StateDictError``, every key named).
     """
     folder = pathlib.Path(folder)
-    config, parts, backbone = read_keras_hub_sd3(folder)
-    if backbone.get("t5") is not None and load_t5:
-        raise ValueError(
-            f"{folder}: this keras-hub preset has a T5 encoder, whose weights tf_diffusion does not convert "
-            "yet; load with load_t5=False to run without T5 (zero T5 tokens)"
-        )
-    sd = cls(config, dtype=dtype)
-    with reading(folder / WEIGHTS_FILE, "cannot load the keras-hub weights"):
-        for name, tensors in parts.items():
-            load_state_dict(getattr(sd, name), tensors)
+    with read_keras_hub_sd3(folder) as preset:
+        if preset.backbone.get("t5") is not None and load_t5:
+            raise ValueError(
+                f"{folder}: this keras-hub preset has a T5 encoder, whose weights tf_diffusion does not "
+                "convert yet; load with load_t5=False to run without T5 (zero T5 tokens)"
+            )
+        sd = cls(preset.config, dtype=dtype)
+        with reading(folder / WEIGHTS_FILE, "cannot load the keras-hub weights"):
+            for name, tensors in preset.parts.items():
+                load_state_dict(getattr(sd, name), tensors)
     return sd
 
 
 def describe_keras_hub_sd3(folder: pathlib.Path) -> dict:
     """What ``tf-diffusion info`` says of a keras-hub SD3 preset folder, without building the model."""
     folder = pathlib.Path(folder)
-    config, parts, backbone = read_keras_hub_sd3(folder)
-    info: dict = {"family": "sd3", "format": f"keras-hub preset ({BACKBONE_CLASS})", "config": config.name}
-    for name, tensors in parts.items():
-        dtypes = ", ".join(sorted({str(t.dtype) for t in tensors.values()}))
-        info[name] = f"{sum(int(t.size) for t in tensors.values()):,} parameters, {dtypes}"
+    with read_keras_hub_sd3(folder) as preset:
+        info: dict = {
+            "family": "sd3",
+            "format": f"keras-hub preset ({BACKBONE_CLASS})",
+            "config": preset.config.name,
+        }
+        for name, tensors in preset.parts.items():
+            dtypes = ", ".join(sorted({str(t.dtype) for t in tensors.values()}))
+            info[name] = f"{sum(t.size for t in tensors.values()):,} parameters, {dtypes}"
+        t5 = preset.backbone.get("t5") is not None
     notes = ["CLIP tokenizers: tf_diffusion's packaged ones"]
-    if backbone.get("t5") is not None:
+    if t5:
         notes.append("has T5, not converted yet: load with load_t5=False")
     info["notes"] = notes
     return info
