@@ -57,6 +57,13 @@ def test_vae_decode_matches_keras_hub(sd, outputs):
     assert _max_error(image, outputs["image"]) < TOL
 
 
+def test_vae_encoder_matches_keras_hub(sd, outputs):
+    posterior = sd.vae.encode(outputs["encode_images"])
+    mean, logvar = np.split(outputs["moments"], 2, axis=-1)
+    assert _max_error(posterior.mean, mean) < TOL
+    assert _max_error(posterior.logvar, np.clip(logvar, -30.0, 20.0)) < TOL
+
+
 @pytest.mark.parametrize("name", ["clip_l", "clip_g"])
 def test_clip_matches_keras_hub(sd, outputs, name):
     encoder = sd.text_encoder if name == "clip_l" else sd.text_encoder_2

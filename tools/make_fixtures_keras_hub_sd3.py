@@ -9,7 +9,8 @@ Written to tests/fixtures/sd3/keras_hub/:
   exact gelu as CLIP-G; penultimate outputs). The weights are keras-hub's own random ones (Keras
   initialisers, then every variable redrawn so that biases and norms are not trivially 0 / 1).
 * ``outputs.npz``: fixed inputs and keras-hub's outputs for them: the diffuser (MMDiT) call with
-  latents, context, pooled projection and timestep; the VAE decode of the latents; each CLIP
+  latents, context, pooled projection and timestep; the VAE decode of the latents and the VAE
+  encoder's moments (mean, log-variance) of an image; each CLIP
   encoder's intermediate output and projected pooled output for given token ids.
 * ``same_weights.npz``: the same tiny weights in both anchors: the diffusers SD3 and SD3.5
   transformers of tests/fixtures/sd3 (``transformer_sd3.safetensors``, ``sd3-diffusers/transformer``;
@@ -164,6 +165,9 @@ def main() -> None:
     )
     decode_latents = (0.5 * rng.standard_normal((1, 4, 6, 16))).astype("float32")
     image = backbone.vae.decode(decode_latents)
+    # The encoder's moments (mean and log-variance): keras-hub's encode() draws a sample from them.
+    encode_images = rng.uniform(-1, 1, (1, 16, 24, 3)).astype("float32")
+    moments = backbone.vae.encoder(encode_images)
     # Token ids whose largest id marks the end of each prompt (keras-hub pools at the argmax, as CLIP).
     token_ids = rng.integers(1, 100, (2, 77)).astype("int32")
     token_ids[0, 7], token_ids[1, 30] = 127, 127
@@ -179,6 +183,7 @@ def main() -> None:
         OUT / "outputs.npz",
         latents=latents, context=context, pooled=pooled, timestep=timestep,
         velocity=np.asarray(velocity), decode_latents=decode_latents, image=np.asarray(image),
+        encode_images=encode_images, moments=np.asarray(moments),
         token_ids=token_ids, **outputs,
     )  # fmt: skip
     np.savez(OUT / "same_weights.npz", **same_weights())
