@@ -176,6 +176,7 @@ class FluxHooks(FamilyHooks):
     name = "flux"
     options = {"max_sequence_length": None}  # None: config.max_sequence_length
     img2img_strength = 0.6  # diffusers' FluxImg2ImgPipeline
+    adapters = frozenset({"lora"})  # kohya, diffusers/peft and XLabs Flux LoRAs (adapters.lora)
 
     def config_types(self):
         return (FluxPipelineConfig,)
