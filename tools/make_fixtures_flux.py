@@ -151,7 +151,8 @@ def _inputs(model: FluxTransformer2DModel, seed: int = 1) -> dict[str, np.ndarra
     return x
 
 
-def _run(model: FluxTransformer2DModel, x: dict[str, np.ndarray]) -> np.ndarray:
+def _run(model: FluxTransformer2DModel, x: dict[str, np.ndarray], scale: float | None = None) -> np.ndarray:
+    """diffusers' transformer on the inputs ``x``; ``scale`` is the LoRA scale (peft adapters attached)."""
     with torch.no_grad():
         return model(
             hidden_states=torch.from_numpy(x["img"]),
@@ -161,6 +162,7 @@ def _run(model: FluxTransformer2DModel, x: dict[str, np.ndarray]) -> np.ndarray:
             img_ids=torch.from_numpy(x["img_ids"]),
             txt_ids=torch.from_numpy(x["txt_ids"]),
             guidance=torch.from_numpy(x["guidance"]) if "guidance" in x else None,
+            joint_attention_kwargs=None if scale is None else {"scale": scale},
             return_dict=False,
         )[0].numpy()
 

@@ -32,6 +32,7 @@ import pathlib
 import numpy as np
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
+from make_fixtures_flux import _run  # the same diffusers call (tools/ is the script's folder)
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.numpy import save_file
 
@@ -67,22 +68,6 @@ def _inputs() -> dict[str, np.ndarray]:
         y=rng.standard_normal((b, CONFIG["pooled_projection_dim"])).astype(np.float32),
         guidance=np.array([3.5, 2.0], np.float32),
     )
-
-
-def _run(model, x, scale=None) -> np.ndarray:
-    with torch.no_grad():
-        out = model(
-            hidden_states=torch.from_numpy(x["img"]),
-            encoder_hidden_states=torch.from_numpy(x["txt"]),
-            pooled_projections=torch.from_numpy(x["y"]),
-            timestep=torch.from_numpy(x["timesteps"]),
-            img_ids=torch.from_numpy(x["img_ids"]),
-            txt_ids=torch.from_numpy(x["txt_ids"]),
-            guidance=torch.from_numpy(x["guidance"]),
-            joint_attention_kwargs=None if scale is None else {"scale": scale},
-            return_dict=False,
-        )[0]
-    return out.numpy()
 
 
 # diffusers module (within a block) -> (original layer, the parts fused into it, in row order).
