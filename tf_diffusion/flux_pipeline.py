@@ -266,6 +266,15 @@ class FluxHooks(FamilyHooks):
         return denoiser, {"cond": {"extra.guidance": scales}}
 
     def claims(self, path):
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            from tf_diffusion.weights.flux_single_file import is_flux_single_file
+            from tf_diffusion.weights.safetensors_io import open_safetensors
+
+            try:
+                with open_safetensors(path) as handle:
+                    return is_flux_single_file(handle)
+            except Exception:  # noqa: BLE001 - an unreadable file is the UNet loader's to report
+                return False
         if not path.is_dir() or not (path / "model_index.json").is_file():
             return False
         try:
@@ -279,6 +288,15 @@ class FluxHooks(FamilyHooks):
 
         kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: the loader's default
         path = resolve_source(source, revision=kwargs.pop("revision", None))
+        if path.is_file():
+            from tf_diffusion.weights.flux_single_file import load_flux_single_file
+
+            bad = sorted(set(kwargs) - {"dtype", "config"})
+            if bad:
+                raise ValueError(
+                    f"{path} is an original Flux single file; its loader takes ['config', 'dtype'], not {bad}"
+                )
+            return load_flux_single_file(build, path, **kwargs)
         bad = sorted(set(kwargs) - {"dtype"})
         if bad:
             raise ValueError(f"{path} is a diffusers Flux folder; its loader takes ['dtype'], not {bad}")

@@ -1,0 +1,101 @@
+"""Flux.1 original single files (``flux1-dev.safetensors`` layout) through ``StableDiffusion.from_pretrained``.
+
+Black Forest Labs publish the transformer alone, with the original keys (``double_blocks.N``,
+``single_blocks.N``, ``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in``,
+``final_layer``), sometimes under ComfyUI's ``model.diffusion_model.`` prefix. Our ``FluxTransformer``
+uses those keys as its attribute paths, so the file loads as it is; its sizes (depths, widths, whether
+``guidance_in`` is there, i.e. [dev] or [schnell]) come from the shapes. The other components (CLIP-L,
+T5, the VAE, tokenizers, scheduler) are not in such a file: they come from a diffusers Flux folder named
+with ``config=``, as diffusers' ``from_single_file(..., config=folder)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Iterable
+
+DETECTION_KEYS = (
+    "double_blocks.0.img_attn.qkv.weight",
+    "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+)
+
+
+def is_flux_single_file(keys: Iterable[str]) -> bool:
+    """Whether a single file's keys are an original Flux transformer's (bare or under model.diffusion_model.)."""
+    return any(k in DETECTION_KEYS for k in keys)
+
+
+def load_flux_single_file(build, path: pathlib.Path, *, config=None, dtype=None):
+    """Build a model with ``build`` from an original Flux transformer file and a diffusers Flux folder.
+
+    Args:
+        path: the ``.safetensors`` file with the original transformer keys.
+        config: a diffusers Flux pipeline folder (``FluxPipeline``'s layout) giving the text encoders,
+            the VAE, the tokenizers and the scheduler; its transformer is replaced by the file's.
+
+    Raises:
+        ValueError: without ``config``, or with a ``config`` that is not a Flux folder.
+    """
+    from tf_diffusion.flux import flux_config_from_state_dict
+    from tf_diffusion.flux_pipeline import read_flux_config
+    from tf_diffusion.weights.diffusers_folder import (
+        _open_weights,
+        select_weight_files,
+        text_encoder_from_transformers,
+    )
+    from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae
+    from tf_diffusion.weights.flux import strip_prefix
+    from tf_diffusion.weights.safetensors_io import open_safetensors
+    from tf_diffusion.weights.state_dict import load_state_dict
+
+    if config is None:
+        raise ValueError(
+            f"{path} holds only a Flux transformer; name a diffusers Flux folder for the text encoders, VAE, "
+            "tokenizers and scheduler: from_pretrained(file, config='path/to/FLUX.1-dev')"
+        )
+    folder = pathlib.Path(config)
+    if not folder.is_dir():
+        raise ValueError(f"config={str(config)!r} is not a folder; expected a diffusers Flux pipeline folder")
+    pipe, tokenizer, tokenizer_2 = read_flux_config(folder)
+    handles: list = []
+    try:
+        handle = open_safetensors(path)
+        handles.append(handle)
+        tensors = strip_prefix(handle)
+        # The rotary split is not in the weights: the folder's, when its head width is the file's.
+        axes = pipe.transformer.axes_dim
+        try:
+            transformer = flux_config_from_state_dict(tensors, axes)
+        except ValueError:
+            transformer = flux_config_from_state_dict(tensors)
+        # diffusers' defaults follow the variant: 512 T5 tokens, 28 steps, guidance 3.5 for [dev].
+        dev = transformer.guidance_embed
+        pipe = dataclasses.replace(
+            pipe,
+            name=path.stem,
+            transformer=transformer,
+            max_sequence_length=512 if dev else 256,
+            default_steps=28 if dev else 4,
+            default_guidance=3.5 if dev else 0.0,
+        )
+        if tokenizer_2.max_length != pipe.max_sequence_length:
+            from tf_diffusion.t5 import T5Tokenizer
+
+            tokenizer_2 = T5Tokenizer(
+                folder / "tokenizer_2" / "spiece.model", max_length=pipe.max_sequence_length
+            )
+        sd = build(pipe, dtype=dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
+        load_state_dict(sd.transformer, tensors)
+        available = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            parts, _ = _open_weights(folder, select_weight_files(available, name, None), handles)
+            if name == "text_encoder":
+                parts, _ = text_encoder_from_transformers(parts)
+            elif name == "vae":
+                parts = convert_diffusers_vae(parts, pipe.vae)
+            load_state_dict(getattr(sd, name), parts)
+    finally:
+        for handle in handles:
+            handle.close()
+    return sd
