@@ -61,3 +61,38 @@ def test_original_file_needs_a_config_folder(tmp_path):
         StableDiffusion.from_pretrained(path, config=tmp_path / "missing")
     with pytest.raises(ValueError, match="takes \\['config', 'dtype'\\]"):
         StableDiffusion.from_pretrained(path, config=FIXTURES / "flux-dev", use_ema=True)
+
+
+def test_info_describes_folders_and_single_files(tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from tf_diffusion import cli
+
+    path = _original_file(tmp_path)
+    assert cli.main(["info", str(FIXTURES / "flux-dev")]) == 0
+    folder = capsys.readouterr().out
+    assert (
+        "family: flux" in folder and "format: diffusers (FluxPipeline)" in folder and "variant: dev" in folder
+    )
+    for name in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+        assert f"\n{name}: " in folder
+    # The count is diffusers' own file's; the original layout fuses tensors but keeps every parameter.
+    stored = load_file(FIXTURES / "flux-dev" / "transformer" / "diffusion_pytorch_model.safetensors")
+    count = f"transformer: {sum(v.size for v in stored.values()):,} parameters, float32"
+    assert count in folder
+    assert cli.main(["info", str(path)]) == 0
+    single = capsys.readouterr().out
+    assert "family: flux" in single and "variant: dev" in single and count in single
+    assert "missing: text_encoder, text_encoder_2, vae" in single
+
+
+def test_cli_generates_from_a_single_file(tmp_path):
+    from tf_diffusion import cli
+
+    path = _original_file(tmp_path)
+    out = tmp_path / "flux.png"
+    args = ["generate", "a cat", "--model", str(path), "--config", str(FIXTURES / "flux-dev"), "-o", str(out),
+            "--steps", "2", "--height", str(META["height"]), "--width", str(META["width"]), "--no-progress",
+            "--max-sequence-length", str(META["max_sequence_length"]), "--seed", "3"]  # fmt: skip
+    assert cli.main(args) == 0
+    assert out.is_file()

@@ -283,6 +283,11 @@ class FluxHooks(FamilyHooks):
             return False  # the UNet reader reports what is wrong with it
         return name in FLUX_PIPELINES
 
+    def describe(self, path):
+        from tf_diffusion.weights.flux_single_file import describe_flux
+
+        return describe_flux(path)
+
     def load(self, build, source, **kwargs):
         from tf_diffusion.weights.loading import resolve_source
 

@@ -143,6 +143,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help="preset with shipped weights, checkpoint path or hub id"
     )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="folder or preset giving what a single file lacks (a Flux transformer file: a diffusers Flux folder)",
+    )
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
@@ -645,7 +650,7 @@ def run(args: argparse.Namespace) -> int:
     # --no-t5 reaches only the SD3 loaders (None: the loader's default, so the UNet loader never sees it).
     load_t5 = False if args.no_t5 else None
     sd = StableDiffusion.from_pretrained(
-        source, dtype=dtype, vae=args.vae, quantize=quantize, load_t5=load_t5
+        source, dtype=dtype, vae=args.vae, quantize=quantize, load_t5=load_t5, config=args.config
     )
     refiner = None
     if args.refiner_source is not None:

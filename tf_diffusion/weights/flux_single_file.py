@@ -99,3 +99,53 @@ def load_flux_single_file(build, path: pathlib.Path, *, config=None, dtype=None)
         for handle in handles:
             handle.close()
     return sd
+
+
+def _summary(tensors) -> str:
+    import numpy as np
+
+    dtypes = ", ".join(sorted({str(t.dtype) for t in tensors.values()}))
+    return f"{sum(int(np.prod(t.shape)) for t in tensors.values()):,} parameters, {dtypes}"
+
+
+def describe_flux(path: pathlib.Path) -> dict:
+    """What ``tf-diffusion info`` says of a diffusers Flux folder or an original Flux single file, unbuilt.
+
+    Returns:
+        format, family, variant ("dev": a guidance input, "schnell": none), each component's parameter
+        count and stored dtypes (under its name), the components a single file lacks ("missing"), notes.
+    """
+    from tf_diffusion.weights.diffusers_folder import _open_weights, read_json, select_weight_files
+    from tf_diffusion.weights.flux import strip_prefix
+    from tf_diffusion.weights.safetensors_io import open_safetensors
+
+    path = pathlib.Path(path)
+    handles: list = []
+    info: dict = {"family": "flux"}
+    try:
+        if path.is_dir():
+            index = read_json(path / "model_index.json")
+            info["format"] = f"diffusers ({index.get('_class_name')})"
+            guided = bool(read_json(path / "transformer" / "config.json").get("guidance_embeds", False))
+            info["variant"] = "dev" if guided else "schnell"
+            available = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
+            for name in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+                if (path / name).is_dir():
+                    tensors, _ = _open_weights(path, select_weight_files(available, name, None), handles)
+                    info[name] = _summary(tensors)
+            info["notes"] = []
+        else:
+            handle = open_safetensors(path)
+            handles.append(handle)
+            tensors = strip_prefix(handle)
+            info["format"] = "single-file (.safetensors, original Flux transformer keys)"
+            info["variant"] = "dev" if any(k.startswith("guidance_in.") for k in tensors) else "schnell"
+            info["transformer"] = _summary(tensors)
+            info["missing"] = ["text_encoder", "text_encoder_2", "vae"]
+            info["notes"] = [
+                "the other components come from a diffusers Flux folder: from_pretrained(file, config=folder)"
+            ]
+    finally:
+        for handle in handles:
+            handle.close()
+    return info
