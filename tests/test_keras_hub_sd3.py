@@ -145,7 +145,8 @@ def test_missing_variable_is_named(tmp_path):
     with h5py.File(folder / "model.weights.h5", "r+") as h5:
         del h5["layers/mm_di_t/layers/mm_di_t_block_1/x_block/attention_qkv/vars/0"]
     with pytest.raises(
-        ValueError, match=r"model.weights.h5 lacks 1 variable.*mm_di_t_block_1/x_block/attention_qkv"
+        ValueError,
+        match=r"model.weights.h5: the weights lack 1 variable.*mm_di_t_block_1/x_block/attention_qkv",
     ):
         read_keras_hub_sd3(folder)
 
@@ -258,3 +259,57 @@ def test_full_size_configs_and_renames(name):
         assert len(ours) == len(set(ours)), part
         assert set(ours) == set(manifest(model)), part
     assert any(key.endswith("nin_shortcut.weight") for _, key, _ in built["vae"][1])
+
+
+# -- sharded presets (save_to_preset with max_shard_size: model.weights.json and model_0000N.weights.h5)
+
+SHARDED = KERAS_HUB / "preset_sharded"
+
+
+def test_sharded_preset_loads_the_same_weights(sd, outputs):
+    assert len(list(SHARDED.glob("model_*.weights.h5"))) > 1  # keras really split it
+    sharded = load_keras_hub_sd3(StableDiffusion3, SHARDED)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(sd, name).weights, getattr(sharded, name).weights  # the same build order
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=f"{name}: {a.path}")
+    velocity = sharded.transformer(
+        outputs["latents"], outputs["timestep"][:, 0], outputs["context"], outputs["pooled"]
+    )
+    assert _max_error(velocity, outputs["velocity"]) < TOL
+    from tf_diffusion.weights.loading import detect_format
+
+    assert detect_format(SHARDED) == "keras-hub"
+
+
+def _sharded_copy(tmp_path) -> pathlib.Path:
+    folder = tmp_path / "preset"
+    shutil.copytree(SHARDED, folder)
+    return folder
+
+
+def test_sharded_preset_missing_shard_is_named(tmp_path):
+    folder = _sharded_copy(tmp_path)
+    (folder / "model_00001.weights.h5").unlink()
+    with pytest.raises(ValueError, match="model_00001.weights.h5"):
+        read_keras_hub_sd3(folder)
+
+
+@pytest.mark.parametrize("name", ["../model_00000.weights.h5", "/etc/passwd", "sub/model_00000.weights.h5"])
+def test_sharded_preset_map_cannot_point_outside_its_folder(tmp_path, name):
+    folder = _sharded_copy(tmp_path)
+    index = folder / "model.weights.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = name
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="not a plain file name"):
+        read_keras_hub_sd3(folder)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"weight_map": {}}', '{"weight_map": {"/a/vars": 3}}'])
+def test_sharded_preset_bad_map(tmp_path, text):
+    folder = _sharded_copy(tmp_path)
+    (folder / "model.weights.json").write_text(text)
+    with pytest.raises(ValueError, match="model.weights.json"):
+        read_keras_hub_sd3(folder)

@@ -8,6 +8,9 @@ Written to tests/fixtures/sd3/keras_hub/:
   blocks per level and a 16-channel latent, and two small CLIP text encoders (quick_gelu as CLIP-L,
   exact gelu as CLIP-G; penultimate outputs). The weights are keras-hub's own random ones (Keras
   initialisers, then every variable redrawn so that biases and norms are not trivially 0 / 1).
+* ``preset_sharded/``: the same backbone saved with ``max_shard_size`` of 1 MB: ``config.json``,
+  ``model.weights.json`` (Keras's shard map) and ``model_0000N.weights.h5`` shards, as keras-hub saves
+  presets larger than its shard size (10 GB by default, so SD3.5 Large's is sharded).
 * ``outputs.npz``: fixed inputs and keras-hub's outputs for them: the diffuser (MMDiT) call with
   latents, context, pooled projection and timestep; the VAE decode of the latents and the VAE
   encoder's moments (mean, log-variance) of an image; each CLIP
@@ -20,7 +23,8 @@ Written to tests/fixtures/sd3/keras_hub/:
   diffusers' output (``reference.npz``) within 1e-4 before writing it.
 
 Usage (dev only; needs keras-hub, which tf_diffusion never imports):
-    KERAS_BACKEND=tensorflow python tools/make_fixtures_keras_hub_sd3.py
+    KERAS_BACKEND=tensorflow python tools/make_fixtures_keras_hub_sd3.py            # everything
+    KERAS_BACKEND=tensorflow python tools/make_fixtures_keras_hub_sd3.py --sharded  # preset_sharded/ only
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -40,6 +45,7 @@ from keras_hub.src.models.vae.vae_backbone import VAEBackbone  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "fixtures" / "sd3" / "keras_hub"
+SHARD_GB = 0.001  # 1 MB shards: the tiny backbone's 3 MB of weights in a few files
 
 
 def build() -> StableDiffusion3Backbone:
@@ -150,10 +156,16 @@ def same_weights() -> dict[str, np.ndarray]:
 
 def main() -> None:
     backbone = build()
+    if "--sharded" in sys.argv[1:]:
+        shutil.rmtree(OUT / "preset_sharded", ignore_errors=True)
+        backbone.save_to_preset(str(OUT / "preset_sharded"), max_shard_size=SHARD_GB)
+        print("wrote", sorted(p.name for p in (OUT / "preset_sharded").iterdir()))
+        return
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
     backbone.save_to_preset(str(OUT / "preset"))
+    backbone.save_to_preset(str(OUT / "preset_sharded"), max_shard_size=SHARD_GB)
 
     rng = np.random.default_rng(1)
     latents = rng.standard_normal((2, 8, 8, 16)).astype("float32")

@@ -2,7 +2,10 @@
 
 A preset folder (``backbone.save_to_preset(dir)``, or a text-to-image task preset, whose backbone is the
 same two files) holds ``config.json`` (the backbone's Keras config, with the VAE, CLIP-L, CLIP-G and
-T5 as nested Keras configs) and ``model.weights.h5`` (Keras 3 weights: ``layers/<name>/.../vars/<i>``).
+T5 as nested Keras configs) and ``model.weights.h5`` (Keras 3 weights: ``layers/<name>/.../vars/<i>``),
+or, when the preset was saved in shards (``save_to_preset(max_shard_size=...)``, keras-hub's default of
+10 GB shards SD3.5 Large), ``model.weights.json`` naming for each variable group the
+``model_0000N.weights.h5`` files that hold it.
 keras-hub names every saved layer by its class in snake case, numbered in the order the backbone's
 graph holds them: ``mm_di_t`` (the MMDiT), ``vae_encoder`` / ``vae_decoder``, ``clip_text_encoder``
 and ``clip_text_encoder_1`` with their ``clip_projection`` / ``clip_projection_1``. This module reads
@@ -41,6 +44,7 @@ from tf_diffusion.weights.state_dict import load_state_dict
 BACKBONE_CLASS = "StableDiffusion3Backbone"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
+SHARD_INDEX = "model.weights.json"  # a sharded save: Keras's map from variable groups to shard files
 
 
 # --------------------------------------------------------------------------- layouts (Keras -> PyTorch)
@@ -417,7 +421,7 @@ def _pick_clips(h5, config: SD3Config, where: str) -> dict[str, tuple[str, str]]
     projections = ("clip_projection", "clip_projection_1")
     for name in (*groups, *projections):
         if f"layers/{name}" not in h5:
-            raise ValueError(f"{where}: {WEIGHTS_FILE} has no layers/{name} (the backbone's CLIP encoders)")
+            raise ValueError(f"{where}: no layers/{name} in the weights (the backbone's CLIP encoders)")
     width = {
         g: h5[f"layers/{g}/layers/layer_normalization/vars/0"].shape[0]
         if f"layers/{g}/layers/layer_normalization/vars/0" in h5
@@ -464,7 +468,7 @@ def _convert(h5, entries: list[Entry], prefix: str, where: str) -> dict[str, Laz
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(
-            f"{where}: {WEIGHTS_FILE} lacks {len(missing)} variable(s) this architecture needs: {shown}"
+            f"{where}: the weights lack {len(missing)} variable(s) this architecture needs: {shown}"
         )
     out = {}
     for path, ours, transform in entries:
@@ -479,6 +483,91 @@ def _convert(h5, entries: list[Entry], prefix: str, where: str) -> dict[str, Laz
             raise ValueError(f"{where}: {prefix}{path} holds {dataset.dtype}, not floating-point weights")
         out[ours] = derived(dataset, transform, shape(stored), dataset.dtype, f"{where}:{prefix}{path}")
     return out
+
+
+def weights_path(folder: pathlib.Path) -> pathlib.Path:
+    """The preset's ``model.weights.h5``, or its ``model.weights.json`` shard map when it was saved in shards.
+
+    Raises:
+        ValueError: for a folder with neither.
+    """
+    for name in (WEIGHTS_FILE, SHARD_INDEX):
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(
+        f"{folder}: no {WEIGHTS_FILE} (nor a sharded {SHARD_INDEX}); a keras-hub preset keeps its backbone "
+        "weights there"
+    )
+
+
+class ShardedWeights:
+    """The shards of a sharded Keras weights save, read as one HDF5 file (``get``, ``in``, ``[]``, ``close``).
+
+    Keras writes ``model.weights.json`` with ``{"weight_map": {"/<layer path>/vars": file or [files]}}``
+    (a group's variables may be split over consecutive shards) and each shard with the same group tree.
+    A path is looked up in the files its group maps to, then in every shard. Shard names must be plain
+    file names in the map's folder, so a hostile map cannot point outside it.
+
+    Raises:
+        ValueError: for a map that is not such JSON, a shard name with a folder in it, or a missing shard.
+    """
+
+    def __init__(self, index: pathlib.Path):
+        import h5py
+
+        index = pathlib.Path(index)
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index}: not a Keras shard map ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: a Keras shard map has a non-empty 'weight_map' object; this has none")
+        self._map: dict[str, list[str]] = {}
+        for group, names in weight_map.items():
+            names = [names] if isinstance(names, str) else names
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{index}: weight_map[{group!r}] must be a file name or a list of them")
+            for name in names:
+                if pathlib.PurePath(name).name != name or name in ("", ".", ".."):
+                    raise ValueError(f"{index}: shard {name!r} is not a plain file name in {index.parent}")
+            self._map[str(group).strip("/")] = names
+        self._files: dict[str, object] = {}
+        try:
+            for name in dict.fromkeys(n for names in self._map.values() for n in names):
+                shard = index.parent / name
+                if not shard.is_file():
+                    raise ValueError(f"{index}: names the shard {name}, which is not in {index.parent}")
+                try:
+                    self._files[name] = h5py.File(shard, "r")
+                except OSError as e:
+                    raise ValueError(f"{shard}: not a readable HDF5 file ({e})") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def get(self, path: str):
+        group = path.strip("/")
+        group = group[: group.rindex("/vars") + 5] if "/vars" in group else group
+        mapped = [self._files[n] for n in self._map.get(group, ())]
+        for h5 in (*mapped, *self._files.values()):
+            found = h5.get(path)
+            if found is not None:
+                return found
+        return None
+
+    def __contains__(self, path: str) -> bool:
+        return any(path in h5 for h5 in self._files.values())
+
+    def __getitem__(self, path: str):
+        found = self.get(path)
+        if found is None:
+            raise KeyError(f"{path} is in none of the shards")
+        return found
+
+    def close(self) -> None:
+        for h5 in self._files.values():
+            h5.close()
 
 
 @dataclass
@@ -509,25 +598,26 @@ def read_keras_hub_sd3(folder: pathlib.Path) -> KerasHubPreset:
 
     Raises:
         ImportError: h5py is missing.
-        ValueError: for a folder that is not such a preset, a missing ``model.weights.h5``, or a variable
+        ValueError: for a folder that is not such a preset, missing weights (``weights_path``), or a variable
             the config's architecture needs that the file lacks or holds in another rank (named).
     """
     folder = pathlib.Path(folder)
     data = read_preset_config(folder)
     backbone = data["config"]
     config = sd3_config_from_keras_hub(backbone, folder.name, str(folder / CONFIG_FILE))
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        raise ValueError(f"{folder}: no {WEIGHTS_FILE}; a keras-hub preset keeps its backbone weights there")
+    path = weights_path(folder)
     try:
         import h5py
     except ImportError:
         raise ImportError("reading keras-hub presets needs h5py (a dependency of tensorflow)") from None
     with reading(path, "cannot read the keras-hub weights"):
-        try:
-            h5 = h5py.File(path, "r")
-        except OSError as e:
-            raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
+        if path.name == SHARD_INDEX:
+            h5 = ShardedWeights(path)
+        else:
+            try:
+                h5 = h5py.File(path, "r")
+            except OSError as e:
+                raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
         try:
             where = str(path)
             parts = {
@@ -560,7 +650,7 @@ def load_keras_hub_sd3(cls, folder: pathlib.Path, *, dtype=None, load_t5: bool =
                 "convert yet; load with load_t5=False to run without T5 (zero T5 tokens)"
             )
         sd = cls(preset.config, dtype=dtype)
-        with reading(folder / WEIGHTS_FILE, "cannot load the keras-hub weights"):
+        with reading(weights_path(folder), "cannot load the keras-hub weights"):
             for name, tensors in preset.parts.items():
                 load_state_dict(getattr(sd, name), tensors)
     return sd
