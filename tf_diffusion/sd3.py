@@ -268,6 +268,10 @@ class SkipLayerDenoiser:
         self.transformer = base.transformer
 
     @property
+    def backbone(self):
+        return self.transformer
+
+    @property
     def key(self):
         return ("skip-layer", self.base.key, self.layers)
 
