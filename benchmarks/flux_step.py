@@ -28,21 +28,16 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from benchmarks._harness import measure, rel_errors, run_case, write_report  # noqa: E402
+
 CASES = ("diffusers-bf16", "ours-bf16", "ours-int8")
-
-
-def _status(field: str) -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 2**20
 
 
 def _write_model(folder: pathlib.Path, depth: int, single_depth: int) -> None:
@@ -111,24 +106,9 @@ def _case(name: str, folder: str, inputs: str, out: str, repeats: int) -> dict:
         def call():
             return np.asarray(tf.cast(step(args), tf.float32))
 
-    rss = _status("VmRSS")
-    start = time.perf_counter()
-    result = call()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - start)
+    result, timing = measure(call, repeats)
     np.save(out, result)
-    return dict(
-        case=name,
-        weights_gib=round(weights / 2**30, 3),
-        rss_gib=round(rss, 3),
-        peak_rss_gib=round(_status("VmHWM"), 3),
-        first_call_s=round(first, 2),
-        step_s=round(min(times), 2) if times else None,
-    )
+    return dict(case=name, weights_gib=round(weights / 2**30, 3), **timing)
 
 
 def main(argv=None) -> None:
@@ -160,28 +140,16 @@ def main(argv=None) -> None:
         outputs = {}
         for name in args.cases:
             out = tmp / f"{name}.npy"
-            done = subprocess.run(
-                [sys.executable, __file__, "case", name, str(tmp / "transformer"), str(tmp / "inputs.npz"),
-                 str(out), str(args.repeats)],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            if done.returncode:
-                raise SystemExit(f"case {name} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            outputs[name] = np.load(out).astype(np.float64)
+            folder, inputs = tmp / "transformer", tmp / "inputs.npz"
+            result = run_case(__file__, name, [folder, inputs, out, args.repeats])
+            outputs[name] = np.load(out)
             results.append(result)
             print(json.dumps(result), flush=True)
-    if "diffusers-bf16" in outputs:
-        ref = outputs["diffusers-bf16"]
-        for result in results:
-            got = outputs[result["case"]]
-            result["rel_error"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    rel_errors(results, outputs, "diffusers-bf16")
     report = dict(
         depth=args.depth, single_depth=args.single_depth, size=args.size, tokens=args.tokens, results=results
     )
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

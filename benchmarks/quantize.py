@@ -35,14 +35,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from benchmarks._harness import status_gib  # noqa: E402
+
 MODELS = ("sdxl-unet", "sd3.5-medium-transformer", "t5-xxl")
 T5_TOKENS = 256
 T5_NEEDS_GIB = 13  # bfloat16 weights (9.5 GB) plus activations and the process
-
-
-def _status(field: str) -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 2**20
 
 
 def _available_gib() -> float:
@@ -140,7 +137,7 @@ def case(name: str, mode: str, size: int, out: str, checkpoint: str) -> dict:
     from tf_diffusion.weights.state_dict import load_state_dict
 
     keras.utils.set_random_seed(0)
-    base = _status("VmRSS")
+    base = status_gib("VmRSS")
     start = time.perf_counter()
     model, args, call = _build(name, size, mode)
     if mode == "int8":
@@ -148,8 +145,8 @@ def case(name: str, mode: str, size: int, out: str, checkpoint: str) -> dict:
             load_state_dict(model, tensors)
     build = time.perf_counter() - start
     quantize.return_freed_memory()
-    rss = _status("VmRSS") - base
-    peak = _status("VmHWM")
+    rss = status_gib("VmRSS") - base
+    peak = status_gib("VmHWM")
     if mode == "bfloat16":
         save_safetensors(_lazy_state_dict(model), checkpoint)
     weights = sum(int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
@@ -165,7 +162,7 @@ def case(name: str, mode: str, size: int, out: str, checkpoint: str) -> dict:
     return {
         "model": name, "mode": mode, "size": size, "build_load_s": round(build, 1),
         "weights_gib": round(weights, 2), "rss_gib": round(rss, 2), "load_peak_rss_gib": round(peak, 2),
-        "peak_rss_gib": round(_status("VmHWM"), 2), "first_call_s": round(first, 1), "step_s": round(step, 2),
+        "peak_rss_gib": round(status_gib("VmHWM"), 2), "first_call_s": round(first, 1), "step_s": round(step, 2),
         "loadavg_1min": round(os.getloadavg()[0], 2),
     }  # fmt: skip
 

@@ -31,12 +31,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from benchmarks._harness import status_gib  # noqa: E402
+
 PROMPT = "a photograph of an astronaut riding a horse"
-
-
-def peak_rss_gib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
 
 
 def ours(case: str, reps: int) -> dict:
@@ -129,7 +127,7 @@ def diffusers(case: str, reps: int) -> dict:
 
 
 def _result(case, framework, build, times, weights) -> dict:
-    peak = peak_rss_gib()
+    peak = status_gib("VmHWM")
     return {
         "case": case, "framework": framework, "build_s": round(build, 1), "first_call_s": round(times[0], 1),
         "times_s": [round(t, 2) for t in times[1:]],

@@ -19,12 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from benchmarks._harness import status_gib  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (the architecture fields).
 SDXL_UNET = dict(
@@ -35,11 +39,6 @@ SDXL_UNET = dict(
     sample_size=128, transformer_layers_per_block=[1, 2, 10],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
 )  # fmt: skip
-
-
-def peak_rss_gib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
 
 
 def inputs(size: int):
@@ -111,7 +110,7 @@ def run_one(framework: str, dtype: str, size: int, reps: int) -> dict:
     return {
         "framework": framework, "dtype": dtype, "size": size, "build_s": round(build, 1),
         "first_call_s": round(first, 1), "times_s": [round(s, 2) for s in times],
-        "median_s": round(statistics.median(times), 2), "peak_rss_gib": round(peak_rss_gib(), 2),
+        "median_s": round(statistics.median(times), 2), "peak_rss_gib": round(status_gib("VmHWM"), 2),
         "loadavg_1min": round(os.getloadavg()[0], 2),
     }  # fmt: skip
 

@@ -35,11 +35,27 @@ def fixtures_dir() -> pathlib.Path:
     return FIXTURES
 
 
+def _memory_gib() -> dict[str, float]:
+    """This process's resident memory now (VmRSS) and at its peak (VmHWM), in GiB; empty off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS", "VmHWM")))
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) / 2**20 for k, v in fields.items()}
+
+
 def pytest_terminal_summary(terminalreporter):
     """How many memory mappings the run left: XLA's compiled code is never freed, and a process at
-    vm.max_map_count crashes in XLA, so this is the suite's headroom for more XLA compiles."""
+    vm.max_map_count crashes in XLA, so this is the suite's headroom for more XLA compiles. And the
+    run's resident memory, now and at its peak: the whole suite runs in one process."""
     from tf_diffusion.execution.compiling import memory_mappings
 
+    memory = _memory_gib()
+    if memory:
+        terminalreporter.write_line(
+            f"resident memory at the end: {memory['VmRSS']:.1f} GiB, peak {memory['VmHWM']:.1f} GiB"
+        )
     counts = memory_mappings()
     if counts is None:
         return

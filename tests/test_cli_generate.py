@@ -247,7 +247,16 @@ def test_examples_run_on_the_tiny_model(tmp_path, monkeypatch, script, args):
     Image.fromarray(m).save(mask)
     out = tmp_path / "out.png"
     argv = [a.format(init=init, mask=mask) for a in args] + ["-o", str(out)]
-    # In this process (the model loaded once for the file), as ``python examples/<script> ...`` runs it.
+    # In this process (the model loaded once for the file), as ``python examples/<script> ...`` runs it,
+    # but in graph mode as the CLI runs on a CPU, so the examples reuse the commands' traces: an XLA
+    # compile of each task costs seconds here, and the default choice of XLA on a CPU and its one
+    # program for every step are tested in test_generate.py.
+    real_generate = StableDiffusion.generate
+    monkeypatch.setattr(
+        StableDiffusion,
+        "generate",
+        lambda self, *a, **k: real_generate(self, *a, **{"jit_compile": False, **k}),
+    )
     path = ROOT / "examples" / script
     monkeypatch.setattr(sys, "argv", [str(path), *argv])
     runpy.run_path(str(path), run_name="__main__")

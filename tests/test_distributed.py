@@ -58,6 +58,8 @@ SCRIPT = """
     elif {sdxl}:  # pooled embeddings and time ids are per-row inputs too
         opts = dict(original_size=(24, 16), crops_coords_top_left=(0, 8), target_size=(16, 16))
         cases = {{"sdxl_euler_a": dict(scheduler="euler_a", height=16, width=16, sdxl_options=opts)}}
+    elif {transformer}:  # SD3 / Flux: T5 context, pooled CLIP, a flow sampler (Flux: its guidance input)
+        cases = {{"transformer": dict(height=16, width=16, max_sequence_length=12)}}
     else:  # and the VAE decoded in tiles (16 px on 32 px images: 3 x 3 blended tiles), each tile sharded
         sd.enable_vae_tiling(16)
         cases = {{"txt2img_euler_a": dict(scheduler="euler_a")}}
@@ -73,20 +75,25 @@ SCRIPT = """
     """
 
 
-def _run(backend: str, tmp_path, inpaint: bool, sdxl: bool = False) -> tuple[dict, dict]:
+def _run(backend: str, tmp_path, inpaint: bool, sdxl: bool = False, folder: str | None = None):
     import json
 
     tests = os.path.dirname(os.path.abspath(__file__))
     model = "StableDiffusion(MICRO)"
-    if sdxl:
-        model = (
-            f"StableDiffusion.from_pretrained({os.path.join(tests, 'fixtures', 'sdxl', 'sdxl-diffusers')!r})"
-        )
+    folder = os.path.join("sdxl", "sdxl-diffusers") if sdxl else folder
+    if folder is not None:
+        model = f"StableDiffusion.from_pretrained({os.path.join(tests, 'fixtures', folder)!r})"
     # Both runs compile alike: the default (None: XLA for float32, also on a CPU, as for one device) and,
     # on TensorFlow, graph mode too. JAX always compiles.
     jits = [None, False] if backend == "tensorflow" else [None]
     body = textwrap.dedent(SCRIPT).format(
-        tests=tests, prompts=PROMPTS, inpaint=inpaint, sdxl=sdxl, jits=jits, model=model
+        tests=tests,
+        prompts=PROMPTS,
+        inpaint=inpaint,
+        sdxl=sdxl,
+        jits=jits,
+        model=model,
+        transformer=folder is not None and not sdxl,
     )
     script = textwrap.dedent(SETUP[backend]) + body
     # The autotuner times candidate kernels per shape; the sharded replicas see other batch sizes than
@@ -163,3 +170,16 @@ def test_bad_arguments():
         sharded.generate("a", fused=False, num_steps=2)
     with pytest.raises(ValueError, match="tf.distribute.Strategy"):
         ShardedStableDiffusion(sd, strategy="mirrored")
+
+
+@pytest.mark.slow  # XLA compiles of two tiny transformer pipelines
+@pytest.mark.parametrize("folder", [os.path.join("sd3", "sd3-diffusers"), os.path.join("flux", "flux-dev")])
+def test_transformer_families_sharded_over_two_jax_devices_equal_one_device(tmp_path, folder):
+    pytest.importorskip("jax")
+    out, info = _run("jax", tmp_path, inpaint=False, folder=folder)
+    assert info["replicas"] == 2
+    assert len(info["devices"]["transformer_None"]) == 2
+    sharded, single = out["transformer_None_sharded"], out["transformer_None_single"]
+    assert sharded.shape == (3, 16, 16, 3)
+    assert np.abs(sharded).max() > 0
+    np.testing.assert_allclose(sharded, single, atol=1e-5)

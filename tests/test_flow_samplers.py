@@ -1,10 +1,10 @@
 """Flow-matching samplers (flow_euler, flow_heun, flow_dpmpp_2m, flow_dpmpp_2m_sde) against diffusers.
 
 tools/make_fixtures_flow.py ran diffusers' FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
-and DPMSolverMultistepScheduler (flow sigmas) on the toy velocity model below and stored their configs,
-timesteps, sigmas and every step's latents (tests/fixtures/flow/); here our samplers read the same configs,
-run the same model and must agree. The SD3 tiny folder's images from diffusers' StableDiffusion3Pipeline
-with those schedulers are stored too. No torch or diffusers is imported.
+and DPMSolverMultistepScheduler (flow sigmas) on the toy velocity model ``tf_diffusion.testing.toy_velocity``
+and stored their configs, timesteps, sigmas and every step's latents (tests/fixtures/flow/); here our
+samplers read the same configs, run the same model and must agree. The SD3 tiny folder's images from
+diffusers' StableDiffusion3Pipeline with those schedulers are stored too. No torch or diffusers is imported.
 """
 
 import dataclasses
@@ -19,6 +19,7 @@ from tf_diffusion.config import SchedulerConfig
 from tf_diffusion.infotext import a1111_sampler, sampler_from_a1111
 from tf_diffusion.schedulers import SAMPLERS, config_from_diffusers, flow_shift_mu, get_sampler
 from tf_diffusion.schedulers.flow_match import FlowDPMSolverMultistep
+from tf_diffusion.testing import toy_phase, toy_velocity
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "sd3"
 FLOW = pathlib.Path(__file__).parent / "fixtures" / "flow"
@@ -31,15 +32,6 @@ IMAGE_TOL = 1e-4
 @functools.lru_cache(maxsize=1)
 def trajectories():
     return dict(np.load(FLOW / "trajectories.npz"))
-
-
-def toy_velocity(x, t, phase):
-    """A smooth stand-in for the transformer (tools/make_fixtures_flow.py has the same; keep them in sync)."""
-    x = np.asarray(x, np.float64)
-    s = t / 1000.0
-    target = 0.5 * np.sin(phase)
-    v = (x - target) / max(1.0 - 0.9 * s, 0.1) * 0.8 + 0.1 * np.tanh(x) + 0.05 * np.cos(t / 97.0 + phase)
-    return v.astype(np.float32)
 
 
 def _ours(case):
@@ -64,7 +56,7 @@ def test_trajectory_matches_diffusers(case):
     assert plan.init_noise_sigma == case["init_noise_sigma"]  # FlowMatch*: unscaled
 
     x = ref[f"{key}/x0"]  # NCHW as diffusers held it; the toy model and the samplers are elementwise
-    phase = np.arange(x.size, dtype=np.float64).reshape(x.shape) * 0.37
+    phase = toy_phase(x.shape)
     step_noise = ref.get(f"{key}/step_noise")
     want = ref[f"{key}/latents"]
     assert len(want) == plan.num_evals

@@ -152,3 +152,49 @@ def test_sdxl_under_jax_matches_diffusers():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["error"] <= 1e-3
+
+
+TRANSFORMER_SCRIPT = """
+import json
+import numpy as np
+import keras
+from tf_diffusion.pipeline import StableDiffusion
+assert keras.backend.backend() == "jax", keras.backend.backend()
+fixtures = {fixtures!r}
+errors = {{}}
+# SD3 (tests/test_sd3_pipeline.py's "t5_negative" case: T5, a negative prompt, guidance 7, 3 steps)
+arrays = dict(np.load(fixtures + "/sd3/pipeline.npz"))
+prompts, negatives, guidance, steps, _ = json.load(open(fixtures + "/sd3/pipeline.json"))["t5_negative"]
+sd = StableDiffusion.from_pretrained(fixtures + "/sd3/sd3-diffusers")
+images = sd.generate(prompts, negatives, num_steps=steps, guidance_scale=guidance, height=12, width=8,
+                     latents=arrays["t5_negative_latents"], max_sequence_length=12, output_type="float",
+                     progress=False)
+errors["sd3"] = float(np.abs(np.asarray(images) - arrays["t5_negative_images"]).max())
+# Flux.1 [dev] (tests/test_flux_pipeline.py's text-to-image case: the guidance input, dynamic shifting)
+meta = json.load(open(fixtures + "/flux/pipeline.json"))
+arrays = dict(np.load(fixtures + "/flux/pipeline.npz"))
+sd = StableDiffusion.from_pretrained(fixtures + "/flux/flux-dev")
+images = sd.generate(meta["prompts"], num_steps=meta["cases"]["txt2img"]["steps"],
+                     guidance_scale=meta["guidance"]["dev"], height=meta["height"], width=meta["width"],
+                     latents=arrays["dev/txt2img_latents"], max_sequence_length=meta["max_sequence_length"],
+                     output_type="float", progress=False)
+errors["flux"] = float(np.abs(np.asarray(images) - arrays["dev/txt2img_images"]).max())
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.slow  # a JAX process loads and compiles both tiny pipelines (about a minute)
+def test_sd3_and_flux_under_jax_match_diffusers():
+    """The transformer families under KERAS_BACKEND=jax (XLA-compiled loop, the default there) equal
+    diffusers' StableDiffusion3Pipeline and FluxPipeline images on the tiny folders from the same latents."""
+    import json
+
+    script = TRANSFORMER_SCRIPT.format(fixtures=str(ROOT / "tests" / "fixtures"))
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert errors["sd3"] < 1e-3, errors  # the SD3 pipeline tests' tolerance
+    assert errors["flux"] < 1e-4, errors  # the Flux pipeline tests' tolerance

@@ -37,6 +37,7 @@ def assert_matches(sd, reference, key):
         scheduler="euler",
         output_type="float",
         progress=False,
+        jit_compile=False,  # graph mode: the VAE is the point; an XLA compile per model costs seconds
     )
     err = float(np.abs(np.asarray(out) - ref[f"{key}/images"]).max())
     print(f"{key}: max abs error against diffusers {err:.2e}")
@@ -199,10 +200,12 @@ def test_generate_decodes_through_the_tiles():
 
     sd = StableDiffusion.from_pretrained(SD1)
     sd.enable_vae_tiling(16)
-    kw = dict(num_steps=1, height=40, width=56, seed=3, progress=False)
+    # Graph mode throughout (XLA compiles of the loop and of each tile shape cost seconds here).
+    kw = dict(num_steps=1, height=40, width=56, seed=3, progress=False, jit_compile=False)
     latents = sd.generate("a red circle", output_type="latent", **kw)
     images = sd.generate("a red circle", output_type="float", **kw)
-    want = np.clip(sd.decode(np.asarray(latents) / sd.config.vae.scaling_factor) / 2 + 0.5, 0, 1)
+    decoded = sd.decode(np.asarray(latents) / sd.config.vae.scaling_factor, jit_compile=False)
+    want = np.clip(decoded / 2 + 0.5, 0, 1)
     np.testing.assert_allclose(images, want, atol=1e-6)
 
 

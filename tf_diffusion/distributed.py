@@ -103,7 +103,7 @@ class ShardedExecutor:
         if fused is False:
             raise ValueError("fused=False is not supported on several devices; the loop always runs fused")
         if jit_compile is None:  # the same choice as the local executor's whole-loop default
-            jit_compile = _default_jit_compile(program.denoiser.unet, has_accelerator())
+            jit_compile = _default_jit_compile(program.denoiser.backbone, has_accelerator())
         rows = {"x": np.asarray(x, np.float32), **inputs["rows"]}
         per_step = inputs.get("per_step", {})
 

@@ -421,7 +421,9 @@ class SD3Hooks(FamilyHooks):
         if path.is_dir():
             index = path / "model_index.json"
             if not index.is_file():
-                return False
+                from tf_diffusion.weights.keras_hub_sd3 import is_keras_hub_sd3_preset
+
+                return is_keras_hub_sd3_preset(path)
             try:
                 name = json.loads(index.read_text()).get("_class_name")
             except (ValueError, OSError, AttributeError):
@@ -438,8 +440,11 @@ class SD3Hooks(FamilyHooks):
             return False
 
     def describe(self, path):
+        from tf_diffusion.weights.keras_hub_sd3 import describe_keras_hub_sd3, is_keras_hub_sd3_preset
         from tf_diffusion.weights.sd3_folder import describe_sd3
 
+        if path.is_dir() and is_keras_hub_sd3_preset(path):
+            return describe_keras_hub_sd3(path)
         return describe_sd3(path)
 
     def load(self, build, source, **kwargs):
@@ -459,6 +464,10 @@ class SD3Hooks(FamilyHooks):
                 f"{sorted(allowed)}, not {bad}"
             )
         if path.is_dir():
+            from tf_diffusion.weights.keras_hub_sd3 import is_keras_hub_sd3_preset, load_keras_hub_sd3
+
+            if is_keras_hub_sd3_preset(path):
+                return load_keras_hub_sd3(build, path, **kwargs)
             return sd3_folder.load_sd3_folder(build, path, **kwargs)
         config = kwargs.pop("config", None)
         if isinstance(config, str):

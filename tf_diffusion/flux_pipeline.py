@@ -361,30 +361,17 @@ def read_flux_config(folder: pathlib.Path):
 
 def load_flux_folder(build, folder: pathlib.Path, *, dtype=None):
     """Build a model with ``build`` from a diffusers Flux folder and load every component's weights."""
-    from tf_diffusion.weights.diffusers_folder import (
-        _open_weights,
-        select_weight_files,
-        text_encoder_from_transformers,
-    )
+    from tf_diffusion.weights.diffusers_folder import clip_from_transformers, load_folder_components
     from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae
     from tf_diffusion.weights.flux import convert_diffusers_flux
-    from tf_diffusion.weights.state_dict import load_state_dict
 
     config, tokenizer, tokenizer_2 = read_flux_config(folder)
     sd = build(config, dtype=dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
-    available = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-    handles: list = []
-    try:
-        for name in ("text_encoder", "text_encoder_2", "transformer", "vae"):
-            tensors, _ = _open_weights(folder, select_weight_files(available, name, None), handles)
-            if name == "text_encoder":
-                tensors, _ = text_encoder_from_transformers(tensors)
-            elif name == "transformer":
-                tensors = convert_diffusers_flux(tensors, config.transformer, lazy=True)
-            elif name == "vae":
-                tensors = convert_diffusers_vae(tensors, config.vae)
-            load_state_dict(getattr(sd, name), tensors)
-    finally:
-        for handle in handles:
-            handle.close()
+    converters = {
+        "text_encoder": clip_from_transformers,
+        "text_encoder_2": None,  # transformers' T5EncoderModel keys are our attribute paths
+        "transformer": lambda tensors: convert_diffusers_flux(tensors, config.transformer, lazy=True),
+        "vae": lambda tensors: convert_diffusers_vae(tensors, config.vae),
+    }
+    load_folder_components(sd, folder, converters)
     return sd

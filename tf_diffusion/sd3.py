@@ -107,11 +107,12 @@ class StableDiffusion3(StableDiffusion):
         quantize: str | None = None,
         quantize_components=None,
     ):
-        """Load a diffusers ``StableDiffusion3Pipeline`` folder (``StableDiffusion.from_pretrained`` reads
-        it as well).
+        """Load a diffusers ``StableDiffusion3Pipeline`` folder or a keras-hub ``StableDiffusion3Backbone``
+        preset folder (``weights.keras_hub_sd3``); ``StableDiffusion.from_pretrained`` reads both as well.
 
         Args:
-            path: the folder (``model_index.json``, ``transformer/``, ``text_encoder[_2|_3]/``, ...).
+            path: the folder (``model_index.json``, ``transformer/``, ``text_encoder[_2|_3]/``, ...; or a
+                keras-hub preset's ``config.json`` and ``model.weights.h5``).
             dtype: as in the constructor.
             load_t5: False leaves T5 out even when the folder has it (its tokens are then zeros).
             quantize, quantize_components: "int8" stores the transformer's and text encoders' linear
@@ -265,6 +266,10 @@ class SkipLayerDenoiser:
     def __init__(self, base: MMDiTDenoiser, layers: tuple[int, ...]):
         self.base, self.layers = base, tuple(layers)
         self.transformer = base.transformer
+
+    @property
+    def backbone(self):
+        return self.transformer
 
     @property
     def key(self):

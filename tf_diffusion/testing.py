@@ -40,3 +40,22 @@ def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str
         else:
             out[key] = np.float32(0.1) * draw
     return out
+
+
+def toy_phase(shape: tuple[int, ...]) -> np.ndarray:
+    """(shape) float64 fixed phase field that ``toy_velocity`` reads: 0.37 times each element's flat index."""
+    return np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape) * 0.37
+
+
+def toy_velocity(x, t: float, phase: np.ndarray) -> np.ndarray:
+    """A smooth elementwise stand-in for a flow transformer: the velocity at latents ``x`` and timestep ``t``.
+
+    It pulls ``x`` toward a phase-dependent target faster as ``t`` (0 to 1000) falls, with a small
+    nonlinear and time-varying part, so a sampler that misplaces a step or a sigma drifts off the
+    reference trajectory. Computed in float64 and returned as float32, as a model's output would be.
+    """
+    x = np.asarray(x, np.float64)
+    s = t / 1000.0
+    target = 0.5 * np.sin(phase)
+    v = (x - target) / max(1.0 - 0.9 * s, 0.1) * 0.8 + 0.1 * np.tanh(x) + 0.05 * np.cos(t / 97.0 + phase)
+    return v.astype(np.float32)

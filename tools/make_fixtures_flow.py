@@ -7,9 +7,10 @@ FlowMatchHeunDiscreteScheduler or DPMSolverMultistepScheduler (``use_flow_sigmas
 * the scheduler's own config (``scheduler.config``, what ``save_pretrained`` writes to scheduler_config.json),
   which the test feeds to our ``config_from_diffusers``;
 * its timesteps, sigmas and ``init_noise_sigma``;
-* a text-to-image trajectory under ``toy_velocity`` (a NumPy function of the latents, the timestep and a
-  fixed phase field that the test re-evaluates on its own latents): the start latents, the noise handed to
-  the SDE solvers through ``step(variance_noise=...)`` and the latents after every step;
+* a text-to-image trajectory under ``tf_diffusion.testing.toy_velocity`` (a NumPy function of the latents,
+  the timestep and the fixed ``toy_phase`` field, which the test re-evaluates on its own latents): the start
+  latents, the noise handed to the SDE solvers through ``step(variance_noise=...)`` and the latents after
+  every step;
 * for img2img, the 10-step timesteps and sigmas the test slices at ``t_start * order``.
 
 It also runs diffusers' ``StableDiffusion3Pipeline`` on the tiny folder tests/fixtures/sd3/sd3-diffusers
@@ -24,24 +25,20 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import diffusers
 import numpy as np
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tf_diffusion.testing import toy_phase, toy_velocity  # noqa: E402
+
 OUT = ROOT / "tests" / "fixtures" / "flow"
 SD3_FOLDER = ROOT / "tests" / "fixtures" / "sd3" / "sd3-diffusers"
 SHAPE = (1, 4, 3, 3)  # NCHW
-
-
-def toy_velocity(x, t, phase):
-    """tests/test_flow_samplers.py's stand-in transformer (keep the two in sync)."""
-    x = np.asarray(x, np.float64)
-    s = t / 1000.0
-    target = 0.5 * np.sin(phase)
-    v = (x - target) / max(1.0 - 0.9 * s, 0.1) * 0.8 + 0.1 * np.tanh(x) + 0.05 * np.cos(t / 97.0 + phase)
-    return v.astype(np.float32)
 
 
 # (registry name, diffusers options, steps, mu)
@@ -107,7 +104,7 @@ def trajectory(index, case, arrays):
     arrays[f"{key}/sigmas"] = sched.sigmas.numpy().astype(np.float32)
     rng = np.random.default_rng(3)
     x = rng.standard_normal(SHAPE).astype(np.float32)
-    phase = np.arange(int(np.prod(SHAPE)), dtype=np.float64).reshape(SHAPE) * 0.37
+    phase = toy_phase(SHAPE)
     step_noise = rng.standard_normal((len(sched.timesteps), *SHAPE)).astype(np.float32)
     sde = options.get("algorithm_type", "").startswith("sde")
     arrays[f"{key}/x0"] = x

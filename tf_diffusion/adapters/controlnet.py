@@ -58,6 +58,10 @@ class ControlNetDenoiser:
         self.known_extras = (*base.known_extras, SCALE, *(IMAGE.format(k) for k in range(len(self.nets))))
 
     @property
+    def backbone(self):
+        return self.base.backbone
+
+    @property
     def unet(self):
         """The backbone (executors read its execution options)."""
         return self.base.unet

@@ -163,6 +163,10 @@ class IPAdapterDenoiser:
         )
 
     @property
+    def backbone(self):
+        return self.base.backbone
+
+    @property
     def unet(self):
         return self.base.unet
 

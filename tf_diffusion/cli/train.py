@@ -335,6 +335,8 @@ def run(args: argparse.Namespace) -> int:
         trainer = VAETrainer(sd.vae, config, strategy=strategy, train=args.train)
     else:
         trainer = DiffusionTrainer(sd, args.train, config, strategy=strategy)
+    if isinstance(trainer, DiffusionTrainer) and not isinstance(trainer, TextualInversionTrainer):
+        tokenizer = trainer.tokenize  # SDXL: both tokenizers' ids
     data = dataset_from_arrays(images, captions, tokenizer, args.batch_size, seed=args.seed)
     if args.class_data is not None:
         class_images, class_captions = load_image_folder(args.class_data, size)

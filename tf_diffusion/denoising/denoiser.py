@@ -28,6 +28,11 @@ class UNetDenoiser:
         self.unet = unet
 
     @property
+    def backbone(self):
+        """The network (executors read its dtype and layers to choose execution options)."""
+        return self.unet
+
+    @property
     def key(self):
         """What distinguishes this denoiser's traced program from another's."""
         return ("unet", id(self.unet))
@@ -69,6 +74,10 @@ class MMDiTDenoiser:
         self.transformer = transformer
 
     @property
+    def backbone(self):
+        return self.transformer
+
+    @property
     def key(self):
         return ("mmdit", id(self.transformer))
 
@@ -96,6 +105,10 @@ class FluxDenoiser:
         self.transformer = transformer
         guided = transformer.config.guidance_embed
         self.known_extras = ("pooled_projections", "guidance") if guided else ("pooled_projections",)
+
+    @property
+    def backbone(self):
+        return self.transformer
 
     @property
     def key(self):

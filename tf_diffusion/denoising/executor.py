@@ -86,8 +86,7 @@ class LocalExecutor:
 
         accelerator = execution.has_accelerator()
         x = ops.convert_to_tensor(x, "float32")
-        # The backbone whose dtype and layers choose the execution options (UNet, or SD3's MMDiT).
-        model = getattr(program.denoiser, "unet", None) or program.denoiser.transformer
+        model = program.denoiser.backbone  # its dtype and layers choose the execution options
         if options is not None and jit_compile is not None:
             raise ValueError("pass either jit_compile or execution, not both: execution replaces jit_compile")
         opts = options or execution.default_options(

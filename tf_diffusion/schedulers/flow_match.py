@@ -16,12 +16,12 @@ import math
 import numbers
 
 import numpy as np
-from keras import ops
 
 from tf_diffusion.config import SchedulerConfig
 from tf_diffusion.schedulers import schedule
-from tf_diffusion.schedulers.base import Sampler, as_f32, flag, row, to_x0_eps
+from tf_diffusion.schedulers.base import Sampler, as_f32, row, to_x0_eps
 from tf_diffusion.schedulers.multistep import DPMSolverMultistep
+from tf_diffusion.schedulers.sigma import heun_step, heun_tables
 
 F32 = np.float32
 
@@ -147,28 +147,15 @@ class FlowMatchHeun(FlowMatchEuler):
 
     def _schedule(self, n, begin):
         s = self.sigmas(n)
-        ts = s[:-1] * F32(self.config.num_train_timesteps)
-        # diffusers' interleaving: sigmas s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0; timesteps t0, t1, t1, ...
-        s = np.concatenate([s[:1], np.repeat(s[1:-1], 2), s[-1:]])
-        ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
-        e = len(ts)
-        k = np.arange(e)
-        first = k % 2 == 0
-        # The second evaluation reuses the first's step: from its sigma to this (the next) one.
-        dt = np.where(first, s[np.minimum(k + 1, e)] - s[k], s[k] - s[np.maximum(k - 1, 0)])
-        tables = {"sigma": s[:e], "dt": dt, "first": first, "noise_scales": _flow_noise_scales(s[:e])}
+        ts, tables = heun_tables(s[:-1] * F32(self.config.num_train_timesteps), s)
+        tables["noise_scales"] = _flow_noise_scales(tables["sigma"])
         return ts, 1.0, {key: v[begin:] for key, v in tables.items()}
 
     def step(self, model_output, i, x, state, plan, noise=None):
         x = as_f32(x)
-        prev_derivative, prev_x = state
         sigma = row(plan, "sigma", i)
         x0, _ = to_x0_eps(as_f32(model_output), x, 1.0 - sigma, sigma, "flow_prediction")
-        derivative = (x - x0) / sigma
-        first = flag(plan, "first", i)
-        slope = ops.where(first, derivative, (prev_derivative + derivative) / 2)
-        base = ops.where(first, x, prev_x)
-        return base + slope * row(plan, "dt", i), (derivative, x)
+        return heun_step(x, x0, sigma, i, state, plan)
 
 
 class FlowDPMSolverMultistep(DPMSolverMultistep):

@@ -130,6 +130,36 @@ class EulerAncestral(_SigmaSampler):
         return x + self._noise(noise) * row(plan, "sigma_up", i), state
 
 
+def heun_tables(timesteps: np.ndarray, sigmas: np.ndarray) -> tuple[np.ndarray, dict]:
+    """diffusers' Heun interleaving of an (n,) timestep and (n + 1,) float32 sigma ladder ending in 0.
+
+    Returns the (E,) timesteps ``t0, t1, t1, ..., t_{n-1}, t_{n-1}`` (E = 2n - 1) and the tables ``sigma``
+    (each evaluation's sigma), ``first`` (whether it starts a step) and ``dt`` (the step it takes; the
+    second evaluation, at the next sigma, redoes the first's step).
+    """
+    s = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
+    ts = np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)])
+    e = len(ts)
+    k = np.arange(e)
+    first = k % 2 == 0
+    dt = np.where(first, s[np.minimum(k + 1, e)] - s[k], s[k] - s[np.maximum(k - 1, 0)])
+    return ts, {"sigma": s[:e], "dt": dt, "first": first}
+
+
+def heun_step(x, x0, sigma, i, state, plan):
+    """One Heun evaluation from the denoised ``x0``: an Euler step when it starts a step, else the mean slope.
+
+    ``state`` is the (derivative, sample) the step's first evaluation remembered; ``plan`` holds
+    ``heun_tables``' ``first`` and ``dt``. Returns the next sample and the new state.
+    """
+    prev_derivative, prev_x = state
+    derivative = (x - x0) / sigma
+    first = flag(plan, "first", i)
+    slope = ops.where(first, derivative, (prev_derivative + derivative) / 2)
+    base = ops.where(first, x, prev_x)
+    return base + slope * row(plan, "dt", i), (derivative, x)
+
+
 class Heun(_SigmaSampler):
     """Heun's second-order method (Karras et al. 2022), diffusers' HeunDiscreteScheduler.
 
@@ -146,36 +176,20 @@ class Heun(_SigmaSampler):
     def _schedule(self, n, begin):
         ts, sigmas, _ = self._ladder(n)
         s = np.concatenate([sigmas, [0.0]]).astype(F32)
-        # diffusers' interleaving: sigmas s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0; timesteps t0, t1, t1, ...
-        s = np.concatenate([s[:1], np.repeat(s[1:-1], 2), s[-1:]])
-        ts = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
-        e = len(ts)
-        k = np.arange(e)
-        first = k % 2 == 0
-        dt = np.where(first, s[np.minimum(k + 1, e)] - s[k], s[k] - s[np.maximum(k - 1, 0)])
-        tables = {
-            "sigma": s[:e],
-            "dt": dt,
-            "first": first,
-            "input_div": _input_div(s[:e]),
-            "noise_scales": _noise_scales(s[:e]),
-        }
+        ts, tables = heun_tables(ts, s)
+        tables["input_div"] = _input_div(tables["sigma"])
+        tables["noise_scales"] = _noise_scales(tables["sigma"])
         tables = {name: v[begin:] for name, v in tables.items()}
         return ts, self._init_sigma(s), tables
 
     def step(self, model_output, i, x, state, plan, noise=None):
         x = as_f32(x)
-        prev_derivative, prev_x = state
         # The first evaluation of a step is at sigma; the second at the next sigma, where it also converts.
         sigma = row(plan, "sigma", i)
         x0 = self._x0(model_output, x, sigma)
         if self.config.clip_sample:
             x0 = ops.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
-        derivative = (x - x0) / sigma
-        first = flag(plan, "first", i)
-        slope = ops.where(first, derivative, (prev_derivative + derivative) / 2)
-        base = ops.where(first, x, prev_x)
-        return base + slope * row(plan, "dt", i), (derivative, x)
+        return heun_step(x, x0, sigma, i, state, plan)
 
 
 def _lms_coefficients(s: np.ndarray, k: int, order: int) -> list[float]:

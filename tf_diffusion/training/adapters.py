@@ -35,8 +35,9 @@ class LoraTrainer(DiffusionTrainer):
     """Train LoRA factors on a frozen ``StableDiffusion`` with the diffusion loss.
 
     Args:
-        pipeline: the ``StableDiffusion`` (SD 1.x / 2.x); its weights stay as they are.
-        train: "unet" (UNet LoRA only) or "unet+text_encoder" (also the text encoder's).
+        pipeline: the ``StableDiffusion`` (SD 1.x / 2.x, or an SDXL base model); its weights stay as they are.
+        train: "unet" (UNet LoRA only) or "unet+text_encoder" (also the text encoder's; SDXL: both
+            encoders').
         config: optimisation settings; ``text_encoder_learning_rate`` is the text encoder's LoRA rate.
         strategy: a ``tf.distribute`` strategy; default: the current one.
         lora: rank, alpha, target modules and the init seed.
@@ -168,6 +169,11 @@ class TextualInversionTrainer(DiffusionTrainer):
             loaded_embeddings,
         )
 
+        if pipeline.config.is_sdxl:
+            raise ValueError(
+                f"{pipeline.config.name}: textual-inversion training is for SD 1.x / 2.x (one text encoder); "
+                "SDXL embeddings need vectors for both encoders, which this trainer does not learn"
+            )
         token = _token(token)
         if token.lower() in {w.lower() for w in loaded_embeddings(pipeline)}:
             raise ValueError(f"token {token!r} is already loaded as an embedding; choose another word")

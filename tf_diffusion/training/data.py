@@ -25,7 +25,8 @@ def dataset_from_arrays(
     Args:
         images: (N, H, W, 3) uint8 array (all one size; resize beforehand, see ``load_image_folder``).
         captions: N strings.
-        tokenizer: callable list[str] -> (N, L) ids, e.g. ``StableDiffusion.tokenizer``.
+        tokenizer: callable list[str] -> (N, L) ids, e.g. ``StableDiffusion.tokenizer``, or a trainer's
+            ``tokenize`` ((N, 2, L) for SDXL).
         batch_size: global batch size; the last partial batch is dropped.
         shuffle, seed: shuffle every epoch with this seed.
         repeat: loop forever.
@@ -74,10 +75,10 @@ def dataset_from_generator(
             ids = np.asarray(tokenizer(list(captions)), dtype=np.int32)
             yield images, ids
 
-    length = int(np.asarray(tokenizer([""])).shape[-1])
+    per_caption = tuple(int(d) for d in np.asarray(tokenizer([""])).shape[1:])  # (L,), SDXL (2, L)
     signature = (
         tf.TensorSpec((batch_size, image_size, image_size, 3), tf.uint8),
-        tf.TensorSpec((batch_size, length), tf.int32),
+        tf.TensorSpec((batch_size, *per_caption), tf.int32),
     )
     ds = tf.data.Dataset.from_generator(batches, output_signature=signature)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 127.5 - 1.0, y))

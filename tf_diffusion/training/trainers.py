@@ -53,8 +53,8 @@ def drop_captions(token_ids, empty_ids, rate: float, seed):
     """Replace each row of ``token_ids`` by ``empty_ids`` with probability ``rate`` (stateless).
 
     Args:
-        token_ids: (B, L) int token ids.
-        empty_ids: (L,) the ids of the empty prompt "".
+        token_ids: (B, L) int token ids (SDXL: (B, 2, L), both tokenizers').
+        empty_ids: (L,) the ids of the empty prompt "" ((2, L) for SDXL).
         rate: drop probability in [0, 1].
         seed: a (2,) int seed for ``tf.random.stateless_uniform``.
 
@@ -63,8 +63,9 @@ def drop_captions(token_ids, empty_ids, rate: float, seed):
     """
     token_ids = tf.convert_to_tensor(token_ids)
     draw = tf.random.stateless_uniform(tf.shape(token_ids)[:1], seed=seed)  # (B,)
-    empty = tf.cast(tf.convert_to_tensor(empty_ids), token_ids.dtype)[None, :]  # (1, L)
-    return tf.where((draw < rate)[:, None], empty, token_ids)
+    empty = tf.cast(tf.convert_to_tensor(empty_ids), token_ids.dtype)[None]  # (1, L) or (1, 2, L)
+    keep = tf.reshape(draw < rate, [-1] + [1] * (len(token_ids.shape) - 1))
+    return tf.where(keep, empty, token_ids)
 
 
 def draw_timesteps(
@@ -233,6 +234,13 @@ class _TrainerBase:
             with tf.GradientTape() as tape:
                 loss, logs = self._replica_loss(batch, seed)
             grads = tape.gradient(loss, self.trainable_variables)
+            # A weight the loss does not reach has no gradient: SDXL's CLIP-L LoRA in its last layer,
+            # which the penultimate states skip. It gets a zero one: Adam's moments stay 0, so only the
+            # weight decay moves it, which the loss does not see either.
+            grads = [
+                tf.zeros_like(v) if g is None else g
+                for g, v in zip(grads, self.trainable_variables, strict=True)
+            ]
             return loss, logs, grads
 
         if self.config.jit_compile:
@@ -579,7 +587,9 @@ class DiffusionTrainer(_TrainerBase):
         strategy: a ``tf.distribute`` strategy; default: the current one.
 
     The data yields ``(images, token_ids)``: (B, H, W, 3) float in [-1, 1] and (B, 77) int32 ids
-    from ``pipeline.tokenizer``.
+    from ``pipeline.tokenizer`` (``tokenize``). SDXL base models train too: ids (B, 2, 77) from both
+    tokenizers, the context of both encoders' penultimate states, the pooled embedding and the time ids
+    of uncropped images (``_time_ids``), as diffusers' SDXL training scripts condition the UNet.
     """
 
     kind = "diffusion"
@@ -595,19 +605,36 @@ class DiffusionTrainer(_TrainerBase):
     ):
         if train not in ("unet", "unet+text_encoder"):
             raise ValueError(f"train={train!r} is not allowed; expected 'unet' or 'unet+text_encoder'")
-        if pipeline.config.is_sdxl:
+        cfg = pipeline.config
+        if cfg.is_sdxl and cfg.requires_aesthetics_score:
             raise ValueError(
-                f"{pipeline.config.name}: training SDXL (pooled text embeddings and time ids) is not supported yet"
+                f"{cfg.name}: training an SDXL refiner (aesthetic-score time ids) is not supported; "
+                "train the base model"
             )
+        if cfg.is_sdxl and params is None and train != "unet":
+            raise ValueError(
+                f"{cfg.name}: fine-tuning SDXL's text encoders is not supported; use train='unet', or "
+                "train both encoders with LoRA (LoraTrainer(..., train='unet+text_encoder'))"
+            )
+        if cfg.is_sdxl and pipeline.text_encoder is None:
+            raise ValueError(f"{cfg.name}: training needs both SDXL text encoders; this model has one")
         self.pipeline = pipeline
         components = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder, "vae": pipeline.vae}
         super().__init__(components, train, config or TrainingConfig(), strategy, params)
-        cfg = pipeline.config
         # The schedule the samplers use (diffusers' float32 table), its square roots taken in float64.
         abar = alphas_cumprod(cfg.scheduler, rescale=True).astype(np.float64)
         self._sqrt_abar = tf.constant(np.sqrt(abar), tf.float32)  # (T,)
         self._sqrt_one_minus = tf.constant(np.sqrt(1.0 - abar), tf.float32)  # (T,)
-        self._empty_ids = tf.constant(np.asarray(pipeline.tokenizer([""]))[0], tf.int32)  # (L,)
+        self._empty_ids = tf.constant(self.tokenize([""])[0], tf.int32)  # (L,) or SDXL's (2, L)
+
+    def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Captions -> the token ids the data carries: (B, L) from ``pipeline.tokenizer``; for SDXL
+        (B, 2, L), the ids of ``tokenizer`` and ``tokenizer_2`` (which pad differently) stacked."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = np.asarray(self.pipeline.tokenizer(texts), np.int32)
+        if not self.pipeline.config.is_sdxl:
+            return ids
+        return np.stack([ids, np.asarray(self.pipeline.tokenizer_2(texts), np.int32)], axis=1)
 
     def _replica_loss(self, batch, seed):
         images, token_ids = batch[0], batch[1]
@@ -651,8 +678,12 @@ class DiffusionTrainer(_TrainerBase):
         else:
             target = z
 
-        context = self._encode_text(token_ids)  # (B, L, D)
-        out = tf.cast(self.pipeline.unet(x_t, t, context), tf.float32)
+        if cfg.is_sdxl:
+            context, pooled = self._encode_text_sdxl(token_ids)
+            out = self.pipeline.unet(x_t, t, context, pooled, self._time_ids(images))
+        else:
+            out = self.pipeline.unet(x_t, t, self._encode_text(token_ids))  # context (B, L, D)
+        out = tf.cast(out, tf.float32)
         if not prior:
             return tf.reduce_mean(tf.square(out - target)), {}
         instance = tf.reduce_mean(tf.square(out[:count] - target[:count]))
@@ -666,6 +697,28 @@ class DiffusionTrainer(_TrainerBase):
         """(B, L, D) text-encoder states of the (caption-dropped) ids; a constant unless it is trained."""
         context = self.pipeline.text_encoder(token_ids)
         return context if "text_encoder" in self.trained else tf.stop_gradient(context)
+
+    def _encode_text_sdxl(self, token_ids):
+        """SDXL's conditioning from (B, 2, L) ids, as ``sdxl.encode_prompts`` builds it for one chunk:
+        both encoders' penultimate states side by side (B, L, 768 + 1280) and the second's projected
+        pooled output (B, 1280); constants unless the text encoders train (their LoRAs)."""
+        first = self.pipeline.text_encoder(token_ids[:, 0], clip_skip=1, final_norm=False)
+        second, pooled = self.pipeline.text_encoder_2(
+            token_ids[:, 1], clip_skip=1, final_norm=False, pooled=True
+        )
+        context = tf.concat([tf.cast(first, tf.float32), tf.cast(second, tf.float32)], axis=-1)
+        pooled = tf.cast(pooled, tf.float32)
+        if "text_encoder" in self.trained:
+            return context, pooled
+        return tf.stop_gradient(context), tf.stop_gradient(pooled)
+
+    def _time_ids(self, images):
+        """SDXL's micro-conditioning of each training image: original size = target size = the image's
+        (H, W), crop (0, 0), as diffusers' SDXL training scripts record images that were not cropped."""
+        shape = tf.shape(images)
+        size = tf.cast(shape[1:3], tf.float32)  # (H, W)
+        row = tf.concat([size, tf.zeros((2,), tf.float32), size], axis=0)  # (6,)
+        return tf.tile(row[None], [shape[0], 1])
 
 
 def training_config_from_checkpoint(path: str | os.PathLike) -> TrainingConfig:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +45,7 @@ from tf_diffusion.weights.diffusers_unet import (
 from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae, diffusers_vae_key_map
 from tf_diffusion.weights.lazy import BFLOAT16, derived, is_floating
 from tf_diffusion.weights.safetensors_io import open_safetensors, save_safetensors
+from tf_diffusion.weights.state_dict import load_state_dict
 
 MODEL_INDEX = "model_index.json"
 # Pipelines some family reads (families.FAMILIES[...].diffusers_pipelines).
@@ -352,6 +353,36 @@ def text_encoder_from_transformers(tensors: Mapping) -> tuple[dict, list[str]]:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def load_folder_components(
+    model, folder: pathlib.Path, converters: Mapping[str, Callable[[dict], Mapping] | None]
+) -> None:
+    """Assign each named component of a diffusers folder to ``model.<name>``, all-or-nothing per component.
+
+    A component's weight files (safetensors or ``.bin``, sharded or not) are opened lazily, renamed by its
+    converter (``None``: stored keys are our attribute paths) and loaded with ``load_state_dict``; every
+    file handle is closed before returning, on success or error.
+
+    Args:
+        model: the built pipeline whose attributes are the components.
+        folder: the diffusers pipeline folder.
+        converters: component name -> a function from the stored tensors to ours, in loading order.
+    """
+    available = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    handles: list = []
+    try:
+        for name, convert in converters.items():
+            tensors, _ = _open_weights(folder, select_weight_files(available, name, None), handles)
+            load_state_dict(getattr(model, name), tensors if convert is None else convert(tensors))
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def clip_from_transformers(tensors: Mapping) -> dict:
+    """transformers CLIPTextModel(WithProjection) tensors under our keys, without the skipped buffer names."""
+    return text_encoder_from_transformers(tensors)[0]
 
 
 def unet_to_diffusers(tensors: Mapping, config: UNetConfig) -> dict:

@@ -203,7 +203,8 @@ def detect_format(path: str | os.PathLike) -> str:
     """The checkpoint format of a local file or folder.
 
     Returns:
-        "single-file (.safetensors)", "single-file (.ckpt)", "diffusers", "tf_diffusion" or "keras-cv".
+        "single-file (.safetensors)", "single-file (.ckpt)", "diffusers", "tf_diffusion", "keras-cv" or
+        "keras-hub" (a keras-hub StableDiffusion3Backbone preset, which the SD3 loaders read).
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -231,6 +232,11 @@ def detect_format(path: str | os.PathLike) -> str:
         return "diffusers"
     if is_tf_diffusion_folder(path):
         return "tf_diffusion"
+    from tf_diffusion.weights.keras_hub_sd3 import is_keras_hub_sd3_preset
+
+    if is_keras_hub_sd3_preset(path):
+        # Its model.weights.h5 would pass for keras-cv weights; config.json names the backbone.
+        return "keras-hub"
     files = sorted(p.name for p in path.iterdir() if p.is_file())
     if any(name.lower().endswith(KERAS_CV_SUFFIXES) for name in files):
         return "keras-cv"
@@ -313,6 +319,11 @@ def _load_pipeline_weights(
 ) -> LoadedWeights:
     path = resolve_source(source, revision=revision, variant=variant)
     fmt = detect_format(path)
+    if fmt == "keras-hub":
+        raise ValueError(
+            f"{path} is a keras-hub StableDiffusion3Backbone preset (MMDiT); StableDiffusion and its presets "
+            f"build UNet models: load it with tf_diffusion.sd3.StableDiffusion3.from_pretrained"
+        )
     report = LoadReport(source=str(source), path=str(path), format=fmt)
     if use_ema and not fmt.startswith("single-file"):
         raise ValueError(f"use_ema=True applies to single-file checkpoints; {path} is a {fmt} checkpoint")

@@ -21,13 +21,13 @@ from tf_diffusion.weights.diffusers_configs import (
 )
 from tf_diffusion.weights.diffusers_folder import (
     _open_weights,
+    clip_from_transformers,
+    load_folder_components,
     read_json,
     select_weight_files,
-    text_encoder_from_transformers,
 )
 from tf_diffusion.weights.diffusers_mmdit import convert_diffusers_mmdit, mmdit_config_from_diffusers
 from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae
-from tf_diffusion.weights.state_dict import load_state_dict
 
 
 def _present(index: dict, name: str) -> bool:
@@ -81,24 +81,15 @@ def load_sd3_folder(cls, folder: pathlib.Path, *, dtype=None, load_t5: bool = Tr
     """Build ``cls`` (``StableDiffusion3``) from a diffusers folder and load every component's weights."""
     config, (tok, tok_2), tok_3 = read_sd3_config(folder, load_t5)
     sd = cls(config, dtype=dtype, tokenizer=tok, tokenizer_2=tok_2, tokenizer_3=tok_3)
-    available = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-    handles: list = []
-    try:
-        components = ["text_encoder", "text_encoder_2", "transformer", "vae"]
-        if sd.text_encoder_3 is not None:
-            components.append("text_encoder_3")
-        for name in components:
-            tensors, _ = _open_weights(folder, select_weight_files(available, name, None), handles)
-            if name in ("text_encoder", "text_encoder_2"):
-                tensors, _ = text_encoder_from_transformers(tensors)
-            elif name == "transformer":
-                tensors = convert_diffusers_mmdit(tensors, config.transformer)
-            elif name == "vae":
-                tensors = convert_diffusers_vae(tensors, config.vae)
-            load_state_dict(getattr(sd, name), tensors)
-    finally:
-        for handle in handles:
-            handle.close()
+    converters = {
+        "text_encoder": clip_from_transformers,
+        "text_encoder_2": clip_from_transformers,
+        "transformer": lambda tensors: convert_diffusers_mmdit(tensors, config.transformer),
+        "vae": lambda tensors: convert_diffusers_vae(tensors, config.vae),
+    }
+    if sd.text_encoder_3 is not None:
+        converters["text_encoder_3"] = None  # transformers' T5EncoderModel keys are our attribute paths
+    load_folder_components(sd, folder, converters)
     return sd
 
 
