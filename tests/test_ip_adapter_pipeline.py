@@ -3,7 +3,8 @@
 tools/make_fixtures_ip_adapter.py --pipelines wrote tiny adapters in the published layout (base as a
 ``.bin``, "plus" as ``.safetensors``), the tiny image encoder as a transformers folder, and the images
 of StableDiffusionPipeline / StableDiffusionControlNetPipeline / StableDiffusionXLPipeline with them
-loaded, from the same latents. No torch here.
+loaded, from the same latents; ``--tasks`` their img2img / inpainting (4- and 9-channel UNets)
+counterparts with tf_diffusion's noise. No torch here.
 """
 
 from __future__ import annotations
@@ -319,3 +320,46 @@ def test_export_refuses_a_loaded_ip_adapter():
             build_serving_module(sd, num_steps=2)
     finally:
         sd.unload_ip_adapter()
+
+
+def task_cases():
+    return json.loads((FIXTURES / "tasks.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("case", task_cases(), ids=lambda c: c["name"])
+def test_image_tasks_match_diffusers_with_ip_adapter(case):
+    """img2img and inpainting (4- and 9-channel UNets) with an adapter: diffusers'
+    StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline after load_ip_adapter, same noise."""
+    from test_pipeline_parity import build, reference_image, reference_mask
+
+    pm = pipeline_meta()
+    sd = build(FIXTURES.parent / "pipeline", case["mode"] == "inpaint9", "epsilon")
+    sd.load_ip_adapter([FIXTURES / f for f in case["files"]], image_encoder=ENCODER)
+    sd.set_ip_adapter_scale(case["scale"])
+    kwargs = dict(image=reference_image(case["seed"] + 1, pm["size"]), strength=case["strength"])
+    if case["mode"].startswith("inpaint"):
+        kwargs["mask"] = reference_mask(pm["size"])
+    pictures = arrays()
+
+    def ours(**overrides):
+        options = dict(ip_adapter_image=[pictures[f"pictures/{i}"] for i in case["images"]], **kwargs)
+        options.update(overrides)
+        return sd.generate(
+            pm["prompts"],
+            pm["negative_prompts"],
+            num_steps=pm["steps"],
+            guidance_scale=case["guidance"],
+            seed=case["seed"],
+            scheduler=case["sampler"],
+            output_type="float",
+            progress=False,
+            jit_compile=False,
+            **options,
+        )
+
+    want = np.load(FIXTURES / "tasks.npz")[case["name"]]
+    err = error(ours(), want)
+    print(f"IP-Adapter {case['name']}: max abs error {err:.2e}")
+    assert err <= TOLERANCE, f"{case['name']}: max abs error {err:.2e}"
+    far = error(ours(ip_adapter_scale=0.0), want)
+    assert far > 20 * TOLERANCE, f"{case['name']}: the image tokens changed little ({far:.2e})"

@@ -29,7 +29,11 @@
    ``IPAdapterAttnProcessor2_0`` on every cross-attention layer of the SD 1.5 and SDXL UNets (meta
    device) plus the projections' counts of full_size.json.
 
-Usage (dev only): python tools/make_fixtures_ip_adapter.py [--manifests | --pipelines | --counts]
+6. ``--tasks``: image-to-image and inpainting (the 4- and the 9-channel UNet) with the adapters of
+   ``--pipelines``: diffusers' StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline after
+   ``load_ip_adapter``, with tf_diffusion's noise (tasks.json, tasks.npz).
+
+Usage (dev only): python tools/make_fixtures_ip_adapter.py [--manifests | --pipelines | --counts | --tasks]
 """
 
 from __future__ import annotations
@@ -296,6 +300,51 @@ def pipelines() -> None:
     (OUT / "pipelines.json").write_text(json.dumps(meta, indent=0, sort_keys=True) + "\n")
 
 
+# img2img and inpainting (4- and 9-channel UNets) with an adapter: name, mode, adapter file, scale, picture
+# indices, sampler, guidance, seed, strength.
+TASKS = [
+    dict(name="img2img-base", mode="img2img", files=["tiny_sd15.bin"], scale=0.8, images=[0], sampler="ddim",
+         guidance=6.0, seed=31, strength=0.75),
+    dict(name="inpaint4-plus", mode="inpaint4", files=["tiny_plus_sd15.safetensors"], scale=0.7, images=[1],
+         sampler="euler", guidance=5.0, seed=32, strength=1.0),
+    dict(name="inpaint9-base", mode="inpaint9", files=["tiny_sd15.bin"], scale=0.9, images=[1], sampler="ddim",
+         guidance=6.0, seed=33, strength=0.8),
+]  # fmt: skip
+
+
+def tasks() -> None:
+    """diffusers' StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline with the adapters of
+    --pipelines loaded (tasks.json, tasks.npz), through make_fixtures_pipeline.run_case, so the image
+    noise is tf_diffusion's."""
+    import tempfile
+
+    import make_fixtures_pipeline as sdfix
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(OUT / "image_encoder").eval()
+    processor = image_processor()
+    pictures = ip_pictures()
+    arrays = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        components = sdfix.build_components(pathlib.Path(tmp))
+        for case in TASKS:
+
+            def setup(pipe, case=case):
+                pipe.image_encoder, pipe.feature_extractor = encoder, processor
+                pipe.load_ip_adapter(str(OUT), subfolder="", weight_name=case["files"],
+                                     image_encoder_folder=None, low_cpu_mem_usage=False)  # fmt: skip
+                pipe.set_ip_adapter_scale(case["scale"])
+
+            images = sdfix.run_case(
+                components, case["mode"], case["sampler"], "epsilon", case["seed"], case["guidance"],
+                case["strength"], setup=setup,
+                options=dict(ip_adapter_image=[[Image.fromarray(pictures[i]) for i in case["images"]]]),
+            )  # fmt: skip
+            arrays[case["name"]] = images
+            print(case["name"], images.shape, float(images.mean()))
+    np.savez_compressed(OUT / "tasks.npz", **arrays)
+    (OUT / "tasks.json").write_text(json.dumps({"cases": TASKS}, indent=0, sort_keys=True) + "\n")
+
+
 # SDXL base 1.0's UNet config (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json).
 SDXL_UNET = dict(
     block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
@@ -346,6 +395,10 @@ def main() -> None:
         return
     if "--counts" in sys.argv[1:]:
         counts()
+        return
+    if "--tasks" in sys.argv[1:]:
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        tasks()
         return
     if "--pipelines" in sys.argv[1:]:
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))

@@ -196,9 +196,12 @@ def build_components(tmp: pathlib.Path):
     return tokenizer, text_encoder, vae, unet, unet9
 
 
-def run_case(components, mode, sampler, prediction_type, seed, guidance, strength, control=None):
+def run_case(components, mode, sampler, prediction_type, seed, guidance, strength, control=None, setup=None,
+             options=None):  # fmt: skip
     """One pipeline run with tf_diffusion's noise; ``control`` (a dict of the ControlNet pipelines'
-    ``controlnet``, ``control_image`` and call options) runs diffusers' ControlNet variant of the task."""
+    ``controlnet``, ``control_image`` and call options) runs diffusers' ControlNet variant of the task.
+    ``setup(pipe)`` runs on the built pipeline before the call (an IP-Adapter loads there) and
+    ``options`` are further call arguments (``ip_adapter_image``)."""
     tokenizer, text_encoder, vae, unet, unet9 = components
     cls, extra = SAMPLERS[sampler]
     scheduler = cls.from_config({**SCHEDULER, **extra, "prediction_type": prediction_type})
@@ -228,6 +231,8 @@ def run_case(components, mode, sampler, prediction_type, seed, guidance, strengt
         shared["controlnet"] = control.pop("controlnet")
     pipe = pipeline_cls(unet=unet9 if mode == "inpaint9" else unet, **shared, **kwargs)
     pipe.set_progress_bar_config(disable=True)
+    if setup is not None:
+        setup(pipe)
 
     # tf_diffusion's noise: image b has seed + b, and one stream per use of randomness.
     batch = len(PROMPTS)
@@ -253,6 +258,7 @@ def run_case(components, mode, sampler, prediction_type, seed, guidance, strengt
         # The txt2img ControlNet pipeline takes the hint as `image`, the others as `control_image`.
         hint = control.pop("control_image")
         call.update({"image" if mode == "txt2img" else "control_image": hint}, **control)
+    call.update(options or {})
 
     scheduler_probe = cls.from_config(scheduler.config)
     scheduler_probe.set_timesteps(STEPS)
