@@ -16,7 +16,10 @@
 
 Image-to-image and inpainting follow diffusers' FluxImg2ImgPipeline and FluxInpaintPipeline (the
 pipeline's shared task preparation and per-step blend, SD3's step-keeping rule, default strength 0.6).
-Not here yet: Flux Fill / Canny / Depth models, original single files through ``from_pretrained``, LoRA.
+Original single files (``flux1-dev.safetensors``: the transformer alone) load with
+``from_pretrained(file, config=diffusers_flux_folder)``, the folder giving CLIP-L, T5, the VAE and the
+tokenizers (``weights.flux_single_file``); LoRAs load through ``adapters.lora``. Not here yet: Flux Fill /
+Canny / Depth models, ComfyUI all-in-one files, true CFG (``true_cfg_scale``).
 """
 
 from __future__ import annotations
