@@ -332,9 +332,16 @@ def test_image_tasks_match_diffusers_with_ip_adapter(case):
     StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline after load_ip_adapter, same noise."""
     from test_pipeline_parity import build, reference_image, reference_mask
 
-    pm = pipeline_meta()
-    sd = build(FIXTURES.parent / "pipeline", case["mode"] == "inpaint9", "epsilon")
+    sd = build(FIXTURES.parent / "pipeline", case["mode"] == "inpaint9", "epsilon")  # shared (cached)
     sd.load_ip_adapter([FIXTURES / f for f in case["files"]], image_encoder=ENCODER)
+    try:
+        _check_task(sd, case, reference_image, reference_mask)
+    finally:
+        sd.unload_ip_adapter()  # the cached pipeline goes back to test_pipeline_parity as it was
+
+
+def _check_task(sd, case, reference_image, reference_mask):
+    pm = pipeline_meta()
     sd.set_ip_adapter_scale(case["scale"])
     kwargs = dict(image=reference_image(case["seed"] + 1, pm["size"]), strength=case["strength"])
     if case["mode"].startswith("inpaint"):
