@@ -52,6 +52,20 @@ def run_case(script: str, name: str, args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_cases(
+    script: str, names, folder: pathlib.Path, make_args
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Run each named case in its own process (``run_case``) with ``make_args(name, out)``, ``out`` the
+    ``.npy`` under ``folder`` where the case saves its output; (results, {name: output}), printed as they come."""
+    results, outputs = [], {}
+    for name in names:
+        out = folder / f"{name}.npy"
+        results.append(run_case(script, name, make_args(name, out)))
+        outputs[name] = np.load(out)
+        print(json.dumps(results[-1]), flush=True)
+    return results, outputs
+
+
 def rel_errors(results: list[dict], outputs: dict[str, np.ndarray], reference: str) -> None:
     """Add ``rel_error`` = ||out - ref|| / ||ref|| against case ``reference`` to each result, in place."""
     if reference not in outputs:

@@ -35,7 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from benchmarks._harness import measure, rel_errors, run_case, write_report  # noqa: E402
+from benchmarks._harness import measure, rel_errors, run_cases, write_report  # noqa: E402
 
 CASES = ("diffusers-bf16", "ours-bf16", "ours-int8")
 
@@ -130,21 +130,15 @@ def main(argv=None) -> None:
         raise SystemExit(f"--size={args.size} is not allowed: it must be a positive multiple of 16")
     if args.depth < 0 or args.single_depth < 0:
         raise SystemExit("--depth and --single-depth must be non-negative")
-    import numpy as np
 
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         _write_model(tmp / "transformer", args.depth, args.single_depth)
         _write_inputs(tmp / "inputs.npz", args.size, args.tokens)
-        outputs = {}
-        for name in args.cases:
-            out = tmp / f"{name}.npy"
-            folder, inputs = tmp / "transformer", tmp / "inputs.npz"
-            result = run_case(__file__, name, [folder, inputs, out, args.repeats])
-            outputs[name] = np.load(out)
-            results.append(result)
-            print(json.dumps(result), flush=True)
+        folder, inputs = tmp / "transformer", tmp / "inputs.npz"
+        results, outputs = run_cases(
+            __file__, args.cases, tmp, lambda name, out: [folder, inputs, out, args.repeats]
+        )
     rel_errors(results, outputs, "diffusers-bf16")
     report = dict(
         depth=args.depth, single_depth=args.single_depth, size=args.size, tokens=args.tokens, results=results

@@ -32,7 +32,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from benchmarks._harness import measure, rel_errors, run_case, write_report  # noqa: E402
+from benchmarks._harness import measure, rel_errors, run_cases, write_report  # noqa: E402
 
 CASES = ("diffusers-bf16", "ours-bf16")
 RELEASED_DEPTH = 24
@@ -140,20 +140,15 @@ def main(argv=None) -> None:
         )
     if not 1 <= args.depth <= RELEASED_DEPTH:
         raise SystemExit(f"--depth={args.depth} is not allowed: 1 to {RELEASED_DEPTH}")
-    import numpy as np
 
-    results, outputs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         folder, inputs = tmp / "transformer", tmp / "inputs.npz"
         _write_model(folder, args.depth)
         _write_inputs(inputs, args.size, args.tokens)
-        for name in args.cases:
-            out = tmp / f"{name}.npy"
-            result = run_case(__file__, name, [folder, inputs, out, args.repeats])
-            outputs[name] = np.load(out)
-            results.append(result)
-            print(json.dumps(result), flush=True)
+        results, outputs = run_cases(
+            __file__, args.cases, tmp, lambda name, out: [folder, inputs, out, args.repeats]
+        )
     rel_errors(results, outputs, "diffusers-bf16")
     write_report(args.out, dict(depth=args.depth, size=args.size, tokens=args.tokens, results=results))
 

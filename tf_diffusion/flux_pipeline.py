@@ -311,6 +311,17 @@ class FluxHooks(FamilyHooks):
         return load_flux_folder(build, path, **kwargs)
 
 
+def variant_defaults(transformer: FluxConfig) -> dict:
+    """diffusers' settings for the variant a transformer is: [dev] (a guidance input) takes 512 T5 tokens,
+    28 steps and guidance 3.5; [schnell] 256 tokens (its model card's setting), 4 steps, no guidance."""
+    dev = transformer.guidance_embed
+    return dict(
+        max_sequence_length=512 if dev else 256,
+        default_steps=28 if dev else 4,
+        default_guidance=3.5 if dev else 0.0,
+    )
+
+
 def read_flux_config(folder: pathlib.Path):
     """(FluxPipelineConfig, CLIP tokenizer, T5 tokenizer) of a diffusers Flux folder, without weights.
 
@@ -350,14 +361,11 @@ def read_flux_config(folder: pathlib.Path):
         text_encoder=clip_config_from_transformers(read_json(folder / "text_encoder" / "config.json")),
         tokenizer=clip_tokenizer_config(tokenizer),
         text_encoder_2=t5_config_from_transformers(read_json(folder / "text_encoder_2" / "config.json")),
-        # diffusers' defaults: 512 tokens for [dev], 256 for [schnell] (its model card's setting).
-        max_sequence_length=512 if transformer.guidance_embed else 256,
         transformer=transformer,
         vae=vae_config_from_diffusers(read_json(folder / "vae" / "config.json")),
         scheduler=scheduler,
         default_sampler=sampler,
-        default_steps=28 if transformer.guidance_embed else 4,
-        default_guidance=3.5 if transformer.guidance_embed else 0.0,
+        **variant_defaults(transformer),
     )
     return config, tokenizer, T5Tokenizer(spiece, max_length=config.max_sequence_length)
 

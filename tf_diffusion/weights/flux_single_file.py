@@ -38,12 +38,8 @@ def load_flux_single_file(build, path: pathlib.Path, *, config=None, dtype=None)
         ValueError: without ``config``, or with a ``config`` that is not a Flux folder.
     """
     from tf_diffusion.flux import flux_config_from_state_dict
-    from tf_diffusion.flux_pipeline import read_flux_config
-    from tf_diffusion.weights.diffusers_folder import (
-        _open_weights,
-        select_weight_files,
-        text_encoder_from_transformers,
-    )
+    from tf_diffusion.flux_pipeline import read_flux_config, variant_defaults
+    from tf_diffusion.weights.diffusers_folder import clip_from_transformers, load_folder_components
     from tf_diffusion.weights.diffusers_vae import convert_diffusers_vae
     from tf_diffusion.weights.flux import strip_prefix
     from tf_diffusion.weights.safetensors_io import open_safetensors
@@ -58,26 +54,15 @@ def load_flux_single_file(build, path: pathlib.Path, *, config=None, dtype=None)
     if not folder.is_dir():
         raise ValueError(f"config={str(config)!r} is not a folder; expected a diffusers Flux pipeline folder")
     pipe, tokenizer, tokenizer_2 = read_flux_config(folder)
-    handles: list = []
-    try:
-        handle = open_safetensors(path)
-        handles.append(handle)
+    with open_safetensors(path) as handle:
         tensors = strip_prefix(handle)
         # The rotary split is not in the weights: the folder's, when its head width is the file's.
-        axes = pipe.transformer.axes_dim
         try:
-            transformer = flux_config_from_state_dict(tensors, axes)
+            transformer = flux_config_from_state_dict(tensors, pipe.transformer.axes_dim)
         except ValueError:
             transformer = flux_config_from_state_dict(tensors)
-        # diffusers' defaults follow the variant: 512 T5 tokens, 28 steps, guidance 3.5 for [dev].
-        dev = transformer.guidance_embed
         pipe = dataclasses.replace(
-            pipe,
-            name=path.stem,
-            transformer=transformer,
-            max_sequence_length=512 if dev else 256,
-            default_steps=28 if dev else 4,
-            default_guidance=3.5 if dev else 0.0,
+            pipe, name=path.stem, transformer=transformer, **variant_defaults(transformer)
         )
         if tokenizer_2.max_length != pipe.max_sequence_length:
             from tf_diffusion.t5 import T5Tokenizer
@@ -87,17 +72,12 @@ def load_flux_single_file(build, path: pathlib.Path, *, config=None, dtype=None)
             )
         sd = build(pipe, dtype=dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
         load_state_dict(sd.transformer, tensors)
-        available = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-        for name in ("text_encoder", "text_encoder_2", "vae"):
-            parts, _ = _open_weights(folder, select_weight_files(available, name, None), handles)
-            if name == "text_encoder":
-                parts, _ = text_encoder_from_transformers(parts)
-            elif name == "vae":
-                parts = convert_diffusers_vae(parts, pipe.vae)
-            load_state_dict(getattr(sd, name), parts)
-    finally:
-        for handle in handles:
-            handle.close()
+    converters = {
+        "text_encoder": clip_from_transformers,
+        "text_encoder_2": None,  # transformers' T5EncoderModel keys are our attribute paths
+        "vae": lambda tensors: convert_diffusers_vae(tensors, pipe.vae),
+    }
+    load_folder_components(sd, folder, converters)
     return sd
 
 
