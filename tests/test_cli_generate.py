@@ -217,6 +217,7 @@ def test_errors_are_one_line(tmp_path, capsys, args, message):
     assert not re.search(r"\b[a-z_]+=", err)  # command-line names only (no num_steps=0)
 
 
+@pytest.mark.slow  # a fresh interpreter imports TensorFlow and builds the model
 def test_python_dash_m_runs_offline(tmp_path):
     out = tmp_path / "m.png"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2")
@@ -239,6 +240,7 @@ def test_python_dash_m_runs_offline(tmp_path):
         ("inpainting.py", ["{init}", "{mask}", "a green triangle"]),
     ],
 )
+@pytest.mark.slow  # each example in its own interpreter
 def test_examples_run_on_the_tiny_model(tmp_path, monkeypatch, script, args):
     init, mask = tmp_path / "init.png", tmp_path / "mask.png"
     Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(init)

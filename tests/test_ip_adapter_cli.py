@@ -8,6 +8,7 @@ import json
 import pathlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "ip_adapter"
@@ -46,6 +47,7 @@ def tiny_shapes_adapter(tmp_path) -> pathlib.Path:
     return path
 
 
+@pytest.mark.slow  # the whole CLI with an image encoder; the IP-Adapter pipeline parity tests stay in the default run
 def test_generate_command_with_ip_adapter(tmp_path, capsys):
     from tf_diffusion.cli import main
 

@@ -193,6 +193,7 @@ def test_sd3_transformer_output_close_to_float(sd3):
 IMAGE_TOL = 4e-2
 
 
+@pytest.mark.slow  # a whole SDXL generate twice; the SDXL UNet output and SD1 generate tests stay in the default run
 def test_sdxl_generate_close_to_float(sdxl):
     f, q = sdxl
     latents = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32)
@@ -271,6 +272,7 @@ np.save({out!r}, np.stack([a, b]))
 """
 
 
+@pytest.mark.slow  # an XLA compile under JAX; test_flux's JAX test stays in the default run
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_quantized_transformer_under_jax(tmp_path, sd3):
     out = tmp_path / "out.npy"

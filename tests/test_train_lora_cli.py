@@ -16,6 +16,7 @@ def sd():
     model.unload_lora_weights()
 
 
+@pytest.mark.slow  # two CLI training runs; the trainer tests stay in the default run
 def test_cli_trains_a_lora_and_an_embedding(sd, tmp_path, capsys):
     import pathlib
 

@@ -135,6 +135,7 @@ def test_vae_decoder_only_keeps_the_encoder():
     assert all(k.startswith(("decoder.", "post_quant_conv.")) for k in trainer.export_ema()["vae"])
 
 
+@pytest.mark.slow  # two trainers and a checkpoint round trip; test_train_lora's resume test stays in the default run
 def test_checkpoint_resume_gives_identical_next_step(tmp_path):
     keras = pytest.importorskip("keras")
     images, captions = _batch()

@@ -297,6 +297,7 @@ def fast_path_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow  # XLA islands compiled per ResBlock; test_generate's default-compilation test covers the default path
 @pytest.mark.parametrize("name", ISLAND_CONFIGS)
 def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, fast_path_calls):
     # Graph mode with each block an XLA island (the float32 CPU default for large latents), the
@@ -320,6 +321,7 @@ def test_xla_islands_with_winograd_match_diffusers(name, fixtures_dir, fast_path
     assert np.abs(out_odd - io["out_odd"]).max() <= FLOAT32_TOL
 
 
+@pytest.mark.slow  # XLA islands compiled per ResBlock; test_generate's default-compilation test covers the default path
 @pytest.mark.parametrize("name", ISLAND_CONFIGS[:2])
 def test_xla_islands_with_im2col_graph_matmuls_match_diffusers(name, fixtures_dir, fast_path_calls):
     # Direct convolutions only: each ResBlock's two become im2col patches (XLA), a matmul in graph
@@ -356,6 +358,7 @@ def test_resblock_input_sizes_follow_a_call(name, fixtures_dir, monkeypatch):
         assert [(id(block), size) for block, size in planned] == [(id(block), size) for block, size in seen]
 
 
+@pytest.mark.slow  # XLA islands compiled per ResBlock; test_generate's default-compilation test covers the default path
 @pytest.mark.parametrize("name", ISLAND_CONFIGS)
 def test_xla_islands_with_prepared_filters_match_diffusers(name, fixtures_dir, fast_path_calls):
     # Filters transformed once (execution.prepare) and passed in as the traced function's

@@ -195,6 +195,7 @@ def test_tiled_decode_and_encode_match_diffusers_enable_tiling(tiling):
     np.testing.assert_array_equal(sd.decode(tiling["latents"]), untiled)
 
 
+@pytest.mark.slow  # two generate calls through the tiles; the tiled decode/encode parity test stays in the default run
 def test_generate_decodes_through_the_tiles():
     from tf_diffusion import StableDiffusion
 

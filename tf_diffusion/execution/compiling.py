@@ -180,7 +180,7 @@ def compile(fn: Callable, options: ExecutionOptions) -> Callable:  # noqa: A001 
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(traced, jit_compile=xla, reduce_retracing=True)
+        return tf.function(traced, jit_compile=xla, reduce_retracing=True, autograph=False)
     if backend == "jax" and xla:
         import jax
 
