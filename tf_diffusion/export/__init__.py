@@ -484,6 +484,7 @@ def export_saved_model(
     jit_compile: bool = False,
     overwrite: bool = False,
     controlnet=None,
+    **family_options,
 ) -> ExportInfo:
     """Write a TF Serving SavedModel: ``directory/<version>/`` with the signatures in the module doc.
 
@@ -503,6 +504,7 @@ def export_saved_model(
             ``--xla_cpu_compilation_enabled=true`` on the model server).
         overwrite: allow a non-empty ``directory``; an existing ``directory/<version>`` is then replaced.
         controlnet: one ControlNet in the graph (``build_serving_module``); it keeps its own precision.
+        family_options: the model family's ``generate()`` options fixed at export (``build_serving_module``).
 
     Returns:
         An ``ExportInfo`` with the version folder and the metadata written.
@@ -537,6 +539,7 @@ def export_saved_model(
         width=width,
         jit_compile=jit_compile,
         controlnet=controlnet,
+        **family_options,
     )
     import tf_diffusion
 
@@ -618,6 +621,11 @@ def tflite_function(
     if component not in TFLITE_COMPONENTS:
         raise ValueError(f"component={component!r} is not allowed; expected one of {TFLITE_COMPONENTS}")
     cfg = sd.config
+    if sd.hooks.backbone != "unet":
+        raise ValueError(
+            f"TFLite export converts the UNet families' components; {cfg.name} has a {sd.hooks.backbone} "
+            "(use the SavedModel export)"
+        )
     height, width = sd.check_size(height, width)
     factor, channels = cfg.vae.downsample_factor, cfg.vae.latent_channels
     latent = tf.TensorSpec([batch, height // factor, width // factor, channels], tf.float32)
