@@ -240,6 +240,15 @@ def test_sd3_files_are_refused_by_the_unet_loader(tmp_path, sd3_dir):
         load_pipeline_weights(path, config="sdxl-base-1.0")
     with pytest.raises(ValueError, match="load it with tf_diffusion.sd3.StableDiffusion3"):
         load_pipeline_weights(path)
+    # The SD3 loader (StableDiffusion.from_pretrained claims the file) names the other family's preset too.
+    from tf_diffusion import StableDiffusion
+
+    with pytest.raises(
+        ValueError, match=r"SD3 / SD3.5 \(MMDiT\) weights, but preset 'sdxl-base-1.0' describes a sdxl"
+    ):
+        StableDiffusion.from_pretrained(path, config="sdxl-base-1.0")
+    with pytest.raises(ValueError, match="unknown SD3 preset 'nope'"):
+        StableDiffusion.from_pretrained(path, config="nope")
     with pytest.raises(ValueError, match="StableDiffusion3.from_pretrained"):
         load_pipeline_weights(sd3_dir / "sd3-diffusers")
 

@@ -506,8 +506,26 @@ class SD3Hooks(FamilyHooks):
             return sd3_folder.load_sd3_folder(build, path, **kwargs)
         config = kwargs.pop("config", None)
         if isinstance(config, str):
+            _refuse_other_family_preset(path, config)
             config = get_sd3_preset(config)
         return sd3_single_file.load_sd3_single_file(build, path, config=config, **kwargs)
+
+
+def _refuse_other_family_preset(path, name: str) -> None:
+    """An SD3 file forced into another family's preset (SDXL's, say): an error naming both."""
+    from tf_diffusion.families import family_of_config
+    from tf_diffusion.presets import SD3_PRESETS, get_any_preset
+
+    if name in SD3_PRESETS:
+        return
+    try:
+        other = get_any_preset(name)
+    except ValueError:
+        return  # not a preset at all: get_sd3_preset lists the SD3 ones
+    raise ValueError(
+        f"{path} holds SD3 / SD3.5 (MMDiT) weights, but preset {name!r} describes a "
+        f"{family_of_config(other).name} model; pass one of the SD3 presets {sorted(SD3_PRESETS)} or none"
+    )
 
 
 def hooks_for(config) -> FamilyHooks:
