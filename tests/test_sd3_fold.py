@@ -136,6 +136,11 @@ def test_sizes_and_presets_come_from_the_family(sd):
         ValueError, match=r"height=10 is not a multiple of 4 \(the VAE's factor 2 times the patch size 2\)"
     ):
         sd.generate("a", height=10, width=8, num_steps=1, progress=False)
+    # Full size: 16-pixel sides (the VAE's 8 times the 2x2 latent patches), what check_size asks of them.
+    from tf_diffusion.presets import SD3_PRESETS
+
+    for preset in SD3_PRESETS.values():
+        assert sd.hooks.size_multiple(preset) == (16, " (the VAE's factor 8 times the patch size 2)")
     with pytest.raises(ValueError, match=r"unknown preset 'nope'; available presets: .*'sd3-medium'"):
         StableDiffusion.from_preset("nope")
     with pytest.raises(
