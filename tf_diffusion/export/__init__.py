@@ -10,9 +10,11 @@ Signatures (B is the request batch; H x W the image size and h x w x C the laten
   guidance_scale (B,) float32 -> images (B, H, W, 3) uint8, png_bytes (B,) string.
 - ``generate_from_noise``: as serving_default with noise (B, h, w, C) float32 instead of seed
   (and step_noise (B, E, h, w, C) for samplers that add noise while stepping) -> images, png_bytes, latents.
-- ``encode_text``: prompt (B,) -> ids (B, 77) int32, hidden (B, 77, D) float32.
-- ``denoise``: noise, context, negative_context, guidance_scale (+ step_noise) -> latents (B, h, w, C),
-  the compiled denoising loop (``ops.fori_loop``; XLA when exported with ``jit_compile=True``).
+- ``encode_text``: prompt (B,) -> ids (B, 77) int32, hidden (B, T, D) float32 (T = 77; SD3: 77 +
+  max_sequence_length), and for SDXL and SD3 pooled (B, P).
+- ``denoise``: noise, context, negative_context, guidance_scale (+ pooled, negative_pooled for SDXL and
+  SD3; + step_noise) -> latents (B, h, w, C), the compiled denoising loop (``ops.fori_loop``; XLA when
+  exported with ``jit_compile=True``).
 - ``decode``: latents (B, h, w, C) -> images, png_bytes.
 - ``encode_image``: images (B, H, W, 3) uint8, noise (B, h, w, C) -> latents (posterior sample) and
   mean, both multiplied by the VAE scaling factor (the img2img starting point).
@@ -24,6 +26,10 @@ Noise: ``serving_default`` draws row ``b``'s noise from ``seed[b]`` with the pro
 generator as TensorFlow ops (``tf_diffusion.noise.tf_batch_normal``), the same numbers ``generate()``
 draws on the host, so a seed gives the image ``generate(seed=...)`` gives, on every call and in any
 batch. ``generate_from_noise`` takes noise drawn any other way.
+
+What differs per family (the text encoders in the graph, the pooled inputs, SDXL's time ids, SD3's zero
+T5 tokens) comes from ``FamilyHooks.export_text`` (``tf_diffusion.export.text``); the sampler and its
+plan are the ones ``generate()`` uses for text-to-image. SD3 / SD3.5 export without T5 only.
 
 Prompts are tokenized in the graph (``tf_diffusion.export.graph_tokenizer``) as plain CLIP text truncated to
 75 tokens, like diffusers; the A1111 attention syntax and 75-token chunking of ``generate()`` are not
