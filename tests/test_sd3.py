@@ -195,6 +195,14 @@ def test_full_size_transformer_parameter_counts(name):
     model = build_abstract(lambda: MMDiT(cfg))
     assert count_parameters(model) == count + table
     assert int(np.prod(model.pos_embed.shape)) == table
+    # A single file without config= gets the preset whose transformer its shapes describe.
+    import types
+
+    from tf_diffusion.weights.sd3_single_file import _config_for
+    from tf_diffusion.weights.state_dict import manifest
+
+    shapes = {key: types.SimpleNamespace(shape=shape) for key, shape in manifest(model).items()}
+    assert _config_for(shapes, None).transformer == cfg
 
 
 def test_full_size_t5_and_vae_parameter_counts():
