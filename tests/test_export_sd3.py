@@ -9,7 +9,7 @@ What is proven here:
 - ``encode_text`` gives ``encode_prompts``' context (CLIP-L and CLIP-G padded, then the zero tokens
   standing for T5) and pooled embedding; ``denoise`` and ``decode`` chain to the same images;
 - a model loaded with T5 is refused with a message naming ``load_t5=False`` / ``--no-t5``, as are
-  SD3 options the export does not take.
+  SD3 options the export does not take; a family without an export (Flux) is named.
 """
 
 from __future__ import annotations
@@ -155,3 +155,14 @@ def test_export_refuses_t5_and_options_it_does_not_take(sd):
         build_serving_module(sd, num_steps=1, height=10, width=SIZE)
     with pytest.raises(ValueError, match="sdxl_options"):
         build_serving_module(sd, num_steps=1, height=SIZE, width=SIZE, sdxl_options={})
+
+
+def test_a_family_without_an_export_is_named():
+    from tf_diffusion import StableDiffusion
+    from tf_diffusion.export import build_serving_module
+
+    flux = StableDiffusion.from_pretrained(FIXTURES.parent / "flux" / "flux-dev")
+    with pytest.raises(
+        ValueError, match=r"\(flux family\) has no SavedModel export; .*SD3 / SD3.5 \(without T5\)"
+    ):
+        build_serving_module(flux, num_steps=1, height=SIZE, width=SIZE)
