@@ -190,6 +190,24 @@ def test_mistakes_answer_before_tensorflow_is_imported(tmp_path):
             2,
             "--controlnet applies to --format saved_model only",
         ),
+        "export max-sequence-length": (
+            ["export", "tiny-shapes", str(tmp_path / "e"), "--max-sequence-length", "600"],
+            2,
+            "--max-sequence-length 600 must be in 1..512",
+        ),
+        "export max-sequence-length tflite": (
+            [
+                "export",
+                "tiny-shapes",
+                str(tmp_path / "e"),
+                "--format",
+                "tflite",
+                "--max-sequence-length",
+                "8",
+            ],
+            2,
+            "--max-sequence-length applies to --format saved_model only",
+        ),
         "export non-empty": (
             ["export", "tiny-shapes", str(tmp_path / "out")],
             1,

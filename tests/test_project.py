@@ -42,6 +42,15 @@ def test_presets_are_consistent():
 def test_config_round_trip():
     for cfg in PRESETS.values():
         assert from_dict(PipelineConfig, to_dict(cfg)) == cfg
+    from tf_diffusion.config import SD3Config
+    from tf_diffusion.presets import SD3_PRESETS
+
+    for cfg in SD3_PRESETS.values():  # what an SD3 SavedModel's describe signature carries
+        assert from_dict(SD3Config, to_dict(cfg)) == cfg
+    assert (
+        from_dict(SD3Config, to_dict(SD3_PRESETS["sd3-medium"].replace(text_encoder_3=None))).text_encoder_3
+        is None
+    )
 
 
 def test_config_rejects_bad_values():

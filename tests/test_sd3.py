@@ -195,6 +195,14 @@ def test_full_size_transformer_parameter_counts(name):
     model = build_abstract(lambda: MMDiT(cfg))
     assert count_parameters(model) == count + table
     assert int(np.prod(model.pos_embed.shape)) == table
+    # A single file without config= gets the preset whose transformer its shapes describe.
+    import types
+
+    from tf_diffusion.weights.sd3_single_file import _config_for
+    from tf_diffusion.weights.state_dict import manifest
+
+    shapes = {key: types.SimpleNamespace(shape=shape) for key, shape in manifest(model).items()}
+    assert _config_for(shapes, None).transformer == cfg
 
 
 def test_full_size_t5_and_vae_parameter_counts():
@@ -240,6 +248,15 @@ def test_sd3_files_are_refused_by_the_unet_loader(tmp_path, sd3_dir):
         load_pipeline_weights(path, config="sdxl-base-1.0")
     with pytest.raises(ValueError, match="load it with tf_diffusion.sd3.StableDiffusion3"):
         load_pipeline_weights(path)
+    # The SD3 loader (StableDiffusion.from_pretrained claims the file) names the other family's preset too.
+    from tf_diffusion import StableDiffusion
+
+    with pytest.raises(
+        ValueError, match=r"SD3 / SD3.5 \(MMDiT\) weights, but preset 'sdxl-base-1.0' describes a sdxl"
+    ):
+        StableDiffusion.from_pretrained(path, config="sdxl-base-1.0")
+    with pytest.raises(ValueError, match="unknown SD3 preset 'nope'"):
+        StableDiffusion.from_pretrained(path, config="nope")
     with pytest.raises(ValueError, match="StableDiffusion3.from_pretrained"):
         load_pipeline_weights(sd3_dir / "sd3-diffusers")
 

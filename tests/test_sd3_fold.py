@@ -136,6 +136,11 @@ def test_sizes_and_presets_come_from_the_family(sd):
         ValueError, match=r"height=10 is not a multiple of 4 \(the VAE's factor 2 times the patch size 2\)"
     ):
         sd.generate("a", height=10, width=8, num_steps=1, progress=False)
+    # Full size: 16-pixel sides (the VAE's 8 times the 2x2 latent patches), what check_size asks of them.
+    from tf_diffusion.presets import SD3_PRESETS
+
+    for preset in SD3_PRESETS.values():
+        assert sd.hooks.size_multiple(preset) == (16, " (the VAE's factor 8 times the patch size 2)")
     with pytest.raises(ValueError, match=r"unknown preset 'nope'; available presets: .*'sd3-medium'"):
         StableDiffusion.from_preset("nope")
     with pytest.raises(
@@ -155,7 +160,15 @@ def test_cli_info_and_generate_for_sd3(tmp_path, capsys):
     args = ["generate", "a cat", "--model", str(SD3_FOLDER), "-o", str(path), "--steps", "2", "--height", "12",
             "--width", "8", "--no-progress", "--no-t5", "--max-sequence-length", "4", "--seed", "3"]  # fmt: skip
     assert cli.main(args) == 0
-    assert path.is_file()
+    from PIL import Image
+
+    from tf_diffusion.infotext import parse_parameters
+
+    with Image.open(path) as png:
+        text = png.info["parameters"]  # the PNG parameters, as the web UI writes them
+    fields = parse_parameters(text)
+    assert fields["prompt"] == "a cat" and (fields["seed"], fields["steps"]) == (3, 2), text
+    assert (fields["width"], fields["height"]) == (8, 12) and fields["extra"]["Shift"] == "3", text
     sd1_args = ["generate", "a", "--model", str(FIXTURES / "checkpoints" / "sd1-diffusers"), "-o",
                 str(tmp_path / "sd1.png"), "--steps", "1", "--no-progress", "--max-sequence-length", "4"]  # fmt: skip
     assert cli.main(sd1_args) != 0

@@ -179,6 +179,24 @@ def test_single_file_without_text_encoders(sd, tmp_path, ref):
     assert np.abs(images - arrays["no_t5_images"]).max() < IMAGE_TOL
 
 
+def test_single_file_without_t5_warns_when_t5_is_asked_for(sd, tmp_path, caplog):
+    """Bad input: T5 asked for (load_t5=True, the default) from a file that has none: a warning naming the
+    file, and the model runs without T5 (zeros, as diffusers without text_encoder_3)."""
+    import shutil
+
+    path, config = _single_file(sd, tmp_path, with_t5=False)
+    # The tiny tokenizers from a copy of the folder without T5 (the file has every CLIP weight).
+    folder = tmp_path / "no-t5"
+    shutil.copytree(FIXTURES / "sd3-diffusers", folder, ignore=shutil.ignore_patterns("*_3"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with caplog.at_level(logging.WARNING, logger="tf_diffusion.weights.sd3_single_file"):
+        loaded = StableDiffusion3.from_single_file(path, config=config, text_encoders_from=folder)
+    assert loaded.text_encoder_3 is None
+    assert f"{path} has no T5 weights" in caplog.text and "running without T5" in caplog.text
+
+
 @pytest.mark.parametrize("case", ["inpaint", "inpaint_full"])
 def test_inpainting_matches_diffusers(sd, sd_no_t5, ref, case):
     arrays, cases = ref

@@ -563,20 +563,21 @@ def from_dict(cls, data: dict):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {unknown}; allowed: {sorted(known)}")
     kwargs = {}
+    nested = {
+        "text_encoder": CLIPTextConfig,
+        "tokenizer": TokenizerConfig,
+        "text_encoder_2": CLIPTextConfig,
+        "tokenizer_2": TokenizerConfig,
+        "vae": VAEConfig,
+        "scheduler": SchedulerConfig,
+    }
+    # The whole-model configs' component fields (SD3: T5 and the MMDiT in place of the UNet).
+    nested = {
+        PipelineConfig: {**nested, "unet": UNetConfig},
+        SD3Config: {**nested, "text_encoder_3": T5Config, "transformer": MMDiTConfig},
+    }.get(cls, {})
     for name, value in data.items():
-        sub = (
-            {
-                "text_encoder": CLIPTextConfig,
-                "tokenizer": TokenizerConfig,
-                "text_encoder_2": CLIPTextConfig,
-                "tokenizer_2": TokenizerConfig,
-                "unet": UNetConfig,
-                "vae": VAEConfig,
-                "scheduler": SchedulerConfig,
-            }.get(name)
-            if cls is PipelineConfig
-            else None
-        )
+        sub = nested.get(name)
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value)
         elif isinstance(value, list):

@@ -130,6 +130,18 @@ class FamilyHooks:
         """PNG parameter fields the family adds (web UI key -> value)."""
         return {}
 
+    def export_text(self, sd, *, height: int, width: int, options: Mapping):
+        """The SavedModel's in-graph text encoding (an ``export.text.ExportText``) for text-to-image at
+        ``height`` x ``width`` with the family ``options`` (``check_family_options``) fixed at export.
+
+        Raises:
+            ValueError: if the family (or this model of it) has no SavedModel export.
+        """
+        raise ValueError(
+            f"{sd.config.name} ({self.name} family) has no SavedModel export; tf_diffusion.export writes "
+            "SD 1.x / 2.x, SDXL and SD3 / SD3.5 (without T5) models"
+        )
+
     def claims(self, path: pathlib.Path) -> bool:
         """Whether a local checkpoint file or folder is this family's (its loaders read it)."""
         return False
@@ -266,6 +278,11 @@ class UNetHooks(FamilyHooks):
                 cond.context, {**cond.extras, "timestep_cond": np.asarray(guidance_embedding(w, dim))}
             )
         return cond, uncond
+
+    def export_text(self, sd, *, height, width, options):
+        from tf_diffusion.export import text
+
+        return text.SDXLText(sd, height, width) if sd.config.is_sdxl else text.CLIPText(sd)
 
     def load(self, build, source, **kwargs):
         import inspect
@@ -413,6 +430,24 @@ class SD3Hooks(FamilyHooks):
             return {}
         return {"Shift": f"{scheduler.shift:g}"}
 
+    def export_text(self, sd, *, height, width, options):
+        from tf_diffusion.export import text
+
+        if sd.text_encoder_3 is not None:
+            # No in-graph SentencePiece tokenizer yet; dropping T5 silently would export other images.
+            raise ValueError(
+                f"{sd.config.name} is loaded with T5 (text_encoder_3), which the SavedModel export leaves "
+                "out (no in-graph T5 tokenizer); load it without T5 to export it (load_t5=False; "
+                "tf-diffusion export --no-t5): its images are then generate()'s without T5"
+            )
+        if options.get("skip_guidance_layers") is not None:
+            raise ValueError("skip_guidance_layers is not part of the SavedModel export; leave it None")
+        length = options.get("max_sequence_length")
+        length = sd.config.max_sequence_length if length is None else length
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 1 <= length <= 512:
+            raise ValueError(f"max_sequence_length={length!r} must be an integer in 1..512")
+        return text.SD3Text(sd, int(length))
+
     def claims(self, path):
         import json
 
@@ -471,8 +506,26 @@ class SD3Hooks(FamilyHooks):
             return sd3_folder.load_sd3_folder(build, path, **kwargs)
         config = kwargs.pop("config", None)
         if isinstance(config, str):
+            _refuse_other_family_preset(path, config)
             config = get_sd3_preset(config)
         return sd3_single_file.load_sd3_single_file(build, path, config=config, **kwargs)
+
+
+def _refuse_other_family_preset(path, name: str) -> None:
+    """An SD3 file forced into another family's preset (SDXL's, say): an error naming both."""
+    from tf_diffusion.families import family_of_config
+    from tf_diffusion.presets import SD3_PRESETS, get_any_preset
+
+    if name in SD3_PRESETS:
+        return
+    try:
+        other = get_any_preset(name)
+    except ValueError:
+        return  # not a preset at all: get_sd3_preset lists the SD3 ones
+    raise ValueError(
+        f"{path} holds SD3 / SD3.5 (MMDiT) weights, but preset {name!r} describes a "
+        f"{family_of_config(other).name} model; pass one of the SD3 presets {sorted(SD3_PRESETS)} or none"
+    )
 
 
 def hooks_for(config) -> FamilyHooks:

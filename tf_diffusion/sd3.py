@@ -14,8 +14,8 @@ latents are decoded as ``vae.decode(x / scaling_factor + shift_factor)``.
 
 Image-to-image and inpainting follow diffusers' SD3 Img2Img / Inpaint pipelines (the 16-channel
 transformer's per-step blend, the pipeline's shared task preparation), skip-layer guidance
-(``generate(skip_guidance_layers=...)``) its text-to-image pipeline. Not here yet (issue 22): keras-hub
-presets, the SavedModel export, sharded generation and LoRA for SD3.
+(``generate(skip_guidance_layers=...)``) its text-to-image pipeline. The SavedModel export runs SD3
+without T5 (``export.text.SD3Text``). Not here yet: LoRA for SD3.
 """
 
 from __future__ import annotations

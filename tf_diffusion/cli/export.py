@@ -42,6 +42,8 @@ OPTION_NAMES = {
     "components": "--components",
     "jit_compile": "--xla",
     "controlnet": "--controlnet",
+    "load_t5": "--no-t5",
+    "max_sequence_length": "--max-sequence-length",
 }
 
 
@@ -81,6 +83,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="saved_model: one ControlNet (file or folder) in the graph; the signatures then take "
         "control_image and control_scale",
     )
+    p.add_argument(
+        "--no-t5",
+        action="store_true",
+        help="SD3: load the model without T5 (the SavedModel leaves T5 out; its tokens are zeros)",
+    )
+    p.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="SD3: the zero tokens standing for T5 in the graph, 1..512 (default: the model's)",
+    )
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty DIR; replace what clashes")
     p.set_defaults(func=run, option_names=OPTION_NAMES)
     return p
@@ -103,6 +117,14 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.exists(args.controlnet):
             raise FileNotFoundError(f"--controlnet {args.controlnet}: no such file or folder")
     positive_int(args.steps, "--steps")
+    family_options = {}
+    if args.max_sequence_length is not None:
+        if args.format == "tflite":
+            raise UsageError("--max-sequence-length applies to --format saved_model only")
+        positive_int(args.max_sequence_length, "--max-sequence-length")
+        if args.max_sequence_length > 512:
+            raise UsageError(f"--max-sequence-length {args.max_sequence_length} must be in 1..512")
+        family_options["max_sequence_length"] = args.max_sequence_length
     positive_int(args.version, "--version", minimum=0)
     check_sampler(args.sampler, "--sampler")
     check_size(args.height, args.width, None)
@@ -132,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     from tf_diffusion.controlnet import ControlNet
     from tf_diffusion.pipeline import StableDiffusion
 
-    sd = StableDiffusion.from_pretrained(source)
+    # --no-t5 reaches only the SD3 loaders (None: the loader's default, so the UNet loader never sees it).
+    sd = StableDiffusion.from_pretrained(source, load_t5=False if args.no_t5 else None)
     if args.format == "tflite":
         quantization = None if args.quantization == "none" else args.quantization
         paths = export.export_tflite(
@@ -159,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         jit_compile=args.xla,
         overwrite=args.overwrite,
         controlnet=None if args.controlnet is None else ControlNet.from_pretrained(args.controlnet),
+        **family_options,
     )
     meta = info.metadata
     print(

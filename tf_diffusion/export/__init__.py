@@ -10,9 +10,11 @@ Signatures (B is the request batch; H x W the image size and h x w x C the laten
   guidance_scale (B,) float32 -> images (B, H, W, 3) uint8, png_bytes (B,) string.
 - ``generate_from_noise``: as serving_default with noise (B, h, w, C) float32 instead of seed
   (and step_noise (B, E, h, w, C) for samplers that add noise while stepping) -> images, png_bytes, latents.
-- ``encode_text``: prompt (B,) -> ids (B, 77) int32, hidden (B, 77, D) float32.
-- ``denoise``: noise, context, negative_context, guidance_scale (+ step_noise) -> latents (B, h, w, C),
-  the compiled denoising loop (``ops.fori_loop``; XLA when exported with ``jit_compile=True``).
+- ``encode_text``: prompt (B,) -> ids (B, 77) int32, hidden (B, T, D) float32 (T = 77; SD3: 77 +
+  max_sequence_length), and for SDXL and SD3 pooled (B, P).
+- ``denoise``: noise, context, negative_context, guidance_scale (+ pooled, negative_pooled for SDXL and
+  SD3; + step_noise) -> latents (B, h, w, C), the compiled denoising loop (``ops.fori_loop``; XLA when
+  exported with ``jit_compile=True``).
 - ``decode``: latents (B, h, w, C) -> images, png_bytes.
 - ``encode_image``: images (B, H, W, 3) uint8, noise (B, h, w, C) -> latents (posterior sample) and
   mean, both multiplied by the VAE scaling factor (the img2img starting point).
@@ -24,6 +26,10 @@ Noise: ``serving_default`` draws row ``b``'s noise from ``seed[b]`` with the pro
 generator as TensorFlow ops (``tf_diffusion.noise.tf_batch_normal``), the same numbers ``generate()``
 draws on the host, so a seed gives the image ``generate(seed=...)`` gives, on every call and in any
 batch. ``generate_from_noise`` takes noise drawn any other way.
+
+What differs per family (the text encoders in the graph, the pooled inputs, SDXL's time ids, SD3's zero
+T5 tokens) comes from ``FamilyHooks.export_text`` (``tf_diffusion.export.text``); the sampler and its
+plan are the ones ``generate()`` uses for text-to-image. SD3 / SD3.5 export without T5 only.
 
 Prompts are tokenized in the graph (``tf_diffusion.export.graph_tokenizer``) as plain CLIP text truncated to
 75 tokens, like diffusers; the A1111 attention syntax and 75-token chunking of ``generate()`` are not
@@ -100,14 +106,21 @@ def with_dtype(sd: StableDiffusion, dtype: str | None) -> StableDiffusion:
         return sd
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; expected one of {EXPORT_DTYPES}")
-    current = sd.unet.dtype_policy.name
+    current = getattr(sd, sd.hooks.backbone).dtype_policy.name
     if current == dtype:
         return sd
     from tf_diffusion.weights import load_state_dict, state_dict
 
-    copy = StableDiffusion(sd.config, dtype=dtype, tokenizer=sd.tokenizer, tokenizer_2=sd.tokenizer_2)
-    for name in components_of(sd.config):  # SDXL: text_encoder_2 too; its refiner has no text_encoder
-        load_state_dict(getattr(copy, name), state_dict(getattr(sd, name)))
+    tokenizers = {"tokenizer": sd.tokenizer, "tokenizer_2": sd.tokenizer_2}
+    if getattr(sd, "tokenizer_3", None) is not None:  # SD3 with T5
+        tokenizers["tokenizer_3"] = sd.tokenizer_3
+    copy = StableDiffusion(sd.config, dtype=dtype, **tokenizers)
+    # Every network the model holds (SDXL: text_encoder_2 too, its refiner no text_encoder; SD3: the
+    # transformer, and T5 when loaded).
+    for name in (*components_of(sd.config), "text_encoder_3", "transformer"):
+        network = getattr(sd, name, None)
+        if network is not None:
+            load_state_dict(getattr(copy, name), state_dict(network))
     return copy
 
 
@@ -149,6 +162,7 @@ def build_serving_module(
     width: int | None = None,
     jit_compile: bool = False,
     controlnet=None,
+    **family_options,
 ):
     """The ``tf.Module`` that ``export_saved_model`` saves, usable directly in Python.
 
@@ -164,21 +178,24 @@ def build_serving_module(
             ``generate_from_noise`` and ``denoise`` then also take ``control_image`` (B, H, W, 3) uint8 and
             ``control_scale`` (B,) float32 (``controlnet_conditioning_scale``, over the whole schedule),
             as ``generate(controlnet=..., control_image=...)`` runs it.
+        family_options: ``generate()``'s options of the model's family, fixed at export (SD3:
+            ``max_sequence_length``, the number of zero tokens standing for T5).
 
     Returns:
         ``(module, signatures)``: the module and a dict signature name -> concrete function.
 
     Raises:
-        ValueError: for an invalid option, an inpainting model, or a ControlNet of another family.
+        ValueError: for an invalid option, an inpainting model, a ControlNet of another family, a family
+            without an export (Flux) or an SD3 model loaded with T5.
     """
     _check_backend()
     tf = _tf()
     from tf_diffusion import noise as noise_lib
     from tf_diffusion.denoising import ClassifierFreeGuidance, Conditioning
-    from tf_diffusion.export.graph_tokenizer import GraphTokenizer
-    from tf_diffusion.schedulers import get_sampler
+    from tf_diffusion.family_hooks import check_family_options
 
-    cfg = sd.config
+    cfg, hooks = sd.config, sd.hooks
+    family_options = check_family_options(cfg, hooks, family_options)
     sampler = cfg.default_sampler if sampler is None else sampler
     num_steps = cfg.default_steps if num_steps is None else num_steps
     if cfg.is_inpainting:
@@ -195,15 +212,19 @@ def build_serving_module(
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
     height, width = sd.check_size(height, width)
-    sampler_obj = get_sampler(sampler, cfg.scheduler)
-    plan = sampler_obj.plan(int(num_steps))
     factor, channels = cfg.vae.downsample_factor, cfg.vae.latent_channels
     h, w = height // factor, width // factor
-    sdxl = cfg.is_sdxl
-    length, hidden = cfg.tokenizer.max_length, cfg.unet.context_dim
+    # The sampler and plan generate() uses for text-to-image (SD3: flow matching with the model's shift).
+    sampler_obj = hooks.sampler(cfg, sampler, (h, w, channels))
+    plan = hooks.plan(sampler_obj, int(num_steps), 1.0, False, None, None)
+    # What differs per family: the text encoders and tokenizers in the graph, the extras (pooled).
+    text = hooks.export_text(sd, height=height, width=width, options=family_options)
+    length, hidden = text.context_shape
+    extra_names = list(text.extras)
     evals = plan.num_evals
     needs_noise = sampler_obj.needs_noise
-    scaling = float(cfg.vae.scaling_factor)
+    # Latents are (z - shift) * scaling for every family (the shift is 0 but for SD3's VAE).
+    scaling, shift = float(cfg.vae.scaling_factor), float(cfg.vae.shift_factor)
 
     from tf_diffusion.adapters import controlnet as controlnet_adapter
 
@@ -211,21 +232,13 @@ def build_serving_module(
     if controlnet is not None:
         if isinstance(controlnet, (list, tuple)):
             raise ValueError("export takes one ControlNet (controlnet=net), not a list")
+        hooks.require_adapter(cfg, "controlnet")
         controlnet_adapter.check_net(sd, controlnet, 0)
         nets = [controlnet]
-    if sdxl:
-        from tf_diffusion import sdxl as sdxl_lib
-
-        module = _variables_module(sd.text_encoder, sd.text_encoder_2, sd.unet, sd.vae, *nets)
-        module.tokenizer = GraphTokenizer(sd.tokenizer)
-        module.tokenizer_2 = GraphTokenizer(sd.tokenizer_2)
-        pooled_dim = cfg.text_encoder_2.projection_dim
-        # Text to image at the exported size: diffusers' default micro-conditioning (original and
-        # target size = the output size, no crop), the same for both halves.
-        time_ids = tf.constant(sdxl_lib.time_ids(cfg, height, width, 1)[0][0])  # (6,)
-    else:
-        module = _variables_module(sd.text_encoder, sd.unet, sd.vae, *nets)
-        module.tokenizer = GraphTokenizer(sd.tokenizer)
+    backbone = getattr(sd, hooks.backbone)
+    module = _variables_module(*text.encoders, backbone, sd.vae, *nets)
+    for name, tokenizer in text.tokenizers.items():
+        setattr(module, name, tokenizer)
     denoiser = controlnet_adapter.ControlNetDenoiser(sd.denoiser, nets) if nets else None
     program = sd.denoise_program(sampler_obj, ClassifierFreeGuidance(), denoiser=denoiser)
     loop = tf.function(program.loop, jit_compile=bool(jit_compile), autograph=False)
@@ -244,28 +257,20 @@ def build_serving_module(
 
     # The parts, each traced once; the signatures below call them.
     def encode_text(prompt):
-        if not sdxl:
-            ids = module.tokenizer(prompt)  # (B, 77)
-            return ids, tf.cast(sd.text_encoder(ids), tf.float32)  # (B, 77, D)
-        # SDXL (tf_diffusion.sdxl.encode_prompts): both encoders' penultimate hidden states side by
-        # side, and the second one's projected pooled output.
-        ids, ids_2 = module.tokenizer(prompt), module.tokenizer_2(prompt)
-        first = sd.text_encoder(ids, clip_skip=1, final_norm=False)
-        second, pooled = sd.text_encoder_2(ids_2, clip_skip=1, final_norm=False, pooled=True)
-        context = tf.concat([tf.cast(first, tf.float32), tf.cast(second, tf.float32)], axis=-1)
-        return ids, context, tf.cast(pooled, tf.float32)
+        return text.encode(prompt)  # {"ids", "hidden", *extra_names}
 
-    def bundle(context, pooled, hint):
-        extras = {}
-        if sdxl:
-            extras.update(text_embeds=pooled, time_ids=tf.tile(time_ids[None], [tf.shape(context)[0], 1]))
+    def bundle(context, extras, hint):
+        cond = text.conditioning(context, extras)
         if hint is not None:
-            extras[controlnet_adapter.IMAGE.format(0)] = hint
-        return Conditioning(context, extras).tree()
+            cond = Conditioning(cond.context, {**cond.extras, controlnet_adapter.IMAGE.format(0): hint})
+        return cond.tree()
 
     def denoise(noise, context, negative_context, guidance_scale, *rest):
         rest = list(rest)
-        pooled, negative_pooled = (rest.pop(0), rest.pop(0)) if sdxl else (None, None)
+        # The family's extras, each with its negative twin after it (SDXL, SD3: pooled).
+        extras, negative_extras = {}, {}
+        for name in extra_names:
+            extras[name], negative_extras[name] = rest.pop(0), rest.pop(0)
         step_noise = rest.pop(0) if needs_noise else None
         hint = scale = None
         if nets:
@@ -283,8 +288,8 @@ def build_serving_module(
             per_step.update(cond=leaf, uncond=dict(leaf))
         inputs = {
             "rows": {
-                "cond": bundle(context, pooled, hint),
-                "uncond": bundle(negative_context, negative_pooled, hint),
+                "cond": bundle(context, extras, hint),
+                "uncond": bundle(negative_context, negative_extras, hint),
             },
             "per_step": per_step,
             "shared": {
@@ -297,11 +302,13 @@ def build_serving_module(
         return x
 
     def decode(latents):
-        pixels = tf.cast(sd.vae.decode(latents / scaling), tf.float32)
+        pixels = tf.cast(sd.vae.decode(latents / scaling + shift), tf.float32)
         images = tf.cast(tf.round(tf.clip_by_value((pixels + 1.0) * 0.5, 0.0, 1.0) * 255.0), tf.uint8)
         return images, tf.map_fn(tf.io.encode_png, images, fn_output_signature=tf.string)
 
-    pooled_specs = [tf.TensorSpec([None, pooled_dim], tf.float32)] * 2 if sdxl else []
+    extra_specs = [
+        tf.TensorSpec([None, *text.extras[name]], tf.float32) for name in extra_names for _ in range(2)
+    ]
     encode_text = function(encode_text, strings)
     denoise = function(
         denoise,
@@ -309,7 +316,7 @@ def build_serving_module(
         context_spec,
         context_spec,
         guidance_spec,
-        *pooled_specs,
+        *extra_specs,
         *step_spec,
         *control_spec,
     )
@@ -326,18 +333,14 @@ def build_serving_module(
     def generate(prompt, negative_prompt, guidance_scale, noise, step_noise=None, control=()):
         # One text batch [negatives..., prompts...], as generate() encodes it.
         encoded = encode_text(tf.concat([negative_prompt, prompt], axis=0))
-        negative, context = tf.split(encoded[1], 2, axis=0)
-        pooled = []
-        if sdxl:
-            negative_pooled, positive_pooled = tf.split(encoded[2], 2, axis=0)
-            if cfg.force_zeros_for_empty_prompt:
-                # generate() without a negative prompt: zeros for the unconditional half, as diffusers.
-                empty = tf.equal(negative_prompt, "")
-                negative = tf.where(empty[:, None, None], tf.zeros_like(negative), negative)
-                negative_pooled = tf.where(empty[:, None], tf.zeros_like(negative_pooled), negative_pooled)
-            pooled = [positive_pooled, negative_pooled]
+        halves = {name: tf.split(encoded[name], 2, axis=0) for name in ["hidden", *extra_names]}
+        # SDXL: zeros for an empty negative prompt when the model says so (text.unconditional).
+        negative = text.unconditional(negative_prompt, {name: pair[0] for name, pair in halves.items()})
+        extras = [t for name in extra_names for t in (halves[name][1], negative[name])]
         steps = [] if step_noise is None else [step_noise]
-        latents = denoise(noise, context, negative, guidance_scale, *pooled, *steps, *control)
+        latents = denoise(
+            noise, halves["hidden"][1], negative["hidden"], guidance_scale, *extras, *steps, *control
+        )
         images, png = decode(latents)
         return {"images": images, "png_bytes": png, "latents": latents}
 
@@ -353,20 +356,16 @@ def build_serving_module(
     def from_noise(prompt, negative_prompt, guidance_scale, noise, step_noise=None, **control):
         return generate(prompt, negative_prompt, guidance_scale, noise, step_noise, _control(control))
 
-    pooled_names = ["pooled", "negative_pooled"] if sdxl else []
+    extra_input_names = [n for name in extra_names for n in (name, f"negative_{name}")]
 
     def denoise_sig(noise, context, negative_context, guidance_scale, **rest):
-        names = pooled_names + step_names + control_names
+        names = extra_input_names + step_names + control_names
         return {
             "latents": denoise(noise, context, negative_context, guidance_scale, *(rest[n] for n in names))
         }
 
     def text_sig(prompt):
-        encoded = encode_text(prompt)
-        out = {"ids": encoded[0], "hidden": encoded[1]}
-        if sdxl:
-            out["pooled"] = encoded[2]
-        return out
+        return dict(encode_text(prompt))
 
     def decode_sig(latents):
         images, png = decode(latents)
@@ -375,7 +374,8 @@ def build_serving_module(
     def encode_image_sig(images, noise):
         pixels = tf.cast(images, tf.float32) / 255.0 * 2.0 - 1.0
         dist = sd.vae.encode(pixels)
-        return {"latents": dist.sample(noise=noise) * scaling, "mean": dist.mean * scaling}
+        latents, mean = dist.sample(noise=noise), dist.mean
+        return {"latents": (latents - shift) * scaling, "mean": (mean - shift) * scaling}
 
     seed_spec = tf.TensorSpec([None], tf.int64)
     functions = {
@@ -408,7 +408,7 @@ def build_serving_module(
                     "context",
                     "negative_context",
                     "guidance_scale",
-                    *pooled_names,
+                    *extra_input_names,
                     *step_names,
                     *control_names,
                 ],
@@ -417,7 +417,7 @@ def build_serving_module(
             context_spec,
             context_spec,
             guidance_spec,
-            *pooled_specs,
+            *extra_specs,
             *step_spec,
             *control_spec,
         ),
@@ -436,7 +436,7 @@ def build_serving_module(
         "width": width,
         "latent_shape": [h, w, channels],
         "context_shape": [length, hidden],
-        "dtype": sd.unet.dtype_policy.name,
+        "dtype": backbone.dtype_policy.name,
         "jit_compile": bool(jit_compile),
         "vae_scaling_factor": scaling,
         "noise": "row b from seed[b]: tf_diffusion.noise streams 0 (latents) and 3 (steps), as generate()",
@@ -448,16 +448,9 @@ def build_serving_module(
             "inputs": "control_image (B, H, W, 3) uint8 taken as given (no preprocessing), control_scale (B,)",
             "guidance_window": "the whole schedule; no guess mode",
         }
-    if sdxl:
-        module.metadata.update(
-            pooled_shape=[pooled_dim],
-            time_ids=[float(v) for v in time_ids.numpy()],
-            empty_negative_prompt=(
-                "zeros for the unconditional half (force_zeros_for_empty_prompt), as generate() without one"
-                if cfg.force_zeros_for_empty_prompt
-                else "encoded like any other text"
-            ),
-        )
+    module.metadata.update(text.metadata)
+    if shift:
+        module.metadata["vae_shift_factor"] = shift
     # What a remote client needs to know before its first request (tf_diffusion.serve.tf_serving): the
     # export's choices and the pipeline config, as JSON, one copy per row of a dummy batch (TF Serving's
     # REST API runs a signature only on inputs).
@@ -497,6 +490,7 @@ def export_saved_model(
     jit_compile: bool = False,
     overwrite: bool = False,
     controlnet=None,
+    **family_options,
 ) -> ExportInfo:
     """Write a TF Serving SavedModel: ``directory/<version>/`` with the signatures in the module doc.
 
@@ -516,6 +510,7 @@ def export_saved_model(
             ``--xla_cpu_compilation_enabled=true`` on the model server).
         overwrite: allow a non-empty ``directory``; an existing ``directory/<version>`` is then replaced.
         controlnet: one ControlNet in the graph (``build_serving_module``); it keeps its own precision.
+        family_options: the model family's ``generate()`` options fixed at export (``build_serving_module``).
 
     Returns:
         An ``ExportInfo`` with the version folder and the metadata written.
@@ -550,6 +545,7 @@ def export_saved_model(
         width=width,
         jit_compile=jit_compile,
         controlnet=controlnet,
+        **family_options,
     )
     import tf_diffusion
 
@@ -631,6 +627,11 @@ def tflite_function(
     if component not in TFLITE_COMPONENTS:
         raise ValueError(f"component={component!r} is not allowed; expected one of {TFLITE_COMPONENTS}")
     cfg = sd.config
+    if sd.hooks.backbone != "unet":
+        raise ValueError(
+            f"TFLite export converts the UNet families' components; {cfg.name} has a {sd.hooks.backbone} "
+            "(use the SavedModel export)"
+        )
     height, width = sd.check_size(height, width)
     factor, channels = cfg.vae.downsample_factor, cfg.vae.latent_channels
     latent = tf.TensorSpec([batch, height // factor, width // factor, channels], tf.float32)

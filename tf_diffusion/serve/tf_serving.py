@@ -99,7 +99,10 @@ class TFServingModel:
         self.backend = parse_backend(backend) if isinstance(backend, str) else backend
         self._client = httpx.Client(timeout=timeout)
         self.description = json.loads(self._predict("describe", {"batch": [0]})["description"][0])
-        self.config = config_lib.from_dict(config_lib.PipelineConfig, self.description["config"])
+        config = self.description["config"]
+        # An SD3 export describes an SD3Config (its transformer in place of a UNet).
+        kind = config_lib.SD3Config if "transformer" in config else config_lib.PipelineConfig
+        self.config = config_lib.from_dict(kind, config)
         self.lora_dir = None  # LoRA tags name files the model server does not have
         if self.description.get("controlnet") is not None:
             raise BackendError(

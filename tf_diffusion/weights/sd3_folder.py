@@ -103,6 +103,7 @@ def describe_sd3(path: pathlib.Path) -> dict:
     """
     from tf_diffusion.sd3 import read_model_index
     from tf_diffusion.weights.safetensors_io import open_safetensors
+    from tf_diffusion.weights.scaled_fp8 import count_scaled, is_scaled_fp8, without_scales
     from tf_diffusion.weights.sd3_single_file import _config_for, split_sd3_file
 
     path = pathlib.Path(path)
@@ -126,8 +127,22 @@ def describe_sd3(path: pathlib.Path) -> dict:
             handles.append(handle)
             info["format"] = "single-file (.safetensors)"
             parts, other = split_sd3_file(handle)
-            config_name = _config_for(parts["transformer"], None).name if "transformer" in parts else "?"
-            notes = [f"{len(other)} keys outside the SD3 components"] if other else []
+            notes = []
+            if is_scaled_fp8(handle):
+                scaled = sum(count_scaled(part) for part in parts.values())
+                notes.append(
+                    f"scaled fp8 (ComfyUI): {scaled} float8 weights with a per-tensor scale_weight, "
+                    "dequantized to float32 on load"
+                )
+                parts = {name: without_scales(part) for name, part in parts.items()}
+                other = [key for key in other if key.rsplit(".", 1)[-1] != "scaled_fp8"]
+            config_name = "?"
+            if "transformer" in parts:
+                try:
+                    config_name = _config_for(parts["transformer"], None).name
+                except ValueError:  # a transformer no preset's text encoders fit (a test-sized one)
+                    config_name = "sd3 (inferred; no preset fits)"
+            notes += [f"{len(other)} keys outside the SD3 components"] if other else []
             lacking = [c for c in ("text_encoder", "text_encoder_2", "text_encoder_3") if c not in parts]
             if lacking:
                 info["missing"] = lacking

@@ -7,11 +7,14 @@ convs); the text encoders, when the file has them, under ``text_encoders.clip_l.
 ``text_encoders.clip_g.transformer.`` (both transformers' CLIP layout) and
 ``text_encoders.t5xxl.transformer.`` (transformers' T5EncoderModel keys). CLIP-L's ``text_projection``
 is the identity, as diffusers sets it (the files hold none). Files without text encoders take them from a
-diffusers folder (``text_encoders_from=``); T5 may be left out (its tokens are then zeros).
+diffusers folder (``text_encoders_from=``); T5 may be left out (its tokens are then zeros). ComfyUI's
+"scaled fp8" files (a ``scale_weight`` beside each float8 weight) are dequantized as they are read
+(``weights.scaled_fp8``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 
@@ -22,6 +25,7 @@ from tf_diffusion.families import FAMILIES, is_sd3_single_file
 from tf_diffusion.weights.ckpt import load_ckpt
 from tf_diffusion.weights.diffusers_mmdit import mmdit_config_from_checkpoint
 from tf_diffusion.weights.safetensors_io import open_safetensors
+from tf_diffusion.weights.scaled_fp8 import dequantize_scaled_fp8, is_scaled_fp8
 from tf_diffusion.weights.single_file import unwrap_checkpoint
 from tf_diffusion.weights.state_dict import load_state_dict
 
@@ -52,7 +56,7 @@ def _config_for(transformer: dict, config: SD3Config | None) -> SD3Config:
     head = 64
     for preset in SD3_PRESETS.values():
         inferred = mmdit_config_from_checkpoint(transformer, head_dim=head)
-        if inferred.replace(sample_size=preset.transformer.sample_size) == preset.transformer:
+        if dataclasses.replace(inferred, sample_size=preset.transformer.sample_size) == preset.transformer:
             return preset
     return SD3_PRESETS["sd3-medium"].replace(
         name="sd3 (inferred)", transformer=mmdit_config_from_checkpoint(transformer)
@@ -92,6 +96,8 @@ def load_sd3_single_file(
                 f"{path} is not an SD3 / SD3.5 file: it has no model.diffusion_model.joint_blocks"
             )
         parts, _ = split_sd3_file(tensors)
+        if is_scaled_fp8(tensors):  # ComfyUI's scaled fp8: each weight times its scale_weight, as read
+            parts = {name: dequantize_scaled_fp8(part, str(path)) for name, part in parts.items()}
         for name in ("transformer", "vae"):
             if name not in parts:
                 raise ValueError(f"{path} has no {name} weights ({FAMILIES['sd3'].prefixes[name]}*)")

@@ -1,0 +1,96 @@
+"""ComfyUI "scaled fp8" SD3 single files: float8 weights with a per-tensor scale_weight, dequantized on load.
+
+The file is written here with torch from the tiny SD3 folder's weights, as ComfyUI's scaled files are laid
+out (a float8_e4m3fn ``weight`` and a float32 ``scale_weight`` per linear layer, a ``scaled_fp8`` marker, a
+``scale_input``); the expected weights are torch's own dequantization, ``weight.to(float32) * scale_weight``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+FOLDER = pathlib.Path(__file__).parent / "fixtures" / "sd3" / "sd3-diffusers"
+PREFIXES = {
+    "transformer": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "text_encoders.clip_l.transformer.",
+    "text_encoder_2": "text_encoders.clip_g.transformer.",
+}
+SCALED = ("transformer", "text_encoder_2")  # ComfyUI scales the transformer's (and encoders') linear weights
+
+
+@pytest.fixture(scope="module")
+def scaled_file(tmp_path_factory):
+    """(path, {original key: torch's dequantized float32 weight}, number of scaled weights)."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from tf_diffusion import StableDiffusion
+    from tf_diffusion.weights.state_dict import state_dict
+
+    sd = StableDiffusion.from_pretrained(FOLDER, load_t5=False)
+    tensors, expected = {}, {}
+    for name, prefix in PREFIXES.items():
+        for key, value in state_dict(getattr(sd, name)).items():
+            if name == "text_encoder" and key == "text_projection.weight":
+                continue  # SD3 files hold none (the identity)
+            weight = torch.from_numpy(np.ascontiguousarray(value))
+            if name in SCALED and key.endswith(".weight") and weight.ndim == 2:
+                scale = (weight.abs().max() / 448.0).to(torch.float32)  # e4m3fn's largest finite value
+                stored = (weight / scale).to(torch.float8_e4m3fn)
+                tensors[prefix + key] = stored
+                tensors[prefix + key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+                expected[prefix + key] = (stored.to(torch.float32) * scale).numpy()
+            else:
+                tensors[prefix + key] = weight
+    tensors["model.diffusion_model.scaled_fp8"] = torch.empty(
+        0, dtype=torch.float8_e4m3fn
+    )  # ComfyUI's marker
+    first = next(k for k in expected if k.startswith("model.diffusion_model."))
+    tensors[first[: -len("weight")] + "scale_input"] = torch.ones((), dtype=torch.float32)
+    path = tmp_path_factory.mktemp("fp8") / "sd3_tiny_fp8_scaled.safetensors"
+    save_file(tensors, str(path))
+    return path, expected, sd
+
+
+def test_scaled_fp8_weights_load_dequantized_as_torch_computes_them(scaled_file):
+    from tf_diffusion import StableDiffusion
+    from tf_diffusion.weights.state_dict import state_dict
+
+    path, expected, source = scaled_file
+    # The folder gives the tiny tokenizers only: every weight named below is in the file.
+    sd = StableDiffusion.from_pretrained(path, load_t5=False, config=source.config, text_encoders_from=FOLDER)
+    assert sd.text_encoder_3 is None
+    loaded = {p + k: v for name, p in PREFIXES.items() for k, v in state_dict(getattr(sd, name)).items()}
+    assert len(expected) > 10
+    for key, want in expected.items():
+        np.testing.assert_array_equal(loaded[key], want, err_msg=key)  # float32 products: bit for bit
+    # The float8 rounding is real (the weights moved), and unscaled tensors arrived as they were.
+    key = next(iter(expected))
+    original = state_dict(source.transformer)[key[len(PREFIXES["transformer"]) :]]
+    assert 0 < np.abs(loaded[key] - original).max() < 0.1 * np.abs(original).max()
+    vae_key = next(iter(state_dict(source.vae)))
+    np.testing.assert_array_equal(loaded["first_stage_model." + vae_key], state_dict(source.vae)[vae_key])
+
+
+def test_info_reports_scaled_fp8(scaled_file):
+    from tf_diffusion.family_hooks import describe_source
+
+    path, expected, _ = scaled_file
+    info = describe_source(path)
+    assert info["family"] == "sd3"
+    assert any(f"scaled fp8 (ComfyUI): {len(expected)} float8 weights" in note for note in info["notes"])
+    assert "float8_e4m3fn" in info["transformer"] and not any("keys outside" in n for n in info["notes"])
+
+
+def test_a_scale_without_its_weight_is_refused():
+    from tf_diffusion.weights.scaled_fp8 import dequantize_scaled_fp8
+
+    scale = np.ones((), np.float32)
+    with pytest.raises(ValueError, match=r"f.safetensors: a.scale_weight scales no weight \(no a.weight"):
+        dequantize_scaled_fp8({"a.scale_weight": scale}, "f.safetensors")
+    with pytest.raises(ValueError, match=r"a.weight: its scale_weight has shape \(2,\); expected one number"):
+        dequantize_scaled_fp8({"a.weight": np.ones((2, 2)), "a.scale_weight": np.ones(2)}, "f")["a.weight"]
