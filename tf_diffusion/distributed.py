@@ -200,7 +200,7 @@ class ShardedExecutor:
                 # traces one shared tf.function once for all replicas, as one XLA program that then
                 # cannot read the mirrored variables held on the other devices.
                 def replica_fn(inputs, shared):
-                    return tf.function(call, jit_compile=True)(inputs, shared)
+                    return tf.function(call, jit_compile=True, autograph=False)(inputs, shared)
 
             @tf.function(autograph=False, reduce_retracing=True)
             def distributed(inputs, shared):

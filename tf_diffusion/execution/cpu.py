@@ -153,9 +153,11 @@ def conv_tile(conv: layers.Conv2d, shape) -> int:
 
         x, weight = _random((b or 1, h, w, cin)), _random((3, 3, cin, cout), 1 / math.sqrt(9 * cin))
         if name == "direct":
-            fn = tf.function(lambda x, w: ops.conv(x, w, padding="same"), jit_compile=True)
+            fn = tf.function(lambda x, w: ops.conv(x, w, padding="same"), jit_compile=True, autograph=False)
         else:
-            fn = tf.function(functools.partial(winograd_conv3x3, m=int(name[1:])), jit_compile=True)
+            fn = tf.function(
+                functools.partial(winograd_conv3x3, m=int(name[1:])), jit_compile=True, autograph=False
+            )
         return lambda: fn(x, weight).numpy()
 
     winner = _decide("conv3x3", (b, h, w, cin, cout, "float32"), names, build)
@@ -179,10 +181,12 @@ def _subpixel(conv: layers.Conv2d, x, size) -> bool:
         x, weight = _random((b or 1, h, w, cin)), _random((3, 3, cin, cout), 1 / math.sqrt(9 * cin))
         if name == "nearest":
             fn = tf.function(
-                lambda x, w: ops.conv(layers.upsample_nearest(x), w, padding="same"), jit_compile=True
+                lambda x, w: ops.conv(layers.upsample_nearest(x), w, padding="same"),
+                jit_compile=True,
+                autograph=False,
             )
         else:
-            fn = tf.function(subpixel_conv3x3, jit_compile=True)
+            fn = tf.function(subpixel_conv3x3, jit_compile=True, autograph=False)
         return lambda: fn(x, weight).numpy()
 
     return _decide("upsample_conv3x3", (b, h, w, cin, cout, "float32"), ["nearest", "subpixel"], build) == (
@@ -215,10 +219,13 @@ def resblock_plan(block: unet.ResBlock, shape) -> tuple[str, int | None]:
         x, emb = _random(shape), _random((b, emb_dim))
         filters = (conv3x3_filter(conv1.weight, m), conv3x3_filter(conv2.weight, m))
         if name == "island":
-            fn = tf.function(lambda x, emb, f: island(block, "call", _reference(block))(x, emb))
+            fn = tf.function(
+                lambda x, emb, f: island(block, "call", _reference(block))(x, emb), autograph=False
+            )
         else:
             fn = tf.function(
-                lambda x, emb, f: _resblock_split(block, x, emb, m, f if name == "prepared" else None)
+                lambda x, emb, f: _resblock_split(block, x, emb, m, f if name == "prepared" else None),
+                autograph=False,
             )
         traced = functools.partial(fn, x, emb, filters)
         return lambda: traced().numpy()

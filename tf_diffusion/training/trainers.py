@@ -244,7 +244,7 @@ class _TrainerBase:
             return loss, logs, grads
 
         if self.config.jit_compile:
-            loss_and_grads = tf.function(loss_and_grads, jit_compile=True)
+            loss_and_grads = tf.function(loss_and_grads, jit_compile=True, autograph=False)
         loss, logs, grads = loss_and_grads(*batch)
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         # Each replica's loss is the mean over its own examples: the mean over the global batch is
@@ -281,7 +281,7 @@ class _TrainerBase:
             self._update_ema()
             return logs
 
-        return tf.function(step)
+        return tf.function(step, autograph=False)
 
     def train_step(self, batch) -> dict[str, float]:
         """Run one optimisation step on a (global) batch; returns the logged values as floats.
@@ -305,7 +305,9 @@ class _TrainerBase:
             seeds: each seed fixes one draw of noise, timesteps and caption dropout.
         """
         if self._loss_fn is None:
-            self._loss_fn = tf.function(lambda batch, seed: self._replica_loss(batch, seed)[0])
+            self._loss_fn = tf.function(
+                lambda batch, seed: self._replica_loss(batch, seed)[0], autograph=False
+            )
         batch = tuple(tf.convert_to_tensor(b) for b in batch)
         losses = [
             float(self._loss_fn(batch, tf.constant([self.config.seed, s], tf.int64)).numpy()) for s in seeds
