@@ -68,7 +68,7 @@ def _check(result: dict, printed: str, weight_dtype: str) -> None:
     assert "double_blocks.0.img_attn.qkv" in keys and "single_blocks.0.linear2" in keys
     assert set(kinds) == {"column", "row"}
     for key, kind, full, shards, devices in zip(
-        keys, kinds, result["split_full"], result["split_shards"], result["split_devices"]
+        keys, kinds, result["split_full"], result["split_shards"], result["split_devices"], strict=True
     ):
         rows, cols = full
         want = [rows, cols // 4] if kind == "column" else [rows // 4, cols]

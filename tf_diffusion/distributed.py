@@ -276,7 +276,7 @@ class ShardedExecutor:
             def with_variables(values, parts, steps, shared):
                 if not variables:
                     return fn(parts, steps, shared)
-                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
                     return fn(parts, steps, shared)
 
             # jax.jit partitions the program over the devices the inputs are sharded across (SPMD).

@@ -234,9 +234,7 @@ def shard_model(model, distribution: keras.distribution.ModelParallel):
     return model
 
 
-def build_sharded_pipeline(
-    cls, device_mesh, quantize: str | None, components, *args, **kwargs
-):
+def build_sharded_pipeline(cls, device_mesh, quantize: str | None, components, *args, **kwargs):
     """``cls(*args, **kwargs)`` (a pipeline with a ``transformer``) whose transformer is created on its shards.
 
     What a loader calls in place of ``cls`` (bind the first four arguments): the pipeline is constructed
