@@ -5,7 +5,9 @@
 
 - Text: CLIP-L's pooled output (``CLIPTextModel.pooler_output``: the final-normed hidden state at the
   EOS token, no projection), and T5's last hidden state over ``max_sequence_length`` tokens (512 for
-  [dev], 256 for [schnell]) as the context. No negative prompt: diffusers' "true CFG" is not run here.
+  [dev], 256 for [schnell]) as the context. A negative prompt only with ``true_cfg_scale`` above 1
+  (a family option): diffusers' "true CFG", ``neg + true_cfg_scale * (cond - neg)``, the two transformer
+  passes of each step batched as one (``ClassifierFreeGuidance``; [dev]'s guidance input in both).
 - Guidance: [dev] is guidance-distilled, so ``guidance_scale`` (default 3.5) is the transformer's
   guidance input and the loop runs one pass per step (no classifier-free guidance); [schnell] has no
   guidance input and ignores a scale with a warning, as diffusers ignores it.
@@ -19,7 +21,7 @@ pipeline's shared task preparation and per-step blend, SD3's step-keeping rule, 
 Original single files (``flux1-dev.safetensors``: the transformer alone) load with
 ``from_pretrained(file, config=diffusers_flux_folder)``, the folder giving CLIP-L, T5, the VAE and the
 tokenizers (``weights.flux_single_file``); LoRAs load through ``adapters.lora``. Not here yet: Flux Fill /
-Canny / Depth models, ComfyUI all-in-one files, true CFG (``true_cfg_scale``).
+Canny / Depth models, ComfyUI all-in-one files.
 """
 
 from __future__ import annotations
