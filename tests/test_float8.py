@@ -73,3 +73,23 @@ def test_float8_transformer_loads_upcast_and_equals_diffusers():
     # The float8 rounding moved diffusers' output by want["moved"] (about 0.08); ours follows it to 1e-4.
     assert float(want["moved"]) > 1e-2
     assert np.abs(out - want["out"]).max() < 1e-4
+
+
+def test_float8_flux_single_file_loads_upcast_and_equals_diffusers():
+    # An "fp8" Flux file in the original layout (double_blocks.*, img_in, ...), from tools/make_fixtures_flux_float8.py.
+    from tf_diffusion.weights.flux import flux_config_from_diffusers, load_flux_transformer
+
+    folder = FIXTURES / "flux" / "transformer-guidance-2x2"
+    cfg = flux_config_from_diffusers(json.loads((folder / "config.json").read_text()))
+    path = FIXTURES / "float8" / "transformer_flux_e4m3fn.safetensors"
+    assert {np.dtype(t.dtype) for t in load_safetensors(path).values()} == {FLOAT8["float8_e4m3fn"]}
+    model = load_flux_transformer(path, axes_dim=cfg.axes_dim)
+    assert model.config == cfg and {str(w.dtype) for w in model.weights} == {"float32"}
+    with np.load(FIXTURES / "flux" / "transformers.npz") as data:
+        x = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("guidance-2x2/")}
+    x.pop("out")
+    want = np.load(FIXTURES / "float8" / "transformer_flux_e4m3fn.npz")
+    out = np.asarray(model(**x))
+    # The float8 rounding moved diffusers' output by want["moved"] (0.37); ours follows it to 1e-4.
+    assert float(want["moved"]) > 1e-2
+    assert np.abs(out - want["out"]).max() < 1e-4

@@ -149,3 +149,61 @@ def test_inpainting_matches_diffusers(case, arrays):
     assert images.info.mode == "inpaint"
     err = np.abs(images - ref["inpaint_images"]).max()
     assert err < IMAGE_TOL, err
+
+
+def test_int8_weights_give_images_close_to_float(case, tmp_path_factory):
+    # quantize="int8": the transformer's and both text encoders' Linear weights int8 per output channel.
+    # Images in [0, 1] from diffusers' latents; measured max abs error 6.9e-3 ([dev]) and 5.4e-3 ([schnell])
+    # against the float model, whose own error against diffusers is about 5e-6.
+    from tf_diffusion.execution import quantize
+
+    sd, ref, guidance, dev = case
+    folder = _folder("dev" if dev else "schnell", tmp_path_factory)
+    q = StableDiffusion.from_pretrained(folder, quantize="int8")
+    assert q.quantization == ("int8", ("transformer", "text_encoder", "text_encoder_2"))
+    assert quantize.is_quantized(q.transformer.double_blocks[0].img_attn.qkv)
+    kw = dict(num_steps=CASES["txt2img"]["steps"], guidance_scale=guidance, height=HEIGHT, width=WIDTH,
+              latents=ref["txt2img_latents"], max_sequence_length=MAX_LEN, output_type="float",
+              progress=False, jit_compile=False)  # fmt: skip
+    got = np.asarray(q.generate(PROMPTS, **kw))
+    err = float(np.abs(got - ref["txt2img_images"]).max())
+    print(f"Flux {'dev' if dev else 'schnell'} image int8 max abs error {err:.2e}")
+    assert 1e-5 < err < 4e-2  # int8 rounding shows, but the images stay close
+
+
+def test_true_cfg_with_a_negative_prompt_matches_diffusers(case):
+    # FluxPipeline(negative_prompt=..., true_cfg_scale=3): two transformer passes per step, combined as
+    # neg + 3 * (cond - neg) ([dev]: both passes read the guidance input); written by
+    # tools/make_fixtures_flux_true_cfg.py. Measured max abs error: 2.7e-6 ([dev]), 1.9e-6 ([schnell]).
+    sd, _, guidance, dev = case
+    variant = "dev" if dev else "schnell"
+    with np.load(FIXTURES / "true_cfg.npz") as data:
+        latents, want, ignored = (
+            data[f"{variant}/{k}"] for k in ("latents", "true_cfg_images", "true_cfg_1_images")
+        )
+    negatives = ["blurry, low quality", "a dog"]
+    kw = dict(num_steps=3, guidance_scale=guidance, height=HEIGHT, width=WIDTH, latents=latents,
+              max_sequence_length=MAX_LEN, output_type="float", progress=False, jit_compile=False)  # fmt: skip
+    images = sd.generate(PROMPTS, negatives, true_cfg_scale=3.0, **kw)
+    err = float(np.abs(images - want).max())
+    assert err < IMAGE_TOL, err
+    assert images.info.num_evals == 3
+    assert np.abs(want - ignored).max() > 0.01  # the negative pass changes the images
+    # true_cfg_scale=1 (the default) runs one pass: diffusers ignores the negative prompt there; here a
+    # negative prompt is refused, and the plain prompt gives diffusers' true_cfg_scale=1 images.
+    with pytest.raises(ValueError, match="negative_prompt is not supported .* unless true_cfg_scale > 1"):
+        sd.generate(PROMPTS, negatives, **kw)
+    err = float(np.abs(sd.generate(PROMPTS, **kw) - ignored).max())
+    assert err < IMAGE_TOL, err
+
+
+def test_true_cfg_scale_is_checked(case, caplog):
+    sd, ref, _, _ = case
+    kw = dict(num_steps=1, height=HEIGHT, width=WIDTH, max_sequence_length=4, output_type="latent",
+              progress=False, jit_compile=False, latents=ref["txt2img_latents"][:1])  # fmt: skip
+    for bad in ("3", None, float("nan")):
+        with pytest.raises(ValueError, match="true_cfg_scale="):
+            sd.generate("a cat", "blurry", true_cfg_scale=bad, **kw)
+    with caplog.at_level(logging.WARNING, logger="tf_diffusion.flux_pipeline"):
+        out = sd.generate("a cat", true_cfg_scale=2.0, **kw)
+    assert "needs a negative_prompt" in caplog.text and out.info.num_evals == 1

@@ -243,3 +243,26 @@ def test_bad_meshes_and_backends_are_clear_errors():
         even = keras.distribution.DeviceMesh((1, 2), ("batch", "model"), devices[:2])
         with pytest.raises(ValueError, match="JAX backend"):
             mp.model_parallel(model, even)
+
+
+def test_model_parallel_pipelines_refuse_what_they_cannot_shard(tmp_path):
+    import keras
+    from test_generate import MICRO
+
+    from tf_diffusion.distributed import ShardedStableDiffusion
+    from tf_diffusion.execution import model_parallel as mp
+    from tf_diffusion.pipeline import StableDiffusion
+
+    devices = [f"cpu:{i}" for i in range(2)]
+    mesh = keras.distribution.DeviceMesh((1, 2), ("batch", "model"), devices)
+    sd = StableDiffusion(MICRO)  # a UNet model: nothing to split over "model"
+    layouts = keras.distribution.LayoutMap(mesh)
+    with pytest.raises(ValueError, match="shards a transformer backbone .*DataParallel"):
+        ShardedStableDiffusion(
+            sd, keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
+        )
+    if keras.backend.backend() != "jax":
+        with pytest.raises(ValueError, match="needs the JAX backend"):
+            ShardedStableDiffusion.from_pretrained(tmp_path, mesh)
+        with pytest.raises(ValueError, match="JAX backend"):
+            mp.build_sharded_pipeline(StableDiffusion, mesh, None, None, MICRO)

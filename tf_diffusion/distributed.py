@@ -15,6 +15,17 @@ Example (TensorFlow, all local GPUs)::
 
 On a TPU use ``tf.distribute.TPUStrategy(resolver)`` the same way; on JAX pass a
 ``keras.distribution.DataParallel`` (or nothing: all JAX devices).
+
+Model parallelism (JAX, transformer families: Flux, SD3): a ``keras.distribution.ModelParallel`` over a
+("batch", "model") mesh (``execution.model_parallel``) splits the transformer's block kernels over the
+"model" axis and the batch over the "batch" axis; the text encoders and the VAE stay whole (replicated
+reads of the default device's copy). ``ShardedStableDiffusion.from_pretrained`` loads a model with the
+transformer created on its shards, so it is never whole on one device::
+
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
+    sharded = ShardedStableDiffusion.from_pretrained("black-forest-labs/FLUX.1-schnell", mesh,
+                                                     quantize="int8", dtype="mixed_bfloat16")
+    images = sharded.generate(["a cat", "a dog"], num_steps=4, seed=0)
 """
 
 from __future__ import annotations
@@ -40,7 +51,10 @@ class ShardedExecutor:
     Args:
         strategy: TensorFlow: a ``tf.distribute.Strategy`` (``MirroredStrategy`` on GPUs, ``TPUStrategy``
             on TPUs); default the current strategy. JAX: a ``keras.distribution.DataParallel``; default
-            ``DataParallel()`` over every JAX device.
+            ``DataParallel()`` over every JAX device; or a ``keras.distribution.ModelParallel`` whose
+            layouts shard the backbone (``execution.model_parallel.model_parallel``): the replicas are
+            then the mesh's "batch" axis, and the backbone's variables are passed into the compiled
+            loop as arguments, so it reads each kernel's shards where they lie.
 
     Raises:
         ValueError: for a strategy of the wrong kind for the Keras backend.
@@ -59,11 +73,16 @@ class ShardedExecutor:
             self.num_replicas = int(strategy.num_replicas_in_sync)
         elif self.backend == "jax":
             strategy = strategy if strategy is not None else keras.distribution.DataParallel()
-            if not isinstance(strategy, keras.distribution.DataParallel):
+            if isinstance(strategy, keras.distribution.ModelParallel):
+                mesh = strategy.device_mesh
+                self.num_replicas = int(mesh.shape[list(mesh.axis_names).index(strategy.batch_dim_name)])
+            elif isinstance(strategy, keras.distribution.DataParallel):
+                self.num_replicas = int(np.prod(strategy.device_mesh.shape))
+            else:
                 raise ValueError(
-                    f"strategy must be a keras.distribution.DataParallel on the JAX backend, got {strategy!r}"
+                    "strategy must be a keras.distribution.DataParallel or ModelParallel on the JAX backend, "
+                    f"got {strategy!r}"
                 )
-            self.num_replicas = int(np.prod(strategy.device_mesh.shape))
         else:
             raise ValueError(f"the {self.backend!r} backend is not supported; use tensorflow or jax")
         self.strategy = strategy
@@ -123,7 +142,15 @@ class ShardedExecutor:
             _structure(inputs["shared"]),
             bool(jit_compile),
         )
-        return self._run(key, denoise, rows, per_step, inputs["shared"], jit_compile=bool(jit_compile))
+        return self._run(
+            key,
+            denoise,
+            rows,
+            per_step,
+            inputs["shared"],
+            jit_compile=bool(jit_compile),
+            backbone=program.denoiser.backbone,
+        )
 
     def decode(self, vae, latents, jit_compile=None, tiling=None) -> np.ndarray:
         """Unscaled latents -> images in [-1, 1], data-parallel (defaults as the local executor's).
@@ -154,11 +181,22 @@ class ShardedExecutor:
 
     # ------------------------------------------------------------- machinery
 
-    def _run(self, key, fn: Callable, rows: dict, columns: dict, replicated: dict, *, jit_compile: bool):
+    def _run(
+        self,
+        key,
+        fn: Callable,
+        rows: dict,
+        columns: dict,
+        replicated: dict,
+        *,
+        jit_compile: bool,
+        backbone=None,
+    ):
         """Run ``fn(rows, columns, replicated)`` on every replica's slice; returns the (N, ...) result.
 
         ``rows`` (nested dicts of arrays) are split along axis 0, ``columns`` (step noise, (E, N, ...))
-        along axis 1; ``replicated`` goes to every replica whole.
+        along axis 1; ``replicated`` goes to every replica whole. ``backbone``: the model whose
+        variables a ``ModelParallel`` run passes in as arguments.
         """
         n = np.asarray(rows["x"] if "x" in rows else rows["latents"]).shape[0]
         per = math.ceil(n / self.num_replicas)
@@ -169,7 +207,7 @@ class ShardedExecutor:
         if self.backend == "tensorflow":
             out = self._run_tf(key, fn, rows, columns, replicated, per, jit_compile)
         else:
-            out = self._run_jax(key, fn, rows, columns, replicated)  # always jitted: SPMD needs it
+            out = self._run_jax(key, fn, rows, columns, replicated, backbone)  # always jitted: SPMD
         return out[:n]
 
     def _run_tf(self, key, fn, rows, columns, replicated, per, jit_compile) -> np.ndarray:
@@ -214,10 +252,15 @@ class ShardedExecutor:
         self.last_devices = tuple(sorted({op.device for op in graph.get_operations() if op.device}))
         return np.concatenate([np.asarray(p) for p in parts], axis=0)
 
-    def _run_jax(self, key, fn, rows, columns, replicated) -> np.ndarray:
+    def _run_jax(self, key, fn, rows, columns, replicated, backbone=None) -> np.ndarray:
         import jax
 
         distribution = self.strategy
+        # Model parallel: the backbone's (sharded) variables are arguments of the compiled program,
+        # read through a StatelessScope; captured, they would be baked into it as constants.
+        variables = []
+        if backbone is not None and isinstance(distribution, keras.distribution.ModelParallel):
+            variables = list(backbone.variables)
 
         def place(value, batch_axis):
             layout = distribution.get_data_layout(value.shape)
@@ -229,9 +272,17 @@ class ShardedExecutor:
         parts = jax.tree_util.tree_map(lambda v: place(v, 0), rows)
         steps = jax.tree_util.tree_map(lambda v: place(v, 1), columns)
         if key not in self._compiled:
+
+            def with_variables(values, parts, steps, shared):
+                if not variables:
+                    return fn(parts, steps, shared)
+                with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+                    return fn(parts, steps, shared)
+
             # jax.jit partitions the program over the devices the inputs are sharded across (SPMD).
-            self._compiled[key] = jax.jit(fn)
-        result = self._compiled[key](parts, steps, jax.tree_util.tree_map(jax.numpy.asarray, replicated))
+            self._compiled[key] = jax.jit(with_variables)
+        shared = jax.tree_util.tree_map(jax.numpy.asarray, replicated)
+        result = self._compiled[key]([v.value for v in variables], parts, steps, shared)
         self.last_devices = tuple(sorted(str(d) for d in result.sharding.device_set))
         return np.asarray(result)
 
@@ -246,15 +297,30 @@ class ShardedStableDiffusion:
         sd: the model. On TensorFlow, build or load it inside ``strategy.scope()`` (mirrored variables;
             required for ``TPUStrategy``, whose replicas cannot read host variables); with
             ``MirroredStrategy`` a model built outside works too, its variables read from their device.
-        strategy: as ``ShardedExecutor``.
+        strategy: as ``ShardedExecutor``. A ``keras.distribution.ModelParallel`` (JAX) must hold the
+            layouts of ``sd.transformer`` (``execution.model_parallel.model_parallel(sd.transformer,
+            mesh)``); a transformer not yet on them is moved onto them (``shard_model``: each split
+            kernel is whole on its device until then; ``from_pretrained`` never makes it whole).
 
     Raises:
-        ValueError: for a strategy of the wrong kind for the Keras backend.
+        ValueError: for a strategy of the wrong kind for the Keras backend, or a ``ModelParallel``
+            for a model without a transformer.
     """
 
     def __init__(self, sd: StableDiffusion, strategy=None):
         if not isinstance(sd, StableDiffusion):
             raise ValueError(f"sd must be a StableDiffusion, got {type(sd).__name__}")
+        if isinstance(strategy, keras.distribution.ModelParallel):
+            from tf_diffusion.execution import model_parallel
+
+            if getattr(sd, "transformer", None) is None:
+                raise ValueError(
+                    "a ModelParallel strategy shards a transformer backbone (Flux, SD3); this model has "
+                    "none: run it with keras.distribution.DataParallel"
+                )
+            if getattr(sd, "model_parallel", None) is not strategy:
+                model_parallel.shard_model(sd.transformer, strategy)
+                sd.model_parallel = strategy
         self.sd = sd
         self.executor = ShardedExecutor(strategy)
         self.strategy = self.executor.strategy
@@ -262,6 +328,50 @@ class ShardedStableDiffusion:
 
     def __repr__(self) -> str:
         return f"ShardedStableDiffusion({self.sd!r}, replicas={self.num_replicas})"
+
+    @classmethod
+    def from_pretrained(
+        cls, source, device_mesh, *, quantize=None, quantize_components=None, **kwargs
+    ) -> ShardedStableDiffusion:
+        """Load a transformer model (Flux, SD3) model-parallel over ``device_mesh`` (JAX only).
+
+        As ``StableDiffusion.from_pretrained``, but the transformer is built with every variable on
+        its shards before its weights are read (``execution.model_parallel.build_sharded_pipeline``),
+        so a model larger than one device loads; the text encoders and the VAE go to the default device.
+
+        Args:
+            source: a diffusers folder, an original single file or a hub id, as ``from_pretrained``.
+            device_mesh: a ``keras.distribution.DeviceMesh`` with axes ("batch", "model"): the
+                transformer's kernels split over "model", the batch over "batch".
+            quantize: "int8": int8 weights (``execution.quantize``) for ``quantize_components``
+                (default: the transformer and the text encoders), the transformer's created sharded.
+            quantize_components: which components to quantize.
+            **kwargs: the family loader's arguments (``dtype``, ...).
+
+        Returns:
+            a ``ShardedStableDiffusion`` over the mesh's "batch" axis.
+
+        Raises:
+            ValueError: on a backend other than JAX, for a model without a transformer, a mesh with
+                other axes or one whose model axis does not divide a split width, and as
+                ``from_pretrained``.
+        """
+        from functools import partial
+
+        from tf_diffusion.execution import model_parallel
+        from tf_diffusion.family_hooks import hooks_for_source
+
+        if keras.backend.backend() != "jax":
+            raise ValueError(
+                "ShardedStableDiffusion.from_pretrained (model parallelism) needs the JAX backend "
+                f"(KERAS_BACKEND=jax); this is {keras.backend.backend()!r}"
+            )
+        build = partial(
+            model_parallel.build_sharded_pipeline, StableDiffusion, device_mesh, quantize, quantize_components
+        )
+        hooks = hooks_for_source(source, revision=kwargs.get("revision"))
+        sd = hooks.load(build, source, **kwargs)
+        return cls(sd, sd.model_parallel)
 
     @property
     def last_devices(self) -> tuple[str, ...]:

@@ -79,6 +79,15 @@ class FamilyHooks:
 
         return guidance_for(guidance_scale)
 
+    def guidance_rule(self, config, guidance_scale: float, *, negatives_given: bool, **family_options):
+        """(the guidance rule of one ``generate()`` call, the scale its combination reads).
+
+        Default: ``guidance(config, guidance_scale)`` with ``guidance_scale``. A family whose
+        classifier-free scale is another option (Flux's ``true_cfg_scale``) returns that one.
+        """
+        del negatives_given, family_options
+        return self.guidance(config, guidance_scale), guidance_scale
+
     def size_multiple(self, config) -> tuple[int, str]:
         """(the multiple image sides must be, why: the words after "is not a multiple of N")."""
         factor = config.vae.downsample_factor

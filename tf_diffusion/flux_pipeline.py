@@ -5,7 +5,9 @@
 
 - Text: CLIP-L's pooled output (``CLIPTextModel.pooler_output``: the final-normed hidden state at the
   EOS token, no projection), and T5's last hidden state over ``max_sequence_length`` tokens (512 for
-  [dev], 256 for [schnell]) as the context. No negative prompt: diffusers' "true CFG" is not run here.
+  [dev], 256 for [schnell]) as the context. A negative prompt only with ``true_cfg_scale`` above 1
+  (a family option): diffusers' "true CFG", ``neg + true_cfg_scale * (cond - neg)``, the two transformer
+  passes of each step batched as one (``ClassifierFreeGuidance``; [dev]'s guidance input in both).
 - Guidance: [dev] is guidance-distilled, so ``guidance_scale`` (default 3.5) is the transformer's
   guidance input and the loop runs one pass per step (no classifier-free guidance); [schnell] has no
   guidance input and ignores a scale with a warning, as diffusers ignores it.
@@ -19,7 +21,7 @@ pipeline's shared task preparation and per-step blend, SD3's step-keeping rule, 
 Original single files (``flux1-dev.safetensors``: the transformer alone) load with
 ``from_pretrained(file, config=diffusers_flux_folder)``, the folder giving CLIP-L, T5, the VAE and the
 tokenizers (``weights.flux_single_file``); LoRAs load through ``adapters.lora``. Not here yet: Flux Fill /
-Canny / Depth models, ComfyUI all-in-one files, true CFG (``true_cfg_scale``).
+Canny / Depth models, ComfyUI all-in-one files.
 """
 
 from __future__ import annotations
@@ -177,7 +179,9 @@ class FluxHooks(FamilyHooks):
     """Flux.1 [dev] / [schnell]: CLIP-L pooled and T5, the Flux transformer, the 16-channel VAE."""
 
     name = "flux"
-    options = {"max_sequence_length": None}  # None: config.max_sequence_length
+    # max_sequence_length None: config.max_sequence_length. true_cfg_scale: diffusers' true
+    # classifier-free guidance, two transformer passes per step when above 1 with a negative prompt.
+    options = {"max_sequence_length": None, "true_cfg_scale": 1.0}
     img2img_strength = 0.6  # diffusers' FluxImg2ImgPipeline
     adapters = frozenset({"lora"})  # kohya, diffusers/peft and XLabs Flux LoRAs (adapters.lora)
 
@@ -217,6 +221,27 @@ class FluxHooks(FamilyHooks):
             )
         return NoGuidance()
 
+    def guidance_rule(self, config, guidance_scale, *, negatives_given, **family_options):
+        from tf_diffusion.denoising import ClassifierFreeGuidance
+
+        true_cfg = family_options.get("true_cfg_scale", 1.0)
+        if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float, np.integer, np.floating)):
+            raise ValueError(f"true_cfg_scale={true_cfg!r} must be a number (above 1 enables true CFG)")
+        true_cfg = float(true_cfg)
+        if not np.isfinite(true_cfg):
+            raise ValueError(f"true_cfg_scale={true_cfg} must be a finite number")
+        rule = self.guidance(config, guidance_scale)  # [schnell]: the warning for a guidance scale
+        if true_cfg > 1.0 and negatives_given:
+            # FluxPipeline: neg + true_cfg_scale * (cond - neg), the two passes batched as one.
+            return ClassifierFreeGuidance(), true_cfg
+        if true_cfg > 1.0:
+            logger.warning(
+                "true_cfg_scale=%g needs a negative_prompt, which was not given: one pass per step, as "
+                "diffusers runs it",
+                true_cfg,
+            )
+        return rule, true_cfg
+
     def size_multiple(self, config):
         factor = config.vae.downsample_factor
         return config.size_multiple, f" (the VAE's factor {factor} times Flux's 2x2 packing)"
@@ -252,21 +277,31 @@ class FluxHooks(FamilyHooks):
         return encode_prompts(sd, prompts, max_sequence_length, executor)
 
     def text_conditioning(self, sd, prompts, negatives, *, guided, num_images, executor, **extra):
-        if extra.get("negatives_given"):
+        if extra.get("negatives_given") and not guided:
             raise ValueError(
-                "negative_prompt is not supported for Flux models (diffusers' true_cfg_scale is not run here)"
+                "negative_prompt is not supported for Flux models unless true_cfg_scale > 1 (diffusers' "
+                f"true classifier-free guidance; true_cfg_scale={extra.get('true_cfg_scale')}), as it would "
+                "be ignored"
             )
-        context, pooled = self.encode_prompts(sd, prompts, executor, extra.get("max_sequence_length"))
-        context = np.repeat(context, num_images, axis=0)
-        pooled = np.repeat(pooled, num_images, axis=0)
-        return Conditioning(context, {"pooled_projections": pooled}), None
+        length = extra.get("max_sequence_length")
+
+        def bundle(texts):
+            context, pooled = self.encode_prompts(sd, texts, executor, length)
+            context = np.repeat(context, num_images, axis=0)
+            pooled = np.repeat(pooled, num_images, axis=0)
+            return Conditioning(context, {"pooled_projections": pooled})
+
+        # The negative prompt goes through both encoders, as diffusers' negative_prompt_2 defaults to it.
+        return bundle(prompts), (bundle(negatives) if guided else None)
 
     def denoiser(self, sd, denoiser, options, *, plan, n, guided, image_task, guidance_scale, num_steps):
         if not sd.config.transformer.guidance_embed:
             return denoiser, {}
         # [dev]'s guidance input, the same at every evaluation (diffusers: torch.full([B], guidance_scale)).
         scales = np.full((plan.num_evals, n), guidance_scale, np.float32)
-        return denoiser, {"cond": {"extra.guidance": scales}}
+        # Under true CFG the negative pass reads the same guidance (diffusers passes it to both).
+        both = ("cond", "uncond") if guided else ("cond",)
+        return denoiser, {part: {"extra.guidance": scales} for part in both}
 
     def claims(self, path):
         if path.is_file() and path.suffix.lower() == ".safetensors":

@@ -537,7 +537,10 @@ class StableDiffusion:
                 f"model's latents with latents=... and denoising_start=..."
             )
         plan = hooks.plan(sampler, num_steps, strength, init is not None, denoising_start, denoising_end)
-        guidance = hooks.guidance(cfg, guidance_scale)  # Flux [dev], LCM UNets: an input, not two passes
+        # Flux [dev], LCM UNets: the scale is an input, not two passes (Flux's true_cfg_scale: two passes).
+        guidance, cfg_scale = hooks.guidance_rule(
+            cfg, guidance_scale, negatives_given=negative_prompt is not None, **family_options
+        )
 
         if latents is None:
             noise = noise_lib.batch_normal(seeds, noise_lib.LATENTS, shape)
@@ -621,7 +624,7 @@ class StableDiffusion:
             rows["uncond"] = uncond.tree()
         shared = {"tables": dict(plan.tables), "timesteps": plan.timesteps, **task.shared}
         if guidance.copies == 2:
-            shared["guidance_scale"] = np.float32(guidance_scale)
+            shared["guidance_scale"] = np.float32(cfg_scale)
         per_step = {}
         if sampler.needs_noise:
             steps = noise_lib.batch_normal(seeds, noise_lib.STEPS, (plan.num_evals, *shape))  # (N, E, ...)

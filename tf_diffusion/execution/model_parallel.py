@@ -234,6 +234,58 @@ def shard_model(model, distribution: keras.distribution.ModelParallel):
     return model
 
 
+def build_sharded_pipeline(cls, device_mesh, quantize: str | None, components, *args, **kwargs):
+    """``cls(*args, **kwargs)`` (a pipeline with a ``transformer``) whose transformer is created on its shards.
+
+    What a loader calls in place of ``cls`` (bind the first four arguments): the pipeline is constructed
+    with unallocated variables, the transformer's layout map made from it, and the transformer's
+    variables initialised under the ``ModelParallel`` scope (each split kernel only ever as its shards);
+    every other component's variables are initialised as usual, on the default device. ``quantize``
+    ("int8") gives the chosen ``components`` (``execution.quantize.check_components``: default the
+    transformer and the text encoders) int8 weights from the start, the transformer's created sharded.
+    The pipeline keeps the distribution as ``model_parallel``.
+
+    Raises:
+        ValueError: for a pipeline without a transformer, and as ``model_parallel`` and
+            ``execution.quantize.check_components``.
+    """
+    from tf_diffusion.execution import quantize as quantizing
+
+    _require_jax()
+    quantizing.check_mode(quantize)
+    with quantizing._unallocated() as created:
+        pipeline = cls(*args, **kwargs)
+    transformer = getattr(pipeline, "transformer", None)
+    if transformer is None:
+        raise ValueError(
+            "model parallelism shards a transformer backbone (Flux, SD3); this model has none "
+            "(a UNet model runs data-parallel: keras.distribution.DataParallel)"
+        )
+    distribution = model_parallel(transformer, device_mesh)
+    names = quantizing.check_components(pipeline, components) if quantize is not None else ()
+    own = {id(v) for v in transformer.variables}
+    sharded = [v for v in created if id(v) in own]
+    rest = [v for v in created if id(v) not in own]
+    with distribution.scope():
+        if "transformer" in names:
+            quantizing._materialize([transformer], sharded, quantize)
+        else:
+            for variable in sharded:
+                if variable._value is None:
+                    variable._deferred_initialize()
+    others = [getattr(pipeline, n) for n in names if n != "transformer"]
+    if others:
+        quantizing._materialize(others, rest, quantize)
+    else:
+        for variable in rest:
+            if variable._value is None:
+                variable._deferred_initialize()
+    if quantize is not None:
+        pipeline.quantization = (quantize, names)
+    pipeline.model_parallel = distribution
+    return pipeline
+
+
 # Arguments shared by the whole batch when they are 2-D: Flux's (L, 3) position ids.
 SHARED_ARGUMENTS = ("img_ids", "txt_ids")
 
@@ -305,6 +357,7 @@ __all__ = [
     "ROW",
     "SHARED_ARGUMENTS",
     "build_sharded",
+    "build_sharded_pipeline",
     "layout_map",
     "sharded_linears",
     "MMDIT_JOINT_BLOCK",
