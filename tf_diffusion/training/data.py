@@ -19,8 +19,12 @@ def dataset_from_arrays(
     shuffle: bool = True,
     seed: int = 0,
     repeat: bool = True,
+    hints=None,
 ) -> tf.data.Dataset:
     """A ``tf.data`` pipeline of (images float32 [-1, 1], token ids int32) batches from in-memory data.
+
+    With ``hints`` the batches are (images, token ids, hints float32 [0, 1]), what ``ControlNetTrainer``
+    reads.
 
     Args:
         images: (N, H, W, 3) uint8 array (all one size; resize beforehand, see ``load_image_folder``).
@@ -30,6 +34,7 @@ def dataset_from_arrays(
         batch_size: global batch size; the last partial batch is dropped.
         shuffle, seed: shuffle every epoch with this seed.
         repeat: loop forever.
+        hints: None, or (N, H, W, C) uint8 hint images (ControlNet conditioning), one per image.
 
     Raises:
         ValueError: for mismatched lengths, a non-uint8 or non-NHWC array, or a batch larger than the data.
@@ -44,13 +49,26 @@ def dataset_from_arrays(
             f"batch_size={batch_size!r} must be an int in [1, {len(images)}] (the number of images)"
         )
     ids = np.asarray(tokenizer(list(captions)), dtype=np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((images, ids))
+    columns = (images, ids)
+    if hints is not None:
+        hints = np.asarray(hints)
+        if hints.ndim != 4 or hints.dtype != np.uint8 or len(hints) != len(images):
+            raise ValueError(
+                f"hints must be a uint8 array (N={len(images)}, H, W, C), got {hints.dtype} {hints.shape}"
+            )
+        columns = (images, ids, hints)
+    ds = tf.data.Dataset.from_tensor_slices(columns)
     if shuffle:
         ds = ds.shuffle(min(len(images), 10_000), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 127.5 - 1.0, y), num_parallel_calls=tf.data.AUTOTUNE)
+
+    def scale(x, y, *hint):
+        x = tf.cast(x, tf.float32) / 127.5 - 1.0
+        return (x, y, tf.cast(hint[0], tf.float32) / 255.0) if hint else (x, y)
+
+    ds = ds.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
