@@ -232,7 +232,6 @@ def guess_mode_scales(count: int) -> np.ndarray:
     return (10.0 ** np.linspace(-1.0, 0.0, count + 1)).astype(np.float32)
 
 
-
 def controlnet_from_unet(
     unet,
     conditioning_channels: int = 3,
@@ -280,6 +279,8 @@ def controlnet_from_unet(
             src_layer, src_attr = source[key]
             value = getattr(src_layer, src_attr)
             if tuple(value.shape) != tuple(variable.shape):
-                raise ValueError(f"{key}: UNet shape {tuple(value.shape)}, ControlNet {tuple(variable.shape)}")
+                raise ValueError(
+                    f"{key}: UNet shape {tuple(value.shape)}, ControlNet {tuple(variable.shape)}"
+                )
             variable.assign(ops.cast(value, variable.dtype))
     return net

@@ -39,6 +39,7 @@ _EXPORTS = {
     "dataset_with_prior": "data",
     "dataset_from_generator": "data",
     "load_image_folder": "data",
+    "load_hint_folder": "data",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -63,7 +63,7 @@ class ControlNetTrainer(DiffusionTrainer):
                 f"controlnet: made for another UNet than {pipeline.config.name}'s (its config.unet "
                 f"{controlnet.config.unet} vs {unet}); build one with controlnet_from_unet(pipeline.unet)"
             )
-        factor = 2 ** (len(pipeline.config.vae.channel_mult) - 1)  # image pixels per latent pixel
+        factor = pipeline.config.vae.downsample_factor  # image pixels per latent pixel
         if controlnet.config.hint_factor != factor:
             raise ValueError(
                 f"controlnet: its hints are {controlnet.config.hint_factor}x the latents "
@@ -78,7 +78,8 @@ class ControlNetTrainer(DiffusionTrainer):
             )
         self.controlnet = controlnet
         params = [
-            ("controlnet", key, getattr(layer, attr)) for key, (layer, attr) in named_parameters(controlnet).items()
+            ("controlnet", key, getattr(layer, attr))
+            for key, (layer, attr) in named_parameters(controlnet).items()
         ]
         super().__init__(pipeline, "controlnet", config, strategy, params=params)
 

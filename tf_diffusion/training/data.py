@@ -106,8 +106,8 @@ def dataset_from_generator(
 def load_image_folder(folder: str | os.PathLike, size: int) -> tuple[np.ndarray, list[str]]:
     """Images and captions from a folder of ``name.png|jpg|jpeg|webp`` + ``name.txt`` pairs.
 
-    Each image is centre-cropped to a square and resized to ``size`` x ``size`` (Lanczos); this
-    is the one place training data is resized, and it says so here.
+    Each image is centre-cropped to a square and resized to ``size`` x ``size`` (Lanczos;
+    ``_square_image`` is the one place training data and hints are resized).
 
     Returns:
         (uint8 images (N, size, size, 3), captions).
@@ -116,15 +116,7 @@ def load_image_folder(folder: str | os.PathLike, size: int) -> tuple[np.ndarray,
         ValueError: when an image has no caption file, the folder holds no images, or an image is
             unreadable or larger than ``tf_diffusion.images.max_image_pixels()``.
     """
-    from PIL import Image
-
-    from tf_diffusion.images import open_image
-
-    paths = sorted(
-        p
-        for p in glob.glob(os.path.join(os.fspath(folder), "*"))
-        if p.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
-    )
+    paths = _image_paths(folder)
     if not paths:
         raise ValueError(f"{folder}: no .png/.jpg/.jpeg/.webp images found")
     images, captions = [], []
@@ -134,13 +126,54 @@ def load_image_folder(folder: str | os.PathLike, size: int) -> tuple[np.ndarray,
             raise ValueError(f"{path}: no caption file {caption_path}")
         with open(caption_path, encoding="utf-8") as f:
             captions.append(f.read().strip())
-        with open_image(path) as im:  # size-checked from the header before decoding
-            im = im.convert("RGB")
-            side = min(im.size)
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
-            images.append(np.asarray(im, dtype=np.uint8))
+        images.append(_square_image(path, size))
     return np.stack(images), captions
+
+
+def _image_paths(folder) -> list[str]:
+    return sorted(
+        p
+        for p in glob.glob(os.path.join(os.fspath(folder), "*"))
+        if p.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
+    )
+
+
+def _square_image(path: str, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: the image centre-cropped to a square and resized (Lanczos)."""
+    from PIL import Image
+
+    from tf_diffusion.images import open_image
+
+    with open_image(path) as im:  # size-checked from the header before decoding
+        im = im.convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def load_hint_folder(data: str | os.PathLike, hints: str | os.PathLike, size: int) -> np.ndarray:
+    """ControlNet hint images for the images of ``load_image_folder(data, size)``, in the same order.
+
+    Each image ``name.png`` (any of its extensions) in ``data`` needs a hint ``name.*`` in ``hints``,
+    which is cropped and resized exactly as the image, so the two stay aligned.
+
+    Returns:
+        uint8 hints (N, size, size, 3).
+
+    Raises:
+        ValueError: when an image has no hint, or a hint is unreadable.
+    """
+    by_stem = {os.path.splitext(os.path.basename(p))[0]: p for p in _image_paths(hints)}
+    out = []
+    for path in _image_paths(data):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem not in by_stem:
+            raise ValueError(f"{path}: no hint image {stem}.png|jpg|jpeg|webp in {hints}")
+        out.append(_square_image(by_stem[stem], size))
+    if not out:
+        raise ValueError(f"{data}: no .png/.jpg/.jpeg/.webp images found")
+    return np.stack(out)
 
 
 def dataset_with_prior(instance: tf.data.Dataset, prior: tf.data.Dataset) -> tf.data.Dataset:

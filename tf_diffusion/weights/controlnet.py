@@ -352,7 +352,9 @@ def controlnet_to_diffusers(tensors: Mapping, config: ControlNetConfig) -> dict:
     return out
 
 
-def save_controlnet(net: ControlNet, folder, *, dtype: str | None = None, tensors: Mapping | None = None) -> str:
+def save_controlnet(
+    net: ControlNet, folder, *, dtype: str | None = None, tensors: Mapping | None = None
+) -> str:
     """Write ``net`` as a diffusers ``ControlNetModel`` folder (config.json and
     diffusion_pytorch_model.safetensors), which ``ControlNet.from_pretrained(folder)`` and diffusers read.
 
