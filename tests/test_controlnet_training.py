@@ -79,7 +79,7 @@ def _snapshot(model):
     return {k: v.copy() for k, v in state_dict(model).items()}
 
 
-def test_trainer_starts_at_the_unet_and_trains_only_the_net():
+def test_trainer_starts_at_the_unet_trains_only_the_net_and_saves(tmp_path):
     import keras
 
     sd = _micro()
@@ -96,7 +96,8 @@ def test_trainer_starts_at_the_unet_and_trains_only_the_net():
 
     frozen = {name: _snapshot(getattr(sd, name)) for name in ("unet", "text_encoder", "vae")}
     before = _snapshot(net)
-    trainer = ControlNetTrainer(sd, net, TrainingConfig(learning_rate=3e-3, ema_decay=0.5, ema_warmup=False))
+    config = TrainingConfig(learning_rate=3e-3, ema_decay=0.5, ema_warmup=False)
+    trainer = ControlNetTrainer(sd, net, config)
     batch = (images, ids, hints)
     start = trainer.compute_loss(batch, seeds=(1, 2, 3, 4))
     for _ in range(25):
@@ -112,20 +113,10 @@ def test_trainer_starts_at_the_unet_and_trains_only_the_net():
         after["input_blocks.0.0.weight"], before["input_blocks.0.0.weight"]
     )
 
-
-def test_saved_net_reloads_with_equal_residuals(tmp_path):
-    sd = _micro()
-    net = controlnet_from_unet(sd.unet, hint_channels=(8, 16))
-    trainer = ControlNetTrainer(sd, net, TrainingConfig(learning_rate=1e-3, ema_decay=0.5, ema_warmup=False))
-    images, ids, hints = _batch(sd)
-    for _ in range(2):
-        trainer.train_step((images, ids, hints))
-    folder = trainer.save_controlnet(tmp_path / "net")
-    loaded = ControlNet.from_pretrained(folder)
+    # The saved folder holds the EMA weights; it reloads with the same residuals.
+    loaded = ControlNet.from_pretrained(trainer.save_controlnet(tmp_path / "net"))
     assert loaded.config == net.config
-    x = tf.random.stateless_normal((4, 8, 8, 4), seed=(3, 4))
-    context = sd.text_encoder(ids)
-    with trainer.ema_weights():  # the file holds the EMA weights
+    with trainer.ema_weights():
         want = net(x, 500, context, hints)
     got = loaded(x, 500, context, hints)
     for a, b in zip([*want[0], want[1]], [*got[0], got[1]], strict=True):
@@ -154,3 +145,47 @@ def test_dataset_hints_and_bad_input():
     image_batch, ids, _ = _batch(sd)
     with pytest.raises(ValueError, match=r"\(images, token_ids, hints\) batches; got 2 parts"):
         trainer.compute_loss((image_batch, ids))
+
+
+def test_cli_trains_a_controlnet(tmp_path, capsys):
+    from PIL import Image
+
+    from tf_diffusion.cli import main
+    from tf_diffusion.families import components_of
+    from tf_diffusion.weights.folder import write_folder
+
+    sd = _micro()
+    model = tmp_path / "model"
+    model.mkdir()
+    components = {name: state_dict(getattr(sd, name)) for name in components_of(sd.config)}
+    write_folder(model, components, sd.config, sd.tokenizer)
+    data, hints = tmp_path / "data", tmp_path / "hints"
+    data.mkdir()
+    hints.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a square number {i}")
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(hints / f"{i}.jpg")
+    common = ["train", "--model", str(model), "--data", str(data), "--steps", "1", "--size", "16"]
+    out = tmp_path / "net"
+    argv = [*common, "--train", "controlnet", "--hints", str(hints), "--hint-channels", "4,8"]
+    assert main([*argv, "--checkpoint-dir", str(tmp_path / "c1"), "--out", str(out)]) == 0
+    net = ControlNet.from_pretrained(out)
+    assert net.config.hint_channels == (4, 8) and net.config.unet == sd.config.unet
+    capsys.readouterr()
+    bad = {
+        "no hints": ([*common, "--train", "controlnet", "--checkpoint-dir", "c"], "needs --hints"),
+        "hints alone": (
+            [*common, "--hints", str(hints), "--checkpoint-dir", "c"],
+            "only with --train controlnet",
+        ),
+        "widths": ([*argv[:-1], "x,8", "--checkpoint-dir", "c"], "--hint-channels 'x,8'"),
+        "levels": ([*argv[:-1], "4,8,16", "--checkpoint-dir", "c"], "scales by 2, so give 2 widths"),
+    }
+    for name, (args, message) in bad.items():
+        assert main(args) in (1, 2), name
+        assert message in capsys.readouterr().err, name
+    (hints / "1.jpg").unlink()
+    assert main([*argv, "--checkpoint-dir", str(tmp_path / "c2")]) in (1, 2)
+    assert "no hint image 1.png|jpg|jpeg|webp" in capsys.readouterr().err

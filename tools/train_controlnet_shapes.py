@@ -127,6 +127,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "controlnet_shapes.json"))
     parser.add_argument("--save", default=None, help="write the trained net here (diffusers folder)")
     parser.add_argument("--log", default=None, help="JSON lines of training logs")
+    parser.add_argument(
+        "--init", default=None, help="continue from this saved net (a --save folder) instead of the UNet"
+    )
+    parser.add_argument(
+        "--init-steps", type=int, default=0, help="steps the --init net had trained (for the report)"
+    )
     args = parser.parse_args(argv)
 
     import tensorflow as tf
@@ -141,7 +147,12 @@ def main(argv=None) -> int:
     print(f"data: {len(images)} images in {time.time() - t0:.0f} s", flush=True)
 
     tf.keras.utils.set_random_seed(args.seed)  # the hint encoder's random start
-    net = controlnet_from_unet(sd.unet, hint_channels=HINT_CHANNELS)
+    if args.init:
+        from tf_diffusion import ControlNet
+
+        net = ControlNet.from_pretrained(args.init)
+    else:
+        net = controlnet_from_unet(sd.unet, hint_channels=HINT_CHANNELS)
     params = int(sum(int(np.prod(v.shape)) for v in net.weights))
     config = TrainingConfig(
         learning_rate=args.lr, warmup_steps=100, ema_decay=None, caption_dropout=0.1, seed=args.seed
@@ -173,7 +184,10 @@ def main(argv=None) -> int:
         "training": {
             "images": len(images),
             "captions": "tiny-shapes train split, position never named",
-            "steps": trainer.step,
+            "steps": args.init_steps + trainer.step,
+            "runs": "one run"
+            if not args.init
+            else f"{args.init_steps} steps, saved, then {trainer.step} more (a fresh optimizer)",
             "batch": args.batch,
             "learning_rate": args.lr,
             "caption_dropout": 0.1,
