@@ -121,6 +121,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--sigma", type=float, default=4.0)
+    parser.add_argument(
+        "--high-noise-fraction",
+        type=float,
+        default=0.0,
+        help="share of each batch drawn from [0.85 T, T), the steps that place the shape (docs/training.md)",
+    )
     parser.add_argument("--eval-images", type=int, default=144)
     parser.add_argument("--eval-seed", type=int, default=2026)
     parser.add_argument("--seed", type=int, default=21)
@@ -155,7 +161,13 @@ def main(argv=None) -> int:
         net = controlnet_from_unet(sd.unet, hint_channels=HINT_CHANNELS)
     params = int(sum(int(np.prod(v.shape)) for v in net.weights))
     config = TrainingConfig(
-        learning_rate=args.lr, warmup_steps=100, ema_decay=None, caption_dropout=0.1, seed=args.seed
+        learning_rate=args.lr,
+        warmup_steps=100,
+        ema_decay=None,
+        caption_dropout=0.1,
+        seed=args.seed,
+        high_noise_fraction=args.high_noise_fraction,
+        high_noise_start=0.85,
     )
     trainer = ControlNetTrainer(sd, net, config)
     data = dataset_from_arrays(images, captions, sd.tokenizer, args.batch, hints=hints, seed=args.seed)
@@ -191,6 +203,8 @@ def main(argv=None) -> int:
             "batch": args.batch,
             "learning_rate": args.lr,
             "caption_dropout": 0.1,
+            "high_noise_fraction": args.high_noise_fraction,
+            "high_noise_start": 0.85,
             "seconds": round(train_s, 1),
             "loss_first_100": round(float(np.mean(losses[:100])), 4) if losses else None,
             "loss_last_100": round(float(np.mean(losses[-100:])), 4) if losses else None,
