@@ -6,7 +6,8 @@ whole SD model besides it, of which only the ``control_model.`` part is read. Ou
 names its layers with those keys, so original files load by the walker alone. Diffusers folders
 group blocks by level; their names go through the UNet's rename (``diffusers_unet``) plus the
 ControlNet's own modules (``controlnet_cond_embedding``, ``controlnet_down_blocks``,
-``controlnet_mid_block``).
+``controlnet_mid_block``). ``save_controlnet`` writes a net back as a diffusers folder (the renames
+reversed), which is how ``ControlNetTrainer`` saves what it trained.
 """
 
 from __future__ import annotations
