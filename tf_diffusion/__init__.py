@@ -15,6 +15,7 @@ _EXPORTS = {
     "CLIPTextConfig": "tf_diffusion.config",
     "ControlNet": "tf_diffusion.controlnet",
     "ControlNetConfig": "tf_diffusion.controlnet",
+    "controlnet_from_unet": "tf_diffusion.controlnet",
     "PipelineConfig": "tf_diffusion.config",
     "SchedulerConfig": "tf_diffusion.config",
     "TokenizerConfig": "tf_diffusion.config",

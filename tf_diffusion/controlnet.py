@@ -230,3 +230,57 @@ def guess_mode_scales(count: int) -> np.ndarray:
     """diffusers' guess-mode factors: ``logspace(-1, 0, count + 1)``, 0.1 for the first residual to 1
     for the middle one (float32, as torch computes them)."""
     return (10.0 ** np.linspace(-1.0, 0.0, count + 1)).astype(np.float32)
+
+
+def controlnet_from_unet(
+    unet,
+    conditioning_channels: int = 3,
+    hint_channels: tuple[int, ...] = (16, 32, 96, 256),
+    dtype: str | None = None,
+) -> ControlNet:
+    """A new ControlNet for ``unet``, initialised for training as diffusers' ``ControlNetModel.from_unet``.
+
+    The time embedding (and SDXL's ``label_emb``), the input blocks and the middle block start as
+    copies of the UNet's weights. The zero convs, ``middle_block_out`` and the hint encoder's last
+    conv start at zero, so the net's residuals are zero and the UNet predicts what it does alone
+    until training moves them; the rest of the hint encoder keeps its random start.
+
+    Args:
+        unet: the ``UNetModel`` the net will steer; its config is the net's ``ControlNetConfig.unet``.
+        conditioning_channels: channels of the hint images (3 for RGB).
+        hint_channels: widths of the hint encoder's levels; their count sets the hint size
+            (``2 ** (len - 1)`` times the latents: 8 for SD's VAE, 4 for tiny-shapes').
+        dtype: a Keras dtype policy name for the net.
+
+    Returns:
+        The ControlNet.
+
+    Raises:
+        ValueError: if a copied weight's shape differs from the UNet's (it cannot: same config).
+    """
+    from tf_diffusion.weights.state_dict import named_parameters
+
+    net = ControlNet(
+        ControlNetConfig(
+            unet=unet.config, conditioning_channels=conditioning_channels, hint_channels=tuple(hint_channels)
+        ),
+        dtype=dtype,
+    )
+    source = named_parameters(unet)
+    # diffusers' zero_module: every parameter of these convs (weights and biases) is 0.
+    zeroed = ("zero_convs.", "middle_block_out.", f"input_hint_block.{len(net.input_hint_block) - 1}.")
+    for key, (layer, attr) in named_parameters(net).items():
+        variable = getattr(layer, attr)
+        if key.startswith(zeroed):
+            variable.assign(np.zeros(tuple(variable.shape), variable.dtype))
+        elif key.startswith("input_hint_block."):
+            continue  # random start, as diffusers' ControlNetConditioningEmbedding's other convs
+        else:
+            src_layer, src_attr = source[key]
+            value = getattr(src_layer, src_attr)
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"{key}: UNet shape {tuple(value.shape)}, ControlNet {tuple(variable.shape)}"
+                )
+            variable.assign(ops.cast(value, variable.dtype))
+    return net

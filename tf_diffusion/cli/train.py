@@ -24,7 +24,13 @@ encoder) and --out names the .safetensors LoRA file to write (kohya / A1111 name
 --lora-format diffusers). With --embedding WORD only the vectors of a new prompt word train (textual
 inversion); captions must use the word, and --out names the A1111 .safetensors embedding to write.
 --class-data adds DreamBooth's prior preservation (class images and their captions, weighted by
---prior-loss-weight) to any of these."""
+--prior-loss-weight) to any of these.
+
+With --train controlnet a ControlNet trains on the frozen model: --hints is a folder with one hint
+image per training image (same name, any image extension), cropped and resized as the image. The
+net starts as a copy of the UNet's encoder with zero output convolutions (diffusers'
+ControlNetModel.from_unet), or from --controlnet; --out receives it as a diffusers ControlNetModel
+folder, which generate --control reads."""
 
 EXAMPLE = """\
 example:
@@ -34,7 +40,9 @@ example:
       --train unet+text_encoder --lr 1e-4 --text-encoder-lr 5e-5 --steps 1500 \
       --checkpoint-dir ckpt --out my_lora.safetensors
   tf-diffusion train --model weights/sd-v1-5 --data my_cat/ --embedding my-cat --num-vectors 4 \
-      --init-text cat --lr 5e-3 --steps 3000 --checkpoint-dir ckpt --out my-cat.safetensors"""
+      --init-text cat --lr 5e-3 --steps 3000 --checkpoint-dir ckpt --out my-cat.safetensors
+  tf-diffusion train --model weights/sd-v1-5 --data my_images/ --train controlnet --hints my_edges/ \
+      --size 512 --batch-size 4 --lr 1e-5 --steps 5000 --checkpoint-dir ckpt --out my-controlnet"""
 # TrainingConfig argument names -> our options, for messages from the library.
 OPTION_NAMES = {
     "learning_rate": "--lr",
@@ -153,6 +161,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     lora.add_argument(
         "--init-text", default="*", help="the --embedding vectors start as this text's token embeddings"
     )
+    control = p.add_argument_group("ControlNet (--train controlnet)")
+    control.add_argument(
+        "--hints", default=None, help="folder of hint images named as the --data images (required)"
+    )
+    control.add_argument(
+        "--controlnet",
+        default=None,
+        help="start from this ControlNet (default: a copy of the UNet's encoder)",
+    )
+    control.add_argument(
+        "--hint-channels",
+        default=None,
+        help="comma-separated hint-encoder widths of a new net (default 16,32,96,256 for SD's factor-8 "
+        "VAE, the first levels of it for smaller factors)",
+    )
     p.add_argument("--checkpoint-dir", required=True, help="where checkpoints are written and resumed from")
     p.add_argument("--checkpoint-every", type=float, default=600.0, help="seconds between checkpoints")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many minutes")
@@ -199,6 +222,7 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     if os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
         raise UsageError(f"--checkpoint-dir {args.checkpoint_dir}: exists and is not a folder")
     _check_adapter_arguments(args)
+    _check_controlnet_arguments(args)
     if args.out is not None and (args.lora or args.embedding is not None):
         if not args.out.lower().endswith(".safetensors"):
             raise UsageError(f"--out {args.out}: with --lora / --embedding it must be a .safetensors file")
@@ -220,6 +244,59 @@ def _targets(value: str | None, option: str) -> tuple[str, ...] | None:
     if not all(names):
         raise UsageError(f"{option} {value!r}: give comma-separated module names such as to_q,to_v")
     return names
+
+
+def _check_controlnet_arguments(args: argparse.Namespace) -> None:
+    """--hints / --controlnet / --hint-channels: only with --train controlnet, which needs --hints."""
+    given = [
+        o
+        for o, v in (
+            ("--hints", args.hints),
+            ("--controlnet", args.controlnet),
+            ("--hint-channels", args.hint_channels),
+        )
+        if v is not None
+    ]
+    if args.train != "controlnet":
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --train controlnet")
+        return
+    if args.hints is None:
+        raise UsageError("--train controlnet needs --hints FOLDER (one hint image per training image)")
+    if not os.path.isdir(args.hints):
+        raise FileNotFoundError(f"--hints {args.hints}: no such folder")
+    if args.class_data is not None:
+        raise UsageError("--class-data: prior preservation is not supported with --train controlnet")
+    if args.controlnet is not None and args.hint_channels is not None:
+        raise UsageError("--hint-channels shapes a new net; --controlnet brings its own")
+    if args.controlnet is not None and not os.path.exists(args.controlnet):
+        raise FileNotFoundError(f"--controlnet {args.controlnet}: no such file or folder")
+    args.hint_channels_list = None
+    if args.hint_channels is not None:
+        try:
+            widths = tuple(int(w) for w in args.hint_channels.split(","))
+        except ValueError:
+            widths = ()
+        if not widths or min(widths) < 1:
+            raise UsageError(
+                f"--hint-channels {args.hint_channels!r}: give positive integers such as 16,32,96"
+            )
+        args.hint_channels_list = widths
+
+
+def _new_controlnet(sd, widths: tuple[int, ...] | None):
+    """A ControlNet copied from ``sd``'s UNet, its hint encoder as deep as the VAE's downscale."""
+    from tf_diffusion.controlnet import controlnet_from_unet
+
+    levels = sd.config.vae.downsample_factor.bit_length()  # factor 8: 4 levels (16, 32, 96, 256)
+    if widths is None:
+        widths = (16, 32, 96, 256, 512)[:levels]
+    if len(widths) != levels:
+        raise UsageError(
+            f"--hint-channels {','.join(map(str, widths))}: {sd.config.name}'s VAE scales by "
+            f"{sd.config.vae.downsample_factor}, so give {levels} widths"
+        )
+    return controlnet_from_unet(sd.unet, hint_channels=widths)
 
 
 def _check_adapter_arguments(args: argparse.Namespace) -> None:
@@ -280,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tf_diffusion.pipeline import StableDiffusion
     from tf_diffusion.training import (
+        ControlNetTrainer,
         DiffusionTrainer,
         LoraTrainer,
         LoraTrainingConfig,
@@ -288,6 +366,7 @@ def run(args: argparse.Namespace) -> int:
         VAETrainer,
         dataset_from_arrays,
         dataset_with_prior,
+        load_hint_folder,
         load_image_folder,
     )
 
@@ -299,6 +378,7 @@ def run(args: argparse.Namespace) -> int:
             sd = StableDiffusion.from_preset(args.preset)
     size = args.size or sd.config.default_size
     images, captions = load_image_folder(args.data, size)
+    hints = load_hint_folder(args.data, args.hints, size) if args.train == "controlnet" else None
     config = TrainingConfig(
         learning_rate=args.lr,
         warmup_steps=args.warmup_steps,
@@ -331,13 +411,22 @@ def run(args: argparse.Namespace) -> int:
         if not any(args.embedding.lower() in c.lower() for c in captions):
             raise UsageError(f"--embedding {args.embedding}: no caption in --data uses the word")
         tokenizer = trainer.tokenize
+    elif args.train == "controlnet":
+        from tf_diffusion.controlnet import ControlNet
+
+        with strategy.scope():
+            if args.controlnet is not None:
+                net = ControlNet.from_pretrained(args.controlnet)
+            else:
+                net = _new_controlnet(sd, args.hint_channels_list)
+        trainer = ControlNetTrainer(sd, net, config, strategy=strategy)
     elif args.train in ("vae", "vae_decoder"):
         trainer = VAETrainer(sd.vae, config, strategy=strategy, train=args.train)
     else:
         trainer = DiffusionTrainer(sd, args.train, config, strategy=strategy)
     if isinstance(trainer, DiffusionTrainer) and not isinstance(trainer, TextualInversionTrainer):
         tokenizer = trainer.tokenize  # SDXL: both tokenizers' ids
-    data = dataset_from_arrays(images, captions, tokenizer, args.batch_size, seed=args.seed)
+    data = dataset_from_arrays(images, captions, tokenizer, args.batch_size, seed=args.seed, hints=hints)
     if args.class_data is not None:
         class_images, class_captions = load_image_folder(args.class_data, size)
         prior = dataset_from_arrays(
@@ -366,6 +455,8 @@ def run(args: argparse.Namespace) -> int:
             trainer.save_lora(args.out, args.lora_format, dtype=dtype)
         elif args.embedding is not None:
             trainer.save_embedding(args.out)
+        elif args.train == "controlnet":
+            trainer.save_controlnet(args.out)
         else:
             save_trained(sd, trainer, args.out)
         print(f"wrote {args.out}")

@@ -2,6 +2,7 @@
 
 - ``config``: ``TrainingConfig`` and what each target trains (plain data, no TensorFlow);
 - ``trainers``: ``VAETrainer``, ``DiffusionTrainer``, their shared loop, checkpoints that resume exactly;
+- ``controlnet``: ``ControlNetTrainer`` (a ControlNet on a frozen UNet);
 - ``adapters``: ``LoraTrainer`` and ``TextualInversionTrainer`` (only LoRA factors or new word vectors train);
 - ``data``: ``tf.data`` pipelines from arrays, a batch generator or a folder of captioned images.
 
@@ -25,6 +26,7 @@ _EXPORTS = {
     "LoraTrainingConfig": "config",
     "TrainingConfig": "config",
     "ema_decay_at": "config",
+    "ControlNetTrainer": "controlnet",
     "DiffusionTrainer": "trainers",
     "VAETrainer": "trainers",
     "LoraTrainer": "adapters",
@@ -37,6 +39,7 @@ _EXPORTS = {
     "dataset_with_prior": "data",
     "dataset_from_generator": "data",
     "load_image_folder": "data",
+    "load_hint_folder": "data",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,6 +10,7 @@ TRAIN_TARGETS: dict[str, tuple[str, ...]] = {
     "unet+text_encoder": ("unet", "text_encoder"),
     "vae": ("vae",),
     "vae_decoder": ("vae",),
+    "controlnet": ("controlnet",),
 }
 # Key prefixes a target trains within its components (every key when absent). Fine-tuning only the
 # decoder keeps the latent space, so a UNet trained on it stays valid (as SD's ft-MSE VAE decoders).

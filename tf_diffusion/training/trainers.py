@@ -595,6 +595,7 @@ class DiffusionTrainer(_TrainerBase):
     """
 
     kind = "diffusion"
+    _targets = ("unet", "unet+text_encoder")
 
     def __init__(
         self,
@@ -605,8 +606,10 @@ class DiffusionTrainer(_TrainerBase):
         *,
         params: list | None = None,
     ):
-        if train not in ("unet", "unet+text_encoder"):
-            raise ValueError(f"train={train!r} is not allowed; expected 'unet' or 'unet+text_encoder'")
+        if train not in self._targets:
+            raise ValueError(
+                f"train={train!r} is not allowed; expected " + " or ".join(repr(t) for t in self._targets)
+            )
         cfg = pipeline.config
         if cfg.is_sdxl and cfg.requires_aesthetics_score:
             raise ValueError(
@@ -621,13 +624,17 @@ class DiffusionTrainer(_TrainerBase):
         if cfg.is_sdxl and pipeline.text_encoder is None:
             raise ValueError(f"{cfg.name}: training needs both SDXL text encoders; this model has one")
         self.pipeline = pipeline
-        components = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder, "vae": pipeline.vae}
+        components = self._components(pipeline)
         super().__init__(components, train, config or TrainingConfig(), strategy, params)
         # The schedule the samplers use (diffusers' float32 table), its square roots taken in float64.
         abar = alphas_cumprod(cfg.scheduler, rescale=True).astype(np.float64)
         self._sqrt_abar = tf.constant(np.sqrt(abar), tf.float32)  # (T,)
         self._sqrt_one_minus = tf.constant(np.sqrt(1.0 - abar), tf.float32)  # (T,)
         self._empty_ids = tf.constant(self.tokenize([""])[0], tf.int32)  # (L,) or SDXL's (2, L)
+
+    def _components(self, pipeline) -> dict:
+        """Component name -> model, for the trained ones and the checkpoint's names."""
+        return {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder, "vae": pipeline.vae}
 
     def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
         """Captions -> the token ids the data carries: (B, L) from ``pipeline.tokenizer``; for SDXL
@@ -680,12 +687,7 @@ class DiffusionTrainer(_TrainerBase):
         else:
             target = z
 
-        if cfg.is_sdxl:
-            context, pooled = self._encode_text_sdxl(token_ids)
-            out = self.pipeline.unet(x_t, t, context, pooled, self._time_ids(images))
-        else:
-            out = self.pipeline.unet(x_t, t, self._encode_text(token_ids))  # context (B, L, D)
-        out = tf.cast(out, tf.float32)
+        out = tf.cast(self._predict(x_t, t, token_ids, images, batch), tf.float32)
         if not prior:
             return tf.reduce_mean(tf.square(out - target)), {}
         instance = tf.reduce_mean(tf.square(out[:count] - target[:count]))
@@ -694,6 +696,17 @@ class DiffusionTrainer(_TrainerBase):
             "instance": instance,
             "prior": prior_loss,
         }
+
+    def _conditioning(self, token_ids, images) -> tuple:
+        """The UNet's inputs after (x_t, t): (context,), or SDXL's (context, pooled, time ids)."""
+        if self.pipeline.config.is_sdxl:
+            context, pooled = self._encode_text_sdxl(token_ids)
+            return context, pooled, self._time_ids(images)
+        return (self._encode_text(token_ids),)  # context (B, L, D)
+
+    def _predict(self, x_t, t, token_ids, images, batch):
+        """The model output the loss compares with the target (B, h, w, C)."""
+        return self.pipeline.unet(x_t, t, *self._conditioning(token_ids, images))
 
     def _encode_text(self, token_ids):
         """(B, L, D) text-encoder states of the (caption-dropped) ids; a constant unless it is trained."""

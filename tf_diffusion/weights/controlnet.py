@@ -6,7 +6,8 @@ whole SD model besides it, of which only the ``control_model.`` part is read. Ou
 names its layers with those keys, so original files load by the walker alone. Diffusers folders
 group blocks by level; their names go through the UNet's rename (``diffusers_unet``) plus the
 ControlNet's own modules (``controlnet_cond_embedding``, ``controlnet_down_blocks``,
-``controlnet_mid_block``).
+``controlnet_mid_block``). ``save_controlnet`` writes a net back as a diffusers folder (the renames
+reversed), which is how ``ControlNetTrainer`` saves what it trained.
 """
 
 from __future__ import annotations
@@ -305,3 +306,79 @@ def load_controlnet(
         load_state_dict(model, tensors)
     model.source = str(path)  # PNG parameters name the net by its file (adapters.controlnet.model_title)
     return model
+
+
+def controlnet_config_to_diffusers(config: ControlNetConfig) -> dict:
+    """A ``ControlNetConfig`` as diffusers' ``ControlNetModel`` config.json (what
+    ``controlnet_config_from_diffusers`` reads back)."""
+    from tf_diffusion.weights.diffusers_folder import unet_config_to_diffusers
+
+    unet = unet_config_to_diffusers(config.unet, sample_size=32)
+    # ControlNetModel has no decoder half, no output width, no sample size.
+    for key in ("up_block_types", "out_channels", "sample_size", "center_input_sample"):
+        unet.pop(key, None)
+    return {
+        **unet,
+        "_class_name": "ControlNetModel",
+        "conditioning_channels": config.conditioning_channels,
+        "conditioning_embedding_out_channels": list(config.hint_channels),
+        "controlnet_conditioning_channel_order": "rgb",
+        "global_pool_conditions": config.global_pool_conditions,
+    }
+
+
+def controlnet_to_diffusers(tensors: Mapping, config: ControlNetConfig) -> dict:
+    """Original ControlNet keys (without ``control_model.``) -> diffusers ``ControlNetModel`` keys.
+
+    Raises:
+        ValueError: for a key this architecture does not have.
+    """
+    from tf_diffusion.weights.diffusers_folder import unet_to_diffusers
+
+    own = {
+        original: new
+        for new, original in diffusers_controlnet_prefix_map(config).items()
+        if new.startswith(("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block."))
+    }
+    out, unet = {}, {}
+    for key, value in tensors.items():
+        prefix = next((p for p in own if key.startswith(p)), None)
+        if prefix is not None:
+            out[own[prefix] + key[len(prefix) :]] = value
+        elif key.startswith(("input_hint_block.", "zero_convs.", "middle_block_out.")):
+            raise ValueError(f"ControlNet key {key!r} has no diffusers name in this architecture")
+        else:
+            unet[key] = value
+    out.update(unet_to_diffusers(unet, config.unet))
+    return out
+
+
+def save_controlnet(
+    net: ControlNet, folder, *, dtype: str | None = None, tensors: Mapping | None = None
+) -> str:
+    """Write ``net`` as a diffusers ``ControlNetModel`` folder (config.json and
+    diffusion_pytorch_model.safetensors), which ``ControlNet.from_pretrained(folder)`` and diffusers read.
+
+    Args:
+        net: the ControlNet whose architecture (and, without ``tensors``, weights) are written.
+        folder: the folder to create or overwrite.
+        dtype: cast floating tensors to this numpy dtype ("float16" for release files); None keeps them.
+        tensors: original-key weights to write instead of the net's own (a trainer's EMA weights).
+
+    Returns:
+        The folder's path.
+    """
+    import json
+
+    from tf_diffusion.weights.safetensors_io import save_safetensors
+    from tf_diffusion.weights.state_dict import state_dict
+
+    path = pathlib.Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = dict(tensors) if tensors is not None else state_dict(net)
+    if dtype is not None:
+        weights = {k: np.asarray(v).astype(dtype) for k, v in weights.items()}
+    converted = controlnet_to_diffusers(weights, net.config)
+    (path / "config.json").write_text(json.dumps(controlnet_config_to_diffusers(net.config), indent=2) + "\n")
+    save_safetensors(converted, str(path / WEIGHT_FILES[0]), overwrite=True)
+    return str(path)
