@@ -35,6 +35,39 @@ def fixtures_dir() -> pathlib.Path:
     return FIXTURES
 
 
+def run_notebook(
+    path: pathlib.Path, tmp_path: pathlib.Path, monkeypatch, env: dict[str, str]
+) -> tuple[object, str]:
+    """Execute the notebook at ``path`` in a fresh kernel (nbclient) with ``env`` set, in ``tmp_path``.
+
+    The kernel also gets the repository on ``PYTHONPATH``, quiet TensorFlow logs and the kernel
+    autotuner off (a timing under load could pick another, equally valid, differently rounded kernel
+    for one of two runs a test compares). Returns the executed notebook and everything its code cells
+    printed. Skips when nbclient, nbformat or ipykernel is missing.
+    """
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    for name, value in {
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1]),
+        "TF_DIFFUSION_AUTOTUNE": "0",
+        **env,
+    }.items():
+        monkeypatch.setenv(name, value)
+    notebook = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    printed = "".join(
+        o.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+    )
+    return notebook, printed
+
+
 def _memory_gib() -> dict[str, float]:
     """This process's resident memory now (VmRSS) and at its peak (VmHWM), in GiB; empty off Linux."""
     try:

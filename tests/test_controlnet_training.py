@@ -147,6 +147,7 @@ def test_dataset_hints_and_bad_input():
         trainer.compute_loss((image_batch, ids))
 
 
+@pytest.mark.slow  # a CLI training run and five refused ones (about a minute of compiles); the trainer test stays in the default run
 def test_cli_trains_a_controlnet(tmp_path, capsys):
     from PIL import Image
 

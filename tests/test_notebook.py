@@ -13,6 +13,8 @@ import pathlib
 import numpy as np
 import pytest
 
+from tests.conftest import run_notebook
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "examples" / "colab_tpu.ipynb"
 
@@ -32,37 +34,25 @@ def _local_model() -> str:
 
 @pytest.mark.slow  # about a minute: a kernel process runs the whole notebook
 def test_colab_notebook_runs_locally(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-
     model = _local_model()
     out = tmp_path / "images.npz"
-    monkeypatch.setenv("TF_DIFFUSION_NOTEBOOK_MODEL", model)
-    monkeypatch.setenv("TF_DIFFUSION_NOTEBOOK_BACKEND", "tensorflow")
-    monkeypatch.setenv("TF_DIFFUSION_NOTEBOOK_STEPS", "3")
-    monkeypatch.setenv("TF_DIFFUSION_NOTEBOOK_OUT", str(out))
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    # The sharded and single runs see other batch sizes; with the autotuner on, a timing under load can
-    # pick another (equally valid, differently rounded) kernel for one (1.09e-5 once, against 1e-5), as in
-    # tests/test_distributed.py: off, what is compared is the sharding alone.
-    monkeypatch.setenv("TF_DIFFUSION_AUTOTUNE", "0")
-
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
+    # The sharded and single runs see other batch sizes, so the autotuner is off (run_notebook), as
+    # in tests/test_distributed.py: what is compared is the sharding alone.
+    _, printed = run_notebook(
+        NOTEBOOK,
+        tmp_path,
+        monkeypatch,
+        {
+            "TF_DIFFUSION_NOTEBOOK_MODEL": model,
+            "TF_DIFFUSION_NOTEBOOK_BACKEND": "tensorflow",
+            "TF_DIFFUSION_NOTEBOOK_STEPS": "3",
+            "TF_DIFFUSION_NOTEBOOK_OUT": str(out),
+        },
+    )
 
     result = np.load(out)
     assert int(result["replicas"]) == 2
     size = 32 if model == "micro" else 64
     assert result["images"].shape == (4, size, size, 3) and result["images"].dtype == np.uint8
     np.testing.assert_allclose(result["spread"], result["single"], atol=1e-5)
-    printed = "".join(
-        o.get("text", "")
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for o in cell.get("outputs", [])
-    )
     assert "2 devices" in printed and "backend: tensorflow" in printed

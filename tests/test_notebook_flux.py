@@ -17,37 +17,28 @@ import pathlib
 import numpy as np
 import pytest
 
+from tests.conftest import run_notebook
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "examples" / "colab_flux_tpu.ipynb"
 TOL = 1e-5
 
 
 def _execute(tmp_path, monkeypatch, quantize: str) -> tuple[dict, str]:
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
     pytest.importorskip("jax")
-
     out = tmp_path / "images.npz"
-    monkeypatch.setenv("TF_DIFFUSION_NOTEBOOK_MODEL", "tiny")
-    monkeypatch.setenv("TF_DIFFUSION_NOTEBOOK_MESH", "2x4")
-    monkeypatch.setenv("TF_DIFFUSION_NOTEBOOK_QUANTIZE", quantize)
-    monkeypatch.setenv("TF_DIFFUSION_NOTEBOOK_OUT", str(out))
-    monkeypatch.setenv("KERAS_BACKEND", "jax")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    # Both runs take the same kernels (as tests/test_distributed.py): what is compared is the sharding.
-    monkeypatch.setenv("TF_DIFFUSION_AUTOTUNE", "0")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
-    printed = "".join(
-        o.get("text", "")
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for o in cell.get("outputs", [])
+    _, printed = run_notebook(
+        NOTEBOOK,
+        tmp_path,
+        monkeypatch,
+        {
+            "TF_DIFFUSION_NOTEBOOK_MODEL": "tiny",
+            "TF_DIFFUSION_NOTEBOOK_MESH": "2x4",
+            "TF_DIFFUSION_NOTEBOOK_QUANTIZE": quantize,
+            "TF_DIFFUSION_NOTEBOOK_OUT": str(out),
+            "KERAS_BACKEND": "jax",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        },
     )
     return dict(np.load(out)), printed
 

@@ -120,3 +120,94 @@ def test_models_over_the_flatbuffer_limit(case, monkeypatch):
         warnings.simplefilter("ignore")
         (out,) = export.run_tflite(model, inputs["unet"]).values()
     assert np.abs(out - expected["unet"]).max() <= TOLERANCE[None]
+
+
+# ------------------------------------------------------------------ SDXL
+
+# float32 TFLite against diffusers (text encoders) and Keras (UNet); measured on the tiny SDXL: states
+# 1.5e-6 / 1.9e-6 (values up to 7), pooled 6.3e-7, UNet 7.1e-6 base and 2.3e-6 refiner (outputs up to 1.9).
+SDXL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def sdxl_models():
+    """The tiny SDXL base and refiner that diffusers wrote (tests/fixtures/sdxl)."""
+    from tests.conftest import FIXTURES
+    from tf_diffusion.pipeline import StableDiffusion
+
+    folder = FIXTURES / "sdxl"
+    return {
+        name: StableDiffusion.from_pretrained(folder / f"{name}-diffusers")
+        for name in ("sdxl", "sdxl-refiner")
+    }
+
+
+def _interpret(model: bytes, inputs: dict) -> dict:
+    from tf_diffusion.export import run_tflite
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        return run_tflite(model, inputs)
+
+
+def test_sdxl_text_encoders_give_diffusers_states(sdxl_models):
+    # Both encoders as generate() reads them: the penultimate states (no final norm) and CLIP-G's
+    # projected pooled output, against what diffusers' encoders computed (reference.npz).
+    from tests.conftest import FIXTURES
+    from tf_diffusion.export import convert_tflite, tflite_components
+
+    sd = sdxl_models["sdxl"]
+    assert tflite_components(sd.config) == ("text_encoder", "text_encoder_2", "unet", "decoder")
+    with np.load(FIXTURES / "sdxl" / "reference.npz") as data:
+        ref = dict(data)
+    first = _interpret(convert_tflite(sd, "text_encoder", batch=2), {"ids": ref["ids"]})
+    second = _interpret(convert_tflite(sd, "text_encoder_2", batch=2), {"ids": ref["ids_2"]})
+    errors = {
+        "text_encoder": np.abs(first["hidden"] - ref["text_encoder/penultimate"]).max(),
+        "text_encoder_2": np.abs(second["hidden"] - ref["text_encoder_2/penultimate"]).max(),
+        "pooled": np.abs(second["pooled"] - ref["text_encoder_2/text_embeds"]).max(),
+    }
+    assert max(errors.values()) <= SDXL_TOL, errors
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sdxl-refiner"])
+def test_sdxl_unet_takes_its_added_conditioning(sdxl_models, name):
+    from tf_diffusion import sdxl
+    from tf_diffusion.export import convert_tflite, tflite_components
+
+    sd = sdxl_models[name]
+    cfg = sd.config
+    height, width = sd.check_size(None, None)
+    rng = np.random.default_rng(1)
+    f = cfg.vae.downsample_factor
+    latents = rng.standard_normal((1, height // f, width // f, cfg.vae.latent_channels)).astype(np.float32)
+    context = rng.standard_normal((1, 77, cfg.unet.context_dim)).astype(np.float32)
+    text_embeds = rng.standard_normal((1, cfg.text_encoder_2.projection_dim)).astype(np.float32)
+    time_ids = np.asarray(sdxl.time_ids(cfg, height, width, 1)[0], np.float32)  # (1, 6); the refiner's (1, 5)
+    assert time_ids.shape == (1, 6 if name == "sdxl" else 5)
+    inputs = {
+        "latents": latents,
+        "timestep": np.array([700.0], np.float32),
+        "context": context,
+        "text_embeds": text_embeds,
+        "time_ids": time_ids,
+    }
+    out = _interpret(convert_tflite(sd, "unet"), inputs)["prediction"]
+    want = np.asarray(
+        sd.unet(**{k: v for k, v in inputs.items() if k != "timestep"}, timesteps=inputs["timestep"])
+    )
+    assert out.shape == want.shape and np.abs(out - want).max() <= SDXL_TOL
+    if name == "sdxl-refiner":
+        assert tflite_components(cfg) == ("text_encoder_2", "unet", "decoder")
+        with pytest.raises(ValueError, match=r"has no text_encoder; its TFLite components are"):
+            convert_tflite(sd, "text_encoder")
+
+
+def test_sd1_models_have_no_second_text_encoder(case, tmp_path):
+    from tf_diffusion.export import export_tflite, tflite_components
+
+    sd = case[0]
+    assert tflite_components(sd.config) == ("text_encoder", "unet", "decoder")
+    with pytest.raises(ValueError, match=r"has no \['text_encoder_2'\]"):
+        export_tflite(sd, tmp_path / "out", components=["unet", "text_encoder_2"])
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -29,7 +29,7 @@ QUANTIZATIONS = ("none", "float16", "dynamic_range")
 # tf_diffusion.export's EXPORT_DTYPES and TFLITE_COMPONENTS, known here without importing TensorFlow
 # (tests/test_cli_fast.py keeps them equal).
 EXPORT_DTYPES = ("float32", "bfloat16", "mixed_float16", "mixed_bfloat16")
-TFLITE_COMPONENTS = ("text_encoder", "unet", "decoder")
+TFLITE_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "decoder")
 # export_saved_model / export_tflite argument names -> our options, for messages from the library.
 OPTION_NAMES = {
     "num_steps": "--steps",
@@ -72,8 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--components",
         nargs="+",
         choices=TFLITE_COMPONENTS,
-        default=list(TFLITE_COMPONENTS),
-        help="tflite: which components to convert (default: all)",
+        default=None,
+        help="tflite: which components to convert (default: every one the model has; text_encoder_2 is SDXL's)",
     )
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="tflite weight format")
     p.add_argument(
@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "tflite":
             clash = [
                 f"{c}.tflite"
-                for c in args.components
+                # Without --components, the ones every model has; export_tflite checks the rest.
+                for c in args.components or ("unet", "decoder")
                 if os.path.exists(os.path.join(args.directory, f"{c}.tflite"))
             ]
             if clash:

@@ -54,7 +54,7 @@ from tf_diffusion.families import components_of
 from tf_diffusion.pipeline import StableDiffusion
 
 EXPORT_DTYPES = ("float32", "bfloat16", "mixed_float16", "mixed_bfloat16")
-TFLITE_COMPONENTS = ("text_encoder", "unet", "decoder")
+TFLITE_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "decoder")
 TFLITE_QUANTIZATIONS = (None, "float16", "dynamic_range")
 METADATA_FILE = "tf_diffusion.json"
 # The largest flatbuffer TFLite can address with 32-bit offsets.
@@ -601,6 +601,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------- TFLite
 
 
+def tflite_components(config) -> tuple[str, ...]:
+    """The TFLite components a model of ``config`` has, in ``TFLITE_COMPONENTS`` order.
+
+    SD 1.x / 2.x: text_encoder, unet, decoder; SDXL base: both text encoders too; the SDXL refiner
+    has no ``text_encoder`` (CLIP-L).
+    """
+    present = components_of(config)
+    return tuple(c for c in TFLITE_COMPONENTS if c in ("unet", "decoder") or c in present)
+
+
 def tflite_function(
     sd: StableDiffusion,
     component: str,
@@ -613,14 +623,25 @@ def tflite_function(
 
     Args:
         sd: the model.
-        component: "text_encoder" (ids (batch, 77) int32 -> hidden), "unet" (latents (batch, h, w, C),
-            timestep (batch,) float32, context (batch, 77, D) -> prediction) or "decoder" (unscaled latents
-            (batch, h, w, C) -> images (batch, H, W, 3) in [-1, 1]).
+        component: one of ``tflite_components(sd.config)``:
+
+            - "text_encoder": ids (batch, 77) int32 -> hidden (batch, 77, D); for SDXL the states
+              ``generate()`` reads (the penultimate layer's, without the final norm);
+            - "text_encoder_2" (SDXL): the same ids -> hidden (penultimate states) and pooled (the
+              projected pooled output, the UNet's ``text_embeds``);
+            - "unet": latents (batch, h, w, C), timestep (batch,) float32, context (batch, 77, D)
+              -> prediction; SDXL UNets also take text_embeds (batch, P) and time_ids (batch, K)
+              (``tf_diffusion.sdxl.time_ids``);
+            - "decoder": unscaled latents (batch, h, w, C) -> images (batch, H, W, 3) in [-1, 1].
         height, width: image size in pixels; default the model's size.
         batch: the fixed batch size.
 
     Returns:
         The concrete function.
+
+    Raises:
+        ValueError: for a component not in ``TFLITE_COMPONENTS`` or one this model does not have,
+            or a transformer family.
     """
     _check_backend()
     tf = _tf()
@@ -632,21 +653,47 @@ def tflite_function(
             f"TFLite export converts the UNet families' components; {cfg.name} has a {sd.hooks.backbone} "
             "(use the SavedModel export)"
         )
+    available = tflite_components(cfg)
+    if component not in available:
+        raise ValueError(f"{cfg.name} has no {component}; its TFLite components are {available}")
     height, width = sd.check_size(height, width)
     factor, channels = cfg.vae.downsample_factor, cfg.vae.latent_channels
     latent = tf.TensorSpec([batch, height // factor, width // factor, channels], tf.float32)
+    ids_spec = tf.TensorSpec([batch, cfg.tokenizer.max_length], tf.int32)
+    # SDXL reads both encoders' penultimate states (sdxl.encode_prompts); SD 1.x / 2.x the last ones.
+    penultimate = {"clip_skip": 1, "final_norm": False} if cfg.is_sdxl else {}
     if component == "text_encoder":
-        spec = [tf.TensorSpec([batch, cfg.tokenizer.max_length], tf.int32)]
+        spec = [ids_spec]
 
         def fn(ids):
-            return {"hidden": tf.cast(sd.text_encoder(ids), tf.float32)}
+            return {"hidden": tf.cast(sd.text_encoder(ids, **penultimate), tf.float32)}
+
+    elif component == "text_encoder_2":
+        spec = [ids_spec]
+
+        def fn(ids):
+            hidden, pooled = sd.text_encoder_2(ids, **penultimate, pooled=True)
+            return {"hidden": tf.cast(hidden, tf.float32), "pooled": tf.cast(pooled, tf.float32)}
 
     elif component == "unet":
-        context = tf.TensorSpec([batch, cfg.tokenizer.max_length, cfg.text_encoder.hidden_size], tf.float32)
+        context = tf.TensorSpec([batch, cfg.tokenizer.max_length, cfg.unet.context_dim], tf.float32)
         spec = [latent, tf.TensorSpec([batch], tf.float32), context]
+        if cfg.unet.adm_in_channels:
+            pooled_dim = cfg.text_encoder_2.projection_dim
+            id_count = (cfg.unet.adm_in_channels - pooled_dim) // cfg.unet.addition_time_embed_dim
+            spec += [
+                tf.TensorSpec([batch, pooled_dim], tf.float32),
+                tf.TensorSpec([batch, id_count], tf.float32),
+            ]
 
-        def fn(latents, timestep, context):
-            return {"prediction": tf.cast(sd.unet(latents, timestep, context), tf.float32)}
+            def fn(latents, timestep, context, text_embeds, time_ids):
+                out = sd.unet(latents, timestep, context, text_embeds=text_embeds, time_ids=time_ids)
+                return {"prediction": tf.cast(out, tf.float32)}
+
+        else:
+
+            def fn(latents, timestep, context):
+                return {"prediction": tf.cast(sd.unet(latents, timestep, context), tf.float32)}
 
     else:
         spec = [latent]
@@ -671,7 +718,7 @@ def convert_tflite(
 
     Args:
         sd: the model.
-        component: "text_encoder", "unet" or "decoder" (see ``tflite_function`` for the inputs).
+        component: one of ``tflite_components(sd.config)`` (see ``tflite_function`` for the inputs).
         quantization: None (float32), "float16" (weights stored as float16) or "dynamic_range" (int8
             weights, float activations).
         height, width: image size in pixels; default the model's size.
@@ -693,7 +740,7 @@ def convert_tflite(
             f"quantization={quantization!r} is not allowed; expected one of {TFLITE_QUANTIZATIONS}"
         )
     fn = tflite_function(sd, component, height=height, width=width, batch=batch)
-    model = getattr(sd, {"text_encoder": "text_encoder", "unet": "unet", "decoder": "vae"}[component])
+    model = getattr(sd, "vae" if component == "decoder" else component)
     weights = model.decoder.weights if component == "decoder" else model.weights
     weight_bytes = sum(int(np.prod(v.shape)) * 4 for v in weights)
     per_weight = {None: 1.0, "float16": 0.5, "dynamic_range": 0.25}[quantization]
@@ -747,9 +794,18 @@ def export_tflite(
 ) -> dict[str, pathlib.Path]:
     """Write ``<component>.tflite`` files into ``directory`` (each written to a temporary name, then renamed).
 
+    Args:
+        components: which to convert; default every one the model has (``tflite_components``).
+
     Raises:
         FileExistsError: if a target file exists and ``overwrite`` is False.
+        ValueError: for a component the model does not have (before anything is written).
     """
+    available = tflite_components(sd.config)
+    components = available if components is None else tuple(components)
+    missing = [c for c in components if c not in available]
+    if missing:
+        raise ValueError(f"{sd.config.name} has no {missing}; its TFLite components are {available}")
     base = pathlib.Path(directory)
     targets = {c: base / f"{c}.tflite" for c in components}
     clash = [str(p) for p in targets.values() if p.exists()]
