@@ -101,6 +101,11 @@ def convert_sd3(
 
     source, destination = pathlib.Path(source), pathlib.Path(destination)
     if source.is_dir():
+        if not (source / "model_index.json").is_file():
+            raise ValueError(
+                f"{source}: not a diffusers SD3 folder (no model_index.json); keras-hub presets are read by "
+                "StableDiffusion3.from_pretrained but not converted"
+            )
         if format != "single-file":
             raise ValueError(
                 f"{source} is a diffusers SD3 folder; SD3 converts to single-file only (--to single-file), "
