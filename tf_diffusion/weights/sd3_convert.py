@@ -181,6 +181,12 @@ def _single_file_to_folder(source, destination, config, overwrite, dtype, write_
             if name not in parts:
                 raise ValueError(f"{source} has no {name} weights ({FAMILIES['sd3'].prefixes[name]}*)")
         folder = None if config is None else pathlib.Path(config)
+        lacking = [n for n in TEXT_ENCODERS if n not in parts]
+        if lacking and folder is None:
+            raise ValueError(
+                f"{source} has no {', '.join(lacking)} weights; pass config= (--config) a diffusers SD3 "
+                "folder to take them from"
+            )
         if folder is not None:
             if not (folder / "model_index.json").is_file():
                 raise ValueError(f"config {config}: not a diffusers SD3 folder (no model_index.json)")
@@ -198,11 +204,6 @@ def _single_file_to_folder(source, destination, config, overwrite, dtype, write_
             tok, tok_2 = CLIPTokenizer(config=cfg.tokenizer), CLIPTokenizer(config=cfg.tokenizer_2)
         lacking = [n for n in TEXT_ENCODERS if n not in parts]
         if lacking:
-            if folder is None:
-                raise ValueError(
-                    f"{source} has no {', '.join(lacking)} weights; pass config= (--config) a diffusers SD3 "
-                    "folder to take them from"
-                )
             index = read_json(folder / "model_index.json")
             taken = [n for n in lacking if isinstance(index.get(n), list) and index[n][0] is not None]
             for name in ("text_encoder", "text_encoder_2"):
@@ -229,10 +230,16 @@ def _single_file_to_folder(source, destination, config, overwrite, dtype, write_
             "vae": vae_to_diffusers(parts["vae"], cfg.vae),
             **{n: parts[n] for n in TEXT_ENCODERS if n in parts},
         }
+        # diffusers' VAE sample_size is the image side it was trained at: the config folder's, else the preset's.
+        vae_size = (
+            cfg.default_size
+            if folder is None
+            else read_json(folder / "vae" / "config.json").get("sample_size", cfg.default_size)
+        )
         configs = {
             "transformer": mmdit_config_to_diffusers(cfg.transformer),
             "vae": {
-                **vae_config_to_diffusers(cfg.vae, cfg.default_size),
+                **vae_config_to_diffusers(cfg.vae, vae_size),
                 "shift_factor": cfg.vae.shift_factor,
                 "use_quant_conv": cfg.vae.use_quant_conv,
                 "use_post_quant_conv": cfg.vae.use_quant_conv,
