@@ -94,3 +94,19 @@ def test_a_scale_without_its_weight_is_refused():
         dequantize_scaled_fp8({"a.scale_weight": scale}, "f.safetensors")
     with pytest.raises(ValueError, match=r"a.weight: its scale_weight has shape \(2,\); expected one number"):
         dequantize_scaled_fp8({"a.weight": np.ones((2, 2)), "a.scale_weight": np.ones(2)}, "f")["a.weight"]
+
+
+def test_convert_writes_the_dequantized_weights(scaled_file, tmp_path):
+    """``tf-diffusion convert`` of a scaled file: a diffusers folder, and back a single file, holding torch's
+    dequantized float32 weights and no scale tensors."""
+    from tf_diffusion.weights.safetensors_io import load_safetensors
+    from tf_diffusion.weights.sd3_convert import convert_sd3
+
+    path, expected, _ = scaled_file
+    convert_sd3(path, tmp_path / "out", format="diffusers", config=FOLDER)
+    convert_sd3(tmp_path / "out", tmp_path / "back.safetensors", format="single-file")
+    back = load_safetensors(tmp_path / "back.safetensors")
+    assert not [k for k in back if "scale" in k]
+    for key, want in expected.items():
+        assert back[key].dtype == np.float32
+        np.testing.assert_array_equal(back[key], want, err_msg=key)

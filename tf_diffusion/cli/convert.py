@@ -2,6 +2,8 @@
 
 tf-diffusion convert tiny-shapes out/ --to diffusers
 tf-diffusion convert model.ckpt model.safetensors --to single-file --config sd-v1-5
+tf-diffusion convert sd3.5_medium.safetensors sd35m/ --to diffusers --config stabilityai/stable-diffusion-3.5-medium
+tf-diffusion convert sd35m/ sd3.5_medium.safetensors --to single-file
 """
 
 from __future__ import annotations
@@ -48,12 +50,40 @@ def run(args: argparse.Namespace) -> int:
     if os.path.lexists(destination) and not args.overwrite:
         raise FileExistsError(f"{args.dst}: already exists; pass --overwrite to replace it")
     check_source_paths(args)
-    kwargs = source_kwargs(args)
     import_tensorflow()
+    from tf_diffusion.family_hooks import hooks_for_source
+
+    if hooks_for_source(source, revision=args.revision).name == "mmdit":
+        return _run_sd3(args, source)
+    kwargs = source_kwargs(args)
     from tf_diffusion.weights.loading import load_pipeline_weights, save
 
     with load_pipeline_weights(source, **kwargs) as weights:
         save(weights, args.dst, format=args.to, overwrite=args.overwrite, dtype=args.dtype)
         report = weights.report
     print(f"wrote {args.dst} ({args.to}) from {report.format} {report.family} weights ({report.config_name})")
+    return 0
+
+
+# Source options that only the UNet families' loader reads.
+_UNET_ONLY = {"tokenizer": "--tokenizer", "variant": "--variant", "prediction_type": "--prediction-type",
+              "use_ema": "--use-ema"}  # fmt: skip
+
+
+def _run_sd3(args: argparse.Namespace, source: str) -> int:
+    """An SD3 / SD3.5 single file -> diffusers folder, or folder -> single file (``weights.sd3_convert``)."""
+    from tf_diffusion.weights.loading import resolve_source
+    from tf_diffusion.weights.sd3_convert import convert_sd3
+
+    given = [option for name, option in _UNET_ONLY.items() if getattr(args, name)]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not options of SD3 conversion (SD 1.x / 2.x and SDXL only)")
+    config = args.config
+    if config is not None and not os.path.isdir(config):
+        config = resolve_source(config, revision=args.revision)  # a hub id of a diffusers SD3 folder
+    path = resolve_source(source, revision=args.revision)
+    what = convert_sd3(
+        path, args.dst, format=args.to, config=config, overwrite=args.overwrite, dtype=args.dtype
+    )
+    print(f"wrote {args.dst} ({args.to}): {what}")
     return 0

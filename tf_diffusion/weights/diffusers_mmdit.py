@@ -183,3 +183,39 @@ def mmdit_config_from_checkpoint(tensors: Mapping[str, object], head_dim: int = 
         dual_attention_layers=tuple(dual),
         qk_norm="rms_norm" if ln_q is not None else None,
     )
+
+
+def mmdit_to_diffusers(tensors: Mapping[str, object], config: MMDiTConfig) -> dict[str, object]:
+    """Original MMDiT keys -> diffusers SD3Transformer2DModel keys: ``convert_diffusers_mmdit`` run backwards
+    from the same tables (fused qkv split in three, the two (shift, scale) tensors swapped back).
+
+    Raises:
+        StateDictError: listing original keys the config does not have and keys it lacks.
+    """
+    plain = {original: theirs for theirs, original in _plain_pairs(config)}
+    swapped = {original: theirs for theirs, original in _swapped(config).items()}
+    fused = _fused(config)
+    known = set(plain) | set(swapped) | set(fused)
+    unexpected = sorted(k for k in tensors if k not in known)
+    missing = sorted(k for k in known if k not in tensors)
+    if unexpected or missing:
+        raise StateDictError(missing=missing, unexpected=unexpected, model_name="original SD3 MMDiT")
+    out: dict[str, object] = {plain[k]: tensors[k] for k in plain}
+    out.update({theirs: _swap_halves(tensors[k]) for k, theirs in swapped.items()})
+    for original, parts in fused.items():
+        # q, k and v are stacked along the output axis in equal thirds (torch.cat in the reference).
+        thirds = np.split(np.asarray(tensors[original]), 3, axis=0)
+        out.update(zip(parts, (np.ascontiguousarray(t) for t in thirds), strict=True))
+    return out
+
+
+def mmdit_config_to_diffusers(config: MMDiTConfig) -> dict:
+    """An MMDiTConfig as diffusers' SD3Transformer2DModel config.json."""
+    data = {name: getattr(config, name) for name in (
+        "sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+        "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+        "pos_embed_max_size", "qk_norm",
+    )}  # fmt: skip
+    data["dual_attention_layers"] = list(config.dual_attention_layers)
+    # 0.31 is the first diffusers release with dual attention layers and q/k norm.
+    return {"_class_name": "SD3Transformer2DModel", "_diffusers_version": "0.31.0", **data}

@@ -928,6 +928,45 @@ def save(
     if missing or weights.config is None:
         raise ValueError(f"cannot write {format}: the weights lack {', '.join(missing) or 'a config'}")
     components = {name: _cast(weights.components[name], dtype) for name in names}
+
+    def write(temporary: pathlib.Path) -> pathlib.Path:
+        if format == "single-file":
+            import json
+
+            from tf_diffusion.config import to_dict
+
+            written = temporary / destination.name
+            tensors = to_single_file(components, weights.config, _cast(weights.extras, dtype))
+            metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(to_dict(weights.config))}
+            save_safetensors(tensors, written, metadata)
+            return written
+        written = temporary / "out"
+        written.mkdir()
+        if format == "diffusers":
+            write_diffusers_folder(
+                written, components, weights.config, weights.tokenizer, weights.scheduler_json
+            )
+        else:
+            write_folder(written, components, weights.config, weights.tokenizer)
+        return written
+
+    # A model in memory (save_pretrained) has no file to blame for a read error.
+    source = None if weights.report.format == "in memory" else weights.report.path
+    return write_atomically(destination, write, overwrite=overwrite, source=source)
+
+
+def write_atomically(
+    destination: pathlib.Path, write, *, overwrite: bool = False, source: str | None = None
+) -> pathlib.Path:
+    """Run ``write(temporary_folder) -> written path`` next to ``destination``, then move the result into place.
+
+    An interrupted run leaves no half-written destination; with ``overwrite`` the old one is replaced only
+    once the new one is complete. Errors reading ``source`` while writing name it.
+
+    Raises:
+        FileExistsError: ``destination`` exists and ``overwrite`` is False.
+    """
+    destination = pathlib.Path(destination).expanduser()
     parent = destination.parent
     parent.mkdir(parents=True, exist_ok=True)
     for line in clean_stale(destination):
@@ -938,32 +977,14 @@ def save(
         )
     temporary = pathlib.Path(tempfile.mkdtemp(prefix=temp_prefix(destination), suffix=".tmp", dir=parent))
     try:
-        # Reading the source happens here, tensor by tensor, as the output is written (a model in
-        # memory, from save_pretrained, has no file to blame).
-        if weights.report.format == "in memory":
-            guard = contextlib.nullcontext()
-        else:
-            guard = reading(weights.report.path, f"cannot convert it to {destination}")
+        # Reading the source happens here, tensor by tensor, as the output is written.
+        guard = (
+            contextlib.nullcontext()
+            if source is None
+            else reading(source, f"cannot convert it to {destination}")
+        )
         with guard:
-            if format == "single-file":
-                import json
-
-                from tf_diffusion.config import to_dict
-
-                written = temporary / destination.name
-                tensors = to_single_file(components, weights.config, _cast(weights.extras, dtype))
-                metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(to_dict(weights.config))}
-                save_safetensors(tensors, written, metadata)
-            elif format == "diffusers":
-                written = temporary / "out"
-                written.mkdir()
-                write_diffusers_folder(
-                    written, components, weights.config, weights.tokenizer, weights.scheduler_json
-                )
-            else:
-                written = temporary / "out"
-                written.mkdir()
-                write_folder(written, components, weights.config, weights.tokenizer)
+            written = write(temporary)
         # Everything is on disk before the rename makes it visible: a crash shows all or nothing.
         sync_tree(written)
         _move_into_place(written, destination, overwrite)
