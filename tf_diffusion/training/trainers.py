@@ -667,23 +667,8 @@ class DiffusionTrainer(_TrainerBase):
             self.config.high_noise_start,
         )
         noise = tf.random.stateless_normal(tf.shape(z), seed=seeds[3])
-        a = tf.gather(self._sqrt_abar, t)[:, None, None, None]
-        s = tf.gather(self._sqrt_one_minus, t)[:, None, None, None]
-        x_t = a * z + s * noise
-        prediction = cfg.scheduler.prediction_type
-        if prediction == "epsilon":
-            target = noise
-        elif prediction == "v_prediction":
-            target = a * noise - s * z
-        else:
-            target = z
-
-        if cfg.is_sdxl:
-            context, pooled = self._encode_text_sdxl(token_ids)
-            out = self.pipeline.unet(x_t, t, context, pooled, self._time_ids(images))
-        else:
-            out = self.pipeline.unet(x_t, t, self._encode_text(token_ids))  # context (B, L, D)
-        out = tf.cast(out, tf.float32)
+        time_ids = self._time_ids(images) if cfg.is_sdxl else None
+        out, target = self.prediction_and_target(z, t, noise, token_ids, time_ids)
         if not prior:
             return tf.reduce_mean(tf.square(out - target)), {}
         instance = tf.reduce_mean(tf.square(out[:count] - target[:count]))
@@ -692,6 +677,36 @@ class DiffusionTrainer(_TrainerBase):
             "instance": instance,
             "prior": prior_loss,
         }
+
+    def prediction_and_target(self, latents, t, noise, token_ids, time_ids=None):
+        """The UNet's prediction at x_t and what it is trained towards, both (B, h, w, C) float32.
+
+        Args:
+            latents: (B, h, w, C) scaled VAE latents (constants).
+            t: (B,) int32 timesteps.
+            noise: (B, h, w, C) the noise mixed in.
+            token_ids: (B, L) ids, or SDXL's (B, 2, L) (after caption dropout).
+            time_ids: SDXL only: (B, 6) micro-conditioning (``_time_ids`` of the images).
+
+        The loss is the mean squared difference; ``_replica_loss`` draws the inputs.
+        """
+        cfg = self.pipeline.config
+        a = tf.gather(self._sqrt_abar, t)[:, None, None, None]
+        s = tf.gather(self._sqrt_one_minus, t)[:, None, None, None]
+        x_t = a * latents + s * noise
+        prediction = cfg.scheduler.prediction_type
+        if prediction == "epsilon":
+            target = noise
+        elif prediction == "v_prediction":
+            target = a * noise - s * latents
+        else:
+            target = latents
+        if cfg.is_sdxl:
+            context, pooled = self._encode_text_sdxl(token_ids)
+            out = self.pipeline.unet(x_t, t, context, pooled, time_ids)
+        else:
+            out = self.pipeline.unet(x_t, t, self._encode_text(token_ids))  # context (B, L, D)
+        return tf.cast(out, tf.float32), target
 
     def _encode_text(self, token_ids):
         """(B, L, D) text-encoder states of the (caption-dropped) ids; a constant unless it is trained."""
