@@ -68,6 +68,17 @@ def run_notebook(
     return notebook, printed
 
 
+@pytest.fixture(scope="module")
+def tiny_sdxl():
+    """The tiny SDXL base pipeline (tests/fixtures/sdxl/sdxl-diffusers), one per test module; any LoRA a
+    test left loaded is unloaded when the module ends."""
+    from tf_diffusion import StableDiffusion
+
+    model = StableDiffusion.from_pretrained(FIXTURES / "sdxl" / "sdxl-diffusers")
+    yield model
+    model.unload_lora_weights()
+
+
 def _memory_gib() -> dict[str, float]:
     """This process's resident memory now (VmRSS) and at its peak (VmHWM), in GiB; empty off Linux."""
     try:

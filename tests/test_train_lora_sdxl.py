@@ -18,12 +18,8 @@ FOLDER = FIXTURES / "lora_train"
 
 
 @pytest.fixture(scope="module")
-def sd():
-    from tf_diffusion import StableDiffusion
-
-    model = StableDiffusion.from_pretrained(FIXTURES / "sdxl" / "sdxl-diffusers")
-    yield model
-    model.unload_lora_weights()
+def sd(tiny_sdxl):
+    return tiny_sdxl  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """SDXL LoRA training: the conditioning transformers computes, time ids as diffusers' SDXL scripts record them,
-learning, saving and reloading, and the refusals.
+one step's loss and gradients as diffusers' ``train_text_to_image_lora_sdxl.py`` computes them (tests/fixtures/
+sdxl_train, tools/make_fixtures_sdxl_train.py), learning, saving and reloading, and the refusals.
 
 The tiny SDXL folder and its reference outputs (tests/fixtures/sdxl, tools/make_fixtures_sdxl.py) give both
 encoders' penultimate states and the projected pooled output for fixed ids; the trainer's conditioning must
@@ -11,6 +12,7 @@ that is (H, W, 0, 0, H, W).
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_train_lora import set_factors
 
 from tests.conftest import FIXTURES
 from tf_diffusion.training import (
@@ -26,12 +28,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def sd():
-    from tf_diffusion import StableDiffusion
-
-    model = StableDiffusion.from_pretrained(FIXTURES / "sdxl" / "sdxl-diffusers")
-    yield model
-    model.unload_lora_weights()
+def sd(tiny_sdxl):
+    return tiny_sdxl  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +115,51 @@ def test_refusals(sd):
             DiffusionTrainer(sd, "unet")
     finally:
         sd.config = original
+
+
+def test_lora_step_loss_and_gradients_are_the_diffusers_scripts(sd):
+    """One step of diffusers' train_text_to_image_lora_sdxl.py (peft LoRAs on the UNet's and both encoders'
+    attention, tools/make_fixtures_sdxl_train.py) with the same factors and draws: same loss and gradients."""
+    folder = FIXTURES / "sdxl_train"
+    with np.load(folder / "step.npz") as f:
+        ref = dict(f)
+    lora = LoraTrainingConfig(
+        rank=2, alpha=4.0, unet_targets=("to_k", "to_q", "to_v", "to_out.0"),
+        text_encoder_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+    )  # fmt: skip
+    config = TrainingConfig(ema_decay=None, caption_dropout=0.0)
+    trainer = LoraTrainer(sd, "unet+text_encoder", config, lora=lora)
+    try:
+        set_factors(trainer.network, folder / "lora.safetensors")
+        ids = tf.constant(np.stack([ref["ids"], ref["ids_2"]], axis=1))  # (B, 2, 77)
+        np.testing.assert_array_equal(ids.numpy(), trainer.tokenize(["a red circle", "a blue star on grass"]))
+        with tf.GradientTape() as tape:
+            out, target = trainer.prediction_and_target(
+                tf.constant(ref["latents"]), tf.constant(ref["t"]), tf.constant(ref["noise"]), ids,
+                tf.constant(ref["time_ids"]),
+            )  # fmt: skip
+            loss = tf.reduce_mean(tf.square(out - target))
+        grads = tape.gradient(loss, trainer.network.trainable_variables)
+        assert abs(float(loss) - float(ref["loss"])) < TOL * float(ref["loss"]), (float(loss), ref["loss"])
+        ours = {}
+        for entry, (g_down, g_up) in zip(
+            trainer.network.layers, zip(grads[::2], grads[1::2], strict=True), strict=True
+        ):
+            name = f"{entry.component}.{entry.diffusers_name}"
+            for factor, g in (("lora_A", g_down), ("lora_B", g_up)):  # keras (in, r) / (r, out): torch's .T
+                ours[f"{name}.{factor}.weight"] = np.zeros(1) if g is None else g.numpy().T
+        names = [str(n) for n in ref["grad_names"]]
+        assert sorted(ours) == names
+        norms = np.array([np.linalg.norm(ours[n].astype(np.float64)) for n in names])
+        reached = ref["grad_norms"] > 0
+        assert reached.sum() > 300  # the reference's gradients reach nearly every factor
+        rel = np.abs(norms - ref["grad_norms"])[reached] / ref["grad_norms"][reached]  # each tensor's own
+        assert rel.max() < TOL, (np.array(names)[reached][int(rel.argmax())], rel.max())
+        np.testing.assert_array_equal(norms == 0, ref["grad_norms"] == 0)  # CLIP-L's last layer: none
+        for key in ref:
+            if key.startswith("grad/"):
+                want = ref[key]
+                got = ours[key[len("grad/") :]]
+                assert np.abs(got - want).max() < TOL * np.abs(want).max(), key
+    finally:
+        trainer.network.detach()

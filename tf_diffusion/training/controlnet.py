@@ -91,13 +91,13 @@ class ControlNetTrainer(DiffusionTrainer):
             "vae": pipeline.vae,
         }
 
-    def _predict(self, x_t, t, token_ids, images, batch):
+    def _predict(self, x_t, t, conditioning, batch):
         if len(batch) != 3:
             raise ValueError(
                 f"ControlNetTrainer needs (images, token_ids, hints) batches; got {len(batch)} parts"
             )
         hints = tf.cast(batch[2], tf.float32)  # (B, H, W, C) in [0, 1]; the net checks its size
-        conditioning = self._conditioning(token_ids, images)  # frozen: constants for the tape
+        # The conditioning is frozen: constants for the tape.
         down, mid = self.controlnet(x_t, t, conditioning[0], hints, *conditioning[1:])
         return self.pipeline.unet(x_t, t, *conditioning, down_residuals=down, mid_residual=mid)
 

@@ -676,18 +676,8 @@ class DiffusionTrainer(_TrainerBase):
             self.config.high_noise_start,
         )
         noise = tf.random.stateless_normal(tf.shape(z), seed=seeds[3])
-        a = tf.gather(self._sqrt_abar, t)[:, None, None, None]
-        s = tf.gather(self._sqrt_one_minus, t)[:, None, None, None]
-        x_t = a * z + s * noise
-        prediction = cfg.scheduler.prediction_type
-        if prediction == "epsilon":
-            target = noise
-        elif prediction == "v_prediction":
-            target = a * noise - s * z
-        else:
-            target = z
-
-        out = tf.cast(self._predict(x_t, t, token_ids, images, batch), tf.float32)
+        time_ids = self._time_ids(images) if cfg.is_sdxl else None
+        out, target = self.prediction_and_target(z, t, noise, token_ids, time_ids, batch=batch)
         if not prior:
             return tf.reduce_mean(tf.square(out - target)), {}
         instance = tf.reduce_mean(tf.square(out[:count] - target[:count]))
@@ -697,16 +687,43 @@ class DiffusionTrainer(_TrainerBase):
             "prior": prior_loss,
         }
 
-    def _conditioning(self, token_ids, images) -> tuple:
+    def prediction_and_target(self, latents, t, noise, token_ids, time_ids=None, batch=()):
+        """The model's prediction at x_t and what it is trained towards, both (B, h, w, C) float32.
+
+        Args:
+            latents: (B, h, w, C) scaled VAE latents (constants).
+            t: (B,) int32 timesteps.
+            noise: (B, h, w, C) the noise mixed in.
+            token_ids: (B, L) ids, or SDXL's (B, 2, L) (after caption dropout).
+            time_ids: SDXL only: (B, 6) micro-conditioning (``_time_ids`` of the images).
+            batch: the whole batch, for trainers whose model reads more of it (a ControlNet's hints).
+
+        The loss is the mean squared difference; ``_replica_loss`` draws the inputs.
+        """
+        a = tf.gather(self._sqrt_abar, t)[:, None, None, None]
+        s = tf.gather(self._sqrt_one_minus, t)[:, None, None, None]
+        x_t = a * latents + s * noise
+        prediction = self.pipeline.config.scheduler.prediction_type
+        if prediction == "epsilon":
+            target = noise
+        elif prediction == "v_prediction":
+            target = a * noise - s * latents
+        else:
+            target = latents
+        out = self._predict(x_t, t, self._conditioning(token_ids, time_ids), batch)
+        return tf.cast(out, tf.float32), target
+
+    def _conditioning(self, token_ids, time_ids) -> tuple:
         """The UNet's inputs after (x_t, t): (context,), or SDXL's (context, pooled, time ids)."""
         if self.pipeline.config.is_sdxl:
             context, pooled = self._encode_text_sdxl(token_ids)
-            return context, pooled, self._time_ids(images)
+            return context, pooled, time_ids
         return (self._encode_text(token_ids),)  # context (B, L, D)
 
-    def _predict(self, x_t, t, token_ids, images, batch):
+    def _predict(self, x_t, t, conditioning: tuple, batch):
         """The model output the loss compares with the target (B, h, w, C)."""
-        return self.pipeline.unet(x_t, t, *self._conditioning(token_ids, images))
+        del batch  # the UNet reads only the conditioning
+        return self.pipeline.unet(x_t, t, *conditioning)
 
     def _encode_text(self, token_ids):
         """(B, L, D) text-encoder states of the (caption-dropped) ids; a constant unless it is trained."""
