@@ -1,8 +1,9 @@
 """ComfyUI "scaled fp8" SD3 single files: float8 weights with a per-tensor scale_weight, dequantized on load.
 
-The file is written here with torch from the tiny SD3 folder's weights, as ComfyUI's scaled files are laid
-out (a float8_e4m3fn ``weight`` and a float32 ``scale_weight`` per linear layer, a ``scaled_fp8`` marker, a
-``scale_input``); the expected weights are torch's own dequantization, ``weight.to(float32) * scale_weight``.
+tools/make_fixtures_scaled_fp8.py wrote the file with torch from the tiny SD3 folder's weights, as
+ComfyUI's scaled files are laid out (a float8_e4m3fn ``weight`` and a float32 ``scale_weight`` per linear
+layer, a ``scaled_fp8`` marker, a ``scale_input``), and torch's own dequantization of every scaled
+weight, ``weight.to(float32) * scale_weight``, beside it.
 """
 
 from __future__ import annotations
@@ -19,41 +20,17 @@ PREFIXES = {
     "text_encoder": "text_encoders.clip_l.transformer.",
     "text_encoder_2": "text_encoders.clip_g.transformer.",
 }
-SCALED = ("transformer", "text_encoder_2")  # ComfyUI scales the transformer's (and encoders') linear weights
+SCALED_FILE = pathlib.Path(__file__).parent / "fixtures" / "float8" / "sd3_scaled_fp8.safetensors"
 
 
 @pytest.fixture(scope="module")
-def scaled_file(tmp_path_factory):
-    """(path, {original key: torch's dequantized float32 weight}, number of scaled weights)."""
-    torch = pytest.importorskip("torch")
-    from safetensors.torch import save_file
-
+def scaled_file():
+    """(path, {original key: torch's dequantized float32 weight}, the folder's model)."""
     from tf_diffusion import StableDiffusion
-    from tf_diffusion.weights.state_dict import state_dict
 
-    sd = StableDiffusion.from_pretrained(FOLDER, load_t5=False)
-    tensors, expected = {}, {}
-    for name, prefix in PREFIXES.items():
-        for key, value in state_dict(getattr(sd, name)).items():
-            if name == "text_encoder" and key == "text_projection.weight":
-                continue  # SD3 files hold none (the identity)
-            weight = torch.from_numpy(np.ascontiguousarray(value))
-            if name in SCALED and key.endswith(".weight") and weight.ndim == 2:
-                scale = (weight.abs().max() / 448.0).to(torch.float32)  # e4m3fn's largest finite value
-                stored = (weight / scale).to(torch.float8_e4m3fn)
-                tensors[prefix + key] = stored
-                tensors[prefix + key[: -len("weight")] + "scale_weight"] = scale.reshape(())
-                expected[prefix + key] = (stored.to(torch.float32) * scale).numpy()
-            else:
-                tensors[prefix + key] = weight
-    tensors["model.diffusion_model.scaled_fp8"] = torch.empty(
-        0, dtype=torch.float8_e4m3fn
-    )  # ComfyUI's marker
-    first = next(k for k in expected if k.startswith("model.diffusion_model."))
-    tensors[first[: -len("weight")] + "scale_input"] = torch.ones((), dtype=torch.float32)
-    path = tmp_path_factory.mktemp("fp8") / "sd3_tiny_fp8_scaled.safetensors"
-    save_file(tensors, str(path))
-    return path, expected, sd
+    with np.load(SCALED_FILE.with_suffix(".npz")) as data:
+        expected = dict(data)
+    return SCALED_FILE, expected, StableDiffusion.from_pretrained(FOLDER, load_t5=False)
 
 
 def test_scaled_fp8_weights_load_dequantized_as_torch_computes_them(scaled_file):
