@@ -162,6 +162,33 @@ def test_two_loras_with_their_weights(sd, fixtures_dir):
     assert err(unet_out(sd, data), data["unet_base"]) <= TOLERANCE
 
 
+def test_a_failure_while_merging_restores_the_previous_adapters(sd, fixtures_dir, monkeypatch):
+    # Kernels are merged and assigned one at a time; should one fail midway, the adapters active
+    # before are merged again from the kept bases and the new one is not loaded.
+    from tf_diffusion.adapters import lora as lora_lib
+
+    data = io(fixtures_dir)
+    sd.load_lora_weights(fixtures_dir / "lora" / FILES["kohya"], adapter_name="a")
+    before = state_dict(sd.unet)
+    merged, calls = lora_lib._merged, []
+
+    def fails_on_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("no room for this kernel")
+        return merged(*args)
+
+    monkeypatch.setattr(lora_lib, "_merged", fails_on_the_third)
+    with pytest.raises(MemoryError, match="no room"):
+        sd.load_lora_weights(fixtures_dir / "lora" / "lora_second.safetensors", adapter_name="b")
+    monkeypatch.setattr(lora_lib, "_merged", merged)
+    assert len(calls) > 3  # the rollback merged "a" again after the failure
+    assert get_active_adapters(sd) == {"a": {"unet": 1.0, "text_encoder": 1.0}}
+    after = state_dict(sd.unet)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    assert err(unet_out(sd, data), data["unet_lora_1.0"]) <= TOLERANCE
+
+
 def test_separate_text_encoder_and_unet_weights(sd, fixtures_dir):
     data = io(fixtures_dir)
     sd.load_lora_weights(

@@ -907,46 +907,56 @@ def _apply(sd, state: _LoraState, active: dict[str, dict[str, float]]) -> None:
             )
             if weight != 0.0:
                 contributions[key].append((module, weight))
-    values = {}
+    # What could refuse is checked before any kernel changes.
     for key, parts in contributions.items():
-        layer, attr = targets.params[key[0]][key[1]]
+        layer, _ = targets.params[key[0]][key[1]]
         # execution.quantize: an int8 weight cannot take a merge.
         if parts and "_quantization" in layer.__dict__:
             raise ValueError(
                 f"LoRA needs float weights, but {key[0]}.{key[1]} was quantized to {layer._quantization} "
                 "(quantize=); load the model without quantize= to use LoRAs"
             )
-        variable = getattr(layer, attr)
-        base = state.base.get(key)
-        if base is None:
-            base = keras.ops.convert_to_numpy(variable)
-        if not parts:
-            values[key] = (variable, base, base)
-            continue
-        kind = type(layer).LAYOUT[attr]
-        want = torch_shape(layer, attr)
-        total = np.array(base, dtype=np.float32)
-        doras = []
-        for module, weight in parts:
-            if module.dora is not None:
-                doras.append((module, weight))
-                continue
-            scale = np.float32(weight * module.scale)
-            if module.rows is None:
-                total += scale * to_keras_layout(kind, module.delta(want))
-                continue
-            # A part of a fused layer: its block of output channels, the last axis of our kernels.
-            own = to_keras_layout(kind, module.delta(_rows_shape(module.rows, want)))
-            for ours, theirs, count in module.rows:
-                total[..., ours : ours + count] += scale * own[..., theirs : theirs + count]
-        for module, weight in doras:
-            total = to_keras_layout(kind, _dora(to_torch_layout(kind, total), module, weight, want))
-        values[key] = (variable, base, total.astype(base.dtype))
-    # Everything is computed before anything is assigned.
-    for key, (variable, base, value) in values.items():
-        state.base.setdefault(key, base)
-        variable.assign(value)
+    # One kernel at a time: its merged value is computed and assigned before the next one's, so the
+    # extra memory is the kept base values plus one kernel (computing all first held a second copy of
+    # every touched kernel: 8.8 GiB more on SDXL, benchmarks/README.md). Should a computation fail
+    # midway, the previous adapters are merged again from the kept bases.
+    try:
+        for key, parts in contributions.items():
+            layer, attr = targets.params[key[0]][key[1]]
+            variable = getattr(layer, attr)
+            base = state.base.get(key)
+            if base is None:
+                base = keras.ops.convert_to_numpy(variable)
+                state.base[key] = base
+            variable.assign(_merged(layer, attr, base, parts) if parts else base)
+    except Exception:
+        if active is not state.active:
+            _apply(sd, state, state.active)
+        raise
     state.active = active
+
+
+def _merged(layer, attr: str, base: np.ndarray, parts: list) -> np.ndarray:
+    """``base`` (Keras layout) plus each (module, weight) of ``parts``' update, in ``base``'s dtype."""
+    kind = type(layer).LAYOUT[attr]
+    want = torch_shape(layer, attr)
+    total = np.array(base, dtype=np.float32)
+    doras = []
+    for module, weight in parts:
+        if module.dora is not None:
+            doras.append((module, weight))
+            continue
+        scale = np.float32(weight * module.scale)
+        if module.rows is None:
+            total += scale * to_keras_layout(kind, module.delta(want))
+            continue
+        # A part of a fused layer: its block of output channels, the last axis of our kernels.
+        own = to_keras_layout(kind, module.delta(_rows_shape(module.rows, want)))
+        for ours, theirs, count in module.rows:
+            total[..., ours : ours + count] += scale * own[..., theirs : theirs + count]
+    for module, weight in doras:
+        total = to_keras_layout(kind, _dora(to_torch_layout(kind, total), module, weight, want))
+    return total.astype(base.dtype)
 
 
 def _dora(weight: np.ndarray, module: LoraModule, strength: float, want: tuple) -> np.ndarray:
