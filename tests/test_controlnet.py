@@ -92,6 +92,27 @@ def test_full_size_sd15_count_and_keys():
     assert {k: v for k, v in ours.items() if want[k] != v} == {}
 
 
+def test_full_size_sdxl_count_and_keys():
+    """The full-size SDXL ControlNet (diffusers/controlnet-canny-sdxl-1.0) has diffusers' keys, shapes and count."""
+    from tf_diffusion.controlnet import ControlNet
+    from tf_diffusion.weights import count_parameters, manifest
+    from tf_diffusion.weights.controlnet import controlnet_config_from_diffusers, convert_diffusers_controlnet
+    from tf_diffusion.weights.state_dict import build_abstract
+
+    reference = json.loads((FIXTURES / "sdxl_manifest.json").read_text())
+    assert reference["config"]["transformer_layers_per_block"] == [1, 2, 10]
+    assert reference["config"]["addition_embed_type"] == "text_time"
+    config = controlnet_config_from_diffusers(reference["config"])
+    model = build_abstract(lambda: ControlNet(config))
+    count = sum(int(np.prod(shape)) for shape in reference["shapes"].values())
+    assert count == 1_251_014_160
+    assert count_parameters(model) == count
+    want = {k: list(v) for k, v in convert_diffusers_controlnet(reference["shapes"], config).items()}
+    ours = {k: list(v) for k, v in manifest(model).items()}
+    assert sorted(set(want) ^ set(ours)) == []
+    assert {k: v for k, v in ours.items() if want[k] != v} == {}
+
+
 # ------------------------------------------------------------------ formats
 
 

@@ -12,7 +12,9 @@
 3. Pipelines: ``StableDiffusionControlNetPipeline`` on the tiny SD components with one net, two
    nets with two scales and a guidance window, guess mode, and no guidance, from given latents;
    the float images diffusers returns.
-4. The full-size SD1.5 ControlNet's diffusers key manifest (meta device).
+4. The full-size SD1.5 ControlNet's diffusers key manifest (meta device), and (also alone with
+   ``--manifests``) the full-size SDXL one: diffusers/controlnet-canny-sdxl-1.0's config, checked
+   against ``ControlNetModel.from_unet`` of the SDXL base UNet (sdxl_manifest.json).
 5. ``--tasks``: ``StableDiffusionControlNetImg2ImgPipeline`` and ``StableDiffusionControlNetInpaintPipeline``
    (4- and 9-channel UNets) on the same tiny components, with tf_diffusion's seeded noise handed to
    diffusers as tools/make_fixtures_pipeline.py does (tasks.json, tasks.npz).
@@ -24,7 +26,7 @@
    (``lora_second.safetensors``, loaded by diffusers' ``load_lora_weights`` at weight 0.6) and one net
    (lora.json, lora.npz).
 
-Usage (dev only): python tools/make_fixtures_controlnet.py [--tasks | --sdxl | --lora]
+Usage (dev only): python tools/make_fixtures_controlnet.py [--tasks | --sdxl | --lora | --manifests]
 """
 
 from __future__ import annotations
@@ -254,6 +256,55 @@ def full_size_manifest() -> dict:
     }
 
 
+# diffusers/controlnet-canny-sdxl-1.0's config.json (the architecture fields): the down and mid half of
+# stabilityai/stable-diffusion-xl-base-1.0's UNet, with the hint encoder of the SD1.5 nets.
+SDXL_CONTROLNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256, attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280],
+    class_embed_type=None, conditioning_channels=3, conditioning_embedding_out_channels=[16, 32, 96, 256],
+    controlnet_conditioning_channel_order="rgb", cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], downsample_padding=1,
+    encoder_hid_dim=None, encoder_hid_dim_type=None, flip_sin_to_cos=True, freq_shift=0,
+    global_pool_conditions=False, in_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-05,
+    norm_num_groups=32, num_attention_heads=None, num_class_embeds=None, only_cross_attention=False,
+    projection_class_embeddings_input_dim=2816, resnet_time_scale_shift="default",
+    transformer_layers_per_block=[1, 2, 10], upcast_attention=None, use_linear_projection=True,
+)  # fmt: skip
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (the architecture fields).
+SDXL_UNET = dict(
+    addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], in_channels=4,
+    layers_per_block=2, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
+    sample_size=128, transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
+)  # fmt: skip
+
+
+def sdxl_full_size_manifest() -> dict:
+    """The SDXL canny ControlNet on the meta device; it must equal ``from_unet`` of the SDXL base UNet."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = ControlNetModel(**SDXL_CONTROLNET)
+        from_unet = ControlNetModel.from_unet(UNet2DConditionModel(**SDXL_UNET))
+    shapes = {k: list(p.shape) for k, p in model.named_parameters()}
+    if shapes != {k: list(p.shape) for k, p in from_unet.named_parameters()}:
+        raise SystemExit("the canny-sdxl config and from_unet(SDXL base UNet) give different parameters")
+    print("sdxl controlnet parameters", sum(int(np.prod(s)) for s in shapes.values()))
+    return {
+        "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+        "shapes": shapes,
+    }
+
+
+def write_manifests() -> None:
+    for name, manifest in (("sd15", full_size_manifest()), ("sdxl", sdxl_full_size_manifest())):
+        (OUT / f"{name}_manifest.json").write_text(
+            json.dumps(manifest, indent=0, sort_keys=True, default=list) + "\n"
+        )
+
+
 TASK_CASES = [
     dict(name="img2img-ddim", mode="img2img", net="pipe_a", scale=0.8, strength=0.75, guidance=6.0, sampler="ddim", seed=21),
     dict(name="img2img-euler-window", mode="img2img", net="pipe_b", scale=1.1, strength=0.6, guidance=5.0, sampler="euler", seed=22, start=0.0, end=0.6),
@@ -374,6 +425,9 @@ def main() -> None:
     if "--sdxl" in sys.argv[1:]:
         sdxl_pipeline()
         return
+    if "--manifests" in sys.argv[1:]:
+        write_manifests()
+        return
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     meta, nets = {}, {}
@@ -392,9 +446,7 @@ def main() -> None:
     meta["pipeline"] = {"cases": PIPE_CASES, "control_image_seeds": [100, 101]}
     pipelines(nets)
     (OUT / "cases.json").write_text(json.dumps(meta, indent=0, sort_keys=True, default=list) + "\n")
-    (OUT / "sd15_manifest.json").write_text(
-        json.dumps(full_size_manifest(), indent=0, sort_keys=True, default=list) + "\n"
-    )
+    write_manifests()
 
 
 if __name__ == "__main__":
