@@ -46,21 +46,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from benchmarks._harness import measure, rel_errors, run_cases, write_report  # noqa: E402
+from benchmarks.sdxl_step import SDXL_UNET  # noqa: E402
 
 CASES = ("diffusers-0", "ours-0", "diffusers-1", "ours-1", "diffusers-2", "ours-2")
 SCALES = (1.0, 0.7)  # controlnet_conditioning_scale of net 0 and net 1
 
 # runwayml/stable-diffusion-v1-5's unet/config.json (the architecture fields; the rest are defaults).
 SD15_UNET = dict(cross_attention_dim=768, sample_size=64)
-# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (the architecture fields).
-SDXL_UNET = dict(
-    addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
-    block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], in_channels=4,
-    layers_per_block=2, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
-    sample_size=128, transformer_layers_per_block=[1, 2, 10],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
-)  # fmt: skip
 CONTEXT = {"sd15": 768, "sdxl": 2048}
 
 
