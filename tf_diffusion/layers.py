@@ -205,6 +205,7 @@ class GEGLU(keras.layers.Layer):
     def __init__(self, dim_in: int, dim_out: int, **kwargs):
         super().__init__(**kwargs)
         self.proj = Linear(dim_in, dim_out * 2)
+        self.built = True
 
     def call(self, x):
         value, gate = ops.split(self.proj(x), 2, axis=-1)
@@ -214,12 +215,20 @@ class GEGLU(keras.layers.Layer):
 class SiLU(keras.layers.Layer):
     """Parameter-free placeholder for nn.SiLU, keeping Sequential indices aligned."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.built = True  # no weights: nothing to build
+
     def call(self, x):
         return ops.silu(x)
 
 
 class Identity(keras.layers.Layer):
     """Parameter-free placeholder for nn.Dropout / nn.Identity at inference."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.built = True  # no weights: nothing to build
 
     def call(self, x):
         return x

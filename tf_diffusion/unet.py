@@ -80,6 +80,7 @@ class ResBlock(keras.layers.Layer):
         ]
         # The reference uses nn.Identity (no weights) when the width is unchanged.
         self.skip_connection = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.built = True  # complete at construction: its sublayers are
 
     def call(self, x, emb):  # x: (B, H, W, C_in), emb: (B, E) -> (B, H, W, C_out)
         h = run_sequential(self.in_layers, x)
@@ -115,6 +116,7 @@ class FeedForward(keras.layers.Layer):
         super().__init__(**kwargs)
         # net.1 is nn.Dropout in the reference.
         self.net = [GEGLU(dim, 4 * dim), Identity(), Linear(4 * dim, dim)]
+        self.built = True  # complete at construction: its sublayers are
 
     def call(self, x):
         return run_sequential(self.net, x)
@@ -129,6 +131,7 @@ class BasicTransformerBlock(keras.layers.Layer):
         self.norm1, self.attn1 = LayerNorm(dim, eps), CrossAttention(dim, dim, heads)
         self.norm2, self.attn2 = LayerNorm(dim, eps), CrossAttention(dim, cfg.context_dim, heads)
         self.norm3, self.ff = LayerNorm(dim, eps), FeedForward(dim)
+        self.built = True  # complete at construction: its sublayers are
 
     def call(self, x, context):  # x: (B, N, C), context: (B, T, D_ctx)
         x = x + self.attn1(self.norm1(x))
@@ -152,6 +155,7 @@ class SpatialTransformer(keras.layers.Layer):
         else:
             self.proj_in, self.proj_out = Conv2d(channels, channels, 1), Conv2d(channels, channels, 1)
         self.transformer_blocks = [BasicTransformerBlock(channels, heads, cfg) for _ in range(depth)]
+        self.built = True  # complete at construction: its sublayers are
 
     def call(self, x, context):  # x: (B, H, W, C) -> (B, H, W, C)
         b, h, w, c = ops.shape(x)
@@ -167,6 +171,7 @@ class Downsample(keras.layers.Layer):
     def __init__(self, channels: int, **kwargs):
         super().__init__(**kwargs)
         self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.built = True  # complete at construction: its sublayers are
 
     def call(self, x):  # (B, H, W, C) -> (B, H/2, W/2, C)
         return self.op(x)
@@ -178,6 +183,7 @@ class Upsample(keras.layers.Layer):
     def __init__(self, channels: int, **kwargs):
         super().__init__(**kwargs)
         self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.built = True  # complete at construction: its sublayers are
 
     def call(self, x, size=None):  # (B, H, W, C) -> (B, 2H, 2W, C), or (B, *size, C)
         # ``size``: the skip's size where sizes were odd on the way down (diffusers'
