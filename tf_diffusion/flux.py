@@ -289,6 +289,10 @@ def apply_rope(x, cos, sin):
 class GELUTanh(keras.layers.Layer):
     """Parameter-free placeholder for nn.GELU(approximate="tanh"), keeping Sequential indices aligned."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.built = True  # no weights: nothing to build
+
     def call(self, x):
         return ops.gelu(x, approximate=True)
 

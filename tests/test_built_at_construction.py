@@ -1,0 +1,57 @@
+"""Every layer of ours is built when it is constructed.
+
+A Keras layer whose ``built`` is False when first called is built by Keras tracing its ``call`` once more
+on symbolic inputs (``Layer._maybe_build`` -> ``compute_output_spec``), and a container whose sublayers are
+unbuilt does that at every level. That doubled the Python tracing of the default model's first image.
+Our layers create their weights in ``__init__`` (layer paths equal checkpoint keys), so each says it is
+complete there.
+"""
+
+import importlib
+import inspect
+import pkgutil
+
+import keras
+
+import tf_diffusion
+
+
+def _layer_classes():
+    for info in pkgutil.walk_packages(tf_diffusion.__path__, "tf_diffusion."):
+        if info.name.endswith("__main__") or info.name.startswith(("tf_diffusion.serve", "tf_diffusion.cli")):
+            continue
+        module = importlib.import_module(info.name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == info.name and issubclass(cls, keras.layers.Layer):
+                yield cls
+
+
+def _marks_built(cls) -> bool:
+    """True when ``cls`` or a class it inherits from (ours) has a build() or sets built in __init__."""
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("tf_diffusion"):
+            return False
+        if "build" in vars(klass):
+            return True
+        init = vars(klass).get("__init__")
+        if init is not None and "self.built = True" in inspect.getsource(init):
+            return True
+    return False
+
+
+def test_every_layer_class_says_it_is_built():
+    classes = sorted({c for c in _layer_classes()}, key=lambda c: (c.__module__, c.__name__))
+    assert len(classes) > 50, [c.__name__ for c in classes]  # the walk found the model files
+    unmarked = [f"{c.__module__}.{c.__name__}" for c in classes if not _marks_built(c)]
+    assert not unmarked, f"layers that Keras would build by tracing their call again: {unmarked}"
+
+
+def test_the_default_model_has_no_unbuilt_layer():
+    from tf_diffusion.models import DEFAULT_MODEL, check_source
+    from tf_diffusion.pipeline import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(check_source(DEFAULT_MODEL))
+    for name in ("text_encoder", "unet", "vae"):
+        model = getattr(sd, name)
+        unbuilt = sorted({type(layer).__name__ for layer in model._flatten_layers() if not layer.built})
+        assert not unbuilt, f"{name}: {unbuilt}"
