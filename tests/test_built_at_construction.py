@@ -50,8 +50,24 @@ def test_the_default_model_has_no_unbuilt_layer():
     from tf_diffusion.models import DEFAULT_MODEL, check_source
     from tf_diffusion.pipeline import StableDiffusion
 
-    sd = StableDiffusion.from_pretrained(check_source(DEFAULT_MODEL))
+    sd = StableDiffusion.from_pretrained(check_source(DEFAULT_MODEL))  # built under weights_to_be_loaded
     for name in ("text_encoder", "unet", "vae"):
         model = getattr(sd, name)
         unbuilt = sorted({type(layer).__name__ for layer in model._flatten_layers() if not layer.built})
         assert not unbuilt, f"{name}: {unbuilt}"
+
+
+def test_layers_start_as_zeros_only_when_weights_are_loaded_next():
+    import numpy as np
+
+    from tf_diffusion.layers import Conv2d, Linear, weights_to_be_loaded
+
+    with weights_to_be_loaded():
+        loaded = Linear(8, 4), Conv2d(3, 4, 3)
+    fresh = Linear(8, 4), Conv2d(3, 4, 3)
+    for layer in loaded:
+        assert not np.any(np.asarray(layer.weight)) and not np.any(np.asarray(layer.bias))
+    for layer in fresh:  # torch's default start: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        w = np.asarray(layer.weight)
+        bound = 1 / np.sqrt(np.prod(w.shape[:-1]))
+        assert np.all(np.abs(w) <= bound) and np.std(w) > bound / 4

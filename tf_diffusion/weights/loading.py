@@ -782,6 +782,7 @@ def from_pretrained(
         >>> sd = StableDiffusion.from_pretrained("v1-5-pruned-emaonly.safetensors")
         >>> print(sd.load_report)
     """
+    from tf_diffusion.layers import weights_to_be_loaded
     from tf_diffusion.weights.state_dict import load_state_dict
 
     with load_pipeline_weights(
@@ -794,7 +795,14 @@ def from_pretrained(
         revision=revision,
         supplied=() if vae is None else ("vae",),
     ) as weights:
-        model = cls(weights.config, dtype=dtype, tokenizer=weights.tokenizer)
+        # Every variable is assigned below when the file has every key (no random start values to draw).
+        complete = (
+            vae is None
+            and not weights.report.missing_components
+            and not any(p.startswith("missing key") for p in weights.report.problems)
+        )
+        with weights_to_be_loaded() if complete else contextlib.nullcontext():
+            model = cls(weights.config, dtype=dtype, tokenizer=weights.tokenizer)
         # Tensors are read from the file here; a read that fails drops the half-loaded model.
         with reading(weights.report.path):
             for name in components_of(weights.config):
