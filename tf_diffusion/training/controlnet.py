@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import keras
 import tensorflow as tf
 
 from tf_diffusion.training.config import TrainingConfig
@@ -96,7 +97,7 @@ class ControlNetTrainer(DiffusionTrainer):
             raise ValueError(
                 f"ControlNetTrainer needs (images, token_ids, hints) batches; got {len(batch)} parts"
             )
-        hints = tf.cast(batch[2], tf.float32)  # (B, H, W, C) in [0, 1]; the net checks its size
+        hints = keras.ops.cast(batch[2], "float32")  # (B, H, W, C) in [0, 1]; the net checks its size
         # The conditioning is frozen: constants for the tape.
         down, mid = self.controlnet(x_t, t, conditioning[0], hints, *conditioning[1:])
         return self.pipeline.unet(x_t, t, *conditioning, down_residuals=down, mid_residual=mid)
