@@ -1,0 +1,115 @@
+"""The trainers under ``KERAS_BACKEND=jax`` (``training.jax_step``), each group of checks in one JAX subprocess
+(this test process is TensorFlow) that writes its measurements to a JSON file the test reads.
+
+Default run (SD 1.x tiny pipeline of tests/fixtures/pipeline): the training LoRA layers compute what
+diffusers computes with the fixture file (tests/fixtures/lora_train), a few LoRA steps (UNet + text encoder,
+EMA) lower the loss with one compilation, the saved file reloads to the trained model, and a restored
+checkpoint takes the identical next step. Slow: SDXL's step loss and gradients against diffusers'
+train_text_to_image_lora_sdxl.py (tests/fixtures/sdxl_train), a fresh trainer resuming, textual inversion,
+mixed_bfloat16, and keras.distribution.DataParallel on two virtual CPU devices.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+PRELUDE = """
+import json, sys
+import numpy as np
+import keras
+sys.path.insert(0, {tests!r})
+assert keras.backend.backend() == "jax", keras.backend.backend()
+from test_lora import FIXTURES, build, err, te_out, unet_out
+from tf_diffusion.training import LoraTrainer, LoraTrainingConfig, TrainingConfig
+out = {{}}
+def done():
+    with open({result!r}, "w") as f:
+        json.dump(out, f)
+"""
+
+SD1 = """
+from test_train_lora import fixture_network
+with np.load(FIXTURES / "lora_train" / "io.npz") as f:
+    io = dict(f)
+sd = build(FIXTURES)
+network = fixture_network(sd)
+out["fixture_unet"] = err(unet_out(sd, io), io["unet_kohya"])
+out["fixture_te"] = err(te_out(sd, io), io["te_kohya"])
+network.detach()
+out["base_unet"] = err(unet_out(sd, io), io["unet_base"])
+
+images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+batch = (images, np.asarray(sd.tokenizer(["a red circle", "a blue star"]), np.int32))
+unet_before = [np.array(v.numpy()) for v in sd.unet.weights]
+config = TrainingConfig(learning_rate=1e-2, text_encoder_learning_rate=1e-3, ema_decay=0.5, caption_dropout=0.0)
+trainer = LoraTrainer(sd, "unet+text_encoder", config, lora=LoraTrainingConfig(rank=2, alpha=4, seed=3))
+out["before"] = trainer.compute_loss(batch, seeds=range(3))
+history = trainer.fit([batch] * 4, steps=4, checkpoint_dir={ckpt!r}, progress=False)
+out["losses"] = [h["loss"] for h in history]
+out["after"] = trainer.compute_loss(batch, seeds=range(3))
+out["traces"] = trainer._step_fn.traces[0]
+out["step"] = trainer.step
+out["base_unchanged"] = all(
+    np.array_equal(a, v.numpy()) for a, v in zip(unet_before, sd.unet.weights, strict=True)
+)
+out["dtypes"] = sorted({{str(v.dtype) for v in trainer.trainable_variables}})
+path = trainer.save_lora({lora!r})
+with trainer.ema_weights():
+    live_unet, live_te = unet_out(sd, io), te_out(sd, io)
+out["live_moved"] = min(err(live_unet, io["unet_base"]), err(live_te, io["te_base"]))
+# A restored checkpoint takes the step the run takes next: weights, EMA, optimizer state and step.
+expected = trainer.train_step(batch)["loss"]
+factors = [np.array(v.numpy()) for v in trainer.trainable_variables]
+emas = [np.array(v.numpy()) for v in trainer.ema_variables]
+trainer.load_checkpoint({ckpt!r} + "/ckpt-00000004.safetensors")
+out["restored_step"] = trainer.step
+out["next_loss"] = [expected, trainer.train_step(batch)["loss"]]
+out["next_factors"] = max(float(np.abs(a - v.numpy()).max()) for a, v in zip(factors, trainer.trainable_variables))
+out["next_ema"] = max(float(np.abs(a - v.numpy()).max()) for a, v in zip(emas, trainer.ema_variables))
+out["traces_after_restore"] = trainer._step_fn.traces[0]
+trainer.network.detach()
+sd.load_lora_weights(path)
+out["reloaded_unet"] = err(unet_out(sd, io), live_unet)
+out["reloaded_te"] = err(te_out(sd, io), live_te)
+sd.unload_lora_weights()
+done()
+"""
+
+
+def run_jax(tmp_path, body: str, timeout: int = 600, env: dict | None = None, **paths) -> dict:
+    """Run PRELUDE + body under KERAS_BACKEND=jax; the dict the script wrote."""
+    result = tmp_path / "result.json"
+    fields = {k: str(tmp_path / v) for k, v in paths.items()}
+    script = PRELUDE.format(tests=str(ROOT / "tests"), result=str(result)) + body.format(**fields)
+    environment = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    environment.update(env or {})
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(result.read_text())
+
+
+def test_lora_training_under_jax(tmp_path):
+    out = run_jax(tmp_path, SD1, ckpt="ckpt", lora="lora.safetensors")
+    assert out["fixture_unet"] <= 1e-4 and out["fixture_te"] <= 1e-4, out  # diffusers with the file
+    assert out["base_unet"] <= 1e-4, out  # detached: the base model again
+    assert out["after"] < out["before"], out
+    assert out["step"] == 4 and out["traces"] == 1, out  # one compilation for four steps
+    assert out["base_unchanged"] and out["dtypes"] == ["float32"], out
+    assert out["live_moved"] > 1e-4, out
+    assert out["reloaded_unet"] <= 1e-5 and out["reloaded_te"] <= 1e-5, out
+    assert out["restored_step"] == 4 and out["traces_after_restore"] == 1, out
+    assert out["next_loss"][1] == pytest.approx(out["next_loss"][0], rel=1e-6), out
+    assert out["next_factors"] <= 1e-7 and out["next_ema"] <= 1e-7, out
