@@ -217,7 +217,6 @@ class TextualInversionTrainer(DiffusionTrainer):
 
     def _encode_text(self, token_ids):
         import keras
-
         from keras import ops
 
         encoder = self.pipeline.text_encoder

@@ -22,7 +22,6 @@ import dataclasses
 import os
 
 import keras
-import tensorflow as tf
 
 from tf_diffusion.training.config import TrainingConfig
 from tf_diffusion.training.trainers import DiffusionTrainer

@@ -102,9 +102,7 @@ def build_step(trainer):
     loss, frozen = stateless_loss(trainer, trainer._loss)
     groups = trainer._optimizers
     sizes = [len(optimizer.variables) for optimizer, _ in groups]
-    first_iterations = next(
-        i for i, v in enumerate(groups[0][0].variables) if v is groups[0][0].iterations
-    )
+    first_iterations = next(i for i, v in enumerate(groups[0][0].variables) if v is groups[0][0].iterations)
     traces = [0]
 
     def step(trained, frozen_values, optimizer_values, ema, batch, draws):
@@ -133,7 +131,10 @@ def build_step(trainer):
             decay = ops.convert_to_tensor(config.ema_decay, "float32")
             if config.ema_warmup:
                 decay = ops.minimum(decay, (1.0 + n) / (10.0 + n))
-            new_ema = [e * decay + ops.cast(v, e.dtype) * (1.0 - decay) for e, v in zip(ema, new_trained)]
+            new_ema = [
+                e * decay + ops.cast(v, e.dtype) * (1.0 - decay)
+                for e, v in zip(ema, new_trained, strict=True)
+            ]
         return dict(logs, loss=value), new_trained, new_optimizer, new_ema
 
     compiled = jax.jit(step)

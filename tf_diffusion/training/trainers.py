@@ -40,7 +40,6 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-
 from keras import ops
 
 from tf_diffusion.config import from_dict, to_dict
