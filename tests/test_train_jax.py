@@ -112,3 +112,94 @@ def test_lora_training_under_jax(tmp_path):
     assert out["restored_step"] == 4 and out["traces_after_restore"] == 1, out
     assert out["next_loss"][1] == pytest.approx(out["next_loss"][0], rel=1e-6), out
     assert out["next_factors"] <= 1e-7 and out["next_ema"] <= 1e-7, out
+
+
+EXTRAS = """
+from keras import ops
+from test_train_lora import set_factors
+from test_training import MICRO, _batch
+from tf_diffusion import StableDiffusion
+from tf_diffusion.training import TextualInversionTrainer
+from tf_diffusion.training.jax_step import value_and_grad
+
+# SDXL: one step of diffusers' train_text_to_image_lora_sdxl.py (tools/make_fixtures_sdxl_train.py).
+folder = FIXTURES / "sdxl_train"
+with np.load(folder / "step.npz") as f:
+    ref = dict(f)
+sdxl = StableDiffusion.from_pretrained(FIXTURES / "sdxl" / "sdxl-diffusers")
+lora = LoraTrainingConfig(
+    rank=2, alpha=4.0, unet_targets=("to_k", "to_q", "to_v", "to_out.0"),
+    text_encoder_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+)
+trainer = LoraTrainer(sdxl, "unet+text_encoder", TrainingConfig(ema_decay=None, caption_dropout=0.0), lora=lora)
+set_factors(trainer.network, folder / "lora.safetensors")
+ids = np.stack([ref["ids"], ref["ids_2"]], axis=1)
+def loss_fn(latents, t, noise, ids, time_ids):
+    out, target = trainer.prediction_and_target(latents, t, noise, ids, time_ids)
+    return ops.mean(ops.square(out - target))
+loss, grads = value_and_grad(trainer, loss_fn)(ref["latents"], ref["t"], ref["noise"], ids, ref["time_ids"])
+assert [v for v in trainer.network.trainable_variables] == trainer.trainable_variables
+norms = {{}}
+for entry, g_down, g_up in zip(trainer.network.layers, grads[::2], grads[1::2], strict=True):
+    name = f"{{entry.component}}.{{entry.diffusers_name}}"
+    norms[f"{{name}}.lora_A.weight"] = float(np.linalg.norm(np.asarray(g_down, np.float64)))
+    norms[f"{{name}}.lora_B.weight"] = float(np.linalg.norm(np.asarray(g_up, np.float64)))
+names = [str(n) for n in ref["grad_names"]]
+out["sdxl_names_match"] = sorted(norms) == names
+got = np.array([norms[n] for n in names])
+want = ref["grad_norms"]
+reached = want > 0
+out["sdxl_loss"] = [float(loss), float(ref["loss"])]
+out["sdxl_reached"] = int(reached.sum())
+out["sdxl_grad_rel"] = float((np.abs(got - want)[reached] / want[reached]).max())
+out["sdxl_zero_same"] = bool(np.array_equal(got == 0, want == 0))
+# A few SDXL LoRA steps through the trainer's own step.
+images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+batch = (images, trainer.tokenize(["a red circle", "a blue star"]))
+ups = [np.array(e.up.numpy()) for e in trainer.network.layers]
+history = [trainer.train_step(batch) for _ in range(3)]
+out["sdxl_losses"] = [h["loss"] for h in history]
+out["sdxl_moved"] = min(
+    max(float(np.abs(e.up.numpy() - u).max()) for e, u in zip(trainer.network.layers, ups) if e.component == c)
+    for c in ("unet", "text_encoder", "text_encoder_2")
+)
+trainer.network.detach()
+del sdxl, trainer
+
+# Textual inversion: one step moves only the new vectors.
+sd = build(FIXTURES)
+ti = TextualInversionTrainer(sd, "<zqx>", 2, "cat", TrainingConfig(learning_rate=1e-2, ema_decay=None))
+start = np.array(ti.vectors.numpy())
+table = np.array(sd.text_encoder.text_model.embeddings.token_embedding.weight.numpy())
+logs = ti.train_step((images, ti.tokenize(["a photo of <zqx>", "<zqx> on grass"])))
+out["ti_loss"] = logs["loss"]
+out["ti_moved"] = float(np.abs(ti.vectors.numpy() - start).max())
+out["ti_table_same"] = bool(np.array_equal(table, sd.text_encoder.text_model.embeddings.token_embedding.weight.numpy()))
+
+# mixed_bfloat16: the models compute in bfloat16, the factors stay float32 and all move.
+keras.config.set_dtype_policy("mixed_bfloat16")
+micro = StableDiffusion(MICRO)
+images, captions = _batch(2)
+mp = LoraTrainer(micro, "unet+text_encoder", TrainingConfig(learning_rate=1e-2, ema_decay=None),
+                 lora=LoraTrainingConfig(rank=2))
+start = [np.array(v.numpy()) for v in mp.trainable_variables]
+history = [mp.train_step((images, micro.tokenizer(captions))) for _ in range(2)]
+out["mp_losses"] = [h["loss"] for h in history]
+out["mp_dtypes"] = sorted({{str(v.dtype) for v in mp.trainable_variables}})
+out["mp_all_moved"] = all(not np.array_equal(a, v.numpy()) for a, v in zip(start, mp.trainable_variables))
+out["mp_compute"] = str(micro.unet.dtype_policy.compute_dtype)
+done()
+"""
+
+
+@pytest.mark.slow  # 2-4 minutes; the default run still covers SD 1.x LoRA training, saving and resuming on JAX
+def test_sdxl_gradients_textual_inversion_and_mixed_precision_under_jax(tmp_path):
+    out = run_jax(tmp_path, EXTRAS, timeout=900)
+    loss, want = out["sdxl_loss"]
+    assert abs(loss - want) < 1e-4 * want, out
+    assert out["sdxl_names_match"] and out["sdxl_reached"] > 300, out
+    assert out["sdxl_grad_rel"] < 1e-4 and out["sdxl_zero_same"], out
+    assert all(np.isfinite(out["sdxl_losses"])) and out["sdxl_moved"] > 0, out
+    assert np.isfinite(out["ti_loss"]) and out["ti_moved"] > 0 and out["ti_table_same"], out
+    assert all(np.isfinite(out["mp_losses"])) and out["mp_dtypes"] == ["float32"], out
+    assert out["mp_all_moved"] and out["mp_compute"] == "bfloat16", out
