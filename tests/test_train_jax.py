@@ -204,3 +204,34 @@ def test_sdxl_gradients_textual_inversion_and_mixed_precision_under_jax(tmp_path
     assert np.isfinite(out["ti_loss"]) and out["ti_moved"] > 0 and out["ti_table_same"], out
     assert all(np.isfinite(out["mp_losses"])) and out["mp_dtypes"] == ["float32"], out
     assert out["mp_all_moved"] and out["mp_compute"] == "bfloat16", out
+
+
+DATA_PARALLEL = """
+import jax
+assert len(jax.devices()) == 2, jax.devices()
+images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+config = TrainingConfig(learning_rate=1e-2, text_encoder_learning_rate=1e-3, ema_decay=0.5, caption_dropout=0.0)
+runs = []
+for distributed in (False, True):
+    if distributed:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    sd = build(FIXTURES)
+    batch = (images, np.asarray(sd.tokenizer(["a red circle", "a blue star"]), np.int32))
+    trainer = LoraTrainer(sd, "unet+text_encoder", config, lora=LoraTrainingConfig(rank=2, alpha=4, seed=3))
+    losses = [trainer.train_step(batch)["loss"] for _ in range(2)]
+    runs.append((losses, [np.array(v.numpy()) for v in trainer.trainable_variables]))
+    trainer.network.detach()
+keras.distribution.set_distribution(None)
+out["losses"] = [runs[0][0], runs[1][0]]
+out["factors"] = max(float(np.abs(a - b).max()) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+out["factor_scale"] = max(float(np.abs(a).max()) for a in runs[0][1])
+done()
+"""
+
+
+@pytest.mark.slow  # 2-3 minutes; the default run covers the one-device step this splits across two devices
+def test_data_parallel_on_two_cpu_devices_equals_one_device(tmp_path):
+    out = run_jax(tmp_path, DATA_PARALLEL, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    one, two = out["losses"]
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+    assert out["factors"] <= 1e-5 * max(1.0, out["factor_scale"]), out
