@@ -193,10 +193,7 @@ class _TrainerBase:
                 self._optimizers.append((optimizer, indices))
             self.optimizer = self._optimizers[0][0]  # its iterations are the step
             self.ema_variables = (
-                [
-                    keras.Variable(v.value, trainable=False, name=f"ema_{i}")
-                    for i, v in enumerate(self.trainable_variables)
-                ]
+                [_ema_variable(v, f"ema_{i}") for i, v in enumerate(self.trainable_variables)]
                 if config.ema_decay is not None
                 else []
             )
@@ -550,6 +547,14 @@ def _check_backend(strategy) -> None:
             f"strategy={type(strategy).__name__} is a tf.distribute strategy, which the JAX backend does not "
             "run; under KERAS_BACKEND=jax set a keras.distribution (e.g. DataParallel) instead"
         )
+
+
+def _ema_variable(variable, name: str):
+    """A copy of ``variable`` for its moving average: a ``tf.Variable`` on TensorFlow (the step assigns it
+    inside ``tf.function`` and a strategy mirrors it), a ``keras.Variable`` holding a JAX array on JAX."""
+    if keras.backend.backend() == "jax":
+        return keras.Variable(np.asarray(variable.numpy()), trainable=False, name=name)
+    return tf.Variable(variable.value, trainable=False, name=name)
 
 
 def _latent_noise_shape(images, factor: int, channels: int):
