@@ -101,6 +101,46 @@ def run_jax(tmp_path, body: str, timeout: int = 600, env: dict | None = None, **
     return json.loads(result.read_text())
 
 
+QUICK = """
+import tensorflow as tf
+from test_training import MICRO, _batch
+from tf_diffusion.pipeline import StableDiffusion
+sd = StableDiffusion(MICRO)
+images, captions = _batch(2)
+batch = (images, np.asarray(sd.tokenizer(captions), np.int32))
+config = TrainingConfig(learning_rate=1e-2, ema_decay=0.5, caption_dropout=0.0)
+trainer = LoraTrainer(sd, "unet+text_encoder", config, lora=LoraTrainingConfig(rank=2))
+start = [np.array(v.numpy()) for v in trainer.trainable_variables]
+history = trainer.fit([batch] * 2, steps=2, checkpoint_dir={ckpt!r}, progress=False)
+out["losses"] = [h["loss"] for h in history]
+out["moved"] = all(not np.array_equal(a, v.numpy()) for a, v in zip(start, trainer.trainable_variables))
+expected = trainer.train_step(batch)["loss"]
+factors = [np.array(v.numpy()) for v in trainer.trainable_variables]
+trainer.load_checkpoint({ckpt!r} + "/ckpt-00000002.safetensors")
+out["restored_step"] = trainer.step
+out["next_loss"] = [expected, trainer.train_step(batch)["loss"]]
+out["next_factors"] = max(float(np.abs(a - v.numpy()).max()) for a, v in zip(factors, trainer.trainable_variables))
+out["traces"] = trainer._step_fn.traces[0]
+trainer.network.detach()
+try:
+    LoraTrainer(sd, "unet", config, strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+except ValueError as e:
+    out["strategy_error"] = str(e)
+done()
+"""
+
+
+def test_lora_steps_and_exact_restore_under_jax(tmp_path):
+    out = run_jax(tmp_path, QUICK, ckpt="ckpt")
+    assert all(np.isfinite(out["losses"])) and out["moved"], out
+    assert out["restored_step"] == 2 and out["traces"] == 1, out  # four steps, one compilation
+    assert out["next_loss"][1] == pytest.approx(out["next_loss"][0], rel=1e-6), out
+    assert out["next_factors"] <= 1e-7, out
+    assert "tf.distribute" in out["strategy_error"] and "keras.distribution" in out["strategy_error"], out
+
+
+@pytest.mark.slow  # about 2 minutes (building the fixture pipeline eagerly on JAX is most of it); the
+# default run still covers JAX LoRA steps with one compilation and an exact checkpoint restore (above)
 def test_lora_training_under_jax(tmp_path):
     out = run_jax(tmp_path, SD1, ckpt="ckpt", lora="lora.safetensors")
     assert out["fixture_unet"] <= 1e-4 and out["fixture_te"] <= 1e-4, out  # diffusers with the file
