@@ -217,17 +217,17 @@ class TextualInversionTrainer(DiffusionTrainer):
 
     def _encode_text(self, token_ids):
         import keras
+        from keras import ops
 
         encoder = self.pipeline.text_encoder
         table = encoder.text_model.embeddings.token_embedding.weight  # (V, D)
         extra = token_ids >= self._first_id  # (B, L)
-        rows = tf.gather(tf.convert_to_tensor(table), tf.where(extra, 0, token_ids))  # (B, L, D)
-        rows = tf.cast(rows, tf.float32)
-        index = tf.clip_by_value(token_ids - self._first_id, 0, self.num_vectors - 1)
-        learned = tf.gather(tf.convert_to_tensor(self.vectors), index)  # (B, L, D)
-        embeds = tf.where(extra[..., None], learned, rows)
         # The pooled output's EOS search must not see the new ids (adapters.textual_inversion.pooling_ids).
-        ids = tf.where(extra, 0, token_ids)
+        ids = ops.where(extra, 0, token_ids)
+        rows = ops.cast(ops.take(ops.convert_to_tensor(table), ids, axis=0), "float32")  # (B, L, D)
+        index = ops.clip(token_ids - self._first_id, 0, self.num_vectors - 1)
+        learned = ops.take(ops.convert_to_tensor(self.vectors), index, axis=0)  # (B, L, D)
+        embeds = ops.where(extra[..., None], learned, rows)
         return keras.ops.convert_to_tensor(encoder(ids, token_embeds=embeds))
 
     def export_ema(self, dtype: str | None = None) -> dict[str, dict[str, np.ndarray]]:

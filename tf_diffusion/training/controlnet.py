@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import tensorflow as tf
+import keras
 
 from tf_diffusion.training.config import TrainingConfig
 from tf_diffusion.training.trainers import DiffusionTrainer
@@ -96,7 +96,7 @@ class ControlNetTrainer(DiffusionTrainer):
             raise ValueError(
                 f"ControlNetTrainer needs (images, token_ids, hints) batches; got {len(batch)} parts"
             )
-        hints = tf.cast(batch[2], tf.float32)  # (B, H, W, C) in [0, 1]; the net checks its size
+        hints = keras.ops.cast(batch[2], "float32")  # (B, H, W, C) in [0, 1]; the net checks its size
         # The conditioning is frozen: constants for the tape.
         down, mid = self.controlnet(x_t, t, conditioning[0], hints, *conditioning[1:])
         return self.pipeline.unet(x_t, t, *conditioning, down_residuals=down, mid_residual=mid)

@@ -1,7 +1,11 @@
 """The trainers: the VAE, and the text encoder + UNet with the noise-prediction loss.
 
-Training is TensorFlow-specific (``tf.function``, ``tf.data``, ``tf.distribute``); inference code stays
-backend-neutral. Two trainers share one loop:
+The loss is written in ``keras.ops`` and runs on TensorFlow or JAX. What is backend-specific is the step
+that differentiates and applies it, built once per trainer: ``tf.function`` + ``tf.GradientTape`` under
+``tf.distribute`` here (``_build_step``), ``jax.value_and_grad`` over stateless calls in
+``training.jax_step`` under ``KERAS_BACKEND=jax``. The random draws (caption dropout, posterior noise,
+timesteps, noise) are TensorFlow stateless draws on both backends (``_draw``), so a JAX step sees the
+draws a TensorFlow step sees. Two trainers share one loop:
 
 - ``VAETrainer``: reconstruction (L1, L2 or both) of images through a posterior sample, plus a small
   KL term, as the LDM autoencoder is trained (without its adversarial and perceptual terms).
@@ -36,6 +40,7 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from tf_diffusion.config import from_dict, to_dict
 from tf_diffusion.schedulers.schedule import alphas_cumprod
@@ -98,8 +103,8 @@ class _WarmupConstant(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         if self.warmup == 0:
-            return tf.constant(self.peak, tf.float32)
-        frac = tf.minimum(1.0, (tf.cast(step, tf.float32) + 1.0) / float(self.warmup))
+            return ops.convert_to_tensor(self.peak, "float32")
+        frac = ops.minimum(1.0, (ops.cast(step, "float32") + 1.0) / float(self.warmup))
         return self.peak * frac
 
     def get_config(self):
@@ -147,6 +152,7 @@ class _TrainerBase:
     ):
         self.config = config
         self.train = train
+        _check_backend(strategy)
         self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
         self.components = components  # name -> keras model
         self.trained = {name: components[name] for name in TRAIN_TARGETS[train]}
@@ -187,10 +193,7 @@ class _TrainerBase:
                 self._optimizers.append((optimizer, indices))
             self.optimizer = self._optimizers[0][0]  # its iterations are the step
             self.ema_variables = (
-                [
-                    tf.Variable(v.value, trainable=False, name=f"ema_{i}")
-                    for i, v in enumerate(self.trainable_variables)
-                ]
+                [_ema_variable(v, f"ema_{i}") for i, v in enumerate(self.trainable_variables)]
                 if config.ema_decay is not None
                 else []
             )
@@ -206,9 +209,18 @@ class _TrainerBase:
     def _optimizer_variables(self) -> list:
         return [v for optimizer, _ in self._optimizers for v in optimizer.variables]
 
-    def _replica_loss(self, batch, seed):
-        """(loss scalar for this replica's examples, logs dict); subclasses define it."""
+    def _draw(self, batch, seed):
+        """The random draws of one step from a (2,) seed, with TensorFlow's stateless ops (on the host
+        under JAX): ``{name: tensor}`` that ``_loss`` reads; subclasses define it."""
         raise NotImplementedError
+
+    def _loss(self, batch, draws):
+        """(loss scalar for these examples, logs dict) in ``keras.ops``; subclasses define it."""
+        raise NotImplementedError
+
+    def _replica_loss(self, batch, seed):
+        """(loss scalar for this replica's examples, logs dict)."""
+        return self._loss(batch, self._draw(batch, seed))
 
     # -------------------------------------------------------------- step
 
@@ -271,6 +283,11 @@ class _TrainerBase:
             ema.assign(ema * decay + tf.cast(v.value, ema.dtype) * (1.0 - decay))
 
     def _build_step(self):
+        """The step for the Keras backend: ``batch -> logs``; jitted (traced) once per batch shape."""
+        if keras.backend.backend() == "jax":
+            from tf_diffusion.training.jax_step import build_step
+
+            return build_step(self)
         strategy = self.strategy
 
         def step(batch):
@@ -293,7 +310,7 @@ class _TrainerBase:
         if self._step_fn is None:
             self._step_fn = self._build_step()
         logs = self._step_fn(tuple(batch))
-        return {k: float(v.numpy()) for k, v in logs.items()}
+        return {k: float(np.asarray(v)) for k, v in logs.items()}
 
     def compute_loss(self, batch, seeds: Sequence[int] = (0,)) -> float:
         """The loss on ``batch`` without updating anything, averaged over fixed random draws.
@@ -305,12 +322,18 @@ class _TrainerBase:
             seeds: each seed fixes one draw of noise, timesteps and caption dropout.
         """
         if self._loss_fn is None:
-            self._loss_fn = tf.function(
-                lambda batch, seed: self._replica_loss(batch, seed)[0], autograph=False
-            )
-        batch = tuple(tf.convert_to_tensor(b) for b in batch)
+            if keras.backend.backend() == "jax":
+                from tf_diffusion.training.jax_step import build_loss
+
+                self._loss_fn = build_loss(self)
+            else:
+                self._loss_fn = tf.function(
+                    lambda batch, seed: self._replica_loss(batch, seed)[0], autograph=False
+                )
+        batch = tuple(tf.convert_to_tensor(np.asarray(b)) for b in batch)
         losses = [
-            float(self._loss_fn(batch, tf.constant([self.config.seed, s], tf.int64)).numpy()) for s in seeds
+            float(np.asarray(self._loss_fn(batch, tf.constant([self.config.seed, s], tf.int64))))
+            for s in seeds
         ]
         return float(np.mean(losses))
 
@@ -512,6 +535,44 @@ class _TrainerBase:
             v.assign(tensors[k])
 
 
+def _check_backend(strategy) -> None:
+    """Refuse a backend the trainers have no step for, and ``tf.distribute`` strategies outside TensorFlow."""
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax"):
+        raise ValueError(
+            f"training runs on the TensorFlow and JAX Keras backends; KERAS_BACKEND={backend!r} is not supported"
+        )
+    if backend == "jax" and strategy is not None and strategy is not tf.distribute.get_strategy():
+        raise ValueError(
+            f"strategy={type(strategy).__name__} is a tf.distribute strategy, which the JAX backend does not "
+            "run; under KERAS_BACKEND=jax set a keras.distribution (e.g. DataParallel) instead"
+        )
+
+
+def _ema_variable(variable, name: str):
+    """A copy of ``variable`` for its moving average: a ``tf.Variable`` on TensorFlow (the step assigns it
+    inside ``tf.function`` and a strategy mirrors it), a ``keras.Variable`` holding a JAX array on JAX."""
+    if keras.backend.backend() == "jax":
+        return keras.Variable(np.asarray(variable.numpy()), trainable=False, name=name)
+    return tf.Variable(variable.value, trainable=False, name=name)
+
+
+def _latent_noise_shape(images, factor: int, channels: int):
+    """The posterior's shape (B, H/f, W/f, C) for ``images``, static where the images' shape is."""
+    static, dynamic = images.shape, tf.shape(images)
+    dims = [static[0] if static[0] is not None else dynamic[0]]
+    dims += [static[i] // factor if static[i] is not None else dynamic[i] // factor for i in (1, 2)]
+    return tf.stack([*dims, channels])
+
+
+def _pixels(images):
+    """H * W * channels of (B, H, W, C) images as a float32 scalar."""
+    shape = images.shape[1:]
+    if None not in shape:
+        return float(np.prod(shape))
+    return ops.cast(ops.prod(ops.convert_to_tensor(ops.shape(images)[1:])), "float32")
+
+
 def _checkpoints(folder) -> list[str]:
     """Checkpoint paths in ``folder``, oldest first."""
     paths = glob.glob(os.path.join(os.fspath(folder), "ckpt-*.safetensors"))
@@ -545,27 +606,31 @@ class VAETrainer(_TrainerBase):
         super().__init__({"vae": vae}, train, config or TrainingConfig(), strategy)
         self.vae = vae
 
-    def _replica_loss(self, batch, seed):
-        images = tf.cast(batch[0], tf.float32)  # (B, H, W, 3) in [-1, 1]
+    def _draw(self, batch, seed):
+        images = tf.cast(tf.convert_to_tensor(batch[0]), tf.float32)
+        cfg = self.vae.config
+        shape = _latent_noise_shape(images, cfg.downsample_factor, cfg.latent_channels)
+        return {"latent_noise": tf.random.stateless_normal(shape, seed=seed)}
+
+    def _loss(self, batch, draws):
+        images = ops.cast(batch[0], "float32")  # (B, H, W, 3) in [-1, 1]
         posterior = self.vae.encode(images)
-        noise = tf.random.stateless_normal(tf.shape(posterior.mean), seed=seed)
-        z = posterior.sample(noise=noise)
+        z = posterior.sample(noise=draws["latent_noise"])
         if self.train == "vae_decoder":
-            z = tf.stop_gradient(z)
-        recon = tf.cast(self.vae.decode(z), tf.float32)
+            z = ops.stop_gradient(z)
+        recon = ops.cast(self.vae.decode(z), "float32")
         diff = recon - images
         kind = self.config.reconstruction_loss
-        rec = tf.constant(0.0)
+        rec = ops.convert_to_tensor(0.0, "float32")
         if "l1" in kind:
-            rec += tf.reduce_mean(tf.abs(diff))
+            rec += ops.mean(ops.abs(diff))
         if "l2" in kind:
-            rec += tf.reduce_mean(tf.square(diff))
+            rec += ops.mean(ops.square(diff))
         # KL(N(mu, var) || N(0, 1)) summed over latent elements, per image, in per-pixel-value units.
-        kl = 0.5 * tf.reduce_sum(
-            tf.square(posterior.mean) + posterior.var - 1.0 - posterior.logvar, axis=[1, 2, 3]
+        kl = 0.5 * ops.sum(
+            ops.square(posterior.mean) + posterior.var - 1.0 - posterior.logvar, axis=[1, 2, 3]
         )
-        pixels = tf.cast(tf.reduce_prod(tf.shape(images)[1:]), tf.float32)
-        kl = tf.reduce_mean(kl) / pixels
+        kl = ops.mean(kl) / _pixels(images)
         loss = rec + self.config.kl_weight * kl
         return loss, {"rec": rec, "kl": kl}
 
@@ -628,8 +693,8 @@ class DiffusionTrainer(_TrainerBase):
         super().__init__(components, train, config or TrainingConfig(), strategy, params)
         # The schedule the samplers use (diffusers' float32 table), its square roots taken in float64.
         abar = alphas_cumprod(cfg.scheduler, rescale=True).astype(np.float64)
-        self._sqrt_abar = tf.constant(np.sqrt(abar), tf.float32)  # (T,)
-        self._sqrt_one_minus = tf.constant(np.sqrt(1.0 - abar), tf.float32)  # (T,)
+        self._sqrt_abar = np.sqrt(abar).astype(np.float32)  # (T,)
+        self._sqrt_one_minus = np.sqrt(1.0 - abar).astype(np.float32)  # (T,)
         self._empty_ids = tf.constant(self.tokenize([""])[0], tf.int32)  # (L,) or SDXL's (2, L)
 
     def _components(self, pipeline) -> dict:
@@ -645,43 +710,54 @@ class DiffusionTrainer(_TrainerBase):
             return ids
         return np.stack([ids, np.asarray(self.pipeline.tokenizer_2(texts), np.int32)], axis=1)
 
-    def _replica_loss(self, batch, seed):
-        images, token_ids = batch[0], batch[1]
-        prior = self.config.prior_loss_weight > 0
-        if prior:
+    def _draw(self, batch, seed):
+        """The examples (DreamBooth: instance then class ones), their ids after caption dropout, and the
+        posterior noise, timesteps and noise; TensorFlow stateless draws on either backend."""
+        images = tf.cast(tf.convert_to_tensor(batch[0]), tf.float32)
+        token_ids = tf.cast(tf.convert_to_tensor(batch[1]), tf.int32)
+        if self.config.prior_loss_weight > 0:
             # DreamBooth: instance and class examples run as one batch; each half has its own mean.
             if len(batch) != 4:
                 raise ValueError(
                     f"prior_loss_weight={self.config.prior_loss_weight} needs (images, ids, class_images, "
                     f"class_ids) batches (dataset_with_prior); got {len(batch)} parts"
                 )
-            count = tf.shape(images)[0]
-            images = tf.concat([tf.cast(images, tf.float32), tf.cast(batch[2], tf.float32)], axis=0)
-            token_ids = tf.concat([tf.cast(token_ids, tf.int32), tf.cast(batch[3], tf.int32)], axis=0)
+            images = tf.concat([images, tf.cast(tf.convert_to_tensor(batch[2]), tf.float32)], axis=0)
+            token_ids = tf.concat([token_ids, tf.cast(tf.convert_to_tensor(batch[3]), tf.int32)], axis=0)
         cfg = self.pipeline.config
         seeds = tf.random.experimental.stateless_split(seed, 4)
-        token_ids = drop_captions(
-            tf.cast(token_ids, tf.int32), self._empty_ids, self.config.caption_dropout, seeds[0]
-        )
-
-        posterior = self.pipeline.vae.encode(tf.cast(images, tf.float32))
-        z = posterior.sample(noise=tf.random.stateless_normal(tf.shape(posterior.mean), seed=seeds[1]))
-        z = tf.stop_gradient(z * cfg.vae.scaling_factor)  # (B, h, w, C)
-        b = tf.shape(z)[0]
+        token_ids = drop_captions(token_ids, self._empty_ids, self.config.caption_dropout, seeds[0])
+        shape = _latent_noise_shape(images, cfg.vae.downsample_factor, cfg.vae.latent_channels)
         t = draw_timesteps(
             seeds[2],
-            b,
+            shape[0],
             cfg.scheduler.num_train_timesteps,
             self.config.high_noise_fraction,
             self.config.high_noise_start,
         )
-        noise = tf.random.stateless_normal(tf.shape(z), seed=seeds[3])
+        return {
+            "images": images,
+            "token_ids": token_ids,
+            "latent_noise": tf.random.stateless_normal(shape, seed=seeds[1]),
+            "t": t,
+            "noise": tf.random.stateless_normal(shape, seed=seeds[3]),
+        }
+
+    def _loss(self, batch, draws):
+        cfg = self.pipeline.config
+        images = draws["images"]
+        posterior = self.pipeline.vae.encode(images)
+        z = posterior.sample(noise=draws["latent_noise"])
+        z = ops.stop_gradient(z * cfg.vae.scaling_factor)  # (B, h, w, C)
         time_ids = self._time_ids(images) if cfg.is_sdxl else None
-        out, target = self.prediction_and_target(z, t, noise, token_ids, time_ids, batch=batch)
-        if not prior:
-            return tf.reduce_mean(tf.square(out - target)), {}
-        instance = tf.reduce_mean(tf.square(out[:count] - target[:count]))
-        prior_loss = tf.reduce_mean(tf.square(out[count:] - target[count:]))
+        out, target = self.prediction_and_target(
+            z, draws["t"], draws["noise"], draws["token_ids"], time_ids, batch=batch
+        )
+        if not self.config.prior_loss_weight > 0:
+            return ops.mean(ops.square(out - target)), {}
+        count = ops.shape(batch[0])[0]
+        instance = ops.mean(ops.square(out[:count] - target[:count]))
+        prior_loss = ops.mean(ops.square(out[count:] - target[count:]))
         return instance + self.config.prior_loss_weight * prior_loss, {
             "instance": instance,
             "prior": prior_loss,
@@ -700,8 +776,8 @@ class DiffusionTrainer(_TrainerBase):
 
         The loss is the mean squared difference; ``_replica_loss`` draws the inputs.
         """
-        a = tf.gather(self._sqrt_abar, t)[:, None, None, None]
-        s = tf.gather(self._sqrt_one_minus, t)[:, None, None, None]
+        a = ops.take(self._sqrt_abar, t, axis=0)[:, None, None, None]
+        s = ops.take(self._sqrt_one_minus, t, axis=0)[:, None, None, None]
         x_t = a * latents + s * noise
         prediction = self.pipeline.config.scheduler.prediction_type
         if prediction == "epsilon":
@@ -711,7 +787,7 @@ class DiffusionTrainer(_TrainerBase):
         else:
             target = latents
         out = self._predict(x_t, t, self._conditioning(token_ids, time_ids), batch)
-        return tf.cast(out, tf.float32), target
+        return ops.cast(out, "float32"), target
 
     def _conditioning(self, token_ids, time_ids) -> tuple:
         """The UNet's inputs after (x_t, t): (context,), or SDXL's (context, pooled, time ids)."""
@@ -728,7 +804,7 @@ class DiffusionTrainer(_TrainerBase):
     def _encode_text(self, token_ids):
         """(B, L, D) text-encoder states of the (caption-dropped) ids; a constant unless it is trained."""
         context = self.pipeline.text_encoder(token_ids)
-        return context if "text_encoder" in self.trained else tf.stop_gradient(context)
+        return context if "text_encoder" in self.trained else ops.stop_gradient(context)
 
     def _encode_text_sdxl(self, token_ids):
         """SDXL's conditioning from (B, 2, L) ids, as ``sdxl.encode_prompts`` builds it for one chunk:
@@ -738,19 +814,19 @@ class DiffusionTrainer(_TrainerBase):
         second, pooled = self.pipeline.text_encoder_2(
             token_ids[:, 1], clip_skip=1, final_norm=False, pooled=True
         )
-        context = tf.concat([tf.cast(first, tf.float32), tf.cast(second, tf.float32)], axis=-1)
-        pooled = tf.cast(pooled, tf.float32)
+        context = ops.concatenate([ops.cast(first, "float32"), ops.cast(second, "float32")], axis=-1)
+        pooled = ops.cast(pooled, "float32")
         if "text_encoder" in self.trained:
             return context, pooled
-        return tf.stop_gradient(context), tf.stop_gradient(pooled)
+        return ops.stop_gradient(context), ops.stop_gradient(pooled)
 
     def _time_ids(self, images):
         """SDXL's micro-conditioning of each training image: original size = target size = the image's
         (H, W), crop (0, 0), as diffusers' SDXL training scripts record images that were not cropped."""
-        shape = tf.shape(images)
-        size = tf.cast(shape[1:3], tf.float32)  # (H, W)
-        row = tf.concat([size, tf.zeros((2,), tf.float32), size], axis=0)  # (6,)
-        return tf.tile(row[None], [shape[0], 1])
+        shape = ops.shape(images)
+        size = ops.cast(ops.convert_to_tensor(shape[1:3]), "float32")  # (H, W)
+        row = ops.concatenate([size, ops.zeros((2,), "float32"), size], axis=0)  # (6,)
+        return ops.tile(row[None], [shape[0], 1])
 
 
 def training_config_from_checkpoint(path: str | os.PathLike) -> TrainingConfig:
