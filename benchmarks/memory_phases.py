@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tiling", type=int, default=0, help="enable_vae_tiling(tile_size) when > 0")
     parser.add_argument("--calls", type=int, default=1)
+    parser.add_argument("--jit", action="store_true", help="jit_compile=True (XLA) instead of graph mode")
     parser.add_argument("--only-vae", action="store_true", help="build only the VAE and decode random latents")
     args = parser.parse_args()
 
@@ -112,7 +113,7 @@ def main() -> None:
         executor = LocalExecutor()
         for i in range(args.calls):
             sampler.phase(f"decode{i}")
-            executor.decode(vae, latents, False)
+            executor.decode(vae, latents, args.jit)
     else:
         sd = StableDiffusion.from_preset(args.preset, dtype=args.dtype)
         if args.tiling:
@@ -129,7 +130,7 @@ def main() -> None:
                 width=args.size,
                 seed=0,
                 progress=False,
-                jit_compile=False,
+                jit_compile=args.jit,
                 scheduler="euler",
                 guidance_scale=args.guidance,
             )
@@ -145,7 +146,7 @@ def main() -> None:
         json.dumps(
             {
                 "preset": args.preset, "size": args.size, "dtype": args.dtype, "tiling": args.tiling,
-                "only_vae": args.only_vae, "weights_gib": round(weights / 2**30, 2),
+                "only_vae": args.only_vae, "jit": args.jit, "weights_gib": round(weights / 2**30, 2),
                 "peak_rss_gib": round(peak, 2), "peak_over_weights": round(peak / (weights / 2**30), 2),
                 "phases": phases, "malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
                 "loadavg_1min": round(os.getloadavg()[0], 2),
