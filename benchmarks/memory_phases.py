@@ -64,7 +64,7 @@ class PhaseSampler:
         }
 
 
-def wrap(executor, sampler: PhaseSampler, method: str, phase: str) -> None:
+def wrap(executor, sampler: PhaseSampler, method: str, phase: str, trim: bool) -> None:
     original = getattr(executor, method)
 
     def marked(*args, **kwargs):
@@ -72,9 +72,18 @@ def wrap(executor, sampler: PhaseSampler, method: str, phase: str) -> None:
         try:
             return original(*args, **kwargs)
         finally:
-            sampler.phase("between")
+            sampler.phase("after_" + phase)
+            if trim:
+                _trim()
 
     setattr(executor, method, marked)
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the kernel (glibc's malloc_trim)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def main() -> None:
@@ -87,6 +96,8 @@ def main() -> None:
     parser.add_argument("--tiling", type=int, default=0, help="enable_vae_tiling(tile_size) when > 0")
     parser.add_argument("--calls", type=int, default=1)
     parser.add_argument("--jit", action="store_true", help="jit_compile=True (XLA) instead of graph mode")
+    parser.add_argument("--no-lean", action="store_true", help="GroupNorm + SiLU in one block (before lean.py)")
+    parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after the build and each phase")
     parser.add_argument("--only-vae", action="store_true", help="build only the VAE and decode random latents")
     args = parser.parse_args()
 
@@ -95,16 +106,20 @@ def main() -> None:
 
     sampler = PhaseSampler()
     sampler.phase("import")
-    from tf_diffusion import StableDiffusion
+    from tf_diffusion import StableDiffusion, execution
     from tf_diffusion.denoising.executor import LocalExecutor
     from tf_diffusion.presets import PRESETS
     from tf_diffusion.vae import AutoencoderKL
 
+    if args.no_lean:
+        from tf_diffusion.execution import lean
+
+        lean.NORM_BLOCK_ELEMENTS = 2**62
     keras.utils.set_random_seed(0)
     sampler.phase("build")
     if args.only_vae:
         config = PRESETS[args.preset].vae
-        vae = AutoencoderKL(config, dtype=args.dtype)
+        vae = execution.apply(AutoencoderKL(config, dtype=args.dtype))  # as StableDiffusion does
         f = config.downsample_factor
         latents = np.random.default_rng(0).standard_normal(
             (1, args.size // f, args.size // f, config.latent_channels), dtype=np.float32
@@ -118,9 +133,12 @@ def main() -> None:
         sd = StableDiffusion.from_preset(args.preset, dtype=args.dtype)
         if args.tiling:
             sd.enable_vae_tiling(args.tiling)
+        if args.trim:
+            _trim()
+            sampler.phase("trimmed")
         models = [m for m in (sd.text_encoder, getattr(sd, "text_encoder_2", None), sd.unet, sd.vae) if m]
         for method, phase in (("encode_text", "text"), ("run", "denoise"), ("decode", "decode")):
-            wrap(sd.executor, sampler, method, phase)
+            wrap(sd.executor, sampler, method, phase, args.trim)
         for i in range(args.calls):
             sampler.phase(f"call{i}")
             sd.generate(
@@ -146,7 +164,7 @@ def main() -> None:
         json.dumps(
             {
                 "preset": args.preset, "size": args.size, "dtype": args.dtype, "tiling": args.tiling,
-                "only_vae": args.only_vae, "jit": args.jit, "weights_gib": round(weights / 2**30, 2),
+                "only_vae": args.only_vae, "jit": args.jit, "lean": not args.no_lean, "trim": args.trim, "weights_gib": round(weights / 2**30, 2),
                 "peak_rss_gib": round(peak, 2), "peak_over_weights": round(peak / (weights / 2**30), 2),
                 "phases": phases, "malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
                 "loadavg_1min": round(os.getloadavg()[0], 2),
