@@ -96,9 +96,13 @@ def main() -> None:
     parser.add_argument("--tiling", type=int, default=0, help="enable_vae_tiling(tile_size) when > 0")
     parser.add_argument("--calls", type=int, default=1)
     parser.add_argument("--jit", action="store_true", help="jit_compile=True (XLA) instead of graph mode")
-    parser.add_argument("--no-lean", action="store_true", help="GroupNorm + SiLU in one block (before lean.py)")
+    parser.add_argument(
+        "--no-lean", action="store_true", help="GroupNorm + SiLU in one block (before lean.py)"
+    )
     parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after the build and each phase")
-    parser.add_argument("--only-vae", action="store_true", help="build only the VAE and decode random latents")
+    parser.add_argument(
+        "--only-vae", action="store_true", help="build only the VAE and decode random latents"
+    )
     args = parser.parse_args()
 
     import keras
@@ -163,10 +167,19 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "preset": args.preset, "size": args.size, "dtype": args.dtype, "tiling": args.tiling,
-                "only_vae": args.only_vae, "jit": args.jit, "lean": not args.no_lean, "trim": args.trim, "weights_gib": round(weights / 2**30, 2),
-                "peak_rss_gib": round(peak, 2), "peak_over_weights": round(peak / (weights / 2**30), 2),
-                "phases": phases, "malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                "preset": args.preset,
+                "size": args.size,
+                "dtype": args.dtype,
+                "tiling": args.tiling,
+                "only_vae": args.only_vae,
+                "jit": args.jit,
+                "lean": not args.no_lean,
+                "trim": args.trim,
+                "weights_gib": round(weights / 2**30, 2),
+                "peak_rss_gib": round(peak, 2),
+                "peak_over_weights": round(peak / (weights / 2**30), 2),
+                "phases": phases,
+                "malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
                 "loadavg_1min": round(os.getloadavg()[0], 2),
             }
         ),  # fmt: skip

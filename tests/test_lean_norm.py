@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.test_vae import FIXTURES, TOL, loaded_model, max_error
 from tf_diffusion import execution, layers
 from tf_diffusion.execution import lean
-from tests.test_vae import FIXTURES, TOL, loaded_model, max_error
 
 
 def graph_decode(model, latents):
@@ -52,4 +52,3 @@ def test_small_activations_and_unknown_shapes_run_in_one_block():
     assert lean.norm_rows((1, 64, 64, 128)) is None
     assert lean.norm_rows((1, None, 64, 128)) is None
     assert lean.norm_rows((1, 1024, 1024, 256)) == lean.NORM_BLOCK_ELEMENTS // (1024 * 256)
-
