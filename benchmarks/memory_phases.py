@@ -7,6 +7,7 @@ keeps each phase's maximum. Prints one JSON line: per phase its peak and its RSS
     python benchmarks/memory_phases.py --preset sd-v1-5 --size 512
     python benchmarks/memory_phases.py --preset sdxl-base-1.0 --size 1024 --guidance 5   # > 6 GiB: bigmem lock
     python benchmarks/memory_phases.py --preset sd-v1-5 --size 1024 --only-vae            # the decode alone
+    python benchmarks/memory_phases.py --size 1024 --only-vae --diffusers                 # diffusers' decode
 """
 
 from __future__ import annotations
@@ -86,6 +87,24 @@ def _trim() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def diffusers_vae(size: int) -> dict:
+    """diffusers' AutoencoderKL (SDXL's architecture, random weights, bfloat16) decoding one latent."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from tf_diffusion.presets import PRESETS
+    from tf_diffusion.weights.diffusers_folder import vae_config_to_diffusers
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(vae_config_to_diffusers(PRESETS["sdxl-base-1.0"].vae, 1024))
+    vae = vae.to(torch.bfloat16)
+    before = status_gib("VmRSS")
+    with torch.inference_mode():
+        vae.decode(torch.randn(1, 4, size // 8, size // 8, dtype=torch.bfloat16))
+    return {"framework": "diffusers", "size": size, "only_vae": True, "rss_before_decode_gib": round(before, 2),
+            "peak_rss_gib": round(status_gib("VmHWM"), 2), "loadavg_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="sd-v1-5")
@@ -103,7 +122,11 @@ def main() -> None:
     parser.add_argument(
         "--only-vae", action="store_true", help="build only the VAE and decode random latents"
     )
+    parser.add_argument("--diffusers", action="store_true", help="with --only-vae: diffusers' VAE instead")
     args = parser.parse_args()
+    if args.diffusers:
+        print(json.dumps(diffusers_vae(args.size)), flush=True)
+        return
 
     import keras
     import numpy as np
