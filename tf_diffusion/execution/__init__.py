@@ -15,6 +15,8 @@ This package runs the same maths faster, chosen through one explicit, thread-saf
 - ``prepare(unet, model_input_shape, options) -> state``: what a call needs computed once
   (today: transformed filters); pass it as ``compiled(..., execution_state=state)``.
 - ``options(opts)`` / ``current()``: the context itself (``contextvars``), read at trace time.
+- ``lean``: the VAE decoder's GroupNorm + SiLU over large activations in row blocks (graph and
+  eager TensorFlow), so a 1024x1024 decode holds no full-size float32 intermediates.
 - ``quantize`` (imported on its own): weight-only int8 Linear weights, applied at load time
   (``from_pretrained(..., quantize="int8")``).
 - ``model_parallel`` (imported on its own, JAX only): the Flux transformer and SD3's MMDiT sharded

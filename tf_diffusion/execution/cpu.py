@@ -27,7 +27,7 @@ import keras
 from keras import ops
 
 from tf_diffusion import layers, unet, vae
-from tf_diffusion.execution import autotune
+from tf_diffusion.execution import autotune, lean
 from tf_diffusion.execution.kernels import (
     WINOGRAD_TILES,
     conv3x3_filter,
@@ -404,6 +404,29 @@ def _vae_attention(layer: vae.AttnBlock, call, x):
     return x + layer.proj_out(ops.reshape(out, shape))
 
 
+def _vae_resblock(block: vae.ResnetBlock, call, x):
+    rows = None if in_xla() or not _tensorflow() else lean.norm_rows(tuple(x.shape))
+    if rows is None:
+        return call(x)
+    h = block.conv1(lean.group_norm_silu(block.norm1, x, rows, block.conv1.compute_dtype))
+    h = block.conv2(lean.group_norm_silu(block.norm2, h, lean.norm_rows(tuple(h.shape)) or rows, h.dtype))
+    if block.nin_shortcut is not None:
+        x = block.nin_shortcut(x)
+    return x + h
+
+
+def _vae_decoder(decoder: vae.Decoder, call, z):
+    if in_xla() or not _tensorflow():
+        return call(z)
+    x = decoder.mid(decoder.conv_in(z))
+    for level in reversed(decoder.up):
+        x = level(x)
+    rows = lean.norm_rows(tuple(x.shape))
+    if rows is None:
+        return decoder.conv_out(ops.silu(decoder.norm_out(x)))
+    return decoder.conv_out(lean.group_norm_silu(decoder.norm_out, x, rows, decoder.conv_out.compute_dtype))
+
+
 # Processors by layer class: processor(layer, reference_call, *args, **kwargs).
 PROCESSORS: dict[type, Callable] = {
     layers.Conv2d: _conv2d,
@@ -415,6 +438,8 @@ PROCESSORS: dict[type, Callable] = {
     unet.CrossAttention: _cross_attention,
     vae.Upsample: _vae_upsample,
     vae.AttnBlock: _vae_attention,
+    vae.ResnetBlock: _vae_resblock,
+    vae.Decoder: _vae_decoder,
 }
 
 
