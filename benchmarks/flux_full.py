@@ -67,6 +67,11 @@ def _cpu_model() -> str:
         return platform.processor()
 
 
+def _machine() -> str:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{_cpu_model()}, {os.cpu_count()} cores, {total:.1f} GiB"
+
+
 def draw(key: str, shape: tuple[int, int]):
     """The float32 (in, out) weight of checkpoint key ``key``: U(-1/sqrt(in), 1/sqrt(in)), seeded by the key."""
     import numpy as np
@@ -183,6 +188,73 @@ def _streamed_reference(transformer, config, inputs):
     return keras.ops.convert_to_numpy(keras.ops.cast(shell(**inputs, guidance=None), "float32"))
 
 
+def diffusers_quanto(args, report) -> None:
+    """diffusers' ``FluxTransformer2DModel`` with optimum-quanto qint8 weights, one 1024 step (timing, memory).
+
+    Built on the meta device, then one top-level module at a time: allocated, initialised
+    (``reset_parameters``; norm weights ones), cast to bfloat16, quantized (``quantize(weights=qint8)``)
+    and frozen into int8, so its bfloat16 model is never whole either. Its weights are its own random
+    ones (other keys, other draws): time and memory only, no error against ours.
+    """
+    import numpy as np
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from optimum.quanto import freeze, qint8, quantize
+
+    torch.manual_seed(0)
+
+    def build():
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=args.depth, num_single_layers=args.single_depth,
+                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+            )  # fmt: skip
+        parts = [
+            m
+            for name, m in model.named_children()
+            if name not in ("transformer_blocks", "single_transformer_blocks")
+        ]
+        for part in (*parts, *model.transformer_blocks, *model.single_transformer_blocks):
+            part.to_empty(device="cpu")
+            for module in part.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+                elif getattr(module, "weight", None) is not None and module.weight.ndim == 1:
+                    torch.nn.init.ones_(module.weight)
+            part.to(torch.bfloat16)
+            if not isinstance(part, torch.nn.Linear):  # quanto replaces a module's children
+                quantize(part, weights=qint8)
+                freeze(part)
+        top = [name for name, m in model.named_children() if isinstance(m, torch.nn.Linear)]
+        quantize(model, weights=qint8, include=top)
+        freeze(model)
+        return model.eval()
+
+    model = report.phase("diffusers_quanto_build", build)
+    weights = sum(
+        (p.numel() * p.element_size()) for p in model.state_dict().values() if isinstance(p, torch.Tensor)
+    )
+    report.data["weights_gib"] = {"diffusers_quanto_transformer": round(weights / 2**30, 3)}
+    grid = args.size // 16
+    rng = np.random.default_rng(0)
+    x = dict(
+        hidden_states=torch.from_numpy(rng.standard_normal((1, grid * grid, 64), np.float32)).bfloat16(),
+        encoder_hidden_states=torch.from_numpy(rng.standard_normal((1, args.tokens, 4096), np.float32)).bfloat16(),
+        pooled_projections=torch.from_numpy(rng.standard_normal((1, 768), np.float32)).bfloat16(),
+        timestep=torch.tensor([1.0]).bfloat16(), img_ids=torch.zeros(grid * grid, 3), txt_ids=torch.zeros(args.tokens, 3),
+        guidance=None, return_dict=False,
+    )  # fmt: skip
+
+    def call():
+        with torch.inference_mode():
+            return model(**x)[0].float().numpy()
+
+    report.phase("diffusers_quanto_step", call, note="first call")
+    for i in range(args.repeats):
+        report.phase("diffusers_quanto_step", call, note=f"call {i + 2}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=19, help="double blocks (released: 19)")
@@ -192,6 +264,10 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=256, help="T5 tokens ([schnell]: 256)")
     parser.add_argument("--repeats", type=int, default=0, help="transformer calls after the first")
     parser.add_argument("--no-reference", action="store_true", help="skip the streamed bfloat16 reference")
+    parser.add_argument(
+        "--diffusers-quanto", action="store_true",
+        help="instead: diffusers' transformer with optimum-quanto qint8 weights (one step; needs optimum-quanto)",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flux_full.json"))
     args = parser.parse_args(argv)
     if args.size % 16 or args.size <= 0:
@@ -199,6 +275,20 @@ def main(argv=None) -> None:
     for name in ("depth", "single_depth", "t5_layers", "repeats"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be non-negative")
+
+    if args.diffusers_quanto:
+        import diffusers
+        import torch
+
+        report = Report(args.out, dict(
+            what="diffusers FluxTransformer2DModel, optimum-quanto qint8 weights, bfloat16 compute, random weights",
+            machine=_machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            versions=f"torch {torch.__version__} / diffusers {diffusers.__version__}",
+            depth=args.depth, single_depth=args.single_depth, size=args.size,
+            image_tokens=(args.size // 16) ** 2, text_tokens=args.tokens,
+        ))  # fmt: skip
+        diffusers_quanto(args, report)
+        return
 
     import keras
     import numpy as np
@@ -224,8 +314,7 @@ def main(argv=None) -> None:
         dict(
             what="Flux.1 [schnell] int8 weights (random, created straight into int8), one process, "
             "TensorFlow graph mode; the pipeline's order",
-            machine=f"{_cpu_model()}, {os.cpu_count()} cores, "
-            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB",
+            machine=_machine(),
             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             versions=f"TensorFlow {tf.__version__} / Keras {keras.__version__}",
             depth=args.depth,
