@@ -263,6 +263,10 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (a multiple of 16)")
     parser.add_argument("--tokens", type=int, default=256, help="T5 tokens ([schnell]: 256)")
     parser.add_argument("--repeats", type=int, default=0, help="transformer calls after the first")
+    parser.add_argument(
+        "--reference-size", type=int, default=None,
+        help="image side of the error comparison (default --size; smaller is cheaper: the same weights)",
+    )  # fmt: skip
     parser.add_argument("--no-reference", action="store_true", help="skip the streamed bfloat16 reference")
     parser.add_argument(
         "--diffusers-quanto", action="store_true",
@@ -270,8 +274,9 @@ def main(argv=None) -> None:
     )  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flux_full.json"))
     args = parser.parse_args(argv)
-    if args.size % 16 or args.size <= 0:
-        raise SystemExit(f"--size={args.size} is not allowed: it must be a positive multiple of 16")
+    for flag, side in (("--size", args.size), ("--reference-size", args.reference_size)):
+        if side is not None and (side % 16 or side <= 0):
+            raise SystemExit(f"{flag}={side} is not allowed: it must be a positive multiple of 16")
     for name in ("depth", "single_depth", "t5_layers", "repeats"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be non-negative")
@@ -354,26 +359,30 @@ def main(argv=None) -> None:
     report.data["weights_gib"]["transformer"] = round(_weights_gib(transformer), 3)
     report.write()
 
-    latents = rng.standard_normal((1, grid * grid, 64)).astype(np.float32)
-    inputs = dict(
-        img=tf.constant(latents), img_ids=tf.constant(latent_image_ids(grid, grid)), txt=tf.constant(context),
-        txt_ids=tf.constant(text_ids(args.tokens)), timesteps=tf.constant([1.0]), y=tf.constant(pooled),
-    )  # fmt: skip
+    def make_inputs(side: int):
+        g = side // 16
+        x = rng.standard_normal((1, g * g, 64)).astype(np.float32)
+        return x, g, dict(
+            img=tf.constant(x), img_ids=tf.constant(latent_image_ids(g, g)), txt=tf.constant(context),
+            txt_ids=tf.constant(text_ids(args.tokens)), timesteps=tf.constant([1.0]), y=tf.constant(pooled),
+        )  # fmt: skip
+
+    latents, grid, inputs = make_inputs(args.size)
     step = execution.compile(lambda a: transformer(**a, guidance=None), graph)
 
-    def call():
-        return keras.ops.convert_to_numpy(keras.ops.cast(step(inputs), "float32"))
+    def call(a):
+        return keras.ops.convert_to_numpy(keras.ops.cast(step(a), "float32"))
 
-    out = report.phase("transformer_step", call, note="first call, tracing included")
+    out = report.phase("transformer_step", lambda: call(inputs), note="first call, tracing included")
     for i in range(args.repeats):
-        out = report.phase("transformer_step", call, note=f"call {i + 2}")
+        out = report.phase("transformer_step", lambda: call(inputs), note=f"call {i + 2}")
     np.save(pathlib.Path(args.out).with_suffix(".int8.npy"), out)
 
     vae = AutoencoderKL(preset.vae, dtype="float32")
     vae_config = preset.vae
     decode = execution.compile(lambda z: vae.decode(z), graph)
 
-    def image(velocity):
+    def image(latents, grid, velocity):
         x = latents - velocity  # one Euler step from sigma 1 to 0
         z = (
             unpack_latents(tf.constant(x), 2 * grid, 2 * grid) / vae_config.scaling_factor
@@ -381,15 +390,23 @@ def main(argv=None) -> None:
         )
         return keras.ops.convert_to_numpy(decode(z))
 
-    picture = report.phase("vae_decode", lambda: image(out), note="build and first call")
+    picture = report.phase("vae_decode", lambda: image(latents, grid, out), note="build and first call")
 
     if not args.no_reference:
         # The text encoders are done with (their output is in ``inputs``): freed for the reference's
         # bfloat16 blocks, so the phases the pipeline runs are the ones measured with everything resident.
         del clip, t5
         quantize.return_freed_memory()
+        side = args.reference_size or args.size
+        report.data["reference_size"] = side
+        if side != args.size:
+            latents, grid, inputs = make_inputs(side)
+            out = report.phase(
+                "transformer_step_reference_size", lambda: call(inputs), note=f"int8 at {side}"
+            )
+            picture = image(latents, grid, out)
         ref = report.phase("reference", lambda: _streamed_reference(transformer, config, inputs),
-                           note="bfloat16, streamed block by block, eager")  # fmt: skip
+                           note=f"bfloat16 at {side}, streamed block by block, eager")  # fmt: skip
         np.save(pathlib.Path(args.out).with_suffix(".bf16.npy"), ref)
         ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
         report.data["transformer_error"] = dict(
@@ -398,7 +415,7 @@ def main(argv=None) -> None:
             ref_max_abs=float(np.abs(ref64).max()),
         )
         report.write()
-        ref_picture = report.phase("vae_decode_reference", lambda: image(ref))
+        ref_picture = report.phase("vae_decode_reference", lambda: image(latents, grid, ref))
         a, b = picture.astype(np.float64), ref_picture.astype(np.float64)
         report.data["image_error"] = dict(
             rel_l2=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
