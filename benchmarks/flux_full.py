@@ -267,6 +267,10 @@ def main(argv=None) -> None:
         "--reference-size", type=int, default=None,
         help="image side of the error comparison (default --size; smaller is cheaper: the same weights)",
     )  # fmt: skip
+    parser.add_argument(
+        "--reference-first", action="store_true",
+        help="run the comparison after building, before the --size step (text encoders still resident)",
+    )  # fmt: skip
     parser.add_argument("--no-reference", action="store_true", help="skip the streamed bfloat16 reference")
     parser.add_argument(
         "--diffusers-quanto", action="store_true",
@@ -361,22 +365,16 @@ def main(argv=None) -> None:
 
     def make_inputs(side: int):
         g = side // 16
-        x = rng.standard_normal((1, g * g, 64)).astype(np.float32)
+        x = np.random.default_rng(side).standard_normal((1, g * g, 64)).astype(np.float32)  # seeded by size
         return x, g, dict(
             img=tf.constant(x), img_ids=tf.constant(latent_image_ids(g, g)), txt=tf.constant(context),
             txt_ids=tf.constant(text_ids(args.tokens)), timesteps=tf.constant([1.0]), y=tf.constant(pooled),
         )  # fmt: skip
 
-    latents, grid, inputs = make_inputs(args.size)
     step = execution.compile(lambda a: transformer(**a, guidance=None), graph)
 
     def call(a):
         return keras.ops.convert_to_numpy(keras.ops.cast(step(a), "float32"))
-
-    out = report.phase("transformer_step", lambda: call(inputs), note="first call, tracing included")
-    for i in range(args.repeats):
-        out = report.phase("transformer_step", lambda: call(inputs), note=f"call {i + 2}")
-    np.save(pathlib.Path(args.out).with_suffix(".int8.npy"), out)
 
     vae = AutoencoderKL(preset.vae, dtype="float32")
     vae_config = preset.vae
@@ -390,23 +388,18 @@ def main(argv=None) -> None:
         )
         return keras.ops.convert_to_numpy(decode(z))
 
-    picture = report.phase("vae_decode", lambda: image(latents, grid, out), note="build and first call")
-
-    if not args.no_reference:
-        # The text encoders are done with (their output is in ``inputs``): freed for the reference's
-        # bfloat16 blocks, so the phases the pipeline runs are the ones measured with everything resident.
-        del clip, t5
-        quantize.return_freed_memory()
-        side = args.reference_size or args.size
+    def compare(side: int, out=None, picture=None) -> None:
+        """The int8 step (``out``, else run here) against the streamed bfloat16 one at ``side``; images too."""
         report.data["reference_size"] = side
-        if side != args.size:
-            latents, grid, inputs = make_inputs(side)
+        latents, grid, inputs = make_inputs(side)
+        if out is None:
             out = report.phase(
                 "transformer_step_reference_size", lambda: call(inputs), note=f"int8 at {side}"
             )
             picture = image(latents, grid, out)
         ref = report.phase("reference", lambda: _streamed_reference(transformer, config, inputs),
                            note=f"bfloat16 at {side}, streamed block by block, eager")  # fmt: skip
+        quantize.return_freed_memory()
         np.save(pathlib.Path(args.out).with_suffix(".bf16.npy"), ref)
         ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
         report.data["transformer_error"] = dict(
@@ -424,6 +417,24 @@ def main(argv=None) -> None:
             note="images roughly in [-1, 1], not clipped",
         )
         report.write()
+
+    side = args.reference_size or args.size
+    if args.reference_first and not args.no_reference:
+        compare(side)
+
+    latents, grid, inputs = make_inputs(args.size)
+    out = report.phase("transformer_step", lambda: call(inputs), note="first call, tracing included")
+    for i in range(args.repeats):
+        out = report.phase("transformer_step", lambda: call(inputs), note=f"call {i + 2}")
+    np.save(pathlib.Path(args.out).with_suffix(".int8.npy"), out)
+    picture = report.phase("vae_decode", lambda: image(latents, grid, out), note="first call at --size")
+
+    if not args.reference_first and not args.no_reference:
+        # The text encoders are done with (their output is in the inputs): freed for the reference's
+        # bfloat16 blocks, so the phases the pipeline runs are the ones measured with everything resident.
+        del clip, t5
+        quantize.return_freed_memory()
+        compare(side, *((out, picture) if side == args.size else ()))
     print(json.dumps({k: v for k, v in report.data.items() if k != "phases"}), flush=True)
 
 
