@@ -795,13 +795,9 @@ def from_pretrained(
         revision=revision,
         supplied=() if vae is None else ("vae",),
     ) as weights:
-        # Every variable is assigned below when the file has every key (no random start values to draw).
-        complete = (
-            vae is None
-            and not weights.report.missing_components
-            and not any(p.startswith("missing key") for p in weights.report.problems)
-        )
-        with weights_to_be_loaded() if complete else contextlib.nullcontext():
+        # The strict check above refused a file missing any key or component, so every variable is
+        # assigned below (no random start values to draw), except a VAE supplied through vae=.
+        with weights_to_be_loaded() if vae is None else contextlib.nullcontext():
             model = cls(weights.config, dtype=dtype, tokenizer=weights.tokenizer)
         # Tensors are read from the file here; a read that fails drops the half-loaded model.
         with reading(weights.report.path):
