@@ -122,6 +122,14 @@ out["next_loss"] = [expected, trainer.train_step(batch)["loss"]]
 out["next_factors"] = max(float(np.abs(a - v.numpy()).max()) for a, v in zip(factors, trainer.trainable_variables))
 out["traces"] = trainer._step_fn.traces[0]
 trainer.network.detach()
+# A fresh trainer (new LoRA layers, optimizers, EMA and step function) resumes from the same checkpoint
+# and takes that step too.
+fresh = LoraTrainer(sd, "unet+text_encoder", config, lora=LoraTrainingConfig(rank=2))
+history = fresh.fit([batch], steps=3, checkpoint_dir={ckpt!r}, progress=False)
+out["fresh_steps"] = [len(history), fresh.step]
+out["fresh_loss"] = history[0]["loss"]
+out["fresh_factors"] = max(float(np.abs(a - v.numpy()).max()) for a, v in zip(factors, fresh.trainable_variables))
+fresh.network.detach()
 try:
     LoraTrainer(sd, "unet", config, strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
 except ValueError as e:
@@ -136,6 +144,10 @@ def test_lora_steps_and_exact_restore_under_jax(tmp_path):
     assert out["restored_step"] == 2 and out["traces"] == 1, out  # four steps, one compilation
     assert out["next_loss"][1] == pytest.approx(out["next_loss"][0], rel=1e-6), out
     assert out["next_factors"] <= 1e-7, out
+    # A fresh trainer resuming from ckpt-2 runs one step, the one the first trainer took (measured: 0.0).
+    assert out["fresh_steps"] == [1, 3], out
+    assert out["fresh_loss"] == pytest.approx(out["next_loss"][0], rel=1e-6), out
+    assert out["fresh_factors"] <= 1e-6, out
     assert "tf.distribute" in out["strategy_error"] and "keras.distribution" in out["strategy_error"], out
 
 

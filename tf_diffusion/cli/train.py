@@ -30,7 +30,10 @@ With --train controlnet a ControlNet trains on the frozen model: --hints is a fo
 image per training image (same name, any image extension), cropped and resized as the image. The
 net starts as a copy of the UNet's encoder with zero output convolutions (diffusers'
 ControlNetModel.from_unet), or from --controlnet; --out receives it as a diffusers ControlNetModel
-folder, which generate --control reads."""
+folder, which generate --control reads.
+
+With KERAS_BACKEND=jax in the environment the same training runs on JAX (one jitted step; the data is
+still read with tf.data). --mirrored is TensorFlow's MirroredStrategy and is refused there."""
 
 EXAMPLE = """\
 example:
@@ -353,7 +356,14 @@ def run(args: argparse.Namespace) -> int:
     """Run the ``train`` subcommand; returns the exit code."""
     source = check_arguments(args)
     tf = import_tensorflow()
+    import keras
     import numpy as np
+
+    if args.mirrored and keras.backend.backend() != "tensorflow":
+        raise UsageError(
+            f"--mirrored: MirroredStrategy is TensorFlow's; KERAS_BACKEND={keras.backend.backend()} trains "
+            "on one device from the command line (use keras.distribution from Python for several)"
+        )
 
     from tf_diffusion.pipeline import StableDiffusion
     from tf_diffusion.training import (
