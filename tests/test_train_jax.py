@@ -1,12 +1,14 @@
 """The trainers under ``KERAS_BACKEND=jax`` (``training.jax_step``), each group of checks in one JAX subprocess
 (this test process is TensorFlow) that writes its measurements to a JSON file the test reads.
 
-Default run (SD 1.x tiny pipeline of tests/fixtures/pipeline): the training LoRA layers compute what
-diffusers computes with the fixture file (tests/fixtures/lora_train), a few LoRA steps (UNet + text encoder,
-EMA) lower the loss with one compilation, the saved file reloads to the trained model, and a restored
-checkpoint takes the identical next step. Slow: SDXL's step loss and gradients against diffusers'
-train_text_to_image_lora_sdxl.py (tests/fixtures/sdxl_train), a fresh trainer resuming, textual inversion,
-mixed_bfloat16, and keras.distribution.DataParallel on two virtual CPU devices.
+Default run (the micro pipeline of tests/test_training.py): LoRA steps (UNet + text encoder, EMA) with one
+compilation, and a checkpoint restored into the same trainer and into a fresh one takes the identical next
+step. Slow: on the SD 1.x tiny pipeline of tests/fixtures/pipeline, the training LoRA layers compute what
+diffusers computes with the fixture file (tests/fixtures/lora_train), a few steps lower the loss and the
+saved file reloads to the trained model; SDXL's step loss and gradients against diffusers'
+train_text_to_image_lora_sdxl.py (tests/fixtures/sdxl_train), textual inversion, mixed_bfloat16, and
+keras.distribution.DataParallel on two virtual CPU devices. JAX against TensorFlow from the same weights,
+and the command line on JAX: tests/test_train_jax_parity.py.
 """
 
 import importlib.util
