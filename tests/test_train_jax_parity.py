@@ -207,7 +207,7 @@ def compare(tf_out: dict, jax_out: dict, name: str) -> dict:
     }
 
 
-@pytest.mark.slow  # about 85 s (a TensorFlow and a JAX process side by side)
+@pytest.mark.slow  # 85-110 s (a TensorFlow and a JAX process side by side)
 def test_lora_step_and_fresh_resume_equal_tensorflow(files):
     tf_out, jax_out = run_both(files, ("lora", "resume"))
     lora = compare(tf_out, jax_out, "lora")
