@@ -89,22 +89,58 @@ def _memory_gib() -> dict[str, float]:
     return {k: int(v.split()[0]) / 2**20 for k, v in fields.items()}
 
 
-def pytest_terminal_summary(terminalreporter):
-    """How many memory mappings the run left: XLA's compiled code is never freed, and a process at
-    vm.max_map_count crashes in XLA, so this is the suite's headroom for more XLA compiles. And the
-    run's resident memory, now and at its peak: the whole suite runs in one process."""
+def _process_report() -> dict:
+    """This process's memory (``_memory_gib``) and memory mappings (used, limit), as far as known."""
     from tf_diffusion.execution.compiling import memory_mappings
 
-    memory = _memory_gib()
-    if memory:
-        terminalreporter.write_line(
-            f"resident memory at the end: {memory['VmRSS']:.1f} GiB, peak {memory['VmHWM']:.1f} GiB"
-        )
-    counts = memory_mappings()
-    if counts is None:
-        return
-    used, limit = counts
-    terminalreporter.write_line(f"memory mappings at the end: {used} of {limit} (vm.max_map_count)")
+    return {"memory": _memory_gib(), "mappings": memory_mappings()}
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hooks: known only where pytest-xdist is installed
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's default): one worker per CPU core, but no more than the memory holds.
+
+    A worker holds its test module's pipelines and every XLA program it compiled (about 9 GiB at the
+    peak of the heaviest modules), so a machine gets one worker per 9 GiB of available memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            available = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable"))
+        by_memory = int(available / 2**20 // 9)
+    except (OSError, StopIteration, ValueError):
+        by_memory = cores
+    return max(1, min(cores, by_memory))
+
+
+def pytest_sessionfinish(session):
+    """A worker of ``pytest -n`` sends its memory figures to the controller (``pytest_testnodedown``)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["process_report"] = _process_report()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    reports = node.config.__dict__.setdefault("_worker_reports", {})
+    report = getattr(node, "workeroutput", {}).get("process_report")
+    if report is not None:
+        reports[node.gateway.id] = report
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """How many memory mappings each test process left: XLA's compiled code is never freed, and a process
+    at vm.max_map_count crashes in XLA, so this is the headroom for more XLA compiles. And each process's
+    resident memory, now and at its peak (with ``-n``: each worker's; without: the one process's)."""
+    reports = config.__dict__.get("_worker_reports") or {"main": _process_report()}
+    for name, report in sorted(reports.items()):
+        memory, counts = report["memory"], report["mappings"]
+        line = f"{name}:" if len(reports) > 1 else ""
+        if memory:
+            line += f" resident memory at the end: {memory['VmRSS']:.1f} GiB, peak {memory['VmHWM']:.1f} GiB"
+        if counts is not None:
+            line += f"; memory mappings at the end: {counts[0]} of {counts[1]} (vm.max_map_count)"
+        if line:
+            terminalreporter.write_line(line.strip())
 
 
 @pytest.fixture(autouse=True, scope="module")
