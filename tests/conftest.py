@@ -119,28 +119,32 @@ def pytest_sessionfinish(session):
         workeroutput["process_report"] = _process_report()
 
 
+_WORKER_REPORTS = pytest.StashKey[dict]()
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    reports = node.config.__dict__.setdefault("_worker_reports", {})
     report = getattr(node, "workeroutput", {}).get("process_report")
     if report is not None:
-        reports[node.gateway.id] = report
+        node.config.stash.setdefault(_WORKER_REPORTS, {})[node.gateway.id] = report
 
 
 def pytest_terminal_summary(terminalreporter, config):
     """How many memory mappings each test process left: XLA's compiled code is never freed, and a process
     at vm.max_map_count crashes in XLA, so this is the headroom for more XLA compiles. And each process's
     resident memory, now and at its peak (with ``-n``: each worker's; without: the one process's)."""
-    reports = config.__dict__.get("_worker_reports") or {"main": _process_report()}
+    reports = config.stash.get(_WORKER_REPORTS, None) or {"main": _process_report()}
     for name, report in sorted(reports.items()):
-        memory, counts = report["memory"], report["mappings"]
-        line = f"{name}:" if len(reports) > 1 else ""
+        memory, counts, parts = report["memory"], report["mappings"], []
         if memory:
-            line += f" resident memory at the end: {memory['VmRSS']:.1f} GiB, peak {memory['VmHWM']:.1f} GiB"
+            parts.append(
+                f"resident memory at the end: {memory['VmRSS']:.1f} GiB, peak {memory['VmHWM']:.1f} GiB"
+            )
         if counts is not None:
-            line += f"; memory mappings at the end: {counts[0]} of {counts[1]} (vm.max_map_count)"
-        if line:
-            terminalreporter.write_line(line.strip())
+            parts.append(f"memory mappings at the end: {counts[0]} of {counts[1]} (vm.max_map_count)")
+        if parts:
+            prefix = f"{name}: " if len(reports) > 1 else ""
+            terminalreporter.write_line(prefix + "; ".join(parts))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -252,17 +252,12 @@ sys.exit(0 if codes == [2, 0] else 3)
 def test_cli_trains_a_lora_under_jax(files, tmp_path):
     import json
 
-    from PIL import Image
-
     from tf_diffusion.pipeline import StableDiffusion
+    from tf_diffusion.testing import write_captioned_images
     from tf_diffusion.weights.safetensors_io import open_safetensors
 
     data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a zq-shape number {i}")
+    write_captioned_images(data)
     out = tmp_path / "lora.safetensors"
     argv = ["train", "--model", str(files / "model"), "--data", str(data), "--steps", "2", "--size", "16"]
     argv += ["--lora", "--rank", "2", "--train", "unet+text_encoder", "--lr", "1e-2"]

@@ -1,6 +1,5 @@
 """``tf-diffusion train --lora`` / ``--embedding`` / ``--class-data`` end to end on the tiny pipeline, and their usage errors."""
 
-import numpy as np
 import pytest
 from test_lora import FIXTURES, build
 
@@ -20,10 +19,9 @@ def sd():
 def test_cli_trains_a_lora_and_an_embedding(sd, tmp_path, capsys):
     import pathlib
 
-    from PIL import Image
-
     from tf_diffusion.cli import main
     from tf_diffusion.families import components_of
+    from tf_diffusion.testing import write_captioned_images
     from tf_diffusion.weights.folder import write_folder
     from tf_diffusion.weights.state_dict import state_dict
 
@@ -32,11 +30,7 @@ def test_cli_trains_a_lora_and_an_embedding(sd, tmp_path, capsys):
     components = {name: state_dict(getattr(sd, name)) for name in components_of(sd.config)}
     write_folder(model, components, sd.config, sd.tokenizer)
     data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a zq-shape number {i}")
+    write_captioned_images(data)
     common = ["train", "--model", str(model), "--data", str(data), "--steps", "1", "--size", "16"]
     out = tmp_path / "cli_lora.safetensors"
     argv = [*common, "--lora", "--rank", "2", "--train", "unet+text_encoder", "--text-encoder-lr", "1e-4"]

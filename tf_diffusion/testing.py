@@ -1,4 +1,5 @@
-"""Deterministic random weights for tiny test models, shared by the fixture tools and the tests.
+"""Deterministic random weights for tiny test models, shared by the fixture tools and the tests (and a
+tiny captioned training folder for the trainer's command-line tests).
 
 Weights are drawn with NumPy from a seed, in sorted key order, so a tool that
 loads them into a PyTorch reference model and a test that loads them into ours
@@ -59,3 +60,18 @@ def toy_velocity(x, t: float, phase: np.ndarray) -> np.ndarray:
     target = 0.5 * np.sin(phase)
     v = (x - target) / max(1.0 - 0.9 * s, 0.1) * 0.8 + 0.1 * np.tanh(x) + 0.05 * np.cos(t / 97.0 + phase)
     return v.astype(np.float32)
+
+
+def write_captioned_images(folder, count: int = 2, size: int = 16, seed: int = 0) -> None:
+    """``count`` random ``size`` x ``size`` PNGs in ``folder`` (created), each with a ``.txt`` caption
+    ("a zq-shape number i"): the layout ``tf-diffusion train --data`` reads."""
+    import pathlib
+
+    from PIL import Image
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a zq-shape number {i}")
