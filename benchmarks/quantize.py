@@ -56,7 +56,7 @@ def _build(name: str, size: int, mode: str):
     from tf_diffusion.presets import PRESETS, get_sd3_preset
 
     def make(constructor):
-        return quantize.build_model(constructor, "int8" if mode == "int8" else None)
+        return quantize.materialize(quantize.build_model(constructor, "int8" if mode == "int8" else None))
 
     rng = np.random.default_rng(0)
     h = size // 8

@@ -333,6 +333,46 @@ def test_quantized_loading_equals_quantizing_the_float_model(sdxl):
                 )
 
 
+def test_built_int8_weights_are_created_from_the_loaded_values():
+    """build_model allocates no int8 buffer before loading; assigned layers get the reference's values,
+    ones a partial load skips get zeros and unit scales, and an unloaded model is usable after materialize."""
+    from tf_diffusion.weights.state_dict import load_state_dict, named_parameters, state_dict
+
+    def two():
+        with layers.dtype_policy_scope("bfloat16"):
+            return [layers.Linear(16, 8), layers.Linear(8, 4)]
+
+    class Pair(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = two()
+            self.built = True
+
+    model = quantize.build_model(Pair, "int8")
+    weights = [model.a.weight, model.a.weight_scale, model.b.weight, model.b.weight_scale]
+    assert all(v._value is None for v in weights)  # nothing allocated yet
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 16)).astype(np.float32)  # torch layout (out, in)
+    bias = rng.standard_normal(8).astype(np.float32)
+    load_state_dict(model, {"a.weight": w, "a.bias": bias}, strict=False)
+    q, scale = reference_quantize(w.T)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.a.weight), q)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model.a.weight_scale), scale, rtol=1e-6)
+    # b was not in the checkpoint: allocated by the load with the start values.
+    assert model.b.weight._value is not None and model.b.weight_scale._value is not None
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.b.weight), np.zeros((8, 4), np.int8))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.b.weight_scale), np.ones(4, np.float32))
+    assert set(state_dict(model)) == set(named_parameters(model))
+    # Assigning again (a second load) writes into the now allocated variable.
+    load_state_dict(model, {"a.weight": 2 * w}, strict=False)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.a.weight), reference_quantize(2 * w.T)[0])
+
+    unloaded = quantize.materialize(quantize.build_model(Pair, "int8"))
+    x = np.ones((1, 16), np.float32)
+    out = keras.ops.convert_to_numpy(unloaded.b(unloaded.a(x)))
+    np.testing.assert_array_equal(out[0], keras.ops.convert_to_numpy(unloaded.b.bias))  # zero weight
+
+
 def test_mixed_float16_dequantizes_the_weight_first():
     """Under float16, x @ q (sums of products up to 127 x) could overflow; the weight is dequantized first."""
     layer, w = linear("mixed_float16")

@@ -210,7 +210,7 @@ def build_sharded(constructor: Callable[[], keras.layers.Layer], device_mesh, qu
     distribution = model_parallel(model, device_mesh)
     with distribution.scope():
         if quantize is not None:
-            quantizing._materialize([model], created, quantize)
+            quantizing._materialize([model], created, quantize, allocate=True)
         else:
             for variable in created:
                 if variable._value is None:
@@ -268,14 +268,14 @@ def build_sharded_pipeline(cls, device_mesh, quantize: str | None, components, *
     rest = [v for v in created if id(v) not in own]
     with distribution.scope():
         if "transformer" in names:
-            quantizing._materialize([transformer], sharded, quantize)
+            quantizing._materialize([transformer], sharded, quantize, allocate=True)
         else:
             for variable in sharded:
                 if variable._value is None:
                     variable._deferred_initialize()
     others = [getattr(pipeline, n) for n in names if n != "transformer"]
     if others:
-        quantizing._materialize(others, rest, quantize)
+        quantizing._materialize(others, rest, quantize, allocate=True)
     else:
         for variable in rest:
             if variable._value is None:

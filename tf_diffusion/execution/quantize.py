@@ -108,8 +108,33 @@ def _cast_after(weight, dtype, x):
 def assign_float(layer: layers.Linear, value) -> None:
     """Quantize a float (in, out) ``value`` into ``layer``'s int8 weight and scale (loading, LoRA-free)."""
     q, scale = quantize_weight(value)
-    layer.weight.assign(q)
-    layer.weight_scale.assign(scale)
+    _set(layer.weight, q)
+    _set(layer.weight_scale, scale)
+
+
+def _set(variable, value) -> None:
+    """Assign ``value``; a variable left unallocated by ``build`` / ``build_model`` is created from it."""
+    if variable._value is None:
+        # Its first value: no zeros buffer to overwrite. Assigning into one kept about a fifth of
+        # the int8 weights' size resident on top of them (a Flux transformer build, benchmarks/README.md).
+        variable._initialize(value)
+        variable._initializer = None
+    else:
+        variable.assign(value)
+
+
+def materialize(model: keras.layers.Layer) -> keras.layers.Layer:
+    """Give every int8 weight and scale of ``model`` that was never assigned its start value (0 / 1).
+
+    ``load_state_dict`` calls this after loading; call it for a model from ``build_model`` that is
+    used without loading. Returns ``model``.
+    """
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if is_quantized(layer):
+            for variable in (layer.weight, layer.weight_scale):
+                if variable._value is None:
+                    variable._deferred_initialize()
+    return model
 
 
 def quantize_linear(layer: layers.Linear, mode: str = "int8") -> None:
@@ -122,8 +147,12 @@ def quantize_linear(layer: layers.Linear, mode: str = "int8") -> None:
     _swap(layer, mode, *quantize_weight(layer.weight))
 
 
-def _swap(layer: layers.Linear, mode: str, q=None, scale=None) -> None:
-    """Give ``layer`` an int8 ``weight`` and a float32 ``weight_scale`` (``q`` / ``scale``, else 0 / 1)."""
+def _swap(layer: layers.Linear, mode: str, q=None, scale=None, allocate: bool = True) -> None:
+    """Give ``layer`` an int8 ``weight`` and a float32 ``weight_scale`` (``q`` / ``scale``, else 0 / 1).
+
+    ``allocate=False``: both are made unallocated; the first ``assign_float`` creates them from its
+    values (``materialize`` gives the rest 0 / 1).
+    """
     old = layer.weight
     tracker = layer._tracker
     locked = tracker.locked
@@ -135,18 +164,19 @@ def _swap(layer: layers.Linear, mode: str, q=None, scale=None) -> None:
         object.__delattr__(layer, "weight")
         del old
         shape = (layer.in_features, layer.out_features)
-        layer.weight = layer.add_weight(
-            shape=shape, initializer="zeros", dtype="int8", trainable=False, name="weight"
-        )
-        # autocast=False: the scale stays float32 inside a mixed-precision call.
-        layer.weight_scale = layer.add_weight(
-            shape=shape[1:],
-            initializer="ones",
-            dtype="float32",
-            trainable=False,
-            autocast=False,
-            name="weight_scale",
-        )
+        with contextlib.nullcontext() if allocate else _unallocated():
+            layer.weight = layer.add_weight(
+                shape=shape, initializer="zeros", dtype="int8", trainable=False, name="weight"
+            )
+            # autocast=False: the scale stays float32 inside a mixed-precision call.
+            layer.weight_scale = layer.add_weight(
+                shape=shape[1:],
+                initializer="ones",
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+                name="weight_scale",
+            )
         if q is not None:
             layer.weight.assign(q)
             layer.weight_scale.assign(scale)
@@ -241,24 +271,29 @@ def _unallocated():
         global_state.set_global_attribute(key, before)
 
 
-def _materialize(models, created, mode: str) -> None:
-    """Int8 zeros and unit scales for every Linear of ``models``; every other new variable initialised."""
+def _materialize(models, created, mode: str, allocate: bool = False) -> None:
+    """Int8 weights and scales for every Linear of ``models``; every other new variable initialised.
+
+    The int8 variables stay unallocated until loading assigns them (``assign_float``), unless
+    ``allocate`` (zeros and unit scales now: a sharded build, whose layouts apply at creation).
+    """
     dropped = set()
     for model in models:
         for layer in model._flatten_layers(include_self=True, recursive=True):
             if isinstance(layer, layers.Linear) and not is_quantized(layer):
                 dropped.add(id(layer.weight))
-                _swap(layer, mode)
+                _swap(layer, mode, allocate=allocate)
     for variable in created:
         if id(variable) not in dropped and variable._value is None:
             variable._deferred_initialize()
 
 
 def build_model(constructor, mode: str | None = "int8"):
-    """``constructor()`` (a model) with every Linear weight int8 (zeros, unit scales) and never float.
+    """``constructor()`` (a model) with every Linear weight int8 and never float.
 
-    Load the weights with ``load_state_dict``, which quantizes each tensor as it assigns it.
-    ``mode=None``: plain ``constructor()``.
+    Load the weights with ``load_state_dict``, which quantizes each tensor as it assigns it; the int8
+    variables are allocated then, from those values. A model used without loading needs
+    ``materialize(model)`` first (zeros, unit scales). ``mode=None``: plain ``constructor()``.
     """
     if check_mode(mode) is None:
         return constructor()
@@ -274,8 +309,9 @@ def build(cls, mode: str | None, components: Sequence[str] | None, *args, **kwar
     For loaders: the pipeline is constructed with its variables left unallocated (Keras'
     ``StatelessScope(initialize_variables=False)``); then each chosen Linear gets int8 zeros and unit
     scales in place of its float weight, which never exists, and every other variable is initialised.
-    ``load_state_dict`` then quantizes each checkpoint tensor as it assigns it (``assign_float``), so
-    loading peaks near the quantized model's size plus one tensor, not the float model's.
+    ``load_state_dict`` then quantizes each checkpoint tensor as it assigns it (``assign_float``), which
+    allocates the int8 variable from it, so loading peaks near the quantized model's size plus one
+    tensor, not the float model's.
     ``mode=None``: plain ``cls(*args, **kwargs)``.
     """
     if check_mode(mode) is None:
@@ -318,6 +354,7 @@ __all__ = [
     "assign_float",
     "build",
     "build_model",
+    "materialize",
     "builder",
     "check_components",
     "check_mode",

@@ -186,6 +186,13 @@ def load_state_dict(
             assign_float(layer, value)
             continue
         variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+    quantized = {id(layer): layer for layer, _ in params.values() if "_quantization" in layer.__dict__}
+    if quantized:
+        # int8 weights built unallocated (execution.quantize.build) that this load did not assign.
+        from tf_diffusion.execution.quantize import materialize
+
+        for layer in quantized.values():
+            materialize(layer)
 
 
 def _is_entry(key, value) -> bool:
