@@ -107,20 +107,11 @@ def _cast_after(weight, dtype, x):
 
 def assign_float(layer: layers.Linear, value) -> None:
     """Quantize a float (in, out) ``value`` into ``layer``'s int8 weight and scale (loading, LoRA-free)."""
+    from tf_diffusion.weights.state_dict import set_variable
+
     q, scale = quantize_weight(value)
-    _set(layer.weight, q)
-    _set(layer.weight_scale, scale)
-
-
-def _set(variable, value) -> None:
-    """Assign ``value``; a variable left unallocated by ``build`` / ``build_model`` is created from it."""
-    if variable._value is None:
-        # Its first value: no zeros buffer to overwrite. Assigning into one kept about a fifth of
-        # the int8 weights' size resident on top of them (a Flux transformer build, benchmarks/README.md).
-        variable._initialize(value)
-        variable._initializer = None
-    else:
-        variable.assign(value)
+    set_variable(layer.weight, q)  # a weight built unallocated (build, build_model) is created from q
+    set_variable(layer.weight_scale, scale)
 
 
 def materialize(model: keras.layers.Layer) -> keras.layers.Layer:
@@ -254,21 +245,11 @@ def quantize_pipeline(pipeline, mode: str | None, components: Sequence[str] | No
     return pipeline
 
 
-@contextlib.contextmanager
 def _unallocated():
-    """Variables made inside are not allocated; yields the list of them (Keras' deferred initialisation)."""
-    from keras.src.backend.common import global_state
+    """Variables made inside are not allocated; yields the list of them (``state_dict.unallocated_variables``)."""
+    from tf_diffusion.weights.state_dict import unallocated_variables
 
-    key = "uninitialized_variables"
-    before = list(global_state.get_global_attribute(key, [], set_to_default=True))
-    created = []
-    try:
-        with keras.StatelessScope(initialize_variables=False):
-            yield created
-    finally:
-        created.extend(global_state.get_global_attribute(key, [])[len(before) :])
-        # Keras would allocate every listed variable at the next StatelessScope; these are ours now.
-        global_state.set_global_attribute(key, before)
+    return unallocated_variables()
 
 
 def _materialize(models, created, mode: str, allocate: bool = False) -> None:

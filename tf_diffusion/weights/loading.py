@@ -783,7 +783,7 @@ def from_pretrained(
         >>> print(sd.load_report)
     """
     from tf_diffusion.layers import weights_to_be_loaded
-    from tf_diffusion.weights.state_dict import load_state_dict
+    from tf_diffusion.weights.state_dict import allocate_unassigned, load_state_dict, unallocated_variables
 
     with load_pipeline_weights(
         source,
@@ -797,13 +797,25 @@ def from_pretrained(
     ) as weights:
         # The strict check above refused a file missing any key or component, so every variable is
         # assigned below (no random start values to draw), except a VAE supplied through vae=.
-        with weights_to_be_loaded() if vae is None else contextlib.nullcontext():
-            model = cls(weights.config, dtype=dtype, tokenizer=weights.tokenizer)
-        # Tensors are read from the file here; a read that fails drops the half-loaded model.
-        with reading(weights.report.path):
-            for name in components_of(weights.config):
-                if name in weights.components:  # not there: a component supplied (vae=)
-                    load_state_dict(getattr(model, name), weights.components[name])
+        created = []
+        if vae is None and isinstance(cls, type):
+            # Every variable is left unallocated and created from its checkpoint tensor by
+            # load_state_dict: assigning into variables built first (zeros) left about 15% of the
+            # weights' size resident on top of them (benchmarks/README.md, Flux section). A quantizing
+            # builder (execution.quantize.build, not a class) leaves its int8 weights unallocated itself.
+            with weights_to_be_loaded(), unallocated_variables() as created:
+                model = cls(weights.config, dtype=dtype, tokenizer=weights.tokenizer)
+        else:
+            with weights_to_be_loaded() if vae is None else contextlib.nullcontext():
+                model = cls(weights.config, dtype=dtype, tokenizer=weights.tokenizer)
+        try:
+            # Tensors are read from the file here; a read that fails drops the half-loaded model.
+            with reading(weights.report.path):
+                for name in components_of(weights.config):
+                    if name in weights.components:  # not there: a component supplied (vae=)
+                        load_state_dict(getattr(model, name), weights.components[name])
+        finally:
+            allocate_unassigned(created)  # variables outside the checkpoint's components (none today)
     if vae is not None:
         model.load_vae(vae)
         weights.report.notes.append(f"VAE from {model.vae_source}")

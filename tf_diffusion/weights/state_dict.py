@@ -7,6 +7,7 @@ a walk over attributes plus one layout transform per variable kind.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -185,14 +186,52 @@ def load_state_dict(
 
             assign_float(layer, value)
             continue
-        variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
-    quantized = {id(layer): layer for layer, _ in params.values() if "_quantization" in layer.__dict__}
-    if quantized:
-        # int8 weights built unallocated (execution.quantize.build) that this load did not assign.
-        from tf_diffusion.execution.quantize import materialize
+        set_variable(variable, value.astype(keras.backend.standardize_dtype(variable.dtype)))
+    # Variables built unallocated (unallocated_variables, execution.quantize.build) that this load did
+    # not assign (a partial load, int8 weights a checkpoint lacks) get their start values.
+    allocate_unassigned(model.variables)
 
-        for layer in quantized.values():
-            materialize(layer)
+
+def set_variable(variable, value) -> None:
+    """``variable.assign(value)``; a variable built unallocated is created from ``value`` instead.
+
+    Assigning into a variable that already holds its start values left about a fifth of the weights'
+    size resident after a whole model was loaded (benchmarks/README.md, Flux section); creating each
+    variable from its checkpoint tensor does not.
+    """
+    if variable._value is None:
+        variable._initialize(value)
+        variable._initializer = None
+    else:
+        variable.assign(value)
+
+
+@contextlib.contextmanager
+def unallocated_variables():
+    """Variables created inside are not allocated (Keras' deferred initialisation); yields a list of them.
+
+    ``load_state_dict`` creates each from its tensor; ``allocate_unassigned`` gives the rest their
+    start values. Used by the loaders, whose models are filled from a checkpoint at once.
+    """
+    from keras.src.backend.common import global_state
+
+    key = "uninitialized_variables"
+    before = list(global_state.get_global_attribute(key, [], set_to_default=True))
+    created = []
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield created
+    finally:
+        created.extend(global_state.get_global_attribute(key, [])[len(before) :])
+        # Keras would allocate every listed variable at the next StatelessScope; these are ours now.
+        global_state.set_global_attribute(key, before)
+
+
+def allocate_unassigned(variables) -> None:
+    """Allocate, with their initialisers' values, those of ``variables`` that are still unallocated."""
+    for variable in variables:
+        if getattr(variable, "_value", 1) is None:
+            variable._deferred_initialize()
 
 
 def _is_entry(key, value) -> bool:
