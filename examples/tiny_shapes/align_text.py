@@ -139,17 +139,22 @@ def main(argv=None) -> int:
                 f.write(json.dumps(row) + "\n")
             print(row, flush=True)
         k += 1
-    shutil.copytree(args.init, args.out)
+    # Written beside --out and moved into place only once checked, so a failed export leaves nothing.
+    staging = args.out + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(args.init, staging)
     from tf_diffusion.weights.safetensors_io import save_safetensors
 
     # state_dict's torch-layout arrays are transposed views; the writer stores them in C order.
     weights = {name: np.asarray(v).astype(np.float16) for name, v in state_dict(student_te).items()}
-    save_safetensors(weights, os.path.join(args.out, "text_encoder.safetensors"), overwrite=True)
-    check = StableDiffusion.from_pretrained(args.out).text_encoder
+    save_safetensors(weights, os.path.join(staging, "text_encoder.safetensors"), overwrite=True)
+    check = StableDiffusion.from_pretrained(staging).text_encoder
     ids = np.asarray(teacher.tokenizer(["a red circle in the top left corner"]), np.int32)
     gap = float(np.max(np.abs(np.asarray(check(ids)) - np.asarray(student_te(ids)))))
     if gap > 1e-2:  # float16 storage rounds the weights; anything larger means the export is wrong
+        shutil.rmtree(staging)
         raise SystemExit(f"the written text encoder differs from the trained one by {gap:.3g}")
+    os.rename(staging, args.out)
     print(f"{k} steps in {time.time() - t0:.0f} s; wrote {args.out}", flush=True)
     return 0
 

@@ -44,6 +44,7 @@ import keras
 import numpy as np
 
 from tf_diffusion import layers
+from tf_diffusion.weights.state_dict import unallocated_variables
 
 BATCH_AXIS, MODEL_AXIS = "batch", "model"
 COLUMN, ROW = "column", "row"
@@ -205,7 +206,7 @@ def build_sharded(constructor: Callable[[], keras.layers.Layer], device_mesh, qu
 
     _require_jax()
     quantizing.check_mode(quantize)
-    with quantizing._unallocated() as created:
+    with unallocated_variables() as created:
         model = constructor()
     distribution = model_parallel(model, device_mesh)
     with distribution.scope():
@@ -253,7 +254,7 @@ def build_sharded_pipeline(cls, device_mesh, quantize: str | None, components, *
 
     _require_jax()
     quantizing.check_mode(quantize)
-    with quantizing._unallocated() as created:
+    with unallocated_variables() as created:
         pipeline = cls(*args, **kwargs)
     transformer = getattr(pipeline, "transformer", None)
     if transformer is None:

@@ -49,6 +49,7 @@ import numpy as np
 from keras import ops
 
 from tf_diffusion import layers
+from tf_diffusion.weights.state_dict import allocate_unassigned, set_variable, unallocated_variables
 
 MODES = ("int8",)
 # The components a pipeline quantizes by default: the denoiser backbone and the text encoders
@@ -107,24 +108,18 @@ def _cast_after(weight, dtype, x):
 
 def assign_float(layer: layers.Linear, value) -> None:
     """Quantize a float (in, out) ``value`` into ``layer``'s int8 weight and scale (loading, LoRA-free)."""
-    from tf_diffusion.weights.state_dict import set_variable
-
     q, scale = quantize_weight(value)
     set_variable(layer.weight, q)  # a weight built unallocated (build, build_model) is created from q
     set_variable(layer.weight_scale, scale)
 
 
 def materialize(model: keras.layers.Layer) -> keras.layers.Layer:
-    """Give every int8 weight and scale of ``model`` that was never assigned its start value (0 / 1).
+    """Allocate every variable of ``model`` still unallocated with its start value (int8 weights 0, scales 1).
 
-    ``load_state_dict`` calls this after loading; call it for a model from ``build_model`` that is
-    used without loading. Returns ``model``.
+    For a model from ``build_model`` used without loading (``load_state_dict`` does this itself).
+    Returns ``model``.
     """
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        if is_quantized(layer):
-            for variable in (layer.weight, layer.weight_scale):
-                if variable._value is None:
-                    variable._deferred_initialize()
+    allocate_unassigned(model.variables)
     return model
 
 
@@ -155,7 +150,7 @@ def _swap(layer: layers.Linear, mode: str, q=None, scale=None, allocate: bool = 
         object.__delattr__(layer, "weight")
         del old
         shape = (layer.in_features, layer.out_features)
-        with contextlib.nullcontext() if allocate else _unallocated():
+        with contextlib.nullcontext() if allocate else unallocated_variables():
             layer.weight = layer.add_weight(
                 shape=shape, initializer="zeros", dtype="int8", trainable=False, name="weight"
             )
@@ -245,13 +240,6 @@ def quantize_pipeline(pipeline, mode: str | None, components: Sequence[str] | No
     return pipeline
 
 
-def _unallocated():
-    """Variables made inside are not allocated; yields the list of them (``state_dict.unallocated_variables``)."""
-    from tf_diffusion.weights.state_dict import unallocated_variables
-
-    return unallocated_variables()
-
-
 def _materialize(models, created, mode: str, allocate: bool = False) -> None:
     """Int8 weights and scales for every Linear of ``models``; every other new variable initialised.
 
@@ -278,7 +266,7 @@ def build_model(constructor, mode: str | None = "int8"):
     """
     if check_mode(mode) is None:
         return constructor()
-    with _unallocated() as created:
+    with unallocated_variables() as created:
         model = constructor()
     _materialize([model], created, mode)
     return model
@@ -288,8 +276,9 @@ def build(cls, mode: str | None, components: Sequence[str] | None, *args, **kwar
     """``cls(*args, **kwargs)`` (a pipeline) with the chosen components' Linear weights int8 from the start.
 
     For loaders: the pipeline is constructed with its variables left unallocated (Keras'
-    ``StatelessScope(initialize_variables=False)``); then each chosen Linear gets int8 zeros and unit
-    scales in place of its float weight, which never exists, and every other variable is initialised.
+    ``StatelessScope(initialize_variables=False)``); then each chosen Linear gets unallocated int8 weight
+    and scale variables in place of its float weight, which never exists, and every other variable is
+    initialised.
     ``load_state_dict`` then quantizes each checkpoint tensor as it assigns it (``assign_float``), which
     allocates the int8 variable from it, so loading peaks near the quantized model's size plus one
     tensor, not the float model's.
@@ -297,7 +286,7 @@ def build(cls, mode: str | None, components: Sequence[str] | None, *args, **kwar
     """
     if check_mode(mode) is None:
         return cls(*args, **kwargs)
-    with _unallocated() as created:
+    with unallocated_variables() as created:
         pipeline = cls(*args, **kwargs)
     names = check_components(pipeline, components)
     _materialize([getattr(pipeline, name) for name in names], created, mode)

@@ -230,7 +230,7 @@ def unallocated_variables():
 def allocate_unassigned(variables) -> None:
     """Allocate, with their initialisers' values, those of ``variables`` that are still unallocated."""
     for variable in variables:
-        if getattr(variable, "_value", 1) is None:
+        if variable._value is None:
             variable._deferred_initialize()
 
 
